@@ -36,6 +36,63 @@ def main():
     """
 
 
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--proto", type=click.Choice(["icmp", "tcp", "udp"]), default=None,
+              help="Probe protocol (default icmp; tcp to a Service's first port).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="TCP/UDP destination port.")
+@click.option("--count", type=click.IntRange(1, 1000), default=3, show_default=True, help="Probes to send.")
+@click.option("--timeout", type=click.FloatRange(0.05, 30), default=1.0, show_default=True,
+              help="Seconds to wait for each probe's answer.")
+@click.option("--no-probe", "no_probe", is_flag=True, help="Send nothing; watch real traffic for --duration.")
+@click.option("--duration", type=click.FloatRange(0.1, 3600), default=2.0, show_default=True,
+              help="Seconds to watch with --no-probe.")
+@click.option("--cluster", type=click.Path(dir_okay=False), default=None,
+              help="A `kubectl get nodes,pods,services,endpointslices -A -o json` file.")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--save", type=click.Path(dir_okay=False), default=None, help="Write the raw events to a Parquet trace file.")
+def flow(src, dst, proto, port, count, timeout, no_probe, duration, cluster, output, save):
+    """Follow probe packets from SRC to DST hop by hop, and say where they died.
+
+    SRC and DST: NAMESPACE/POD, POD (namespace default), svc/NAMESPACE/NAME,
+    node/NAME or an IPv4 address.
+
+    \b
+    Exit status: 0 every probe delivered and answered; 3 the trace found a failure;
+    2 bad input; 1 this machine cannot trace (the message says how to fix it).
+
+    \b
+    Examples:
+      podtrace flow pod-1-1 pod-2-1
+      podtrace flow default/pod-1-1 svc/default/web --proto tcp --port 80 -o json
+      podtrace flow pod-1-1 pod-2-2 --proto udp --port 8080 --save trace.parquet
+      podtrace flow pod-1-1 pod-2-1 --no-probe --duration 10
+    """
+    from rich.console import Console
+
+    from . import render
+    from .config import FlowConfig
+    from .trace import run_flow
+
+    err = Console(stderr=True)
+    cfg = FlowConfig(src=src, dst=dst, proto=proto, port=port, count=count, timeout=timeout,
+                     probe=not no_probe, duration=duration, cluster=cluster, save=save)
+    if err.is_terminal and output == "table":
+        with err.status("resolving endpoints") as status:
+            result = run_flow(cfg, progress=lambda msg: status.update(msg))
+    else:
+        result = run_flow(cfg)
+    doc = result.as_json()
+    if output == "json":
+        click.echo(render.to_json(doc))
+    else:
+        render.flow_table(doc, Console())
+        if save:
+            err.print(f"trace saved to {save}")
+    sys.exit(0 if result.ok else 3)
+
+
 def _register():
     from .lab.cli import lab
 

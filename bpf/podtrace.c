@@ -1,0 +1,289 @@
+// podtrace kernel side: one packet parser shared by every hook, an address filter, skb
+// following across NAT, per-CPU counters and a ring buffer of hop events.
+//
+// Kernel struct offsets arrive as -D flags read from BTF (tracer/btf.py); tracepoint
+// argument structs and `struct event` are generated and prepended by tracer/bpfprog.py.
+// Nothing here trusts the substitute kernel headers for a layout.
+
+#define ETH_P_IP_BE 0x0008      /* htons(0x0800) */
+#define ETH_P_TEB 0x6558        /* transparent ethernet bridging (Geneve payload) */
+#define IPPROTO_ICMP_ 1
+#define IPPROTO_TCP_ 6
+#define IPPROTO_UDP_ 17
+
+#define C_SEEN 0
+#define C_MATCHED 1
+#define C_EMITTED 2
+#define C_LOST 3
+#define C_TRUNCATED 4
+#define N_COUNTERS 5
+
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_HASH(addrs, u32, u8, 4096);            // addresses under trace (network order)
+BPF_TABLE("lru_hash", u64, u8, tracked, 65536);  // skbs that matched once: followed until freed
+BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
+BPF_ARRAY(config, u32, 2);                 // [0]: 1 = match either address, 0 = both
+
+struct pkt {
+    u32 saddr, daddr, osaddr, odaddr, vni, tcp_seq;
+    u16 sport, dport, ip_id, ip_len;
+    u8 proto, tcp_flags, icmp_type, encap, df, ttl;
+};
+
+static __always_inline void count(u32 idx) {
+    u64 *v = counters.lookup(&idx);
+    if (v) *v += 1;
+}
+
+static __always_inline u64 rd64(const void *base, u32 off) {
+    u64 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (const u8 *)base + off);
+    return v;
+}
+
+// Parse an IPv4 header at `l3` (with `avail` bytes readable) and its L4 header.
+// Returns the L4 payload pointer offset for UDP (to look for a tunnel), 0 when done, <0 when
+// the packet is not IPv4 or is truncated: such packets are skipped, never misread.
+static __always_inline int parse_ip(const u8 *l3, u32 avail, struct pkt *p) {
+    u8 iph[20];
+    if (avail < 20) return -1;
+    if (bpf_probe_read_kernel(iph, sizeof(iph), l3)) return -1;
+    if ((iph[0] >> 4) != 4) return -1;
+    u32 ihl = (iph[0] & 0x0f) * 4;
+    if (ihl < 20 || ihl > avail) return -1;
+    u16 tot = ((u16)iph[2] << 8) | iph[3];
+    if (tot < ihl) return -1;
+    p->ip_len = tot;
+    p->ip_id = ((u16)iph[5] << 8) | iph[4];   // kept in network order, like the record
+    p->df = (iph[6] & 0x40) ? 1 : 0;
+    u16 frag = (((u16)iph[6] & 0x1f) << 8) | iph[7];
+    p->ttl = iph[8];
+    p->proto = iph[9];
+    __builtin_memcpy(&p->saddr, &iph[12], 4);
+    __builtin_memcpy(&p->daddr, &iph[16], 4);
+    p->sport = p->dport = 0;
+    p->tcp_flags = p->icmp_type = 0;
+    p->tcp_seq = 0;
+    if (frag) return 0;   // a non-first fragment has no L4 header
+    const u8 *l4 = l3 + ihl;
+    u32 left = avail - ihl;
+    if (p->proto == IPPROTO_TCP_) {
+        u8 th[14];
+        if (left < 14 || bpf_probe_read_kernel(th, sizeof(th), l4)) return -2;
+        __builtin_memcpy(&p->sport, &th[0], 2);
+        __builtin_memcpy(&p->dport, &th[2], 2);
+        __builtin_memcpy(&p->tcp_seq, &th[4], 4);
+        p->tcp_flags = th[13];
+    } else if (p->proto == IPPROTO_UDP_) {
+        u8 uh[8];
+        if (left < 8 || bpf_probe_read_kernel(uh, sizeof(uh), l4)) return -2;
+        __builtin_memcpy(&p->sport, &uh[0], 2);
+        __builtin_memcpy(&p->dport, &uh[2], 2);
+        return ihl + 8;
+    } else if (p->proto == IPPROTO_ICMP_) {
+        u8 ih[8];
+        if (left < 8 || bpf_probe_read_kernel(ih, sizeof(ih), l4)) return -2;
+        p->icmp_type = ih[0];
+        __builtin_memcpy(&p->sport, &ih[4], 2);   // echo id
+        __builtin_memcpy(&p->dport, &ih[6], 2);   // echo seq
+    }
+    return 0;
+}
+
+// Ethernet-less entry: `l3` is the IP header. Decapsulates one level of VXLAN or Geneve so
+// the event carries the inner packet and the outer addresses and VNI.
+static __always_inline int parse_packet(const u8 *l3, u32 avail, struct pkt *p) {
+    int r = parse_ip(l3, avail, p);
+    if (r <= 0) return r == 0 ? 0 : -1;
+    // UDP: is it a tunnel?
+    u16 dport = ((p->dport & 0xff) << 8) | (p->dport >> 8);
+    u32 hdr;        // tunnel header length before the inner Ethernet frame
+    u8 kind;
+    u8 th[8];
+    const u8 *t = l3 + r;
+    if (avail < (u32)r + 8) return 0;
+    if (bpf_probe_read_kernel(th, sizeof(th), t)) return 0;
+    if (dport == 4789 || dport == 8472) {
+        if (!(th[0] & 0x08)) return 0;     // VNI-valid flag not set: not VXLAN
+        kind = 1;
+        hdr = 8;
+    } else if (dport == 6081) {
+        u16 ptype = ((u16)th[2] << 8) | th[3];
+        if ((th[0] >> 6) != 0 || ptype != ETH_P_TEB) return 0;
+        kind = 2;
+        hdr = 8 + (u32)(th[0] & 0x3f) * 4;
+    } else {
+        return 0;
+    }
+    u32 vni = ((u32)th[4] << 16) | ((u32)th[5] << 8) | th[6];
+    u32 inner_off = (u32)r + hdr + 14;
+    if (inner_off > avail) return -1;
+    u16 etype = 0;
+    if (bpf_probe_read_kernel(&etype, 2, t + hdr + 12)) return -1;
+    if (etype != ETH_P_IP_BE) return -1;
+    struct pkt outer = *p;
+    if (parse_ip(l3 + inner_off, avail - inner_off, p) < -1) return -1;
+    if (p->saddr == outer.saddr && p->daddr == outer.daddr && p->proto == outer.proto) return -1;
+    p->osaddr = outer.saddr;
+    p->odaddr = outer.daddr;
+    p->vni = vni;
+    p->encap = kind;
+    return 0;
+}
+
+static __always_inline int wanted(struct pkt *p) {
+    u32 zero = 0;
+    u32 *mode = config.lookup(&zero);
+    u8 *a = addrs.lookup(&p->saddr);
+    u8 *b = addrs.lookup(&p->daddr);
+    if (mode && *mode == 1) return a || b;
+    return a && b;
+}
+
+static __always_inline void emit(void *ctx, const u8 *skb, struct pkt *p, u8 hook, u8 flags,
+                                 u64 location, u32 reason) {
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (!e) {
+        count(C_LOST);
+        return;
+    }
+    const u8 *dev = (const u8 *)rd64(skb, SKB_DEV);
+    e->ts_ns = bpf_ktime_get_ns();
+    e->skb = (u64)skb;
+    e->location = location;
+    e->reason = reason;
+    e->netns = 0;
+    e->ifindex = 0;
+    __builtin_memset(e->ifname, 0, sizeof(e->ifname));
+    if (dev) {
+        bpf_probe_read_kernel(&e->ifindex, 4, dev + NETDEV_IFINDEX);
+        bpf_probe_read_kernel(e->ifname, sizeof(e->ifname), dev + NETDEV_NAME);
+        const u8 *net = (const u8 *)rd64(dev, NETDEV_ND_NET);
+        if (net) bpf_probe_read_kernel(&e->netns, 4, net + NET_NS_INUM);
+    }
+    u32 len = 0;
+    bpf_probe_read_kernel(&len, 4, skb + SKB_LEN);
+    e->len = len;
+    e->saddr = p->saddr;
+    e->daddr = p->daddr;
+    e->outer_saddr = p->osaddr;
+    e->outer_daddr = p->odaddr;
+    e->vni = p->vni;
+    e->tcp_seq = p->tcp_seq;
+    e->sport = p->sport;
+    e->dport = p->dport;
+    e->ip_id = p->ip_id;
+    e->ip_len = p->ip_len;
+    e->hook = hook;
+    e->proto = p->proto;
+    e->tcp_flags = p->tcp_flags;
+    e->icmp_type = p->icmp_type;
+    e->flags = flags | (p->df ? FLAG_DF : 0);
+    e->encap = p->encap;
+    e->cpu = bpf_get_smp_processor_id();
+    e->ttl = p->ttl;
+    events.ringbuf_submit(e, 0);
+    count(C_EMITTED);
+}
+
+static __always_inline u16 skb_u16(const u8 *skb, u32 off) {
+    u16 v = 0;
+    bpf_probe_read_kernel(&v, 2, skb + off);
+    return v;
+}
+
+static __always_inline u32 skb_u32(const u8 *skb, u32 off) {
+    u32 v = 0;
+    bpf_probe_read_kernel(&v, 4, skb + off);
+    return v;
+}
+
+// Bytes readable from `l3` to the end of the skb's linear area (head + tail): headers may
+// already be pulled past `data` at a drop, yet they are still in the linear buffer.
+static __always_inline u32 linear_from(const u8 *skb, const u8 *l3) {
+    const u8 *head = (const u8 *)rd64(skb, SKB_HEAD);
+    u32 tail = skb_u32(skb, SKB_TAIL);   // an offset from head on 64-bit kernels
+    if (!head || l3 < head) return 0;
+    u64 at = (u64)(l3 - head);
+    if (at >= tail) return 0;
+    return tail - (u32)at;
+}
+
+// The common path of the rx/tx hooks: parse, filter, follow, emit.
+static __always_inline int on_packet(void *ctx, const u8 *skb, const u8 *l3, u8 hook) {
+    struct pkt p = {};
+    u64 key = (u64)skb;
+    count(C_SEEN);
+    if (skb_u16(skb, SKB_PROTOCOL) != ETH_P_IP_BE) return 0;
+    u32 avail = linear_from(skb, l3);
+    int ok = parse_packet(l3, avail, &p);
+    u8 *was = tracked.lookup(&key);
+    if (ok < 0) {
+        if (!was) return 0;
+        count(C_TRUNCATED);
+        return 0;
+    }
+    u8 flags = 0;
+    if (wanted(&p)) {
+        if (!was) {
+            u8 one = 1;
+            tracked.update(&key, &one);
+        }
+    } else if (was) {
+        flags = FLAG_FOLLOWED;
+    } else {
+        return 0;
+    }
+    count(C_MATCHED);
+    emit(ctx, skb, &p, hook, flags, 0, 0);
+    return 0;
+}
+
+int pt_rx(struct tp_netif_receive_skb *args) {
+    const u8 *skb = (const u8 *)args->skbaddr;
+    // At netif_receive_skb the Ethernet header has been pulled: data is the L3 header.
+    const u8 *data = (const u8 *)rd64(skb, SKB_DATA);
+    return on_packet(args, skb, data, HOOK_RX);
+}
+
+int pt_tx(struct tp_net_dev_start_xmit *args) {
+    const u8 *skb = (const u8 *)args->skbaddr;
+    const u8 *data = (const u8 *)rd64(skb, SKB_DATA);
+    if (args->network_offset < 0 || args->network_offset > 256) return 0;
+    return on_packet(args, skb, data + args->network_offset, HOOK_TX);
+}
+
+static __always_inline int on_free(void *ctx, const u8 *skb, u8 hook, u64 location, u32 reason) {
+    u64 key = (u64)skb;
+    u8 *was = tracked.lookup(&key);
+    struct pkt p = {};
+    if (skb_u16(skb, SKB_PROTOCOL) != ETH_P_IP_BE) {
+        if (was) tracked.delete(&key);
+        return 0;
+    }
+    const u8 *head = (const u8 *)rd64(skb, SKB_HEAD);
+    u16 nh = 0;
+    bpf_probe_read_kernel(&nh, sizeof(nh), skb + SKB_NETWORK_HEADER);
+    const u8 *l3 = head + nh;
+    u32 avail = linear_from(skb, l3);
+    int ok = parse_packet(l3, avail, &p);
+    if (was) {
+        tracked.delete(&key);
+        emit(ctx, skb, &p, hook, ok < 0 ? FLAG_FOLLOWED : 0, location, reason);
+        return 0;
+    }
+    if (hook == HOOK_DROP && ok == 0 && wanted(&p)) {
+        count(C_MATCHED);
+        emit(ctx, skb, &p, hook, 0, location, reason);
+    }
+    return 0;
+}
+
+int pt_kfree(struct tp_kfree_skb *args) {
+    return on_free(args, (const u8 *)args->skbaddr, HOOK_DROP, (u64)args->location,
+                   (u32)args->reason);
+}
+
+int pt_consume(struct tp_consume_skb *args) {
+    return on_free(args, (const u8 *)args->skbaddr, HOOK_CONSUME, (u64)args->location, 0);
+}

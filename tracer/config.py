@@ -1,0 +1,23 @@
+"""Options of a `flow` run, in one typed object (the CLI fills it; tests build it directly)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass
+class FlowConfig:
+    src: str
+    dst: str
+    proto: str | None = None         # None: icmp, or tcp to a Service's first port
+    port: int | None = None
+    count: int = 3
+    probe: bool = True
+    duration: float = 2.0            # --no-probe: how long to watch
+    timeout: float = 1.0             # per probe
+    interval: float = 0.05           # between probes
+    cluster: str | None = None       # --cluster FILE
+    lab_prefix: str = os.environ.get("PODTRACE_LAB_PREFIX", "ptlab")
+    save: str | None = None
+    settle: float = 0.05             # wait for late events (drops after the last answer)

@@ -1,0 +1,104 @@
+"""The hop event record: defined once here, turned into the C struct the BPF code fills and
+into the numpy dtype that decodes ring-buffer bytes in batches.
+
+Addresses stay in network byte order in the record (the kernel copies them as they are);
+decoding converts whole columns at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import numpy as np
+import pandas as pd
+
+# (name, C type, numpy type). Ordered largest-first so the C struct has no hidden padding
+# and numpy's packed layout equals the compiler's.
+EVENT_FIELDS: list[tuple[str, str, str]] = [
+    ("ts_ns", "u64", "<u8"),        # bpf_ktime_get_ns(): monotonic, shared by all lab nodes
+    ("skb", "u64", "<u8"),          # skb address: follows one buffer inside one kernel only
+    ("location", "u64", "<u8"),     # kfree_skb: kernel address that dropped it
+    ("netns", "u32", "<u4"),        # network namespace inode (net->ns.inum)
+    ("ifindex", "u32", "<u4"),
+    ("saddr", "u32", ">u4"),        # inner IPv4 source, network order
+    ("daddr", "u32", ">u4"),
+    ("outer_saddr", "u32", ">u4"),  # set when the packet was seen inside VXLAN/Geneve
+    ("outer_daddr", "u32", ">u4"),
+    ("vni", "u32", "<u4"),
+    ("tcp_seq", "u32", ">u4"),
+    ("len", "u32", "<u4"),          # skb->len at the hook
+    ("reason", "u32", "<u4"),       # kfree_skb drop reason number (names from tracefs)
+    ("sport", "u16", ">u2"),        # TCP/UDP ports; ICMP: id in sport, seq in dport
+    ("dport", "u16", ">u2"),
+    ("ip_id", "u16", ">u2"),
+    ("ip_len", "u16", ">u2"),
+    ("hook", "u8", "u1"),           # see HOOKS
+    ("proto", "u8", "u1"),          # inner IP protocol
+    ("tcp_flags", "u8", "u1"),
+    ("icmp_type", "u8", "u1"),
+    ("flags", "u8", "u1"),          # see FLAG_*
+    ("encap", "u8", "u1"),          # 0 none, 1 vxlan, 2 geneve
+    ("cpu", "u8", "u1"),
+    ("ttl", "u8", "u1"),
+    ("ifname", "char[16]", "S16"),
+]
+
+# Hook numbers shared with bpf/podtrace.c (passed as -D flags).
+HOOKS = {1: "rx", 2: "tx", 3: "drop", 4: "consume"}
+HOOK_IDS = {v: k for k, v in HOOKS.items()}
+
+FLAG_FOLLOWED = 1   # emitted because the skb matched earlier (addresses no longer match)
+FLAG_DF = 2         # IP don't-fragment bit set
+
+ENCAP = {0: None, 1: "vxlan", 2: "geneve"}
+PROTOS = {1: "icmp", 6: "tcp", 17: "udp"}
+PROTO_IDS = {v: k for k, v in PROTOS.items()}
+
+EVENT_DTYPE = np.dtype([(name, np_type) for name, _, np_type in EVENT_FIELDS])
+
+
+def c_struct() -> str:
+    """The C definition of `struct event`, generated so C and Python cannot drift."""
+    lines = ["struct event {"]
+    for name, c_type, _ in EVENT_FIELDS:
+        if c_type.startswith("char["):
+            lines.append(f"    char {name}{c_type[4:]};")
+        else:
+            lines.append(f"    {c_type} {name};")
+    lines.append("} __attribute__((packed));")
+    return "\n".join(lines)
+
+
+def c_defines() -> dict[str, int]:
+    out = {f"HOOK_{v.upper()}": k for k, v in HOOKS.items()}
+    out.update(FLAG_FOLLOWED=FLAG_FOLLOWED, FLAG_DF=FLAG_DF, EVENT_SIZE=EVENT_DTYPE.itemsize)
+    return out
+
+
+def _ip_strings(col: np.ndarray) -> np.ndarray:
+    """Vectorised u32 → dotted quad for a column (unique values are few)."""
+    uniq, inv = np.unique(col.astype(np.uint32), return_inverse=True)
+    names = np.array([str(ipaddress.IPv4Address(int(v))) if v else "" for v in uniq], dtype=object)
+    return names[inv]
+
+
+def decode(buf: bytes | memoryview | np.ndarray) -> pd.DataFrame:
+    """Ring-buffer bytes (n * EVENT_DTYPE.itemsize) → one DataFrame row per event."""
+    arr = np.frombuffer(buf, dtype=EVENT_DTYPE) if not isinstance(buf, np.ndarray) else buf
+    return to_frame(arr)
+
+
+def to_frame(arr: np.ndarray) -> pd.DataFrame:
+    df = pd.DataFrame({name: arr[name].astype(arr.dtype[name].newbyteorder("=")) if arr.dtype[name].kind in "ui" else arr[name]
+                       for name in arr.dtype.names})
+    df["ifname"] = pd.Series(arr["ifname"]).str.decode("ascii", errors="replace").to_numpy()
+    for col in ("saddr", "daddr", "outer_saddr", "outer_daddr"):
+        df[col + "_str"] = _ip_strings(arr[col])
+    df["hook_name"] = pd.Categorical.from_codes(
+        np.searchsorted(np.array(sorted(HOOKS)), arr["hook"]).clip(0, len(HOOKS) - 1),
+        categories=[HOOKS[k] for k in sorted(HOOKS)])
+    return df
+
+
+def empty_frame() -> pd.DataFrame:
+    return to_frame(np.zeros(0, dtype=EVENT_DTYPE))

@@ -1,0 +1,266 @@
+"""Reconstruction: hop events → packets → ordered hop paths, each with a verdict.
+
+A packet is recognised by its content, not by the kernel buffer that carried it: protocol,
+IP ID, IP length, TCP sequence and flags, ICMP type/id/seq. None of these change under
+Service DNAT, reverse NAT or VXLAN encapsulation (events carry the inner header), so one
+packet's hops on two nodes fall into one group. Drop and free events are tied to the hop
+event that preceded them on the same skb, since a dropped buffer may no longer parse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from . import diagnose
+from .events import ENCAP, HOOK_IDS, PROTOS
+from .k8s import Endpoint
+from .probe import ProbeResult
+
+TCP_SYN, TCP_RST, TCP_ACK = 0x02, 0x04, 0x10
+KEY_COLS = ["proto", "ip_id", "ip_len", "tcp_seq", "tcp_flags", "icmp_type", "sport_k", "dport_k"]
+
+
+@dataclass
+class Placement:
+    """netns inode → where it is: (node name or None for the fabric, pod key or None)."""
+
+    netns: dict[int, tuple[str | None, str | None]] = field(default_factory=dict)
+
+    def node(self, inum: int) -> str | None:
+        return self.netns.get(int(inum), (None, None))[0]
+
+    def pod(self, inum: int) -> str | None:
+        return self.netns.get(int(inum), (None, None))[1]
+
+    def pod_netns(self, pod_key: str) -> set[int]:
+        return {k for k, (_, p) in self.netns.items() if p == pod_key}
+
+    def node_netns(self, node: str) -> set[int]:
+        return {k for k, (n, p) in self.netns.items() if n == node and p is None}
+
+
+@dataclass
+class FlowInput:
+    src: Endpoint
+    dst: Endpoint
+    proto: str
+    port: int | None
+    probes: list[ProbeResult]
+    placement: Placement
+    drop_reasons: dict[int, str]
+    ksym: Callable[[int], str | None]
+
+
+def assign_packets(df: pd.DataFrame) -> pd.DataFrame:
+    """Adds `pkt` (a packet number) to every event; drop/consume events inherit the packet of
+    the last hop event of the same skb."""
+    if df.empty:
+        return df.assign(pkt=pd.Series(dtype="int64"))
+    df = df.sort_values("ts_ns", kind="stable").reset_index(drop=True)
+    hop_mask = df["hook"].isin([HOOK_IDS["rx"], HOOK_IDS["tx"]]).to_numpy()
+    icmp = (df["proto"] == 1).to_numpy()
+    # Ports change under NAT; for TCP/UDP the IP ID + length + seq identify the packet, for
+    # ICMP echo the id/seq do and never change.
+    df["sport_k"] = np.where(icmp, df["sport"], 0)
+    df["dport_k"] = np.where(icmp, df["dport"], 0)
+    df["pkt"] = -1
+    df.loc[hop_mask, "pkt"] = df[hop_mask].groupby(KEY_COLS, sort=False).ngroup().to_numpy()
+    hops = df[hop_mask]
+    # Free events: the packet of the previous hop event on the same skb.
+    frees = df[~hop_mask]
+    if not frees.empty and not hops.empty:
+        last = pd.merge_asof(frees[["ts_ns", "skb"]].reset_index(),
+                             hops[["ts_ns", "skb", "pkt"]].sort_values("ts_ns"),
+                             on="ts_ns", by="skb", direction="backward")
+        df.loc[last["index"].to_numpy(), "pkt"] = last["pkt"].fillna(-1).astype("int64").to_numpy()
+    return df.drop(columns=["sport_k", "dport_k"])
+
+
+def _encap(row) -> dict | None:
+    kind = ENCAP.get(int(row.encap))
+    if not kind:
+        return None
+    return {"src": row.outer_saddr_str, "dst": row.outer_daddr_str, "vni": int(row.vni), "type": kind}
+
+
+def _classify(first, fi: FlowInput) -> tuple[str, int | None]:
+    """(direction, probe seq) for a packet, from its first hop."""
+    src_ip = fi.src.ip
+    dst_ips = set(fi.dst.addresses())
+    proto = PROTOS.get(int(first.proto))
+    direction = None
+    if first.saddr_str == src_ip and (first.daddr_str in dst_ips or not dst_ips):
+        direction = "request"
+    elif first.daddr_str == src_ip and first.saddr_str in dst_ips:
+        direction = "reply"
+    if direction is None:
+        return ("other", None)
+    for p in fi.probes:
+        if proto != p.proto:
+            continue
+        if proto == "icmp":
+            want_type = 8 if direction == "request" else 0
+            if int(first.icmp_type) == want_type and int(first.sport) == p.sport and int(first.dport) == p.dport:
+                return (direction, p.seq)
+        else:
+            port = int(first.sport) if direction == "request" else int(first.dport)
+            if port == p.sport:
+                if proto == "tcp":
+                    flags = int(first.tcp_flags)
+                    if direction == "request" and not (flags & TCP_SYN and not flags & TCP_ACK):
+                        return ("other", p.seq)
+                    if direction == "reply" and not (flags & TCP_RST or (flags & TCP_SYN and flags & TCP_ACK)):
+                        return ("other", p.seq)
+                return (direction, p.seq)
+    return (direction, None) if not fi.probes else ("other", None)
+
+
+def _targets(fi: FlowInput, direction: str) -> set[int]:
+    pl = fi.placement
+    if direction == "request":
+        ep = fi.dst
+        if ep.pod:
+            return pl.pod_netns(ep.pod.key)
+        if ep.service:
+            out: set[int] = set()
+            for b in ep.service.backends:
+                out |= pl.pod_netns(b)
+            return out
+        if ep.node:
+            return pl.node_netns(ep.node.name)
+        return set()
+    if fi.src.pod:
+        return pl.pod_netns(fi.src.pod.key)
+    if fi.src.node:
+        return pl.node_netns(fi.src.node.name)
+    return set()
+
+
+def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[dict]:
+    df = assign_packets(df)
+    packets: list[dict] = []
+    if df.empty:
+        return packets
+    pl = fi.placement
+    for pkt, g in df[df["pkt"] >= 0].groupby("pkt", sort=False):
+        g = g.sort_values("ts_ns", kind="stable")
+        hop_rows = g[g["hook"].isin([HOOK_IDS["rx"], HOOK_IDS["tx"]])]
+        if hop_rows.empty:
+            continue
+        first = next(hop_rows.itertuples())
+        direction, seq = _classify(first, fi)
+        if direction == "other":
+            continue
+        t0 = int(first.ts_ns)
+        hops = []
+        prev_t = t0
+        for r in hop_rows.itertuples():
+            hops.append({
+                "node": pl.node(r.netns), "pod": pl.pod(r.netns), "dev": r.ifname,
+                "point": "rx" if r.hook == HOOK_IDS["rx"] else "tx",
+                "t_ns": int(r.ts_ns) - t0, "dt_ns": int(r.ts_ns) - prev_t,
+                "src": r.saddr_str, "dst": r.daddr_str, "encap": _encap(r),
+                "ifindex": int(r.ifindex), "netns": int(r.netns), "len": int(r.len),
+                "sport": int(r.sport) if r.proto != 1 else None,
+                "dport": int(r.dport) if r.proto != 1 else None,
+            })
+            prev_t = int(r.ts_ns)
+        targets = _targets(fi, direction)
+        reached = [h for h in hops if h["netns"] in targets and h["point"] == "rx"]
+        frees = g[~g["hook"].isin([HOOK_IDS["rx"], HOOK_IDS["tx"]])]
+        drops = frees[frees["hook"] == HOOK_IDS["drop"]]
+        consumed_at_target = frees[(frees["hook"] == HOOK_IDS["consume"]) & frees["netns"].isin(targets)]
+        last = hops[-1]
+        if reached or not consumed_at_target.empty:
+            at = reached[0] if reached else last
+            verdict = diagnose.delivered(at)
+            arrive_t = at["t_ns"]
+        elif not drops.empty:
+            d = next(drops.itertuples())
+            reason = fi.drop_reasons.get(int(d.reason), f"reason {int(d.reason)}")
+            node = pl.node(d.netns) if d.netns else last["node"]
+            dev = d.ifname or last["dev"]
+            verdict = diagnose.dropped(node, dev, reason, fi.ksym(int(d.location)), last)
+            arrive_t = None
+        else:
+            verdict = diagnose.lost(last)
+            arrive_t = None
+        packets.append({
+            "direction": direction,
+            "seq": seq,
+            "tuple": {"proto": PROTOS.get(int(first.proto), str(int(first.proto))),
+                      "src": first.saddr_str, "dst": first.daddr_str,
+                      "sport": int(first.sport) if first.proto != 1 else None,
+                      "dport": int(first.dport) if first.proto != 1 else None},
+            "ip_id": int(first.ip_id),
+            "first_ts_ns": t0,
+            "one_way_ns": arrive_t,
+            "hops": hops,
+            "verdict": verdict,
+        })
+    packets.sort(key=lambda p: p["first_ts_ns"])
+    return packets
+
+
+def flow_verdict(packets: list[dict], fi: FlowInput, probing: bool) -> dict:
+    """The flow-level verdict: every probe delivered and answered by the right address."""
+    problems: list[str] = []
+    requests = [p for p in packets if p["direction"] == "request"]
+    replies = [p for p in packets if p["direction"] == "reply"]
+    if not probing:
+        bad = [p for p in packets if p["verdict"]["status"] != "delivered"]
+        ok = not bad and bool(packets)
+        summary = (f"{len(packets) - len(bad)}/{len(packets)} packets delivered" if packets
+                   else "no matching packet seen")
+        return {"status": "ok" if ok else "failed", "summary": summary, "problems": problems}
+    n = len(fi.probes)
+    delivered = answered = 0
+    for pr in fi.probes:
+        reqs = [p for p in requests if p["seq"] == pr.seq]
+        reps = [p for p in replies if p["seq"] == pr.seq]
+        if any(p["verdict"]["status"] == "delivered" for p in reqs):
+            delivered += 1
+        elif reqs:
+            v = reqs[-1]["verdict"]
+            problems.append(f"probe {pr.seq}: request {v['status']} at {v['node'] or 'fabric'}/{v['dev']}"
+                            + (f" ({v['reason']})" if v.get("reason") else ""))
+        else:
+            problems.append(f"probe {pr.seq}: request never seen by the tracer")
+        if pr.outcome == "answered":
+            expected = fi.dst.ip
+            if pr.reply_from and pr.reply_from != expected:
+                problems.append(f"probe {pr.seq}: reply came from {pr.reply_from}, not {expected}"
+                                " (reverse NAT did not happen)")
+            else:
+                answered += 1
+        elif pr.outcome == "refused":
+            problems.append(f"probe {pr.seq}: refused ({pr.detail or 'reset'})")
+        elif pr.outcome == "timeout":
+            if reps and reps[-1]["verdict"]["status"] != "delivered":
+                v = reps[-1]["verdict"]
+                problems.append(f"probe {pr.seq}: reply {v['status']} at {v['node'] or 'fabric'}/{v['dev']}"
+                                + (f" ({v['reason']})" if v.get("reason") else ""))
+            else:
+                problems.append(f"probe {pr.seq}: no reply")
+        else:
+            problems.append(f"probe {pr.seq}: {pr.outcome} ({pr.detail})")
+    status = "ok" if delivered == n and answered == n else "failed"
+    return {"status": status, "summary": f"{delivered}/{n} delivered, {answered}/{n} answered",
+            "problems": problems}
+
+
+def summary(packets: list[dict], fi: FlowInput, counters: dict) -> dict:
+    one_way = [p["one_way_ns"] for p in packets if p["direction"] == "request" and p["one_way_ns"] is not None]
+    rtts = [p.rtt_ns for p in fi.probes if p.rtt_ns is not None and p.outcome == "answered"]
+    return {
+        "probes": len(fi.probes),
+        "delivered": sum(1 for p in packets if p["direction"] == "request" and p["verdict"]["status"] == "delivered"),
+        "answered": sum(1 for p in fi.probes if p.outcome == "answered"),
+        "median_one_way_ns": int(np.median(one_way)) if one_way else None,
+        "median_rtt_ns": int(np.median(rtts)) if rtts else None,
+        "events_lost": int(counters.get("lost", 0)),
+    }

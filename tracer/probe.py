@@ -1,0 +1,159 @@
+"""Probe packets sent from inside the source pod's network namespace: ICMP echo, TCP SYN
+(SYN-ACK answers, RST refuses) and UDP datagrams (the responder's datagram answers).
+
+Sockets are created inside the pod's namespace (tracer.netns.socket_in) and used from here:
+no helper process, nothing left running if we are interrupted.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import select
+import socket
+import struct
+import time
+from dataclasses import asdict, dataclass
+
+from . import netns
+
+PAYLOAD = b"podtrace-probe"
+
+
+@dataclass
+class ProbeResult:
+    seq: int
+    proto: str
+    src: str
+    dst: str
+    sport: int | None       # TCP/UDP source port; ICMP echo id
+    dport: int | None       # TCP/UDP destination port; ICMP echo seq
+    sent_ns: int            # CLOCK_MONOTONIC, comparable with bpf_ktime_get_ns()
+    outcome: str            # answered | refused | timeout | error
+    reply_from: str | None = None
+    rtt_ns: int | None = None
+    detail: str | None = None
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    s = (s >> 16) + (s & 0xFFFF)
+    s += s >> 16
+    return ~s & 0xFFFF
+
+
+def _now() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def icmp_echo(ns: str, src: str, dst: str, ident: int, seq: int, timeout: float) -> ProbeResult:
+    sock = netns.socket_in(ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    try:
+        body = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + PAYLOAD
+        body = body[:2] + struct.pack("!H", _checksum(body)) + body[4:]
+        t0 = _now()
+        sock.sendto(body, (dst, 0))
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return ProbeResult(seq, "icmp", src, dst, ident, seq, t0, "timeout")
+            r, _, _ = select.select([sock], [], [], left)
+            if not r:
+                continue
+            data, (peer, _) = sock.recvfrom(2048)
+            ihl = (data[0] & 0x0F) * 4
+            if len(data) < ihl + 8:
+                continue
+            typ, _, _, rid, rseq = struct.unpack("!BBHHH", data[ihl: ihl + 8])
+            if typ == 0 and rid == ident and rseq == seq:
+                return ProbeResult(seq, "icmp", src, dst, ident, seq, t0, "answered", peer, _now() - t0)
+            if typ in (3, 11) and len(data) >= ihl + 8 + 28:
+                # ICMP error quoting our echo: unreachable / time exceeded
+                inner = data[ihl + 8:]
+                iihl = (inner[0] & 0x0F) * 4
+                qid, qseq = struct.unpack("!HH", inner[iihl + 4: iihl + 8])
+                if qid == ident and qseq == seq:
+                    what = "unreachable" if typ == 3 else "time exceeded"
+                    return ProbeResult(seq, "icmp", src, dst, ident, seq, t0, "refused", peer,
+                                       _now() - t0, f"ICMP {what} (code {data[ihl + 1]}) from {peer}")
+    finally:
+        sock.close()
+
+
+def tcp_syn(ns: str, src: str, dst: str, port: int, seq: int, timeout: float) -> ProbeResult:
+    sock = netns.socket_in(ns, socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 1)
+        # Reset instead of FIN on close: one packet, no TIME_WAIT left in the pod.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.bind(("0.0.0.0", 0))
+        sport = sock.getsockname()[1]
+        sock.setblocking(False)
+        t0 = _now()
+        rc = sock.connect_ex((dst, port))
+        if rc not in (0, errno.EINPROGRESS):
+            return ProbeResult(seq, "tcp", src, dst, sport, port, t0, "error", detail=os.strerror(rc))
+        _, w, _ = select.select([], [sock], [], timeout)
+        if not w:
+            return ProbeResult(seq, "tcp", src, dst, sport, port, t0, "timeout")
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        rtt = _now() - t0
+        if err == 0:
+            return ProbeResult(seq, "tcp", src, dst, sport, port, t0, "answered", dst, rtt)
+        if err == errno.ECONNREFUSED:
+            return ProbeResult(seq, "tcp", src, dst, sport, port, t0, "refused", dst, rtt, "connection refused (RST)")
+        if err in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            return ProbeResult(seq, "tcp", src, dst, sport, port, t0, "refused", None, rtt, os.strerror(err))
+        if err == errno.ETIMEDOUT:
+            return ProbeResult(seq, "tcp", src, dst, sport, port, t0, "timeout")
+        return ProbeResult(seq, "tcp", src, dst, sport, port, t0, "error", detail=os.strerror(err))
+    finally:
+        sock.close()
+
+
+def udp_datagram(ns: str, src: str, dst: str, port: int, seq: int, timeout: float) -> ProbeResult:
+    sock = netns.socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind(("0.0.0.0", 0))
+        sport = sock.getsockname()[1]
+        t0 = _now()
+        sock.sendto(PAYLOAD, (dst, port))
+        r, _, _ = select.select([sock], [], [], timeout)
+        if not r:
+            return ProbeResult(seq, "udp", src, dst, sport, port, t0, "timeout")
+        try:
+            data, (peer, _) = sock.recvfrom(2048)
+        except ConnectionRefusedError:
+            return ProbeResult(seq, "udp", src, dst, sport, port, t0, "refused", None, _now() - t0,
+                               "ICMP port unreachable")
+        return ProbeResult(seq, "udp", src, dst, sport, port, t0, "answered", peer, _now() - t0,
+                           data.decode(errors="replace").strip() or None)
+    finally:
+        sock.close()
+
+
+def send(ns: str, src: str, dst: str, proto: str, port: int | None, count: int,
+         timeout: float = 1.0, interval: float = 0.05, on_result=None) -> list[ProbeResult]:
+    """Send `count` probes one after the other; each waits for its answer or its timeout."""
+    results = []
+    ident = random.randint(1, 0xFFFE)
+    for i in range(1, count + 1):
+        if proto == "icmp":
+            r = icmp_echo(ns, src, dst, ident, i, timeout)
+        elif proto == "tcp":
+            r = tcp_syn(ns, src, dst, port, i, timeout)
+        else:
+            r = udp_datagram(ns, src, dst, port, i, timeout)
+        results.append(r)
+        if on_result:
+            on_result(r)
+        if i < count:
+            time.sleep(interval)
+    return results

@@ -1,0 +1,87 @@
+"""Rendering results for people (rich tables) and programs (JSON). No logic about packets."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+STATUS_STYLE = {"delivered": "green", "dropped": "bold red", "lost": "bold yellow"}
+
+
+def _us(ns: int | None) -> str:
+    if ns is None:
+        return "-"
+    return f"{ns / 1000:.1f}µs" if ns < 10_000_000 else f"{ns / 1e6:.1f}ms"
+
+
+def _ep(d: dict) -> str:
+    name = d.get("pod") or d.get("service") or d.get("node") or ""
+    return f"{name} ({d['ip']})" if name else d["ip"]
+
+
+def packet_table(p: dict) -> Table:
+    t = p["tuple"]
+    ports = f":{t['sport']} → :{t['dport']}" if t["sport"] is not None else ""
+    title = (f"{p['direction']} {p['seq'] if p['seq'] is not None else ''} "
+             f"{t['proto']} {t['src']} → {t['dst']}{ports}  ip_id={p['ip_id']}")
+    tbl = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, expand=False)
+    for col in ("#", "node", "pod", "dev", "pt", "Δt", "addresses", "encap"):
+        tbl.add_column(col, justify="right" if col in ("#", "Δt") else "left", no_wrap=True)
+    prev = None
+    for i, h in enumerate(p["hops"], 1):
+        addrs = f"{h['src']} → {h['dst']}"
+        changed = prev is not None and addrs != prev
+        enc = h["encap"]
+        encs = f"{enc['type']} {enc['src']}→{enc['dst']} vni {enc['vni']}" if enc else ""
+        tbl.add_row(str(i), h["node"] or "(fabric)", h["pod"] or "", h["dev"], h["point"],
+                    "" if i == 1 else _us(h["dt_ns"]),
+                    Text(addrs, style="bold magenta") if changed else Text(addrs if i == 1 else "″", style="dim" if i > 1 else ""),
+                    encs)
+        prev = addrs
+    return tbl
+
+
+def verdict_line(v: dict) -> Text:
+    s = v["status"]
+    where = f"{v['node'] or 'fabric'}/{v['dev']}" if v.get("dev") else (v.get("node") or "")
+    txt = Text(f"  {s.upper()}", style=STATUS_STYLE.get(s, ""))
+    txt.append(f" at {where}" if where else "")
+    if v.get("reason"):
+        txt.append(f"  reason={v['reason']}")
+    if v.get("location"):
+        txt.append(f"  at {v['location']}")
+    if v.get("hint"):
+        txt.append(f"\n  {v['hint']}")
+    if v.get("runbook"):
+        txt.append(f"\n  runbook: {v['runbook']}", style="cyan")
+    return txt
+
+
+def flow_table(doc: dict, console: Console) -> None:
+    console.print(Text(f"podtrace flow {_ep(doc['src'])} → {_ep(doc['dst'])}  "
+                       f"[{doc['probe']['proto']}{'/' + str(doc['probe']['port']) if doc['probe']['port'] else ''}]",
+                       style="bold"))
+    for note in doc.get("notes", []):
+        console.print(Text(f"note: {note}", style="yellow"))
+    if not doc["packets"]:
+        console.print("no packet of this flow was seen by the tracer")
+    for p in doc["packets"]:
+        console.print()
+        console.print(packet_table(p))
+        console.print(verdict_line(p["verdict"]))
+    s = doc["summary"]
+    v = doc["verdict"]
+    console.print()
+    console.print(Text(f"{'OK' if v['status'] == 'ok' else 'FAILED'}: {v['summary']}",
+                       style="bold green" if v["status"] == "ok" else "bold red"))
+    for prob in v.get("problems", []):
+        console.print(Text(f"  - {prob}", style="red"))
+    console.print(f"median one-way {_us(s['median_one_way_ns'])}, median round trip {_us(s['median_rtt_ns'])}, "
+                  f"events lost {s['events_lost']}, startup {doc['timings'].get('startup_s', 0):.2f}s")
+
+
+def to_json(doc: dict) -> str:
+    return json.dumps(doc, indent=2, sort_keys=False)
