@@ -75,11 +75,17 @@ def c_defines() -> dict[str, int]:
     return out
 
 
-def _ip_strings(col: np.ndarray) -> np.ndarray:
-    """Vectorised u32 → dotted quad for a column (unique values are few)."""
-    uniq, inv = np.unique(col.astype(np.uint32), return_inverse=True)
-    names = np.array([str(ipaddress.IPv4Address(int(v))) if v else "" for v in uniq], dtype=object)
-    return names[inv]
+def _categorical(col: np.ndarray, name_of) -> pd.Categorical:
+    """A column of few distinct values → categorical strings, converting each value once."""
+    uniq, inv = np.unique(col, return_inverse=True)
+    names = [name_of(v) for v in uniq]
+    if len(set(names)) != len(names):  # e.g. two byte strings decoding alike: fall back to plain
+        return pd.Categorical(np.array(names, dtype=object)[inv])
+    return pd.Categorical.from_codes(inv.reshape(-1).astype(np.int32), categories=names)
+
+
+def _ip_name(v) -> str:
+    return str(ipaddress.IPv4Address(int(v))) if v else ""
 
 
 def decode(buf: bytes | memoryview | np.ndarray) -> pd.DataFrame:
@@ -91,12 +97,10 @@ def decode(buf: bytes | memoryview | np.ndarray) -> pd.DataFrame:
 def to_frame(arr: np.ndarray) -> pd.DataFrame:
     df = pd.DataFrame({name: arr[name].astype(arr.dtype[name].newbyteorder("=")) if arr.dtype[name].kind in "ui" else arr[name]
                        for name in arr.dtype.names})
-    df["ifname"] = pd.Series(arr["ifname"]).str.decode("ascii", errors="replace").to_numpy()
+    df["ifname"] = _categorical(arr["ifname"], lambda b: b.decode("ascii", errors="replace"))
     for col in ("saddr", "daddr", "outer_saddr", "outer_daddr"):
-        df[col + "_str"] = _ip_strings(arr[col])
-    df["hook_name"] = pd.Categorical.from_codes(
-        np.searchsorted(np.array(sorted(HOOKS)), arr["hook"]).clip(0, len(HOOKS) - 1),
-        categories=[HOOKS[k] for k in sorted(HOOKS)])
+        df[col + "_str"] = _categorical(arr[col].astype(np.uint32), _ip_name)
+    df["hook_name"] = _categorical(arr["hook"], lambda h: HOOKS.get(int(h), f"hook{int(h)}"))
     return df
 
 

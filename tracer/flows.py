@@ -191,6 +191,7 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[dict]:
             arrive_t = None
         packets.append({
             "direction": direction,
+            "nat": nat_changes(hops, fi),
             "seq": seq,
             "tuple": {"proto": PROTOS.get(int(first.proto), str(int(first.proto))),
                       "src": first.saddr_str, "dst": first.daddr_str,
@@ -204,6 +205,30 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[dict]:
         })
     packets.sort(key=lambda p: p["first_ts_ns"])
     return packets
+
+
+def nat_changes(hops: list[dict], fi: FlowInput) -> list[dict]:
+    """Address or port changes between consecutive hops: where DNAT picked a Service backend,
+    where a reply was reverse-NATed back to the VIP, where SNAT happened."""
+    out = []
+    vip = fi.dst.service.cluster_ip if fi.dst.service else None
+    for i in range(1, len(hops)):
+        a, b = hops[i - 1], hops[i]
+        before = (a["src"], a["sport"], a["dst"], a["dport"])
+        after = (b["src"], b["sport"], b["dst"], b["dport"])
+        if before == after:
+            continue
+        if (a["dst"], a["dport"]) != (b["dst"], b["dport"]):
+            kind = "dnat"
+            if a["src"] == vip or b["dst"] == vip:
+                kind = "reverse-snat"
+        else:
+            kind = "reverse-dnat" if a["src"] != vip and b["src"] == vip else "snat"
+        out.append({"type": kind, "hop": i, "node": b["node"], "dev": b["dev"],
+                    "before": {"src": a["src"], "sport": a["sport"], "dst": a["dst"], "dport": a["dport"]},
+                    "after": {"src": b["src"], "sport": b["sport"], "dst": b["dst"], "dport": b["dport"]},
+                    "backend": (b["dst"] if kind == "dnat" and vip and a["dst"] == vip else None)})
+    return out
 
 
 def flow_verdict(packets: list[dict], fi: FlowInput, probing: bool) -> dict:

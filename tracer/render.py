@@ -24,9 +24,10 @@ def _ep(d: dict) -> str:
 
 def packet_table(p: dict) -> Table:
     t = p["tuple"]
-    ports = f":{t['sport']} → :{t['dport']}" if t["sport"] is not None else ""
+    sp = f":{t['sport']}" if t["sport"] is not None else ""
+    dp = f":{t['dport']}" if t["dport"] is not None else ""
     title = (f"{p['direction']} {p['seq'] if p['seq'] is not None else ''} "
-             f"{t['proto']} {t['src']} → {t['dst']}{ports}  ip_id={p['ip_id']}")
+             f"{t['proto']} {t['src']}{sp} → {t['dst']}{dp}  ip_id={p['ip_id']}")
     tbl = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, expand=False)
     for col in ("#", "node", "pod", "dev", "pt", "Δt", "addresses", "encap"):
         tbl.add_column(col, justify="right" if col in ("#", "Δt") else "left", no_wrap=True)
@@ -42,6 +43,12 @@ def packet_table(p: dict) -> Table:
                     encs)
         prev = addrs
     return tbl
+
+
+def _addr(d: dict) -> str:
+    src = d["src"] + (f":{d['sport']}" if d.get("sport") is not None else "")
+    dst = d["dst"] + (f":{d['dport']}" if d.get("dport") is not None else "")
+    return f"{src}→{dst}"
 
 
 def verdict_line(v: dict) -> Text:
@@ -71,6 +78,15 @@ def flow_table(doc: dict, console: Console) -> None:
     for p in doc["packets"]:
         console.print()
         console.print(packet_table(p))
+        for n in p.get("nat", []):
+            b, a = n["before"], n["after"]
+            what = {"dnat": "DNAT", "snat": "SNAT", "reverse-dnat": "reverse DNAT",
+                    "reverse-snat": "reply un-DNAT"}.get(n["type"], n["type"])
+            txt = (f"  {what} at hop {n['hop'] + 1} ({n['node'] or 'fabric'}/{n['dev']}): "
+                   f"{_addr(b)} → {_addr(a)}")
+            if n.get("backend"):
+                txt += f"  backend {n['backend']}"
+            console.print(Text(txt, style="magenta"))
         console.print(verdict_line(p["verdict"]))
     s = doc["summary"]
     v = doc["verdict"]

@@ -121,6 +121,9 @@ def _choose_proto(cfg: FlowConfig, dst: k8s.Endpoint) -> tuple[str, int | None, 
 def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> FlowResult:
     say = progress or (lambda msg: None)
     t_start = time.monotonic()
+    if os.geteuid() != 0:
+        raise EnvironmentProblem("tracing needs root (CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN)",
+                                 "run it again with sudo")
     if cfg.count < 1 or cfg.count > 1000:
         raise BadInput(f"--count {cfg.count} is out of range", "use 1..1000")
     if not cfg.probe and cfg.duration <= 0:
@@ -137,9 +140,6 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
             raise EnvironmentProblem(
                 f"the network namespace of {src.pod.key} is not on this machine",
                 "run podtrace on its node (agent mode comes later) or use --no-probe")
-    if os.geteuid() != 0:
-        raise EnvironmentProblem("tracing needs root (CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN)",
-                                 "run it again with sudo")
     placement = placement_from_lab(lab)
     drop_reasons = tracefs.drop_reasons()
     t_resolved = time.monotonic()
