@@ -140,6 +140,36 @@ static __always_inline int wanted(struct pkt *p) {
     return a && b;
 }
 
+// The conntrack entry attached to the skb (skb->_nfct: pointer | ctinfo in the low 3 bits):
+// its state as this packet sees it, the original and reply tuples, and the IPS_* status,
+// whose NAT bits tell whether DNAT/SNAT applies. Offsets from BTF; absent without conntrack.
+static __always_inline void read_ct(const u8 *skb, struct event *e) {
+    e->ct_info = 0;
+    e->ct_status = 0;
+    e->ct_orig_src = e->ct_orig_dst = e->ct_reply_src = e->ct_reply_dst = 0;
+    e->ct_orig_sport = e->ct_orig_dport = e->ct_reply_sport = e->ct_reply_dport = 0;
+#if HAVE_CT
+    u64 nfct = rd64(skb, SKB_NFCT);
+    if (!nfct) return;
+    e->ct_info = (u8)(nfct & 7) + 1;
+    const u8 *ct = (const u8 *)(nfct & ~7ULL);
+    if (!ct) return;                     // untracked: ctinfo only
+    u32 status = 0;
+    bpf_probe_read_kernel(&status, 4, ct + CT_STATUS);   // low half of an unsigned long (LE)
+    e->ct_status = status;
+    const u8 *o = ct + CT_TUPLEHASH + CT_TH_TUPLE;
+    const u8 *r = ct + CT_TUPLEHASH + CT_TH_SIZE + CT_TH_TUPLE;
+    bpf_probe_read_kernel(&e->ct_orig_src, 4, o + CT_T_SRC_U3);
+    bpf_probe_read_kernel(&e->ct_orig_dst, 4, o + CT_T_DST_U3);
+    bpf_probe_read_kernel(&e->ct_orig_sport, 2, o + CT_T_SRC_PORT);
+    bpf_probe_read_kernel(&e->ct_orig_dport, 2, o + CT_T_DST_PORT);
+    bpf_probe_read_kernel(&e->ct_reply_src, 4, r + CT_T_SRC_U3);
+    bpf_probe_read_kernel(&e->ct_reply_dst, 4, r + CT_T_DST_U3);
+    bpf_probe_read_kernel(&e->ct_reply_sport, 2, r + CT_T_SRC_PORT);
+    bpf_probe_read_kernel(&e->ct_reply_dport, 2, r + CT_T_DST_PORT);
+#endif
+}
+
 static __always_inline void emit(void *ctx, const u8 *skb, struct pkt *p, u8 hook, u8 flags,
                                  u64 location, u32 reason) {
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
@@ -182,6 +212,7 @@ static __always_inline void emit(void *ctx, const u8 *skb, struct pkt *p, u8 hoo
     e->encap = p->encap;
     e->cpu = bpf_get_smp_processor_id();
     e->ttl = p->ttl;
+    read_ct(skb, e);
     events.ringbuf_submit(e, 0);
     count(C_EMITTED);
 }

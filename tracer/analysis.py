@@ -38,7 +38,8 @@ def reconstruct(events: pd.DataFrame, meta: dict) -> list[dict]:
     fi = flows.FlowInput(
         _endpoint(meta["src"], meta), _endpoint(meta["dst"], meta), meta["proto"], meta["port"],
         [ProbeResult(**p) for p in meta.get("probes", [])], placement,
-        {int(k): v for k, v in meta.get("drop_reasons", {}).items()}, lambda a: locations.get(a))
+        {int(k): v for k, v in meta.get("drop_reasons", {}).items()}, lambda a: locations.get(a),
+        {int(k): v for k, v in meta.get("ct_info_names", {}).items()})
     return flows.build_packets(events, fi)
 
 

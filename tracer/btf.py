@@ -295,10 +295,41 @@ _SIZE_PATHS = {
 }
 
 
+# Conntrack: optional (a kernel without nf_conntrack has no nf_conn). HAVE_CT says which;
+# the keys are always present so the cache's key set never varies.
+_CT_OFFSET_PATHS = {
+    "CT_STATUS": "nf_conn.status",
+    "CT_TUPLEHASH": "nf_conn.tuplehash",
+    "CT_TH_TUPLE": "nf_conntrack_tuple_hash.tuple",
+    "CT_T_SRC_U3": "nf_conntrack_tuple.src.u3",
+    "CT_T_SRC_PORT": "nf_conntrack_tuple.src.u",
+    "CT_T_DST_U3": "nf_conntrack_tuple.dst.u3",
+    "CT_T_DST_PORT": "nf_conntrack_tuple.dst.u",
+    "CT_T_PROTONUM": "nf_conntrack_tuple.dst.protonum",
+}
+# enum ip_conntrack_info values (skb->_nfct & 7), by name.
+_CT_INFO = ["IP_CT_ESTABLISHED", "IP_CT_RELATED", "IP_CT_NEW", "IP_CT_ESTABLISHED_REPLY",
+            "IP_CT_RELATED_REPLY", "IP_CT_UNTRACKED"]
+
+
+def _conntrack_offsets(btf: Btf) -> dict[str, int]:
+    keys = [*_CT_OFFSET_PATHS, "CT_TH_SIZE", "CT_STATUS_SIZE", *_CT_INFO]
+    try:
+        out = {key: btf.offset(path) for key, path in _CT_OFFSET_PATHS.items()}
+        out["CT_TH_SIZE"] = btf.struct_size("nf_conntrack_tuple_hash")
+        out["CT_STATUS_SIZE"] = btf.size("nf_conn.status")
+        info = btf.enum_values("ip_conntrack_info")
+        out.update({name: info[name] for name in _CT_INFO})
+    except (BtfError, KeyError):
+        return dict.fromkeys(keys, 0) | {"HAVE_CT": 0}
+    return out | {"HAVE_CT": 1}
+
+
 def compute_offsets(btf: Btf) -> dict[str, int]:
     """The -D defines for the BPF code, straight from `btf` (no cache)."""
     out = {key: btf.offset(path) for key, path in _OFFSET_PATHS.items()}
     out.update({key: btf.size(path) for key, path in _SIZE_PATHS.items()})
+    out.update(_conntrack_offsets(btf))
     # BPF reads nd_net as a `struct net *`: valid only while possible_net_t is just that
     # pointer at offset 0 (it is a one-member struct when CONFIG_NET_NS=y).
     if btf.offset("net_device.nd_net.net") != out["NETDEV_ND_NET"] or (
@@ -351,7 +382,8 @@ def _read_cache(cache_file: Path, key: dict[str, object]) -> dict[str, int] | No
     if not isinstance(doc, dict):
         return None
     offsets = doc.get("offsets")
-    expected = set(_OFFSET_PATHS) | set(_SIZE_PATHS)
+    expected = (set(_OFFSET_PATHS) | set(_SIZE_PATHS) | set(_CT_OFFSET_PATHS) | set(_CT_INFO)
+                | {"CT_TH_SIZE", "CT_STATUS_SIZE", "HAVE_CT"})
     if doc.get("key") != key or not isinstance(offsets, dict) or set(offsets) != expected:
         return None  # another kernel, another BTF, or an older podtrace's key set
     if not all(isinstance(v, int) for v in offsets.values()):

@@ -28,10 +28,19 @@ EVENT_FIELDS: list[tuple[str, str, str]] = [
     ("tcp_seq", "u32", ">u4"),
     ("len", "u32", "<u4"),          # skb->len at the hook
     ("reason", "u32", "<u4"),       # kfree_skb drop reason number (names from tracefs)
+    ("ct_status", "u32", "<u4"),    # nf_conn->status (low 32 bits: IPS_* flags)
+    ("ct_orig_src", "u32", ">u4"),  # conntrack original tuple
+    ("ct_orig_dst", "u32", ">u4"),
+    ("ct_reply_src", "u32", ">u4"), # conntrack reply tuple (shows the NAT that will apply)
+    ("ct_reply_dst", "u32", ">u4"),
     ("sport", "u16", ">u2"),        # TCP/UDP ports; ICMP: id in sport, seq in dport
     ("dport", "u16", ">u2"),
     ("ip_id", "u16", ">u2"),
     ("ip_len", "u16", ">u2"),
+    ("ct_orig_sport", "u16", ">u2"),
+    ("ct_orig_dport", "u16", ">u2"),
+    ("ct_reply_sport", "u16", ">u2"),
+    ("ct_reply_dport", "u16", ">u2"),
     ("hook", "u8", "u1"),           # see HOOKS
     ("proto", "u8", "u1"),          # inner IP protocol
     ("tcp_flags", "u8", "u1"),
@@ -40,6 +49,8 @@ EVENT_FIELDS: list[tuple[str, str, str]] = [
     ("encap", "u8", "u1"),          # 0 none, 1 vxlan, 2 geneve
     ("cpu", "u8", "u1"),
     ("ttl", "u8", "u1"),
+    ("ct_info", "u8", "u1"),        # 0: no conntrack entry on the skb; else ctinfo + 1
+    ("_pad", "char[3]", "S3"),
     ("ifname", "char[16]", "S16"),
 ]
 
@@ -66,6 +77,7 @@ def c_struct() -> str:
         else:
             lines.append(f"    {c_type} {name};")
     lines.append("} __attribute__((packed));")
+    lines.append(f"_Static_assert(sizeof(struct event) == {EVENT_DTYPE.itemsize}, \"event layout\");")
     return "\n".join(lines)
 
 
@@ -95,10 +107,11 @@ def decode(buf: bytes | memoryview | np.ndarray) -> pd.DataFrame:
 
 
 def to_frame(arr: np.ndarray) -> pd.DataFrame:
-    df = pd.DataFrame({name: arr[name].astype(arr.dtype[name].newbyteorder("=")) if arr.dtype[name].kind in "ui" else arr[name]
-                       for name in arr.dtype.names})
+    df = pd.DataFrame({name: arr[name].astype(arr.dtype[name].newbyteorder("="))
+                       for name in arr.dtype.names if arr.dtype[name].kind in "ui"})
     df["ifname"] = _categorical(arr["ifname"], lambda b: b.decode("ascii", errors="replace"))
-    for col in ("saddr", "daddr", "outer_saddr", "outer_daddr"):
+    for col in ("saddr", "daddr", "outer_saddr", "outer_daddr", "ct_orig_src", "ct_orig_dst",
+                "ct_reply_src", "ct_reply_dst"):
         df[col + "_str"] = _categorical(arr[col].astype(np.uint32), _ip_name)
     df["hook_name"] = _categorical(arr["hook"], lambda h: HOOKS.get(int(h), f"hook{int(h)}"))
     return df

@@ -53,6 +53,7 @@ class FlowInput:
     placement: Placement
     drop_reasons: dict[int, str]
     ksym: Callable[[int], str | None]
+    ct_info_names: dict[int, str] = field(default_factory=dict)
 
 
 def assign_packets(df: pd.DataFrame) -> pd.DataFrame:
@@ -85,6 +86,34 @@ def _encap(row) -> dict | None:
     if not kind:
         return None
     return {"src": row.outer_saddr_str, "dst": row.outer_daddr_str, "vni": int(row.vni), "type": kind}
+
+
+# IPS_* status bits: UAPI (include/uapi/linux/netfilter/nf_conntrack_common.h), stable.
+IPS_BITS = [(0x2, "seen_reply"), (0x4, "assured"), (0x8, "confirmed"), (0x10, "src_nat"),
+            (0x20, "dst_nat"), (0x80, "src_nat_done"), (0x100, "dst_nat_done"), (0x200, "dying")]
+
+
+def _ct(r, names: dict[int, str]) -> dict | None:
+    """The conntrack view of one hop, or None when the skb carried no entry yet."""
+    if not r.ct_info:
+        return None
+    info = int(r.ct_info) - 1
+    name = names.get(info, f"IP_CT_{info}")
+    state = name.removeprefix("IP_CT_").removesuffix("_REPLY").lower()
+    out = {"state": state, "dir": "reply" if name.endswith("_REPLY") else "original"}
+    if not r.ct_orig_src:
+        return out
+    status = int(r.ct_status)
+    out["status"] = [flag for bit, flag in IPS_BITS if status & bit]
+    out["nat"] = ("dnat" if status & 0x20 else None) if not status & 0x10 else (
+        "snat+dnat" if status & 0x20 else "snat")
+    if r.encap and r.ct_orig_src_str == r.outer_saddr_str:
+        out["of"] = "outer"   # the tunnel's own UDP flow, not the pod packet's
+    out["orig"] = {"src": r.ct_orig_src_str, "sport": int(r.ct_orig_sport),
+                   "dst": r.ct_orig_dst_str, "dport": int(r.ct_orig_dport)}
+    out["reply"] = {"src": r.ct_reply_src_str, "sport": int(r.ct_reply_sport),
+                    "dst": r.ct_reply_dst_str, "dport": int(r.ct_reply_dport)}
+    return out
 
 
 def _classify(first, fi: FlowInput) -> tuple[str, int | None]:
@@ -167,6 +196,7 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[dict]:
                 "ifindex": int(r.ifindex), "netns": int(r.netns), "len": int(r.len),
                 "sport": int(r.sport) if r.proto != 1 else None,
                 "dport": int(r.dport) if r.proto != 1 else None,
+                "ct": _ct(r, fi.ct_info_names),
             })
             prev_t = int(r.ts_ns)
         targets = _targets(fi, direction)

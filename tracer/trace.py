@@ -10,7 +10,7 @@ from typing import Callable
 
 import pandas as pd
 
-from . import flows, k8s, netns, probe, tracefs
+from . import bpfprog, flows, k8s, netns, probe, tracefs
 from .config import FlowConfig
 from .errors import BadInput, EnvironmentProblem
 from .session import SessionConfig, TerminateAsInterrupt, TraceSession
@@ -142,6 +142,7 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
                 "run podtrace on its node (agent mode comes later) or use --no-probe")
     placement = placement_from_lab(lab)
     drop_reasons = tracefs.drop_reasons()
+    ct_names = bpfprog.ct_info_names()
     t_resolved = time.monotonic()
     say("loading BPF programs")
     addrs = sorted(set(src.addresses() + dst.addresses()))
@@ -172,7 +173,7 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
             session.close()
     t_done = time.monotonic()
     fi = flows.FlowInput(src, dst, proto, port, probes, placement, drop_reasons,
-                         lambda a: locations.get(a))
+                         lambda a: locations.get(a), ct_names)
     packets = flows.build_packets(df, fi)
     verdict = flows.flow_verdict(packets, fi, cfg.probe)
     summary = flows.summary(packets, fi, counters)
@@ -193,6 +194,7 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
         "placement": {str(k): list(v) for k, v in placement.netns.items()},
         "drop_reasons": {str(k): v for k, v in drop_reasons.items()},
         "locations": {str(k): v for k, v in locations.items()},
+        "ct_info_names": {str(k): v for k, v in ct_names.items()},
         "service": ({"key": dst.service.key, "backends": dst.service.backends,
                      "backend_ips": dst.service.backend_ips} if dst.service else None),
         "probing": cfg.probe, "counters": counters, "inventory": inv.source,
