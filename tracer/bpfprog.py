@@ -89,7 +89,7 @@ class Loaded:
         bpf, self.bpf = self.bpf, None
         for tp in self.attached:
             with contextlib.suppress(Exception):
-                bpf.detach_tracepoint(tp=tp)
+                bpf.detach_tracepoint(tp=tp.encode())
         self.attached.clear()
         bpf.cleanup()
 
@@ -116,7 +116,7 @@ def load(ringbuf_pages: int = 256, attach: bool = True) -> Loaded:
         try:
             for cat, ev, fn, _ in TRACEPOINTS:
                 tp = f"{cat}:{ev}"
-                b.attach_tracepoint(tp=tp, fn_name=fn)
+                b.attach_tracepoint(tp=tp.encode(), fn_name=fn.encode())
                 loaded.attached.append(tp)
         except Exception as exc:
             loaded.close()

@@ -87,7 +87,10 @@ def flow(src, dst, proto, port, count, timeout, no_probe, duration, cluster, out
     if output == "json":
         click.echo(render.to_json(doc))
     else:
-        render.flow_table(doc, Console())
+        out = Console()
+        if not out.is_terminal:
+            out = Console(width=160)  # piped into a file or a ticket: keep whole rows
+        render.flow_table(doc, out)
         if save:
             err.print(f"trace saved to {save}")
     sys.exit(0 if result.ok else 3)

@@ -1,0 +1,201 @@
+"""`podtrace lab …`: parses options into a LabConfig, calls tracer.lab.build, renders results."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from ..errors import EnvironmentProblem, require_root
+from . import build
+from . import topology as T
+
+
+@click.group("lab", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--prefix", envvar="PODTRACE_LAB_PREFIX", default=T.DEFAULT_PREFIX,
+              show_default=True, metavar="NAME",
+              help="Name prefix of every namespace the lab creates (env PODTRACE_LAB_PREFIX).")
+@click.pass_context
+def lab(ctx, prefix):
+    """A simulated multi-node Kubernetes cluster made of network namespaces.
+
+    \b
+    Nodes, pods, a fabric bridge as the underlay, flannel-style VXLAN between nodes,
+    kube-proxy-style Services in iptables and a responder on TCP/UDP 8080 in every pod
+    that answers with its pod name. Nothing outside namespaces named PREFIX-* is touched.
+
+    \b
+    Examples:
+      sudo podtrace lab up                       # 2 nodes x 2 pods, flannel
+      sudo podtrace lab up --nodes 3 --pods-per-node 4
+      podtrace lab status -o json                # names, IPs, netns, Services, inventory path
+      sudo ip netns exec ptlab-pod-1-1 ip route  # look inside a pod
+      sudo podtrace lab down
+    """
+    ctx.obj = {"prefix": T.validate_prefix(prefix)}
+
+
+@lab.command("up")
+@click.option("--cni", type=click.Choice(T.CNIS), default="flannel", show_default=True,
+              help="Which CNI's datapath to build.")
+@click.option("--nodes", type=int, default=2, show_default=True, metavar="N",
+              help="Number of nodes (1-16).")
+@click.option("--pods-per-node", type=int, default=2, show_default=True, metavar="M",
+              help="Pods on each node (1-8).")
+@click.pass_context
+def up_cmd(ctx, cni, nodes, pods_per_node):
+    """Build the lab (a no-op when it is already up).
+
+    \b
+    Examples:
+      sudo podtrace lab up
+      sudo podtrace lab up --nodes 3 --pods-per-node 1
+      sudo PODTRACE_LAB_PREFIX=mylab podtrace lab up   # a second, separate lab
+    """
+    cfg = T.LabConfig(prefix=ctx.obj["prefix"], cni=cni, nodes=nodes, pods_per_node=pods_per_node)
+    require_root("podtrace lab up")
+    started = time.monotonic()
+    with _Progress(cfg.prefix) as progress:
+        doc, created = build.up(cfg, progress=progress)
+    if not created:
+        click.echo(f"lab {cfg.prefix} is already up ({_shape(doc)}); nothing to do. "
+                   f"To rebuild it: podtrace lab down && podtrace lab up")
+        return
+    elapsed = time.monotonic() - started
+    click.echo(f"lab {cfg.prefix} is up in {elapsed:.1f} s: {_shape(doc)}")
+    click.echo(f"inventory: {doc['inventory']}")
+    pods = doc["pods"]
+    if len(doc["nodes"]) > 1:
+        click.echo(f"try: sudo podtrace flow {pods[0]['name']} {pods[-1]['name']}")
+    click.echo("     podtrace lab status")
+
+
+@lab.command("status")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table",
+              show_default=True, help="Output format.")
+@click.pass_context
+def status_cmd(ctx, output):
+    """Show the lab's nodes, pods and Services.
+
+    \b
+    Examples:
+      podtrace lab status
+      podtrace lab status -o json | jq -r '.pods[] | "\\(.name) \\(.ip) \\(.netns)"'
+    """
+    prefix = ctx.obj["prefix"]
+    doc = build.status(prefix)
+    if doc is None:
+        hint = "podtrace lab up" if prefix == T.DEFAULT_PREFIX else f"podtrace lab --prefix {prefix} up"
+        raise EnvironmentProblem("no lab is up", f"run: {hint}")
+    if output == "json":
+        click.echo(json.dumps(doc, indent=2))
+        return
+    _render_table(doc, build.missing_parts(doc))
+
+
+@lab.command("down")
+@click.pass_context
+def down_cmd(ctx):
+    """Remove the lab: every namespace, device, process and file it made.
+
+    Safe to run when nothing exists.
+
+    \b
+    Examples:
+      sudo podtrace lab down
+      sudo podtrace lab --prefix mylab down
+    """
+    prefix = ctx.obj["prefix"]
+    require_root("podtrace lab down")
+    started = time.monotonic()
+    removed = build.down(prefix)
+    elapsed = time.monotonic() - started
+    if not removed:
+        click.echo(f"no lab {prefix} here; nothing to remove")
+        return
+    n_ns = sum(item.startswith("netns ") for item in removed)
+    n_proc = sum(item.startswith("process ") for item in removed)
+    parts = [f"{n_ns} namespace{'s' if n_ns != 1 else ''}",
+             f"{n_proc} process{'es' if n_proc != 1 else ''}"]
+    if any(item.startswith("state ") for item in removed):
+        parts.append("its state files")
+    click.echo(f"lab {prefix} removed in {elapsed:.1f} s: {', '.join(parts)}")
+
+
+def _shape(doc: dict) -> str:
+    return (f"{doc['cni']}, {len(doc['nodes'])} nodes, {len(doc['pods'])} pods, "
+            f"{len(doc['services'])} services")
+
+
+class _Progress:
+    """Step messages on stderr: a spinner on a terminal, one plain line per step otherwise."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.tty = sys.stderr.isatty()
+        self._status = None
+        self._console = None
+
+    def __enter__(self):
+        if self.tty:
+            from rich.console import Console
+
+            self._console = Console(stderr=True)
+            self._status = self._console.status(f"lab {self.prefix}: starting")
+            self._status.__enter__()
+        return self
+
+    def __call__(self, message: str) -> None:
+        if self.tty:
+            self._status.update(f"lab {self.prefix}: {message}")
+            self._console.log(f"[dim]{message}[/dim]", highlight=False)
+        else:
+            click.echo(f"podtrace: lab {self.prefix}: {message}", err=True)
+
+    def __exit__(self, *exc):
+        if self._status is not None:
+            self._status.__exit__(*exc)
+        return False
+
+
+def _render_table(doc: dict, missing: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    # Piped output is not cut to 80 columns: names and netns must stay greppable.
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console.print(f"[bold]lab {doc['prefix']}[/bold] ({doc['cni']}), up since "
+                  f"{doc.get('created_at', '?')}", highlight=False)
+    console.print(f"underlay {doc['underlay_cidr']} on bridge "
+                  f"{doc.get('fabric_bridge', 'br0')} in netns {doc['fabric_netns']}", highlight=False)
+    console.print(f"inventory {doc['inventory']}", highlight=False)
+    if missing:
+        console.print(f"[red]incomplete:[/red] {', '.join(missing)}; "
+                      "run: podtrace lab down && podtrace lab up", highlight=False)
+
+    def table(title: str, *cols: str) -> Table:
+        t = Table(title=title, title_justify="left", title_style="bold")
+        for col in cols:
+            t.add_column(col, no_wrap=True)
+        return t
+
+    nodes = table("nodes", "node", "ip", "pod cidr", "netns", "overlay (vtep mac)")
+    for n in doc["nodes"]:
+        nodes.add_row(n["name"], n["ip"], n["pod_cidr"], n["netns"],
+                      f"{n['overlay']} ({n.get('mac', '?')})")
+    console.print(nodes)
+
+    pods = table("pods", "pod", "node", "ip", "netns", "host veth")
+    for p in doc["pods"]:
+        name = p["name"] if p["namespace"] == "default" else f"{p['namespace']}/{p['name']}"
+        pods.add_row(name, p["node"], p["ip"], p["netns"], p["host_veth"])
+    console.print(pods)
+
+    svcs = table("services", "service", "cluster ip", "ports", "backends")
+    for s in doc["services"]:
+        ports = " ".join(f"{p['port']}/{p['protocol'].lower()}→{p['target_port']}" for p in s["ports"])
+        backends = " ".join(b.removeprefix("default/") for b in s["backends"])
+        svcs.add_row(f"{s['namespace']}/{s['name']}", s["cluster_ip"], ports, backends)
+    console.print(svcs)
