@@ -45,6 +45,8 @@ def main():
 @click.option("--count", type=click.IntRange(1, 1000), default=3, show_default=True, help="Probes to send.")
 @click.option("--timeout", type=click.FloatRange(0.05, 30), default=1.0, show_default=True,
               help="Seconds to wait for each probe's answer.")
+@click.option("--size", type=int, default=None, metavar="BYTES",
+              help="IP size of ICMP/UDP probes, sent with DF set (finds MTU black holes).")
 @click.option("--no-probe", "no_probe", is_flag=True, help="Send nothing; watch real traffic for --duration.")
 @click.option("--duration", type=click.FloatRange(0.1, 3600), default=2.0, show_default=True,
               help="Seconds to watch with --no-probe.")
@@ -52,7 +54,7 @@ def main():
               help="A `kubectl get nodes,pods,services,endpointslices -A -o json` file.")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--save", type=click.Path(dir_okay=False), default=None, help="Write the raw events to a Parquet trace file.")
-def flow(src, dst, proto, port, count, timeout, no_probe, duration, cluster, output, save):
+def flow(src, dst, proto, port, count, timeout, size, no_probe, duration, cluster, output, save):
     """Follow probe packets from SRC to DST hop by hop, and say where they died.
 
     SRC and DST: NAMESPACE/POD, POD (namespace default), svc/NAMESPACE/NAME,
@@ -68,6 +70,7 @@ def flow(src, dst, proto, port, count, timeout, no_probe, duration, cluster, out
       podtrace flow default/pod-1-1 svc/default/web --proto tcp --port 80 -o json
       podtrace flow pod-1-1 pod-2-2 --proto udp --port 8080 --save trace.parquet
       podtrace flow pod-1-1 pod-2-1 --no-probe --duration 10
+      podtrace flow pod-1-1 pod-2-1 --size 1450        # MTU black hole?
     """
     from rich.console import Console
 
@@ -77,7 +80,7 @@ def flow(src, dst, proto, port, count, timeout, no_probe, duration, cluster, out
 
     err = Console(stderr=True)
     cfg = FlowConfig(src=src, dst=dst, proto=proto, port=port, count=count, timeout=timeout,
-                     probe=not no_probe, duration=duration, cluster=cluster, save=save)
+                     probe=not no_probe, duration=duration, cluster=cluster, save=save, size=size)
     if err.is_terminal and output == "table":
         with err.status("resolving endpoints") as status:
             result = run_flow(cfg, progress=lambda msg: status.update(msg))

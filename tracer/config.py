@@ -20,4 +20,5 @@ class FlowConfig:
     cluster: str | None = None       # --cluster FILE
     lab_prefix: str = os.environ.get("PODTRACE_LAB_PREFIX", "ptlab")
     save: str | None = None
-    settle: float = 0.05             # wait for late events (drops after the last answer)
+    settle: float = 0.05
+    size: int | None = None          # IP packet size of ICMP/UDP probes (DF set)             # wait for late events (drops after the last answer)

@@ -52,13 +52,34 @@ def _now() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
-def icmp_echo(ns: str, src: str, dst: str, ident: int, seq: int, timeout: float) -> ProbeResult:
+IP_MTU_DISCOVER = 10
+IP_PMTUDISC_DO = 2     # set DF, never fragment locally: an MTU black hole shows as a loss
+
+
+def _payload(size: int | None, header: int) -> bytes:
+    """Probe payload padded so the IP packet is `size` bytes (None: just the marker)."""
+    if size is None:
+        return PAYLOAD
+    n = max(size - 20 - header, len(PAYLOAD))
+    return (PAYLOAD * (n // len(PAYLOAD) + 1))[:n]
+
+
+def _df(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+
+
+def icmp_echo(ns: str, src: str, dst: str, ident: int, seq: int, timeout: float,
+              size: int | None = None) -> ProbeResult:
     sock = netns.socket_in(ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     try:
-        body = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + PAYLOAD
+        _df(sock)
+        body = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + _payload(size, 8)
         body = body[:2] + struct.pack("!H", _checksum(body)) + body[4:]
         t0 = _now()
-        sock.sendto(body, (dst, 0))
+        try:
+            sock.sendto(body, (dst, 0))
+        except OSError as exc:
+            return ProbeResult(seq, "icmp", src, dst, ident, seq, t0, "error", detail=exc.strerror)
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
@@ -118,13 +139,18 @@ def tcp_syn(ns: str, src: str, dst: str, port: int, seq: int, timeout: float) ->
         sock.close()
 
 
-def udp_datagram(ns: str, src: str, dst: str, port: int, seq: int, timeout: float) -> ProbeResult:
+def udp_datagram(ns: str, src: str, dst: str, port: int, seq: int, timeout: float,
+                 size: int | None = None) -> ProbeResult:
     sock = netns.socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM)
     try:
+        _df(sock)
         sock.bind(("0.0.0.0", 0))
         sport = sock.getsockname()[1]
         t0 = _now()
-        sock.sendto(PAYLOAD, (dst, port))
+        try:
+            sock.sendto(_payload(size, 8), (dst, port))
+        except OSError as exc:   # EMSGSIZE: larger than the route MTU known to the pod
+            return ProbeResult(seq, "udp", src, dst, sport, port, t0, "error", detail=exc.strerror)
         r, _, _ = select.select([sock], [], [], timeout)
         if not r:
             return ProbeResult(seq, "udp", src, dst, sport, port, t0, "timeout")
@@ -140,17 +166,18 @@ def udp_datagram(ns: str, src: str, dst: str, port: int, seq: int, timeout: floa
 
 
 def send(ns: str, src: str, dst: str, proto: str, port: int | None, count: int,
-         timeout: float = 1.0, interval: float = 0.05, on_result=None) -> list[ProbeResult]:
+         timeout: float = 1.0, interval: float = 0.05, on_result=None,
+         size: int | None = None) -> list[ProbeResult]:
     """Send `count` probes one after the other; each waits for its answer or its timeout."""
     results = []
     ident = random.randint(1, 0xFFFE)
     for i in range(1, count + 1):
         if proto == "icmp":
-            r = icmp_echo(ns, src, dst, ident, i, timeout)
+            r = icmp_echo(ns, src, dst, ident, i, timeout, size)
         elif proto == "tcp":
             r = tcp_syn(ns, src, dst, port, i, timeout)
         else:
-            r = udp_datagram(ns, src, dst, port, i, timeout)
+            r = udp_datagram(ns, src, dst, port, i, timeout, size)
         results.append(r)
         if on_result:
             on_result(r)

@@ -126,12 +126,17 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
                                  "run it again with sudo")
     if cfg.count < 1 or cfg.count > 1000:
         raise BadInput(f"--count {cfg.count} is out of range", "use 1..1000")
+    if cfg.size is not None and not 28 + len(probe.PAYLOAD) <= cfg.size <= 65000:
+        raise BadInput(f"--size {cfg.size} is out of range", f"use {28 + len(probe.PAYLOAD)}..65000 bytes")
     if not cfg.probe and cfg.duration <= 0:
         raise BadInput("--duration must be positive", "e.g. --no-probe --duration 5")
     inv, lab = load_inventory(cfg)
     src = k8s.resolve(cfg.src, inv)
     dst = k8s.resolve(cfg.dst, inv)
     proto, port, notes = _choose_proto(cfg, dst)
+    if cfg.size is not None and proto == "tcp":
+        raise BadInput("--size applies to ICMP and UDP probes (a TCP probe is a bare SYN)",
+                       "use --proto icmp or udp with --size")
     if cfg.probe:
         if src.pod is None:
             raise BadInput(f"probes are sent from a pod; {cfg.src} is not a pod",
@@ -157,7 +162,8 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
                     + (f":{port}" if port else ""))
                 probes = probe.send(src.pod.netns, src.ip, dst.ip, proto, port, cfg.count,
                                     cfg.timeout, cfg.interval,
-                                    on_result=lambda r: (session.poll(0), say(f"probe {r.seq}: {r.outcome}")))
+                                    on_result=lambda r: (session.poll(0), say(f"probe {r.seq}: {r.outcome}")),
+                                    size=cfg.size)
                 time.sleep(cfg.settle)
             else:
                 end = time.monotonic() + cfg.duration

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .. import netns
-from ..errors import EnvironmentProblem, PodtraceError
+from ..errors import EnvironmentProblem, PodtraceError, require_root
 from . import topology as T
 
 Progress = Callable[[str], None]
@@ -81,16 +81,21 @@ def up(cfg: T.LabConfig, progress: Progress | None = None) -> tuple[dict, bool]:
     """Build the lab. Returns (status document, created); created is False when the lab was
     already up, in which case nothing was touched."""
     say = progress or (lambda _msg: None)
+    require_root("podtrace lab up")
     _check_tools()
     with _locked(cfg.state_dir):
-        doc = status(cfg.prefix, cfg.state_dir)
+        try:
+            doc = status(cfg.prefix, cfg.state_dir)
+        except EnvironmentProblem:
+            doc = None  # unreadable state: whatever is there gets removed as leftovers
         if doc is not None:
             missing = missing_parts(doc)
             if not missing:
                 return doc, False
             say(f"lab {cfg.prefix} is incomplete ({', '.join(missing[:3])}); rebuilding it")
-        if doc is not None or _leftovers(cfg.prefix, cfg.state_dir):
+        elif _leftovers(cfg.prefix, cfg.state_dir):
             say(f"removing leftovers of an unfinished lab {cfg.prefix}")
+        with _shielded():
             _teardown(cfg.prefix, cfg.state_dir)
         topo = T.plan(cfg)
         with _interrupts_as_keyboard_interrupt():
@@ -111,6 +116,7 @@ def down(prefix: str | None = None, state_dir: Path | str | None = None) -> list
     """Remove every namespace, process and file of the lab with this prefix. Returns what was
     removed (empty when there was nothing)."""
     prefix = T.validate_prefix(prefix or T.default_prefix())
+    require_root("podtrace lab down")
     root = Path(state_dir) if state_dir else T.default_state_root()
     with _locked(root), _shielded():
         return _teardown(prefix, root)

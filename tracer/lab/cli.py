@@ -130,33 +130,43 @@ def _shape(doc: dict) -> str:
 
 
 class _Progress:
-    """Step messages on stderr: a spinner on a terminal, one plain line per step otherwise."""
+    """Step messages on stderr: a spinner and a tick per finished step on a terminal, one
+    plain line per step otherwise."""
 
     def __init__(self, prefix: str):
         self.prefix = prefix
         self.tty = sys.stderr.isatty()
         self._status = None
         self._console = None
+        self._current = None
 
     def __enter__(self):
         if self.tty:
             from rich.console import Console
 
-            self._console = Console(stderr=True)
+            self._console = Console(stderr=True, highlight=False)
             self._status = self._console.status(f"lab {self.prefix}: starting")
             self._status.__enter__()
         return self
 
     def __call__(self, message: str) -> None:
-        if self.tty:
-            self._status.update(f"lab {self.prefix}: {message}")
-            self._console.log(f"[dim]{message}[/dim]", highlight=False)
-        else:
+        if not self.tty:
             click.echo(f"podtrace: lab {self.prefix}: {message}", err=True)
+            return
+        self._done()
+        self._current = message
+        self._status.update(f"lab {self.prefix}: {message}")
 
-    def __exit__(self, *exc):
+    def _done(self):
+        if self._current is not None:
+            self._console.print(f"[green]✓[/green] {self._current}")
+            self._current = None
+
+    def __exit__(self, exc_type, *rest):
         if self._status is not None:
-            self._status.__exit__(*exc)
+            if exc_type is None:
+                self._done()
+            self._status.__exit__(exc_type, *rest)
         return False
 
 
