@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=$ROOT/.venv
-APT_PKGS=(python3-bpfcc iproute2 iptables iperf3 bpftool kmod)
+APT_PKGS=(python3-bpfcc iproute2 iptables iperf3 bpftool kmod conntrack)
 HEADERS_PKG=linux-headers-cloud-amd64
 changed=0
 say() { echo "setup: $*"; changed=1; }

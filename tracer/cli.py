@@ -47,6 +47,8 @@ def main():
               help="Seconds to wait for each probe's answer.")
 @click.option("--size", type=int, default=None, metavar="BYTES",
               help="IP size of ICMP/UDP probes, sent with DF set (finds MTU black holes).")
+@click.option("--sport", type=click.IntRange(1, 65535), default=None, metavar="PORT",
+              help="Fixed source port of TCP/UDP probes (reproduce one conntrack entry).")
 @click.option("--no-probe", "no_probe", is_flag=True, help="Send nothing; watch real traffic for --duration.")
 @click.option("--duration", type=click.FloatRange(0.1, 3600), default=2.0, show_default=True,
               help="Seconds to watch with --no-probe.")
@@ -54,7 +56,7 @@ def main():
               help="A `kubectl get nodes,pods,services,endpointslices -A -o json` file.")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--save", type=click.Path(dir_okay=False), default=None, help="Write the raw events to a Parquet trace file.")
-def flow(src, dst, proto, port, count, timeout, size, no_probe, duration, cluster, output, save):
+def flow(src, dst, proto, port, count, timeout, size, sport, no_probe, duration, cluster, output, save):
     """Follow probe packets from SRC to DST hop by hop, and say where they died.
 
     SRC and DST: NAMESPACE/POD, POD (namespace default), svc/NAMESPACE/NAME,
@@ -80,7 +82,7 @@ def flow(src, dst, proto, port, count, timeout, size, no_probe, duration, cluste
 
     err = Console(stderr=True)
     cfg = FlowConfig(src=src, dst=dst, proto=proto, port=port, count=count, timeout=timeout,
-                     probe=not no_probe, duration=duration, cluster=cluster, save=save, size=size)
+                     probe=not no_probe, duration=duration, cluster=cluster, save=save, size=size, sport=sport)
     if err.is_terminal and output == "table":
         with err.status("resolving endpoints") as status:
             result = run_flow(cfg, progress=lambda msg: status.update(msg))

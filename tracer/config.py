@@ -21,4 +21,5 @@ class FlowConfig:
     lab_prefix: str = os.environ.get("PODTRACE_LAB_PREFIX", "ptlab")
     save: str | None = None
     settle: float = 0.05
-    size: int | None = None          # IP packet size of ICMP/UDP probes (DF set)             # wait for late events (drops after the last answer)
+    size: int | None = None          # IP packet size of ICMP/UDP probes (DF set)
+    sport: int | None = None         # fixed source port of TCP/UDP probes             # wait for late events (drops after the last answer)

@@ -108,13 +108,15 @@ def icmp_echo(ns: str, src: str, dst: str, ident: int, seq: int, timeout: float,
         sock.close()
 
 
-def tcp_syn(ns: str, src: str, dst: str, port: int, seq: int, timeout: float) -> ProbeResult:
+def tcp_syn(ns: str, src: str, dst: str, port: int, seq: int, timeout: float,
+            sport: int = 0) -> ProbeResult:
     sock = netns.socket_in(ns, socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 1)
         # Reset instead of FIN on close: one packet, no TIME_WAIT left in the pod.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.bind(("0.0.0.0", 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", sport))
         sport = sock.getsockname()[1]
         sock.setblocking(False)
         t0 = _now()
@@ -140,26 +142,35 @@ def tcp_syn(ns: str, src: str, dst: str, port: int, seq: int, timeout: float) ->
 
 
 def udp_datagram(ns: str, src: str, dst: str, port: int, seq: int, timeout: float,
-                 size: int | None = None) -> ProbeResult:
+                 size: int | None = None, sport: int = 0) -> ProbeResult:
+    # A connected socket: its datagrams get distinct IP IDs (the tracer tells probes apart
+    # by them; an unconnected socket with DF sends ID 0) and an ICMP port unreachable comes
+    # back as ECONNREFUSED. A reply from the wrong address (a backend instead of the VIP) is
+    # not accepted by it; the trace shows that reply arriving instead.
     sock = netns.socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM)
     try:
         _df(sock)
-        sock.bind(("0.0.0.0", 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", sport))
         sport = sock.getsockname()[1]
         t0 = _now()
         try:
-            sock.sendto(_payload(size, 8), (dst, port))
+            sock.connect((dst, port))
+            sock.send(_payload(size, 8))
         except OSError as exc:   # EMSGSIZE: larger than the route MTU known to the pod
             return ProbeResult(seq, "udp", src, dst, sport, port, t0, "error", detail=exc.strerror)
         r, _, _ = select.select([sock], [], [], timeout)
         if not r:
             return ProbeResult(seq, "udp", src, dst, sport, port, t0, "timeout")
         try:
-            data, (peer, _) = sock.recvfrom(2048)
+            data = sock.recv(2048)
         except ConnectionRefusedError:
             return ProbeResult(seq, "udp", src, dst, sport, port, t0, "refused", None, _now() - t0,
                                "ICMP port unreachable")
-        return ProbeResult(seq, "udp", src, dst, sport, port, t0, "answered", peer, _now() - t0,
+        except OSError as exc:
+            return ProbeResult(seq, "udp", src, dst, sport, port, t0, "refused", None, _now() - t0,
+                               f"ICMP error: {exc.strerror}")
+        return ProbeResult(seq, "udp", src, dst, sport, port, t0, "answered", dst, _now() - t0,
                            data.decode(errors="replace").strip() or None)
     finally:
         sock.close()
@@ -167,7 +178,8 @@ def udp_datagram(ns: str, src: str, dst: str, port: int, seq: int, timeout: floa
 
 def send(ns: str, src: str, dst: str, proto: str, port: int | None, count: int,
          timeout: float = 1.0, interval: float = 0.05, on_result=None,
-         size: int | None = None) -> list[ProbeResult]:
+         size: int | None = None, sport: int | None = None) -> list[ProbeResult]:
+    """`sport` pins the source port of TCP/UDP probes (to hit one conntrack entry)."""
     """Send `count` probes one after the other; each waits for its answer or its timeout."""
     results = []
     ident = random.randint(1, 0xFFFE)
@@ -175,9 +187,9 @@ def send(ns: str, src: str, dst: str, proto: str, port: int | None, count: int,
         if proto == "icmp":
             r = icmp_echo(ns, src, dst, ident, i, timeout, size)
         elif proto == "tcp":
-            r = tcp_syn(ns, src, dst, port, i, timeout)
+            r = tcp_syn(ns, src, dst, port, i, timeout, sport or 0)
         else:
-            r = udp_datagram(ns, src, dst, port, i, timeout, size)
+            r = udp_datagram(ns, src, dst, port, i, timeout, size, sport or 0)
         results.append(r)
         if on_result:
             on_result(r)

@@ -134,6 +134,8 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
     src = k8s.resolve(cfg.src, inv)
     dst = k8s.resolve(cfg.dst, inv)
     proto, port, notes = _choose_proto(cfg, dst)
+    if cfg.sport is not None and proto == "icmp":
+        raise BadInput("--sport applies to TCP and UDP probes", "use --proto tcp|udp with --sport")
     if cfg.size is not None and proto == "tcp":
         raise BadInput("--size applies to ICMP and UDP probes (a TCP probe is a bare SYN)",
                        "use --proto icmp or udp with --size")
@@ -163,7 +165,7 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
                 probes = probe.send(src.pod.netns, src.ip, dst.ip, proto, port, cfg.count,
                                     cfg.timeout, cfg.interval,
                                     on_result=lambda r: (session.poll(0), say(f"probe {r.seq}: {r.outcome}")),
-                                    size=cfg.size)
+                                    size=cfg.size, sport=cfg.sport)
                 time.sleep(cfg.settle)
             else:
                 end = time.monotonic() + cfg.duration
