@@ -48,3 +48,191 @@ def lost(last: dict) -> dict:
             "hint": (f"Last seen on {_where(last['node'], last['dev'])} ({last['point']}); no drop "
                      "was observed after it: check routes, neighbour/FDB entries and MTU there."),
             "runbook": f"{RUNBOOK_DIR}/packet-lost.md"}
+
+
+# ---- causes: rules that read the evidence (node facts, netfilter counters, conntrack) ----
+# Each rule looks only at what the trace and the node show; none knows how a fault was made.
+
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Callable  # noqa: E402
+
+
+@dataclass
+class Evidence:
+    """What the diagnosis may consult besides the packet itself."""
+
+    facts: Callable[[str, dict], dict | None]          # (node, packet) → nodecheck.facts or None
+    rule_hits: dict[str, list[dict]] = field(default_factory=dict)   # node → counted drop rules
+    vip: str | None = None
+    service: str | None = None
+    backends: list[str] = field(default_factory=list)  # current backend IPs of the Service
+    vtep: dict[str, dict] = field(default_factory=dict)  # overlay IP → {"node", "mac", "ip"}
+
+
+def _set(v: dict, cause: str, hint: str, book: str, evidence: dict | None = None) -> None:
+    v["cause"] = cause
+    v["hint"] = hint
+    v["runbook"] = f"{RUNBOOK_DIR}/{book}"
+    if evidence:
+        v.setdefault("evidence", {}).update(evidence)
+
+
+def _rule_sentence(node: str, hit: dict) -> str:
+    where = f"the {hit['chain']} chain of the {hit['table']} table"
+    if hit["base_chain"] != hit["chain"]:
+        where += f" (reached from {hit['base_chain']})"
+    return f"dropped on {node} in {where} by rule `{hit['rule']}`"
+
+
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+def explain(packet: dict, ev: Evidence) -> None:
+    """Refine a packet's verdict with the cause the evidence supports (in place)."""
+    v = packet["verdict"]
+    hops = packet["hops"]
+    if v["status"] == "delivered":
+        _explain_delivered(packet, ev)
+        return
+    node = v.get("node")
+    _stale_dnat(packet, ev)
+    if v.get("cause"):
+        return
+    if node is None:
+        return
+    f = ev.facts(node, packet)
+    if f is None:
+        v.setdefault("evidence", {})["node_facts"] = f"not available for {node} (not on this machine)"
+        return
+    v.setdefault("evidence", {})["node"] = {k: f[k] for k in ("ip_forward", "rp_filter",
+                                                              "bridge_nf_call_iptables", "conntrack", "mtu",
+                                                              "route", "next_hop") if k in f}
+    reason = v.get("reason")
+    last = hops[-1]
+    hits = ev.rule_hits.get(node, [])
+    ct = f.get("conntrack") or {}
+    # 1. forwarding disabled: the node received pod traffic it had to route
+    if f.get("ip_forward") == 0 and last["point"] == "rx" and last["pod"] is None:
+        _set(v, "ip-forward-off",
+             f"ip_forward is off on {node} (net.ipv4.ip_forward=0): it received the packet on "
+             f"{last['dev']} but does not route it on.", "ip-forward.md")
+        return
+    # 2. a netfilter rule counted our packets
+    if hits and (reason in (None, "NETFILTER_DROP") or v["status"] == "lost"):
+        hit = hits[0]
+        v["evidence"]["netfilter"] = hits
+        if "--ctstate INVALID" in hit["rule"] or "--state INVALID" in hit["rule"]:
+            _set(v, "conntrack-invalid", _cap(_rule_sentence(node, hit))
+                 + ": conntrack classified the packet as INVALID (no matching connection).",
+                 "conntrack-invalid.md")
+        elif hit.get("comment") and "has no endpoints" in hit["comment"]:
+            _set(v, "service-no-endpoints",
+                 f"Service {hit['comment'].split(' has no endpoints')[0]} has no endpoints: kube-proxy's "
+                 f"{hit['target']} rule on {node} ({hit['table']}/{hit['chain']}) answered instead of a pod.",
+                 "service-no-endpoints.md")
+        else:
+            _set(v, "netfilter-rule", _cap(_rule_sentence(node, hit)) + ".", "netfilter-drop.md")
+        return
+    # 3. conntrack table full: new connections are dropped before any rule
+    if ct.get("count") is not None and ct.get("max") and ct["count"] >= ct["max"] * 0.98:
+        _set(v, "conntrack-full",
+             f"The conntrack table on {node} is full ({ct['count']}/{ct['max']} entries): new "
+             "connections are dropped.", "conntrack-full.md")
+        return
+    # 4. reverse-path filter
+    rb = f.get("route_back") or {}
+    rpf = f.get("rp_filter") or {}
+    arrived = last["dev"] if last["point"] == "rx" else None
+    strict = max([x for x in (rpf.get("all"), rpf.get(arrived or "")) if isinstance(x, int)] or [0]) == 1
+    if reason == "IP_RPFILTER" or (strict and arrived and rb.get("dev") and rb["dev"] != arrived):
+        _set(v, "rp-filter",
+             f"Strict reverse-path filtering on {node} (rp_filter all={rpf.get('all')}, "
+             f"{arrived}={rpf.get(arrived)}): the route back to {packet['hops'][0]['src']} leaves via "
+             f"{rb.get('dev')}, not {arrived} where the packet came in.", "rp-filter.md")
+        return
+    # 5. no route
+    rt = f.get("route") or {}
+    if rt.get("error") or reason in ("IP_INNOROUTES", "IP_OUTNOROUTES"):
+        _set(v, "no-route", f"{node} has no route to {last['dst']}"
+             + (f" ({rt['error']})" if rt.get("error") else "") + ".", "no-route.md")
+        return
+    # 6. MTU: the packet does not fit a device on the way out
+    size = max(h.get("len") or 0 for h in hops)
+    ip_len = packet.get("ip_len") or 0
+    out_dev = rt.get("dev")
+    out_mtu = (f.get("links") or {}).get(out_dev, {}).get("mtu") if out_dev else None
+    if reason == "PKT_TOO_BIG" or (out_mtu and ip_len > out_mtu and packet.get("df")):
+        _set(v, "mtu", f"A {ip_len or size}-byte packet with DF set does not fit {out_dev} on {node} "
+             f"(MTU {out_mtu}); it is dropped instead of fragmented.", "mtu.md")
+        return
+    # 7. next hop: neighbour and overlay FDB
+    nh = f.get("next_hop") or {}
+    nb = nh.get("neigh")
+    if nh and (nb is None or not nb.get("lladdr") or set(nb.get("state", [])) & {"FAILED", "INCOMPLETE"}):
+        _set(v, "neighbour-missing", f"{node} has no usable neighbour entry for the next hop "
+             f"{nh['ip']} on {nh['dev']} ({', '.join(nb['state']) if nb else 'none'}).", "neighbour.md")
+        return
+    if nh.get("vxlan") is not None:
+        owner = ev.vtep.get(nh["ip"])
+        if owner and nb and nb.get("lladdr") != owner["mac"]:
+            _set(v, "neighbour-wrong",
+                 f"On {node} the neighbour entry for {nh['ip']} ({owner['node']}'s {nh['dev']}) says "
+                 f"{nb['lladdr']}, but that VTEP's MAC is {owner['mac']}.", "neighbour.md")
+            return
+        if nh.get("fdb") is None:
+            _set(v, "fdb-missing", f"{node}'s {nh['dev']} has no FDB entry for {nb['lladdr'] if nb else '?'} "
+                 f"(the VTEP of {owner['node'] if owner else nh['ip']}): VXLAN does not know where to send it.",
+                 "overlay.md")
+            return
+        if owner and owner.get("ip") and nh["fdb"].get("dst") != owner["ip"]:
+            _set(v, "fdb-wrong", f"{node}'s {nh['dev']} FDB sends {nb['lladdr']} to {nh['fdb']['dst']}, "
+                 f"but {owner['node']} is at {owner['ip']}.", "overlay.md")
+            return
+
+
+def _stale_dnat(packet: dict, ev: Evidence) -> None:
+    """A Service request DNATed (by an existing conntrack entry) to an address that is no
+    longer one of the Service's backends."""
+    if not ev.vip or packet["direction"] != "request":
+        return
+    for h in packet["hops"]:
+        ct = h.get("ct") or {}
+        orig, reply = ct.get("orig"), ct.get("reply")
+        if not orig or not reply or ct.get("of") == "outer":
+            continue
+        if orig["dst"] == ev.vip and reply["src"] != ev.vip and reply["src"] not in ev.backends:
+            v = packet["verdict"]
+            _set(v, "stale-conntrack",
+                 f"A conntrack entry on {h['node']} ({ct.get('state')}) still DNATs this flow to "
+                 f"{reply['src']}:{reply['sport']}, which is no longer a backend of {ev.service} "
+                 f"(backends now: {', '.join(ev.backends) or 'none'}).", "stale-conntrack.md",
+                 {"conntrack": ct})
+            return
+
+
+def _explain_delivered(packet: dict, ev: Evidence) -> None:
+    """A reply that reached the client from the backend's address instead of the VIP."""
+    if not ev.vip or packet["direction"] != "reply":
+        return
+    last = packet["hops"][-1]
+    if last["src"] == ev.vip or last["src"] not in ev.backends:
+        return
+    v = packet["verdict"]
+    node = last["node"]
+    f = ev.facts(node, packet) if node else None
+    on_node = [h for h in packet["hops"] if h["node"] == node and h["pod"] is None]
+    skipped = all(not h.get("ct") for h in on_node)
+    sentence = (f"The reply from backend {last['src']} reached the client un-reversed (source should be "
+                f"the VIP {ev.vip})")
+    if f and f.get("bridge_nf_call_iptables") == 0:
+        sentence += (f": it was bridged on {node} without passing conntrack because "
+                     f"bridge-nf-call-iptables is 0 there, so the reverse DNAT never happened.")
+    elif skipped:
+        sentence += f": it never passed conntrack on {node}, so the reverse DNAT never happened."
+    else:
+        sentence += "."
+    _set(v, "unreversed-reply", sentence, "wrong-reply.md",
+         {"node": {"bridge_nf_call_iptables": f.get("bridge_nf_call_iptables")} if f else None,
+          "conntrack_seen_on_node": not skipped})
+    v["problem"] = True

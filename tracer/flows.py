@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from . import diagnose
-from .events import ENCAP, HOOK_IDS, PROTOS
+from .events import ENCAP, FLAG_DF, HOOK_IDS, PROTOS
 from .k8s import Endpoint
 from .probe import ProbeResult
 
@@ -228,6 +228,8 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[dict]:
                       "sport": int(first.sport) if first.proto != 1 else None,
                       "dport": int(first.dport) if first.proto != 1 else None},
             "ip_id": int(first.ip_id),
+            "ip_len": int(first.ip_len),
+            "df": bool(int(first.flags) & FLAG_DF),
             "first_ts_ns": t0,
             "one_way_ns": arrive_t,
             "hops": hops,
@@ -282,10 +284,18 @@ def flow_verdict(packets: list[dict], fi: FlowInput, probing: bool) -> dict:
         elif reqs:
             v = reqs[-1]["verdict"]
             problems.append(f"probe {pr.seq}: request {v['status']} at {v['node'] or 'fabric'}/{v['dev']}"
-                            + (f" ({v['reason']})" if v.get("reason") else ""))
+                            + (f" ({v['reason']})" if v.get("reason") else "")
+                            + (f": {v['cause']}" if v.get("cause") else ""))
         else:
             problems.append(f"probe {pr.seq}: request never seen by the tracer")
-        if pr.outcome == "answered":
+        bad_reply = next((p for p in reps if p["verdict"].get("cause") == "unreversed-reply"), None)
+        if bad_reply is not None:
+            problems.append(f"probe {pr.seq}: {bad_reply['verdict']['hint']}")
+            if pr.outcome == "answered":
+                pr.outcome = "wrong-reply"
+        if bad_reply is not None:
+            pass
+        elif pr.outcome == "answered":
             expected = fi.dst.ip
             if pr.reply_from and pr.reply_from != expected:
                 problems.append(f"probe {pr.seq}: reply came from {pr.reply_from}, not {expected}"

@@ -29,7 +29,7 @@ def packet_table(p: dict) -> Table:
     title = (f"{p['direction']} {p['seq'] if p['seq'] is not None else ''} "
              f"{t['proto']} {t['src']}{sp} → {t['dst']}{dp}  ip_id={p['ip_id']}")
     tbl = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, expand=False)
-    for col in ("#", "node", "pod", "dev", "pt", "Δt", "addresses", "encap"):
+    for col in ("#", "node", "pod", "dev", "pt", "Δt", "addresses", "conntrack", "encap"):
         tbl.add_column(col, justify="right" if col in ("#", "Δt") else "left", no_wrap=True)
     prev = None
     for i, h in enumerate(p["hops"], 1):
@@ -40,7 +40,7 @@ def packet_table(p: dict) -> Table:
         tbl.add_row(str(i), h["node"] or "(fabric)", h["pod"] or "", h["dev"], h["point"],
                     "" if i == 1 else _us(h["dt_ns"]),
                     Text(addrs, style="bold magenta") if changed else Text(addrs if i == 1 else "″", style="dim" if i > 1 else ""),
-                    encs)
+                    _ct(h.get("ct")), encs)
         prev = addrs
     return tbl
 
@@ -49,6 +49,17 @@ def _addr(d: dict) -> str:
     src = d["src"] + (f":{d['sport']}" if d.get("sport") is not None else "")
     dst = d["dst"] + (f":{d['dport']}" if d.get("dport") is not None else "")
     return f"{src}→{dst}"
+
+
+def _ct(ct: dict | None) -> str:
+    if not ct:
+        return ""
+    if ct.get("of") == "outer":
+        return "(tunnel)"
+    txt = ct["state"] + (" reply" if ct.get("dir") == "reply" else "")
+    if ct.get("nat"):
+        txt += f" {ct['nat']}"
+    return txt
 
 
 def verdict_line(v: dict) -> Text:
@@ -60,6 +71,8 @@ def verdict_line(v: dict) -> Text:
         txt.append(f"  reason={v['reason']}")
     if v.get("location"):
         txt.append(f"  at {v['location']}")
+    if v.get("cause"):
+        txt.append(f"  cause={v['cause']}", style="bold")
     if v.get("hint"):
         txt.append(f"\n  {v['hint']}")
     if v.get("runbook"):

@@ -10,7 +10,9 @@ from typing import Callable
 
 import pandas as pd
 
-from . import bpfprog, flows, k8s, netns, probe, tracefs
+import socket
+
+from . import bpfprog, diagnose, flows, k8s, netns, nodecheck, probe, tracefs
 from .config import FlowConfig
 from .errors import BadInput, EnvironmentProblem
 from .session import SessionConfig, TerminateAsInterrupt, TraceSession
@@ -95,6 +97,41 @@ def placement_from_lab(lab: dict | None) -> flows.Placement:
     return pl
 
 
+def node_refs(lab: dict | None) -> dict[str, nodecheck.NodeRef]:
+    """The nodes whose configuration this process can read: every lab node, or this host."""
+    if lab:
+        return {n["name"]: nodecheck.NodeRef(n["name"], n["netns"]) for n in lab.get("nodes", [])
+                if netns.exists(n["netns"])}
+    host = socket.gethostname()
+    return {host: nodecheck.NodeRef(host, None)}
+
+
+def _evidence(lab, dst: k8s.Endpoint, refs, before, after) -> diagnose.Evidence:
+    cache: dict[tuple, dict] = {}
+
+    def facts(node: str, packet: dict) -> dict | None:
+        ref = refs.get(node)
+        if ref is None:
+            return None
+        last = [h for h in packet["hops"] if h["node"] == node] or packet["hops"]
+        iif = last[-1]["dev"] if last[-1]["point"] == "rx" and last[-1]["pod"] is None else None
+        key = (node, last[-1]["src"], last[-1]["dst"], iif)
+        if key not in cache:
+            devs = list(dict.fromkeys(h["dev"] for h in packet["hops"] if h["node"] == node and h["pod"] is None))
+            cache[key] = nodecheck.facts(ref, src=last[-1]["src"], dst=last[-1]["dst"], iif=iif, devs=devs)
+        return cache[key]
+
+    hits = {n: nodecheck.rule_hits(before[n], after[n]) for n in after if n in before}
+    vtep = {}
+    for n in (lab or {}).get("nodes", []):
+        if n.get("overlay_ip"):
+            vtep[n["overlay_ip"]] = {"node": n["name"], "mac": n.get("mac"), "ip": n.get("ip")}
+    svc = dst.service
+    return diagnose.Evidence(facts=facts, rule_hits=hits, vip=svc.cluster_ip if svc else None,
+                             service=svc.key if svc else None,
+                             backends=list(svc.backend_ips) if svc else [], vtep=vtep)
+
+
 def _choose_proto(cfg: FlowConfig, dst: k8s.Endpoint) -> tuple[str, int | None, list[str]]:
     notes = []
     proto, port = cfg.proto, cfg.port
@@ -158,6 +195,8 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
     with TerminateAsInterrupt():
         try:
             session.start()
+            refs = node_refs(lab)
+            counters_before = {n: nodecheck.iptables_counters(r) for n, r in refs.items()}
             t_tracing = time.monotonic()
             if cfg.probe:
                 say(f"tracing: sending {cfg.count} {proto} probe(s) {src.ip} → {dst.ip}"
@@ -173,6 +212,7 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
                     n = session.poll(int(min(left, 0.2) * 1000))
                     say(f"tracing: {n} events, {left:.1f}s left")
             session.drain()
+            counters_after = {n: nodecheck.iptables_counters(r) for n, r in refs.items()}
             counters = session.counters()
             df = session.frame()
             ksyms = _symbolizer(session)
@@ -183,6 +223,9 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
     fi = flows.FlowInput(src, dst, proto, port, probes, placement, drop_reasons,
                          lambda a: locations.get(a), ct_names)
     packets = flows.build_packets(df, fi)
+    evidence = _evidence(lab, dst, refs, counters_before, counters_after)
+    for p in packets:
+        diagnose.explain(p, evidence)
     verdict = flows.flow_verdict(packets, fi, cfg.probe)
     summary = flows.summary(packets, fi, counters)
     timings = {

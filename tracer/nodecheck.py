@@ -1,0 +1,197 @@
+"""Node facts joined to the trace: what the kernel of one node is configured to do with a
+packet (sysctls, the route it would take, neighbour and overlay FDB entries, MTUs,
+conntrack fill, and which netfilter rules counted the probes).
+
+A node is a network namespace: a lab node's named namespace, or this host's own (None).
+Reads go through `ip -n`/`bridge -n`/`ip netns exec` and /proc/sys inside the namespace;
+nothing here changes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import netns
+
+
+@dataclass(frozen=True)
+class NodeRef:
+    name: str
+    netns: str | None   # None: this host's namespace
+
+
+def _cmd(node: NodeRef, *argv: str, timeout: float = 5) -> subprocess.CompletedProcess:
+    if node.netns:
+        if argv[0] in ("ip", "bridge"):
+            argv = (argv[0], "-n", node.netns, *argv[1:])
+        else:
+            argv = ("ip", "netns", "exec", node.netns, *argv)
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+
+
+def _json(node: NodeRef, *argv: str):
+    r = _cmd(node, *argv)
+    if r.returncode != 0:
+        return None, (r.stderr.strip() or f"exit {r.returncode}")
+    try:
+        return json.loads(r.stdout or "null"), None
+    except json.JSONDecodeError:
+        return None, "unparsable output"
+
+
+def sysctls(node: NodeRef, keys: list[str]) -> dict[str, int | str | None]:
+    """/proc/sys values as seen inside the node's namespace (net.* sysctls are per-netns)."""
+    def read() -> dict:
+        out: dict[str, int | str | None] = {}
+        for k in keys:
+            try:
+                # sysctl spelling: dots separate levels, a dot inside a device name is '/'
+                v = Path("/proc/sys", *(p.replace("/", ".") for p in k.split("."))).read_text().strip()
+                out[k] = int(v) if re.fullmatch(r"-?\d+", v) else v
+            except OSError:
+                out[k] = None
+        return out
+    if node.netns:
+        with netns.entered(node.netns):
+            return read()
+    return read()
+
+
+# ---- netfilter counters ---------------------------------------------------------------
+
+_COUNTED = re.compile(r"^\[(\d+):(\d+)\] -A (\S+) (.*)$")
+
+
+@dataclass
+class RuleCounters:
+    """`iptables-save -c` of one node: (table, chain, index, rule text) → packets."""
+
+    rules: dict[tuple[str, str, int, str], int] = field(default_factory=dict)
+    error: str | None = None
+
+
+def iptables_counters(node: NodeRef) -> RuleCounters:
+    r = _cmd(node, "iptables-save", "-c")
+    if r.returncode != 0:
+        return RuleCounters(error=r.stderr.strip() or "iptables-save failed")
+    out = RuleCounters()
+    table = ""
+    index: dict[tuple[str, str], int] = {}
+    for line in r.stdout.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        m = _COUNTED.match(line)
+        if m:
+            chain = m[3]
+            i = index.get((table, chain), 0) + 1
+            index[(table, chain)] = i
+            out.rules[(table, chain, i, f"-A {chain} {m[4]}")] = int(m[1])
+    return out
+
+
+def _callers(rules, table: str, chain: str) -> list[str]:
+    return sorted({c for (t, c, _, text) in rules if t == table and re.search(rf"-j {re.escape(chain)}(\s|$)", text)})
+
+
+def rule_hits(before: RuleCounters, after: RuleCounters, targets=("DROP", "REJECT")) -> list[dict]:
+    """Rules with a terminal drop target whose packet counter moved while we traced."""
+    hits = []
+    for key, n in after.rules.items():
+        table, chain, idx, text = key
+        delta = n - before.rules.get(key, 0)
+        target = re.search(r"-j (\S+)", text)
+        if delta > 0 and target and target[1] in targets:
+            base = chain
+            seen = {chain}
+            while base not in ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"):
+                up = [c for c in _callers(after.rules, table, base) if c not in seen]
+                if not up:
+                    break
+                base = up[0]
+                seen.add(base)
+            comment = re.search(r'--comment "([^"]*)"|--comment (\S+)', text)
+            hits.append({"table": table, "chain": chain, "base_chain": base, "index": idx,
+                         "rule": text, "target": target[1], "packets": delta,
+                         "comment": (comment[1] or comment[2]) if comment else None})
+    return sorted(hits, key=lambda h: -h["packets"])
+
+
+# ---- the rest of the node's view ------------------------------------------------------
+
+def route_get(node: NodeRef, dst: str, src: str | None = None, iif: str | None = None) -> dict:
+    argv = ["ip", "-j", "route", "get", dst]
+    if src and iif:
+        argv += ["from", src, "iif", iif]
+    data, err = _json(node, *argv)
+    if err:
+        return {"dst": dst, "error": err}
+    return data[0] if data else {"dst": dst, "error": "no answer"}
+
+
+def links(node: NodeRef) -> dict[str, dict]:
+    data, err = _json(node, "ip", "-j", "-d", "link", "show")
+    if err or not data:
+        return {}
+    out = {}
+    for link in data:
+        info = link.get("linkinfo", {})
+        out[link["ifname"]] = {"mtu": link.get("mtu"), "mac": link.get("address"),
+                               "kind": info.get("info_kind"), "up": "UP" in link.get("flags", []),
+                               "vxlan": info.get("info_data") if info.get("info_kind") == "vxlan" else None}
+    return out
+
+
+def neigh(node: NodeRef, ip: str, dev: str) -> dict | None:
+    data, err = _json(node, "ip", "-j", "neigh", "show", ip, "dev", dev)
+    if err or not data:
+        return None
+    n = data[0]
+    return {"ip": ip, "dev": dev, "lladdr": n.get("lladdr"), "state": n.get("state", [])}
+
+
+def fdb(node: NodeRef, dev: str) -> list[dict]:
+    data, err = _json(node, "bridge", "-j", "fdb", "show", "dev", dev)
+    if err or not data:
+        return []
+    return [{"mac": e.get("mac"), "dst": e.get("dst")} for e in data if e.get("dst")]
+
+
+def facts(node: NodeRef, *, src: str, dst: str, iif: str | None, devs: list[str]) -> dict:
+    """Everything the diagnosis may need about how `node` treats a packet src → dst that
+    arrived on `iif`. `devs`: the devices of this node on the packet's path."""
+    lk = links(node)
+    keys = ["net.ipv4.ip_forward", "net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter",
+            "net.bridge.bridge-nf-call-iptables", "net.netfilter.nf_conntrack_count",
+            "net.netfilter.nf_conntrack_max"]
+    keys += [f"net.ipv4.conf.{d.replace('.', '/')}.rp_filter" for d in devs if d in lk]
+    sc = sysctls(node, keys)
+    out: dict = {
+        "node": node.name,
+        "ip_forward": sc["net.ipv4.ip_forward"],
+        "rp_filter": {"all": sc["net.ipv4.conf.all.rp_filter"], "default": sc["net.ipv4.conf.default.rp_filter"],
+                      **{d: sc.get(f"net.ipv4.conf.{d.replace('.', '/')}.rp_filter") for d in devs if d in lk}},
+        "bridge_nf_call_iptables": sc["net.bridge.bridge-nf-call-iptables"],
+        "conntrack": {"count": sc["net.netfilter.nf_conntrack_count"], "max": sc["net.netfilter.nf_conntrack_max"]},
+        "mtu": {d: lk[d]["mtu"] for d in devs if d in lk},
+        "links": lk,
+        "route": route_get(node, dst, src, iif) if iif else route_get(node, dst),
+        "route_back": route_get(node, src),
+    }
+    rt = out["route"]
+    hop_ip = rt.get("gateway") or (dst if not rt.get("error") else None)
+    out_dev = rt.get("dev")
+    out["next_hop"] = None
+    if hop_ip and out_dev:
+        nb = neigh(node, hop_ip, out_dev)
+        nh = {"ip": hop_ip, "dev": out_dev, "neigh": nb}
+        if lk.get(out_dev, {}).get("kind") == "vxlan":
+            entries = fdb(node, out_dev)
+            mac = nb["lladdr"] if nb else None
+            nh["fdb"] = next((e for e in entries if e["mac"] == mac), None) if mac else None
+            nh["vxlan"] = lk[out_dev].get("vxlan")
+        out["next_hop"] = nh
+    return out
