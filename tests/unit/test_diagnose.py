@@ -1,0 +1,146 @@
+"""Diagnosis rules: verdict causes decided from evidence alone (no privileges).
+
+The evidence here is written by hand in the shape nodecheck.facts() returns; the end-to-end
+scenario tests feed the same rules with evidence read from real namespaces.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tracer import diagnose
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def hop(node, dev, point, src="10.244.1.2", dst="10.244.2.2", pod=None, ct=None):
+    return {"node": node, "pod": pod, "dev": dev, "point": point, "src": src, "dst": dst,
+            "sport": None, "dport": None, "len": 84, "ct": ct, "encap": None}
+
+
+def packet(status="lost", node="node-1", dev="cni0", reason=None, hops=None, direction="request", **kw):
+    hops = hops or [hop("node-1", "eth0", "tx", pod="default/a"), hop("node-1", "cni0", "rx")]
+    v = {"status": status, "node": node, "dev": dev, "point": hops[-1]["point"], "reason": reason,
+         "location": None, "hint": "generic", "runbook": "docs/runbooks/packet-lost.md"}
+    return {"direction": direction, "hops": hops, "verdict": v, "ip_len": kw.get("ip_len", 84),
+            "df": kw.get("df", False)}
+
+
+def facts(**over):
+    f = {"ip_forward": 1, "rp_filter": {"all": 0, "default": 0, "cni0": 0},
+         "bridge_nf_call_iptables": 1, "conntrack": {"count": 10, "max": 1000},
+         "mtu": {"cni0": 1450}, "links": {"flannel.1": {"mtu": 1450, "kind": "vxlan"}},
+         "route": {"dst": "10.244.2.2", "gateway": "10.244.2.0", "dev": "flannel.1"},
+         "route_back": {"dst": "10.244.1.2", "dev": "cni0"},
+         "next_hop": {"ip": "10.244.2.0", "dev": "flannel.1",
+                      "neigh": {"lladdr": "0e:00:00:00:00:02", "state": ["PERMANENT"]},
+                      "fdb": {"mac": "0e:00:00:00:00:02", "dst": "172.30.0.12"}, "vxlan": {"id": 1}}}
+    f.update(over)
+    return f
+
+
+def ev(f=None, **kw):
+    return diagnose.Evidence(facts=lambda node, p: f, **kw)
+
+
+VTEP = {"10.244.2.0": {"node": "node-2", "mac": "0e:00:00:00:00:02", "ip": "172.30.0.12"}}
+
+
+def cause(p, e):
+    diagnose.explain(p, e)
+    return p["verdict"].get("cause")
+
+
+def test_ip_forward_off():
+    p = packet(reason="IP_INADDRERRORS", status="dropped")
+    assert cause(p, ev(facts(ip_forward=0))) == "ip-forward-off"
+    assert "ip_forward is off on node-1" in p["verdict"]["hint"]
+
+
+def test_netfilter_rule_named_with_base_chain():
+    hit = {"table": "filter", "chain": "KUBE-NWPLCY-X", "base_chain": "FORWARD", "index": 1,
+           "rule": "-A KUBE-NWPLCY-X -d 10.244.2.2/32 -j DROP", "target": "DROP", "packets": 3, "comment": None}
+    p = packet(status="dropped", reason="NETFILTER_DROP", node="node-2")
+    assert cause(p, ev(facts(), rule_hits={"node-2": [hit]})) == "netfilter-rule"
+    assert "KUBE-NWPLCY-X chain of the filter table (reached from FORWARD)" in p["verdict"]["hint"]
+    assert p["verdict"]["runbook"] == "docs/runbooks/netfilter-drop.md"
+
+
+def test_invalid_and_no_endpoints_rules():
+    inv = {"table": "filter", "chain": "FORWARD", "base_chain": "FORWARD", "index": 1, "target": "DROP",
+           "rule": "-A FORWARD -m conntrack --ctstate INVALID -j DROP", "packets": 1, "comment": None}
+    assert cause(packet(status="dropped", reason="NETFILTER_DROP"),
+                 ev(facts(), rule_hits={"node-1": [inv]})) == "conntrack-invalid"
+    rej = {"table": "filter", "chain": "KUBE-SERVICES", "base_chain": "FORWARD", "index": 1, "target": "REJECT",
+           "rule": '-A KUBE-SERVICES -d 10.96.0.10/32 -m comment --comment "default/web:http has no endpoints" -j REJECT',
+           "packets": 1, "comment": "default/web:http has no endpoints"}
+    p = packet(status="dropped", reason="NETFILTER_DROP")
+    assert cause(p, ev(facts(), rule_hits={"node-1": [rej]})) == "service-no-endpoints"
+    assert "default/web:http" in p["verdict"]["hint"]
+
+
+def test_conntrack_full():
+    assert cause(packet(status="dropped", reason="NETFILTER_DROP"),
+                 ev(facts(conntrack={"count": 1000, "max": 1000}))) == "conntrack-full"
+
+
+def test_rp_filter_strict_asymmetric():
+    f = facts(rp_filter={"all": 1, "default": 1, "cni0": 1}, route_back={"dst": "10.244.1.2", "dev": "eth0"})
+    p = packet(status="dropped", reason="IP_RPFILTER")
+    assert cause(p, ev(f)) == "rp-filter"
+    assert "leaves via eth0, not cni0" in p["verdict"]["hint"]
+
+
+def test_no_route():
+    f = facts(route={"dst": "10.244.2.2", "error": "RTNETLINK answers: Network is unreachable"}, next_hop=None)
+    assert cause(packet(status="dropped", reason="IP_INNOROUTES"), ev(f)) == "no-route"
+
+
+def test_mtu_df():
+    f = facts(route={"dst": "10.244.2.2", "gateway": "10.244.2.0", "dev": "flannel.1"})
+    p = packet(status="lost", ip_len=1500, df=True)
+    assert cause(p, ev(f)) == "mtu"
+    assert "1500-byte" in p["verdict"]["hint"] and "MTU 1450" in p["verdict"]["hint"]
+    assert cause(packet(status="lost", ip_len=1500, df=False), ev(f)) != "mtu"
+
+
+def test_overlay_neighbour_and_fdb():
+    wrong = facts(next_hop={**facts()["next_hop"], "neigh": {"lladdr": "0e:00:00:00:00:99", "state": ["PERMANENT"]},
+                            "fdb": None})
+    assert cause(packet(), ev(wrong, vtep=VTEP)) == "neighbour-wrong"
+    missing_fdb = facts(next_hop={**facts()["next_hop"], "fdb": None})
+    assert cause(packet(), ev(missing_fdb, vtep=VTEP)) == "fdb-missing"
+    no_neigh = facts(next_hop={**facts()["next_hop"], "neigh": None})
+    assert cause(packet(), ev(no_neigh, vtep=VTEP)) == "neighbour-missing"
+    assert cause(packet(), ev(facts(), vtep=VTEP)) is None   # nothing wrong found: keep the generic hint
+
+
+def test_stale_conntrack_dnat():
+    ct = {"state": "established", "dir": "original", "nat": "dnat",
+          "orig": {"src": "10.244.1.2", "sport": 40000, "dst": "10.96.0.10", "dport": 80},
+          "reply": {"src": "10.244.2.99", "sport": 8080, "dst": "10.244.1.2", "dport": 40000}}
+    hops = [hop("node-1", "eth0", "tx", pod="default/a", dst="10.96.0.10"),
+            hop("node-1", "cni0", "rx", dst="10.244.2.99", ct=ct)]
+    p = packet(hops=hops)
+    assert cause(p, ev(facts(), vip="10.96.0.10", service="default/web", backends=["10.244.2.3"])) == "stale-conntrack"
+    assert "10.244.2.99" in p["verdict"]["hint"] and "default/web" in p["verdict"]["hint"]
+
+
+def test_unreversed_reply_names_bridge_nf():
+    hops = [hop("node-2", "eth0", "tx", src="10.244.2.3", dst="10.244.2.2", pod="default/b"),
+            hop("node-2", "veth1", "rx", src="10.244.2.3", dst="10.244.2.2"),
+            hop("node-2", "eth0", "rx", src="10.244.2.3", dst="10.244.2.2", pod="default/a")]
+    p = packet(status="delivered", hops=hops, direction="reply")
+    e = ev(facts(bridge_nf_call_iptables=0), vip="10.96.0.10", service="default/web", backends=["10.244.2.3"])
+    assert cause(p, e) == "unreversed-reply"
+    assert "bridge-nf-call-iptables is 0" in p["verdict"]["hint"]
+    assert p["verdict"]["status"] == "delivered" and p["verdict"]["problem"] is True
+
+
+def test_every_runbook_named_in_code_exists():
+    text = (ROOT / "tracer" / "diagnose.py").read_text()
+    names = set(re.findall(r'"([a-z0-9-]+\.md)"', text))
+    assert names, "no runbook found in diagnose.py"
+    missing = [n for n in sorted(names) if not (ROOT / "docs" / "runbooks" / n).exists()]
+    assert not missing, f"runbooks named by verdicts but missing: {missing}"
