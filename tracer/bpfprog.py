@@ -72,7 +72,8 @@ def cflags(ringbuf_pages: int = 256) -> list[str]:
     defs = dict(offsets())
     defs.update(events.c_defines())
     defs["RINGBUF_PAGES"] = ringbuf_pages
-    return [f"-D{k}={v}" for k, v in sorted(defs.items())] + ["-Wno-macro-redefined"]
+    return ([f"-D{k}={v}" for k, v in sorted(defs.items())]
+            + [f"-I{BPF_DIR}", "-Wno-macro-redefined"])
 
 
 @dataclass
