@@ -88,30 +88,9 @@ static __always_inline void read_ct(const u8 *skb, struct event *e) {
 #endif
 }
 
-static __always_inline void emit(void *ctx, const u8 *skb, struct pkt *p, u8 hook, u8 flags,
-                                 u64 location, u32 reason) {
-    struct event *e = events.ringbuf_reserve(sizeof(struct event));
-    if (!e) {
-        count(C_LOST);
-        return;
-    }
-    const u8 *dev = (const u8 *)rd64(skb, SKB_DEV);
+// The packet part of an event, shared by every kind of hook.
+static __always_inline void fill(struct event *e, struct pkt *p, u8 hook, u8 flags) {
     e->ts_ns = bpf_ktime_get_ns();
-    e->skb = (u64)skb;
-    e->location = location;
-    e->reason = reason;
-    e->netns = 0;
-    e->ifindex = 0;
-    __builtin_memset(e->ifname, 0, sizeof(e->ifname));
-    if (dev) {
-        bpf_probe_read_kernel(&e->ifindex, 4, dev + NETDEV_IFINDEX);
-        bpf_probe_read_kernel(e->ifname, sizeof(e->ifname), dev + NETDEV_NAME);
-        const u8 *net = (const u8 *)rd64(dev, NETDEV_ND_NET);
-        if (net) bpf_probe_read_kernel(&e->netns, 4, net + NET_NS_INUM);
-    }
-    u32 len = 0;
-    bpf_probe_read_kernel(&len, 4, skb + SKB_LEN);
-    e->len = len;
     e->saddr = p->saddr;
     e->daddr = p->daddr;
     e->outer_saddr = p->osaddr;
@@ -130,6 +109,32 @@ static __always_inline void emit(void *ctx, const u8 *skb, struct pkt *p, u8 hoo
     e->encap = p->encap;
     e->cpu = bpf_get_smp_processor_id();
     e->ttl = p->ttl;
+}
+
+static __always_inline void emit(void *ctx, const u8 *skb, struct pkt *p, u8 hook, u8 flags,
+                                 u64 location, u32 reason) {
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (!e) {
+        count(C_LOST);
+        return;
+    }
+    fill(e, p, hook, flags);
+    const u8 *dev = (const u8 *)rd64(skb, SKB_DEV);
+    e->skb = (u64)skb;
+    e->location = location;
+    e->reason = reason;
+    e->netns = 0;
+    e->ifindex = 0;
+    __builtin_memset(e->ifname, 0, sizeof(e->ifname));
+    if (dev) {
+        bpf_probe_read_kernel(&e->ifindex, 4, dev + NETDEV_IFINDEX);
+        bpf_probe_read_kernel(e->ifname, sizeof(e->ifname), dev + NETDEV_NAME);
+        const u8 *net = (const u8 *)rd64(dev, NETDEV_ND_NET);
+        if (net) bpf_probe_read_kernel(&e->netns, 4, net + NET_NS_INUM);
+    }
+    u32 len = 0;
+    bpf_probe_read_kernel(&len, 4, skb + SKB_LEN);
+    e->len = len;
     read_ct(skb, e);
     events.ringbuf_submit(e, 0);
     count(C_EMITTED);

@@ -286,6 +286,7 @@ _OFFSET_PATHS = {
     "NETDEV_NAME": "net_device.name",
     "NETDEV_ND_NET": "net_device.nd_net",
     "NET_NS_INUM": "net.ns.inum",
+    "NF_HOOK_STATE_HOOK": "nf_hook_state.hook",
 }
 _SIZE_PATHS = {
     "SKB_NETWORK_HEADER_SIZE": "sk_buff.network_header",
@@ -325,11 +326,26 @@ def _conntrack_offsets(btf: Btf) -> dict[str, int]:
     return out | {"HAVE_CT": 1}
 
 
+# Kprobe arguments: where the calling convention's argument and return registers sit in
+# struct pt_regs (x86_64 names; another architecture gets HAVE_KPROBE_ARGS=0 and no kprobes).
+_KPROBE_REGS = {"KP_ARG1": "pt_regs.di", "KP_ARG2": "pt_regs.si", "KP_ARG3": "pt_regs.dx",
+                "KP_ARG4": "pt_regs.cx", "KP_RC": "pt_regs.ax"}
+
+
+def _kprobe_offsets(btf: Btf) -> dict[str, int]:
+    try:
+        out = {key: btf.offset(path) for key, path in _KPROBE_REGS.items()}
+    except BtfError:
+        return dict.fromkeys(_KPROBE_REGS, 0) | {"HAVE_KPROBE_ARGS": 0}
+    return out | {"HAVE_KPROBE_ARGS": 1}
+
+
 def compute_offsets(btf: Btf) -> dict[str, int]:
     """The -D defines for the BPF code, straight from `btf` (no cache)."""
     out = {key: btf.offset(path) for key, path in _OFFSET_PATHS.items()}
     out.update({key: btf.size(path) for key, path in _SIZE_PATHS.items()})
     out.update(_conntrack_offsets(btf))
+    out.update(_kprobe_offsets(btf))
     # BPF reads nd_net as a `struct net *`: valid only while possible_net_t is just that
     # pointer at offset 0 (it is a one-member struct when CONFIG_NET_NS=y).
     if btf.offset("net_device.nd_net.net") != out["NETDEV_ND_NET"] or (
@@ -383,7 +399,7 @@ def _read_cache(cache_file: Path, key: dict[str, object]) -> dict[str, int] | No
         return None
     offsets = doc.get("offsets")
     expected = (set(_OFFSET_PATHS) | set(_SIZE_PATHS) | set(_CT_OFFSET_PATHS) | set(_CT_INFO)
-                | {"CT_TH_SIZE", "CT_STATUS_SIZE", "HAVE_CT"})
+                | {"CT_TH_SIZE", "CT_STATUS_SIZE", "HAVE_CT"} | set(_KPROBE_REGS) | {"HAVE_KPROBE_ARGS"})
     if doc.get("key") != key or not isinstance(offsets, dict) or set(offsets) != expected:
         return None  # another kernel, another BTF, or an older podtrace's key set
     if not all(isinstance(v, int) for v in offsets.values()):

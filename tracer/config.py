@@ -22,4 +22,5 @@ class FlowConfig:
     save: str | None = None
     settle: float = 0.05
     size: int | None = None          # IP packet size of ICMP/UDP probes (DF set)
-    sport: int | None = None         # fixed source port of TCP/UDP probes             # wait for late events (drops after the last answer)
+    sport: int | None = None         # fixed source port of TCP/UDP probes
+    tc: bool = True                  # also attach tc clsact observers on the path's devices             # wait for late events (drops after the last answer)

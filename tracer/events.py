@@ -54,8 +54,13 @@ EVENT_FIELDS: list[tuple[str, str, str]] = [
     ("ifname", "char[16]", "S16"),
 ]
 
-# Hook numbers shared with bpf/podtrace.c (passed as -D flags).
-HOOKS = {1: "rx", 2: "tx", 3: "drop", 4: "consume"}
+# Hook numbers shared with bpf/ (passed as -D flags). 1-4: tracepoints; then kernel
+# functions (kprobes); then tc. tracer/probes.py says which hook produces which.
+HOOKS = {1: "rx", 2: "tx", 3: "drop", 4: "consume",
+         5: "ip_rcv", 6: "ip_forward", 7: "ip_output", 8: "ip_finish_output2",
+         9: "br_forward", 10: "br_handle_frame", 11: "nf_verdict", 12: "nat", 13: "ct_confirm",
+         14: "route_fail", 15: "neigh_output", 16: "vxlan_xmit", 17: "local_in",
+         20: "tc_ingress", 21: "tc_egress"}
 HOOK_IDS = {v: k for k, v in HOOKS.items()}
 
 FLAG_FOLLOWED = 1   # emitted because the skb matched earlier (addresses no longer match)

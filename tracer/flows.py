@@ -16,7 +16,12 @@ import numpy as np
 import pandas as pd
 
 from . import diagnose
-from .events import ENCAP, FLAG_DF, HOOK_IDS, PROTOS
+from .events import ENCAP, FLAG_DF, HOOK_IDS, HOOKS, PROTOS
+
+# hook number → (hop point, which kind of hook saw it). Kernel-function hooks keep their own
+# point name (ip_forward, nat, …): they are steps inside a node, between rx and tx.
+HOOK_POINT = {HOOK_IDS["rx"]: ("rx", "tracepoint"), HOOK_IDS["tx"]: ("tx", "tracepoint"),
+              HOOK_IDS["tc_ingress"]: ("rx", "tc"), HOOK_IDS["tc_egress"]: ("tx", "tc")}
 from .k8s import Endpoint
 from .probe import ProbeResult
 
@@ -62,7 +67,7 @@ def assign_packets(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return df.assign(pkt=pd.Series(dtype="int64"))
     df = df.sort_values("ts_ns", kind="stable").reset_index(drop=True)
-    hop_mask = df["hook"].isin([HOOK_IDS["rx"], HOOK_IDS["tx"]]).to_numpy()
+    hop_mask = ~df["hook"].isin([HOOK_IDS["drop"], HOOK_IDS["consume"]]).to_numpy()
     icmp = (df["proto"] == 1).to_numpy()
     # Ports change under NAT; for TCP/UDP the IP ID + length + seq identify the packet, for
     # ICMP echo the id/seq do and never change.
@@ -177,7 +182,7 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[dict]:
     pl = fi.placement
     for pkt, g in df[df["pkt"] >= 0].groupby("pkt", sort=False):
         g = g.sort_values("ts_ns", kind="stable")
-        hop_rows = g[g["hook"].isin([HOOK_IDS["rx"], HOOK_IDS["tx"]])]
+        hop_rows = g[~g["hook"].isin([HOOK_IDS["drop"], HOOK_IDS["consume"]])]
         if hop_rows.empty:
             continue
         first = next(hop_rows.itertuples())
@@ -188,9 +193,18 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[dict]:
         hops = []
         prev_t = t0
         for r in hop_rows.itertuples():
+            point, via = HOOK_POINT.get(int(r.hook), (HOOKS.get(int(r.hook), "?"), "kprobe"))
+            prev = hops[-1] if hops else None
+            if (prev is not None and prev["netns"] == int(r.netns) and prev["dev"] == r.ifname
+                    and prev["point"] == point and via not in prev["seen_by"]):
+                # the same place seen by a second kind of hook (tracepoint + tc): one hop
+                prev["seen_by"].append(via)
+                if prev["ct"] is None:   # tc cannot read conntrack; the tracepoint can
+                    prev["ct"] = _ct(r, fi.ct_info_names)
+                continue
             hops.append({
                 "node": pl.node(r.netns), "pod": pl.pod(r.netns), "dev": r.ifname,
-                "point": "rx" if r.hook == HOOK_IDS["rx"] else "tx",
+                "point": point, "seen_by": [via],
                 "t_ns": int(r.ts_ns) - t0, "dt_ns": int(r.ts_ns) - prev_t,
                 "src": r.saddr_str, "dst": r.daddr_str, "encap": _encap(r),
                 "ifindex": int(r.ifindex), "netns": int(r.netns), "len": int(r.len),
@@ -201,7 +215,7 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[dict]:
             prev_t = int(r.ts_ns)
         targets = _targets(fi, direction)
         reached = [h for h in hops if h["netns"] in targets and h["point"] == "rx"]
-        frees = g[~g["hook"].isin([HOOK_IDS["rx"], HOOK_IDS["tx"]])]
+        frees = g[g["hook"].isin([HOOK_IDS["drop"], HOOK_IDS["consume"]])]
         drops = frees[frees["hook"] == HOOK_IDS["drop"]]
         consumed_at_target = frees[(frees["hook"] == HOOK_IDS["consume"]) & frees["netns"].isin(targets)]
         last = hops[-1]

@@ -24,6 +24,7 @@ class SessionConfig:
     addrs: list[str]
     match_either: bool = False       # False: both addresses of a packet must be under trace
     ringbuf_pages: int = 256         # 1 MiB with 4 KiB pages
+    hooks: list | None = None        # probes.Hook list; None: the default tracepoints
 
 
 class _Sink:
@@ -65,7 +66,7 @@ class TraceSession:
 
     def start(self) -> "TraceSession":
         t0 = time.monotonic()
-        self.loaded = bpfprog.load(self.config.ringbuf_pages)
+        self.loaded = bpfprog.load(self.config.ringbuf_pages, hooks=self.config.hooks)
         b = self.loaded.bpf
         try:
             table = b["addrs"]

@@ -12,7 +12,7 @@ import pandas as pd
 
 import socket
 
-from . import bpfprog, diagnose, flows, k8s, netns, nodecheck, probe, tracefs
+from . import bpfprog, diagnose, flows, k8s, netns, nodecheck, probe, probes, tcattach, tracefs
 from .config import FlowConfig
 from .errors import BadInput, EnvironmentProblem
 from .session import SessionConfig, TerminateAsInterrupt, TraceSession
@@ -132,6 +132,29 @@ def _evidence(lab, dst: k8s.Endpoint, refs, before, after) -> diagnose.Evidence:
                              backends=list(svc.backend_ips) if svc else [], vtep=vtep)
 
 
+def tc_devices(lab: dict | None, src: k8s.Endpoint, dst: k8s.Endpoint) -> list[tuple[str | None, str]]:
+    """The hop devices on the path, per node: pod host veths, the bridge, the overlay and the
+    uplink of every node a packet of this flow can cross (lab only for now)."""
+    if not lab:
+        return []
+    pods = {f"{p['namespace']}/{p['name']}": p for p in lab.get("pods", [])}
+    keys = [e.pod.key for e in (src, dst) if e.pod]
+    if dst.service:
+        keys += dst.service.backends
+    involved = [pods[k] for k in keys if k in pods]
+    out: list[tuple[str | None, str]] = []
+    for n in lab.get("nodes", []):
+        mine = [p for p in involved if p["node"] == n["name"]]
+        if not mine:
+            continue
+        for p in mine:
+            out.append((n["netns"], p["host_veth"]))
+        for key in ("bridge", "overlay", "uplink"):
+            if n.get(key):
+                out.append((n["netns"], n[key]))
+    return list(dict.fromkeys(out))
+
+
 def _choose_proto(cfg: FlowConfig, dst: k8s.Endpoint) -> tuple[str, int | None, list[str]]:
     notes = []
     proto, port = cfg.proto, cfg.port
@@ -190,18 +213,26 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
     t_resolved = time.monotonic()
     say("loading BPF programs")
     addrs = sorted(set(src.addresses() + dst.addresses()))
-    session = TraceSession(SessionConfig(addrs=addrs))
-    probes: list[probe.ProbeResult] = []
+    hooks, degraded = probes.select(probes.detect(), tc=cfg.tc)
+    notes += degraded
+    session = TraceSession(SessionConfig(addrs=addrs, hooks=hooks))
+    tc = None
+    sent: list[probe.ProbeResult] = []
     with TerminateAsInterrupt():
         try:
             session.start()
+            if any(h.kind == "tc" for h in hooks):
+                tcattach.cleanup(scan=False)   # what a killed run recorded
+                tc = tcattach.TcAttacher(session.loaded.bpf)
+                for ns_name, dev in tc_devices(lab, src, dst):
+                    tc.attach(ns_name, dev)
             refs = node_refs(lab)
             counters_before = {n: nodecheck.iptables_counters(r) for n, r in refs.items()}
             t_tracing = time.monotonic()
             if cfg.probe:
                 say(f"tracing: sending {cfg.count} {proto} probe(s) {src.ip} → {dst.ip}"
                     + (f":{port}" if port else ""))
-                probes = probe.send(src.pod.netns, src.ip, dst.ip, proto, port, cfg.count,
+                sent = probe.send(src.pod.netns, src.ip, dst.ip, proto, port, cfg.count,
                                     cfg.timeout, cfg.interval,
                                     on_result=lambda r: (session.poll(0), say(f"probe {r.seq}: {r.outcome}")),
                                     size=cfg.size, sport=cfg.sport)
@@ -218,9 +249,11 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
             ksyms = _symbolizer(session)
             locations = {int(a): ksyms(int(a)) for a in df.loc[df["location"] != 0, "location"].unique()}
         finally:
+            if tc is not None:
+                tc.close()
             session.close()
     t_done = time.monotonic()
-    fi = flows.FlowInput(src, dst, proto, port, probes, placement, drop_reasons,
+    fi = flows.FlowInput(src, dst, proto, port, sent, placement, drop_reasons,
                          lambda a: locations.get(a), ct_names)
     packets = flows.build_packets(df, fi)
     evidence = _evidence(lab, dst, refs, counters_before, counters_after)
@@ -237,11 +270,11 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
     }
     if counters.get("lost"):
         notes.append(f"{counters['lost']} events were lost (ring buffer full); the path may have gaps")
-    result = FlowResult(cfg, src, dst, proto, port, probes, packets, verdict, summary, counters,
+    result = FlowResult(cfg, src, dst, proto, port, sent, packets, verdict, summary, counters,
                         timings, df, notes=notes)
     result.meta = {
         "version": SCHEMA_VERSION, "src": src.as_json(), "dst": dst.as_json(),
-        "proto": proto, "port": port, "probes": [p.as_json() for p in probes],
+        "proto": proto, "port": port, "probes": [p.as_json() for p in sent],
         "placement": {str(k): list(v) for k, v in placement.netns.items()},
         "drop_reasons": {str(k): v for k, v in drop_reasons.items()},
         "locations": {str(k): v for k, v in locations.items()},
@@ -249,6 +282,7 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
         "service": ({"key": dst.service.key, "backends": dst.service.backends,
                      "backend_ips": dst.service.backend_ips} if dst.service else None),
         "probing": cfg.probe, "counters": counters, "inventory": inv.source,
+        "hooks": [h.name for h in hooks], "degraded": degraded,
         "created_ns": time.time_ns(),
     }
     if cfg.save:

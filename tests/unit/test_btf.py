@@ -188,6 +188,10 @@ def _gcc_offsets(tmp_path: Path) -> dict[str, int]:
     lines.append('P("CT_STATUS_SIZE", sizeof(((struct nf_conn *)0)->status));')
     lines += [f'P("{name}", {name});' for name in btf_mod._CT_INFO]
     lines.append('P("HAVE_CT", 1);')
+    for key, path in btf_mod._KPROBE_REGS.items():
+        root, member = path.split(".", 1)
+        lines.append(f'P("{key}", __builtin_offsetof(struct {root}, {member}));')
+    lines.append('P("HAVE_KPROBE_ARGS", 1);')
     # No <stddef.h>: vmlinux.h redefines wchar_t and friends.
     (tmp_path / "t.c").write_text(
         '#include "vmlinux.h"\n#define P(k, v) __builtin_printf("%s %lu\\n", k, (unsigned long)(v))\n'
@@ -248,7 +252,7 @@ def test_kernel_offsets_complete_and_plausible(kernel: Btf) -> None:
     assert set(offsets) >= set(btf_mod._OFFSET_PATHS) | set(btf_mod._SIZE_PATHS)
     assert offsets["HAVE_CT"] == 1  # this kernel has nf_conntrack built in
     assert offsets["IP_CT_NEW"] == 2 and offsets["IP_CT_UNTRACKED"] == 7
-    sizes = {name: kernel.struct_size(name) for name in ("sk_buff", "net_device", "net")}
+    sizes = {name: kernel.struct_size(name) for name in ("sk_buff", "net_device", "net", "nf_hook_state")}
     for key, path in btf_mod._OFFSET_PATHS.items():
         assert isinstance(offsets[key], int)
         assert 0 <= offsets[key] < sizes[path.split(".")[0]], key

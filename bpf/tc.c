@@ -1,0 +1,79 @@
+// tc clsact programs: the portable view of a device (stable __sk_buff, no BTF needed) and
+// what a Cilium datapath sees. They only observe: every return is TC_ACT_UNSPEC, so the
+// next filter (someone else's, or none) decides as if we were not there.
+
+#define TC_ACT_UNSPEC_ (-1)
+
+#define P_(name) tc_##name
+#define P_CTX struct __sk_buff *
+#define P_LOAD(c, off, dst, len) bpf_skb_load_bytes((c), (off), (dst), (len))
+#include "parser.h"
+#undef P_
+#undef P_CTX
+#undef P_LOAD
+
+// Which device a program runs on: one program serves many devices in many namespaces, and
+// in tc neither the netns cookie (it is the socket's, or init_net's) nor ifindex (per-netns)
+// tells them apart. So each attachment gets a tiny stub program with its own slot number;
+// the stub notes the slot in a per-CPU scratch map and tail-calls the shared program.
+// User space fills tc_devs[slot] with the device's namespace inode and name.
+struct tc_dev {
+    u32 inum;
+    char name[16];
+};
+BPF_ARRAY(tc_devs, struct tc_dev, TC_SLOTS);
+BPF_PERCPU_ARRAY(tc_slot, u32, 1);
+BPF_PROG_ARRAY(tc_progs, 2);
+
+static __always_inline int tc_stub(struct __sk_buff *skb, u32 slot, u32 dir) {
+    u32 zero = 0;
+    tc_slot.update(&zero, &slot);
+    tc_progs.call(skb, dir);
+    return TC_ACT_UNSPEC_;   // the tail call failed: still only observe
+}
+
+static __always_inline int on_tc(struct __sk_buff *skb, u8 hook) {
+    struct pkt p = {};
+    count(C_SEEN);
+    if (skb->protocol != ETH_P_IP_BE || skb->len < 14) return TC_ACT_UNSPEC_;
+    if (tc_parse_packet(skb, 14, skb->len - 14, &p) < 0) return TC_ACT_UNSPEC_;
+    // No kernel skb pointer here, so no skb following: the address filter alone decides,
+    // which is why it holds the Service's backends too.
+    if (!wanted(&p)) return TC_ACT_UNSPEC_;
+    count(C_MATCHED);
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (!e) {
+        count(C_LOST);
+        return TC_ACT_UNSPEC_;
+    }
+    fill(e, &p, hook, 0);
+    e->skb = 0;
+    e->location = 0;
+    e->reason = 0;
+    e->len = skb->len;
+    e->ifindex = skb->ifindex;
+    e->netns = 0;
+    __builtin_memset(e->ifname, 0, sizeof(e->ifname));
+    u32 zero = 0;
+    u32 *slot = tc_slot.lookup(&zero);
+    struct tc_dev *d = slot ? tc_devs.lookup(slot) : 0;
+    if (d) {
+        e->netns = d->inum;
+        __builtin_memcpy(e->ifname, d->name, sizeof(e->ifname));
+    }
+    e->ct_info = 0;
+    e->ct_status = 0;
+    e->ct_orig_src = e->ct_orig_dst = e->ct_reply_src = e->ct_reply_dst = 0;
+    e->ct_orig_sport = e->ct_orig_dport = e->ct_reply_sport = e->ct_reply_dport = 0;
+    events.ringbuf_submit(e, 0);
+    count(C_EMITTED);
+    return TC_ACT_UNSPEC_;
+}
+
+int pt_tc_ingress(struct __sk_buff *skb) {
+    return on_tc(skb, HOOK_TC_INGRESS);
+}
+
+int pt_tc_egress(struct __sk_buff *skb) {
+    return on_tc(skb, HOOK_TC_EGRESS);
+}
