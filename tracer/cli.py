@@ -101,6 +101,54 @@ def flow(src, dst, proto, port, count, timeout, size, sport, no_probe, duration,
     sys.exit(0 if result.ok else 3)
 
 
+@main.command()
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def doctor(output):
+    """Check what this machine offers for tracing and what blocks `flow`.
+
+    Kernel, config, BTF, kernel headers (real, substitute or none), tracefs/debugfs,
+    privileges, BCC, every hook of the catalog (active, or why not), and where cluster
+    metadata comes from. Exit 0 when `flow` can run, 1 with a fix for each problem.
+
+    \b
+    Examples:
+      sudo podtrace doctor
+      sudo podtrace doctor -o json | jq '.hooks[] | select(.active)'
+    """
+    from rich.console import Console
+
+    from . import doctor as doc_mod
+    from . import render
+
+    rep = doc_mod.report()
+    if output == "json":
+        click.echo(render.to_json(rep))
+    else:
+        out = Console()
+        render.doctor_table(rep, out if out.is_terminal else Console(width=160))
+    sys.exit(0 if rep["can_trace"] else 1)
+
+
+@main.command()
+def cleanup():
+    """Remove what a killed podtrace left behind: tc filters (by podtrace's own mark) and the
+    clsact qdiscs it added, in this namespace and in every lab namespace.
+
+    \b
+    Example:
+      sudo podtrace cleanup
+    """
+    from . import tcattach
+    from .errors import require_root
+    from .netns import list_names
+
+    require_root("podtrace cleanup")
+    removed = tcattach.cleanup(list_names())
+    for r in removed:
+        click.echo(f"removed {r}")
+    click.echo(f"cleanup: {len(removed)} leftover(s) removed" if removed else "cleanup: nothing left behind")
+
+
 def _register():
     from .lab.cli import lab
 

@@ -114,3 +114,47 @@ def flow_table(doc: dict, console: Console) -> None:
 
 def to_json(doc: dict) -> str:
     return json.dumps(doc, indent=2, sort_keys=False)
+
+
+def doctor_table(rep: dict, console: Console) -> None:
+    ok = rep["can_trace"]
+    console.print(Text(f"podtrace doctor: {'flow can run' if ok else 'flow cannot run'}",
+                       style="bold green" if ok else "bold red"))
+    k = rep["kernel"]
+    facts = Table(show_header=False, show_edge=False, pad_edge=False)
+    facts.add_column(style="bold")
+    facts.add_column()
+    facts.add_row("kernel", f"{k['release']} ({k['arch']})")
+    facts.add_row("BTF", ("present" if rep["btf"]["present"] else "missing")
+                  + (f", offsets {rep['btf']['offsets']}" if rep["btf"].get("offsets") else ""))
+    h = rep["headers"]
+    facts.add_row("headers", f"{h['kind']}" + (f" ({h['path']})" if h.get("path") else "")
+                  + (f": {h['note']}" if h.get("note") else ""))
+    facts.add_row("tracefs", rep["tracefs"] or "not mounted")
+    facts.add_row("debugfs", rep["debugfs"] or "not mounted")
+    caps = rep["privileges"]["capabilities"]
+    facts.add_row("privileges", f"euid {rep['privileges']['euid']}; "
+                  + ", ".join(f"{c}{'' if v else ' (missing)'}" for c, v in caps.items()))
+    b = rep["bcc"]
+    facts.add_row("BCC", f"{b.get('version')} at {b.get('path')}" if b.get("importable") else f"missing: {b.get('error')}")
+    if rep.get("compile"):
+        c = rep["compile"]
+        facts.add_row("compile+load", f"ok in {c['seconds']}s" if c["ok"] else f"FAILED: {c['error']}")
+    fe = rep.get("fentry") or {}
+    facts.add_row("fentry", f"{'available' if fe.get('available') else 'unavailable'}: {fe.get('reason')}")
+    facts.add_row("metadata", "; ".join(rep["metadata"]["sources"]))
+    console.print(facts)
+    hooks = Table(title="hooks", title_justify="left", show_edge=False, pad_edge=False)
+    for col in ("hook", "kind", "tells", "state", "why not / fallback"):
+        hooks.add_column(col)
+    for x in rep["hooks"]:
+        state = Text("active", style="green") if x["active"] else Text("unavailable", style="yellow")
+        why = x["reason"] or ""
+        if not x["active"] and x["fallback"]:
+            why += f" → {x['fallback']}"
+        hooks.add_row(x["name"], x["kind"], x["tells"], state, why)
+    console.print(hooks)
+    for d in rep["degraded"]:
+        console.print(Text(f"degraded: {d}", style="yellow"))
+    for p in rep["problems"]:
+        console.print(Text(f"PROBLEM: {p['problem']}; fix: {p['fix']}", style="bold red"))

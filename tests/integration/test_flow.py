@@ -27,6 +27,14 @@ def our_programs() -> list[str]:
     return [p.get("name", "") for p in json.loads(out.stdout or "[]") if p.get("name", "").startswith("pt_")]
 
 
+def wait_no_programs(seconds: float = 5) -> None:
+    """The kernel frees a program after its last reference goes (asynchronously, via RCU)."""
+    deadline = time.monotonic() + seconds
+    while our_programs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert our_programs() == []
+
+
 def cli(lab, *args, timeout=60) -> subprocess.CompletedProcess:
     env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"])
     return subprocess.run([sys.executable, "-m", "tracer.cli", *args], capture_output=True, text=True,
@@ -152,7 +160,7 @@ def test_json_output_follows_schema(lab):
     doc = json.loads(res.stdout)
     jsonschema.validate(doc, SCHEMA)
     assert doc["dst"]["service"] == "default/web" and doc["probe"] == {"proto": "tcp", "port": 80, "count": 3}
-    assert our_programs() == []
+    wait_no_programs()
 
 
 def test_table_output_and_exit_zero(lab):
@@ -207,7 +215,7 @@ def test_interrupt_releases_everything(lab, sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert our_programs() == []
+    wait_no_programs()
 
 
 def test_no_root_exit_1(lab):

@@ -1,0 +1,135 @@
+"""The probe catalog on this kernel: kprobe programs verified, tc observers merged with the
+tracepoints, `doctor`, and nothing of ours left behind — also after a SIGKILL — while a
+filter someone else placed stays untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.integration.lab_fixture import lab  # noqa: F401
+from tests.integration.test_flow import wait_no_programs
+from tracer import bpfprog, probes
+from tracer.config import FlowConfig
+from tracer.trace import run_flow
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(lab, *args, timeout=60):
+    env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"])
+    return subprocess.run([sys.executable, "-m", "tracer.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=ROOT)
+
+
+def tc_state(netns: str, dev: str) -> str:
+    """Every filter and qdisc on a device, as `tc` prints them (ids and tags included)."""
+    out = []
+    for what in (["qdisc", "show", "dev", dev], ["filter", "show", "dev", dev, "ingress"],
+                 ["filter", "show", "dev", dev, "egress"]):
+        out.append(subprocess.run(["tc", "-n", netns, *what], capture_output=True, text=True).stdout)
+    return "\n".join(out)
+
+
+def lab_tc_state(lab) -> dict:
+    state = {}
+    for n in lab["nodes"]:
+        links = subprocess.run(["ip", "-n", n["netns"], "-o", "link"], capture_output=True, text=True).stdout
+        for line in links.splitlines():
+            dev = line.split(": ")[1].split("@")[0]
+            state[(n["netns"], dev)] = tc_state(n["netns"], dev)
+    return state
+
+
+def test_every_kprobe_program_passes_the_verifier():
+    from bcc import BPF
+
+    loaded = bpfprog.load(attach=False, hooks=probes.CATALOG)
+    try:
+        for h in probes.CATALOG:
+            kind = BPF.SCHED_CLS if h.kind == "tc" else (BPF.TRACEPOINT if h.kind == "tracepoint" else BPF.KPROBE)
+            for fn in filter(None, (h.fn, h.ret_fn)):
+                assert loaded.bpf.load_func(fn.encode(), kind).fd > 0, fn
+    finally:
+        loaded.close()
+    wait_no_programs()
+
+
+def test_doctor_on_this_kernel(lab):
+    res = cli(lab, "doctor", "-o", "json")
+    assert res.returncode == 0, res.stderr
+    rep = json.loads(res.stdout)
+    assert rep["can_trace"] is True
+    hooks = {h["name"]: h for h in rep["hooks"]}
+    assert all(hooks[n]["active"] for n in probes.DEFAULT_HOOKS + ["tc:ingress", "tc:egress"])
+    kp = [h for h in rep["hooks"] if h["kind"] in ("kprobe", "kretprobe")]
+    assert len(kp) >= 13
+    if probes.kernel_config().get("CONFIG_KPROBES") == "n":
+        assert all(not h["active"] and "CONFIG_KPROBES" in h["reason"] for h in kp)
+        assert any("kernel-function hooks unavailable" in d for d in rep["degraded"])
+    assert rep["headers"]["kind"] in ("real", "substitute")
+    assert rep["btf"]["offsets"] == "ok"
+    assert any(s.startswith(f"lab {lab['prefix']}") for s in rep["metadata"]["sources"])
+    table = cli(lab, "doctor")
+    assert table.returncode == 0 and "tc:ingress" in table.stdout and "flow can run" in table.stdout
+
+
+def test_tracepoints_and_tc_merge_into_one_path(lab):
+    before = lab_tc_state(lab)
+    r = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"]))
+    assert r.ok, r.verdict
+    for p in r.packets:
+        places = [(h["netns"], h["dev"], h["point"]) for h in p["hops"]]
+        assert all(a != b for a, b in zip(places, places[1:])), f"duplicate consecutive hop: {places}"
+        both = [h for h in p["hops"] if set(h["seen_by"]) == {"tracepoint", "tc"}]
+        assert {h["dev"] for h in both} >= {"cni0", "flannel.1", "eth0"}, p["hops"]
+    assert lab_tc_state(lab) == before, "flow must remove its filters and the qdiscs it added"
+
+
+def test_foreign_filter_untouched(lab):
+    node = lab["nodes"][0]["netns"]
+    dev = "cni0"
+    subprocess.run(["tc", "-n", node, "qdisc", "add", "dev", dev, "clsact"], check=True)
+    try:
+        subprocess.run(["tc", "-n", node, "filter", "add", "dev", dev, "ingress", "prio", "7", "protocol", "ip",
+                        "u32", "match", "ip", "dst", "192.0.2.1/32", "classid", "1:1"], check=True)
+        before = tc_state(node, dev)
+        assert "192.0.2.1" in before or "c0000201" in before
+        r = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=1))
+        assert r.ok, r.verdict
+        assert tc_state(node, dev) == before
+        assert cli(lab, "cleanup").returncode == 0
+        assert tc_state(node, dev) == before
+    finally:
+        subprocess.run(["tc", "-n", node, "qdisc", "del", "dev", dev, "clsact"])
+
+
+def test_sigkill_then_cleanup_leaves_nothing(lab):
+    before = lab_tc_state(lab)
+    env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"])
+    proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "flow", "pod-1-1", "pod-2-1", "--no-probe",
+                             "--duration", "60"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while lab_tc_state(lab) == before:
+            assert proc.poll() is None and time.monotonic() < deadline, "tc filters never appeared"
+            time.sleep(0.1)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert lab_tc_state(lab) != before, "a SIGKILL cannot clean up: the leftovers must be visible"
+    res = cli(lab, "cleanup")
+    assert res.returncode == 0, res.stderr
+    assert "removed tc filter podtrace:" in res.stdout
+    assert lab_tc_state(lab) == before
+    wait_no_programs()

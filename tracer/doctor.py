@@ -1,0 +1,159 @@
+"""`podtrace doctor`: what this machine offers for tracing, what `flow` will use, and what
+blocks it, with a fix for each problem. Uses the same detection as `flow` (tracer.probes)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from . import probes, tracefs
+from .errors import PodtraceError
+
+CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
+CONFIG_KEYS = ["CONFIG_BPF_SYSCALL", "CONFIG_BPF_JIT", "CONFIG_DEBUG_INFO_BTF", "CONFIG_BPF_EVENTS",
+               "CONFIG_KPROBES", "CONFIG_FUNCTION_TRACER", "CONFIG_NET_CLS_BPF", "CONFIG_NET_SCH_INGRESS",
+               "CONFIG_NF_CONNTRACK", "CONFIG_BRIDGE_NETFILTER", "CONFIG_VXLAN"]
+
+
+def _caps() -> dict[str, bool]:
+    eff = 0
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            eff = int(line.split()[1], 16)
+    return {name: bool(eff >> bit & 1) for name, bit in CAPS.items()}
+
+
+def _headers() -> dict:
+    rel = os.uname().release
+    build = Path(f"/lib/modules/{rel}/build")
+    if not build.exists():
+        return {"kind": "none", "path": None,
+                "note": "BCC needs a headers tree; run scripts/dev.sh setup to link a substitute"}
+    target = build.resolve()
+    if build.is_symlink() and rel not in target.name:
+        return {"kind": "substitute", "path": str(target),
+                "note": "used only so BCC compiles; every struct layout comes from BTF"}
+    return {"kind": "real", "path": str(target), "note": None}
+
+
+def _mounted(path: str) -> bool:
+    try:
+        with open("/proc/self/mounts") as f:
+            return any(line.split()[1] == path for line in f)
+    except OSError:
+        return False
+
+
+def _metadata() -> dict:
+    from .lab import build as labbuild
+
+    lab = labbuild.status(os.environ.get("PODTRACE_LAB_PREFIX", "ptlab"))
+    kubeconfig = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
+    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and \
+        Path("/var/run/secrets/kubernetes.io/serviceaccount/token").exists()
+    sources = []
+    if lab:
+        sources.append(f"lab {lab.get('prefix')} ({len(lab.get('pods', []))} pods)")
+    if Path(kubeconfig).exists():
+        sources.append(f"kubeconfig {kubeconfig} (not read by flow yet: pass --cluster FILE)")
+    if in_cluster:
+        sources.append("in-cluster service account (not read by flow yet)")
+    return {"sources": sources or ["none: pass --cluster FILE or run `podtrace lab up`"],
+            "default": sources[0] if sources else None}
+
+
+def _fentry() -> dict:
+    """fentry needs the BPF `tracing` program type; loading one is the only honest test."""
+    try:
+        import bcc
+    except ImportError:
+        return {"available": False, "reason": "BCC not importable"}
+    from .bpfprog import _quiet_stderr
+
+    try:
+        with _quiet_stderr():
+            b = bcc.BPF(text=b"KFUNC_PROBE(icmp_rcv, void *skb) { return 0; }")
+            b.cleanup()
+        return {"available": True, "reason": "a tracing (fentry) program loaded; podtrace uses kprobes for the same functions"}
+    except Exception as exc:  # BCC raises bare Exception
+        # BCC words an EPERM from the kernel as "Need super-user privileges" even for root
+        why = "EPERM" if "super-user" in str(exc) else str(exc)
+        return {"available": False, "reason": f"the kernel refused to load a tracing (fentry) program ({why}); kprobes or tracepoints are used instead"}
+
+
+def report(compile_test: bool = True) -> dict:
+    problems: list[dict] = []
+    root = os.geteuid() == 0
+    caps = _caps()
+    if not root and not (caps["CAP_BPF"] and caps["CAP_NET_ADMIN"]):
+        problems.append({"problem": "not root and without CAP_BPF/CAP_NET_ADMIN", "fix": "run with sudo"})
+    cfg = probes.kernel_config()
+    btf = Path("/sys/kernel/btf/vmlinux")
+    btf_info = {"path": str(btf), "present": btf.exists(), "offsets": None}
+    if not btf.exists():
+        problems.append({"problem": "no kernel BTF at /sys/kernel/btf/vmlinux",
+                         "fix": "use a kernel built with CONFIG_DEBUG_INFO_BTF=y"})
+    elif root:
+        from .btf import kernel_offsets
+
+        try:
+            offs = kernel_offsets()
+            btf_info["offsets"] = "ok"
+            btf_info["conntrack"] = bool(offs.get("HAVE_CT"))
+        except PodtraceError as exc:
+            btf_info["offsets"] = exc.line()
+            problems.append({"problem": exc.message, "fix": exc.fix or "report this kernel to podtrace"})
+    try:
+        tracefs_root = str(tracefs.tracefs_root())
+    except PodtraceError as exc:
+        tracefs_root = None
+        problems.append({"problem": exc.message, "fix": exc.fix})
+    headers = _headers()
+    if headers["kind"] == "none":
+        problems.append({"problem": "no kernel headers tree for BCC", "fix": "run scripts/dev.sh setup"})
+    try:
+        import bcc
+
+        bcc_info = {"importable": True, "version": getattr(bcc, "__version__", "?"), "path": os.path.dirname(bcc.__file__)}
+    except ImportError as exc:
+        bcc_info = {"importable": False, "error": str(exc)}
+        problems.append({"problem": "BCC is not importable", "fix": "apt install python3-bpfcc; run scripts/dev.sh setup"})
+    statuses = probes.detect()
+    try:
+        chosen, degraded = probes.select(statuses)
+    except PodtraceError as exc:
+        chosen, degraded = [], []
+        problems.append({"problem": exc.message, "fix": exc.fix})
+    compile_info = None
+    if compile_test and root and bcc_info.get("importable") and not problems:
+        from . import bpfprog
+
+        t0 = time.monotonic()
+        try:
+            loaded = bpfprog.load(attach=False, hooks=chosen)
+            loaded.close()
+            compile_info = {"ok": True, "seconds": round(time.monotonic() - t0, 3)}
+        except PodtraceError as exc:
+            compile_info = {"ok": False, "error": exc.line()}
+            problems.append({"problem": exc.message, "fix": exc.fix})
+    used = {h.name for h in chosen}
+    return {
+        "kernel": {"release": os.uname().release, "version": os.uname().version, "arch": os.uname().machine},
+        "config": {k: cfg.get(k) for k in CONFIG_KEYS} if cfg else "unreadable (/proc/config.gz missing)",
+        "btf": btf_info,
+        "headers": headers,
+        "tracefs": tracefs_root,
+        "debugfs": "/sys/kernel/debug" if _mounted("/sys/kernel/debug") else None,
+        "privileges": {"euid": os.geteuid(), "capabilities": caps},
+        "bcc": bcc_info,
+        "compile": compile_info,
+        "hooks": [{"name": s.hook.name, "kind": s.hook.kind, "tells": s.hook.tells,
+                   "active": s.hook.name in used, "available": s.available, "reason": s.reason,
+                   "fallback": s.hook.fallback} for s in statuses],
+        "fentry": _fentry() if root else {"available": None, "reason": "needs root to test"},
+        "metadata": _metadata(),
+        "degraded": degraded,
+        "can_trace": not problems,
+        "problems": problems,
+    }
