@@ -23,6 +23,10 @@ BPF_HASH(addrs, u32, u8, 4096);            // addresses under trace (network ord
 BPF_TABLE("lru_hash", u64, u8, tracked, 65536);  // skbs that matched once: followed until freed
 BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
 BPF_ARRAY(config, u32, 2);                 // [0]: 1 = match either address, 0 = both
+// An agent sees only its own node: when [NETNS_FILTER_ON] of netns_cfg is 1, events are kept
+// only from the network namespaces listed in netns_allow (the node's and its pods').
+BPF_HASH(netns_allow, u32, u8, 4096);
+BPF_ARRAY(netns_cfg, u32, 1);
 
 struct pkt {
     u32 saddr, daddr, osaddr, odaddr, vni, tcp_seq;
@@ -111,26 +115,41 @@ static __always_inline void fill(struct event *e, struct pkt *p, u8 hook, u8 fla
     e->ttl = p->ttl;
 }
 
+static __always_inline u32 skb_netns(const u8 *dev) {
+    u32 inum = 0;
+    if (!dev) return 0;
+    const u8 *net = (const u8 *)rd64(dev, NETDEV_ND_NET);
+    if (net) bpf_probe_read_kernel(&inum, 4, net + NET_NS_INUM);
+    return inum;
+}
+
+static __always_inline int netns_ok(u32 inum) {
+    u32 zero = 0;
+    u32 *on = netns_cfg.lookup(&zero);
+    if (!on || !*on) return 1;
+    return netns_allow.lookup(&inum) != 0;
+}
+
 static __always_inline void emit(void *ctx, const u8 *skb, struct pkt *p, u8 hook, u8 flags,
                                  u64 location, u32 reason) {
+    const u8 *dev = (const u8 *)rd64(skb, SKB_DEV);
+    u32 inum = skb_netns(dev);
+    if (!netns_ok(inum)) return;
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
         count(C_LOST);
         return;
     }
     fill(e, p, hook, flags);
-    const u8 *dev = (const u8 *)rd64(skb, SKB_DEV);
     e->skb = (u64)skb;
     e->location = location;
     e->reason = reason;
-    e->netns = 0;
+    e->netns = inum;
     e->ifindex = 0;
     __builtin_memset(e->ifname, 0, sizeof(e->ifname));
     if (dev) {
         bpf_probe_read_kernel(&e->ifindex, 4, dev + NETDEV_IFINDEX);
         bpf_probe_read_kernel(e->ifname, sizeof(e->ifname), dev + NETDEV_NAME);
-        const u8 *net = (const u8 *)rd64(dev, NETDEV_ND_NET);
-        if (net) bpf_probe_read_kernel(&e->netns, 4, net + NET_NS_INUM);
     }
     u32 len = 0;
     bpf_probe_read_kernel(&len, 4, skb + SKB_LEN);

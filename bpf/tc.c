@@ -41,6 +41,10 @@ static __always_inline int on_tc(struct __sk_buff *skb, u8 hook) {
     // which is why it holds the Service's backends too.
     if (!wanted(&p)) return TC_ACT_UNSPEC_;
     count(C_MATCHED);
+    u32 zero = 0;
+    u32 *slot = tc_slot.lookup(&zero);
+    struct tc_dev *d = slot ? tc_devs.lookup(slot) : 0;
+    if (d && !netns_ok(d->inum)) return TC_ACT_UNSPEC_;
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
         count(C_LOST);
@@ -54,9 +58,6 @@ static __always_inline int on_tc(struct __sk_buff *skb, u8 hook) {
     e->ifindex = skb->ifindex;
     e->netns = 0;
     __builtin_memset(e->ifname, 0, sizeof(e->ifname));
-    u32 zero = 0;
-    u32 *slot = tc_slot.lookup(&zero);
-    struct tc_dev *d = slot ? tc_devs.lookup(slot) : 0;
     if (d) {
         e->netns = d->inum;
         __builtin_memcpy(e->ifname, d->name, sizeof(e->ifname));

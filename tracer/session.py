@@ -25,6 +25,7 @@ class SessionConfig:
     match_either: bool = False       # False: both addresses of a packet must be under trace
     ringbuf_pages: int = 256         # 1 MiB with 4 KiB pages
     hooks: list | None = None        # probes.Hook list; None: the default tracepoints
+    netns: list[int] | None = None   # keep events only from these namespace inodes (an agent's node)
 
 
 class _Sink:
@@ -75,6 +76,12 @@ class TraceSession:
                 table[key] = table.Leaf(1)
             cfg = b["config"]
             cfg[cfg.Key(0)] = cfg.Leaf(1 if self.config.match_either else 0)
+            if self.config.netns:
+                allow = b["netns_allow"]
+                for inum in self.config.netns:
+                    allow[allow.Key(inum)] = allow.Leaf(1)
+                ncfg = b["netns_cfg"]
+                ncfg[ncfg.Key(0)] = ncfg.Leaf(1)
             b["events"].open_ring_buffer(self.sink)
         except BaseException:
             self.close()
