@@ -56,7 +56,9 @@ def main():
               help="A `kubectl get nodes,pods,services,endpointslices -A -o json` file.")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--save", type=click.Path(dir_okay=False), default=None, help="Write the raw events to a Parquet trace file.")
-def flow(src, dst, proto, port, count, timeout, size, sport, no_probe, duration, cluster, output, save):
+@click.option("--single-process", "single", is_flag=True, hidden=True,
+              help="Trace every node from this process instead of one agent per node (lab only).")
+def flow(src, dst, proto, port, count, timeout, size, sport, no_probe, duration, cluster, output, save, single):
     """Follow probe packets from SRC to DST hop by hop, and say where they died.
 
     SRC and DST: NAMESPACE/POD, POD (namespace default), svc/NAMESPACE/NAME,
@@ -82,7 +84,8 @@ def flow(src, dst, proto, port, count, timeout, size, sport, no_probe, duration,
 
     err = Console(stderr=True)
     cfg = FlowConfig(src=src, dst=dst, proto=proto, port=port, count=count, timeout=timeout,
-                     probe=not no_probe, duration=duration, cluster=cluster, save=save, size=size, sport=sport)
+                     probe=not no_probe, duration=duration, cluster=cluster, save=save, size=size, sport=sport,
+                     mode="single" if single else "agents")
     if err.is_terminal and output == "table":
         with err.status("resolving endpoints") as status:
             result = run_flow(cfg, progress=lambda msg: status.update(msg))
@@ -127,6 +130,16 @@ def doctor(output):
         out = Console()
         render.doctor_table(rep, out if out.is_terminal else Console(width=160))
     sys.exit(0 if rep["can_trace"] else 1)
+
+
+@main.command(hidden=False)
+def agent():
+    """Per-node tracer driven by `podtrace flow` (reads a request on stdin, streams framed
+    records on stdout). Not for interactive use: `flow` starts it, as a local process per
+    lab node or through the Kubernetes exec API in the agent pod of each node."""
+    from .agent import main as agent_main
+
+    sys.exit(agent_main())
 
 
 @main.command()

@@ -23,4 +23,5 @@ class FlowConfig:
     settle: float = 0.05
     size: int | None = None          # IP packet size of ICMP/UDP probes (DF set)
     sport: int | None = None         # fixed source port of TCP/UDP probes
-    tc: bool = True                  # also attach tc clsact observers on the path's devices             # wait for late events (drops after the last answer)
+    tc: bool = True                  # also attach tc clsact observers on the path's devices
+    mode: str = "agents"             # "agents": one agent per node (lab/cluster); "single": in-process             # wait for late events (drops after the last answer)

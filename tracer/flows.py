@@ -59,6 +59,10 @@ class FlowInput:
     drop_reasons: dict[int, str]
     ksym: Callable[[int], str | None]
     ct_info_names: dict[int, str] = field(default_factory=dict)
+    # Set when node clocks were only estimated: within a packet, each agent's events stay
+    # together (a packet crosses a node in one go), ordered by the agents' first events,
+    # so an estimate off by a few µs cannot interleave two nodes' hops.
+    contiguous_agents: bool = False
 
 
 def assign_packets(df: pd.DataFrame) -> pd.DataFrame:
@@ -181,7 +185,11 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[dict]:
         return packets
     pl = fi.placement
     for pkt, g in df[df["pkt"] >= 0].groupby("pkt", sort=False):
-        g = g.sort_values("ts_ns", kind="stable")
+        if fi.contiguous_agents and "agent" in g:
+            first = g.groupby("agent")["ts_ns"].transform("min")
+            g = g.assign(_seg=first).sort_values(["_seg", "ts_ns"], kind="stable")
+        else:
+            g = g.sort_values("ts_ns", kind="stable")
         hop_rows = g[~g["hook"].isin([HOOK_IDS["drop"], HOOK_IDS["consume"]])]
         if hop_rows.empty:
             continue

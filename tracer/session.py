@@ -28,6 +28,14 @@ class SessionConfig:
     netns: list[int] | None = None   # keep events only from these namespace inodes (an agent's node)
 
 
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    """Concatenate record arrays keeping the wire layout: numpy 2 would otherwise turn the
+    big-endian address fields native, and the bytes sent to a coordinator would be wrong."""
+    if not parts:
+        return np.zeros(0, dtype=events.EVENT_DTYPE)
+    return np.concatenate(parts, dtype=events.EVENT_DTYPE)
+
+
 class _Sink:
     """Copies each ring-buffer record straight into a preallocated numpy chunk: no Python
     object per event beyond the callback frame BCC imposes."""
@@ -51,8 +59,16 @@ class _Sink:
         return 0
 
     def array(self) -> np.ndarray:
-        full = self.chunks[:-1] + [self.cur[: self.n]]
-        return np.concatenate(full) if full else np.zeros(0, dtype=events.EVENT_DTYPE)
+        return _concat(self.chunks[:-1] + [self.cur[: self.n]])
+
+    def since(self, n: int) -> np.ndarray:
+        """Events recorded after the first `n` (copies only the chunks that hold them)."""
+        first = n // _CHUNK
+        parts = []
+        for i in range(first, len(self.chunks)):
+            chunk = self.chunks[i] if i < len(self.chunks) - 1 else self.cur[: self.n]
+            parts.append(chunk[n - i * _CHUNK:] if i == first else chunk)
+        return _concat(parts)
 
     def count(self) -> int:
         return (len(self.chunks) - 1) * _CHUNK + self.n

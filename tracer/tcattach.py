@@ -204,13 +204,12 @@ def cleanup(extra_netns: list[str] | None = None, scan: bool = True) -> list[str
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie, killed but not yet reaped, is not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def ours(ns: str | None, dev: str) -> list[str]:

@@ -12,7 +12,8 @@ import pandas as pd
 
 import socket
 
-from . import bpfprog, diagnose, flows, k8s, netns, nodecheck, probe, probes, tcattach, tracefs
+from . import agent as agent_mod
+from . import bpfprog, coordinator, diagnose, events, flows, k8s, netns, nodecheck, probe, probes, tcattach, tracefs
 from .config import FlowConfig
 from .errors import BadInput, EnvironmentProblem
 from .session import SessionConfig, TerminateAsInterrupt, TraceSession
@@ -36,6 +37,7 @@ class FlowResult:
     events: pd.DataFrame
     meta: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    clock: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -56,6 +58,7 @@ class FlowResult:
             "counters": self.counters,
             "timings": self.timings,
             "notes": self.notes,
+            "clock": self.clock,
         }
 
 
@@ -178,8 +181,46 @@ def _choose_proto(cfg: FlowConfig, dst: k8s.Endpoint) -> tuple[str, int | None, 
     return proto, port, notes
 
 
-def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> FlowResult:
-    say = progress or (lambda msg: None)
+@dataclass
+class _Plan:
+    """What a run needs before tracing starts: the ends, the probe, the metadata."""
+
+    cfg: FlowConfig
+    inv: k8s.Inventory
+    lab: dict | None
+    src: k8s.Endpoint
+    dst: k8s.Endpoint
+    proto: str
+    port: int | None
+    notes: list[str]
+    placement: flows.Placement
+    drop_reasons: dict[int, str]
+    ct_names: dict[int, str]
+    addrs: list[str]
+    t_start: float
+    t_resolved: float = 0.0
+
+
+@dataclass
+class _Traced:
+    """What tracing produced, whichever way it ran (one process, or agents)."""
+
+    df: pd.DataFrame
+    sent: list[probe.ProbeResult]
+    counters: dict
+    locations: dict[int, str | None]
+    hooks: list[str]
+    degraded: list[str]
+    timings: dict
+    t_tracing: float
+    t_done: float
+    evidence: Callable[[list[dict]], diagnose.Evidence]
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    clock: dict = field(default_factory=dict)
+
+
+def _prepare(cfg: FlowConfig) -> _Plan:
     t_start = time.monotonic()
     if os.geteuid() != 0:
         raise EnvironmentProblem("tracing needs root (CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN)",
@@ -206,16 +247,29 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
         if not src.pod.netns or not netns.exists(src.pod.netns):
             raise EnvironmentProblem(
                 f"the network namespace of {src.pod.key} is not on this machine",
-                "run podtrace on its node (agent mode comes later) or use --no-probe")
-    placement = placement_from_lab(lab)
-    drop_reasons = tracefs.drop_reasons()
-    ct_names = bpfprog.ct_info_names()
-    t_resolved = time.monotonic()
+                "run podtrace against the lab, or on a cluster with the agent DaemonSet (manifests/)")
+    return _Plan(cfg, inv, lab, src, dst, proto, port, notes, placement_from_lab(lab),
+                 tracefs.drop_reasons(), bpfprog.ct_info_names(),
+                 sorted(set(src.addresses() + dst.addresses())), t_start, time.monotonic())
+
+
+def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> FlowResult:
+    """Trace one flow. On the lab the trace goes through one agent per node (the same
+    coordinator and merge as in a cluster) unless cfg.mode is "single"."""
+    say = progress or (lambda msg: None)
+    plan = _prepare(cfg)
+    if cfg.mode == "agents" and plan.lab:
+        traced = _trace_agents(plan, say)
+    else:
+        traced = _trace_single(plan, say)
+    return _finish(plan, traced)
+
+
+def _trace_single(plan: _Plan, say) -> _Traced:
+    cfg, lab, src, dst = plan.cfg, plan.lab, plan.src, plan.dst
     say("loading BPF programs")
-    addrs = sorted(set(src.addresses() + dst.addresses()))
     hooks, degraded = probes.select(probes.detect(), tc=cfg.tc)
-    notes += degraded
-    session = TraceSession(SessionConfig(addrs=addrs, hooks=hooks))
+    session = TraceSession(SessionConfig(addrs=plan.addrs, hooks=hooks))
     tc = None
     sent: list[probe.ProbeResult] = []
     with TerminateAsInterrupt():
@@ -230,12 +284,12 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
             counters_before = {n: nodecheck.iptables_counters(r) for n, r in refs.items()}
             t_tracing = time.monotonic()
             if cfg.probe:
-                say(f"tracing: sending {cfg.count} {proto} probe(s) {src.ip} → {dst.ip}"
-                    + (f":{port}" if port else ""))
-                sent = probe.send(src.pod.netns, src.ip, dst.ip, proto, port, cfg.count,
-                                    cfg.timeout, cfg.interval,
-                                    on_result=lambda r: (session.poll(0), say(f"probe {r.seq}: {r.outcome}")),
-                                    size=cfg.size, sport=cfg.sport)
+                say(f"tracing: sending {cfg.count} {plan.proto} probe(s) {src.ip} → {dst.ip}"
+                    + (f":{plan.port}" if plan.port else ""))
+                sent = probe.send(src.pod.netns, src.ip, dst.ip, plan.proto, plan.port, cfg.count,
+                                  cfg.timeout, cfg.interval,
+                                  on_result=lambda r: (session.poll(0), say(f"probe {r.seq}: {r.outcome}")),
+                                  size=cfg.size, sport=cfg.sport)
                 time.sleep(cfg.settle)
             else:
                 end = time.monotonic() + cfg.duration
@@ -252,42 +306,236 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
             if tc is not None:
                 tc.close()
             session.close()
-    t_done = time.monotonic()
-    fi = flows.FlowInput(src, dst, proto, port, sent, placement, drop_reasons,
-                         lambda a: locations.get(a), ct_names)
-    packets = flows.build_packets(df, fi)
     evidence = _evidence(lab, dst, refs, counters_before, counters_after)
+    return _Traced(df, sent, counters, locations, [h.name for h in hooks], degraded,
+                   dict(session.timings), t_tracing, time.monotonic(), lambda packets: evidence)
+
+
+def _agent_plans(plan: _Plan) -> list[coordinator.AgentPlan]:
+    """One agent per lab node a packet of this flow can cross, plus the fabric (the lab's
+    underlay switch, which in a real cluster is the physical network nobody traces)."""
+    lab, src, dst, cfg = plan.lab, plan.src, plan.dst, plan.cfg
+    pods = {f"{p['namespace']}/{p['name']}": p for p in lab.get("pods", [])}
+    keys = [e.pod.key for e in (src, dst) if e.pod] + (dst.service.backends if dst.service else [])
+    nodes = list(dict.fromkeys(pods[k]["node"] for k in keys if k in pods))
+    if src.node and not src.pod:
+        nodes.insert(0, src.node.name)
+    if dst.node and not dst.pod and dst.node.name not in nodes:
+        nodes.append(dst.node.name)
+    devices = tc_devices(lab, src, dst) if cfg.tc else []
+    out = []
+    for n in lab.get("nodes", []):
+        if n["name"] not in nodes:
+            continue
+        inodes = [netns.inode(n["netns"])] + [netns.inode(p["netns"]) for p in lab.get("pods", [])
+                                               if p["node"] == n["name"] and netns.exists(p["netns"])]
+        req = {"version": agent_mod.REQUEST_VERSION, "node": n["name"], "node_netns": n["netns"],
+               "netns_filter": inodes, "addrs": plan.addrs,
+               "tc_devices": [list(d) for d in devices if d[0] == n["netns"]],
+               "max_seconds": (cfg.duration if not cfg.probe else cfg.count * (cfg.timeout + cfg.interval)) + 60}
+        if cfg.probe and src.pod and src.pod.node == n["name"]:
+            req["probe"] = {"netns": src.pod.netns, "src": src.ip, "dst": plan.dst.ip, "proto": plan.proto,
+                            "port": plan.port, "count": cfg.count, "timeout": cfg.timeout,
+                            "interval": cfg.interval, "size": cfg.size, "sport": cfg.sport,
+                            "settle": cfg.settle}
+        out.append(coordinator.AgentPlan(n["name"], req))
+    fabric = lab.get("fabric_netns")
+    if fabric and netns.exists(fabric) and len(out) > 1:
+        out.append(coordinator.AgentPlan("fabric", {
+            "version": agent_mod.REQUEST_VERSION, "node": "fabric", "node_netns": fabric,
+            "netns_filter": [netns.inode(fabric)], "addrs": plan.addrs, "tc_devices": [],
+            "max_seconds": out[0].request["max_seconds"]}))
+    return out
+
+
+def _trace_agents(plan: _Plan, say) -> _Traced:
+    cfg, src = plan.cfg, plan.src
+    plans = _agent_plans(plan)
+    skews = {}
+    for item in filter(None, os.environ.get("PODTRACE_TEST_AGENT_SKEW", "").split(",")):
+        node, ns_ = item.split("=")   # tests only: pretend a node's clock is off
+        skews[node] = {"PODTRACE_AGENT_CLOCK_SKEW_NS": ns_}
+    say(f"starting {len(plans)} agent(s): {', '.join(p.node for p in plans)}")
+    sent: list[probe.ProbeResult] = []
+    problems: list[str] = []
+    notes: list[str] = []
+    with TerminateAsInterrupt(), coordinator.Coordinator(plans, coordinator.LocalTransport(skews)) as co:
+        co.wait_ready()
+        t_tracing = time.monotonic()
+        prober = next((r for r in co.runs if r.plan.request.get("probe")), None)
+        if cfg.probe and prober is not None:
+            say(f"tracing: sending {cfg.count} {plan.proto} probe(s) {src.ip} → {plan.dst.ip}")
+            co.run(prober.plan.node, {"cmd": "probe"})
+            co.wait_for(lambda: prober.probes is not None or prober.failure,
+                        cfg.count * (cfg.timeout + cfg.interval) + cfg.settle + 10)
+            if isinstance(prober.probes, list):
+                sent = [probe.ProbeResult(**p) for p in prober.probes]
+            elif isinstance(prober.probes, dict):
+                problems.append(f"probes from {prober.plan.node} failed: {prober.probes.get('error')}")
+        else:
+            end = time.monotonic() + cfg.duration
+            while (left := end - time.monotonic()) > 0:
+                co.pump(min(left, 0.2))
+                say(f"tracing: {sum(len(c) for r in co.runs for c in r.chunks)} events, {left:.1f}s left")
+        co.pump(agent_mod.FLUSH_S * 3)      # the agents' last flush
+        df, clock = _merge(co, plan)
+        fi = _flow_input(plan, sent, {}, clock)
+        # Which node facts the diagnosis will need: a dry run records the questions.
+        queries: dict[str, list[dict]] = {}
+        dry = coordinator.deep(flows.build_packets(df, fi))
+        for p in dry:
+            diagnose.explain(p, _recording_evidence(plan, queries))
+        for r in co.runs:
+            if not r.failure:
+                r.facts = None
+                co.run(r.plan.node, {"cmd": "facts", "queries": queries.get(r.plan.node, [])})
+        co.wait_for(lambda: all(r.facts is not None or r.failure for r in co.runs), 20)
+        df, clock = _merge(co, plan)   # events flushed with the facts
+    t_done = time.monotonic()
+    for r in co.runs:
+        if r.failure:
+            problems.append(f"{r.plan.node}'s view is missing: {r.failure}")
+    counters: dict[str, int] = {}
+    locations: dict[int, str | None] = {}
+    hooks: list[str] = []
+    degraded: list[str] = []
+    timings: dict = {}
+    for r in co.runs:
+        for k, v in (r.counters or {}).items():
+            counters[k] = counters.get(k, 0) + v
+        for k, v in ((r.facts or {}).get("locations") or {}).items():
+            locations[int(k)] = v
+        if r.hello:
+            hooks = hooks or r.hello.get("hooks", [])
+            degraded = degraded or r.hello.get("degraded", [])
+            timings.setdefault("agent_start_s", {})[r.plan.node] = round(r.hello.get("timings", {}).get("start_s", 0), 4)
+    facts = {r.plan.node: r.facts for r in co.runs if r.facts}
+
+    def evidence(packets):
+        return _agent_evidence(plan, facts)
+    return _Traced(df, sent, counters, locations, hooks, degraded, timings, t_tracing, t_done, evidence,
+                   notes, problems, clock)
+
+
+def _merge(co: coordinator.Coordinator, plan: _Plan) -> tuple[pd.DataFrame, dict]:
+    """All agents' events in one table, timestamps corrected by the estimated offsets."""
+    arr, origin = co.merged()
+    df = events.to_frame(arr)
+    df["agent"] = origin
+    df["ts_ns"] = df["ts_ns"].astype("int64")   # offsets may be negative
+    df = flows.assign_packets(df)
+    names = [r.plan.node for r in co.runs]
+    ref = next((i for i, r in enumerate(co.runs) if r.plan.request.get("probe")), 0)
+    src_ip = plan.src.ip
+
+    def direction(g):
+        if (g["saddr_str"] == src_ip).any():
+            return "request"
+        if (g["daddr_str"] == src_ip).any():
+            return "reply"
+        return None
+    domains = {i: (r.hello or {}).get("clock_domain") for i, r in enumerate(co.runs)}
+    offsets = coordinator.estimate_offsets(df, ref, direction, domains)
+    # Agents sharing a clock domain with an estimated agent get its offset too.
+    for i, d in domains.items():
+        if i not in offsets and i != ref and d is not None and d != domains.get(ref):
+            twin = next((j for j in offsets if domains.get(j) == d), None)
+            if twin is not None:
+                offsets[i] = dict(offsets[twin], shared_with=names[twin])
+    for i, o in offsets.items():
+        df.loc[df["agent"] == i, "ts_ns"] -= o["offset_ns"]
+    clock = {"reference": names[ref] if names else None,
+             "offsets": {names[i]: o for i, o in offsets.items()},
+             "same_clock": [names[i] for i, d in domains.items() if i != ref and d == domains.get(ref)]}
+    return df.drop(columns=["pkt"]), clock
+
+
+def _flow_input(plan: _Plan, sent, locations, clock: dict | None = None) -> flows.FlowInput:
+    return flows.FlowInput(plan.src, plan.dst, plan.proto, plan.port, sent, plan.placement,
+                           plan.drop_reasons, lambda a: locations.get(a), plan.ct_names,
+                           contiguous_agents=bool((clock or {}).get("offsets")))
+
+
+def _fact_query(node: str, packet: dict) -> dict:
+    """The question nodecheck.facts() answers for a packet on a node (same as _evidence)."""
+    last = [h for h in packet["hops"] if h["node"] == node] or packet["hops"]
+    iif = last[-1]["dev"] if last[-1]["point"] == "rx" and last[-1]["pod"] is None else None
+    devs = list(dict.fromkeys(h["dev"] for h in packet["hops"] if h["node"] == node and h["pod"] is None))
+    return {"src": last[-1]["src"], "dst": last[-1]["dst"], "iif": iif, "devs": devs}
+
+
+def _vtep(lab) -> dict:
+    return {n["overlay_ip"]: {"node": n["name"], "mac": n.get("mac"), "ip": n.get("ip")}
+            for n in (lab or {}).get("nodes", []) if n.get("overlay_ip")}
+
+
+def _recording_evidence(plan: _Plan, queries: dict[str, list[dict]]) -> diagnose.Evidence:
+    def facts(node, packet):
+        q = _fact_query(node, packet)
+        if q not in queries.setdefault(node, []):
+            queries[node].append(q)
+        return None
+    svc = plan.dst.service
+    return diagnose.Evidence(facts=facts, vip=svc.cluster_ip if svc else None,
+                             service=svc.key if svc else None,
+                             backends=list(svc.backend_ips) if svc else [], vtep=_vtep(plan.lab))
+
+
+def _agent_evidence(plan: _Plan, facts_by_node: dict[str, dict]) -> diagnose.Evidence:
+    def facts(node, packet):
+        q = _fact_query(node, packet)
+        for ans in (facts_by_node.get(node) or {}).get("answers", []):
+            if ans.get("query") == q and "facts" in ans:
+                return ans["facts"]
+        return None
+    svc = plan.dst.service
+    return diagnose.Evidence(facts=facts,
+                             rule_hits={n: f.get("rule_hits", []) for n, f in facts_by_node.items()},
+                             vip=svc.cluster_ip if svc else None, service=svc.key if svc else None,
+                             backends=list(svc.backend_ips) if svc else [], vtep=_vtep(plan.lab))
+
+
+def _finish(plan: _Plan, t: _Traced) -> FlowResult:
+    cfg = plan.cfg
+    fi = _flow_input(plan, t.sent, t.locations, t.clock)
+    packets = flows.build_packets(t.df, fi)
+    ev = t.evidence(packets)
     for p in packets:
-        diagnose.explain(p, evidence)
+        diagnose.explain(p, ev)
     verdict = flows.flow_verdict(packets, fi, cfg.probe)
-    summary = flows.summary(packets, fi, counters)
+    if t.problems:
+        verdict["problems"] = verdict.get("problems", []) + t.problems
+        verdict["status"] = "failed"
+    summary = flows.summary(packets, fi, t.counters)
     timings = {
-        "resolve_s": round(t_resolved - t_start, 4),
-        "startup_s": round(t_tracing - t_start, 4),
-        **{k: round(v, 4) for k, v in session.timings.items()},
-        "trace_s": round(t_done - t_tracing, 4),
-        "reconstruct_s": round(time.monotonic() - t_done, 4),
+        "resolve_s": round(plan.t_resolved - plan.t_start, 4),
+        "startup_s": round(t.t_tracing - plan.t_start, 4),
+        **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in t.timings.items()},
+        "trace_s": round(t.t_done - t.t_tracing, 4),
+        "reconstruct_s": round(time.monotonic() - t.t_done, 4),
     }
-    if counters.get("lost"):
-        notes.append(f"{counters['lost']} events were lost (ring buffer full); the path may have gaps")
-    result = FlowResult(cfg, src, dst, proto, port, sent, packets, verdict, summary, counters,
-                        timings, df, notes=notes)
+    notes = plan.notes + t.degraded + t.notes
+    if t.counters.get("lost"):
+        notes.append(f"{t.counters['lost']} events were lost (ring buffer full); the path may have gaps")
+    result = FlowResult(cfg, plan.src, plan.dst, plan.proto, plan.port, t.sent, packets, verdict, summary,
+                        t.counters, timings, t.df, notes=notes)
+    result.clock = t.clock
     result.meta = {
-        "version": SCHEMA_VERSION, "src": src.as_json(), "dst": dst.as_json(),
-        "proto": proto, "port": port, "probes": [p.as_json() for p in sent],
-        "placement": {str(k): list(v) for k, v in placement.netns.items()},
-        "drop_reasons": {str(k): v for k, v in drop_reasons.items()},
-        "locations": {str(k): v for k, v in locations.items()},
-        "ct_info_names": {str(k): v for k, v in ct_names.items()},
-        "service": ({"key": dst.service.key, "backends": dst.service.backends,
-                     "backend_ips": dst.service.backend_ips} if dst.service else None),
-        "probing": cfg.probe, "counters": counters, "inventory": inv.source,
-        "hooks": [h.name for h in hooks], "degraded": degraded,
+        "version": SCHEMA_VERSION, "src": plan.src.as_json(), "dst": plan.dst.as_json(),
+        "proto": plan.proto, "port": plan.port, "probes": [p.as_json() for p in t.sent],
+        "placement": {str(k): list(v) for k, v in plan.placement.netns.items()},
+        "drop_reasons": {str(k): v for k, v in plan.drop_reasons.items()},
+        "locations": {str(k): v for k, v in t.locations.items()},
+        "ct_info_names": {str(k): v for k, v in plan.ct_names.items()},
+        "service": ({"key": plan.dst.service.key, "backends": plan.dst.service.backends,
+                     "backend_ips": plan.dst.service.backend_ips} if plan.dst.service else None),
+        "probing": cfg.probe, "counters": t.counters, "inventory": plan.inv.source,
+        "hooks": t.hooks, "degraded": t.degraded, "clock": t.clock,
         "created_ns": time.time_ns(),
     }
     if cfg.save:
         from . import tracefile
-        tracefile.save(cfg.save, df, result.meta)
+        tracefile.save(cfg.save, t.df, result.meta)
     return result
 
 

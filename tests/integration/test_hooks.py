@@ -4,6 +4,7 @@ filter someone else placed stays untouched."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -109,27 +110,55 @@ def test_foreign_filter_untouched(lab):
         subprocess.run(["tc", "-n", node, "qdisc", "del", "dev", dev, "clsact"])
 
 
-def test_sigkill_then_cleanup_leaves_nothing(lab):
-    before = lab_tc_state(lab)
+def _start_long_flow(lab):
     env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"])
-    proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "flow", "pod-1-1", "pod-2-1", "--no-probe",
+    return subprocess.Popen([sys.executable, "-m", "tracer.cli", "flow", "pod-1-1", "pod-2-1", "--no-probe",
                              "--duration", "60"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _wait_attached(lab, proc, before):
+    deadline = time.monotonic() + 30
+    while lab_tc_state(lab) == before:
+        assert proc.poll() is None and time.monotonic() < deadline, "tc filters never appeared"
+        time.sleep(0.1)
+    time.sleep(0.3)
+
+
+def test_sigkill_of_everything_then_cleanup_leaves_nothing(lab):
+    """The worst case: the coordinator and every agent killed at once."""
+    before = lab_tc_state(lab)
+    proc = _start_long_flow(lab)
     try:
-        deadline = time.monotonic() + 20
-        while lab_tc_state(lab) == before:
-            assert proc.poll() is None and time.monotonic() < deadline, "tc filters never appeared"
-            time.sleep(0.1)
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGKILL)
+        _wait_attached(lab, proc, before)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    time.sleep(0.5)
     assert lab_tc_state(lab) != before, "a SIGKILL cannot clean up: the leftovers must be visible"
     res = cli(lab, "cleanup")
     assert res.returncode == 0, res.stderr
     assert "removed tc filter podtrace:" in res.stdout
     assert lab_tc_state(lab) == before
     wait_no_programs()
+
+
+def test_sigkill_of_the_coordinator_agents_clean_up(lab):
+    """Agents notice their coordinator is gone (stdin closes) and remove what they added."""
+    before = lab_tc_state(lab)
+    proc = _start_long_flow(lab)
+    try:
+        _wait_attached(lab, proc, before)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while lab_tc_state(lab) != before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert lab_tc_state(lab) == before
+        wait_no_programs(10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

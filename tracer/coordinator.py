@@ -1,0 +1,256 @@
+"""The coordinator: runs one agent per node involved in a trace, merges their streams,
+estimates the clock offsets between nodes from the traced packets themselves, and hands one
+event table to reconstruction. Only the transport differs between the lab (a local process
+per lab node) and a cluster (the agent pod of each node, through the Kubernetes exec API).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from . import events, flows, wire
+from .errors import EnvironmentProblem
+
+READY_TIMEOUT_S = 30
+
+
+@dataclass
+class AgentPlan:
+    node: str
+    request: dict
+
+
+@dataclass
+class AgentRun:
+    plan: AgentPlan
+    proc: object = None
+    frames: queue.Queue = field(default_factory=queue.Queue)
+    chunks: list[np.ndarray] = field(default_factory=list)
+    hello: dict | None = None
+    ready: bool = False
+    probes: list[dict] | None = None
+    facts: dict | None = None
+    counters: dict | None = None
+    clocks: list[dict] = field(default_factory=list)
+    ended: bool = False
+    failure: str | None = None
+    logs: list[str] = field(default_factory=list)
+
+    def send(self, obj: dict) -> None:
+        try:
+            self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+
+    def events(self) -> np.ndarray:
+        return np.concatenate(self.chunks, dtype=events.EVENT_DTYPE) if self.chunks \
+            else np.zeros(0, dtype=events.EVENT_DTYPE)
+
+
+class LocalTransport:
+    """An agent as a local process (the lab): `python -m tracer.cli agent`."""
+
+    def __init__(self, extra_env: dict[str, dict[str, str]] | None = None):
+        self.extra_env = extra_env or {}
+
+    def start(self, plan: AgentPlan):
+        env = dict(os.environ, **self.extra_env.get(plan.node, {}))
+        return subprocess.Popen([sys.executable, "-m", "tracer.cli", "agent"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                start_new_session=False)
+
+
+def _reader(run: AgentRun) -> None:
+    try:
+        for fr in wire.read(run.proc.stdout):
+            run.frames.put(fr)
+    except wire.WireError as exc:
+        run.frames.put(("wire-error", str(exc)))
+    run.frames.put(("eof", None))
+
+
+def _absorb(run: AgentRun, block: float = 0.0) -> None:
+    """Take every frame that has arrived (waiting up to `block` seconds for the first)."""
+    timeout = block
+    while True:
+        try:
+            item = run.frames.get(timeout=timeout) if timeout else run.frames.get_nowait()
+        except queue.Empty:
+            return
+        timeout = 0
+        if isinstance(item, tuple):
+            what, detail = item
+            if what == "wire-error" and not run.failure:
+                run.failure = f"the agent's stream is corrupt: {detail}"
+            elif what == "eof" and not run.ended and not run.failure:
+                rc = run.proc.poll()
+                err = (run.proc.stderr.read() or b"").decode(errors="replace").strip().splitlines()[-1:] \
+                    if run.proc.stderr and rc is not None else []
+                run.failure = f"the agent stopped before the end (exit {rc}{': ' + err[0] if err else ''})"
+            continue
+        fr = item
+        if fr.kind == "events":
+            if len(fr.payload) % events.EVENT_DTYPE.itemsize:
+                run.failure = "an events frame does not hold whole records"
+                continue
+            run.chunks.append(np.frombuffer(fr.payload, dtype=events.EVENT_DTYPE))
+        elif fr.kind == "hello":
+            run.hello = fr.json()
+        elif fr.kind == "ready":
+            run.ready = True
+        elif fr.kind == "probes":
+            run.probes = fr.json()
+        elif fr.kind == "facts":
+            run.facts = fr.json()
+        elif fr.kind == "counters":
+            run.counters = fr.json()
+        elif fr.kind == "clock":
+            run.clocks.append(fr.json())
+        elif fr.kind == "error":
+            run.failure = fr.json().get("message", "agent error")
+        elif fr.kind == "log":
+            run.logs.append(fr.json().get("message", ""))
+        elif fr.kind == "end":
+            run.ended = True
+
+
+class Coordinator:
+    def __init__(self, plans: list[AgentPlan], transport, say=lambda m: None):
+        self.runs = [AgentRun(p) for p in plans]
+        self.transport = transport
+        self.say = say
+
+    def __enter__(self):
+        for run in self.runs:
+            run.proc = self.transport.start(run.plan)
+            run.send(run.plan.request)
+            threading.Thread(target=_reader, args=(run,), daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            for run in self.runs:
+                _absorb(run, 0.02)
+            bad = [r for r in self.runs if r.failure and not r.ready]
+            if bad:
+                self.stop()
+                r = bad[0]
+                raise EnvironmentProblem(f"the agent for {r.plan.node} could not start: {r.failure}",
+                                         "run `podtrace doctor` on that node")
+            if all(r.ready for r in self.runs):
+                return
+            if time.monotonic() > deadline:
+                self.stop()
+                late = [r.plan.node for r in self.runs if not r.ready]
+                raise EnvironmentProblem(f"agents for {', '.join(late)} did not get ready in {READY_TIMEOUT_S}s",
+                                         "check the agent pods (kubectl -n podtrace get pods)")
+
+    def run(self, node: str, cmd: dict) -> None:
+        for r in self.runs:
+            if r.plan.node == node:
+                r.send(cmd)
+
+    def broadcast(self, cmd: dict) -> None:
+        for r in self.runs:
+            r.send(cmd)
+
+    def pump(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            for r in self.runs:
+                _absorb(r, 0.01)
+
+    def wait_for(self, pred, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for r in self.runs:
+                _absorb(r, 0.01)
+            if pred():
+                return True
+            if all(r.failure or r.ended for r in self.runs):
+                return pred()
+        return pred()
+
+    def stop(self, timeout: float = 10) -> None:
+        self.broadcast({"cmd": "stop"})
+        end = time.monotonic() + timeout
+        for r in self.runs:
+            if r.proc is None:
+                continue
+            with_stdin = getattr(r.proc, "stdin", None)
+            while not (r.ended or r.failure) and time.monotonic() < end:
+                _absorb(r, 0.05)
+            if with_stdin:
+                try:
+                    with_stdin.close()
+                except OSError:
+                    pass
+            try:
+                r.proc.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                r.proc.kill()
+                r.proc.wait()
+            _absorb(r)
+
+    def merged(self) -> tuple[np.ndarray, np.ndarray]:
+        """All agents' events in one array, and which agent (index into runs) each came from."""
+        arrs = [r.events() for r in self.runs]
+        origin = np.concatenate([np.full(len(a), i, dtype=np.int16) for i, a in enumerate(arrs)]) \
+            if arrs else np.zeros(0, dtype=np.int16)
+        allev = np.concatenate(arrs, dtype=events.EVENT_DTYPE) if arrs else np.zeros(0, dtype=events.EVENT_DTYPE)
+        return allev, origin
+
+
+def estimate_offsets(df: pd.DataFrame, ref: int, request_is: callable,
+                     domains: dict[int, str] | None = None) -> dict[int, dict]:
+    """Clock offset of every agent relative to agent `ref`, from packets both saw.
+
+    For a request that left `ref` and reached X: a = first(X) - last(ref) = d + θ; for a
+    reply X → ref: b = first(ref) - last(X) = d' - θ. The smallest of each (the packets
+    that waited least) with d ≈ d' gives θ = (min(a) - min(b)) / 2. Agents in the clock
+    domain of `ref` (same booted kernel) get 0 without estimation.
+    """
+    out: dict[int, dict] = {}
+    if df.empty:
+        return out
+    domains = domains or {}
+    seen = df[df["pkt"] >= 0]
+    g = seen.groupby(["pkt", "agent"])["ts_ns"].agg(["min", "max"])
+    dirs = seen.groupby("pkt").apply(request_is, include_groups=False)
+    for x in sorted(set(df["agent"]) - {ref}):
+        if domains.get(x) is not None and domains.get(x) == domains.get(ref):
+            continue
+        a_vals, b_vals = [], []
+        for pkt, d in dirs.items():
+            if (pkt, ref) not in g.index or (pkt, x) not in g.index:
+                continue
+            if d == "request":
+                a_vals.append(g.loc[(pkt, x), "min"] - g.loc[(pkt, ref), "max"])
+            elif d == "reply":
+                b_vals.append(g.loc[(pkt, ref), "min"] - g.loc[(pkt, x), "max"])
+        if a_vals and b_vals:
+            a, b = float(min(a_vals)), float(min(b_vals))
+            out[x] = {"offset_ns": int((a - b) / 2), "pairs": min(len(a_vals), len(b_vals)),
+                      "one_way_ns": int((a + b) / 2)}
+    return out
+
+
+def deep(obj):
+    return copy.deepcopy(obj)
