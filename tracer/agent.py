@@ -100,6 +100,8 @@ def serve(stdin=None, stdout: BinaryIO | None = None) -> int:
                                "timings": session.timings})
             out.send("clock", _clock())
             out.send("ready", {"node": node.name})
+            if os.environ.get("PODTRACE_AGENT_DIE_AFTER_READY"):
+                os._exit(9)   # tests: an agent that dies mid-trace
             cmds: queue.Queue = queue.Queue()
             threading.Thread(target=_commands, args=(stdin, cmds), daemon=True).start()
             prober: threading.Thread | None = None

@@ -351,10 +351,12 @@ def _agent_plans(plan: _Plan) -> list[coordinator.AgentPlan]:
 def _trace_agents(plan: _Plan, say) -> _Traced:
     cfg, src = plan.cfg, plan.src
     plans = _agent_plans(plan)
-    skews = {}
+    skews: dict[str, dict[str, str]] = {}
     for item in filter(None, os.environ.get("PODTRACE_TEST_AGENT_SKEW", "").split(",")):
         node, ns_ = item.split("=")   # tests only: pretend a node's clock is off
-        skews[node] = {"PODTRACE_AGENT_CLOCK_SKEW_NS": ns_}
+        skews.setdefault(node, {})["PODTRACE_AGENT_CLOCK_SKEW_NS"] = ns_
+    for node in filter(None, os.environ.get("PODTRACE_TEST_AGENT_DIE", "").split(",")):
+        skews.setdefault(node, {})["PODTRACE_AGENT_DIE_AFTER_READY"] = "1"   # tests only
     say(f"starting {len(plans)} agent(s): {', '.join(p.node for p in plans)}")
     sent: list[probe.ProbeResult] = []
     problems: list[str] = []

@@ -1,0 +1,59 @@
+"""Traces through one agent per lab node: the same coordinator and merge as in a cluster."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.integration.lab_fixture import lab  # noqa: F401
+from tests.integration.test_flow import wait_no_programs
+from tracer.config import FlowConfig
+from tracer.trace import run_flow
+
+
+def path(p):
+    return [(h["node"], h["pod"], h["dev"], h["point"]) for h in p["hops"]]
+
+
+def paths(r):
+    return {(p["direction"], p["seq"]): path(p) for p in r.packets}
+
+
+@pytest.mark.parametrize("dst,proto,port", [("pod-2-1", "icmp", None), ("svc/default/web", "tcp", 80)])
+def test_agents_equal_single_process(lab, dst, proto, port):
+    kw = dict(src="pod-1-1", dst=dst, proto=proto, port=port, lab_prefix=lab["prefix"])
+    single = run_flow(FlowConfig(mode="single", **kw))
+    agents = run_flow(FlowConfig(mode="agents", **kw))
+    assert single.ok and agents.ok, (single.verdict, agents.verdict)
+    assert paths(agents) == paths(single)
+    assert agents.clock["same_clock"], "lab agents share one kernel clock"
+    assert not agents.clock["offsets"]
+    wait_no_programs()
+
+
+def test_clock_offset_estimated_and_order_kept(lab, monkeypatch):
+    skew = 7_000_000   # node-2's clock 7 ms ahead
+    reference = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=5))
+    monkeypatch.setenv("PODTRACE_TEST_AGENT_SKEW", f"node-2={skew}")
+    r = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=5))
+    assert r.ok, r.verdict
+    est = r.clock["offsets"]["node-2"]["offset_ns"]
+    assert abs(est - skew) < 50_000, r.clock
+    assert paths(r) == paths(reference)
+    for p in r.packets:
+        ts = [h["t_ns"] for h in p["hops"]]
+        assert ts == sorted(ts)
+        assert p["hops"][-1]["t_ns"] < 5_000_000, "cross-node latency must be corrected"
+
+
+def test_agent_that_dies_is_named(lab, monkeypatch):
+    monkeypatch.setenv("PODTRACE_TEST_AGENT_DIE", "node-2")
+    r = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=1, timeout=0.5))
+    assert r.verdict["status"] == "failed"
+    assert any("node-2's view is missing" in p for p in r.verdict["problems"]), r.verdict
+    monkeypatch.delenv("PODTRACE_TEST_AGENT_DIE")
+    # the dead agent's tc filters are removed by the next run
+    r2 = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=1))
+    assert r2.ok, r2.verdict
+    wait_no_programs()
