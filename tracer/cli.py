@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 
 import click
 
@@ -10,22 +12,35 @@ from .errors import PodtraceError
 
 
 class _Group(click.Group):
-    """Maps podtrace errors to one line on stderr and the contract's exit code."""
+    """Maps podtrace errors to one line on stderr and the contract's exit code. Anything
+    unexpected is one line too (exit 1); `--debug` or PODTRACE_DEBUG=1 shows the traceback."""
 
     def invoke(self, ctx):
+        debug = bool(ctx.params.get("debug")) or os.environ.get("PODTRACE_DEBUG") == "1"
         try:
             return super().invoke(ctx)
         except PodtraceError as exc:
+            if debug:
+                traceback.print_exc()
             click.echo(f"podtrace: {exc.line()}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("podtrace: interrupted; everything podtrace added was removed", err=True)
             sys.exit(130)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:  # a bug: still one line, never a traceback by default
+            if debug:
+                traceback.print_exc()
+            click.echo(f"podtrace: internal error: {type(exc).__name__}: {exc}; "
+                       "run again with --debug and report it", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="podtrace")
-def main():
+@click.option("--debug", is_flag=True, help="Show tracebacks of errors (also PODTRACE_DEBUG=1).")
+def main(debug):
     """podtrace: follow packets between Kubernetes pods across nodes, hop by hop.
 
     \b
