@@ -81,6 +81,13 @@ def serve(stdin=None, stdout: BinaryIO | None = None) -> int:
         return 2
     node = nodecheck.NodeRef(req["node"], req.get("node_netns"))
     skew = _skew()
+    local = {}
+    if req.get("discover"):
+        # A real node: find the pods' namespaces and hop devices here, by address.
+        local = _discover(req["discover"])
+        if req.get("probe") and not req["probe"].get("netns"):
+            req["probe"]["netns"] = local["netns_by_ip"].get(req["probe"]["src"])
+        req["tc_devices"] = [[None, d] for d in local["devices"]] if req.get("tc_devices") == "auto" else []
     hooks, degraded = probes.select(probes.detect(), tc=bool(req.get("tc_devices")))
     session = TraceSession(SessionConfig(addrs=req["addrs"], hooks=hooks, netns=req.get("netns_filter")))
     tc = None
@@ -97,6 +104,7 @@ def serve(stdin=None, stdout: BinaryIO | None = None) -> int:
             out.send("hello", {"node": node.name, "pid": os.getpid(), "hooks": [h.name for h in hooks],
                                "degraded": degraded, "kernel": os.uname().release,
                                "clock_domain": clock_domain(),
+                               "namespaces": local.get("namespaces", {}),
                                "timings": session.timings})
             out.send("clock", _clock())
             out.send("ready", {"node": node.name})
@@ -164,6 +172,35 @@ def _flush(session: TraceSession, out: _Out, sent: int, skew: int) -> int:
     return total
 
 
+def _discover(d: dict) -> dict:
+    """On a real node: every network namespace with its addresses (so the coordinator can
+    name hops inside pods), the namespace of the probing pod, and the hop devices of the
+    pods this trace involves (their host veths, plus the CNI's bridge/overlay/uplink)."""
+    from . import kube
+
+    pod_ips = set(d.get("pod_ips", []))
+    host_ino = os.stat("/proc/self/ns/net").st_ino
+    namespaces: dict[str, dict] = {}
+    netns_by_ip: dict[str, str] = {}
+    for ino, ref in kube.scan_netns().items():
+        ips = kube._ns_addresses(ref)
+        namespaces[str(ino)] = {"ips": ips, "host": ino == host_ino}
+        for ip in ips:
+            if ip in pod_ips and ino != host_ino:
+                netns_by_ip[ip] = ref.path
+    devices = []
+    for name, owner in kube.host_veth_owners(None, None, cri=False).items():
+        if set(owner.ips) & pod_ips:
+            devices.append(owner.host_ifname)
+    links = nodecheck.links(nodecheck.NodeRef("host", None))
+    devices += [n for n in ("cni0", "cbr0", "cilium_host", "cilium_net", "flannel.1", "cilium_vxlan",
+                            "vxlan.calico", "tunl0") if n in links]
+    uplink = nodecheck.route_get(nodecheck.NodeRef("host", None), "1.1.1.1").get("dev")  # no packet is sent
+    if uplink and uplink in links:
+        devices.append(uplink)
+    return {"namespaces": namespaces, "netns_by_ip": netns_by_ip, "devices": list(dict.fromkeys(devices))}
+
+
 def _locations(session: TraceSession) -> dict[str, str | None]:
     """Kernel symbols of the drop locations seen (kallsyms is this machine's)."""
     from .trace import _symbolizer
@@ -197,3 +234,19 @@ def _facts(node: nodecheck.NodeRef, q: dict) -> dict:
 
 def main() -> int:
     return serve()
+
+
+def idle(every: float = 60.0) -> int:
+    """The DaemonSet container's main process: no listener, no work, except removing what a
+    killed `podtrace agent` exec left on this node. Exits 0 on SIGTERM."""
+    import signal
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    signal.signal(signal.SIGINT, lambda *a: stop.set())
+    while not stop.wait(every):
+        try:
+            tcattach.cleanup(scan=False)
+        except PodtraceError:
+            pass
+    return 0

@@ -69,11 +69,15 @@ def main(debug):
               help="Seconds to watch with --no-probe.")
 @click.option("--cluster", type=click.Path(dir_okay=False), default=None,
               help="A `kubectl get nodes,pods,services,endpointslices -A -o json` file.")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None,
+              help="kubeconfig file (default: KUBECONFIG, ~/.kube/config, or in-cluster).")
+@click.option("--context", default=None, help="kubeconfig context to use.")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--save", type=click.Path(dir_okay=False), default=None, help="Write the raw events to a Parquet trace file.")
 @click.option("--single-process", "single", is_flag=True, hidden=True,
               help="Trace every node from this process instead of one agent per node (lab only).")
-def flow(src, dst, proto, port, count, timeout, size, sport, no_probe, duration, cluster, output, save, single):
+def flow(src, dst, proto, port, count, timeout, size, sport, no_probe, duration, cluster, kubeconfig, context,
+         output, save, single):
     """Follow probe packets from SRC to DST hop by hop, and say where they died.
 
     SRC and DST: NAMESPACE/POD, POD (namespace default), svc/NAMESPACE/NAME,
@@ -100,6 +104,7 @@ def flow(src, dst, proto, port, count, timeout, size, sport, no_probe, duration,
     err = Console(stderr=True)
     cfg = FlowConfig(src=src, dst=dst, proto=proto, port=port, count=count, timeout=timeout,
                      probe=not no_probe, duration=duration, cluster=cluster, save=save, size=size, sport=sport,
+                     kubeconfig=kubeconfig, context=context,
                      mode="single" if single else "agents")
     if err.is_terminal and output == "table":
         with err.status("resolving endpoints") as status:
@@ -147,14 +152,16 @@ def doctor(output):
     sys.exit(0 if rep["can_trace"] else 1)
 
 
-@main.command(hidden=False)
-def agent():
+@main.command()
+@click.option("--serve", is_flag=True,
+              help="Stay up as the DaemonSet's main process: idle, and remove what killed traces left.")
+def agent(serve):
     """Per-node tracer driven by `podtrace flow` (reads a request on stdin, streams framed
     records on stdout). Not for interactive use: `flow` starts it, as a local process per
     lab node or through the Kubernetes exec API in the agent pod of each node."""
-    from .agent import main as agent_main
+    from . import agent as agent_mod
 
-    sys.exit(agent_main())
+    sys.exit(agent_mod.idle() if serve else agent_mod.main())
 
 
 @main.command()

@@ -18,6 +18,8 @@ class FlowConfig:
     timeout: float = 1.0             # per probe
     interval: float = 0.05           # between probes
     cluster: str | None = None       # --cluster FILE
+    kubeconfig: str | None = None    # --kubeconfig FILE (else KUBECONFIG, ~/.kube/config, in-cluster)
+    context: str | None = None       # --context NAME
     lab_prefix: str = os.environ.get("PODTRACE_LAB_PREFIX", "ptlab")
     save: str | None = None
     settle: float = 0.05

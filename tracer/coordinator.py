@@ -133,10 +133,14 @@ class Coordinator:
         self.say = say
 
     def __enter__(self):
-        for run in self.runs:
-            run.proc = self.transport.start(run.plan)
-            run.send(run.plan.request)
-            threading.Thread(target=_reader, args=(run,), daemon=True).start()
+        try:
+            for run in self.runs:
+                run.proc = self.transport.start(run.plan)
+                run.send(run.plan.request)
+                threading.Thread(target=_reader, args=(run,), daemon=True).start()
+        except BaseException:
+            self.stop()      # agents already started must not outlive a failed start
+            raise
         return self
 
     def __exit__(self, *exc):

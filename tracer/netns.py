@@ -29,7 +29,8 @@ def _setns(fd: int) -> None:
 
 
 def netns_path(name: str) -> Path:
-    return NETNS_RUN_DIR / name
+    """A named namespace (`ip netns`), or an absolute path such as /proc/PID/ns/net."""
+    return Path(name) if name.startswith("/") else NETNS_RUN_DIR / name
 
 
 def exists(name: str) -> bool:

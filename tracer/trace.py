@@ -63,11 +63,13 @@ class FlowResult:
 
 
 def load_inventory(cfg: FlowConfig) -> tuple[k8s.Inventory, dict | None]:
-    """--cluster FILE, else the lab's inventory when the lab is up. Lab namespaces are added
-    to a cluster file's pods when they describe the same pods."""
+    """--cluster FILE, else the kubeconfig / in-cluster config, else the lab's inventory when
+    the lab is up (the contract's order). Lab namespaces are added to a cluster file's pods
+    when they describe the same pods. A cluster connection is kept on cfg._conn."""
     from .lab import build as labbuild
 
     lab = labbuild.status(cfg.lab_prefix)
+    cfg._conn = None
     if cfg.cluster:
         inv = k8s.load_list(cfg.cluster)
         if lab:
@@ -77,6 +79,14 @@ def load_inventory(cfg: FlowConfig) -> tuple[k8s.Inventory, dict | None]:
                 if lp and lp.ip == pod.ip:
                     pod.netns, pod.host_veth = lp.netns, lp.host_veth
         return inv, lab
+    from . import kube
+
+    ref = kube.find_config(cfg.kubeconfig, cfg.context)
+    if ref is not None:
+        conn = kube.connect(cfg.kubeconfig, cfg.context, ref=ref)
+        inv, _streams = kube.inventory_for(conn, [s for s in (cfg.src, cfg.dst) if s])
+        cfg._conn = conn
+        return inv, None
     if lab:
         return k8s.from_lab(lab), lab
     raise EnvironmentProblem(
@@ -244,7 +254,8 @@ def _prepare(cfg: FlowConfig) -> _Plan:
         if src.pod is None:
             raise BadInput(f"probes are sent from a pod; {cfg.src} is not a pod",
                            "give a pod as SRC, or watch real traffic with --no-probe")
-        if not src.pod.netns or not netns.exists(src.pod.netns):
+        in_cluster = getattr(cfg, "_conn", None) is not None   # the agent finds it on its node
+        if not in_cluster and (not src.pod.netns or not netns.exists(src.pod.netns)):
             raise EnvironmentProblem(
                 f"the network namespace of {src.pod.key} is not on this machine",
                 "run podtrace against the lab, or on a cluster with the agent DaemonSet (manifests/)")
@@ -260,6 +271,10 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
     plan = _prepare(cfg)
     if cfg.mode == "agents" and plan.lab:
         traced = _trace_agents(plan, say)
+    elif getattr(cfg, "_conn", None) is not None:
+        from .kubeexec import KubeExecTransport
+
+        traced = _trace_agents(plan, say, transport=KubeExecTransport(cfg._conn), plans=_cluster_plans(plan))
     else:
         traced = _trace_single(plan, say)
     return _finish(plan, traced)
@@ -348,9 +363,34 @@ def _agent_plans(plan: _Plan) -> list[coordinator.AgentPlan]:
     return out
 
 
-def _trace_agents(plan: _Plan, say) -> _Traced:
+def _cluster_plans(plan: _Plan) -> list[coordinator.AgentPlan]:
+    """A real cluster: the agent of each node the flow's pods are on discovers the pods'
+    namespaces and hop devices itself (by address); its view is its whole kernel."""
+    src, dst, cfg = plan.src, plan.dst, plan.cfg
+    pods = [e.pod for e in (src, dst) if e.pod]
+    if dst.service:
+        pods += [plan.inv.pods[k] for k in dst.service.backends if k in plan.inv.pods]
+    nodes = list(dict.fromkeys(p.node for p in pods if p.node))
+    pod_ips = sorted({p.ip for p in pods if p.ip})
+    out = []
+    for node in nodes:
+        req = {"version": agent_mod.REQUEST_VERSION, "node": node, "node_netns": None, "netns_filter": None,
+               "addrs": plan.addrs, "tc_devices": "auto" if cfg.tc else [],
+               "discover": {"pod_ips": pod_ips},
+               "max_seconds": (cfg.duration if not cfg.probe else cfg.count * (cfg.timeout + cfg.interval)) + 60}
+        if cfg.probe and src.pod and src.pod.node == node:
+            req["probe"] = {"netns": None, "src": src.ip, "dst": dst.ip, "proto": plan.proto, "port": plan.port,
+                            "count": cfg.count, "timeout": cfg.timeout, "interval": cfg.interval,
+                            "size": cfg.size, "sport": cfg.sport, "settle": cfg.settle}
+        out.append(coordinator.AgentPlan(node, req))
+    if cfg.probe and not any("probe" in p.request for p in out):
+        raise BadInput(f"{cfg.src} has no node in the cluster metadata", "pick a running pod as SRC")
+    return out
+
+
+def _trace_agents(plan: _Plan, say, transport=None, plans=None) -> _Traced:
     cfg, src = plan.cfg, plan.src
-    plans = _agent_plans(plan)
+    plans = plans if plans is not None else _agent_plans(plan)
     skews: dict[str, dict[str, str]] = {}
     for item in filter(None, os.environ.get("PODTRACE_TEST_AGENT_SKEW", "").split(",")):
         node, ns_ = item.split("=")   # tests only: pretend a node's clock is off
@@ -361,8 +401,10 @@ def _trace_agents(plan: _Plan, say) -> _Traced:
     sent: list[probe.ProbeResult] = []
     problems: list[str] = []
     notes: list[str] = []
-    with TerminateAsInterrupt(), coordinator.Coordinator(plans, coordinator.LocalTransport(skews)) as co:
+    transport = transport or coordinator.LocalTransport(skews)
+    with TerminateAsInterrupt(), coordinator.Coordinator(plans, transport) as co:
         co.wait_ready()
+        _placement_from_agents(plan, co)
         t_tracing = time.monotonic()
         prober = next((r for r in co.runs if r.plan.request.get("probe")), None)
         if cfg.probe and prober is not None:
@@ -417,6 +459,21 @@ def _trace_agents(plan: _Plan, say) -> _Traced:
         return _agent_evidence(plan, facts)
     return _Traced(df, sent, counters, locations, hooks, degraded, timings, t_tracing, t_done, evidence,
                    notes, problems, clock)
+
+
+def _placement_from_agents(plan: _Plan, co: coordinator.Coordinator) -> None:
+    """On a real node the agent reports its namespaces and their addresses; name them."""
+    for r in co.runs:
+        for ino, info in ((r.hello or {}).get("namespaces") or {}).items():
+            ino = int(ino)
+            if ino in plan.placement.netns:
+                continue
+            if info.get("host"):
+                plan.placement.netns[ino] = (r.plan.node, None)
+                continue
+            pod = next((plan.inv.by_ip().get(ip) for ip in info.get("ips", []) if ip in plan.inv.by_ip()), None)
+            if pod and pod[0] == "pod":
+                plan.placement.netns[ino] = (r.plan.node, pod[1])
 
 
 def _merge(co: coordinator.Coordinator, plan: _Plan) -> tuple[pd.DataFrame, dict]:
