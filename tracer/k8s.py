@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,10 +21,21 @@ class Pod:
     ip: str | None
     netns: str | None = None        # lab only: the named network namespace of the pod
     host_veth: str | None = None
+    uid: str | None = None
+    owner_kind: str | None = None     # the controller in ownerReferences (ReplicaSet, Job, …)
+    owner_name: str | None = None
+    workload_kind: str | None = None  # what a person calls it (Deployment, CronJob, …)
+    workload_name: str | None = None
+    host_network: bool = False
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def workload(self) -> str | None:
+        """"Deployment/web", "StatefulSet/db", "DaemonSet/…", "CronJob/…"; None for bare pods."""
+        return f"{self.workload_kind}/{self.workload_name}" if self.workload_kind else None
 
 
 @dataclass
@@ -33,6 +45,22 @@ class Service:
     cluster_ip: str | None
     ports: list[dict] = field(default_factory=list)     # {port, target_port, protocol, name}
     backends: list[str] = field(default_factory=list)   # "ns/pod"
+    backend_ips: list[str] = field(default_factory=list)
+    selector: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass
+class Slice:
+    """The part of an EndpointSlice a trace needs: which Service, which ready backends."""
+
+    namespace: str
+    name: str
+    service: str | None               # "ns/name" of the Service it belongs to
+    backends: list[str] = field(default_factory=list)
     backend_ips: list[str] = field(default_factory=list)
 
     @property
@@ -54,6 +82,12 @@ class Inventory:
     services: dict[str, Service] = field(default_factory=dict)
     nodes: dict[str, Node] = field(default_factory=dict)
     source: str = "none"
+    slices: dict[str, Slice] = field(default_factory=dict)
+    # Address indexes, kept by the mutators below (upsert_*/remove_*/apply). Code that fills
+    # the dicts directly is still served right: a stale index is rebuilt on first use.
+    _ip_index: dict = field(default_factory=dict, repr=False, compare=False)
+    _indexed: tuple | None = field(default=None, repr=False, compare=False)
+    _slices_by_svc: dict = field(default_factory=dict, repr=False, compare=False)
 
     def by_ip(self) -> dict[str, tuple[str, str]]:
         """ip → (kind, key) for pods, Service VIPs and nodes."""
@@ -68,6 +102,222 @@ class Inventory:
             if p.ip:
                 out[p.ip] = ("pod", p.key)
         return out
+
+    # -- indexed lookups -------------------------------------------------------------------
+
+    def _sizes(self) -> tuple:
+        return (len(self.pods), len(self.services), len(self.nodes))
+
+    def reindex(self) -> None:
+        """Rebuild the address index from the dicts (O(n)); the mutators keep it current."""
+        idx: dict[str, dict[str, list[str]]] = {"pod": {}, "service": {}, "node": {}}
+        for n in self.nodes.values():
+            if n.ip:
+                idx["node"].setdefault(n.ip, []).append(n.name)
+        for sv in self.services.values():
+            if sv.cluster_ip:
+                idx["service"].setdefault(sv.cluster_ip, []).append(sv.key)
+        for p in self.pods.values():
+            if p.ip:
+                idx["pod"].setdefault(p.ip, []).append(p.key)
+        self._ip_index = idx
+        self._indexed = self._sizes()
+
+    def _fresh(self) -> bool:
+        """Whether the mutators may keep the index incrementally (it matches the dicts)."""
+        if self._indexed is None and not (self.pods or self.services or self.nodes):
+            self._ip_index = {"pod": {}, "service": {}, "node": {}}
+            self._indexed = (0, 0, 0)
+        return self._indexed == self._sizes()
+
+    def _index(self) -> dict:
+        if self._indexed != self._sizes():
+            self.reindex()
+        return self._ip_index
+
+    def _index_add(self, kind: str, ip: str | None, key: str) -> None:
+        if ip and self._indexed is not None:
+            keys = self._ip_index[kind].setdefault(ip, [])
+            if key in keys:
+                keys.remove(key)
+            keys.append(key)
+
+    def _index_drop(self, kind: str, ip: str | None, key: str) -> None:
+        if ip and self._indexed is not None:
+            keys = self._ip_index[kind].get(ip)
+            if keys and key in keys:
+                keys.remove(key)
+                if not keys:
+                    del self._ip_index[kind][ip]
+
+    def lookup_ip(self, ip: str) -> tuple[str | None, str | None]:
+        """(kind, key) of an address, as `by_ip()` would say, in O(1): pods first, then
+        Service VIPs, then nodes."""
+        idx = self._index()
+        for kind, table in (("pod", self.pods), ("service", self.services), ("node", self.nodes)):
+            keys = idx[kind].get(ip)
+            if not keys:
+                continue
+            obj = table.get(keys[-1])
+            have = None if obj is None else (obj.cluster_ip if kind == "service" else obj.ip)
+            if have != ip:      # the dicts were changed behind the index's back
+                self.reindex()
+                return self.by_ip().get(ip, (None, None))
+            return kind, keys[-1]
+        return None, None
+
+    def describe_ip(self, ip: str | None) -> dict | None:
+        """What an address seen at a hop is: {"kind", "key", "node", "workload"}; None when
+        the inventory does not know it. For enriching hops."""
+        if not ip:
+            return None
+        kind, key = self.lookup_ip(ip)
+        if kind is None:
+            return None
+        out = {"kind": kind, "key": key, "node": None, "workload": None}
+        if kind == "pod":
+            pod = self.pods[key]
+            out["node"], out["workload"] = pod.node, pod.workload
+        elif kind == "node":
+            out["node"] = key
+        return out
+
+    # -- mutators (used by the live cluster watch; they keep the indexes right) -----------
+
+    def upsert_pod(self, pod: Pod) -> None:
+        old = self.pods.get(pod.key)
+        fresh = self._fresh()
+        if old is not None:
+            self._index_drop("pod", old.ip, old.key)
+            # Lab/agent facts are not in the API object: keep them across updates.
+            pod.netns = pod.netns or old.netns
+            pod.host_veth = pod.host_veth or old.host_veth
+        self.pods[pod.key] = pod
+        self._index_add("pod", pod.ip, pod.key)
+        if fresh:
+            self._indexed = self._sizes()
+
+    def remove_pod(self, key: str) -> Pod | None:
+        fresh = self._fresh()
+        old = self.pods.pop(key, None)
+        if old is not None:
+            self._index_drop("pod", old.ip, key)
+            if fresh:
+                self._indexed = self._sizes()
+        return old
+
+    def upsert_node(self, node: Node) -> None:
+        old = self.nodes.get(node.name)
+        fresh = self._fresh()
+        if old is not None:
+            self._index_drop("node", old.ip, old.name)
+            node.netns = node.netns or old.netns
+        self.nodes[node.name] = node
+        self._index_add("node", node.ip, node.name)
+        if fresh:
+            self._indexed = self._sizes()
+
+    def remove_node(self, name: str) -> Node | None:
+        fresh = self._fresh()
+        old = self.nodes.pop(name, None)
+        if old is not None:
+            self._index_drop("node", old.ip, name)
+            if fresh:
+                self._indexed = self._sizes()
+        return old
+
+    def upsert_service(self, svc: Service) -> None:
+        old = self.services.get(svc.key)
+        fresh = self._fresh()
+        if old is not None:
+            self._index_drop("service", old.cluster_ip, old.key)
+        self.services[svc.key] = svc
+        self._index_add("service", svc.cluster_ip, svc.key)
+        if fresh:
+            self._indexed = self._sizes()
+        self._recompute_backends(svc.key)
+
+    def remove_service(self, key: str) -> Service | None:
+        fresh = self._fresh()
+        old = self.services.pop(key, None)
+        if old is not None:
+            self._index_drop("service", old.cluster_ip, key)
+            if fresh:
+                self._indexed = self._sizes()
+        return old
+
+    def upsert_slice(self, sl: Slice) -> None:
+        old = self.slices.get(sl.key)
+        if old is not None and old.service != sl.service:
+            self._slice_unlink(old)
+        self.slices[sl.key] = sl
+        if sl.service:
+            keys = self._slices_by_svc.setdefault(sl.service, [])
+            if sl.key not in keys:
+                keys.append(sl.key)
+            self._recompute_backends(sl.service)
+
+    def remove_slice(self, key: str) -> Slice | None:
+        old = self.slices.pop(key, None)
+        if old is not None:
+            self._slice_unlink(old)
+        return old
+
+    def _slice_unlink(self, sl: Slice) -> None:
+        keys = self._slices_by_svc.get(sl.service or "")
+        if keys and sl.key in keys:
+            keys.remove(sl.key)
+        if sl.service:
+            self._recompute_backends(sl.service)
+
+    def _recompute_backends(self, svc_key: str) -> None:
+        svc = self.services.get(svc_key)
+        if svc is None:
+            return
+        backends: list[str] = []
+        ips: list[str] = []
+        for sk in self._slices_by_svc.get(svc_key, []):
+            sl = self.slices.get(sk)
+            if sl is None:
+                continue
+            backends += [b for b in sl.backends if b not in backends]
+            ips += [a for a in sl.backend_ips if a not in ips]
+        svc.backends, svc.backend_ips = backends, ips
+
+    def apply(self, event: str, obj: dict) -> str | None:
+        """One watch event ("ADDED", "MODIFIED", "DELETED") of a Pod, Node, Service or
+        EndpointSlice object (a dict as the API serves it). Returns the key it touched."""
+        kind = obj.get("kind")
+        md = obj.get("metadata") or {}
+        ns = md.get("namespace", "default")
+        name = md.get("name")
+        if not name:
+            return None
+        if kind == "Pod":
+            if event == "DELETED":
+                self.remove_pod(f"{ns}/{name}")
+            else:
+                self.upsert_pod(pod_from_obj(obj))
+            return f"{ns}/{name}"
+        if kind == "Node":
+            if event == "DELETED":
+                self.remove_node(name)
+            else:
+                self.upsert_node(node_from_obj(obj))
+            return name
+        if kind == "Service":
+            if event == "DELETED":
+                self.remove_service(f"{ns}/{name}")
+            else:
+                self.upsert_service(service_from_obj(obj))
+            return f"{ns}/{name}"
+        if kind == "EndpointSlice":
+            if event == "DELETED":
+                self.remove_slice(f"{ns}/{name}")
+            else:
+                self.upsert_slice(slice_from_obj(obj))
+            return f"{ns}/{name}"
+        return None
 
 
 @dataclass
@@ -111,46 +361,109 @@ def load_list(path: str | Path) -> Inventory:
     return from_items(doc["items"], source=str(p))
 
 
+def _owner(refs: list[dict] | None) -> dict | None:
+    refs = refs or []
+    return next((r for r in refs if r.get("controller")), refs[0] if refs else None)
+
+
+# A CronJob's controller names its Jobs <cronjob>-<scheduled time in minutes since the epoch>.
+_CRONJOB_JOB = re.compile(r"^(?P<cronjob>.+)-(?P<minutes>[0-9]{8,})$")
+
+
+def workload_of(owner_kind: str | None, owner_name: str | None, labels: dict | None) -> tuple[str | None, str | None]:
+    """(kind, name) of the workload behind a pod's controller, derived from names like kubectl
+    users read them, without fetching the owner: ReplicaSet `web-5d4f8b7c9` with the pod label
+    `pod-template-hash: 5d4f8b7c9` → Deployment `web`; Job `backup-28476120` → CronJob `backup`;
+    StatefulSet, DaemonSet and others are their own workload."""
+    if not owner_kind or not owner_name:
+        return None, None
+    labels = labels or {}
+    if owner_kind == "ReplicaSet":
+        h = labels.get("pod-template-hash")
+        if h and owner_name.endswith("-" + h) and len(owner_name) > len(h) + 1:
+            return "Deployment", owner_name[: -len(h) - 1]
+        return "ReplicaSet", owner_name
+    if owner_kind == "Job":
+        m = _CRONJOB_JOB.match(owner_name)
+        if m:
+            return "CronJob", m.group("cronjob")
+        return "Job", owner_name
+    if owner_kind == "Node":      # a static (mirror) pod
+        return "StaticPod", owner_name
+    return owner_kind, owner_name
+
+
+def pod_from_obj(it: dict) -> Pod:
+    md = it.get("metadata") or {}
+    spec = it.get("spec") or {}
+    ref = _owner(md.get("ownerReferences"))
+    okind, oname = (ref.get("kind"), ref.get("name")) if ref else (None, None)
+    wkind, wname = workload_of(okind, oname, md.get("labels"))
+    return Pod(md.get("namespace", "default"), md["name"], spec.get("nodeName"),
+               (it.get("status") or {}).get("podIP"),
+               uid=md.get("uid"), owner_kind=okind, owner_name=oname,
+               workload_kind=wkind, workload_name=wname,
+               host_network=bool(spec.get("hostNetwork")))
+
+
+def node_from_obj(it: dict) -> Node:
+    md = it.get("metadata") or {}
+    addrs = {a.get("type"): a.get("address") for a in (it.get("status") or {}).get("addresses", [])}
+    return Node(md["name"], addrs.get("InternalIP"), (it.get("spec") or {}).get("podCIDR"))
+
+
+def service_from_obj(it: dict) -> Service:
+    md = it.get("metadata") or {}
+    spec = it.get("spec") or {}
+    ports = [{"port": p.get("port"), "target_port": p.get("targetPort", p.get("port")),
+              "protocol": p.get("protocol", "TCP"), "name": p.get("name")}
+             for p in spec.get("ports") or []]
+    cip = spec.get("clusterIP")
+    return Service(md.get("namespace", "default"), md["name"], None if cip in (None, "None", "") else cip,
+                   ports, selector=dict(spec.get("selector") or {}))
+
+
+def slice_from_obj(sl: dict) -> Slice:
+    md = sl.get("metadata") or {}
+    ns = md.get("namespace", "default")
+    svc_name = (md.get("labels") or {}).get("kubernetes.io/service-name")
+    out = Slice(ns, md.get("name", ""), f"{ns}/{svc_name}" if svc_name else None)
+    for ep in sl.get("endpoints") or []:
+        if (ep.get("conditions") or {}).get("ready") is False:
+            continue
+        ref = ep.get("targetRef") or {}
+        if ref.get("kind") == "Pod":
+            key = f"{ref.get('namespace', ns)}/{ref.get('name')}"
+            if key not in out.backends:
+                out.backends.append(key)
+        for a in ep.get("addresses") or []:
+            if a not in out.backend_ips:
+                out.backend_ips.append(a)
+    return out
+
+
 def from_items(items: list[dict], source: str) -> Inventory:
     inv = Inventory(source=source)
     slices: list[dict] = []
     for it in items:
         kind = it.get("kind")
-        md = it.get("metadata", {})
         if kind == "Node":
-            addrs = {a.get("type"): a.get("address") for a in it.get("status", {}).get("addresses", [])}
-            inv.nodes[md["name"]] = Node(md["name"], addrs.get("InternalIP"), it.get("spec", {}).get("podCIDR"))
+            node = node_from_obj(it)
+            inv.nodes[node.name] = node
         elif kind == "Pod":
-            pod = Pod(md.get("namespace", "default"), md["name"], it.get("spec", {}).get("nodeName"),
-                      it.get("status", {}).get("podIP"))
+            pod = pod_from_obj(it)
             inv.pods[pod.key] = pod
         elif kind == "Service":
-            spec = it.get("spec", {})
-            ports = [{"port": p.get("port"), "target_port": p.get("targetPort", p.get("port")),
-                      "protocol": p.get("protocol", "TCP"), "name": p.get("name")}
-                     for p in spec.get("ports", [])]
-            cip = spec.get("clusterIP")
-            svc = Service(md.get("namespace", "default"), md["name"], None if cip in (None, "None", "") else cip, ports)
+            svc = service_from_obj(it)
             inv.services[svc.key] = svc
         elif kind == "EndpointSlice":
             slices.append(it)
-    for sl in slices:
-        md = sl.get("metadata", {})
-        svc_name = md.get("labels", {}).get("kubernetes.io/service-name")
-        svc = inv.services.get(f"{md.get('namespace', 'default')}/{svc_name}")
-        if svc is None:
+    for raw in slices:
+        sl = slice_from_obj(raw)
+        if sl.service is None or sl.service not in inv.services:
             continue
-        for ep in sl.get("endpoints") or []:
-            if ep.get("conditions", {}).get("ready") is False:
-                continue
-            ref = ep.get("targetRef") or {}
-            if ref.get("kind") == "Pod":
-                key = f"{ref.get('namespace', svc.namespace)}/{ref.get('name')}"
-                if key not in svc.backends:
-                    svc.backends.append(key)
-            for a in ep.get("addresses", []):
-                if a not in svc.backend_ips:
-                    svc.backend_ips.append(a)
+        inv.upsert_slice(sl)
+    inv.reindex()
     return inv
 
 
@@ -170,7 +483,19 @@ def from_lab(status: dict) -> Inventory:
     return inv
 
 
+_CLOSE_MAX = 2000
+
+
 def _close(word: str, choices: list[str]) -> str:
+    if len(choices) > _CLOSE_MAX:
+        # difflib over every name of a large cluster takes seconds: compare with the names
+        # of the same namespace, or sharing the first letters, only.
+        ns = word.split("/", 1)[0] + "/" if "/" in word else None
+        narrowed = [c for c in choices if ns and c.startswith(ns)]
+        if not narrowed or len(narrowed) > _CLOSE_MAX:
+            stem = word[: max(3, len(word) * 2 // 3)]
+            narrowed = [c for c in (narrowed or choices) if c.startswith(stem)][:_CLOSE_MAX]
+        choices = narrowed
     near = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
     return f"did you mean {', '.join(near)}?" if near else "list them with `podtrace lab status` or kubectl"
 
@@ -185,7 +510,7 @@ def resolve(spec: str, inv: Inventory) -> Endpoint:
     except ValueError:
         ip = None
     if ip is not None:
-        kind, key = inv.by_ip().get(ip, (None, None))
+        kind, key = inv.lookup_ip(ip)
         ep = Endpoint(spec, ip)
         if kind == "pod":
             ep.pod = inv.pods[key]

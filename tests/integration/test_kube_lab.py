@@ -1,0 +1,61 @@
+"""Host veth → pod on a real lab: IFLA_LINK + link-netnsid, RTM_GETNSID against the
+namespaces of /proc, pod found by its address (the lab has no CRI). Needs root."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tracer import k8s, kube, netns
+from tracer.lab import build
+from tracer.lab import topology as T
+
+PREFIX = os.environ.get("PODTRACE_TEST_KUBE_PREFIX", "pttestk8s")
+
+
+@pytest.fixture(scope="module")
+def lab():
+    assert PREFIX.startswith("pttestk8s")
+    build.down(PREFIX)      # leftovers of a killed run
+    try:
+        doc, _ = build.up(T.LabConfig(prefix=PREFIX))
+        yield doc
+    finally:
+        build.down(PREFIX)
+    assert not [n for n in netns.list_names() if n.startswith(PREFIX + "-")]
+
+
+def test_every_host_veth_maps_to_its_pod(lab):
+    inv = k8s.from_lab(lab)
+    for node in lab["nodes"]:
+        owners = kube.host_veth_owners(inv, node_netns=node["netns"], cri=False)
+        pods = [p for p in lab["pods"] if p["node"] == node["name"]]
+        for p in pods:
+            o = owners[p["host_veth"]]
+            assert o.pod == f"{p['namespace']}/{p['name']}", o
+            assert o.method == "ip" and o.ips == [p["ip"]]
+            assert o.netns_inode == netns.inode(p["netns"])
+            assert o.pid == p["responder_pid"] or o.netns_name == p["netns"]
+            assert o.peer_ifindex is not None and o.nsid is not None
+        # The node's uplink is a veth too, into the fabric: no pod owns it.
+        assert owners["eth0"].pod is None and owners["eth0"].netns_name == lab["fabric_netns"]
+
+
+def test_one_veth_and_netns_inodes(lab):
+    inv = k8s.from_lab(lab)
+    p = next(p for p in lab["pods"] if p["name"] == "pod-2-1")
+    node = next(n for n in lab["nodes"] if n["name"] == p["node"])
+    assert kube.host_veth_owner(p["host_veth"], inv, node["netns"], cri=False).pod == "default/pod-2-1"
+    with pytest.raises(Exception, match="not a veth"):
+        kube.host_veth_owner("cni0", inv, node["netns"], cri=False)
+    inodes = kube.pod_netns_inodes(inv, node["netns"], cri=False)
+    assert inodes == {netns.inode(q["netns"]): f"default/{q['name']}"
+                      for q in lab["pods"] if q["node"] == node["name"]}
+
+
+def test_without_inventory_the_namespace_is_still_found(lab):
+    p = lab["pods"][0]
+    node = next(n for n in lab["nodes"] if n["name"] == p["node"])
+    o = kube.host_veth_owner(p["host_veth"], None, node["netns"], cri=False)
+    assert o.pod is None and o.netns_inode == netns.inode(p["netns"]) and o.ips == [p["ip"]]
