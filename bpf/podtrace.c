@@ -22,7 +22,19 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_HASH(addrs, u32, u8, 4096);            // addresses under trace (network order)
 BPF_TABLE("lru_hash", u64, u8, tracked, 65536);  // skbs that matched once: followed until freed
 BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
-BPF_ARRAY(config, u32, 2);                 // [0]: 1 = match either address, 0 = both
+BPF_ARRAY(config, u32, 2);                 // [0]: selection flags SEL_* (0 = both addresses in addrs)
+// Capture selections (tracer/capture.py): CIDRs and TCP/UDP ports, used only when their
+// SEL_* flag is set, so the flow's filter (flags 0 or 1) costs what it did.
+struct cidr_key {
+    u32 prefixlen;
+    u32 addr;                              // network order
+};
+BPF_LPM_TRIE(cidrs, struct cidr_key, u8, 256);
+BPF_HASH(ports, u16, u8, 64);              // network order
+#define SEL_EITHER 1                       // one address matching is enough (else both)
+#define SEL_ANY_ADDR 2                     // no address condition (every IPv4 packet)
+#define SEL_CIDRS 4                        // an address also matches when inside a CIDR
+#define SEL_PORTS 8                        // TCP/UDP only, with sport or dport in ports
 // An agent sees only its own node: when [NETNS_FILTER_ON] of netns_cfg is 1, events are kept
 // only from the network namespaces listed in netns_allow (the node's and its pods').
 BPF_HASH(netns_allow, u32, u8, 4096);
@@ -53,13 +65,24 @@ static __always_inline u64 rd64(const void *base, u32 off) {
 #undef P_CTX
 #undef P_LOAD
 
+static __always_inline int addr_wanted(u32 *addr, u32 sel) {
+    if (addrs.lookup(addr)) return 1;
+    if (!(sel & SEL_CIDRS)) return 0;
+    struct cidr_key k = {.prefixlen = 32, .addr = *addr};
+    return cidrs.lookup(&k) != 0;
+}
+
 static __always_inline int wanted(struct pkt *p) {
     u32 zero = 0;
     u32 *mode = config.lookup(&zero);
-    u8 *a = addrs.lookup(&p->saddr);
-    u8 *b = addrs.lookup(&p->daddr);
-    if (mode && *mode == 1) return a || b;
-    return a && b;
+    u32 sel = mode ? *mode : 0;
+    if (sel & SEL_PORTS) {
+        if (p->proto != IPPROTO_TCP_ && p->proto != IPPROTO_UDP_) return 0;
+        if (!ports.lookup(&p->sport) && !ports.lookup(&p->dport)) return 0;
+    }
+    if (sel & SEL_ANY_ADDR) return 1;
+    if (sel & SEL_EITHER) return addr_wanted(&p->saddr, sel) || addr_wanted(&p->daddr, sel);
+    return addr_wanted(&p->saddr, sel) && addr_wanted(&p->daddr, sel);
 }
 
 // The conntrack entry attached to the skb (skb->_nfct: pointer | ctinfo in the low 3 bits):

@@ -100,6 +100,8 @@ def serve(stdin=None, stdout: BinaryIO | None = None) -> int:
                 tc = tcattach.TcAttacher(session.loaded.bpf)
                 for ns_name, dev in req["tc_devices"]:
                     tc.attach(ns_name, dev)
+            if tc is not None and tc.failed:
+                degraded = degraded + [f"{f} (the tracepoints still see that device)" for f in tc.failed]
             before = nodecheck.iptables_counters(node)
             out.send("hello", {"node": node.name, "pid": os.getpid(), "hooks": [h.name for h in hooks],
                                "degraded": degraded, "kernel": os.uname().release,

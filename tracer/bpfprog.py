@@ -11,7 +11,8 @@ from pathlib import Path
 
 from . import events, tracefs
 from .btf import kernel_offsets
-from .errors import EnvironmentProblem
+from . import testhooks
+from .errors import EnvironmentProblem, require_capabilities
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 if not (BPF_DIR / "podtrace.c").exists():  # installed as a package: bpf/ shipped inside
@@ -137,6 +138,7 @@ def load(ringbuf_pages: int = 256, attach: bool = True, hooks: list | None = Non
 
     if os.geteuid() != 0:
         raise EnvironmentProblem("tracing needs root (CAP_BPF, CAP_SYS_ADMIN)", "run it again with sudo")
+    require_capabilities("loading BPF programs", ("CAP_BPF", "CAP_PERFMON"))
     bcc = _bcc()
     if hooks is None:
         hooks = [probes.BY_NAME[n] for n in probes.DEFAULT_HOOKS]
@@ -153,11 +155,13 @@ def load(ringbuf_pages: int = 256, attach: bool = True, hooks: list | None = Non
                                  "run `podtrace doctor` to see what this kernel lacks") from None
     loaded = Loaded(bpf=b)
     t2 = time.monotonic()
+    testhooks.pause("loaded")
     if attach:
         try:
             for h in hooks:
                 if h.kind == "tracepoint":
-                    b.attach_tracepoint(tp=h.target.encode(), fn_name=h.fn.encode())
+                    with _quiet_stderr():   # BCC prints a rejected program's verifier log on fd 2
+                        b.attach_tracepoint(tp=h.target.encode(), fn_name=h.fn.encode())
                     loaded.attached.append(("tracepoint", h.target))
                 elif h.kind in ("kprobe", "kretprobe"):
                     try:
@@ -171,6 +175,9 @@ def load(ringbuf_pages: int = 256, attach: bool = True, hooks: list | None = Non
                         loaded.skipped.append(h.name)
         except Exception as exc:
             loaded.close()
+            if "Failed to load BPF program" in str(exc):   # BCC loads a program at its first attach
+                raise EnvironmentProblem(f"the kernel's verifier rejected a BPF program: {exc}",
+                                         "run `podtrace doctor`; PODTRACE_DEBUG_BPF=1 shows the verifier log") from None
             raise EnvironmentProblem(f"could not attach a tracepoint: {exc}",
                                      "mount tracefs and check `podtrace doctor`") from None
     loaded.timings = {"generate_s": t1 - t0, "compile_s": t2 - t1, "attach_s": time.monotonic() - t2}

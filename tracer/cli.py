@@ -11,9 +11,29 @@ import click
 from .errors import PodtraceError
 
 
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def _usage_exit(exc: click.UsageError):
+    """A bad flag or argument: one line and exit 2, like any other bad input (click's own
+    rendering is a usage block of several lines)."""
+    if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+        raise exc   # no arguments at all: show the help
+    where = exc.ctx.command_path if exc.ctx else "podtrace"
+    click.echo(f"podtrace: {_one_line(exc.format_message()).rstrip('.')}; see `{where} --help`", err=True)
+    sys.exit(exc.exit_code)
+
+
 class _Group(click.Group):
     """Maps podtrace errors to one line on stderr and the contract's exit code. Anything
     unexpected is one line too (exit 1); `--debug` or PODTRACE_DEBUG=1 shows the traceback."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            _usage_exit(exc)
 
     def invoke(self, ctx):
         debug = bool(ctx.params.get("debug")) or os.environ.get("PODTRACE_DEBUG") == "1"
@@ -22,17 +42,19 @@ class _Group(click.Group):
         except PodtraceError as exc:
             if debug:
                 traceback.print_exc()
-            click.echo(f"podtrace: {exc.line()}", err=True)
+            click.echo(f"podtrace: {_one_line(exc.line())}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("podtrace: interrupted; everything podtrace added was removed", err=True)
             sys.exit(130)
+        except click.UsageError as exc:
+            _usage_exit(exc)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
         except Exception as exc:  # a bug: still one line, never a traceback by default
             if debug:
                 traceback.print_exc()
-            click.echo(f"podtrace: internal error: {type(exc).__name__}: {exc}; "
+            click.echo(f"podtrace: internal error: {type(exc).__name__}: {_one_line(exc)}; "
                        "run again with --debug and report it", err=True)
             sys.exit(1)
 
@@ -101,6 +123,7 @@ def flow(src, dst, proto, port, count, timeout, size, sport, no_probe, duration,
     from .config import FlowConfig
     from .trace import run_flow
 
+    _flow_flags_agree(no_probe)
     err = Console(stderr=True)
     cfg = FlowConfig(src=src, dst=dst, proto=proto, port=port, count=count, timeout=timeout,
                      probe=not no_probe, duration=duration, cluster=cluster, save=save, size=size, sport=sport,
@@ -122,6 +145,25 @@ def flow(src, dst, proto, port, count, timeout, size, sport, no_probe, duration,
         if save:
             err.print(f"trace saved to {save}")
     sys.exit(0 if result.ok else 3)
+
+
+def _flow_flags_agree(no_probe: bool) -> None:
+    """Probe options with --no-probe (which sends nothing), or --duration without it (probes
+    end when they are answered), would be silently ignored: refuse them as bad input."""
+    from click.core import ParameterSource
+
+    from .errors import BadInput
+
+    ctx = click.get_current_context()
+    given = [f"--{n}" for n in ("count", "timeout", "size", "sport")
+             if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
+    if no_probe and given:
+        raise BadInput(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to probes, "
+                       "and --no-probe sends none",
+                       "drop them, or drop --no-probe")
+    if not no_probe and ctx.get_parameter_source("duration") == ParameterSource.COMMANDLINE:
+        raise BadInput("--duration is how long --no-probe watches; probes end when answered",
+                       "add --no-probe, or use --count/--timeout for probes")
 
 
 @main.command()

@@ -106,22 +106,30 @@ def _absorb(run: AgentRun, block: float = 0.0) -> None:
                 run.failure = "an events frame does not hold whole records"
                 continue
             run.chunks.append(np.frombuffer(fr.payload, dtype=events.EVENT_DTYPE))
-        elif fr.kind == "hello":
-            run.hello = fr.json()
+            continue
+        try:   # a CRC-valid frame is still only as good as the agent that wrote it
+            doc = fr.json()
+        except ValueError:
+            doc = None
+        if not (isinstance(doc, dict) or (fr.kind == "probes" and isinstance(doc, list))):
+            run.failure = run.failure or f"the agent sent an unreadable {fr.kind} frame"
+            continue
+        if fr.kind == "hello":
+            run.hello = doc
         elif fr.kind == "ready":
             run.ready = True
         elif fr.kind == "probes":
-            run.probes = fr.json()
+            run.probes = doc
         elif fr.kind == "facts":
-            run.facts = fr.json()
+            run.facts = doc
         elif fr.kind == "counters":
-            run.counters = fr.json()
+            run.counters = doc
         elif fr.kind == "clock":
-            run.clocks.append(fr.json())
+            run.clocks.append(doc)
         elif fr.kind == "error":
-            run.failure = fr.json().get("message", "agent error")
+            run.failure = str(doc.get("message", "agent error"))
         elif fr.kind == "log":
-            run.logs.append(fr.json().get("message", ""))
+            run.logs.append(str(doc.get("message", "")))
         elif fr.kind == "end":
             run.ended = True
 
@@ -209,8 +217,16 @@ class Coordinator:
             try:
                 r.proc.wait(timeout=max(0.1, end - time.monotonic()))
             except subprocess.TimeoutExpired:
-                r.proc.kill()
-                r.proc.wait()
+                # Ask before killing: on SIGTERM an agent still removes its tc filters.
+                if hasattr(r.proc, "terminate"):
+                    r.proc.terminate()
+                    try:
+                        r.proc.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        pass
+                if r.proc.poll() is None:
+                    r.proc.kill()
+                    r.proc.wait()
             _absorb(r)
 
     def merged(self) -> tuple[np.ndarray, np.ndarray]:
@@ -235,20 +251,21 @@ def estimate_offsets(df: pd.DataFrame, ref: int, request_is: callable,
     if df.empty:
         return out
     domains = domains or {}
-    seen = df[df["pkt"] >= 0]
-    g = seen.groupby(["pkt", "agent"])["ts_ns"].agg(["min", "max"])
+    # Every agent on the reference's clock counts as the reference: the nearest hop on that
+    # clock (e.g. the lab fabric's port next to X) gives the tightest bound.
+    refs = {ref} | {i for i, d in domains.items() if d is not None and d == domains.get(ref)}
+    seen = df[df["pkt"] >= 0].assign(side=lambda d: np.where(d["agent"].isin(list(refs)), -1, d["agent"]))
+    g = seen.groupby(["pkt", "side"])["ts_ns"].agg(["min", "max"])
     dirs = seen.groupby("pkt").apply(request_is, include_groups=False)
-    for x in sorted(set(df["agent"]) - {ref}):
-        if domains.get(x) is not None and domains.get(x) == domains.get(ref):
-            continue
+    for x in sorted(set(df["agent"]) - refs):
         a_vals, b_vals = [], []
         for pkt, d in dirs.items():
-            if (pkt, ref) not in g.index or (pkt, x) not in g.index:
+            if (pkt, -1) not in g.index or (pkt, x) not in g.index:
                 continue
             if d == "request":
-                a_vals.append(g.loc[(pkt, x), "min"] - g.loc[(pkt, ref), "max"])
+                a_vals.append(g.loc[(pkt, x), "min"] - g.loc[(pkt, -1), "max"])
             elif d == "reply":
-                b_vals.append(g.loc[(pkt, ref), "min"] - g.loc[(pkt, x), "max"])
+                b_vals.append(g.loc[(pkt, -1), "min"] - g.loc[(pkt, x), "max"])
         if a_vals and b_vals:
             a, b = float(min(a_vals)), float(min(b_vals))
             out[x] = {"offset_ns": int((a - b) / 2), "pairs": min(len(a_vals), len(b_vals)),

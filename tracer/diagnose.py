@@ -20,7 +20,8 @@ REASON_HINTS: dict[str, tuple[str, str]] = {
     "OTHERHOST": ("the frame was addressed to another host's MAC", "neighbour.md"),
     "IP_INADDRERRORS": ("the destination address is not valid on this node", "no-route.md"),
     "VXLAN_INVALID_HDR": ("the overlay received a malformed VXLAN header", "overlay.md"),
-    "VXLAN_VNI_NOT_FOUND": ("the overlay has no device for this VNI", "overlay.md"),
+    "VXLAN_VNI_NOT_FOUND": ("the overlay has no device for this VNI (VNI mismatch between nodes)", "overlay.md"),
+    "NO_TX_TARGET": ("the overlay device has no FDB entry (no VTEP) for the destination MAC", "overlay.md"),
     "TC_INGRESS": ("a tc ingress program or filter dropped it", "tc-drop.md"),
     "TC_EGRESS": ("a tc egress program or filter dropped it", "tc-drop.md"),
 }
@@ -93,6 +94,7 @@ def explain(packet: dict, ev: Evidence) -> None:
     v = packet["verdict"]
     hops = packet["hops"]
     if v["status"] == "delivered":
+        _stale_dnat(packet, ev)
         _explain_delivered(packet, ev)
         return
     node = v.get("node")
@@ -111,6 +113,8 @@ def explain(packet: dict, ev: Evidence) -> None:
     reason = v.get("reason")
     last = hops[-1]
     hits = ev.rule_hits.get(node, [])
+    if _overlay_port(packet, v):
+        return
     ct = f.get("conntrack") or {}
     # 1. forwarding disabled: the node received pod traffic it had to route
     if f.get("ip_forward") == 0 and last["point"] == "rx" and last["pod"] is None:
@@ -118,14 +122,24 @@ def explain(packet: dict, ev: Evidence) -> None:
              f"ip_forward is off on {node} (net.ipv4.ip_forward=0): it received the packet on "
              f"{last['dev']} but does not route it on.", "ip-forward.md")
         return
-    # 2. a netfilter rule counted our packets
+    dev_fwd = (f.get("forwarding") or {}).get(last["dev"])
+    if dev_fwd == 0 and last["point"] == "rx" and last["pod"] is None:
+        _set(v, "ip-forward-off",
+             f"Forwarding is off on {node}'s {last['dev']} (net.ipv4.conf.{last['dev']}.forwarding=0): "
+             "packets arriving there are not routed on.", "ip-forward.md")
+        return
+    # 2. a netfilter rule counted our packets (the one naming the packet's addresses first)
     if hits and (reason in (None, "NETFILTER_DROP") or v["status"] == "lost"):
-        hit = hits[0]
+        hit = sorted(hits, key=lambda h: -_matches(h, packet))[0]
         v["evidence"]["netfilter"] = hits
-        if "--ctstate INVALID" in hit["rule"] or "--state INVALID" in hit["rule"]:
+        if hit.get("policy"):
+            _set(v, "netfilter-policy",
+                 f"Dropped on {node} by the {hit['policy']} policy of the {hit['chain']} chain "
+                 f"({hit['table']} table): no rule accepted the packet.", "netfilter-drop.md")
+        elif "--ctstate INVALID" in hit["rule"] or "--state INVALID" in hit["rule"]:
             _set(v, "conntrack-invalid", _cap(_rule_sentence(node, hit))
-                 + ": conntrack classified the packet as INVALID (no matching connection).",
-                 "conntrack-invalid.md")
+                 + ": conntrack classified the packet as INVALID (no connection it belongs to, "
+                 "or outside that connection's TCP window).", "conntrack-invalid.md")
         elif hit.get("comment") and "has no endpoints" in hit["comment"]:
             _set(v, "service-no-endpoints",
                  f"Service {hit['comment'].split(' has no endpoints')[0]} has no endpoints: kube-proxy's "
@@ -191,6 +205,14 @@ def explain(packet: dict, ev: Evidence) -> None:
             return
 
 
+def _matches(hit: dict, packet: dict) -> int:
+    """How many of the packet's addresses a rule names (to prefer it over a rule that only
+    happened to count other traffic during the trace)."""
+    text = hit.get("rule", "")
+    addrs = {a for h in packet["hops"] for a in (h["src"], h["dst"])}
+    return sum(1 for a in addrs if a and (a + "/32") in text or f" {a} " in text)
+
+
 def _stale_dnat(packet: dict, ev: Evidence) -> None:
     """A Service request DNATed (by an existing conntrack entry) to an address that is no
     longer one of the Service's backends."""
@@ -209,6 +231,16 @@ def _stale_dnat(packet: dict, ev: Evidence) -> None:
                  f"(backends now: {', '.join(ev.backends) or 'none'}).", "stale-conntrack.md",
                  {"conntrack": ct})
             return
+
+
+def _overlay_port(packet: dict, v: dict) -> bool:
+    """NO_SOCKET on an encapsulated packet: the node has no VXLAN socket on that UDP port."""
+    last = packet["hops"][-1]
+    if v.get("reason") == "NO_SOCKET" and last.get("encap"):
+        _set(v, "overlay-port", f"{v['node']} received VXLAN on UDP port that no overlay device "
+             "listens on (VXLAN port mismatch between nodes, e.g. 8472 vs 4789).", "overlay.md")
+        return True
+    return False
 
 
 def _explain_delivered(packet: dict, ev: Evidence) -> None:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from . import probes, tracefs
-from .errors import PodtraceError
+from .errors import EnvironmentProblem, PodtraceError, missing_capabilities
 
 CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
 CONFIG_KEYS = ["CONFIG_BPF_SYSCALL", "CONFIG_BPF_JIT", "CONFIG_DEBUG_INFO_BTF", "CONFIG_BPF_EVENTS",
@@ -55,7 +55,11 @@ def _metadata() -> dict:
     sources = []
     if lab:
         sources.append(f"lab {lab.get('prefix')} ({len(lab.get('pods', []))} pods)")
-    if Path(kubeconfig).exists():
+    try:
+        have_kubeconfig = Path(kubeconfig).exists()
+    except OSError:   # HOME=/root (mode 700) kept by setpriv or sudo -u: not ours to read
+        have_kubeconfig = False
+    if have_kubeconfig:
         sources.append(f"kubeconfig {kubeconfig} (not read by flow yet: pass --cluster FILE)")
     if in_cluster:
         sources.append("in-cluster service account (not read by flow yet)")
@@ -88,6 +92,9 @@ def report(compile_test: bool = True) -> dict:
     caps = _caps()
     if not root and not (caps["CAP_BPF"] and caps["CAP_NET_ADMIN"]):
         problems.append({"problem": "not root and without CAP_BPF/CAP_NET_ADMIN", "fix": "run with sudo"})
+    elif root and missing_capabilities():
+        problems.append({"problem": f"root, but without {', '.join(missing_capabilities())} (capabilities dropped)",
+                         "fix": "run with full root capabilities (not under capsh --drop or a restricted securityContext)"})
     cfg = probes.kernel_config()
     btf = Path("/sys/kernel/btf/vmlinux")
     btf_info = {"path": str(btf), "present": btf.exists(), "offsets": None}
@@ -132,7 +139,20 @@ def report(compile_test: bool = True) -> dict:
         t0 = time.monotonic()
         try:
             loaded = bpfprog.load(attach=False, hooks=chosen)
-            loaded.close()
+            try:   # attach=False loads nothing: load each program so the verifier runs
+                from bcc import BPF
+
+                for h in chosen:
+                    kind = {"tracepoint": BPF.TRACEPOINT, "tc": BPF.SCHED_CLS}.get(h.kind, BPF.KPROBE)
+                    for fn in filter(None, (h.fn, h.ret_fn)):
+                        try:
+                            with bpfprog._quiet_stderr():
+                                loaded.bpf.load_func(fn.encode(), kind)
+                        except Exception as exc:  # BCC raises bare Exception
+                            raise EnvironmentProblem(f"the kernel's verifier rejected {fn}: {exc}",
+                                                     "PODTRACE_DEBUG_BPF=1 podtrace doctor shows the verifier log") from None
+            finally:
+                loaded.close()
             compile_info = {"ok": True, "seconds": round(time.monotonic() - t0, 3)}
         except PodtraceError as exc:
             compile_info = {"ok": False, "error": exc.line()}

@@ -47,3 +47,34 @@ def require_root(what: str) -> None:
             f"{what} needs root (network namespaces, BPF and iptables)",
             "run it again with sudo",
         )
+
+
+# Capabilities tracing uses (bit numbers of linux/capability.h). CAP_SYS_ADMIN covers
+# CAP_BPF and CAP_PERFMON (and older kernels know only it).
+CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
+
+
+def missing_capabilities(need: tuple[str, ...] = ("CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_ADMIN")
+                         ) -> list[str]:
+    """The capabilities of `need` this process lacks in its effective set (root whose
+    capabilities were dropped: capsh --drop, a container's securityContext). [] when
+    /proc/self/status cannot be read: the kernel will say no itself then."""
+    try:
+        with open("/proc/self/status") as f:
+            eff = int(next(line for line in f if line.startswith("CapEff:")).split()[1], 16)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return []
+    have = {name for name, bit in CAPABILITIES.items() if eff >> bit & 1}
+    if "CAP_SYS_ADMIN" in have:
+        have |= {"CAP_BPF", "CAP_PERFMON"}
+    return [c for c in need if c not in have]
+
+
+def require_capabilities(what: str, need: tuple[str, ...] = ("CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN",
+                                                             "CAP_SYS_ADMIN")) -> None:
+    missing = missing_capabilities(need)
+    if missing:
+        raise EnvironmentProblem(
+            f"{what} needs {', '.join(missing)}, which this process lacks (its capabilities were dropped)",
+            "run it as root with full capabilities (not under capsh --drop or a restricted securityContext); "
+            "see SECURITY.md for what each is used for")

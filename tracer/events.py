@@ -36,7 +36,7 @@ EVENT_FIELDS: list[tuple[str, str, str]] = [
     ("sport", "u16", ">u2"),        # TCP/UDP ports; ICMP: id in sport, seq in dport
     ("dport", "u16", ">u2"),
     ("ip_id", "u16", ">u2"),
-    ("ip_len", "u16", ">u2"),
+    ("ip_len", "u16", "<u2"),       # host order (the parser assembles it from the two bytes)
     ("ct_orig_sport", "u16", ">u2"),
     ("ct_orig_dport", "u16", ">u2"),
     ("ct_reply_sport", "u16", ">u2"),

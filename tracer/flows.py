@@ -137,8 +137,14 @@ def _classify(first, fi: FlowInput) -> tuple[str, int | None]:
         direction = "reply"
     if direction is None:
         return ("other", None)
-    for p in fi.probes:
+    # Probes that share an identity (a pinned --sport) are told apart by time: a packet
+    # belongs to the last probe sent before it.
+    candidates = sorted(fi.probes, key=lambda q: -q.sent_ns)
+    for p in candidates:
         if proto != p.proto:
+            continue
+        if p.sent_ns and int(first.ts_ns) < p.sent_ns and any(
+                q is not p and q.sport == p.sport and q.proto == p.proto for q in fi.probes):
             continue
         if proto == "icmp":
             want_type = 8 if direction == "request" else 0
@@ -176,6 +182,15 @@ def _targets(fi: FlowInput, direction: str) -> set[int]:
     if fi.src.node:
         return pl.node_netns(fi.src.node.name)
     return set()
+
+
+def _target_ips(fi: FlowInput, direction: str) -> set[str]:
+    if direction == "reply":
+        return {fi.src.ip}
+    ep = fi.dst
+    if ep.service:
+        return set(ep.service.backend_ips) | ({ep.service.cluster_ip} if ep.service.cluster_ip else set())
+    return {ep.ip}
 
 
 def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[dict]:
@@ -222,10 +237,15 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[dict]:
             })
             prev_t = int(r.ts_ns)
         targets = _targets(fi, direction)
-        reached = [h for h in hops if h["netns"] in targets and h["point"] == "rx"]
+        # Arrived at the pod it was addressed to: a frame flooded into another pod's namespace
+        # (a stale DNAT to an address nobody has any more) is not a delivery.
+        want = _target_ips(fi, direction)
+        reached = [h for h in hops if h["netns"] in targets and h["point"] == "rx"
+                   and (not want or h["dst"] in want)]
         frees = g[g["hook"].isin([HOOK_IDS["drop"], HOOK_IDS["consume"]])]
         drops = frees[frees["hook"] == HOOK_IDS["drop"]]
-        consumed_at_target = frees[(frees["hook"] == HOOK_IDS["consume"]) & frees["netns"].isin(targets)]
+        consumed_at_target = frees[(frees["hook"] == HOOK_IDS["consume"]) & frees["netns"].isin(targets)
+                                   & (frees["daddr_str"].isin(want) if want else True)]
         last = hops[-1]
         if reached or not consumed_at_target.empty:
             at = reached[0] if reached else last
@@ -330,7 +350,8 @@ def flow_verdict(packets: list[dict], fi: FlowInput, probing: bool) -> dict:
             if reps and reps[-1]["verdict"]["status"] != "delivered":
                 v = reps[-1]["verdict"]
                 problems.append(f"probe {pr.seq}: reply {v['status']} at {v['node'] or 'fabric'}/{v['dev']}"
-                                + (f" ({v['reason']})" if v.get("reason") else ""))
+                                + (f" ({v['reason']})" if v.get("reason") else "")
+                                + (f": {v['cause']}" if v.get("cause") else ""))
             else:
                 problems.append(f"probe {pr.seq}: no reply")
         else:

@@ -355,10 +355,20 @@ def load_list(path: str | Path) -> Inventory:
     except json.JSONDecodeError as exc:
         raise BadInput(f"cluster file {p} is not JSON ({exc.msg} at line {exc.lineno})",
                        "pass the output of `kubectl get nodes,pods,services,endpointslices -A -o json`") from None
+    except UnicodeDecodeError:
+        raise BadInput(f"cluster file {p} is not JSON (not UTF-8 text)",
+                       "pass the output of `kubectl get nodes,pods,services,endpointslices -A -o json`") from None
+    except OSError as exc:   # unreadable: a directory in the path, EACCES, EIO, ...
+        raise BadInput(f"cluster file {p} cannot be read ({exc.strerror or exc})",
+                       "pass a readable `kubectl get … -o json` file") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("items"), list):
         raise BadInput(f"cluster file {p} is not a Kubernetes List (no `items`)",
                        "pass the output of `kubectl get nodes,pods,services,endpointslices -A -o json`")
-    return from_items(doc["items"], source=str(p))
+    try:
+        return from_items(doc["items"], source=str(p))
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:   # an object of the wrong shape
+        raise BadInput(f"cluster file {p} holds a malformed object ({type(exc).__name__}: {exc})",
+                       "pass the unedited output of `kubectl get nodes,pods,services,endpointslices -A -o json`") from None
 
 
 def _owner(refs: list[dict] | None) -> dict | None:
@@ -509,6 +519,15 @@ def resolve(spec: str, inv: Inventory) -> Endpoint:
         ip = str(ipaddress.IPv4Address(s))
     except ValueError:
         ip = None
+    if ip is None and ":" in s:
+        try:
+            ipaddress.ip_address(s.split("%", 1)[0])
+            raise BadInput(f"{spec!r} is an IPv6 address; podtrace traces IPv4 only",
+                           "give the endpoint's IPv4 address, or its pod/Service name")
+        except ValueError:
+            pass
+    if ip is None and re.fullmatch(r"[0-9.]+", s):
+        raise BadInput(f"{spec!r} is not a valid IPv4 address", "e.g. 10.244.1.2")
     if ip is not None:
         kind, key = inv.lookup_ip(ip)
         ep = Endpoint(spec, ip)

@@ -64,6 +64,7 @@ def sysctls(node: NodeRef, keys: list[str]) -> dict[str, int | str | None]:
 # ---- netfilter counters ---------------------------------------------------------------
 
 _COUNTED = re.compile(r"^\[(\d+):(\d+)\] -A (\S+) (.*)$")
+_POLICY = re.compile(r"^:(\S+) (ACCEPT|DROP) \[(\d+):(\d+)\]$")
 
 
 @dataclass
@@ -84,6 +85,10 @@ def iptables_counters(node: NodeRef) -> RuleCounters:
     for line in r.stdout.splitlines():
         if line.startswith("*"):
             table = line[1:]
+        pm = _POLICY.match(line)
+        if pm and pm[2] == "DROP":
+            # a built-in chain's policy counts the packets no rule decided on
+            out.rules[(table, pm[1], 0, f"policy {pm[2]}")] = int(pm[3])
         m = _COUNTED.match(line)
         if m:
             chain = m[3]
@@ -103,6 +108,11 @@ def rule_hits(before: RuleCounters, after: RuleCounters, targets=("DROP", "REJEC
     for key, n in after.rules.items():
         table, chain, idx, text = key
         delta = n - before.rules.get(key, 0)
+        if idx == 0 and text.startswith("policy ") and delta > 0:
+            hits.append({"table": table, "chain": chain, "base_chain": chain, "index": 0,
+                         "rule": f"-P {chain} {text.split()[1]}", "target": text.split()[1],
+                         "packets": delta, "comment": None, "policy": text.split()[1]})
+            continue
         target = re.search(r"-j (\S+)", text)
         if delta > 0 and target and target[1] in targets:
             base = chain
@@ -168,12 +178,14 @@ def facts(node: NodeRef, *, src: str, dst: str, iif: str | None, devs: list[str]
             "net.bridge.bridge-nf-call-iptables", "net.netfilter.nf_conntrack_count",
             "net.netfilter.nf_conntrack_max"]
     keys += [f"net.ipv4.conf.{d.replace('.', '/')}.rp_filter" for d in devs if d in lk]
+    keys += [f"net.ipv4.conf.{d.replace('.', '/')}.forwarding" for d in devs if d in lk]
     sc = sysctls(node, keys)
     out: dict = {
         "node": node.name,
         "ip_forward": sc["net.ipv4.ip_forward"],
         "rp_filter": {"all": sc["net.ipv4.conf.all.rp_filter"], "default": sc["net.ipv4.conf.default.rp_filter"],
                       **{d: sc.get(f"net.ipv4.conf.{d.replace('.', '/')}.rp_filter") for d in devs if d in lk}},
+        "forwarding": {d: sc.get(f"net.ipv4.conf.{d.replace('.', '/')}.forwarding") for d in devs if d in lk},
         "bridge_nf_call_iptables": sc["net.bridge.bridge-nf-call-iptables"],
         "conntrack": {"count": sc["net.netfilter.nf_conntrack_count"], "max": sc["net.netfilter.nf_conntrack_max"]},
         "mtu": {d: lk[d]["mtu"] for d in devs if d in lk},

@@ -16,7 +16,7 @@ import struct
 import time
 from dataclasses import asdict, dataclass
 
-from . import netns
+from . import netns, testhooks
 
 PAYLOAD = b"podtrace-probe"
 
@@ -193,6 +193,7 @@ def send(ns: str, src: str, dst: str, proto: str, port: int | None, count: int,
         results.append(r)
         if on_result:
             on_result(r)
+        testhooks.pause("probing")
         if i < count:
             time.sleep(interval)
     return results

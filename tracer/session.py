@@ -26,6 +26,11 @@ class SessionConfig:
     ringbuf_pages: int = 256         # 1 MiB with 4 KiB pages
     hooks: list | None = None        # probes.Hook list; None: the default tracepoints
     netns: list[int] | None = None   # keep events only from these namespace inodes (an agent's node)
+    # capture selections (bpf/podtrace.c SEL_*): an address also matches inside a CIDR;
+    # ports: only TCP/UDP with one of them on either side; any_addr: no address condition
+    cidrs: list[str] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)
+    any_addr: bool = False
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
@@ -90,8 +95,22 @@ class TraceSession:
             for a in sorted(set(self.config.addrs)):
                 key = table.Key(int.from_bytes(ipaddress.IPv4Address(a).packed, "little"))
                 table[key] = table.Leaf(1)
+            sel = 1 if self.config.match_either else 0
+            if self.config.cidrs:
+                lpm = b["cidrs"]
+                for c in self.config.cidrs:
+                    net = ipaddress.IPv4Network(c, strict=False)
+                    lpm[lpm.Key(net.prefixlen, int.from_bytes(net.network_address.packed, "little"))] = lpm.Leaf(1)
+                sel |= 4
+            if self.config.ports:
+                pt = b["ports"]
+                for port in self.config.ports:
+                    pt[pt.Key(int.from_bytes(int(port).to_bytes(2, "big"), "little"))] = pt.Leaf(1)
+                sel |= 8
+            if self.config.any_addr:
+                sel |= 2
             cfg = b["config"]
-            cfg[cfg.Key(0)] = cfg.Leaf(1 if self.config.match_either else 0)
+            cfg[cfg.Key(0)] = cfg.Leaf(sel)
             if self.config.netns:
                 allow = b["netns_allow"]
                 for inum in self.config.netns:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import netns as netns_mod
+from . import testhooks
 
 MARK = "podtrace:"
 PARENT = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
@@ -100,9 +101,18 @@ class TcAttacher:
             progs[progs.Key(i)] = progs.Leaf(bpf.load_func(f"pt_tc_{d}".encode(), BPF.SCHED_CLS).fd)
         self.devs = bpf["tc_devs"]
         self.attached: list[Attachment] = []
+        self.failed: list[str] = []
         self.next_slot = 0
 
     def attach(self, ns: str | None, dev: str) -> None:
+        """Attach to one device; a device the kernel refuses is noted in `failed` and
+        skipped (the tracepoints still see it), never fatal for the trace."""
+        try:
+            self._attach(ns, dev)
+        except Exception as exc:  # pyroute2 raises NetlinkError (and OSError) for kernel refusals
+            self.failed.append(f"tc on {ns or 'host'}/{dev}: {exc}")
+
+    def _attach(self, ns: str | None, dev: str) -> None:
         ipr = _ipr(ns)
         try:
             found = ipr.link_lookup(ifname=dev)
@@ -134,6 +144,7 @@ class TcAttacher:
                 fd = self.bpf.load_func(self._stub_name(slot, direction).encode(), self._sched_cls).fd
                 ipr.tc("add-filter", "bpf", ifindex, ":1", fd=fd,
                        name=f"{MARK}{direction}", parent=parent, classid=1, direct_action=True, prio=prio)
+                testhooks.pause("attaching")
         finally:
             ipr.close()
 

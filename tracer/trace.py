@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -13,9 +14,9 @@ import pandas as pd
 import socket
 
 from . import agent as agent_mod
-from . import bpfprog, coordinator, diagnose, events, flows, k8s, netns, nodecheck, probe, probes, tcattach, tracefs
+from . import bpfprog, coordinator, diagnose, events, flows, k8s, netns, nodecheck, probe, probes, tcattach, testhooks, tracefs
 from .config import FlowConfig
-from .errors import BadInput, EnvironmentProblem
+from .errors import BadInput, EnvironmentProblem, require_capabilities
 from .session import SessionConfig, TerminateAsInterrupt, TraceSession
 
 SCHEMA_VERSION = 1
@@ -235,6 +236,9 @@ def _prepare(cfg: FlowConfig) -> _Plan:
     if os.geteuid() != 0:
         raise EnvironmentProblem("tracing needs root (CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN)",
                                  "run it again with sudo")
+    if cfg.save and not Path(cfg.save).parent.is_dir():   # before tracing, not after it
+        raise BadInput(f"cannot write {cfg.save}: directory {Path(cfg.save).parent} does not exist",
+                       "create it or choose another path")
     if cfg.count < 1 or cfg.count > 1000:
         raise BadInput(f"--count {cfg.count} is out of range", "use 1..1000")
     if cfg.size is not None and not 28 + len(probe.PAYLOAD) <= cfg.size <= 65000:
@@ -242,9 +246,13 @@ def _prepare(cfg: FlowConfig) -> _Plan:
     if not cfg.probe and cfg.duration <= 0:
         raise BadInput("--duration must be positive", "e.g. --no-probe --duration 5")
     inv, lab = load_inventory(cfg)
+    if getattr(cfg, "_conn", None) is None:   # tracing here (in a cluster, the agents trace)
+        require_capabilities("tracing")
     src = k8s.resolve(cfg.src, inv)
     dst = k8s.resolve(cfg.dst, inv)
     proto, port, notes = _choose_proto(cfg, dst)
+    if dst.service and not dst.service.backend_ips:
+        notes.append(f"{dst.service.key} has no ready endpoints: nothing can answer on its ClusterIP")
     if cfg.sport is not None and proto == "icmp":
         raise BadInput("--sport applies to TCP and UDP probes", "use --proto tcp|udp with --sport")
     if cfg.size is not None and proto == "tcp":
@@ -268,16 +276,17 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
     """Trace one flow. On the lab the trace goes through one agent per node (the same
     coordinator and merge as in a cluster) unless cfg.mode is "single"."""
     say = progress or (lambda msg: None)
-    plan = _prepare(cfg)
-    if cfg.mode == "agents" and plan.lab:
-        traced = _trace_agents(plan, say)
-    elif getattr(cfg, "_conn", None) is not None:
-        from .kubeexec import KubeExecTransport
+    with TerminateAsInterrupt():   # SIGTERM cleans up like Ctrl-C, also while reconstructing/saving
+        plan = _prepare(cfg)
+        if cfg.mode == "agents" and plan.lab:
+            traced = _trace_agents(plan, say)
+        elif getattr(cfg, "_conn", None) is not None:
+            from .kubeexec import KubeExecTransport
 
-        traced = _trace_agents(plan, say, transport=KubeExecTransport(cfg._conn), plans=_cluster_plans(plan))
-    else:
-        traced = _trace_single(plan, say)
-    return _finish(plan, traced)
+            traced = _trace_agents(plan, say, transport=KubeExecTransport(cfg._conn), plans=_cluster_plans(plan))
+        else:
+            traced = _trace_single(plan, say)
+        return _finish(plan, traced)
 
 
 def _trace_single(plan: _Plan, say) -> _Traced:
@@ -556,6 +565,7 @@ def _agent_evidence(plan: _Plan, facts_by_node: dict[str, dict]) -> diagnose.Evi
 
 def _finish(plan: _Plan, t: _Traced) -> FlowResult:
     cfg = plan.cfg
+    testhooks.pause("reconstructing")
     fi = _flow_input(plan, t.sent, t.locations, t.clock)
     packets = flows.build_packets(t.df, fi)
     ev = t.evidence(packets)

@@ -1,48 +1,458 @@
-"""Trace files: Apache Parquet, one row per hop event, with the run's metadata (ends, probes,
-namespace placement, drop-reason names, symbolised drop locations) in the file's key-value
-metadata under `podtrace`, so a trace can be reconstructed offline."""
+"""Trace files: Apache Parquet, one row per hop event, plus the metadata needed to rebuild
+and enrich the packets offline (nodes, pods, Services, namespace placement, kernel, active
+hooks, clock offsets, counters), stored as JSON under the key `podtrace` of the file's
+key-value metadata.
+
+The schema is versioned (`FORMAT_VERSION`). Version 2 stores the event record's numeric
+fields as they are (addresses as unsigned 32-bit numbers) and the device name dictionary-
+encoded; everything derived (address strings, hook names) is recomputed on load. Files of
+version 1 (the first `flow --save`, which also stored the derived string columns) are
+upgraded on load. Anything that is not a podtrace trace gives one `TraceFileError` whose
+message says what is wrong with the file.
+
+Writing goes through `Writer`, which emits one Parquet row group every `row_group_events`
+events, so a capture of any length holds at most about one row group in memory. The file is
+written as `NAME.part` and renamed when complete: a file at the final name always has its
+footer and metadata.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import events, testhooks
 from .errors import BadInput
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META_KEY = b"podtrace"
+ROW_GROUP_EVENTS = 65536
+
+# Event columns stored in the file (the record minus padding), with their Arrow types.
+# ts_ns is signed: merged multi-node traces shift timestamps by clock offsets.
+_NUMERIC = [(name, np.dtype("int64") if name == "ts_ns" else np.dtype(np_type).newbyteorder("="))
+            for name, c_type, np_type in events.EVENT_FIELDS if not c_type.startswith("char")]
+_ARROW_INT = {np.dtype("uint8"): pa.uint8(), np.dtype("uint16"): pa.uint16(), np.dtype("uint32"): pa.uint32(),
+              np.dtype("uint64"): pa.uint64(), np.dtype("int64"): pa.int64(), np.dtype("int32"): pa.int32()}
+EVENT_SCHEMA = pa.schema([pa.field(name, _ARROW_INT[dt], nullable=False) for name, dt in _NUMERIC]
+                         + [pa.field("ifname", pa.dictionary(pa.int32(), pa.string()), nullable=False)])
+REQUIRED_COLUMNS = [f.name for f in EVENT_SCHEMA]
+# Columns a trace may add: `agent` (which node agent recorded the event, merged flow traces).
+OPTIONAL_COLUMNS = {"agent": np.dtype("int32")}
 
 
-def save(path: str | Path, events: pd.DataFrame, meta: dict) -> Path:
-    p = Path(path)
-    table = pa.Table.from_pandas(events.assign(hook_name=events["hook_name"].astype(str)),
-                                 preserve_index=False)
-    md = dict(table.schema.metadata or {})
-    md[META_KEY] = json.dumps({"format_version": FORMAT_VERSION, **meta}).encode()
-    table = table.replace_schema_metadata(md)
-    tmp = p.with_name(p.name + ".part")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(p)
-    return p
+def schema_with(extra: tuple[str, ...] = ()) -> pa.Schema:
+    return pa.schema(list(EVENT_SCHEMA) + [pa.field(c, _ARROW_INT[OPTIONAL_COLUMNS[c]], nullable=False)
+                                           for c in extra])
+# Derived columns: recomputed on load, never stored (version 1 stored them).
+IP_COLUMNS = ["saddr", "daddr", "outer_saddr", "outer_daddr", "ct_orig_src", "ct_orig_dst",
+              "ct_reply_src", "ct_reply_dst"]
+DERIVED_COLUMNS = [c + "_str" for c in IP_COLUMNS] + ["hook_name"]
+
+
+class TraceFileError(BadInput):
+    """The file is missing, not Parquet, not a podtrace trace, damaged, or too new."""
+
+    def __init__(self, path, problem: str, fix: str | None = None):
+        super().__init__(f"{path}: {problem}",
+                         fix or "give a file written by `podtrace capture` or `podtrace flow --save`")
+
+
+# ---------------------------------------------------------------------------------------
+# Converting events to Arrow
+
+def _ifname_array(raw: np.ndarray) -> pa.DictionaryArray:
+    """char[16] names → a dictionary array, decoding each distinct name once."""
+    codes, uniq = pd.factorize(raw)
+    names = [bytes(b).split(b"\0", 1)[0].decode("ascii", errors="replace") for b in uniq]
+    return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), pa.array(names, pa.string()))
+
+
+def batch_from_records(arr: np.ndarray) -> pa.RecordBatch:
+    """Raw ring-buffer records (events.EVENT_DTYPE) → one Arrow record batch, column by column."""
+    cols = [pa.array(np.ascontiguousarray(arr[name]).astype(dt, copy=False)) for name, dt in _NUMERIC]
+    cols.append(_ifname_array(arr["ifname"]))
+    return pa.RecordBatch.from_arrays(cols, schema=EVENT_SCHEMA)
+
+
+def batch_from_frame(df: pd.DataFrame, extra: tuple[str, ...] = ()) -> pa.RecordBatch:
+    """A decoded events DataFrame (events.to_frame, or a loaded trace) → one record batch."""
+    missing = [c for c in REQUIRED_COLUMNS + list(extra) if c not in df.columns]
+    if missing:
+        raise ValueError(f"events frame lacks {missing}")
+    cols = [pa.array(df[name].to_numpy().astype(dt, copy=False)) for name, dt in _NUMERIC]
+    names = df["ifname"].astype(str).astype("category")
+    cols.append(pa.DictionaryArray.from_arrays(
+        pa.array(names.cat.codes.to_numpy().astype(np.int32)),
+        pa.array([str(c) for c in names.cat.categories], pa.string())))
+    cols += [pa.array(df[c].to_numpy().astype(OPTIONAL_COLUMNS[c], copy=False)) for c in extra]
+    return pa.RecordBatch.from_arrays(cols, schema=schema_with(extra))
+
+
+# ---------------------------------------------------------------------------------------
+# Metadata
+
+def host_meta() -> dict:
+    """What every file records about where it was made: kernel, host, clocks."""
+    u = os.uname()
+    mono = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    return {
+        "kernel": {"release": u.release, "version": u.version, "machine": u.machine},
+        "hostname": socket.gethostname(),
+        # ts_ns is bpf_ktime_get_ns() (CLOCK_MONOTONIC of the kernel that saw the event);
+        # realtime = ts_ns + realtime_offset_ns. Every lab node shares this machine's kernel,
+        # so their offsets to the trace clock are 0; merged traces of real nodes will fill
+        # node_offsets_ns per node.
+        "clock": {"source": "CLOCK_MONOTONIC (bpf_ktime_get_ns)",
+                  "realtime_offset_ns": time.time_ns() - mono, "node_offsets_ns": {}},
+    }
+
+
+def cluster_meta(inv, lab: dict | None = None, placement: dict | None = None) -> dict:
+    """Nodes, pods and Services of an inventory (k8s.Inventory), with the network-namespace
+    inode of each when this machine has it (the lab)."""
+    from . import netns
+
+    ns_of_pod = {f"{p['namespace']}/{p['name']}": p.get("netns") for p in (lab or {}).get("pods", [])}
+    ns_of_node = {n["name"]: n.get("netns") for n in (lab or {}).get("nodes", [])}
+
+    def inode(name):
+        try:
+            return netns.inode(name) if name and netns.exists(name) else None
+        except OSError:
+            return None
+
+    out = {
+        "nodes": [{"name": n.name, "ip": n.ip, "pod_cidr": n.pod_cidr,
+                   "netns_inode": inode(ns_of_node.get(n.name))} for n in inv.nodes.values()],
+        "pods": [{"key": p.key, "namespace": p.namespace, "name": p.name, "node": p.node, "ip": p.ip,
+                  "netns_inode": inode(ns_of_pod.get(p.key))} for p in inv.pods.values()],
+        "services": [{"key": s.key, "namespace": s.namespace, "name": s.name, "cluster_ip": s.cluster_ip,
+                      "ports": s.ports, "backends": s.backends, "backend_ips": s.backend_ips}
+                     for s in inv.services.values()],
+        "inventory": inv.source,
+    }
+    if lab:
+        out["lab"] = {"prefix": lab.get("prefix"), "cni": lab.get("cni")}
+        for n in out["nodes"]:
+            ln = next((x for x in lab.get("nodes", []) if x["name"] == n["name"]), {})
+            for k in ("uplink", "overlay", "bridge", "overlay_ip"):
+                if ln.get(k):
+                    n[k] = ln[k]
+    if placement is not None:
+        out["clock_nodes"] = sorted({v[0] for v in placement.values() if v[0]})
+    return out
+
+
+def _infer_cluster(meta: dict) -> dict:
+    """For `flow --save`, whose caller passes only its own metadata: the cluster it traced,
+    from the lab (inventory source "lab PREFIX") or the --cluster file it names."""
+    from . import k8s
+
+    src = str(meta.get("inventory") or "")
+    try:
+        if src.startswith("lab"):
+            from .lab import build as labbuild
+
+            prefix = src[3:].strip() or None
+            lab = labbuild.status(prefix)
+            if lab:
+                return cluster_meta(k8s.from_lab(lab), lab)
+        elif src and src != "none" and Path(src).is_file():
+            return cluster_meta(k8s.load_list(src))
+    except (BadInput, OSError, ValueError, KeyError):
+        pass  # the trace is still complete without names; never fail a save over them
+    return {}
+
+
+def _finish_meta(meta: dict, counters: dict | None = None) -> dict:
+    out = {**meta}
+    out["format_version"] = FORMAT_VERSION
+    out.setdefault("kind", "flow" if "src" in out else "capture")
+    for k, v in host_meta().items():
+        out.setdefault(k, v)
+    if "nodes" not in out:
+        out.update({k: v for k, v in _infer_cluster(out).items() if k not in out})
+    clock = out["clock"] = dict(out["clock"] or {})
+    offsets = dict(clock.get("node_offsets_ns") or {})
+    for name, o in (clock.get("offsets") or {}).items():   # flow's agents: estimated offsets
+        if isinstance(o, dict) and "offset_ns" in o:
+            offsets.setdefault(name, int(o["offset_ns"]))
+    for n in out.get("nodes") or []:
+        offsets.setdefault(n["name"], 0)
+    clock["node_offsets_ns"] = offsets
+    clock.setdefault("source", "CLOCK_MONOTONIC (bpf_ktime_get_ns)")
+    if counters is not None:
+        out["counters"] = counters
+    out.setdefault("counters", {})
+    out.setdefault("hooks", [])
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+
+class Writer:
+    """Streams events into a trace file in row groups; `close(meta)` writes the footer with
+    the metadata and moves the file into place. Memory: at most one row group of pending
+    batches (plus whatever the caller holds)."""
+
+    def __init__(self, path: str | Path, row_group_events: int = ROW_GROUP_EVENTS,
+                 compression: str = "zstd", extra: tuple[str, ...] = ()):
+        self.path = Path(path)
+        self.extra = tuple(extra)
+        self.schema = schema_with(self.extra)
+        self.tmp = self.path.with_name(self.path.name + ".part")
+        self.row_group_events = row_group_events
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+        self.rows = 0
+        self.row_groups = 0
+        self.bytes_hint = 0
+        if not self.path.parent.is_dir():
+            raise BadInput(f"cannot write {self.path}: directory {self.path.parent} does not exist",
+                           "create it or choose another path")
+        try:
+            self._w = pq.ParquetWriter(self.tmp, self.schema, compression=compression)
+        except OSError as exc:
+            raise BadInput(f"cannot write {self.path} ({exc})", "choose a writable path") from None
+
+    def write_records(self, arr: np.ndarray) -> None:
+        if len(arr):
+            self.write_batch(batch_from_records(arr))
+
+    def write_frame(self, df: pd.DataFrame) -> None:
+        if len(df):
+            self.write_batch(batch_from_frame(df, self.extra))
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        self._pending.append(batch)
+        self._pending_rows += batch.num_rows
+        while self._pending_rows >= self.row_group_events:
+            self._flush(self.row_group_events)
+
+    def flush(self) -> None:
+        """Write what is pending as a (possibly short) row group."""
+        self._flush()
+
+    def _flush(self, rows: int | None = None) -> None:
+        if not self._pending_rows:
+            return
+        table = pa.Table.from_batches(self._pending, schema=self.schema)
+        take = table if rows is None else table.slice(0, rows)
+        rest = None if rows is None else table.slice(rows)
+        self._w.write_table(take, row_group_size=max(take.num_rows, 1))
+        self.rows += take.num_rows
+        self.row_groups += 1
+        self._pending = rest.combine_chunks().to_batches() if rest is not None and rest.num_rows else []
+        self._pending_rows = sum(b.num_rows for b in self._pending)
+        self.bytes_hint = self.tmp.stat().st_size if self.tmp.exists() else 0
+
+    def close(self, meta: dict, counters: dict | None = None) -> Path:
+        self._flush()
+        full = _finish_meta(meta, counters)
+        full["events"] = self.rows
+        full["row_groups"] = self.row_groups
+        self._w.add_key_value_metadata({META_KEY: json.dumps(full, default=_json_default).encode()})
+        self._w.close()
+        self.tmp.replace(self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._w.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)
+
+
+def save(path: str | Path, events_df: pd.DataFrame, meta: dict) -> Path:
+    """Write a whole trace at once (`flow --save`): the events and the run's metadata."""
+    w = Writer(path, extra=tuple(c for c in OPTIONAL_COLUMNS if c in events_df.columns))
+    try:
+        w.write_frame(events_df)
+        testhooks.pause("saving")
+        return w.close(meta)
+    except BaseException:
+        w.abort()
+        raise
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+
+def read_meta(path: str | Path) -> dict:
+    """Only the metadata (footer); cheap even for a large capture."""
+    p = _check_path(path)
+    pf = _open(p)
+    return _meta_of(p, pf.metadata.metadata)
 
 
 def load(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """(events, metadata) of a trace file of any supported version; events carry the
+    derived columns (`saddr_str` … `hook_name`) as categoricals."""
+    p = _check_path(path)
+    pf = _open(p)
+    meta = _meta_of(p, pf.metadata.metadata)
+    names = set(pf.schema_arrow.names)
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise TraceFileError(p, f"the events table lacks column(s) {', '.join(missing)} "
+                                f"(format version {meta['format_version']})")
+    cols = REQUIRED_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in names]
+    try:
+        table = pf.read(columns=cols)
+    except (pa.ArrowException, OSError) as exc:
+        raise TraceFileError(p, f"the events could not be read: the file is damaged ({_short(exc)})") from None
+    return events_frame(table), _upgrade_meta(meta)
+
+
+def events_frame(table: pa.Table) -> pd.DataFrame:
+    """Arrow events → the DataFrame `events.to_frame` gives: numeric columns in their own
+    dtypes, `ifname` and the address strings and hook names as categoricals."""
+    want = {name: dt for name, dt in _NUMERIC}
+    want.update({c: dt for c, dt in OPTIONAL_COLUMNS.items() if c in table.column_names})
+    casts = []
+    for name, dt in want.items():
+        col = table.column(name)
+        if col.null_count or col.type != _ARROW_INT[dt]:
+            casts.append(name)
+    if casts:   # older or foreign writers: other integer widths, nulls
+        for name in casts:
+            i = table.column_names.index(name)
+            table = table.set_column(i, name, pa.array(_np_col(table.column(name), want[name])))
+    ifn = _names_categorical(table.column("ifname"))
+    # split_blocks: one block per column, no consolidation copy (~0.5 s per million rows)
+    df = table.select(list(want)).to_pandas(split_blocks=True)
+    df["ifname"] = ifn
+    add_derived(df)
+    return df
+
+
+def _names_categorical(col: pa.ChunkedArray) -> pd.Categorical:
+    """A dictionary column → one categorical. Each row group has its own dictionary: map
+    them onto one set of categories chunk by chunk (no per-row Python work)."""
+    if not pa.types.is_dictionary(col.type):
+        return pd.Categorical(col.to_pandas().astype(str))
+    cats: dict[str, int] = {}
+    parts = []
+    for chunk in col.chunks:
+        names = [str(n) for n in chunk.dictionary.to_pylist()]
+        remap = np.array([cats.setdefault(n, len(cats)) for n in names] or [0], dtype=np.int32)
+        idx = chunk.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        parts.append(remap[idx])
+    codes = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    return pd.Categorical.from_codes(codes, categories=list(cats) or [""])
+
+
+def _np_col(col: pa.ChunkedArray, dt: np.dtype) -> np.ndarray:
+    if col.null_count:
+        col = col.fill_null(0)
+    return col.to_numpy().astype(dt, copy=False)
+
+
+def add_derived(df: pd.DataFrame) -> pd.DataFrame:
+    """Address strings and hook names as categoricals, converting each distinct value once."""
+    for c in IP_COLUMNS:
+        df[c + "_str"] = ip_categorical(df[c].to_numpy())
+    codes, uniq = pd.factorize(df["hook"].to_numpy())
+    df["hook_name"] = pd.Categorical.from_codes(
+        codes, categories=[events.HOOKS.get(int(h), f"hook{int(h)}") for h in uniq])
+    return df
+
+
+def ip_categorical(col: np.ndarray) -> pd.Categorical:
+    """uint32 IPv4 numbers → categorical dotted strings ("" for 0)."""
+    codes, uniq = pd.factorize(col)
+    uniq = np.asarray(uniq, dtype=np.uint32)
+    b = uniq.astype(">u4").view(np.uint8).reshape(-1, 4)
+    names = [f"{x[0]}.{x[1]}.{x[2]}.{x[3]}" if v else "" for v, x in zip(uniq.tolist(), b.tolist())]
+    return pd.Categorical.from_codes(codes, categories=names)
+
+
+def _check_path(path) -> Path:
     p = Path(path)
     if not p.exists():
-        raise BadInput(f"trace file {p} does not exist", "give the path passed to --save")
+        raise TraceFileError(p, "no such file", "give the path written by `podtrace capture` or `flow --save`")
+    if p.is_dir():
+        raise TraceFileError(p, "is a directory, not a trace file")
+    if p.stat().st_size == 0:
+        raise TraceFileError(p, "the file is empty (0 bytes): the capture that wrote it did not finish")
+    return p
+
+
+def _open(p: Path) -> pq.ParquetFile:
     try:
-        table = pq.read_table(p)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise BadInput(f"{p} is not a Parquet trace file ({exc})", "give a file written by --save") from None
-    raw = (table.schema.metadata or {}).get(META_KEY)
+        with open(p, "rb") as f:
+            head = f.read(4)
+            f.seek(max(p.stat().st_size - 4, 0))
+            tail = f.read(4)
+    except OSError as exc:
+        raise TraceFileError(p, f"cannot be read ({exc.strerror})") from None
+    if head != b"PAR1":
+        raise TraceFileError(p, "is not a Parquet file (no PAR1 signature)")
+    if tail != b"PAR1":
+        raise TraceFileError(p, "is truncated or damaged: the Parquet footer is missing "
+                                "(the writer was killed, or the copy is incomplete)")
+    try:
+        return pq.ParquetFile(p)
+    except (pa.ArrowException, OSError) as exc:
+        raise TraceFileError(p, f"is damaged: its Parquet footer cannot be read ({_short(exc)})") from None
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+
+
+def _meta_of(p: Path, kv: dict | None) -> dict:
+    raw = (kv or {}).get(META_KEY)
     if raw is None:
-        raise BadInput(f"{p} has no podtrace metadata", "give a file written by podtrace --save")
-    meta = json.loads(raw)
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise BadInput(f"{p} was written by a newer podtrace (format {meta['format_version']})",
-                       "upgrade podtrace to read it")
-    return table.to_pandas(), meta
+        raise TraceFileError(p, "is a Parquet file but not a podtrace trace (no `podtrace` metadata)")
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise TraceFileError(p, "has damaged podtrace metadata (not JSON)") from None
+    if not isinstance(meta, dict):
+        raise TraceFileError(p, "has damaged podtrace metadata (not a JSON object)")
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or version < 1:
+        raise TraceFileError(p, f"has an invalid format version {version!r}")
+    if version > FORMAT_VERSION:
+        raise TraceFileError(p, f"was written by a newer podtrace (format {version}; this one reads up to "
+                                f"{FORMAT_VERSION})", "upgrade podtrace to read it")
+    meta["format_version"] = version
+    return meta
+
+
+def _upgrade_meta(meta: dict) -> dict:
+    """Bring older metadata to the current shape (in memory; the file is not changed)."""
+    version = meta["format_version"]
+    if version == 1:
+        # v1: written by the first `flow --save`: no kind, no cluster lists, no kernel.
+        meta = {**meta, "kind": "flow" if "src" in meta else "capture", "upgraded_from": 1}
+        meta.setdefault("counters", {})
+        meta.setdefault("hooks", [])
+        meta.setdefault("nodes", None)
+        meta.setdefault("pods", None)
+        meta.setdefault("services", None)
+        meta.setdefault("kernel", None)
+        meta.setdefault("clock", {"source": "CLOCK_MONOTONIC (bpf_ktime_get_ns)", "node_offsets_ns": {}})
+        meta["format_version"] = FORMAT_VERSION
+    return meta

@@ -54,8 +54,12 @@ class TracepointFormat:
 def tracefs_root() -> Path:
     """The mounted tracefs: /sys/kernel/tracing, else the debugfs mirror."""
     for root in TRACEFS_CANDIDATES:
-        if (root / "events").is_dir():
-            return root
+        try:
+            if (root / "events").is_dir():
+                return root
+        except PermissionError:   # mounted, but mode 700 for root
+            raise EnvironmentProblem(f"tracefs ({root}) is readable by root only",
+                                     "run it again with sudo") from None
     raise EnvironmentProblem(
         "tracefs is not mounted", "run: mount -t tracefs tracefs /sys/kernel/tracing"
     )

@@ -9,7 +9,7 @@ import time
 import click
 
 from ..errors import EnvironmentProblem, require_root
-from . import build
+from . import build, scenarios
 from . import topology as T
 
 
@@ -89,10 +89,17 @@ def status_cmd(ctx, output):
     if doc is None:
         hint = "podtrace lab up" if prefix == T.DEFAULT_PREFIX else f"podtrace lab --prefix {prefix} up"
         raise EnvironmentProblem("no lab is up", f"run: {hint}")
+    broken = scenarios.broken(prefix)
     if output == "json":
+        if broken:
+            doc = dict(doc, broken=broken)
         click.echo(json.dumps(doc, indent=2))
         return
     _render_table(doc, build.missing_parts(doc))
+    if broken:
+        click.echo("broken: " + ", ".join(
+            f"{name} ({rec['node'] or 'every node'})" for name, rec in broken.items())
+            + "; undo with: podtrace lab fix SCENARIO")
 
 
 @lab.command("down")
@@ -122,6 +129,106 @@ def down_cmd(ctx):
     if any(item.startswith("state ") for item in removed):
         parts.append("its state files")
     click.echo(f"lab {prefix} removed in {elapsed:.1f} s: {', '.join(parts)}")
+
+
+@lab.command("break")
+@click.argument("scenario", required=False, metavar="SCENARIO")
+@click.option("--node", metavar="NODE", default=None,
+              help="The node to break (default: the scenario's own; see `lab scenarios`).")
+@click.option("--list", "list_", is_flag=True, help="List the scenarios and exit.")
+@click.pass_context
+def break_cmd(ctx, scenario, node, list_):
+    """Inject a real fault (SCENARIO) into the lab; `podtrace lab fix` undoes it exactly.
+
+    Breaking a scenario that is already broken changes nothing.
+
+    \b
+    Examples:
+      podtrace lab break --list
+      sudo podtrace lab break netpol-drop
+      sudo podtrace lab break ip-forward-off --node node-2
+      sudo podtrace lab fix ip-forward-off
+    """
+    if list_:
+        _print_scenarios(ctx.obj["prefix"], "table")
+        return
+    if scenario is None:
+        raise click.UsageError("give a SCENARIO (one of: " + ", ".join(scenarios.names())
+                               + ") or --list")
+    scenarios.get(scenario)  # unknown names are bad input before anything else is checked
+    require_root("podtrace lab break")
+    out = scenarios.break_scenario(scenario, node, prefix=ctx.obj["prefix"])
+    if not out.changed:
+        click.echo(out.message)
+        return
+    click.echo(f"{out.message}:")
+    for line in out.changes:
+        click.echo(f"  - {line}")
+    click.echo(f"see it: {out.show}")
+    click.echo(f"undo:   podtrace lab fix {scenario}")
+
+
+@lab.command("fix")
+@click.argument("scenario", metavar="SCENARIO")
+@click.pass_context
+def fix_cmd(ctx, scenario):
+    """Undo a fault injected with `podtrace lab break`, restoring the state before it.
+
+    Fixing a scenario that is not broken changes nothing.
+
+    \b
+    Examples:
+      sudo podtrace lab fix netpol-drop
+      podtrace lab status      # lists what is still broken
+    """
+    scenarios.get(scenario)
+    require_root("podtrace lab fix")
+    out = scenarios.fix_scenario(scenario, prefix=ctx.obj["prefix"])
+    if not out.changed:
+        click.echo(out.message)
+        return
+    click.echo(f"{out.message}; undone:")
+    for line in out.changes:
+        click.echo(f"  - {line}")
+    click.echo(f"check: {out.show}")
+
+
+@lab.command("scenarios")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table",
+              show_default=True, help="Output format.")
+@click.pass_context
+def scenarios_cmd(ctx, output):
+    """List the faults `podtrace lab break` can inject, and the flow command that shows each.
+
+    \b
+    Examples:
+      podtrace lab scenarios
+      podtrace lab scenarios -o json | jq -r '.[].name'
+    """
+    _print_scenarios(ctx.obj["prefix"], output)
+
+
+def _print_scenarios(prefix: str, output: str) -> None:
+    try:
+        doc = build.status(prefix)
+    except EnvironmentProblem:
+        doc = None
+    lab_view = scenarios.Lab(doc) if doc else scenarios.Lab.planned()
+    rows = scenarios.listing(lab_view)
+    broken = scenarios.broken(prefix) if doc else {}
+    if output == "json":
+        for row in rows:
+            row["broken"] = row["name"] in broken
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        where = "every node" if r["cluster_wide"] else (r["default_node"] or "n/a on this lab")
+        mark = "  [broken]" if r["name"] in broken else ""
+        click.echo(f"{r['name']:<{width}}  {r['summary']} (default: {where}){mark}")
+        click.echo(f"{'':<{width}}  show: {r['flow'] or '-'}")
+    if doc is None:
+        click.echo("(node and pod names of the default lab; `podtrace lab up` first to break one)")
 
 
 def _shape(doc: dict) -> str:

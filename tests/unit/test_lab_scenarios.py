@@ -1,0 +1,162 @@
+"""The registry of lab fault scenarios, without privileges: names, descriptions, node
+choice and validation, the flow commands that show each fault, the CLI listing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from tracer.errors import BadInput
+from tracer.lab import scenarios as S
+from tracer.lab import topology as T
+
+NAMES = [
+    "netpol-drop", "ip-forward-off", "br-netfilter-off", "conntrack-full", "conntrack-invalid",
+    "rp-filter-strict", "mtu-blackhole", "no-route", "fdb-missing", "neigh-wrong",
+    "svc-no-endpoints", "stale-udp-conntrack",
+]
+
+
+def _lab(**kw) -> S.Lab:
+    kw.setdefault("prefix", "ptlab")
+    kw.setdefault("state_dir", "/run/podtrace")
+    return S.Lab.planned(T.LabConfig(**kw))
+
+
+def test_names_are_fixed():
+    assert S.names() == NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_scenario_has_one_line_and_a_flow_command(name):
+    sc = S.get(name)
+    assert sc.summary and "\n" not in sc.summary and len(sc.summary) < 200
+    assert S.flow_command(sc, _lab()).startswith("podtrace flow ")
+
+
+def test_defaults_on_the_default_lab():
+    lab = _lab()
+    expect = {
+        "netpol-drop": ("node-2", "pod-1-1 pod-2-1"),
+        "ip-forward-off": ("node-1", "pod-1-1 pod-2-1"),
+        "br-netfilter-off": ("node-2", "pod-2-1 svc/default/web --proto udp --port 80"),
+        "conntrack-full": ("node-1", "pod-1-1 pod-2-1"),
+        "conntrack-invalid": ("node-1", "pod-1-1 pod-2-1 --proto tcp --port 8080"),
+        "rp-filter-strict": ("node-2", "pod-1-1 pod-2-1"),
+        "mtu-blackhole": ("node-1", "pod-1-1 pod-2-1 --size 1450"),
+        "no-route": ("node-1", "pod-1-1 pod-2-1"),
+        "fdb-missing": ("node-1", "pod-1-1 pod-2-1"),
+        "neigh-wrong": ("node-1", "pod-1-1 pod-2-1"),
+        "svc-no-endpoints": (None, "pod-1-1 svc/default/web --proto tcp --port 80"),
+        "stale-udp-conntrack": ("node-1", "pod-1-1 svc/default/web --proto udp --port 80 --sport 40000 --count 1"),
+    }
+    for name, (node, flow) in expect.items():
+        sc = S.get(name)
+        assert S.resolve_node(sc, lab, None) == node, name
+        assert S.flow_command(sc, lab, node) == f"podtrace flow {flow}", name
+
+
+def test_node_choice_moves_the_flow_command():
+    lab = _lab()
+    assert S.flow_command(S.get("ip-forward-off"), lab, "node-2") == "podtrace flow pod-2-1 pod-1-1"
+    assert S.flow_command(S.get("netpol-drop"), lab, "node-1") == "podtrace flow pod-2-1 pod-1-1"
+    lab3 = _lab(nodes=3)
+    assert S.flow_command(S.get("no-route"), lab3, "node-3") == "podtrace flow pod-3-1 pod-1-1"
+    assert S.resolve_node(S.get("br-netfilter-off"), lab3, None) == "node-3"
+
+
+def test_unknown_scenario_suggests_close_names():
+    with pytest.raises(BadInput) as err:
+        S.get("netpol-dorp")
+    assert err.value.exit_code == 2 and "netpol-drop" in err.value.line()
+    with pytest.raises(BadInput) as err:
+        S.get("zzz")
+    assert "podtrace lab scenarios" in err.value.line()
+
+
+def test_bad_node_lists_the_valid_ones():
+    with pytest.raises(BadInput) as err:
+        S.resolve_node(S.get("no-route"), _lab(), "node-5")
+    assert err.value.exit_code == 2
+    assert "unknown node 'node-5'" in err.value.message and "node-1, node-2" in err.value.fix
+
+
+def test_br_netfilter_off_only_where_client_and_backend_share_a_node():
+    sc = S.get("br-netfilter-off")
+    assert sc.valid_nodes(_lab()) == ["node-2"]
+    with pytest.raises(BadInput) as err:
+        S.resolve_node(sc, _lab(), "node-1")
+    assert "cannot run on node 'node-1'" in err.value.message and err.value.fix == "use one of: node-2"
+    with pytest.raises(BadInput):  # the backend has no neighbour to be its client
+        S.resolve_node(sc, _lab(pods_per_node=1), None)
+
+
+def test_cluster_wide_scenario_takes_no_node():
+    sc = S.get("svc-no-endpoints")
+    assert sc.cluster_wide and S.resolve_node(sc, _lab(), None) is None
+    with pytest.raises(BadInput) as err:
+        S.resolve_node(sc, _lab(), "node-1")
+    assert "without --node" in err.value.line()
+
+
+def test_one_node_lab():
+    lab = _lab(nodes=1)
+    for name in ("ip-forward-off", "no-route", "fdb-missing", "neigh-wrong", "rp-filter-strict",
+                 "mtu-blackhole", "conntrack-invalid"):
+        with pytest.raises(BadInput) as err:
+            S.resolve_node(S.get(name), lab, None)
+        assert "at least 2 nodes" in err.value.message
+    # Same-node scenarios still work: bridged traffic crosses FORWARD and conntrack.
+    assert S.flow_command(S.get("netpol-drop"), lab, "node-1") == "podtrace flow pod-1-2 pod-1-1"
+    assert S.flow_command(S.get("conntrack-full"), lab, "node-1") == "podtrace flow pod-1-1 pod-1-2"
+    assert S.resolve_node(S.get("br-netfilter-off"), lab, None) == "node-1"
+
+
+def test_stale_backend_is_no_pod():
+    lab = _lab(pods_per_node=8)
+    stale = S._stale_backend(lab)
+    assert stale == "10.244.2.99" and stale not in {p.ip for p in lab.pods}
+
+
+def test_listing_without_a_lab():
+    rows = S.listing()
+    assert [r["name"] for r in rows] == NAMES
+    wide = next(r for r in rows if r["name"] == "svc-no-endpoints")
+    assert wide["cluster_wide"] and wide["default_node"] is None and wide["nodes"] == []
+
+
+def test_change_records_never_leave_the_lab():
+    lab = _lab()
+    with pytest.raises(Exception, match="not a namespace of lab ptlab"):
+        S._check_ns(lab, "ptdev-node-1")
+    with pytest.raises(Exception, match="not inside a lab namespace"):
+        S._check_argv(lab, ["iptables", "-F"])
+    with pytest.raises(Exception, match="not a namespace of lab"):
+        S._check_argv(lab, ["ip", "-n", "default", "route", "flush", "all"])
+    S._check_argv(lab, ["ip", "netns", "exec", "ptlab-node-1", "iptables-save"])
+
+
+def test_broken_is_empty_without_a_record(tmp_path):
+    assert S.broken("ptlab", tmp_path) == {}
+
+
+def test_cli_lists_scenarios_without_privileges(monkeypatch, tmp_path):
+    from tracer.cli import main
+
+    monkeypatch.setenv("PODTRACE_STATE_DIR", str(tmp_path))
+    runner = CliRunner()
+    out = runner.invoke(main, ["lab", "scenarios"])
+    assert out.exit_code == 0, out.output
+    for name in NAMES:
+        assert name in out.output
+    assert "podtrace flow pod-1-1 svc/default/web --proto udp --port 80 --sport 40000 --count 1" in out.output
+    same = runner.invoke(main, ["lab", "break", "--list"])
+    assert same.exit_code == 0 and same.output == out.output
+    data = json.loads(runner.invoke(main, ["lab", "scenarios", "-o", "json"]).output)
+    assert [d["name"] for d in data] == NAMES
+    bad = runner.invoke(main, ["lab", "break", "nope-route"])
+    assert bad.exit_code == 2 and "no-route" in bad.output
+    missing = runner.invoke(main, ["lab", "break"])
+    assert missing.exit_code == 2 and "netpol-drop" in missing.output

@@ -1,0 +1,582 @@
+"""`podtrace capture`: record the hop events of a selection of traffic to a Parquet trace
+file, for as long as asked or until Ctrl-C, in bounded memory.
+
+The selection (pods, namespaces, Services, nodes, CIDRs, ports, or all pod traffic) becomes
+the in-kernel filter: addresses in the `addrs` hash, CIDRs in the `cidrs` LPM trie, ports
+in the `ports` set (bpf/podtrace.c, `wanted()`). In the lab, events are also limited to the
+lab's network namespaces (this machine may host other labs with the very same addresses).
+
+Events go ring buffer → `CaptureSink` (numpy chunks; it pauses the poll once it holds a row
+group's worth) → `Spool` (scope filter, live statistics) → `tracefile.Writer` (one Parquet
+row group per `row_group_events`). Events the kernel could not hand over (ring buffer full)
+are counted by the kernel (`lost`) and written into the file's counters and its loss
+timeline: never silent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import bpfprog, events, k8s, probes, tracefile, tracefs
+from .errors import BadInput, EnvironmentProblem
+from .events import HOOK_IDS
+
+MAX_ADDRS = 4096    # sizes of the kernel maps (bpf/podtrace.c)
+MAX_CIDRS = 256
+MAX_PORTS = 64
+_CHUNK = 4096
+# kfree_skb reasons of a socket's own cleanup (close, purge): not counted as drops live
+HOUSEKEEPING_DROPS = {"QUEUE_PURGE", "SOCKET_CLOSE"}
+
+
+@dataclass
+class Selection:
+    """What to capture, as the user said it. Empty: all pod traffic."""
+
+    pods: list[str] = field(default_factory=list)        # NS/POD or POD
+    namespaces: list[str] = field(default_factory=list)
+    services: list[str] = field(default_factory=list)    # NS/NAME, svc/NS/NAME or NAME
+    nodes: list[str] = field(default_factory=list)
+    cidrs: list[str] = field(default_factory=list)       # 10.244.1.0/24 or an address
+    ports: list[int] = field(default_factory=list)       # TCP/UDP port on either side
+    all_traffic: bool = False                            # every IPv4 packet
+
+    def empty(self) -> bool:
+        return not (self.pods or self.namespaces or self.services or self.nodes or self.cidrs
+                    or self.all_traffic)
+
+
+@dataclass
+class Resolved:
+    """The selection as the kernel filter takes it."""
+
+    addrs: list[str]
+    cidrs: list[str]
+    ports: list[int]
+    any_addr: bool
+    described: list[str]
+
+    def as_json(self) -> dict:
+        return {"addrs": self.addrs, "cidrs": self.cidrs, "ports": self.ports, "any_addr": self.any_addr,
+                "described": self.described}
+
+
+@dataclass
+class CaptureConfig:
+    selection: Selection
+    output: str
+    duration: float | None = None       # None: until Ctrl-C / SIGTERM / stop event
+    cluster: str | None = None
+    lab_prefix: str = field(default_factory=lambda: os.environ.get("PODTRACE_LAB_PREFIX", "ptlab"))
+    row_group_events: int = tracefile.ROW_GROUP_EVENTS
+    ringbuf_pages: int = 1024           # 4 MiB: captures see more traffic than one flow
+    tc: bool = False                    # tc observers on the lab's devices (doubles events per hop)
+    lab_scope: bool = True              # in the lab: only events from the lab's namespaces
+    progress_every: float = 0.25
+
+
+@dataclass
+class CaptureResult:
+    path: Path
+    events: int
+    packets: int
+    drops: int
+    counters: dict
+    elapsed_s: float
+    stopped_by: str
+    row_groups: int
+    selection: Resolved
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------
+# Selection
+
+def _net(spec: str) -> str:
+    try:
+        return str(ipaddress.IPv4Network(spec.strip(), strict=False))
+    except ValueError:
+        raise BadInput(f"{spec!r} is not an IPv4 address or CIDR", "e.g. 10.244.1.0/24 or 10.244.1.2") from None
+
+
+def _ns_of(spec: str) -> tuple[str, str]:
+    parts = spec.strip().split("/")
+    if parts[0] in ("svc", "service") and len(parts) == 3:
+        return parts[1], parts[2]
+    if len(parts) == 2 and all(parts):
+        return parts[0], parts[1]
+    if len(parts) == 1 and parts[0]:
+        return "default", parts[0]
+    raise BadInput(f"cannot parse Service {spec!r}", "use NAMESPACE/NAME, svc/NAMESPACE/NAME or NAME")
+
+
+def resolve(sel: Selection, inv: k8s.Inventory) -> Resolved:
+    """Names → addresses, CIDRs and ports. Unknown names are bad input, with close matches."""
+    import difflib
+
+    addrs: list[str] = []
+    cidrs: list[str] = []
+    said: list[str] = []
+    for spec in sel.pods:
+        ep = k8s.resolve(spec, inv)
+        if ep.pod is None:
+            raise BadInput(f"--pod {spec}: not a pod", "give NAMESPACE/POD or POD")
+        addrs.append(ep.pod.ip)
+        said.append(f"pod {ep.pod.key} ({ep.pod.ip})")
+    for ns in sel.namespaces:
+        pods = [p for p in inv.pods.values() if p.namespace == ns and p.ip]
+        if not pods:
+            known = sorted({p.namespace for p in inv.pods.values()})
+            near = difflib.get_close_matches(ns, known, n=3, cutoff=0.5)
+            raise BadInput(f"no pods in namespace {ns}", f"did you mean {', '.join(near)}?" if near
+                           else f"namespaces with pods: {', '.join(known) or 'none'}")
+        addrs += [p.ip for p in pods]
+        said.append(f"namespace {ns} ({len(pods)} pods)")
+    for spec in sel.services:
+        ns, name = _ns_of(spec)
+        ep = k8s.resolve(f"svc/{ns}/{name}", inv)
+        svc = ep.service
+        addrs += [svc.cluster_ip] + list(svc.backend_ips)
+        said.append(f"service {svc.key} ({svc.cluster_ip}, {len(svc.backend_ips)} backends)")
+    for name in sel.nodes:
+        node = inv.nodes.get(name)
+        if node is None:
+            ep = k8s.resolve(f"node/{name}", inv)   # raises with close matches
+            node = ep.node
+        if node.pod_cidr:
+            cidrs.append(_net(node.pod_cidr))
+        else:
+            addrs += [p.ip for p in inv.pods.values() if p.node == node.name and p.ip]
+        if node.ip:
+            addrs.append(node.ip)
+        said.append(f"node {node.name} ({node.pod_cidr or 'its pods'}{', ' + node.ip if node.ip else ''})")
+    for c in sel.cidrs:
+        net = _net(c)
+        cidrs.append(net)
+        said.append(f"cidr {net}")
+    ports = sorted(set(sel.ports))
+    for p in ports:
+        if not 1 <= int(p) <= 65535:
+            raise BadInput(f"port {p} is out of range", "use a port between 1 and 65535")
+    any_addr = bool(sel.all_traffic)
+    if any_addr:
+        said.append("all IPv4 traffic")
+    elif sel.empty():
+        # all pod traffic: every node's pod CIDR (or every pod) and every Service VIP
+        node_cidrs = [_net(n.pod_cidr) for n in inv.nodes.values() if n.pod_cidr]
+        cidrs += node_cidrs
+        if not node_cidrs:
+            addrs += [p.ip for p in inv.pods.values() if p.ip]
+        addrs += [s.cluster_ip for s in inv.services.values() if s.cluster_ip]
+        said.append("all pod traffic (" + (", ".join(node_cidrs) if node_cidrs else f"{len(inv.pods)} pods")
+                    + f" and {sum(1 for s in inv.services.values() if s.cluster_ip)} Service IPs)")
+        if not cidrs and not addrs:
+            raise BadInput("no pods or Services known to select", "pass --cluster FILE or bring the lab up")
+    if ports:
+        said.append("ports " + ",".join(map(str, ports)))
+    addrs = sorted(set(a for a in addrs if a), key=lambda a: ipaddress.IPv4Address(a))
+    cidrs = sorted(set(cidrs), key=lambda c: ipaddress.IPv4Network(c))
+    if len(addrs) > MAX_ADDRS or len(cidrs) > MAX_CIDRS or len(ports) > MAX_PORTS:
+        raise BadInput(f"selection too large ({len(addrs)} addresses, {len(cidrs)} CIDRs, {len(ports)} ports)",
+                       f"the kernel filter holds {MAX_ADDRS} addresses, {MAX_CIDRS} CIDRs, {MAX_PORTS} ports; "
+                       "select by CIDR instead of many pods")
+    return Resolved(addrs, cidrs, ports, any_addr, said)
+
+
+# ---------------------------------------------------------------------------------------
+# Ring buffer → file
+
+class CaptureSink:
+    """The ring-buffer callback: copies records into numpy chunks, and stops the current
+    poll (by returning -1 after storing) once `limit` events wait, so a burst cannot grow
+    memory: the kernel then counts what does not fit in the ring buffer as lost."""
+
+    def __init__(self, limit: int = 2 * tracefile.ROW_GROUP_EVENTS):
+        self.limit = limit
+        self.full: list[np.ndarray] = []
+        self.total = 0
+        self._new()
+
+    def _new(self):
+        self.cur = np.zeros(_CHUNK, dtype=events.EVENT_DTYPE)
+        self.base = self.cur.ctypes.data
+        self.n = 0
+
+    def __call__(self, ctx, data, size):
+        if self.n == _CHUNK:
+            self.full.append(self.cur)
+            self._new()
+        ctypes.memmove(self.base + self.n * events.EVENT_DTYPE.itemsize, data, events.EVENT_DTYPE.itemsize)
+        self.n += 1
+        self.total += 1
+        return -1 if len(self.full) * _CHUNK + self.n >= self.limit else 0
+
+    def take(self) -> list[np.ndarray]:
+        out, self.full = self.full, []
+        if self.n:
+            out.append(self.cur[: self.n].copy())
+            self.n = 0
+        return out
+
+    def pending(self) -> int:
+        return len(self.full) * _CHUNK + self.n
+
+    # the TraceSession sink interface
+    def count(self) -> int:
+        return self.total
+
+    def array(self) -> np.ndarray:
+        parts = self.take()
+        return np.concatenate(parts, dtype=events.EVENT_DTYPE) if parts else np.zeros(0, dtype=events.EVENT_DTYPE)
+
+
+def _content_hash(a: np.ndarray) -> np.ndarray:
+    """One 64-bit number per event from the fields that identify a packet (flows.KEY_COLS)."""
+    icmp = a["proto"] == 1
+    k1 = (a["proto"].astype(np.uint64) | (a["ip_id"].astype(np.uint64) << np.uint64(8))
+          | (a["ip_len"].astype(np.uint64) << np.uint64(24)) | (a["tcp_flags"].astype(np.uint64) << np.uint64(40))
+          | (a["icmp_type"].astype(np.uint64) << np.uint64(48)))
+    k2 = (a["tcp_seq"].astype(np.uint64) | (np.where(icmp, a["sport"], 0).astype(np.uint64) << np.uint64(32))
+          | (np.where(icmp, a["dport"], 0).astype(np.uint64) << np.uint64(48)))
+    with np.errstate(over="ignore"):
+        return k1 * np.uint64(0x9E3779B97F4A7C15) ^ k2
+
+
+class Spool:
+    """Chunks of records → scope filter → writer, counting as it goes: events, packets
+    (distinct packet contents; approximate across batches), drops, drop locations."""
+
+    def __init__(self, writer: tracefile.Writer, scope: set[int] | None = None,
+                 housekeeping: set[int] | None = None):
+        self.writer = writer
+        # drop reasons that are a socket's own cleanup, not a packet dying on its way
+        self.housekeeping = np.array(sorted(housekeeping or ()), dtype=np.uint32)
+        self.scope = np.array(sorted(scope | {0}), dtype=np.uint32) if scope else None
+        self.events = 0
+        self.packets = 0
+        self.drops = 0
+        self.out_of_scope = 0
+        self.locations: set[int] = set()
+        self._prev = np.zeros(0, dtype=np.uint64)
+        self._batch: list[np.ndarray] = []
+
+    def add(self, arr: np.ndarray) -> None:
+        if self.scope is not None and len(arr):
+            keep = np.isin(arr["netns"], self.scope)
+            if not keep.all():
+                self.out_of_scope += int((~keep).sum())
+                arr = arr[keep]
+        if not len(arr):
+            return
+        hook = arr["hook"]
+        is_drop = hook == HOOK_IDS["drop"]
+        self.drops += int((is_drop & ~np.isin(arr["reason"], self.housekeeping)).sum())
+        if is_drop.any():
+            self.locations.update(int(x) for x in np.unique(arr["location"][is_drop]) if x)
+        hops = arr[(hook != HOOK_IDS["drop"]) & (hook != HOOK_IDS["consume"])]
+        if len(hops):
+            keys = np.unique(_content_hash(hops))
+            self.packets += int((~np.isin(keys, self._prev, assume_unique=True)).sum())
+            self._prev = keys
+        self.events += len(arr)
+        self.writer.write_records(arr)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+
+class _Stop:
+    """SIGINT/SIGTERM end the capture normally (the file is finished and moved into place).
+    A second signal while finishing aborts (KeyboardInterrupt)."""
+
+    def __init__(self, event: threading.Event | None):
+        self.event = event or threading.Event()
+        self.by: str | None = None
+        self._prev: dict[int, object] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._prev[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.by = "interrupt" if signum == signal.SIGINT else "sigterm"
+        self.event.set()
+
+    def __exit__(self, *exc):
+        for sig, prev in self._prev.items():
+            signal.signal(sig, prev)
+        return False
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+
+def _inventory(cfg: CaptureConfig) -> tuple[k8s.Inventory, dict | None]:
+    from .config import FlowConfig
+    from .trace import load_inventory
+
+    return load_inventory(FlowConfig(src="", dst="", cluster=cfg.cluster, lab_prefix=cfg.lab_prefix))
+
+
+def _lab_devices(lab: dict) -> list[tuple[str, str]]:
+    out = []
+    for n in lab.get("nodes", []):
+        for key in ("bridge", "overlay", "uplink"):
+            if n.get(key):
+                out.append((n["netns"], n[key]))
+    for p in lab.get("pods", []):
+        node = next((n for n in lab.get("nodes", []) if n["name"] == p["node"]), None)
+        if node and p.get("host_veth"):
+            out.append((node["netns"], p["host_veth"]))
+    return out[: bpfprog.TC_SLOTS]
+
+
+def run_capture(cfg: CaptureConfig, progress: Callable[[dict], None] | None = None,
+                stop: threading.Event | None = None) -> CaptureResult:
+    """Capture until cfg.duration passes, SIGINT/SIGTERM arrive or `stop` is set."""
+    from .session import SessionConfig, TraceSession
+    from .trace import placement_from_lab
+
+    if os.geteuid() != 0:
+        raise EnvironmentProblem("capturing needs root (CAP_BPF, CAP_SYS_ADMIN)", "run it again with sudo")
+    if cfg.duration is not None and cfg.duration <= 0:
+        raise BadInput("--duration must be positive", "e.g. --duration 30, or leave it out and stop with Ctrl-C")
+    if cfg.row_group_events < 1024:
+        raise BadInput("--row-group must be at least 1024 events")
+    out = Path(cfg.output)
+    inv, lab = _inventory(cfg)
+    sel = resolve(cfg.selection, inv)
+    placement = placement_from_lab(lab)
+    scope = set(placement.netns) if (lab and cfg.lab_scope and placement.netns) else None
+    drop_reasons = tracefs.drop_reasons()
+    ct_names = bpfprog.ct_info_names()
+    hooks, degraded = probes.select(probes.detect(), tc=cfg.tc)
+    notes = list(degraded)
+    sink = CaptureSink(limit=2 * cfg.row_group_events)
+    scfg = SessionConfig(addrs=sel.addrs, match_either=True, ringbuf_pages=cfg.ringbuf_pages, hooks=hooks,
+                         netns=sorted(scope | {0}) if scope else None, cidrs=sel.cidrs, ports=sel.ports,
+                         any_addr=sel.any_addr)
+    session = TraceSession(scfg, sink=sink)
+    writer = tracefile.Writer(out, row_group_events=cfg.row_group_events)
+    spool = Spool(writer, scope, {k for k, v in drop_reasons.items() if v in HOUSEKEEPING_DROPS})
+    say = progress or (lambda d: None)
+    timeline: list[list] = []
+    tc = None
+    stopper = _Stop(stop)
+    started_ns = time.time_ns()
+    stopped_by = "duration"
+    finished = False
+    try:
+        with stopper:
+            session.start()
+            if cfg.tc and lab and any(h.kind == "tc" for h in hooks):
+                from . import tcattach
+
+                tcattach.cleanup(scan=False)
+                tc = tcattach.TcAttacher(session.loaded.bpf)
+                for ns_name, dev in _lab_devices(lab):
+                    tc.attach(ns_name, dev)
+            t0 = time.monotonic()
+            next_report = t0
+            next_sample = t0 + 1.0
+            end = t0 + cfg.duration if cfg.duration else None
+            while not stopper.event.is_set():
+                now = time.monotonic()
+                if end is not None and now >= end:
+                    break
+                wait = 0.1 if end is None else max(0.0, min(0.1, end - now))
+                session.poll(int(wait * 1000))
+                for chunk in sink.take():
+                    spool.add(chunk)
+                now = time.monotonic()
+                if now >= next_report or now >= next_sample:
+                    c = session.counters()
+                    if now >= next_sample:
+                        timeline.append([round(now - t0, 3), c["emitted"], c["lost"]])
+                        next_sample = now + 1.0
+                    if now >= next_report:
+                        say(_live(now - t0, spool, c, writer, cfg.duration))
+                        next_report = now + cfg.progress_every
+            if stopper.by:
+                stopped_by = stopper.by
+            elif stop is not None and stop.is_set():
+                stopped_by = "stopped"
+            session.drain()
+            for chunk in sink.take():
+                spool.add(chunk)
+            elapsed = time.monotonic() - t0
+            counters = session.counters()
+            timeline.append([round(elapsed, 3), counters["emitted"], counters["lost"]])
+            ksym = _symbolizer(session)
+            locations = {str(a): ksym(a) for a in sorted(spool.locations)}
+            if tc is not None:
+                tc.close()
+                tc = None
+            session.close()
+            counters.update(events_written=spool.events, out_of_scope=spool.out_of_scope,
+                            drops_seen=spool.drops)
+            if counters.get("lost"):
+                notes.append(f"{counters['lost']} events were lost (ring buffer full); the paths may have gaps")
+            meta = {
+                "kind": "capture",
+                "selection": {"asked": _asked(cfg.selection), "resolved": sel.as_json()},
+                "placement": {str(k): list(v) for k, v in placement.netns.items()},
+                **tracefile.cluster_meta(inv, lab),
+                "drop_reasons": {str(k): v for k, v in drop_reasons.items()},
+                "locations": locations,
+                "ct_info_names": {str(k): v for k, v in ct_names.items()},
+                "hooks": [h.name for h in hooks], "degraded": degraded,
+                "scope": ({"lab": lab.get("prefix"), "netns": sorted(scope)} if scope else None),
+                "started_ns": started_ns, "stopped_ns": time.time_ns(), "duration_s": round(elapsed, 3),
+                "stopped_by": stopped_by, "ringbuf_pages": cfg.ringbuf_pages,
+                "row_group_events": cfg.row_group_events,
+                "loss_timeline": {"columns": ["t_s", "emitted", "lost"], "rows": _thin(timeline)},
+                "notes": notes,
+                "created_ns": time.time_ns(),
+            }
+            path = writer.close(meta, counters)
+            finished = True
+    finally:
+        if tc is not None:
+            with contextlib.suppress(Exception):
+                tc.close()
+        session.close()
+        if not finished:
+            writer.abort()
+    say(_live(elapsed, spool, counters, writer, cfg.duration, done=True))
+    return CaptureResult(path, spool.events, spool.packets, spool.drops, counters, elapsed, stopped_by,
+                         writer.row_groups, sel, notes)
+
+
+def _asked(sel: Selection) -> dict:
+    return {k: v for k, v in sel.__dict__.items() if v}
+
+
+def _thin(rows: list[list], limit: int = 4000) -> list[list]:
+    """At most `limit` timeline samples, evenly spread (a day-long capture has 86400)."""
+    if len(rows) <= limit:
+        return rows
+    step = len(rows) / limit
+    return [rows[int(i * step)] for i in range(limit - 1)] + [rows[-1]]
+
+
+def _live(elapsed: float, spool: Spool, counters: dict, writer: tracefile.Writer, duration,
+          done: bool = False) -> dict:
+    return {"elapsed_s": elapsed, "duration_s": duration, "events": spool.events, "packets": spool.packets,
+            "drops": spool.drops, "lost": int(counters.get("lost", 0)), "file_bytes": writer.bytes_hint,
+            "row_groups": writer.row_groups, "done": done}
+
+
+def _symbolizer(session) -> Callable[[int], str | None]:
+    bpf = session.loaded.bpf if session.loaded else None
+
+    def sym(addr: int) -> str | None:
+        if not addr or bpf is None:
+            return None
+        try:
+            return bpf.ksym(addr, show_offset=True).decode(errors="replace")
+        except Exception:  # BCC raises bare Exception for unknown addresses
+            return hex(addr)
+    return sym
+
+
+# ---------------------------------------------------------------------------------------
+# The command (registered by tracer/cli.py)
+
+def _progress_line(d: dict) -> str:
+    el = d["elapsed_s"]
+    left = f" / {d['duration_s']:g}s" if d.get("duration_s") else ""
+    lost = d["lost"]
+    return (f"capturing {el:6.1f}s{left}  events {d['events']:,}  packets ~{d['packets']:,}  "
+            f"drops {d['drops']:,}  " + (f"[bold red]events lost {lost:,}[/bold red]" if lost else "events lost 0")
+            + f"  {d['file_bytes'] / 2**20:.1f} MiB")
+
+
+def _command():
+    import click
+
+    @click.command("capture")
+    @click.argument("cidr", nargs=-1, metavar="[CIDR]...")
+    @click.option("--pod", "pods", multiple=True, metavar="NS/POD", help="Traffic of this pod (repeatable).")
+    @click.option("--namespace", "-n", "namespaces", multiple=True, metavar="NS",
+                  help="Traffic of every pod in this namespace (repeatable).")
+    @click.option("--service", "services", multiple=True, metavar="NS/NAME",
+                  help="Traffic to the Service's IP and of its backends (repeatable).")
+    @click.option("--node", "nodes", multiple=True, metavar="NAME",
+                  help="Traffic of the node's pod CIDR and node address (repeatable).")
+    @click.option("--cidr", "cidrs", multiple=True, metavar="CIDR", help="Traffic from or to this CIDR.")
+    @click.option("--port", "ports", multiple=True, type=click.IntRange(1, 65535), metavar="PORT",
+                  help="Only TCP/UDP packets with this port on either side (repeatable).")
+    @click.option("--all", "all_traffic", is_flag=True, help="Every IPv4 packet (still limited to the lab's namespaces in the lab).")
+    @click.option("--duration", "-d", type=click.FloatRange(0.1, 7 * 24 * 3600), default=None, metavar="SECONDS",
+                  help="Stop after this long (default: until Ctrl-C).")
+    @click.option("-w", "--write", "output", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                  help="Trace file to write (default capture-YYYYmmdd-HHMMSS.parquet).")
+    @click.option("--cluster", type=click.Path(dir_okay=False), default=None,
+                  help="A `kubectl get nodes,pods,services,endpointslices -A -o json` file.")
+    @click.option("--tc", is_flag=True, help="Also observe the lab's devices with tc programs.")
+    @click.option("--row-group", type=click.IntRange(1024, 10_000_000), default=tracefile.ROW_GROUP_EVENTS,
+                  show_default=True, help="Events per Parquet row group (bounds memory).")
+    @click.option("--ringbuf-pages", type=click.IntRange(8, 65536), default=1024, show_default=True,
+                  help="Ring buffer size in pages (a power of two).")
+    def capture(cidr, pods, namespaces, services, nodes, cidrs, ports, all_traffic, duration, output, cluster,
+                tc, row_group, ringbuf_pages):
+        """Record the hop events of a selection of traffic to a Parquet trace file.
+
+        Without a selection, all pod traffic (every node's pod CIDR and the Service IPs).
+        Selections add up; --port narrows them. Stop with Ctrl-C, or give --duration.
+        Losses (ring buffer full) are counted in the file, never silent.
+
+        \b
+        Examples:
+          podtrace capture -d 30                                # all pod traffic, 30 s
+          podtrace capture --pod default/pod-1-1 -w a.parquet   # one pod, until Ctrl-C
+          podtrace capture --service default/web --port 80
+          podtrace capture --node node-2 10.96.0.0/16
+          podtrace analyze capture-*.parquet
+        """
+        import sys
+
+        from rich.console import Console
+
+        if ringbuf_pages & (ringbuf_pages - 1):
+            raise BadInput(f"--ringbuf-pages {ringbuf_pages} is not a power of two", "e.g. 256, 1024 or 4096")
+        out = output or time.strftime("capture-%Y%m%d-%H%M%S.parquet")
+        cfg = CaptureConfig(Selection(list(pods), list(namespaces), list(services), list(nodes),
+                                      list(cidr) + list(cidrs), list(ports), all_traffic),
+                            out, duration, cluster, row_group_events=row_group, ringbuf_pages=ringbuf_pages, tc=tc)
+        err = Console(stderr=True)
+        if err.is_terminal:
+            with err.status("starting capture") as status:
+                res = run_capture(cfg, progress=lambda d: status.update(_progress_line(d)))
+        else:
+            res = run_capture(cfg)
+        for n in res.notes:
+            err.print(f"note: {n}", markup=False)
+        lost = res.counters.get("lost", 0)
+        err.print(f"captured {res.events:,} events (~{res.packets:,} packets, {res.drops:,} drops) in "
+                  f"{res.elapsed_s:.1f}s → {res.path} ({res.row_groups} row groups); "
+                  + (f"[bold red]{lost:,} events lost[/bold red] (ring buffer full: try --ringbuf-pages "
+                     f"{cfg.ringbuf_pages * 4} or a narrower selection)" if lost else "no events lost"))
+        err.print(f"selection: {'; '.join(res.selection.described)}", markup=False)
+        sys.exit(0)
+
+    return capture
+
+
+capture = _command()
