@@ -122,6 +122,7 @@ def load(path, mode: str = "auto") -> Trace:
     mode: "auto" (flow files as `flow` judged them, captures vectorised), "flow" or
     "capture" (the vectorised reconstruction on any file)."""
     events, meta = tracefile.load(path)
+    meta["path"] = str(path)
     return analyse(events, meta, mode)
 
 
@@ -169,6 +170,15 @@ def _endpoint(d: dict, meta: dict) -> k8s.Endpoint:
 
 
 def _flow_input(meta: dict) -> flows.FlowInput:
+    """The flow's inputs from a file's metadata; metadata of the wrong shape is a damaged file."""
+    try:
+        return _flow_input_of(meta)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise tracefile.TraceFileError(meta.get("path", "trace"), "has damaged flow metadata "
+                                       f"({type(exc).__name__}: {exc})") from None
+
+
+def _flow_input_of(meta: dict) -> flows.FlowInput:
     placement = flows.Placement({int(k): tuple(v) for k, v in (meta.get("placement") or {}).items()})
     locations = {int(k): v for k, v in (meta.get("locations") or {}).items()}
     return flows.FlowInput(

@@ -392,6 +392,7 @@ def run_capture(cfg: CaptureConfig, progress: Callable[[dict], None] | None = No
                 for ns_name, dev in _lab_devices(lab):
                     tc.attach(ns_name, dev)
             t0 = time.monotonic()
+            t0_mono_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)   # the clock of ts_ns
             next_report = t0
             next_sample = t0 + 1.0
             end = t0 + cfg.duration if cfg.duration else None
@@ -442,9 +443,10 @@ def run_capture(cfg: CaptureConfig, progress: Callable[[dict], None] | None = No
                 "ct_info_names": {str(k): v for k, v in ct_names.items()},
                 "hooks": [h.name for h in hooks], "degraded": degraded,
                 "scope": ({"lab": lab.get("prefix"), "netns": sorted(scope)} if scope else None),
-                "started_ns": started_ns, "stopped_ns": time.time_ns(), "duration_s": round(elapsed, 3),
+                "started_ns": started_ns, "started_mono_ns": t0_mono_ns, "stopped_ns": time.time_ns(), "duration_s": round(elapsed, 3),
                 "stopped_by": stopped_by, "ringbuf_pages": cfg.ringbuf_pages,
                 "row_group_events": cfg.row_group_events,
+                # t_s: seconds since started_mono_ns (the ts_ns clock); cumulative counters
                 "loss_timeline": {"columns": ["t_s", "emitted", "lost"], "rows": _thin(timeline)},
                 "notes": notes,
                 "created_ns": time.time_ns(),
@@ -500,11 +502,11 @@ def _symbolizer(session) -> Callable[[int], str | None]:
 
 def _progress_line(d: dict) -> str:
     el = d["elapsed_s"]
-    left = f" / {d['duration_s']:g}s" if d.get("duration_s") else ""
+    left = f"/{d['duration_s']:g}s" if d.get("duration_s") else ""
     lost = d["lost"]
-    return (f"capturing {el:6.1f}s{left}  events {d['events']:,}  packets ~{d['packets']:,}  "
-            f"drops {d['drops']:,}  " + (f"[bold red]events lost {lost:,}[/bold red]" if lost else "events lost 0")
-            + f"  {d['file_bytes'] / 2**20:.1f} MiB")
+    return (f"capturing {el:.1f}s{left} · {d['events']:,} events · ~{d['packets']:,} packets · "
+            f"{d['drops']:,} drops · " + (f"[bold red]events lost {lost:,}[/bold red]" if lost else "events lost 0")
+            + f" · {d['file_bytes'] / 2**20:.1f} MiB")
 
 
 def _command():

@@ -171,6 +171,15 @@ def explain(packet: dict, ev: Evidence) -> None:
         _set(v, "no-route", f"{node} has no route to {last['dst']}"
              + (f" ({rt['error']})" if rt.get("error") else "") + ".", "no-route.md")
         return
+    # 6a. a link refused a frame larger than its far end's MTU (veth/dev_forward_skb's check:
+    # the kernel gives no reason, but the location says it)
+    loc = (v.get("location") or "").split("+")[0]
+    if loc in ("__dev_forward_skb", "__dev_forward_skb2", "is_skb_forwardable", "dev_forward_skb"):
+        frame = max((h.get("len") or 0) for h in hops if h["node"] == node) or None
+        _set(v, "mtu", f"A {frame}-byte frame leaving {node}'s {v.get('dev') or last['dev']} is larger "
+             "than the other end of that link accepts (its MTU): an MTU mismatch on the link drops it "
+             "without any ICMP error (a black hole for full-size packets).", "mtu.md")
+        return
     # 6. MTU: the packet does not fit a device on the way out
     size = max(h.get("len") or 0 for h in hops)
     ip_len = packet.get("ip_len") or 0

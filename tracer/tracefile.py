@@ -311,7 +311,10 @@ def load(path: str | Path) -> tuple[pd.DataFrame, dict]:
     p = _check_path(path)
     pf = _open(p)
     meta = _meta_of(p, pf.metadata.metadata)
-    names = set(pf.schema_arrow.names)
+    try:
+        names = set(pf.schema_arrow.names)
+    except (pa.ArrowException, ValueError) as exc:   # ValueError: a column name that is not UTF-8
+        raise TraceFileError(p, f"is damaged: its schema cannot be read ({_short(exc)})") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
         raise TraceFileError(p, f"the events table lacks column(s) {', '.join(missing)} "
@@ -319,9 +322,13 @@ def load(path: str | Path) -> tuple[pd.DataFrame, dict]:
     cols = REQUIRED_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in names]
     try:
         table = pf.read(columns=cols)
-    except (pa.ArrowException, OSError) as exc:
+    except (pa.ArrowException, OSError, ValueError) as exc:
         raise TraceFileError(p, f"the events could not be read: the file is damaged ({_short(exc)})") from None
-    return events_frame(table), _upgrade_meta(meta)
+    try:
+        events_df = events_frame(table)
+    except (pa.ArrowException, ValueError, IndexError, TypeError, OverflowError) as exc:   # damaged values (names not UTF-8, …)
+        raise TraceFileError(p, f"the events could not be decoded: the file is damaged ({_short(exc)})") from None
+    return events_df, _upgrade_meta(meta)
 
 
 def events_frame(table: pa.Table) -> pd.DataFrame:
@@ -413,7 +420,7 @@ def _open(p: Path) -> pq.ParquetFile:
                                 "(the writer was killed, or the copy is incomplete)")
     try:
         return pq.ParquetFile(p)
-    except (pa.ArrowException, OSError) as exc:
+    except (pa.ArrowException, OSError, ValueError) as exc:   # ValueError: names that are not UTF-8
         raise TraceFileError(p, f"is damaged: its Parquet footer cannot be read ({_short(exc)})") from None
 
 

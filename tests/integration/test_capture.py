@@ -34,11 +34,19 @@ def node(lab, name):
     return next(n for n in lab["nodes"] if n["name"] == name)
 
 
-def our_programs() -> list[str]:
-    import json
-
-    out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True, check=True)
-    return [p.get("name", "") for p in json.loads(out.stdout or "[]") if p.get("name", "").startswith("pt_")]
+def bpf_fds(pid: int | str = "self") -> list[str]:
+    """The BPF objects (programs, maps, links) a process holds: per process, so other runs
+    of podtrace on the machine do not disturb the check."""
+    out = []
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir() if fd_dir.exists() else []:
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("anon_inode:bpf"):
+            out.append(target)
+    return out
 
 
 def quietly(fn, *args, **kw):
@@ -144,10 +152,7 @@ def test_capture_shows_the_injected_drops(lab, faulted_capture):
     # nothing outside this lab's namespaces (other labs share the addresses)
     scope = set(t.meta["scope"]["netns"]) | {0}
     assert set(t.events["netns"].unique()) <= scope
-    wait = time.monotonic() + 5
-    while our_programs() and time.monotonic() < wait:
-        time.sleep(0.05)
-    assert our_programs() == []
+    assert bpf_fds() == []     # the capture released every program and map
 
 
 def test_analyze_prints_the_drops(faulted_capture):
@@ -224,10 +229,11 @@ def test_ctrl_c_finishes_the_file(lab, tmp_path):
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
-        while not our_programs():
+        while not any("bpf-prog" in t for t in bpf_fds(proc.pid)):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "capture never started"
             time.sleep(0.05)
+        time.sleep(0.3)   # programs are attached right after they are loaded
         traffic(lab, rounds=1, start=0.3, pairs=[("pod-1-1", "pod-2-2")], service=False)
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
@@ -242,10 +248,6 @@ def test_ctrl_c_finishes_the_file(lab, tmp_path):
     t = analysis.load(f)
     assert t.meta["stopped_by"] == "interrupt" and len(t.packets) > 0
     assert (t.packets["status"] == "delivered").all()
-    wait = time.monotonic() + 5
-    while our_programs() and time.monotonic() < wait:
-        time.sleep(0.05)
-    assert our_programs() == []
 
 
 def test_flow_save_round_trip_and_incident_notebook(lab, tmp_path):

@@ -104,4 +104,4 @@ def test_progress_line_says_losses():
     d = {"elapsed_s": 3.2, "duration_s": 10, "events": 12345, "packets": 1000, "drops": 2, "lost": 7,
          "file_bytes": 2 * 2**20}
     line = capture._progress_line(d)
-    assert "3.2s / 10s" in line and "12,345" in line and "events lost 7" in line and "2.0 MiB" in line
+    assert "3.2s/10s" in line and "12,345" in line and "events lost 7" in line and "2.0 MiB" in line

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tracer import events, tracefile
 from tracer.errors import BadInput
 
-SETTINGS = settings(max_examples=150, deadline=None,
+SETTINGS = settings(max_examples=int(__import__("os").environ.get("PT_FUZZ_N", "150")), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
@@ -30,11 +30,16 @@ def _events(n: int = 64) -> np.ndarray:
     return arr
 
 
+class _Files(dict):
+    def __repr__(self):   # keep hypothesis' failure reports readable
+        return f"<trace files {', '.join(f'{k}: {len(v)} bytes' for k, v in self.items())}>"
+
+
 @pytest.fixture(scope="module")
 def good_files(tmp_path_factory) -> dict[str, bytes]:
     """Valid trace files, compressed (the default) and not (damage then hits values, not the
     decompressor), as bytes."""
-    out = {}
+    out = _Files()
     d = tmp_path_factory.mktemp("traces")
     for comp in ("zstd", "none"):
         w = tracefile.Writer(d / f"{comp}.parquet", compression=comp, row_group_events=32)
@@ -114,3 +119,77 @@ def test_not_a_file_kinds(tmp_path):
         tracefile.load(part)
     w.abort()
     assert not part.exists()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=16), inner, max_size=5),
+    max_leaves=16,
+)
+meta_docs = st.one_of(
+    json_values,
+    # near-valid documents: the keys the reader looks at, with values of any type
+    st.fixed_dictionaries({}, optional={k: json_values for k in (
+        "format_version", "kind", "clock", "counters", "hooks", "nodes", "pods", "services",
+        "src", "dst", "events", "row_groups", "kernel", "inventory")}),
+)
+
+
+@SETTINGS
+@given(doc=meta_docs, raw=st.booleans(), junk=st.binary(max_size=40))
+def test_any_metadata_document(tmp_path, good_files, doc, raw, junk):
+    import json
+
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src.parquet"
+    src.write_bytes(good_files["none"])
+    table = pq.read_table(src)
+    value = junk if raw else json.dumps(doc).encode()
+    md = dict(table.schema.metadata or {})
+    md[tracefile.META_KEY.encode() if isinstance(tracefile.META_KEY, str) else tracefile.META_KEY] = value
+    p = tmp_path / "m.parquet"
+    pq.write_table(table.replace_schema_metadata(md), p)
+    _check(p)
+
+
+FLOW_KEYS = ["src", "dst", "proto", "port", "probes", "placement", "drop_reasons", "locations",
+             "ct_info_names", "service", "clock", "counters", "hooks", "nodes", "pods"]
+
+
+@pytest.fixture(scope="module")
+def flow_file(tmp_path_factory):
+    """A `flow --save`-shaped trace (kind flow, src/dst, probes) as a pyarrow table + its metadata."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    d = tmp_path_factory.mktemp("flow")
+    w = tracefile.Writer(d / "f.parquet", compression="none")
+    w.write_records(_events())
+    w.close({"kind": "flow", "clock": {}, "inventory": "none", "proto": "udp", "port": 8080, "probes": [],
+             "src": {"spec": "default/a", "ip": "10.244.1.2", "pod": "default/a", "node": "node-1"},
+             "dst": {"spec": "default/b", "ip": "10.244.2.3", "pod": "default/b", "node": "node-2"}})
+    pf = pq.ParquetFile(d / "f.parquet")
+    return pf.read(), json.loads(pf.metadata.metadata[tracefile.META_KEY])
+
+
+@SETTINGS
+@given(over=st.dictionaries(st.sampled_from(FLOW_KEYS), json_values, max_size=3))
+def test_analysis_load_on_damaged_flow_metadata(tmp_path, flow_file, over):
+    """`tracer.analysis.load` (the notebook entry point) rebuilds packets from the metadata:
+    values of the wrong type are a damaged file (TraceFileError), not a TypeError."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from tracer import analysis
+
+    table, base = flow_file
+    p = tmp_path / "f.parquet"
+    pq.write_table(table.replace_schema_metadata({tracefile.META_KEY: json.dumps(dict(base, **over)).encode()}), p)
+    try:
+        t = analysis.load(p)
+    except tracefile.TraceFileError:
+        return
+    assert isinstance(t.packets, pd.DataFrame)

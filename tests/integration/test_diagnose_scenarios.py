@@ -1,0 +1,92 @@
+"""Every lab fault end to end: break → `flow` → the verdict names the node, the hop, the
+kernel reason where there is one, the cause and an existing runbook → fix → delivered.
+
+The diagnosis never learns which scenario was injected: `lab break` records its state in
+the lab's private directory, which nothing in the tracer reads. The verdict comes from the
+trace and the evidence the nodes show.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import environment_problem, must_run
+from tracer.lab import build
+from tracer.lab import topology as T
+
+ROOT = Path(__file__).resolve().parents[2]
+PREFIX = os.environ.get("PODTRACE_TEST_LAB_PREFIX", "pttest") + "dg"
+
+# scenario, flow args, where the failure shows (direction), node, cause, reason (None: any)
+CASES = [
+    ("netpol-drop", ["pod-1-1", "pod-2-1"], "request", "node-2", "netfilter-rule", "NETFILTER_DROP"),
+    ("ip-forward-off", ["pod-1-1", "pod-2-1"], "request", "node-1", "ip-forward-off", None),
+    ("conntrack-full", ["pod-1-1", "pod-2-1"], "request", "node-1", "conntrack-full", "NETFILTER_DROP"),
+    ("conntrack-invalid", ["pod-1-1", "pod-2-1", "--proto", "tcp", "--port", "8080"], "reply", "node-1",
+     "conntrack-invalid", "NETFILTER_DROP"),
+    ("rp-filter-strict", ["pod-1-1", "pod-2-1"], "request", "node-2", "rp-filter", "IP_RPFILTER"),
+    ("mtu-blackhole", ["pod-1-1", "pod-2-1", "--size", "1450"], "request", "node-1", "mtu", None),
+    ("no-route", ["pod-1-1", "pod-2-1"], "request", "node-1", "no-route", None),
+    ("fdb-missing", ["pod-1-1", "pod-2-1"], "request", "node-1", "fdb-missing", None),
+    ("neigh-wrong", ["pod-1-1", "pod-2-1"], "request", "node-1", "neighbour-wrong", None),
+    ("svc-no-endpoints", ["pod-1-1", "svc/default/web", "--proto", "tcp", "--port", "80"], "request",
+     "node-1", "service-no-endpoints", "NETFILTER_DROP"),
+    ("stale-udp-conntrack", ["pod-1-1", "svc/default/web", "--proto", "udp", "--port", "80",
+                             "--sport", "40000", "--count", "1"], "request", None, "stale-conntrack", None),
+    ("br-netfilter-off", ["pod-2-1", "svc/default/web", "--proto", "udp", "--port", "80"], "reply",
+     "node-2", "unreversed-reply", None),
+]
+
+
+@pytest.fixture(scope="module")
+def dlab():
+    problem = environment_problem()
+    if problem:
+        if must_run():
+            pytest.fail(f"cannot run: {problem}")
+        pytest.skip(problem)
+    build.down(PREFIX)
+    try:
+        doc, _ = build.up(T.LabConfig(prefix=PREFIX))
+        yield doc
+    finally:
+        build.down(PREFIX)
+
+
+def cli(*args, timeout=90):
+    env = dict(os.environ, PODTRACE_LAB_PREFIX=PREFIX)
+    return subprocess.run([sys.executable, "-m", "tracer.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.parametrize("scenario,args,direction,node,cause,reason", CASES, ids=[c[0] for c in CASES])
+def test_scenario(dlab, scenario, args, direction, node, cause, reason):
+    extra = ["--timeout", "0.6"]
+    broke = cli("lab", "break", scenario)
+    assert broke.returncode == 0, broke.stderr
+    try:
+        res = cli("flow", *args, *extra, "-o", "json")
+        assert res.returncode == 3, res.stdout[-2000:] + res.stderr
+        doc = json.loads(res.stdout)
+        assert doc["verdict"]["status"] == "failed"
+        caused = [p for p in doc["packets"] if p["direction"] == direction and p["verdict"].get("cause")]
+        assert caused, json.dumps([p["verdict"] for p in doc["packets"]], indent=1)
+        v = caused[0]["verdict"]
+        assert v["cause"] == cause, v
+        if node:
+            assert v["node"] == node, v
+        if reason:
+            assert v["reason"] == reason, v
+        assert v["hint"] and "\n" not in v["hint"]
+        assert v["runbook"] and (ROOT / v["runbook"]).is_file(), v["runbook"]
+    finally:
+        fixed = cli("lab", "fix", scenario)
+        assert fixed.returncode == 0, fixed.stderr
+    res = cli("flow", *args, "-o", "json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr

@@ -1,0 +1,218 @@
+"""Shared pieces of the safety tests (test_safety_*.py); holds no tests itself.
+
+Labs: only prefixes starting with `pttestsafe` are used. `safe_lab` (session) is a default lab
+the tests only read and send traffic through: PODTRACE_TEST_LAB_PREFIX when that starts with
+`pttestsafe`, else `pttestsafe`. `scratch_lab` (per test) is `pttestsafed`, for tests that
+delete pods and devices. Nothing outside these labs' namespaces receives traffic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import site
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import environment_problem, must_run
+from tests.integration.lab_fixture import LAB_PREFIX, REPO_ROOT
+from tracer import netns
+from tracer.lab import build
+from tracer.lab import topology as T
+
+SAFE_PREFIX = LAB_PREFIX if LAB_PREFIX.startswith("pttestsafe") else "pttestsafe"
+SCRATCH_PREFIX = "pttestsafed"
+OUR_PROGRAMS = ("pt_", "kp_", "krp_")
+
+
+def _require_environment():
+    problem = environment_problem()
+    if problem:
+        if must_run():
+            pytest.fail(f"cannot run: {problem} (CI=true or PODTRACE_REQUIRE_BPF=1 forbids skipping)")
+        pytest.skip(problem)
+
+
+@pytest.fixture(scope="session")
+def safe_lab():
+    _require_environment()
+    build.down(SAFE_PREFIX)
+    try:
+        doc, _ = build.up(T.LabConfig(prefix=SAFE_PREFIX))
+        yield doc
+    finally:
+        build.down(SAFE_PREFIX)
+
+
+@pytest.fixture
+def scratch_lab():
+    """A lab of its own for one test that breaks it (deleted pods and devices)."""
+    _require_environment()
+    build.down(SCRATCH_PREFIX)
+    try:
+        doc, _ = build.up(T.LabConfig(prefix=SCRATCH_PREFIX))
+        yield doc
+    finally:
+        build.down(SCRATCH_PREFIX)
+
+
+def pod(doc: dict, name: str) -> dict:
+    return next(p for p in doc["pods"] if p["name"] == name)
+
+
+def node(doc: dict, name: str) -> dict:
+    return next(n for n in doc["nodes"] if n["name"] == name)
+
+
+# ---------------------------------------------------------------------------------------
+# Running the CLI
+
+def cli_env(prefix: str, **extra: str) -> dict:
+    """The environment of a CLI run against lab `prefix`: no kubeconfig of this machine or
+    test hook of an outer run leaks in."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PODTRACE_TEST_", "PODTRACE_AGENT_", "KUBERNETES_"))
+           and k not in ("KUBECONFIG", "PODTRACE_DEBUG", "PODTRACE_DEBUG_BPF", "PODTRACE_LAB_PAUSE_AFTER")}
+    env["PODTRACE_LAB_PREFIX"] = prefix
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def cli(*args: str, prefix: str = SAFE_PREFIX, timeout: float = 90, argv0: list[str] | None = None,
+        input: str | None = None, **env: str) -> subprocess.CompletedProcess:
+    argv = (argv0 or [sys.executable]) + ["-m", "tracer.cli", *args]
+    return subprocess.run(argv, env=cli_env(prefix, **env), cwd="/", capture_output=True, text=True,
+                          timeout=timeout, input=input)
+
+
+def popen(*args: str, prefix: str = SAFE_PREFIX, **env: str) -> subprocess.Popen:
+    """A CLI run in its own process group (so a test can signal it and its agents at once)."""
+    return subprocess.Popen([sys.executable, "-m", "tracer.cli", *args], env=cli_env(prefix, **env), cwd="/",
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def one_line_error(res: subprocess.CompletedProcess, code: int) -> str:
+    """The contract for a refused run: exit `code`, exactly one line on stderr, no traceback."""
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == code, f"exit {res.returncode}, want {code}: {res.stderr or res.stdout}"
+    assert len(lines) == 1, f"want one line on stderr, got {len(lines)}:\n{res.stderr}"
+    assert "Traceback" not in res.stderr and "internal error" not in res.stderr, res.stderr
+    assert lines[0].startswith("podtrace: "), lines[0]
+    return lines[0]
+
+
+_NOBODY: list[str] | None = None
+
+
+def nobody_python() -> tuple[list[str], dict]:
+    """argv prefix and environment to run this Python's code as user nobody. The venv's own
+    interpreter may live where nobody cannot reach it (e.g. under /root/.pyenv); then the
+    system interpreter of the same version is used with the venv's site-packages."""
+    global _NOBODY
+    drop = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+    if _NOBODY is None:
+        ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+        for exe in (sys.executable, f"/usr/bin/python{ver}", "/usr/bin/python3"):
+            if subprocess.run([*drop, exe, "-c", "pass"], capture_output=True).returncode == 0:
+                _NOBODY = [exe]
+                break
+        else:
+            pytest.skip("no Python interpreter that user nobody may execute")
+    extra = {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *site.getsitepackages()]), "HOME": "/nonexistent"}
+    return [*drop, *_NOBODY], extra
+
+
+# ---------------------------------------------------------------------------------------
+# What podtrace may leave behind
+
+def lab_namespaces(doc: dict) -> list[str]:
+    return [doc["fabric_netns"], *(n["netns"] for n in doc["nodes"]), *(p["netns"] for p in doc["pods"])]
+
+
+def tc_snapshot(doc: dict) -> dict[tuple[str, str], str]:
+    """Every qdisc and tc filter on every device of the lab's namespaces, as `tc` prints them."""
+    out = {}
+    for ns in lab_namespaces(doc):
+        if not netns.exists(ns):
+            continue
+        links = subprocess.run(["ip", "-n", ns, "-o", "link"], capture_output=True, text=True).stdout
+        qdiscs = subprocess.run(["tc", "-n", ns, "qdisc", "show"], capture_output=True, text=True).stdout
+        for line in links.splitlines():
+            dev = line.split(": ")[1].split("@")[0]
+            text = [q for q in qdiscs.splitlines() if f" dev {dev} " in q]
+            if any("clsact" in q for q in text):
+                for d in ("ingress", "egress"):
+                    text.append(subprocess.run(["tc", "-n", ns, "filter", "show", "dev", dev, d],
+                                               capture_output=True, text=True).stdout)
+            out[(ns, dev)] = "\n".join(text)
+    return out
+
+
+def our_filters(snapshot: dict) -> list[str]:
+    return [f"{ns}/{dev}" for (ns, dev), text in snapshot.items() if "podtrace:" in text]
+
+
+def program_ids(names: tuple[str, ...] = OUR_PROGRAMS) -> set[int]:
+    out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True)
+    return {p["id"] for p in json.loads(out.stdout or "[]") if p.get("name", "").startswith(names)}
+
+
+def programs_held_by(pids: set[int]) -> set[int]:
+    """BPF program ids open in these processes (from /proc/PID/fdinfo)."""
+    ids = set()
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fdinfo").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                m = re.search(r"^prog_id:\s*(\d+)", fd.read_text(), re.M)
+            except OSError:
+                continue
+            if m:
+                ids.add(int(m.group(1)))
+    return ids
+
+
+def descendants(pid: int) -> set[int]:
+    """pid and every process below it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        if p not in out:
+            out.add(p)
+            todo += children.get(p, [])
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_until(pred, seconds: float, step: float = 0.05) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
