@@ -16,7 +16,9 @@
 #define C_EMITTED 2
 #define C_LOST 3
 #define C_TRUNCATED 4
-#define N_COUNTERS 5
+#define C_SAMPLED_OUT 5
+#define C_OVER_BUDGET 6
+#define N_COUNTERS 7
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_HASH(addrs, u32, u8, 4096);            // addresses under trace (network order)
@@ -55,6 +57,59 @@ static __always_inline u64 rd64(const void *base, u32 off) {
     u64 v = 0;
     bpf_probe_read_kernel(&v, sizeof(v), (const u8 *)base + off);
     return v;
+}
+
+// Guardrails, so tracing never hurts the node it debugs:
+// guard[0] = N: keep 1 packet in N, chosen by a hash of what identifies the packet on every
+//            hop and node (IP ID, length, TCP sequence or ICMP id/seq — NAT and
+//            encapsulation change none of them), so a kept packet is kept everywhere;
+// guard[1] = events per second per CPU; beyond it events are counted, not emitted.
+BPF_ARRAY(guard, u32, 2);
+struct budget {
+    u64 window;
+    u64 used;
+};
+BPF_PERCPU_ARRAY(budget_state, struct budget, 1);
+
+static __always_inline int sampled_in(struct pkt *p) {
+    u32 zero = 0;
+    u32 *n = guard.lookup(&zero);
+    if (!n || *n <= 1) return 1;
+    u32 h = ((u32)p->ip_id << 16) ^ p->ip_len ^ (p->tcp_seq * 2654435761u);
+    if (p->proto == IPPROTO_ICMP_) h ^= ((u32)p->sport << 16) | p->dport;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    return (h % *n) == 0;
+}
+
+static __always_inline int within_budget(void) {
+    u32 zero = 0, one = 1;
+    u32 *limit = guard.lookup(&one);
+    if (!limit || !*limit) return 1;
+    struct budget *b = budget_state.lookup(&zero);
+    if (!b) return 1;
+    u64 now = bpf_ktime_get_ns() / 1000000000ULL;
+    if (b->window != now) {
+        b->window = now;
+        b->used = 0;
+    }
+    if (b->used >= *limit) return 0;
+    b->used += 1;
+    return 1;
+}
+
+// Every emit passes here first: sampling, then the budget.
+static __always_inline int guarded(struct pkt *p) {
+    if (!sampled_in(p)) {
+        count(C_SAMPLED_OUT);
+        return 0;
+    }
+    if (!within_budget()) {
+        count(C_OVER_BUDGET);
+        return 0;
+    }
+    return 1;
 }
 
 #define P_(name) kern_##name
@@ -158,6 +213,7 @@ static __always_inline void emit(void *ctx, const u8 *skb, struct pkt *p, u8 hoo
     const u8 *dev = (const u8 *)rd64(skb, SKB_DEV);
     u32 inum = skb_netns(dev);
     if (!netns_ok(inum)) return;
+    if (!guarded(p)) return;
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
         count(C_LOST);

@@ -45,6 +45,7 @@ static __always_inline int on_tc(struct __sk_buff *skb, u8 hook) {
     u32 *slot = tc_slot.lookup(&zero);
     struct tc_dev *d = slot ? tc_devs.lookup(slot) : 0;
     if (d && !netns_ok(d->inum)) return TC_ACT_UNSPEC_;
+    if (!guarded(&p)) return TC_ACT_UNSPEC_;
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
         count(C_LOST);

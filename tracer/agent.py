@@ -89,7 +89,8 @@ def serve(stdin=None, stdout: BinaryIO | None = None) -> int:
             req["probe"]["netns"] = local["netns_by_ip"].get(req["probe"]["src"])
         req["tc_devices"] = [[None, d] for d in local["devices"]] if req.get("tc_devices") == "auto" else []
     hooks, degraded = probes.select(probes.detect(), tc=bool(req.get("tc_devices")))
-    session = TraceSession(SessionConfig(addrs=req["addrs"], hooks=hooks, netns=req.get("netns_filter")))
+    session = TraceSession(SessionConfig(addrs=req["addrs"], hooks=hooks, netns=req.get("netns_filter"),
+                                         sample=int(req.get("sample", 1)), budget=int(req.get("budget", 0))))
     tc = None
     sent_events = 0
     with TerminateAsInterrupt():
@@ -117,12 +118,14 @@ def serve(stdin=None, stdout: BinaryIO | None = None) -> int:
             prober: threading.Thread | None = None
             deadline = time.monotonic() + float(req.get("max_seconds", 3600))
             last_flush = 0.0
+            guard = _Guard(session, out, node.name)
             while time.monotonic() < deadline:
                 session.poll(int(FLUSH_S * 1000 / 2))
                 now = time.monotonic()
                 if now - last_flush >= FLUSH_S:
                     sent_events = _flush(session, out, sent_events, skew)
                     last_flush = now
+                    guard.check(now)
                 try:
                     cmd = cmds.get_nowait()
                 except queue.Empty:
@@ -161,6 +164,28 @@ def serve(stdin=None, stdout: BinaryIO | None = None) -> int:
             session.close()
     out.send("end", {"node": node.name, "events": sent_events})
     return 0
+
+
+class _Guard:
+    """When the kernel starts refusing events for the budget, keep fewer packets instead:
+    double the (deterministic) sampling, and say so in the stream."""
+
+    def __init__(self, session: TraceSession, out: _Out, node: str):
+        self.session, self.out, self.node = session, out, node
+        self.over = 0
+        self.next_check = 0.0
+
+    def check(self, now: float) -> None:
+        if now < self.next_check or not self.session.config.budget:
+            return
+        self.next_check = now + 1.0
+        over = self.session.counters().get("over_budget", 0)
+        if over > self.over and self.session.config.sample < 1024:
+            n = self.session.config.sample * 2
+            self.session.set_guard(n, self.session.config.budget)
+            self.out.send("log", {"message": f"{self.node}: over the event budget "
+                                  f"({self.session.config.budget}/s): now keeping 1 packet in {n}"})
+        self.over = over
 
 
 def _flush(session: TraceSession, out: _Out, sent: int, skew: int) -> int:

@@ -86,6 +86,10 @@ def main(debug):
               help="IP size of ICMP/UDP probes, sent with DF set (finds MTU black holes).")
 @click.option("--sport", type=click.IntRange(1, 65535), default=None, metavar="PORT",
               help="Fixed source port of TCP/UDP probes (reproduce one conntrack entry).")
+@click.option("--sample", type=click.IntRange(1, 65536), default=1, show_default=True, metavar="N",
+              help="Trace 1 packet in N (the same packets on every hop and node).")
+@click.option("--max-events", "budget", type=click.IntRange(0, 10_000_000), default=50_000, show_default=True,
+              metavar="PER_S", help="Event budget per second per node; beyond it podtrace samples more (0: no limit).")
 @click.option("--no-probe", "no_probe", is_flag=True, help="Send nothing; watch real traffic for --duration.")
 @click.option("--duration", type=click.FloatRange(0.1, 3600), default=2.0, show_default=True,
               help="Seconds to watch with --no-probe.")
@@ -98,7 +102,7 @@ def main(debug):
 @click.option("--save", type=click.Path(dir_okay=False), default=None, help="Write the raw events to a Parquet trace file.")
 @click.option("--single-process", "single", is_flag=True, hidden=True,
               help="Trace every node from this process instead of one agent per node (lab only).")
-def flow(src, dst, proto, port, count, timeout, size, sport, no_probe, duration, cluster, kubeconfig, context,
+def flow(src, dst, proto, port, count, timeout, size, sport, sample, budget, no_probe, duration, cluster, kubeconfig, context,
          output, save, single):
     """Follow probe packets from SRC to DST hop by hop, and say where they died.
 
@@ -127,7 +131,7 @@ def flow(src, dst, proto, port, count, timeout, size, sport, no_probe, duration,
     err = Console(stderr=True)
     cfg = FlowConfig(src=src, dst=dst, proto=proto, port=port, count=count, timeout=timeout,
                      probe=not no_probe, duration=duration, cluster=cluster, save=save, size=size, sport=sport,
-                     kubeconfig=kubeconfig, context=context,
+                     kubeconfig=kubeconfig, context=context, sample=sample, budget=budget,
                      mode="single" if single else "agents")
     if err.is_terminal and output == "table":
         with err.status("resolving endpoints") as status:

@@ -26,4 +26,6 @@ class FlowConfig:
     size: int | None = None          # IP packet size of ICMP/UDP probes (DF set)
     sport: int | None = None         # fixed source port of TCP/UDP probes
     tc: bool = True                  # also attach tc clsact observers on the path's devices
+    sample: int = 1                  # keep 1 packet in N, the same packets on every node
+    budget: int = 50_000             # events per second per node before sampling kicks in (0: none)
     mode: str = "agents"             # "agents": one agent per node (lab/cluster); "single": in-process             # wait for late events (drops after the last answer)

@@ -63,6 +63,7 @@ class FlowInput:
     # together (a packet crosses a node in one go), ordered by the agents' first events,
     # so an estimate off by a few µs cannot interleave two nodes' hops.
     contiguous_agents: bool = False
+    sample: int = 1              # 1 in N packets traced: an unseen probe was not sampled
 
 
 def assign_packets(df: pd.DataFrame) -> pd.DataFrame:
@@ -316,9 +317,13 @@ def flow_verdict(packets: list[dict], fi: FlowInput, probing: bool) -> dict:
         summary = (f"{len(packets) - len(bad)}/{len(packets)} packets delivered" if packets
                    else "no matching packet seen")
         return {"status": "ok" if ok else "failed", "summary": summary, "problems": problems}
-    n = len(fi.probes)
+    judged = fi.probes
+    if fi.sample > 1:
+        # With sampling, a probe no hook saw was simply not sampled: judge the others only.
+        judged = [pr for pr in fi.probes if any(p["seq"] == pr.seq for p in packets)]
+    n = len(judged)
     delivered = answered = 0
-    for pr in fi.probes:
+    for pr in judged:
         reqs = [p for p in requests if p["seq"] == pr.seq]
         reps = [p for p in replies if p["seq"] == pr.seq]
         if any(p["verdict"]["status"] == "delivered" for p in reqs):
@@ -356,9 +361,13 @@ def flow_verdict(packets: list[dict], fi: FlowInput, probing: bool) -> dict:
                 problems.append(f"probe {pr.seq}: no reply")
         else:
             problems.append(f"probe {pr.seq}: {pr.outcome} ({pr.detail})")
-    status = "ok" if delivered == n and answered == n else "failed"
-    return {"status": status, "summary": f"{delivered}/{n} delivered, {answered}/{n} answered",
-            "problems": problems}
+    status = "ok" if delivered == n and answered == n and n > 0 else "failed"
+    summary = f"{delivered}/{n} delivered, {answered}/{n} answered"
+    if fi.sample > 1:
+        summary += f" ({n} of {len(fi.probes)} probes sampled at 1 in {fi.sample})"
+        if n == 0:
+            problems.append("no probe was sampled: send more (--count) or sample less (--sample)")
+    return {"status": status, "summary": summary, "problems": problems}
 
 
 def summary(packets: list[dict], fi: FlowInput, counters: dict) -> dict:

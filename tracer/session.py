@@ -15,7 +15,7 @@ import pandas as pd
 
 from . import bpfprog, events
 
-COUNTER_NAMES = ["seen", "matched", "emitted", "lost", "truncated"]
+COUNTER_NAMES = ["seen", "matched", "emitted", "lost", "truncated", "sampled_out", "over_budget"]
 _CHUNK = 4096  # events per numpy chunk
 
 
@@ -26,6 +26,8 @@ class SessionConfig:
     ringbuf_pages: int = 256         # 1 MiB with 4 KiB pages
     hooks: list | None = None        # probes.Hook list; None: the default tracepoints
     netns: list[int] | None = None   # keep events only from these namespace inodes (an agent's node)
+    sample: int = 1                  # keep 1 packet in N (deterministic: same packets on every node)
+    budget: int = 0                  # max events per second on this node (0: no limit)
     # capture selections (bpf/podtrace.c SEL_*): an address also matches inside a CIDR;
     # ports: only TCP/UDP with one of them on either side; any_addr: no address condition
     cidrs: list[str] = field(default_factory=list)
@@ -111,6 +113,7 @@ class TraceSession:
                 sel |= 2
             cfg = b["config"]
             cfg[cfg.Key(0)] = cfg.Leaf(sel)
+            self.set_guard(self.config.sample, self.config.budget)
             if self.config.netns:
                 allow = b["netns_allow"]
                 for inum in self.config.netns:
@@ -123,6 +126,16 @@ class TraceSession:
             raise
         self.timings = dict(self.loaded.timings, start_s=time.monotonic() - t0)
         return self
+
+    def set_guard(self, sample: int, budget: int) -> None:
+        """Sampling and the per-second event budget; may change while tracing."""
+        import os as _os
+
+        g = self.loaded.bpf["guard"]
+        g[g.Key(0)] = g.Leaf(max(1, int(sample)))
+        per_cpu = -(-int(budget) // (_os.cpu_count() or 1)) if budget else 0
+        g[g.Key(1)] = g.Leaf(per_cpu)
+        self.config.sample, self.config.budget = max(1, int(sample)), int(budget)
 
     def poll(self, timeout_ms: int = 50) -> int:
         if self.loaded is None:

@@ -293,7 +293,7 @@ def _trace_single(plan: _Plan, say) -> _Traced:
     cfg, lab, src, dst = plan.cfg, plan.lab, plan.src, plan.dst
     say("loading BPF programs")
     hooks, degraded = probes.select(probes.detect(), tc=cfg.tc)
-    session = TraceSession(SessionConfig(addrs=plan.addrs, hooks=hooks))
+    session = TraceSession(SessionConfig(addrs=plan.addrs, hooks=hooks, sample=cfg.sample, budget=cfg.budget))
     tc = None
     sent: list[probe.ProbeResult] = []
     with TerminateAsInterrupt():
@@ -356,6 +356,7 @@ def _agent_plans(plan: _Plan) -> list[coordinator.AgentPlan]:
         req = {"version": agent_mod.REQUEST_VERSION, "node": n["name"], "node_netns": n["netns"],
                "netns_filter": inodes, "addrs": plan.addrs,
                "tc_devices": [list(d) for d in devices if d[0] == n["netns"]],
+               "sample": cfg.sample, "budget": cfg.budget,
                "max_seconds": (cfg.duration if not cfg.probe else cfg.count * (cfg.timeout + cfg.interval)) + 60}
         if cfg.probe and src.pod and src.pod.node == n["name"]:
             req["probe"] = {"netns": src.pod.netns, "src": src.ip, "dst": plan.dst.ip, "proto": plan.proto,
@@ -368,6 +369,7 @@ def _agent_plans(plan: _Plan) -> list[coordinator.AgentPlan]:
         out.append(coordinator.AgentPlan("fabric", {
             "version": agent_mod.REQUEST_VERSION, "node": "fabric", "node_netns": fabric,
             "netns_filter": [netns.inode(fabric)], "addrs": plan.addrs, "tc_devices": [],
+            "sample": cfg.sample, "budget": cfg.budget,
             "max_seconds": out[0].request["max_seconds"]}))
     return out
 
@@ -385,7 +387,7 @@ def _cluster_plans(plan: _Plan) -> list[coordinator.AgentPlan]:
     for node in nodes:
         req = {"version": agent_mod.REQUEST_VERSION, "node": node, "node_netns": None, "netns_filter": None,
                "addrs": plan.addrs, "tc_devices": "auto" if cfg.tc else [],
-               "discover": {"pod_ips": pod_ips},
+               "discover": {"pod_ips": pod_ips}, "sample": cfg.sample, "budget": cfg.budget,
                "max_seconds": (cfg.duration if not cfg.probe else cfg.count * (cfg.timeout + cfg.interval)) + 60}
         if cfg.probe and src.pod and src.pod.node == node:
             req["probe"] = {"netns": None, "src": src.ip, "dst": dst.ip, "proto": plan.proto, "port": plan.port,
@@ -448,6 +450,7 @@ def _trace_agents(plan: _Plan, say, transport=None, plans=None) -> _Traced:
     for r in co.runs:
         if r.failure:
             problems.append(f"{r.plan.node}'s view is missing: {r.failure}")
+        notes += r.logs
     counters: dict[str, int] = {}
     locations: dict[int, str | None] = {}
     hooks: list[str] = []
@@ -521,7 +524,7 @@ def _merge(co: coordinator.Coordinator, plan: _Plan) -> tuple[pd.DataFrame, dict
 def _flow_input(plan: _Plan, sent, locations, clock: dict | None = None) -> flows.FlowInput:
     return flows.FlowInput(plan.src, plan.dst, plan.proto, plan.port, sent, plan.placement,
                            plan.drop_reasons, lambda a: locations.get(a), plan.ct_names,
-                           contiguous_agents=bool((clock or {}).get("offsets")))
+                           contiguous_agents=bool((clock or {}).get("offsets")), sample=plan.cfg.sample)
 
 
 def _fact_query(node: str, packet: dict) -> dict:
@@ -586,6 +589,11 @@ def _finish(plan: _Plan, t: _Traced) -> FlowResult:
     notes = plan.notes + t.degraded + t.notes
     if t.counters.get("lost"):
         notes.append(f"{t.counters['lost']} events were lost (ring buffer full); the path may have gaps")
+    if t.counters.get("over_budget"):
+        notes.append(f"{t.counters['over_budget']} events were not recorded to stay within the event budget "
+                     f"({cfg.budget}/s per node); raise it with --max-events or sample with --sample")
+    if cfg.sample > 1:
+        notes.append(f"sampling: 1 packet in {cfg.sample} is traced (the same packets on every node)")
     result = FlowResult(cfg, plan.src, plan.dst, plan.proto, plan.port, t.sent, packets, verdict, summary,
                         t.counters, timings, t.df, notes=notes)
     result.clock = t.clock

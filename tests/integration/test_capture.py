@@ -13,7 +13,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tests.integration.lab_fixture import lab  # noqa: F401  (session fixture)

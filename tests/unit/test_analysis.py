@@ -7,11 +7,10 @@ import json
 import time
 
 import numpy as np
-import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from bench.analysis import DROP_LOCATION, PODS, VIP, meta as synth_meta, synth, synth_flow
+from bench.analysis import PODS, VIP, synth, synth_flow
 from tracer import analysis, events, tracefile
 
 
