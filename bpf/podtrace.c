@@ -75,8 +75,9 @@ static __always_inline int sampled_in(struct pkt *p) {
     u32 zero = 0;
     u32 *n = guard.lookup(&zero);
     if (!n || *n <= 1) return 1;
-    u32 h = ((u32)p->ip_id << 16) ^ p->ip_len ^ (p->tcp_seq * 2654435761u);
-    if (p->proto == IPPROTO_ICMP_) h ^= ((u32)p->sport << 16) | p->dport;
+    // ICMP echo: id/seq only, which request and reply share, so both are kept or neither.
+    u32 h = p->proto == IPPROTO_ICMP_ ? (((u32)p->sport << 16) | p->dport)
+                                       : (((u32)p->ip_id << 16) ^ p->ip_len ^ (p->tcp_seq * 2654435761u));
     h ^= h >> 15;
     h *= 2246822519u;
     h ^= h >> 13;

@@ -320,7 +320,7 @@ def flow_verdict(packets: list[dict], fi: FlowInput, probing: bool) -> dict:
     judged = fi.probes
     if fi.sample > 1:
         # With sampling, a probe no hook saw was simply not sampled: judge the others only.
-        judged = [pr for pr in fi.probes if any(p["seq"] == pr.seq for p in packets)]
+        judged = [pr for pr in fi.probes if any(p["seq"] == pr.seq for p in requests)]
     n = len(judged)
     delivered = answered = 0
     for pr in judged:

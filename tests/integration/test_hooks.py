@@ -162,3 +162,22 @@ def test_sigkill_of_the_coordinator_agents_clean_up(lab):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_sampling_is_the_same_on_every_hop_and_node(lab):
+    full = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=1))
+    hops_per_packet = len(full.packets[0]["hops"])
+    r = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=8, sample=2))
+    assert r.ok, r.verdict
+    seqs = {p["seq"] for p in r.packets}
+    assert 0 < len(seqs) < 8, "1 in 2 should keep some probes and drop others"
+    for p in r.packets:
+        assert len(p["hops"]) == hops_per_packet, "a sampled packet is kept on every hop of every node"
+    assert {(p["seq"], p["direction"]) for p in r.packets} == {(s, d) for s in seqs for d in ("request", "reply")}
+    assert r.counters["sampled_out"] > 0
+
+
+def test_event_budget_is_enforced_and_reported(lab):
+    r = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=3, budget=2))
+    assert r.counters["over_budget"] > 0
+    assert any("event budget" in n for n in r.notes), r.notes
