@@ -18,32 +18,9 @@
 // Inlined into each program (BCC 0.26 cannot relocate bpf-to-bpf calls): compiling all of
 // them costs ~0.6 s, so kprobes.c is compiled only where kprobes can attach (see probes.py).
 static __always_inline int on_kfunc(const u8 *skb, u8 hook, u32 aux, u64 aux2) {
-    struct pkt p = {};
-    u64 key = (u64)skb;
     if (!skb) return 0;
-    count(C_SEEN);
-    if (skb_u16(skb, SKB_PROTOCOL) != ETH_P_IP_BE) return 0;
     const u8 *head = (const u8 *)rd64(skb, SKB_HEAD);
-    u16 nh = skb_u16(skb, SKB_NETWORK_HEADER);
-    const u8 *l3 = head + nh;
-    u32 avail = linear_from(skb, l3);
-    int ok = kern_parse_packet(l3, 0, avail, &p);
-    u8 *was = tracked.lookup(&key);
-    if (ok < 0) return 0;
-    u8 flags = 0;
-    if (wanted(&p)) {
-        if (!was) {
-            u8 one = 1;
-            tracked.update(&key, &one);
-        }
-    } else if (was) {
-        flags = FLAG_FOLLOWED;
-    } else {
-        return 0;
-    }
-    count(C_MATCHED);
-    emit(0, skb, &p, hook, flags, aux2, aux);
-    return 0;
+    return on_packet(0, skb, head + skb_u16(skb, SKB_NETWORK_HEADER), hook, aux, aux2);
 }
 
 int kp_ip_rcv_core(void *ctx) {

@@ -262,8 +262,9 @@ static __always_inline u32 linear_from(const u8 *skb, const u8 *l3) {
     return tail - (u32)at;
 }
 
-// The common path of the rx/tx hooks: parse, filter, follow, emit.
-static __always_inline int on_packet(void *ctx, const u8 *skb, const u8 *l3, u8 hook) {
+// The common path of every skb hook (tracepoints and kprobes): parse, filter, follow, emit.
+// `aux`/`aux2` carry a hook's extra (a netfilter verdict, a route error, a NAT type).
+static __always_inline int on_packet(void *ctx, const u8 *skb, const u8 *l3, u8 hook, u32 aux, u64 aux2) {
     struct pkt p = {};
     u64 key = (u64)skb;
     count(C_SEEN);
@@ -272,8 +273,7 @@ static __always_inline int on_packet(void *ctx, const u8 *skb, const u8 *l3, u8 
     int ok = kern_parse_packet(l3, 0, avail, &p);
     u8 *was = tracked.lookup(&key);
     if (ok < 0) {
-        if (!was) return 0;
-        count(C_TRUNCATED);
+        if (was) count(C_TRUNCATED);
         return 0;
     }
     u8 flags = 0;
@@ -288,7 +288,7 @@ static __always_inline int on_packet(void *ctx, const u8 *skb, const u8 *l3, u8 
         return 0;
     }
     count(C_MATCHED);
-    emit(ctx, skb, &p, hook, flags, 0, 0);
+    emit(ctx, skb, &p, hook, flags, aux2, aux);
     return 0;
 }
 
@@ -296,14 +296,14 @@ int pt_rx(struct tp_netif_receive_skb *args) {
     const u8 *skb = (const u8 *)args->skbaddr;
     // At netif_receive_skb the Ethernet header has been pulled: data is the L3 header.
     const u8 *data = (const u8 *)rd64(skb, SKB_DATA);
-    return on_packet(args, skb, data, HOOK_RX);
+    return on_packet(args, skb, data, HOOK_RX, 0, 0);
 }
 
 int pt_tx(struct tp_net_dev_start_xmit *args) {
     const u8 *skb = (const u8 *)args->skbaddr;
     const u8 *data = (const u8 *)rd64(skb, SKB_DATA);
     if (args->network_offset < 0 || args->network_offset > 256) return 0;
-    return on_packet(args, skb, data + args->network_offset, HOOK_TX);
+    return on_packet(args, skb, data + args->network_offset, HOOK_TX, 0, 0);
 }
 
 static __always_inline int on_free(void *ctx, const u8 *skb, u8 hook, u64 location, u32 reason) {

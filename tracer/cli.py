@@ -231,9 +231,13 @@ def cleanup():
 
 
 def _register():
+    from .analysis import analyze
+    from .capture import capture
     from .lab.cli import lab
 
     main.add_command(lab)
+    main.add_command(capture)
+    main.add_command(analyze)
 
 
 _register()

@@ -575,8 +575,13 @@ def _finish(plan: _Plan, t: _Traced) -> FlowResult:
     for p in packets:
         diagnose.explain(p, ev)
     verdict = flows.flow_verdict(packets, fi, cfg.probe)
-    if t.problems:
-        verdict["problems"] = verdict.get("problems", []) + t.problems
+    # A lab pod deleted while tracing: say so instead of letting the drops it causes pass
+    # for the cause (the pod's own view is gone, not the network broken).
+    gone = [f"{e.pod.key} was deleted during the trace (its network namespace is gone); "
+            "verdicts after that are about a pod that no longer exists"
+            for e in (plan.src, plan.dst) if plan.lab and e.pod and e.pod.netns and not netns.exists(e.pod.netns)]
+    if t.problems or gone:
+        verdict["problems"] = gone + verdict.get("problems", []) + t.problems
         verdict["status"] = "failed"
     summary = flows.summary(packets, fi, t.counters)
     timings = {

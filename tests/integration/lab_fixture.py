@@ -25,6 +25,7 @@ Helpers (all traffic is sent from inside a lab namespace):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -35,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import environment_problem, must_run
-from tracer import netns
+from tracer import netns, probe
 from tracer.lab import build
 from tracer.lab import topology as T
 
@@ -43,20 +44,32 @@ LAB_PREFIX = os.environ.get("PODTRACE_TEST_LAB_PREFIX", "pttest")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="session")
-def lab():
-    # Session fixtures are set up before the per-test autouse privilege check: repeat it.
+def require_environment() -> None:
+    """Skip (or fail under CI=true / PODTRACE_REQUIRE_BPF=1) where the machine cannot run a
+    lab. Session and module fixtures run before the per-test autouse check: they call this."""
     problem = environment_problem()
     if problem:
         if must_run():
             pytest.fail(f"cannot run: {problem} (CI=true or PODTRACE_REQUIRE_BPF=1 forbids skipping)")
         pytest.skip(problem)
-    build.down(LAB_PREFIX)  # leftovers of a run that was killed
+
+
+@contextlib.contextmanager
+def private_lab(prefix: str, **config):
+    """A lab of its own for tests that break things; always taken down, even on failure."""
+    require_environment()
+    build.down(prefix)  # leftovers of a run that was killed
     try:
-        doc, _ = build.up(T.LabConfig(prefix=LAB_PREFIX))
+        doc, _ = build.up(T.LabConfig(prefix=prefix, **config))
         yield doc
     finally:
-        build.down(LAB_PREFIX)
+        build.down(prefix)
+
+
+@pytest.fixture(scope="session")
+def lab():
+    with private_lab(LAB_PREFIX) as doc:
+        yield doc
 
 
 def pod(doc: dict, name: str) -> dict:
@@ -74,13 +87,7 @@ def service(doc: dict, name: str) -> dict:
 # ---------------------------------------------------------------------------------------
 # Traffic from inside a namespace
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
+_checksum = probe._checksum   # one implementation of the Internet checksum
 
 
 def ping(ns: str, ip: str, timeout: float = 2.0, seq: int = 1) -> str | None:

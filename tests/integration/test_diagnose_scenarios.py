@@ -16,9 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import environment_problem, must_run
-from tracer.lab import build
-from tracer.lab import topology as T
+from tests.integration.lab_fixture import private_lab
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = os.environ.get("PODTRACE_TEST_LAB_PREFIX", "pttest") + "dg"
@@ -46,17 +44,8 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def dlab():
-    problem = environment_problem()
-    if problem:
-        if must_run():
-            pytest.fail(f"cannot run: {problem}")
-        pytest.skip(problem)
-    build.down(PREFIX)
-    try:
-        doc, _ = build.up(T.LabConfig(prefix=PREFIX))
+    with private_lab(PREFIX) as doc:
         yield doc
-    finally:
-        build.down(PREFIX)
 
 
 def cli(*args, timeout=90):

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import environment_problem, must_run
 from tests.integration.lab_fixture import (
-    machine_snapshot, node, ping, pod, run_cli, service, tcp_ask,
+    machine_snapshot, node, ping, pod, private_lab, run_cli, service, tcp_ask,
 )
 from tracer import netns
 from tracer.lab import build, scenarios
@@ -37,17 +36,8 @@ _seq = itertools.count(1)  # echo ids: every probe is a new flow for conntrack
 
 @pytest.fixture(scope="module")
 def sclab():
-    problem = environment_problem()
-    if problem:
-        if must_run():
-            pytest.fail(f"cannot run: {problem} (CI=true or PODTRACE_REQUIRE_BPF=1 forbids skipping)")
-        pytest.skip(problem)
-    build.down(PREFIX)
-    try:
-        doc, _ = build.up(T.LabConfig(prefix=PREFIX))
+    with private_lab(PREFIX) as doc:
         yield doc
-    finally:
-        build.down(PREFIX)
 
 
 # ---------------------------------------------------------------------------------------
