@@ -22,7 +22,10 @@
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_HASH(addrs, u32, u8, 4096);            // addresses under trace (network order)
-BPF_TABLE("lru_hash", u64, u8, tracked, 65536);  // skbs that matched once: followed until freed
+// skbs that matched once, with the identity of the packet they carried: followed (through
+// NAT and encapsulation) until freed, and only while they still carry that packet — an
+// address freed by a path no tracepoint sees, then reused, is not followed by mistake.
+BPF_TABLE("lru_hash", u64, u32, tracked, 65536);
 BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
 BPF_ARRAY(config, u32, 2);                 // [0]: selection flags SEL_* (0 = both addresses in addrs)
 // Capture selections (tracer/capture.py): CIDRs and TCP/UDP ports, used only when their
@@ -71,17 +74,22 @@ struct budget {
 };
 BPF_PERCPU_ARRAY(budget_state, struct budget, 1);
 
-static __always_inline int sampled_in(struct pkt *p) {
-    u32 zero = 0;
-    u32 *n = guard.lookup(&zero);
-    if (!n || *n <= 1) return 1;
-    // ICMP echo: id/seq only, which request and reply share, so both are kept or neither.
+// What identifies a packet on every hop and node: IP ID, length, TCP sequence, or the ICMP
+// echo id/seq (which request and reply share). NAT and encapsulation change none of them.
+static __always_inline u32 packet_hash(struct pkt *p) {
     u32 h = p->proto == IPPROTO_ICMP_ ? (((u32)p->sport << 16) | p->dport)
                                        : (((u32)p->ip_id << 16) ^ p->ip_len ^ (p->tcp_seq * 2654435761u));
     h ^= h >> 15;
     h *= 2246822519u;
     h ^= h >> 13;
-    return (h % *n) == 0;
+    return h | 1;   // never 0
+}
+
+static __always_inline int sampled_in(struct pkt *p) {
+    u32 zero = 0;
+    u32 *n = guard.lookup(&zero);
+    if (!n || *n <= 1) return 1;
+    return ((packet_hash(p) >> 1) % *n) == 0;   /* >> 1: the low bit is forced to 1 */
 }
 
 static __always_inline int within_budget(void) {
@@ -271,17 +279,19 @@ static __always_inline int on_packet(void *ctx, const u8 *skb, const u8 *l3, u8 
     if (skb_u16(skb, SKB_PROTOCOL) != ETH_P_IP_BE) return 0;
     u32 avail = linear_from(skb, l3);
     int ok = kern_parse_packet(l3, 0, avail, &p);
-    u8 *was = tracked.lookup(&key);
+    u32 *was = tracked.lookup(&key);
     if (ok < 0) {
         if (was) count(C_TRUNCATED);
         return 0;
     }
+    u32 id = packet_hash(&p);
+    if (was && *was != id) {
+        tracked.delete(&key);   // the buffer was reused for another packet
+        was = 0;
+    }
     u8 flags = 0;
     if (wanted(&p)) {
-        if (!was) {
-            u8 one = 1;
-            tracked.update(&key, &one);
-        }
+        if (!was) tracked.update(&key, &id);
     } else if (was) {
         flags = FLAG_FOLLOWED;
     } else {
@@ -308,7 +318,7 @@ int pt_tx(struct tp_net_dev_start_xmit *args) {
 
 static __always_inline int on_free(void *ctx, const u8 *skb, u8 hook, u64 location, u32 reason) {
     u64 key = (u64)skb;
-    u8 *was = tracked.lookup(&key);
+    u32 *was = tracked.lookup(&key);
     struct pkt p = {};
     if (skb_u16(skb, SKB_PROTOCOL) != ETH_P_IP_BE) {
         if (was) tracked.delete(&key);
@@ -320,11 +330,13 @@ static __always_inline int on_free(void *ctx, const u8 *skb, u8 hook, u64 locati
     const u8 *l3 = head + nh;
     u32 avail = linear_from(skb, l3);
     int ok = kern_parse_packet(l3, 0, avail, &p);
-    if (was) {
+    if (was && (ok < 0 || *was == packet_hash(&p))) {
         tracked.delete(&key);
         emit(ctx, skb, &p, hook, ok < 0 ? FLAG_FOLLOWED : 0, location, reason);
         return 0;
     }
+    if (was)
+        tracked.delete(&key);
     if (hook == HOOK_DROP && ok == 0 && wanted(&p)) {
         count(C_MATCHED);
         emit(ctx, skb, &p, hook, 0, location, reason);

@@ -594,6 +594,10 @@ def _finish(plan: _Plan, t: _Traced) -> FlowResult:
     notes = plan.notes + t.degraded + t.notes
     if t.counters.get("lost"):
         notes.append(f"{t.counters['lost']} events were lost (ring buffer full); the path may have gaps")
+        if any(p["verdict"]["status"] == "lost" for p in packets):   # the trace's gap, or the network's?
+            verdict.setdefault("problems", []).append(
+                f"the tracer lost {t.counters['lost']} events (ring buffer full): a `lost` verdict may be "
+                "a gap in the trace rather than a loss in the network")
     if t.counters.get("over_budget"):
         notes.append(f"{t.counters['over_budget']} events were not recorded to stay within the event budget "
                      f"({cfg.budget}/s per node); raise it with --max-events or sample with --sample")

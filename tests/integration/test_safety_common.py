@@ -163,9 +163,18 @@ def program_ids(names: tuple[str, ...] = OUR_PROGRAMS) -> set[int]:
     return {p["id"] for p in json.loads(out.stdout or "[]") if p.get("name", "").startswith(names)}
 
 
-def programs_held_by(pids: set[int]) -> set[int]:
-    """BPF program ids open in these processes (from /proc/PID/fdinfo)."""
-    ids = set()
+def bpf_objects() -> set[tuple[str, int]]:
+    """("prog", id) and ("map", id) of every BPF program and map in the kernel."""
+    out = set()
+    for kind in ("prog", "map"):
+        res = subprocess.run(["bpftool", kind, "show", "--json"], capture_output=True, text=True)
+        out |= {(kind, o["id"]) for o in json.loads(res.stdout or "[]")}
+    return out
+
+
+def bpf_objects_held_by(pids: set[int]) -> set[tuple[str, int]]:
+    """("prog", id) and ("map", id) of the BPF objects open in these processes (/proc/PID/fdinfo)."""
+    found = set()
     for pid in pids:
         try:
             fds = list(Path(f"/proc/{pid}/fdinfo").iterdir())
@@ -173,12 +182,14 @@ def programs_held_by(pids: set[int]) -> set[int]:
             continue
         for fd in fds:
             try:
-                m = re.search(r"^prog_id:\s*(\d+)", fd.read_text(), re.M)
+                text = fd.read_text()
             except OSError:
                 continue
-            if m:
-                ids.add(int(m.group(1)))
-    return ids
+            for kind in ("prog", "map"):
+                m = re.search(rf"^{kind}_id:\s*(\d+)", text, re.M)
+                if m:
+                    found.add((kind, int(m.group(1))))
+    return found
 
 
 def descendants(pid: int) -> set[int]:
