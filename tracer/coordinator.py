@@ -48,6 +48,8 @@ class AgentRun:
     logs: list[str] = field(default_factory=list)
 
     def send(self, obj: dict) -> None:
+        if self.proc is None:
+            return
         try:
             self.proc.stdin.write((json.dumps(obj) + "\n").encode())
             self.proc.stdin.flush()
