@@ -251,6 +251,8 @@ def _prepare(cfg: FlowConfig) -> _Plan:
     src = k8s.resolve(cfg.src, inv)
     dst = k8s.resolve(cfg.dst, inv)
     proto, port, notes = _choose_proto(cfg, dst)
+    if cfg.probe and proto == "icmp" and getattr(cfg, "_conn", None) is None:
+        require_capabilities("ICMP probes (a raw socket)", ("CAP_NET_RAW",))
     if dst.service and not dst.service.backend_ips:
         notes.append(f"{dst.service.key} has no ready endpoints: nothing can answer on its ClusterIP")
     if cfg.sport is not None and proto == "icmp":
@@ -293,7 +295,9 @@ def _trace_single(plan: _Plan, say) -> _Traced:
     cfg, lab, src, dst = plan.cfg, plan.lab, plan.src, plan.dst
     say("loading BPF programs")
     hooks, degraded = probes.select(probes.detect(), tc=cfg.tc)
-    session = TraceSession(SessionConfig(addrs=plan.addrs, hooks=hooks, sample=cfg.sample, budget=cfg.budget))
+    # On the lab, only the lab's namespaces: other labs on this machine reuse the same addresses.
+    session = TraceSession(SessionConfig(addrs=plan.addrs, hooks=hooks, sample=cfg.sample, budget=cfg.budget,
+                                         netns=sorted(plan.placement.netns) if lab else None))
     tc = None
     sent: list[probe.ProbeResult] = []
     with TerminateAsInterrupt():
@@ -566,11 +570,26 @@ def _agent_evidence(plan: _Plan, facts_by_node: dict[str, dict]) -> diagnose.Evi
                              backends=list(svc.backend_ips) if svc else [], vtep=_vtep(plan.lab))
 
 
+def _enrich(packets: list[dict], inv: k8s.Inventory) -> None:
+    """Name each hop's addresses from the cluster metadata: the pod (and its workload), the
+    Service of a VIP, the node of a node address."""
+    cache: dict[str, dict | None] = {}
+
+    def name(ip):
+        if ip not in cache:
+            cache[ip] = inv.describe_ip(ip)
+        return cache[ip]
+    for p in packets:
+        for h in p["hops"]:
+            h["src_is"], h["dst_is"] = name(h["src"]), name(h["dst"])
+
+
 def _finish(plan: _Plan, t: _Traced) -> FlowResult:
     cfg = plan.cfg
     testhooks.pause("reconstructing")
     fi = _flow_input(plan, t.sent, t.locations, t.clock)
     packets = flows.build_packets(t.df, fi)
+    _enrich(packets, plan.inv)
     ev = t.evidence(packets)
     for p in packets:
         diagnose.explain(p, ev)
