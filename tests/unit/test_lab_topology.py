@@ -41,7 +41,6 @@ def test_env_overrides(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("kw,needle", [
-    ({"cni": "cilium"}, "the cilium lab is not built yet"),
     ({"cni": "calico"}, "unknown CNI"),
     ({"nodes": 0}, "--nodes"), ({"nodes": 17}, "--nodes"),
     ({"pods_per_node": 0}, "--pods-per-node"), ({"pods_per_node": 9}, "--pods-per-node"),

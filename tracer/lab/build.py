@@ -128,13 +128,18 @@ def down(prefix: str | None = None, state_dir: Path | str | None = None) -> list
 def _build(topo: T.Topology, say: Progress) -> dict:
     cfg = topo.config
     n_pods = len(topo.pods)
+    cilium = cfg.cni == "cilium"
     stages = [
         ("namespaces", f"creating {len(topo.namespaces)} network namespaces", _make_namespaces),
         ("fabric", f"wiring the fabric bridge to {len(topo.nodes)} node uplinks", _wire_fabric),
+        ("nodes", "configuring nodes: cilium_host/cilium_net, cilium_vxlan, lxc devices, "
+                  "routes, neighbours, FDB, sysctls", _configure_cilium_nodes)
+        if cilium else
         ("nodes", "configuring nodes: cni0, flannel.1, routes, neighbours, FDB, sysctls",
          _configure_nodes),
-        ("pods", f"configuring {n_pods} pods", _configure_pods),
-        ("services", "programming kube-proxy Services and flannel rules in iptables",
+        ("pods", f"configuring {n_pods} pods", _configure_cilium_pods if cilium else _configure_pods),
+        ("services", "programming kube-proxy Services and Cilium's forward rules in iptables"
+         if cilium else "programming kube-proxy Services and flannel rules in iptables",
          _program_iptables),
         ("responders", f"starting {n_pods} responders on TCP/UDP {T.APP_PORT}", _start_responders),
         ("inventory", "writing the inventory", _write_inventory),
@@ -236,6 +241,97 @@ def _configure_nodes(topo: T.Topology) -> None:
 
 def _configure_pods(topo: T.Topology) -> None:
     _parallel([(["ip", "-n", p.netns, "-batch", "-"], pod_batch(p), f"configuring {p.name}")
+               for p in topo.pods])
+
+
+# ---------------------------------------------------------------------------------------
+# The cilium flavour: no bridge; lxc devices, cilium_host/cilium_net, cilium_vxlan. See
+# docs/runbooks/cilium-path.md for what each kernel object stands in for.
+
+def cilium_node_batch(topo: T.Topology, n: T.NodePlan) -> list[str]:
+    """`ip -batch` lines that make a node namespace look like a Cilium node (VXLAN tunnel
+    mode, per-endpoint routes, kube-proxy kept)."""
+    host, net, vx = T.CILIUM_HOST, T.CILIUM_NET, T.CILIUM_OVERLAY
+    lines = [
+        "link set lo up",
+        f"addr add {n.ip}/24 dev {T.UPLINK}",
+        f"link set {T.UPLINK} up",
+        # cilium_net carries cilium_host's MAC: what the node sends out of cilium_host comes
+        # back up the stack on cilium_net and is forwarded from there (in Cilium, bpf_host's
+        # program on cilium_host does that forwarding). NOARP, as on a Cilium node.
+        f"link add {host} address {n.bridge_mac} type veth peer name {net} address {n.bridge_mac}",
+        f"link set {host} arp off",
+        f"link set {net} arp off",
+        f"addr add {n.router_ip}/32 dev {host} scope link",
+        f"link set {net} up",
+        f"link set {host} up",
+        f"link add {vx} address {n.mac} mtu {T.POD_MTU} type vxlan id {T.CILIUM_VNI} "
+        f"dstport {T.VXLAN_PORT} local {n.ip} dev {T.UPLINK} nolearning",
+        f"link set {vx} up",
+    ]
+    for p in topo.pods_on(n.index):
+        lines += [
+            f"link add {p.host_veth} address {p.host_mac} mtu {T.POD_MTU} type veth peer name eth0 "
+            f"address {p.mac} mtu {T.POD_MTU} netns {p.netns}",
+            f"link set {p.host_veth} up",
+            # Per-endpoint route; the pod's MAC is known (Cilium writes it from its endpoint
+            # map: the node never ARPs for a pod).
+            f"route add {p.ip}/32 dev {p.host_veth} scope link",
+            f"neigh add {p.ip} lladdr {p.mac} dev {p.host_veth} nud permanent",
+        ]
+    for k in topo.nodes:
+        if k.index == n.index:
+            continue
+        lines += [
+            # Forwarded pod traffic: straight into the overlay (Cilium's tunnel map).
+            f"route add {k.pod_cidr} via {k.router_ip} dev {vx} onlink src {n.router_ip}",
+            f"neigh add {k.router_ip} lladdr {k.mac} dev {vx} nud permanent",
+            # The node's own traffic: Cilium's route, via cilium_host with the router IP.
+            f"route add {k.pod_cidr} via {n.router_ip} dev {host} src {n.router_ip} "
+            f"mtu {T.POD_MTU} table {T.CILIUM_HOST_TABLE}",
+        ]
+    lines.append(f"rule add pref {T.CILIUM_RULE_PREF} iif lo to {T.CLUSTER_CIDR} "
+                 f"lookup {T.CILIUM_HOST_TABLE}")
+    return lines
+
+
+def cilium_fdb_batch(topo: T.Topology, n: T.NodePlan) -> list[str]:
+    return [f"fdb append {k.mac} dev {T.CILIUM_OVERLAY} dst {k.ip}"
+            for k in topo.nodes if k.index != n.index]
+
+
+def cilium_pod_batch(p: T.PodPlan) -> list[str]:
+    """A Cilium pod: a /32 and the two routes Cilium's CNI plugin installs (the router IP
+    on-link, the default route through it)."""
+    return ["link set lo up", f"addr add {p.ip}/32 dev eth0", "link set eth0 up",
+            f"route add {p.gateway}/32 dev eth0 scope link",
+            f"route add default via {p.gateway} dev eth0 mtu {T.POD_MTU}"]
+
+
+def cilium_node_sysctls(topo: T.Topology, n: T.NodePlan) -> dict[str, str]:
+    """After the devices exist: rp_filter off on Cilium's devices (as cilium-agent and its
+    CNI plugin set it), and cilium_net accepting the node's own addresses as sources (what
+    the node sends through cilium_host re-enters there)."""
+    devs = [T.CILIUM_HOST, T.CILIUM_NET, T.CILIUM_OVERLAY] + [p.host_veth for p in topo.pods_on(n.index)]
+    values = {f"net/ipv4/conf/{d}/rp_filter": "0" for d in devs}
+    values[f"net/ipv4/conf/{T.CILIUM_NET}/accept_local"] = "1"
+    return values
+
+
+def _configure_cilium_nodes(topo: T.Topology) -> None:
+    for n in topo.nodes:
+        _sysctls(n.netns, {"net/ipv4/ip_forward": "1", "net/ipv4/conf/all/rp_filter": "0"})
+    _parallel([(["ip", "-n", n.netns, "-batch", "-"], cilium_node_batch(topo, n),
+                f"configuring {n.name}") for n in topo.nodes])
+    _parallel([(["bridge", "-n", n.netns, "-batch", "-"], cilium_fdb_batch(topo, n),
+                f"programming the VXLAN FDB of {n.name}")
+               for n in topo.nodes if len(topo.nodes) > 1])
+    for n in topo.nodes:
+        _sysctls(n.netns, cilium_node_sysctls(topo, n))
+
+
+def _configure_cilium_pods(topo: T.Topology) -> None:
+    _parallel([(["ip", "-n", p.netns, "-batch", "-"], cilium_pod_batch(p), f"configuring {p.name}")
                for p in topo.pods])
 
 

@@ -175,6 +175,10 @@ def get(name: str) -> Scenario:
 
 def resolve_node(sc: Scenario, lab: Lab, node: str | None) -> str | None:
     """The node a scenario acts on: --node checked against the lab, or the default."""
+    why = T.scenario_unsupported(lab.doc.get("cni"), sc.name)
+    if why:
+        raise BadInput(f"{sc.name} does not apply to the {lab.doc.get('cni')} lab: {why}",
+                       "see `podtrace lab scenarios` for the ones that do")
     if sc.cluster_wide:
         if node is not None:
             raise BadInput(f"{sc.name} is cluster-wide (every node's kube-proxy programs it)",
@@ -988,9 +992,11 @@ def listing(lab: Lab | None = None) -> list[dict]:
     lab = lab or Lab.planned()
     out = []
     for sc in all_scenarios():
-        valid = [] if sc.cluster_wide else sc.valid_nodes(lab)
+        unsupported = T.scenario_unsupported(lab.doc.get("cni"), sc.name)
+        valid = [] if sc.cluster_wide or unsupported else sc.valid_nodes(lab)
         node = None if sc.cluster_wide or not valid else sc.default_node(lab)
+        shown = (sc.cluster_wide or valid) and not unsupported
         out.append({"name": sc.name, "summary": sc.summary, "default_node": node,
                     "nodes": valid, "cluster_wide": sc.cluster_wide,
-                    "flow": flow_command(sc, lab, node) if sc.cluster_wide or valid else None})
+                    "flow": flow_command(sc, lab, node) if shown else None})
     return out

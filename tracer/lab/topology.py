@@ -24,7 +24,7 @@ from ..errors import BadInput
 DEFAULT_PREFIX = "ptlab"
 DEFAULT_STATE_ROOT = "/run/podtrace"
 CNIS = ("flannel", "cilium")
-BUILT_CNIS = ("flannel",)
+BUILT_CNIS = ("flannel", "cilium")
 
 UNDERLAY_CIDR = "172.30.0.0/24"
 CLUSTER_CIDR = "10.244.0.0/16"
@@ -41,6 +41,33 @@ APP_PORT = 8080
 K8S_NAMESPACE = "default"
 LAB_LABEL = "podtrace-lab"
 MASQ_MARK = "0x4000/0x4000"
+
+# The cilium flavour (see docs/runbooks/cilium-path.md). Real Cilium moves packets with BPF
+# programs on lxc*, cilium_host and cilium_vxlan; the lab builds the same devices and
+# addresses and lets the kernel's own routing, neighbour and VXLAN code do the moving.
+CILIUM_HOST = "cilium_host"      # holds the node's router IP (scope link); the pods' gateway
+CILIUM_NET = "cilium_net"        # cilium_host's veth peer, no IP
+CILIUM_OVERLAY = "cilium_vxlan"
+# Real Cilium runs cilium_vxlan in metadata (external) mode and puts the source pod's
+# security identity in the VNI; the lab uses one fixed VNI, the first identity Cilium's
+# allocator hands out (1-255 are reserved identities, e.g. 2 = world).
+CILIUM_VNI = 256
+# Traffic the node itself originates towards other nodes' pods follows Cilium's own routes
+# (via cilium_host, src router IP): they live in this table, looked up for `iif lo` only.
+# Forwarded pod traffic uses the main table, whose routes go straight to cilium_vxlan
+# (what Cilium's BPF does with its tunnel map).
+CILIUM_HOST_TABLE = 200
+CILIUM_RULE_PREF = 100
+# `podtrace lab break` scenarios that are about flannel's objects and do not apply to the
+# cilium lab, with the reason given to the user.
+CILIUM_UNSUPPORTED_SCENARIOS = {
+    "br-netfilter-off": "the cilium lab has no bridge: pods hang off lxc devices and every "
+                        "packet between them is routed, so bridge-nf-call-iptables changes nothing",
+    "fdb-missing": f"it removes an FDB entry of {OVERLAY}; the cilium lab's overlay is "
+                   f"{CILIUM_OVERLAY}",
+    "neigh-wrong": f"it rewrites a neighbour entry on {OVERLAY}; the cilium lab's overlay is "
+                   f"{CILIUM_OVERLAY}",
+}
 
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 _PREFIX_MAX = 20
@@ -118,6 +145,29 @@ def flannel_mac(i: int) -> str:
     return f"0e:00:00:00:00:{i:02x}"
 
 
+def lxc_name(namespace: str, pod: str) -> str:
+    """`lxc` + 12 hex chars of sha256: Cilium's Endpoint2IfName (15 characters, the most
+    IFNAMSIZ allows), keyed by "ns/pod" here instead of the endpoint ID so it is stable."""
+    return "lxc" + hashlib.sha256(f"{namespace}/{pod}".encode()).hexdigest()[:12]
+
+
+def cilium_vtep_mac(i: int) -> str:
+    return f"0e:c1:00:00:00:{i:02x}"
+
+
+def _hash_mac(text: str) -> str:
+    """A stable, locally administered unicast MAC."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return "02:" + ":".join(f"{b:02x}" for b in digest[:5])
+
+
+def scenario_unsupported(cni: str | None, scenario: str) -> str | None:
+    """Why `podtrace lab break SCENARIO` does not apply to a lab of this CNI, or None."""
+    if cni == "cilium":
+        return CILIUM_UNSUPPORTED_SCENARIOS.get(scenario)
+    return None
+
+
 def _ip_mac(ip: str) -> str:
     """0a:58 + the IPv4 bytes: how the CNI bridge plugin derives stable MACs."""
     return "0a:58:" + ":".join(f"{int(b):02x}" for b in ip.split("."))
@@ -154,6 +204,7 @@ class NodePlan:
     bridge_mac: str
     overlay_ip: str
     mac: str
+    router_ip: str | None = None      # cilium: the router IP on cilium_host
 
 
 @dataclass(frozen=True)
@@ -168,6 +219,7 @@ class PodPlan:
     mac: str
     gateway: str
     host_veth: str
+    host_mac: str | None = None       # cilium: the lxc device's MAC (what ARP answers)
 
     @property
     def key(self) -> str:
@@ -243,6 +295,9 @@ def _now() -> str:
 
 
 def plan(cfg: LabConfig, created_at: str | None = None) -> Topology:
+    if cfg.cni == "cilium":
+        nodes, pods = _cilium_plan(cfg)
+        return _with_services(cfg, nodes, pods, created_at)
     nodes = []
     pods = []
     for i in range(1, cfg.nodes + 1):
@@ -261,6 +316,38 @@ def plan(cfg: LabConfig, created_at: str | None = None) -> Topology:
                 netns=pod_netns(cfg.prefix, i, j), ip=ip, mac=_ip_mac(ip), gateway=gateway,
                 host_veth=host_veth_name(K8S_NAMESPACE, name),
             ))
+    return _with_services(cfg, nodes, pods, created_at)
+
+
+def _cilium_plan(cfg: LabConfig) -> tuple[list[NodePlan], list[PodPlan]]:
+    """Same nodes, pod CIDRs and pod IPs as flannel; the router IP 10.244.N.1 sits on
+    cilium_host and is every pod's gateway (and the peers' overlay next hop); pods hang off
+    `lxc…` devices."""
+    nodes = []
+    pods = []
+    for i in range(1, cfg.nodes + 1):
+        router = f"10.244.{i}.1"
+        nodes.append(NodePlan(
+            index=i, name=f"node-{i}", netns=node_netns(cfg.prefix, i),
+            ip=f"172.30.0.{10 + i}", uplink_mac=f"02:00:ac:1e:00:{10 + i:02x}",
+            fabric_port=f"n{i}", pod_cidr=f"10.244.{i}.0/24", gateway=router,
+            bridge_mac=_ip_mac(router), overlay_ip=router, mac=cilium_vtep_mac(i),
+            router_ip=router,
+        ))
+        for j in range(1, cfg.pods_per_node + 1):
+            name = f"pod-{i}-{j}"
+            ip = f"10.244.{i}.{1 + j}"
+            pods.append(PodPlan(
+                node_index=i, index=j, name=name, namespace=K8S_NAMESPACE, node=f"node-{i}",
+                netns=pod_netns(cfg.prefix, i, j), ip=ip, mac=_ip_mac(ip), gateway=router,
+                host_veth=lxc_name(K8S_NAMESPACE, name),
+                host_mac=_hash_mac(f"lxc/{K8S_NAMESPACE}/{name}"),
+            ))
+    return nodes, pods
+
+
+def _with_services(cfg: LabConfig, nodes: list[NodePlan], pods: list[PodPlan],
+                   created_at: str | None) -> Topology:
     last = [p for p in pods if p.node_index == cfg.nodes][-1]
     services = (
         _service("web", "10.96.0.10", {"app": last.name}, [last]),
@@ -332,6 +419,8 @@ def iptables_rules(topo: Topology) -> str:
                 nat.append(f'-A {sep} -p {proto} -m comment --comment "{spn}" -m {proto} '
                            f"-j DNAT --to-destination {ip}:{port.target_port}")
     nat.append("COMMIT")
+    if topo.config.cni == "cilium":
+        return "\n".join(nat + _cilium_filter()) + "\n"
     flt = [
         "*filter",
         f'-A FORWARD -s {CLUSTER_CIDR} -m comment --comment "flanneld forward" -j ACCEPT',
@@ -341,6 +430,27 @@ def iptables_rules(topo: Topology) -> str:
     return "\n".join(nat + flt) + "\n"
 
 
+def _cilium_filter() -> list[str]:
+    """The filter rules Cilium (iptables mode, per-endpoint routes) installs for forwarded
+    traffic: a CILIUM_FORWARD chain fed from FORWARD that accepts what enters or leaves
+    cilium_host, cilium_net and the lxc devices. The rule texts are Cilium's own."""
+    def accept(match: str, comment: str) -> str:
+        return f'-A CILIUM_FORWARD {match} -m comment --comment "cilium: {comment}" -j ACCEPT'
+
+    return [
+        "*filter",
+        ":CILIUM_FORWARD - [0:0]",
+        '-A FORWARD -m comment --comment "cilium-feeder: CILIUM_FORWARD" -j CILIUM_FORWARD',
+        accept(f"-o {CILIUM_HOST}", f"any->cluster on {CILIUM_HOST} forward accept"),
+        accept(f"-i {CILIUM_HOST}", f"cluster->any on {CILIUM_HOST} forward accept (nodeport)"),
+        accept("-i lxc+", "cluster->any on lxc+ forward accept"),
+        accept(f"-i {CILIUM_NET}", f"cluster->any on {CILIUM_NET} forward accept (nodeport)"),
+        # With per-endpoint routes, forwarded traffic to pods leaves by their lxc device.
+        accept("-o lxc+", "any->cluster on lxc+ forward accept"),
+        "COMMIT",
+    ]
+
+
 # ---------------------------------------------------------------------------------------
 # The status document (`podtrace lab status -o json`).
 
@@ -348,6 +458,8 @@ def status_document(topo: Topology, pids: dict[str, int] | None = None) -> dict:
     """The contract's lab status document. `pids` maps "default/pod-i-j" to the responder's
     pid once the lab is built."""
     pids = pids or {}
+    if topo.config.cni == "cilium":
+        return _cilium_status_document(topo, pids)
     return {
         "prefix": topo.prefix,
         "cni": topo.config.cni,
@@ -397,6 +509,67 @@ def status_document(topo: Topology, pids: dict[str, int] | None = None) -> dict:
     }
 
 
+def _cilium_status_document(topo: Topology, pids: dict[str, int]) -> dict:
+    """The same document for the cilium flavour. Per node, `bridge` is cilium_host: the
+    device a pod's gateway (router) IP lives on, the one hop device a tracer attaches to
+    besides the lxc devices, the overlay and the uplink (there is no bridge). `overlay_ip`
+    is the router IP (the next hop the peers' overlay routes name) and `mac` the
+    cilium_vxlan MAC (the VTEP MAC those next hops resolve to)."""
+    return {
+        "prefix": topo.prefix,
+        "cni": "cilium",
+        "created_at": topo.created_at,
+        "state_dir": str(topo.lab_dir),
+        "inventory": str(topo.inventory_path),
+        "fabric_netns": topo.fabric_netns,
+        "fabric_bridge": FABRIC_BRIDGE,
+        "underlay_cidr": UNDERLAY_CIDR,
+        "cluster_cidr": CLUSTER_CIDR,
+        "service_cidr": SERVICE_CIDR,
+        "vxlan": {"vni": CILIUM_VNI, "port": VXLAN_PORT},
+        "host_routes": {"table": CILIUM_HOST_TABLE, "rule_pref": CILIUM_RULE_PREF},
+        "nodes": [
+            {
+                "name": n.name, "index": n.index, "netns": n.netns, "ip": n.ip,
+                "pod_cidr": n.pod_cidr, "uplink": UPLINK, "overlay": CILIUM_OVERLAY,
+                "bridge": CILIUM_HOST, "cilium_host": CILIUM_HOST, "cilium_net": CILIUM_NET,
+                "router_ip": n.router_ip, "mac": n.mac, "overlay_ip": n.overlay_ip,
+                "gateway": n.gateway, "uplink_mac": n.uplink_mac, "bridge_mac": n.bridge_mac,
+                "fabric_port": n.fabric_port,
+            }
+            for n in topo.nodes
+        ],
+        "pods": [
+            {
+                "namespace": p.namespace, "name": p.name, "node": p.node, "ip": p.ip,
+                "netns": p.netns, "host_veth": p.host_veth, "host_mac": p.host_mac,
+                "tcp_port": APP_PORT, "udp_port": APP_PORT, "mac": p.mac, "interface": "eth0",
+                "gateway": p.gateway, "labels": p.labels, "responder_pid": pids.get(p.key),
+            }
+            for p in topo.pods
+        ],
+        "services": _status_services(topo),
+    }
+
+
+def _status_services(topo: Topology) -> list[dict]:
+    return [
+        {
+            "namespace": s.namespace, "name": s.name, "cluster_ip": s.cluster_ip,
+            "ports": [
+                {"name": port.name, "port": port.port, "target_port": port.target_port,
+                 "protocol": port.protocol, "chain": port.chain,
+                 "endpoint_chains": dict(port.endpoint_chains)}
+                for port in s.ports
+            ],
+            "selector": dict(s.selector),
+            "backends": [b.key for b in s.backends],
+            "backend_ips": [b.ip for b in s.backends],
+        }
+        for s in topo.services
+    ]
+
+
 # ---------------------------------------------------------------------------------------
 # The inventory: what `kubectl get nodes,pods,services,endpointslices -A -o json` would print.
 
@@ -434,13 +607,21 @@ def _node_obj(topo: Topology, n: NodePlan) -> dict:
         "kubernetes.io/arch": arch, "beta.kubernetes.io/os": "linux",
         "beta.kubernetes.io/arch": arch, LAB_LABEL: "true",
     }
-    annotations = {
-        "flannel.alpha.coreos.com/backend-data": f'{{"VNI":{VXLAN_ID},"VtepMAC":"{n.mac}"}}',
-        "flannel.alpha.coreos.com/backend-type": "vxlan",
-        "flannel.alpha.coreos.com/kube-subnet-manager": "true",
-        "flannel.alpha.coreos.com/public-ip": n.ip,
-        "podtrace.io/netns": n.netns,
-    }
+    if topo.config.cni == "cilium":
+        # What cilium-agent writes on its node (annotate-k8s-node).
+        annotations = {
+            "network.cilium.io/ipv4-cilium-host": n.router_ip,
+            "network.cilium.io/ipv4-pod-cidr": n.pod_cidr,
+            "podtrace.io/netns": n.netns,
+        }
+    else:
+        annotations = {
+            "flannel.alpha.coreos.com/backend-data": f'{{"VNI":{VXLAN_ID},"VtepMAC":"{n.mac}"}}',
+            "flannel.alpha.coreos.com/backend-type": "vxlan",
+            "flannel.alpha.coreos.com/kube-subnet-manager": "true",
+            "flannel.alpha.coreos.com/public-ip": n.ip,
+            "podtrace.io/netns": n.netns,
+        }
     machine = uuid.uuid5(_UID_NS, f"{topo.prefix}/machine/{n.name}").hex
     return {
         "apiVersion": "v1", "kind": "Node",
