@@ -192,7 +192,8 @@ def explain(packet: dict, ev: Evidence) -> None:
     # 7. next hop: neighbour and overlay FDB
     nh = f.get("next_hop") or {}
     nb = nh.get("neigh")
-    if nh and (nb is None or not nb.get("lladdr") or set(nb.get("state", [])) & {"FAILED", "INCOMPLETE"}):
+    noarp = (f.get("links") or {}).get(nh.get("dev"), {}).get("noarp")
+    if nh and not noarp and (nb is None or not nb.get("lladdr") or set(nb.get("state", [])) & {"FAILED", "INCOMPLETE"}):
         _set(v, "neighbour-missing", f"{node} has no usable neighbour entry for the next hop "
              f"{nh['ip']} on {nh['dev']} ({', '.join(nb['state']) if nb else 'none'}).", "neighbour.md")
         return

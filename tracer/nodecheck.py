@@ -150,6 +150,7 @@ def links(node: NodeRef) -> dict[str, dict]:
     for link in data:
         info = link.get("linkinfo", {})
         out[link["ifname"]] = {"mtu": link.get("mtu"), "mac": link.get("address"),
+                               "noarp": "NOARP" in link.get("flags", []),
                                "kind": info.get("info_kind"), "up": "UP" in link.get("flags", []),
                                "vxlan": info.get("info_data") if info.get("info_kind") == "vxlan" else None}
     return out

@@ -3,6 +3,7 @@ events, reconstruct and judge. Everything the CLI's `flow` does lives here."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -121,29 +122,23 @@ def node_refs(lab: dict | None) -> dict[str, nodecheck.NodeRef]:
 
 
 def _evidence(lab, dst: k8s.Endpoint, refs, before, after) -> diagnose.Evidence:
-    cache: dict[tuple, dict] = {}
+    cache: dict[str, dict] = {}
 
     def facts(node: str, packet: dict) -> dict | None:
         ref = refs.get(node)
         if ref is None:
             return None
-        last = [h for h in packet["hops"] if h["node"] == node] or packet["hops"]
-        iif = last[-1]["dev"] if last[-1]["point"] == "rx" and last[-1]["pod"] is None else None
-        key = (node, last[-1]["src"], last[-1]["dst"], iif)
+        q = _fact_query(node, packet)
+        key = json.dumps(q, sort_keys=True) + node
         if key not in cache:
-            devs = list(dict.fromkeys(h["dev"] for h in packet["hops"] if h["node"] == node and h["pod"] is None))
-            cache[key] = nodecheck.facts(ref, src=last[-1]["src"], dst=last[-1]["dst"], iif=iif, devs=devs)
+            cache[key] = nodecheck.facts(ref, src=q["src"], dst=q["dst"], iif=q["iif"], devs=q["devs"])
         return cache[key]
 
     hits = {n: nodecheck.rule_hits(before[n], after[n]) for n in after if n in before}
-    vtep = {}
-    for n in (lab or {}).get("nodes", []):
-        if n.get("overlay_ip"):
-            vtep[n["overlay_ip"]] = {"node": n["name"], "mac": n.get("mac"), "ip": n.get("ip")}
     svc = dst.service
     return diagnose.Evidence(facts=facts, rule_hits=hits, vip=svc.cluster_ip if svc else None,
                              service=svc.key if svc else None,
-                             backends=list(svc.backend_ips) if svc else [], vtep=vtep)
+                             backends=list(svc.backend_ips) if svc else [], vtep=_vtep(lab))
 
 
 def tc_devices(lab: dict | None, src: k8s.Endpoint, dst: k8s.Endpoint) -> list[tuple[str | None, str]]:
@@ -532,9 +527,12 @@ def _flow_input(plan: _Plan, sent, locations, clock: dict | None = None) -> flow
 
 
 def _fact_query(node: str, packet: dict) -> dict:
-    """The question nodecheck.facts() answers for a packet on a node (same as _evidence)."""
+    """The question nodecheck.facts() answers for a packet on a node: its addresses at the
+    node's last hop, and the device it came in by (the node's last rx hop), so the route is
+    looked up as the kernel did for this packet, not as for the node's own traffic."""
     last = [h for h in packet["hops"] if h["node"] == node] or packet["hops"]
-    iif = last[-1]["dev"] if last[-1]["point"] == "rx" and last[-1]["pod"] is None else None
+    rx = [h for h in last if h["point"] == "rx" and h["pod"] is None]
+    iif = rx[-1]["dev"] if rx else None
     devs = list(dict.fromkeys(h["dev"] for h in packet["hops"] if h["node"] == node and h["pod"] is None))
     return {"src": last[-1]["src"], "dst": last[-1]["dst"], "iif": iif, "devs": devs}
 

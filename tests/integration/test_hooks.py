@@ -181,3 +181,19 @@ def test_event_budget_is_enforced_and_reported(lab):
     r = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=3, budget=2))
     assert r.counters["over_budget"] > 0
     assert any("event budget" in n for n in r.notes), r.notes
+
+
+def test_cilium_lab_tracepoints_and_tc_merge(tmp_path):
+    from tests.integration.lab_fixture import LAB_PREFIX, private_lab
+
+    with private_lab(LAB_PREFIX + "cl", cni="cilium") as cl:
+        r = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=cl["prefix"], count=2))
+        assert r.ok, r.verdict
+        for p in r.packets:
+            places = [(h["netns"], h["dev"], h["point"]) for h in p["hops"]]
+            assert all(a != b for a, b in zip(places, places[1:])), places
+            devs = [h["dev"] for h in p["hops"]]
+            assert "cilium_vxlan" in devs and any(d.startswith("lxc") for d in devs)
+            both = {h["dev"] for h in p["hops"] if set(h["seen_by"]) == {"tracepoint", "tc"}}
+            assert "cilium_vxlan" in both and any(d.startswith("lxc") for d in both), p["hops"]
+        wait_no_programs()
