@@ -121,13 +121,13 @@ def flow(src, dst, proto, port, count, timeout, size, sport, sample, budget, no_
       podtrace flow pod-1-1 pod-2-1 --no-probe --duration 10
       podtrace flow pod-1-1 pod-2-1 --size 1450        # MTU black hole?
     """
+    _flow_flags_agree(no_probe)   # before the heavy imports: a bad flag answers at once
     from rich.console import Console
 
     from . import render
     from .config import FlowConfig
     from .trace import run_flow
 
-    _flow_flags_agree(no_probe)
     err = Console(stderr=True)
     cfg = FlowConfig(src=src, dst=dst, proto=proto, port=port, count=count, timeout=timeout,
                      probe=not no_probe, duration=duration, cluster=cluster, save=save, size=size, sport=sport,

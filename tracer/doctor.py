@@ -10,6 +10,9 @@ from pathlib import Path
 from . import probes, tracefs
 from .errors import EnvironmentProblem, PodtraceError, missing_capabilities
 
+# What flow needs (CAP_NET_RAW: ICMP probes, the default, use a raw socket).
+TRACE_CAPS = ("CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_NET_RAW")
+
 CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
 CONFIG_KEYS = ["CONFIG_BPF_SYSCALL", "CONFIG_BPF_JIT", "CONFIG_DEBUG_INFO_BTF", "CONFIG_BPF_EVENTS",
                "CONFIG_KPROBES", "CONFIG_FUNCTION_TRACER", "CONFIG_NET_CLS_BPF", "CONFIG_NET_SCH_INGRESS",
@@ -92,8 +95,9 @@ def report(compile_test: bool = True) -> dict:
     caps = _caps()
     if not root and not (caps["CAP_BPF"] and caps["CAP_NET_ADMIN"]):
         problems.append({"problem": "not root and without CAP_BPF/CAP_NET_ADMIN", "fix": "run with sudo"})
-    elif root and missing_capabilities():
-        problems.append({"problem": f"root, but without {', '.join(missing_capabilities())} (capabilities dropped)",
+    elif root and missing_capabilities(TRACE_CAPS):
+        problems.append({"problem": f"root, but without {', '.join(missing_capabilities(TRACE_CAPS))} "
+                                    "(capabilities dropped)",
                          "fix": "run with full root capabilities (not under capsh --drop or a restricted securityContext)"})
     cfg = probes.kernel_config()
     btf = Path("/sys/kernel/btf/vmlinux")

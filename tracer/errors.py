@@ -51,7 +51,7 @@ def require_root(what: str) -> None:
 
 # Capabilities tracing uses (bit numbers of linux/capability.h). CAP_SYS_ADMIN covers
 # CAP_BPF and CAP_PERFMON (and older kernels know only it).
-CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
+CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
 
 
 def missing_capabilities(need: tuple[str, ...] = ("CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_ADMIN")

@@ -9,6 +9,7 @@ there: ours goes in at a priority nobody uses, after theirs.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -77,6 +78,19 @@ def _load_state() -> list[dict]:
         return []
 
 
+@contextlib.contextmanager
+def _state_locked():
+    """Concurrent runs (and `cleanup`) read-modify-write the state file: one at a time, or
+    a record is lost — and with it the clsact qdisc it says to remove."""
+    STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    with open(STATE_FILE.with_name(STATE_FILE.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _save_state(items: list[dict]) -> None:
     STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
     tmp = STATE_FILE.with_name(STATE_FILE.name + f".{os.getpid()}")
@@ -127,10 +141,7 @@ class TcAttacher:
             v.inum = netns_inode(ns)
             v.name = dev.encode()[:15]
             self.devs[self.devs.Key(slot)] = v
-            added = False
-            if not _has_clsact(ipr, ifindex):
-                ipr.tc("add", "clsact", ifindex)
-                added = True
+            added = not _has_clsact(ipr, ifindex)   # added below, once recorded
             for direction, parent in PARENT.items():
                 used = {_prio(f) for f in _filters(ipr, ifindex, direction)}
                 prio = PREFERRED_PRIO
@@ -140,7 +151,10 @@ class TcAttacher:
                 # Recorded before the kernel call: a SIGKILL in between still leaves a trace
                 # for `podtrace cleanup`.
                 self.attached.append(att)
-                _save_state(_load_state() + [asdict(att)])
+                with _state_locked():
+                    _save_state(_load_state() + [asdict(att)])
+                if added and direction == "ingress":
+                    ipr.tc("add", "clsact", ifindex)
                 fd = self.bpf.load_func(self._stub_name(slot, direction).encode(), self._sched_cls).fd
                 ipr.tc("add-filter", "bpf", ifindex, ":1", fd=fd,
                        name=f"{MARK}{direction}", parent=parent, classid=1, direct_action=True, prio=prio)
@@ -153,7 +167,8 @@ class TcAttacher:
         for a in self.attached:
             _remove(a.netns, a.dev, a.direction, a.prio, a.qdisc_added)
         self.attached.clear()
-        _save_state([x for x in _load_state() if x not in mine])
+        with _state_locked():
+            _save_state([x for x in _load_state() if x not in mine])
 
 
 def _remove(ns: str | None, dev: str, direction: str, prio: int | None, qdisc_added: bool) -> list[str]:
@@ -189,15 +204,18 @@ def cleanup(extra_netns: list[str] | None = None, scan: bool = True) -> list[str
     `extra_netns`. Attachments of a podtrace process that is still running are left alone."""
     removed: list[str] = []
     keep = []
-    for a in _load_state():
+    initial = _load_state()
+    for a in initial:
         if a.get("pid") and a["pid"] != os.getpid() and _alive(a["pid"]):
             keep.append(a)
             continue
         removed += _remove(a["netns"], a["dev"], a["direction"], a["prio"], a["qdisc_added"])
-    live = {(a["netns"], a["dev"]) for a in keep}
     for ns in ([None, *(extra_netns or [])] if scan else []):
         if ns and not netns_mod.exists(ns):
             continue
+        # re-read per namespace: a run that started meanwhile has recorded its devices
+        live = {(a["netns"], a["dev"]) for a in keep + _load_state()
+                if a.get("pid") and a["pid"] != os.getpid() and _alive(a["pid"])}
         ipr = _ipr(ns)
         try:
             devs = [(l.get_attr("IFLA_IFNAME"), l["index"]) for l in ipr.get_links()]
@@ -208,9 +226,10 @@ def cleanup(extra_netns: list[str] | None = None, scan: bool = True) -> list[str
                 continue
             for direction in PARENT:
                 removed += _remove(ns, dev, direction, None, False)
-    # the state file is shared by concurrent runs: re-read, drop what was handled
-    handled = [a for a in _load_state() if a not in keep]
-    _save_state([a for a in _load_state() if a in keep or a not in handled])
+    # the state file is shared by concurrent runs: drop only the records handled here
+    handled = [a for a in initial if a not in keep]
+    with _state_locked():
+        _save_state([a for a in _load_state() if a not in handled])
     return sorted(set(removed))
 
 

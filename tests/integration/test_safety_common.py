@@ -2,8 +2,9 @@
 
 Labs: only prefixes starting with `pttestsafe` are used. `safe_lab` (session) is a default lab
 the tests only read and send traffic through: PODTRACE_TEST_LAB_PREFIX when that starts with
-`pttestsafe`, else `pttestsafe`. `scratch_lab` (per test) is `pttestsafed`, for tests that
-delete pods and devices. Nothing outside these labs' namespaces receives traffic.
+`pttestsafe`, else `pttestsafe`. Tests that break a lab (deleted pods and devices) or need
+several at once build their own: `pttestsafed1..3` (test_safety_env.py), `pttestsafek1..3`
+(test_safety_kill.py). Nothing outside these labs' namespaces receives traffic.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from tracer.lab import topology as T
 
 SAFE_PREFIX = LAB_PREFIX if LAB_PREFIX.startswith("pttestsafe") else "pttestsafe"
 SCRATCH_PREFIX = "pttestsafed"
-OUR_PROGRAMS = ("pt_", "kp_", "krp_")
 
 
 def _require_environment():
@@ -47,18 +47,6 @@ def safe_lab():
         yield doc
     finally:
         build.down(SAFE_PREFIX)
-
-
-@pytest.fixture
-def scratch_lab():
-    """A lab of its own for one test that breaks it (deleted pods and devices)."""
-    _require_environment()
-    build.down(SCRATCH_PREFIX)
-    try:
-        doc, _ = build.up(T.LabConfig(prefix=SCRATCH_PREFIX))
-        yield doc
-    finally:
-        build.down(SCRATCH_PREFIX)
 
 
 def pod(doc: dict, name: str) -> dict:
@@ -156,11 +144,6 @@ def tc_snapshot(doc: dict) -> dict[tuple[str, str], str]:
 
 def our_filters(snapshot: dict) -> list[str]:
     return [f"{ns}/{dev}" for (ns, dev), text in snapshot.items() if "podtrace:" in text]
-
-
-def program_ids(names: tuple[str, ...] = OUR_PROGRAMS) -> set[int]:
-    out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True)
-    return {p["id"] for p in json.loads(out.stdout or "[]") if p.get("name", "").startswith(names)}
 
 
 def bpf_objects() -> set[tuple[str, int]]:

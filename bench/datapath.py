@@ -1,0 +1,269 @@
+"""Benchmark: what tracing costs the datapath.
+
+Between a pod on node-1 and a pod on node-2 of the bench lab (VXLAN across the fabric),
+interleaved rounds of iperf3 TCP throughput and 64-byte UDP packet rate (`-u -l 64 -b 0`:
+as fast as the sender can) for each variant:
+
+- untraced
+- nomatch:    a TraceSession whose filter holds two other pods (every packet of the flow is
+              parsed and looked up, none matches)
+- match:      the filter holds both ends: every packet of the flow is an event on every
+              hop; the ring buffer is drained continuously by the session's sink (BCC
+              callback → numpy chunk); events lost are the kernel's `lost` counter
+- nomatch_tc / match_tc: the same with tc clsact observers on the path's devices
+- match_mmap: `match` drained by bench/ringread.py (batches read from the mmap'd ring
+              buffer), the consumer proposed for tracer/session.py
+- *_freefix, *_raw, *_fewreads: kernel-side changes to bpf/podtrace.c, built in memory
+              by bench/bpfvariants.py (an early return in on_free; raw tracepoints, with
+              freefix included; fewer kernel reads per hook)
+
+Each round runs every variant once (A B C … A B C …); ratios are taken against the
+untraced run of the same round, then the median (and min/max) over rounds is printed.
+Besides rates, the sender's CPU per UDP packet (iperf3's accounting of its own user +
+system time): in the lab the whole path to the other pod runs as softirq inline in the
+sender's system calls, so it is the CPU a packet costs, which other load disturbs less
+than a rate. `--bpf-stats` adds the kernel's ns per BPF program run.
+
+    .venv/bin/python bench/datapath.py [--rounds 5] [--seconds 3] [--variants untraced,nomatch,match]
+    .venv/bin/python bench/datapath.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import numpy as np
+
+import benchlib as L
+from tracer import events, probes
+from tracer.session import SessionConfig, TraceSession, _Sink
+
+MODIFIERS = ("tc", "mmap", "freefix", "raw", "fewreads")
+DEFAULT = ["untraced", "nomatch", "match", "nomatch_tc", "match_tc", "match_mmap"]
+SRC, DST, OTHER_A, OTHER_B = "pod-1-1", "pod-2-1", "pod-1-2", "pod-2-2"
+TCP_PORT, UDP_PORT = 5201, 5202
+
+
+class RecycledSink(_Sink):
+    """The session's sink with the same per-event work (callback + memmove into a numpy
+    chunk), but reusing one chunk, so minutes of events do not pile up in memory."""
+
+    def __init__(self):
+        self.total = 0
+        super().__init__()
+
+    def _new_chunk(self):
+        if getattr(self, "cur", None) is None:
+            super()._new_chunk()
+            return
+        self.total += self.n
+        self.n = 0
+
+    def count(self) -> int:
+        return self.total + self.n
+
+
+class Tracer:
+    """One traced variant: a session, optional tc observers, a drain loop."""
+
+    def __init__(self, doc: dict, variant: str, ringbuf_pages: int):
+        import bpfvariants
+
+        self.variant = variant
+        base, *mods = variant.split("_")
+        ends = (SRC, DST) if base == "match" else (OTHER_A, OTHER_B)
+        raw = "raw" in mods
+        hooks = [] if raw else [probes.BY_NAME[n] for n in probes.DEFAULT_HOOKS]
+        self.tc = "tc" in mods
+        if self.tc:
+            hooks += [probes.BY_NAME["tc:ingress"], probes.BY_NAME["tc:egress"]]
+        self.sink = RecycledSink()
+        self.session = TraceSession(SessionConfig(addrs=[L.pod(doc, p)["ip"] for p in ends], hooks=hooks,
+                                                  ringbuf_pages=ringbuf_pages, netns=L.lab_inodes(doc), budget=0),
+                                    sink=self.sink)
+        with bpfvariants.patched(freefix=raw or "freefix" in mods, raw=raw, fewreads="fewreads" in mods):
+            self.session.start()
+        self.attacher = None
+        self.reader = None
+        try:
+            if raw:
+                bpfvariants.attach_raw(self.session.loaded.bpf)
+            if self.tc:
+                from tracer.tcattach import TcAttacher
+                self.attacher = TcAttacher(self.session.loaded.bpf)
+                for ns, dev in path_devices(doc):
+                    self.attacher.attach(ns, dev)
+            if "mmap" in mods:
+                from ringread import BatchSink, RingReader
+                table = self.session.loaded.bpf["events"]
+                self.reader = BatchSink(RingReader(table.map_fd, ringbuf_pages * 4096, events.EVENT_DTYPE),
+                                        chunk=65536)
+        except BaseException:
+            self.close()
+            raise
+
+    def poll(self, timeout_ms: int) -> None:
+        if self.reader is not None:
+            self.reader.poll(timeout_ms)
+            if self.reader.n > 60000:    # keep memory flat: this benchmark only counts
+                self.reader.take()
+        else:
+            self.session.poll(timeout_ms)
+
+    def drain(self) -> None:
+        if self.reader is not None:
+            self.reader.drain()
+        else:
+            self.session.drain()
+
+    def drained(self) -> int:
+        return self.reader.total if self.reader is not None else self.sink.count()
+
+    def counters(self) -> dict:
+        return self.session.counters()
+
+    def prog_stats(self) -> dict[str, tuple[int, int]]:
+        """(run_time_ns, run_cnt) of every loaded program (with --bpf-stats)."""
+        out = {}
+        for name, fn in self.session.loaded.bpf.funcs.items():
+            name = name.decode() if isinstance(name, bytes) else name
+            if name.startswith("pt_tcs_"):
+                continue
+            ns, cnt = L.BpfStats.read(fn.fd)
+            if cnt:
+                out[name] = (ns, cnt)
+        return out
+
+    def close(self) -> None:
+        if self.attacher is not None:
+            self.attacher.close()
+            self.attacher = None
+        if self.reader is not None:
+            self.reader.reader.close()
+            self.reader = None
+        self.session.close()
+
+
+def path_devices(doc: dict) -> list[tuple[str, str]]:
+    out = []
+    for n in doc["nodes"]:
+        mine = [p for p in doc["pods"] if p["node"] == n["name"] and p["name"] in (SRC, DST)]
+        if not mine:
+            continue
+        out += [(n["netns"], p["host_veth"]) for p in mine]
+        out += [(n["netns"], n[k]) for k in ("bridge", "overlay", "uplink") if n.get(k)]
+    return out
+
+
+def run_one(doc: dict, tracer: Tracer | None, udp: bool, seconds: float) -> dict:
+    src, dst = L.pod(doc, SRC), L.pod(doc, DST)
+    c0 = tracer.counters() if tracer else None
+    d0 = tracer.drained() if tracer else 0
+    p = L.iperf_client(src["netns"], dst["ip"], UDP_PORT if udp else TCP_PORT, seconds, udp=udp)
+    while p.poll() is None:
+        if tracer:
+            tracer.poll(50)
+        else:
+            time.sleep(0.05)
+    res = L.iperf_result(p, udp)
+    if tracer:
+        tracer.drain()
+        c1 = tracer.counters()
+        res["events"] = tracer.drained() - d0
+        res["emitted"] = c1["emitted"] - c0["emitted"]
+        res["lost"] = c1["lost"] - c0["lost"]
+        res["seen"] = c1["seen"] - c0["seen"]
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--variants", default=",".join(DEFAULT))
+    ap.add_argument("--ringbuf-pages", type=int, default=256, help="the session default: 256 (1 MiB)")
+    ap.add_argument("--bpf-stats", action="store_true",
+                    help="also report ns per program run (turns the kernel's BPF run-time stats on while running)")
+    ap.add_argument("--quick", action="store_true", help="1 round of 1 s, untraced/nomatch/match")
+    args = ap.parse_args()
+    variants = args.variants.split(",")
+    if args.quick:
+        args.rounds, args.seconds, variants = 1, 1.0, ["untraced", "nomatch", "match"]
+    bad = [v for v in variants if v != "untraced" and (v.split("_")[0] not in ("match", "nomatch")
+                                                        or not set(v.split("_")[1:]) <= set(MODIFIERS))]
+    if bad:
+        raise SystemExit(f"unknown variants {bad}: untraced, or match|nomatch followed by _{'/_'.join(MODIFIERS)}")
+    doc, created = L.lab()
+    dst = L.pod(doc, DST)
+    rows: dict[str, list[dict]] = {v: [] for v in variants}
+    startup = L.machine()
+    t_begin = time.monotonic()
+    stats = L.BpfStats() if args.bpf_stats else None
+    with contextlib.ExitStack() as stack:
+        if stats:
+            stack.enter_context(stats)
+        stack.enter_context(L.IperfServer(dst["netns"], TCP_PORT))
+        stack.enter_context(L.IperfServer(dst["netns"], UDP_PORT))
+        for r in range(args.rounds):
+            order = variants[r % len(variants):] + variants[: r % len(variants)]   # rotate the start
+            for v in order:
+                tracer = None if v == "untraced" else Tracer(doc, v, args.ringbuf_pages)
+                try:
+                    tcp = run_one(doc, tracer, False, args.seconds)
+                    udp = run_one(doc, tracer, True, args.seconds)
+                    progs = tracer.prog_stats() if tracer and stats else {}
+                finally:
+                    if tracer:
+                        tracer.close()
+                rows[v].append({"round": r, "tcp": tcp, "udp": udp, "progs": progs})
+    if created and not args.quick:
+        pass   # the lab stays up for the next benchmark; `podtrace lab down` with PODTRACE_LAB_PREFIX=ptbench
+    out = {"benchmark": "datapath", "flow": f"{SRC} → {DST} (cross-node, VXLAN)", "rounds": args.rounds,
+           "seconds": args.seconds, "ringbuf_pages": args.ringbuf_pages, "variants": {},
+           "machine_start": startup, "machine_end": L.machine(), "wall_s": round(time.monotonic() - t_begin, 1)}
+    base = rows.get("untraced")
+    for v in variants:
+        rs = rows[v]
+        d = {"tcp_gbps": L.spread([x["tcp"]["gbps"] for x in rs]),
+             "udp_recv_pps": L.spread([x["udp"]["recv_pps"] for x in rs], 0),
+             "udp_sent_pps": L.spread([x["udp"]["sent_pps"] for x in rs], 0),
+             "udp_sender_cpu_us_per_pkt": L.spread([x["udp"]["sender_cpu_us_per_pkt"] for x in rs], 2),
+             "tcp_sender_cpu_s_per_gb": L.spread([x["tcp"]["sender_cpu_s_per_gb"] for x in rs], 3)}
+        if base and v != "untraced":
+            d["tcp_ratio"] = L.spread([x["tcp"]["gbps"] / b["tcp"]["gbps"] for x, b in zip(rs, base)])
+            d["udp_pps_ratio"] = L.spread([x["udp"]["recv_pps"] / b["udp"]["recv_pps"] for x, b in zip(rs, base)])
+            d["udp_cpu_per_pkt_ratio"] = L.spread([x["udp"]["sender_cpu_us_per_pkt"] / b["udp"]["sender_cpu_us_per_pkt"]
+                                                   for x, b in zip(rs, base)
+                                                   if x["udp"]["sender_cpu_us_per_pkt"] and b["udp"]["sender_cpu_us_per_pkt"]])
+        if v != "untraced":
+            for proto in ("tcp", "udp"):
+                d[f"{proto}_events"] = sum(x[proto]["events"] for x in rs)
+                d[f"{proto}_events_lost"] = sum(x[proto]["lost"] for x in rs)
+                d[f"{proto}_events_per_s"] = L.spread([x[proto]["events"] / args.seconds for x in rs], 0)
+                d[f"{proto}_hooks_seen_per_s"] = L.spread([x[proto]["seen"] / args.seconds for x in rs], 0)
+        if any(x["progs"] for x in rs):
+            names = sorted({n for x in rs for n in x["progs"]})
+            d["bpf_ns_per_run"] = {n: L.spread([x["progs"][n][0] / x["progs"][n][1] for x in rs if n in x["progs"]], 0)
+                                   for n in names}
+            d["bpf_runs_per_round"] = {n: int(np.median([x["progs"][n][1] for x in rs if n in x["progs"]]))
+                                       for n in names}
+        out["variants"][v] = d
+    targets = {"nomatch_tcp_ratio": 0.97, "nomatch_udp_pps_ratio": 0.95, "match_udp_pps_ratio": 0.80,
+               "match_events_lost": 0}
+    out["targets"] = targets
+    vv = out["variants"]
+    if "nomatch" in vv and "tcp_ratio" in vv["nomatch"]:
+        out["verdict"] = {
+            "nomatch_tcp_ratio": vv["nomatch"]["tcp_ratio"]["median"],
+            "nomatch_udp_pps_ratio": vv["nomatch"]["udp_pps_ratio"]["median"],
+        }
+        if "match" in vv:
+            out["verdict"]["match_udp_pps_ratio"] = vv["match"]["udp_pps_ratio"]["median"]
+            out["verdict"]["match_events_lost"] = vv["match"]["udp_events_lost"] + vv["match"]["tcp_events_lost"]
+    L.emit(out)
+
+
+if __name__ == "__main__":
+    main()
