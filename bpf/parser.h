@@ -83,7 +83,10 @@ static __always_inline int P_(parse_packet)(P_CTX c, u32 off, u32 avail, struct 
     if (P_LOAD(c, t + hdr + 12, &etype, 2)) return -1;
     if (etype != ETH_P_IP_BE) return -1;
     struct pkt outer = *p;
-    if (P_(parse_ip)(c, off + inner, avail - inner, p) < -1) return -1;
+    if (P_(parse_ip)(c, off + inner, avail - inner, p) < 0) {
+        *p = outer;   // never report a half-parsed inner header as a packet
+        return -1;
+    }
     if (p->saddr == outer.saddr && p->daddr == outer.daddr && p->proto == outer.proto) return -1;
     p->osaddr = outer.saddr;
     p->odaddr = outer.daddr;

@@ -230,14 +230,34 @@ def cleanup():
     click.echo(f"cleanup: {len(removed)} leftover(s) removed" if removed else "cleanup: nothing left behind")
 
 
+# Commands whose modules pull in pandas/pyarrow are imported only when used, so `--help`,
+# usage errors and `lab` stay fast.
+_LAZY = {"capture": ("tracer.capture", "capture"), "analyze": ("tracer.analysis", "analyze")}
+
+
+def _lazy_get_command(self, ctx, name):
+    cmd = click.Group.get_command(self, ctx, name)
+    if cmd is None and name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        cmd = getattr(importlib.import_module(module), attr)
+        self.add_command(cmd, name)
+    return cmd
+
+
+def _lazy_list_commands(self, ctx):
+    return sorted(set(click.Group.list_commands(self, ctx)) | set(_LAZY))
+
+
+_Group.get_command = _lazy_get_command
+_Group.list_commands = _lazy_list_commands
+
+
 def _register():
-    from .analysis import analyze
-    from .capture import capture
     from .lab.cli import lab
 
     main.add_command(lab)
-    main.add_command(capture)
-    main.add_command(analyze)
 
 
 _register()

@@ -8,9 +8,10 @@ run concurrently (a pool of workers) and each test only checks its result.
 from __future__ import annotations
 
 import copy
+import io
 import json
+import os
 import re
-import struct
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -267,10 +268,9 @@ def test_agent_refuses_a_bad_request_on_its_stream(safe_lab):
     for request in ("this is not json\n", json.dumps({"version": 99}) + "\n", "\n"):
         res = subprocess.run([sys.executable, "-m", "tracer.cli", "agent"], input=request.encode(),
                              capture_output=True, timeout=60, cwd="/",
-                             env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
         assert res.returncode == 2, res.stderr
         assert b"Traceback" not in res.stderr
-        import io
         frames = list(wire.read(io.BytesIO(res.stdout)))
         assert [f.kind for f in frames] == ["error"] and frames[0].json()["message"]
 
@@ -303,5 +303,5 @@ def test_not_root_is_one_line_exit_1(safe_lab):
     assert rep["can_trace"] is False and any("root" in p["problem"] for p in rep["problems"])
     agent = subprocess.run([*argv0, "-m", "tracer.cli", "agent"], capture_output=True, timeout=60, cwd="/",
                            input=json.dumps({"version": 1, "node": "x", "addrs": ["10.0.0.1"]}).encode(),
-                           env={**__import__("os").environ, **env})
+                           env={**os.environ, **env})
     assert agent.returncode == 1 and b"Traceback" not in agent.stderr, agent.stderr

@@ -18,7 +18,7 @@ MODELS = {
     "DaemonSet": "V1DaemonSet",
 }
 READ = ["get", "list", "watch"]
-CAPS = {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"}
+CAPS = {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE", "NET_RAW"}
 
 
 def _docs() -> list[tuple[str, dict]]:
