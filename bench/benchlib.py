@@ -216,6 +216,16 @@ class BpfStats:
         return int(info.get("run_time_ns", "0").strip()), int(info.get("run_cnt", "0").strip())
 
 
+def other_tracers() -> int:
+    """BPF programs of other podtrace sessions loaded right now (this machine is shared: a
+    test suite tracing its own lab also runs on our packets, untraced rounds included)."""
+    try:
+        out = subprocess.run(["bpftool", "prog", "list", "-j"], capture_output=True, text=True, timeout=10).stdout
+        return sum(1 for p in json.loads(out or "[]") if p.get("name") in ("pt_rx", "rpt_rx"))
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return -1
+
+
 def machine() -> dict:
     return {"cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2), "kernel": os.uname().release}
 

@@ -13,6 +13,7 @@ the duration of one session's compile.
 - fewreads: on_packet reads the sk_buff's protocol/tail/head in one call, and the packet's
   headers in one 96-byte read parsed from the stack (the per-header reads stay as the
   fallback). Same events.
+- empty: the rx/tx hooks return at once (no events): the cost of the hook itself.
 """
 
 from __future__ import annotations
@@ -94,11 +95,20 @@ FEW_NEW = r"""#if SKB_TAIL > SKB_PROTOCOL && SKB_HEAD > SKB_TAIL && SPAN_LEN <= 
     }
 """
 
+# empty: on_packet returns at once, so what remains is the cost of the hook itself (the
+# tracepoint firing, the program call) — the floor under any filter.
+EMPTY_RE = re.compile(r"(static __always_inline int on_packet\([^)]*\) \{\n)")
+EMPTY_FIX = "    if (1) return 0;   /* bench/bpfvariants.py empty */\n"
+
 RAW_ATTACH = [("netif_receive_skb", "rpt_rx"), ("net_dev_start_xmit", "rpt_tx"),
               ("kfree_skb", "rpt_kfree"), ("consume_skb", "rpt_consume")]
 
 
-def variant_text(text: str, freefix: bool, raw: bool, fewreads: bool = False) -> str:
+def variant_text(text: str, freefix: bool, raw: bool, fewreads: bool = False, empty: bool = False) -> str:
+    if empty:
+        text, n = EMPTY_RE.subn(lambda m: m.group(1) + EMPTY_FIX, text)
+        if n != 1:
+            raise RuntimeError("bpf/podtrace.c changed: on_packet() was not found once")
     if fewreads:
         if text.count(FEW_OLD) != 1:
             raise RuntimeError("bpf/podtrace.c changed: on_packet()'s reads were not found once")
@@ -118,12 +128,12 @@ def variant_text(text: str, freefix: bool, raw: bool, fewreads: bool = False) ->
 
 
 @contextlib.contextmanager
-def patched(freefix: bool = False, raw: bool = False, fewreads: bool = False):
+def patched(freefix: bool = False, raw: bool = False, fewreads: bool = False, empty: bool = False):
     """Within this block bpfprog.source() returns the variant text."""
     orig = bpfprog.source
 
     def source(files=None):
-        return variant_text(orig(files), freefix, raw, fewreads)
+        return variant_text(orig(files), freefix, raw, fewreads, empty)
     bpfprog.source = source
     try:
         yield

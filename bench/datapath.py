@@ -15,7 +15,9 @@ as fast as the sender can) for each variant:
               buffer), the consumer proposed for tracer/session.py
 - *_freefix, *_raw, *_fewreads: kernel-side changes to bpf/podtrace.c, built in memory
               by bench/bpfvariants.py (an early return in on_free; raw tracepoints, with
-              freefix included; fewer kernel reads per hook)
+              freefix included; fewer kernel reads per hook); *_empty: rx/tx hooks that
+              return at once (the cost of the hook itself)
+- *_sN:       in-kernel sampling, 1 packet in N (SessionConfig.sample)
 
 Each round runs every variant once (A B C … A B C …); ratios are taken against the
 untraced run of the same round, then the median (and min/max) over rounds is printed.
@@ -40,7 +42,7 @@ import benchlib as L
 from tracer import events, probes
 from tracer.session import SessionConfig, TraceSession, _Sink
 
-MODIFIERS = ("tc", "mmap", "freefix", "raw", "fewreads")
+MODIFIERS = ("tc", "mmap", "freefix", "raw", "fewreads", "empty")
 DEFAULT = ["untraced", "nomatch", "match", "nomatch_tc", "match_tc", "match_mmap"]
 SRC, DST, OTHER_A, OTHER_B = "pod-1-1", "pod-2-1", "pod-1-2", "pod-2-2"
 TCP_PORT, UDP_PORT = 5201, 5202
@@ -79,11 +81,14 @@ class Tracer:
         self.tc = "tc" in mods
         if self.tc:
             hooks += [probes.BY_NAME["tc:ingress"], probes.BY_NAME["tc:egress"]]
+        sample = next((int(m[1:]) for m in mods if m[:1] == "s" and m[1:].isdigit()), 1)
         self.sink = RecycledSink()
         self.session = TraceSession(SessionConfig(addrs=[L.pod(doc, p)["ip"] for p in ends], hooks=hooks,
-                                                  ringbuf_pages=ringbuf_pages, netns=L.lab_inodes(doc), budget=0),
+                                                  ringbuf_pages=ringbuf_pages, netns=L.lab_inodes(doc), budget=0,
+                                                  sample=sample),
                                     sink=self.sink)
-        with bpfvariants.patched(freefix=raw or "freefix" in mods, raw=raw, fewreads="fewreads" in mods):
+        with bpfvariants.patched(freefix=raw or "freefix" in mods, raw=raw, fewreads="fewreads" in mods,
+                                 empty="empty" in mods):
             self.session.start()
         self.attacher = None
         self.reader = None
@@ -191,8 +196,10 @@ def main() -> None:
     variants = args.variants.split(",")
     if args.quick:
         args.rounds, args.seconds, variants = 1, 1.0, ["untraced", "nomatch", "match"]
+    def known(mod: str) -> bool:
+        return mod in MODIFIERS or (mod[:1] == "s" and mod[1:].isdigit())
     bad = [v for v in variants if v != "untraced" and (v.split("_")[0] not in ("match", "nomatch")
-                                                        or not set(v.split("_")[1:]) <= set(MODIFIERS))]
+                                                        or not all(known(m) for m in v.split("_")[1:]))]
     if bad:
         raise SystemExit(f"unknown variants {bad}: untraced, or match|nomatch followed by _{'/_'.join(MODIFIERS)}")
     doc, created = L.lab()
@@ -209,6 +216,7 @@ def main() -> None:
         for r in range(args.rounds):
             order = variants[r % len(variants):] + variants[: r % len(variants)]   # rotate the start
             for v in order:
+                others = L.other_tracers()     # before ours is loaded
                 tracer = None if v == "untraced" else Tracer(doc, v, args.ringbuf_pages)
                 try:
                     tcp = run_one(doc, tracer, False, args.seconds)
@@ -217,13 +225,17 @@ def main() -> None:
                 finally:
                     if tracer:
                         tracer.close()
-                rows[v].append({"round": r, "tcp": tcp, "udp": udp, "progs": progs})
+                rows[v].append({"round": r, "tcp": tcp, "udp": udp, "progs": progs,
+                                "others": max(others, L.other_tracers())})
     if created and not args.quick:
         pass   # the lab stays up for the next benchmark; `podtrace lab down` with PODTRACE_LAB_PREFIX=ptbench
     out = {"benchmark": "datapath", "flow": f"{SRC} → {DST} (cross-node, VXLAN)", "rounds": args.rounds,
            "seconds": args.seconds, "ringbuf_pages": args.ringbuf_pages, "variants": {},
            "machine_start": startup, "machine_end": L.machine(), "wall_s": round(time.monotonic() - t_begin, 1)}
     base = rows.get("untraced")
+    # rounds during which no other podtrace session was loaded, in any variant
+    clean = [r for r in range(args.rounds) if all(rows[v][r]["others"] == 0 for v in variants)]
+    out["rounds_with_other_tracers"] = args.rounds - len(clean)
     for v in variants:
         rs = rows[v]
         d = {"tcp_gbps": L.spread([x["tcp"]["gbps"] for x in rs]),
@@ -234,6 +246,10 @@ def main() -> None:
         if base and v != "untraced":
             d["tcp_ratio"] = L.spread([x["tcp"]["gbps"] / b["tcp"]["gbps"] for x, b in zip(rs, base)])
             d["udp_pps_ratio"] = L.spread([x["udp"]["recv_pps"] / b["udp"]["recv_pps"] for x, b in zip(rs, base)])
+            if clean and len(clean) < args.rounds:
+                d["tcp_ratio_clean_rounds"] = L.spread([rs[r]["tcp"]["gbps"] / base[r]["tcp"]["gbps"] for r in clean])
+                d["udp_pps_ratio_clean_rounds"] = L.spread([rs[r]["udp"]["recv_pps"] / base[r]["udp"]["recv_pps"]
+                                                            for r in clean])
             d["udp_cpu_per_pkt_ratio"] = L.spread([x["udp"]["sender_cpu_us_per_pkt"] / b["udp"]["sender_cpu_us_per_pkt"]
                                                    for x, b in zip(rs, base)
                                                    if x["udp"]["sender_cpu_us_per_pkt"] and b["udp"]["sender_cpu_us_per_pkt"]])
