@@ -14,6 +14,8 @@ the duration of one session's compile.
   headers in one 96-byte read parsed from the stack (the per-header reads stay as the
   fallback). Same events.
 - empty: the rx/tx hooks return at once (no events): the cost of the hook itself.
+- earlysample: with sampling on, a packet that will not be kept leaves on_packet before
+  it is recorded in `tracked` and before emit(). Same events.
 """
 
 from __future__ import annotations
@@ -100,11 +102,26 @@ FEW_NEW = r"""#if SKB_TAIL > SKB_PROTOCOL && SKB_HEAD > SKB_TAIL && SPAN_LEN <= 
 EMPTY_RE = re.compile(r"(static __always_inline int on_packet\([^)]*\) \{\n)")
 EMPTY_FIX = "    if (1) return 0;   /* bench/bpfvariants.py empty */\n"
 
+# earlysample: a packet that sampling will not keep leaves on_packet right after the filter,
+# before the skb is recorded in `tracked` (an LRU hash insert) and before emit() reads the
+# device and namespace; guarded() would drop its events anyway (same hash, same verdict on
+# every hop), so the events are the same.
+EARLY_OLD = "    if (wanted(&p)) {\n        if (!was) tracked.update(&key, &id);\n"
+EARLY_NEW = ("    if (wanted(&p)) {\n"
+             "        if (!was && !sampled_in(&p)) {   /* bench/bpfvariants.py earlysample */\n"
+             "            count(C_MATCHED);\n            count(C_SAMPLED_OUT);\n            return 0;\n        }\n"
+             "        if (!was) tracked.update(&key, &id);\n")
+
 RAW_ATTACH = [("netif_receive_skb", "rpt_rx"), ("net_dev_start_xmit", "rpt_tx"),
               ("kfree_skb", "rpt_kfree"), ("consume_skb", "rpt_consume")]
 
 
-def variant_text(text: str, freefix: bool, raw: bool, fewreads: bool = False, empty: bool = False) -> str:
+def variant_text(text: str, freefix: bool, raw: bool, fewreads: bool = False, empty: bool = False,
+                 earlysample: bool = False) -> str:
+    if earlysample:
+        if text.count(EARLY_OLD) != 1:
+            raise RuntimeError("bpf/podtrace.c changed: on_packet()'s tracked.update was not found once")
+        text = text.replace(EARLY_OLD, EARLY_NEW)
     if empty:
         text, n = EMPTY_RE.subn(lambda m: m.group(1) + EMPTY_FIX, text)
         if n != 1:
@@ -128,12 +145,13 @@ def variant_text(text: str, freefix: bool, raw: bool, fewreads: bool = False, em
 
 
 @contextlib.contextmanager
-def patched(freefix: bool = False, raw: bool = False, fewreads: bool = False, empty: bool = False):
+def patched(freefix: bool = False, raw: bool = False, fewreads: bool = False, empty: bool = False,
+            earlysample: bool = False):
     """Within this block bpfprog.source() returns the variant text."""
     orig = bpfprog.source
 
     def source(files=None):
-        return variant_text(orig(files), freefix, raw, fewreads, empty)
+        return variant_text(orig(files), freefix, raw, fewreads, empty, earlysample)
     bpfprog.source = source
     try:
         yield

@@ -16,7 +16,8 @@ as fast as the sender can) for each variant:
 - *_freefix, *_raw, *_fewreads: kernel-side changes to bpf/podtrace.c, built in memory
               by bench/bpfvariants.py (an early return in on_free; raw tracepoints, with
               freefix included; fewer kernel reads per hook); *_empty: rx/tx hooks that
-              return at once (the cost of the hook itself)
+              return at once (the cost of the hook itself); *_earlysample: sampled-out
+              packets leave before the skb is tracked
 - *_sN:       in-kernel sampling, 1 packet in N (SessionConfig.sample)
 
 Each round runs every variant once (A B C … A B C …); ratios are taken against the
@@ -42,7 +43,7 @@ import benchlib as L
 from tracer import events, probes
 from tracer.session import SessionConfig, TraceSession, _Sink
 
-MODIFIERS = ("tc", "mmap", "freefix", "raw", "fewreads", "empty")
+MODIFIERS = ("tc", "mmap", "freefix", "raw", "fewreads", "empty", "earlysample")
 DEFAULT = ["untraced", "nomatch", "match", "nomatch_tc", "match_tc", "match_mmap"]
 SRC, DST, OTHER_A, OTHER_B = "pod-1-1", "pod-2-1", "pod-1-2", "pod-2-2"
 TCP_PORT, UDP_PORT = 5201, 5202
@@ -88,7 +89,7 @@ class Tracer:
                                                   sample=sample),
                                     sink=self.sink)
         with bpfvariants.patched(freefix=raw or "freefix" in mods, raw=raw, fewreads="fewreads" in mods,
-                                 empty="empty" in mods):
+                                 empty="empty" in mods, earlysample="earlysample" in mods):
             self.session.start()
         self.attacher = None
         self.reader = None

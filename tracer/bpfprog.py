@@ -79,7 +79,7 @@ def source(files: list[str] | None = None) -> str:
     return "\n\n".join(parts)
 
 
-TC_SLOTS = 64
+TC_SLOTS = 16   # devices per node and trace (a path has ~5); more are left to the tracepoints
 
 
 def tc_stub_name(slot: int, direction: str) -> str:

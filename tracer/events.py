@@ -7,10 +7,14 @@ decoding converts whole columns at once.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import ipaddress
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is imported where frames are made: agents only ship raw records
+    import pandas as pd
 
 # (name, C type, numpy type). Ordered largest-first so the C struct has no hidden padding
 # and numpy's packed layout equals the compiler's.
@@ -92,8 +96,10 @@ def c_defines() -> dict[str, int]:
     return out
 
 
-def _categorical(col: np.ndarray, name_of) -> pd.Categorical:
+def _categorical(col: np.ndarray, name_of) -> "pd.Categorical":
     """A column of few distinct values → categorical strings, converting each value once."""
+    import pandas as pd
+
     uniq, inv = np.unique(col, return_inverse=True)
     names = [name_of(v) for v in uniq]
     if len(set(names)) != len(names):  # e.g. two byte strings decoding alike: fall back to plain
@@ -111,7 +117,9 @@ def decode(buf: bytes | memoryview | np.ndarray) -> pd.DataFrame:
     return to_frame(arr)
 
 
-def to_frame(arr: np.ndarray) -> pd.DataFrame:
+def to_frame(arr: np.ndarray) -> "pd.DataFrame":
+    import pandas as pd
+
     df = pd.DataFrame({name: arr[name].astype(arr.dtype[name].newbyteorder("="))
                        for name in arr.dtype.names if arr.dtype[name].kind in "ui"})
     df["ifname"] = _categorical(arr["ifname"], lambda b: b.decode("ascii", errors="replace"))

@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 
 from . import bpfprog, events
 
@@ -153,7 +152,7 @@ class TraceSession:
         table = self.loaded.bpf["counters"]
         return {name: int(sum(table[table.Key(i)])) for i, name in enumerate(COUNTER_NAMES)}
 
-    def frame(self) -> pd.DataFrame:
+    def frame(self) -> "pd.DataFrame":  # noqa: F821 (pandas imported by events.to_frame)
         return events.to_frame(self.sink.array())
 
     def close(self) -> None:
