@@ -34,9 +34,9 @@ def test_agents_equal_single_process(lab, dst, proto, port):
 
 def test_clock_offset_estimated_and_order_kept(lab, monkeypatch):
     skew = 7_000_000   # node-2's clock 7 ms ahead
-    reference = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=5))
+    reference = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=5, mode="agents"))
     monkeypatch.setenv("PODTRACE_TEST_AGENT_SKEW", f"node-2={skew}")
-    r = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=5))
+    r = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=5, mode="agents"))
     assert r.ok, r.verdict
     est = r.clock["offsets"]["node-2"]["offset_ns"]
     assert abs(est - skew) < 50_000, r.clock
@@ -49,11 +49,12 @@ def test_clock_offset_estimated_and_order_kept(lab, monkeypatch):
 
 def test_agent_that_dies_is_named(lab, monkeypatch):
     monkeypatch.setenv("PODTRACE_TEST_AGENT_DIE", "node-2")
-    r = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=1, timeout=0.5))
+    r = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=1, timeout=0.5,
+                            mode="agents"))
     assert r.verdict["status"] == "failed"
     assert any("node-2's view is missing" in p for p in r.verdict["problems"]), r.verdict
     monkeypatch.delenv("PODTRACE_TEST_AGENT_DIE")
     # the dead agent's tc filters are removed by the next run
-    r2 = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=1))
+    r2 = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=1, mode="agents"))
     assert r2.ok, r2.verdict
     wait_no_programs()

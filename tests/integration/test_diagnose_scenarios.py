@@ -48,8 +48,10 @@ def dlab():
         yield doc
 
 
-def cli(*args, timeout=90):
+def cli(*args, timeout=90, mode=None):
     env = dict(os.environ, PODTRACE_LAB_PREFIX=PREFIX)
+    if mode:
+        env["PODTRACE_FLOW_MODE"] = mode
     return subprocess.run([sys.executable, "-m", "tracer.cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=ROOT)
 
@@ -60,7 +62,8 @@ def test_scenario(dlab, scenario, args, direction, node, cause, reason):
     broke = cli("lab", "break", scenario)
     assert broke.returncode == 0, broke.stderr
     try:
-        res = cli("flow", *args, *extra, "-o", "json")
+        # the failure through the agents, as on a cluster (facts asked from each node's agent)
+        res = cli("flow", *args, *extra, "-o", "json", mode="agents")
         assert res.returncode == 3, res.stdout[-2000:] + res.stderr
         doc = json.loads(res.stdout)
         assert doc["verdict"]["status"] == "failed"

@@ -111,7 +111,7 @@ def test_foreign_filter_untouched(lab):
 
 
 def _start_long_flow(lab):
-    env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"])
+    env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"], PODTRACE_FLOW_MODE="agents")
     return subprocess.Popen([sys.executable, "-m", "tracer.cli", "flow", "pod-1-1", "pod-2-1", "--no-probe",
                              "--duration", "60"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
