@@ -230,10 +230,8 @@ def _discover(d: dict) -> dict:
 
 def _locations(session: TraceSession) -> dict[str, str | None]:
     """Kernel symbols of the drop locations seen (kallsyms is this machine's)."""
-    from .trace import _symbolizer
-
     arr = session.sink.array()
-    sym = _symbolizer(session)
+    sym = session.symbolizer()
     return {str(int(a)): sym(int(a)) for a in set(arr["location"][arr["hook"] == 3].tolist()) if a}
 
 

@@ -423,7 +423,7 @@ def run_capture(cfg: CaptureConfig, progress: Callable[[dict], None] | None = No
             elapsed = time.monotonic() - t0
             counters = session.counters()
             timeline.append([round(elapsed, 3), counters["emitted"], counters["lost"]])
-            ksym = _symbolizer(session)
+            ksym = session.symbolizer()
             locations = {str(a): ksym(a) for a in sorted(spool.locations)}
             if tc is not None:
                 tc.close()
@@ -482,19 +482,6 @@ def _live(elapsed: float, spool: Spool, counters: dict, writer: tracefile.Writer
     return {"elapsed_s": elapsed, "duration_s": duration, "events": spool.events, "packets": spool.packets,
             "drops": spool.drops, "lost": int(counters.get("lost", 0)), "file_bytes": writer.bytes_hint,
             "row_groups": writer.row_groups, "done": done}
-
-
-def _symbolizer(session) -> Callable[[int], str | None]:
-    bpf = session.loaded.bpf if session.loaded else None
-
-    def sym(addr: int) -> str | None:
-        if not addr or bpf is None:
-            return None
-        try:
-            return bpf.ksym(addr, show_offset=True).decode(errors="replace")
-        except Exception:  # BCC raises bare Exception for unknown addresses
-            return hex(addr)
-    return sym
 
 
 # ---------------------------------------------------------------------------------------

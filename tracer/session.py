@@ -3,6 +3,8 @@ per-CPU counters, and the guarantee that every kernel object is released on exit
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import ctypes
 import ipaddress
 import signal
@@ -11,6 +13,9 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+if TYPE_CHECKING:  # agents never import pandas: frames are made by the coordinator
+    import pandas as pd
 
 from . import bpfprog, events
 
@@ -152,7 +157,20 @@ class TraceSession:
         table = self.loaded.bpf["counters"]
         return {name: int(sum(table[table.Key(i)])) for i, name in enumerate(COUNTER_NAMES)}
 
-    def frame(self) -> "pd.DataFrame":  # noqa: F821 (pandas imported by events.to_frame)
+    def symbolizer(self):
+        """addr → "function+0xoff" from this machine's kallsyms (through BCC), or None."""
+        bpf = self.loaded.bpf if self.loaded else None
+
+        def sym(addr: int) -> str | None:
+            if not addr or bpf is None:
+                return None
+            try:
+                return bpf.ksym(addr, show_offset=True).decode(errors="replace")
+            except Exception:  # BCC raises bare Exception for unknown addresses
+                return hex(addr)
+        return sym
+
+    def frame(self) -> "pd.DataFrame":
         return events.to_frame(self.sink.array())
 
     def close(self) -> None:

@@ -323,7 +323,7 @@ def _trace_single(plan: _Plan, say) -> _Traced:
             counters_after = {n: nodecheck.iptables_counters(r) for n, r in refs.items()}
             counters = session.counters()
             df = session.frame()
-            ksyms = _symbolizer(session)
+            ksyms = session.symbolizer()
             locations = {int(a): ksyms(int(a)) for a in df.loc[df["location"] != 0, "location"].unique()}
         finally:
             if tc is not None:
@@ -642,14 +642,3 @@ def _finish(plan: _Plan, t: _Traced) -> FlowResult:
     return result
 
 
-def _symbolizer(session: TraceSession) -> Callable[[int], str | None]:
-    bpf = session.loaded.bpf if session.loaded else None
-
-    def sym(addr: int) -> str | None:
-        if not addr or bpf is None:
-            return None
-        try:
-            return bpf.ksym(addr, show_offset=True).decode(errors="replace")
-        except Exception:  # BCC raises bare Exception for unknown addresses
-            return hex(addr)
-    return sym
