@@ -503,7 +503,7 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
         reached_pos[up] = rp[first_hit]
     # frees of each packet
     fr = free_idx[pkt_all[free_idx] >= 0]
-    fpk = pkt_all[fr]
+
     consumed_at = np.zeros(n_all, dtype=bool)
     consumed_any = np.zeros(n_all, dtype=bool)
     cons = fr[hook[fr] == _CONSUME]
@@ -601,7 +601,7 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
         "seq": _nullable(np.zeros(len(pk), dtype=np.int64), np.ones(len(pk), dtype=bool)),
         "ts_ns": ts, "t_ns": ts - t0, "dt_ns": dt,
         "node": hop_node, "pod": _lookup_cat(netns, pod_of),
-        "dev": pd.Categorical.from_codes(dev, categories=ifcats) if len(ifcats) else dev_names[dev],
+        "dev": pd.Categorical.from_codes(dev, categories=ifcats) if len(ifcats) else np.array([""], dtype=object)[dev],
         "point": pd.Categorical.from_codes(point, categories=_POINT_NAMES),
         "seen_by": _cat_from(np.where(seen_both, len(_VIA_NAMES), via), _VIA_NAMES + ["tracepoint+tc"]),
         "src": tracefile.ip_categorical(c["saddr"][rows]),

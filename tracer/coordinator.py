@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from . import events, flows, wire
+from . import events, wire
 from .errors import EnvironmentProblem
 
 READY_TIMEOUT_S = 30
