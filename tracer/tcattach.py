@@ -167,6 +167,12 @@ class TcAttacher:
         for a in self.attached:
             _remove(a.netns, a.dev, a.direction, a.prio, a.qdisc_added)
         self.attached.clear()
+        # Empty the tail-call array now: its entries hold the shared programs, and a
+        # prog_array left populated can outlive this process's fds for a while.
+        progs = self.bpf["tc_progs"]
+        for i in range(len(PARENT)):
+            with contextlib.suppress(Exception):
+                del progs[progs.Key(i)]
         with _state_locked():
             _save_state([x for x in _load_state() if x not in mine])
 
