@@ -14,12 +14,27 @@ spec.nodeName, status.podIP, spec.clusterIP) and equality `labelSelector`s; with
 and `resourceVersion=RV` it streams JSON lines (chunked) ADDED/MODIFIED/DELETED after RV,
 BOOKMARK when asked (`bookmark()`), and ERROR 410 when RV is older than the last `expire()`.
 Bearer token checking (401), forbidden kinds (403) and `/version` are there for error tests.
+
+Exec: GET /api/v1/namespaces/NS/pods/NAME/exec?command=…&stdin=…&stdout=…&stderr=… with a
+websocket upgrade speaks the channel protocol of the real API server (v5.channel.k8s.io, else
+v4): binary messages whose first byte is the channel (0 stdin, 1 stdout, 2 stderr, 3 the
+exit Status, 255 v5 "close channel"). What runs is up to `exec_runner(namespace, pod,
+container, command)`, which returns an argv (and env) or None for "no such executable"; the
+process's stdin is closed when the client closes stdin (v5) or drops the connection, as the
+kubelet does. `forbidden` may hold "pods/exec" (403 before the upgrade, like RBAC).
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import copy
+import hashlib
 import json
+import os
+import socket
+import struct
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,6 +48,8 @@ RESOURCES = {
     "services": ("Service", True, "ServiceList", "v1"),
     "endpointslices": ("EndpointSlice", True, "EndpointSliceList", "discovery.k8s.io/v1"),
 }
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+EXEC_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")   # the server's preference
 
 
 def _field(obj: dict, path: str):
@@ -96,6 +113,9 @@ class FakeApi:
         self._expired_before = 0                     # watches from an older RV get 410
         self._bookmarks = 0
         self._closing = False
+        self.exec_runner = None                      # (ns, pod, container, command) -> argv | (argv, env) | None
+        self.execs: list[dict] = []                  # one record per exec: pod, command, protocol, exit code
+        self._exec_procs: list[subprocess.Popen] = []
         for it in items or []:
             self._put(copy.deepcopy(it), log=False)
         self._server: ThreadingHTTPServer | None = None
@@ -192,6 +212,18 @@ class FakeApi:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+        for proc in list(self._exec_procs):   # like a kubelet going away: stdin ends, then TERM
+            _close_quietly(proc.stdin)
+        for proc in list(self._exec_procs):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
@@ -265,6 +297,8 @@ class _Handler(BaseHTTPRequestHandler):
         ns = None
         if len(rest) >= 2 and rest[0] == "namespaces":
             ns, rest = rest[1], rest[2:]
+        if ns and len(rest) == 3 and rest[0] == "pods" and rest[2] == "exec":
+            return self._exec(ns, rest[1], parse_qs(url.query))
         if not rest or rest[0] not in RESOURCES or len(rest) > 2:
             return self._status(404, "NotFound", f"the server could not find the requested resource {url.path}")
         kind, namespaced, list_kind, api_version = RESOURCES[rest[0]]
@@ -284,6 +318,9 @@ class _Handler(BaseHTTPRequestHandler):
         if q.get("watch") in ("1", "true", "True"):
             return self._watch(kind, ns, q)
         return self._list(kind, ns, q, list_kind, api_version)
+
+    def _exec(self, ns: str, name: str, qs: dict) -> None:
+        _exec_session(self, ns, name, qs)
 
     def _list(self, kind, ns, q, list_kind, api_version) -> None:
         fake = self.fake
@@ -358,3 +395,222 @@ class _Handler(BaseHTTPRequestHandler):
             self._chunk(b"")    # end of the chunked body: the watch ended normally
         except (BrokenPipeError, ConnectionResetError, OSError):
             pass
+
+
+# ---------------------------------------------------------------------------------------
+# Exec over a websocket (RFC 6455, server side; only what the exec channel protocol uses)
+
+def _close_quietly(f) -> None:
+    try:
+        if f is not None:
+            f.close()
+    except OSError:
+        pass
+
+
+class _ServerWebsocket:
+    """Frames on an upgraded connection: unmasked from us, masked from the client."""
+
+    def __init__(self, rfile, conn: socket.socket):
+        self.rfile, self.conn = rfile, conn
+        self.lock = threading.Lock()
+        self.closed = False      # a close frame went out: nothing more may
+
+    def send(self, opcode: int, payload: bytes) -> bool:
+        n = len(payload)
+        head = bytes([0x80 | opcode])
+        if n < 126:
+            head += bytes([n])
+        elif n < 1 << 16:
+            head += bytes([126]) + struct.pack("!H", n)
+        else:
+            head += bytes([127]) + struct.pack("!Q", n)
+        with self.lock:
+            if self.closed:
+                return False
+            if opcode == 0x8:
+                self.closed = True
+            try:
+                self.conn.sendall(head + payload)
+                return True
+            except OSError:
+                self.closed = True
+                return False
+
+    def _exact(self, n: int) -> bytes:
+        data = self.rfile.read(n)
+        if data is None or len(data) < n:
+            raise EOFError
+        return data
+
+    def recv(self) -> tuple[int, bytes]:
+        """(opcode, payload) of the next whole message; EOFError when the peer is gone."""
+        opcode, parts = None, []
+        while True:
+            b0, b1 = self._exact(2)
+            n = b1 & 0x7F
+            if n == 126:
+                n = struct.unpack("!H", self._exact(2))[0]
+            elif n == 127:
+                n = struct.unpack("!Q", self._exact(8))[0]
+            mask = self._exact(4) if b1 & 0x80 else b"\0\0\0\0"
+            data = bytes(c ^ mask[i % 4] for i, c in enumerate(self._exact(n))) if n else b""
+            op = b0 & 0x0F
+            if op >= 0x8:            # control frames come whole, also between fragments
+                return op, data
+            opcode = op if opcode is None else opcode
+            parts.append(data)
+            if b0 & 0x80:
+                return opcode, b"".join(parts)
+
+
+def _exec_status(rc: int | None, command: list[str], problem: str | None = None) -> dict:
+    if rc == 0 and problem is None:
+        return {"metadata": {}, "status": "Success"}
+    if problem is not None:
+        return {"metadata": {}, "status": "Failure", "reason": "InternalError", "message": problem,
+                "details": {"causes": [{"message": problem}]}}
+    return {"metadata": {}, "status": "Failure", "reason": "NonZeroExitCode",
+            "message": f"command terminated with non-zero exit code: error executing command {command}, "
+                       f"exit code {rc}",
+            "details": {"causes": [{"reason": "ExitCode", "message": str(rc)}]}}
+
+
+def _exec_session(self: "_Handler", ns: str, name: str, qs: dict) -> None:
+    """One exec: upgrade, run, relay the channels, send the exit Status, close."""
+    fake = self.fake
+    if "pods/exec" in fake.forbidden:
+        return self._status(403, "Forbidden", f'pods "{name}" is forbidden: User "fake" cannot create '
+                                              f'resource "pods/exec" in API group "" in the namespace "{ns}"')
+    pod = fake.get("Pod", ns, name)
+    if pod is None:
+        return self._status(404, "NotFound", f'pods "{name}" not found')
+    if self.headers.get("Upgrade", "").lower() != "websocket" or not self.headers.get("Sec-WebSocket-Key"):
+        return self._status(400, "BadRequest", "Upgrade request required")
+    offered = [p.strip() for p in self.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+    proto = next((p for p in EXEC_PROTOCOLS if p in offered), None)
+    if proto is None:
+        return self._status(400, "BadRequest", f"none of the offered subprotocols {offered} is supported")
+    command = qs.get("command", [])
+    container = (qs.get("container") or [None])[0]
+    spec = fake.exec_runner(ns, pod, container, command) if fake.exec_runner else None
+    argv, env = (spec if isinstance(spec, tuple) else (spec, None)) if spec else (None, None)
+    accept = base64.b64encode(hashlib.sha1((self.headers["Sec-WebSocket-Key"] + WS_GUID).encode()).digest())
+    self.send_response(101, "Switching Protocols")
+    self.send_header("Upgrade", "websocket")
+    self.send_header("Connection", "Upgrade")
+    self.send_header("Sec-WebSocket-Accept", accept.decode())
+    self.send_header("Sec-WebSocket-Protocol", proto)
+    self.end_headers()
+    self.wfile.flush()
+    self.close_connection = True
+    ws = _ServerWebsocket(self.rfile, self.connection)
+    record = {"namespace": ns, "pod": name, "command": command, "protocol": proto, "exit_code": None,
+              "stdin_closed_by": None}
+    fake.execs.append(record)
+    if argv is None:
+        ws.send(0x2, bytes([3]) + json.dumps(_exec_status(None, command, f'exec: "{(command or [""])[0]}": '
+                                                                           "executable file not found in $PATH")).encode())
+        ws.send(0x8, struct.pack("!H", 1000))
+        return
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, start_new_session=True)
+    fake._exec_procs.append(proc)
+
+    def pump(f, channel: int) -> None:
+        fd = f.fileno()
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                return
+            ws.send(0x2, bytes([channel]) + data)   # dropped once the client has closed
+
+    def read_client() -> None:
+        try:
+            while True:
+                op, data = ws.recv()
+                if op == 0x8:                       # the client hangs up: its stdin ends
+                    record["stdin_closed_by"] = record["stdin_closed_by"] or "disconnect"
+                    _close_quietly(proc.stdin)
+                    ws.send(0x8, data[:2] or struct.pack("!H", 1000))
+                    return
+                if op == 0x9:
+                    ws.send(0xA, data)
+                elif op in (0x1, 0x2) and data:
+                    if data[0] == 0 and proc.stdin and not proc.stdin.closed:
+                        try:
+                            proc.stdin.write(data[1:])
+                            proc.stdin.flush()
+                        except (BrokenPipeError, OSError, ValueError):
+                            pass
+                    elif data[0] == 255 and data[1:2] == b"\0" and proto.startswith("v5"):
+                        record["stdin_closed_by"] = "close-channel"
+                        _close_quietly(proc.stdin)
+        except (EOFError, OSError, ValueError):
+            record["stdin_closed_by"] = record["stdin_closed_by"] or "disconnect"
+            _close_quietly(proc.stdin)
+
+    pumps = [threading.Thread(target=pump, args=(proc.stdout, 1), daemon=True),
+             threading.Thread(target=pump, args=(proc.stderr, 2), daemon=True)]
+    for t in pumps:
+        t.start()
+    threading.Thread(target=read_client, daemon=True).start()
+    rc = proc.wait()
+    for t in pumps:
+        t.join(10)
+    _close_quietly(proc.stdout)
+    _close_quietly(proc.stderr)
+    record["exit_code"] = rc
+    with contextlib.suppress(ValueError):
+        fake._exec_procs.remove(proc)
+    ws.send(0x2, bytes([3]) + json.dumps(_exec_status(rc, command)).encode())
+    ws.send(0x8, struct.pack("!H", 1000))
+    time.sleep(0.05)
+    with contextlib.suppress(OSError):
+        self.connection.shutdown(socket.SHUT_RDWR)
+
+
+
+# ---------------------------------------------------------------------------------------
+# The podtrace agent DaemonSet, played by the lab
+
+AGENT_NAMESPACE = "podtrace"
+AGENT_LABELS = {"app.kubernetes.io/name": "podtrace-agent", "app.kubernetes.io/part-of": "podtrace"}
+
+
+def agent_pods(prefix: str) -> list[dict]:
+    """One running agent pod per lab node, as the DaemonSet of manifests/ would make them."""
+    from tracer.lab import topology as T
+
+    topo = T.plan(T.LabConfig(prefix=prefix, state_dir=Path("/nonexistent")))
+    out = []
+    for n in topo.nodes:
+        name = f"podtrace-agent-{hashlib.sha256(n.name.encode()).hexdigest()[:5]}"
+        out.append({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": AGENT_NAMESPACE, "labels": dict(AGENT_LABELS),
+                         "uid": str(hashlib.md5(f"{prefix}/{name}".encode()).hexdigest()),
+                         "annotations": {"podtrace.io/netns": n.netns},
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet",
+                                              "name": "podtrace-agent", "uid": "ds", "controller": True}]},
+            "spec": {"nodeName": n.name, "hostNetwork": True, "hostPID": True,
+                     "containers": [{"name": "agent", "image": "podtrace:dev"}]},
+            "status": {"phase": "Running", "podIP": n.ip, "hostIP": n.ip},
+        })
+    return out
+
+
+def lab_agent_runner(python: str, cwd: str, env: dict | None = None):
+    """exec_runner for agent pods: `podtrace agent` runs on the pod's node — inside the lab
+    node's network namespace only (nsenter --net: same mounts, same /proc, like a
+    hostNetwork + hostPID container) — and anything else is "not found"."""
+    def run(ns: str, pod: dict, container: str | None, command: list[str]):
+        if ns != AGENT_NAMESPACE or command[:2] != ["podtrace", "agent"]:
+            return None
+        node_netns = pod["metadata"]["annotations"]["podtrace.io/netns"]
+        argv = ["nsenter", f"--net=/run/netns/{node_netns}", "--", python, "-m", "tracer.cli", *command[1:]]
+        return argv, dict(env if env is not None else os.environ, PYTHONPATH=cwd)
+    return run

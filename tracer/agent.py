@@ -87,7 +87,13 @@ def serve(stdin=None, stdout: BinaryIO | None = None) -> int:
         local = _discover(req["discover"])
         if req.get("probe") and not req["probe"].get("netns"):
             req["probe"]["netns"] = local["netns_by_ip"].get(req["probe"]["src"])
+            if not req["probe"]["netns"]:
+                out.send("error", {"message": f"{req['probe']['src']} is not the address of a pod on "
+                                              f"{node.name} (no local pod namespace holds it)", "exit_code": 1})
+                return 1
         req["tc_devices"] = [[None, d] for d in local["devices"]] if req.get("tc_devices") == "auto" else []
+        if req.get("netns_filter") is None:
+            req["netns_filter"] = local["netns_filter"]
     hooks, degraded = probes.select(probes.detect(), tc=bool(req.get("tc_devices")))
     session = TraceSession(SessionConfig(addrs=req["addrs"], hooks=hooks, netns=req.get("netns_filter"),
                                          sample=int(req.get("sample", 1)), budget=int(req.get("budget", 0))))
@@ -200,32 +206,45 @@ def _flush(session: TraceSession, out: _Out, sent: int, skew: int) -> int:
 
 
 def _discover(d: dict) -> dict:
-    """On a real node: every network namespace with its addresses (so the coordinator can
-    name hops inside pods), the namespace of the probing pod, and the hop devices of the
-    pods this trace involves (their host veths, plus the CNI's bridge/overlay/uplink)."""
+    """On a real node: this node's pods — the namespaces behind the host-side veths here —
+    with their addresses (so the coordinator can name hops inside pods), the namespace of
+    the probing pod, the namespaces to trace (this one and the local pods'), and the hop
+    devices of the pods this trace involves (their host veths, plus the CNI's
+    bridge/overlay/uplink)."""
     from . import kube
 
     pod_ips = set(d.get("pod_ips", []))
     host_ino = os.stat("/proc/self/ns/net").st_ino
-    namespaces: dict[str, dict] = {}
+    host = kube.NetnsRef(host_ino, "/proc/self/ns/net", pid=os.getpid())
+    namespaces: dict[str, dict] = {str(host_ino): {"ips": kube._ns_addresses(host), "host": True}}
     netns_by_ip: dict[str, str] = {}
-    for ino, ref in kube.scan_netns().items():
-        ips = kube._ns_addresses(ref)
-        namespaces[str(ino)] = {"ips": ips, "host": ino == host_ino}
-        for ip in ips:
-            if ip in pod_ips and ino != host_ino:
-                netns_by_ip[ip] = ref.path
     devices = []
-    for name, owner in kube.host_veth_owners(None, None, cri=False).items():
+    here = nodecheck.NodeRef("host", None)
+    links = nodecheck.links(here)
+    # The uplinks: where the routes to the other nodes and to the world go (asked of the
+    # routing table; no packet is sent). They lead to the network, never into a pod — a
+    # veth there means a node that is itself a container or a namespace (kind, the lab).
+    uplinks = [dev for ip in [*d.get("node_ips", []), "1.1.1.1"]
+               if (dev := nodecheck.route_get(here, ip).get("dev")) and dev in links and dev != "lo"]
+    for owner in kube.host_veth_owners(None, None, cri=False).values():
+        if not owner.netns_inode or owner.netns_inode == host_ino or owner.host_ifname in uplinks:
+            continue
+        namespaces[str(owner.netns_inode)] = {"ips": owner.ips, "host": False}
+        path = f"/proc/{owner.pid}/ns/net" if owner.pid else f"/run/netns/{owner.netns_name}"
+        for ip in owner.ips:
+            if ip in pod_ips:
+                netns_by_ip[ip] = path
         if set(owner.ips) & pod_ips:
             devices.append(owner.host_ifname)
-    links = nodecheck.links(nodecheck.NodeRef("host", None))
     devices += [n for n in ("cni0", "cbr0", "cilium_host", "cilium_net", "flannel.1", "cilium_vxlan",
                             "vxlan.calico", "tunl0") if n in links]
-    uplink = nodecheck.route_get(nodecheck.NodeRef("host", None), "1.1.1.1").get("dev")  # no packet is sent
-    if uplink and uplink in links:
-        devices.append(uplink)
-    return {"namespaces": namespaces, "netns_by_ip": netns_by_ip, "devices": list(dict.fromkeys(devices))}
+    devices += uplinks
+    # This node's traffic is in its own namespace and its pods'; anything else the kernel
+    # runs (other network namespaces on a shared kernel) is not this node's to report.
+    # No local pod found (not a veth-based CNI): the whole kernel, as before discovery.
+    netns_filter = [int(i) for i in namespaces] if len(namespaces) > 1 else None
+    return {"namespaces": namespaces, "netns_by_ip": netns_by_ip, "devices": list(dict.fromkeys(devices)),
+            "netns_filter": netns_filter}
 
 
 def _locations(session: TraceSession) -> dict[str, str | None]:

@@ -1,13 +1,22 @@
 """The cluster transport: runs `podtrace agent` in the agent pod of a node through the
 Kubernetes exec API, and looks like a local process to the coordinator (stdin, stdout,
-stderr, poll, wait, kill), so the merge code is the same as in the lab.
+stderr, poll, wait, terminate, kill), so the merge code is the same as in the lab.
 
-Not exercised against a real API server here (none can run on this machine); the framing,
-merge and agent it carries are the ones the lab tests exercise.
+The exec API is a websocket (the official client's `kubernetes.stream`) carrying channels:
+0 stdin, 1 stdout, 2 stderr, 3 the exit Status, and with v5.channel.k8s.io a "close channel"
+message, which is how stdin ends without hanging up (the agent stops at the end of stdin).
+On v4 servers stdin cannot end on its own: hanging up ends it (the kubelet closes the
+process's stdin when the stream goes away).
+
+Verified against tests/fakeapi.py, which speaks this protocol over a real websocket and runs
+the real agent in a lab node's network namespace (tests/integration/test_cluster_exec.py);
+not yet against a real API server and kubelet.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
 import threading
 import time
 
@@ -16,6 +25,7 @@ from .errors import EnvironmentProblem
 AGENT_NAMESPACE = "podtrace"
 AGENT_SELECTOR = "app.kubernetes.io/name=podtrace-agent"
 STDIN, STDOUT, STDERR, ERROR = 0, 1, 2, 3
+LOST = 255   # our exit code for "the exec stream ended without an exit status"
 
 
 class _Pipe:
@@ -38,7 +48,7 @@ class _Pipe:
 
     def read(self, n: int = -1) -> bytes:
         with self.cv:
-            while not self.buf and not self.closed:
+            while not self.closed and (not self.buf or (n < 0)):
                 self.cv.wait(0.5)
             if n < 0:
                 n = len(self.buf)
@@ -48,42 +58,96 @@ class _Pipe:
 
 
 class _Stdin:
-    def __init__(self, ws):
-        self.ws = ws
+    def __init__(self, proc: "ExecProcess"):
+        self.proc = proc
+        self.closed = False
 
     def write(self, data: bytes) -> None:
-        self.ws.write_stdin(data)
+        if self.closed:
+            raise BrokenPipeError("stdin of the exec stream is closed")
+        try:
+            self.proc.ws.write_stdin(data)
+        except Exception as exc:  # websocket-client raises its own errors once the stream is gone
+            raise BrokenPipeError(str(exc)) from None
 
     def flush(self) -> None:
         pass
 
     def close(self) -> None:
-        try:
-            self.ws.close()
-        except Exception:  # the websocket may already be gone; closing is best effort
-            pass
+        """End of stdin: a v5 close-channel message; a v4 stream can only hang up."""
+        if self.closed:
+            return
+        self.closed = True
+        ws = self.proc.ws
+        if getattr(ws, "subprotocol", None) == "v5.channel.k8s.io":
+            try:
+                ws.close_channel(STDIN)
+                return
+            except Exception:  # the stream is already gone: nothing left to end
+                pass
+        self.proc.hang_up()
+
+
+def exit_status(raw: bytes | str | None) -> tuple[int, str | None]:
+    """(exit code, message) from the Status the server sends on the error channel."""
+    if not raw:
+        return LOST, "the exec stream ended without an exit status (API server or kubelet connection lost)"
+    try:
+        st = json.loads(raw)
+    except ValueError:
+        return LOST, f"unreadable exit status from the API server: {raw[:120]!r}"
+    if not isinstance(st, dict):
+        return LOST, f"unreadable exit status from the API server: {raw[:120]!r}"
+    if st.get("status") == "Success":
+        return 0, None
+    for cause in ((st.get("details") or {}).get("causes") or []):
+        if cause.get("reason") == "ExitCode":
+            try:
+                return int(cause.get("message")), None
+            except (TypeError, ValueError):
+                break
+    return LOST, str(st.get("message") or "the exec failed")
 
 
 class ExecProcess:
-    def __init__(self, ws, node: str):
+    """An exec stream with the interface of subprocess.Popen that the coordinator uses."""
+
+    def __init__(self, ws, node: str, pod: str):
         self.ws = ws
         self.node = node
-        self.stdin = _Stdin(ws)
+        self.pod = pod
+        self.stdin = _Stdin(self)
         self.stdout = _Pipe()
         self.stderr = _Pipe()
         self.returncode: int | None = None
-        threading.Thread(target=self._pump, daemon=True).start()
+        threading.Thread(target=self._pump, name=f"exec-{node}", daemon=True).start()
+
+    def _drain(self) -> None:
+        for ch, pipe in ((STDOUT, self.stdout), (STDERR, self.stderr)):
+            data = self.ws.read_channel(ch, timeout=0)
+            if data:
+                pipe.feed(data if isinstance(data, bytes) else data.encode())
 
     def _pump(self) -> None:
+        problem = None
         try:
             while self.ws.is_open():
                 self.ws.update(timeout=0.2)
-                if self.ws.peek_stdout():
-                    self.stdout.feed(self.ws.read_stdout())
-                if self.ws.peek_stderr():
-                    self.stderr.feed(self.ws.read_stderr())
+                self._drain()
+        except Exception as exc:  # the connection broke: websocket-client raises several kinds
+            problem = f"the exec stream to {self.pod} broke: {exc}"
         finally:
-            self.returncode = self.ws.returncode if self.ws.returncode is not None else 0
+            try:
+                self._drain()
+                raw = self.ws.read_channel(ERROR, timeout=0)
+            except Exception:  # nothing more can be read from a broken stream
+                raw = None
+            rc, msg = exit_status(raw)
+            if rc == LOST and problem:
+                msg = problem
+            if msg:
+                self.stderr.feed(f"\n{msg}\n".encode())
+            self.returncode = rc
             self.stdout.close()
             self.stderr.close()
 
@@ -94,14 +158,23 @@ class ExecProcess:
         end = None if timeout is None else time.monotonic() + timeout
         while self.returncode is None:
             if end is not None and time.monotonic() > end:
-                import subprocess
-
                 raise subprocess.TimeoutExpired(f"exec on {self.node}", timeout)
             time.sleep(0.05)
         return self.returncode
 
+    def hang_up(self) -> None:
+        try:
+            self.ws.close()
+        except Exception:  # already closed; hanging up is best effort
+            pass
+
+    def terminate(self) -> None:
+        """No signals through exec: hanging up ends the agent's stdin, and an agent whose
+        stdin ends stops and removes what it attached."""
+        self.hang_up()
+
     def kill(self) -> None:
-        self.stdin.close()
+        self.hang_up()
 
 
 class KubeExecTransport:
@@ -118,18 +191,43 @@ class KubeExecTransport:
                                                       field_selector=f"spec.nodeName={node}",
                                                       _request_timeout=self.conn.timeout).items
         except Exception as exc:  # the client raises ApiException/urllib3 errors; map to one line
-            raise kube.api_error(exc, self.conn, f"podtrace agent pods on {node}") from None
-        running = [p.metadata.name for p in pods if (p.status and p.status.phase == "Running")]
+            raise kube.api_error(exc, self.conn, f"find the podtrace agent pod on {node}") from None
+        running = sorted(p.metadata.name for p in pods if (p.status and p.status.phase == "Running"))
         if not running:
             raise EnvironmentProblem(f"no running podtrace agent on node {node}",
-                                     "kubectl apply -k manifests/ and wait for the DaemonSet")
+                                     "kubectl apply -k manifests/ and wait for the DaemonSet "
+                                     "(kubectl -n podtrace get pods -o wide)")
         return running[0]
 
     def start(self, plan):
-        from kubernetes.stream import stream
+        from kubernetes.stream import stream, ws_client
 
         pod = self.agent_pod(plan.node)
-        ws = stream(self.conn.core.connect_get_namespaced_pod_exec, pod, self.namespace,
-                    command=["podtrace", "agent"], stdin=True, stdout=True, stderr=True, tty=False,
-                    _preload_content=False, binary=True)
-        return ExecProcess(ws, plan.node)
+        try:
+            ws = stream(self.conn.core.connect_get_namespaced_pod_exec, pod, self.namespace,
+                        command=["podtrace", "agent"], stdin=True, stdout=True, stderr=True, tty=False,
+                        _preload_content=False, binary=True)
+        except Exception as exc:  # ApiException(status=0) carries the handshake's status line
+            raise exec_error(exc, pod, self.namespace, plan.node) from None
+        # The client keeps a copy of everything read unless told otherwise, and stream() cannot
+        # tell it: without this a long trace would hold its whole stream in memory twice.
+        if hasattr(ws, "_all"):
+            ws._all = ws_client._IgnoredIO()
+        return ExecProcess(ws, plan.node, pod)
+
+
+def exec_error(exc: BaseException, pod: str, namespace: str, node: str) -> EnvironmentProblem:
+    text = " ".join(str(getattr(exc, "reason", "") or exc).split())
+    where = f"the podtrace agent pod {namespace}/{pod} on {node}"
+    if "403" in text:
+        return EnvironmentProblem(f"not allowed to exec into {where} (403 Forbidden)",
+                                  "bind the podtrace-user Role (manifests/rbac.yaml: get and create on pods/exec "
+                                  "in namespace podtrace) to your user or group")
+    if "401" in text:
+        return EnvironmentProblem(f"the API server rejected the credentials for exec into {where} (401)",
+                                  "refresh them (log in again, or check the kubeconfig)")
+    if "404" in text:
+        return EnvironmentProblem(f"{where} disappeared before the exec (404)",
+                                  "retry when the DaemonSet has replaced it (kubectl -n podtrace get pods)")
+    return EnvironmentProblem(f"exec into {where} failed: {text[:200]}",
+                              "check the API server and kubelet (kubectl -n podtrace exec POD -- podtrace doctor)")

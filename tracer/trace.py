@@ -382,11 +382,12 @@ def _cluster_plans(plan: _Plan) -> list[coordinator.AgentPlan]:
         pods += [plan.inv.pods[k] for k in dst.service.backends if k in plan.inv.pods]
     nodes = list(dict.fromkeys(p.node for p in pods if p.node))
     pod_ips = sorted({p.ip for p in pods if p.ip})
+    node_ips = sorted({n.ip for n in plan.inv.nodes.values() if n.ip})
     out = []
     for node in nodes:
         req = {"version": agent_mod.REQUEST_VERSION, "node": node, "node_netns": None, "netns_filter": None,
                "addrs": plan.addrs, "tc_devices": "auto" if cfg.tc else [],
-               "discover": {"pod_ips": pod_ips}, "sample": cfg.sample, "budget": cfg.budget,
+               "discover": {"pod_ips": pod_ips, "node_ips": node_ips}, "sample": cfg.sample, "budget": cfg.budget,
                "max_seconds": (cfg.duration if not cfg.probe else cfg.count * (cfg.timeout + cfg.interval)) + 60}
         if cfg.probe and src.pod and src.pod.node == node:
             req["probe"] = {"netns": None, "src": src.ip, "dst": dst.ip, "proto": plan.proto, "port": plan.port,

@@ -136,8 +136,9 @@ def test_upsert_keeps_lab_facts(inv):
 
 
 def test_describe_ip(inv):
+    # lab pods are each the one replica of a Deployment of their own name
     assert inv.describe_ip("10.244.2.3") == {"kind": "pod", "key": "default/pod-2-2", "node": "node-2",
-                                             "workload": None}
+                                             "workload": "Deployment/pod-2-2"}
     assert inv.describe_ip("10.96.0.10")["kind"] == "service"
     assert inv.describe_ip("172.30.0.12") == {"kind": "node", "key": "node-2", "node": "node-2", "workload": None}
     assert inv.describe_ip("192.0.2.1") is None and inv.describe_ip(None) is None

@@ -88,7 +88,7 @@ def test_agent_cluster_role_is_read_only_on_four_kinds():
 def test_user_role_execs_into_the_agent_namespace_only():
     role = _by("Role", "podtrace-user")
     assert role["metadata"]["namespace"] == "podtrace"
-    assert _rules("Role", "podtrace-user") == {("", "pods", ("get", "list")), ("", "pods/exec", ("create",))}
+    assert _rules("Role", "podtrace-user") == {("", "pods", ("get", "list")), ("", "pods/exec", ("get", "create"))}
 
 
 def test_no_secrets_no_wildcards_no_exec_for_the_agent():

@@ -658,11 +658,19 @@ def _pod_obj(topo: Topology, p: PodPlan) -> dict:
     t = topo.created_at
     cond = [{"type": c, "status": "True", "lastProbeTime": None, "lastTransitionTime": t}
             for c in ("Initialized", "Ready", "ContainersReady", "PodScheduled")]
+    # Each lab pod is the one replica of a Deployment of its own name, as `kubectl create
+    # deployment` would make it: owned by ReplicaSet NAME-HASH, labelled pod-template-hash.
+    template_hash = hashlib.sha256(f"{p.namespace}/{p.name}".encode()).hexdigest()[:10]
+    rs = f"{p.name}-{template_hash}"
+    owner = {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": rs,
+             "uid": _uid(topo.prefix, "ReplicaSet", f"{p.namespace}/{rs}"),
+             "controller": True, "blockOwnerDeletion": True}
     return {
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": _meta(topo, "Pod", p.name, p.namespace, p.labels,
+        "metadata": _meta(topo, "Pod", p.name, p.namespace, {**p.labels, "pod-template-hash": template_hash},
                           annotations={"podtrace.io/netns": p.netns,
-                                       "podtrace.io/host-veth": p.host_veth}),
+                                       "podtrace.io/host-veth": p.host_veth},
+                          ownerReferences=[owner]),
         "spec": {
             "nodeName": p.node,
             "containers": [{
