@@ -114,6 +114,7 @@ class FakeApi:
         self._bookmarks = 0
         self._closing = False
         self.exec_runner = None                      # (ns, pod, container, command) -> argv | (argv, env) | None
+        self.exec_protocols = EXEC_PROTOCOLS         # what this "server version" speaks, preferred first
         self.execs: list[dict] = []                  # one record per exec: pod, command, protocol, exit code
         self._exec_procs: list[subprocess.Popen] = []
         for it in items or []:
@@ -488,7 +489,7 @@ def _exec_session(self: "_Handler", ns: str, name: str, qs: dict) -> None:
     if self.headers.get("Upgrade", "").lower() != "websocket" or not self.headers.get("Sec-WebSocket-Key"):
         return self._status(400, "BadRequest", "Upgrade request required")
     offered = [p.strip() for p in self.headers.get("Sec-WebSocket-Protocol", "").split(",")]
-    proto = next((p for p in EXEC_PROTOCOLS if p in offered), None)
+    proto = next((p for p in fake.exec_protocols if p in offered), None)
     if proto is None:
         return self._status(400, "BadRequest", f"none of the offered subprotocols {offered} is supported")
     command = qs.get("command", [])

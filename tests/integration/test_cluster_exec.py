@@ -135,23 +135,63 @@ def test_service_flow_through_exec_names_the_dnat(cluster):
     assert "10.96.0.10" in res.stdout                # the VIP before DNAT
 
 
-def test_agent_dying_behind_exec_names_the_missing_view(cluster):
-    api = cluster["api"]
+@contextlib.contextmanager
+def _node_env(api: FakeApi, node: str, **env):
+    """The agent pod of `node` runs its agent with extra environment (test switches)."""
     runner = api.exec_runner
 
-    def dying(ns, pod, container, command):
-        argv, env = runner(ns, pod, container, command)
-        if pod["spec"]["nodeName"] == "node-2":
-            env = dict(env, PODTRACE_AGENT_DIE_AFTER_READY="1")
-        return argv, env
-    api.exec_runner = dying
+    def with_env(ns, pod, container, command):
+        argv, base = runner(ns, pod, container, command)
+        return argv, (dict(base, **env) if pod["spec"]["nodeName"] == node else base)
+    api.exec_runner = with_env
     try:
-        res = run(["flow", "pod-1-1", "pod-2-1", "--kubeconfig", cluster["kubeconfig"]], cluster["env"])
+        yield
     finally:
         api.exec_runner = runner
+
+
+def test_agent_dying_behind_exec_names_the_missing_view(cluster):
+    api = cluster["api"]
+    with _node_env(api, "node-2", PODTRACE_AGENT_DIE_AFTER_READY="1"):
+        res = run(["flow", "pod-1-1", "pod-2-1", "--kubeconfig", cluster["kubeconfig"]], cluster["env"])
     assert res.returncode != 0
     assert "node-2's view is missing" in res.stdout + res.stderr, res.stdout[-2000:] + res.stderr[-2000:]
     assert any(e["exit_code"] == 9 for e in api.execs), api.execs
+    _no_agent_left()
+
+
+def test_clock_offset_between_exec_agents(cluster):
+    """node-2's agent reads a clock 4 ms ahead: the offset is estimated from the
+    request/reply pairs alone (no fabric agent in a cluster), reported, and corrected."""
+    skew = 4_000_000
+    with _node_env(cluster["api"], "node-2", PODTRACE_AGENT_CLOCK_SKEW_NS=str(skew)):
+        res = run(["flow", "pod-1-1", "pod-2-1", "--count", "5", "--kubeconfig", cluster["kubeconfig"],
+                   "-o", "json"], cluster["env"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads(res.stdout)
+    est = doc["clock"]["offsets"]["node-2"]["offset_ns"]
+    assert abs(est - skew) < 50_000, doc["clock"]
+    for p in doc["packets"]:
+        ts = [h["t_ns"] for h in p["hops"]]
+        assert ts == sorted(ts), [(h["node"], h["dev"], h["t_ns"]) for h in p["hops"]]
+        assert ts[-1] < 3_000_000, "cross-node latency must be corrected"
+
+
+def test_v4_server_without_close_channel(cluster):
+    """An API server before v5.channel.k8s.io: stdin can only end by hanging up, which the
+    coordinator does once each agent has said `end`."""
+    api = cluster["api"]
+    speaks, api.exec_protocols = api.exec_protocols, ("v4.channel.k8s.io",)
+    before = len(api.execs)
+    try:
+        res = run(["flow", "pod-1-1", "pod-2-1", "--kubeconfig", cluster["kubeconfig"], "-o", "json"],
+                  cluster["env"])
+    finally:
+        api.exec_protocols = speaks
+    assert res.returncode == 0, res.stderr[-3000:]
+    execs = api.execs[before:]
+    assert [e["protocol"] for e in execs] == ["v4.channel.k8s.io"] * 2
+    assert all(e["exit_code"] == 0 for e in execs), execs
     _no_agent_left()
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -70,11 +72,13 @@ def _check(path) -> None:
 
 
 @SETTINGS
-@given(data=st.binary(max_size=4096), head=st.booleans())
+@given(data=st.binary(max_size=4096), head=st.sampled_from(["none", "parquet", "stream"]))
 def test_arbitrary_bytes(tmp_path, data, head):
     p = tmp_path / "x.parquet"
-    # With the signature at both ends the bytes get past the cheap checks into pyarrow.
-    p.write_bytes((b"PAR1" + data + b"PAR1") if head else data)
+    # With a signature the bytes get past the cheap checks into pyarrow: Parquet's at both
+    # ends, or the first bytes of an Arrow stream (what an unfinished `.part` starts with).
+    p.write_bytes({"none": data, "parquet": b"PAR1" + data + b"PAR1",
+                   "stream": tracefile.STREAM_SIGNATURE + data}[head])
     _check(p)
 
 
@@ -114,11 +118,107 @@ def test_not_a_file_kinds(tmp_path):
         tracefile.load(empty)
     part = tmp_path / "half.parquet.part"          # what a killed --save leaves
     w = tracefile.Writer(tmp_path / "half.parquet", row_group_events=16)
-    w.write_records(_events())                       # row groups on disk, no footer yet
-    with pytest.raises(tracefile.TraceFileError, match="truncated or damaged"):
-        tracefile.load(part)
+    w.write_records(_events())                       # four batches on disk, not finished
+    df, meta = tracefile.load(part)
+    assert len(df) == 64 and meta["incomplete"] is True and meta["events"] == 64
     w.abort()
     assert not part.exists()
+    # a `.part` of the Parquet writer before format streams: rows, no footer
+    old = tmp_path / "old.parquet.part"
+    raw = (tmp_path / "raw.parquet")
+    pq.write_table(tracefile.batch_from_records(_events()).to_pandas().pipe(pa.Table.from_pandas), raw)
+    old.write_bytes(raw.read_bytes()[:-64])
+    with pytest.raises(tracefile.TraceFileError, match="truncated or damaged") as exc:
+        tracefile.load(old)
+    assert "\n" not in exc.value.line()
+
+
+@pytest.fixture(scope="module")
+def good_streams(tmp_path_factory) -> dict[str, bytes]:
+    """Unfinished trace files (the `.part` stream a Writer appends to) of 64 events in four
+    batches, compressed and not, as bytes; what a SIGKILL after the fourth batch leaves."""
+    out = _Files()
+    d = tmp_path_factory.mktemp("streams")
+    for comp in ("zstd", "none"):
+        w = tracefile.Writer(d / f"{comp}.parquet", compression=comp, row_group_events=16,
+                             meta={"kind": "capture", "clock": {}, "inventory": "none"})
+        w.write_records(_events())
+        out[comp] = w.tmp.read_bytes()
+        w.abort()
+    return out
+
+
+def _prefix_or_error(path, n: int = 64) -> int | None:
+    """load() and read_meta() of a cut or damaged stream: a prefix of the events written
+    (returned: how many), or one TraceFileError (None)."""
+    try:
+        meta = tracefile.read_meta(path)
+    except tracefile.TraceFileError as exc:
+        assert isinstance(exc, BadInput) and "\n" not in exc.line(), exc.line()
+        meta = None
+    try:
+        df, lmeta = tracefile.load(path)
+    except tracefile.TraceFileError as exc:
+        assert isinstance(exc, BadInput) and "\n" not in exc.line(), exc.line()
+        assert meta is None, "read_meta accepted what load refused"
+        return None
+    assert meta is not None and meta["events"] == lmeta["events"] == len(df)
+    assert lmeta["incomplete"] is True and lmeta["incomplete_reason"]
+    assert len(df) <= n
+    assert (df["sport"].to_numpy() == np.arange(len(df))).all(), "not a prefix of what was written"
+    assert (df["ifname"].astype(str).to_numpy() == _events()["ifname"][: len(df)].astype(str)).all()
+    return len(df)
+
+
+@SETTINGS
+@given(comp=st.sampled_from(["zstd", "none"]), cut=st.integers(0, 10**6))
+def test_truncated_stream(tmp_path, good_streams, comp, cut):
+    """Wherever a killed writer stopped: the complete batches before the cut load, or — when
+    the cut is inside the header — one TraceFileError."""
+    raw = good_streams[comp]
+    cut %= len(raw) + 1
+    p = tmp_path / "t.parquet.part"
+    p.write_bytes(raw[:cut])
+    got = _prefix_or_error(p)
+    assert got is None or got % 16 == 0, "a batch loads whole or not at all"
+
+
+def test_cuts_of_a_stream_grow_by_whole_batches(tmp_path, good_streams):
+    """Cuts across the whole stream, and the bytes on both sides of the end of every batch:
+    the count only grows with the cut, by whole batches."""
+    raw = good_streams["zstd"]
+
+    def at(cut: int) -> int:
+        p = tmp_path / f"c{cut}.part"
+        p.write_bytes(raw[:cut])
+        got = _prefix_or_error(p)
+        p.unlink()
+        return -1 if got is None else got
+
+    counts = {cut: at(cut) for cut in range(0, len(raw) + 1, 97)}
+    counts[len(raw)] = at(len(raw))
+    for want in (0, 16, 32, 48, 64):          # the first cut with `want` events: a batch's end
+        lo, hi = 0, len(raw)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if at(mid) >= want else (mid + 1, hi)
+        counts.update({c: at(c) for c in (lo - 2, lo - 1, lo, lo + 1) if 0 <= c <= len(raw)})
+        assert counts[lo] == want
+    order = [counts[c] for c in sorted(counts)]
+    assert order == sorted(order), "more bytes gave fewer events"
+    assert set(order) == {-1, 0, 16, 32, 48, 64}
+
+
+@SETTINGS
+@given(comp=st.sampled_from(["zstd", "none"]), data=st.data())
+def test_damaged_stream(tmp_path, good_streams, comp, data):
+    raw = bytearray(good_streams[comp])
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(raw) - 1))
+        raw[at] ^= 1 << data.draw(st.integers(0, 7))
+    p = tmp_path / "d.parquet.part"
+    p.write_bytes(bytes(raw))
+    _check(p)
 
 
 json_values = st.recursive(
