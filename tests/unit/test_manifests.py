@@ -159,3 +159,83 @@ def test_daemonset_host_mounts():
         if not m.get("readOnly"):
             assert "emptyDir" in vols[n], n
     assert not any(v["hostPath"]["path"].endswith(".sock") for v in vols.values() if "hostPath" in v)
+
+
+# ---- manifests/Dockerfile, through the interpreter scripts/image-rootfs.sh builds it with
+
+REPO = MANIFESTS.parent
+
+
+def _image_rootfs():
+    import importlib.util
+    import sys
+
+    if "image_rootfs" in sys.modules:
+        return sys.modules["image_rootfs"]
+
+    spec = importlib.util.spec_from_file_location("image_rootfs", REPO / "scripts" / "image_rootfs.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("image_rootfs", mod)    # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return sys.modules["image_rootfs"]
+
+
+def test_the_image_interpreter_understands_every_dockerfile_instruction():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "image_rootfs.py"), "check"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    ir = _image_rootfs()
+    instrs = ir.parse((MANIFESTS / "Dockerfile").read_text())
+    assert len(r.stdout.splitlines()) == len(instrs) and all(ln.startswith("ok ") for ln in r.stdout.splitlines())
+    assert instrs[0].op == "FROM" and instrs[0].args in ir.BASES
+    assert {i.op for i in instrs} <= ir.KNOWN
+
+
+def test_every_dockerfile_copy_source_exists_and_is_not_dockerignored():
+    ir = _image_rootfs()
+    ignore = ir.Ignore(REPO)
+    copies = [i for i in ir.parse((MANIFESTS / "Dockerfile").read_text()) if i.op == "COPY"]
+    assert copies
+    for i in copies:
+        srcs, _ = ir.copy_sources(i, REPO, ignore)      # raises Refused for a missing source
+        assert srcs and all(s.exists() for s in srcs)
+    # The build context leaves out the venv, git and bytecode, and keeps what the image needs.
+    assert ignore.ignored(".venv/bin/python") and ignore.ignored(".git/HEAD")
+    assert ignore.ignored("tracer/__pycache__/cli.cpython-311.pyc")
+    assert not ignore.ignored("tracer/cli.py") and not ignore.ignored("bpf/podtrace.c")
+
+
+@pytest.mark.parametrize("text,why", [
+    ("FROM debian:12-slim\nADD x.tar /x\n", "instruction ADD"),
+    ("FROM debian:12-slim\nARG V=1\n", "instruction ARG"),
+    ("FROM alpine:3\n", "only debian:12-slim"),
+    ("FROM debian:12-slim\nFROM debian:12-slim\n", "multi-stage"),
+    ("FROM debian:12-slim\nCOPY --chown=1:1 tracer /t\n", "flags"),
+    ("FROM debian:12-slim\nCOPY no-such-file /x\n", "does not exist"),
+    ("FROM debian:12-slim\nRUN <<EOF\necho\nEOF\n", "heredocs"),
+    ("FROM debian:12-slim\nWORKDIR $HOME\n", "variable substitution"),
+    ("FROM debian:12-slim\nUSER nobody\n", "only root"),
+    ("FROM debian:12-slim\nRUN true \\\n", "continuation"),
+])
+def test_the_image_interpreter_refuses_what_it_cannot_follow_in_one_line(tmp_path, text, why):
+    import subprocess
+    import sys
+
+    (tmp_path / "Dockerfile").write_text(text)
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "image_rootfs.py"), "check",
+                        "--dockerfile", str(tmp_path / "Dockerfile"), "--context", str(REPO)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and why in r.stderr, r.stderr
+
+
+def test_the_image_interpreter_joins_continuations_like_docker():
+    ir = _image_rootfs()
+    (run,) = [i for i in ir.parse("FROM debian:12-slim\nRUN a \\\n# a comment\n  && b \\\n\n  && c\n") if i.op == "RUN"]
+    assert run.args == "a   && b   && c"
+    (env,) = [i for i in ir.parse("FROM debian:12-slim\nENV A=1 \\\n    B='x y'\n") if i.op == "ENV"]
+    assert ir.parse_env(env.args, env) == [("A", "1"), ("B", "x y")]
+    assert ir.parse_env("LEGACY some words", run) == [("LEGACY", "some words")]
