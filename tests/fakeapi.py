@@ -308,7 +308,7 @@ class _Handler(BaseHTTPRequestHandler):
                                 f'{rest[0]} is forbidden: User "fake" cannot list resource "{rest[0]}"')
         fsel = q.get("fieldSelector")
         if fsel and "spec.clusterIP" in fsel and not fake.supports_cluster_ip_selector:
-            return self._status(400, "BadRequest", f'"spec.clusterIP" is not a known field selector')
+            return self._status(400, "BadRequest", '"spec.clusterIP" is not a known field selector')
         if len(rest) == 2:      # GET one object
             with fake._cond:
                 obj = fake._objects.get((kind, ns or "", rest[1]))
