@@ -900,6 +900,10 @@ def _analyze_command():
         import sys
 
         t = load(file, mode=mode)
+        if t.meta.get("incomplete"):
+            click.echo(f"podtrace: warning: {file} is an incomplete trace "
+                       f"({' '.join(str(t.meta.get('incomplete_reason') or 'its writer did not finish').split())}); "
+                       "what it holds is shown, the end of the recording is missing", err=True)
         doc = summary_doc(t, top)
         if output == "json":
             click.echo(json.dumps(doc, indent=2, default=str))
@@ -923,6 +927,7 @@ def summary_doc(t: Trace, top: int = 20) -> dict:
             "delivered", "dropped", "lost", "left", "p50_ns", "p99_ns"]
     return {
         "file": t.meta.get("path"),
+        "incomplete": t.meta.get("incomplete_reason") if t.meta.get("incomplete") else None,
         "summary": t.summary(),
         "counters": t.counters,
         "selection": t.meta.get("selection"),

@@ -8,7 +8,8 @@ lab's network namespaces (this machine may host other labs with the very same ad
 
 Events go ring buffer → `CaptureSink` (numpy chunks; it pauses the poll once it holds a row
 group's worth) → `Spool` (scope filter, live statistics) → `tracefile.Writer` (one Parquet
-row group per `row_group_events`). Events the kernel could not hand over (ring buffer full)
+row group per `row_group_events`; until the end, an Arrow stream `FILE.part` that a killed
+capture leaves readable). Events the kernel could not hand over (ring buffer full)
 are counted by the kernel (`lost`) and written into the file's counters and its loss
 timeline: never silent.
 """
@@ -36,6 +37,9 @@ MAX_ADDRS = 4096    # sizes of the kernel maps (bpf/podtrace.c)
 MAX_CIDRS = 256
 MAX_PORTS = 64
 _CHUNK = 4096
+# Events waiting for a full row group reach the disk after at most this long (what a SIGKILL
+# can lose: the last FLUSH_S seconds, or one row group at high rates).
+FLUSH_S = 5.0
 # kfree_skb reasons of a socket's own cleanup (close, purge): not counted as drops live
 HOUSEKEEPING_DROPS = {"QUEUE_PURGE", "SOCKET_CLOSE"}
 
@@ -372,13 +376,26 @@ def run_capture(cfg: CaptureConfig, progress: Callable[[dict], None] | None = No
                          netns=sorted(scope | {0}) if scope else None, cidrs=sel.cidrs, ports=sel.ports,
                          any_addr=sel.any_addr)
     session = TraceSession(scfg, sink=sink)
-    writer = tracefile.Writer(out, row_group_events=cfg.row_group_events)
+    started_ns = time.time_ns()
+    # What is known now goes into the file at once: a capture killed before it finishes is
+    # still salvaged (`podtrace cleanup`) with its selection, cluster and placement.
+    start_meta = {
+        "kind": "capture",
+        "selection": {"asked": _asked(cfg.selection), "resolved": sel.as_json()},
+        "placement": {str(k): list(v) for k, v in placement.netns.items()},
+        **tracefile.cluster_meta(inv, lab),
+        "drop_reasons": {str(k): v for k, v in drop_reasons.items()},
+        "ct_info_names": {str(k): v for k, v in ct_names.items()},
+        "hooks": [h.name for h in hooks], "degraded": degraded,
+        "scope": ({"lab": lab.get("prefix"), "netns": sorted(scope)} if scope else None),
+        "started_ns": started_ns, "ringbuf_pages": cfg.ringbuf_pages, "row_group_events": cfg.row_group_events,
+    }
+    writer = tracefile.Writer(out, row_group_events=cfg.row_group_events, meta=start_meta)
     spool = Spool(writer, scope, {k for k, v in drop_reasons.items() if v in HOUSEKEEPING_DROPS})
     say = progress or (lambda d: None)
     timeline: list[list] = []
     tc = None
     stopper = _Stop(stop)
-    started_ns = time.time_ns()
     stopped_by = "duration"
     finished = False
     try:
@@ -410,6 +427,7 @@ def run_capture(cfg: CaptureConfig, progress: Callable[[dict], None] | None = No
                     if now >= next_sample:
                         timeline.append([round(now - t0, 3), c["emitted"], c["lost"]])
                         next_sample = now + 1.0
+                        writer.flush_older_than(FLUSH_S)
                     if now >= next_report:
                         say(_live(now - t0, spool, c, writer, cfg.duration))
                         next_report = now + cfg.progress_every
@@ -434,18 +452,10 @@ def run_capture(cfg: CaptureConfig, progress: Callable[[dict], None] | None = No
             if counters.get("lost"):
                 notes.append(f"{counters['lost']} events were lost (ring buffer full); the paths may have gaps")
             meta = {
-                "kind": "capture",
-                "selection": {"asked": _asked(cfg.selection), "resolved": sel.as_json()},
-                "placement": {str(k): list(v) for k, v in placement.netns.items()},
-                **tracefile.cluster_meta(inv, lab),
-                "drop_reasons": {str(k): v for k, v in drop_reasons.items()},
+                **start_meta,
                 "locations": locations,
-                "ct_info_names": {str(k): v for k, v in ct_names.items()},
-                "hooks": [h.name for h in hooks], "degraded": degraded,
-                "scope": ({"lab": lab.get("prefix"), "netns": sorted(scope)} if scope else None),
-                "started_ns": started_ns, "started_mono_ns": t0_mono_ns, "stopped_ns": time.time_ns(), "duration_s": round(elapsed, 3),
-                "stopped_by": stopped_by, "ringbuf_pages": cfg.ringbuf_pages,
-                "row_group_events": cfg.row_group_events,
+                "started_mono_ns": t0_mono_ns, "stopped_ns": time.time_ns(), "duration_s": round(elapsed, 3),
+                "stopped_by": stopped_by,
                 # t_s: seconds since started_mono_ns (the ts_ns clock); cumulative counters
                 "loss_timeline": {"columns": ["t_s", "emitted", "lost"], "rows": _thin(timeline)},
                 "notes": notes,

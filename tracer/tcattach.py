@@ -1,9 +1,15 @@
 """tc clsact attachment of the observer programs, and the removal of ours — also after a
-SIGKILL, by a mark only podtrace uses (the filter name `podtrace:<direction>`).
+SIGKILL, by a mark only podtrace uses: the filter name
+`podtrace:<direction>:<pid>:<start time>[:clsact]`, which names the process that owns the
+filter (pid and start time, tracer/ownership.py) and says whether that process added the
+device's clsact qdisc. Older podtrace named its filters `podtrace:<direction>`; those are
+still recognised.
 
 Rules: attach only to the devices asked for; add a `clsact` qdisc only where none exists
 (and then remove it again); never replace, reorder or touch a filter someone else put
-there: ours goes in at a priority nobody uses, after theirs.
+there: ours goes in at a priority nobody uses, after theirs. `cleanup` never removes a
+filter whose owner is still running — even when that run records its attachments in
+another state directory.
 """
 
 from __future__ import annotations
@@ -13,15 +19,15 @@ import fcntl
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from . import netns as netns_mod
-from . import testhooks
+from . import ownership, testhooks
 
 MARK = "podtrace:"
 PARENT = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
 PREFERRED_PRIO = 49152
-STATE_FILE = Path(os.environ.get("PODTRACE_STATE_DIR", "/run/podtrace")) / "tc-attached.json"
+STATE_FILE = ownership.state_dir() / "tc-attached.json"
+QDISC_FLAG = "clsact"     # last field of a filter name: its owner added the clsact qdisc
 
 
 @dataclass
@@ -33,6 +39,30 @@ class Attachment:
     prio: int
     qdisc_added: bool
     pid: int = field(default_factory=os.getpid)
+    start: int | None = field(default_factory=lambda: ownership.start_time(os.getpid()))
+
+    @property
+    def name(self) -> str:
+        return filter_name(self.direction, self.pid, self.start, self.qdisc_added)
+
+
+def filter_name(direction: str, pid: int, start: int | None, qdisc_added: bool = False) -> str:
+    return f"{MARK}{direction}:{pid}:{start if start is not None else '-'}" + (f":{QDISC_FLAG}" if qdisc_added else "")
+
+
+def owner_of(name: str) -> tuple[int, int | None] | None:
+    """(pid, start time) named by one of our filter names; None for the older names that
+    carry no owner (`podtrace:ingress`)."""
+    parts = name.split(":")
+    if len(parts) < 4 or not parts[2].isdigit():
+        return None
+    return int(parts[2]), (int(parts[3]) if parts[3].isdigit() else None)
+
+
+def _owner_running(name: str) -> bool:
+    """The filter belongs to another podtrace process that is still running."""
+    owner = owner_of(name)
+    return owner is not None and owner[0] != os.getpid() and ownership.alive(*owner)
 
 
 def _ipr(ns: str | None):
@@ -157,15 +187,17 @@ class TcAttacher:
                     ipr.tc("add", "clsact", ifindex)
                 fd = self.bpf.load_func(self._stub_name(slot, direction).encode(), self._sched_cls).fd
                 ipr.tc("add-filter", "bpf", ifindex, ":1", fd=fd,
-                       name=f"{MARK}{direction}", parent=parent, classid=1, direct_action=True, prio=prio)
+                       name=att.name, parent=parent, classid=1, direct_action=True, prio=prio)
                 testhooks.pause("attaching")
         finally:
             ipr.close()
 
     def close(self) -> None:
-        mine = [asdict(a) for a in self.attached]
+        mine = []
         for a in self.attached:
-            _remove(a.netns, a.dev, a.direction, a.prio, a.qdisc_added)
+            _, pending = _remove(a.netns, a.dev, a.direction, a.prio, a.qdisc_added, name=a.name)
+            if not pending:   # else the record stays: a later cleanup removes the qdisc we added
+                mine.append(asdict(a))
         self.attached.clear()
         # Empty the tail-call array now: its entries hold the shared programs, and a
         # prog_array left populated can outlive this process's fds for a while.
@@ -177,61 +209,85 @@ class TcAttacher:
             _save_state([x for x in _load_state() if x not in mine])
 
 
-def _remove(ns: str | None, dev: str, direction: str, prio: int | None, qdisc_added: bool) -> list[str]:
-    """Delete our filter(s) on one device; the clsact qdisc too when we added it and nothing
-    else is left on it."""
-    done = []
+def _remove(ns: str | None, dev: str, direction: str, prio: int | None, qdisc_added: bool,
+            name: str | None = None, spare_unowned: bool = False) -> tuple[list[str], bool]:
+    """Delete our filter(s) on one device — the one at `prio` (and named `name`, when
+    given), or all of them — except those of a podtrace process still running (and, with
+    `spare_unowned`, those of the older names that carry no owner); then the clsact qdisc
+    when we added it (`qdisc_added`, or the name of a filter removed says so) and nothing
+    else is left on it. Returns what was removed, and whether a qdisc we added stays only
+    because a running podtrace's filter is still on it (a later cleanup can finish it)."""
+    done: list[str] = []
     if ns and not netns_mod.exists(ns):
-        return done
+        return done, False
     ipr = _ipr(ns)
     try:
         found = ipr.link_lookup(ifname=dev)
         if not found:
-            return done
+            return done, False
         ifindex = found[0]
+        spared = False
         for f in _filters(ipr, ifindex, direction):
-            name = _name(f)
-            if name and name.startswith(MARK) and (prio is None or _prio(f) == prio):
-                with contextlib.suppress(Exception):
-                    ipr.tc("del-filter", "bpf", ifindex, ":1", parent=PARENT[direction], prio=_prio(f))
-                    done.append(f"tc filter {name} on {ns or 'host'}/{dev}")
-        if qdisc_added and not any(_filters(ipr, ifindex, d) for d in PARENT):
+            fname = _name(f)
+            if not (fname and fname.startswith(MARK)) or (prio is not None and _prio(f) != prio):
+                continue
+            if name is not None and owner_of(fname) is not None and fname != name:
+                spared = True   # another run's filter, at a priority the recorded one never got
+                continue
+            if _owner_running(fname) or (spare_unowned and owner_of(fname) is None):
+                spared = True
+                continue
+            qdisc_added = qdisc_added or fname.split(":")[-1] == QDISC_FLAG
             with contextlib.suppress(Exception):
-                ipr.tc("del", "clsact", ifindex)
-                done.append(f"clsact qdisc on {ns or 'host'}/{dev}")
+                ipr.tc("del-filter", "bpf", ifindex, ":1", parent=PARENT[direction], prio=_prio(f))
+                done.append(f"tc filter {fname} on {ns or 'host'}/{dev}")
+        pending = False
+        if qdisc_added:
+            left = [f for d in PARENT for f in _filters(ipr, ifindex, d)]
+            if not left:
+                with contextlib.suppress(Exception):
+                    ipr.tc("del", "clsact", ifindex)
+                    done.append(f"clsact qdisc on {ns or 'host'}/{dev}")
+            else:
+                pending = spared or any((n := _name(f)) and n.startswith(MARK) and _owner_running(n) for f in left)
     finally:
         ipr.close()
-    return done
+    return done, pending
 
 
 def cleanup(extra_netns: list[str] | None = None, scan: bool = True) -> list[str]:
-    """Remove every filter of ours: those recorded in the state file (a killed run's), and,
-    with `scan`, any other carrying our mark on every device of this namespace and of
-    `extra_netns`. Attachments of a podtrace process that is still running are left alone."""
+    """Remove every filter of ours whose owner is gone: those recorded in the state file (a
+    killed run's), and, with `scan`, any other carrying our mark on every device of this
+    namespace and of `extra_netns`. An owner is a pid and its start time: a filter or record
+    of a podtrace process still running is left alone; one whose pid is dead, or now names
+    another process, is removed."""
     removed: list[str] = []
     keep = []
     initial = _load_state()
     for a in initial:
-        if a.get("pid") and a["pid"] != os.getpid() and _alive(a["pid"]):
+        if _record_running(a):
             keep.append(a)
             continue
-        removed += _remove(a["netns"], a["dev"], a["direction"], a["prio"], a["qdisc_added"])
+        name = (filter_name(a["direction"], a["pid"], a["start"], a["qdisc_added"])
+                if a.get("pid") and "start" in a else None)
+        done, pending = _remove(a["netns"], a["dev"], a["direction"], a["prio"], a["qdisc_added"], name=name)
+        removed += done
+        if pending:
+            keep.append(a)      # its qdisc goes once the running podtrace's filters are gone
     for ns in ([None, *(extra_netns or [])] if scan else []):
         if ns and not netns_mod.exists(ns):
             continue
-        # re-read per namespace: a run that started meanwhile has recorded its devices
-        live = {(a["netns"], a["dev"]) for a in keep + _load_state()
-                if a.get("pid") and a["pid"] != os.getpid() and _alive(a["pid"])}
+        # Older filters name no owner: spare those on a device a running podtrace recorded
+        # (re-read per namespace: a run that started meanwhile has recorded its devices).
+        live = {(a["netns"], a["dev"]) for a in keep + _load_state() if _record_running(a)}
         ipr = _ipr(ns)
         try:
             devs = [(l.get_attr("IFLA_IFNAME"), l["index"]) for l in ipr.get_links()]
         finally:
             ipr.close()
         for dev, _ in devs:
-            if (ns, dev) in live:
-                continue
             for direction in PARENT:
-                removed += _remove(ns, dev, direction, None, False)
+                removed += _remove(ns, dev, direction, None, False, spare_unowned=(ns, dev) in live)[0]
     # the state file is shared by concurrent runs: drop only the records handled here
     handled = [a for a in initial if a not in keep]
     with _state_locked():
@@ -239,13 +295,11 @@ def cleanup(extra_netns: list[str] | None = None, scan: bool = True) -> list[str
     return sorted(set(removed))
 
 
-def _alive(pid: int) -> bool:
-    """Running (a zombie, killed but not yet reaped, is not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+def _record_running(a: dict) -> bool:
+    """A state record of another podtrace process that is still running (the same process:
+    same pid and, when recorded, the same start time)."""
+    pid = a.get("pid")
+    return bool(pid) and pid != os.getpid() and ownership.alive(pid, a.get("start"))
 
 
 def ours(ns: str | None, dev: str) -> list[str]:

@@ -10,14 +10,19 @@ version 1 (the first `flow --save`, which also stored the derived string columns
 upgraded on load. Anything that is not a podtrace trace gives one `TraceFileError` whose
 message says what is wrong with the file.
 
-Writing goes through `Writer`, which emits one Parquet row group every `row_group_events`
-events, so a capture of any length holds at most about one row group in memory. The file is
-written as `NAME.part` and renamed when complete: a file at the final name always has its
-footer and metadata.
+Writing goes through `Writer`, which holds at most about one row group (`row_group_events`
+events) in memory, so a capture of any length is bounded. While it runs the events go to
+`NAME.part`, an Arrow IPC stream (one compressed batch per row group; the metadata known
+at the start in its schema, marked incomplete) that can be read up to its last complete batch
+wherever the writer stops, a SIGKILL included; `close` converts it into the Parquet file and
+renames that into place: a file at the final name always has its footer and metadata. What
+a killed writer left is turned into `NAME.incomplete.parquet` by `podtrace cleanup`
+(`salvage_writer`); both that and a raw `.part` load, with meta["incomplete"] True.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -201,29 +206,67 @@ def _finish_meta(meta: dict, counters: dict | None = None) -> dict:
 # Writing
 
 class Writer:
-    """Streams events into a trace file in row groups; `close(meta)` writes the footer with
-    the metadata and moves the file into place. Memory: at most one row group of pending
-    batches (plus whatever the caller holds)."""
+    """Streams events into a trace file; `close(meta)` moves a complete Parquet file into
+    place. Memory: at most one row group of pending batches (plus whatever the caller holds).
+
+    While it runs, every row group (and every `flush()`) is appended to `FILE.part` as one
+    zstd-compressed batch of an Arrow IPC stream, whose schema carries the metadata known at
+    the start (`meta`) marked `"incomplete": true`. A stream is readable up to its last
+    complete batch wherever the writer stops — even after a SIGKILL, when `podtrace
+    cleanup` turns it into `FILE.incomplete.parquet` (the Writer registers itself in the
+    state directory for that, tracer/ownership.py). `close()` converts the stream batch by
+    batch into Parquet (`FILE.part.tmp`, then renamed to FILE), so a file at the final name
+    always has its footer and metadata."""
 
     def __init__(self, path: str | Path, row_group_events: int = ROW_GROUP_EVENTS,
-                 compression: str = "zstd", extra: tuple[str, ...] = ()):
+                 compression: str = "zstd", extra: tuple[str, ...] = (), meta: dict | None = None):
+        from . import ownership
+
         self.path = Path(path)
         self.extra = tuple(extra)
         self.schema = schema_with(self.extra)
         self.tmp = self.path.with_name(self.path.name + ".part")
+        self.final_tmp = self.path.with_name(self.path.name + ".part.tmp")
         self.row_group_events = row_group_events
+        self.compression = compression
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
+        self._pending_since = 0.0
         self.rows = 0
         self.row_groups = 0
         self.bytes_hint = 0
+        self.start_meta = dict(meta or {})
+        self.write_id = f"{os.getpid()}-{time.time_ns()}"
         if not self.path.parent.is_dir():
             raise BadInput(f"cannot write {self.path}: directory {self.path.parent} does not exist",
                            "create it or choose another path")
+        head = _finish_meta(self.start_meta)
+        head.setdefault("row_group_events", row_group_events)   # for the salvage's row groups
+        head.update(incomplete=True, write_id=self.write_id,
+                    incomplete_reason=f"unfinished: {self.tmp.name} is being written, or its writer "
+                                      f"(pid {os.getpid()}) was killed")
+        schema = self.schema.with_metadata({META_KEY: json.dumps(head, default=_json_default).encode()})
+        self._registration = ownership.register_writer(self.tmp, self.path, self.final_tmp)
+        self._sink = None
         try:
-            self._w = pq.ParquetWriter(self.tmp, self.schema, compression=compression)
-        except OSError as exc:
-            raise BadInput(f"cannot write {self.path} ({exc})", "choose a writable path") from None
+            self._sink = pa.OSFile(str(self.tmp), "wb")
+            opts = pa.ipc.IpcWriteOptions(compression=None if compression in (None, "none") else "zstd",
+                                          use_threads=False)
+            self._w = pa.ipc.new_stream(self._sink, schema, options=opts)
+            # use_threads=False: compressing a batch's buffers in parallel cost a capture ~25 MiB
+            # of RSS for nothing at its rates. pyarrow writes the schema with the first batch:
+            # an empty one puts the metadata on disk now, so even a writer killed before its
+            # first row group leaves a loadable file.
+            self._w.write_batch(pa.RecordBatch.from_arrays([pa.array([], type=f.type) for f in self.schema],
+                                                           schema=self.schema))
+        except BaseException as exc:
+            if self._sink is not None:
+                self._sink.close()
+                self.tmp.unlink(missing_ok=True)
+            ownership.unregister(self._registration)
+            if isinstance(exc, OSError):
+                raise BadInput(f"cannot write {self.path} ({exc})", "choose a writable path") from None
+            raise
 
     def write_records(self, arr: np.ndarray) -> None:
         if len(arr):
@@ -234,14 +277,23 @@ class Writer:
             self.write_batch(batch_from_frame(df, self.extra))
 
     def write_batch(self, batch: pa.RecordBatch) -> None:
+        if not self._pending_rows:
+            self._pending_since = time.monotonic()
         self._pending.append(batch)
         self._pending_rows += batch.num_rows
         while self._pending_rows >= self.row_group_events:
             self._flush(self.row_group_events)
 
     def flush(self) -> None:
-        """Write what is pending as a (possibly short) row group."""
+        """Write what is pending to the stream now (a short batch; `close` still makes full
+        row groups), so that a SIGKILL loses none of it."""
         self._flush()
+
+    def flush_older_than(self, seconds: float) -> None:
+        """`flush()` if events have waited longer than `seconds` (a slow capture's events
+        reach the disk within that time, not after a whole row group)."""
+        if self._pending_rows and time.monotonic() - self._pending_since >= seconds:
+            self._flush()
 
     def _flush(self, rows: int | None = None) -> None:
         if not self._pending_rows:
@@ -249,28 +301,186 @@ class Writer:
         table = pa.Table.from_batches(self._pending, schema=self.schema)
         take = table if rows is None else table.slice(0, rows)
         rest = None if rows is None else table.slice(rows)
-        self._w.write_table(take, row_group_size=max(take.num_rows, 1))
+        # one batch per row group: a reader gets all of it or none, and zstd gets long buffers
+        # (the 4096-event chunks as they come compress at 2/3 of the speed)
+        self._w.write_table(take.combine_chunks())
         self.rows += take.num_rows
         self.row_groups += 1
         self._pending = rest.combine_chunks().to_batches() if rest is not None and rest.num_rows else []
         self._pending_rows = sum(b.num_rows for b in self._pending)
-        self.bytes_hint = self.tmp.stat().st_size if self.tmp.exists() else 0
+        self._pending_since = time.monotonic()
+        self.bytes_hint = self._sink.tell()
 
     def close(self, meta: dict, counters: dict | None = None) -> Path:
+        from . import ownership
+
         self._flush()
-        full = _finish_meta(meta, counters)
-        full["events"] = self.rows
-        full["row_groups"] = self.row_groups
-        self._w.add_key_value_metadata({META_KEY: json.dumps(full, default=_json_default).encode()})
         self._w.close()
-        self.tmp.replace(self.path)
+        self._sink.close()
+        full = _finish_meta({**self.start_meta, **meta}, counters)
+        full["write_id"] = self.write_id
+        stream = _Stream(self.tmp)
+        rows, groups = _stream_to_parquet(stream, self.final_tmp, lambda n, g: full, self.compression,
+                                          self.row_group_events)
+        if stream.problem:   # our own complete stream: cannot happen short of a disk error
+            self.final_tmp.unlink(missing_ok=True)
+            raise TraceFileError(self.tmp, f"could not be read back ({stream.problem})", "check the disk")
+        testhooks.pause("finishing")
+        self.final_tmp.replace(self.path)
+        self.tmp.unlink(missing_ok=True)
+        ownership.unregister(self._registration)
+        self.rows, self.row_groups = rows, groups
+        self.bytes_hint = self.path.stat().st_size
         return self.path
 
     def abort(self) -> None:
+        from . import ownership
+
         try:
-            self._w.close()
+            with contextlib.suppress(pa.ArrowException, OSError):
+                self._w.close()
+            self._sink.close()
         finally:
             self.tmp.unlink(missing_ok=True)
+            self.final_tmp.unlink(missing_ok=True)
+            ownership.unregister(self._registration)
+
+
+def _stream_to_parquet(stream: "_Stream", dst: Path, meta, compression: str = "zstd",
+                       row_group_events: int = ROW_GROUP_EVENTS) -> tuple[int, int]:
+    """Copy the readable batches of a stream into a Parquet file in row groups of
+    `row_group_events` (memory: about one row group), with the metadata `meta(events, row
+    groups)` (the footer is written last, so it can name the counts). Returns the counts."""
+    schema = stream.schema.remove_metadata()
+    rows = groups = 0
+    pending: list[pa.RecordBatch] = []
+    pending_rows = 0
+    with pq.ParquetWriter(dst, schema, compression=compression) as w:
+        def emit(table: pa.Table) -> None:
+            nonlocal rows, groups
+            w.write_table(table, row_group_size=max(table.num_rows, 1))
+            rows += table.num_rows
+            groups += 1
+
+        for batch in stream.batches():
+            if not batch.num_rows:
+                continue
+            if not pending and batch.num_rows == row_group_events:   # the usual case: no copy
+                emit(pa.Table.from_batches([batch], schema=schema))
+                continue
+            pending.append(batch)
+            pending_rows += batch.num_rows
+            while pending_rows >= row_group_events:
+                table = pa.Table.from_batches(pending, schema=schema)
+                emit(table.slice(0, row_group_events))
+                rest = table.slice(row_group_events)
+                pending = rest.combine_chunks().to_batches() if rest.num_rows else []
+                pending_rows = rest.num_rows
+        if pending_rows:
+            emit(pa.Table.from_batches(pending, schema=schema))
+        doc = {**meta(rows, groups), "events": rows, "row_groups": groups}
+        w.add_key_value_metadata({META_KEY: json.dumps(doc, default=_json_default).encode()})
+    return rows, groups
+
+
+def incomplete_name(path: str | Path) -> Path:
+    """Where the salvaged part of an unfinished FILE goes: `trace.parquet` →
+    `trace.incomplete.parquet` (`.incomplete.2.parquet` … when taken)."""
+    p = Path(path)
+    stem, suffix = (p.stem, p.suffix) if p.suffix else (p.name, ".parquet")
+    cand = p.with_name(f"{stem}.incomplete{suffix}")
+    n = 2
+    while cand.exists() or cand.is_symlink():
+        cand = p.with_name(f"{stem}.incomplete.{n}{suffix}")
+        n += 1
+    return cand
+
+
+def salvage(part: str | Path, final: str | Path, why: str) -> tuple[Path | None, int]:
+    """Turn the readable part of an unfinished stream `part` (its writer is gone) into a
+    Parquet trace next to `final`, named as incomplete (never over an existing file), with
+    metadata `incomplete: true` and `incomplete_reason` (`why`, and how many events were
+    salvaged); then remove `part`. Returns (path, events); path is None when nothing in
+    `part` could be read (it is removed all the same)."""
+    part = Path(part)
+    try:
+        stream = _Stream(part)
+    except TraceFileError:
+        part.unlink(missing_ok=True)
+        return None, 0
+    base = {k: v for k, v in stream.meta.items() if k not in ("events", "row_groups", "write_id")}
+    base.update(incomplete=True, salvaged_from=str(part), salvaged_ns=time.time_ns())
+
+    def meta(rows: int, groups: int) -> dict:
+        cut = f"; the rest was cut off ({stream.problem})" if stream.problem else ""
+        return {**base, "incomplete_reason": f"{why}: {rows} events salvaged{cut}"}
+
+    tmp = part.with_name(part.name + f".salvage.{os.getpid()}")
+    try:
+        rows, _ = _stream_to_parquet(stream, tmp, meta, "zstd",
+                                     _positive_int(base.get("row_group_events"), ROW_GROUP_EVENTS))
+        while True:
+            target = incomplete_name(final)
+            try:
+                os.link(tmp, target)        # unlike rename, never replaces an existing file
+                break
+            except FileExistsError:         # taken meanwhile: the next free name
+                continue
+    finally:
+        tmp.unlink(missing_ok=True)
+    part.unlink(missing_ok=True)
+    return target, rows
+
+
+def _positive_int(v, default: int) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else default
+
+
+def salvage_writer(w: dict) -> list[str]:
+    """What `podtrace cleanup` does for one registered writer that is gone (a record of
+    ownership.registered_writers()): lines saying what it did."""
+    part, final, tmp = Path(w["part"]), Path(w["path"]), Path(w.get("tmp") or "/nonexistent")
+    who = f"the writer, pid {w['pid']}"
+    out = []
+    want = _write_id(part)
+    if tmp.exists():
+        if want and not part.is_symlink() and _write_id(tmp) == want:
+            tmp.replace(final)       # converted, not yet moved: finish what the writer began
+            part.unlink(missing_ok=True)
+            return [f"finished {final} ({who}, was killed as it moved the complete file into place)"]
+        else:
+            tmp.unlink(missing_ok=True)
+            out.append(f"removed {tmp} (a conversion {who}, was killed in)")
+    if not part.exists():
+        return out
+    if want and _write_id(final) == want:
+        part.unlink(missing_ok=True)     # killed between the rename and the removal
+        out.append(f"removed {part} ({final} is complete)")
+        return out
+    where, n = salvage(part, final, f"the writer (pid {w['pid']}) was killed before it finished {final.name}")
+    if where is None:
+        out.append(f"removed {part}: nothing readable ({who}, was killed as it started)")
+    else:
+        out.append(f"salvaged {where}: {n} events of the unfinished {final.name} ({who}, was killed)")
+    return out
+
+
+def _write_id(p: Path) -> str | None:
+    """The id a Writer gave the file at `p` (a stream or a complete Parquet file), if any."""
+    try:
+        src = _open(_check_path(p))
+    except TraceFileError:
+        return None
+    if isinstance(src, _Stream):
+        src.close()
+        wid = src.meta.get("write_id")
+    else:
+        try:
+            meta = _meta_of(p, src.metadata.metadata)
+        except TraceFileError:
+            return None
+        wid = None if meta.get("incomplete") else meta.get("write_id")
+    return wid if isinstance(wid, str) and wid else None
 
 
 def _json_default(o):
@@ -285,9 +495,10 @@ def _json_default(o):
 
 def save(path: str | Path, events_df: pd.DataFrame, meta: dict) -> Path:
     """Write a whole trace at once (`flow --save`): the events and the run's metadata."""
-    w = Writer(path, extra=tuple(c for c in OPTIONAL_COLUMNS if c in events_df.columns))
+    w = Writer(path, extra=tuple(c for c in OPTIONAL_COLUMNS if c in events_df.columns), meta=meta)
     try:
         w.write_frame(events_df)
+        w.flush()      # on disk before the footer: a SIGKILL from here on loses no event
         testhooks.pause("saving")
         return w.close(meta)
     except BaseException:
@@ -299,36 +510,60 @@ def save(path: str | Path, events_df: pd.DataFrame, meta: dict) -> Path:
 # Reading
 
 def read_meta(path: str | Path) -> dict:
-    """Only the metadata (footer); cheap even for a large capture."""
+    """Only the metadata (footer); cheap even for a large capture. For an unfinished trace
+    (a `.part` stream) the batches are read to count the events."""
     p = _check_path(path)
-    pf = _open(p)
-    return _meta_of(p, pf.metadata.metadata)
+    src = _open(p)
+    if isinstance(src, _Stream):
+        rows = groups = 0
+        for b in src.batches():
+            if b.num_rows:
+                rows += b.num_rows
+                groups += 1
+        return src.finished_meta(rows, groups)
+    return _meta_of(p, src.metadata.metadata)
 
 
 def load(path: str | Path) -> tuple[pd.DataFrame, dict]:
     """(events, metadata) of a trace file of any supported version; events carry the
-    derived columns (`saddr_str` … `hook_name`) as categoricals."""
+    derived columns (`saddr_str` … `hook_name`) as categoricals. An unfinished trace (a
+    salvaged `*.incomplete.parquet`, or a `.part` stream) loads too, with
+    meta["incomplete"] True and meta["incomplete_reason"] saying why."""
     p = _check_path(path)
-    pf = _open(p)
-    meta = _meta_of(p, pf.metadata.metadata)
-    try:
-        names = set(pf.schema_arrow.names)
-    except (pa.ArrowException, ValueError) as exc:   # ValueError: a column name that is not UTF-8
-        raise TraceFileError(p, f"is damaged: its schema cannot be read ({_short(exc)})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in names]
-    if missing:
-        raise TraceFileError(p, f"the events table lacks column(s) {', '.join(missing)} "
-                                f"(format version {meta['format_version']})")
-    cols = REQUIRED_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in names]
-    try:
-        table = pf.read(columns=cols)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise TraceFileError(p, f"the events could not be read: the file is damaged ({_short(exc)})") from None
+    src = _open(p)
+    if isinstance(src, _Stream):
+        batches = [b for b in src.batches() if b.num_rows]
+        meta = src.finished_meta(sum(b.num_rows for b in batches), len(batches))
+        names = src.names
+        try:
+            table = pa.Table.from_batches(batches, schema=src.schema)
+        except (pa.ArrowException, ValueError) as exc:
+            raise TraceFileError(p, f"the events could not be read: the file is damaged ({_short(exc)})") from None
+    else:
+        pf = src
+        meta = _meta_of(p, pf.metadata.metadata)
+        try:
+            names = set(pf.schema_arrow.names)
+        except (pa.ArrowException, ValueError) as exc:   # ValueError: a column name that is not UTF-8
+            raise TraceFileError(p, f"is damaged: its schema cannot be read ({_short(exc)})") from None
+        _check_columns(p, names, meta)
+        try:
+            table = pf.read(columns=REQUIRED_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in names])
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise TraceFileError(p, f"the events could not be read: the file is damaged ({_short(exc)})") from None
+    table = table.select(REQUIRED_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in names])
     try:
         events_df = events_frame(table)
     except (pa.ArrowException, ValueError, IndexError, TypeError, OverflowError) as exc:   # damaged values (names not UTF-8, …)
         raise TraceFileError(p, f"the events could not be decoded: the file is damaged ({_short(exc)})") from None
     return events_df, _upgrade_meta(meta)
+
+
+def _check_columns(p: Path, names: set[str], meta: dict) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise TraceFileError(p, f"the events table lacks column(s) {', '.join(missing)} "
+                                f"(format version {meta['format_version']})")
 
 
 def events_frame(table: pa.Table) -> pd.DataFrame:
@@ -405,7 +640,10 @@ def _check_path(path) -> Path:
     return p
 
 
-def _open(p: Path) -> pq.ParquetFile:
+STREAM_SIGNATURE = b"\xff\xff\xff\xff"   # an Arrow IPC stream's first message: what a Writer appends to
+
+
+def _open(p: Path) -> "pq.ParquetFile | _Stream":
     try:
         with open(p, "rb") as f:
             head = f.read(4)
@@ -413,6 +651,8 @@ def _open(p: Path) -> pq.ParquetFile:
             tail = f.read(4)
     except OSError as exc:
         raise TraceFileError(p, f"cannot be read ({exc.strerror})") from None
+    if head == STREAM_SIGNATURE:
+        return _Stream(p)
     if head != b"PAR1":
         raise TraceFileError(p, "is not a Parquet file (no PAR1 signature)")
     if tail != b"PAR1":
@@ -424,14 +664,70 @@ def _open(p: Path) -> pq.ParquetFile:
         raise TraceFileError(p, f"is damaged: its Parquet footer cannot be read ({_short(exc)})") from None
 
 
+class _Stream:
+    """An unfinished trace: the Arrow IPC stream a Writer appends to (`FILE.part`). The
+    schema carries the metadata known when writing started; `batches()` yields every batch
+    up to the last complete one, and `problem` then says why the rest could not be read
+    (None: the stream ended cleanly)."""
+
+    def __init__(self, p: Path):
+        self.path = p
+        self.problem: str | None = None
+        try:
+            self._file = pa.OSFile(str(p), "rb")
+        except OSError as exc:
+            raise TraceFileError(p, f"cannot be read ({exc.strerror or exc})") from None
+        try:
+            self._reader = pa.ipc.open_stream(self._file, options=pa.ipc.IpcReadOptions(use_threads=False))
+            self.schema = self._reader.schema
+            self.names = set(self.schema.names)
+        except (pa.ArrowException, OSError, ValueError) as exc:   # ValueError: names that are not UTF-8
+            self._file.close()
+            raise TraceFileError(p, "is an unfinished trace whose header is cut off or damaged: nothing "
+                                    f"in it can be read ({_short(exc)})") from None
+        try:
+            self.meta = _meta_of(p, self.schema.metadata, "an Arrow stream")
+            _check_columns(p, self.names, self.meta)
+        except TraceFileError:
+            self._file.close()
+            raise
+
+    def close(self) -> None:
+        self._file.close()
+
+    def batches(self):
+        try:
+            while True:
+                try:
+                    batch = self._reader.read_next_batch()
+                    batch.validate(full=True)
+                except StopIteration:
+                    return
+                except (pa.ArrowException, OSError, ValueError) as exc:
+                    self.problem = _short(exc)
+                    return
+                yield batch
+        finally:
+            self._file.close()
+
+    def finished_meta(self, rows: int, groups: int) -> dict:
+        """The stream's metadata with what was read of it (call after `batches()`)."""
+        meta = dict(self.meta, incomplete=True, events=rows, row_groups=groups)
+        reason = meta.get("incomplete_reason") or "unfinished: the writer did not finish this file"
+        if self.problem:
+            reason = f"{reason}; the end is cut off ({self.problem})"
+        meta["incomplete_reason"] = str(reason)
+        return meta
+
+
 def _short(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
 
 
-def _meta_of(p: Path, kv: dict | None) -> dict:
+def _meta_of(p: Path, kv: dict | None, what: str = "a Parquet file") -> dict:
     raw = (kv or {}).get(META_KEY)
     if raw is None:
-        raise TraceFileError(p, "is a Parquet file but not a podtrace trace (no `podtrace` metadata)")
+        raise TraceFileError(p, f"is {what} but not a podtrace trace (no `podtrace` metadata)")
     try:
         meta = json.loads(raw)
     except ValueError:

@@ -249,6 +249,54 @@ def test_ctrl_c_finishes_the_file(lab, tmp_path):
     assert (t.packets["status"] == "delivered").all()
 
 
+def test_sigkill_then_cleanup_salvages_the_capture(lab, tmp_path):
+    """A capture killed with SIGKILL (nothing of it runs afterwards) leaves `FILE.part`;
+    `podtrace cleanup` turns what reached the disk — events older than FLUSH_S are always
+    there — into FILE.incomplete.parquet, which analyses like any capture and says it is
+    incomplete. The state directory is the test's own (the lab's state linked into it)."""
+    f = tmp_path / "killed.parquet"
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / lab["prefix"]).symlink_to(lab["state_dir"])
+    code = ("import sys; from tracer.cli import main; from tracer.capture import capture\n"
+            "if 'capture' not in main.commands: main.add_command(capture)\n"
+            "main()")
+    env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"], PODTRACE_STATE_DIR=str(state))
+    proc = subprocess.Popen([sys.executable, "-c", code, "capture", "--pod", "pod-1-1", "-w", str(f)],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not any("bpf-prog" in t for t in bpf_fds(proc.pid)):
+            assert proc.poll() is None and time.monotonic() < deadline, "capture never started"
+            time.sleep(0.05)
+        time.sleep(0.3)
+        traffic(lab, rounds=1, start=0.3, pairs=[("pod-1-1", "pod-2-2")], service=False)
+        time.sleep(capture.FLUSH_S + 1.5)     # the events wait at most FLUSH_S (+1 s) in memory
+        assert proc.poll() is None
+        proc.kill()
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    part = Path(str(f) + ".part")
+    assert part.exists() and not f.exists()
+    res = subprocess.run([sys.executable, "-m", "tracer.cli", "cleanup"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    salvaged = tmp_path / "killed.incomplete.parquet"
+    lines = [l for l in res.stdout.splitlines() if "salvaged" in l]
+    assert len(lines) == 1 and lines[0].startswith(f"salvaged {salvaged}: "), res.stdout
+    assert f"(the writer, pid {proc.pid}, was killed)" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed.incomplete.parquet", "state"]
+    assert list((state / "writing").glob("*.json")) == []
+    t = analysis.load(salvaged)
+    assert t.meta["incomplete"] is True and f"(pid {proc.pid}) was killed" in t.meta["incomplete_reason"]
+    assert t.meta["kind"] == "capture" and t.meta["selection"]["asked"] == {"pods": ["pod-1-1"]}
+    assert t.meta["events"] == len(t.events) > 0 and len(t.packets) > 0
+    assert (t.packets["status"] == "delivered").all()
+
+
 def test_flow_save_round_trip_and_incident_notebook(lab, tmp_path):
     f = tmp_path / "flow.parquet"
     src = pod(lab, "pod-1-1")

@@ -15,15 +15,15 @@ from pathlib import Path
 
 from tests.integration.lab_fixture import lab  # noqa: F401
 from tests.integration.test_flow import wait_no_programs
-from tracer import bpfprog, probes
+from tracer import bpfprog, ownership, probes, tcattach
 from tracer.config import FlowConfig
 from tracer.trace import run_flow
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def cli(lab, *args, timeout=60):
-    env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"])
+def cli(lab, *args, timeout=60, **extra):
+    env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"], **extra)
     return subprocess.run([sys.executable, "-m", "tracer.cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=ROOT)
 
@@ -110,8 +110,8 @@ def test_foreign_filter_untouched(lab):
         subprocess.run(["tc", "-n", node, "qdisc", "del", "dev", dev, "clsact"])
 
 
-def _start_long_flow(lab):
-    env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"], PODTRACE_FLOW_MODE="agents")
+def _start_long_flow(lab, **extra):
+    env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"], PODTRACE_FLOW_MODE="agents", **extra)
     return subprocess.Popen([sys.executable, "-m", "tracer.cli", "flow", "pod-1-1", "pod-2-1", "--no-probe",
                              "--duration", "60"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -162,6 +162,88 @@ def test_sigkill_of_the_coordinator_agents_clean_up(lab):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _all_ours(lab) -> dict:
+    """Our filter names on every device of the lab's nodes."""
+    out = {}
+    for n in lab["nodes"]:
+        links = subprocess.run(["ip", "-n", n["netns"], "-o", "link"], capture_output=True, text=True).stdout
+        for line in links.splitlines():
+            dev = line.split(": ")[1].split("@")[0]
+            if names := tcattach.ours(n["netns"], dev):
+                out[(n["netns"], dev)] = sorted(names)
+    return out
+
+
+def test_cleanup_goes_by_the_owner_named_in_each_filter(lab, tmp_path):
+    """Each filter names its owner (pid and start time). A `cleanup` that cannot see a
+    running flow's state file (another PODTRACE_STATE_DIR) leaves that flow's filters alone;
+    filters whose pid is dead, or now names another process, are removed — with the clsact
+    qdiscs their owner added, found by the names alone."""
+    from bcc import BPF
+
+    before = lab_tc_state(lab)
+    run_state, other_state = str(tmp_path / "run-state"), str(tmp_path / "cleanup-state")
+    (tmp_path / "run-state").mkdir()      # the lab's own state (under the state dir) is shared
+    (tmp_path / "run-state" / lab["prefix"]).symlink_to(lab["state_dir"])
+    node_ns, dev = lab["nodes"][0]["netns"], "cni0"
+    proc = _start_long_flow(lab, PODTRACE_STATE_DIR=run_state)
+    forged = BPF(text="int forged_obs(struct __sk_buff *skb) { return -1; }")
+    ipr = tcattach._ipr(node_ns)
+    ifindex = ipr.link_lookup(ifname=dev)[0]
+    try:
+        _wait_attached(lab, proc, before)
+        during, deadline = None, time.monotonic() + 30
+        while during != (now := _all_ours(lab)) or (node_ns, dev) not in now:   # every agent attached
+            assert proc.poll() is None and time.monotonic() < deadline, now
+            during = now
+            time.sleep(0.5)
+        owners = {tcattach.owner_of(n) for names in during.values() for n in names}
+        assert None not in owners and all(ownership.alive(pid, start) for pid, start in owners), owners
+        # forged filters of other owners, beside the flow's on node-1/cni0
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        me, my_start = ownership.me()
+        names = {"dead": tcattach.filter_name("ingress", gone.pid, 123),
+                 "reused": tcattach.filter_name("ingress", 1, ownership.start_time(1) + 1),
+                 "live": tcattach.filter_name("ingress", me, my_start)}
+        fd = forged.load_func(b"forged_obs", BPF.SCHED_CLS).fd
+        for prio, name in zip((40001, 40002, 40003), names.values()):
+            ipr.tc("add-filter", "bpf", ifindex, ":1", fd=fd, name=name, parent=tcattach.PARENT["ingress"],
+                   classid=1, direct_action=True, prio=prio)
+
+        res = cli(lab, "cleanup", PODTRACE_STATE_DIR=other_state)
+        assert res.returncode == 0, res.stderr
+        assert f"removed tc filter {names['dead']} on {node_ns}/{dev}" in res.stdout, res.stdout
+        assert f"removed tc filter {names['reused']} on {node_ns}/{dev}" in res.stdout, res.stdout
+        after = _all_ours(lab)
+        want = dict(during)
+        want[(node_ns, dev)] = sorted(during[(node_ns, dev)] + [names["live"]])
+        assert after == want, "a running podtrace's filters were touched"
+        assert proc.poll() is None
+        ipr.tc("del-filter", "bpf", ifindex, ":1", parent=tcattach.PARENT["ingress"], prio=40003)
+
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        time.sleep(0.5)
+        assert lab_tc_state(lab) != before
+        res = cli(lab, "cleanup", PODTRACE_STATE_DIR=other_state)     # no record of that run here
+        assert res.returncode == 0, res.stderr
+        assert _all_ours(lab) == {} and lab_tc_state(lab) == before, res.stdout
+        res = cli(lab, "cleanup", PODTRACE_STATE_DIR=run_state)       # its records: nothing left to do
+        assert res.returncode == 0 and "nothing left behind" in res.stdout, res.stdout
+        assert json.loads((tmp_path / "run-state" / "tc-attached.json").read_text()) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for prio in (40001, 40002, 40003):
+            with contextlib.suppress(Exception):
+                ipr.tc("del-filter", "bpf", ifindex, ":1", parent=tcattach.PARENT["ingress"], prio=prio)
+        ipr.close()
+        forged.cleanup()
+        cli(lab, "cleanup", PODTRACE_STATE_DIR=run_state)
+    wait_no_programs()
 
 
 def test_sampling_is_the_same_on_every_hop_and_node(lab):

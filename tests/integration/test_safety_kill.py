@@ -2,7 +2,8 @@
 (`kill PID`: the coordinator only) and SIGKILL (the whole group, then `podtrace cleanup`):
 afterwards nothing of ours remains — BPF programs and maps, tc filters, the clsact qdiscs we
 added, agent processes (they send the probes), `*.part` files of --save — and a --save file is
-complete or absent.
+complete or absent, or (SIGKILL while it is written) salvaged by `cleanup` as
+`FILE.incomplete.parquet`, which loads and is marked incomplete.
 
 The stages are reached with tracer/testhooks.py: PODTRACE_TEST_PAUSE=STAGE makes the process
 that reaches STAGE drop a marker file and sleep there, so the signal lands exactly there.
@@ -90,13 +91,15 @@ def _scenario(lab: dict, d: Path, stage: str, sig: str) -> dict:
             rec["save"] = "complete" if meta["events"] == len(df) else "inconsistent"
         except tracefile.TraceFileError as exc:
             rec["save"] = f"unreadable: {exc}"
-    rec["parts"] = {}
-    for part in d.glob("*.part"):
+    rec["parts"] = sorted(p.name for p in d.glob("*.part*"))      # FILE.part, FILE.part.tmp
+    rec["incomplete"] = {}
+    for p in d.glob("*.incomplete*.parquet"):
         try:
-            tracefile.load(part)
-            rec["parts"][part.name] = "loads as a trace"
-        except tracefile.TraceFileError:
-            rec["parts"][part.name] = "refused"
+            df, meta = tracefile.load(p)
+            rec["incomplete"][p.name] = (meta.get("incomplete"), meta.get("events") == len(df), len(df),
+                                         meta.get("incomplete_reason"))
+        except tracefile.TraceFileError as exc:
+            rec["incomplete"][p.name] = f"unreadable: {exc}"
     return rec
 
 
@@ -160,11 +163,16 @@ def test_interrupted_flow_leaves_nothing(runs, stage, sig):
     assert not our_filters(rec["after"]), f"tc filters left: {our_filters(rec['after'])}"
     assert rec["after"] == rec["before"], {k: (rec["before"].get(k), v) for k, v in rec["after"].items()
                                            if rec["before"].get(k) != v}
-    # The trace file: complete, or absent; a half-written one is only ever a refused `.part`.
+    # The trace file: complete, or absent — or, when a SIGKILL caught it half-written, what
+    # was written is salvaged by `cleanup` as FILE.incomplete.parquet, which loads and says it
+    # is incomplete. No unfinished file (`FILE.part`, `FILE.part.tmp`) remains.
     assert rec["save"] in (None, "complete"), rec["save"]
-    assert all(v == "refused" for v in rec["parts"].values()), rec["parts"]
-    if rec["parts"] and sig == "SIGKILL" and stage == "saving":
-        pytest.xfail("a SIGKILL while --save writes leaves FILE.part next to FILE (marked incomplete by its "
-                     "name, refused by the reader); `podtrace cleanup` cannot remove it: the path is not "
-                     "recorded under /run/podtrace")
     assert not rec["parts"], rec["parts"]
+    if sig == "SIGKILL" and stage == "saving":
+        assert rec["save"] == "complete" or rec["incomplete"], "the half-written trace vanished"
+        for name, got in rec["incomplete"].items():
+            assert name == "trace.incomplete.parquet" and not isinstance(got, str), (name, got)
+            incomplete, consistent, events, reason = got
+            assert incomplete is True and consistent and events > 0 and "was killed" in reason, got
+    else:
+        assert not rec["incomplete"], rec["incomplete"]
