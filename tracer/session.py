@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import contextlib
 import ctypes
 import ipaddress
 import signal
@@ -97,10 +98,7 @@ class TraceSession:
         self.loaded = bpfprog.load(self.config.ringbuf_pages, hooks=self.config.hooks)
         b = self.loaded.bpf
         try:
-            table = b["addrs"]
-            for a in sorted(set(self.config.addrs)):
-                key = table.Key(int.from_bytes(ipaddress.IPv4Address(a).packed, "little"))
-                table[key] = table.Leaf(1)
+            self.set_addrs(add=self.config.addrs)
             sel = 1 if self.config.match_either else 0
             if self.config.cidrs:
                 lpm = b["cidrs"]
@@ -130,6 +128,16 @@ class TraceSession:
             raise
         self.timings = dict(self.loaded.timings, start_s=time.monotonic() - t0)
         return self
+
+    def set_addrs(self, add=(), remove=()) -> None:
+        """Change the in-kernel address filter while tracing (a pod that appears or goes
+        during a capture). Takes effect for the next packet on every CPU."""
+        table = self.loaded.bpf["addrs"]
+        for a in sorted(set(remove) - set(add)):
+            with contextlib.suppress(KeyError):
+                del table[table.Key(int.from_bytes(ipaddress.IPv4Address(a).packed, "little"))]
+        for a in sorted(set(add)):
+            table[table.Key(int.from_bytes(ipaddress.IPv4Address(a).packed, "little"))] = table.Leaf(1)
 
     def set_guard(self, sample: int, budget: int) -> None:
         """Sampling and the per-second event budget; may change while tracing."""
