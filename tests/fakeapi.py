@@ -101,8 +101,9 @@ class FakeApi:
     """The server and its object store. Thread-safe; every change wakes the open watches."""
 
     def __init__(self, items: list[dict] | None = None, token: str | None = None,
-                 supports_cluster_ip_selector: bool = True):
+                 supports_cluster_ip_selector: bool = True, netns: str | None = None):
         self.token = token
+        self.netns = netns          # listen on the loopback of this (lab) namespace instead
         self.forbidden: set[str] = set()            # kinds that answer 403
         self.supports_cluster_ip_selector = supports_cluster_ip_selector
         self.requests: list[str] = []               # "GET /api/v1/pods?..." in order
@@ -195,7 +196,11 @@ class FakeApi:
         class Handler(_Handler):
             fake = api
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        from tracer import netns
+
+        # A socket keeps the namespace it was made in: so do the connections it accepts.
+        with netns.entered(self.netns) if self.netns else contextlib.nullcontext():
+            self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="fakeapi",
                                         daemon=True)

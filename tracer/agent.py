@@ -214,21 +214,12 @@ def _discover(d: dict) -> dict:
     from . import kube
 
     pod_ips = set(d.get("pod_ips", []))
-    host_ino = os.stat("/proc/self/ns/net").st_ino
+    host_ino, owners, uplinks = kube.local_pods(None, d.get("node_ips", []), cri=False)
     host = kube.NetnsRef(host_ino, "/proc/self/ns/net", pid=os.getpid())
     namespaces: dict[str, dict] = {str(host_ino): {"ips": kube._ns_addresses(host), "host": True}}
     netns_by_ip: dict[str, str] = {}
     devices = []
-    here = nodecheck.NodeRef("host", None)
-    links = nodecheck.links(here)
-    # The uplinks: where the routes to the other nodes and to the world go (asked of the
-    # routing table; no packet is sent). They lead to the network, never into a pod — a
-    # veth there means a node that is itself a container or a namespace (kind, the lab).
-    uplinks = [dev for ip in [*d.get("node_ips", []), "1.1.1.1"]
-               if (dev := nodecheck.route_get(here, ip).get("dev")) and dev in links and dev != "lo"]
-    for owner in kube.host_veth_owners(None, None, cri=False).values():
-        if not owner.netns_inode or owner.netns_inode == host_ino or owner.host_ifname in uplinks:
-            continue
+    for owner in owners.values():
         namespaces[str(owner.netns_inode)] = {"ips": owner.ips, "host": False}
         path = f"/proc/{owner.pid}/ns/net" if owner.pid else f"/run/netns/{owner.netns_name}"
         for ip in owner.ips:
@@ -236,6 +227,7 @@ def _discover(d: dict) -> dict:
                 netns_by_ip[ip] = path
         if set(owner.ips) & pod_ips:
             devices.append(owner.host_ifname)
+    links = nodecheck.links(nodecheck.NodeRef("host", None))
     devices += [n for n in ("cni0", "cbr0", "cilium_host", "cilium_net", "flannel.1", "cilium_vxlan",
                             "vxlan.calico", "tunl0") if n in links]
     devices += uplinks

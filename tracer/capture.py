@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from . import bpfprog, events, k8s, probes, tracefile, tracefs
-from .errors import BadInput, EnvironmentProblem
+from .errors import BadInput, EnvironmentProblem, PodtraceError
 from .events import HOOK_IDS
 
 MAX_ADDRS = 4096    # sizes of the kernel maps (bpf/podtrace.c)
@@ -82,6 +82,8 @@ class CaptureConfig:
     output: str
     duration: float | None = None       # None: until Ctrl-C / SIGTERM / stop event
     cluster: str | None = None
+    kubeconfig: str | None = None
+    context: str | None = None
     lab_prefix: str = field(default_factory=lambda: os.environ.get("PODTRACE_LAB_PREFIX", "ptlab"))
     row_group_events: int = tracefile.ROW_GROUP_EVENTS
     ringbuf_pages: int = 1024           # 4 MiB: captures see more traffic than one flow
@@ -275,6 +277,11 @@ class Spool:
         self._prev = np.zeros(0, dtype=np.uint64)
         self._batch: list[np.ndarray] = []
 
+    def widen(self, inodes) -> None:
+        """More namespaces in scope (a pod started on this node during the capture)."""
+        if self.scope is not None and len(inodes):
+            self.scope = np.union1d(self.scope, np.array(list(inodes), dtype=np.uint32))
+
     def add(self, arr: np.ndarray) -> None:
         if self.scope is not None and len(arr):
             keep = np.isin(arr["netns"], self.scope)
@@ -330,11 +337,107 @@ class _Stop:
 # ---------------------------------------------------------------------------------------
 # The run
 
-def _inventory(cfg: CaptureConfig) -> tuple[k8s.Inventory, dict | None]:
+def _inventory(cfg: CaptureConfig):
+    """(inventory, lab, live source): --cluster FILE, else the kubeconfig / in-cluster
+    config — listed, then watched for the whole capture (`source`, to stop) — else the lab."""
+    from . import kube
     from .config import FlowConfig
     from .trace import load_inventory
 
-    return load_inventory(FlowConfig(src="", dst="", cluster=cfg.cluster, lab_prefix=cfg.lab_prefix))
+    if not cfg.cluster:
+        ref = kube.find_config(cfg.kubeconfig, cfg.context)
+        if ref is not None:
+            conn = kube.connect(cfg.kubeconfig, cfg.context, ref=ref)
+            source = kube.ClusterSource(conn, cluster_streams(cfg.selection))
+            try:
+                inv = source.start()
+            except BaseException:
+                source.stop()
+                conn.close()
+                raise
+            return inv, None, source
+    inv, lab = load_inventory(FlowConfig(src="", dst="", cluster=cfg.cluster, lab_prefix=cfg.lab_prefix))
+    return inv, lab, None
+
+
+def cluster_streams(sel: Selection) -> list:
+    """What a capture lists and watches in a cluster: only what the selection names (a
+    namespace's pods, Services and slices; a Service's own objects and its namespace's pods;
+    a node's pods), so memory follows the selection, not the cluster. CIDRs, --all and the
+    empty selection (all pod traffic) need every pod and Service to name what they catch."""
+    from . import kube
+
+    S = kube.Stream
+    if sel.all_traffic or sel.cidrs or sel.empty():
+        return kube.cluster_streams()
+    out = []
+    for spec in sel.pods:
+        parts = spec.split("/")
+        if len(parts) > 2 or not all(parts):
+            return kube.cluster_streams()     # resolve() says what is wrong with it
+        ns, name = parts if len(parts) == 2 else ("default", parts[0])
+        out.append(S("Pod", ns, field_selector=f"metadata.name={name}"))
+    for ns in sel.namespaces:
+        out += [S("Pod", ns), S("Service", ns), S("EndpointSlice", ns)]
+    for spec in sel.services:
+        ns, name = _ns_of(spec)
+        out += [S("Service", ns, field_selector=f"metadata.name={name}"),
+                S("EndpointSlice", ns, label_selector=f"{kube.SERVICE_NAME_LABEL}={name}"), S("Pod", ns)]
+    for name in sel.nodes:
+        out += [S("Node", field_selector=f"metadata.name={name}"), S("Pod", field_selector=f"spec.nodeName={name}")]
+    return list(dict.fromkeys(out))
+
+
+class _Membership:
+    """A capture in a cluster follows its selection: when a pod it selects appears, moves
+    or goes, the kernel's address filter changes with it (applied from the capture loop,
+    never from the watch threads), and each change is recorded for the file."""
+
+    def __init__(self, source, sel: Selection, resolved: Resolved, session, local: "_LocalNode", spool: "Spool"):
+        self.source, self.sel, self.session, self.local, self.spool = source, sel, session, local, spool
+        self.addrs = set(resolved.addrs)
+        self.generation = source.generation
+        self.changes: list[list] = []
+        self.seen = dict(source.inventory.pods)
+        self.problem: str | None = None
+
+    def update(self, t_s: float) -> None:
+        if self.source.generation == self.generation:
+            return
+        with self.source.lock:
+            self.generation = self.source.generation
+            inv = self.source.inventory
+            try:
+                now = set(resolve(self.sel, inv).addrs)
+                self.problem = None
+            except BadInput as exc:   # e.g. the namespace has no pod left: keep the filter
+                if self.problem != exc.line():
+                    self.problem = exc.line()
+                    self.changes.append([round(t_s, 3), "unresolved", None, self.problem])
+                return
+            owner = {ip: key for ip, (kind, key) in inv.by_ip().items() if kind == "pod"}
+            added, removed = sorted(now - self.addrs), sorted(self.addrs - now)
+            self.seen.update(inv.pods)
+        if added and self.local.scope is not None:
+            with self.source.lock:
+                new_ns = self.local.refresh(self.source.inventory)
+            self.session.allow_netns(new_ns)
+            self.spool.widen(new_ns)
+        if added or removed:
+            self.session.set_addrs(add=added, remove=removed)
+            self.changes += [[round(t_s, 3), "added", ip, owner.get(ip)] for ip in added]
+            self.changes += [[round(t_s, 3), "removed", ip, self._was(ip)] for ip in removed]
+            self.addrs = now
+
+    def _was(self, ip: str) -> str | None:
+        return next((k for k, p in self.seen.items() if p.ip == ip), None)
+
+    def gone(self) -> list:
+        """Pods seen during the capture that are no longer in the inventory (their events
+        are still in the file and still need a name)."""
+        with self.source.lock:
+            current = set(self.source.inventory.pods)
+        return [p for k, p in self.seen.items() if k not in current]
 
 
 def _lab_devices(lab: dict) -> list[tuple[str, str]]:
@@ -353,20 +456,33 @@ def _lab_devices(lab: dict) -> list[tuple[str, str]]:
 def run_capture(cfg: CaptureConfig, progress: Callable[[dict], None] | None = None,
                 stop: threading.Event | None = None) -> CaptureResult:
     """Capture until cfg.duration passes, SIGINT/SIGTERM arrive or `stop` is set."""
-    from .session import SessionConfig, TraceSession
-    from .trace import placement_from_lab
-
     if os.geteuid() != 0:
         raise EnvironmentProblem("capturing needs root (CAP_BPF, CAP_SYS_ADMIN)", "run it again with sudo")
     if cfg.duration is not None and cfg.duration <= 0:
         raise BadInput("--duration must be positive", "e.g. --duration 30, or leave it out and stop with Ctrl-C")
     if cfg.row_group_events < 1024:
         raise BadInput("--row-group must be at least 1024 events")
+    inv, lab, source = _inventory(cfg)
+    try:
+        return _run(cfg, progress, stop, inv, lab, source)
+    finally:
+        if source is not None:
+            source.stop()
+            source.conn.close()
+
+
+def _run(cfg: CaptureConfig, progress, stop, inv, lab, source) -> CaptureResult:
+    from .session import SessionConfig, TraceSession
+    from .trace import placement_from_lab
+
     out = Path(cfg.output)
-    inv, lab = _inventory(cfg)
     sel = resolve(cfg.selection, inv)
     placement = placement_from_lab(lab)
     scope = set(placement.netns) if (lab and cfg.lab_scope and placement.netns) else None
+    local = None
+    if source is not None:
+        local = _LocalNode(inv, placement)
+        scope = local.scope
     drop_reasons = tracefs.drop_reasons()
     ct_names = bpfprog.ct_info_names()
     hooks, degraded = probes.select(probes.detect(), tc=cfg.tc)
@@ -387,7 +503,7 @@ def run_capture(cfg: CaptureConfig, progress: Callable[[dict], None] | None = No
         "drop_reasons": {str(k): v for k, v in drop_reasons.items()},
         "ct_info_names": {str(k): v for k, v in ct_names.items()},
         "hooks": [h.name for h in hooks], "degraded": degraded,
-        "scope": ({"lab": lab.get("prefix"), "netns": sorted(scope)} if scope else None),
+        "scope": ({"lab": lab.get("prefix") if lab else None, "netns": sorted(scope)} if scope else None),
         "started_ns": started_ns, "ringbuf_pages": cfg.ringbuf_pages, "row_group_events": cfg.row_group_events,
     }
     writer = tracefile.Writer(out, row_group_events=cfg.row_group_events, meta=start_meta)
@@ -398,9 +514,12 @@ def run_capture(cfg: CaptureConfig, progress: Callable[[dict], None] | None = No
     stopper = _Stop(stop)
     stopped_by = "duration"
     finished = False
+    members = None
     try:
         with stopper:
             session.start()
+            if source is not None:
+                members = _Membership(source, cfg.selection, sel, session, local, spool)
             if cfg.tc and lab and any(h.kind == "tc" for h in hooks):
                 from . import tcattach
 
@@ -422,6 +541,8 @@ def run_capture(cfg: CaptureConfig, progress: Callable[[dict], None] | None = No
                 for chunk in sink.take():
                     spool.add(chunk)
                 now = time.monotonic()
+                if members is not None:
+                    members.update(now - t0)
                 if now >= next_report or now >= next_sample:
                     c = session.counters()
                     if now >= next_sample:
@@ -453,6 +574,7 @@ def run_capture(cfg: CaptureConfig, progress: Callable[[dict], None] | None = No
                 notes.append(f"{counters['lost']} events were lost (ring buffer full); the paths may have gaps")
             meta = {
                 **start_meta,
+                **(_final_cluster(source, members, lab) if members is not None else {}),
                 "locations": locations,
                 "started_mono_ns": t0_mono_ns, "stopped_ns": time.time_ns(), "duration_s": round(elapsed, 3),
                 "stopped_by": stopped_by,
@@ -473,6 +595,50 @@ def run_capture(cfg: CaptureConfig, progress: Callable[[dict], None] | None = No
     say(_live(elapsed, spool, counters, writer, cfg.duration, done=True))
     return CaptureResult(path, spool.events, spool.packets, spool.drops, counters, elapsed, stopped_by,
                          writer.row_groups, sel, notes)
+
+
+class _LocalNode:
+    """A capture in a cluster runs on a node: it traces this node's namespace and its pods'
+    (host veth → peer namespace; the uplinks excluded), and names the pods it recognises.
+    Other nodes sharing the kernel (kind, the lab) are not this node's to record. Without a
+    veth-based CNI nothing is found and the whole kernel is traced (scope None)."""
+
+    def __init__(self, inv: k8s.Inventory, placement):
+        self.placement = placement
+        self.scope: set[int] | None = None
+        self.refresh(inv)
+
+    def refresh(self, inv: k8s.Inventory) -> list[int]:
+        """Look again (a pod started here since); the namespaces new to the scope."""
+        from . import kube
+
+        try:
+            host, owners, _ = kube.local_pods(inv, [n.ip for n in inv.nodes.values() if n.ip], cri=True)
+        except (PodtraceError, OSError):
+            return []
+        for o in owners.values():
+            if o.pod and o.pod in inv.pods:
+                self.placement.netns[o.netns_inode] = (inv.pods[o.pod].node, o.pod)
+        if not owners:
+            return []
+        found = {host} | {o.netns_inode for o in owners.values()}
+        if self.scope is None:
+            self.scope = found
+            return sorted(found)
+        new = sorted(found - self.scope)
+        self.scope.update(new)        # in place: the Spool filters by this very set
+        return new
+
+
+def _final_cluster(source, members: _Membership, lab) -> dict:
+    """The cluster as the capture ended, plus the pods that went during it, and the
+    selection's changes (t_s since the start, change, address, pod)."""
+    with source.lock:
+        out = tracefile.cluster_meta(source.inventory, lab)
+    out["pods"] += [{"key": p.key, "namespace": p.namespace, "name": p.name, "node": p.node, "ip": p.ip,
+                     "netns_inode": None, "gone": True} for p in members.gone()]
+    out["membership_changes"] = {"columns": ["t_s", "change", "ip", "pod"], "rows": members.changes}
+    return out
 
 
 def _asked(sel: Selection) -> dict:
@@ -528,13 +694,17 @@ def _command():
                   help="Trace file to write (default capture-YYYYmmdd-HHMMSS.parquet).")
     @click.option("--cluster", type=click.Path(dir_okay=False), default=None,
                   help="A `kubectl get nodes,pods,services,endpointslices -A -o json` file.")
+    @click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None,
+                  help="Kubeconfig (default: $KUBECONFIG, ~/.kube/config, in-cluster). The selection "
+                       "is watched: pods that appear or go during the capture are followed.")
+    @click.option("--context", default=None, help="Kubeconfig context (default: the current one).")
     @click.option("--tc", is_flag=True, help="Also observe the lab's devices with tc programs.")
     @click.option("--row-group", type=click.IntRange(1024, 10_000_000), default=tracefile.ROW_GROUP_EVENTS,
                   show_default=True, help="Events per Parquet row group (bounds memory).")
     @click.option("--ringbuf-pages", type=click.IntRange(8, 65536), default=1024, show_default=True,
                   help="Ring buffer size in pages (a power of two).")
     def capture(cidr, pods, namespaces, services, nodes, cidrs, ports, all_traffic, duration, output, cluster,
-                tc, row_group, ringbuf_pages):
+                kubeconfig, context, tc, row_group, ringbuf_pages):
         """Record the hop events of a selection of traffic to a Parquet trace file.
 
         Without a selection, all pod traffic (every node's pod CIDR and the Service IPs).
@@ -547,6 +717,7 @@ def _command():
           podtrace capture --pod default/pod-1-1 -w a.parquet   # one pod, until Ctrl-C
           podtrace capture --service default/web --port 80
           podtrace capture --node node-2 10.96.0.0/16
+          podtrace capture -n shop --kubeconfig ~/.kube/prod -d 600   # on a node
           podtrace analyze capture-*.parquet
         """
         import sys
@@ -558,7 +729,8 @@ def _command():
         out = output or time.strftime("capture-%Y%m%d-%H%M%S.parquet")
         cfg = CaptureConfig(Selection(list(pods), list(namespaces), list(services), list(nodes),
                                       list(cidr) + list(cidrs), list(ports), all_traffic),
-                            out, duration, cluster, row_group_events=row_group, ringbuf_pages=ringbuf_pages, tc=tc)
+                            out, duration, cluster, kubeconfig=kubeconfig, context=context,
+                            row_group_events=row_group, ringbuf_pages=ringbuf_pages, tc=tc)
         err = Console(stderr=True)
         if err.is_terminal:
             with err.status("starting capture") as status:

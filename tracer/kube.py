@@ -1083,6 +1083,31 @@ def host_veth_owner(ifname: str, inv: k8s.Inventory | None = None, node_netns: s
     return got[ifname]
 
 
+def uplinks(node_ips: Iterable[str] = ()) -> list[str]:
+    """The devices this namespace reaches the other nodes and the world by (asked of the
+    routing table; no packet is sent). They lead to the network, never into a pod — a veth
+    there means a node that is itself a container or a namespace (kind, the lab)."""
+    from . import nodecheck
+
+    here = nodecheck.NodeRef("host", None)
+    links = nodecheck.links(here)
+    out = [dev for ip in [*node_ips, "1.1.1.1"]
+           if (dev := nodecheck.route_get(here, ip).get("dev")) and dev in links and dev != "lo"]
+    return list(dict.fromkeys(out))
+
+
+def local_pods(inv: k8s.Inventory | None = None, node_ips: Iterable[str] = (), cri: bool = False,
+               ) -> tuple[int, dict[str, VethOwner], list[str]]:
+    """This node as seen from its own namespace: (its netns inode, host veth → owner for
+    every pod namespace hanging off it, the uplinks). Pods of other nodes that share the
+    kernel (kind, the lab) are not behind this namespace's veths, so they are not here."""
+    ups = uplinks(node_ips)
+    host_ino = os.stat("/proc/thread-self/ns/net").st_ino
+    owners = {name: o for name, o in host_veth_owners(inv, None, cri=cri).items()
+              if o.netns_inode and o.netns_inode != host_ino and name not in ups}
+    return host_ino, owners, ups
+
+
 def pod_netns_inodes(inv: k8s.Inventory, node_netns: str | None = None, cri: bool = True) -> dict[int, str]:
     """netns inode → "ns/pod" for the pods of this node: what BPF events carry, so hops
     inside a pod's namespace can be named on a real node."""

@@ -117,9 +117,7 @@ class TraceSession:
             cfg[cfg.Key(0)] = cfg.Leaf(sel)
             self.set_guard(self.config.sample, self.config.budget)
             if self.config.netns:
-                allow = b["netns_allow"]
-                for inum in self.config.netns:
-                    allow[allow.Key(inum)] = allow.Leaf(1)
+                self.allow_netns(self.config.netns)
                 ncfg = b["netns_cfg"]
                 ncfg[ncfg.Key(0)] = ncfg.Leaf(1)
             b["events"].open_ring_buffer(self.sink)
@@ -138,6 +136,13 @@ class TraceSession:
                 del table[table.Key(int.from_bytes(ipaddress.IPv4Address(a).packed, "little"))]
         for a in sorted(set(add)):
             table[table.Key(int.from_bytes(ipaddress.IPv4Address(a).packed, "little"))] = table.Leaf(1)
+
+    def allow_netns(self, inodes) -> None:
+        """Add network namespaces to the kernel's namespace filter (one that appeared while
+        tracing: a pod started on this node). Only meaningful with config.netns set."""
+        allow = self.loaded.bpf["netns_allow"]
+        for inum in inodes:
+            allow[allow.Key(int(inum))] = allow.Leaf(1)
 
     def set_guard(self, sample: int, budget: int) -> None:
         """Sampling and the per-second event budget; may change while tracing."""

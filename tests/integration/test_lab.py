@@ -246,7 +246,11 @@ def test_inventory_deserializes_and_matches_status(lab):
         assert k.status.pod_ip == p["ip"] and [x.ip for x in _attr(k.status, "pod_ips", "pod_i_ps")] == [p["ip"]]
         assert k.status.host_ip == node(lab, p["node"])["ip"]
         assert k.status.phase == "Running"
+        h = k.metadata.labels.pop("pod-template-hash")
         assert k.metadata.labels == {"app": p["name"], "podtrace-lab": "true"}
+        # each lab pod is the one replica of a Deployment of its own name
+        [owner] = k.metadata.owner_references
+        assert (owner.kind, owner.name, owner.controller) == ("ReplicaSet", f"{p['name']}-{h}", True)
         ports = {(cp.container_port, cp.protocol) for c in k.spec.containers for cp in c.ports}
         assert ports == {(p["tcp_port"], "TCP"), (p["udp_port"], "UDP")}
 
