@@ -95,17 +95,22 @@ def test_truncated(tmp_path, good_files, comp, cut):
 @SETTINGS
 @given(comp=st.sampled_from(["zstd", "none"]), data=st.data())
 def test_damaged(tmp_path, good_files, comp, data):
-    raw = bytearray(good_files[comp])
+    p = tmp_path / "d.parquet"
+    p.write_bytes(_damage(good_files[comp], data, overwrite=True))
+    _check(p)
+
+
+def _damage(good: bytes, data, overwrite: bool) -> bytes:
+    """1 to 4 flipped bits (or, with `overwrite`, overwritten byte runs) anywhere."""
+    raw = bytearray(good)
     for _ in range(data.draw(st.integers(1, 4))):
         at = data.draw(st.integers(0, len(raw) - 1))
-        if data.draw(st.booleans()):
+        if not overwrite or data.draw(st.booleans()):
             raw[at] ^= 1 << data.draw(st.integers(0, 7))
         else:
             chunk = data.draw(st.binary(min_size=1, max_size=12))
             raw[at:at + len(chunk)] = chunk[: len(raw) - at]
-    p = tmp_path / "d.parquet"
-    p.write_bytes(bytes(raw))
-    _check(p)
+    return bytes(raw)
 
 
 def test_not_a_file_kinds(tmp_path):
@@ -212,12 +217,8 @@ def test_cuts_of_a_stream_grow_by_whole_batches(tmp_path, good_streams):
 @SETTINGS
 @given(comp=st.sampled_from(["zstd", "none"]), data=st.data())
 def test_damaged_stream(tmp_path, good_streams, comp, data):
-    raw = bytearray(good_streams[comp])
-    for _ in range(data.draw(st.integers(1, 4))):
-        at = data.draw(st.integers(0, len(raw) - 1))
-        raw[at] ^= 1 << data.draw(st.integers(0, 7))
     p = tmp_path / "d.parquet.part"
-    p.write_bytes(bytes(raw))
+    p.write_bytes(_damage(good_streams[comp], data, overwrite=False))
     _check(p)
 
 
