@@ -302,6 +302,20 @@ def _record_running(a: dict) -> bool:
     return bool(pid) and pid != os.getpid() and ownership.alive(pid, a.get("start"))
 
 
+def forget_netns(names) -> int:
+    """Drop the records of attachments in namespaces that are gone (`lab down`): nothing is
+    left to remove there, whoever made them. Returns how many were dropped."""
+    names = set(names)
+    if not STATE_FILE.exists():
+        return 0
+    with _state_locked():
+        items = _load_state()
+        keep = [a for a in items if not (a.get("netns") in names and not netns_mod.exists(a["netns"]))]
+        if len(keep) != len(items):
+            _save_state(keep)
+    return len(items) - len(keep)
+
+
 def ours(ns: str | None, dev: str) -> list[str]:
     """Names of our filters on a device (for tests and `doctor`)."""
     ipr = _ipr(ns)

@@ -450,6 +450,11 @@ def _teardown(prefix: str, state_root: Path) -> list[str]:
         if still:
             raise EnvironmentProblem(f"could not delete network namespaces: {', '.join(still)}",
                                      "delete them with `ip netns del NAME`")
+        from .. import tcattach
+
+        forgotten = tcattach.forget_netns(names)   # records of tc filters that went with them
+        if forgotten:
+            removed.append(f"{forgotten} tc attachment record(s)")
     if lab_dir.exists():
         shutil.rmtree(lab_dir, ignore_errors=True)
         removed.append(f"state {lab_dir}")
