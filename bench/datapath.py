@@ -8,11 +8,12 @@ as fast as the sender can) for each variant:
 - nomatch:    a TraceSession whose filter holds two other pods (every packet of the flow is
               parsed and looked up, none matches)
 - match:      the filter holds both ends: every packet of the flow is an event on every
-              hop; the ring buffer is drained continuously by the session's sink (BCC
-              callback → numpy chunk); events lost are the kernel's `lost` counter
+              hop; the ring buffer is drained continuously by the session as it is
+              (tracer/ringbuf.py: batches from the mmap'd pages into numpy chunks); events
+              lost are the kernel's `lost` counter
 - nomatch_tc / match_tc: the same with tc clsact observers on the path's devices
-- match_mmap: `match` drained by bench/ringread.py (batches read from the mmap'd ring
-              buffer), the consumer proposed for tracer/session.py
+- match_callback: `match` drained by BCC's per-record callback (the session's reader
+              before tracer/ringbuf.py, and still off x86-64)
 - *_freefix, *_raw, *_fewreads: kernel-side changes to bpf/podtrace.c, built in memory
               by bench/bpfvariants.py (an early return in on_free; raw tracepoints, with
               freefix included; fewer kernel reads per hook); *_empty: rx/tx hooks that
@@ -40,11 +41,11 @@ import time
 import numpy as np
 
 import benchlib as L
-from tracer import events, probes
+from tracer import probes
 from tracer.session import SessionConfig, TraceSession, _Sink
 
-MODIFIERS = ("tc", "mmap", "freefix", "raw", "fewreads", "empty", "earlysample")
-DEFAULT = ["untraced", "nomatch", "match", "nomatch_tc", "match_tc", "match_mmap"]
+MODIFIERS = ("tc", "callback", "freefix", "raw", "fewreads", "empty", "earlysample")
+DEFAULT = ["untraced", "nomatch", "match", "nomatch_tc", "match_tc", "match_callback"]
 SRC, DST, OTHER_A, OTHER_B = "pod-1-1", "pod-2-1", "pod-1-2", "pod-2-2"
 TCP_PORT, UDP_PORT = 5201, 5202
 
@@ -86,13 +87,12 @@ class Tracer:
         self.sink = RecycledSink()
         self.session = TraceSession(SessionConfig(addrs=[L.pod(doc, p)["ip"] for p in ends], hooks=hooks,
                                                   ringbuf_pages=ringbuf_pages, netns=L.lab_inodes(doc), budget=0,
-                                                  sample=sample),
+                                                  sample=sample, batch_reader="callback" not in mods),
                                     sink=self.sink)
         with bpfvariants.patched(freefix=raw or "freefix" in mods, raw=raw, fewreads="fewreads" in mods,
                                  empty="empty" in mods, earlysample="earlysample" in mods):
             self.session.start()
         self.attacher = None
-        self.reader = None
         try:
             if raw:
                 bpfvariants.attach_raw(self.session.loaded.bpf)
@@ -101,31 +101,18 @@ class Tracer:
                 self.attacher = TcAttacher(self.session.loaded.bpf)
                 for ns, dev in path_devices(doc):
                     self.attacher.attach(ns, dev)
-            if "mmap" in mods:
-                from ringread import BatchSink, RingReader
-                table = self.session.loaded.bpf["events"]
-                self.reader = BatchSink(RingReader(table.map_fd, ringbuf_pages * 4096, events.EVENT_DTYPE),
-                                        chunk=65536)
         except BaseException:
             self.close()
             raise
 
     def poll(self, timeout_ms: int) -> None:
-        if self.reader is not None:
-            self.reader.poll(timeout_ms)
-            if self.reader.n > 60000:    # keep memory flat: this benchmark only counts
-                self.reader.take()
-        else:
-            self.session.poll(timeout_ms)
+        self.session.poll(timeout_ms)
 
     def drain(self) -> None:
-        if self.reader is not None:
-            self.reader.drain()
-        else:
-            self.session.drain()
+        self.session.drain()
 
     def drained(self) -> int:
-        return self.reader.total if self.reader is not None else self.sink.count()
+        return self.sink.count()
 
     def counters(self) -> dict:
         return self.session.counters()
@@ -146,9 +133,6 @@ class Tracer:
         if self.attacher is not None:
             self.attacher.close()
             self.attacher = None
-        if self.reader is not None:
-            self.reader.reader.close()
-            self.reader = None
         self.session.close()
 
 

@@ -4,20 +4,21 @@ Real packets cross the bench lab (UDP, 64-byte datagrams, pod-1-1 on node-1 → 
 node-2: about 12 hop events per packet) under a filter that matches them. Three consumers
 of the same ring buffer are compared:
 
-- sink:   tracer/session.py as it is: BCC `ring_buffer_poll` → libbpf → one Python
-          callback per record, memmove into a numpy chunk; `events.to_frame` on the chunks
-- ctypes: the plain BCC-tool way: one callback per record that decodes it with ctypes
-          (`ct.cast(data, POINTER(Event)).contents`, what `b["events"].event(data)` does)
-          into a tuple; a DataFrame from the tuples
-- mmap:   bench/ringread.py: the ring buffer's pages read directly, whole batches copied
-          into numpy with one slice assignment; `events.to_frame` on the batches
+- sink:     tracer/session.py as it is: the ring buffer's mmap'd pages read directly
+            (tracer/ringbuf.py), whole batches copied into numpy with one slice assignment;
+            `events.to_frame` on the chunks
+- callback: the session with `batch_reader=False` (what it did before, and still does off
+            x86-64): BCC `ring_buffer_poll` → libbpf → one Python callback per record,
+            memmove into a numpy chunk
+- ctypes:   the plain BCC-tool way: one callback per record that decodes it with ctypes
+            (`ct.cast(data, POINTER(Event)).contents`, what `b["events"].event(data)` does)
+            into a tuple; a DataFrame from the tuples
 
 Two measurements:
 
 1. drain: traffic fills a large ring buffer while nobody reads it; then the consumer
    empties it into a DataFrame. Events/s of the consumer alone (kernel → DataFrame), with
-   real kernel records and nothing lost. Also times to_frame alone, and the batched
-   to_frame prototype below (same frame, checked).
+   real kernel records and nothing lost. Also times to_frame alone.
 2. live: traffic at increasing offered rates while the consumer runs (the session's
    default 1 MiB ring buffer unless --ringbuf-pages), converting to DataFrames every
    0.25 s; events/s that reached a DataFrame and events lost, per rate. The highest rate
@@ -40,13 +41,12 @@ import numpy as np
 import pandas as pd
 
 import benchlib as L
-from ringread import BatchSink, RingReader
 from tracer import events, probes
 from tracer.session import SessionConfig, TraceSession, _Sink
 
 SRC, DST = "pod-1-1", "pod-2-1"
 PORT = 5203
-CONSUMERS = ["sink", "ctypes", "mmap"]
+CONSUMERS = ["sink", "callback", "ctypes"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -85,38 +85,6 @@ class CtypesSink:
 
 
 # ---------------------------------------------------------------------------------------
-# A batched to_frame (proposal for tracer/events.py): hash-based factorize instead of
-# sorting np.unique per address column, the 16-byte ifname keyed as one integer, and every
-# column built before one DataFrame constructor.
-
-def _cat(col: np.ndarray, name_of) -> pd.Categorical:
-    codes, uniq = pd.factorize(col, sort=False)
-    names = [name_of(v) for v in uniq]
-    if len(set(names)) != len(names):
-        return pd.Categorical(np.array(names, dtype=object)[codes])
-    return pd.Categorical.from_codes(codes.astype(np.int32), categories=names)
-
-
-def to_frame_batched(arr: np.ndarray) -> pd.DataFrame:
-    cols = {name: arr[name].astype(arr.dtype[name].newbyteorder("="))
-            for name in arr.dtype.names if arr.dtype[name].kind in "ui"}
-    raw = np.ascontiguousarray(arr["ifname"]).view("<u8").reshape(-1, 2)
-    with np.errstate(over="ignore"):
-        key = raw[:, 0] ^ (raw[:, 1] * np.uint64(0x9E3779B97F4A7C15))
-    codes, uniq = pd.factorize(key, sort=False)
-    first = np.full(len(uniq), -1, dtype=np.int64)
-    first[codes[::-1]] = np.arange(len(codes))[::-1]
-    names = [bytes(arr["ifname"][i]).decode("ascii", errors="replace") for i in first]
-    cols["ifname"] = (pd.Categorical.from_codes(codes.astype(np.int32), categories=names)
-                      if len(set(names)) == len(names) else pd.Categorical(np.array(names, dtype=object)[codes]))
-    for c in ("saddr", "daddr", "outer_saddr", "outer_daddr", "ct_orig_src", "ct_orig_dst",
-              "ct_reply_src", "ct_reply_dst"):
-        cols[c + "_str"] = _cat(cols[c], events._ip_name)
-    cols["hook_name"] = _cat(cols["hook"], lambda h: events.HOOKS.get(int(h), f"hook{int(h)}"))
-    return pd.DataFrame(cols, copy=False)
-
-
-# ---------------------------------------------------------------------------------------
 # A traced session with one of the consumers
 
 class Consumer:
@@ -126,30 +94,21 @@ class Consumer:
         self.sink = CtypesSink() if kind == "ctypes" else _Sink()
         self.session = TraceSession(SessionConfig(addrs=[src["ip"], dst["ip"]], ringbuf_pages=pages,
                                                   hooks=[probes.BY_NAME[n] for n in probes.DEFAULT_HOOKS],
-                                                  netns=L.lab_inodes(doc), budget=0), sink=self.sink)
+                                                  netns=L.lab_inodes(doc), budget=0,
+                                                  batch_reader=(kind == "sink")), sink=self.sink)
         self.session.start()
-        self.batch = None
+        if kind == "sink" and self.session.reader is None:
+            raise SystemExit("the session did not get its batch reader (not x86-64?)")
         self.done = 0          # events handed over as DataFrames
         self.frames = 0
-        if kind == "mmap":
-            table = self.session.loaded.bpf["events"]
-            self.batch = BatchSink(RingReader(table.map_fd, pages * 4096, events.EVENT_DTYPE), chunk=65536)
 
     def poll(self, timeout_ms: int) -> None:
-        if self.batch is not None:
-            self.batch.poll(timeout_ms)
-        else:
-            self.session.poll(timeout_ms)
+        self.session.poll(timeout_ms)
 
     def drain(self) -> None:
-        if self.batch is not None:
-            self.batch.drain()
-        else:
-            self.session.drain()
+        self.session.drain()
 
     def pending_array(self) -> np.ndarray:
-        if self.batch is not None:
-            return self.batch.take()
         arr = self.sink.array()
         self.sink.chunks = []      # handed over: start a fresh chunk (what capture's sink does)
         self.sink._new_chunk()
@@ -168,8 +127,6 @@ class Consumer:
         return self.session.counters()
 
     def close(self) -> None:
-        if self.batch is not None:
-            self.batch.reader.close()
         self.session.close()
 
 
@@ -208,13 +165,6 @@ def drain_once(doc: dict, kind: str, pages: int, fill_s: float) -> dict:
                "read_s": t2 - t1, "to_frame_s": t3 - t2, "total_s": t3 - t1,
                "events_per_s": n / (t3 - t1) if t3 > t1 else None,
                "read_events_per_s": n / (t2 - t1) if t2 > t1 else None}
-        if arr is not None and n:
-            t4 = time.perf_counter()
-            df2 = to_frame_batched(arr)
-            t5 = time.perf_counter()
-            pd.testing.assert_frame_equal(df, df2[df.columns], check_categorical=False)
-            out["to_frame_batched_s"] = t5 - t4
-            out["events_per_s_with_batched_to_frame"] = n / ((t2 - t1) + (t5 - t4))
         if n != k["emitted"]:
             out["mismatch"] = f"DataFrame has {n} rows, kernel emitted {k['emitted']}"
         return out
@@ -286,10 +236,6 @@ def main() -> None:
              "read_events_per_s": L.spread([x["read_events_per_s"] for x in rs], 0),
              "to_frame_s": L.spread([x["to_frame_s"] for x in rs]),
              "mismatches": [x["mismatch"] for x in rs if "mismatch" in x]}
-        if any("to_frame_batched_s" in x for x in rs):
-            d["to_frame_batched_s"] = L.spread([x.get("to_frame_batched_s") for x in rs])
-            d["events_per_s_with_batched_to_frame"] = L.spread(
-                [x.get("events_per_s_with_batched_to_frame") for x in rs], 0)
         out["drain"][kind] = d
         lv = [dict(x, events_per_s=round(x["events_per_s"])) for x in live[kind]]
         ok = [x for x in lv if x["lost"] == 0 and x["events"] == x["emitted"]]
@@ -302,12 +248,10 @@ def main() -> None:
             "sink_drain_events_per_s": dr["sink"]["events_per_s"]["median"],
             "sink_vs_ctypes": ratio(dr["sink"]["events_per_s"]["median"], dr["ctypes"]["events_per_s"]["median"]),
         }
-        if "mmap" in dr:
-            out["verdict"]["mmap_drain_events_per_s"] = dr["mmap"]["events_per_s"]["median"]
-            out["verdict"]["mmap_vs_ctypes"] = ratio(dr["mmap"]["events_per_s"]["median"],
-                                                     dr["ctypes"]["events_per_s"]["median"])
-            out["verdict"]["mmap_batched_to_frame_events_per_s"] = dr["mmap"].get(
-                "events_per_s_with_batched_to_frame", {}).get("median")
+        if "callback" in dr:
+            out["verdict"]["callback_drain_events_per_s"] = dr["callback"]["events_per_s"]["median"]
+            out["verdict"]["sink_vs_callback"] = ratio(dr["sink"]["events_per_s"]["median"],
+                                                       dr["callback"]["events_per_s"]["median"])
         out["verdict"]["live_max_zero_loss_events_per_s"] = {k: v["max_zero_loss_events_per_s"]
                                                              for k, v in out["live"].items()}
     out["targets"] = {"events_per_s": 1_000_000, "vs_per_event_callback": 5.0}

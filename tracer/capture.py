@@ -228,6 +228,18 @@ class CaptureSink:
         self.total += 1
         return -1 if len(self.full) * _CHUNK + self.n >= self.limit else 0
 
+    def room(self) -> np.ndarray:
+        """Where the batch reader puts the next records: none once `limit` are waiting."""
+        if self.n == _CHUNK:
+            self.full.append(self.cur)
+            self._new()
+        free = self.limit - self.pending()
+        return self.cur[self.n: self.n + max(0, free)]
+
+    def commit(self, n: int) -> None:
+        self.n += n
+        self.total += n
+
     def take(self) -> list[np.ndarray]:
         out, self.full = self.full, []
         if self.n:

@@ -97,14 +97,39 @@ def c_defines() -> dict[str, int]:
 
 
 def _categorical(col: np.ndarray, name_of) -> "pd.Categorical":
-    """A column of few distinct values → categorical strings, converting each value once."""
+    """A column of few distinct values → categorical strings, converting each value once.
+    Categories in value order (what np.unique gave), found by hashing (pd.factorize), not by
+    sorting the whole column."""
     import pandas as pd
 
-    uniq, inv = np.unique(col, return_inverse=True)
+    codes, uniq = pd.factorize(col, sort=True)
     names = [name_of(v) for v in uniq]
     if len(set(names)) != len(names):  # e.g. two byte strings decoding alike: fall back to plain
-        return pd.Categorical(np.array(names, dtype=object)[inv])
-    return pd.Categorical.from_codes(inv.reshape(-1).astype(np.int32), categories=names)
+        return pd.Categorical(np.array(names, dtype=object)[codes])
+    return pd.Categorical.from_codes(codes.astype(np.int32), categories=names)
+
+
+def _names_categorical(col: np.ndarray) -> "pd.Categorical":
+    """char[16] device names → categorical strings. The 16 bytes are two 64-bit halves:
+    each half is factorized (hashing), the pair of codes identifies the name exactly, and
+    the categories are put in byte order as np.unique on the names would."""
+    import pandas as pd
+
+    halves = np.ascontiguousarray(col).view("<u8").reshape(-1, 2)
+    ca, ua = pd.factorize(halves[:, 0])
+    cb, ub = pd.factorize(halves[:, 1])
+    codes, uniq = pd.factorize(ca.astype(np.int64) * max(len(ub), 1) + cb)
+    first = np.zeros(len(uniq), dtype=np.int64)
+    first[codes[::-1]] = np.arange(len(codes))[::-1]     # a row holding each distinct name
+    raw = [bytes(col[i]) for i in first]
+    order = sorted(range(len(raw)), key=raw.__getitem__)
+    rank = np.empty(len(order), dtype=np.int32)
+    rank[order] = np.arange(len(order), dtype=np.int32)
+    names = [raw[i].split(b"\0", 1)[0].decode("ascii", errors="replace") for i in order]
+    codes = rank[codes] if len(codes) else codes.astype(np.int32)
+    if len(set(names)) != len(names):
+        return pd.Categorical(np.array(names, dtype=object)[codes])
+    return pd.Categorical.from_codes(codes, categories=names)
 
 
 def _ip_name(v) -> str:
@@ -120,14 +145,14 @@ def decode(buf: bytes | memoryview | np.ndarray) -> pd.DataFrame:
 def to_frame(arr: np.ndarray) -> "pd.DataFrame":
     import pandas as pd
 
-    df = pd.DataFrame({name: arr[name].astype(arr.dtype[name].newbyteorder("="))
-                       for name in arr.dtype.names if arr.dtype[name].kind in "ui"})
-    df["ifname"] = _categorical(arr["ifname"], lambda b: b.decode("ascii", errors="replace"))
+    cols = {name: arr[name].astype(arr.dtype[name].newbyteorder("="))
+            for name in arr.dtype.names if arr.dtype[name].kind in "ui"}
+    cols["ifname"] = _names_categorical(arr["ifname"])
     for col in ("saddr", "daddr", "outer_saddr", "outer_daddr", "ct_orig_src", "ct_orig_dst",
                 "ct_reply_src", "ct_reply_dst"):
-        df[col + "_str"] = _categorical(arr[col].astype(np.uint32), _ip_name)
-    df["hook_name"] = _categorical(arr["hook"], lambda h: HOOKS.get(int(h), f"hook{int(h)}"))
-    return df
+        cols[col + "_str"] = _categorical(cols[col], _ip_name)
+    cols["hook_name"] = _categorical(cols["hook"], lambda h: HOOKS.get(int(h), f"hook{int(h)}"))
+    return pd.DataFrame(cols, copy=False)     # one constructor: no column-by-column inserts
 
 
 def empty_frame() -> pd.DataFrame:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import contextlib
 import ctypes
 import ipaddress
+import mmap
 import signal
 import threading
 import time
@@ -18,7 +19,7 @@ import numpy as np
 if TYPE_CHECKING:  # agents never import pandas: frames are made by the coordinator
     import pandas as pd
 
-from . import bpfprog, events
+from . import bpfprog, events, ringbuf
 
 COUNTER_NAMES = ["seen", "matched", "emitted", "lost", "truncated", "sampled_out", "over_budget"]
 _CHUNK = 4096  # events per numpy chunk
@@ -38,6 +39,8 @@ class SessionConfig:
     cidrs: list[str] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
     any_addr: bool = False
+    # read the ring buffer in batches from its mmap'd pages (tracer/ringbuf.py) where it can
+    batch_reader: bool = True
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
@@ -70,6 +73,15 @@ class _Sink:
         self.n += 1
         return 0
 
+    def room(self) -> np.ndarray:
+        """Where the next records go (the batch reader, tracer/ringbuf.py); `commit(n)` then."""
+        if self.n == _CHUNK:
+            self._new_chunk()
+        return self.cur[self.n:]
+
+    def commit(self, n: int) -> None:
+        self.n += n
+
     def array(self) -> np.ndarray:
         return _concat(self.chunks[:-1] + [self.cur[: self.n]])
 
@@ -92,6 +104,7 @@ class TraceSession:
     loaded: bpfprog.Loaded | None = None
     sink: _Sink = field(default_factory=_Sink)
     timings: dict[str, float] = field(default_factory=dict)
+    reader: ringbuf.RingReader | None = None
 
     def start(self) -> "TraceSession":
         t0 = time.monotonic()
@@ -120,7 +133,9 @@ class TraceSession:
                 self.allow_netns(self.config.netns)
                 ncfg = b["netns_cfg"]
                 ncfg[ncfg.Key(0)] = ncfg.Leaf(1)
-            b["events"].open_ring_buffer(self.sink)
+            self.reader = self._batch_reader(b)
+            if self.reader is None:
+                b["events"].open_ring_buffer(self.sink)
         except BaseException:
             self.close()
             raise
@@ -154,15 +169,48 @@ class TraceSession:
         g[g.Key(1)] = g.Leaf(per_cpu)
         self.config.sample, self.config.budget = max(1, int(sample)), int(budget)
 
+    def _batch_reader(self, b):
+        """The mmap reader where it can run (x86-64, a sink that takes batches), else None:
+        BCC's per-record callback then."""
+        if not (self.config.batch_reader and ringbuf.available() and hasattr(self.sink, "room")):
+            return None
+        try:
+            return ringbuf.RingReader(b["events"].map_fd, self.config.ringbuf_pages * mmap.PAGESIZE,
+                                      events.EVENT_DTYPE)
+        except (OSError, ValueError):
+            return None
+
     def poll(self, timeout_ms: int = 50) -> int:
         if self.loaded is None:
             return 0
-        self.loaded.bpf.ring_buffer_poll(timeout_ms)
+        if self.reader is not None:
+            self.reader.wait(timeout_ms)
+            self._fill()
+        else:
+            self.loaded.bpf.ring_buffer_poll(timeout_ms)
         return self.sink.count()
 
     def drain(self) -> None:
-        if self.loaded is not None:
+        if self.loaded is None:
+            return
+        if self.reader is not None:
+            self._fill()
+        else:
             self.loaded.bpf.ring_buffer_consume()
+
+    def _fill(self) -> None:
+        """Everything ready, as far as the sink has room (a full sink leaves the rest in the
+        ring, where the kernel counts what no longer fits as lost)."""
+        while True:
+            room = self.sink.room()
+            if not len(room):
+                return
+            before = int(self.reader.cons[0])
+            got = self.reader.consume(room)
+            if got:
+                self.sink.commit(got)
+            elif int(self.reader.cons[0]) == before:
+                return            # nothing committed yet (an empty ring, or a record being written)
 
     def counters(self) -> dict[str, int]:
         if self.loaded is None:
@@ -187,6 +235,9 @@ class TraceSession:
         return events.to_frame(self.sink.array())
 
     def close(self) -> None:
+        if self.reader is not None:
+            reader, self.reader = self.reader, None
+            reader.close()
         if self.loaded is not None:
             loaded, self.loaded = self.loaded, None
             loaded.close()

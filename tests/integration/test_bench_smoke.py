@@ -75,13 +75,14 @@ def test_datapath_quick(bench_lab):
 def test_pipeline_quick(bench_lab):
     doc = run_bench("pipeline.py", prefix=bench_lab)
     assert doc["benchmark"] == "pipeline"
-    assert set(doc["drain"]) == {"sink", "ctypes", "mmap"}
+    assert set(doc["drain"]) == {"sink", "callback", "ctypes"}
     for d in doc["drain"].values():
         _spread(d["events_per_s"])
         assert d["mismatches"] == []      # every emitted event reached the DataFrame
     for lv in doc["live"].values():
         assert lv["steps"] and "max_zero_loss_events_per_s" in lv
-    assert {"sink_drain_events_per_s", "sink_vs_ctypes", "mmap_drain_events_per_s"} <= set(doc["verdict"])
+    assert {"sink_drain_events_per_s", "sink_vs_ctypes", "callback_drain_events_per_s",
+            "sink_vs_callback"} <= set(doc["verdict"])
 
 
 def test_startup_quick(bench_lab):
