@@ -14,11 +14,11 @@ as fast as the sender can) for each variant:
 - nomatch_tc / match_tc: the same with tc clsact observers on the path's devices
 - match_callback: `match` drained by BCC's per-record callback (the session's reader
               before tracer/ringbuf.py, and still off x86-64)
-- *_freefix, *_raw, *_fewreads: kernel-side changes to bpf/podtrace.c, built in memory
-              by bench/bpfvariants.py (an early return in on_free; raw tracepoints, with
-              freefix included; fewer kernel reads per hook); *_empty: rx/tx hooks that
-              return at once (the cost of the hook itself); *_earlysample: sampled-out
-              packets leave before the skb is tracked
+- *_freefix, *_raw: kernel-side changes to bpf/podtrace.c, built in memory by
+              bench/bpfvariants.py (an early return in on_free; raw tracepoints, with
+              freefix included); *_empty: rx/tx hooks that return at once (the cost of
+              the hook itself). (`_fewreads` and `_earlysample`, measured here first, are
+              now part of bpf/podtrace.c.)
 - *_sN:       in-kernel sampling, 1 packet in N (SessionConfig.sample)
 
 Each round runs every variant once (A B C … A B C …); ratios are taken against the
@@ -44,7 +44,7 @@ import benchlib as L
 from tracer import probes
 from tracer.session import SessionConfig, TraceSession, _Sink
 
-MODIFIERS = ("tc", "callback", "freefix", "raw", "fewreads", "empty", "earlysample")
+MODIFIERS = ("tc", "callback", "freefix", "raw", "empty")
 DEFAULT = ["untraced", "nomatch", "match", "nomatch_tc", "match_tc", "match_callback"]
 SRC, DST, OTHER_A, OTHER_B = "pod-1-1", "pod-2-1", "pod-1-2", "pod-2-2"
 TCP_PORT, UDP_PORT = 5201, 5202
@@ -89,8 +89,7 @@ class Tracer:
                                                   ringbuf_pages=ringbuf_pages, netns=L.lab_inodes(doc), budget=0,
                                                   sample=sample, batch_reader="callback" not in mods),
                                     sink=self.sink)
-        with bpfvariants.patched(freefix=raw or "freefix" in mods, raw=raw, fewreads="fewreads" in mods,
-                                 empty="empty" in mods, earlysample="earlysample" in mods):
+        with bpfvariants.patched(freefix=raw or "freefix" in mods, raw=raw, empty="empty" in mods):
             self.session.start()
         self.attacher = None
         try:

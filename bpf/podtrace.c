@@ -129,6 +129,23 @@ static __always_inline int guarded(struct pkt *p) {
 #undef P_CTX
 #undef P_LOAD
 
+/* One read of the packet's headers, parsed from the stack (a third instance of the parser):
+   a packet whose headers do not fit in PT_BUF bytes takes the per-header reads instead. */
+#define PT_BUF 96
+#define SPAN_LEN (SKB_HEAD + 8 - SKB_PROTOCOL)
+static __always_inline int buf_load(const u8 *c, u32 off, void *dst, u32 len) {
+    if (off > PT_BUF || len > PT_BUF - off) return -1;
+    __builtin_memcpy(dst, c + (off & 127), len);
+    return 0;
+}
+#define P_(name) buf_##name
+#define P_CTX const u8 *
+#define P_LOAD(c, off, dst, len) buf_load((c), (off), (dst), (len))
+#include "parser.h"
+#undef P_
+#undef P_CTX
+#undef P_LOAD
+
 static __always_inline int addr_wanted(u32 *addr, u32 sel) {
     if (addrs.lookup(addr)) return 1;
     if (!(sel & SEL_CIDRS)) return 0;
@@ -276,9 +293,27 @@ static __always_inline int on_packet(void *ctx, const u8 *skb, const u8 *l3, u8 
     struct pkt p = {};
     u64 key = (u64)skb;
     count(C_SEEN);
+    // protocol, tail and head in one read of the span they share (where BTF lays them so)
+#if SKB_TAIL > SKB_PROTOCOL && SKB_HEAD > SKB_TAIL && SPAN_LEN <= 32
+    u8 span[32];
+    if (bpf_probe_read_kernel(span, SPAN_LEN, skb + SKB_PROTOCOL)) return 0;
+    if (*(u16 *)span != ETH_P_IP_BE) return 0;
+    const u8 *head_ = *(const u8 **)(span + (SKB_HEAD - SKB_PROTOCOL));
+    u32 tail_ = *(u32 *)(span + (SKB_TAIL - SKB_PROTOCOL));
+    u32 avail = 0;
+    if (head_ && l3 >= head_ && (u64)(l3 - head_) < tail_) avail = tail_ - (u32)(l3 - head_);
+#else
     if (skb_u16(skb, SKB_PROTOCOL) != ETH_P_IP_BE) return 0;
     u32 avail = linear_from(skb, l3);
-    int ok = kern_parse_packet(l3, 0, avail, &p);
+#endif
+    int ok = -1;
+    u8 pb[PT_BUF];
+    if (avail >= 20 && !bpf_probe_read_kernel(pb, PT_BUF, l3))
+        ok = buf_parse_packet(pb, 0, avail < PT_BUF ? avail : PT_BUF, &p);
+    if (ok < 0) {   // headers beyond PT_BUF, a failed read, or a bad packet: per-header reads
+        __builtin_memset(&p, 0, sizeof(p));
+        ok = kern_parse_packet(l3, 0, avail, &p);
+    }
     u32 *was = tracked.lookup(&key);
     if (ok < 0) {
         if (was) count(C_TRUNCATED);
@@ -291,6 +326,11 @@ static __always_inline int on_packet(void *ctx, const u8 *skb, const u8 *l3, u8 
     }
     u8 flags = 0;
     if (wanted(&p)) {
+        if (!was && !sampled_in(&p)) {   // sampled out: leave before tracking it
+            count(C_MATCHED);
+            count(C_SAMPLED_OUT);
+            return 0;
+        }
         if (!was) tracked.update(&key, &id);
     } else if (was) {
         flags = FLAG_FOLLOWED;

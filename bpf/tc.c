@@ -14,8 +14,11 @@
 
 // Which device a program runs on: one program serves many devices in many namespaces, and
 // in tc neither the netns cookie (it is the socket's, or init_net's) nor ifindex (per-netns)
-// tells them apart. So each attachment gets a tiny stub program with its own slot number;
-// the stub notes the slot in a per-CPU scratch map and tail-calls the shared program.
+// tells them apart. So each attachment is two filters at adjacent priorities: a tiny stub
+// with its own slot number, which notes slot + 1 in a per-CPU scratch map and lets the packet
+// go on (TC_ACT_UNSPEC), then the shared program, which takes the slot and clears it. Filters
+// of one hook run one after the other on one CPU, so the scratch holds this packet's slot.
+// (No tail call: a prog_array left behind by a killed run could outlive it in the kernel.)
 // User space fills tc_devs[slot] with the device's namespace inode and name.
 struct tc_dev {
     u32 inum;
@@ -23,17 +26,21 @@ struct tc_dev {
 };
 BPF_ARRAY(tc_devs, struct tc_dev, TC_SLOTS);
 BPF_PERCPU_ARRAY(tc_slot, u32, 1);
-BPF_PROG_ARRAY(tc_progs, 2);
 
-static __always_inline int tc_stub(struct __sk_buff *skb, u32 slot, u32 dir) {
-    u32 zero = 0;
-    tc_slot.update(&zero, &slot);
-    tc_progs.call(skb, dir);
-    return TC_ACT_UNSPEC_;   // the tail call failed: still only observe
+static __always_inline int tc_stub(struct __sk_buff *skb, u32 slot) {
+    u32 zero = 0, mark = slot + 1;
+    tc_slot.update(&zero, &mark);
+    return TC_ACT_UNSPEC_;   // on to the next filter: ours, the shared program
 }
 
 static __always_inline int on_tc(struct __sk_buff *skb, u8 hook) {
     struct pkt p = {};
+    u32 zero = 0, slot = 0;
+    u32 *mark = tc_slot.lookup(&zero);
+    if (mark) {             // take this packet's slot, and leave none for the next one
+        slot = *mark;
+        *mark = 0;
+    }
     count(C_SEEN);
     if (skb->protocol != ETH_P_IP_BE || skb->len < 14) return TC_ACT_UNSPEC_;
     if (tc_parse_packet(skb, 14, skb->len - 14, &p) < 0) return TC_ACT_UNSPEC_;
@@ -41,9 +48,8 @@ static __always_inline int on_tc(struct __sk_buff *skb, u8 hook) {
     // which is why it holds the Service's backends too.
     if (!wanted(&p)) return TC_ACT_UNSPEC_;
     count(C_MATCHED);
-    u32 zero = 0;
-    u32 *slot = tc_slot.lookup(&zero);
-    struct tc_dev *d = slot ? tc_devs.lookup(slot) : 0;
+    u32 idx = slot - 1;
+    struct tc_dev *d = slot ? tc_devs.lookup(&idx) : 0;
     if (d && !netns_ok(d->inum)) return TC_ACT_UNSPEC_;
     if (!guarded(&p)) return TC_ACT_UNSPEC_;
     struct event *e = events.ringbuf_reserve(sizeof(struct event));

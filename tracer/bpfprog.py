@@ -90,8 +90,8 @@ def tc_stubs() -> str:
     """One tiny program per (slot, direction): see bpf/tc.c for why."""
     out = ["/* generated: tc attachment stubs */"]
     for i in range(TC_SLOTS):
-        for d, idx in (("ingress", 0), ("egress", 1)):
-            out.append(f"int {tc_stub_name(i, d)}(struct __sk_buff *skb) {{ return tc_stub(skb, {i}, {idx}); }}")
+        for d in ("ingress", "egress"):
+            out.append(f"int {tc_stub_name(i, d)}(struct __sk_buff *skb) {{ return tc_stub(skb, {i}); }}")
     return "\n".join(out)
 
 

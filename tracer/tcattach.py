@@ -140,9 +140,7 @@ class TcAttacher:
         self._sched_cls = BPF.SCHED_CLS
         self._stub_name = tc_stub_name
         self.slots = TC_SLOTS
-        progs = bpf["tc_progs"]
-        for i, d in enumerate(PARENT):
-            progs[progs.Key(i)] = progs.Leaf(bpf.load_func(f"pt_tc_{d}".encode(), BPF.SCHED_CLS).fd)
+        self.main_fd = {d: bpf.load_func(f"pt_tc_{d}".encode(), BPF.SCHED_CLS).fd for d in PARENT}
         self.devs = bpf["tc_devs"]
         self.attached: list[Attachment] = []
         self.failed: list[str] = []
@@ -173,38 +171,35 @@ class TcAttacher:
             self.devs[self.devs.Key(slot)] = v
             added = not _has_clsact(ipr, ifindex)   # added below, once recorded
             for direction, parent in PARENT.items():
+                # Two adjacent free priorities: the slot stub, then the shared program
+                # (bpf/tc.c says why), after everyone else's filters.
                 used = {_prio(f) for f in _filters(ipr, ifindex, direction)}
                 prio = PREFERRED_PRIO
-                while prio in used:
+                while prio in used or prio + 1 in used:
                     prio += 1
-                att = Attachment(ns, dev, ifindex, direction, prio, added)
-                # Recorded before the kernel call: a SIGKILL in between still leaves a trace
-                # for `podtrace cleanup`.
-                self.attached.append(att)
-                with _state_locked():
-                    _save_state(_load_state() + [asdict(att)])
-                if added and direction == "ingress":
-                    ipr.tc("add", "clsact", ifindex)
-                fd = self.bpf.load_func(self._stub_name(slot, direction).encode(), self._sched_cls).fd
-                ipr.tc("add-filter", "bpf", ifindex, ":1", fd=fd,
-                       name=att.name, parent=parent, classid=1, direct_action=True, prio=prio)
+                stub_fd = self.bpf.load_func(self._stub_name(slot, direction).encode(), self._sched_cls).fd
+                for at, fd in ((prio, stub_fd), (prio + 1, self.main_fd[direction])):
+                    att = Attachment(ns, dev, ifindex, direction, at, added)
+                    # Recorded before the kernel call: a SIGKILL in between still leaves a
+                    # trace for `podtrace cleanup`.
+                    self.attached.append(att)
+                    with _state_locked():
+                        _save_state(_load_state() + [asdict(att)])
+                    if added and direction == "ingress" and at == prio:
+                        ipr.tc("add", "clsact", ifindex)
+                    ipr.tc("add-filter", "bpf", ifindex, ":1", fd=fd,
+                           name=att.name, parent=parent, classid=1, direct_action=True, prio=at)
                 testhooks.pause("attaching")
         finally:
             ipr.close()
 
     def close(self) -> None:
         mine = []
-        for a in self.attached:
+        for a in reversed(self.attached):     # the shared program before its stub
             _, pending = _remove(a.netns, a.dev, a.direction, a.prio, a.qdisc_added, name=a.name)
             if not pending:   # else the record stays: a later cleanup removes the qdisc we added
                 mine.append(asdict(a))
         self.attached.clear()
-        # Empty the tail-call array now: its entries hold the shared programs, and a
-        # prog_array left populated can outlive this process's fds for a while.
-        progs = self.bpf["tc_progs"]
-        for i in range(len(PARENT)):
-            with contextlib.suppress(Exception):
-                del progs[progs.Key(i)]
         with _state_locked():
             _save_state([x for x in _load_state() if x not in mine])
 

@@ -37,14 +37,16 @@ def tc_state(netns: str, dev: str) -> str:
     return "\n".join(out)
 
 
-def lab_tc_state(lab) -> dict:
-    state = {}
+def node_devices(lab):
+    """(node namespace, device) for every device of the lab's nodes."""
     for n in lab["nodes"]:
         links = subprocess.run(["ip", "-n", n["netns"], "-o", "link"], capture_output=True, text=True).stdout
         for line in links.splitlines():
-            dev = line.split(": ")[1].split("@")[0]
-            state[(n["netns"], dev)] = tc_state(n["netns"], dev)
-    return state
+            yield n["netns"], line.split(": ")[1].split("@")[0]
+
+
+def lab_tc_state(lab) -> dict:
+    return {(ns, dev): tc_state(ns, dev) for ns, dev in node_devices(lab)}
 
 
 def test_every_kprobe_program_passes_the_verifier():
@@ -166,14 +168,7 @@ def test_sigkill_of_the_coordinator_agents_clean_up(lab):
 
 def _all_ours(lab) -> dict:
     """Our filter names on every device of the lab's nodes."""
-    out = {}
-    for n in lab["nodes"]:
-        links = subprocess.run(["ip", "-n", n["netns"], "-o", "link"], capture_output=True, text=True).stdout
-        for line in links.splitlines():
-            dev = line.split(": ")[1].split("@")[0]
-            if names := tcattach.ours(n["netns"], dev):
-                out[(n["netns"], dev)] = sorted(names)
-    return out
+    return {(ns, dev): sorted(names) for ns, dev in node_devices(lab) if (names := tcattach.ours(ns, dev))}
 
 
 def test_cleanup_goes_by_the_owner_named_in_each_filter(lab, tmp_path):
