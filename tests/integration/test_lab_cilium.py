@@ -24,7 +24,7 @@ from tests.integration.lab_fixture import (
     tcp_ask, udp_ask,
 )
 from tests.integration.test_lab_scenarios import (
-    FAIL, OK, _ping, _ping_1_to_2, _sysctl, _works_while_broken, assert_restored, check_conntrack_full,
+    OK, _ping, _ping_1_to_2, _sysctl, break_check_fix, check_conntrack_full,
     check_conntrack_invalid, check_mtu, check_netpol, check_no_route, check_rp_filter, check_stale,
     check_svc, probe_mtu, probe_stale, probe_svc, probe_tcp_1_to_2, snapshot,
 )
@@ -374,21 +374,7 @@ def test_flannel_only_scenarios_are_refused(cil, name):
 @pytest.mark.parametrize("name", list(CILIUM_SCENARIOS))
 def test_break_then_fix(cil, name):
     probe, check, *pre = CILIUM_SCENARIOS[name]
-    pre_probe = pre[0] if pre else probe
-    assert pre_probe(cil, OK), f"{name}: traffic does not work before the break"
-    before = snapshot(cil)
-    out = scenarios.break_scenario(name, prefix=PREFIX)
-    try:
-        assert out.changed and out.show.startswith("podtrace flow ")
-        after_break = snapshot(cil, conntrack=name != "conntrack-full")
-        assert not _works_while_broken(probe, cil, name), f"{name}: traffic still works while broken"
-        check(cil)
-    finally:   # a failed check must not leave the lab broken for the next scenario
-        fixed = scenarios.fix_scenario(name, prefix=PREFIX)
-    assert fixed.changed
-    full = name == "conntrack-full"
-    assert_restored(before, None if full else after_break, snapshot(cil), table_was_full=full)
-    assert probe(cil, OK), f"{name}: traffic does not work after the fix"
+    break_check_fix(cil, PREFIX, name, probe, check, *pre)
 
 
 # ---------------------------------------------------------------------------------------

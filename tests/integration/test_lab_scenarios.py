@@ -433,35 +433,39 @@ def test_every_scenario_is_covered():
     assert sorted(SCENARIOS) == sorted(scenarios.names())
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
-def test_break_then_fix(sclab, name):
-    probe, check, *pre = SCENARIOS[name]
-    pre_probe = pre[0] if pre else probe
-    assert pre_probe(sclab, OK), f"{name}: traffic does not work before the break"
-    before = snapshot(sclab)
-
-    out = scenarios.break_scenario(name, prefix=PREFIX)
+def break_check_fix(doc: dict, prefix: str, name: str, probe, check, pre_probe=None) -> None:
+    """One scenario end to end on a lab: traffic works; `break` changes something and traffic
+    fails as the scenario says; `fix` restores every fact it changed (whatever a check said:
+    a failed check never leaves the lab broken for the next scenario); traffic works again."""
+    assert (pre_probe or probe)(doc, OK), f"{name}: traffic does not work before the break"
+    before = snapshot(doc)
+    out = scenarios.break_scenario(name, prefix=prefix)
     try:
         assert out.changed and out.changes and out.show.startswith("podtrace flow ")
-        assert name in scenarios.broken(PREFIX)
+        assert name in scenarios.broken(prefix)
         # The full table has a quarter million entries: list conntrack only where it is small.
-        after_break = snapshot(sclab, conntrack=name != "conntrack-full")
-        assert not _works_while_broken(probe, sclab, name), f"{name}: traffic still works while broken"
-        check(sclab)
-    finally:   # a failed check must not leave the lab broken for the next scenario
-        out = scenarios.fix_scenario(name, prefix=PREFIX)
+        after_break = snapshot(doc, conntrack=name != "conntrack-full")
+        assert not _works_while_broken(probe, doc, name), f"{name}: traffic still works while broken"
+        check(doc)
+    finally:
+        out = scenarios.fix_scenario(name, prefix=prefix)
     assert out.changed
-    assert name not in scenarios.broken(PREFIX)
-    after = snapshot(sclab)
+    assert name not in scenarios.broken(prefix)
     full = name == "conntrack-full"
-    assert_restored(before, None if full else after_break, after, table_was_full=full)
-    if name == "conntrack-full":
-        marked = subprocess.run(["ip", "netns", "exec", node(sclab, "node-1")["netns"], "conntrack",
+    assert_restored(before, None if full else after_break, snapshot(doc), table_was_full=full)
+    if full:
+        marked = subprocess.run(["ip", "netns", "exec", node(doc, "node-1")["netns"], "conntrack",
                                  "-L", "-m", str(scenarios.CT_FILL_MARK)], capture_output=True,
                                 text=True).stdout
         assert marked.strip() == ""
-    assert probe(sclab, OK), f"{name}: traffic does not work after the fix"
-    assert not (Path(sclab["state_dir"]) / scenarios.BROKEN_FILE).exists()
+    assert probe(doc, OK), f"{name}: traffic does not work after the fix"
+    assert not (Path(doc["state_dir"]) / scenarios.BROKEN_FILE).exists()
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_break_then_fix(sclab, name):
+    probe, check, *pre = SCENARIOS[name]
+    break_check_fix(sclab, PREFIX, name, probe, check, *pre)
 
 
 # ---------------------------------------------------------------------------------------
