@@ -35,6 +35,8 @@ def _touching(df, ip: str):
 def test_capture_follows_pods_that_come_and_go(tmp_path):
     with private_lab(PREFIX):
         node1 = f"{PREFIX}-node-1"
+        node1_ino, pod12_ino, pod21_ino = (os.stat(f"/run/netns/{PREFIX}-{x}").st_ino
+                                           for x in ("node-1", "pod-1-2", "pod-2-1"))
         api = FakeApi.from_lab(PREFIX, netns=node1)    # reachable from the node, on its loopback
         late = api.get("Pod", "default", "pod-1-2")
         api.delete("Pod", "default", "pod-1-2")
@@ -82,7 +84,8 @@ def test_capture_follows_pods_that_come_and_go(tmp_path):
     assert pods["default/pod-1-1"].get("gone") and "default/pod-1-2" in pods, "the file names both pods"
     assert not _touching(df, "10.244.2.2").size, "node-2's pods are not this node's to record"
     scope = set(meta["scope"]["netns"])
-    assert os.stat(f"/run/netns/{node1}").st_ino in scope if os.path.exists(f"/run/netns/{node1}") else True
+    # node-1 and every pod namespace behind its veths (known to the API or not); not node-2's
+    assert {node1_ino, pod12_ino} <= scope and pod21_ino not in scope, scope
     assert meta["inventory"].startswith("cluster http://127.0.0.1"), meta["inventory"]
 
 

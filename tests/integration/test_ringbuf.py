@@ -44,8 +44,10 @@ def test_batches_deliver_every_record_once(lab):
     assert counters["lost"] == 0, counters
     assert len(arr) == counters["emitted"], (len(arr), counters)
     assert len(arr) > 8 * 4096 // 136 * 3, "the ring did not wrap several times"
-    ts = arr["ts_ns"].astype(np.int64)
-    assert (np.diff(ts) >= 0).sum() >= len(ts) - 1 - 2 * 2, "records out of order"   # per-CPU reserve order
+    # ring order is reserve order: time order but for the odd pair two CPUs stamped and
+    # reserved in opposite orders (a batch copied twice or skipped fails the count above)
+    inversions = int((np.diff(arr["ts_ns"].astype(np.int64)) < 0).sum())
+    assert inversions <= 4, f"{inversions} records out of time order"
     assert set(np.unique(arr["proto"])) == {1}
 
 

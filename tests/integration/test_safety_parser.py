@@ -27,20 +27,14 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.integration.test_safety_common import lab_namespaces, node, pod, safe_lab  # noqa: F401
-from tracer import k8s, netns, probes, tcattach, trace
-from tracer.events import FLAG_DF, FLAG_FOLLOWED
+from tracer import k8s, netns, probe, probes, tcattach, trace
+from tracer.events import FLAG_DF
 from tracer.session import SessionConfig, TraceSession
 
 UDP, TCP, ICMP = 17, 6, 1
 
 
-def _csum(b: bytes) -> int:
-    if len(b) % 2:
-        b += b"\0"
-    s = sum(struct.unpack(f"!{len(b) // 2}H", b))
-    s = (s >> 16) + (s & 0xFFFF)
-    s += s >> 16
-    return ~s & 0xFFFF
+_csum = probe._checksum   # the one Internet checksum of the project
 
 
 def ipv4(src: str, dst: str, proto: int, payload: bytes, ident: int, *, opts: bytes = b"", frag: int = 0,

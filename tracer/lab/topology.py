@@ -491,21 +491,7 @@ def status_document(topo: Topology, pids: dict[str, int] | None = None) -> dict:
             }
             for p in topo.pods
         ],
-        "services": [
-            {
-                "namespace": s.namespace, "name": s.name, "cluster_ip": s.cluster_ip,
-                "ports": [
-                    {"name": port.name, "port": port.port, "target_port": port.target_port,
-                     "protocol": port.protocol, "chain": port.chain,
-                     "endpoint_chains": dict(port.endpoint_chains)}
-                    for port in s.ports
-                ],
-                "selector": dict(s.selector),
-                "backends": [b.key for b in s.backends],
-                "backend_ips": [b.ip for b in s.backends],
-            }
-            for s in topo.services
-        ],
+        "services": _status_services(topo),
     }
 
 
