@@ -120,6 +120,7 @@ class ExecProcess:
         self.stdout = _Pipe()
         self.stderr = _Pipe()
         self.returncode: int | None = None
+        self._hang_up = threading.Event()
         threading.Thread(target=self._pump, name=f"exec-{node}", daemon=True).start()
 
     def _drain(self) -> None:
@@ -132,6 +133,11 @@ class ExecProcess:
         problem = None
         try:
             while self.ws.is_open():
+                if self._hang_up.is_set():
+                    # Closing reads the server's close reply: done here, by the only thread
+                    # that reads the socket (two readers can leave one blocked for good).
+                    self.ws.close()
+                    break
                 self.ws.update(timeout=0.2)
                 self._drain()
         except Exception as exc:  # the connection broke: websocket-client raises several kinds
@@ -163,10 +169,8 @@ class ExecProcess:
         return self.returncode
 
     def hang_up(self) -> None:
-        try:
-            self.ws.close()
-        except Exception:  # already closed; hanging up is best effort
-            pass
+        """End the stream (the pump thread closes it within one update)."""
+        self._hang_up.set()
 
     def terminate(self) -> None:
         """No signals through exec: hanging up ends the agent's stdin, and an agent whose
