@@ -1,18 +1,18 @@
 """Kernel-side variants of bpf/podtrace.c, built in memory for measuring proposed changes
-(bench/datapath.py `*_freefix`, `*_raw`). Nothing here is used by the tracer, and the
+(bench/datapath.py `*_raw`, `*_empty`, `*_noprefilter`). Nothing here is used by the tracer, and the
 files in bpf/ are never modified: the variant text is produced from bpfprog.source() for
 the duration of one session's compile.
 
-- freefix: `on_free` (consume_skb/kfree_skb, hit for every skb freed on the machine)
-  returns before parsing the packet when the skb was never matched and the hook is
-  consume_skb: the parse result is not used on that path. Same events.
 - raw: the four hooks as raw tracepoints (`ctx->args[]` are the tracepoint's arguments)
   instead of perf-event tracepoints, which run the tracepoint's TP_fast_assign (copying
   the device name, a dozen skb fields) into a per-CPU buffer before calling the program.
   Same events (`network_offset` is recomputed from skb->network_header).
 - empty: the rx/tx hooks return at once (no events): the cost of the hook itself.
+- noprefilter: without the bit arrays in front of the `addrs` and `tracked` lookups
+  (`PT_NO_PREFILTER`): every packet pays both hash lookups, as before they were added.
 
-(`fewreads` and `earlysample`, measured here first, are now part of bpf/podtrace.c.)
+(`fewreads`, `earlysample` and `freefix` — on_free leaving early for a consumed skb never
+matched — measured here first, are now part of bpf/podtrace.c.)
 """
 
 from __future__ import annotations
@@ -21,11 +21,6 @@ import contextlib
 import re
 
 from tracer import bpfprog
-
-# the first statement after `was = tracked.lookup(&key);` inside on_free()
-FREE_RE = re.compile(r"(static __always_inline int on_free\([^)]*\) \{\n(?:[^\n]*\n)*?"
-                     r"\s*u(?:8|32) \*was = tracked\.lookup\(&key\);\n)")
-FREE_FIX = "    if (!was && hook != HOOK_DROP) return 0;   /* bench/bpfvariants.py freefix */\n"
 
 RAW_FUNCS = r"""
 /* bench/bpfvariants.py: raw tracepoint entry points */
@@ -57,15 +52,13 @@ RAW_ATTACH = [("netif_receive_skb", "rpt_rx"), ("net_dev_start_xmit", "rpt_tx"),
               ("kfree_skb", "rpt_kfree"), ("consume_skb", "rpt_consume")]
 
 
-def variant_text(text: str, freefix: bool, raw: bool, empty: bool = False) -> str:
+def variant_text(text: str, raw: bool, empty: bool = False, noprefilter: bool = False) -> str:
+    if noprefilter:
+        text = "#define PT_NO_PREFILTER 1   /* bench/bpfvariants.py noprefilter */\n" + text
     if empty:
         text, n = EMPTY_RE.subn(lambda m: m.group(1) + EMPTY_FIX, text)
         if n != 1:
             raise RuntimeError("bpf/podtrace.c changed: on_packet() was not found once")
-    if freefix:
-        text, n = FREE_RE.subn(lambda m: m.group(1) + FREE_FIX, text)
-        if n != 1:
-            raise RuntimeError("bpf/podtrace.c changed: on_free()'s tracked.lookup was not found once")
     if raw:
         # on_packet(ctx, skb, l3, hook) or, since the kprobes share it, (…, hook, aux, aux2)
         extra = ", 0, 0" if re.search(r"on_packet\([^)]*u8 hook, u32 aux, u64 aux2\)", text) else ""
@@ -76,12 +69,12 @@ def variant_text(text: str, freefix: bool, raw: bool, empty: bool = False) -> st
 
 
 @contextlib.contextmanager
-def patched(freefix: bool = False, raw: bool = False, empty: bool = False):
+def patched(raw: bool = False, empty: bool = False, noprefilter: bool = False):
     """Within this block bpfprog.source() returns the variant text."""
     orig = bpfprog.source
 
     def source(files=None):
-        return variant_text(orig(files), freefix, raw, empty)
+        return variant_text(orig(files), raw, empty, noprefilter)
     bpfprog.source = source
     try:
         yield

@@ -14,11 +14,11 @@ as fast as the sender can) for each variant:
 - nomatch_tc / match_tc: the same with tc clsact observers on the path's devices
 - match_callback: `match` drained by BCC's per-record callback (the session's reader
               before tracer/ringbuf.py, and still off x86-64)
-- *_freefix, *_raw: kernel-side changes to bpf/podtrace.c, built in memory by
-              bench/bpfvariants.py (an early return in on_free; raw tracepoints, with
-              freefix included); *_empty: rx/tx hooks that return at once (the cost of
-              the hook itself). (`_fewreads` and `_earlysample`, measured here first, are
-              now part of bpf/podtrace.c.)
+- *_noprefilter: without the bit arrays in front of the addrs/tracked hash lookups
+- *_raw, *_empty: kernel-side variants of bpf/podtrace.c built in memory by
+              bench/bpfvariants.py: raw tracepoints; rx/tx hooks that return at once (the
+              cost of the hook itself). (`_fewreads`, `_earlysample` and `_freefix`,
+              measured here first, are now part of bpf/podtrace.c.)
 - *_sN:       in-kernel sampling, 1 packet in N (SessionConfig.sample)
 
 Each round runs every variant once (A B C … A B C …); ratios are taken against the
@@ -44,7 +44,7 @@ import benchlib as L
 from tracer import probes
 from tracer.session import SessionConfig, TraceSession, _Sink
 
-MODIFIERS = ("tc", "callback", "freefix", "raw", "empty")
+MODIFIERS = ("tc", "callback", "raw", "empty", "noprefilter")
 DEFAULT = ["untraced", "nomatch", "match", "nomatch_tc", "match_tc", "match_callback"]
 SRC, DST, OTHER_A, OTHER_B = "pod-1-1", "pod-2-1", "pod-1-2", "pod-2-2"
 TCP_PORT, UDP_PORT = 5201, 5202
@@ -89,7 +89,8 @@ class Tracer:
                                                   ringbuf_pages=ringbuf_pages, netns=L.lab_inodes(doc), budget=0,
                                                   sample=sample, batch_reader="callback" not in mods),
                                     sink=self.sink)
-        with bpfvariants.patched(freefix=raw or "freefix" in mods, raw=raw, empty="empty" in mods):
+        with bpfvariants.patched(raw=raw, empty="empty" in mods,
+                                 noprefilter="noprefilter" in mods):
             self.session.start()
         self.attacher = None
         try:
@@ -172,7 +173,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--variants", default=",".join(DEFAULT))
-    ap.add_argument("--ringbuf-pages", type=int, default=256, help="the session default: 256 (1 MiB)")
+    ap.add_argument("--ringbuf-pages", type=int, default=1024, help="the session default: 1024 (4 MiB)")
     ap.add_argument("--bpf-stats", action="store_true",
                     help="also report ns per program run (turns the kernel's BPF run-time stats on while running)")
     ap.add_argument("--quick", action="store_true", help="1 round of 1 s, untraced/nomatch/match")

@@ -27,6 +27,18 @@ BPF_HASH(addrs, u32, u8, 4096);            // addresses under trace (network ord
 // address freed by a path no tracepoint sees, then reused, is not followed by mistake.
 BPF_TABLE("lru_hash", u64, u32, tracked, 65536);
 BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
+// Every packet on every hook asks two hash tables (is an address traced? is this skb
+// followed?) and almost always hears no. Two arrays answer most of those "no"s first, with
+// an inlined array read instead of a hash lookup: a clear bit / zero count means "certainly
+// not there", anything else means "ask the table". False "maybe"s only cost the lookup.
+// addr_bits: one bit per address hash, kept by user space with `addrs` (tracer/session.py
+// addr_bit_words computes the same slots). tracked_cnt: how many `tracked` entries hash to
+// each slot, counted here on insert and successful delete; LRU evictions leave a count too
+// high, never too low.
+#define ADDR_BITS_WORDS 1024               // 65536 bits
+#define TRACKED_SLOTS 4096
+BPF_ARRAY(addr_bits, u64, ADDR_BITS_WORDS);
+BPF_ARRAY(tracked_cnt, u32, TRACKED_SLOTS);
 BPF_ARRAY(config, u32, 2);                 // [0]: selection flags SEL_* (0 = both addresses in addrs)
 // Capture selections (tracer/capture.py): CIDRs and TCP/UDP ports, used only when their
 // SEL_* flag is set, so the flow's filter (flags 0 or 1) costs what it did.
@@ -146,8 +158,45 @@ static __always_inline int buf_load(const u8 *c, u32 off, void *dst, u32 len) {
 #undef P_CTX
 #undef P_LOAD
 
+static __always_inline int addr_maybe(u32 addr) {
+#ifdef PT_NO_PREFILTER
+    return 1;
+#else
+    u32 h = (addr * 2654435761u) >> 16;   // as addr_slot() in tracer/session.py
+    u32 w = h >> 6;
+    u64 *v = addr_bits.lookup(&w);
+    return v && ((*v >> (h & 63)) & 1);
+#endif
+}
+
+static __always_inline u32 *tracked_slot(u64 skb) {
+    u32 i = ((u32)(skb >> 8) * 2654435761u) >> 20;   // skbs are 256-byte aligned slab objects
+    return tracked_cnt.lookup(&i);
+}
+
+static __always_inline u32 *tracked_get(u64 *key) {
+#ifndef PT_NO_PREFILTER
+    u32 *c = tracked_slot(*key);
+    if (c && *c == 0) return 0;
+#endif
+    return tracked.lookup(key);
+}
+
+static __always_inline void track(u64 *key, u32 *id) {
+    u32 *c = tracked_slot(*key);
+    if (c) __sync_fetch_and_add(c, 1);    // before the entry exists: never a false "no"
+    tracked.update(key, id);
+}
+
+static __always_inline void untrack(u64 *key) {
+    if (tracked.delete(key) == 0) {
+        u32 *c = tracked_slot(*key);
+        if (c) __sync_fetch_and_add(c, (u32)-1);
+    }
+}
+
 static __always_inline int addr_wanted(u32 *addr, u32 sel) {
-    if (addrs.lookup(addr)) return 1;
+    if (addr_maybe(*addr) && addrs.lookup(addr)) return 1;
     if (!(sel & SEL_CIDRS)) return 0;
     struct cidr_key k = {.prefixlen = 32, .addr = *addr};
     return cidrs.lookup(&k) != 0;
@@ -287,41 +336,62 @@ static __always_inline u32 linear_from(const u8 *skb, const u8 *l3) {
     return tail - (u32)at;
 }
 
+#define NOT_IPV4 (-2)
+
+// Reads and parses the packet of an skb: NOT_IPV4 when skb->protocol is not IPv4, else the
+// parser's result (0, or -1 for a packet it would not read). `l3` is the network header;
+// 0 means head + `nh` (skb->network_header, at a free). protocol, tail and head come from one
+// read of the span they share (where BTF lays them so), the headers from one 96-byte read
+// parsed on the stack, with per-header reads as the fallback.
+static __always_inline int read_packet(const u8 *skb, const u8 *l3, u16 nh, struct pkt *p) {
+#if SKB_TAIL > SKB_PROTOCOL && SKB_HEAD > SKB_TAIL && SPAN_LEN <= 32
+    u8 span[32];
+    if (bpf_probe_read_kernel(span, SPAN_LEN, skb + SKB_PROTOCOL)) return NOT_IPV4;
+    if (*(u16 *)span != ETH_P_IP_BE) return NOT_IPV4;
+    const u8 *head_ = *(const u8 **)(span + (SKB_HEAD - SKB_PROTOCOL));
+    u32 tail_ = *(u32 *)(span + (SKB_TAIL - SKB_PROTOCOL));
+    if (!l3) {
+        if (!head_) return -1;
+        l3 = head_ + nh;
+    }
+    u32 avail = 0;
+    if (head_ && l3 >= head_ && (u64)(l3 - head_) < tail_) avail = tail_ - (u32)(l3 - head_);
+#else
+    if (skb_u16(skb, SKB_PROTOCOL) != ETH_P_IP_BE) return NOT_IPV4;
+    if (!l3) {
+        const u8 *head = (const u8 *)rd64(skb, SKB_HEAD);
+        if (!head) return -1;
+        l3 = head + nh;
+    }
+    u32 avail = linear_from(skb, l3);
+#endif
+    int ok = -1;
+    u8 pb[PT_BUF];
+    if (avail >= 20 && !bpf_probe_read_kernel(pb, PT_BUF, l3))
+        ok = buf_parse_packet(pb, 0, avail < PT_BUF ? avail : PT_BUF, p);
+    if (ok < 0) {   // headers beyond PT_BUF, a failed read, or a bad packet: per-header reads
+        __builtin_memset(p, 0, sizeof(*p));
+        ok = kern_parse_packet(l3, 0, avail, p);
+    }
+    return ok;
+}
+
 // The common path of every skb hook (tracepoints and kprobes): parse, filter, follow, emit.
 // `aux`/`aux2` carry a hook's extra (a netfilter verdict, a route error, a NAT type).
 static __always_inline int on_packet(void *ctx, const u8 *skb, const u8 *l3, u8 hook, u32 aux, u64 aux2) {
     struct pkt p = {};
     u64 key = (u64)skb;
     count(C_SEEN);
-    // protocol, tail and head in one read of the span they share (where BTF lays them so)
-#if SKB_TAIL > SKB_PROTOCOL && SKB_HEAD > SKB_TAIL && SPAN_LEN <= 32
-    u8 span[32];
-    if (bpf_probe_read_kernel(span, SPAN_LEN, skb + SKB_PROTOCOL)) return 0;
-    if (*(u16 *)span != ETH_P_IP_BE) return 0;
-    const u8 *head_ = *(const u8 **)(span + (SKB_HEAD - SKB_PROTOCOL));
-    u32 tail_ = *(u32 *)(span + (SKB_TAIL - SKB_PROTOCOL));
-    u32 avail = 0;
-    if (head_ && l3 >= head_ && (u64)(l3 - head_) < tail_) avail = tail_ - (u32)(l3 - head_);
-#else
-    if (skb_u16(skb, SKB_PROTOCOL) != ETH_P_IP_BE) return 0;
-    u32 avail = linear_from(skb, l3);
-#endif
-    int ok = -1;
-    u8 pb[PT_BUF];
-    if (avail >= 20 && !bpf_probe_read_kernel(pb, PT_BUF, l3))
-        ok = buf_parse_packet(pb, 0, avail < PT_BUF ? avail : PT_BUF, &p);
-    if (ok < 0) {   // headers beyond PT_BUF, a failed read, or a bad packet: per-header reads
-        __builtin_memset(&p, 0, sizeof(p));
-        ok = kern_parse_packet(l3, 0, avail, &p);
-    }
-    u32 *was = tracked.lookup(&key);
+    int ok = read_packet(skb, l3, 0, &p);
+    if (ok == NOT_IPV4) return 0;
+    u32 *was = tracked_get(&key);
     if (ok < 0) {
         if (was) count(C_TRUNCATED);
         return 0;
     }
     u32 id = packet_hash(&p);
     if (was && *was != id) {
-        tracked.delete(&key);   // the buffer was reused for another packet
+        untrack(&key);   // the buffer was reused for another packet
         was = 0;
     }
     u8 flags = 0;
@@ -331,7 +401,7 @@ static __always_inline int on_packet(void *ctx, const u8 *skb, const u8 *l3, u8 
             count(C_SAMPLED_OUT);
             return 0;
         }
-        if (!was) tracked.update(&key, &id);
+        if (!was) track(&key, &id);
     } else if (was) {
         flags = FLAG_FOLLOWED;
     } else {
@@ -358,25 +428,23 @@ int pt_tx(struct tp_net_dev_start_xmit *args) {
 
 static __always_inline int on_free(void *ctx, const u8 *skb, u8 hook, u64 location, u32 reason) {
     u64 key = (u64)skb;
-    u32 *was = tracked.lookup(&key);
+    u32 *was = tracked_get(&key);
+    // A buffer never matched that is consumed (delivered, not dropped): nothing to say, and
+    // this runs for every skb the machine frees, so it leaves before reading the packet.
+    if (!was && hook != HOOK_DROP) return 0;
     struct pkt p = {};
-    if (skb_u16(skb, SKB_PROTOCOL) != ETH_P_IP_BE) {
-        if (was) tracked.delete(&key);
+    int ok = read_packet(skb, 0, skb_u16(skb, SKB_NETWORK_HEADER), &p);
+    if (ok == NOT_IPV4) {
+        if (was) untrack(&key);
         return 0;
     }
-    const u8 *head = (const u8 *)rd64(skb, SKB_HEAD);
-    u16 nh = 0;
-    bpf_probe_read_kernel(&nh, sizeof(nh), skb + SKB_NETWORK_HEADER);
-    const u8 *l3 = head + nh;
-    u32 avail = linear_from(skb, l3);
-    int ok = kern_parse_packet(l3, 0, avail, &p);
     if (was && (ok < 0 || *was == packet_hash(&p))) {
-        tracked.delete(&key);
+        untrack(&key);
         emit(ctx, skb, &p, hook, ok < 0 ? FLAG_FOLLOWED : 0, location, reason);
         return 0;
     }
     if (was)
-        tracked.delete(&key);
+        untrack(&key);
     if (hook == HOOK_DROP && ok == 0 && wanted(&p)) {
         count(C_MATCHED);
         emit(ctx, skb, &p, hook, 0, location, reason);

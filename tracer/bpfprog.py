@@ -95,7 +95,7 @@ def tc_stubs() -> str:
     return "\n".join(out)
 
 
-def cflags(ringbuf_pages: int = 256) -> list[str]:
+def cflags(ringbuf_pages: int = 1024) -> list[str]:
     defs = dict(offsets())
     defs.update(events.c_defines())
     defs["RINGBUF_PAGES"] = ringbuf_pages
@@ -129,7 +129,7 @@ class Loaded:
         bpf.cleanup()
 
 
-def load(ringbuf_pages: int = 256, attach: bool = True, hooks: list | None = None) -> Loaded:
+def load(ringbuf_pages: int = 1024, attach: bool = True, hooks: list | None = None) -> Loaded:
     """Compile the files the hooks need and attach the tracepoint and kprobe hooks (tc
     programs are attached per device by tracer/tcattach.py). A kprobe that fails to attach
     is dropped silently here: probes.detect() already said why, and its fallback covers it.

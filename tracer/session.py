@@ -21,6 +21,28 @@ if TYPE_CHECKING:  # agents never import pandas: frames are made by the coordina
 
 from . import bpfprog, events, ringbuf
 
+ADDR_BITS_WORDS = 1024   # bpf/podtrace.c: 65536 bits
+
+
+def addr_key(a: str) -> int:
+    """An IPv4 address as the kernel's u32 key: network order read as a host integer."""
+    return int.from_bytes(ipaddress.IPv4Address(a).packed, "little")
+
+
+def addr_slot(a: str) -> int:
+    """The bit of `addr_bits` that bpf/podtrace.c addr_maybe() reads for an address."""
+    return ((addr_key(a) * 2654435761) & 0xFFFFFFFF) >> 16
+
+
+def addr_bit_words(addrs) -> dict[int, int]:
+    """The non-zero 64-bit words of `addr_bits` for a set of addresses."""
+    words: dict[int, int] = {}
+    for a in addrs:
+        h = addr_slot(a)
+        words[h >> 6] = words.get(h >> 6, 0) | (1 << (h & 63))
+    return words
+
+
 COUNTER_NAMES = ["seen", "matched", "emitted", "lost", "truncated", "sampled_out", "over_budget"]
 _CHUNK = 4096  # events per numpy chunk
 
@@ -29,7 +51,7 @@ _CHUNK = 4096  # events per numpy chunk
 class SessionConfig:
     addrs: list[str]
     match_either: bool = False       # False: both addresses of a packet must be under trace
-    ringbuf_pages: int = 256         # 1 MiB with 4 KiB pages
+    ringbuf_pages: int = 1024        # 4 MiB with 4 KiB pages: ~33 ms of 1 M events/s (1 MiB lost events at saturation)
     hooks: list | None = None        # probes.Hook list; None: the default tracepoints
     netns: list[int] | None = None   # keep events only from these namespace inodes (an agent's node)
     sample: int = 1                  # keep 1 packet in N (deterministic: same packets on every node)
@@ -105,6 +127,7 @@ class TraceSession:
     sink: _Sink = field(default_factory=_Sink)
     timings: dict[str, float] = field(default_factory=dict)
     reader: ringbuf.RingReader | None = None
+    traced: set[str] = field(default_factory=set)   # what `addrs` holds
 
     def start(self) -> "TraceSession":
         t0 = time.monotonic()
@@ -144,13 +167,29 @@ class TraceSession:
 
     def set_addrs(self, add=(), remove=()) -> None:
         """Change the in-kernel address filter while tracing (a pod that appears or goes
-        during a capture). Takes effect for the next packet on every CPU."""
-        table = self.loaded.bpf["addrs"]
-        for a in sorted(set(remove) - set(add)):
+        during a capture). Takes effect for the next packet on every CPU.
+
+        The `addr_bits` prefilter is kept in step: bits are set before an address enters
+        `addrs` and cleared only after it has left, so the kernel never reads a clear bit
+        for an address in the table."""
+        b = self.loaded.bpf
+        table, bits = b["addrs"], b["addr_bits"]
+        gone = set(remove) - set(add)
+        new = (self.traced - gone) | set(add)
+        before, after = addr_bit_words(self.traced), addr_bit_words(new)
+        both = {w: before.get(w, 0) | after.get(w, 0) for w in set(before) | set(after)}
+        for w, v in sorted(both.items()):
+            if v != before.get(w, 0):
+                bits[bits.Key(w)] = bits.Leaf(v)
+        for a in sorted(gone):
             with contextlib.suppress(KeyError):
-                del table[table.Key(int.from_bytes(ipaddress.IPv4Address(a).packed, "little"))]
+                del table[table.Key(addr_key(a))]
         for a in sorted(set(add)):
-            table[table.Key(int.from_bytes(ipaddress.IPv4Address(a).packed, "little"))] = table.Leaf(1)
+            table[table.Key(addr_key(a))] = table.Leaf(1)
+        for w, v in sorted(both.items()):
+            if after.get(w, 0) != v:
+                bits[bits.Key(w)] = bits.Leaf(after.get(w, 0))
+        self.traced = new
 
     def allow_netns(self, inodes) -> None:
         """Add network namespaces to the kernel's namespace filter (one that appeared while
