@@ -316,7 +316,10 @@ def check_br_netfilter(doc):
 def check_conntrack_full(doc):
     ns = node(doc, "node-1")["netns"]
     limit = _sysctl(ns, "net/netfilter/nf_conntrack_max")
-    assert _sysctl(ns, "net/netfilter/nf_conntrack_count") == limit
+    # Full, give or take the few slots freed since the fill (node-1's own short-lived entries
+    # expire, the probes above early-drop non-ASSURED ones): one CI run read 262128 of 262144.
+    count = int(_sysctl(ns, "net/netfilter/nf_conntrack_count"))
+    assert int(limit) - count <= int(limit) // 1000 + 16, (count, limit)
     with open("/proc/sys/net/netfilter/nf_conntrack_max") as f:  # the global value: untouched
         assert f.read().strip() == limit
     # Other nodes' tables are their own: traffic inside node-2 still works.
