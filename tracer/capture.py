@@ -86,7 +86,7 @@ class CaptureConfig:
     context: str | None = None
     lab_prefix: str = field(default_factory=lambda: os.environ.get("PODTRACE_LAB_PREFIX", "ptlab"))
     row_group_events: int = tracefile.ROW_GROUP_EVENTS
-    ringbuf_pages: int = 1024           # 4 MiB: captures see more traffic than one flow
+    ringbuf_pages: int = 1024           # 4 MiB, as every session; `--ringbuf-pages` for busier selections
     tc: bool = False                    # tc observers on the lab's devices (doubles events per hop)
     lab_scope: bool = True              # in the lab: only events from the lab's namespaces
     progress_every: float = 0.25

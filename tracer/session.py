@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # agents never import pandas: frames are made by the coordina
 
 from . import bpfprog, events, ringbuf
 
-ADDR_BITS_WORDS = 1024   # bpf/podtrace.c: 65536 bits
+SLOT_MULT = 2654435761   # the multiplier of bpf/podtrace.c's slot hashes (addr_maybe, tracked_slot)
 
 
 def addr_key(a: str) -> int:
@@ -31,7 +31,7 @@ def addr_key(a: str) -> int:
 
 def addr_slot(a: str) -> int:
     """The bit of `addr_bits` that bpf/podtrace.c addr_maybe() reads for an address."""
-    return ((addr_key(a) * 2654435761) & 0xFFFFFFFF) >> 16
+    return ((addr_key(a) * SLOT_MULT) & 0xFFFFFFFF) >> 16
 
 
 def addr_bit_words(addrs) -> dict[int, int]:
@@ -140,7 +140,7 @@ class TraceSession:
                 lpm = b["cidrs"]
                 for c in self.config.cidrs:
                     net = ipaddress.IPv4Network(c, strict=False)
-                    lpm[lpm.Key(net.prefixlen, int.from_bytes(net.network_address.packed, "little"))] = lpm.Leaf(1)
+                    lpm[lpm.Key(net.prefixlen, addr_key(str(net.network_address)))] = lpm.Leaf(1)
                 sel |= 4
             if self.config.ports:
                 pt = b["ports"]

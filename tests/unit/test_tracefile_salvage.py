@@ -5,6 +5,8 @@ running. Real writer processes, killed for real."""
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import subprocess
@@ -85,6 +87,24 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.stderr.close()
 
 
+@contextlib.contextmanager
+def _waiting_writer(out: Path, state: Path, limit: int):
+    """A writer that has written `limit` events and waits (alive) with its `.part` open;
+    killed with SIGKILL when the block ends."""
+    proc = _writer(out, state, limit=limit)
+    try:
+        _read_until(proc, lambda l: l == "waiting")
+        yield proc, Path(str(out) + ".part")
+    finally:
+        _kill(proc)
+
+
+def _python(state: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python ARGS` in another process, as a user would run podtrace beside the writer."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(state), capture_output=True, text=True,
+                          timeout=120)
+
+
 def _is_prefix(df) -> None:
     k = df["dport"].to_numpy().astype(np.int64) * 65536 + df["sport"].to_numpy().astype(np.int64)
     assert (k == np.arange(len(df))).all(), "the salvaged events are not a prefix of those written"
@@ -130,23 +150,16 @@ def test_sigkill_mid_way_then_cleanup_salvages_a_prefix(tmp_path, state):
 
 
 def test_live_writers_part_is_left_alone_and_loads(tmp_path, state):
-    out = tmp_path / "live.parquet"
-    proc = _writer(out, state, limit=3000)
-    try:
-        _read_until(proc, lambda l: l == "waiting")
-        part = Path(str(out) + ".part")
+    with _waiting_writer(tmp_path / "live.parquet", state, 3000) as (proc, part):
         before = part.read_bytes()
         # a concurrent cleanup, in another process, as the user runs it
-        res = subprocess.run([sys.executable, "-c", "from tracer import ownership; print(ownership.cleanup_writers())"],
-                             cwd=ROOT, env=_env(state), capture_output=True, text=True, timeout=120)
+        res = _python(state, "-c", "from tracer import ownership; print(ownership.cleanup_writers())")
         assert res.returncode == 0 and res.stdout.strip() == "[]", res
         assert part.read_bytes() == before and len(ownership.registered_writers()) == 1
         # the raw stream of a running writer loads, marked incomplete
         df, meta = tracefile.load(part)
         assert len(df) == 3000 and meta["incomplete"] is True and "being written" in meta["incomplete_reason"]
         _is_prefix(df)
-    finally:
-        _kill(proc)
     assert ownership.cleanup_writers()[0].startswith("salvaged ")
     assert tracefile.load(tmp_path / "live.incomplete.parquet")[1]["events"] == 3000
 
@@ -209,12 +222,8 @@ def test_records_naming_other_paths_are_dropped_not_followed(tmp_path, state):
 
 def test_writer_killed_before_its_first_batch(tmp_path, state):
     """Only the header on disk: salvaged as an empty, incomplete trace with its metadata."""
-    out = tmp_path / "early.parquet"
-    proc = _writer(out, state, limit=0)
-    try:
-        _read_until(proc, lambda l: l == "waiting")
-    finally:
-        _kill(proc)
+    with _waiting_writer(tmp_path / "early.parquet", state, 0):
+        pass
     lines = ownership.cleanup_writers()
     assert lines[0].startswith(f"salvaged {tmp_path / 'early.incomplete.parquet'}: 0 events"), lines
     df, meta = tracefile.load(tmp_path / "early.incomplete.parquet")
@@ -222,23 +231,15 @@ def test_writer_killed_before_its_first_batch(tmp_path, state):
 
 
 def test_analyze_says_a_trace_is_incomplete(tmp_path, state):
-    out = tmp_path / "a.parquet"
-    proc = _writer(out, state, limit=2000)
-    try:
-        _read_until(proc, lambda l: l == "waiting")
-        part = Path(str(out) + ".part")
-        res = subprocess.run([sys.executable, "-m", "tracer.cli", "analyze", str(part), "-o", "json"], cwd=ROOT,
-                             env=_env(state), capture_output=True, text=True, timeout=120)
-    finally:
-        _kill(proc)
+    with _waiting_writer(tmp_path / "a.parquet", state, 2000) as (_, part):
+        res = _python(state, "-m", "tracer.cli", "analyze", str(part), "-o", "json")
     assert res.returncode == 0, res.stderr
     warn = res.stderr.strip().splitlines()
     assert len(warn) == 1 and warn[0].startswith(f"podtrace: warning: {part} is an incomplete trace"), warn
     doc = json.loads(res.stdout)
     assert doc["incomplete"] and doc["summary"]
     ownership.cleanup_writers()
-    res = subprocess.run([sys.executable, "-m", "tracer.cli", "analyze", str(tmp_path / "a.incomplete.parquet")],
-                         cwd=ROOT, env=_env(state), capture_output=True, text=True, timeout=120)
+    res = _python(state, "-m", "tracer.cli", "analyze", str(tmp_path / "a.incomplete.parquet"))
     assert res.returncode == 0 and "incomplete trace" in res.stderr and "was killed" in res.stderr, res.stderr
 
 
