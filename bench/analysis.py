@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tracer import events  # noqa: E402
+from tracer.kernel import record as events  # noqa: E402
 
 IP = lambda s: int(ipaddress.IPv4Address(s))  # noqa: E731
 FABRIC, N1, N2 = 4026531001, 4026531002, 4026531003
@@ -236,7 +236,8 @@ def rss_mib() -> float:
 
 
 def bench_load(n: int) -> dict:
-    from tracer import analysis, tracefile
+    from tracer import tracefile
+    from tracer import analysis
 
     arr, m, truth = synth(n)
     with tempfile.TemporaryDirectory() as d:
@@ -275,7 +276,8 @@ def bench_writer(n: int, keep_all: bool = False) -> dict:
     capture.Spool into tracefile.Writer. One synthetic block is made once and replayed with
     shifted timestamps, so the figures are the writer's, not the generator's. keep_all=True
     holds every event in memory first (what a capture without row groups would need)."""
-    from tracer import capture, tracefile
+    from tracer import tracefile
+    from tracer.runs import capture
 
     block, _ = next(synth_blocks(100_000, seed=2))
     span = int(block["ts_ns"].max() - block["ts_ns"].min()) + 1_000_000

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tracer import netns  # noqa: E402
+from tracer.node import netns  # noqa: E402
 from tracer.lab import build  # noqa: E402
 from tracer.lab import topology as T  # noqa: E402
 

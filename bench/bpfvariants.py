@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import re
 
-from tracer import bpfprog
+from tracer.kernel import program as bpfprog
 
 RAW_FUNCS = r"""
 /* bench/bpfvariants.py: raw tracepoint entry points */

@@ -41,8 +41,8 @@ import time
 import numpy as np
 
 import benchlib as L
-from tracer import probes
-from tracer.session import SessionConfig, TraceSession, _Sink
+from tracer.kernel import hooks as probes
+from tracer.kernel.session import SessionConfig, TraceSession, _Sink
 
 MODIFIERS = ("tc", "callback", "raw", "empty", "noprefilter")
 DEFAULT = ["untraced", "nomatch", "match", "nomatch_tc", "match_tc", "match_callback"]
@@ -97,7 +97,7 @@ class Tracer:
             if raw:
                 bpfvariants.attach_raw(self.session.loaded.bpf)
             if self.tc:
-                from tracer.tcattach import TcAttacher
+                from tracer.kernel.tc import TcAttacher
                 self.attacher = TcAttacher(self.session.loaded.bpf)
                 for ns, dev in path_devices(doc):
                     self.attacher.attach(ns, dev)

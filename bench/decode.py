@@ -16,8 +16,10 @@ import time
 
 import numpy as np
 
-from tracer import events, flows, k8s
-from tracer.probe import ProbeResult
+from tracer.kernel import record as events
+from tracer.reconstruct import packets as flows
+from tracer.cluster import inventory as k8s
+from tracer.node.prober import ProbeResult
 
 
 def synth(n: int) -> np.ndarray:

@@ -41,8 +41,9 @@ import numpy as np
 import pandas as pd
 
 import benchlib as L
-from tracer import events, probes
-from tracer.session import SessionConfig, TraceSession, _Sink
+from tracer.kernel import record as events
+from tracer.kernel import hooks as probes
+from tracer.kernel.session import SessionConfig, TraceSession, _Sink
 
 SRC, DST = "pod-1-1", "pod-2-1"
 PORT = 5203

@@ -32,7 +32,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tracer import analysis, events, flows, k8s  # noqa: E402
+from tracer import analysis  # noqa: E402
+from tracer.kernel import record as events
+from tracer.reconstruct import packets as flows
+from tracer.cluster import inventory as k8s
 
 import decode as decode_bench  # noqa: E402
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tracer import k8s  # noqa: E402
+from tracer.cluster import inventory as k8s  # noqa: E402
 
 
 def items(n_pods: int, n_svcs: int, n_nodes: int) -> list[dict]:

@@ -80,8 +80,8 @@ def components(doc: dict, reps: int) -> dict:
     out = {
         "import_numpy_pandas_s": [fresh(t.format(body="import numpy, pandas")) for _ in range(reps)],
         "import_bcc_s": [fresh(t.format(body="import bcc")) for _ in range(reps)],
-        "import_tracer_trace_s": [fresh(t.format(body="import tracer.trace")) for _ in range(reps)],
-        "btf_offsets_fresh_process_s": [fresh("import time; from tracer import btf; t0 = time.monotonic(); "
+        "import_tracer_trace_s": [fresh(t.format(body="import tracer.runs.flow")) for _ in range(reps)],
+        "btf_offsets_fresh_process_s": [fresh("import time; from tracer.kernel import btf; t0 = time.monotonic(); "
                                               "btf.kernel_offsets(); print(time.monotonic() - t0)") for _ in range(reps)],
     }
     out["tc_attach_s"] = [tc_attach_time(doc) for _ in range(reps)]
@@ -91,9 +91,9 @@ def components(doc: dict, reps: int) -> dict:
 def tc_attach_time(doc: dict) -> float:
     """Attach and remove the tc observers on the flow's devices (what `flow` does per node)."""
     from datapath import path_devices
-    from tracer import probes
-    from tracer.session import SessionConfig, TraceSession
-    from tracer.tcattach import TcAttacher
+    from tracer.kernel import hooks as probes
+    from tracer.kernel.session import SessionConfig, TraceSession
+    from tracer.kernel.tc import TcAttacher
 
     hooks = [probes.BY_NAME[n] for n in probes.DEFAULT_HOOKS] + [probes.BY_NAME["tc:ingress"], probes.BY_NAME["tc:egress"]]
     with TraceSession(SessionConfig(addrs=[L.pod(doc, SRC)["ip"], L.pod(doc, DST)["ip"]], hooks=hooks,

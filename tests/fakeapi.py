@@ -196,7 +196,7 @@ class FakeApi:
         class Handler(_Handler):
             fake = api
 
-        from tracer import netns
+        from tracer.node import netns
 
         # A socket keeps the namespace it was made in: so do the connections it accepts.
         with netns.entered(self.netns) if self.netns else contextlib.nullcontext():

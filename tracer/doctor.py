@@ -7,8 +7,9 @@ import os
 import time
 from pathlib import Path
 
-from . import probes, tracefs
-from .errors import EnvironmentProblem, PodtraceError, missing_capabilities
+from tracer.kernel import hooks as probes
+from tracer.kernel import formats as tracefs
+from tracer.errors import EnvironmentProblem, PodtraceError, missing_capabilities
 
 # What flow needs (CAP_NET_RAW: ICMP probes, the default, use a raw socket).
 TRACE_CAPS = ("CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_NET_RAW")
@@ -49,7 +50,7 @@ def _mounted(path: str) -> bool:
 
 
 def _metadata() -> dict:
-    from .lab import build as labbuild
+    from tracer.lab import build as labbuild
 
     lab = labbuild.status(os.environ.get("PODTRACE_LAB_PREFIX", "ptlab"))
     kubeconfig = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
@@ -76,7 +77,7 @@ def _fentry() -> dict:
         import bcc
     except ImportError:
         return {"available": False, "reason": "BCC not importable"}
-    from .bpfprog import _quiet_stderr
+    from tracer.kernel.program import _quiet_stderr
 
     try:
         with _quiet_stderr():
@@ -106,7 +107,7 @@ def report(compile_test: bool = True) -> dict:
         problems.append({"problem": "no kernel BTF at /sys/kernel/btf/vmlinux",
                          "fix": "use a kernel built with CONFIG_DEBUG_INFO_BTF=y"})
     elif root:
-        from .btf import kernel_offsets
+        from tracer.kernel.btf import kernel_offsets
 
         try:
             offs = kernel_offsets()
@@ -138,7 +139,7 @@ def report(compile_test: bool = True) -> dict:
         problems.append({"problem": exc.message, "fix": exc.fix})
     compile_info = None
     if compile_test and root and bcc_info.get("importable") and not problems:
-        from . import bpfprog
+        from tracer.kernel import program as bpfprog
 
         t0 = time.monotonic()
         try:

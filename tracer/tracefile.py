@@ -34,8 +34,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import events, testhooks
-from .errors import BadInput
+from tracer import testhooks
+from tracer.kernel import record as events
+from tracer.errors import BadInput
 
 FORMAT_VERSION = 2
 META_KEY = b"podtrace"
@@ -124,7 +125,7 @@ def host_meta() -> dict:
 def cluster_meta(inv, lab: dict | None = None, placement: dict | None = None) -> dict:
     """Nodes, pods and Services of an inventory (k8s.Inventory), with the network-namespace
     inode of each when this machine has it (the lab)."""
-    from . import netns
+    from tracer.node import netns
 
     ns_of_pod = {f"{p['namespace']}/{p['name']}": p.get("netns") for p in (lab or {}).get("pods", [])}
     ns_of_node = {n["name"]: n.get("netns") for n in (lab or {}).get("nodes", [])}
@@ -160,12 +161,12 @@ def cluster_meta(inv, lab: dict | None = None, placement: dict | None = None) ->
 def _infer_cluster(meta: dict) -> dict:
     """For `flow --save`, whose caller passes only its own metadata: the cluster it traced,
     from the lab (inventory source "lab PREFIX") or the --cluster file it names."""
-    from . import k8s
+    from tracer.cluster import inventory as k8s
 
     src = str(meta.get("inventory") or "")
     try:
         if src.startswith("lab"):
-            from .lab import build as labbuild
+            from tracer.lab import build as labbuild
 
             prefix = src[3:].strip() or None
             lab = labbuild.status(prefix)
@@ -220,7 +221,7 @@ class Writer:
 
     def __init__(self, path: str | Path, row_group_events: int = ROW_GROUP_EVENTS,
                  compression: str = "zstd", extra: tuple[str, ...] = (), meta: dict | None = None):
-        from . import ownership
+        from tracer.node import ownership
 
         self.path = Path(path)
         self.extra = tuple(extra)
@@ -312,7 +313,7 @@ class Writer:
         self.bytes_hint = self._sink.tell()
 
     def close(self, meta: dict, counters: dict | None = None) -> Path:
-        from . import ownership
+        from tracer.node import ownership
 
         self._flush()
         self._w.close()
@@ -334,7 +335,7 @@ class Writer:
         return self.path
 
     def abort(self) -> None:
-        from . import ownership
+        from tracer.node import ownership
 
         try:
             with contextlib.suppress(pa.ArrowException, OSError):

@@ -36,7 +36,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import environment_problem, must_run
-from tracer import netns, probe
+from tracer.node import netns
+from tracer.node import prober as probe
 from tracer.lab import build
 from tracer.lab import topology as T
 

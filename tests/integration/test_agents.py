@@ -9,7 +9,7 @@ import pytest
 from tests.integration.lab_fixture import lab  # noqa: F401
 from tests.integration.test_flow import wait_no_programs
 from tracer.config import FlowConfig
-from tracer.trace import run_flow
+from tracer.runs.flow import run_flow
 
 
 def path(p):

@@ -17,9 +17,12 @@ import pytest
 
 from tests.integration.lab_fixture import lab  # noqa: F401  (session fixture)
 from tests.integration.lab_fixture import ping, tcp_ask, udp_ask
-from tracer import analysis, capture, events, netns
+from tracer import analysis
+from tracer.runs import capture
+from tracer.kernel import record as events
+from tracer.node import netns
 from tracer.config import FlowConfig
-from tracer.trace import run_flow
+from tracer.runs.flow import run_flow
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
@@ -220,7 +223,7 @@ def test_ring_buffer_overflow_is_counted_in_the_file(lab, tmp_path):
 
 def test_ctrl_c_finishes_the_file(lab, tmp_path):
     f = tmp_path / "int.parquet"
-    code = ("import sys; from tracer.cli import main; from tracer.capture import capture\n"
+    code = ("import sys; from tracer.cli import main; from tracer.runs.capture import capture\n"
             "if 'capture' not in main.commands: main.add_command(capture)\n"
             "main()")
     env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"])
@@ -258,7 +261,7 @@ def test_sigkill_then_cleanup_salvages_the_capture(lab, tmp_path):
     state = tmp_path / "state"
     state.mkdir()
     (state / lab["prefix"]).symlink_to(lab["state_dir"])
-    code = ("import sys; from tracer.cli import main; from tracer.capture import capture\n"
+    code = ("import sys; from tracer.cli import main; from tracer.runs.capture import capture\n"
             "if 'capture' not in main.commands: main.add_command(capture)\n"
             "main()")
     env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"], PODTRACE_STATE_DIR=str(state))

@@ -16,7 +16,9 @@ import pytest
 
 from tests.fakeapi import FakeApi
 from tests.integration.lab_fixture import ping, private_lab
-from tracer import capture, kube, tracefile
+from tracer import tracefile
+from tracer.runs import capture
+from tracer.cluster import api as kube
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "pttestcw"

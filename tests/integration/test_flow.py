@@ -14,9 +14,9 @@ import jsonschema
 import pytest
 
 from tests.integration.lab_fixture import lab  # noqa: F401  (session fixture)
-from tracer import netns
+from tracer.node import netns
 from tracer.config import FlowConfig
-from tracer.trace import run_flow
+from tracer.runs.flow import run_flow
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((ROOT / "tracer" / "schema" / "flow.schema.json").read_text())

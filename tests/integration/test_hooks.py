@@ -15,9 +15,12 @@ from pathlib import Path
 
 from tests.integration.lab_fixture import lab  # noqa: F401
 from tests.integration.test_flow import wait_no_programs
-from tracer import bpfprog, ownership, probes, tcattach
+from tracer.kernel import program as bpfprog
+from tracer.node import ownership
+from tracer.kernel import hooks as probes
+from tracer.kernel import tc as tcattach
 from tracer.config import FlowConfig
-from tracer.trace import run_flow
+from tracer.runs.flow import run_flow
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tracer import wire
+from tracer.agents import wire
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "image-rootfs.sh"

@@ -7,7 +7,9 @@ import os
 
 import pytest
 
-from tracer import k8s, kube, netns
+from tracer.cluster import inventory as k8s
+from tracer.cluster import api as kube
+from tracer.node import netns
 from tracer.lab import build
 from tracer.lab import topology as T
 

@@ -22,7 +22,7 @@ from kubernetes.client import ApiClient
 from tests.integration.lab_fixture import (  # noqa: F401  (lab is a fixture)
     cli_argv, cli_env, lab, machine_snapshot, node, ping, pod, run_cli, service, tcp_ask, udp_ask,
 )
-from tracer import netns
+from tracer.node import netns
 from tracer.errors import BadInput, EnvironmentProblem
 from tracer.lab import build
 from tracer.lab import topology as T

@@ -26,7 +26,7 @@ from tests.integration.lab_fixture import (
 from tests.integration.test_lab_scenarios import (
     OK, SCENARIOS, _ping, _ping_1_to_2, _sysctl, break_check_fix, snapshot,
 )
-from tracer import netns
+from tracer.node import netns
 from tracer.lab import build, scenarios
 from tracer.lab import topology as T
 

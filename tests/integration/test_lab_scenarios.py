@@ -21,7 +21,7 @@ import pytest
 from tests.integration.lab_fixture import (
     machine_snapshot, node, ping, pod, private_lab, run_cli, service, tcp_ask,
 )
-from tracer import netns
+from tracer.node import netns
 from tracer.lab import build, scenarios
 from tracer.lab import topology as T
 

@@ -10,8 +10,9 @@ import ipaddress
 import time
 
 from tests.integration.lab_fixture import lab, ping, pod  # noqa: F401
-from tracer import netns, probes
-from tracer.session import SLOT_MULT, SessionConfig, TraceSession, addr_bit_words, addr_key, addr_slot
+from tracer.node import netns
+from tracer.kernel import hooks as probes
+from tracer.kernel.session import SLOT_MULT, SessionConfig, TraceSession, addr_bit_words, addr_key, addr_slot
 
 
 def slot_twin(addr: str) -> str:

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from tests.integration.lab_fixture import lab, ping, pod  # noqa: F401
-from tracer import netns, probes, ringbuf
-from tracer.session import SessionConfig, TraceSession
+from tracer.node import netns
+from tracer.kernel import hooks as probes
+from tracer.kernel import ringbuf
+from tracer.kernel.session import SessionConfig, TraceSession
 
 
 def _trace(doc: dict, batch: bool, bursts: int = 12, per_burst: int = 6) -> tuple[np.ndarray, dict, object]:

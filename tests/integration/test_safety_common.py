@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import environment_problem, must_run
 from tests.integration.lab_fixture import LAB_PREFIX, REPO_ROOT
-from tracer import netns
+from tracer.node import netns
 from tracer.lab import build
 from tracer.lab import topology as T
 

@@ -22,11 +22,12 @@ from tests.integration.test_safety_common import (
     SAFE_PREFIX, SCRATCH_PREFIX, _require_environment, alive, cli, cli_env, node, one_line_error, our_filters,
     pod, safe_lab, tc_snapshot, wait_until,  # noqa: F401  (fixture)
 )
-from tracer import netns, trace
+from tracer.node import netns
+from tracer.runs import flow as trace
 from tracer.config import FlowConfig
 from tracer.lab import build
 from tracer.lab import topology as T
-from tracer.session import SessionConfig
+from tracer.kernel.session import SessionConfig
 
 FLOW = ["flow", "pod-1-1", "pod-2-1", "--count", "1", "--timeout", "0.5"]
 
@@ -36,7 +37,7 @@ FLOW = ["flow", "pod-1-1", "pod-2-1", "--count", "1", "--timeout", "0.5"]
 VERIFIER_HOOK = '''
 import os
 if os.environ.get("PT_TEST_VERIFIER") == "1":
-    from tracer import bpfprog
+    from tracer.kernel import program as bpfprog
     _source = bpfprog.source
     def source(files=None):
         text = _source(files)

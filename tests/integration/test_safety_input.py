@@ -23,7 +23,7 @@ from tests.fakeapi import FakeApi
 from tests.integration.test_safety_common import (
     SAFE_PREFIX, cli, nobody_python, one_line_error, safe_lab,  # noqa: F401  (fixture)
 )
-from tracer import wire
+from tracer.agents import wire
 
 NO_LAB = "pttestsafe-none"          # a prefix with no lab: nothing may ever be built under it
 
@@ -77,7 +77,8 @@ def _trace_files(d: Path) -> dict[str, str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tracer import events, tracefile
+    from tracer import tracefile
+    from tracer.kernel import record as events
 
     arr = np.zeros(64, dtype=events.EVENT_DTYPE)
     arr["hook"], arr["ifname"] = 1, b"eth0"

@@ -27,9 +27,14 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.integration.test_safety_common import lab_namespaces, node, pod, safe_lab  # noqa: F401
-from tracer import k8s, netns, probe, probes, tcattach, trace
-from tracer.events import FLAG_DF
-from tracer.session import SessionConfig, TraceSession
+from tracer.cluster import inventory as k8s
+from tracer.node import netns
+from tracer.node import prober as probe
+from tracer.kernel import hooks as probes
+from tracer.kernel import tc as tcattach
+from tracer.runs import flow as trace
+from tracer.kernel.record import FLAG_DF
+from tracer.kernel.session import SessionConfig, TraceSession
 
 UDP, TCP, ICMP = 17, 6, 1
 

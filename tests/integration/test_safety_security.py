@@ -25,7 +25,7 @@ from pathlib import Path
 from tests.integration.test_safety_common import (
     SAFE_PREFIX, cli, cli_env, descendants, pod, popen, safe_lab, wait_until,  # noqa: F401  (fixture)
 )
-from tracer import netns
+from tracer.node import netns
 from tracer.config import FlowConfig
 
 PACKET_OUTGOING = 4

@@ -11,7 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from bench.analysis import PODS, VIP, synth, synth_flow
-from tracer import analysis, events, tracefile
+from tracer import tracefile
+from tracer import analysis
+from tracer.kernel import record as events
 
 
 def write(path, arr, meta):
@@ -157,7 +159,7 @@ def test_followed_only_packets_are_left_out():
 
 def test_flow_file_verdicts_equal_flows_build_packets(tmp_path):
     """flow mode is flow's own reconstruction; capture mode agrees on the verdicts."""
-    from tracer import flows
+    from tracer.reconstruct import packets as flows
 
     for drop in (False, True):
         arr, meta = synth_flow(probes=4, drop_requests=drop)
@@ -202,7 +204,7 @@ def test_analyze_command(tmp_path, capture):
 
 
 def test_analyze_bad_file_exits_2(tmp_path):
-    from tracer.cli import main
+    from tracer.cli.main import main
 
     (tmp_path / "bad.parquet").write_bytes(b"garbage")
     added = "analyze" not in main.commands

@@ -7,7 +7,10 @@ import ctypes
 import pytest
 
 from bench.analysis import synth
-from tracer import capture, events, k8s, tracefile
+from tracer import tracefile
+from tracer.runs import capture
+from tracer.kernel import record as events
+from tracer.cluster import inventory as k8s
 from tracer.errors import BadInput
 from tracer.lab import topology as T
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import must_run
-from tracer import btf as btf_mod
-from tracer.btf import Btf, BtfError, kernel_offsets
+from tracer.kernel import btf as btf_mod
+from tracer.kernel.btf import Btf, BtfError, kernel_offsets
 from tracer.errors import EnvironmentProblem
 
 # ---- a synthetic BTF blob ------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tracer import diagnose
+from tracer.reconstruct import diagnose
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -139,7 +139,7 @@ def test_unreversed_reply_names_bridge_nf():
 
 
 def test_every_runbook_named_in_code_exists():
-    text = (ROOT / "tracer" / "diagnose.py").read_text()
+    text = (ROOT / "tracer" / "reconstruct" / "diagnose.py").read_text()
     names = set(re.findall(r'"([a-z0-9-]+\.md)"', text))
     assert names, "no runbook found in diagnose.py"
     missing = [n for n in sorted(names) if not (ROOT / "docs" / "runbooks" / n).exists()]

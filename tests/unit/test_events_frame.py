@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tracer import events
+from tracer.kernel import record as events
 
 NAMES = [b"eth0", b"cni0", b"flannel.1", b"veth1234abcd", b"lo", b"x" * 15, b"eth0\0junk", b""]
 ADDRS = [0, 0x0AF40102, 0x0AF40202, 0xAC1E000B, 0xFFFFFFFF, 0x0A600000A]

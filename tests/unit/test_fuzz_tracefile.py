@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tracer import events, tracefile
+from tracer import tracefile
+from tracer.kernel import record as events
 from tracer.errors import BadInput
 
 SETTINGS = settings(max_examples=int(__import__("os").environ.get("PT_FUZZ_N", "150")), deadline=None,

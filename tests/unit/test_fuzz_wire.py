@@ -19,7 +19,9 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tracer import coordinator, events, wire
+from tracer.agents import coordinator
+from tracer.kernel import record as events
+from tracer.agents import wire
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tracer import k8s
+from tracer.cluster import inventory as k8s
 from tracer.errors import BadInput
 from tracer.lab import topology as T
 

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from tests.fakeapi import FakeApi
-from tracer import k8s, kube
+from tracer.cluster import inventory as k8s
+from tracer.cluster import api as kube
 from tracer.errors import BadInput, EnvironmentProblem
 from tracer.lab import topology as T
 
@@ -317,7 +318,7 @@ def test_kubectl_plugin_entry_point():
     import subprocess
     import sys
 
-    code = "import sys; sys.argv = ['kubectl-hoptrace', '--help']; from tracer.kube import kubectl_plugin; kubectl_plugin()"
+    code = "import sys; sys.argv = ['kubectl-hoptrace', '--help']; from tracer.cli.main import kubectl_plugin; kubectl_plugin()"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("Usage: kubectl hoptrace ")
 

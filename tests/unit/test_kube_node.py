@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from tracer import k8s, kube
+from tracer.cluster import inventory as k8s
+from tracer.cluster import api as kube
 from tracer.lab import topology as T
 
 

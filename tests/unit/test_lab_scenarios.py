@@ -143,7 +143,7 @@ def test_broken_is_empty_without_a_record(tmp_path):
 
 
 def test_cli_lists_scenarios_without_privileges(monkeypatch, tmp_path):
-    from tracer.cli import main
+    from tracer.cli.main import main
 
     monkeypatch.setenv("PODTRACE_STATE_DIR", str(tmp_path))
     runner = CliRunner()

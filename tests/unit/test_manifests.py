@@ -205,7 +205,7 @@ def test_every_dockerfile_copy_source_exists_and_is_not_dockerignored():
     # The build context leaves out the venv, git and bytecode, and keeps what the image needs.
     assert ignore.ignored(".venv/bin/python") and ignore.ignored(".git/HEAD")
     assert ignore.ignored("tracer/__pycache__/cli.cpython-311.pyc")
-    assert not ignore.ignored("tracer/cli.py") and not ignore.ignored("bpf/podtrace.c")
+    assert not ignore.ignored("tracer/cli/main.py") and not ignore.ignored("bpf/podtrace.c")
 
 
 @pytest.mark.parametrize("text,why", [

@@ -4,7 +4,7 @@
   subprocess.getoutput), no eval/exec/compile, no pickle/marshal, no unsafe YAML; every
   subprocess gets an argv list, so a pod, namespace or node name is one argument, never shell
   text.
-- Probes go only to the endpoint named: in tracer/probe.py every packet-sending call's
+- Probes go only to the endpoint named: in tracer/node/prober.py every packet-sending call's
   destination is the `dst` argument, and running the probe code with recording sockets shows
   no other destination, for every protocol.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import tracer
-from tracer import probe
+from tracer.node import prober as probe
 
 ROOT = Path(tracer.__file__).resolve().parent
 SOURCES = sorted(p for p in ROOT.rglob("*.py") if "__pycache__" not in p.parts)
@@ -48,7 +48,7 @@ def _where(path: Path, node: ast.AST) -> str:
 
 
 def test_sources_found():
-    assert len(SOURCES) > 20 and ROOT / "probe.py" in SOURCES
+    assert len(SOURCES) > 20 and ROOT / "node" / "prober.py" in SOURCES
 
 
 def test_nothing_runs_a_shell_or_evaluates_input():
@@ -85,7 +85,7 @@ def test_subprocesses_get_an_argv_list():
 
 def test_probe_packets_go_to_dst_only_by_construction():
     """Every sendto/connect/connect_ex in the probe code addresses (dst, ...)."""
-    path = ROOT / "probe.py"
+    path = ROOT / "node" / "prober.py"
     sends = []
     for node, name in _calls(path):
         meth = name.rsplit(".", 1)[-1]
@@ -94,7 +94,7 @@ def test_probe_packets_go_to_dst_only_by_construction():
             ok = (isinstance(addr, ast.Tuple) and addr.elts and isinstance(addr.elts[0], ast.Name)
                   and addr.elts[0].id == "dst")
             sends.append((_where(path, node), meth, ok, ast.unparse(node)[:80]))
-    assert sends, "no sending call found in tracer/probe.py: update this test"
+    assert sends, "no sending call found in tracer/node/prober.py: update this test"
     bad = [s for s in sends if not s[2]]
     assert not bad, f"a probe addresses something other than dst: {bad}"
 
@@ -102,24 +102,24 @@ def test_probe_packets_go_to_dst_only_by_construction():
 def test_probe_callers_pass_the_resolved_destination():
     """flow (single process) passes the resolved DST's address; the agent passes the request's
     `dst`, which flow fills with the resolved DST's address and nothing else."""
-    trace_src = (ROOT / "trace.py").read_text()
-    agent_src = (ROOT / "agent.py").read_text()
-    calls = [ast.unparse(n) for path in (ROOT / "trace.py", ROOT / "agent.py")
+    trace_src = (ROOT / "runs" / "flow.py").read_text()
+    agent_src = (ROOT / "agents" / "agent.py").read_text()
+    calls = [ast.unparse(n) for path in (ROOT / "runs" / "flow.py", ROOT / "agents" / "agent.py")
              for n, name in _calls(path) if name == "probe.send"]
-    assert calls, "probe.send is not called from trace.py/agent.py any more: update this test"
+    assert calls, "probe.send is not called from runs/flow.py/agents/agent.py any more: update this test"
     for c in calls:
         dst_arg = c.split("(", 1)[1].split(",")[2].strip()
         assert dst_arg in ("dst.ip", "plan.dst.ip", "p['dst']", 'p["dst"]'), c
     assert "def _probe(" in agent_src
     # every probe request flow builds for an agent (lab or cluster) names the resolved DST
     requests = []
-    for node in ast.walk(_tree(ROOT / "trace.py")):
+    for node in ast.walk(_tree(ROOT / "runs" / "plan.py")):
         if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict)
                 and any(isinstance(t, ast.Subscript) and ast.unparse(t.slice) in ("'probe'", '"probe"')
                         for t in node.targets)):
             keys = [k.value if isinstance(k, ast.Constant) else None for k in node.value.keys]
             requests.append(ast.unparse(node.value.values[keys.index("dst")]))
-    assert requests, "no agent probe request found in trace.py: update this test"
+    assert requests, "no agent probe request found in runs/plan.py: update this test"
     assert set(requests) <= {"plan.dst.ip", "dst.ip"}, requests
 
 

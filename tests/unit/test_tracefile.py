@@ -12,7 +12,9 @@ import pytest
 
 from bench.analysis import meta as synth_meta
 from bench.analysis import synth, synth_flow
-from tracer import analysis, events, tracefile
+from tracer import tracefile
+from tracer import analysis
+from tracer.kernel import record as events
 from tracer.errors import BadInput
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tracer import ownership, tracefile
+from tracer import tracefile
+from tracer.node import ownership
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 WRITER = r"""
 import sys, time
 import numpy as np
-from tracer import events, testhooks, tracefile
+from tracer.kernel import record as events
+from tracer import testhooks, tracefile
 
 def batch(i, n=500):
     arr = np.zeros(n, dtype=events.EVENT_DTYPE)
@@ -153,7 +155,7 @@ def test_live_writers_part_is_left_alone_and_loads(tmp_path, state):
     with _waiting_writer(tmp_path / "live.parquet", state, 3000) as (proc, part):
         before = part.read_bytes()
         # a concurrent cleanup, in another process, as the user runs it
-        res = _python(state, "-c", "from tracer import ownership; print(ownership.cleanup_writers())")
+        res = _python(state, "-c", "from tracer.node import ownership; print(ownership.cleanup_writers())")
         assert res.returncode == 0 and res.stdout.strip() == "[]", res
         assert part.read_bytes() == before and len(ownership.registered_writers()) == 1
         # the raw stream of a running writer loads, marked incomplete

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import must_run
-from tracer import tracefs
+from tracer.kernel import formats as tracefs
 from tracer.errors import EnvironmentProblem
-from tracer.tracefs import Field, TracepointFormat, c_struct, data_loc_offset, parse_format
+from tracer.kernel.formats import Field, TracepointFormat, c_struct, data_loc_offset, parse_format
 
 SAMPLE = """name: sample_event
 ID: 4242

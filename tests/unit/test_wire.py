@@ -6,7 +6,8 @@ import struct
 import numpy as np
 import pytest
 
-from tracer import events, wire
+from tracer.kernel import record as events
+from tracer.agents import wire
 
 
 def stream(*frames):

@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .. import netns
-from ..errors import EnvironmentProblem, PodtraceError, require_root
-from . import topology as T
+from tracer.node import netns
+from tracer.errors import EnvironmentProblem, PodtraceError, require_root
+from tracer.lab import topology as T
 
 Progress = Callable[[str], None]
 
@@ -450,7 +450,7 @@ def _teardown(prefix: str, state_root: Path) -> list[str]:
         if still:
             raise EnvironmentProblem(f"could not delete network namespaces: {', '.join(still)}",
                                      "delete them with `ip netns del NAME`")
-        from .. import tcattach
+        from tracer.kernel import tc as tcattach
 
         forgotten = tcattach.forget_netns(names)   # records of tc filters that went with them
         if forgotten:

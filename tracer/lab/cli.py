@@ -8,9 +8,9 @@ import time
 
 import click
 
-from ..errors import EnvironmentProblem, require_root
-from . import build, scenarios
-from . import topology as T
+from tracer.errors import EnvironmentProblem, require_root
+from tracer.lab import build, scenarios
+from tracer.lab import topology as T
 
 
 @click.group("lab", context_settings={"help_option_names": ["-h", "--help"]})

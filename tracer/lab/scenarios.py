@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .. import netns
-from ..errors import BadInput, EnvironmentProblem, require_root
-from . import build
-from . import topology as T
+from tracer.node import netns
+from tracer.errors import BadInput, EnvironmentProblem, require_root
+from tracer.lab import build
+from tracer.lab import topology as T
 
 BROKEN_FILE = "broken.json"
 _FORMAT = 1

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import BadInput
+from tracer.errors import BadInput
 
 DEFAULT_PREFIX = "ptlab"
 DEFAULT_STATE_ROOT = "/run/podtrace"

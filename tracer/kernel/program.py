@@ -9,14 +9,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import events, tracefs
-from .btf import kernel_offsets
-from . import testhooks
-from .errors import EnvironmentProblem, require_capabilities
+from tracer.kernel import record as events
+from tracer.kernel import formats as tracefs
+from tracer.kernel.btf import kernel_offsets
+from tracer import testhooks
+from tracer.errors import EnvironmentProblem, require_capabilities
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 if not (BPF_DIR / "podtrace.c").exists():  # installed as a package: bpf/ shipped inside
-    BPF_DIR = Path(__file__).resolve().parent / "bpf"
+    BPF_DIR = Path(__file__).resolve().parents[1] / "bpf"
 
 # The tracepoints whose argument structs the C code uses: (category, event, fn, struct).
 TRACEPOINTS = [
@@ -134,7 +135,7 @@ def load(ringbuf_pages: int = 1024, attach: bool = True, hooks: list | None = No
     programs are attached per device by tracer/tcattach.py). A kprobe that fails to attach
     is dropped silently here: probes.detect() already said why, and its fallback covers it.
     Raises EnvironmentProblem with a fix when the machine cannot trace at all."""
-    from . import probes
+    from tracer.kernel import hooks as probes
 
     if os.geteuid() != 0:
         raise EnvironmentProblem("tracing needs root (CAP_BPF, CAP_SYS_ADMIN)", "run it again with sudo")

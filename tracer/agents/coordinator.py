@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from . import events, wire
-from .errors import EnvironmentProblem
+from tracer.kernel import record as events
+from tracer.agents import wire
+from tracer.errors import EnvironmentProblem
 
 READY_TIMEOUT_S = 30
 

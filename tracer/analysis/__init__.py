@@ -31,9 +31,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from . import diagnose, flows, k8s, tracefile
-from .events import ENCAP, FLAG_FOLLOWED, HOOK_IDS, HOOKS, PROTOS
-from .probe import ProbeResult
+from tracer import tracefile
+from tracer.reconstruct import diagnose
+from tracer.reconstruct import packets as flows
+from tracer.cluster import inventory as k8s
+from tracer.kernel.record import ENCAP, FLAG_FOLLOWED, HOOK_IDS, HOOKS, PROTOS
+from tracer.node.prober import ProbeResult
 
 GAP_NS = 500_000_000     # the same content seen again after this pause is a new packet
 

@@ -10,8 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import tracefs
-from .errors import EnvironmentProblem
+from tracer.kernel import formats as tracefs
+from tracer.errors import EnvironmentProblem
 
 
 @dataclass(frozen=True)

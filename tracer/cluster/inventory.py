@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BadInput
+from tracer.errors import BadInput
 
 
 @dataclass

@@ -8,7 +8,7 @@ import traceback
 
 import click
 
-from .errors import PodtraceError
+from tracer.errors import PodtraceError
 
 
 def _one_line(text) -> str:
@@ -124,9 +124,9 @@ def flow(src, dst, proto, port, count, timeout, size, sport, sample, budget, no_
     _flow_flags_agree(no_probe)   # before the heavy imports: a bad flag answers at once
     from rich.console import Console
 
-    from . import render
-    from .config import FlowConfig
-    from .trace import run_flow
+    from tracer import render
+    from tracer.config import FlowConfig
+    from tracer.runs.flow import run_flow
 
     err = Console(stderr=True)
     cfg = FlowConfig(src=src, dst=dst, proto=proto, port=port, count=count, timeout=timeout,
@@ -156,7 +156,7 @@ def _flow_flags_agree(no_probe: bool) -> None:
     end when they are answered), would be silently ignored: refuse them as bad input."""
     from click.core import ParameterSource
 
-    from .errors import BadInput
+    from tracer.errors import BadInput
 
     ctx = click.get_current_context()
     given = [f"--{n}" for n in ("count", "timeout", "size", "sport")
@@ -186,8 +186,8 @@ def doctor(output):
     """
     from rich.console import Console
 
-    from . import doctor as doc_mod
-    from . import render
+    from tracer import doctor as doc_mod
+    from tracer import render
 
     rep = doc_mod.report()
     if output == "json":
@@ -205,7 +205,7 @@ def agent(serve):
     """Per-node tracer driven by `podtrace flow` (reads a request on stdin, streams framed
     records on stdout). Not for interactive use: `flow` starts it, as a local process per
     lab node or through the Kubernetes exec API in the agent pod of each node."""
-    from . import agent as agent_mod
+    from tracer.agents import agent as agent_mod
 
     sys.exit(agent_mod.idle() if serve else agent_mod.main())
 
@@ -229,9 +229,10 @@ def cleanup():
     Example:
       sudo podtrace cleanup
     """
-    from . import ownership, tcattach
-    from .errors import require_root
-    from .netns import list_names
+    from tracer.node import ownership
+    from tracer.kernel import tc as tcattach
+    from tracer.errors import require_root
+    from tracer.node.netns import list_names
 
     require_root("podtrace cleanup")
     removed = [f"removed {r}" for r in tcattach.cleanup(list_names())]
@@ -243,7 +244,7 @@ def cleanup():
 
 # Commands whose modules pull in pandas/pyarrow are imported only when used, so `--help`,
 # usage errors and `lab` stay fast.
-_LAZY = {"capture": ("tracer.capture", "capture"), "analyze": ("tracer.analysis", "analyze")}
+_LAZY = {"capture": ("tracer.runs.capture", "capture"), "analyze": ("tracer.analysis", "analyze")}
 
 
 def _lazy_get_command(self, ctx, name):
@@ -266,12 +267,22 @@ _Group.list_commands = _lazy_list_commands
 
 
 def _register():
-    from .lab.cli import lab
+    from tracer.lab.cli import lab
 
     main.add_command(lab)
 
 
 _register()
+
+
+PLUGIN_NAME = "kubectl hoptrace"     # krew's `podtrace` is another project
+
+
+def kubectl_plugin() -> None:
+    """Entry point of the `kubectl-hoptrace` executable: the podtrace CLI, named as kubectl
+    shows it (`kubectl hoptrace flow A B`)."""
+    main(prog_name=PLUGIN_NAME)
+
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,9 @@ import numpy as np
 if TYPE_CHECKING:  # agents never import pandas: frames are made by the coordinator
     import pandas as pd
 
-from . import bpfprog, events, ringbuf
+from tracer.kernel import program as bpfprog
+from tracer.kernel import record as events
+from tracer.kernel import ringbuf
 
 SLOT_MULT = 2654435761   # the multiplier of bpf/podtrace.c's slot hashes (addr_maybe, tracked_slot)
 

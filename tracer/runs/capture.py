@@ -29,9 +29,14 @@ from typing import Callable
 
 import numpy as np
 
-from . import bpfprog, events, k8s, probes, tracefile, tracefs
-from .errors import BadInput, EnvironmentProblem, PodtraceError
-from .events import HOOK_IDS
+from tracer import tracefile
+from tracer.kernel import program as bpfprog
+from tracer.kernel import record as events
+from tracer.cluster import inventory as k8s
+from tracer.kernel import hooks as probes
+from tracer.kernel import formats as tracefs
+from tracer.errors import BadInput, EnvironmentProblem, PodtraceError
+from tracer.kernel.record import HOOK_IDS
 
 MAX_ADDRS = 4096    # sizes of the kernel maps (bpf/podtrace.c)
 MAX_CIDRS = 256
@@ -352,9 +357,9 @@ class _Stop:
 def _inventory(cfg: CaptureConfig):
     """(inventory, lab, live source): --cluster FILE, else the kubeconfig / in-cluster
     config — listed, then watched for the whole capture (`source`, to stop) — else the lab."""
-    from . import kube
-    from .config import FlowConfig
-    from .trace import load_inventory
+    from tracer.cluster import api as kube
+    from tracer.config import FlowConfig
+    from tracer.runs.plan import load_inventory
 
     if not cfg.cluster:
         ref = kube.find_config(cfg.kubeconfig, cfg.context)
@@ -377,7 +382,7 @@ def cluster_streams(sel: Selection) -> list:
     namespace's pods, Services and slices; a Service's own objects and its namespace's pods;
     a node's pods), so memory follows the selection, not the cluster. CIDRs, --all and the
     empty selection (all pod traffic) need every pod and Service to name what they catch."""
-    from . import kube
+    from tracer.cluster import api as kube
 
     S = kube.Stream
     if sel.all_traffic or sel.cidrs or sel.empty():
@@ -484,8 +489,8 @@ def run_capture(cfg: CaptureConfig, progress: Callable[[dict], None] | None = No
 
 
 def _run(cfg: CaptureConfig, progress, stop, inv, lab, source) -> CaptureResult:
-    from .session import SessionConfig, TraceSession
-    from .trace import placement_from_lab
+    from tracer.kernel.session import SessionConfig, TraceSession
+    from tracer.runs.plan import placement_from_lab
 
     out = Path(cfg.output)
     sel = resolve(cfg.selection, inv)
@@ -533,7 +538,7 @@ def _run(cfg: CaptureConfig, progress, stop, inv, lab, source) -> CaptureResult:
             if source is not None:
                 members = _Membership(source, cfg.selection, sel, session, local, spool)
             if cfg.tc and lab and any(h.kind == "tc" for h in hooks):
-                from . import tcattach
+                from tracer.kernel import tc as tcattach
 
                 tcattach.cleanup(scan=False)
                 tc = tcattach.TcAttacher(session.loaded.bpf)
@@ -622,7 +627,7 @@ class _LocalNode:
 
     def refresh(self, inv: k8s.Inventory) -> list[int]:
         """Look again (a pod started here since); the namespaces new to the scope."""
-        from . import kube
+        from tracer.cluster import api as kube
 
         try:
             host, owners, _ = kube.local_pods(inv, [n.ip for n in inv.nodes.values() if n.ip], cri=True)

@@ -15,7 +15,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from .errors import BadInput, EnvironmentProblem
+from tracer.errors import BadInput, EnvironmentProblem
 
 NETNS_RUN_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000

@@ -16,7 +16,8 @@ import struct
 import time
 from dataclasses import asdict, dataclass
 
-from . import netns, testhooks
+from tracer import testhooks
+from tracer.node import netns
 
 PAYLOAD = b"podtrace-probe"
 

@@ -20,7 +20,7 @@ import subprocess
 import threading
 import time
 
-from .errors import EnvironmentProblem
+from tracer.errors import EnvironmentProblem
 
 AGENT_NAMESPACE = "podtrace"
 AGENT_SELECTOR = "app.kubernetes.io/name=podtrace-agent"
@@ -188,7 +188,7 @@ class KubeExecTransport:
         self.selector = selector
 
     def agent_pod(self, node: str) -> str:
-        from . import kube
+        from tracer.cluster import api as kube
 
         try:
             pods = self.conn.core.list_namespaced_pod(self.namespace, label_selector=self.selector,

@@ -135,7 +135,7 @@ def cleanup_writers() -> list[str]:
     file handled."""
     if not any(not _running(w) for w in registered_writers()):
         return []       # the common case: nothing to do, and no pandas/pyarrow to import
-    from . import tracefile
+    from tracer import tracefile
 
     out: list[str] = []
     with writers_locked():

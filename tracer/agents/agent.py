@@ -17,9 +17,13 @@ import threading
 import time
 from typing import BinaryIO
 
-from . import nodecheck, probe, probes, tcattach, wire
-from .errors import PodtraceError
-from .session import SessionConfig, TerminateAsInterrupt, TraceSession
+from tracer.node import facts as nodecheck
+from tracer.node import prober as probe
+from tracer.kernel import hooks as probes
+from tracer.kernel import tc as tcattach
+from tracer.agents import wire
+from tracer.errors import PodtraceError
+from tracer.kernel.session import SessionConfig, TerminateAsInterrupt, TraceSession
 
 FLUSH_S = 0.05
 REQUEST_VERSION = 1
@@ -211,7 +215,7 @@ def _discover(d: dict) -> dict:
     the probing pod, the namespaces to trace (this one and the local pods'), and the hop
     devices of the pods this trace involves (their host veths, plus the CNI's
     bridge/overlay/uplink)."""
-    from . import kube
+    from tracer.cluster import api as kube
 
     pod_ips = set(d.get("pod_ips", []))
     host_ino, owners, uplinks = kube.local_pods(None, d.get("node_ips", []), cri=False)

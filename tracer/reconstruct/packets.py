@@ -15,15 +15,15 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from . import diagnose
-from .events import ENCAP, FLAG_DF, HOOK_IDS, HOOKS, PROTOS
+from tracer.reconstruct import diagnose
+from tracer.kernel.record import ENCAP, FLAG_DF, HOOK_IDS, HOOKS, PROTOS
 
 # hook number → (hop point, which kind of hook saw it). Kernel-function hooks keep their own
 # point name (ip_forward, nat, …): they are steps inside a node, between rx and tx.
 HOOK_POINT = {HOOK_IDS["rx"]: ("rx", "tracepoint"), HOOK_IDS["tx"]: ("tx", "tracepoint"),
               HOOK_IDS["tc_ingress"]: ("rx", "tc"), HOOK_IDS["tc_egress"]: ("tx", "tc")}
-from .k8s import Endpoint
-from .probe import ProbeResult
+from tracer.cluster.inventory import Endpoint
+from tracer.node.prober import ProbeResult
 
 TCP_SYN, TCP_RST, TCP_ACK = 0x02, 0x04, 0x10
 KEY_COLS = ["proto", "ip_id", "ip_len", "tcp_seq", "tcp_flags", "icmp_type", "sport_k", "dport_k"]

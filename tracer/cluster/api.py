@@ -32,22 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from . import k8s
-from .errors import BadInput, EnvironmentProblem, PodtraceError
+from tracer.cluster import inventory as k8s
+from tracer.errors import BadInput, EnvironmentProblem, PodtraceError
 
 KINDS = ("Node", "Pod", "Service", "EndpointSlice")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 IN_CLUSTER_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 DEFAULT_KUBECONFIG = Path("~/.kube/config")
-PLUGIN_NAME = "kubectl hoptrace"     # krew's `podtrace` is another project
-
-
-def kubectl_plugin() -> None:
-    """Entry point of the `kubectl-hoptrace` executable: the podtrace CLI, named as kubectl
-    shows it (`kubectl hoptrace flow A B`)."""
-    from .cli import main
-
-    main(prog_name=PLUGIN_NAME)
 
 
 def host_proc() -> Path:
@@ -1087,7 +1078,7 @@ def uplinks(node_ips: Iterable[str] = ()) -> list[str]:
     """The devices this namespace reaches the other nodes and the world by (asked of the
     routing table; no packet is sent). They lead to the network, never into a pod — a veth
     there means a node that is itself a container or a namespace (kind, the lab)."""
-    from . import nodecheck
+    from tracer.node import facts as nodecheck
 
     here = nodecheck.NodeRef("host", None)
     links = nodecheck.links(here)

@@ -20,8 +20,9 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from . import netns as netns_mod
-from . import ownership, testhooks
+from tracer.node import netns as netns_mod
+from tracer import testhooks
+from tracer.node import ownership
 
 MARK = "podtrace:"
 PARENT = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
@@ -134,7 +135,7 @@ class TcAttacher:
     def __init__(self, bpf):
         from bcc import BPF
 
-        from .bpfprog import TC_SLOTS, tc_stub_name
+        from tracer.kernel.program import TC_SLOTS, tc_stub_name
 
         self.bpf = bpf
         self._sched_cls = BPF.SCHED_CLS

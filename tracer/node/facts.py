@@ -15,7 +15,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import netns
+from tracer.node import netns
 
 
 @dataclass(frozen=True)

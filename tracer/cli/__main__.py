@@ -1,0 +1,3 @@
+from tracer.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""Cluster metadata: the inventory model, the API server connection, listing and watching."""

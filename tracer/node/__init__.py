@@ -1,0 +1,1 @@
+"""One node: network namespaces, node facts for diagnosis, pod discovery, ownership of what podtrace leaves."""

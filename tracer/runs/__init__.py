@@ -1,0 +1,1 @@
+"""Flow and capture runs: planning a run, driving the node runners, judging the outcome."""

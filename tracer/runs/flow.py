@@ -1,0 +1,211 @@
+"""One `podtrace flow` run: plan, trace on every node involved, then judge the outcome."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import pandas as pd
+
+from tracer.agents import agent as agent_mod
+from tracer.agents import coordinator
+from tracer.reconstruct import diagnose
+from tracer.kernel import record as events
+from tracer.reconstruct import packets as flows
+from tracer.node import facts as nodecheck
+from tracer.node import prober as probe
+from tracer.kernel import hooks as probes
+from tracer.kernel import tc as tcattach
+from tracer.config import FlowConfig
+from tracer.runs.outcome import FlowResult, Traced, agent_evidence, finish, flow_input, local_evidence, recording_evidence
+from tracer.runs.plan import Plan, agent_plans, cluster_plans, node_refs, prepare, tc_devices
+from tracer.kernel.session import SessionConfig, TerminateAsInterrupt, TraceSession
+
+
+def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> FlowResult:
+    """Trace one flow. On the lab the trace goes through one agent per node (the same
+    coordinator and merge as in a cluster) unless cfg.mode is "single"."""
+    say = progress or (lambda msg: None)
+    with TerminateAsInterrupt():   # SIGTERM cleans up like Ctrl-C, also while reconstructing/saving
+        plan = prepare(cfg)
+        if cfg.mode == "agents" and plan.lab:
+            traced = _trace_agents(plan, say)
+        elif getattr(cfg, "_conn", None) is not None:
+            from tracer.agents.exectransport import KubeExecTransport
+
+            traced = _trace_agents(plan, say, transport=KubeExecTransport(cfg._conn), plans=cluster_plans(plan))
+        else:
+            traced = _trace_single(plan, say)
+        return finish(plan, traced)
+
+
+def _trace_single(plan: Plan, say) -> Traced:
+    cfg, lab, src, dst = plan.cfg, plan.lab, plan.src, plan.dst
+    say("loading BPF programs")
+    hooks, degraded = probes.select(probes.detect(), tc=cfg.tc)
+    # On the lab, only the lab's namespaces: other labs on this machine reuse the same addresses.
+    session = TraceSession(SessionConfig(addrs=plan.addrs, hooks=hooks, sample=cfg.sample, budget=cfg.budget,
+                                         netns=sorted(plan.placement.netns) if lab else None))
+    tc = None
+    sent: list[probe.ProbeResult] = []
+    with TerminateAsInterrupt():
+        try:
+            session.start()
+            if any(h.kind == "tc" for h in hooks):
+                tcattach.cleanup(scan=False)   # what a killed run recorded
+                tc = tcattach.TcAttacher(session.loaded.bpf)
+                for ns_name, dev in tc_devices(lab, src, dst):
+                    tc.attach(ns_name, dev)
+            refs = node_refs(lab)
+            counters_before = {n: nodecheck.iptables_counters(r) for n, r in refs.items()}
+            t_tracing = time.monotonic()
+            if cfg.probe:
+                say(f"tracing: sending {cfg.count} {plan.proto} probe(s) {src.ip} → {dst.ip}"
+                    + (f":{plan.port}" if plan.port else ""))
+                sent = probe.send(src.pod.netns, src.ip, dst.ip, plan.proto, plan.port, cfg.count,
+                                  cfg.timeout, cfg.interval,
+                                  on_result=lambda r: (session.poll(0), say(f"probe {r.seq}: {r.outcome}")),
+                                  size=cfg.size, sport=cfg.sport)
+                time.sleep(cfg.settle)
+            else:
+                end = time.monotonic() + cfg.duration
+                while (left := end - time.monotonic()) > 0:
+                    n = session.poll(int(min(left, 0.2) * 1000))
+                    say(f"tracing: {n} events, {left:.1f}s left")
+            session.drain()
+            counters_after = {n: nodecheck.iptables_counters(r) for n, r in refs.items()}
+            counters = session.counters()
+            df = session.frame()
+            ksyms = session.symbolizer()
+            locations = {int(a): ksyms(int(a)) for a in df.loc[df["location"] != 0, "location"].unique()}
+        finally:
+            if tc is not None:
+                tc.close()
+            session.close()
+    evidence = local_evidence(lab, dst, refs, counters_before, counters_after)
+    return Traced(df, sent, counters, locations, [h.name for h in hooks], degraded,
+                   dict(session.timings), t_tracing, time.monotonic(), lambda packets: evidence)
+
+
+def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
+    cfg, src = plan.cfg, plan.src
+    plans = plans if plans is not None else agent_plans(plan)
+    skews: dict[str, dict[str, str]] = {}
+    for item in filter(None, os.environ.get("PODTRACE_TEST_AGENT_SKEW", "").split(",")):
+        node, ns_ = item.split("=")   # tests only: pretend a node's clock is off
+        skews.setdefault(node, {})["PODTRACE_AGENT_CLOCK_SKEW_NS"] = ns_
+    for node in filter(None, os.environ.get("PODTRACE_TEST_AGENT_DIE", "").split(",")):
+        skews.setdefault(node, {})["PODTRACE_AGENT_DIE_AFTER_READY"] = "1"   # tests only
+    say(f"starting {len(plans)} agent(s): {', '.join(p.node for p in plans)}")
+    sent: list[probe.ProbeResult] = []
+    problems: list[str] = []
+    notes: list[str] = []
+    transport = transport or coordinator.LocalTransport(skews)
+    with TerminateAsInterrupt(), coordinator.Coordinator(plans, transport) as co:
+        co.wait_ready()
+        _placement_from_agents(plan, co)
+        t_tracing = time.monotonic()
+        prober = next((r for r in co.runs if r.plan.request.get("probe")), None)
+        if cfg.probe and prober is not None:
+            say(f"tracing: sending {cfg.count} {plan.proto} probe(s) {src.ip} → {plan.dst.ip}")
+            co.run(prober.plan.node, {"cmd": "probe"})
+            co.wait_for(lambda: prober.probes is not None or prober.failure,
+                        cfg.count * (cfg.timeout + cfg.interval) + cfg.settle + 10)
+            if isinstance(prober.probes, list):
+                sent = [probe.ProbeResult(**p) for p in prober.probes]
+            elif isinstance(prober.probes, dict):
+                problems.append(f"probes from {prober.plan.node} failed: {prober.probes.get('error')}")
+        else:
+            end = time.monotonic() + cfg.duration
+            while (left := end - time.monotonic()) > 0:
+                co.pump(min(left, 0.2))
+                say(f"tracing: {sum(len(c) for r in co.runs for c in r.chunks)} events, {left:.1f}s left")
+        co.pump(agent_mod.FLUSH_S * 3)      # the agents' last flush
+        df, clock = _merge(co, plan)
+        fi = flow_input(plan, sent, {}, clock)
+        # Which node facts the diagnosis will need: a dry run records the questions.
+        queries: dict[str, list[dict]] = {}
+        dry = coordinator.deep(flows.build_packets(df, fi))
+        for p in dry:
+            diagnose.explain(p, recording_evidence(plan, queries))
+        for r in co.runs:
+            if not r.failure:
+                r.facts = None
+                co.run(r.plan.node, {"cmd": "facts", "queries": queries.get(r.plan.node, [])})
+        co.wait_for(lambda: all(r.facts is not None or r.failure for r in co.runs), 20)
+        df, clock = _merge(co, plan)   # events flushed with the facts
+    t_done = time.monotonic()
+    for r in co.runs:
+        if r.failure:
+            problems.append(f"{r.plan.node}'s view is missing: {r.failure}")
+        notes += r.logs
+    counters: dict[str, int] = {}
+    locations: dict[int, str | None] = {}
+    hooks: list[str] = []
+    degraded: list[str] = []
+    timings: dict = {}
+    for r in co.runs:
+        for k, v in (r.counters or {}).items():
+            counters[k] = counters.get(k, 0) + v
+        for k, v in ((r.facts or {}).get("locations") or {}).items():
+            locations[int(k)] = v
+        if r.hello:
+            hooks = hooks or r.hello.get("hooks", [])
+            degraded = degraded or r.hello.get("degraded", [])
+            timings.setdefault("agent_start_s", {})[r.plan.node] = round(r.hello.get("timings", {}).get("start_s", 0), 4)
+    facts = {r.plan.node: r.facts for r in co.runs if r.facts}
+
+    def evidence(packets):
+        return agent_evidence(plan, facts)
+    return Traced(df, sent, counters, locations, hooks, degraded, timings, t_tracing, t_done, evidence,
+                   notes, problems, clock)
+
+
+def _placement_from_agents(plan: Plan, co: coordinator.Coordinator) -> None:
+    """On a real node the agent reports its namespaces and their addresses; name them."""
+    for r in co.runs:
+        for ino, info in ((r.hello or {}).get("namespaces") or {}).items():
+            ino = int(ino)
+            if ino in plan.placement.netns:
+                continue
+            if info.get("host"):
+                plan.placement.netns[ino] = (r.plan.node, None)
+                continue
+            pod = next((plan.inv.by_ip().get(ip) for ip in info.get("ips", []) if ip in plan.inv.by_ip()), None)
+            if pod and pod[0] == "pod":
+                plan.placement.netns[ino] = (r.plan.node, pod[1])
+
+
+def _merge(co: coordinator.Coordinator, plan: Plan) -> tuple[pd.DataFrame, dict]:
+    """All agents' events in one table, timestamps corrected by the estimated offsets."""
+    arr, origin = co.merged()
+    df = events.to_frame(arr)
+    df["agent"] = origin
+    df["ts_ns"] = df["ts_ns"].astype("int64")   # offsets may be negative
+    df = flows.assign_packets(df)
+    names = [r.plan.node for r in co.runs]
+    ref = next((i for i, r in enumerate(co.runs) if r.plan.request.get("probe")), 0)
+    src_ip = plan.src.ip
+
+    def direction(g):
+        if (g["saddr_str"] == src_ip).any():
+            return "request"
+        if (g["daddr_str"] == src_ip).any():
+            return "reply"
+        return None
+    domains = {i: (r.hello or {}).get("clock_domain") for i, r in enumerate(co.runs)}
+    offsets = coordinator.estimate_offsets(df, ref, direction, domains)
+    # Agents sharing a clock domain with an estimated agent get its offset too.
+    for i, d in domains.items():
+        if i not in offsets and i != ref and d is not None and d != domains.get(ref):
+            twin = next((j for j in offsets if domains.get(j) == d), None)
+            if twin is not None:
+                offsets[i] = dict(offsets[twin], shared_with=names[twin])
+    for i, o in offsets.items():
+        df.loc[df["agent"] == i, "ts_ns"] -= o["offset_ns"]
+    clock = {"reference": names[ref] if names else None,
+             "offsets": {names[i]: o for i, o in offsets.items()},
+             "same_clock": [names[i] for i, d in domains.items() if i != ref and d == domains.get(ref)]}
+    return df.drop(columns=["pkt"]), clock
+
