@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from tracer.errors import BadInput
 from tracer.lab import scenarios as S
+from tracer.lab.scenarios import changes, conntrack
 from tracer.lab import topology as T
 
 NAMES = [
@@ -116,7 +117,7 @@ def test_one_node_lab():
 
 def test_stale_backend_is_no_pod():
     lab = _lab(pods_per_node=8)
-    stale = S._stale_backend(lab)
+    stale = conntrack.stale_backend(lab)
     assert stale == "10.244.2.99" and stale not in {p.ip for p in lab.pods}
 
 
@@ -130,12 +131,12 @@ def test_listing_without_a_lab():
 def test_change_records_never_leave_the_lab():
     lab = _lab()
     with pytest.raises(Exception, match="not a namespace of lab ptlab"):
-        S._check_ns(lab, "ptdev-node-1")
+        changes.check_ns(lab, "ptdev-node-1")
     with pytest.raises(Exception, match="not inside a lab namespace"):
-        S._check_argv(lab, ["iptables", "-F"])
+        changes.check_argv(lab, ["iptables", "-F"])
     with pytest.raises(Exception, match="not a namespace of lab"):
-        S._check_argv(lab, ["ip", "-n", "default", "route", "flush", "all"])
-    S._check_argv(lab, ["ip", "netns", "exec", "ptlab-node-1", "iptables-save"])
+        changes.check_argv(lab, ["ip", "-n", "default", "route", "flush", "all"])
+    changes.check_argv(lab, ["ip", "netns", "exec", "ptlab-node-1", "iptables-save"])
 
 
 def test_broken_is_empty_without_a_record(tmp_path):

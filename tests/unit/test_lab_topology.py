@@ -12,7 +12,7 @@ import pytest
 from kubernetes.client import ApiClient
 
 from tracer.errors import BadInput
-from tracer.lab import build
+from tracer.lab import flannel
 from tracer.lab import topology as T
 
 KINDS = {"Node": "V1Node", "Pod": "V1Pod", "Service": "V1Service",
@@ -199,16 +199,16 @@ def test_inventory_is_deterministic():
 def test_ip_batches():
     topo = _topo(nodes=3, pods_per_node=1)
     n1 = topo.nodes[0]
-    lines = build.node_batch(topo, n1)
+    lines = flannel.node_batch(topo, n1)
     assert ("link add flannel.1 address 0e:00:00:00:00:01 mtu 1450 type vxlan id 1 dstport 8472 "
             "local 172.30.0.11 dev eth0 nolearning") in lines
     for k in (2, 3):
         assert f"route add 10.244.{k}.0/24 via 10.244.{k}.0 dev flannel.1 onlink" in lines
         assert f"neigh add 10.244.{k}.0 lladdr 0e:00:00:00:00:{k:02x} dev flannel.1 nud permanent" in lines
     assert not any("10.244.1.0/24 via" in line for line in lines)
-    assert build.fdb_batch(topo, n1) == [
+    assert flannel.fdb_batch(topo, n1) == [
         "fdb append 0e:00:00:00:00:02 dev flannel.1 dst 172.30.0.12",
         "fdb append 0e:00:00:00:00:03 dev flannel.1 dst 172.30.0.13"]
     p = topo.pods[0]
     assert any(line.startswith(f"link add {p.host_veth} ") and f"netns {p.netns}" in line for line in lines)
-    assert build.pod_batch(p)[-1] == "route add default via 10.244.1.1 dev eth0"
+    assert flannel.pod_batch(p)[-1] == "route add default via 10.244.1.1 dev eth0"

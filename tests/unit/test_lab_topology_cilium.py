@@ -12,7 +12,7 @@ import pytest
 from kubernetes.client import ApiClient
 
 from tracer.errors import BadInput
-from tracer.lab import build, scenarios
+from tracer.lab import cilium, scenarios
 from tracer.lab import topology as T
 
 KINDS = {"Node": "V1Node", "Pod": "V1Pod", "Service": "V1Service",
@@ -94,7 +94,7 @@ def test_status_document_names_the_cilium_devices():
 def test_node_batch_has_no_bridge_and_cilium_routes():
     topo = _topo(nodes=3)
     n1 = topo.nodes[0]
-    lines = build.cilium_node_batch(topo, n1)
+    lines = cilium.node_batch(topo, n1)
     text = "\n".join(lines)
     assert "bridge" not in text and "master" not in text and "cni0" not in text
     assert "link add cilium_host address 0a:58:0a:f4:01:01 type veth peer name cilium_net " \
@@ -115,10 +115,10 @@ def test_node_batch_has_no_bridge_and_cilium_routes():
         assert (f"route add {k.pod_cidr} via 10.244.1.1 dev cilium_host src 10.244.1.1 mtu 1450 "
                 f"table {T.CILIUM_HOST_TABLE}") in lines
     assert lines[-1] == f"rule add pref {T.CILIUM_RULE_PREF} iif lo to 10.244.0.0/16 lookup {T.CILIUM_HOST_TABLE}"
-    assert build.cilium_fdb_batch(topo, n1) == [
+    assert cilium.fdb_batch(topo, n1) == [
         "fdb append 0e:c1:00:00:00:02 dev cilium_vxlan dst 172.30.0.12",
         "fdb append 0e:c1:00:00:00:03 dev cilium_vxlan dst 172.30.0.13"]
-    sysctls = build.cilium_node_sysctls(topo, n1)
+    sysctls = cilium.node_sysctls_after(topo, n1)
     assert sysctls["net/ipv4/conf/cilium_net/accept_local"] == "1"
     for dev in ["cilium_host", "cilium_net", "cilium_vxlan", *(p.host_veth for p in topo.pods_on(1))]:
         assert sysctls[f"net/ipv4/conf/{dev}/rp_filter"] == "0"
@@ -126,7 +126,7 @@ def test_node_batch_has_no_bridge_and_cilium_routes():
 
 def test_pod_batch_is_cilium_cnis():
     p = _topo().pods[0]
-    assert build.cilium_pod_batch(p) == [
+    assert cilium.pod_batch(p) == [
         "link set lo up", "addr add 10.244.1.2/32 dev eth0", "link set eth0 up",
         "route add 10.244.1.1/32 dev eth0 scope link",
         "route add default via 10.244.1.1 dev eth0 mtu 1450"]
@@ -163,9 +163,9 @@ def test_inventory_carries_cilium_node_annotations_and_deserializes():
 def test_scenarios_that_do_not_apply_are_refused():
     doc = T.status_document(_topo())
     lab = scenarios.Lab(doc)
-    refused = {name for name in scenarios.names() if T.scenario_unsupported("cilium", name)}
+    refused = {name for name in scenarios.names() if scenarios.unsupported("cilium", name)}
     assert refused == {"br-netfilter-off", "fdb-missing", "neigh-wrong"}
-    assert all(T.scenario_unsupported("flannel", name) is None for name in scenarios.names())
+    assert all(scenarios.unsupported("flannel", name) is None for name in scenarios.names())
     for name in refused:
         with pytest.raises(BadInput) as err:
             scenarios.resolve_node(scenarios.get(name), lab, None)

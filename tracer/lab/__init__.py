@@ -1,5 +1,10 @@
 """`podtrace lab`: a simulated multi-node Kubernetes cluster made of network namespaces.
 
-topology.py plans it (pure), build.py makes and removes it, responder.py answers in every
-pod, cli.py is the `podtrace lab` command group.
+Planning (pure): model.py (config, names, plan records), flannel.py and cilium.py (what each
+CNI flavour is made of), kubeproxy.py (Service rules), topology.py (the plan, one import for
+all of these), statusdoc.py and apiobjects.py (the documents a plan is described by).
+Making: build.py (up/down), shell.py (batches, sysctls), processes.py (the responders),
+guard.py (lock, signals). responder.py answers in every pod; scenarios/ breaks and fixes the
+lab; cli.py is the `podtrace lab` command group. The product never imports this package:
+the lab depends on the product, not the reverse.
 """

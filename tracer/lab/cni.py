@@ -1,0 +1,19 @@
+"""Picks the module that describes a lab's CNI flavour (`tracer.lab.flannel`, `tracer.lab.cilium`).
+
+Each flavour module offers the same names: NAME, OVERLAY, HOP_DEVICE, VNI, the step
+messages, `plan`, `filter_rules`, the status and inventory fields and the node and pod
+batches.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from tracer.lab import cilium, flannel
+
+FLAVOURS: dict[str, ModuleType] = {flannel.NAME: flannel, cilium.NAME: cilium}
+
+
+def flavour(cni: str | None) -> ModuleType:
+    """The flavour module of a lab; a status document without `cni` is a flannel lab."""
+    return FLAVOURS[cni or flannel.NAME]

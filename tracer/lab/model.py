@@ -1,0 +1,229 @@
+"""The lab's common model: its configuration, names, addresses and the records of a plan.
+
+Pure data, no privileges and no side effects. Everything here is deterministic for a given
+config, so two runs of `lab up` describe the same cluster. What differs between CNI
+flavours lives in `tracer.lab.flannel` and `tracer.lab.cilium`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tracer.errors import BadInput
+
+DEFAULT_PREFIX = "ptlab"
+DEFAULT_STATE_ROOT = "/run/podtrace"
+CNIS = ("flannel", "cilium")
+BUILT_CNIS = ("flannel", "cilium")
+
+UNDERLAY_CIDR = "172.30.0.0/24"
+CLUSTER_CIDR = "10.244.0.0/16"
+SERVICE_CIDR = "10.96.0.0/16"
+FABRIC_BRIDGE = "br0"
+UPLINK = "eth0"
+VXLAN_PORT = 8472
+UNDERLAY_MTU = 1500
+POD_MTU = 1450
+APP_PORT = 8080
+K8S_NAMESPACE = "default"
+LAB_LABEL = "podtrace-lab"
+MASQ_MARK = "0x4000/0x4000"
+
+_PREFIX_RE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+_PREFIX_MAX = 20
+UID_NS = uuid.UUID("6d1f3c52-2f0e-4a39-9a51-7c1d0f4f2b10")
+
+
+def default_prefix() -> str:
+    return os.environ.get("PODTRACE_LAB_PREFIX") or DEFAULT_PREFIX
+
+
+def default_state_root() -> Path:
+    return Path(os.environ.get("PODTRACE_STATE_DIR") or DEFAULT_STATE_ROOT)
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """How to build the lab. `state_dir` is the root; this lab's files live in `lab_dir`."""
+
+    prefix: str = field(default_factory=default_prefix)
+    cni: str = "flannel"
+    nodes: int = 2
+    pods_per_node: int = 2
+    state_dir: Path = field(default_factory=default_state_root)
+
+    def __post_init__(self):
+        object.__setattr__(self, "state_dir", Path(self.state_dir))
+        validate_prefix(self.prefix)
+        if self.cni not in CNIS:
+            raise BadInput(f"unknown CNI {self.cni!r}", f"use one of: {', '.join(CNIS)}")
+        if self.cni not in BUILT_CNIS:
+            raise BadInput(f"the {self.cni} lab is not built yet", "use --cni flannel")
+        if not isinstance(self.nodes, int) or not 1 <= self.nodes <= 16:
+            raise BadInput(f"--nodes must be between 1 and 16, not {self.nodes}")
+        if not isinstance(self.pods_per_node, int) or not 1 <= self.pods_per_node <= 8:
+            raise BadInput(f"--pods-per-node must be between 1 and 8, not {self.pods_per_node}")
+
+    @property
+    def lab_dir(self) -> Path:
+        return self.state_dir / self.prefix
+
+
+def validate_prefix(prefix: str) -> str:
+    if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix) or len(prefix) > _PREFIX_MAX:
+        raise BadInput(
+            f"bad lab prefix {prefix!r}",
+            f"use lowercase letters, digits and inner dashes, at most {_PREFIX_MAX} characters",
+        )
+    return prefix
+
+
+def lab_dir(prefix: str | None, state_dir: Path | str | None) -> Path:
+    """Where the files of the lab with this prefix live (the default prefix and state root
+    when not given)."""
+    prefix = validate_prefix(prefix or default_prefix())
+    return (Path(state_dir) if state_dir else default_state_root()) / prefix
+
+
+def namespace_pattern(prefix: str) -> re.Pattern:
+    """Matches exactly the network namespaces a lab with this prefix creates, and no other
+    lab's (prefix `pttest` does not match `pttest-x-fabric`)."""
+    return re.compile(rf"^{re.escape(prefix)}-(fabric|node-[0-9]+|pod-[0-9]+-[0-9]+)$")
+
+
+def fabric_netns(prefix: str) -> str:
+    return f"{prefix}-fabric"
+
+
+def node_netns(prefix: str, i: int) -> str:
+    return f"{prefix}-node-{i}"
+
+
+def pod_netns(prefix: str, i: int, j: int) -> str:
+    return f"{prefix}-pod-{i}-{j}"
+
+
+def hash_mac(text: str) -> str:
+    """A stable, locally administered unicast MAC."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return "02:" + ":".join(f"{b:02x}" for b in digest[:5])
+
+
+def ip_mac(ip: str) -> str:
+    """0a:58 + the IPv4 bytes: how the CNI bridge plugin derives stable MACs."""
+    return "0a:58:" + ":".join(f"{int(b):02x}" for b in ip.split("."))
+
+
+def hash16(text: str) -> str:
+    """kube-proxy's chain-name hash: base32(sha256(text))[:16]."""
+    return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:16]
+
+
+def uid(prefix: str, kind: str, name: str) -> str:
+    """A stable Kubernetes object UID for this lab."""
+    return str(uuid.uuid5(UID_NS, f"{prefix}/{kind}/{name}"))
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    index: int
+    name: str
+    netns: str
+    ip: str
+    uplink_mac: str
+    fabric_port: str
+    pod_cidr: str
+    gateway: str
+    bridge_mac: str
+    overlay_ip: str
+    mac: str
+    router_ip: str | None = None      # cilium: the router IP on cilium_host
+
+
+@dataclass(frozen=True)
+class PodPlan:
+    node_index: int
+    index: int
+    name: str
+    namespace: str
+    node: str
+    netns: str
+    ip: str
+    mac: str
+    gateway: str
+    host_veth: str
+    host_mac: str | None = None       # cilium: the lxc device's MAC (what ARP answers)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def labels(self) -> dict:
+        return {"app": self.name, LAB_LABEL: "true"}
+
+
+@dataclass(frozen=True)
+class ServicePortPlan:
+    name: str
+    port: int
+    target_port: int
+    protocol: str
+    chain: str
+    endpoint_chains: tuple[tuple[str, str], ...]  # (pod key, KUBE-SEP-… chain), backend order
+
+
+@dataclass(frozen=True)
+class ServicePlan:
+    name: str
+    namespace: str
+    cluster_ip: str
+    selector: dict
+    ports: tuple[ServicePortPlan, ...]
+    backends: tuple[PodPlan, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Topology:
+    config: LabConfig
+    nodes: tuple[NodePlan, ...]
+    pods: tuple[PodPlan, ...]
+    services: tuple[ServicePlan, ...]
+    created_at: str
+
+    @property
+    def prefix(self) -> str:
+        return self.config.prefix
+
+    @property
+    def fabric_netns(self) -> str:
+        return fabric_netns(self.prefix)
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.fabric_netns, *(n.netns for n in self.nodes), *(p.netns for p in self.pods)]
+
+    @property
+    def lab_dir(self) -> Path:
+        return self.config.lab_dir
+
+    @property
+    def status_path(self) -> Path:
+        return self.lab_dir / "lab.json"
+
+    @property
+    def inventory_path(self) -> Path:
+        return self.lab_dir / "inventory.json"
+
+    def pods_on(self, node_index: int) -> list[PodPlan]:
+        return [p for p in self.pods if p.node_index == node_index]

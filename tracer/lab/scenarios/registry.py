@@ -1,0 +1,230 @@
+"""The scenario table: what each `lab break` scenario does, where it applies, how to see it.
+
+Each entry names its break action (`faults`, `conntrack`), the node it acts on by default
+and the nodes it can act on, the CNI flavours it does not apply to (with the reason given to
+the user) and the `podtrace flow` arguments that show the fault.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tracer.errors import BadInput
+from tracer.lab import topology as T
+from tracer.lab.scenarios import conntrack, faults
+from tracer.lab.scenarios.changes import Changes
+from tracer.lab.scenarios.labdoc import Lab, Pod
+
+# Scenarios about flannel's objects do not apply to the cilium lab.
+_NO_BRIDGE = {"cilium": "the cilium lab has no bridge: pods hang off lxc devices and every "
+                        "packet between them is routed, so bridge-nf-call-iptables changes nothing"}
+_NO_FDB = {"cilium": f"it removes an FDB entry of {T.OVERLAY}; the cilium lab's overlay is "
+                     f"{T.CILIUM_OVERLAY}"}
+_NO_NEIGH = {"cilium": f"it rewrites a neighbour entry on {T.OVERLAY}; the cilium lab's overlay is "
+                       f"{T.CILIUM_OVERLAY}"}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    summary: str                                  # one line for listings
+    default_node: Callable[[Lab], str] | None     # None: cluster-wide, takes no --node
+    valid_nodes: Callable[[Lab], list[str]]
+    show: Callable[[Lab, str | None], str]        # `podtrace flow` arguments that show it
+    inject: Callable[[Changes, Lab, str | None], None] = field(repr=False)
+    why_no_nodes: str = "it needs a lab with at least 2 nodes (podtrace lab up --nodes 2)"
+    not_on: dict[str, str] = field(default_factory=dict)   # CNI flavour -> why it does not apply
+
+    @property
+    def cluster_wide(self) -> bool:
+        return self.default_node is None
+
+
+_REGISTRY: dict[str, Scenario] = {}
+
+
+def _register(sc: Scenario) -> Scenario:
+    _REGISTRY[sc.name] = sc
+    return sc
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def all_scenarios() -> list[Scenario]:
+    return list(_REGISTRY.values())
+
+
+def get(name: str) -> Scenario:
+    sc = _REGISTRY.get(name)
+    if sc is None:
+        near = difflib.get_close_matches(name, names(), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(near)}?" if near else "list them with `podtrace lab scenarios`"
+        raise BadInput(f"unknown scenario {name!r}", hint)
+    return sc
+
+
+def resolve_node(sc: Scenario, lab: Lab, node: str | None) -> str | None:
+    """The node a scenario acts on: --node checked against the lab, or the default."""
+    why = unsupported(lab.doc.get("cni"), sc.name)
+    if why:
+        raise BadInput(f"{sc.name} does not apply to the {lab.doc.get('cni')} lab: {why}",
+                       "see `podtrace lab scenarios` for the ones that do")
+    if sc.cluster_wide:
+        if node is not None:
+            raise BadInput(f"{sc.name} is cluster-wide (every node's kube-proxy programs it)",
+                           "run it without --node")
+        return None
+    valid = sc.valid_nodes(lab)
+    if not valid:
+        raise BadInput(f"{sc.name} cannot run on this lab: {sc.why_no_nodes}")
+    if node is None:
+        return sc.default_node(lab)
+    if node not in valid:
+        what = "unknown node" if node not in lab.node_names else f"{sc.name} cannot run on node"
+        raise BadInput(f"{what} {node!r}", f"use one of: {', '.join(valid)}")
+    return node
+
+
+def unsupported(cni: str | None, name: str) -> str | None:
+    """Why `podtrace lab break NAME` does not apply to a lab of this CNI, or None."""
+    sc = _REGISTRY.get(name)
+    return sc.not_on.get(cni or "flannel") if sc else None
+
+
+def flow_command(sc: Scenario, lab: Lab, node: str | None = None) -> str:
+    node = node if node is not None or sc.cluster_wide else sc.default_node(lab)
+    return "podtrace flow " + sc.show(lab, node)
+
+
+def _two_nodes(lab: Lab) -> list[str]:
+    return lab.node_names if len(lab.nodes) > 1 else []
+
+
+def _any_node(lab: Lab) -> list[str]:
+    return [n for n in lab.node_names if lab.client_for(n) is not None]
+
+
+def _first(lab: Lab) -> str:
+    return lab.node_names[0]
+
+
+def _second(lab: Lab) -> str:
+    return lab.node_names[1 if len(lab.nodes) > 1 else 0]
+
+
+def _web_nodes(lab: Lab) -> list[str]:
+    """Nodes with a backend of `web` and another pod to be its client."""
+    backends = {b.split("/", 1)[1] for b in lab.web()["backends"]}
+    return [n for n in lab.node_names
+            if any(p.name in backends for p in lab.pods_on(n))
+            and any(p.name not in backends for p in lab.pods_on(n))]
+
+
+def _web_client(lab: Lab, node: str) -> Pod:
+    backends = {b.split("/", 1)[1] for b in lab.web()["backends"]}
+    return next(p for p in lab.pods_on(node) if p.name not in backends)
+
+
+def _show_to_first_pod(lab: Lab, node: str) -> str:
+    """From another node's pod to the first pod of `node` (the request crosses `node` last)."""
+    return f"{lab.client_for(node).name} {lab.pods_on(node)[0].name}"
+
+
+def _show_from_first_pod(lab: Lab, node: str) -> str:
+    """From the first pod of `node` to a pod on the peer node (the request leaves `node`)."""
+    return f"{lab.pods_on(node)[0].name} {lab.pods_on(lab.peer(node).name)[0].name}"
+
+
+_register(Scenario(
+    "netpol-drop",
+    "a NetworkPolicy-style iptables chain (KUBE-NWPLCY-…) on the destination's node drops "
+    "traffic to its first pod",
+    _second, _any_node, _show_to_first_pod, faults.netpol_drop,
+    why_no_nodes="it needs a second pod to send from"))
+_register(Scenario(
+    "ip-forward-off",
+    "net.ipv4.ip_forward=0 on a node: pod traffic to other nodes is not forwarded",
+    _first, _two_nodes, _show_from_first_pod, faults.ip_forward_off))
+_register(Scenario(
+    "br-netfilter-off",
+    "net.bridge.bridge-nf-call-iptables=0 on the node of web's backend: a same-node client's "
+    "replies skip conntrack and come from the backend IP, not the ClusterIP",
+    lambda lab: _web_nodes(lab)[0], _web_nodes,
+    lambda lab, node: f"{_web_client(lab, node).name} svc/default/web --proto udp --port 80",
+    faults.br_netfilter_off,
+    why_no_nodes="it needs a node with a backend of svc/default/web and another pod", not_on=_NO_BRIDGE))
+_register(Scenario(
+    "conntrack-full",
+    "a node's conntrack table filled to nf_conntrack_max with ASSURED entries: new flows "
+    "through it are dropped",
+    _first, _any_node,
+    lambda lab, node: (_show_from_first_pod(lab, node) if len(lab.nodes) > 1
+                       else f"{lab.pods_on(node)[0].name} {lab.client_for(node).name}"),
+    conntrack.conntrack_full,
+    why_no_nodes="it needs a second pod to send to"))
+_register(Scenario(
+    "conntrack-invalid",
+    "SYNs leaving a node are NOTRACKed and FORWARD drops ctstate INVALID: the SYN-ACK "
+    "coming back is dropped",
+    _first, _two_nodes,
+    lambda lab, node: _show_from_first_pod(lab, node) + f" --proto tcp --port {T.APP_PORT}",
+    conntrack.conntrack_invalid))
+_register(Scenario(
+    "rp-filter-strict",
+    "rp_filter=1 (all) on a node plus an asymmetric host route back to a client pod: the "
+    "client's packets are dropped on flannel.1",
+    _second, _two_nodes, _show_to_first_pod, faults.rp_filter_strict))
+_register(Scenario(
+    "mtu-blackhole",
+    f"the underlay switch port of a node carries only {faults.BLACKHOLE_MTU}-byte packets: full-size "
+    "pod packets (VXLAN outer 1500) vanish silently, small ones pass",
+    _first, _two_nodes,
+    lambda lab, node: _show_from_first_pod(lab, node) + f" --size {T.POD_MTU}",
+    faults.mtu_blackhole))
+_register(Scenario(
+    "no-route",
+    "the flannel route to the peer node's pod CIDR removed from a node",
+    _first, _two_nodes, _show_from_first_pod, faults.no_route))
+_register(Scenario(
+    "fdb-missing",
+    "a node's VXLAN FDB entry for the peer node's VTEP MAC removed",
+    _first, _two_nodes, _show_from_first_pod, faults.fdb_missing, not_on=_NO_FDB))
+_register(Scenario(
+    "neigh-wrong",
+    "a node's neighbour entry for the peer's flannel.1 address points at a stale VTEP MAC",
+    _first, _two_nodes, _show_from_first_pod, faults.neigh_wrong, not_on=_NO_NEIGH))
+_register(Scenario(
+    "svc-no-endpoints",
+    "svc/default/web has no endpoints: kube-proxy's REJECT in filter/KUBE-SERVICES on every "
+    "node, no nat rules, an empty EndpointSlice in the inventory",
+    None, lambda lab: [],
+    lambda lab, node: f"{lab.pods[0].name} svc/default/web --proto tcp --port 80",
+    faults.svc_no_endpoints))
+_register(Scenario(
+    "stale-udp-conntrack",
+    f"a conntrack entry on the client's node still DNATs web's UDP port from source port "
+    f"{conntrack.STALE_SPORT} to a backend IP that no longer exists",
+    _first, lambda lab: [n for n in lab.node_names if lab.pods_on(n)],
+    lambda lab, node: (f"{lab.pods_on(node)[0].name} svc/default/web --proto udp --port 80 "
+                       f"--sport {conntrack.STALE_SPORT} --count 1"),
+    conntrack.stale_udp_conntrack,
+    why_no_nodes="it needs a pod"))
+
+
+def listing(lab: Lab | None = None) -> list[dict]:
+    """One entry per scenario: name, summary, default node, valid nodes, the flow command."""
+    lab = lab or Lab.planned()
+    out = []
+    for sc in all_scenarios():
+        why_not = unsupported(lab.doc.get("cni"), sc.name)
+        valid = [] if sc.cluster_wide or why_not else sc.valid_nodes(lab)
+        node = None if sc.cluster_wide or not valid else sc.default_node(lab)
+        shown = (sc.cluster_wide or valid) and not why_not
+        out.append({"name": sc.name, "summary": sc.summary, "default_node": node,
+                    "nodes": valid, "cluster_wide": sc.cluster_wide,
+                    "flow": flow_command(sc, lab, node) if shown else None})
+    return out
