@@ -23,6 +23,7 @@ from tests.integration.lab_fixture import (
 )
 from tracer.node import netns
 from tracer.lab import build, scenarios
+from tracer.lab.scenarios import changes
 from tracer.lab import topology as T
 
 pytestmark = pytest.mark.integration
@@ -526,7 +527,7 @@ def test_failed_break_is_rolled_back(sclab, monkeypatch):
     def fail(path, content):
         raise OSError("disk full")
 
-    monkeypatch.setattr(scenarios, "_write_file", fail)
+    monkeypatch.setattr(changes, "write_file", fail)
     with pytest.raises(OSError, match="disk full"):
         scenarios.break_scenario("svc-no-endpoints", prefix=PREFIX)
     assert snapshot(sclab, conntrack=False) == before
