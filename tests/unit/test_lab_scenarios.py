@@ -4,6 +4,7 @@ choice and validation, the flow commands that show each fault, the CLI listing."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -161,3 +162,21 @@ def test_cli_lists_scenarios_without_privileges(monkeypatch, tmp_path):
     assert bad.exit_code == 2 and "no-route" in bad.output
     missing = runner.invoke(main, ["lab", "break"])
     assert missing.exit_code == 2 and "netpol-drop" in missing.output
+
+
+def test_nothing_outside_the_lab_reads_what_was_broken():
+    """The diagnosis must decide from evidence: no product module names the scenario record
+    or imports the scenarios."""
+    import tracer
+
+    root = Path(tracer.__file__).parent
+    lab = root / "lab"
+    readers = []
+    for path in root.rglob("*.py"):
+        if lab in path.parents:
+            continue
+        text = path.read_text()
+        if any(word in text for word in (S.BROKEN_FILE, "BROKEN_FILE", "lab.scenarios",
+                                         "lab import scenarios", "break_scenario")):
+            readers.append(str(path.relative_to(root)))
+    assert readers == []

@@ -212,3 +212,23 @@ def test_ip_batches():
     p = topo.pods[0]
     assert any(line.startswith(f"link add {p.host_veth} ") and f"netns {p.netns}" in line for line in lines)
     assert flannel.pod_batch(p)[-1] == "route add default via 10.244.1.1 dev eth0"
+
+
+def test_every_cni_flavour_describes_the_same_things():
+    """build, statusdoc, apiobjects and kubeproxy call these on whichever flavour a lab has."""
+    from tracer.lab import cilium, cni
+
+    assert set(cni.FLAVOURS) == set(T.CNIS)
+    names = {"NAME", "OVERLAY", "HOP_DEVICE", "VNI", "NODES_STEP", "SERVICES_STEP", "plan",
+             "filter_rules", "status_fields", "status_node", "status_pod_fields",
+             "node_annotations", "node_sysctls", "node_batch", "fdb_batch", "node_sysctls_after",
+             "node_checks", "pod_batch"}
+    for module in (flannel, cilium):
+        assert not names - set(dir(module)), module.__name__
+    for name, module in cni.FLAVOURS.items():
+        topo = _topo(cni=name)
+        doc = T.status_document(topo)
+        assert doc["cni"] == module.NAME == name
+        assert all(n["overlay"] == module.OVERLAY and n["bridge"] == module.HOP_DEVICE
+                   for n in doc["nodes"])
+        assert doc["vxlan"]["vni"] == module.VNI

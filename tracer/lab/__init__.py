@@ -5,6 +5,6 @@ CNI flavour is made of), kubeproxy.py (Service rules), topology.py (the plan, on
 all of these), statusdoc.py and apiobjects.py (the documents a plan is described by).
 Making: build.py (up/down), shell.py (batches, sysctls), processes.py (the responders),
 guard.py (lock, signals). responder.py answers in every pod; scenarios/ breaks and fixes the
-lab; cli.py is the `podtrace lab` command group. The product never imports this package:
-the lab depends on the product, not the reverse.
+lab; cli.py is the `podtrace lab` command group. The lab depends on the product, never the
+reverse: no product module imports this package (the `lab` command aside).
 """

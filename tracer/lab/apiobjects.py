@@ -1,4 +1,8 @@
-"""The lab's Kubernetes objects: what `kubectl get nodes,pods,services,endpointslices -A -o json` would print."""
+"""The lab's Kubernetes objects: the `v1 List` its API server would return.
+
+What `kubectl get nodes,pods,services,endpointslices -A -o json` would print for the lab,
+written to `inventory.json` by `lab up`.
+"""
 
 from __future__ import annotations
 

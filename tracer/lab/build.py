@@ -1,4 +1,4 @@
-"""Brings the lab up and down: the build stages, the rollback and the teardown.
+"""Brings the lab up or down (build stages, rollback on failure, teardown).
 
 `up(cfg)` turns a `Topology` into real kernel objects, every one of them inside a network
 namespace whose name starts with the lab prefix (nothing is created in the root namespace),

@@ -1,4 +1,4 @@
-"""The cilium flavour of the lab: what its nodes and pods are made of.
+"""What a cilium lab node is made of: lxc devices, cilium_host/cilium_net, cilium_vxlan, routes.
 
 Real Cilium moves packets with BPF programs on lxc*, cilium_host and cilium_vxlan; the lab
 builds the same devices and addresses and lets the kernel's own routing, neighbour and VXLAN

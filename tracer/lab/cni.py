@@ -1,4 +1,4 @@
-"""Picks the module that describes a lab's CNI flavour (`tracer.lab.flannel`, `tracer.lab.cilium`).
+"""Picks the module describing a lab's CNI flavour (flannel.py, cilium.py).
 
 Each flavour module offers the same names: NAME, OVERLAY, HOP_DEVICE, VNI, the step
 messages, `plan`, `filter_rules`, the status and inventory fields and the node and pod

@@ -1,4 +1,4 @@
-"""The flannel flavour of the lab: what its nodes and pods are made of.
+"""What a flannel lab node is made of: cni0, flannel.1, routes, FDB, rules.
 
 A node has a `cni0` bridge holding the pods' gateway, a `flannel.1` VXLAN device with a
 route, a permanent neighbour and an FDB entry per peer node, and flannel's FORWARD accepts.

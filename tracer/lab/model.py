@@ -1,4 +1,4 @@
-"""The lab's common model: its configuration, names, addresses and the records of a plan.
+"""The lab's common model: configuration, names, addresses, plan records.
 
 Pure data, no privileges and no side effects. Everything here is deterministic for a given
 config, so two runs of `lab up` describe the same cluster. What differs between CNI

@@ -1,4 +1,4 @@
-"""Starts, finds and stops the lab's processes: one responder (`tracer.lab.responder`) per pod.
+"""The lab's responder processes, one per pod (`tracer.lab.responder`): start, find, stop.
 
 A responder runs in its pod's namespace and carries `PODTRACE_LAB_OWNER=PREFIX` in its
 environment, so `lab down` finds it even when its namespace name is already gone.

@@ -1,4 +1,4 @@
-"""Runs `ip`/`bridge` batches and sysctl writes inside lab namespaces while the lab is built.
+"""Runs the lab build's commands inside its namespaces: `ip`/`bridge` batches, sysctl writes.
 
 Speed: one `ip -batch` per namespace, run in parallel per stage.
 """

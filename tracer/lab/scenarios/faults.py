@@ -1,4 +1,4 @@
-"""The break actions of the scenarios outside conntrack: iptables, sysctls, routes, neighbours, FDB, MTU.
+"""The non-conntrack break actions: iptables, sysctls, routes, neighbours, FDB, MTU.
 
 Each takes the `Changes` recorder, the lab and the node it acts on, and makes the same
 kernel objects a real node would have when that fault happens.

@@ -1,4 +1,4 @@
-"""The lab as the scenarios see it: a read-only view of its status document (no privileges needed)."""
+"""The lab as the scenarios see it: a read-only view of its status document."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Replays recorded undo steps: what `lab fix` runs, and a failed `lab break` before it gives up."""
+"""Replays recorded undo steps (for `lab fix`, or a `lab break` that failed part-way)."""
 
 from __future__ import annotations
 
