@@ -38,9 +38,7 @@ from tracer.kernel import formats as tracefs
 from tracer.errors import BadInput, EnvironmentProblem, PodtraceError
 from tracer.kernel.record import HOOK_IDS
 
-MAX_ADDRS = 4096    # sizes of the kernel maps (bpf/podtrace.c)
-MAX_CIDRS = 256
-MAX_PORTS = 64
+from tracer.kernel.contract import MAX_ADDRS, MAX_CIDRS, MAX_PORTS  # sizes of the kernel maps
 _CHUNK = 4096
 # Events waiting for a full row group reach the disk after at most this long (what a SIGKILL
 # can lose: the last FLUSH_S seconds, or one row group at high rates).
