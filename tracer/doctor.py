@@ -1,5 +1,7 @@
-"""`podtrace doctor`: what this machine offers for tracing, what `flow` will use, and what
-blocks it, with a fix for each problem. Uses the same detection as `flow` (tracer.probes)."""
+"""The doctor's report: what this machine offers for tracing, with a fix for each problem.
+
+It says what `flow` will use and what blocks it, through the same detection as `flow`
+(tracer/kernel/hooks.py); tracer/cli/doctor.py renders it."""
 
 from __future__ import annotations
 
@@ -7,8 +9,9 @@ import os
 import time
 from pathlib import Path
 
-from tracer.kernel import hooks as probes
+from tracer import settings
 from tracer.kernel import formats as tracefs
+from tracer.kernel import hooks as probes
 from tracer.errors import EnvironmentProblem, PodtraceError, missing_capabilities
 
 # What flow needs (CAP_NET_RAW: ICMP probes, the default, use a raw socket).
@@ -52,7 +55,7 @@ def _mounted(path: str) -> bool:
 def _metadata() -> dict:
     from tracer.lab import build as labbuild
 
-    lab = labbuild.status(os.environ.get("PODTRACE_LAB_PREFIX", "ptlab"))
+    lab = labbuild.status(settings.lab_prefix())
     kubeconfig = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
     in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and \
         Path("/var/run/secrets/kubernetes.io/serviceaccount/token").exists()

@@ -1,4 +1,4 @@
-"""The numbers bpf/ shares with Python, declared once here and generated into the C build.
+"""The numbers bpf/ shares with Python, declared once: the kernel contract.
 
 `c_header()` is prepended to the BPF source by tracer/kernel/program.py (after the event
 record of tracer/kernel/record.py), so the C code names these values and never spells them:

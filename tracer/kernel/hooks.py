@@ -1,6 +1,8 @@
-"""The probe catalog: every hook podtrace can use, declared once — its kind, what it tells,
-the BPF function that serves it, and what stands in when it is unavailable — and the
-detection of which hooks this kernel offers (shared by `flow` and `doctor`)."""
+"""The hook catalog: every hook podtrace can use, declared once, with its availability here.
+
+Each hook has its kind, what it tells, the BPF function that serves it and what stands in
+when it is unavailable; `detect()` says which hooks this kernel offers (shared by `flow`
+and `doctor`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""Builds and loads the BPF program: source text, -D flags from BTF, tracepoint structs from
-tracefs, compile with BCC, attach, detach. Owns everything that touches BCC."""
+"""The BPF program's life through BCC: built, compiled, attached, detached.
+
+The text is the kernel contract (tracer/kernel/contract.py), the event record, tracepoint
+structs from tracefs and the bpf/ files; kernel struct offsets from BTF arrive as -D flags.
+This module owns everything that touches BCC."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from tracer.kernel import formats as tracefs
 from tracer.kernel import record
 from tracer.kernel.btf import kernel_offsets
 from tracer.kernel.contract import TC_SLOTS
-from tracer import testhooks
+from tracer import settings, testhooks
 from tracer.errors import EnvironmentProblem, require_capabilities
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
@@ -188,7 +191,7 @@ def load(ringbuf_pages: int = 1024, attach: bool = True, hooks: list | None = No
 def _quiet_stderr():
     """BCC's clang prints warnings about the substitute headers to fd 2; keep them out of the
     user's terminal unless compilation fails (then the exception carries the cause)."""
-    if os.environ.get("PODTRACE_DEBUG_BPF"):
+    if settings.debug_bpf():
         yield
         return
     saved = os.dup(2)

@@ -1,5 +1,7 @@
-"""The hop event record: defined once here, turned into the C struct the BPF code fills and
-into the numpy dtype that decodes ring-buffer bytes in batches.
+"""The hop event record, defined once for the C struct the BPF code fills and its decoder.
+
+`c_struct()` is the C definition; `EVENT_DTYPE` the numpy dtype that decodes ring-buffer
+bytes in batches.
 
 Addresses stay in network byte order in the record (the kernel copies them as they are);
 decoding converts whole columns at once.
