@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tracer.kernel import formats as tracefs
+from tracer.kernel import formats
 from tracer.errors import EnvironmentProblem
 
 
@@ -93,7 +93,7 @@ def _kallsyms() -> frozenset[str]:
 def _tracepoint_ok(target: str) -> tuple[bool, str | None]:
     cat, ev = target.split(":")
     try:
-        root = tracefs.tracefs_root()
+        root = formats.tracefs_root()
     except EnvironmentProblem as exc:
         return False, exc.line()
     if not (root / "events" / cat / ev / "format").exists():
