@@ -3,7 +3,7 @@
 // hooks cannot: a routing decision, a bridge forward, a netfilter verdict, a NAT rewrite, a
 // conntrack confirm, a neighbour resolution, an overlay transmit, a local delivery.
 // Where the kernel has no kprobes (CONFIG_KPROBES=n) these still compile and load; only the
-// attach fails, and tracer/probes.py falls back to the tracepoints.
+// attach fails, and tracer/kernel/hooks.py falls back to the tracepoints.
 
 // Argument and return registers, at pt_regs offsets read from BTF (KP_ARG*, KP_RC): the
 // substitute headers' struct pt_regs is never used.
@@ -16,7 +16,7 @@
 // Follow an skb seen inside a kernel function: the network header is set at every one of
 // these functions, so the packet is read from head + network_header.
 // Inlined into each program (BCC 0.26 cannot relocate bpf-to-bpf calls): compiling all of
-// them costs ~0.6 s, so kprobes.c is compiled only where kprobes can attach (see probes.py).
+// them costs ~0.6 s, so kprobes.c is compiled only where kprobes can attach (see tracer/kernel/hooks.py).
 static __always_inline int on_kfunc(const u8 *skb, u8 hook, u32 aux, u64 aux2) {
     if (!skb) return 0;
     const u8 *head = (const u8 *)rd64(skb, SKB_HEAD);
@@ -81,7 +81,7 @@ struct stash {
     u64 skb;
     u32 aux;
 };
-BPF_HASH(stashed, u64, struct stash, 4096);
+BPF_HASH(stashed, u64, struct stash, MAX_STASHED);
 
 static __always_inline int stash_skb(const u8 *skb, u32 aux) {
     u64 id = bpf_get_current_pid_tgid();

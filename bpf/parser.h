@@ -64,14 +64,14 @@ static __always_inline int P_(parse_packet)(P_CTX c, u32 off, u32 avail, struct 
     u32 t = off + (u32)r;
     if (avail < (u32)r + 8) return 0;
     if (P_LOAD(c, t, th, sizeof(th))) return 0;
-    if (dport == 4789 || dport == 8472) {
+    if (dport == VXLAN_PORT || dport == VXLAN_PORT_LINUX) {
         if (!(th[0] & 0x08)) return 0;     // VNI-valid flag not set: not VXLAN
-        kind = 1;
+        kind = ENCAP_VXLAN;
         hdr = 8;
-    } else if (dport == 6081) {
+    } else if (dport == GENEVE_PORT) {
         u16 ptype = ((u16)th[2] << 8) | th[3];
         if ((th[0] >> 6) != 0 || ptype != ETH_P_TEB) return 0;
-        kind = 2;
+        kind = ENCAP_GENEVE;
         hdr = 8 + (u32)(th[0] & 0x3f) * 4;
     } else {
         return 0;

@@ -1,9 +1,11 @@
 // podtrace kernel side: one packet parser shared by every hook, an address filter, skb
 // following across NAT, per-CPU counters and a ring buffer of hop events.
 //
-// Kernel struct offsets arrive as -D flags read from BTF (tracer/btf.py); tracepoint
-// argument structs and `struct event` are generated and prepended by tracer/bpfprog.py.
-// Nothing here trusts the substitute kernel headers for a layout.
+// Kernel struct offsets arrive as -D flags read from BTF (tracer/kernel/btf.py); tracepoint
+// argument structs, `struct event` and the kernel contract (selection flags, counter order,
+// guard slots, hashes, map sizes, hook ids: tracer/kernel/contract.py) are generated and
+// prepended by tracer/kernel/program.py. Nothing here trusts the substitute kernel headers
+// for a layout, and no number shared with Python is written here.
 
 #define ETH_P_IP_BE 0x0008      /* htons(0x0800) */
 #define ETH_P_TEB 0x6558        /* transparent ethernet bridging (Geneve payload) */
@@ -11,51 +13,36 @@
 #define IPPROTO_TCP_ 6
 #define IPPROTO_UDP_ 17
 
-#define C_SEEN 0
-#define C_MATCHED 1
-#define C_EMITTED 2
-#define C_LOST 3
-#define C_TRUNCATED 4
-#define C_SAMPLED_OUT 5
-#define C_OVER_BUDGET 6
-#define N_COUNTERS 7
-
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
-BPF_HASH(addrs, u32, u8, 4096);            // addresses under trace (network order)
+BPF_HASH(addrs, u32, u8, MAX_ADDRS);            // addresses under trace (network order)
 // skbs that matched once, with the identity of the packet they carried: followed (through
 // NAT and encapsulation) until freed, and only while they still carry that packet — an
 // address freed by a path no tracepoint sees, then reused, is not followed by mistake.
-BPF_TABLE("lru_hash", u64, u32, tracked, 65536);
+BPF_TABLE("lru_hash", u64, u32, tracked, MAX_TRACKED);
 BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
 // Every packet on every hook asks two hash tables (is an address traced? is this skb
 // followed?) and almost always hears no. Two arrays answer most of those "no"s first, with
 // an inlined array read instead of a hash lookup: a clear bit / zero count means "certainly
 // not there", anything else means "ask the table". False "maybe"s only cost the lookup.
-// addr_bits: one bit per address hash, kept by user space with `addrs` (tracer/session.py
-// addr_bit_words computes the same slots). tracked_cnt: how many `tracked` entries hash to
+// addr_bits: one bit per address hash, kept by user space with `addrs` (addr_bit_words in
+// tracer/kernel/contract.py computes the same slots). tracked_cnt: how many `tracked` entries hash to
 // each slot, counted here on insert and successful delete; LRU evictions leave a count too
 // high, never too low.
-#define ADDR_BITS_WORDS 1024               // 65536 bits
-#define TRACKED_SLOTS 4096
 BPF_ARRAY(addr_bits, u64, ADDR_BITS_WORDS);
 BPF_ARRAY(tracked_cnt, u32, TRACKED_SLOTS);
-BPF_ARRAY(config, u32, 2);                 // [0]: selection flags SEL_* (0 = both addresses in addrs)
-// Capture selections (tracer/capture.py): CIDRs and TCP/UDP ports, used only when their
+BPF_ARRAY(config, u32, CONFIG_SLOTS);      // [CONFIG_SEL]: selection flags SEL_* (0 = both addresses in addrs)
+// Capture selections (tracer/runs/capture.py): CIDRs and TCP/UDP ports, used only when their
 // SEL_* flag is set, so the flow's filter (flags 0 or 1) costs what it did.
 struct cidr_key {
     u32 prefixlen;
     u32 addr;                              // network order
 };
-BPF_LPM_TRIE(cidrs, struct cidr_key, u8, 256);
-BPF_HASH(ports, u16, u8, 64);              // network order
-#define SEL_EITHER 1                       // one address matching is enough (else both)
-#define SEL_ANY_ADDR 2                     // no address condition (every IPv4 packet)
-#define SEL_CIDRS 4                        // an address also matches when inside a CIDR
-#define SEL_PORTS 8                        // TCP/UDP only, with sport or dport in ports
-// An agent sees only its own node: when [NETNS_FILTER_ON] of netns_cfg is 1, events are kept
+BPF_LPM_TRIE(cidrs, struct cidr_key, u8, MAX_CIDRS);
+BPF_HASH(ports, u16, u8, MAX_PORTS);       // network order
+// An agent sees only its own node: when netns_cfg[NETNS_FILTER_ON] is 1, events are kept
 // only from the network namespaces listed in netns_allow (the node's and its pods').
-BPF_HASH(netns_allow, u32, u8, 4096);
-BPF_ARRAY(netns_cfg, u32, 1);
+BPF_HASH(netns_allow, u32, u8, MAX_NETNS);
+BPF_ARRAY(netns_cfg, u32, NETNS_CFG_SLOTS);
 
 struct pkt {
     u32 saddr, daddr, osaddr, odaddr, vni, tcp_seq;
@@ -75,11 +62,11 @@ static __always_inline u64 rd64(const void *base, u32 off) {
 }
 
 // Guardrails, so tracing never hurts the node it debugs:
-// guard[0] = N: keep 1 packet in N, chosen by a hash of what identifies the packet on every
+// guard[GUARD_SAMPLE] = N: keep 1 packet in N, chosen by a hash of what identifies the packet on every
 //            hop and node (IP ID, length, TCP sequence or ICMP id/seq — NAT and
 //            encapsulation change none of them), so a kept packet is kept everywhere;
-// guard[1] = events per second per CPU; beyond it events are counted, not emitted.
-BPF_ARRAY(guard, u32, 2);
+// guard[GUARD_BUDGET] = events per second per CPU; beyond it events are counted, not emitted.
+BPF_ARRAY(guard, u32, GUARD_SLOTS);
 struct budget {
     u64 window;
     u64 used;
@@ -90,23 +77,23 @@ BPF_PERCPU_ARRAY(budget_state, struct budget, 1);
 // echo id/seq (which request and reply share). NAT and encapsulation change none of them.
 static __always_inline u32 packet_hash(struct pkt *p) {
     u32 h = p->proto == IPPROTO_ICMP_ ? (((u32)p->sport << 16) | p->dport)
-                                       : (((u32)p->ip_id << 16) ^ p->ip_len ^ (p->tcp_seq * 2654435761u));
+                                       : (((u32)p->ip_id << 16) ^ p->ip_len ^ (p->tcp_seq * SLOT_MULT));
     h ^= h >> 15;
-    h *= 2246822519u;
+    h *= HASH_MIX;
     h ^= h >> 13;
     return h | 1;   // never 0
 }
 
 static __always_inline int sampled_in(struct pkt *p) {
-    u32 zero = 0;
-    u32 *n = guard.lookup(&zero);
+    u32 idx = GUARD_SAMPLE;
+    u32 *n = guard.lookup(&idx);
     if (!n || *n <= 1) return 1;
     return ((packet_hash(p) >> 1) % *n) == 0;   /* >> 1: the low bit is forced to 1 */
 }
 
 static __always_inline int within_budget(void) {
-    u32 zero = 0, one = 1;
-    u32 *limit = guard.lookup(&one);
+    u32 zero = 0, idx = GUARD_BUDGET;
+    u32 *limit = guard.lookup(&idx);
     if (!limit || !*limit) return 1;
     struct budget *b = budget_state.lookup(&zero);
     if (!b) return 1;
@@ -162,7 +149,7 @@ static __always_inline int addr_maybe(u32 addr) {
 #ifdef PT_NO_PREFILTER
     return 1;
 #else
-    u32 h = (addr * 2654435761u) >> 16;   // as addr_slot() in tracer/session.py
+    u32 h = (addr * SLOT_MULT) >> (32 - ADDR_SLOT_BITS);   // as addr_slot() in tracer/kernel/contract.py
     u32 w = h >> 6;
     u64 *v = addr_bits.lookup(&w);
     return v && ((*v >> (h & 63)) & 1);
@@ -170,7 +157,7 @@ static __always_inline int addr_maybe(u32 addr) {
 }
 
 static __always_inline u32 *tracked_slot(u64 skb) {
-    u32 i = ((u32)(skb >> 8) * 2654435761u) >> 20;   // skbs are 256-byte aligned slab objects
+    u32 i = ((u32)(skb >> SKB_ALIGN_SHIFT) * SLOT_MULT) >> (32 - TRACKED_SLOT_BITS);
     return tracked_cnt.lookup(&i);
 }
 
@@ -203,8 +190,8 @@ static __always_inline int addr_wanted(u32 *addr, u32 sel) {
 }
 
 static __always_inline int wanted(struct pkt *p) {
-    u32 zero = 0;
-    u32 *mode = config.lookup(&zero);
+    u32 idx = CONFIG_SEL;
+    u32 *mode = config.lookup(&idx);
     u32 sel = mode ? *mode : 0;
     if (sel & SEL_PORTS) {
         if (p->proto != IPPROTO_TCP_ && p->proto != IPPROTO_UDP_) return 0;
@@ -277,8 +264,8 @@ static __always_inline u32 skb_netns(const u8 *dev) {
 }
 
 static __always_inline int netns_ok(u32 inum) {
-    u32 zero = 0;
-    u32 *on = netns_cfg.lookup(&zero);
+    u32 idx = NETNS_FILTER_ON;
+    u32 *on = netns_cfg.lookup(&idx);
     if (!on || !*on) return 1;
     return netns_allow.lookup(&inum) != 0;
 }

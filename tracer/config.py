@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
+
+from tracer import settings
 
 
 @dataclass
@@ -20,7 +21,7 @@ class FlowConfig:
     cluster: str | None = None       # --cluster FILE
     kubeconfig: str | None = None    # --kubeconfig FILE (else KUBECONFIG, ~/.kube/config, in-cluster)
     context: str | None = None       # --context NAME
-    lab_prefix: str = os.environ.get("PODTRACE_LAB_PREFIX", "ptlab")
+    lab_prefix: str = field(default_factory=settings.lab_prefix)
     save: str | None = None
     settle: float = 0.05
     size: int | None = None          # IP packet size of ICMP/UDP probes (DF set)
@@ -30,4 +31,4 @@ class FlowConfig:
     budget: int = 50_000             # events per second per node before sampling kicks in (0: none)
     # "agents": one agent per node (lab/cluster); "single": in-process. PODTRACE_FLOW_MODE
     # changes the default (the test suite uses "single" where agents are not the subject).
-    mode: str = field(default_factory=lambda: os.environ.get("PODTRACE_FLOW_MODE", "agents"))             # wait for late events (drops after the last answer)
+    mode: str = field(default_factory=settings.flow_mode)

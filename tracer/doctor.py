@@ -1,5 +1,7 @@
-"""`podtrace doctor`: what this machine offers for tracing, what `flow` will use, and what
-blocks it, with a fix for each problem. Uses the same detection as `flow` (tracer.probes)."""
+"""The doctor's report: what this machine offers for tracing, with a fix for each problem.
+
+It says what `flow` will use and what blocks it, through the same detection as `flow`
+(tracer/kernel/hooks.py); tracer/cli/doctor.py renders it."""
 
 from __future__ import annotations
 
@@ -7,14 +9,15 @@ import os
 import time
 from pathlib import Path
 
-from tracer.kernel import hooks as probes
-from tracer.kernel import formats as tracefs
-from tracer.errors import EnvironmentProblem, PodtraceError, missing_capabilities
+from tracer import settings
+from tracer.kernel import formats, hooks
+from tracer.errors import CAPABILITIES, EnvironmentProblem, PodtraceError, missing_capabilities
 
 # What flow needs (CAP_NET_RAW: ICMP probes, the default, use a raw socket).
 TRACE_CAPS = ("CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_NET_RAW")
 
-CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
+# The capabilities the report shows (bit numbers from tracer/errors.py).
+CAPS = {name: CAPABILITIES[name] for name in ("CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_PERFMON", "CAP_BPF")}
 CONFIG_KEYS = ["CONFIG_BPF_SYSCALL", "CONFIG_BPF_JIT", "CONFIG_DEBUG_INFO_BTF", "CONFIG_BPF_EVENTS",
                "CONFIG_KPROBES", "CONFIG_FUNCTION_TRACER", "CONFIG_NET_CLS_BPF", "CONFIG_NET_SCH_INGRESS",
                "CONFIG_NF_CONNTRACK", "CONFIG_BRIDGE_NETFILTER", "CONFIG_VXLAN"]
@@ -52,7 +55,7 @@ def _mounted(path: str) -> bool:
 def _metadata() -> dict:
     from tracer.lab import build as labbuild
 
-    lab = labbuild.status(os.environ.get("PODTRACE_LAB_PREFIX", "ptlab"))
+    lab = labbuild.status(settings.lab_prefix())
     kubeconfig = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
     in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and \
         Path("/var/run/secrets/kubernetes.io/serviceaccount/token").exists()
@@ -100,7 +103,7 @@ def report(compile_test: bool = True) -> dict:
         problems.append({"problem": f"root, but without {', '.join(missing_capabilities(TRACE_CAPS))} "
                                     "(capabilities dropped)",
                          "fix": "run with full root capabilities (not under capsh --drop or a restricted securityContext)"})
-    cfg = probes.kernel_config()
+    cfg = hooks.kernel_config()
     btf = Path("/sys/kernel/btf/vmlinux")
     btf_info = {"path": str(btf), "present": btf.exists(), "offsets": None}
     if not btf.exists():
@@ -117,7 +120,7 @@ def report(compile_test: bool = True) -> dict:
             btf_info["offsets"] = exc.line()
             problems.append({"problem": exc.message, "fix": exc.fix or "report this kernel to podtrace"})
     try:
-        tracefs_root = str(tracefs.tracefs_root())
+        tracefs_root = str(formats.tracefs_root())
     except PodtraceError as exc:
         tracefs_root = None
         problems.append({"problem": exc.message, "fix": exc.fix})
@@ -131,19 +134,19 @@ def report(compile_test: bool = True) -> dict:
     except ImportError as exc:
         bcc_info = {"importable": False, "error": str(exc)}
         problems.append({"problem": "BCC is not importable", "fix": "apt install python3-bpfcc; run scripts/dev.sh setup"})
-    statuses = probes.detect()
+    statuses = hooks.detect()
     try:
-        chosen, degraded = probes.select(statuses)
+        chosen, degraded = hooks.select(statuses)
     except PodtraceError as exc:
         chosen, degraded = [], []
         problems.append({"problem": exc.message, "fix": exc.fix})
     compile_info = None
     if compile_test and root and bcc_info.get("importable") and not problems:
-        from tracer.kernel import program as bpfprog
+        from tracer.kernel import program
 
         t0 = time.monotonic()
         try:
-            loaded = bpfprog.load(attach=False, hooks=chosen)
+            loaded = program.load(attach=False, hooks=chosen)
             try:   # attach=False loads nothing: load each program so the verifier runs
                 from bcc import BPF
 
@@ -151,7 +154,7 @@ def report(compile_test: bool = True) -> dict:
                     kind = {"tracepoint": BPF.TRACEPOINT, "tc": BPF.SCHED_CLS}.get(h.kind, BPF.KPROBE)
                     for fn in filter(None, (h.fn, h.ret_fn)):
                         try:
-                            with bpfprog._quiet_stderr():
+                            with program._quiet_stderr():
                                 loaded.bpf.load_func(fn.encode(), kind)
                         except Exception as exc:  # BCC raises bare Exception
                             raise EnvironmentProblem(f"the kernel's verifier rejected {fn}: {exc}",

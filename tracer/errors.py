@@ -1,16 +1,28 @@
-"""The few error types podtrace raises, and the one place they map to exit codes.
+"""The error types podtrace raises, each carrying the exit code the contract gives it.
 
-Contract exit codes: 0 ok, 1 the environment cannot trace, 2 bad input, 3 the trace found a
-failure. Every user-facing error is one line: what was wrong, then what to do.
+Every user-facing error is one line: what was wrong, then what to do. The command group
+(tracer/cli/main.py) is the one place that turns them into that line and the exit status.
 """
 
 from __future__ import annotations
+
+import enum
+
+
+class ExitStatus(enum.IntEnum):
+    """The contract's exit codes."""
+
+    OK = 0
+    CANNOT_TRACE = 1     # the environment cannot trace (no privileges, no eBPF, ...), or a bug
+    BAD_INPUT = 2        # unknown pod, bad address, bad flag
+    TRACE_FAILED = 3     # the trace found a failure (drop, loss, missing or wrong reply)
+    INTERRUPTED = 130    # Ctrl-C or SIGTERM; everything podtrace added was removed
 
 
 class PodtraceError(Exception):
     """Base class: a one-line message for the user and the exit code it maps to."""
 
-    exit_code = 1
+    exit_code = ExitStatus.CANNOT_TRACE
 
     def __init__(self, message: str, fix: str | None = None):
         super().__init__(message)
@@ -24,19 +36,13 @@ class PodtraceError(Exception):
 class EnvironmentProblem(PodtraceError):
     """The machine cannot do what was asked (no root, no BPF, no tracefs, lab not up)."""
 
-    exit_code = 1
+    exit_code = ExitStatus.CANNOT_TRACE
 
 
 class BadInput(PodtraceError):
     """The user asked for something that does not exist or does not parse."""
 
-    exit_code = 2
-
-
-class TraceFailed(PodtraceError):
-    """The trace ran and found a failure (drop, loss, missing or wrong reply)."""
-
-    exit_code = 3
+    exit_code = ExitStatus.BAD_INPUT
 
 
 def require_root(what: str) -> None:

@@ -161,7 +161,9 @@ def test_analyze_prints_the_drops(faulted_capture):
     from click.testing import CliRunner
 
     res, _ = faulted_capture
-    out = CliRunner().invoke(analysis.analyze, [str(res.path)])
+    from tracer.cli.analyze import analyze
+
+    out = CliRunner().invoke(analyze, [str(res.path)])
     assert out.exit_code == 0 and "NETFILTER_DROP" in out.output and "node-2" in out.output
 
 
@@ -223,7 +225,7 @@ def test_ring_buffer_overflow_is_counted_in_the_file(lab, tmp_path):
 
 def test_ctrl_c_finishes_the_file(lab, tmp_path):
     f = tmp_path / "int.parquet"
-    code = ("import sys; from tracer.cli import main; from tracer.runs.capture import capture\n"
+    code = ("import sys; from tracer.cli import main; from tracer.cli.capture import capture\n"
             "if 'capture' not in main.commands: main.add_command(capture)\n"
             "main()")
     env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"])
@@ -261,7 +263,7 @@ def test_sigkill_then_cleanup_salvages_the_capture(lab, tmp_path):
     state = tmp_path / "state"
     state.mkdir()
     (state / lab["prefix"]).symlink_to(lab["state_dir"])
-    code = ("import sys; from tracer.cli import main; from tracer.runs.capture import capture\n"
+    code = ("import sys; from tracer.cli import main; from tracer.cli.capture import capture\n"
             "if 'capture' not in main.commands: main.add_command(capture)\n"
             "main()")
     env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"], PODTRACE_STATE_DIR=str(state))

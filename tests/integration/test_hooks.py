@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tests.integration.lab_fixture import lab  # noqa: F401
 from tests.integration.test_flow import wait_no_programs
+from tracer.kernel import contract
 from tracer.kernel import program as bpfprog
 from tracer.node import ownership
 from tracer.kernel import hooks as probes
@@ -63,6 +64,25 @@ def test_every_kprobe_program_passes_the_verifier():
                 assert loaded.bpf.load_func(fn.encode(), kind).fd > 0, fn
     finally:
         loaded.close()
+    wait_no_programs()
+
+
+def test_the_compiled_program_has_the_contracts_numbers():
+    """The map sizes the compiler saw (read back from the compiled program through BCC) are
+    the ones tracer/kernel/contract.py declares: the C names them and spells none of them."""
+    loaded = bpfprog.load(attach=False, hooks=probes.CATALOG)
+    try:
+        sizes = {name: loaded.bpf[name].max_entries
+                 for name in ("addrs", "tracked", "counters", "addr_bits", "tracked_cnt", "config", "cidrs",
+                              "ports", "netns_allow", "netns_cfg", "guard", "tc_devs", "stashed")}
+    finally:
+        loaded.close()
+    assert sizes == {"addrs": contract.MAX_ADDRS, "tracked": contract.MAX_TRACKED,
+                     "counters": len(contract.COUNTER_NAMES), "addr_bits": contract.ADDR_BITS_WORDS,
+                     "tracked_cnt": contract.TRACKED_SLOTS, "config": contract.CONFIG_SLOTS,
+                     "cidrs": contract.MAX_CIDRS, "ports": contract.MAX_PORTS, "netns_allow": contract.MAX_NETNS,
+                     "netns_cfg": contract.NETNS_CFG_SLOTS, "guard": contract.GUARD_SLOTS,
+                     "tc_devs": contract.TC_SLOTS, "stashed": contract.MAX_STASHED}
     wait_no_programs()
 
 
@@ -248,12 +268,7 @@ def _icmp_sampled_in(ident: int, seq: int, n: int) -> bool:
     """bpf/podtrace.c packet_hash + sampled_in for an ICMP echo (id, seq), in Python. The
     kernel holds id and seq as copied from the packet: network byte order in a host u16."""
     swap = (lambda v: ((v & 0xFF) << 8) | (v >> 8)) if sys.byteorder == "little" else (lambda v: v)
-    h = (swap(ident) << 16) | swap(seq)
-    h ^= h >> 15
-    h = (h * 2246822519) & 0xFFFFFFFF
-    h ^= h >> 13
-    h |= 1
-    return ((h >> 1) % n) == 0
+    return contract.sampled_in(contract.packet_hash(1, swap(ident), swap(seq)), n)
 
 
 def test_sampling_is_the_same_on_every_hop_and_node(lab):

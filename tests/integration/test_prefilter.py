@@ -12,7 +12,8 @@ import time
 from tests.integration.lab_fixture import lab, ping, pod  # noqa: F401
 from tracer.node import netns
 from tracer.kernel import hooks as probes
-from tracer.kernel.session import SLOT_MULT, SessionConfig, TraceSession, addr_bit_words, addr_key, addr_slot
+from tracer.kernel.contract import SLOT_MULT, addr_bit_words, addr_key, addr_slot
+from tracer.kernel.session import SessionConfig, TraceSession
 
 
 def slot_twin(addr: str) -> str:

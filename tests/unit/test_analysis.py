@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from bench.analysis import PODS, VIP, synth, synth_flow
 from tracer import tracefile
 from tracer import analysis
+from tracer.cli.analyze import analyze
 from tracer.kernel import record as events
 
 
@@ -194,11 +195,11 @@ def test_reconstruction_is_vectorised(tmp_path):
 def test_analyze_command(tmp_path, capture):
     arr, meta, _ = synth(5000, drop_rate=0.2)
     p = write(tmp_path / "c.parquet", arr, meta)
-    res = CliRunner().invoke(analysis.analyze, [str(p)])
+    res = CliRunner().invoke(analyze, [str(p)])
     assert res.exit_code == 0, res.output
     assert "NETFILTER_DROP" in res.output and "flows (worst first)" in res.output
     assert "node-2" in res.output and "nft_do_chain" in res.output
-    res = CliRunner().invoke(analysis.analyze, [str(p), "-o", "json", "--top", "3"])
+    res = CliRunner().invoke(analyze, [str(p), "-o", "json", "--top", "3"])
     doc = json.loads(res.output)
     assert doc["summary"]["dropped"] > 0 and len(doc["flows"]) == 3 and doc["drops"][0]["reason"] == "NETFILTER_DROP"
 
@@ -209,7 +210,7 @@ def test_analyze_bad_file_exits_2(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"garbage")
     added = "analyze" not in main.commands
     if added:
-        main.add_command(analysis.analyze)
+        main.add_command(analyze)
     try:
         res = CliRunner().invoke(main, ["analyze", str(tmp_path / "bad.parquet")])
     finally:
@@ -224,5 +225,5 @@ def test_events_lost_are_reported(tmp_path):
     meta = dict(meta, counters={"lost": 17, "emitted": 2000})
     t = analysis.load(write(tmp_path / "l.parquet", arr, meta))
     assert t.events_lost == 17 and t.summary()["events_lost"] == 17
-    res = CliRunner().invoke(analysis.analyze, [str(tmp_path / "l.parquet")])
+    res = CliRunner().invoke(analyze, [str(tmp_path / "l.parquet")])
     assert "events lost 17" in res.output

@@ -877,49 +877,6 @@ def plot_path(t: Trace, packet: int, ax=None):
 # ---------------------------------------------------------------------------------------
 # `podtrace analyze FILE`
 
-def _analyze_command():
-    import click
-
-    @click.command("analyze")
-    @click.argument("file", type=click.Path(dir_okay=False))
-    @click.option("--mode", type=click.Choice(["auto", "flow", "capture"]), default="auto", show_default=True,
-                  help="Reconstruction: flow files as `flow` judged them, captures vectorised.")
-    @click.option("--top", type=click.IntRange(1, 10000), default=20, show_default=True,
-                  help="Rows per table.")
-    @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
-    def analyze(file, mode, top, output):
-        """Summarise a trace file: packets, flows, drops and losses, as tables.
-
-        FILE is a Parquet trace written by `podtrace capture` or `podtrace flow --save`.
-        The same tables are in Jupyter: `from tracer import analysis; t = analysis.load(FILE)`.
-
-        \b
-        Examples:
-          podtrace analyze capture.parquet
-          podtrace analyze trace.parquet --top 50
-          podtrace analyze capture.parquet -o json | jq .drops
-        """
-        import json
-        import sys
-
-        t = load(file, mode=mode)
-        if t.meta.get("incomplete"):
-            click.echo(f"podtrace: warning: {file} is an incomplete trace "
-                       f"({' '.join(str(t.meta.get('incomplete_reason') or 'its writer did not finish').split())}); "
-                       "what it holds is shown, the end of the recording is missing", err=True)
-        doc = summary_doc(t, top)
-        if output == "json":
-            click.echo(json.dumps(doc, indent=2, default=str))
-        else:
-            from rich.console import Console
-
-            out = Console()
-            render_summary(doc, out if out.is_terminal else Console(width=160))
-        sys.exit(0)
-
-    return analyze
-
-
 def summary_doc(t: Trace, top: int = 20) -> dict:
     """What `analyze` shows: the summary, the worst flows, the drops and the losses."""
     fl = t.flows
@@ -990,5 +947,3 @@ def render_summary(doc: dict, console) -> None:
     else:
         console.print("no drops")
 
-
-analyze = _analyze_command()

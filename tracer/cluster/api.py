@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from tracer import settings
 from tracer.cluster import inventory as k8s
 from tracer.errors import BadInput, EnvironmentProblem, PodtraceError
 
@@ -43,7 +44,7 @@ DEFAULT_KUBECONFIG = Path("~/.kube/config")
 
 def host_proc() -> Path:
     """The host's /proc: the agent mounts it at /host/proc (PODTRACE_HOST_PROC)."""
-    return Path(os.environ.get("PODTRACE_HOST_PROC") or "/proc")
+    return settings.host_proc()
 
 
 # ---------------------------------------------------------------------------------------

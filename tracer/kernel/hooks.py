@@ -1,6 +1,8 @@
-"""The probe catalog: every hook podtrace can use, declared once — its kind, what it tells,
-the BPF function that serves it, and what stands in when it is unavailable — and the
-detection of which hooks this kernel offers (shared by `flow` and `doctor`)."""
+"""The hook catalog: every hook podtrace can use, declared once, with its availability here.
+
+Each hook has its kind, what it tells, the BPF function that serves it and what stands in
+when it is unavailable; `detect()` says which hooks this kernel offers (shared by `flow`
+and `doctor`)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tracer.kernel import formats as tracefs
+from tracer.kernel import formats
 from tracer.errors import EnvironmentProblem
 
 
@@ -91,7 +93,7 @@ def _kallsyms() -> frozenset[str]:
 def _tracepoint_ok(target: str) -> tuple[bool, str | None]:
     cat, ev = target.split(":")
     try:
-        root = tracefs.tracefs_root()
+        root = formats.tracefs_root()
     except EnvironmentProblem as exc:
         return False, exc.line()
     if not (root / "events" / cat / ev / "format").exists():

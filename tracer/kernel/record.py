@@ -1,5 +1,7 @@
-"""The hop event record: defined once here, turned into the C struct the BPF code fills and
-into the numpy dtype that decodes ring-buffer bytes in batches.
+"""The hop event record, defined once for the C struct the BPF code fills and its decoder.
+
+`c_struct()` is the C definition; `EVENT_DTYPE` the numpy dtype that decodes ring-buffer
+bytes in batches.
 
 Addresses stay in network byte order in the record (the kernel copies them as they are);
 decoding converts whole columns at once.
@@ -12,6 +14,8 @@ from typing import TYPE_CHECKING
 import ipaddress
 
 import numpy as np
+
+from tracer.kernel import contract
 
 if TYPE_CHECKING:  # pandas is imported where frames are made: agents only ship raw records
     import pandas as pd
@@ -45,12 +49,12 @@ EVENT_FIELDS: list[tuple[str, str, str]] = [
     ("ct_orig_dport", "u16", ">u2"),
     ("ct_reply_sport", "u16", ">u2"),
     ("ct_reply_dport", "u16", ">u2"),
-    ("hook", "u8", "u1"),           # see HOOKS
+    ("hook", "u8", "u1"),           # see contract.HOOKS
     ("proto", "u8", "u1"),          # inner IP protocol
     ("tcp_flags", "u8", "u1"),
     ("icmp_type", "u8", "u1"),
-    ("flags", "u8", "u1"),          # see FLAG_*
-    ("encap", "u8", "u1"),          # 0 none, 1 vxlan, 2 geneve
+    ("flags", "u8", "u1"),          # see contract.FLAG_*
+    ("encap", "u8", "u1"),          # see contract.ENCAP
     ("cpu", "u8", "u1"),
     ("ttl", "u8", "u1"),
     ("ct_info", "u8", "u1"),        # 0: no conntrack entry on the skb; else ctinfo + 1
@@ -58,19 +62,10 @@ EVENT_FIELDS: list[tuple[str, str, str]] = [
     ("ifname", "char[16]", "S16"),
 ]
 
-# Hook numbers shared with bpf/ (passed as -D flags). 1-4: tracepoints; then kernel
-# functions (kprobes); then tc. tracer/probes.py says which hook produces which.
-HOOKS = {1: "rx", 2: "tx", 3: "drop", 4: "consume",
-         5: "ip_rcv", 6: "ip_forward", 7: "ip_output", 8: "ip_finish_output2",
-         9: "br_forward", 10: "br_handle_frame", 11: "nf_verdict", 12: "nat", 13: "ct_confirm",
-         14: "route_fail", 15: "neigh_output", 16: "vxlan_xmit", 17: "local_in",
-         20: "tc_ingress", 21: "tc_egress"}
-HOOK_IDS = {v: k for k, v in HOOKS.items()}
-
-FLAG_FOLLOWED = 1   # emitted because the skb matched earlier (addresses no longer match)
-FLAG_DF = 2         # IP don't-fragment bit set
-
-ENCAP = {0: None, 1: "vxlan", 2: "geneve"}
+# What the hook, flags and encap fields hold: the kernel contract's values, under the names
+# the record's readers know them by.
+HOOKS, HOOK_IDS, ENCAP = contract.HOOKS, contract.HOOK_IDS, contract.ENCAP
+FLAG_FOLLOWED, FLAG_DF = contract.FLAG_FOLLOWED, contract.FLAG_DF
 PROTOS = {1: "icmp", 6: "tcp", 17: "udp"}
 PROTO_IDS = {v: k for k, v in PROTOS.items()}
 
@@ -91,9 +86,8 @@ def c_struct() -> str:
 
 
 def c_defines() -> dict[str, int]:
-    out = {f"HOOK_{v.upper()}": k for k, v in HOOKS.items()}
-    out.update(FLAG_FOLLOWED=FLAG_FOLLOWED, FLAG_DF=FLAG_DF, EVENT_SIZE=EVENT_DTYPE.itemsize)
-    return out
+    """The record's own numbers for the C build (the field values are in contract.c_header())."""
+    return {"EVENT_SIZE": EVENT_DTYPE.itemsize}
 
 
 def _categorical(col: np.ndarray, name_of) -> "pd.Categorical":

@@ -21,11 +21,12 @@ False and the session keeps BCC's reader.
 from __future__ import annotations
 
 import mmap
-import os
 import platform
 import select
 
 import numpy as np
+
+from tracer import settings
 
 BUSY = np.uint32(1 << 31)
 DISCARD = np.uint32(1 << 30)
@@ -33,7 +34,7 @@ HDR = 8
 
 
 def available() -> bool:
-    return platform.machine() in ("x86_64", "AMD64") and os.environ.get("PODTRACE_RINGBUF_READER") != "bcc"
+    return platform.machine() in ("x86_64", "AMD64") and settings.ringbuf_reader() != "bcc"
 
 
 class RingReader:

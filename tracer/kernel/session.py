@@ -19,33 +19,12 @@ import numpy as np
 if TYPE_CHECKING:  # agents never import pandas: frames are made by the coordinator
     import pandas as pd
 
+from tracer.kernel import contract as C
 from tracer.kernel import program as bpfprog
 from tracer.kernel import record as events
 from tracer.kernel import ringbuf
+from tracer.kernel.contract import COUNTER_NAMES, addr_bit_words, addr_key
 
-SLOT_MULT = 2654435761   # the multiplier of bpf/podtrace.c's slot hashes (addr_maybe, tracked_slot)
-
-
-def addr_key(a: str) -> int:
-    """An IPv4 address as the kernel's u32 key: network order read as a host integer."""
-    return int.from_bytes(ipaddress.IPv4Address(a).packed, "little")
-
-
-def addr_slot(a: str) -> int:
-    """The bit of `addr_bits` that bpf/podtrace.c addr_maybe() reads for an address."""
-    return ((addr_key(a) * SLOT_MULT) & 0xFFFFFFFF) >> 16
-
-
-def addr_bit_words(addrs) -> dict[int, int]:
-    """The non-zero 64-bit words of `addr_bits` for a set of addresses."""
-    words: dict[int, int] = {}
-    for a in addrs:
-        h = addr_slot(a)
-        words[h >> 6] = words.get(h >> 6, 0) | (1 << (h & 63))
-    return words
-
-
-COUNTER_NAMES = ["seen", "matched", "emitted", "lost", "truncated", "sampled_out", "over_budget"]
 _CHUNK = 4096  # events per numpy chunk
 
 
@@ -58,7 +37,7 @@ class SessionConfig:
     netns: list[int] | None = None   # keep events only from these namespace inodes (an agent's node)
     sample: int = 1                  # keep 1 packet in N (deterministic: same packets on every node)
     budget: int = 0                  # max events per second on this node (0: no limit)
-    # capture selections (bpf/podtrace.c SEL_*): an address also matches inside a CIDR;
+    # capture selections (contract.SEL_*): an address also matches inside a CIDR;
     # ports: only TCP/UDP with one of them on either side; any_addr: no address condition
     cidrs: list[str] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
@@ -137,27 +116,27 @@ class TraceSession:
         b = self.loaded.bpf
         try:
             self.set_addrs(add=self.config.addrs)
-            sel = 1 if self.config.match_either else 0
+            sel = C.SEL_EITHER if self.config.match_either else 0
             if self.config.cidrs:
                 lpm = b["cidrs"]
                 for c in self.config.cidrs:
                     net = ipaddress.IPv4Network(c, strict=False)
                     lpm[lpm.Key(net.prefixlen, addr_key(str(net.network_address)))] = lpm.Leaf(1)
-                sel |= 4
+                sel |= C.SEL_CIDRS
             if self.config.ports:
                 pt = b["ports"]
                 for port in self.config.ports:
                     pt[pt.Key(int.from_bytes(int(port).to_bytes(2, "big"), "little"))] = pt.Leaf(1)
-                sel |= 8
+                sel |= C.SEL_PORTS
             if self.config.any_addr:
-                sel |= 2
+                sel |= C.SEL_ANY_ADDR
             cfg = b["config"]
-            cfg[cfg.Key(0)] = cfg.Leaf(sel)
+            cfg[cfg.Key(C.CONFIG_SEL)] = cfg.Leaf(sel)
             self.set_guard(self.config.sample, self.config.budget)
             if self.config.netns:
                 self.allow_netns(self.config.netns)
                 ncfg = b["netns_cfg"]
-                ncfg[ncfg.Key(0)] = ncfg.Leaf(1)
+                ncfg[ncfg.Key(C.NETNS_FILTER_ON)] = ncfg.Leaf(1)
             self.reader = self._batch_reader(b)
             if self.reader is None:
                 b["events"].open_ring_buffer(self.sink)
@@ -205,9 +184,9 @@ class TraceSession:
         import os as _os
 
         g = self.loaded.bpf["guard"]
-        g[g.Key(0)] = g.Leaf(max(1, int(sample)))
+        g[g.Key(C.GUARD_SAMPLE)] = g.Leaf(max(1, int(sample)))
         per_cpu = -(-int(budget) // (_os.cpu_count() or 1)) if budget else 0
-        g[g.Key(1)] = g.Leaf(per_cpu)
+        g[g.Key(C.GUARD_BUDGET)] = g.Leaf(per_cpu)
         self.config.sample, self.config.budget = max(1, int(sample)), int(budget)
 
     def _batch_reader(self, b):

@@ -16,13 +16,14 @@ import json
 import os
 from pathlib import Path
 
-_DEFAULT_STATE_DIR = "/run/podtrace"
+from tracer import settings
+
 WRITING = "writing"
 _seq = itertools.count(1)
 
 
 def state_dir() -> Path:
-    return Path(os.environ.get("PODTRACE_STATE_DIR") or _DEFAULT_STATE_DIR)
+    return settings.state_dir()
 
 
 def start_time(pid: int) -> int | None:

@@ -1,0 +1,48 @@
+"""`podtrace analyze`: summarises a trace file as tables (tracer/analysis)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from tracer.errors import ExitStatus
+
+
+@click.command("analyze")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--mode", type=click.Choice(["auto", "flow", "capture"]), default="auto", show_default=True,
+              help="Reconstruction: flow files as `flow` judged them, captures vectorised.")
+@click.option("--top", type=click.IntRange(1, 10000), default=20, show_default=True,
+              help="Rows per table.")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def analyze(file, mode, top, output):
+    """Summarise a trace file: packets, flows, drops and losses, as tables.
+
+    FILE is a Parquet trace written by `podtrace capture` or `podtrace flow --save`.
+    The same tables are in Jupyter: `from tracer import analysis; t = analysis.load(FILE)`.
+
+    \b
+    Examples:
+      podtrace analyze capture.parquet
+      podtrace analyze trace.parquet --top 50
+      podtrace analyze capture.parquet -o json | jq .drops
+    """
+    from tracer.analysis import load, render_summary, summary_doc
+
+    t = load(file, mode=mode)
+    if t.meta.get("incomplete"):
+        click.echo(f"podtrace: warning: {file} is an incomplete trace "
+                   f"({' '.join(str(t.meta.get('incomplete_reason') or 'its writer did not finish').split())}); "
+                   "what it holds is shown, the end of the recording is missing", err=True)
+    doc = summary_doc(t, top)
+    if output == "json":
+        click.echo(json.dumps(doc, indent=2, default=str))
+    else:
+        from rich.console import Console
+
+        out = Console()
+        render_summary(doc, out if out.is_terminal else Console(width=160))
+    sys.exit(ExitStatus.OK)
+

@@ -1,0 +1,103 @@
+"""`podtrace flow`: parses the options into a FlowConfig, runs the trace, renders the result."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from click.core import ParameterSource
+
+from tracer.errors import BadInput, ExitStatus
+
+
+@click.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--proto", type=click.Choice(["icmp", "tcp", "udp"]), default=None,
+              help="Probe protocol (default icmp; tcp to a Service's first port).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="TCP/UDP destination port.")
+@click.option("--count", type=click.IntRange(1, 1000), default=3, show_default=True, help="Probes to send.")
+@click.option("--timeout", type=click.FloatRange(0.05, 30), default=1.0, show_default=True,
+              help="Seconds to wait for each probe's answer.")
+@click.option("--size", type=int, default=None, metavar="BYTES",
+              help="IP size of ICMP/UDP probes, sent with DF set (finds MTU black holes).")
+@click.option("--sport", type=click.IntRange(1, 65535), default=None, metavar="PORT",
+              help="Fixed source port of TCP/UDP probes (reproduce one conntrack entry).")
+@click.option("--sample", type=click.IntRange(1, 65536), default=1, show_default=True, metavar="N",
+              help="Trace 1 packet in N (the same packets on every hop and node).")
+@click.option("--max-events", "budget", type=click.IntRange(0, 10_000_000), default=50_000, show_default=True,
+              metavar="PER_S", help="Event budget per second per node; beyond it podtrace samples more (0: no limit).")
+@click.option("--no-probe", "no_probe", is_flag=True, help="Send nothing; watch real traffic for --duration.")
+@click.option("--duration", type=click.FloatRange(0.1, 3600), default=2.0, show_default=True,
+              help="Seconds to watch with --no-probe.")
+@click.option("--cluster", type=click.Path(dir_okay=False), default=None,
+              help="A `kubectl get nodes,pods,services,endpointslices -A -o json` file.")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None,
+              help="kubeconfig file (default: KUBECONFIG, ~/.kube/config, or in-cluster).")
+@click.option("--context", default=None, help="kubeconfig context to use.")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--save", type=click.Path(dir_okay=False), default=None, help="Write the raw events to a Parquet trace file.")
+@click.option("--single-process", "single", is_flag=True, hidden=True,
+              help="Trace every node from this process instead of one agent per node (lab only).")
+def flow(src, dst, proto, port, count, timeout, size, sport, sample, budget, no_probe, duration, cluster, kubeconfig,
+         context, output, save, single):
+    """Follow probe packets from SRC to DST hop by hop, and say where they died.
+
+    SRC and DST: NAMESPACE/POD, POD (namespace default), svc/NAMESPACE/NAME,
+    node/NAME or an IPv4 address.
+
+    \b
+    Exit status: 0 every probe delivered and answered; 3 the trace found a failure;
+    2 bad input; 1 this machine cannot trace (the message says how to fix it).
+
+    \b
+    Examples:
+      podtrace flow pod-1-1 pod-2-1
+      podtrace flow default/pod-1-1 svc/default/web --proto tcp --port 80 -o json
+      podtrace flow pod-1-1 pod-2-2 --proto udp --port 8080 --save trace.parquet
+      podtrace flow pod-1-1 pod-2-1 --no-probe --duration 10
+      podtrace flow pod-1-1 pod-2-1 --size 1450        # MTU black hole?
+    """
+    _flow_flags_agree(no_probe)   # before the heavy imports: a bad flag answers at once
+    from rich.console import Console
+
+    from tracer import render
+    from tracer.config import FlowConfig
+    from tracer.runs.flow import run_flow
+
+    err = Console(stderr=True)
+    cfg = FlowConfig(src=src, dst=dst, proto=proto, port=port, count=count, timeout=timeout,
+                     probe=not no_probe, duration=duration, cluster=cluster, save=save, size=size, sport=sport,
+                     kubeconfig=kubeconfig, context=context, sample=sample, budget=budget,
+                     mode="single" if single else "agents")
+    if err.is_terminal and output == "table":
+        with err.status("resolving endpoints") as status:
+            result = run_flow(cfg, progress=lambda msg: status.update(msg))
+    else:
+        result = run_flow(cfg)
+    doc = result.as_json()
+    if output == "json":
+        click.echo(render.to_json(doc))
+    else:
+        out = Console()
+        if not out.is_terminal:
+            out = Console(width=160)  # piped into a file or a ticket: keep whole rows
+        render.flow_table(doc, out)
+        if save:
+            err.print(f"trace saved to {save}")
+    sys.exit(ExitStatus.OK if result.ok else ExitStatus.TRACE_FAILED)
+
+
+def _flow_flags_agree(no_probe: bool) -> None:
+    """Probe options with --no-probe (which sends nothing), or --duration without it (probes
+    end when they are answered), would be silently ignored: refuse them as bad input."""
+    ctx = click.get_current_context()
+    given = [f"--{n}" for n in ("count", "timeout", "size", "sport")
+             if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
+    if no_probe and given:
+        raise BadInput(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to probes, "
+                       "and --no-probe sends none",
+                       "drop them, or drop --no-probe")
+    if not no_probe and ctx.get_parameter_source("duration") == ParameterSource.COMMANDLINE:
+        raise BadInput("--duration is how long --no-probe watches; probes end when answered",
+                       "add --no-probe, or use --count/--timeout for probes")
