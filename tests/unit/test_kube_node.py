@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from tracer.cluster import inventory as k8s
-from tracer.cluster import api as kube
+from tracer.node import pods as nodepods
 from tracer.lab import topology as T
 
 
@@ -170,11 +170,11 @@ IP_LINK = json.dumps([
 
 
 def test_parse_links():
-    links = {ln.ifname: ln for ln in kube.parse_links(IP_LINK)}
-    assert links["veth27272fab"] == kube.Link(5, "veth27272fab", "veth", 2, 1, "cni0")
+    links = {ln.ifname: ln for ln in nodepods.parse_links(IP_LINK)}
+    assert links["veth27272fab"] == nodepods.Link(5, "veth27272fab", "veth", 2, 1, "cni0")
     assert links["cni0"].kind == "bridge" and links["cni0"].link_netnsid is None
     assert links["lo"].kind is None
-    assert kube.parse_links("") == []
+    assert nodepods.parse_links("") == []
 
 
 FIB_TRIE = """Main:
@@ -199,8 +199,8 @@ Local:
 
 
 def test_parse_fib_trie():
-    assert kube.parse_fib_trie(FIB_TRIE) == ["10.244.1.2"]
-    assert kube.parse_fib_trie("") == []
+    assert nodepods.parse_fib_trie(FIB_TRIE) == ["10.244.1.2"]
+    assert nodepods.parse_fib_trie("") == []
 
 
 @pytest.mark.parametrize("text,uid", [
@@ -211,7 +211,7 @@ def test_parse_fib_trie():
     ("0::/system.slice/containerd.service\n", None),
 ])
 def test_pod_uid_from_cgroup(text, uid):
-    assert kube.pod_uid_from_cgroup(text) == uid
+    assert nodepods.pod_uid_from_cgroup(text) == uid
 
 
 CRICTL = """{
@@ -227,7 +227,7 @@ CRICTL = """{
 
 
 def test_parse_crictl_inspectp():
-    got = kube.parse_crictl_inspectp(CRICTL)
+    got = nodepods.parse_crictl_inspectp(CRICTL)
     assert got == [
         {"namespace": "shop", "name": "web-0", "uid": "u1", "pid": 4242, "netns_path": "/var/run/netns/cni-1234"},
         {"namespace": "shop", "name": "db-0", "uid": "u2", "pid": 4343, "netns_path": None},
@@ -237,12 +237,12 @@ def test_parse_crictl_inspectp():
 def test_cri_degrades_gracefully(tmp_path):
     def missing(argv, **kw):
         raise FileNotFoundError(argv[0])
-    assert kube.cri_netns_map(run=missing) == ({}, "crictl not installed")
+    assert nodepods.cri_netns_map(run=missing) == ({}, "crictl not installed")
 
     def no_runtime(argv, **kw):
         return subprocess.CompletedProcess(argv, 1, "", "connect: connect endpoint 'unix:///run/containerd/"
                                            "containerd.sock', make sure you are running as root\n")
-    m, note = kube.cri_netns_map(run=no_runtime)
+    m, note = nodepods.cri_netns_map(run=no_runtime)
     assert m == {} and "crictl pods failed" in note
 
     ns_file = tmp_path / "cni-1234"
@@ -253,7 +253,7 @@ def test_cri_degrades_gracefully(tmp_path):
             return subprocess.CompletedProcess(argv, 0, "abc\n", "")
         return subprocess.CompletedProcess(argv, 0, CRICTL.replace("/var/run/netns/cni-1234", str(ns_file))
                                            .replace('"pid": 4343', '"pid": null'), "")
-    m, note = kube.cri_netns_map(run=works)
+    m, note = nodepods.cri_netns_map(run=works)
     assert note is None and m == {ns_file.stat().st_ino: "shop/web-0"}
 
 
@@ -265,7 +265,7 @@ def test_scan_netns_reads_proc_and_run_netns(tmp_path):
     run = tmp_path / "netns"
     run.mkdir()
     (run / "cni-9").write_text("")
-    got = kube.scan_netns(proc, run)
+    got = nodepods.scan_netns(proc, run)
     ino = (proc / "101" / "ns" / "net").stat().st_ino
     assert got[ino].pid == 101 and got[ino].path.endswith("101/ns/net")
     named = got[(run / "cni-9").stat().st_ino]

@@ -215,12 +215,12 @@ def _discover(d: dict) -> dict:
     the probing pod, the namespaces to trace (this one and the local pods'), and the hop
     devices of the pods this trace involves (their host veths, plus the CNI's
     bridge/overlay/uplink)."""
-    from tracer.cluster import api as kube
+    from tracer.node import pods as nodepods
 
     pod_ips = set(d.get("pod_ips", []))
-    host_ino, owners, uplinks = kube.local_pods(None, d.get("node_ips", []), cri=False)
-    host = kube.NetnsRef(host_ino, "/proc/self/ns/net", pid=os.getpid())
-    namespaces: dict[str, dict] = {str(host_ino): {"ips": kube._ns_addresses(host), "host": True}}
+    host_ino, owners, uplinks = nodepods.local_pods(None, d.get("node_ips", []), cri=False)
+    host = nodepods.NetnsRef(host_ino, "/proc/self/ns/net", pid=os.getpid())
+    namespaces: dict[str, dict] = {str(host_ino): {"ips": nodepods._ns_addresses(host), "host": True}}
     netns_by_ip: dict[str, str] = {}
     devices = []
     for owner in owners.values():

@@ -1,5 +1,6 @@
-"""Kubernetes metadata: loading an inventory (a `v1 List` file, or the lab's) and resolving
-the user's SRC/DST specs to addresses, pods, nodes and Services."""
+"""Kubernetes metadata as an inventory of pods, Services and nodes (from a `v1 List` file).
+
+`resolve()` turns the user's SRC/DST specs into addresses, pods, nodes and Services."""
 
 from __future__ import annotations
 
@@ -474,22 +475,6 @@ def from_items(items: list[dict], source: str) -> Inventory:
             continue
         inv.upsert_slice(sl)
     inv.reindex()
-    return inv
-
-
-def from_lab(status: dict) -> Inventory:
-    """The lab's inventory file, plus what only the lab knows: namespaces and host veths."""
-    inv = load_list(status["inventory"])
-    inv.source = f"lab {status.get('prefix', '')}".strip()
-    for n in status.get("nodes", []):
-        node = inv.nodes.get(n["name"])
-        if node:
-            node.netns = n.get("netns")
-    for p in status.get("pods", []):
-        pod = inv.pods.get(f"{p['namespace']}/{p['name']}")
-        if pod:
-            pod.netns = p.get("netns")
-            pod.host_veth = p.get("host_veth")
     return inv
 
 

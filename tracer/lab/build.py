@@ -30,6 +30,7 @@ from typing import Callable, Iterable
 from tracer.node import netns
 from tracer.errors import EnvironmentProblem, PodtraceError, require_root
 from tracer.lab import topology as T
+from tracer.lab import view
 
 Progress = Callable[[str], None]
 
@@ -74,6 +75,8 @@ def missing_parts(doc: dict) -> list[str]:
             missing.append(f"responder of {pod['name']} (pid {pid})")
     if not Path(doc.get("inventory", "")).is_file():
         missing.append(f"inventory {doc.get('inventory')}")
+    if not view.published(Path(doc.get("state_dir", ""))):
+        missing.append("topology")
     return missing
 
 
@@ -153,6 +156,7 @@ def _build(topo: T.Topology, say: Progress) -> dict:
             pids = result
         _maybe_pause(key, say)
     doc = T.status_document(topo, pids)
+    view.publish(doc, topo.lab_dir)
     _write_json(topo.status_path, doc)
     return doc
 

@@ -1,0 +1,390 @@
+"""Which pod owns a host-side veth on this node (from /proc, netlink and CRI).
+
+A host-side veth → its peer's network namespace (IFLA_LINK + link-netnsid, matched by the
+netns ids of the namespaces of /proc and /run/netns) → the pod (CRI sandbox, pod cgroup, or
+pod IP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+import socket
+import struct
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from tracer.cluster import inventory as k8s
+from tracer.errors import BadInput, EnvironmentProblem
+
+
+def host_proc() -> Path:
+    """The host's /proc: the agent mounts it at /host/proc (PODTRACE_HOST_PROC)."""
+    return Path(os.environ.get("PODTRACE_HOST_PROC") or "/proc")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+
+@dataclass(frozen=True)
+class Link:
+    ifindex: int
+    ifname: str
+    kind: str | None              # "veth", "bridge", "vxlan", …
+    peer_ifindex: int | None      # IFLA_LINK: the peer's ifindex, in the peer's namespace
+    link_netnsid: int | None      # the peer namespace's id, as this namespace numbers it
+    master: str | None = None
+
+
+def parse_links(text: str) -> list[Link]:
+    """`ip -j -d link show` output → Links."""
+    out = []
+    for d in json.loads(text or "[]"):
+        info = d.get("linkinfo") or {}
+        out.append(Link(int(d["ifindex"]), d.get("ifname", ""), info.get("info_kind"),
+                        d.get("link_index"), d.get("link_netnsid"), d.get("master")))
+    return out
+
+
+_FIB_LEAF = re.compile(r"^\s*\|-- ([0-9.]+)\s*$")
+
+
+def parse_fib_trie(text: str) -> list[str]:
+    """Local IPv4 addresses of a namespace from its /proc/PID/net/fib_trie (no setns)."""
+    out: list[str] = []
+    last = None
+    for line in text.splitlines():
+        m = _FIB_LEAF.match(line)
+        if m:
+            last = m.group(1)
+            continue
+        if last and "/32 host LOCAL" in line:
+            if not last.startswith("127.") and last not in out:
+                out.append(last)
+    return out
+
+
+_POD_UID = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
+
+
+def pod_uid_from_cgroup(text: str) -> str | None:
+    """The pod UID in a /proc/PID/cgroup of a container (systemd or cgroupfs kubelet driver)."""
+    m = _POD_UID.search(text)
+    return m.group(1).replace("_", "-") if m else None
+
+
+def parse_crictl_inspectp(text: str) -> list[dict]:
+    """`crictl inspectp -o json ID…` (one JSON document per sandbox, concatenated) →
+    [{"namespace", "name", "uid", "pid", "netns_path"}]."""
+    out = []
+    dec = json.JSONDecoder()
+    pos, text = 0, text.strip()
+    while pos < len(text):
+        doc, end = dec.raw_decode(text, pos)
+        pos = end
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        docs = doc if isinstance(doc, list) else [doc]
+        for d in docs:
+            st = d.get("status") or {}
+            md = st.get("metadata") or {}
+            info = d.get("info") or {}
+            path = None
+            for ns in ((info.get("runtimeSpec") or {}).get("linux") or {}).get("namespaces") or []:
+                if ns.get("type") == "network" and ns.get("path"):
+                    path = ns["path"]
+            out.append({"namespace": md.get("namespace"), "name": md.get("name"), "uid": md.get("uid"),
+                        "pid": info.get("pid"), "netns_path": path})
+    return out
+
+
+def cri_netns_map(run: Callable = subprocess.run, timeout: float = 5.0) -> tuple[dict[int, str], str | None]:
+    """netns inode → "ns/pod" from the container runtime (crictl), and a note when crictl
+    cannot be used (missing, no runtime socket): the caller falls back to /proc."""
+    try:
+        ids = run(["crictl", "pods", "-q", "--state", "ready"], capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        return {}, "crictl not installed"
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {}, f"crictl failed: {_first_line(exc)}"
+    if ids.returncode != 0:
+        return {}, f"crictl pods failed: {(ids.stderr or '').strip().splitlines()[-1:] or ids.returncode}"
+    sandboxes = ids.stdout.split()
+    if not sandboxes:
+        return {}, None
+    try:
+        got = run(["crictl", "inspectp", "-o", "json", *sandboxes], capture_output=True, text=True,
+                  timeout=timeout)
+        entries = parse_crictl_inspectp(got.stdout) if got.returncode == 0 else []
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        return {}, f"crictl inspectp failed: {_first_line(exc)}"
+    out = {}
+    for e in entries:
+        path = e["netns_path"] or (str(host_proc() / str(e["pid"]) / "ns" / "net") if e["pid"] else None)
+        if not path or not e["name"]:
+            continue
+        with contextlib.suppress(OSError):
+            out[os.stat(path).st_ino] = f"{e['namespace']}/{e['name']}"
+    return out, None
+
+
+@dataclass(frozen=True)
+class NetnsRef:
+    inode: int
+    path: str                   # something open()-able: /proc/PID/ns/net or /run/netns/NAME
+    pid: int | None = None
+    name: str | None = None     # a named (ip netns) namespace
+
+
+def scan_netns(proc: Path | None = None, run_netns: Path = Path("/run/netns")) -> dict[int, NetnsRef]:
+    """Every network namespace with a process in it (one pid each) or a name under
+    /run/netns. /proc/PID/ns/net of another user's process, or of one holding capabilities
+    we lack, needs CAP_SYS_PTRACE: those are skipped, and /run/netns names still count."""
+    proc = proc or host_proc()
+    out: dict[int, NetnsRef] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        path = entry / "ns" / "net"
+        with contextlib.suppress(OSError):
+            ino = os.stat(path).st_ino
+            if ino not in out:
+                out[ino] = NetnsRef(ino, str(path), pid=int(entry.name))
+    if run_netns.is_dir():
+        for entry in run_netns.iterdir():
+            with contextlib.suppress(OSError):
+                ino = os.stat(entry).st_ino
+                ref = out.get(ino)
+                out[ino] = NetnsRef(ino, ref.path if ref else str(entry), ref.pid if ref else None, entry.name)
+    return out
+
+
+# Netlink: RTM_GETNSID asks a namespace which id it gives another one (by fd).
+_NLMSG_ERROR, _RTM_NEWNSID, _RTM_GETNSID = 2, 88, 90
+_NLM_F_REQUEST = 1
+_NETNSA_NSID, _NETNSA_FD = 1, 3
+
+
+class _Netlink:
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.sock.bind((0, 0))
+        self.seq = 0
+
+    def nsid_of(self, fd: int) -> int | None:
+        """The id this socket's namespace gives the namespace behind `fd` (None: none)."""
+        self.seq += 1
+        body = struct.pack("=B3x", socket.AF_UNSPEC) + struct.pack("=HHI", 8, _NETNSA_FD, fd)
+        msg = struct.pack("=IHHII", 16 + len(body), _RTM_GETNSID, _NLM_F_REQUEST, self.seq, 0) + body
+        self.sock.send(msg)
+        data = self.sock.recv(65536)
+        off = 0
+        while off + 16 <= len(data):
+            ln, typ, _flags, seq, _pid = struct.unpack_from("=IHHII", data, off)
+            if ln < 16:
+                break
+            if seq == self.seq and typ == _NLMSG_ERROR:
+                return None
+            if seq == self.seq and typ == _RTM_NEWNSID:
+                a = off + 16 + 4
+                while a + 4 <= off + ln:
+                    alen, atype = struct.unpack_from("=HH", data, a)
+                    if alen < 4:
+                        break
+                    if atype == _NETNSA_NSID:
+                        (nsid,) = struct.unpack_from("=i", data, a + 4)
+                        return None if nsid < 0 else nsid
+                    a += (alen + 3) & ~3
+                return None
+            off += (ln + 3) & ~3
+        return None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def _in_netns(path: str | None):
+    """This thread inside the namespace at `path` (None: stay)."""
+    if path is None:
+        yield
+        return
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.setns(target, _CLONE_NEWNET) != 0:
+            raise EnvironmentProblem(f"cannot enter network namespace {path}: "
+                                     f"{os.strerror(ctypes.get_errno())}", "run as root")
+        try:
+            yield
+        finally:
+            _libc.setns(home, _CLONE_NEWNET)
+    finally:
+        os.close(target)
+        os.close(home)
+
+
+def _netns_path(node_netns: str | None) -> str | None:
+    if node_netns is None or node_netns.startswith("/"):
+        return node_netns
+    return f"/run/netns/{node_netns}"
+
+
+@dataclass
+class VethOwner:
+    host_ifname: str
+    host_ifindex: int
+    peer_ifindex: int | None
+    nsid: int | None
+    netns_inode: int | None = None
+    pid: int | None = None
+    netns_name: str | None = None
+    ips: list[str] = field(default_factory=list)
+    pod: str | None = None          # "ns/name"
+    method: str | None = None       # how the pod was recognised: cri, cgroup or ip
+    note: str | None = None
+
+    def as_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _ns_addresses(ref: NetnsRef) -> list[str]:
+    if ref.pid is not None:
+        with contextlib.suppress(OSError):
+            return parse_fib_trie((host_proc() / str(ref.pid) / "net" / "fib_trie").read_text())
+    with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError), _in_netns(ref.path):
+        # A namespace nobody lives in: fib_trie of this thread, now inside it.
+        return parse_fib_trie(Path("/proc/thread-self/net/fib_trie").read_text())
+    return []
+
+
+def _identify(ref: NetnsRef, inv: k8s.Inventory | None, cri: dict[int, str]) -> tuple[str | None, str | None, list[str]]:
+    ips = _ns_addresses(ref)
+    if ref.inode in cri:
+        return cri[ref.inode], "cri", ips
+    if inv is not None and ref.pid is not None:
+        with contextlib.suppress(OSError):
+            uid = pod_uid_from_cgroup((host_proc() / str(ref.pid) / "cgroup").read_text())
+            if uid:
+                for p in inv.pods.values():
+                    if p.uid == uid:
+                        return p.key, "cgroup", ips
+    if inv is not None:
+        for ip in ips:
+            kind, key = inv.lookup_ip(ip)
+            if kind == "pod" and not inv.pods[key].host_network:
+                return key, "ip", ips
+    return None, None, ips
+
+
+def _read_links(node_netns: str | None) -> list[Link]:
+    argv = ["ip", "-j", "-d", "link", "show"]
+    if node_netns and not node_netns.startswith("/"):
+        argv[1:1] = ["-n", node_netns]
+    try:
+        with _in_netns(node_netns if node_netns and node_netns.startswith("/") else None):
+            got = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except FileNotFoundError:
+        raise EnvironmentProblem("`ip` (iproute2) is not installed", "apt-get install iproute2") from None
+    if got.returncode != 0:
+        raise EnvironmentProblem(f"cannot list links: {got.stderr.strip()[:200]}", "run as root")
+    return parse_links(got.stdout)
+
+
+def host_veth_owners(inv: k8s.Inventory | None = None, node_netns: str | None = None, cri: bool = True,
+                     only: str | None = None) -> dict[str, VethOwner]:
+    """Every veth of the node whose peer is in another namespace → the pod that owns it.
+    `node_netns`: None (this namespace: the agent, hostNetwork), a name under /run/netns
+    (the lab's nodes) or a path."""
+    links = [ln for ln in _read_links(node_netns)
+             if ln.kind == "veth" and ln.link_netnsid is not None and (only is None or ln.ifname == only)]
+    if not links:
+        return {}
+    cri_map, note = cri_netns_map() if cri else ({}, "CRI not asked")
+    path = _netns_path(node_netns)
+    self_ino = os.stat(path or "/proc/thread-self/ns/net").st_ino
+    candidates = [r for r in scan_netns().values() if r.inode != self_ino]
+    by_nsid: dict[int, NetnsRef] = {}
+    with _in_netns(path):
+        nl = _Netlink(socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0))
+    try:
+        for ref in candidates:
+            try:
+                fd = os.open(ref.path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                nsid = nl.nsid_of(fd)
+            finally:
+                os.close(fd)
+            if nsid is not None:
+                by_nsid.setdefault(nsid, ref)
+    finally:
+        nl.close()
+    out = {}
+    for ln in links:
+        owner = VethOwner(ln.ifname, ln.ifindex, ln.peer_ifindex, ln.link_netnsid)
+        ref = by_nsid.get(ln.link_netnsid)
+        if ref is None:
+            owner.note = "peer namespace not found (no process in it and no /run/netns name)"
+        else:
+            owner.netns_inode, owner.pid, owner.netns_name = ref.inode, ref.pid, ref.name
+            owner.pod, owner.method, owner.ips = _identify(ref, inv, cri_map)
+            if owner.pod is None:
+                owner.note = "no pod of the inventory matches this namespace" + (f" ({note})" if note else "")
+        out[ln.ifname] = owner
+    return out
+
+
+def host_veth_owner(ifname: str, inv: k8s.Inventory | None = None, node_netns: str | None = None,
+                    cri: bool = True) -> VethOwner:
+    """The pod behind one host-side veth (see host_veth_owners)."""
+    got = host_veth_owners(inv, node_netns, cri, only=ifname)
+    if ifname not in got:
+        raise BadInput(f"{ifname} is not a veth with a peer in another namespace",
+                       "give a host-side pod interface (ip -d link show type veth)")
+    return got[ifname]
+
+
+def uplinks(node_ips: Iterable[str] = ()) -> list[str]:
+    """The devices this namespace reaches the other nodes and the world by (asked of the
+    routing table; no packet is sent). They lead to the network, never into a pod — a veth
+    there means a node that is itself a container or a namespace (kind, the lab)."""
+    from tracer.node import facts as nodecheck
+
+    here = nodecheck.NodeRef("host", None)
+    links = nodecheck.links(here)
+    out = [dev for ip in [*node_ips, "1.1.1.1"]
+           if (dev := nodecheck.route_get(here, ip).get("dev")) and dev in links and dev != "lo"]
+    return list(dict.fromkeys(out))
+
+
+def local_pods(inv: k8s.Inventory | None = None, node_ips: Iterable[str] = (), cri: bool = False,
+               ) -> tuple[int, dict[str, VethOwner], list[str]]:
+    """This node as seen from its own namespace: (its netns inode, host veth → owner for
+    every pod namespace hanging off it, the uplinks). Pods of other nodes that share the
+    kernel (kind, the lab) are not behind this namespace's veths, so they are not here."""
+    ups = uplinks(node_ips)
+    host_ino = os.stat("/proc/thread-self/ns/net").st_ino
+    owners = {name: o for name, o in host_veth_owners(inv, None, cri=cri).items()
+              if o.netns_inode and o.netns_inode != host_ino and name not in ups}
+    return host_ino, owners, ups
+
+
+def pod_netns_inodes(inv: k8s.Inventory, node_netns: str | None = None, cri: bool = True) -> dict[int, str]:
+    """netns inode → "ns/pod" for the pods of this node: what BPF events carry, so hops
+    inside a pod's namespace can be named on a real node."""
+    return {o.netns_inode: o.pod for o in host_veth_owners(inv, node_netns, cri).values()
+            if o.pod and o.netns_inode}
