@@ -1,5 +1,5 @@
 """Pure parts of the enrichment: workload owners, inventory indexes and mutators, and the
-node-side parsers (ip -j -d link, fib_trie, pod cgroups, crictl inspectp). No privileges."""
+node-side parsers (netlink links, fib_trie, pod cgroups, crictl inspectp). No privileges."""
 
 from __future__ import annotations
 
@@ -160,21 +160,40 @@ def test_close_matches_stay_fast_on_big_inventories():
 # ---------------------------------------------------------------------------------------
 # Node side parsers
 
-IP_LINK = json.dumps([
-    {"ifindex": 1, "ifname": "lo", "linkinfo": None},
-    {"ifindex": 2, "link_index": 3, "ifname": "eth0", "link_netnsid": 0, "linkinfo": {"info_kind": "veth"}},
-    {"ifindex": 3, "ifname": "cni0", "linkinfo": {"info_kind": "bridge"}},
-    {"ifindex": 5, "link_index": 2, "ifname": "veth27272fab", "link_netnsid": 1, "master": "cni0",
-     "linkinfo": {"info_kind": "veth", "info_slave_kind": "bridge"}},
-])
+def _link_msg(index, name, kind=None, link=None, nsid=None, master=None):
+    """An RTM_NEWLINK message as the kernel sends it (encoded, then decoded by pyroute2)."""
+    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+
+    m = ifinfmsg()
+    m["index"] = index
+    m["attrs"] = [("IFLA_IFNAME", name)]
+    if kind:
+        m["attrs"].append(("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", kind)]}))
+    for attr, value in (("IFLA_LINK", link), ("IFLA_LINK_NETNSID", nsid), ("IFLA_MASTER", master)):
+        if value is not None:
+            m["attrs"].append((attr, value))
+    m.encode()
+    out = ifinfmsg(m.data)
+    out.decode()
+    return out
 
 
-def test_parse_links():
-    links = {ln.ifname: ln for ln in nodepods.parse_links(IP_LINK)}
+def test_links_of_netlink_messages():
+    msgs = [_link_msg(1, "lo"), _link_msg(3, "cni0", "bridge"), _link_msg(5, "veth27272fab", "veth", 2, 1, 3),
+            _link_msg(6, "vethlost", "veth", 2, -1)]
+    links = {ln.ifname: ln for ln in nodepods.links_of(msgs)}
     assert links["veth27272fab"] == nodepods.Link(5, "veth27272fab", "veth", 2, 1, "cni0")
     assert links["cni0"].kind == "bridge" and links["cni0"].link_netnsid is None
-    assert links["lo"].kind is None
-    assert nodepods.parse_links("") == []
+    assert links["lo"].kind is None and links["lo"].peer_ifindex is None
+    assert links["vethlost"].link_netnsid is None      # -1: the peer's namespace has no id here
+    assert nodepods.links_of([]) == []
+
+
+def test_links_of_this_namespace():
+    """The same parsing on a real netlink answer (reading links needs no privilege)."""
+    links = nodepods._read_links(None)
+    lo = next(ln for ln in links if ln.ifname == "lo")
+    assert lo.ifindex == 1 and lo.kind is None
 
 
 FIB_TRIE = """Main:

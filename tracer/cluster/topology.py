@@ -34,9 +34,10 @@ class NodeDevices:
     overlay: str | None = None     # the VXLAN device
     overlay_ip: str | None = None  # the address peers' overlay routes name as next hop
     vtep_mac: str | None = None    # the overlay device's MAC (what those next hops resolve to)
+    others: tuple[str, ...] = ()   # further hop devices (cilium_net, a second uplink)
 
     def hop_devices(self) -> list[str]:
-        return [d for d in (self.bridge, self.overlay, self.uplink) if d]
+        return list(dict.fromkeys(d for d in (self.bridge, self.overlay, self.uplink, *self.others) if d))
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,15 @@ class Topology:
         return {n.overlay_ip: {"node": n.name, "mac": n.vtep_mac, "ip": n.ip}
                 for n in self.nodes if n.overlay_ip}
 
-    def devices(self, pod_keys: Iterable[str] | None = None) -> list[tuple[str | None, str]]:
+    def devices(self, pod_keys: Iterable[str] | None = None,
+                nodes: Iterable[str] = ()) -> list[tuple[str | None, str]]:
         """The devices to observe, as (node namespace, device): on every node holding one of
-        `pod_keys` (None: every pod), that node's bridge, overlay and uplink, then the pods'
-        host veths. Node devices come first so that a cap on devices keeps them."""
+        `pod_keys` (None: every pod), and on `nodes`, that node's bridge, overlay and uplink,
+        then the pods' host veths. Node devices come first so that a cap on devices keeps them."""
         keys = None if pod_keys is None else set(pod_keys)
         chosen = [p for p in self.pods if keys is None or p.key in keys]
-        nodes = [n for n in self.nodes if any(p.node == n.name for p in chosen)]
+        also = set(nodes)
+        nodes = [n for n in self.nodes if n.name in also or any(p.node == n.name for p in chosen)]
         out = [(n.netns, d) for n in nodes for d in n.hop_devices()]
         out += [(n.netns, p.host_veth) for n in nodes for p in chosen if p.node == n.name and p.host_veth]
         return list(dict.fromkeys(out))
@@ -103,7 +106,7 @@ class Topology:
     @classmethod
     def from_json(cls, d: dict) -> "Topology":
         return cls(source=d["source"], inventory=d.get("inventory"),
-                   nodes=tuple(NodeDevices(**n) for n in d.get("nodes", [])),
+                   nodes=tuple(NodeDevices(**{**n, "others": tuple(n.get("others") or ())}) for n in d.get("nodes", [])),
                    pods=tuple(PodPlace(**p) for p in d.get("pods", [])),
                    fabric_netns=d.get("fabric_netns"), labels=dict(d.get("labels") or {}))
 

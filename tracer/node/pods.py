@@ -1,26 +1,25 @@
 """Which pod owns a host-side veth on this node (from /proc, netlink and CRI).
 
-A host-side veth → its peer's network namespace (IFLA_LINK + link-netnsid, matched by the
-netns ids of the namespaces of /proc and /run/netns) → the pod (CRI sandbox, pod cgroup, or
-pod IP).
+A host-side veth → its peer's network namespace (IFLA_LINK + IFLA_LINK_NETNSID, matched by
+RTM_GETNSID against the namespaces of /proc and /run/netns, both through pyroute2) → the pod
+(CRI sandbox, pod cgroup, or pod IP).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
-import socket
-import struct
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 from tracer.cluster import inventory as k8s
-from tracer.errors import BadInput, EnvironmentProblem
+from tracer.cluster.topology import NodeDevices, PodPlace, Topology
+from tracer.errors import BadInput, EnvironmentProblem, PodtraceError
+from tracer.node import netns
 
 
 def host_proc() -> Path:
@@ -44,14 +43,38 @@ class Link:
     master: str | None = None
 
 
-def parse_links(text: str) -> list[Link]:
-    """`ip -j -d link show` output → Links."""
+def _nsid(value) -> int | None:
+    """A netns id as the kernel reports it (u32 on the wire, -1 meaning none)."""
+    if value is None:
+        return None
+    value = int(value)
+    return None if value < 0 or value >= 2 ** 31 else value
+
+
+def links_of(msgs) -> list[Link]:
+    """RTM_NEWLINK messages (pyroute2's `get_links()`) → Links."""
+    msgs = list(msgs)
+    names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in msgs}
     out = []
-    for d in json.loads(text or "[]"):
-        info = d.get("linkinfo") or {}
-        out.append(Link(int(d["ifindex"]), d.get("ifname", ""), info.get("info_kind"),
-                        d.get("link_index"), d.get("link_netnsid"), d.get("master")))
+    for m in msgs:
+        info = m.get_attr("IFLA_LINKINFO")
+        peer = m.get_attr("IFLA_LINK")
+        out.append(Link(int(m["index"]), m.get_attr("IFLA_IFNAME") or "",
+                        info.get_attr("IFLA_INFO_KIND") if info is not None else None,
+                        int(peer) if peer else None, _nsid(m.get_attr("IFLA_LINK_NETNSID")),
+                        names.get(m.get_attr("IFLA_MASTER"))))
     return out
+
+
+def _ipr(node_netns: str | None):
+    """A netlink socket in namespace `node_netns` (a name under /run/netns or a path; None:
+    this one). A socket keeps the namespace it was made in."""
+    from pyroute2 import IPRoute
+
+    if node_netns is None:
+        return IPRoute()
+    with netns.entered(node_netns):
+        return IPRoute()
 
 
 _FIB_LEAF = re.compile(r"^\s*\|-- ([0-9.]+)\s*$")
@@ -167,81 +190,6 @@ def scan_netns(proc: Path | None = None, run_netns: Path = Path("/run/netns")) -
     return out
 
 
-# Netlink: RTM_GETNSID asks a namespace which id it gives another one (by fd).
-_NLMSG_ERROR, _RTM_NEWNSID, _RTM_GETNSID = 2, 88, 90
-_NLM_F_REQUEST = 1
-_NETNSA_NSID, _NETNSA_FD = 1, 3
-
-
-class _Netlink:
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.sock.bind((0, 0))
-        self.seq = 0
-
-    def nsid_of(self, fd: int) -> int | None:
-        """The id this socket's namespace gives the namespace behind `fd` (None: none)."""
-        self.seq += 1
-        body = struct.pack("=B3x", socket.AF_UNSPEC) + struct.pack("=HHI", 8, _NETNSA_FD, fd)
-        msg = struct.pack("=IHHII", 16 + len(body), _RTM_GETNSID, _NLM_F_REQUEST, self.seq, 0) + body
-        self.sock.send(msg)
-        data = self.sock.recv(65536)
-        off = 0
-        while off + 16 <= len(data):
-            ln, typ, _flags, seq, _pid = struct.unpack_from("=IHHII", data, off)
-            if ln < 16:
-                break
-            if seq == self.seq and typ == _NLMSG_ERROR:
-                return None
-            if seq == self.seq and typ == _RTM_NEWNSID:
-                a = off + 16 + 4
-                while a + 4 <= off + ln:
-                    alen, atype = struct.unpack_from("=HH", data, a)
-                    if alen < 4:
-                        break
-                    if atype == _NETNSA_NSID:
-                        (nsid,) = struct.unpack_from("=i", data, a + 4)
-                        return None if nsid < 0 else nsid
-                    a += (alen + 3) & ~3
-                return None
-            off += (ln + 3) & ~3
-        return None
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_CLONE_NEWNET = 0x40000000
-
-
-@contextlib.contextmanager
-def _in_netns(path: str | None):
-    """This thread inside the namespace at `path` (None: stay)."""
-    if path is None:
-        yield
-        return
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(path, os.O_RDONLY)
-    try:
-        if _libc.setns(target, _CLONE_NEWNET) != 0:
-            raise EnvironmentProblem(f"cannot enter network namespace {path}: "
-                                     f"{os.strerror(ctypes.get_errno())}", "run as root")
-        try:
-            yield
-        finally:
-            _libc.setns(home, _CLONE_NEWNET)
-    finally:
-        os.close(target)
-        os.close(home)
-
-
-def _netns_path(node_netns: str | None) -> str | None:
-    if node_netns is None or node_netns.startswith("/"):
-        return node_netns
-    return f"/run/netns/{node_netns}"
-
-
 @dataclass
 class VethOwner:
     host_ifname: str
@@ -264,7 +212,7 @@ def _ns_addresses(ref: NetnsRef) -> list[str]:
     if ref.pid is not None:
         with contextlib.suppress(OSError):
             return parse_fib_trie((host_proc() / str(ref.pid) / "net" / "fib_trie").read_text())
-    with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError), _in_netns(ref.path):
+    with contextlib.suppress(OSError, PodtraceError), netns.entered(ref.path):
         # A namespace nobody lives in: fib_trie of this thread, now inside it.
         return parse_fib_trie(Path("/proc/thread-self/net/fib_trie").read_text())
     return []
@@ -290,17 +238,32 @@ def _identify(ref: NetnsRef, inv: k8s.Inventory | None, cri: dict[int, str]) -> 
 
 
 def _read_links(node_netns: str | None) -> list[Link]:
-    argv = ["ip", "-j", "-d", "link", "show"]
-    if node_netns and not node_netns.startswith("/"):
-        argv[1:1] = ["-n", node_netns]
     try:
-        with _in_netns(node_netns if node_netns and node_netns.startswith("/") else None):
-            got = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-    except FileNotFoundError:
-        raise EnvironmentProblem("`ip` (iproute2) is not installed", "apt-get install iproute2") from None
-    if got.returncode != 0:
-        raise EnvironmentProblem(f"cannot list links: {got.stderr.strip()[:200]}", "run as root")
-    return parse_links(got.stdout)
+        with contextlib.closing(_ipr(node_netns)) as ipr:
+            return links_of(ipr.get_links())
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot list links: {_first_line(exc)}", "run as root") from None
+
+
+def _nsids(node_netns: str | None, candidates: list[NetnsRef]) -> dict[int, NetnsRef]:
+    """nsid → namespace, as `node_netns` numbers the others (RTM_GETNSID by fd)."""
+    out: dict[int, NetnsRef] = {}
+    with contextlib.closing(_ipr(node_netns)) as ipr:
+        for ref in candidates:
+            try:
+                fd = os.open(ref.path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                got = ipr.get_netnsid(fd=fd)
+            except Exception:  # pyroute2 raises NetlinkError for a namespace it cannot ask about
+                got = None
+            finally:
+                os.close(fd)
+            nsid = _nsid((got or {}).get("nsid"))
+            if nsid is not None:
+                out.setdefault(nsid, ref)
+    return out
 
 
 def host_veth_owners(inv: k8s.Inventory | None = None, node_netns: str | None = None, cri: bool = True,
@@ -313,26 +276,8 @@ def host_veth_owners(inv: k8s.Inventory | None = None, node_netns: str | None = 
     if not links:
         return {}
     cri_map, note = cri_netns_map() if cri else ({}, "CRI not asked")
-    path = _netns_path(node_netns)
-    self_ino = os.stat(path or "/proc/thread-self/ns/net").st_ino
-    candidates = [r for r in scan_netns().values() if r.inode != self_ino]
-    by_nsid: dict[int, NetnsRef] = {}
-    with _in_netns(path):
-        nl = _Netlink(socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0))
-    try:
-        for ref in candidates:
-            try:
-                fd = os.open(ref.path, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                nsid = nl.nsid_of(fd)
-            finally:
-                os.close(fd)
-            if nsid is not None:
-                by_nsid.setdefault(nsid, ref)
-    finally:
-        nl.close()
+    self_ino = os.stat(netns.netns_path(node_netns) if node_netns else "/proc/thread-self/ns/net").st_ino
+    by_nsid = _nsids(node_netns, [r for r in scan_netns().values() if r.inode != self_ino])
     out = {}
     for ln in links:
         owner = VethOwner(ln.ifname, ln.ifindex, ln.peer_ifindex, ln.link_netnsid)
@@ -388,3 +333,58 @@ def pod_netns_inodes(inv: k8s.Inventory, node_netns: str | None = None, cri: boo
     inside a pod's namespace can be named on a real node."""
     return {o.netns_inode: o.pod for o in host_veth_owners(inv, node_netns, cri).values()
             if o.pod and o.netns_inode}
+
+
+# The CNIs' own devices on a node, by role (the pods' host veths are found, not named).
+CNI_BRIDGES = ("cni0", "cbr0", "cilium_host")                    # flannel/bridge, kubenet, cilium
+CNI_OVERLAYS = ("flannel.1", "cilium_vxlan", "vxlan.calico", "tunl0")
+CNI_OTHERS = ("cilium_net",)
+
+
+@dataclass
+class LocalNode:
+    """This node as its agent finds it: the topology of one node, and what events need named."""
+
+    topology: Topology
+    namespaces: dict[str, dict]       # netns inode → {"ips", "host"}: this node's and its pods'
+    netns_by_ip: dict[str, str]       # a flow pod's address → its namespace path
+    wanted: list[str]                 # the PodPlace keys of the flow's pods on this node
+
+    def netns_filter(self) -> list[int] | None:
+        """This node's traffic is in its own namespace and its pods'; anything else the kernel
+        runs (other namespaces on a shared kernel) is not this node's to report. No local pod
+        found (not a veth-based CNI): None, the whole kernel."""
+        return [int(i) for i in self.namespaces] if len(self.namespaces) > 1 else None
+
+    def devices(self) -> list[str]:
+        """The hop devices here: the CNI's and the uplinks always, the flow's pods' veths."""
+        return [dev for _ns, dev in self.topology.devices(self.wanted, nodes=[self.topology.nodes[0].name])]
+
+
+def discover(node: str, pod_ips: Iterable[str], node_ips: Iterable[str]) -> LocalNode:
+    """On a real node: its pods (the namespaces behind the host-side veths here) with their
+    addresses, its CNI devices and uplinks, as a one-node Topology; `pod_ips` are the flow's."""
+    pod_ips = set(pod_ips)
+    host_ino, owners, ups = local_pods(None, node_ips, cri=False)
+    host = NetnsRef(host_ino, "/proc/self/ns/net", pid=os.getpid())
+    namespaces: dict[str, dict] = {str(host_ino): {"ips": _ns_addresses(host), "host": True}}
+    netns_by_ip: dict[str, str] = {}
+    places, wanted = [], []
+    for owner in owners.values():
+        namespaces[str(owner.netns_inode)] = {"ips": owner.ips, "host": False}
+        path = f"/proc/{owner.pid}/ns/net" if owner.pid else f"/run/netns/{owner.netns_name}"
+        key = owner.pod or f"?/{owner.host_ifname}"    # unnamed without an inventory: by its veth
+        places.append(PodPlace(key=key, node=node, netns=path, host_veth=owner.host_ifname))
+        for ip in owner.ips:
+            if ip in pod_ips:
+                netns_by_ip[ip] = path
+        if set(owner.ips) & pod_ips:
+            wanted.append(key)
+    names = {ln.ifname for ln in _read_links(None)}
+    bridge = next((n for n in CNI_BRIDGES if n in names), None)
+    overlay = next((n for n in CNI_OVERLAYS if n in names), None)
+    others = [n for n in (*CNI_BRIDGES, *CNI_OVERLAYS, *CNI_OTHERS) if n in names and n not in (bridge, overlay)]
+    me = NodeDevices(name=node, uplink=ups[0] if ups else None, bridge=bridge, overlay=overlay,
+                     others=tuple(others + ups[1:]))
+    topo = Topology(source=f"node {node}", nodes=(me,), pods=tuple(places))
+    return LocalNode(topo, namespaces, netns_by_ip, wanted)
