@@ -62,3 +62,19 @@ def test_without_inventory_the_namespace_is_still_found(lab):
     node = next(n for n in lab["nodes"] if n["name"] == p["node"])
     o = nodepods.host_veth_owner(p["host_veth"], None, node["netns"], cri=False)
     assert o.pod is None and o.netns_inode == netns.inode(p["netns"]) and o.ips == [p["ip"]]
+
+
+def test_the_agents_discovery_on_a_lab_node_matches_the_labs_topology(lab):
+    """What an agent finds from inside a node (no inventory, no namespace names) is the shape
+    the lab publishes for that node: its devices, and the flow pod's namespace and veth."""
+    topo = view.topology(lab)
+    p = next(p for p in lab["pods"] if p["name"] == "pod-1-1")
+    me = topo.node(p["node"])
+    with netns.entered(me.netns):
+        local = nodepods.discover(me.name, [p["ip"]], [n.ip for n in topo.nodes])
+    assert sorted(local.devices()) == sorted(dev for _ns, dev in topo.devices([f"default/{p['name']}"]))
+    assert os.stat(local.netns_by_ip[p["ip"]]).st_ino == netns.inode(p["netns"])
+    found = local.topology.nodes[0]
+    assert (found.bridge, found.overlay, found.uplink) == (me.bridge, me.overlay, me.uplink)
+    on_node = {netns.inode(q["netns"]) for q in lab["pods"] if q["node"] == me.name}
+    assert set(local.netns_filter()) == on_node | {netns.inode(me.netns)}

@@ -1,4 +1,4 @@
-"""The cluster's shape as data: where pods and nodes live and which devices each node routes through.
+"""The cluster's shape as data: where each pod lives, which devices each node routes through.
 
 A real cluster and the lab present themselves the same way. The lab writes its Topology to
 `<state dir>/<prefix>/topology.json` when it comes up; product code reads that file as data

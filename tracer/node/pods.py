@@ -1,4 +1,4 @@
-"""Which pod owns a host-side veth on this node (from /proc, netlink and CRI).
+"""Which pod owns a host-side veth on this node (from /proc, netlink, CRI).
 
 A host-side veth → its peer's network namespace (IFLA_LINK + IFLA_LINK_NETNSID, matched by
 RTM_GETNSID against the namespaces of /proc and /run/netns, both through pyroute2) → the pod
@@ -307,12 +307,15 @@ def uplinks(node_ips: Iterable[str] = ()) -> list[str]:
     """The devices this namespace reaches the other nodes and the world by (asked of the
     routing table; no packet is sent). They lead to the network, never into a pod — a veth
     there means a node that is itself a container or a namespace (kind, the lab)."""
-    from tracer.node import facts as nodecheck
-
-    here = nodecheck.NodeRef("host", None)
-    links = nodecheck.links(here)
-    out = [dev for ip in [*node_ips, "1.1.1.1"]
-           if (dev := nodecheck.route_get(here, ip).get("dev")) and dev in links and dev != "lo"]
+    out = []
+    with contextlib.closing(_ipr(None)) as ipr:
+        names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in ipr.get_links()}
+        for ip in [*node_ips, "1.1.1.1"]:
+            try:
+                routes = ipr.route("get", dst=ip)
+            except Exception:  # pyroute2's NetlinkError: no route there
+                continue
+            out += [dev for r in routes if (dev := names.get(r.get_attr("RTA_OIF"))) and dev != "lo"]
     return list(dict.fromkeys(out))
 
 

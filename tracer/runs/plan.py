@@ -1,4 +1,4 @@
-"""Planning a flow run: the metadata, the two ends, the probe, and what each node traces."""
+"""Planning a flow run, from its options to the request each node's agent gets."""
 
 from __future__ import annotations
 
