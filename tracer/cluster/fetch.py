@@ -9,7 +9,7 @@ import difflib
 import ipaddress
 from typing import Iterable, Iterator
 
-from tracer.cluster import inventory as k8s
+from tracer.cluster import inventory
 from tracer.cluster.api import SERVICE_NAME_LABEL, Connection, Stream, _call
 from tracer.errors import BadInput, EnvironmentProblem
 
@@ -45,12 +45,12 @@ def _close(word: str, names: list[str]) -> str:
     return f"did you mean {', '.join(near)}?" if near else "list them with kubectl get"
 
 
-def inventory_for(conn: Connection, specs: Iterable[str]) -> tuple[k8s.Inventory, list[Stream]]:
+def inventory_for(conn: Connection, specs: Iterable[str]) -> tuple[inventory.Inventory, list[Stream]]:
     """A small inventory holding what the specs name (a pod, a Service with its slices and
     backend pods, a node, or whatever owns an address) plus the nodes of those pods, and
     the Streams that keep exactly that current during a long capture. Unknown names raise
     BadInput with close matches from the same namespace."""
-    inv = k8s.Inventory(source=conn.source)
+    inv = inventory.Inventory(source=conn.source)
     streams: list[Stream] = []
     for spec in specs:
         _fetch_spec(conn, spec.strip(), inv, streams)
@@ -63,14 +63,14 @@ def inventory_for(conn: Connection, specs: Iterable[str]) -> tuple[k8s.Inventory
     return inv, list(dict.fromkeys(streams))
 
 
-def _add(inv: k8s.Inventory, kind: str, obj: dict | None) -> dict | None:
+def _add(inv: inventory.Inventory, kind: str, obj: dict | None) -> dict | None:
     if obj:
         obj.setdefault("kind", kind)
         inv.apply("ADDED", obj)
     return obj
 
 
-def _fetch_service(conn: Connection, inv: k8s.Inventory, streams: list[Stream], ns: str, name: str,
+def _fetch_service(conn: Connection, inv: inventory.Inventory, streams: list[Stream], ns: str, name: str,
                    obj: dict) -> None:
     _add(inv, "Service", obj)
     streams.append(Stream("Service", ns, field_selector=f"metadata.name={name}"))
@@ -92,7 +92,7 @@ def _fetch_service(conn: Connection, inv: k8s.Inventory, streams: list[Stream], 
             streams.append(Stream("Pod", pns, field_selector=f"metadata.name={pname}"))
 
 
-def _fetch_spec(conn: Connection, s: str, inv: k8s.Inventory, streams: list[Stream]) -> None:
+def _fetch_spec(conn: Connection, s: str, inv: inventory.Inventory, streams: list[Stream]) -> None:
     from kubernetes.client.exceptions import ApiException
 
     try:
@@ -115,7 +115,7 @@ def _fetch_spec(conn: Connection, s: str, inv: k8s.Inventory, streams: list[Stre
             _fetch_service(conn, inv, streams, md.get("namespace", "default"), md["name"], it)
         if not found and not svcs:
             for it in _items(conn, Stream("Node"), "list nodes"):
-                node = k8s.node_from_obj(it)
+                node = inventory.node_from_obj(it)
                 if node.ip == ip:
                     inv.upsert_node(node)
                     streams.append(Stream("Node", field_selector=f"metadata.name={node.name}"))
@@ -149,4 +149,4 @@ def _fetch_spec(conn: Connection, s: str, inv: k8s.Inventory, streams: list[Stre
         _add(inv, "Pod", obj)
         streams.append(Stream("Pod", ns, field_selector=f"metadata.name={name}"))
         return
-    # Anything else is left to k8s.resolve(), which says what is wrong with it.
+    # Anything else is left to inventory.resolve(), which says what is wrong with it.

@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-from tracer.cluster import inventory as k8s
+from tracer.cluster import inventory
 from tracer.cluster import topology as topology_mod
 from tracer.cluster.topology import Topology
 from tracer.errors import EnvironmentProblem
+
+if TYPE_CHECKING:
+    from tracer.cluster.api import Connection
 
 
 @dataclass
 class ClusterView:
     """The metadata a run works from, and how it reaches the nodes."""
 
-    inv: k8s.Inventory
+    inv: inventory.Inventory
     topology: Topology | None = None   # this machine holds the nodes (the lab): their shape
-    conn: object | None = None         # a live API connection (tracer.cluster.api.Connection):
-                                       # agents run on the cluster's nodes
+    conn: Connection | None = None     # a live API connection: agents run on the cluster's nodes
 
 
-def topology_inventory(topo: Topology) -> k8s.Inventory:
+def topology_inventory(topo: Topology) -> inventory.Inventory:
     """A topology's inventory file, with the namespaces and veths only the topology knows."""
-    inv = k8s.load_list(topo.inventory)
+    inv = inventory.load_list(topo.inventory)
     inv.source = topo.source
     topo.apply(inv)
     return inv
@@ -34,7 +36,7 @@ def local(cluster: str | None, lab_prefix: str | None) -> ClusterView | None:
     get the topology's namespaces when they are the same pods (same key, same address)."""
     topo = topology_mod.load_local(lab_prefix)
     if cluster:
-        inv = k8s.load_list(cluster)
+        inv = inventory.load_list(cluster)
         if topo is not None:
             mine = topology_inventory(topo)
             for key, pod in inv.pods.items():

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from tracer.cluster import inventory as k8s
+from tracer.cluster.inventory import Endpoint, Inventory, resolve
 from tracer.cluster.api import Connection, Stream, _call, _get_json, api_error, cluster_streams
 from tracer.errors import EnvironmentProblem, PodtraceError
 
@@ -37,7 +37,7 @@ class _Expired(Exception):
 
 
 class ClusterSource:
-    """A `k8s.Inventory` kept current by list+watch of `streams` (default: all four kinds,
+    """An `Inventory` kept current by list+watch of `streams` (default: all four kinds,
     cluster-wide). `start()` lists synchronously — so it raises the connection's errors —
     then one daemon thread per stream watches; `stop()` interrupts them all.
 
@@ -47,11 +47,11 @@ class ClusterSource:
     """
 
     def __init__(self, conn: Connection, streams: Iterable[Stream] | None = None,
-                 inventory: k8s.Inventory | None = None, page_size: int = 500,
+                 inventory: Inventory | None = None, page_size: int = 500,
                  watch_timeout: int = 300, backoff: tuple[float, float] = (0.5, 30.0),
                  on_event: Callable[[str, str, str], None] | None = None):
         self.conn = conn
-        self.inventory = inventory or k8s.Inventory(source=conn.source)
+        self.inventory = inventory or Inventory(source=conn.source)
         self.states = [StreamState(s) for s in dict.fromkeys(streams or cluster_streams())]
         self.page_size = page_size
         self.watch_timeout = watch_timeout
@@ -71,7 +71,7 @@ class ClusterSource:
 
     # -- life cycle
 
-    def start(self) -> k8s.Inventory:
+    def start(self) -> Inventory:
         for i, st in enumerate(self.states):
             self._list(i, st)
         self.inventory.reindex()
@@ -106,15 +106,15 @@ class ClusterSource:
 
     # -- queries (thread-safe)
 
-    def resolve(self, spec: str) -> k8s.Endpoint:
+    def resolve(self, spec: str) -> Endpoint:
         with self.lock:
-            return k8s.resolve(spec, self.inventory)
+            return resolve(spec, self.inventory)
 
     def describe_ip(self, ip: str | None) -> dict | None:
         with self.lock:
             return self.inventory.describe_ip(ip)
 
-    def wait_until(self, predicate: Callable[[k8s.Inventory], bool], timeout: float = 10.0) -> bool:
+    def wait_until(self, predicate: Callable[[Inventory], bool], timeout: float = 10.0) -> bool:
         """Block until `predicate(inventory)` holds (checked after every change)."""
         deadline = time.monotonic() + timeout
         with self._changed:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from tracer.cluster import inventory as k8s
+from tracer.cluster import inventory
 from tracer.cluster.topology import NodeDevices, PodPlace, Topology
 from tracer.errors import BadInput, EnvironmentProblem, PodtraceError
 from tracer.node import netns
@@ -218,7 +218,7 @@ def _ns_addresses(ref: NetnsRef) -> list[str]:
     return []
 
 
-def _identify(ref: NetnsRef, inv: k8s.Inventory | None, cri: dict[int, str]) -> tuple[str | None, str | None, list[str]]:
+def _identify(ref: NetnsRef, inv: inventory.Inventory | None, cri: dict[int, str]) -> tuple[str | None, str | None, list[str]]:
     ips = _ns_addresses(ref)
     if ref.inode in cri:
         return cri[ref.inode], "cri", ips
@@ -266,7 +266,7 @@ def _nsids(node_netns: str | None, candidates: list[NetnsRef]) -> dict[int, Netn
     return out
 
 
-def host_veth_owners(inv: k8s.Inventory | None = None, node_netns: str | None = None, cri: bool = True,
+def host_veth_owners(inv: inventory.Inventory | None = None, node_netns: str | None = None, cri: bool = True,
                      only: str | None = None) -> dict[str, VethOwner]:
     """Every veth of the node whose peer is in another namespace → the pod that owns it.
     `node_netns`: None (this namespace: the agent, hostNetwork), a name under /run/netns
@@ -293,7 +293,7 @@ def host_veth_owners(inv: k8s.Inventory | None = None, node_netns: str | None = 
     return out
 
 
-def host_veth_owner(ifname: str, inv: k8s.Inventory | None = None, node_netns: str | None = None,
+def host_veth_owner(ifname: str, inv: inventory.Inventory | None = None, node_netns: str | None = None,
                     cri: bool = True) -> VethOwner:
     """The pod behind one host-side veth (see host_veth_owners)."""
     got = host_veth_owners(inv, node_netns, cri, only=ifname)
@@ -319,7 +319,7 @@ def uplinks(node_ips: Iterable[str] = ()) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def local_pods(inv: k8s.Inventory | None = None, node_ips: Iterable[str] = (), cri: bool = False,
+def local_pods(inv: inventory.Inventory | None = None, node_ips: Iterable[str] = (), cri: bool = False,
                ) -> tuple[int, dict[str, VethOwner], list[str]]:
     """This node as seen from its own namespace: (its netns inode, host veth → owner for
     every pod namespace hanging off it, the uplinks). Pods of other nodes that share the
@@ -331,7 +331,7 @@ def local_pods(inv: k8s.Inventory | None = None, node_ips: Iterable[str] = (), c
     return host_ino, owners, ups
 
 
-def pod_netns_inodes(inv: k8s.Inventory, node_netns: str | None = None, cri: bool = True) -> dict[int, str]:
+def pod_netns_inodes(inv: inventory.Inventory, node_netns: str | None = None, cri: bool = True) -> dict[int, str]:
     """netns inode → "ns/pod" for the pods of this node: what BPF events carry, so hops
     inside a pod's namespace can be named on a real node."""
     return {o.netns_inode: o.pod for o in host_veth_owners(inv, node_netns, cri).values()

@@ -7,25 +7,29 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tracer.agents.request import AgentRequest, Discovery, ProbeRequest
-from tracer.kernel import program as bpfprog
+from tracer.kernel import program
 from tracer.agents import coordinator
-from tracer.reconstruct import packets as flows
-from tracer.cluster import inventory as k8s
+from tracer.reconstruct import packets
+from tracer.cluster import inventory
 from tracer.cluster import sources
 from tracer.cluster.topology import Topology
 from tracer.node import netns
-from tracer.node import facts as nodecheck
-from tracer.node import prober as probe
-from tracer.kernel import formats as tracefs
+from tracer.node import facts
+from tracer.node import prober
+from tracer.kernel import formats
 from tracer.config import FlowConfig
 from tracer.errors import BadInput, EnvironmentProblem, require_capabilities
 
+if TYPE_CHECKING:
+    from tracer.cluster.api import Connection
 
-def placement(topo: Topology | None) -> flows.Placement:
+
+def placement(topo: Topology | None) -> packets.Placement:
     """Name every namespace of this machine's topology: a node's, or a pod's on its node."""
-    pl = flows.Placement()
+    pl = packets.Placement()
     if topo is None:
         return pl
     if topo.fabric_netns and netns.exists(topo.fabric_netns):
@@ -39,17 +43,17 @@ def placement(topo: Topology | None) -> flows.Placement:
     return pl
 
 
-def node_refs(topo: Topology | None) -> dict[str, nodecheck.NodeRef]:
+def node_refs(topo: Topology | None) -> dict[str, facts.NodeRef]:
     """The nodes whose configuration this process can read: every node of this machine's
     topology, or this host."""
     if topo is not None:
-        return {n.name: nodecheck.NodeRef(n.name, n.netns) for n in topo.nodes
+        return {n.name: facts.NodeRef(n.name, n.netns) for n in topo.nodes
                 if n.netns and netns.exists(n.netns)}
     host = socket.gethostname()
-    return {host: nodecheck.NodeRef(host, None)}
+    return {host: facts.NodeRef(host, None)}
 
 
-def flow_pods(src: k8s.Endpoint, dst: k8s.Endpoint, inv: k8s.Inventory) -> list[k8s.Pod]:
+def flow_pods(src: inventory.Endpoint, dst: inventory.Endpoint, inv: inventory.Inventory) -> list[inventory.Pod]:
     """The pods a packet of this flow can reach: the ends and a Service's backends."""
     pods = [e.pod for e in (src, dst) if e.pod]
     if dst.service:
@@ -57,7 +61,7 @@ def flow_pods(src: k8s.Endpoint, dst: k8s.Endpoint, inv: k8s.Inventory) -> list[
     return list({p.key: p for p in pods}.values())
 
 
-def tc_devices(topo: Topology | None, src: k8s.Endpoint, dst: k8s.Endpoint) -> list[tuple[str | None, str]]:
+def tc_devices(topo: Topology | None, src: inventory.Endpoint, dst: inventory.Endpoint) -> list[tuple[str | None, str]]:
     """The hop devices on the path, per node: the bridge, the overlay and the uplink of every
     node a packet of this flow can cross, and the pods' host veths (this machine's topology
     only: on a real node the agent finds them)."""
@@ -67,7 +71,7 @@ def tc_devices(topo: Topology | None, src: k8s.Endpoint, dst: k8s.Endpoint) -> l
     return topo.devices(keys)
 
 
-def choose_proto(cfg: FlowConfig, dst: k8s.Endpoint) -> tuple[str, int | None, list[str]]:
+def choose_proto(cfg: FlowConfig, dst: inventory.Endpoint) -> tuple[str, int | None, list[str]]:
     notes = []
     proto, port = cfg.proto, cfg.port
     if proto is None:
@@ -95,15 +99,15 @@ class Plan:
     """What a run needs before tracing starts: the ends, the probe, the metadata."""
 
     cfg: FlowConfig
-    inv: k8s.Inventory
+    inv: inventory.Inventory
     topology: Topology | None       # this machine holds the nodes (the lab): their shape
-    conn: object | None             # a live API connection: the cluster's agents trace
-    src: k8s.Endpoint
-    dst: k8s.Endpoint
+    conn: Connection | None         # a live API connection: the cluster's agents trace
+    src: inventory.Endpoint
+    dst: inventory.Endpoint
     proto: str
     port: int | None
     notes: list[str]
-    placement: flows.Placement
+    placement: packets.Placement
     drop_reasons: dict[int, str]
     ct_names: dict[int, str]
     addrs: list[str]
@@ -121,16 +125,16 @@ def prepare(cfg: FlowConfig) -> Plan:
                        "create it or choose another path")
     if cfg.count < 1 or cfg.count > 1000:
         raise BadInput(f"--count {cfg.count} is out of range", "use 1..1000")
-    if cfg.size is not None and not 28 + len(probe.PAYLOAD) <= cfg.size <= 65000:
-        raise BadInput(f"--size {cfg.size} is out of range", f"use {28 + len(probe.PAYLOAD)}..65000 bytes")
+    if cfg.size is not None and not 28 + len(prober.PAYLOAD) <= cfg.size <= 65000:
+        raise BadInput(f"--size {cfg.size} is out of range", f"use {28 + len(prober.PAYLOAD)}..65000 bytes")
     if not cfg.probe and cfg.duration <= 0:
         raise BadInput("--duration must be positive", "e.g. --no-probe --duration 5")
     view = sources.load(cfg.cluster, cfg.kubeconfig, cfg.context, cfg.lab_prefix, (cfg.src, cfg.dst))
     inv = view.inv
     if view.conn is None:   # tracing here (in a cluster, the agents trace)
         require_capabilities("tracing")
-    src = k8s.resolve(cfg.src, inv)
-    dst = k8s.resolve(cfg.dst, inv)
+    src = inventory.resolve(cfg.src, inv)
+    dst = inventory.resolve(cfg.dst, inv)
     proto, port, notes = choose_proto(cfg, dst)
     if cfg.probe and proto == "icmp" and view.conn is None:
         require_capabilities("ICMP probes (a raw socket)", ("CAP_NET_RAW",))
@@ -150,7 +154,7 @@ def prepare(cfg: FlowConfig) -> Plan:
                 f"the network namespace of {src.pod.key} is not on this machine",
                 "run podtrace against the lab, or on a cluster with the agent DaemonSet (manifests/)")
     return Plan(cfg, inv, view.topology, view.conn, src, dst, proto, port, notes, placement(view.topology),
-                 tracefs.drop_reasons(), bpfprog.ct_info_names(),
+                 formats.drop_reasons(), program.ct_info_names(),
                  sorted(set(src.addresses() + dst.addresses())), t_start, time.monotonic())
 
 
