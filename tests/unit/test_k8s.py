@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from tracer.cluster import endpoints
 from tracer.cluster import inventory as k8s
 from tracer.errors import BadInput
 from tracer.lab import topology as T
@@ -18,15 +19,15 @@ def inv(tmp_path):
 
 
 def test_forms(inv):
-    assert k8s.resolve("pod-1-1", inv).ip == "10.244.1.2"
-    assert k8s.resolve("default/pod-2-1", inv).pod.node == "node-2"
-    svc = k8s.resolve("svc/default/web", inv)
+    assert endpoints.resolve("pod-1-1", inv).ip == "10.244.1.2"
+    assert endpoints.resolve("default/pod-2-1", inv).pod.node == "node-2"
+    svc = endpoints.resolve("svc/default/web", inv)
     assert svc.ip == "10.96.0.10" and svc.service.backend_ips == ["10.244.2.3"]
     assert svc.addresses() == ["10.96.0.10", "10.244.2.3"]
-    assert k8s.resolve("node/node-1", inv).ip == "172.30.0.11"
-    assert k8s.resolve("10.244.2.2", inv).pod.key == "default/pod-2-1"
-    assert k8s.resolve("10.96.0.20", inv).service.key == "default/echo"
-    assert k8s.resolve("192.0.2.7", inv).pod is None
+    assert endpoints.resolve("node/node-1", inv).ip == "172.30.0.11"
+    assert endpoints.resolve("10.244.2.2", inv).pod.key == "default/pod-2-1"
+    assert endpoints.resolve("10.96.0.20", inv).service.key == "default/echo"
+    assert endpoints.resolve("192.0.2.7", inv).pod is None
 
 
 @pytest.mark.parametrize("spec,needle", [
@@ -35,7 +36,7 @@ def test_forms(inv):
 ])
 def test_bad_specs(inv, spec, needle):
     with pytest.raises(BadInput) as e:
-        k8s.resolve(spec, inv)
+        endpoints.resolve(spec, inv)
     assert needle in e.value.line()
     assert "\n" not in e.value.line()
 

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.fakeapi import FakeApi
+from tracer.cluster import endpoints
 from tracer.cluster import inventory as k8s
 from tracer.cluster import api as kube
 from tracer.cluster import fetch, watch
@@ -63,7 +64,7 @@ def _new_pod(api: FakeApi, name: str, ip: str, like: str = "pod-1-1", **labels) 
 def test_initial_list_resolves_like_the_cluster_file(source, tmp_path):
     fileinv = _file_inventory(tmp_path)
     for spec in SPECS:
-        assert source.resolve(spec).as_json() == k8s.resolve(spec, fileinv).as_json(), spec
+        assert source.resolve(spec).as_json() == endpoints.resolve(spec, fileinv).as_json(), spec
     assert source.resolve("svc/default/web").addresses() == ["10.96.0.10", "10.244.2.3"]
     inv = source.inventory
     assert set(inv.pods) == set(fileinv.pods) and set(inv.nodes) == set(fileinv.nodes)
@@ -278,7 +279,7 @@ def test_inventory_for_fetches_only_what_is_traced(api, conn, tmp_path):
     assert _unfiltered_lists(api) == []
     fileinv = _file_inventory(tmp_path)
     for spec in ("pod-1-1", "svc/default/web"):
-        assert k8s.resolve(spec, inv).as_json() == k8s.resolve(spec, fileinv).as_json()
+        assert endpoints.resolve(spec, inv).as_json() == endpoints.resolve(spec, fileinv).as_json()
     assert kube.Stream("Pod", "default", field_selector="metadata.name=pod-1-1") in streams
     assert kube.Stream("EndpointSlice", "default", label_selector="kubernetes.io/service-name=web") in streams
     assert kube.Stream("Pod", "default", label_selector="app=pod-2-2") in streams
@@ -326,17 +327,17 @@ def test_kubectl_plugin_entry_point():
 
 def test_inventory_for_addresses(api, conn):
     inv, _ = fetch.inventory_for(conn, ["10.244.2.2", "10.96.0.10", "172.30.0.11", "192.0.2.1"])
-    assert k8s.resolve("10.244.2.2", inv).pod.key == "default/pod-2-1"
-    assert k8s.resolve("10.96.0.10", inv).service.backend_ips == ["10.244.2.3"]
-    assert k8s.resolve("172.30.0.11", inv).node.name == "node-1"
-    assert k8s.resolve("192.0.2.1", inv).pod is None
+    assert endpoints.resolve("10.244.2.2", inv).pod.key == "default/pod-2-1"
+    assert endpoints.resolve("10.96.0.10", inv).service.backend_ips == ["10.244.2.3"]
+    assert endpoints.resolve("172.30.0.11", inv).node.name == "node-1"
+    assert endpoints.resolve("192.0.2.1", inv).pod is None
 
 
 def test_inventory_for_without_cluster_ip_field_selector(tmp_path):
     with FakeApi.from_lab(PREFIX, supports_cluster_ip_selector=False) as api:
         conn = kube.connect(str(api.write_kubeconfig(tmp_path / "kc")))
         inv, _ = fetch.inventory_for(conn, ["10.96.0.10"])
-        assert k8s.resolve("10.96.0.10", inv).service.key == "default/web"
+        assert endpoints.resolve("10.96.0.10", inv).service.key == "default/web"
 
 
 @pytest.mark.parametrize("spec,needle", [

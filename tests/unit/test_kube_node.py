@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from tracer.cluster import endpoints
 from tracer.cluster import inventory as k8s
 from tracer.node import pods as nodepods
 from tracer.lab import topology as T
@@ -79,7 +80,7 @@ def test_index_follows_mutators(inv):
     assert inv.lookup_ip("10.244.1.77") == ("pod", "default/new")
     inv.apply("MODIFIED", _pod("new", ip="10.244.1.78"))
     assert inv.lookup_ip("10.244.1.77") == (None, None)
-    assert k8s.resolve("10.244.1.78", inv).pod.key == "default/new"
+    assert endpoints.resolve("10.244.1.78", inv).pod.key == "default/new"
     inv.apply("DELETED", _pod("new"))
     assert inv.lookup_ip("10.244.1.78") == (None, None) and "default/new" not in inv.pods
 
@@ -87,10 +88,10 @@ def test_index_follows_mutators(inv):
 def test_index_survives_direct_dict_changes(inv):
     """Code that fills the dicts directly (as before the indexes existed) still resolves."""
     inv.pods["default/direct"] = k8s.Pod("default", "direct", "node-1", "10.244.1.55")
-    assert k8s.resolve("10.244.1.55", inv).pod.key == "default/direct"
+    assert endpoints.resolve("10.244.1.55", inv).pod.key == "default/direct"
     inv.pods["default/direct"].ip = "10.244.1.56"          # behind the index's back
-    assert k8s.resolve("10.244.1.55", inv).pod is None
-    assert k8s.resolve("10.244.1.56", inv).pod.key == "default/direct"
+    assert endpoints.resolve("10.244.1.55", inv).pod is None
+    assert endpoints.resolve("10.244.1.56", inv).pod.key == "default/direct"
 
 
 def test_host_network_pods_share_the_node_address(inv):
@@ -125,9 +126,9 @@ def test_service_and_slices_in_any_order():
     assert inv.services["default/web"].backends == ["default/a", "default/c"]
     inv.apply("DELETED", sl)
     assert inv.services["default/web"].backend_ips == ["10.0.0.3"]
-    assert k8s.resolve("10.96.0.9", inv).addresses() == ["10.96.0.9", "10.0.0.3"]
+    assert endpoints.resolve("10.96.0.9", inv).addresses() == ["10.96.0.9", "10.0.0.3"]
     inv.apply("DELETED", svc)
-    assert k8s.resolve("10.96.0.9", inv).service is None
+    assert endpoints.resolve("10.96.0.9", inv).service is None
 
 
 def test_upsert_keeps_lab_facts(inv):
@@ -152,7 +153,7 @@ def test_close_matches_stay_fast_on_big_inventories():
     import time
     t = time.perf_counter()
     with pytest.raises(Exception) as e:
-        k8s.resolve("ns3/app-3x", inv)
+        endpoints.resolve("ns3/app-3x", inv)
     assert time.perf_counter() - t < 0.5
     assert "did you mean ns3/app-3" in e.value.line()
 

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from tracer.agents.request import AgentRequest
+from tracer.cluster import endpoints
 from tracer.cluster import inventory as k8s
 from tracer.config import FlowConfig
 from tracer.errors import BadInput
@@ -23,7 +24,7 @@ def inv(tmp_path):
 
 def _plan(inv, src, dst, **kw):
     cfg = FlowConfig(src=src, dst=dst, **kw)
-    s, d = k8s.resolve(src, inv), k8s.resolve(dst, inv)
+    s, d = endpoints.resolve(src, inv), endpoints.resolve(dst, inv)
     proto, port, notes = planner.choose_proto(cfg, d)
     return planner.Plan(cfg, inv, None, object(), s, d, proto, port, notes, flows.Placement(), {}, {},
                         sorted(set(s.addresses() + d.addresses())), 0.0)

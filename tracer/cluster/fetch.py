@@ -149,4 +149,4 @@ def _fetch_spec(conn: Connection, s: str, inv: inventory.Inventory, streams: lis
         _add(inv, "Pod", obj)
         streams.append(Stream("Pod", ns, field_selector=f"metadata.name={name}"))
         return
-    # Anything else is left to inventory.resolve(), which says what is wrong with it.
+    # Anything else is left to endpoints.resolve(), which says what is wrong with it.

@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from tracer.cluster.inventory import Endpoint, Inventory, resolve
+from tracer.cluster.endpoints import resolve
+from tracer.cluster.inventory import Endpoint, Inventory
 from tracer.cluster.api import Connection, Stream, _call, _get_json, api_error, cluster_streams
 from tracer.errors import EnvironmentProblem, PodtraceError
 

@@ -33,6 +33,7 @@ from tracer import tracefile
 from tracer.kernel import program as bpfprog
 from tracer.kernel import record as events
 from tracer.cluster import inventory as k8s
+from tracer.cluster import endpoints
 from tracer.kernel import hooks as probes
 from tracer.kernel import formats as tracefs
 from tracer.errors import BadInput, EnvironmentProblem, PodtraceError
@@ -140,7 +141,7 @@ def resolve(sel: Selection, inv: k8s.Inventory) -> Resolved:
     cidrs: list[str] = []
     said: list[str] = []
     for spec in sel.pods:
-        ep = k8s.resolve(spec, inv)
+        ep = endpoints.resolve(spec, inv)
         if ep.pod is None:
             raise BadInput(f"--pod {spec}: not a pod", "give NAMESPACE/POD or POD")
         addrs.append(ep.pod.ip)
@@ -156,14 +157,14 @@ def resolve(sel: Selection, inv: k8s.Inventory) -> Resolved:
         said.append(f"namespace {ns} ({len(pods)} pods)")
     for spec in sel.services:
         ns, name = _ns_of(spec)
-        ep = k8s.resolve(f"svc/{ns}/{name}", inv)
+        ep = endpoints.resolve(f"svc/{ns}/{name}", inv)
         svc = ep.service
         addrs += [svc.cluster_ip] + list(svc.backend_ips)
         said.append(f"service {svc.key} ({svc.cluster_ip}, {len(svc.backend_ips)} backends)")
     for name in sel.nodes:
         node = inv.nodes.get(name)
         if node is None:
-            ep = k8s.resolve(f"node/{name}", inv)   # raises with close matches
+            ep = endpoints.resolve(f"node/{name}", inv)   # raises with close matches
             node = ep.node
         if node.pod_cidr:
             cidrs.append(_net(node.pod_cidr))

@@ -13,7 +13,7 @@ from tracer.agents.request import AgentRequest, Discovery, ProbeRequest
 from tracer.kernel import program
 from tracer.agents import coordinator
 from tracer.reconstruct import packets
-from tracer.cluster import inventory
+from tracer.cluster import endpoints, inventory
 from tracer.cluster import sources
 from tracer.cluster.topology import Topology
 from tracer.node import netns
@@ -133,8 +133,8 @@ def prepare(cfg: FlowConfig) -> Plan:
     inv = view.inv
     if view.conn is None:   # tracing here (in a cluster, the agents trace)
         require_capabilities("tracing")
-    src = inventory.resolve(cfg.src, inv)
-    dst = inventory.resolve(cfg.dst, inv)
+    src = endpoints.resolve(cfg.src, inv)
+    dst = endpoints.resolve(cfg.dst, inv)
     proto, port, notes = choose_proto(cfg, dst)
     if cfg.probe and proto == "icmp" and view.conn is None:
         require_capabilities("ICMP probes (a raw socket)", ("CAP_NET_RAW",))
