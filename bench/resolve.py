@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tracer.cluster import inventory as k8s  # noqa: E402
+from tracer.cluster import endpoints  # noqa: E402
 
 
 def items(n_pods: int, n_svcs: int, n_nodes: int) -> list[dict]:
@@ -114,7 +115,7 @@ def main() -> None:
         samples = []
         for spec in specs:
             t = time.perf_counter()
-            k8s.resolve(spec, live)
+            endpoints.resolve(spec, live)
             samples.append(time.perf_counter() - t)
         resolve[kind] = _pcts(samples)
     scan = []
@@ -127,7 +128,7 @@ def main() -> None:
     for i in range(20):
         t = time.perf_counter()
         try:
-            k8s.resolve(f"ns-{i}/app-x-{i}", live)
+            endpoints.resolve(f"ns-{i}/app-x-{i}", live)
         except k8s.BadInput:
             pass
         miss.append(time.perf_counter() - t)
@@ -139,7 +140,7 @@ def main() -> None:
                "spec": {"nodeName": "node-0"}, "status": {"podIP": f"10.200.{i // 256}.{i % 256}"}}
         t = time.perf_counter()
         live.apply("MODIFIED", obj)
-        k8s.resolve(obj["status"]["podIP"], live)
+        endpoints.resolve(obj["status"]["podIP"], live)
         churn.append(time.perf_counter() - t)
 
     print(json.dumps({

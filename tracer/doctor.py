@@ -53,15 +53,15 @@ def _mounted(path: str) -> bool:
 
 
 def _metadata() -> dict:
-    from tracer.lab import build as labbuild
+    from tracer.cluster import topology
 
-    lab = labbuild.status(settings.lab_prefix())
+    lab = topology.load_local(settings.lab_prefix())
     kubeconfig = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
     in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and \
         Path("/var/run/secrets/kubernetes.io/serviceaccount/token").exists()
     sources = []
     if lab:
-        sources.append(f"lab {lab.get('prefix')} ({len(lab.get('pods', []))} pods)")
+        sources.append(f"{lab.source} ({len(lab.pods)} pods)")
     try:
         have_kubeconfig = Path(kubeconfig).exists()
     except OSError:   # HOME=/root (mode 700) kept by setpriv or sudo -u: not ours to read

@@ -34,7 +34,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tracer import testhooks
+from tracer import settings, testhooks
 from tracer.kernel import record as events
 from tracer.errors import BadInput
 
@@ -122,13 +122,13 @@ def host_meta() -> dict:
     }
 
 
-def cluster_meta(inv, lab: dict | None = None, placement: dict | None = None) -> dict:
+def cluster_meta(inv, topo=None, placement: dict | None = None) -> dict:
     """Nodes, pods and Services of an inventory (k8s.Inventory), with the network-namespace
-    inode of each when this machine has it (the lab)."""
+    inode of each when this machine has it (a cluster.topology.Topology: the lab)."""
     from tracer.node import netns
 
-    ns_of_pod = {f"{p['namespace']}/{p['name']}": p.get("netns") for p in (lab or {}).get("pods", [])}
-    ns_of_node = {n["name"]: n.get("netns") for n in (lab or {}).get("nodes", [])}
+    ns_of_pod = {p.key: p.netns for p in (topo.pods if topo else ())}
+    ns_of_node = {n.name: n.netns for n in (topo.nodes if topo else ())}
 
     def inode(name):
         try:
@@ -146,13 +146,13 @@ def cluster_meta(inv, lab: dict | None = None, placement: dict | None = None) ->
                      for s in inv.services.values()],
         "inventory": inv.source,
     }
-    if lab:
-        out["lab"] = {"prefix": lab.get("prefix"), "cni": lab.get("cni")}
+    if topo is not None and topo.labels:
+        out["lab"] = {"prefix": topo.labels.get("prefix"), "cni": topo.labels.get("cni")}
         for n in out["nodes"]:
-            ln = next((x for x in lab.get("nodes", []) if x["name"] == n["name"]), {})
+            ln = topo.node(n["name"])
             for k in ("uplink", "overlay", "bridge", "overlay_ip"):
-                if ln.get(k):
-                    n[k] = ln[k]
+                if ln is not None and getattr(ln, k):
+                    n[k] = getattr(ln, k)
     if placement is not None:
         out["clock_nodes"] = sorted({v[0] for v in placement.values() if v[0]})
     return out
@@ -162,16 +162,14 @@ def _infer_cluster(meta: dict) -> dict:
     """For `flow --save`, whose caller passes only its own metadata: the cluster it traced,
     from the lab (inventory source "lab PREFIX") or the --cluster file it names."""
     from tracer.cluster import inventory as k8s
+    from tracer.cluster import sources, topology
 
     src = str(meta.get("inventory") or "")
     try:
         if src.startswith("lab"):
-            from tracer.lab import build as labbuild
-
-            prefix = src[3:].strip() or None
-            lab = labbuild.status(prefix)
-            if lab:
-                return cluster_meta(k8s.from_lab(lab), lab)
+            topo = topology.load_local(src[3:].strip() or settings.lab_prefix())
+            if topo is not None:
+                return cluster_meta(sources.topology_inventory(topo), topo)
         elif src and src != "none" and Path(src).is_file():
             return cluster_meta(k8s.load_list(src))
     except (BadInput, OSError, ValueError, KeyError):

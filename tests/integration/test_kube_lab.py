@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from tracer.cluster import inventory as k8s
-from tracer.cluster import api as kube
+from tracer.cluster import sources
+from tracer.lab import view
+from tracer.node import pods as nodepods
 from tracer.node import netns
 from tracer.lab import build
 from tracer.lab import topology as T
@@ -29,9 +30,9 @@ def lab():
 
 
 def test_every_host_veth_maps_to_its_pod(lab):
-    inv = k8s.from_lab(lab)
+    inv = sources.topology_inventory(view.topology(lab))
     for node in lab["nodes"]:
-        owners = kube.host_veth_owners(inv, node_netns=node["netns"], cri=False)
+        owners = nodepods.host_veth_owners(inv, node_netns=node["netns"], cri=False)
         pods = [p for p in lab["pods"] if p["node"] == node["name"]]
         for p in pods:
             o = owners[p["host_veth"]]
@@ -45,13 +46,13 @@ def test_every_host_veth_maps_to_its_pod(lab):
 
 
 def test_one_veth_and_netns_inodes(lab):
-    inv = k8s.from_lab(lab)
+    inv = sources.topology_inventory(view.topology(lab))
     p = next(p for p in lab["pods"] if p["name"] == "pod-2-1")
     node = next(n for n in lab["nodes"] if n["name"] == p["node"])
-    assert kube.host_veth_owner(p["host_veth"], inv, node["netns"], cri=False).pod == "default/pod-2-1"
+    assert nodepods.host_veth_owner(p["host_veth"], inv, node["netns"], cri=False).pod == "default/pod-2-1"
     with pytest.raises(Exception, match="not a veth"):
-        kube.host_veth_owner("cni0", inv, node["netns"], cri=False)
-    inodes = kube.pod_netns_inodes(inv, node["netns"], cri=False)
+        nodepods.host_veth_owner("cni0", inv, node["netns"], cri=False)
+    inodes = nodepods.pod_netns_inodes(inv, node["netns"], cri=False)
     assert inodes == {netns.inode(q["netns"]): f"default/{q['name']}"
                       for q in lab["pods"] if q["node"] == node["name"]}
 
@@ -59,5 +60,21 @@ def test_one_veth_and_netns_inodes(lab):
 def test_without_inventory_the_namespace_is_still_found(lab):
     p = lab["pods"][0]
     node = next(n for n in lab["nodes"] if n["name"] == p["node"])
-    o = kube.host_veth_owner(p["host_veth"], None, node["netns"], cri=False)
+    o = nodepods.host_veth_owner(p["host_veth"], None, node["netns"], cri=False)
     assert o.pod is None and o.netns_inode == netns.inode(p["netns"]) and o.ips == [p["ip"]]
+
+
+def test_the_agents_discovery_on_a_lab_node_matches_the_labs_topology(lab):
+    """What an agent finds from inside a node (no inventory, no namespace names) is the shape
+    the lab publishes for that node: its devices, and the flow pod's namespace and veth."""
+    topo = view.topology(lab)
+    p = next(p for p in lab["pods"] if p["name"] == "pod-1-1")
+    me = topo.node(p["node"])
+    with netns.entered(me.netns):
+        local = nodepods.discover(me.name, [p["ip"]], [n.ip for n in topo.nodes])
+    assert sorted(local.devices()) == sorted(dev for _ns, dev in topo.devices([f"default/{p['name']}"]))
+    assert os.stat(local.netns_by_ip[p["ip"]]).st_ino == netns.inode(p["netns"])
+    found = local.topology.nodes[0]
+    assert (found.bridge, found.overlay, found.uplink) == (me.bridge, me.overlay, me.uplink)
+    on_node = {netns.inode(q["netns"]) for q in lab["pods"] if q["node"] == me.name}
+    assert set(local.netns_filter()) == on_node | {netns.inode(me.netns)}

@@ -35,6 +35,7 @@ from tracer.kernel import tc as tcattach
 from tracer.runs import flow as trace
 from tracer.kernel.record import FLAG_DF
 from tracer.kernel.session import SessionConfig, TraceSession
+from tracer.lab import view
 
 UDP, TCP, ICMP = 17, 6, 1
 
@@ -226,7 +227,7 @@ def traced(safe_lab):
             tc = tcattach.TcAttacher(session.loaded.bpf)
             ends = (k8s.Endpoint("a", src["ip"], pod=k8s.Pod("default", "pod-1-1", src["node"], src["ip"])),
                     k8s.Endpoint("b", dst["ip"], pod=k8s.Pod("default", "pod-2-1", dst["node"], dst["ip"])))
-            for ns_name, dev in trace.tc_devices(lab, *ends):
+            for ns_name, dev in trace.tc_devices(view.topology(lab), *ends):
                 tc.attach(ns_name, dev)
         sock = netns.socket_in(src["netns"], socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
         try:

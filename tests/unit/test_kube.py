@@ -10,8 +10,10 @@ import time
 import pytest
 
 from tests.fakeapi import FakeApi
+from tracer.cluster import endpoints
 from tracer.cluster import inventory as k8s
 from tracer.cluster import api as kube
+from tracer.cluster import fetch, watch
 from tracer.errors import BadInput, EnvironmentProblem
 from tracer.lab import topology as T
 
@@ -35,7 +37,7 @@ def conn(api, tmp_path):
 
 @pytest.fixture
 def source(conn):
-    src = kube.ClusterSource(conn, page_size=2, watch_timeout=5, backoff=(0.05, 0.2))
+    src = watch.ClusterSource(conn, page_size=2, watch_timeout=5, backoff=(0.05, 0.2))
     src.start()
     yield src
     src.stop()
@@ -62,7 +64,7 @@ def _new_pod(api: FakeApi, name: str, ip: str, like: str = "pod-1-1", **labels) 
 def test_initial_list_resolves_like_the_cluster_file(source, tmp_path):
     fileinv = _file_inventory(tmp_path)
     for spec in SPECS:
-        assert source.resolve(spec).as_json() == k8s.resolve(spec, fileinv).as_json(), spec
+        assert source.resolve(spec).as_json() == endpoints.resolve(spec, fileinv).as_json(), spec
     assert source.resolve("svc/default/web").addresses() == ["10.96.0.10", "10.244.2.3"]
     inv = source.inventory
     assert set(inv.pods) == set(fileinv.pods) and set(inv.nodes) == set(fileinv.nodes)
@@ -73,7 +75,7 @@ def test_initial_list_resolves_like_the_cluster_file(source, tmp_path):
 
 
 def test_pages_are_followed(api, conn):
-    src = kube.ClusterSource(conn, [kube.Stream("Pod")], page_size=1, watch_timeout=5)
+    src = watch.ClusterSource(conn, [kube.Stream("Pod")], page_size=1, watch_timeout=5)
     src.start()
     try:
         assert len(src.inventory.pods) == 4
@@ -134,7 +136,7 @@ def test_410_gone_relists(api, source):
 
 def test_410_on_watch_request_relists(api, conn):
     """A watch whose resourceVersion is already compacted when it is opened."""
-    src = kube.ClusterSource(conn, [kube.Stream("Pod")], watch_timeout=5, backoff=(0.05, 0.2))
+    src = watch.ClusterSource(conn, [kube.Stream("Pod")], watch_timeout=5, backoff=(0.05, 0.2))
     src.start()
     try:
         api.expire()
@@ -161,7 +163,7 @@ def test_bookmark_moves_the_resource_version(api, source):
 
 
 def test_watch_survives_timeouts_and_stop_is_quick(api, conn):
-    src = kube.ClusterSource(conn, [kube.Stream("Pod")], watch_timeout=1)
+    src = watch.ClusterSource(conn, [kube.Stream("Pod")], watch_timeout=1)
     src.start()
     time.sleep(1.5)           # the server closed the first watch: reconnected from the RV
     api.add(_new_pod(api, "pod-late", "10.244.1.80"))
@@ -183,7 +185,7 @@ def test_api_server_down_one_clear_error(api, tmp_path):
 
 
 def test_api_server_dies_during_watch(api, conn):
-    src = kube.ClusterSource(conn, [kube.Stream("Pod")], watch_timeout=5, backoff=(0.05, 0.1))
+    src = watch.ClusterSource(conn, [kube.Stream("Pod")], watch_timeout=5, backoff=(0.05, 0.1))
     src.start()
     api.stop()
     deadline = time.monotonic() + 5
@@ -271,21 +273,21 @@ def test_inventory_for_fetches_only_what_is_traced(api, conn, tmp_path):
     for i in range(30):     # noise that a trace of two pods must not load
         api.add(_new_pod(api, f"noise-{i}", f"10.244.3.{i + 2}"))
     api.requests.clear()
-    inv, streams = kube.inventory_for(conn, ["pod-1-1", "svc/default/web"])
+    inv, streams = fetch.inventory_for(conn, ["pod-1-1", "svc/default/web"])
     assert set(inv.pods) == {"default/pod-1-1", "default/pod-2-2"}
     assert set(inv.services) == {"default/web"} and set(inv.nodes) == {"node-1", "node-2"}
     assert _unfiltered_lists(api) == []
     fileinv = _file_inventory(tmp_path)
     for spec in ("pod-1-1", "svc/default/web"):
-        assert k8s.resolve(spec, inv).as_json() == k8s.resolve(spec, fileinv).as_json()
+        assert endpoints.resolve(spec, inv).as_json() == endpoints.resolve(spec, fileinv).as_json()
     assert kube.Stream("Pod", "default", field_selector="metadata.name=pod-1-1") in streams
     assert kube.Stream("EndpointSlice", "default", label_selector="kubernetes.io/service-name=web") in streams
     assert kube.Stream("Pod", "default", label_selector="app=pod-2-2") in streams
 
 
 def test_targeted_streams_follow_a_rollout(api, conn):
-    inv, streams = kube.inventory_for(conn, ["svc/default/web"])
-    src = kube.ClusterSource(conn, streams, inventory=inv, watch_timeout=5)
+    inv, streams = fetch.inventory_for(conn, ["svc/default/web"])
+    src = watch.ClusterSource(conn, streams, inventory=inv, watch_timeout=5)
     src.start()
     try:
         # A new backend pod comes up with the Service's labels, the slice moves to it.
@@ -306,9 +308,9 @@ def test_targeted_streams_follow_a_rollout(api, conn):
 
 
 def test_targeted_pod_moving_to_an_unknown_node(api, conn):
-    inv, streams = kube.inventory_for(conn, ["pod-1-1"])
+    inv, streams = fetch.inventory_for(conn, ["pod-1-1"])
     assert set(inv.nodes) == {"node-1"}
-    with kube.ClusterSource(conn, streams, inventory=inv, watch_timeout=5) as src:
+    with watch.ClusterSource(conn, streams, inventory=inv, watch_timeout=5) as src:
         api.modify("Pod", "default", "pod-1-1", lambda o: o["spec"].update(nodeName="node-2"))
         assert src.wait_until(lambda i: "node-2" in i.nodes, 5)
         assert src.resolve("pod-1-1").node.ip == "172.30.0.12"
@@ -324,18 +326,18 @@ def test_kubectl_plugin_entry_point():
 
 
 def test_inventory_for_addresses(api, conn):
-    inv, _ = kube.inventory_for(conn, ["10.244.2.2", "10.96.0.10", "172.30.0.11", "192.0.2.1"])
-    assert k8s.resolve("10.244.2.2", inv).pod.key == "default/pod-2-1"
-    assert k8s.resolve("10.96.0.10", inv).service.backend_ips == ["10.244.2.3"]
-    assert k8s.resolve("172.30.0.11", inv).node.name == "node-1"
-    assert k8s.resolve("192.0.2.1", inv).pod is None
+    inv, _ = fetch.inventory_for(conn, ["10.244.2.2", "10.96.0.10", "172.30.0.11", "192.0.2.1"])
+    assert endpoints.resolve("10.244.2.2", inv).pod.key == "default/pod-2-1"
+    assert endpoints.resolve("10.96.0.10", inv).service.backend_ips == ["10.244.2.3"]
+    assert endpoints.resolve("172.30.0.11", inv).node.name == "node-1"
+    assert endpoints.resolve("192.0.2.1", inv).pod is None
 
 
 def test_inventory_for_without_cluster_ip_field_selector(tmp_path):
     with FakeApi.from_lab(PREFIX, supports_cluster_ip_selector=False) as api:
         conn = kube.connect(str(api.write_kubeconfig(tmp_path / "kc")))
-        inv, _ = kube.inventory_for(conn, ["10.96.0.10"])
-        assert k8s.resolve("10.96.0.10", inv).service.key == "default/web"
+        inv, _ = fetch.inventory_for(conn, ["10.96.0.10"])
+        assert endpoints.resolve("10.96.0.10", inv).service.key == "default/web"
 
 
 @pytest.mark.parametrize("spec,needle", [
@@ -345,7 +347,7 @@ def test_inventory_for_without_cluster_ip_field_selector(tmp_path):
 ])
 def test_inventory_for_unknown_names(conn, spec, needle):
     with pytest.raises(BadInput) as e:
-        kube.inventory_for(conn, [spec])
+        fetch.inventory_for(conn, [spec])
     assert needle in e.value.line()
 
 
@@ -354,7 +356,7 @@ def test_owner_references_through_the_api(api, conn):
     obj["metadata"]["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
                                            "name": "web-7d9f8b6c5d", "uid": "u", "controller": True}]
     api.add(obj)
-    inv, _ = kube.inventory_for(conn, ["web-7d9f8b6c5d-x2x4z"])
+    inv, _ = fetch.inventory_for(conn, ["web-7d9f8b6c5d-x2x4z"])
     pod = inv.pods["default/web-7d9f8b6c5d-x2x4z"]
     assert (pod.owner_kind, pod.owner_name, pod.workload) == ("ReplicaSet", "web-7d9f8b6c5d", "Deployment/web")
     assert inv.describe_ip("10.244.1.91") == {"kind": "pod", "key": "default/web-7d9f8b6c5d-x2x4z",

@@ -1,5 +1,5 @@
 """Pure parts of the enrichment: workload owners, inventory indexes and mutators, and the
-node-side parsers (ip -j -d link, fib_trie, pod cgroups, crictl inspectp). No privileges."""
+node-side parsers (netlink links, fib_trie, pod cgroups, crictl inspectp). No privileges."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import subprocess
 
 import pytest
 
+from tracer.cluster import endpoints
 from tracer.cluster import inventory as k8s
-from tracer.cluster import api as kube
+from tracer.node import pods as nodepods
 from tracer.lab import topology as T
 
 
@@ -79,7 +80,7 @@ def test_index_follows_mutators(inv):
     assert inv.lookup_ip("10.244.1.77") == ("pod", "default/new")
     inv.apply("MODIFIED", _pod("new", ip="10.244.1.78"))
     assert inv.lookup_ip("10.244.1.77") == (None, None)
-    assert k8s.resolve("10.244.1.78", inv).pod.key == "default/new"
+    assert endpoints.resolve("10.244.1.78", inv).pod.key == "default/new"
     inv.apply("DELETED", _pod("new"))
     assert inv.lookup_ip("10.244.1.78") == (None, None) and "default/new" not in inv.pods
 
@@ -87,10 +88,10 @@ def test_index_follows_mutators(inv):
 def test_index_survives_direct_dict_changes(inv):
     """Code that fills the dicts directly (as before the indexes existed) still resolves."""
     inv.pods["default/direct"] = k8s.Pod("default", "direct", "node-1", "10.244.1.55")
-    assert k8s.resolve("10.244.1.55", inv).pod.key == "default/direct"
+    assert endpoints.resolve("10.244.1.55", inv).pod.key == "default/direct"
     inv.pods["default/direct"].ip = "10.244.1.56"          # behind the index's back
-    assert k8s.resolve("10.244.1.55", inv).pod is None
-    assert k8s.resolve("10.244.1.56", inv).pod.key == "default/direct"
+    assert endpoints.resolve("10.244.1.55", inv).pod is None
+    assert endpoints.resolve("10.244.1.56", inv).pod.key == "default/direct"
 
 
 def test_host_network_pods_share_the_node_address(inv):
@@ -125,9 +126,9 @@ def test_service_and_slices_in_any_order():
     assert inv.services["default/web"].backends == ["default/a", "default/c"]
     inv.apply("DELETED", sl)
     assert inv.services["default/web"].backend_ips == ["10.0.0.3"]
-    assert k8s.resolve("10.96.0.9", inv).addresses() == ["10.96.0.9", "10.0.0.3"]
+    assert endpoints.resolve("10.96.0.9", inv).addresses() == ["10.96.0.9", "10.0.0.3"]
     inv.apply("DELETED", svc)
-    assert k8s.resolve("10.96.0.9", inv).service is None
+    assert endpoints.resolve("10.96.0.9", inv).service is None
 
 
 def test_upsert_keeps_lab_facts(inv):
@@ -152,7 +153,7 @@ def test_close_matches_stay_fast_on_big_inventories():
     import time
     t = time.perf_counter()
     with pytest.raises(Exception) as e:
-        k8s.resolve("ns3/app-3x", inv)
+        endpoints.resolve("ns3/app-3x", inv)
     assert time.perf_counter() - t < 0.5
     assert "did you mean ns3/app-3" in e.value.line()
 
@@ -160,21 +161,40 @@ def test_close_matches_stay_fast_on_big_inventories():
 # ---------------------------------------------------------------------------------------
 # Node side parsers
 
-IP_LINK = json.dumps([
-    {"ifindex": 1, "ifname": "lo", "linkinfo": None},
-    {"ifindex": 2, "link_index": 3, "ifname": "eth0", "link_netnsid": 0, "linkinfo": {"info_kind": "veth"}},
-    {"ifindex": 3, "ifname": "cni0", "linkinfo": {"info_kind": "bridge"}},
-    {"ifindex": 5, "link_index": 2, "ifname": "veth27272fab", "link_netnsid": 1, "master": "cni0",
-     "linkinfo": {"info_kind": "veth", "info_slave_kind": "bridge"}},
-])
+def _link_msg(index, name, kind=None, link=None, nsid=None, master=None):
+    """An RTM_NEWLINK message as the kernel sends it (encoded, then decoded by pyroute2)."""
+    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+
+    m = ifinfmsg()
+    m["index"] = index
+    m["attrs"] = [("IFLA_IFNAME", name)]
+    if kind:
+        m["attrs"].append(("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", kind)]}))
+    for attr, value in (("IFLA_LINK", link), ("IFLA_LINK_NETNSID", nsid), ("IFLA_MASTER", master)):
+        if value is not None:
+            m["attrs"].append((attr, value))
+    m.encode()
+    out = ifinfmsg(m.data)
+    out.decode()
+    return out
 
 
-def test_parse_links():
-    links = {ln.ifname: ln for ln in kube.parse_links(IP_LINK)}
-    assert links["veth27272fab"] == kube.Link(5, "veth27272fab", "veth", 2, 1, "cni0")
+def test_links_of_netlink_messages():
+    msgs = [_link_msg(1, "lo"), _link_msg(3, "cni0", "bridge"), _link_msg(5, "veth27272fab", "veth", 2, 1, 3),
+            _link_msg(6, "vethlost", "veth", 2, -1)]
+    links = {ln.ifname: ln for ln in nodepods.links_of(msgs)}
+    assert links["veth27272fab"] == nodepods.Link(5, "veth27272fab", "veth", 2, 1, "cni0")
     assert links["cni0"].kind == "bridge" and links["cni0"].link_netnsid is None
-    assert links["lo"].kind is None
-    assert kube.parse_links("") == []
+    assert links["lo"].kind is None and links["lo"].peer_ifindex is None
+    assert links["vethlost"].link_netnsid is None      # -1: the peer's namespace has no id here
+    assert nodepods.links_of([]) == []
+
+
+def test_links_of_this_namespace():
+    """The same parsing on a real netlink answer (reading links needs no privilege)."""
+    links = nodepods._read_links(None)
+    lo = next(ln for ln in links if ln.ifname == "lo")
+    assert lo.ifindex == 1 and lo.kind is None
 
 
 FIB_TRIE = """Main:
@@ -199,8 +219,8 @@ Local:
 
 
 def test_parse_fib_trie():
-    assert kube.parse_fib_trie(FIB_TRIE) == ["10.244.1.2"]
-    assert kube.parse_fib_trie("") == []
+    assert nodepods.parse_fib_trie(FIB_TRIE) == ["10.244.1.2"]
+    assert nodepods.parse_fib_trie("") == []
 
 
 @pytest.mark.parametrize("text,uid", [
@@ -211,7 +231,7 @@ def test_parse_fib_trie():
     ("0::/system.slice/containerd.service\n", None),
 ])
 def test_pod_uid_from_cgroup(text, uid):
-    assert kube.pod_uid_from_cgroup(text) == uid
+    assert nodepods.pod_uid_from_cgroup(text) == uid
 
 
 CRICTL = """{
@@ -227,7 +247,7 @@ CRICTL = """{
 
 
 def test_parse_crictl_inspectp():
-    got = kube.parse_crictl_inspectp(CRICTL)
+    got = nodepods.parse_crictl_inspectp(CRICTL)
     assert got == [
         {"namespace": "shop", "name": "web-0", "uid": "u1", "pid": 4242, "netns_path": "/var/run/netns/cni-1234"},
         {"namespace": "shop", "name": "db-0", "uid": "u2", "pid": 4343, "netns_path": None},
@@ -237,12 +257,12 @@ def test_parse_crictl_inspectp():
 def test_cri_degrades_gracefully(tmp_path):
     def missing(argv, **kw):
         raise FileNotFoundError(argv[0])
-    assert kube.cri_netns_map(run=missing) == ({}, "crictl not installed")
+    assert nodepods.cri_netns_map(run=missing) == ({}, "crictl not installed")
 
     def no_runtime(argv, **kw):
         return subprocess.CompletedProcess(argv, 1, "", "connect: connect endpoint 'unix:///run/containerd/"
                                            "containerd.sock', make sure you are running as root\n")
-    m, note = kube.cri_netns_map(run=no_runtime)
+    m, note = nodepods.cri_netns_map(run=no_runtime)
     assert m == {} and "crictl pods failed" in note
 
     ns_file = tmp_path / "cni-1234"
@@ -253,7 +273,7 @@ def test_cri_degrades_gracefully(tmp_path):
             return subprocess.CompletedProcess(argv, 0, "abc\n", "")
         return subprocess.CompletedProcess(argv, 0, CRICTL.replace("/var/run/netns/cni-1234", str(ns_file))
                                            .replace('"pid": 4343', '"pid": null'), "")
-    m, note = kube.cri_netns_map(run=works)
+    m, note = nodepods.cri_netns_map(run=works)
     assert note is None and m == {ns_file.stat().st_ino: "shop/web-0"}
 
 
@@ -265,7 +285,7 @@ def test_scan_netns_reads_proc_and_run_netns(tmp_path):
     run = tmp_path / "netns"
     run.mkdir()
     (run / "cni-9").write_text("")
-    got = kube.scan_netns(proc, run)
+    got = nodepods.scan_netns(proc, run)
     ino = (proc / "101" / "ns" / "net").stat().st_ino
     assert got[ino].pid == 101 and got[ino].path.endswith("101/ns/net")
     named = got[(run / "cni-9").stat().st_ino]

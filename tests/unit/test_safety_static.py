@@ -111,15 +111,19 @@ def test_probe_callers_pass_the_resolved_destination():
         dst_arg = c.split("(", 1)[1].split(",")[2].strip()
         assert dst_arg in ("dst.ip", "plan.dst.ip", "p['dst']", 'p["dst"]'), c
     assert "def _probe(" in agent_src
-    # every probe request flow builds for an agent (lab or cluster) names the resolved DST
+    # every probe request flow builds for an agent (lab or cluster) names the resolved DST:
+    # a ProbeRequest built anywhere in tracer/ takes `dst=` from the resolved endpoint
     requests = []
-    for node in ast.walk(_tree(ROOT / "runs" / "plan.py")):
-        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict)
-                and any(isinstance(t, ast.Subscript) and ast.unparse(t.slice) in ("'probe'", '"probe"')
-                        for t in node.targets)):
-            keys = [k.value if isinstance(k, ast.Constant) else None for k in node.value.keys]
-            requests.append(ast.unparse(node.value.values[keys.index("dst")]))
-    assert requests, "no agent probe request found in runs/plan.py: update this test"
+    for path in sorted(ROOT.rglob("*.py")):
+        if path == ROOT / "agents" / "request.py":
+            continue   # parses the wire, where the dst is the coordinator's
+        for node in ast.walk(_tree(path)):
+            if isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] == "ProbeRequest":
+                kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                assert "dst" in kw and not node.args, f"{path}: {ast.unparse(node)}"
+                requests.append(kw["dst"])
+    assert requests, "no ProbeRequest built in tracer/: update this test"
+    assert "ProbeRequest(" in (ROOT / "runs" / "plan.py").read_text(), "the planner builds the probe requests"
     assert set(requests) <= {"plan.dst.ip", "dst.ip"}, requests
 
 

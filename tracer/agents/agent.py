@@ -88,7 +88,7 @@ def serve(stdin=None, stdout: BinaryIO | None = None) -> int:
     local = {}
     if req.get("discover"):
         # A real node: find the pods' namespaces and hop devices here, by address.
-        local = _discover(req["discover"])
+        local = _discover(req["discover"], node.name)
         if req.get("probe") and not req["probe"].get("netns"):
             req["probe"]["netns"] = local["netns_by_ip"].get(req["probe"]["src"])
             if not req["probe"]["netns"]:
@@ -209,38 +209,15 @@ def _flush(session: TraceSession, out: _Out, sent: int, skew: int) -> int:
     return total
 
 
-def _discover(d: dict) -> dict:
-    """On a real node: this node's pods — the namespaces behind the host-side veths here —
-    with their addresses (so the coordinator can name hops inside pods), the namespace of
-    the probing pod, the namespaces to trace (this one and the local pods'), and the hop
-    devices of the pods this trace involves (their host veths, plus the CNI's
-    bridge/overlay/uplink)."""
-    from tracer.cluster import api as kube
+def _discover(d: dict, node: str) -> dict:
+    """On a real node: this node's pods with their addresses (so the coordinator can name hops
+    inside pods), the namespace of the probing pod, the namespaces to trace and the hop
+    devices of the pods this trace involves (tracer.node.pods finds them)."""
+    from tracer.node import pods as nodepods
 
-    pod_ips = set(d.get("pod_ips", []))
-    host_ino, owners, uplinks = kube.local_pods(None, d.get("node_ips", []), cri=False)
-    host = kube.NetnsRef(host_ino, "/proc/self/ns/net", pid=os.getpid())
-    namespaces: dict[str, dict] = {str(host_ino): {"ips": kube._ns_addresses(host), "host": True}}
-    netns_by_ip: dict[str, str] = {}
-    devices = []
-    for owner in owners.values():
-        namespaces[str(owner.netns_inode)] = {"ips": owner.ips, "host": False}
-        path = f"/proc/{owner.pid}/ns/net" if owner.pid else f"/run/netns/{owner.netns_name}"
-        for ip in owner.ips:
-            if ip in pod_ips:
-                netns_by_ip[ip] = path
-        if set(owner.ips) & pod_ips:
-            devices.append(owner.host_ifname)
-    links = nodecheck.links(nodecheck.NodeRef("host", None))
-    devices += [n for n in ("cni0", "cbr0", "cilium_host", "cilium_net", "flannel.1", "cilium_vxlan",
-                            "vxlan.calico", "tunl0") if n in links]
-    devices += uplinks
-    # This node's traffic is in its own namespace and its pods'; anything else the kernel
-    # runs (other network namespaces on a shared kernel) is not this node's to report.
-    # No local pod found (not a veth-based CNI): the whole kernel, as before discovery.
-    netns_filter = [int(i) for i in namespaces] if len(namespaces) > 1 else None
-    return {"namespaces": namespaces, "netns_by_ip": netns_by_ip, "devices": list(dict.fromkeys(devices)),
-            "netns_filter": netns_filter}
+    local = nodepods.discover(node, d.get("pod_ips", []), d.get("node_ips", []))
+    return {"namespaces": local.namespaces, "netns_by_ip": local.netns_by_ip, "devices": local.devices(),
+            "netns_filter": local.netns_filter()}
 
 
 def _locations(session: TraceSession) -> dict[str, str | None]:

@@ -1,1 +1,1 @@
-"""Cluster metadata: the inventory model, the API server connection, listing and watching."""
+"""Cluster metadata: what the cluster holds, where its pods live, how its API is reached."""

@@ -23,6 +23,7 @@ from typing import Callable
 from tracer.errors import EnvironmentProblem, require_root
 from tracer.lab import guard, processes, shell
 from tracer.lab import topology as T
+from tracer.lab import view
 from tracer.lab.cni import flavour
 from tracer.lab.processes import OWNER_ENV
 from tracer.lab.shell import BuildError
@@ -60,6 +61,8 @@ def missing_parts(doc: dict) -> list[str]:
             missing.append(f"responder of {pod['name']} (pid {pid})")
     if not Path(doc.get("inventory", "")).is_file():
         missing.append(f"inventory {doc.get('inventory')}")
+    if not view.published(Path(doc.get("state_dir", ""))):
+        missing.append("topology")
     return missing
 
 
@@ -129,6 +132,7 @@ def _build(topo: T.Topology, say: Progress) -> dict:
             pids = result
         _maybe_pause(key, say)
     doc = T.status_document(topo, pids)
+    view.publish(doc, topo.lab_dir)
     _write_json(topo.status_path, doc)
     return doc
 

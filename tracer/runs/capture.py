@@ -33,6 +33,7 @@ from tracer import settings, tracefile
 from tracer.kernel import program as bpfprog
 from tracer.kernel import record as events
 from tracer.cluster import inventory as k8s
+from tracer.cluster import endpoints
 from tracer.kernel import hooks as probes
 from tracer.kernel import formats as tracefs
 from tracer.errors import BadInput, EnvironmentProblem, PodtraceError
@@ -138,7 +139,7 @@ def resolve(sel: Selection, inv: k8s.Inventory) -> Resolved:
     cidrs: list[str] = []
     said: list[str] = []
     for spec in sel.pods:
-        ep = k8s.resolve(spec, inv)
+        ep = endpoints.resolve(spec, inv)
         if ep.pod is None:
             raise BadInput(f"--pod {spec}: not a pod", "give NAMESPACE/POD or POD")
         addrs.append(ep.pod.ip)
@@ -154,14 +155,14 @@ def resolve(sel: Selection, inv: k8s.Inventory) -> Resolved:
         said.append(f"namespace {ns} ({len(pods)} pods)")
     for spec in sel.services:
         ns, name = _ns_of(spec)
-        ep = k8s.resolve(f"svc/{ns}/{name}", inv)
+        ep = endpoints.resolve(f"svc/{ns}/{name}", inv)
         svc = ep.service
         addrs += [svc.cluster_ip] + list(svc.backend_ips)
         said.append(f"service {svc.key} ({svc.cluster_ip}, {len(svc.backend_ips)} backends)")
     for name in sel.nodes:
         node = inv.nodes.get(name)
         if node is None:
-            ep = k8s.resolve(f"node/{name}", inv)   # raises with close matches
+            ep = endpoints.resolve(f"node/{name}", inv)   # raises with close matches
             node = ep.node
         if node.pod_cidr:
             cidrs.append(_net(node.pod_cidr))
@@ -353,17 +354,18 @@ class _Stop:
 # The run
 
 def _inventory(cfg: CaptureConfig):
-    """(inventory, lab, live source): --cluster FILE, else the kubeconfig / in-cluster
-    config — listed, then watched for the whole capture (`source`, to stop) — else the lab."""
+    """(inventory, local topology, live source): --cluster FILE, else the kubeconfig /
+    in-cluster config — listed, then watched for the whole capture (`source`, to stop) —
+    else the lab's topology."""
     from tracer.cluster import api as kube
-    from tracer.config import FlowConfig
-    from tracer.runs.plan import load_inventory
+    from tracer.cluster import sources
+    from tracer.cluster.watch import ClusterSource
 
     if not cfg.cluster:
         ref = kube.find_config(cfg.kubeconfig, cfg.context)
         if ref is not None:
             conn = kube.connect(cfg.kubeconfig, cfg.context, ref=ref)
-            source = kube.ClusterSource(conn, cluster_streams(cfg.selection))
+            source = ClusterSource(conn, cluster_streams(cfg.selection))
             try:
                 inv = source.start()
             except BaseException:
@@ -371,8 +373,8 @@ def _inventory(cfg: CaptureConfig):
                 conn.close()
                 raise
             return inv, None, source
-    inv, lab = load_inventory(FlowConfig(src="", dst="", cluster=cfg.cluster, lab_prefix=cfg.lab_prefix))
-    return inv, lab, None
+    view = sources.load(cfg.cluster, cfg.kubeconfig, cfg.context, cfg.lab_prefix)   # no API here: asked above
+    return view.inv, view.topology, None
 
 
 def cluster_streams(sel: Selection) -> list:
@@ -455,19 +457,6 @@ class _Membership:
         return [p for k, p in self.seen.items() if k not in current]
 
 
-def _lab_devices(lab: dict) -> list[tuple[str, str]]:
-    out = []
-    for n in lab.get("nodes", []):
-        for key in ("bridge", "overlay", "uplink"):
-            if n.get(key):
-                out.append((n["netns"], n[key]))
-    for p in lab.get("pods", []):
-        node = next((n for n in lab.get("nodes", []) if n["name"] == p["node"]), None)
-        if node and p.get("host_veth"):
-            out.append((node["netns"], p["host_veth"]))
-    return out[: bpfprog.TC_SLOTS]
-
-
 def run_capture(cfg: CaptureConfig, progress: Callable[[dict], None] | None = None,
                 stop: threading.Event | None = None) -> CaptureResult:
     """Capture until cfg.duration passes, SIGINT/SIGTERM arrive or `stop` is set."""
@@ -477,23 +466,23 @@ def run_capture(cfg: CaptureConfig, progress: Callable[[dict], None] | None = No
         raise BadInput("--duration must be positive", "e.g. --duration 30, or leave it out and stop with Ctrl-C")
     if cfg.row_group_events < 1024:
         raise BadInput("--row-group must be at least 1024 events")
-    inv, lab, source = _inventory(cfg)
+    inv, topo, source = _inventory(cfg)
     try:
-        return _run(cfg, progress, stop, inv, lab, source)
+        return _run(cfg, progress, stop, inv, topo, source)
     finally:
         if source is not None:
             source.stop()
             source.conn.close()
 
 
-def _run(cfg: CaptureConfig, progress, stop, inv, lab, source) -> CaptureResult:
+def _run(cfg: CaptureConfig, progress, stop, inv, topo, source) -> CaptureResult:
     from tracer.kernel.session import SessionConfig, TraceSession
-    from tracer.runs.plan import placement_from_lab
+    from tracer.runs.plan import placement as placement_of
 
     out = Path(cfg.output)
     sel = resolve(cfg.selection, inv)
-    placement = placement_from_lab(lab)
-    scope = set(placement.netns) if (lab and cfg.lab_scope and placement.netns) else None
+    placement = placement_of(topo)
+    scope = set(placement.netns) if (topo and cfg.lab_scope and placement.netns) else None
     local = None
     if source is not None:
         local = _LocalNode(inv, placement)
@@ -514,11 +503,11 @@ def _run(cfg: CaptureConfig, progress, stop, inv, lab, source) -> CaptureResult:
         "kind": "capture",
         "selection": {"asked": _asked(cfg.selection), "resolved": sel.as_json()},
         "placement": {str(k): list(v) for k, v in placement.netns.items()},
-        **tracefile.cluster_meta(inv, lab),
+        **tracefile.cluster_meta(inv, topo),
         "drop_reasons": {str(k): v for k, v in drop_reasons.items()},
         "ct_info_names": {str(k): v for k, v in ct_names.items()},
         "hooks": [h.name for h in hooks], "degraded": degraded,
-        "scope": ({"lab": lab.get("prefix") if lab else None, "netns": sorted(scope)} if scope else None),
+        "scope": ({"lab": topo.labels.get("prefix") if topo else None, "netns": sorted(scope)} if scope else None),
         "started_ns": started_ns, "ringbuf_pages": cfg.ringbuf_pages, "row_group_events": cfg.row_group_events,
     }
     writer = tracefile.Writer(out, row_group_events=cfg.row_group_events, meta=start_meta)
@@ -535,12 +524,12 @@ def _run(cfg: CaptureConfig, progress, stop, inv, lab, source) -> CaptureResult:
             session.start()
             if source is not None:
                 members = _Membership(source, cfg.selection, sel, session, local, spool)
-            if cfg.tc and lab and any(h.kind == "tc" for h in hooks):
+            if cfg.tc and topo and any(h.kind == "tc" for h in hooks):
                 from tracer.kernel import tc as tcattach
 
                 tcattach.cleanup(scan=False)
                 tc = tcattach.TcAttacher(session.loaded.bpf)
-                for ns_name, dev in _lab_devices(lab):
+                for ns_name, dev in topo.devices()[: bpfprog.TC_SLOTS]:
                     tc.attach(ns_name, dev)
             t0 = time.monotonic()
             t0_mono_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)   # the clock of ts_ns
@@ -589,7 +578,7 @@ def _run(cfg: CaptureConfig, progress, stop, inv, lab, source) -> CaptureResult:
                 notes.append(f"{counters['lost']} events were lost (ring buffer full); the paths may have gaps")
             meta = {
                 **start_meta,
-                **(_final_cluster(source, members, lab) if members is not None else {}),
+                **(_final_cluster(source, members, topo) if members is not None else {}),
                 "locations": locations,
                 "started_mono_ns": t0_mono_ns, "stopped_ns": time.time_ns(), "duration_s": round(elapsed, 3),
                 "stopped_by": stopped_by,
@@ -625,10 +614,10 @@ class _LocalNode:
 
     def refresh(self, inv: k8s.Inventory) -> list[int]:
         """Look again (a pod started here since); the namespaces new to the scope."""
-        from tracer.cluster import api as kube
+        from tracer.node import pods as nodepods
 
         try:
-            host, owners, _ = kube.local_pods(inv, [n.ip for n in inv.nodes.values() if n.ip], cri=True)
+            host, owners, _ = nodepods.local_pods(inv, [n.ip for n in inv.nodes.values() if n.ip], cri=True)
         except (PodtraceError, OSError):
             return []
         for o in owners.values():
@@ -645,11 +634,11 @@ class _LocalNode:
         return new
 
 
-def _final_cluster(source, members: _Membership, lab) -> dict:
+def _final_cluster(source, members: _Membership, topo) -> dict:
     """The cluster as the capture ended, plus the pods that went during it, and the
     selection's changes (t_s since the start, change, address, pod)."""
     with source.lock:
-        out = tracefile.cluster_meta(source.inventory, lab)
+        out = tracefile.cluster_meta(source.inventory, topo)
     out["pods"] += [{"key": p.key, "namespace": p.namespace, "name": p.name, "node": p.node, "ip": p.ip,
                      "netns_inode": None, "gone": True} for p in members.gone()]
     out["membership_changes"] = {"columns": ["t_s", "change", "ip", "pod"], "rows": members.changes}

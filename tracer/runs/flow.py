@@ -19,7 +19,7 @@ from tracer.kernel import hooks as probes
 from tracer.kernel import tc as tcattach
 from tracer.config import FlowConfig
 from tracer.runs.outcome import FlowResult, Traced, agent_evidence, finish, flow_input, local_evidence, recording_evidence
-from tracer.runs.plan import Plan, agent_plans, cluster_plans, node_refs, prepare, tc_devices
+from tracer.runs.plan import Plan, agent_plans, node_refs, prepare, tc_devices
 from tracer.kernel.session import SessionConfig, TerminateAsInterrupt, TraceSession
 
 
@@ -29,24 +29,24 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
     say = progress or (lambda msg: None)
     with TerminateAsInterrupt():   # SIGTERM cleans up like Ctrl-C, also while reconstructing/saving
         plan = prepare(cfg)
-        if cfg.mode == "agents" and plan.lab:
+        if cfg.mode == "agents" and plan.topology:
             traced = _trace_agents(plan, say)
-        elif getattr(cfg, "_conn", None) is not None:
+        elif plan.conn is not None:
             from tracer.agents.exectransport import KubeExecTransport
 
-            traced = _trace_agents(plan, say, transport=KubeExecTransport(cfg._conn), plans=cluster_plans(plan))
+            traced = _trace_agents(plan, say, transport=KubeExecTransport(plan.conn))
         else:
             traced = _trace_single(plan, say)
         return finish(plan, traced)
 
 
 def _trace_single(plan: Plan, say) -> Traced:
-    cfg, lab, src, dst = plan.cfg, plan.lab, plan.src, plan.dst
+    cfg, topo, src, dst = plan.cfg, plan.topology, plan.src, plan.dst
     say("loading BPF programs")
     hooks, degraded = probes.select(probes.detect(), tc=cfg.tc)
     # On the lab, only the lab's namespaces: other labs on this machine reuse the same addresses.
     session = TraceSession(SessionConfig(addrs=plan.addrs, hooks=hooks, sample=cfg.sample, budget=cfg.budget,
-                                         netns=sorted(plan.placement.netns) if lab else None))
+                                         netns=sorted(plan.placement.netns) if topo else None))
     tc = None
     sent: list[probe.ProbeResult] = []
     with TerminateAsInterrupt():
@@ -55,9 +55,9 @@ def _trace_single(plan: Plan, say) -> Traced:
             if any(h.kind == "tc" for h in hooks):
                 tcattach.cleanup(scan=False)   # what a killed run recorded
                 tc = tcattach.TcAttacher(session.loaded.bpf)
-                for ns_name, dev in tc_devices(lab, src, dst):
+                for ns_name, dev in tc_devices(topo, src, dst):
                     tc.attach(ns_name, dev)
-            refs = node_refs(lab)
+            refs = node_refs(topo)
             counters_before = {n: nodecheck.iptables_counters(r) for n, r in refs.items()}
             t_tracing = time.monotonic()
             if cfg.probe:
@@ -83,7 +83,7 @@ def _trace_single(plan: Plan, say) -> Traced:
             if tc is not None:
                 tc.close()
             session.close()
-    evidence = local_evidence(lab, dst, refs, counters_before, counters_after)
+    evidence = local_evidence(topo, dst, refs, counters_before, counters_after)
     return Traced(df, sent, counters, locations, [h.name for h in hooks], degraded,
                    dict(session.timings), t_tracing, time.monotonic(), lambda packets: evidence)
 

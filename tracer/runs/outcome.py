@@ -100,12 +100,11 @@ def fact_query(node: str, packet: dict) -> dict:
     return {"src": last[-1]["src"], "dst": last[-1]["dst"], "iif": iif, "devs": devs}
 
 
-def vtep(lab) -> dict:
-    return {n["overlay_ip"]: {"node": n["name"], "mac": n.get("mac"), "ip": n.get("ip")}
-            for n in (lab or {}).get("nodes", []) if n.get("overlay_ip")}
+def vtep(topo) -> dict:
+    return topo.vtep() if topo is not None else {}
 
 
-def local_evidence(lab, dst: k8s.Endpoint, refs, before, after) -> diagnose.Evidence:
+def local_evidence(topo, dst: k8s.Endpoint, refs, before, after) -> diagnose.Evidence:
     cache: dict[str, dict] = {}
 
     def facts(node: str, packet: dict) -> dict | None:
@@ -122,7 +121,7 @@ def local_evidence(lab, dst: k8s.Endpoint, refs, before, after) -> diagnose.Evid
     svc = dst.service
     return diagnose.Evidence(facts=facts, rule_hits=hits, vip=svc.cluster_ip if svc else None,
                              service=svc.key if svc else None,
-                             backends=list(svc.backend_ips) if svc else [], vtep=vtep(lab))
+                             backends=list(svc.backend_ips) if svc else [], vtep=vtep(topo))
 
 
 def recording_evidence(plan: Plan, queries: dict[str, list[dict]]) -> diagnose.Evidence:
@@ -134,7 +133,7 @@ def recording_evidence(plan: Plan, queries: dict[str, list[dict]]) -> diagnose.E
     svc = plan.dst.service
     return diagnose.Evidence(facts=facts, vip=svc.cluster_ip if svc else None,
                              service=svc.key if svc else None,
-                             backends=list(svc.backend_ips) if svc else [], vtep=vtep(plan.lab))
+                             backends=list(svc.backend_ips) if svc else [], vtep=vtep(plan.topology))
 
 
 def agent_evidence(plan: Plan, facts_by_node: dict[str, dict]) -> diagnose.Evidence:
@@ -148,7 +147,7 @@ def agent_evidence(plan: Plan, facts_by_node: dict[str, dict]) -> diagnose.Evide
     return diagnose.Evidence(facts=facts,
                              rule_hits={n: f.get("rule_hits", []) for n, f in facts_by_node.items()},
                              vip=svc.cluster_ip if svc else None, service=svc.key if svc else None,
-                             backends=list(svc.backend_ips) if svc else [], vtep=vtep(plan.lab))
+                             backends=list(svc.backend_ips) if svc else [], vtep=vtep(plan.topology))
 
 
 def enrich(packets: list[dict], inv: k8s.Inventory) -> None:
@@ -179,7 +178,7 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
     # for the cause (the pod's own view is gone, not the network broken).
     gone = [f"{e.pod.key} was deleted during the trace (its network namespace is gone); "
             "verdicts after that are about a pod that no longer exists"
-            for e in (plan.src, plan.dst) if plan.lab and e.pod and e.pod.netns and not netns.exists(e.pod.netns)]
+            for e in (plan.src, plan.dst) if plan.topology and e.pod and e.pod.netns and not netns.exists(e.pod.netns)]
     if t.problems or gone:
         verdict["problems"] = gone + verdict.get("problems", []) + t.problems
         verdict["status"] = "failed"

@@ -1,0 +1,152 @@
+"""Fetching only the objects a trace's SRC/DST name from the API server (no cluster-wide list).
+
+`inventory_for()` returns the inventory and the `Stream`s that keep exactly that current.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+from typing import Iterable, Iterator
+
+from tracer.cluster import inventory
+from tracer.cluster.api import SERVICE_NAME_LABEL, Connection, Stream, _call
+from tracer.errors import BadInput, EnvironmentProblem
+
+
+def _selector(labels: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def _items(conn: Connection, stream: Stream, what: str, page: int = 500) -> Iterator[dict]:
+    """Every object of a (paginated) list, with `kind` set (list items have none)."""
+    fn = stream.lister(conn)
+    cont = None
+    while True:
+        doc = _call(conn, what, fn, limit=page, _continue=cont, **stream.selectors())
+        for it in doc.get("items") or []:
+            it.setdefault("kind", stream.kind)
+            yield it
+        cont = (doc.get("metadata") or {}).get("continue")
+        if not cont:
+            return
+
+
+def _names(conn: Connection, stream: Stream, what: str) -> list[str]:
+    out = []
+    for it in _items(conn, stream, what):
+        md = it.get("metadata") or {}
+        out.append(f"{md.get('namespace')}/{md.get('name')}" if md.get("namespace") else md.get("name"))
+    return out
+
+
+def _close(word: str, names: list[str]) -> str:
+    near = difflib.get_close_matches(word, names, n=3, cutoff=0.5)
+    return f"did you mean {', '.join(near)}?" if near else "list them with kubectl get"
+
+
+def inventory_for(conn: Connection, specs: Iterable[str]) -> tuple[inventory.Inventory, list[Stream]]:
+    """A small inventory holding what the specs name (a pod, a Service with its slices and
+    backend pods, a node, or whatever owns an address) plus the nodes of those pods, and
+    the Streams that keep exactly that current during a long capture. Unknown names raise
+    BadInput with close matches from the same namespace."""
+    inv = inventory.Inventory(source=conn.source)
+    streams: list[Stream] = []
+    for spec in specs:
+        _fetch_spec(conn, spec.strip(), inv, streams)
+    for name in sorted({p.node for p in inv.pods.values() if p.node} - set(inv.nodes)):
+        obj = _call(conn, f"get node {name}", conn.core.read_node, name, missing_ok=True)
+        if obj:
+            obj.setdefault("kind", "Node")
+            inv.apply("ADDED", obj)
+    inv.reindex()
+    return inv, list(dict.fromkeys(streams))
+
+
+def _add(inv: inventory.Inventory, kind: str, obj: dict | None) -> dict | None:
+    if obj:
+        obj.setdefault("kind", kind)
+        inv.apply("ADDED", obj)
+    return obj
+
+
+def _fetch_service(conn: Connection, inv: inventory.Inventory, streams: list[Stream], ns: str, name: str,
+                   obj: dict) -> None:
+    _add(inv, "Service", obj)
+    streams.append(Stream("Service", ns, field_selector=f"metadata.name={name}"))
+    sl = Stream("EndpointSlice", ns, label_selector=f"{SERVICE_NAME_LABEL}={name}")
+    streams.append(sl)
+    for it in _items(conn, sl, f"list endpointslices of {ns}/{name}"):
+        inv.apply("ADDED", it)
+    selector = (obj.get("spec") or {}).get("selector") or {}
+    if selector:
+        ps = Stream("Pod", ns, label_selector=_selector(selector))
+        streams.append(ps)
+        for it in _items(conn, ps, f"list the pods of Service {ns}/{name}"):
+            inv.apply("ADDED", it)
+    else:   # a Service without selector: its EndpointSlices name the pods
+        for key in inv.services[f"{ns}/{name}"].backends:
+            pns, pname = key.split("/", 1)
+            _add(inv, "Pod", _call(conn, f"get pod {key}", conn.core.read_namespaced_pod, pname, pns,
+                                   missing_ok=True))
+            streams.append(Stream("Pod", pns, field_selector=f"metadata.name={pname}"))
+
+
+def _fetch_spec(conn: Connection, s: str, inv: inventory.Inventory, streams: list[Stream]) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        ip = str(ipaddress.IPv4Address(s))
+    except ValueError:
+        ip = None
+    if ip is not None:
+        pods = Stream("Pod", field_selector=f"status.podIP={ip}")
+        streams.append(pods)
+        found = [inv.apply("ADDED", it) for it in _items(conn, pods, f"find the pod with IP {ip}")]
+        try:
+            svcs = list(_items(conn, Stream("Service", field_selector=f"spec.clusterIP={ip}"),
+                               f"find the Service with IP {ip}"))
+        except EnvironmentProblem:
+            # API servers before 1.31 refuse the spec.clusterIP field selector (400): scan.
+            svcs = [it for it in _items(conn, Stream("Service"), "list services")
+                    if (it.get("spec") or {}).get("clusterIP") == ip]
+        for it in svcs:
+            md = it["metadata"]
+            _fetch_service(conn, inv, streams, md.get("namespace", "default"), md["name"], it)
+        if not found and not svcs:
+            for it in _items(conn, Stream("Node"), "list nodes"):
+                node = inventory.node_from_obj(it)
+                if node.ip == ip:
+                    inv.upsert_node(node)
+                    streams.append(Stream("Node", field_selector=f"metadata.name={node.name}"))
+        return
+    parts = s.split("/")
+    if parts[0] in ("svc", "service") and len(parts) == 3 and all(parts[1:]):
+        ns, name = parts[1], parts[2]
+        obj = _call(conn, f"get service {ns}/{name}", conn.core.read_namespaced_service, name, ns,
+                    missing_ok=True)
+        if obj is None:
+            names = _names(conn, Stream("Service", ns), f"list services in {ns}")
+            raise BadInput(f"no Service {ns}/{name}", _close(f"{ns}/{name}", names))
+        _fetch_service(conn, inv, streams, ns, name, obj)
+        return
+    if parts[0] == "node" and len(parts) == 2 and parts[1]:
+        obj = _call(conn, f"get node {parts[1]}", conn.core.read_node, parts[1], missing_ok=True)
+        if obj is None:
+            raise BadInput(f"no node {parts[1]}", _close(parts[1], _names(conn, Stream("Node"), "list nodes")))
+        _add(inv, "Node", obj)
+        streams.append(Stream("Node", field_selector=f"metadata.name={parts[1]}"))
+        return
+    if len(parts) in (1, 2) and all(parts):
+        ns, name = (parts[0], parts[1]) if len(parts) == 2 else ("default", parts[0])
+        obj = _call(conn, f"get pod {ns}/{name}", conn.core.read_namespaced_pod, name, ns, missing_ok=True)
+        if obj is None:
+            try:
+                names = _names(conn, Stream("Pod", ns), f"list pods in {ns}")
+            except (EnvironmentProblem, ApiException):
+                names = []
+            raise BadInput(f"no pod {ns}/{name}", _close(f"{ns}/{name}", names))
+        _add(inv, "Pod", obj)
+        streams.append(Stream("Pod", ns, field_selector=f"metadata.name={name}"))
+        return
+    # Anything else is left to endpoints.resolve(), which says what is wrong with it.
