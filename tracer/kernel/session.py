@@ -318,13 +318,17 @@ class TraceSession:
 
 
 class TerminateAsInterrupt:
-    """Within this block SIGTERM raises KeyboardInterrupt, so `finally` cleanup runs for
-    SIGTERM exactly as for Ctrl-C."""
+    """Within this block SIGTERM and SIGHUP raise KeyboardInterrupt, so `finally` cleanup
+    runs for them exactly as for Ctrl-C (a closed terminal or session sends SIGHUP)."""
+
+    _SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
     def __enter__(self):
-        self._prev = None
+        self._prev: dict = {}
         if threading.current_thread() is threading.main_thread():
-            self._prev = signal.signal(signal.SIGTERM, self._raise)
+            for sig in self._SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:   # `nohup` keeps its meaning
+                    self._prev[sig] = signal.signal(sig, self._raise)
         return self
 
     @staticmethod
@@ -332,6 +336,6 @@ class TerminateAsInterrupt:
         raise KeyboardInterrupt
 
     def __exit__(self, *exc):
-        if self._prev is not None:
-            signal.signal(signal.SIGTERM, self._prev)
+        for sig, prev in self._prev.items():
+            signal.signal(sig, prev)
         return False
