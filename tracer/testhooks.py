@@ -1,10 +1,16 @@
-"""Pause points for tests that interrupt a run at a known stage (tests/integration/test_safety_kill.py).
+"""Every switch tests use to steer a run, read here and nowhere else in the product.
 
-With PODTRACE_TEST_PAUSE=STAGE[,STAGE...] a process reaching STAGE creates the file
-`$PODTRACE_TEST_PAUSE_DIR/STAGE.PID` and sleeps PODTRACE_TEST_PAUSE_S seconds (default 3),
-interruptibly, so a signal lands exactly there (once per stage and process). Stages: loaded (BPF compiled, not attached),
-attaching (a tc filter added), probing (a probe sent), reconstructing, saving (a --save file
-half written). Unset, `pause()` is one dictionary lookup.
+Pause points (tests/integration/test_safety_kill.py): with PODTRACE_TEST_PAUSE=STAGE[,STAGE...]
+a process reaching STAGE creates the file `$PODTRACE_TEST_PAUSE_DIR/STAGE.PID` and sleeps
+PODTRACE_TEST_PAUSE_S seconds (default 3), interruptibly, so a signal lands exactly there
+(once per stage and process). Stages: loaded (BPF compiled, not attached), attaching (a tc
+filter added), probing (a probe sent), reconstructing, saving (a --save file half written),
+finishing. Unset, `pause()` is one dictionary lookup.
+
+Agent switches (tests of the coordinator): PODTRACE_TEST_AGENT_SKEW=NODE=NS[,...] and
+PODTRACE_TEST_AGENT_DIE=NODE[,...] on the coordinator become, for those nodes' agents,
+PODTRACE_AGENT_CLOCK_SKEW_NS (pretend this node's clock is off by NS) and
+PODTRACE_AGENT_DIE_AFTER_READY (exit at once after "ready", like an agent that crashes).
 """
 
 from __future__ import annotations
@@ -28,3 +34,25 @@ def pause(stage: str) -> None:
         except OSError:
             pass
     time.sleep(float(os.environ.get("PODTRACE_TEST_PAUSE_S", "3")))
+
+
+def agent_env() -> dict[str, dict[str, str]]:
+    """Per node, the variables its agent gets from the coordinator's test switches."""
+    out: dict[str, dict[str, str]] = {}
+    for item in filter(None, os.environ.get("PODTRACE_TEST_AGENT_SKEW", "").split(",")):
+        node, ns_ = item.split("=")
+        out.setdefault(node, {})["PODTRACE_AGENT_CLOCK_SKEW_NS"] = ns_
+    for node in filter(None, os.environ.get("PODTRACE_TEST_AGENT_DIE", "").split(",")):
+        out.setdefault(node, {})["PODTRACE_AGENT_DIE_AFTER_READY"] = "1"
+    return out
+
+
+def clock_skew_ns() -> int:
+    """How far this agent pretends its monotonic clock is off (0: not at all)."""
+    return int(os.environ.get("PODTRACE_AGENT_CLOCK_SKEW_NS", "0"))
+
+
+def die_after_ready() -> None:
+    """An agent that crashes mid-trace: exit at once, no cleanup (like a SIGKILL)."""
+    if os.environ.get("PODTRACE_AGENT_DIE_AFTER_READY"):
+        os._exit(9)

@@ -611,11 +611,8 @@ def _np_col(col: pa.ChunkedArray, dt: np.dtype) -> np.ndarray:
 
 def add_derived(df: pd.DataFrame) -> pd.DataFrame:
     """Address strings and hook names as categoricals, converting each distinct value once."""
-    for c in IP_COLUMNS:
-        df[c + "_str"] = ip_categorical(df[c].to_numpy())
-    codes, uniq = pd.factorize(df["hook"].to_numpy())
-    df["hook_name"] = pd.Categorical.from_codes(
-        codes, categories=[events.HOOKS.get(int(h), f"hook{int(h)}") for h in uniq])
+    for c, v in events.derived(df).items():
+        df[c] = v
     return df
 
 

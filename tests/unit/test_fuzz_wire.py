@@ -173,7 +173,8 @@ def test_absorb_never_raises_on_agent_garbage(items):
     run.frames.put(("eof", None))
     coordinator._absorb(run)        # must not raise
     if run.hello is not None:
-        assert isinstance(run.hello, dict)
+        assert isinstance(run.hello, coordinator.Hello)
+        assert isinstance(run.hello.hooks, list) and isinstance(run.hello.namespaces, dict)
     if run.counters is not None:
         assert isinstance(run.counters, dict)
     if run.facts is not None:

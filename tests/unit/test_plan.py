@@ -41,7 +41,7 @@ def test_a_real_cluster_gets_one_agent_per_node_of_the_flow_that_discovers_its_p
     assert (reqs[0].probe.src, reqs[0].probe.dst, reqs[0].probe.proto) == ("10.244.1.2", "10.96.0.10", "tcp")
     assert reqs[0].probe.netns is None                     # the agent finds it by address
     wire = planner.agent_plans(plan)
-    assert [AgentRequest.from_wire(p.request) for p in wire] == reqs
+    assert [AgentRequest.from_wire(p.wire) for p in wire] == reqs
 
 
 def test_a_node_endpoint_gets_an_agent_too(inv):

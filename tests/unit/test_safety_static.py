@@ -109,7 +109,7 @@ def test_probe_callers_pass_the_resolved_destination():
     assert calls, "probe.send is not called from runs/flow.py/agents/agent.py any more: update this test"
     for c in calls:
         dst_arg = c.split("(", 1)[1].split(",")[2].strip()
-        assert dst_arg in ("dst.ip", "plan.dst.ip", "p['dst']", 'p["dst"]'), c
+        assert dst_arg in ("dst.ip", "plan.dst.ip", "p['dst']", 'p["dst"]', "p.dst"), c
     assert "def _probe(" in agent_src
     # every probe request flow builds for an agent (lab or cluster) names the resolved DST:
     # a ProbeRequest built anywhere in tracer/ takes `dst=` from the resolved endpoint

@@ -1,8 +1,10 @@
-"""`podtrace agent`: the per-node tracer. It reads one trace request (a JSON line) on stdin,
-traces its own node, and streams framed records (tracer.wire) on stdout: hello/ready,
+"""`podtrace agent`: the wire protocol around one node's runner (tracer/runs/node.py).
+
+It reads one trace request (a JSON line, tracer/agents/request.py) on stdin, traces its own node, and streams framed records (tracer.wire) on stdout: hello/ready,
 events, probe results, node facts for diagnosis, clock readings, counters, end. Further
 JSON lines on stdin steer it: {"cmd": "probe"}, {"cmd": "facts", "queries": [...]},
-{"cmd": "stop"}. End of stdin means the coordinator is gone: the agent stops and cleans up.
+{"cmd": "stop"}. End of stdin means the coordinator is gone: the agent stops and cleans up,
+also when that happens while it is still loading or attaching (no device is attached after it).
 
 The same code runs as a process per lab node and inside the DaemonSet pod on a real node.
 """
@@ -15,22 +17,24 @@ import queue
 import sys
 import threading
 import time
+from dataclasses import replace
 from typing import BinaryIO
 
+from tracer import testhooks
+from tracer.agents import request, wire
+from tracer.errors import PodtraceError
+from tracer.kernel import tc as tcattach
+from tracer.kernel.session import TerminateAsInterrupt
 from tracer.node import facts as nodecheck
 from tracer.node import prober as probe
-from tracer.kernel import hooks as probes
-from tracer.kernel import tc as tcattach
-from tracer.agents import wire
-from tracer.errors import PodtraceError
-from tracer.kernel.session import SessionConfig, TerminateAsInterrupt, TraceSession
+from tracer.runs.node import NodeJob, NodeRunner
 
 FLUSH_S = 0.05
-REQUEST_VERSION = 1
+REQUEST_VERSION = request.REQUEST_VERSION
 
 
 def _clock() -> dict:
-    return {"monotonic_ns": time.clock_gettime_ns(time.CLOCK_MONOTONIC) + _skew(),
+    return {"monotonic_ns": time.clock_gettime_ns(time.CLOCK_MONOTONIC) + testhooks.clock_skew_ns(),
             "realtime_ns": time.time_ns()}
 
 
@@ -41,12 +45,8 @@ def clock_domain() -> str:
         boot = open("/proc/sys/kernel/random/boot_id").read().strip()
     except OSError:
         boot = f"pid-{os.getpid()}"
-    return boot + (f"+skew{_skew()}" if _skew() else "")
-
-
-def _skew() -> int:
-    # For tests of the coordinator's offset estimation: pretend this node's clock is off.
-    return int(os.environ.get("PODTRACE_AGENT_CLOCK_SKEW_NS", "0"))
+    skew = testhooks.clock_skew_ns()
+    return boot + (f"+skew{skew}" if skew else "")
 
 
 class _Out:
@@ -61,147 +61,148 @@ class _Out:
             wire.write(self.f, kind, payload)
 
 
-def _commands(stdin, q: queue.Queue) -> None:
-    for line in stdin:
-        line = line.strip()
-        if line:
-            try:
-                q.put(json.loads(line))
-            except json.JSONDecodeError:
-                q.put({"cmd": "bad", "line": line[:200]})
+def _commands(stdin, q: queue.Queue, gone: threading.Event) -> None:
+    """Steering lines → `q`; the end of stdin (the coordinator is gone) also sets `gone`,
+    which the runner watches while it is still attaching."""
+    try:
+        for line in stdin:
+            line = line.strip()
+            if line:
+                try:
+                    cmd = json.loads(line)
+                except json.JSONDecodeError:
+                    cmd = {"cmd": "bad", "line": line[:200]}
+                if isinstance(cmd, dict) and cmd.get("cmd") == "stop":
+                    gone.set()
+                q.put(cmd if isinstance(cmd, dict) else {"cmd": "bad", "line": line[:200]})
+    except (OSError, ValueError):
+        pass
+    gone.set()
     q.put({"cmd": "eof"})
+
+
+def _read_request(stdin, out: _Out) -> request.AgentRequest | int:
+    try:
+        doc = json.loads(stdin.readline() or "null")
+    except json.JSONDecodeError as exc:
+        out.send("error", {"message": f"bad request: {exc}"})
+        return 2
+    if not isinstance(doc, dict) or doc.get("version") != REQUEST_VERSION:
+        out.send("error", {"message": f"unsupported request (want version {REQUEST_VERSION})"})
+        return 2
+    try:
+        return request.AgentRequest.from_wire(doc)
+    except (ValueError, TypeError, KeyError) as exc:
+        out.send("error", {"message": f"bad request: {type(exc).__name__}: {exc}"})
+        return 2
 
 
 def serve(stdin=None, stdout: BinaryIO | None = None) -> int:
     stdin = stdin or sys.stdin
     out = _Out(stdout or sys.stdout.buffer)
-    try:
-        req = json.loads(stdin.readline() or "null")
-    except json.JSONDecodeError as exc:
-        out.send("error", {"message": f"bad request: {exc}"})
-        return 2
-    if not isinstance(req, dict) or req.get("version") != REQUEST_VERSION:
-        out.send("error", {"message": f"unsupported request (want version {REQUEST_VERSION})"})
-        return 2
-    node = nodecheck.NodeRef(req["node"], req.get("node_netns"))
-    skew = _skew()
-    local = {}
-    if req.get("discover"):
+    req = _read_request(stdin, out)
+    if isinstance(req, int):
+        return req
+    # The coordinator may go away at any moment, also while this agent is still loading or
+    # attaching: stdin is watched from now on.
+    cmds: queue.Queue = queue.Queue()
+    gone = threading.Event()
+    threading.Thread(target=_commands, args=(stdin, cmds, gone), daemon=True).start()
+    node = nodecheck.NodeRef(req.node, req.node_netns)
+    local: dict = {}
+    if req.discover is not None:
         # A real node: find the pods' namespaces and hop devices here, by address.
-        local = _discover(req["discover"], node.name)
-        if req.get("probe") and not req["probe"].get("netns"):
-            req["probe"]["netns"] = local["netns_by_ip"].get(req["probe"]["src"])
-            if not req["probe"]["netns"]:
-                out.send("error", {"message": f"{req['probe']['src']} is not the address of a pod on "
+        local = _discover(req.discover, node.name)
+        if req.probe is not None and not req.probe.netns:
+            ns_path = local["netns_by_ip"].get(req.probe.src)
+            if not ns_path:
+                out.send("error", {"message": f"{req.probe.src} is not the address of a pod on "
                                               f"{node.name} (no local pod namespace holds it)", "exit_code": 1})
                 return 1
-        req["tc_devices"] = [[None, d] for d in local["devices"]] if req.get("tc_devices") == "auto" else []
-        if req.get("netns_filter") is None:
-            req["netns_filter"] = local["netns_filter"]
-    hooks, degraded = probes.select(probes.detect(), tc=bool(req.get("tc_devices")))
-    session = TraceSession(SessionConfig(addrs=req["addrs"], hooks=hooks, netns=req.get("netns_filter"),
-                                         sample=int(req.get("sample", 1)), budget=int(req.get("budget", 0))))
-    tc = None
+            req = replace(req, probe=replace(req.probe, netns=ns_path))
+        req = replace(req, tc_devices=[(None, d) for d in local["devices"]] if req.tc_devices == "auto" else [],
+                      netns_filter=local["netns_filter"] if req.netns_filter is None else req.netns_filter)
+    devices = req.tc_devices if isinstance(req.tc_devices, list) else []
     sent_events = 0
     with TerminateAsInterrupt():
         try:
-            session.start()
-            if req.get("tc_devices"):
-                tcattach.cleanup(scan=False)
-                tc = tcattach.TcAttacher(session.loaded.bpf)
-                for ns_name, dev in req["tc_devices"]:
-                    tc.attach(ns_name, dev)
-            if tc is not None and tc.failed:
-                degraded = degraded + [f"{f} (the tracepoints still see that device)" for f in tc.failed]
-            before = nodecheck.iptables_counters(node)
-            out.send("hello", {"node": node.name, "pid": os.getpid(), "hooks": [h.name for h in hooks],
-                               "degraded": degraded, "kernel": os.uname().release,
-                               "clock_domain": clock_domain(),
-                               "namespaces": local.get("namespaces", {}),
-                               "timings": session.timings})
-            out.send("clock", _clock())
-            out.send("ready", {"node": node.name})
-            if os.environ.get("PODTRACE_AGENT_DIE_AFTER_READY"):
-                os._exit(9)   # tests: an agent that dies mid-trace
-            cmds: queue.Queue = queue.Queue()
-            threading.Thread(target=_commands, args=(stdin, cmds), daemon=True).start()
-            prober: threading.Thread | None = None
-            deadline = time.monotonic() + float(req.get("max_seconds", 3600))
-            last_flush = 0.0
-            guard = _Guard(session, out, node.name)
-            while time.monotonic() < deadline:
-                session.poll(int(FLUSH_S * 1000 / 2))
-                now = time.monotonic()
-                if now - last_flush >= FLUSH_S:
-                    sent_events = _flush(session, out, sent_events, skew)
-                    last_flush = now
-                    guard.check(now)
-                try:
-                    cmd = cmds.get_nowait()
-                except queue.Empty:
-                    continue
-                what = cmd.get("cmd")
-                if what == "probe" and req.get("probe") and prober is None:
-                    prober = threading.Thread(target=_probe, args=(req["probe"], out, skew), daemon=True)
-                    prober.start()
-                elif what == "facts":
-                    session.drain()
-                    sent_events = _flush(session, out, sent_events, skew)
-                    after = nodecheck.iptables_counters(node)
-                    out.send("facts", {"node": node.name,
-                                       "rule_hits": nodecheck.rule_hits(before, after),
-                                       "answers": [_facts(node, q) for q in cmd.get("queries", [])],
-                                       "locations": _locations(session)})
-                elif what in ("stop", "eof"):
-                    break
-                elif what == "bad":
-                    out.send("log", {"message": f"ignored unparsable command: {cmd['line']}"})
-            if prober is not None:
-                prober.join(timeout=30)
-            session.drain()
-            sent_events = _flush(session, out, sent_events, skew)
-            out.send("counters", session.counters())
-            out.send("clock", _clock())
+            runner = NodeRunner(NodeJob(addrs=req.addrs, tc=bool(devices), tc_devices=devices,
+                                        nodes={node.name: node}, netns=req.netns_filter,
+                                        sample=req.sample, budget=req.budget))
+            try:
+                runner.start(stop=gone)
+                sent_events = _trace(req, runner, node, local, cmds, out)
+            finally:
+                runner.close()
         except PodtraceError as exc:
             out.send("error", {"message": exc.line(), "exit_code": exc.exit_code})
             return exc.exit_code
         except KeyboardInterrupt:
             out.send("error", {"message": "agent interrupted"})
             return 130
-        finally:
-            if tc is not None:
-                tc.close()
-            session.close()
     out.send("end", {"node": node.name, "events": sent_events})
     return 0
 
 
-class _Guard:
-    """When the kernel starts refusing events for the budget, keep fewer packets instead:
-    double the (deterministic) sampling, and say so in the stream."""
+def _trace(req: request.AgentRequest, runner: NodeRunner, node: nodecheck.NodeRef, local: dict,
+           cmds: queue.Queue, out: _Out) -> int:
+    """The agent's side of the protocol around a started runner; the events sent."""
+    skew = testhooks.clock_skew_ns()
+    degraded = runner.degraded + [f"{f} (the tracepoints still see that device)" for f in runner.tc_failed]
+    out.send("hello", {"node": node.name, "pid": os.getpid(), "hooks": runner.hook_names,
+                       "degraded": degraded, "kernel": os.uname().release,
+                       "clock_domain": clock_domain(),
+                       "namespaces": local.get("namespaces", {}),
+                       "timings": runner.timings})
+    out.send("clock", _clock())
+    out.send("ready", {"node": node.name})
+    testhooks.die_after_ready()
+    prober: threading.Thread | None = None
+    deadline = time.monotonic() + req.max_seconds
+    last_flush = 0.0
+    sent = 0
+    while time.monotonic() < deadline:
+        runner.poll(int(FLUSH_S * 1000 / 2))
+        now = time.monotonic()
+        if now - last_flush >= FLUSH_S:
+            sent = _flush(runner, out, sent, skew)
+            last_flush = now
+            said = runner.guard(now)
+            if said:
+                out.send("log", {"message": f"{node.name}: {said}"})
+        try:
+            cmd = cmds.get_nowait()
+        except queue.Empty:
+            continue
+        what = cmd.get("cmd")
+        if what == "probe" and req.probe is not None and prober is None:
+            prober = threading.Thread(target=_probe, args=(req.probe, out, skew), daemon=True)
+            prober.start()
+        elif what == "facts":
+            runner.drain()
+            sent = _flush(runner, out, sent, skew)
+            after = runner.iptables_after()[node.name]
+            out.send("facts", {"node": node.name,
+                               "rule_hits": nodecheck.rule_hits(runner.iptables_before[node.name], after),
+                               "answers": [_facts(node, q) for q in cmd.get("queries", [])],
+                               "locations": {str(k): v for k, v in runner.drop_locations().items()}})
+        elif what in ("stop", "eof"):
+            break
+        elif what == "bad":
+            out.send("log", {"message": f"ignored unparsable command: {cmd['line']}"})
+    if prober is not None:
+        prober.join(timeout=30)
+    runner.drain()
+    sent = _flush(runner, out, sent, skew)
+    out.send("counters", runner.counters())
+    out.send("clock", _clock())
+    return sent
 
-    def __init__(self, session: TraceSession, out: _Out, node: str):
-        self.session, self.out, self.node = session, out, node
-        self.over = 0
-        self.next_check = 0.0
 
-    def check(self, now: float) -> None:
-        if now < self.next_check or not self.session.config.budget:
-            return
-        self.next_check = now + 1.0
-        over = self.session.counters().get("over_budget", 0)
-        if over > self.over and self.session.config.sample < 1024:
-            n = self.session.config.sample * 2
-            self.session.set_guard(n, self.session.config.budget)
-            self.out.send("log", {"message": f"{self.node}: over the event budget "
-                                  f"({self.session.config.budget}/s): now keeping 1 packet in {n}"})
-        self.over = over
-
-
-def _flush(session: TraceSession, out: _Out, sent: int, skew: int) -> int:
-    total = session.sink.count()
+def _flush(runner: NodeRunner, out: _Out, sent: int, skew: int) -> int:
+    total = runner.sink.count()
     if total > sent:
-        new = session.sink.since(sent)
+        new = runner.sink.since(sent)
         if skew:
             new = new.copy()
             new["ts_ns"] += skew
@@ -209,30 +210,22 @@ def _flush(session: TraceSession, out: _Out, sent: int, skew: int) -> int:
     return total
 
 
-def _discover(d: dict, node: str) -> dict:
+def _discover(d: request.Discovery, node: str) -> dict:
     """On a real node: this node's pods with their addresses (so the coordinator can name hops
     inside pods), the namespace of the probing pod, the namespaces to trace and the hop
     devices of the pods this trace involves (tracer.node.pods finds them)."""
     from tracer.node import pods as nodepods
 
-    local = nodepods.discover(node, d.get("pod_ips", []), d.get("node_ips", []))
+    local = nodepods.discover(node, d.pod_ips, d.node_ips)
     return {"namespaces": local.namespaces, "netns_by_ip": local.netns_by_ip, "devices": local.devices(),
             "netns_filter": local.netns_filter()}
 
 
-def _locations(session: TraceSession) -> dict[str, str | None]:
-    """Kernel symbols of the drop locations seen (kallsyms is this machine's)."""
-    arr = session.sink.array()
-    sym = session.symbolizer()
-    return {str(int(a)): sym(int(a)) for a in set(arr["location"][arr["hook"] == 3].tolist()) if a}
-
-
-def _probe(p: dict, out: _Out, skew: int) -> None:
+def _probe(p: request.ProbeRequest, out: _Out, skew: int) -> None:
     try:
-        results = probe.send(p["netns"], p["src"], p["dst"], p["proto"], p.get("port"), p["count"],
-                             p.get("timeout", 1.0), p.get("interval", 0.05), size=p.get("size"),
-                             sport=p.get("sport"))
-        time.sleep(p.get("settle", 0.05))
+        results = probe.send(p.netns, p.src, p.dst, p.proto, p.port, p.count, p.timeout, p.interval,
+                             size=p.size, sport=p.sport)
+        time.sleep(p.settle)
         docs = [r.as_json() for r in results]
         for d in docs:
             d["sent_ns"] += skew

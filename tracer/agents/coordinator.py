@@ -21,6 +21,7 @@ import pandas as pd
 
 from tracer.kernel import record as events
 from tracer.agents import wire
+from tracer.agents.request import AgentRequest
 from tracer.errors import EnvironmentProblem
 
 READY_TIMEOUT_S = 30
@@ -29,7 +30,37 @@ READY_TIMEOUT_S = 30
 @dataclass
 class AgentPlan:
     node: str
-    request: dict
+    request: dict | AgentRequest
+
+    @property
+    def wire(self) -> dict:
+        """The request as sent (a planner may hand over either form)."""
+        return self.request.to_wire() if isinstance(self.request, AgentRequest) else self.request
+
+
+@dataclass(frozen=True)
+class Hello:
+    """An agent's first report: what it traces with, on which kernel and clock."""
+
+    node: str
+    pid: int | None = None
+    hooks: list[str] = field(default_factory=list)
+    degraded: list[str] = field(default_factory=list)
+    kernel: str | None = None
+    clock_domain: str | None = None
+    namespaces: dict = field(default_factory=dict)     # inode → {"ips": [...], "host": bool}
+    timings: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_wire(cls, d: dict) -> "Hello":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known["node"] = str(known.get("node", ""))
+        for k, typ in (("hooks", list), ("degraded", list), ("namespaces", dict), ("timings", dict),
+                       ("pid", (int, type(None))), ("kernel", (str, type(None))),
+                       ("clock_domain", (str, type(None)))):
+            if k in known and not isinstance(known[k], typ):
+                raise ValueError(f"{k} has the wrong type")
+        return cls(**known)
 
 
 @dataclass
@@ -38,7 +69,7 @@ class AgentRun:
     proc: object = None
     frames: queue.Queue = field(default_factory=queue.Queue)
     chunks: list[np.ndarray] = field(default_factory=list)
-    hello: dict | None = None
+    hello: Hello | None = None
     ready: bool = False
     probes: list[dict] | None = None
     facts: dict | None = None
@@ -118,7 +149,10 @@ def _absorb(run: AgentRun, block: float = 0.0) -> None:
             run.failure = run.failure or f"the agent sent an unreadable {fr.kind} frame"
             continue
         if fr.kind == "hello":
-            run.hello = doc
+            try:
+                run.hello = Hello.from_wire(doc)
+            except (TypeError, ValueError) as exc:
+                run.failure = run.failure or f"the agent sent an unreadable hello frame ({exc})"
         elif fr.kind == "ready":
             run.ready = True
         elif fr.kind == "probes":
@@ -147,7 +181,7 @@ class Coordinator:
         try:
             for run in self.runs:
                 run.proc = self.transport.start(run.plan)
-                run.send(run.plan.request)
+                run.send(run.plan.wire)
                 threading.Thread(target=_reader, args=(run,), daemon=True).start()
         except BaseException:
             self.stop()      # agents already started must not outlive a failed start

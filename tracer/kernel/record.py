@@ -90,13 +90,13 @@ def c_defines() -> dict[str, int]:
     return {"EVENT_SIZE": EVENT_DTYPE.itemsize}
 
 
-def _categorical(col: np.ndarray, name_of) -> "pd.Categorical":
+def _categorical(col: np.ndarray, name_of, sort: bool = True) -> "pd.Categorical":
     """A column of few distinct values → categorical strings, converting each value once.
-    Categories in value order (what np.unique gave), found by hashing (pd.factorize), not by
-    sorting the whole column."""
+    Categories in value order (what np.unique gave; else in order of appearance), found by
+    hashing (pd.factorize), not by sorting the whole column."""
     import pandas as pd
 
-    codes, uniq = pd.factorize(col, sort=True)
+    codes, uniq = pd.factorize(col, sort=sort)
     names = [name_of(v) for v in uniq]
     if len(set(names)) != len(names):  # e.g. two byte strings decoding alike: fall back to plain
         return pd.Categorical(np.array(names, dtype=object)[codes])
@@ -126,8 +126,29 @@ def _names_categorical(col: np.ndarray) -> "pd.Categorical":
     return pd.Categorical.from_codes(codes, categories=names)
 
 
-def _ip_name(v) -> str:
-    return str(ipaddress.IPv4Address(int(v))) if v else ""
+IP_COLUMNS = ("saddr", "daddr", "outer_saddr", "outer_daddr", "ct_orig_src", "ct_orig_dst",
+              "ct_reply_src", "ct_reply_dst")
+
+
+def ip_categorical(col: np.ndarray, sort: bool = False) -> "pd.Categorical":
+    """uint32 IPv4 numbers → categorical dotted strings ("" for 0), each distinct value
+    converted once; categories in value order with `sort`, else in order of appearance."""
+    import pandas as pd
+
+    codes, uniq = pd.factorize(np.asarray(col), sort=sort)
+    uniq = np.asarray(uniq, dtype=np.uint32)
+    b = uniq.astype(">u4").view(np.uint8).reshape(-1, 4)
+    names = [f"{x[0]}.{x[1]}.{x[2]}.{x[3]}" if v else "" for v, x in zip(uniq.tolist(), b.tolist())]
+    return pd.Categorical.from_codes(codes.astype(np.int32), categories=names)
+
+
+def derived(cols, sort: bool = False) -> dict:
+    """The columns decoded from the raw record fields: address strings and hook names, as
+    categoricals. `cols` maps field names to native-order arrays (a dict or a DataFrame);
+    both the live frame (`to_frame`) and a loaded trace file take their derived columns here."""
+    out = {c + "_str": ip_categorical(np.asarray(cols[c]), sort) for c in IP_COLUMNS}
+    out["hook_name"] = _categorical(np.asarray(cols["hook"]), lambda h: HOOKS.get(int(h), f"hook{int(h)}"), sort)
+    return out
 
 
 def decode(buf: bytes | memoryview | np.ndarray) -> pd.DataFrame:
@@ -142,10 +163,7 @@ def to_frame(arr: np.ndarray) -> "pd.DataFrame":
     cols = {name: arr[name].astype(arr.dtype[name].newbyteorder("="))
             for name in arr.dtype.names if arr.dtype[name].kind in "ui"}
     cols["ifname"] = _names_categorical(arr["ifname"])
-    for col in ("saddr", "daddr", "outer_saddr", "outer_daddr", "ct_orig_src", "ct_orig_dst",
-                "ct_reply_src", "ct_reply_dst"):
-        cols[col + "_str"] = _categorical(cols[col], _ip_name)
-    cols["hook_name"] = _categorical(cols["hook"], lambda h: HOOKS.get(int(h), f"hook{int(h)}"))
+    cols.update(derived(cols, sort=True))
     return pd.DataFrame(cols, copy=False)     # one constructor: no column-by-column inserts
 
 

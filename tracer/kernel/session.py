@@ -54,58 +54,84 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts, dtype=events.EVENT_DTYPE)
 
 
-class _Sink:
-    """Copies each ring-buffer record straight into a preallocated numpy chunk: no Python
-    object per event beyond the callback frame BCC imposes."""
+class Sink:
+    """Where ring-buffer records land: numpy chunks filled in place (no Python object per
+    event beyond the callback frame BCC imposes). With a `limit`, at most that many events
+    wait to be taken: the poll stops there, and the kernel counts what no longer fits in the
+    ring buffer as lost, so a burst cannot grow memory."""
 
-    def __init__(self):
-        self.chunks: list[np.ndarray] = []
-        self._new_chunk()
+    def __init__(self, limit: int | None = None):
+        self.limit = limit
+        self.full: list[np.ndarray] = []   # filled chunks not yet taken
+        self.total = 0                     # events ever recorded
+        self.taken = 0                     # events handed out by take()
+        self._new()
 
-    def _new_chunk(self):
+    def _new(self):
         self.cur = np.zeros(_CHUNK, dtype=events.EVENT_DTYPE)
         self.base = self.cur.ctypes.data
         self.n = 0
-        self.chunks.append(self.cur)
+
+    def _roll(self):
+        if self.n == _CHUNK:
+            self.full.append(self.cur)
+            self._new()
 
     def __call__(self, ctx, data, size):
-        if self.n == _CHUNK:
-            self._new_chunk()
-        ctypes.memmove(self.base + self.n * events.EVENT_DTYPE.itemsize, data,
-                       events.EVENT_DTYPE.itemsize)
+        self._roll()
+        ctypes.memmove(self.base + self.n * events.EVENT_DTYPE.itemsize, data, events.EVENT_DTYPE.itemsize)
         self.n += 1
-        return 0
+        self.total += 1
+        return -1 if self.limit is not None and self.pending() >= self.limit else 0
 
     def room(self) -> np.ndarray:
-        """Where the next records go (the batch reader, tracer/ringbuf.py); `commit(n)` then."""
-        if self.n == _CHUNK:
-            self._new_chunk()
-        return self.cur[self.n:]
+        """Where the next records go (the batch reader, tracer/kernel/ringbuf.py); `commit(n)`
+        then. Empty once `limit` events wait."""
+        self._roll()
+        free = _CHUNK - self.n if self.limit is None else max(0, self.limit - self.pending())
+        return self.cur[self.n: self.n + free]
 
     def commit(self, n: int) -> None:
         self.n += n
+        self.total += n
+
+    def pending(self) -> int:
+        return len(self.full) * _CHUNK + self.n
+
+    def count(self) -> int:
+        return self.total
+
+    def take(self) -> list[np.ndarray]:
+        """The waiting events, handed over (and no longer held)."""
+        out, self.full = self.full, []
+        if self.n:
+            out.append(self.cur[: self.n].copy())
+            self.n = 0
+        self.taken = self.total
+        return out
 
     def array(self) -> np.ndarray:
-        return _concat(self.chunks[:-1] + [self.cur[: self.n]])
+        """Every event still held, in one array."""
+        return _concat(self.full + [self.cur[: self.n]])
 
     def since(self, n: int) -> np.ndarray:
         """Events recorded after the first `n` (copies only the chunks that hold them)."""
-        first = n // _CHUNK
+        skip = max(0, n - self.taken)
         parts = []
-        for i in range(first, len(self.chunks)):
-            chunk = self.chunks[i] if i < len(self.chunks) - 1 else self.cur[: self.n]
-            parts.append(chunk[n - i * _CHUNK:] if i == first else chunk)
+        for chunk in self.full + [self.cur[: self.n]]:
+            if skip >= len(chunk):
+                skip -= len(chunk)
+                continue
+            parts.append(chunk[skip:])
+            skip = 0
         return _concat(parts)
-
-    def count(self) -> int:
-        return (len(self.chunks) - 1) * _CHUNK + self.n
 
 
 @dataclass
 class TraceSession:
     config: SessionConfig
     loaded: bpfprog.Loaded | None = None
-    sink: _Sink = field(default_factory=_Sink)
+    sink: Sink = field(default_factory=Sink)
     timings: dict[str, float] = field(default_factory=dict)
     reader: ringbuf.RingReader | None = None
     traced: set[str] = field(default_factory=set)   # what `addrs` holds
@@ -271,13 +297,17 @@ class TraceSession:
 
 
 class TerminateAsInterrupt:
-    """Within this block SIGTERM raises KeyboardInterrupt, so `finally` cleanup runs for
-    SIGTERM exactly as for Ctrl-C."""
+    """Within this block SIGTERM and SIGHUP raise KeyboardInterrupt, so `finally` cleanup
+    runs for them exactly as for Ctrl-C (a closed terminal or session sends SIGHUP)."""
+
+    _SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
     def __enter__(self):
-        self._prev = None
+        self._prev: dict = {}
         if threading.current_thread() is threading.main_thread():
-            self._prev = signal.signal(signal.SIGTERM, self._raise)
+            for sig in self._SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:   # `nohup` keeps its meaning
+                    self._prev[sig] = signal.signal(sig, self._raise)
         return self
 
     @staticmethod
@@ -285,6 +315,6 @@ class TerminateAsInterrupt:
         raise KeyboardInterrupt
 
     def __exit__(self, *exc):
-        if self._prev is not None:
-            signal.signal(signal.SIGTERM, self._prev)
+        for sig, prev in self._prev.items():
+            signal.signal(sig, prev)
         return False

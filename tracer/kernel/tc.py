@@ -41,6 +41,9 @@ class Attachment:
     qdisc_added: bool
     pid: int = field(default_factory=os.getpid)
     start: int | None = field(default_factory=lambda: ownership.start_time(os.getpid()))
+    # the namespace's identity: `netns` None means the recorder's own namespace, which for an
+    # agent entered into a node's namespace (nsenter --net) is not the one `cleanup` runs in
+    netns_inode: int | None = None
 
     @property
     def name(self) -> str:
@@ -167,7 +170,7 @@ class TcAttacher:
             slot = self.next_slot
             self.next_slot += 1
             v = self.devs.Leaf()
-            v.inum = netns_inode(ns)
+            v.inum = inum = netns_inode(ns)
             v.name = dev.encode()[:15]
             self.devs[self.devs.Key(slot)] = v
             added = not _has_clsact(ipr, ifindex)   # added below, once recorded
@@ -180,7 +183,7 @@ class TcAttacher:
                     prio += 1
                 stub_fd = self.bpf.load_func(self._stub_name(slot, direction).encode(), self._sched_cls).fd
                 for at, fd in ((prio, stub_fd), (prio + 1, self.main_fd[direction])):
-                    att = Attachment(ns, dev, ifindex, direction, at, added)
+                    att = Attachment(ns, dev, ifindex, direction, at, added, netns_inode=inum)
                     # Recorded before the kernel call: a SIGKILL in between still leaves a
                     # trace for `podtrace cleanup`.
                     self.attached.append(att)
@@ -264,9 +267,12 @@ def cleanup(extra_netns: list[str] | None = None, scan: bool = True) -> list[str
         if _record_running(a):
             keep.append(a)
             continue
+        where = _where(a)
+        if where is _GONE:
+            continue            # its namespace is gone, and the filters with its devices
         name = (filter_name(a["direction"], a["pid"], a["start"], a["qdisc_added"])
                 if a.get("pid") and "start" in a else None)
-        done, pending = _remove(a["netns"], a["dev"], a["direction"], a["prio"], a["qdisc_added"], name=name)
+        done, pending = _remove(where, a["dev"], a["direction"], a["prio"], a["qdisc_added"], name=name)
         removed += done
         if pending:
             keep.append(a)      # its qdisc goes once the running podtrace's filters are gone
@@ -289,6 +295,30 @@ def cleanup(extra_netns: list[str] | None = None, scan: bool = True) -> list[str
     with _state_locked():
         _save_state([a for a in _load_state() if a not in handled])
     return sorted(set(removed))
+
+
+_GONE = object()
+
+
+def _where(a: dict):
+    """The namespace a record's device is in, as `_remove` takes it: its name, None for this
+    process's own, a /proc/PID/ns/net path for an unnamed one a process still holds (the
+    record of an agent that ran inside a node's namespace, read from outside it), or _GONE."""
+    if a.get("netns") is not None or a.get("netns_inode") is None:
+        return a.get("netns")
+    ino = a["netns_inode"]
+    if ino == netns_inode(None):
+        return None
+    for name in netns_mod.list_names():
+        with contextlib.suppress(OSError):
+            if netns_mod.inode(name) == ino:
+                return name
+    for d in os.scandir("/proc"):
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{d.name}/ns/net").st_ino == ino:
+                    return f"/proc/{d.name}/ns/net"
+    return _GONE
 
 
 def _record_running(a: dict) -> bool:

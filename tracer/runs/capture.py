@@ -16,9 +16,6 @@ timeline: never silent.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ipaddress
 import os
 import signal
 import threading
@@ -31,53 +28,20 @@ import numpy as np
 
 from tracer import settings, tracefile
 from tracer.kernel import program as bpfprog
-from tracer.kernel import record as events
 from tracer.cluster import inventory as k8s
-from tracer.cluster import endpoints
-from tracer.kernel import hooks as probes
 from tracer.kernel import formats as tracefs
 from tracer.errors import BadInput, EnvironmentProblem, PodtraceError
 from tracer.kernel.record import HOOK_IDS
+from tracer.kernel.session import Sink
+from tracer.runs.selection import Resolved, Selection, cluster_streams, resolve
 
-from tracer.kernel.contract import MAX_ADDRS, MAX_CIDRS, MAX_PORTS  # sizes of the kernel maps
-_CHUNK = 4096
+CaptureSink = Sink     # the capture's sink: the session's, with a limit of waiting events
+
 # Events waiting for a full row group reach the disk after at most this long (what a SIGKILL
 # can lose: the last FLUSH_S seconds, or one row group at high rates).
 FLUSH_S = 5.0
 # kfree_skb reasons of a socket's own cleanup (close, purge): not counted as drops live
 HOUSEKEEPING_DROPS = {"QUEUE_PURGE", "SOCKET_CLOSE"}
-
-
-@dataclass
-class Selection:
-    """What to capture, as the user said it. Empty: all pod traffic."""
-
-    pods: list[str] = field(default_factory=list)        # NS/POD or POD
-    namespaces: list[str] = field(default_factory=list)
-    services: list[str] = field(default_factory=list)    # NS/NAME, svc/NS/NAME or NAME
-    nodes: list[str] = field(default_factory=list)
-    cidrs: list[str] = field(default_factory=list)       # 10.244.1.0/24 or an address
-    ports: list[int] = field(default_factory=list)       # TCP/UDP port on either side
-    all_traffic: bool = False                            # every IPv4 packet
-
-    def empty(self) -> bool:
-        return not (self.pods or self.namespaces or self.services or self.nodes or self.cidrs
-                    or self.all_traffic)
-
-
-@dataclass
-class Resolved:
-    """The selection as the kernel filter takes it."""
-
-    addrs: list[str]
-    cidrs: list[str]
-    ports: list[int]
-    any_addr: bool
-    described: list[str]
-
-    def as_json(self) -> dict:
-        return {"addrs": self.addrs, "cidrs": self.cidrs, "ports": self.ports, "any_addr": self.any_addr,
-                "described": self.described}
 
 
 @dataclass
@@ -111,157 +75,7 @@ class CaptureResult:
 
 
 # ---------------------------------------------------------------------------------------
-# Selection
-
-def _net(spec: str) -> str:
-    try:
-        return str(ipaddress.IPv4Network(spec.strip(), strict=False))
-    except ValueError:
-        raise BadInput(f"{spec!r} is not an IPv4 address or CIDR", "e.g. 10.244.1.0/24 or 10.244.1.2") from None
-
-
-def _ns_of(spec: str) -> tuple[str, str]:
-    parts = spec.strip().split("/")
-    if parts[0] in ("svc", "service") and len(parts) == 3:
-        return parts[1], parts[2]
-    if len(parts) == 2 and all(parts):
-        return parts[0], parts[1]
-    if len(parts) == 1 and parts[0]:
-        return "default", parts[0]
-    raise BadInput(f"cannot parse Service {spec!r}", "use NAMESPACE/NAME, svc/NAMESPACE/NAME or NAME")
-
-
-def resolve(sel: Selection, inv: k8s.Inventory) -> Resolved:
-    """Names → addresses, CIDRs and ports. Unknown names are bad input, with close matches."""
-    import difflib
-
-    addrs: list[str] = []
-    cidrs: list[str] = []
-    said: list[str] = []
-    for spec in sel.pods:
-        ep = endpoints.resolve(spec, inv)
-        if ep.pod is None:
-            raise BadInput(f"--pod {spec}: not a pod", "give NAMESPACE/POD or POD")
-        addrs.append(ep.pod.ip)
-        said.append(f"pod {ep.pod.key} ({ep.pod.ip})")
-    for ns in sel.namespaces:
-        pods = [p for p in inv.pods.values() if p.namespace == ns and p.ip]
-        if not pods:
-            known = sorted({p.namespace for p in inv.pods.values()})
-            near = difflib.get_close_matches(ns, known, n=3, cutoff=0.5)
-            raise BadInput(f"no pods in namespace {ns}", f"did you mean {', '.join(near)}?" if near
-                           else f"namespaces with pods: {', '.join(known) or 'none'}")
-        addrs += [p.ip for p in pods]
-        said.append(f"namespace {ns} ({len(pods)} pods)")
-    for spec in sel.services:
-        ns, name = _ns_of(spec)
-        ep = endpoints.resolve(f"svc/{ns}/{name}", inv)
-        svc = ep.service
-        addrs += [svc.cluster_ip] + list(svc.backend_ips)
-        said.append(f"service {svc.key} ({svc.cluster_ip}, {len(svc.backend_ips)} backends)")
-    for name in sel.nodes:
-        node = inv.nodes.get(name)
-        if node is None:
-            ep = endpoints.resolve(f"node/{name}", inv)   # raises with close matches
-            node = ep.node
-        if node.pod_cidr:
-            cidrs.append(_net(node.pod_cidr))
-        else:
-            addrs += [p.ip for p in inv.pods.values() if p.node == node.name and p.ip]
-        if node.ip:
-            addrs.append(node.ip)
-        said.append(f"node {node.name} ({node.pod_cidr or 'its pods'}{', ' + node.ip if node.ip else ''})")
-    for c in sel.cidrs:
-        net = _net(c)
-        cidrs.append(net)
-        said.append(f"cidr {net}")
-    ports = sorted(set(sel.ports))
-    for p in ports:
-        if not 1 <= int(p) <= 65535:
-            raise BadInput(f"port {p} is out of range", "use a port between 1 and 65535")
-    any_addr = bool(sel.all_traffic)
-    if any_addr:
-        said.append("all IPv4 traffic")
-    elif sel.empty():
-        # all pod traffic: every node's pod CIDR (or every pod) and every Service VIP
-        node_cidrs = [_net(n.pod_cidr) for n in inv.nodes.values() if n.pod_cidr]
-        cidrs += node_cidrs
-        if not node_cidrs:
-            addrs += [p.ip for p in inv.pods.values() if p.ip]
-        addrs += [s.cluster_ip for s in inv.services.values() if s.cluster_ip]
-        said.append("all pod traffic (" + (", ".join(node_cidrs) if node_cidrs else f"{len(inv.pods)} pods")
-                    + f" and {sum(1 for s in inv.services.values() if s.cluster_ip)} Service IPs)")
-        if not cidrs and not addrs:
-            raise BadInput("no pods or Services known to select", "pass --cluster FILE or bring the lab up")
-    if ports:
-        said.append("ports " + ",".join(map(str, ports)))
-    addrs = sorted(set(a for a in addrs if a), key=lambda a: ipaddress.IPv4Address(a))
-    cidrs = sorted(set(cidrs), key=lambda c: ipaddress.IPv4Network(c))
-    if len(addrs) > MAX_ADDRS or len(cidrs) > MAX_CIDRS or len(ports) > MAX_PORTS:
-        raise BadInput(f"selection too large ({len(addrs)} addresses, {len(cidrs)} CIDRs, {len(ports)} ports)",
-                       f"the kernel filter holds {MAX_ADDRS} addresses, {MAX_CIDRS} CIDRs, {MAX_PORTS} ports; "
-                       "select by CIDR instead of many pods")
-    return Resolved(addrs, cidrs, ports, any_addr, said)
-
-
-# ---------------------------------------------------------------------------------------
 # Ring buffer → file
-
-class CaptureSink:
-    """The ring-buffer callback: copies records into numpy chunks, and stops the current
-    poll (by returning -1 after storing) once `limit` events wait, so a burst cannot grow
-    memory: the kernel then counts what does not fit in the ring buffer as lost."""
-
-    def __init__(self, limit: int = 2 * tracefile.ROW_GROUP_EVENTS):
-        self.limit = limit
-        self.full: list[np.ndarray] = []
-        self.total = 0
-        self._new()
-
-    def _new(self):
-        self.cur = np.zeros(_CHUNK, dtype=events.EVENT_DTYPE)
-        self.base = self.cur.ctypes.data
-        self.n = 0
-
-    def __call__(self, ctx, data, size):
-        if self.n == _CHUNK:
-            self.full.append(self.cur)
-            self._new()
-        ctypes.memmove(self.base + self.n * events.EVENT_DTYPE.itemsize, data, events.EVENT_DTYPE.itemsize)
-        self.n += 1
-        self.total += 1
-        return -1 if len(self.full) * _CHUNK + self.n >= self.limit else 0
-
-    def room(self) -> np.ndarray:
-        """Where the batch reader puts the next records: none once `limit` are waiting."""
-        if self.n == _CHUNK:
-            self.full.append(self.cur)
-            self._new()
-        free = self.limit - self.pending()
-        return self.cur[self.n: self.n + max(0, free)]
-
-    def commit(self, n: int) -> None:
-        self.n += n
-        self.total += n
-
-    def take(self) -> list[np.ndarray]:
-        out, self.full = self.full, []
-        if self.n:
-            out.append(self.cur[: self.n].copy())
-            self.n = 0
-        return out
-
-    def pending(self) -> int:
-        return len(self.full) * _CHUNK + self.n
-
-    # the TraceSession sink interface
-    def count(self) -> int:
-        return self.total
-
-    def array(self) -> np.ndarray:
-        parts = self.take()
-        return np.concatenate(parts, dtype=events.EVENT_DTYPE) if parts else np.zeros(0, dtype=events.EVENT_DTYPE)
-
 
 def _content_hash(a: np.ndarray) -> np.ndarray:
     """One 64-bit number per event from the fields that identify a packet (flows.KEY_COLS)."""
@@ -324,8 +138,10 @@ class Spool:
 
 
 class _Stop:
-    """SIGINT/SIGTERM end the capture normally (the file is finished and moved into place).
-    A second signal while finishing aborts (KeyboardInterrupt)."""
+    """SIGINT/SIGTERM/SIGHUP end the capture normally (the file is finished and moved into
+    place). A second signal while finishing aborts (KeyboardInterrupt)."""
+
+    _BY = {signal.SIGINT: "interrupt", signal.SIGTERM: "sigterm", signal.SIGHUP: "sighup"}
 
     def __init__(self, event: threading.Event | None):
         self.event = event or threading.Event()
@@ -334,14 +150,15 @@ class _Stop:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._prev[sig] = signal.signal(sig, self._handle)
+            for sig in self._BY:
+                if signal.getsignal(sig) is not signal.SIG_IGN:   # `nohup` keeps its meaning
+                    self._prev[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         if self.event.is_set():
             raise KeyboardInterrupt
-        self.by = "interrupt" if signum == signal.SIGINT else "sigterm"
+        self.by = self._BY.get(signum, "sigterm")
         self.event.set()
 
     def __exit__(self, *exc):
@@ -375,34 +192,6 @@ def _inventory(cfg: CaptureConfig):
             return inv, None, source
     view = sources.load(cfg.cluster, cfg.kubeconfig, cfg.context, cfg.lab_prefix)   # no API here: asked above
     return view.inv, view.topology, None
-
-
-def cluster_streams(sel: Selection) -> list:
-    """What a capture lists and watches in a cluster: only what the selection names (a
-    namespace's pods, Services and slices; a Service's own objects and its namespace's pods;
-    a node's pods), so memory follows the selection, not the cluster. CIDRs, --all and the
-    empty selection (all pod traffic) need every pod and Service to name what they catch."""
-    from tracer.cluster import api as kube
-
-    S = kube.Stream
-    if sel.all_traffic or sel.cidrs or sel.empty():
-        return kube.cluster_streams()
-    out = []
-    for spec in sel.pods:
-        parts = spec.split("/")
-        if len(parts) > 2 or not all(parts):
-            return kube.cluster_streams()     # resolve() says what is wrong with it
-        ns, name = parts if len(parts) == 2 else ("default", parts[0])
-        out.append(S("Pod", ns, field_selector=f"metadata.name={name}"))
-    for ns in sel.namespaces:
-        out += [S("Pod", ns), S("Service", ns), S("EndpointSlice", ns)]
-    for spec in sel.services:
-        ns, name = _ns_of(spec)
-        out += [S("Service", ns, field_selector=f"metadata.name={name}"),
-                S("EndpointSlice", ns, label_selector=f"{kube.SERVICE_NAME_LABEL}={name}"), S("Pod", ns)]
-    for name in sel.nodes:
-        out += [S("Node", field_selector=f"metadata.name={name}"), S("Pod", field_selector=f"spec.nodeName={name}")]
-    return list(dict.fromkeys(out))
 
 
 class _Membership:
@@ -476,7 +265,7 @@ def run_capture(cfg: CaptureConfig, progress: Callable[[dict], None] | None = No
 
 
 def _run(cfg: CaptureConfig, progress, stop, inv, topo, source) -> CaptureResult:
-    from tracer.kernel.session import SessionConfig, TraceSession
+    from tracer.runs.node import NodeJob, NodeRunner
     from tracer.runs.plan import placement as placement_of
 
     out = Path(cfg.output)
@@ -489,13 +278,13 @@ def _run(cfg: CaptureConfig, progress, stop, inv, topo, source) -> CaptureResult
         scope = local.scope
     drop_reasons = tracefs.drop_reasons()
     ct_names = bpfprog.ct_info_names()
-    hooks, degraded = probes.select(probes.detect(), tc=cfg.tc)
+    runner = NodeRunner(NodeJob(addrs=sel.addrs, tc=cfg.tc, tc_devices=topo.devices()[: bpfprog.TC_SLOTS] if (cfg.tc and topo) else [],
+                                netns=sorted(scope | {0}) if scope else None, match_either=True,
+                                ringbuf_pages=cfg.ringbuf_pages, cidrs=sel.cidrs, ports=sel.ports,
+                                any_addr=sel.any_addr, sink_limit=2 * cfg.row_group_events))
+    hooks, degraded = runner.hooks, runner.degraded
     notes = list(degraded)
-    sink = CaptureSink(limit=2 * cfg.row_group_events)
-    scfg = SessionConfig(addrs=sel.addrs, match_either=True, ringbuf_pages=cfg.ringbuf_pages, hooks=hooks,
-                         netns=sorted(scope | {0}) if scope else None, cidrs=sel.cidrs, ports=sel.ports,
-                         any_addr=sel.any_addr)
-    session = TraceSession(scfg, sink=sink)
+    sink, session = runner.sink, runner.session
     started_ns = time.time_ns()
     # What is known now goes into the file at once: a capture killed before it finishes is
     # still salvaged (`podtrace cleanup`) with its selection, cluster and placement.
@@ -514,23 +303,15 @@ def _run(cfg: CaptureConfig, progress, stop, inv, topo, source) -> CaptureResult
     spool = Spool(writer, scope, {k for k, v in drop_reasons.items() if v in HOUSEKEEPING_DROPS})
     say = progress or (lambda d: None)
     timeline: list[list] = []
-    tc = None
     stopper = _Stop(stop)
     stopped_by = "duration"
     finished = False
     members = None
     try:
         with stopper:
-            session.start()
+            runner.start(stop=stopper.event)
             if source is not None:
                 members = _Membership(source, cfg.selection, sel, session, local, spool)
-            if cfg.tc and topo and any(h.kind == "tc" for h in hooks):
-                from tracer.kernel import tc as tcattach
-
-                tcattach.cleanup(scan=False)
-                tc = tcattach.TcAttacher(session.loaded.bpf)
-                for ns_name, dev in topo.devices()[: bpfprog.TC_SLOTS]:
-                    tc.attach(ns_name, dev)
             t0 = time.monotonic()
             t0_mono_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)   # the clock of ts_ns
             next_report = t0
@@ -541,14 +322,14 @@ def _run(cfg: CaptureConfig, progress, stop, inv, topo, source) -> CaptureResult
                 if end is not None and now >= end:
                     break
                 wait = 0.1 if end is None else max(0.0, min(0.1, end - now))
-                session.poll(int(wait * 1000))
+                runner.poll(int(wait * 1000))
                 for chunk in sink.take():
                     spool.add(chunk)
                 now = time.monotonic()
                 if members is not None:
                     members.update(now - t0)
                 if now >= next_report or now >= next_sample:
-                    c = session.counters()
+                    c = runner.counters()
                     if now >= next_sample:
                         timeline.append([round(now - t0, 3), c["emitted"], c["lost"]])
                         next_sample = now + 1.0
@@ -560,18 +341,14 @@ def _run(cfg: CaptureConfig, progress, stop, inv, topo, source) -> CaptureResult
                 stopped_by = stopper.by
             elif stop is not None and stop.is_set():
                 stopped_by = "stopped"
-            session.drain()
+            runner.drain()
             for chunk in sink.take():
                 spool.add(chunk)
             elapsed = time.monotonic() - t0
-            counters = session.counters()
+            counters = runner.counters()
             timeline.append([round(elapsed, 3), counters["emitted"], counters["lost"]])
-            ksym = session.symbolizer()
-            locations = {str(a): ksym(a) for a in sorted(spool.locations)}
-            if tc is not None:
-                tc.close()
-                tc = None
-            session.close()
+            locations = {str(a): s for a, s in sorted(runner.symbols(spool.locations).items())}
+            runner.close()
             counters.update(events_written=spool.events, out_of_scope=spool.out_of_scope,
                             drops_seen=spool.drops)
             if counters.get("lost"):
@@ -590,10 +367,7 @@ def _run(cfg: CaptureConfig, progress, stop, inv, topo, source) -> CaptureResult
             path = writer.close(meta, counters)
             finished = True
     finally:
-        if tc is not None:
-            with contextlib.suppress(Exception):
-                tc.close()
-        session.close()
+        runner.close()
         if not finished:
             writer.abort()
     say(_live(elapsed, spool, counters, writer, cfg.duration, done=True))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
@@ -10,17 +9,16 @@ import pandas as pd
 
 from tracer.agents import agent as agent_mod
 from tracer.agents import coordinator
+from tracer import testhooks
 from tracer.reconstruct import diagnose
 from tracer.kernel import record as events
 from tracer.reconstruct import packets as flows
-from tracer.node import facts as nodecheck
 from tracer.node import prober as probe
-from tracer.kernel import hooks as probes
-from tracer.kernel import tc as tcattach
 from tracer.config import FlowConfig
 from tracer.runs.outcome import FlowResult, Traced, agent_evidence, finish, flow_input, local_evidence, recording_evidence
 from tracer.runs.plan import Plan, agent_plans, node_refs, prepare, tc_devices
-from tracer.kernel.session import SessionConfig, TerminateAsInterrupt, TraceSession
+from tracer.kernel.session import TerminateAsInterrupt
+from tracer.runs.node import NodeJob, NodeRunner
 
 
 def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> FlowResult:
@@ -41,72 +39,53 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
 
 
 def _trace_single(plan: Plan, say) -> Traced:
+    """The same node runner an agent wraps, run in this process for every node at once."""
     cfg, topo, src, dst = plan.cfg, plan.topology, plan.src, plan.dst
     say("loading BPF programs")
-    hooks, degraded = probes.select(probes.detect(), tc=cfg.tc)
+    refs = node_refs(topo)
     # On the lab, only the lab's namespaces: other labs on this machine reuse the same addresses.
-    session = TraceSession(SessionConfig(addrs=plan.addrs, hooks=hooks, sample=cfg.sample, budget=cfg.budget,
-                                         netns=sorted(plan.placement.netns) if topo else None))
-    tc = None
+    runner = NodeRunner(NodeJob(addrs=plan.addrs, tc=cfg.tc, tc_devices=tc_devices(topo, src, dst), nodes=refs,
+                                netns=sorted(plan.placement.netns) if topo else None,
+                                sample=cfg.sample, budget=cfg.budget))
     sent: list[probe.ProbeResult] = []
-    with TerminateAsInterrupt():
-        try:
-            session.start()
-            if any(h.kind == "tc" for h in hooks):
-                tcattach.cleanup(scan=False)   # what a killed run recorded
-                tc = tcattach.TcAttacher(session.loaded.bpf)
-                for ns_name, dev in tc_devices(topo, src, dst):
-                    tc.attach(ns_name, dev)
-            refs = node_refs(topo)
-            counters_before = {n: nodecheck.iptables_counters(r) for n, r in refs.items()}
-            t_tracing = time.monotonic()
-            if cfg.probe:
-                say(f"tracing: sending {cfg.count} {plan.proto} probe(s) {src.ip} → {dst.ip}"
-                    + (f":{plan.port}" if plan.port else ""))
-                sent = probe.send(src.pod.netns, src.ip, dst.ip, plan.proto, plan.port, cfg.count,
-                                  cfg.timeout, cfg.interval,
-                                  on_result=lambda r: (session.poll(0), say(f"probe {r.seq}: {r.outcome}")),
-                                  size=cfg.size, sport=cfg.sport)
-                time.sleep(cfg.settle)
-            else:
-                end = time.monotonic() + cfg.duration
-                while (left := end - time.monotonic()) > 0:
-                    n = session.poll(int(min(left, 0.2) * 1000))
-                    say(f"tracing: {n} events, {left:.1f}s left")
-            session.drain()
-            counters_after = {n: nodecheck.iptables_counters(r) for n, r in refs.items()}
-            counters = session.counters()
-            df = session.frame()
-            ksyms = session.symbolizer()
-            locations = {int(a): ksyms(int(a)) for a in df.loc[df["location"] != 0, "location"].unique()}
-        finally:
-            if tc is not None:
-                tc.close()
-            session.close()
-    evidence = local_evidence(topo, dst, refs, counters_before, counters_after)
-    return Traced(df, sent, counters, locations, [h.name for h in hooks], degraded,
-                   dict(session.timings), t_tracing, time.monotonic(), lambda packets: evidence)
+    with TerminateAsInterrupt(), runner:
+        t_tracing = time.monotonic()
+        if cfg.probe:
+            say(f"tracing: sending {cfg.count} {plan.proto} probe(s) {src.ip} → {dst.ip}"
+                + (f":{plan.port}" if plan.port else ""))
+            sent = probe.send(src.pod.netns, src.ip, dst.ip, plan.proto, plan.port, cfg.count,
+                              cfg.timeout, cfg.interval,
+                              on_result=lambda r: (runner.poll(0), say(f"probe {r.seq}: {r.outcome}")),
+                              size=cfg.size, sport=cfg.sport)
+            time.sleep(cfg.settle)
+        else:
+            end = time.monotonic() + cfg.duration
+            while (left := end - time.monotonic()) > 0:
+                n = runner.poll(int(min(left, 0.2) * 1000))
+                say(f"tracing: {n} events, {left:.1f}s left")
+        runner.drain()
+        counters_after = runner.iptables_after()
+        counters = runner.counters()
+        df = runner.session.frame()
+        locations = runner.symbols(df.loc[df["location"] != 0, "location"].unique())
+    evidence = local_evidence(topo, dst, refs, runner.iptables_before, counters_after)
+    return Traced(df, sent, counters, locations, runner.hook_names, runner.degraded,
+                   dict(runner.timings), t_tracing, time.monotonic(), lambda packets: evidence)
 
 
 def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
     cfg, src = plan.cfg, plan.src
     plans = plans if plans is not None else agent_plans(plan)
-    skews: dict[str, dict[str, str]] = {}
-    for item in filter(None, os.environ.get("PODTRACE_TEST_AGENT_SKEW", "").split(",")):
-        node, ns_ = item.split("=")   # tests only: pretend a node's clock is off
-        skews.setdefault(node, {})["PODTRACE_AGENT_CLOCK_SKEW_NS"] = ns_
-    for node in filter(None, os.environ.get("PODTRACE_TEST_AGENT_DIE", "").split(",")):
-        skews.setdefault(node, {})["PODTRACE_AGENT_DIE_AFTER_READY"] = "1"   # tests only
     say(f"starting {len(plans)} agent(s): {', '.join(p.node for p in plans)}")
     sent: list[probe.ProbeResult] = []
     problems: list[str] = []
     notes: list[str] = []
-    transport = transport or coordinator.LocalTransport(skews)
+    transport = transport or coordinator.LocalTransport(testhooks.agent_env())
     with TerminateAsInterrupt(), coordinator.Coordinator(plans, transport) as co:
         co.wait_ready()
         _placement_from_agents(plan, co)
         t_tracing = time.monotonic()
-        prober = next((r for r in co.runs if r.plan.request.get("probe")), None)
+        prober = next((r for r in co.runs if r.plan.wire.get("probe")), None)
         if cfg.probe and prober is not None:
             say(f"tracing: sending {cfg.count} {plan.proto} probe(s) {src.ip} → {plan.dst.ip}")
             co.run(prober.plan.node, {"cmd": "probe"})
@@ -151,9 +130,9 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
         for k, v in ((r.facts or {}).get("locations") or {}).items():
             locations[int(k)] = v
         if r.hello:
-            hooks = hooks or r.hello.get("hooks", [])
-            degraded = degraded or r.hello.get("degraded", [])
-            timings.setdefault("agent_start_s", {})[r.plan.node] = round(r.hello.get("timings", {}).get("start_s", 0), 4)
+            hooks = hooks or r.hello.hooks
+            degraded = degraded or r.hello.degraded
+            timings.setdefault("agent_start_s", {})[r.plan.node] = round(r.hello.timings.get("start_s", 0), 4)
     facts = {r.plan.node: r.facts for r in co.runs if r.facts}
 
     def evidence(packets):
@@ -165,7 +144,7 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
 def _placement_from_agents(plan: Plan, co: coordinator.Coordinator) -> None:
     """On a real node the agent reports its namespaces and their addresses; name them."""
     for r in co.runs:
-        for ino, info in ((r.hello or {}).get("namespaces") or {}).items():
+        for ino, info in (r.hello.namespaces if r.hello else {}).items():
             ino = int(ino)
             if ino in plan.placement.netns:
                 continue
@@ -185,7 +164,7 @@ def _merge(co: coordinator.Coordinator, plan: Plan) -> tuple[pd.DataFrame, dict]
     df["ts_ns"] = df["ts_ns"].astype("int64")   # offsets may be negative
     df = flows.assign_packets(df)
     names = [r.plan.node for r in co.runs]
-    ref = next((i for i, r in enumerate(co.runs) if r.plan.request.get("probe")), 0)
+    ref = next((i for i, r in enumerate(co.runs) if r.plan.wire.get("probe")), 0)
     src_ip = plan.src.ip
 
     def direction(g):
@@ -194,7 +173,7 @@ def _merge(co: coordinator.Coordinator, plan: Plan) -> tuple[pd.DataFrame, dict]
         if (g["daddr_str"] == src_ip).any():
             return "reply"
         return None
-    domains = {i: (r.hello or {}).get("clock_domain") for i, r in enumerate(co.runs)}
+    domains = {i: r.hello.clock_domain if r.hello else None for i, r in enumerate(co.runs)}
     offsets = coordinator.estimate_offsets(df, ref, direction, domains)
     # Agents sharing a clock domain with an estimated agent get its offset too.
     for i, d in domains.items():

@@ -204,4 +204,4 @@ def agent_requests(plan: Plan) -> list[AgentRequest]:
 
 def agent_plans(plan: Plan) -> list[coordinator.AgentPlan]:
     """The coordinator's view of agent_requests(): the requests as they go on the wire."""
-    return [coordinator.AgentPlan(r.node, r.to_wire()) for r in agent_requests(plan)]
+    return [coordinator.AgentPlan(r.node, r) for r in agent_requests(plan)]

@@ -1,0 +1,186 @@
+"""The lifecycle of one trace on one node, from hook selection to the release of every kernel object.
+
+`NodeRunner` is the only place that starts a trace session, attaches the tc observers
+(first removing what a killed run recorded), reads the iptables counters before and after,
+polls and drains the ring buffer, guards the event budget, names drop locations and closes.
+`flow` runs it in-process (single-process mode), `podtrace agent` wraps it in the wire
+protocol, `capture` drains its sink into a trace file.
+
+It lives under runs/ rather than agents/ because two of its three users (`flow` single mode,
+`capture`) are not agents; it imports nothing from agents/ or cluster/, so the agent can use
+it without a cycle.
+
+Closing is the one cleanup path: it runs from `finally` for a normal end, for Ctrl-C, and for
+SIGTERM/SIGHUP (turned into KeyboardInterrupt by `TerminateAsInterrupt`), and while it runs
+those signals are held back so that a second one cannot cut the removal of tc filters short.
+What SIGKILL leaves (the tc filters, each recorded before it exists) is removed by the next
+run's `start` or by `podtrace cleanup`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+from tracer.kernel import hooks as probes
+from tracer.kernel import tc as tcattach
+from tracer.kernel.session import SessionConfig, Sink, TraceSession
+from tracer.node import facts as nodecheck
+
+
+@dataclass
+class NodeJob:
+    """What one node traces."""
+
+    addrs: list[str]
+    tc: bool = False                                        # tc observers wanted (hook selection)
+    tc_devices: list[tuple[str | None, str]] = field(default_factory=list)   # where they go
+    nodes: dict[str, nodecheck.NodeRef] = field(default_factory=dict)        # iptables counters of these
+    netns: list[int] | None = None                          # namespace inodes to keep events from
+    sample: int = 1
+    budget: int = 0
+    match_either: bool = False
+    ringbuf_pages: int = 1024
+    cidrs: list[str] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)
+    any_addr: bool = False
+    sink_limit: int | None = None                           # events waiting at most (capture)
+
+
+class NodeRunner:
+    """One node's trace: `start()`, then `poll()`/`drain()`, then `close()` (always, also
+    on error: it is idempotent and safe before `start`)."""
+
+    def __init__(self, job: NodeJob):
+        self.job = job
+        self.hooks, self.degraded = probes.select(probes.detect(), tc=job.tc)
+        self.sink = Sink(job.sink_limit)
+        self.session = TraceSession(SessionConfig(
+            addrs=job.addrs, hooks=self.hooks, netns=job.netns, sample=job.sample, budget=job.budget,
+            match_either=job.match_either, ringbuf_pages=job.ringbuf_pages, cidrs=job.cidrs,
+            ports=job.ports, any_addr=job.any_addr), sink=self.sink)
+        self.tc: tcattach.TcAttacher | None = None
+        self.tc_failed: list[str] = []
+        self.iptables_before: dict[str, nodecheck.RuleCounters] = {}
+        self._over = 0
+        self._next_guard = 0.0
+        self._closed = False
+
+    @property
+    def hook_names(self) -> list[str]:
+        return [h.name for h in self.hooks]
+
+    @property
+    def timings(self) -> dict:
+        return self.session.timings
+
+    def start(self, stop: threading.Event | None = None) -> "NodeRunner":
+        """Load, filter, attach; read the counters before. With `stop` set meanwhile (the
+        coordinator went away, the user asked to stop), no further device is attached: the
+        caller sees the stop and closes."""
+        try:
+            self.session.start()
+            if self.job.tc_devices and any(h.kind == "tc" for h in self.hooks):
+                tcattach.cleanup(scan=False)   # what a killed run recorded
+                self.tc = tcattach.TcAttacher(self.session.loaded.bpf)
+                for ns_name, dev in self.job.tc_devices:
+                    if stop is not None and stop.is_set():
+                        break
+                    self.tc.attach(ns_name, dev)
+                self.tc_failed = list(self.tc.failed)
+            self.iptables_before = {n: nodecheck.iptables_counters(r) for n, r in self.job.nodes.items()}
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def poll(self, timeout_ms: int) -> int:
+        return self.session.poll(timeout_ms)
+
+    def drain(self) -> None:
+        self.session.drain()
+
+    def counters(self) -> dict[str, int]:
+        return self.session.counters()
+
+    def iptables_after(self) -> dict[str, nodecheck.RuleCounters]:
+        return {n: nodecheck.iptables_counters(r) for n, r in self.job.nodes.items()}
+
+    def symbols(self, addrs) -> dict[int, str | None]:
+        """Kernel symbols ("function+0xoff") of drop locations, from this machine's kallsyms."""
+        sym = self.session.symbolizer()
+        return {int(a): sym(int(a)) for a in addrs if int(a)}
+
+    def drop_locations(self) -> dict[int, str | None]:
+        """The symbols of every drop location among the events the sink still holds."""
+        from tracer.kernel.record import HOOK_IDS
+
+        arr = self.sink.array()
+        return self.symbols(set(arr["location"][arr["hook"] == HOOK_IDS["drop"]].tolist()))
+
+    def guard(self, now: float) -> str | None:
+        """When the kernel starts refusing events for the budget, keep fewer packets instead:
+        double the (deterministic) sampling. Checked at most once a second; returns what to
+        tell the user when the sampling changed."""
+        cfg = self.session.config
+        if now < self._next_guard or not cfg.budget:
+            return None
+        self._next_guard = now + 1.0
+        over = self.counters().get("over_budget", 0)
+        said = None
+        if over > self._over and cfg.sample < 1024:
+            n = cfg.sample * 2
+            self.session.set_guard(n, cfg.budget)
+            said = f"over the event budget ({cfg.budget}/s): now keeping 1 packet in {n}"
+        self._over = over
+        return said
+
+    def close(self) -> None:
+        """Remove the tc filters, then release the session; once, whatever happened before."""
+        if self._closed:
+            return
+        self._closed = True
+        with held_signals():
+            try:
+                if self.tc is not None:
+                    tc, self.tc = self.tc, None
+                    tc.close()
+            finally:
+                self.session.close()
+
+    def __enter__(self) -> "NodeRunner":
+        return self.start()
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+
+_HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def held_signals():
+    """SIGINT/SIGTERM/SIGHUP wait until the block is done, then act as they would have (a
+    signal handler would otherwise raise in the middle of removing tc filters)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    prev = {s: signal.signal(s, lambda n, f: got.append(n)) for s in _HELD}
+    try:
+        yield
+    finally:
+        for s, h in prev.items():
+            signal.signal(s, h)
+        if got:
+            h = prev[got[0]]
+            if callable(h):
+                h(got[0], None)
+            elif h == signal.SIG_DFL:
+                os.kill(os.getpid(), got[0])
+                time.sleep(0.1)   # the default action (termination) lands here
