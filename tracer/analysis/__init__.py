@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 
 from tracer import tracefile
-from tracer.reconstruct import diagnose
+from tracer.reconstruct import diagnose, evidence
+from tracer.reconstruct.evidence import Evidence
 from tracer.reconstruct import packets as flows
 from tracer.cluster import inventory as k8s
 from tracer.kernel.record import ENCAP, FLAG_FOLLOWED, HOOK_IDS, HOOKS, PROTOS
@@ -142,6 +143,9 @@ def analyse(events: pd.DataFrame, meta: dict, mode: str = "auto") -> Trace:
     else:
         packets, hops = reconstruct_vectorised(events, meta)
         used = "capture"
+    # the verdict under the names `flow -o json` gives it
+    for name, col in (("node", "verdict_node"), ("dev", "verdict_dev"), ("point", "verdict_point")):
+        packets[name] = packets[col]
     fl = flow_table(packets, meta)
     if len(packets):
         packets["flow"] = fl.attrs.pop("packet_flow")
@@ -203,12 +207,11 @@ def reconstruct(events: pd.DataFrame, meta: dict) -> list[dict]:
     shape), with the causes that need no live node (stale DNAT, un-reversed replies)."""
     fi = _flow_input(meta)
     packets = flows.build_packets(events, fi)
-    svc = fi.dst.service
-    ev = diagnose.Evidence(facts=lambda node, packet: None, vip=svc.cluster_ip if svc else None,
-                           service=svc.key if svc else None,
-                           backends=list(svc.backend_ips) if svc else [])
-    for p in packets:
-        diagnose.explain(p, ev)
+    if isinstance(meta.get("evidence"), dict):
+        # the evidence the live run judged with: the same causes as its `-o json`
+        return diagnose.judge(packets, Evidence.from_json(meta["evidence"]))
+    packets = diagnose.judge(packets, evidence.service_evidence(fi.dst.service))
+    for p in packets:   # files written before the evidence was saved: no node facts to show
         p["verdict"].get("evidence", {}).pop("node_facts", None)
     return packets
 
