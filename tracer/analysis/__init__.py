@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from tracer import tracefile
-from tracer.reconstruct import diagnose, evidence
+from tracer.reconstruct import diagnose, drops, evidence
 from tracer.reconstruct.evidence import Evidence
 from tracer.reconstruct import packets as flows
 from tracer.cluster import inventory as k8s
@@ -332,23 +332,6 @@ def _lookup(keys: np.ndarray, table: dict, default=None) -> np.ndarray:
     return vals[codes]
 
 
-def _ip_targets(meta: dict, placement: dict) -> dict[int, int]:
-    """Destination address → the network namespace (inode) where it lives, when this
-    machine has it: pods (and the Service backends among them) and nodes."""
-    pod_ns = {pod: ino for ino, (node, pod) in placement.items() if pod}
-    node_ns = {node: ino for ino, (node, pod) in placement.items() if node and not pod}
-    out: dict[int, int] = {}
-    for n in meta.get("nodes") or []:
-        ino = n.get("netns_inode") or node_ns.get(n.get("name"))
-        if n.get("ip") and ino:
-            out[_ip_num(n["ip"])] = int(ino)
-    for p in meta.get("pods") or []:
-        ino = p.get("netns_inode") or pod_ns.get(p.get("key"))
-        if p.get("ip") and ino:
-            out[_ip_num(p["ip"])] = int(ino)
-    return out
-
-
 def _by_ip(meta: dict) -> tuple[dict[int, str], dict[int, str]]:
     """(address → pod key, address → Service key for VIPs and backends' addresses are not
     Services: only cluster IPs)."""
@@ -384,6 +367,12 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
     ifcats = np.asarray(events["ifname"].cat.categories if hasattr(events["ifname"], "cat")
                         else pd.factorize(events["ifname"].to_numpy()[order])[1], dtype=object)
     hook = c["hook"].astype(np.int64)
+    home = drops.homes(meta)
+    # drops that are no packet dropped on its way (drops.counted, the live count's rule too)
+    # end their packet like a consume
+    hk = drops.housekeeping_codes(meta.get("drop_reasons") or {})
+    hook = np.where((hook == _DROP) & ~drops.counted(hook, c["reason"], c["netns"], c["daddr"], hk, home),
+                    _CONSUME, hook)
     is_free = (hook == _DROP) | (hook == _CONSUME)
     hop_idx = np.flatnonzero(~is_free)
 
@@ -496,7 +485,7 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
     last_hop_pos = np.zeros(n_all, dtype=np.int64)
     last_hop_pos[pkts_with] = ends
 
-    ip_target = _ip_targets(meta, placement)
+    ip_target = home
     final_dst = c["daddr"][last_row].astype(np.int64)
     target = _lookup(final_dst, ip_target, 0).astype(np.int64)
     target_here = (target != 0) & np.isin(target, np.fromiter(placement, dtype=np.int64, count=len(placement)))
