@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -34,11 +33,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tracer import settings, testhooks
+from tracer import testhooks
 from tracer.kernel import record as events
 from tracer.errors import BadInput
+from tracer.tracemeta import FORMAT_VERSION, cluster_meta, finish_meta, host_meta
 
-FORMAT_VERSION = 2
+__all__ = ["FORMAT_VERSION", "META_KEY", "ROW_GROUP_EVENTS", "TraceFileError", "Writer", "cluster_meta",
+           "host_meta", "load", "read_meta", "salvage", "salvage_writer", "save"]
+
 META_KEY = b"podtrace"
 ROW_GROUP_EVENTS = 65536
 
@@ -104,104 +106,6 @@ def batch_from_frame(df: pd.DataFrame, extra: tuple[str, ...] = ()) -> pa.Record
 
 
 # ---------------------------------------------------------------------------------------
-# Metadata
-
-def host_meta() -> dict:
-    """What every file records about where it was made: kernel, host, clocks."""
-    u = os.uname()
-    mono = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-    return {
-        "kernel": {"release": u.release, "version": u.version, "machine": u.machine},
-        "hostname": socket.gethostname(),
-        # ts_ns is bpf_ktime_get_ns() (CLOCK_MONOTONIC of the kernel that saw the event);
-        # realtime = ts_ns + realtime_offset_ns. Every lab node shares this machine's kernel,
-        # so their offsets to the trace clock are 0; merged traces of real nodes will fill
-        # node_offsets_ns per node.
-        "clock": {"source": "CLOCK_MONOTONIC (bpf_ktime_get_ns)",
-                  "realtime_offset_ns": time.time_ns() - mono, "node_offsets_ns": {}},
-    }
-
-
-def cluster_meta(inv, topo=None, placement: dict | None = None) -> dict:
-    """Nodes, pods and Services of an inventory (k8s.Inventory), with the network-namespace
-    inode of each when this machine has it (a cluster.topology.Topology: the lab)."""
-    from tracer.node import netns
-
-    ns_of_pod = {p.key: p.netns for p in (topo.pods if topo else ())}
-    ns_of_node = {n.name: n.netns for n in (topo.nodes if topo else ())}
-
-    def inode(name):
-        try:
-            return netns.inode(name) if name and netns.exists(name) else None
-        except OSError:
-            return None
-
-    out = {
-        "nodes": [{"name": n.name, "ip": n.ip, "pod_cidr": n.pod_cidr,
-                   "netns_inode": inode(ns_of_node.get(n.name))} for n in inv.nodes.values()],
-        "pods": [{"key": p.key, "namespace": p.namespace, "name": p.name, "node": p.node, "ip": p.ip,
-                  "netns_inode": inode(ns_of_pod.get(p.key))} for p in inv.pods.values()],
-        "services": [{"key": s.key, "namespace": s.namespace, "name": s.name, "cluster_ip": s.cluster_ip,
-                      "ports": s.ports, "backends": s.backends, "backend_ips": s.backend_ips}
-                     for s in inv.services.values()],
-        "inventory": inv.source,
-    }
-    if topo is not None and topo.labels:
-        out["lab"] = {"prefix": topo.labels.get("prefix"), "cni": topo.labels.get("cni")}
-        for n in out["nodes"]:
-            ln = topo.node(n["name"])
-            for k in ("uplink", "overlay", "bridge", "overlay_ip"):
-                if ln is not None and getattr(ln, k):
-                    n[k] = getattr(ln, k)
-    if placement is not None:
-        out["clock_nodes"] = sorted({v[0] for v in placement.values() if v[0]})
-    return out
-
-
-def _infer_cluster(meta: dict) -> dict:
-    """For `flow --save`, whose caller passes only its own metadata: the cluster it traced,
-    from the lab (inventory source "lab PREFIX") or the --cluster file it names."""
-    from tracer.cluster import inventory as k8s
-    from tracer.cluster import sources, topology
-
-    src = str(meta.get("inventory") or "")
-    try:
-        if src.startswith("lab"):
-            topo = topology.load_local(src[3:].strip() or settings.lab_prefix())
-            if topo is not None:
-                return cluster_meta(sources.topology_inventory(topo), topo)
-        elif src and src != "none" and Path(src).is_file():
-            return cluster_meta(k8s.load_list(src))
-    except (BadInput, OSError, ValueError, KeyError):
-        pass  # the trace is still complete without names; never fail a save over them
-    return {}
-
-
-def _finish_meta(meta: dict, counters: dict | None = None) -> dict:
-    out = {**meta}
-    out["format_version"] = FORMAT_VERSION
-    out.setdefault("kind", "flow" if "src" in out else "capture")
-    for k, v in host_meta().items():
-        out.setdefault(k, v)
-    if "nodes" not in out:
-        out.update({k: v for k, v in _infer_cluster(out).items() if k not in out})
-    clock = out["clock"] = dict(out["clock"] or {})
-    offsets = dict(clock.get("node_offsets_ns") or {})
-    for name, o in (clock.get("offsets") or {}).items():   # flow's agents: estimated offsets
-        if isinstance(o, dict) and "offset_ns" in o:
-            offsets.setdefault(name, int(o["offset_ns"]))
-    for n in out.get("nodes") or []:
-        offsets.setdefault(n["name"], 0)
-    clock["node_offsets_ns"] = offsets
-    clock.setdefault("source", "CLOCK_MONOTONIC (bpf_ktime_get_ns)")
-    if counters is not None:
-        out["counters"] = counters
-    out.setdefault("counters", {})
-    out.setdefault("hooks", [])
-    return out
-
-
-# ---------------------------------------------------------------------------------------
 # Writing
 
 class Writer:
@@ -239,7 +143,7 @@ class Writer:
         if not self.path.parent.is_dir():
             raise BadInput(f"cannot write {self.path}: directory {self.path.parent} does not exist",
                            "create it or choose another path")
-        head = _finish_meta(self.start_meta)
+        head = finish_meta(self.start_meta)
         head.setdefault("row_group_events", row_group_events)   # for the salvage's row groups
         head.update(incomplete=True, write_id=self.write_id,
                     incomplete_reason=f"unfinished: {self.tmp.name} is being written, or its writer "
@@ -316,7 +220,7 @@ class Writer:
         self._flush()
         self._w.close()
         self._sink.close()
-        full = _finish_meta({**self.start_meta, **meta}, counters)
+        full = finish_meta({**self.start_meta, **meta}, counters)
         full["write_id"] = self.write_id
         stream = _Stream(self.tmp)
         rows, groups = _stream_to_parquet(stream, self.final_tmp, lambda n, g: full, self.compression,

@@ -12,11 +12,15 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from tests.integration.lab_fixture import private_lab
+from tracer import analysis
+from tracer.node import prober as probe
+from tracer.runs import capture
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = os.environ.get("PODTRACE_TEST_LAB_PREFIX", "pttest") + "dg"
@@ -56,16 +60,33 @@ def cli(*args, timeout=90, mode=None):
                           env=env, timeout=timeout, cwd=ROOT)
 
 
+VERDICT = ["direction", "seq", "status", "node", "dev", "point", "reason", "cause", "runbook"]
+
+
+def live_verdicts(doc: dict) -> list[tuple]:
+    return [tuple(p[k] if k in ("direction", "seq") else p["verdict"].get(k) for k in VERDICT)
+            for p in doc["packets"]]
+
+
+def offline_verdicts(path) -> list[tuple]:
+    t = analysis.load(path)
+    rows = t.packets[VERDICT].astype(object)
+    return [tuple(r) for r in rows.where(rows.notna(), None).itertuples(index=False)]
+
+
 @pytest.mark.parametrize("scenario,args,direction,node,cause,reason", CASES, ids=[c[0] for c in CASES])
-def test_scenario(dlab, scenario, args, direction, node, cause, reason):
+def test_scenario(dlab, scenario, args, direction, node, cause, reason, tmp_path):
     extra = ["--timeout", "0.6"]
+    saved = tmp_path / "flow.parquet"
     broke = cli("lab", "break", scenario)
     assert broke.returncode == 0, broke.stderr
     try:
         # the failure through the agents, as on a cluster (facts asked from each node's agent)
-        res = cli("flow", *args, *extra, "-o", "json", mode="agents")
+        res = cli("flow", *args, *extra, "-o", "json", "--save", str(saved), mode="agents")
         assert res.returncode == 3, res.stdout[-2000:] + res.stderr
         doc = json.loads(res.stdout)
+        # the saved trace, judged offline, says what the live run said, packet by packet
+        assert offline_verdicts(saved) == live_verdicts(doc)
         assert doc["verdict"]["status"] == "failed"
         caused = [p for p in doc["packets"] if p["direction"] == direction and p["verdict"].get("cause")]
         assert caused, json.dumps([p["verdict"] for p in doc["packets"]], indent=1)
@@ -82,3 +103,37 @@ def test_scenario(dlab, scenario, args, direction, node, cause, reason):
         assert fixed.returncode == 0, fixed.stderr
     res = cli("flow", *args, "-o", "json")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+
+
+def test_capture_drops_live_equal_analyze(dlab, tmp_path):
+    """A capture of a drop fault counts, while it runs, the drops `analyze` finds in its file."""
+    src = next(p for p in dlab["pods"] if p["name"] == "pod-1-1")
+    dst = next(p for p in dlab["pods"] if p["name"] == "pod-2-1")
+    near = next(p for p in dlab["pods"] if p["name"] == "pod-1-2")
+    broke = cli("lab", "break", "netpol-drop")
+    assert broke.returncode == 0, broke.stderr
+    tracing = threading.Event()
+
+    def send():
+        if tracing.wait(60):
+            # answered pings: the kernel frees each echo reply in the client after delivery
+            # with NO_SOCKET (the prober's raw socket took a copy): no drop on the way
+            probe.send(src["netns"], src["ip"], near["ip"], "icmp", None, 6, 0.2, 0.05)
+            probe.send(src["netns"], src["ip"], dst["ip"], "icmp", None, 6, 0.2, 0.05)
+            probe.send(src["netns"], src["ip"], dst["ip"], "udp", 8080, 6, 0.2, 0.05)
+    th = threading.Thread(target=send, daemon=True)
+    th.start()
+    try:
+        cfg = capture.CaptureConfig(capture.Selection(), str(tmp_path / "cap.parquet"),
+                                    duration=4.0, lab_prefix=PREFIX)
+        res = capture.run_capture(cfg, progress=lambda d: tracing.set())
+    finally:
+        tracing.set()
+        th.join(timeout=60)
+        fixed = cli("lab", "fix", "netpol-drop")
+        assert fixed.returncode == 0, fixed.stderr
+    t = analysis.load(res.path)
+    assert 10 <= res.drops == t.summary()["dropped"], (res, t.drops)
+    assert t.summary()["delivered"] >= 12    # the answered pings, there and back
+    hit = t.drops[(t.drops["reason"] == "NETFILTER_DROP") & (t.drops["node"] == "node-2")]
+    assert int(hit["count"].sum()) >= 10, t.drops

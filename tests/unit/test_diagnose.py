@@ -4,12 +4,14 @@ The evidence here is written by hand in the shape nodecheck.facts() returns; the
 scenario tests feed the same rules with evidence read from real namespaces.
 """
 
+import copy
 import re
 from pathlib import Path
 
 import pytest
 
 from tracer.reconstruct import diagnose
+from tracer.reconstruct.evidence import Evidence, fact_query
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,15 +43,40 @@ def facts(**over):
 
 
 def ev(f=None, **kw):
-    return diagnose.Evidence(facts=lambda node, p: f, **kw)
+    """Evidence whose every node answers `f` (bound to a packet by `cause`)."""
+    return f, kw
+
+
+def bind(p, e):
+    f, kw = e
+    nodes = {h["node"] for h in p["hops"]} | {p["verdict"]["node"]}
+    answers = {n: [{"query": fact_query(n, p), "facts": f}] for n in nodes if n and f is not None}
+    return Evidence(answers=answers, **kw)
 
 
 VTEP = {"10.244.2.0": {"node": "node-2", "mac": "0e:00:00:00:00:02", "ip": "172.30.0.12"}}
 
 
+class Recording(Evidence):
+    """Evidence that notes every fact lookup, to hold facts_needed to what explain asks."""
+
+    def facts(self, node, packet):
+        ASKED.setdefault(node, []).append(fact_query(node, packet))
+        return super().facts(node, packet)
+
+
+ASKED: dict = {}
+
+
 def cause(p, e):
-    diagnose.explain(p, e)
-    return p["verdict"].get("cause")
+    before = copy.deepcopy(p)
+    evidence = bind(p, e)
+    ASKED.clear()
+    v = diagnose.explain(p, Recording(**vars(evidence)))
+    assert p == before, "explain changed its input"
+    assert ASKED == diagnose.facts_needed([p], evidence)
+    p["verdict"] = v
+    return v.get("cause")
 
 
 def test_ip_forward_off():

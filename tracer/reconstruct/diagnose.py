@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+
+from tracer.reconstruct.evidence import Evidence, fact_query
+
 RUNBOOK_DIR = "docs/runbooks"
 
 # Drop reason (kernel name without SKB_DROP_REASON_) → (hint, runbook file).
@@ -51,24 +55,8 @@ def lost(last: dict) -> dict:
             "runbook": f"{RUNBOOK_DIR}/packet-lost.md"}
 
 
-# ---- causes: rules that read the evidence (node facts, netfilter counters, conntrack) ----
+# Causes: rules that read the evidence (node facts, netfilter counters, conntrack).
 # Each rule looks only at what the trace and the node show; none knows how a fault was made.
-
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Callable  # noqa: E402
-
-
-@dataclass
-class Evidence:
-    """What the diagnosis may consult besides the packet itself."""
-
-    facts: Callable[[str, dict], dict | None]          # (node, packet) → nodecheck.facts or None
-    rule_hits: dict[str, list[dict]] = field(default_factory=dict)   # node → counted drop rules
-    vip: str | None = None
-    service: str | None = None
-    backends: list[str] = field(default_factory=list)  # current backend IPs of the Service
-    vtep: dict[str, dict] = field(default_factory=dict)  # overlay IP → {"node", "mac", "ip"}
-
 
 def _set(v: dict, cause: str, hint: str, book: str, evidence: dict | None = None) -> None:
     v["cause"] = cause
@@ -89,24 +77,52 @@ def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
-def explain(packet: dict, ev: Evidence) -> None:
-    """Refine a packet's verdict with the cause the evidence supports (in place)."""
+def judge(packets: list[dict], ev: Evidence) -> list[dict]:
+    """The packets with their verdicts refined by the evidence (new packets; the input stays)."""
+    return [{**p, "verdict": explain(p, ev)} for p in packets]
+
+
+def facts_needed(packets: list[dict], ev: Evidence) -> dict[str, list[dict]]:
+    """node → the fact queries `explain` will look up for these packets (no duplicates).
+    Only the Service part of `ev` is read: it decides which replies are suspect."""
+    out: dict[str, list[dict]] = {}
+    for p in packets:
+        node = _facts_node(p, ev)
+        if node is not None:
+            q = fact_query(node, p)
+            if q not in out.setdefault(node, []):
+                out[node].append(q)
+    return out
+
+
+def _facts_node(packet: dict, ev: Evidence) -> str | None:
+    """The node whose facts `explain` consults for this packet, if any."""
     v = packet["verdict"]
+    if v["status"] == "delivered":
+        return packet["hops"][-1]["node"] if _unreversed(packet, ev) else None
+    if v.get("cause") or _stale(packet, ev) is not None:
+        return None
+    return v.get("node")
+
+
+def explain(packet: dict, ev: Evidence) -> dict:
+    """The packet's verdict refined with the cause the evidence supports (a new verdict)."""
+    v = copy.deepcopy(packet["verdict"])
     hops = packet["hops"]
     if v["status"] == "delivered":
-        _stale_dnat(packet, ev)
-        _explain_delivered(packet, ev)
-        return
+        _stale_dnat(packet, v, ev)
+        _explain_delivered(packet, v, ev)
+        return v
     node = v.get("node")
-    _stale_dnat(packet, ev)
+    _stale_dnat(packet, v, ev)
     if v.get("cause"):
-        return
+        return v
     if node is None:
-        return
+        return v
     f = ev.facts(node, packet)
     if f is None:
         v.setdefault("evidence", {})["node_facts"] = f"not available for {node} (not on this machine)"
-        return
+        return v
     v.setdefault("evidence", {})["node"] = {k: f[k] for k in ("ip_forward", "rp_filter",
                                                               "bridge_nf_call_iptables", "conntrack", "mtu",
                                                               "route", "next_hop") if k in f}
@@ -114,20 +130,20 @@ def explain(packet: dict, ev: Evidence) -> None:
     last = hops[-1]
     hits = ev.rule_hits.get(node, [])
     if _overlay_port(packet, v):
-        return
+        return v
     ct = f.get("conntrack") or {}
     # 1. forwarding disabled: the node received pod traffic it had to route
     if f.get("ip_forward") == 0 and last["point"] == "rx" and last["pod"] is None:
         _set(v, "ip-forward-off",
              f"ip_forward is off on {node} (net.ipv4.ip_forward=0): it received the packet on "
              f"{last['dev']} but does not route it on.", "ip-forward.md")
-        return
+        return v
     dev_fwd = (f.get("forwarding") or {}).get(last["dev"])
     if dev_fwd == 0 and last["point"] == "rx" and last["pod"] is None:
         _set(v, "ip-forward-off",
              f"Forwarding is off on {node}'s {last['dev']} (net.ipv4.conf.{last['dev']}.forwarding=0): "
              "packets arriving there are not routed on.", "ip-forward.md")
-        return
+        return v
     # 2. a netfilter rule counted our packets (the one naming the packet's addresses first)
     if hits and (reason in (None, "NETFILTER_DROP") or v["status"] == "lost"):
         hit = sorted(hits, key=lambda h: -_matches(h, packet))[0]
@@ -147,13 +163,13 @@ def explain(packet: dict, ev: Evidence) -> None:
                  "service-no-endpoints.md")
         else:
             _set(v, "netfilter-rule", _cap(_rule_sentence(node, hit)) + ".", "netfilter-drop.md")
-        return
+        return v
     # 3. conntrack table full: new connections are dropped before any rule
     if ct.get("count") is not None and ct.get("max") and ct["count"] >= ct["max"] * 0.98:
         _set(v, "conntrack-full",
              f"The conntrack table on {node} is full ({ct['count']}/{ct['max']} entries): new "
              "connections are dropped.", "conntrack-full.md")
-        return
+        return v
     # 4. reverse-path filter
     rb = f.get("route_back") or {}
     rpf = f.get("rp_filter") or {}
@@ -164,13 +180,13 @@ def explain(packet: dict, ev: Evidence) -> None:
              f"Strict reverse-path filtering on {node} (rp_filter all={rpf.get('all')}, "
              f"{arrived}={rpf.get(arrived)}): the route back to {packet['hops'][0]['src']} leaves via "
              f"{rb.get('dev')}, not {arrived} where the packet came in.", "rp-filter.md")
-        return
+        return v
     # 5. no route
     rt = f.get("route") or {}
     if rt.get("error") or reason in ("IP_INNOROUTES", "IP_OUTNOROUTES"):
         _set(v, "no-route", f"{node} has no route to {last['dst']}"
              + (f" ({rt['error']})" if rt.get("error") else "") + ".", "no-route.md")
-        return
+        return v
     # 6a. a link refused a frame larger than its far end's MTU (veth/dev_forward_skb's check:
     # the kernel gives no reason, but the location says it)
     loc = (v.get("location") or "").split("+")[0]
@@ -179,7 +195,7 @@ def explain(packet: dict, ev: Evidence) -> None:
         _set(v, "mtu", f"A {frame}-byte frame leaving {node}'s {v.get('dev') or last['dev']} is larger "
              "than the other end of that link accepts (its MTU): an MTU mismatch on the link drops it "
              "without any ICMP error (a black hole for full-size packets).", "mtu.md")
-        return
+        return v
     # 6. MTU: the packet does not fit a device on the way out
     size = max(h.get("len") or 0 for h in hops)
     ip_len = packet.get("ip_len") or 0
@@ -188,7 +204,7 @@ def explain(packet: dict, ev: Evidence) -> None:
     if reason == "PKT_TOO_BIG" or (out_mtu and ip_len > out_mtu and packet.get("df")):
         _set(v, "mtu", f"A {ip_len or size}-byte packet with DF set does not fit {out_dev} on {node} "
              f"(MTU {out_mtu}); it is dropped instead of fragmented.", "mtu.md")
-        return
+        return v
     # 7. next hop: neighbour and overlay FDB
     nh = f.get("next_hop") or {}
     nb = nh.get("neigh")
@@ -196,23 +212,24 @@ def explain(packet: dict, ev: Evidence) -> None:
     if nh and not noarp and (nb is None or not nb.get("lladdr") or set(nb.get("state", [])) & {"FAILED", "INCOMPLETE"}):
         _set(v, "neighbour-missing", f"{node} has no usable neighbour entry for the next hop "
              f"{nh['ip']} on {nh['dev']} ({', '.join(nb['state']) if nb else 'none'}).", "neighbour.md")
-        return
+        return v
     if nh.get("vxlan") is not None:
         owner = ev.vtep.get(nh["ip"])
         if owner and nb and nb.get("lladdr") != owner["mac"]:
             _set(v, "neighbour-wrong",
                  f"On {node} the neighbour entry for {nh['ip']} ({owner['node']}'s {nh['dev']}) says "
                  f"{nb['lladdr']}, but that VTEP's MAC is {owner['mac']}.", "neighbour.md")
-            return
+            return v
         if nh.get("fdb") is None:
             _set(v, "fdb-missing", f"{node}'s {nh['dev']} has no FDB entry for {nb['lladdr'] if nb else '?'} "
                  f"(the VTEP of {owner['node'] if owner else nh['ip']}): VXLAN does not know where to send it.",
                  "overlay.md")
-            return
+            return v
         if owner and owner.get("ip") and nh["fdb"].get("dst") != owner["ip"]:
             _set(v, "fdb-wrong", f"{node}'s {nh['dev']} FDB sends {nb['lladdr']} to {nh['fdb']['dst']}, "
                  f"but {owner['node']} is at {owner['ip']}.", "overlay.md")
-            return
+            return v
+    return v
 
 
 def _matches(hit: dict, packet: dict) -> int:
@@ -223,24 +240,32 @@ def _matches(hit: dict, packet: dict) -> int:
     return sum(1 for a in addrs if a and (a + "/32") in text or f" {a} " in text)
 
 
-def _stale_dnat(packet: dict, ev: Evidence) -> None:
-    """A Service request DNATed (by an existing conntrack entry) to an address that is no
-    longer one of the Service's backends."""
+def _stale(packet: dict, ev: Evidence) -> tuple[dict, dict] | None:
+    """(hop, conntrack view) of a Service request DNATed (by an existing conntrack entry) to
+    an address that is no longer one of the Service's backends."""
     if not ev.vip or packet["direction"] != "request":
-        return
+        return None
     for h in packet["hops"]:
         ct = h.get("ct") or {}
         orig, reply = ct.get("orig"), ct.get("reply")
         if not orig or not reply or ct.get("of") == "outer":
             continue
         if orig["dst"] == ev.vip and reply["src"] != ev.vip and reply["src"] not in ev.backends:
-            v = packet["verdict"]
-            _set(v, "stale-conntrack",
-                 f"A conntrack entry on {h['node']} ({ct.get('state')}) still DNATs this flow to "
-                 f"{reply['src']}:{reply['sport']}, which is no longer a backend of {ev.service} "
-                 f"(backends now: {', '.join(ev.backends) or 'none'}).", "stale-conntrack.md",
-                 {"conntrack": ct})
-            return
+            return h, ct
+    return None
+
+
+def _stale_dnat(packet: dict, v: dict, ev: Evidence) -> None:
+    found = _stale(packet, ev)
+    if found is None:
+        return
+    h, ct = found
+    reply = ct["reply"]
+    _set(v, "stale-conntrack",
+         f"A conntrack entry on {h['node']} ({ct.get('state')}) still DNATs this flow to "
+         f"{reply['src']}:{reply['sport']}, which is no longer a backend of {ev.service} "
+         f"(backends now: {', '.join(ev.backends) or 'none'}).", "stale-conntrack.md",
+         {"conntrack": ct})
 
 
 def _overlay_port(packet: dict, v: dict) -> bool:
@@ -253,14 +278,18 @@ def _overlay_port(packet: dict, v: dict) -> bool:
     return False
 
 
-def _explain_delivered(packet: dict, ev: Evidence) -> None:
+def _unreversed(packet: dict, ev: Evidence) -> bool:
     """A reply that reached the client from the backend's address instead of the VIP."""
     if not ev.vip or packet["direction"] != "reply":
+        return False
+    src = packet["hops"][-1]["src"]
+    return src != ev.vip and src in ev.backends
+
+
+def _explain_delivered(packet: dict, v: dict, ev: Evidence) -> None:
+    if not _unreversed(packet, ev):
         return
     last = packet["hops"][-1]
-    if last["src"] == ev.vip or last["src"] not in ev.backends:
-        return
-    v = packet["verdict"]
     node = last["node"]
     f = ev.facts(node, packet) if node else None
     on_node = [h for h in packet["hops"] if h["node"] == node and h["pod"] is None]

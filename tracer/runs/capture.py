@@ -32,6 +32,7 @@ from tracer.cluster import inventory as k8s
 from tracer.kernel import formats as tracefs
 from tracer.errors import BadInput, EnvironmentProblem, PodtraceError
 from tracer.kernel.record import HOOK_IDS
+from tracer.reconstruct import drops
 from tracer.kernel.session import Sink
 from tracer.runs.selection import Resolved, Selection, cluster_streams, resolve
 
@@ -98,6 +99,7 @@ class Spool:
         self.writer = writer
         # drop reasons that are a socket's own cleanup, not a packet dying on its way
         self.housekeeping = np.array(sorted(housekeeping or ()), dtype=np.uint32)
+        self.home: dict[int, int] = {}
         self.scope = np.array(sorted(scope | {0}), dtype=np.uint32) if scope else None
         self.events = 0
         self.packets = 0
@@ -122,7 +124,7 @@ class Spool:
             return
         hook = arr["hook"]
         is_drop = hook == HOOK_IDS["drop"]
-        self.drops += int((is_drop & ~np.isin(arr["reason"], self.housekeeping)).sum())
+        self.drops += int(drops.counted(hook, arr["reason"], arr["netns"], arr["daddr"], self.housekeeping, self.home).sum())
         if is_drop.any():
             self.locations.update(int(x) for x in np.unique(arr["location"][is_drop]) if x)
         hops = arr[(hook != HOOK_IDS["drop"]) & (hook != HOOK_IDS["consume"])]
@@ -301,6 +303,7 @@ def _run(cfg: CaptureConfig, progress, stop, inv, topo, source) -> CaptureResult
     }
     writer = tracefile.Writer(out, row_group_events=cfg.row_group_events, meta=start_meta)
     spool = Spool(writer, scope, {k for k, v in drop_reasons.items() if v in HOUSEKEEPING_DROPS})
+    spool.home = drops.homes(start_meta)   # the drop rule analyze applies to the file
     say = progress or (lambda d: None)
     timeline: list[list] = []
     stopper = _Stop(stop)

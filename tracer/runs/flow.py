@@ -15,7 +15,7 @@ from tracer.kernel import record as events
 from tracer.reconstruct import packets as flows
 from tracer.node import prober as probe
 from tracer.config import FlowConfig
-from tracer.runs.outcome import FlowResult, Traced, agent_evidence, finish, flow_input, local_evidence, recording_evidence
+from tracer.runs.outcome import FlowResult, Traced, agent_evidence, finish, flow_input, local_evidence, service_evidence
 from tracer.runs.plan import Plan, agent_plans, node_refs, prepare, tc_devices
 from tracer.kernel.session import TerminateAsInterrupt
 from tracer.runs.node import NodeJob, NodeRunner
@@ -103,11 +103,8 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
         co.pump(agent_mod.FLUSH_S * 3)      # the agents' last flush
         df, clock = _merge(co, plan)
         fi = flow_input(plan, sent, {}, clock)
-        # Which node facts the diagnosis will need: a dry run records the questions.
-        queries: dict[str, list[dict]] = {}
-        dry = coordinator.deep(flows.build_packets(df, fi))
-        for p in dry:
-            diagnose.explain(p, recording_evidence(plan, queries))
+        # Which node facts the diagnosis will need: a pure function of the packets.
+        queries = diagnose.facts_needed(flows.build_packets(df, fi), service_evidence(plan))
         for r in co.runs:
             if not r.failure:
                 r.facts = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -10,8 +9,10 @@ from typing import Callable
 import pandas as pd
 
 from tracer import testhooks
-from tracer.reconstruct import diagnose
+from tracer.reconstruct import diagnose, evidence
 from tracer.reconstruct import packets as flows
+from tracer.reconstruct import verdict as verdicts
+from tracer.reconstruct.evidence import Evidence
 from tracer.cluster import inventory as k8s
 from tracer.node import netns
 from tracer.node import facts as nodecheck
@@ -77,7 +78,7 @@ class Traced:
     timings: dict
     t_tracing: float
     t_done: float
-    evidence: Callable[[list[dict]], diagnose.Evidence]
+    evidence: Callable[[list[dict]], "Evidence | LocalEvidence"]
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     clock: dict = field(default_factory=dict)
@@ -89,65 +90,49 @@ def flow_input(plan: Plan, sent, locations, clock: dict | None = None) -> flows.
                            contiguous_agents=bool((clock or {}).get("offsets")), sample=plan.cfg.sample)
 
 
-def fact_query(node: str, packet: dict) -> dict:
-    """The question nodecheck.facts() answers for a packet on a node: its addresses at the
-    node's last hop, and the device it came in by (the node's last rx hop), so the route is
-    looked up as the kernel did for this packet, not as for the node's own traffic."""
-    last = [h for h in packet["hops"] if h["node"] == node] or packet["hops"]
-    rx = [h for h in last if h["point"] == "rx" and h["pod"] is None]
-    iif = rx[-1]["dev"] if rx else None
-    devs = list(dict.fromkeys(h["dev"] for h in packet["hops"] if h["node"] == node and h["pod"] is None))
-    return {"src": last[-1]["src"], "dst": last[-1]["dst"], "iif": iif, "devs": devs}
-
-
 def vtep(topo) -> dict:
     return topo.vtep() if topo is not None else {}
 
 
-def local_evidence(topo, dst: k8s.Endpoint, refs, before, after) -> diagnose.Evidence:
-    cache: dict[str, dict] = {}
+def service_evidence(plan: Plan) -> Evidence:
+    """The evidence known before any node is asked: the Service and the overlay map."""
+    e = evidence.service_evidence(plan.dst.service)
+    return Evidence(vip=e.vip, service=e.service, backends=e.backends, vtep=vtep(plan.topology))
 
-    def facts(node: str, packet: dict) -> dict | None:
-        ref = refs.get(node)
-        if ref is None:
-            return None
-        q = fact_query(node, packet)
-        key = json.dumps(q, sort_keys=True) + node
-        if key not in cache:
-            cache[key] = nodecheck.facts(ref, src=q["src"], dst=q["dst"], iif=q["iif"], devs=q["devs"])
-        return cache[key]
 
+@dataclass
+class LocalEvidence:
+    """Node facts read from this machine's namespaces, asked once the packets are known."""
+
+    base: Evidence
+    refs: dict
+
+    def resolve(self, packets: list[dict]) -> Evidence:
+        answers: dict[str, list[dict]] = {}
+        for node, queries in diagnose.facts_needed(packets, self.base).items():
+            ref = self.refs.get(node)
+            if ref is None:
+                continue
+            answers[node] = [{"query": q, "facts": nodecheck.facts(ref, src=q["src"], dst=q["dst"],
+                                                                   iif=q["iif"], devs=q["devs"])}
+                             for q in queries]
+        return self.base.with_answers(answers)
+
+
+def local_evidence(topo, dst: k8s.Endpoint, refs, before, after) -> LocalEvidence:
     hits = {n: nodecheck.rule_hits(before[n], after[n]) for n in after if n in before}
-    svc = dst.service
-    return diagnose.Evidence(facts=facts, rule_hits=hits, vip=svc.cluster_ip if svc else None,
-                             service=svc.key if svc else None,
-                             backends=list(svc.backend_ips) if svc else [], vtep=vtep(topo))
+    e = evidence.service_evidence(dst.service)
+    return LocalEvidence(Evidence(rule_hits=hits, vip=e.vip, service=e.service, backends=e.backends,
+                                  vtep=vtep(topo)), refs)
 
 
-def recording_evidence(plan: Plan, queries: dict[str, list[dict]]) -> diagnose.Evidence:
-    def facts(node, packet):
-        q = fact_query(node, packet)
-        if q not in queries.setdefault(node, []):
-            queries[node].append(q)
-        return None
-    svc = plan.dst.service
-    return diagnose.Evidence(facts=facts, vip=svc.cluster_ip if svc else None,
-                             service=svc.key if svc else None,
-                             backends=list(svc.backend_ips) if svc else [], vtep=vtep(plan.topology))
+def agent_evidence(plan: Plan, facts_by_node: dict[str, dict]) -> Evidence:
+    """The evidence the agents sent back with their facts."""
+    return service_evidence(plan).with_answers(
+        {n: list(f.get("answers") or []) for n, f in facts_by_node.items()},
+        {n: f.get("rule_hits", []) for n, f in facts_by_node.items()})
 
 
-def agent_evidence(plan: Plan, facts_by_node: dict[str, dict]) -> diagnose.Evidence:
-    def facts(node, packet):
-        q = fact_query(node, packet)
-        for ans in (facts_by_node.get(node) or {}).get("answers", []):
-            if ans.get("query") == q and "facts" in ans:
-                return ans["facts"]
-        return None
-    svc = plan.dst.service
-    return diagnose.Evidence(facts=facts,
-                             rule_hits={n: f.get("rule_hits", []) for n, f in facts_by_node.items()},
-                             vip=svc.cluster_ip if svc else None, service=svc.key if svc else None,
-                             backends=list(svc.backend_ips) if svc else [], vtep=vtep(plan.topology))
 
 
 def enrich(packets: list[dict], inv: k8s.Inventory) -> None:
@@ -171,9 +156,10 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
     packets = flows.build_packets(t.df, fi)
     enrich(packets, plan.inv)
     ev = t.evidence(packets)
-    for p in packets:
-        diagnose.explain(p, ev)
-    verdict = flows.flow_verdict(packets, fi, cfg.probe)
+    if isinstance(ev, LocalEvidence):
+        ev = ev.resolve(packets)
+    packets = diagnose.judge(packets, ev)
+    verdict, probes = verdicts.flow_verdict(packets, fi, cfg.probe)
     # A lab pod deleted while tracing: say so instead of letting the drops it causes pass
     # for the cause (the pod's own view is gone, not the network broken).
     gone = [f"{e.pod.key} was deleted during the trace (its network namespace is gone); "
@@ -182,7 +168,7 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
     if t.problems or gone:
         verdict["problems"] = gone + verdict.get("problems", []) + t.problems
         verdict["status"] = "failed"
-    summary = flows.summary(packets, fi, t.counters)
+    summary = verdicts.summary(packets, probes, t.counters)
     timings = {
         "resolve_s": round(plan.t_resolved - plan.t_start, 4),
         "startup_s": round(t.t_tracing - plan.t_start, 4),
@@ -202,12 +188,12 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
                      f"({cfg.budget}/s per node); raise it with --max-events or sample with --sample")
     if cfg.sample > 1:
         notes.append(f"sampling: 1 packet in {cfg.sample} is traced (the same packets on every node)")
-    result = FlowResult(cfg, plan.src, plan.dst, plan.proto, plan.port, t.sent, packets, verdict, summary,
+    result = FlowResult(cfg, plan.src, plan.dst, plan.proto, plan.port, probes, packets, verdict, summary,
                         t.counters, timings, t.df, notes=notes)
     result.clock = t.clock
     result.meta = {
         "version": SCHEMA_VERSION, "src": plan.src.as_json(), "dst": plan.dst.as_json(),
-        "proto": plan.proto, "port": plan.port, "probes": [p.as_json() for p in t.sent],
+        "proto": plan.proto, "port": plan.port, "probes": [p.as_json() for p in probes],
         "placement": {str(k): list(v) for k, v in plan.placement.netns.items()},
         "drop_reasons": {str(k): v for k, v in plan.drop_reasons.items()},
         "locations": {str(k): v for k, v in t.locations.items()},
@@ -217,6 +203,7 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
         "probing": cfg.probe, "counters": t.counters, "inventory": plan.inv.source,
         "hooks": t.hooks, "degraded": t.degraded, "clock": t.clock,
         "created_ns": time.time_ns(),
+        "evidence": ev.as_json(),
     }
     if cfg.save:
         from tracer import tracefile

@@ -1,0 +1,65 @@
+"""Pictures of a trace (matplotlib, imported only when drawing)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from tracer.analysis.trace import Trace
+
+STATUS_COLOR = {"delivered": "tab:green", "dropped": "tab:red", "lost": "tab:orange", "left": "tab:gray"}
+
+
+def hop_label(hops: pd.DataFrame) -> pd.Series:
+    """"node/dev pt" per hop (pods by name), the key for per-hop statistics."""
+    where = hops["pod"].astype(object).where(hops["pod"].notna(), hops["node"].astype(object)).fillna("(fabric)")
+    return where.astype(str) + "/" + hops["dev"].astype(str) + " " + hops["point"].astype(str)
+
+
+def plot_path(t: Trace, packet: int, ax=None):
+    """The hop path of one packet as a diagram: one lane per pod/node/fabric namespace, hops
+    left to right with Δt on the arrows, address changes (NAT) marked, the verdict at the end."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyBboxPatch
+
+    hops = t.path(packet).reset_index(drop=True)
+    pk = t.packets.loc[t.packets["packet"] == packet].iloc[0]
+    lanes_of = hops["pod"].astype(object).where(hops["pod"].notna(), hops["node"].astype(object)).fillna("(fabric)")
+    lanes = list(dict.fromkeys(lanes_of))
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(8, 1.25 * len(hops) + 2), 1.0 + 0.9 * max(len(lanes), 1)))
+    y = {lane: len(lanes) - 1 - i for i, lane in enumerate(lanes)}
+    prev = None
+    for i, h in hops.iterrows():
+        yy = y[lanes_of[i]]
+        enc = isinstance(h["encap"], str) and h["encap"]
+        ax.add_patch(FancyBboxPatch((i - 0.42, yy - 0.28), 0.84, 0.56, boxstyle="round,pad=0.02",
+                                    fc="#eef3fb" if not enc else "#fdf3e1", ec="#4a6fa5",
+                                    ls="--" if enc else "-"))
+        ax.text(i, yy + 0.06, str(h["dev"]), ha="center", va="center", fontsize=8)
+        ax.text(i, yy - 0.14, str(h["point"]) + (f" {enc}" if enc else ""), ha="center", va="center",
+                fontsize=7, color="#555")
+        if prev is not None:
+            py = y[lanes_of[i - 1]]
+            ax.annotate("", xy=(i - 0.42, yy), xytext=(i - 0.58, py),
+                        arrowprops=dict(arrowstyle="->", color="#333", lw=1))
+            ax.text(i - 0.5, (yy + py) / 2 + 0.34, f"{h['dt_ns'] / 1000:.1f}µs", ha="center", fontsize=7)
+            if (h["src"], h["dst"]) != (prev["src"], prev["dst"]):
+                ax.text(i, yy + 0.4, f"{h['src']}→{h['dst']}", ha="center", fontsize=7, color="m")
+        prev = h
+    status = str(pk["status"])
+    end = len(hops)
+    ly = y[lanes_of.iloc[-1]] if len(hops) else 0
+    mark = {"delivered": "✓", "dropped": "✗", "lost": "?", "left": "→"}.get(status, "?")
+    why = f" {pk['reason']}" if status == "dropped" and pk["reason"] else ""
+    ax.text(end - 0.35, ly, f"{mark} {status}{why}", color=STATUS_COLOR.get(status, "k"), fontsize=10,
+            va="center", fontweight="bold")
+    ax.set_yticks([y[lane] for lane in lanes], lanes)
+    ax.set_xticks([])
+    ax.set_xlim(-0.6, end + 1.6)
+    ax.set_ylim(-0.7, len(lanes) - 0.3)
+    sp = f":{pk['sport']}" if pd.notna(pk["sport"]) else ""
+    dp = f":{pk['dport']}" if pd.notna(pk["dport"]) else ""
+    ax.set_title(f"packet {packet} ({pk['direction']}) {pk['proto']} {pk['src']}{sp} → {pk['dst']}{dp}", fontsize=10)
+    for side in ("top", "right", "bottom"):
+        ax.spines[side].set_visible(False)
+    return ax

@@ -1,0 +1,78 @@
+"""What `podtrace analyze` shows: the summary, the worst flows, the drops, as JSON or rich tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from tracer.analysis.trace import Trace
+
+def summary_doc(t: Trace, top: int = 20) -> dict:
+    """What `analyze` shows: the summary, the worst flows, the drops and the losses."""
+    fl = t.flows
+    if len(fl):
+        bad = fl["dropped"] + fl["lost"]
+        fl = fl.assign(_bad=bad).sort_values(["_bad", "packets"], ascending=False).drop(columns="_bad")
+    cols = ["flow", "proto", "src", "sport", "dst", "dport", "src_pod", "dst_pod", "service", "packets",
+            "delivered", "dropped", "lost", "left", "p50_ns", "p99_ns"]
+    return {
+        "file": t.meta.get("path"),
+        "incomplete": t.meta.get("incomplete_reason") if t.meta.get("incomplete") else None,
+        "summary": t.summary(),
+        "counters": t.counters,
+        "selection": t.meta.get("selection"),
+        "flows": _records(fl[cols].head(top)) if len(fl) else [],
+        "drops": _records(t.drops.head(top)),
+        "not_delivered": _records(t.packets[t.packets["status"].astype(str) != "delivered"]
+                                  [["packet", "flow", "direction", "proto", "src", "dst", "status",
+                                    "verdict_node", "verdict_dev", "reason", "hint"]].head(top))
+        if len(t.packets) else [],
+    }
+
+
+def _records(df: pd.DataFrame) -> list[dict]:
+    out = []
+    for r in df.astype(object).where(df.notna(), None).to_dict("records"):
+        out.append({k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()})
+    return out
+
+
+def _us(ns) -> str:
+    if ns is None or (isinstance(ns, float) and np.isnan(ns)):
+        return "-"
+    return f"{ns / 1000:.1f}µs" if ns < 10_000_000 else f"{ns / 1e6:.1f}ms"
+
+
+def render_summary(doc: dict, console) -> None:
+    from rich.table import Table
+
+    s = doc["summary"]
+    console.print(f"[bold]{s['kind'] or 'trace'}[/bold]: {s['events']} events, {s['packets']} packets, "
+                  f"{s['flows']} flows over {s['span_s']}s"
+                  + (f"  (format {s['format_version']}, upgraded from {s['upgraded_from']})"
+                     if s.get("upgraded_from") else ""))
+    console.print(f"delivered {s['delivered']}  [red]dropped {s['dropped']}[/red]  "
+                  f"[yellow]lost {s['lost']}[/yellow]  left {s['left']}  "
+                  + (f"[bold red]events lost {s['events_lost']} (ring buffer full: paths may have gaps)[/bold red]"
+                     if s["events_lost"] else "events lost 0"))
+    if doc["flows"]:
+        t = Table(title="flows (worst first)", title_justify="left", show_edge=False)
+        for c in ("flow", "proto", "source", "destination", "service", "pkts", "deliv", "drop", "lost",
+                  "p50", "p99"):
+            t.add_column(c, justify="right" if c in ("flow", "pkts", "deliv", "drop", "lost", "p50", "p99") else "left")
+        for f in doc["flows"]:
+            src = f"{f['src_pod'] or f['src']}" + (f":{f['sport']}" if f["sport"] is not None else "")
+            dst = f"{f['dst_pod'] or f['dst']}" + (f":{f['dport']}" if f["dport"] is not None else "")
+            t.add_row(str(f["flow"]), f["proto"] or "", src, dst, f["service"] or "", str(f["packets"]),
+                      str(f["delivered"]), str(f["dropped"]), str(f["lost"]), _us(f["p50_ns"]), _us(f["p99_ns"]))
+        console.print(t)
+    if doc["drops"]:
+        t = Table(title="drops", title_justify="left", show_edge=False)
+        for c in ("reason", "node", "dev", "location", "count", "flows"):
+            t.add_column(c, justify="right" if c in ("count", "flows") else "left")
+        for d in doc["drops"]:
+            t.add_row(d["reason"] or "", d["node"] or "(fabric)", d["dev"] or "", d["location"] or "",
+                      str(d["count"]), str(d["flows"]))
+        console.print(t)
+    else:
+        console.print("no drops")

@@ -1,0 +1,84 @@
+"""The loaded trace: its tables, their documented columns and the summary `analyze` prints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+COLUMNS = {
+    "events": "one row per hop event as captured (tracer/events.py fields, addresses as numbers, "
+              "plus *_str address strings and hook_name)",
+    "packets": ["packet", "flow", "direction", "seq", "proto", "src", "sport", "dst", "dport",
+                "final_src", "final_sport", "final_dst", "final_dport", "ip_id", "ip_len",
+                "first_ts_ns", "last_ts_ns", "hops", "first_node", "first_pod", "first_dev",
+                "last_node", "last_pod", "last_dev", "last_point", "status", "node", "dev", "point",
+                "verdict_node", "verdict_dev", "verdict_point", "reason", "location", "cause", "hint",
+                "runbook", "one_way_ns", "duration_ns"],
+    "hops": ["packet", "hop", "flow", "direction", "seq", "ts_ns", "t_ns", "dt_ns", "node", "pod",
+             "dev", "point", "seen_by", "src", "sport", "dst", "dport", "encap", "encap_src",
+             "encap_dst", "vni", "ifindex", "netns", "len", "ct_state"],
+    "flows": ["flow", "proto", "src", "sport", "dst", "dport", "src_pod", "dst_pod", "service",
+              "packets", "forward", "reverse", "delivered", "dropped", "lost", "left", "bytes",
+              "p50_ns", "p99_ns", "first_ts_ns", "last_ts_ns", "nodes"],
+    "drops": ["reason", "node", "dev", "location", "count", "flows", "first_ts_ns", "last_ts_ns"],
+}
+STATUSES = ["delivered", "dropped", "lost", "left"]
+
+
+@dataclass
+class Trace:
+    """A loaded trace. Every table is a pandas DataFrame (see COLUMNS / docs/analysis.md)."""
+
+    events: pd.DataFrame     # one row per hop event, as captured
+    hops: pd.DataFrame       # one row per hop of every reconstructed packet
+    packets: pd.DataFrame    # one row per packet with its verdict
+    meta: dict
+    flows: pd.DataFrame = field(default_factory=pd.DataFrame)   # one row per 5-tuple (NAT joined)
+    drops: pd.DataFrame = field(default_factory=pd.DataFrame)   # drop reason × node × device × location
+    mode: str = "capture"    # which reconstruction made the packets: "flow" or "capture"
+
+    @property
+    def counters(self) -> dict:
+        return dict(self.meta.get("counters") or {})
+
+    @property
+    def events_lost(self) -> int:
+        """Events the kernel could not hand over (ring buffer full): gaps in the paths."""
+        return int(self.counters.get("lost", 0))
+
+    def summary(self) -> dict:
+        """The figures `podtrace analyze` prints first."""
+        p = self.packets
+        by = p["status"].value_counts().to_dict() if len(p) else {}
+        t0 = int(self.events["ts_ns"].min()) if len(self.events) else 0
+        t1 = int(self.events["ts_ns"].max()) if len(self.events) else 0
+        return {
+            "kind": self.meta.get("kind"), "format_version": self.meta.get("format_version"),
+            "upgraded_from": self.meta.get("upgraded_from"),
+            "events": len(self.events), "packets": len(p), "flows": len(self.flows),
+            **{s: int(by.get(s, 0)) for s in STATUSES},
+            "events_lost": self.events_lost, "span_s": round((t1 - t0) / 1e9, 3),
+            "kernel": (self.meta.get("kernel") or {}).get("release"),
+            "hooks": self.meta.get("hooks") or [],
+        }
+
+    def path(self, packet: int) -> pd.DataFrame:
+        """The hops of one packet, in order."""
+        return self.hops[self.hops["packet"] == packet]
+
+    def flow_packets(self, flow: int) -> pd.DataFrame:
+        return self.packets[self.packets["flow"] == flow]
+
+
+def _empty_packets() -> pd.DataFrame:
+    cols = COLUMNS["packets"] + ["tuple_proto", "tuple_src", "tuple_dst", "tuple_sport", "tuple_dport",
+                                 "_proto", "_src", "_dst", "_fsrc", "_fdst", "_sport", "_dport",
+                                 "_fsport", "_fdport"]
+    return pd.DataFrame({c: pd.Series(dtype="int64" if c.startswith("_") or c == "packet" else "object")
+                         for c in cols})
+
+
+def _empty_hops() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="int64" if c in ("packet", "hop") else "object")
+                         for c in COLUMNS["hops"]})

@@ -1,0 +1,342 @@
+"""The engine's fast path for captures: packets and hops of arbitrary traffic, whole columns at a time.
+
+Events are grouped into packets by content (packets.KEY_COLS: protocol, IP ID, length, TCP
+seq/flags, ICMP type/id/seq — what survives NAT and encapsulation), split where the same
+content recurs after a pause (`GAP_NS`), with the skb address added for IP ID 0 datagrams
+(no identity of their own). Drop/free events join the last hop of their skb; which drops
+count is drops.counted, the rule the live capture counts by. Verdict texts come from
+diagnose, like the per-packet path's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from tracer import tracefile
+from tracer.analysis.frames import _cat_from, _factorize, _lookup, _lookup_cat, _map_unique, _nullable, _placement
+from tracer.analysis.trace import STATUSES, _empty_hops, _empty_packets
+from tracer.kernel.record import ENCAP, FLAG_FOLLOWED, HOOK_IDS, HOOKS, PROTOS
+from tracer.reconstruct import diagnose, drops
+from tracer.reconstruct import packets as flows
+
+GAP_NS = 500_000_000     # the same content seen again after this pause is a new packet
+
+
+_DROP, _CONSUME = HOOK_IDS["drop"], HOOK_IDS["consume"]
+_POINT_NAMES = ["rx", "tx"] + [HOOKS[k] for k in sorted(HOOKS) if k not in (1, 2, 3, 4, 20, 21)]
+_POINT_CODE = np.zeros(256, dtype=np.int16)       # hook number → index into _POINT_NAMES
+_VIA_CODE = np.full(256, 2, dtype=np.int8)       # 0 tracepoint, 1 tc, 2 kprobe
+_VIA_NAMES = ["tracepoint", "tc", "kprobe"]
+for _h, _name in HOOKS.items():
+    _pt = flows.HOOK_POINT.get(_h, (_name, "kprobe"))
+    if _pt[0] in _POINT_NAMES:
+        _POINT_CODE[_h] = _POINT_NAMES.index(_pt[0])
+    _VIA_CODE[_h] = _VIA_NAMES.index(_pt[1])
+
+
+
+def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_NS,
+                           keep_followed: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(packets, hops) for arbitrary traffic, with whole-column operations only."""
+    n = len(events)
+    if n == 0:
+        return _empty_packets(), _empty_hops()
+    col = {c: events[c].to_numpy() for c in
+           ("ts_ns", "skb", "hook", "proto", "ip_id", "ip_len", "tcp_seq", "tcp_flags", "icmp_type",
+            "sport", "dport", "netns", "saddr", "daddr", "reason", "location", "flags")}
+    ts_raw = col["ts_ns"]
+    if len(ts_raw) < 2 or bool((ts_raw[1:] >= ts_raw[:-1]).all()):
+        order = np.arange(n)          # already in time order (captures nearly always are)
+        c = col
+    else:
+        order = np.argsort(ts_raw, kind="stable")
+        c = {k: v[order] for k, v in col.items()}
+    ifcodes = events["ifname"].cat.codes.to_numpy()[order] if hasattr(events["ifname"], "cat") \
+        else pd.factorize(events["ifname"].to_numpy()[order])[0]
+    ifcats = np.asarray(events["ifname"].cat.categories if hasattr(events["ifname"], "cat")
+                        else pd.factorize(events["ifname"].to_numpy()[order])[1], dtype=object)
+    hook = c["hook"].astype(np.int64)
+    home = drops.homes(meta)
+    # drops that are no packet dropped on its way (drops.counted, the live count's rule too)
+    # end their packet like a consume
+    hk = drops.housekeeping_codes(meta.get("drop_reasons") or {})
+    hook = np.where((hook == _DROP) & ~drops.counted(hook, c["reason"], c["netns"], c["daddr"], hk, home),
+                    _CONSUME, hook)
+    is_free = (hook == _DROP) | (hook == _CONSUME)
+    hop_idx = np.flatnonzero(~is_free)
+
+    # -- 1. packets by content, split by pauses ----------------------------------------------
+    h = {k: c[k][hop_idx] for k in ("ts_ns", "skb", "proto", "ip_id", "ip_len", "tcp_seq", "tcp_flags",
+                                    "icmp_type", "sport", "dport", "flags")}
+    icmp = h["proto"] == 1
+    no_id = (h["ip_id"] == 0) & ~icmp
+    group = _factorize(h["proto"].astype(np.uint64) | (h["ip_id"].astype(np.uint64) << 8)
+                       | (h["ip_len"].astype(np.uint64) << 24) | (h["tcp_flags"].astype(np.uint64) << 40)
+                       | (h["icmp_type"].astype(np.uint64) << 48),
+                       h["tcp_seq"].astype(np.uint64)
+                       | (np.where(icmp, h["sport"], 0).astype(np.uint64) << 32)
+                       | (np.where(icmp, h["dport"], 0).astype(np.uint64) << 48),
+                       np.where(no_id, h["skb"], 0))
+    by_group = np.argsort(group, kind="stable")          # within a group: time order
+    g_sorted = group[by_group]
+    t_sorted = h["ts_ns"][by_group].astype(np.int64)
+    new = np.ones(len(by_group), dtype=bool)
+    if len(by_group) > 1:
+        new[1:] = (g_sorted[1:] != g_sorted[:-1]) | ((t_sorted[1:] - t_sorted[:-1]) > gap_ns)
+    pkt_sorted = np.cumsum(new) - 1
+    n_pkt = int(pkt_sorted[-1]) + 1 if len(pkt_sorted) else 0
+    # number packets in the order of their first event
+    first_t = t_sorted[new]
+    rank = np.empty(n_pkt, dtype=np.int64)
+    rank[np.argsort(first_t, kind="stable")] = np.arange(n_pkt)
+    hop_pkt = np.empty(len(hop_idx), dtype=np.int64)
+    hop_pkt[by_group] = rank[pkt_sorted]
+    # A packet whose every event was only *followed* (the kernel kept it because its skb
+    # address was tracked, never because it matched the selection) is a reused buffer
+    # address, not traffic that was asked for: leave it out (the events stay in `events`).
+    followed_only = 0
+    if not keep_followed and n_pkt:
+        direct = (h["flags"] & FLAG_FOLLOWED) == 0
+        keep = np.bincount(hop_pkt, weights=direct, minlength=n_pkt) > 0
+        followed_only = int((~keep).sum())
+        if followed_only:
+            new_id = np.cumsum(keep) - 1
+            ok = keep[hop_pkt]
+            hop_idx, hop_pkt = hop_idx[ok], new_id[hop_pkt[ok]]
+            n_pkt = int(keep.sum())
+
+    # -- 2. drop/free events join the last hop event of their skb ----------------------------
+    pkt_all = np.full(n, -1, dtype=np.int64)
+    pkt_all[hop_idx] = hop_pkt
+    free_idx = np.flatnonzero(is_free)
+    had_hop = np.zeros(n, dtype=bool)
+    if len(free_idx):
+        skb = c["skb"]
+        o2 = np.lexsort((is_free, c["ts_ns"], skb))   # by skb, then time; hop before free on ties
+        valid_hop = ~is_free[o2] & (skb[o2] != 0)
+        pos = np.where(valid_hop, np.arange(n), -1)
+        last = np.maximum.accumulate(pos)
+        ok = last >= 0
+        src_row = o2[np.where(ok, last, 0)]
+        same = ok & (skb[src_row] == skb[o2])
+        got = np.where(same, pkt_all[src_row], -1)
+        frees_sorted = is_free[o2]
+        pkt_all[o2[frees_sorted]] = got[frees_sorted]
+        had_hop[o2[frees_sorted]] = same[frees_sorted]
+    # A drop with no earlier hop (dropped before any device saw it, e.g. in the sender's
+    # OUTPUT chain) is a packet of its own, with no hops.
+    orphan = np.flatnonzero(is_free & ~had_hop & (hook == _DROP) & (c["proto"] != 0)
+                            & ((c["flags"] & FLAG_FOLLOWED) == 0))
+    pkt_all[orphan] = n_pkt + np.arange(len(orphan))
+    n_all = n_pkt + len(orphan)
+
+    # -- 3. hops: hop events by packet and time, tc + tracepoint at one place merged ----------
+    ho = np.lexsort((np.arange(len(hop_idx)), hop_pkt))    # hop_idx is in time order already
+    rows = hop_idx[ho]
+    pk = hop_pkt[ho]
+    netns = c["netns"][rows].astype(np.int64)
+    dev = ifcodes[rows]
+    point = _POINT_CODE[hook[rows]]
+    via = _VIA_CODE[hook[rows]]
+    dup = np.zeros(len(rows), dtype=bool)
+    if len(rows) > 1:
+        dup[1:] = ((pk[1:] == pk[:-1]) & (netns[1:] == netns[:-1]) & (dev[1:] == dev[:-1])
+                   & (point[1:] == point[:-1]) & (via[1:] != via[:-1]))
+    seen_both = np.zeros(len(rows), dtype=bool)
+    seen_both[:-1] = dup[1:]
+    keep = ~dup
+    rows, pk, netns, dev, point, via, seen_both = (x[keep] for x in (rows, pk, netns, dev, point, via, seen_both))
+    ts = c["ts_ns"][rows].astype(np.int64)
+    starts = np.flatnonzero(np.r_[True, pk[1:] != pk[:-1]]) if len(pk) else np.zeros(0, dtype=np.int64)
+    ends = np.r_[starts[1:], len(pk)] - 1 if len(pk) else np.zeros(0, dtype=np.int64)
+    hop_no = np.arange(len(pk)) - np.repeat(starts, np.diff(np.r_[starts, len(pk)]))
+    t0 = np.repeat(ts[starts], np.diff(np.r_[starts, len(pk)]))
+    dt = np.zeros(len(pk), dtype=np.int64)
+    if len(pk) > 1:
+        dt[1:] = ts[1:] - ts[:-1]
+    dt[starts] = 0
+    placement = _placement(meta)
+    node_of = {k: v[0] for k, v in placement.items()}
+    pod_of = {k: v[1] for k, v in placement.items()}
+
+    # -- 4. per packet: first/last hop, target, verdict --------------------------------------
+    has_hops = np.zeros(n_all, dtype=bool)
+    first_row = np.zeros(n_all, dtype=np.int64)
+    last_row = np.zeros(n_all, dtype=np.int64)
+    n_hops = np.zeros(n_all, dtype=np.int64)
+    pkts_with = pk[starts]
+    has_hops[pkts_with] = True
+    first_row[pkts_with] = rows[starts]
+    last_row[pkts_with] = rows[ends]
+    n_hops[pkts_with] = ends - starts + 1
+    first_row[n_pkt:] = orphan
+    last_row[n_pkt:] = orphan
+    last_hop_pos = np.zeros(n_all, dtype=np.int64)
+    last_hop_pos[pkts_with] = ends
+
+    ip_target = home
+    final_dst = c["daddr"][last_row].astype(np.int64)
+    target = _lookup(final_dst, ip_target, 0).astype(np.int64)
+    target_here = (target != 0) & np.isin(target, np.fromiter(placement, dtype=np.int64, count=len(placement)))
+    # reached: an rx hop in the destination's namespace
+    rx_at = (point == 0) & (netns == target[pk]) & (target[pk] != 0)
+    reached_pos = np.full(n_all, -1, dtype=np.int64)
+    rp = np.flatnonzero(rx_at)
+    if len(rp):
+        up, first_hit = np.unique(pk[rp], return_index=True)
+        reached_pos[up] = rp[first_hit]
+    # frees of each packet
+    fr = free_idx[pkt_all[free_idx] >= 0]
+
+    consumed_at = np.zeros(n_all, dtype=bool)
+    consumed_any = np.zeros(n_all, dtype=bool)
+    cons = fr[hook[fr] == _CONSUME]
+    consumed_any[pkt_all[cons]] = True
+    at_t = cons[c["netns"][cons].astype(np.int64) == target[pkt_all[cons]]]
+    consumed_at[pkt_all[at_t]] = True
+    drop_ev = np.full(n_all, -1, dtype=np.int64)
+    drs = fr[hook[fr] == _DROP]
+    if len(drs):
+        up, first_hit = np.unique(pkt_all[drs], return_index=True)   # drs in time order
+        drop_ev[up] = drs[first_hit]
+    # a drop ends a packet; a consume may come much later (a socket holds the buffer)
+    last_free_t = np.zeros(n_all, dtype=np.int64)
+    if len(drs):
+        np.maximum.at(last_free_t, pkt_all[drs], c["ts_ns"][drs].astype(np.int64))
+
+    last_point = np.where(has_hops, point[last_hop_pos], -1)
+    delivered = (reached_pos >= 0) | consumed_at | (~target_here & consumed_any & (drop_ev < 0))
+    dropped = ~delivered & (drop_ev >= 0)
+    left = ~delivered & ~dropped & ~target_here & (last_point == 1)
+    status = np.where(delivered, 0, np.where(dropped, 1, np.where(left, 3, 2)))
+
+    # -- 5. the tables ------------------------------------------------------------------------
+    first_ts = c["ts_ns"][first_row].astype(np.int64)
+    last_ts = np.maximum(c["ts_ns"][last_row].astype(np.int64), last_free_t)
+    # time to arrival: the rx hop in the destination, else (consumed there) the last hop
+    one_way = np.where(reached_pos >= 0, ts[np.maximum(reached_pos, 0)] - first_ts,
+                       np.where(delivered & has_hops, ts[last_hop_pos] - first_ts, -1))
+    proto = c["proto"][first_row].astype(np.int64)
+    p_icmp = proto == 1
+    echo_id = np.where(p_icmp & np.isin(c["icmp_type"][first_row], (0, 8)), c["sport"][first_row], 0)
+    sport = c["sport"][first_row].astype(np.int64)
+    dport = c["dport"][first_row].astype(np.int64)
+    fsport = c["sport"][last_row].astype(np.int64)
+    fdport = c["dport"][last_row].astype(np.int64)
+    drop_row = np.maximum(drop_ev, 0)
+    drop_ns = c["netns"][drop_row].astype(np.int64)
+    v_netns = np.where(reached_pos >= 0, netns[np.maximum(reached_pos, 0)],
+                       np.where(dropped & (drop_ns != 0), drop_ns, c["netns"][last_row].astype(np.int64)))
+    v_dev = np.where(reached_pos >= 0, dev[np.maximum(reached_pos, 0)],
+                     np.where(dropped & (ifcodes[drop_row] >= 0) & (drop_ns != 0), ifcodes[drop_row],
+                              ifcodes[last_row]))
+    reasons = {int(k): v for k, v in (meta.get("drop_reasons") or {}).items()}
+    locations = {int(k): v for k, v in (meta.get("locations") or {}).items()}
+    nodes_v = _lookup_cat(v_netns, node_of)
+    reason_v = _map_unique(np.where(dropped, c["reason"][drop_row].astype(np.int64), -1),
+                           lambda r: None if r < 0 else reasons.get(r, f"reason {r}"))
+    loc_v = _map_unique(np.where(dropped, c["location"][drop_row].astype(np.uint64), 0),
+                        lambda a: locations.get(a) or (hex(a) if a else None))
+    packets = pd.DataFrame({
+        "packet": np.arange(n_all),
+        "direction": None,
+        "seq": _nullable(np.zeros(n_all, dtype=np.int64), np.ones(n_all, dtype=bool)),
+        "proto": _lookup_cat(proto, PROTOS),
+        "src": tracefile.ip_categorical(c["saddr"][first_row]),
+        "sport": _nullable(sport, p_icmp),
+        "dst": tracefile.ip_categorical(c["daddr"][first_row]),
+        "dport": _nullable(dport, p_icmp),
+        "final_src": tracefile.ip_categorical(c["saddr"][last_row]),
+        "final_sport": _nullable(fsport, p_icmp),
+        "final_dst": tracefile.ip_categorical(c["daddr"][last_row]),
+        "final_dport": _nullable(fdport, p_icmp),
+        "ip_id": c["ip_id"][first_row].astype(np.int64),
+        "ip_len": c["ip_len"][first_row].astype(np.int64),
+        "first_ts_ns": first_ts, "last_ts_ns": last_ts, "hops": n_hops,
+        "first_node": _lookup_cat(c["netns"][first_row], node_of),
+        "first_pod": _lookup_cat(c["netns"][first_row], pod_of),
+        "first_dev": _cat_from(np.where(has_hops, ifcodes[first_row], -1), list(ifcats)),
+        "last_node": _lookup_cat(c["netns"][last_row], node_of),
+        "last_pod": _lookup_cat(c["netns"][last_row], pod_of),
+        "last_dev": _cat_from(np.where(has_hops, ifcodes[last_row], -1), list(ifcats)),
+        "last_point": _cat_from(last_point, _POINT_NAMES),
+        "status": pd.Categorical.from_codes(status, categories=STATUSES),
+        "verdict_node": nodes_v,
+        "verdict_dev": _cat_from(v_dev, list(ifcats)),
+        "verdict_point": _cat_from(np.where(dropped, len(_POINT_NAMES), np.where(reached_pos >= 0, 0, last_point)),
+                                   _POINT_NAMES + ["drop"]),
+        "reason": reason_v, "location": loc_v,
+        "one_way_ns": _nullable(np.where(one_way >= 0, one_way, 0), one_way < 0),
+        "duration_ns": last_ts - first_ts,
+        "_proto": proto, "_src": c["saddr"][first_row].astype(np.int64),
+        "_dst": c["daddr"][first_row].astype(np.int64),
+        "_fsrc": c["saddr"][last_row].astype(np.int64), "_fdst": final_dst,
+        "_sport": np.where(p_icmp, echo_id, sport), "_dport": np.where(p_icmp, echo_id, dport),
+        "_fsport": np.where(p_icmp, echo_id, fsport), "_fdport": np.where(p_icmp, echo_id, fdport),
+    })
+    _verdict_text(packets)
+    packets.attrs["followed_only_packets"] = followed_only
+    for cc in ("tuple_proto", "tuple_src", "tuple_dst", "tuple_sport", "tuple_dport"):
+        packets[cc] = packets[cc.removeprefix("tuple_")]
+
+    hop_node = _lookup_cat(netns, node_of)
+    hops = pd.DataFrame({
+        "packet": pk, "hop": hop_no, "direction": None,
+        "seq": _nullable(np.zeros(len(pk), dtype=np.int64), np.ones(len(pk), dtype=bool)),
+        "ts_ns": ts, "t_ns": ts - t0, "dt_ns": dt,
+        "node": hop_node, "pod": _lookup_cat(netns, pod_of),
+        "dev": pd.Categorical.from_codes(dev, categories=ifcats) if len(ifcats) else np.array([""], dtype=object)[dev],
+        "point": pd.Categorical.from_codes(point, categories=_POINT_NAMES),
+        "seen_by": _cat_from(np.where(seen_both, len(_VIA_NAMES), via), _VIA_NAMES + ["tracepoint+tc"]),
+        "src": tracefile.ip_categorical(c["saddr"][rows]),
+        "sport": _nullable(c["sport"][rows].astype(np.int64), c["proto"][rows] == 1),
+        "dst": tracefile.ip_categorical(c["daddr"][rows]),
+        "dport": _nullable(c["dport"][rows].astype(np.int64), c["proto"][rows] == 1),
+        "encap": _lookup_cat(events["encap"].to_numpy()[order[rows]], ENCAP),
+        "encap_src": tracefile.ip_categorical(events["outer_saddr"].to_numpy()[order[rows]]),
+        "encap_dst": tracefile.ip_categorical(events["outer_daddr"].to_numpy()[order[rows]]),
+        "vni": events["vni"].to_numpy()[order[rows]].astype(np.int64),
+        "ifindex": events["ifindex"].to_numpy()[order[rows]].astype(np.int64),
+        "netns": netns,
+        "len": events["len"].to_numpy()[order[rows]].astype(np.int64),
+        "ct_state": _lookup_cat(events["ct_info"].to_numpy()[order[rows]],
+                            _ct_states(meta)),
+    })
+    return packets, hops
+
+
+def _ct_states(meta: dict) -> dict[int, str]:
+    names = {int(k): v for k, v in (meta.get("ct_info_names") or {}).items()}
+    out = {0: None}
+    for k, v in names.items():
+        out[k + 1] = v.removeprefix("IP_CT_").lower()
+    return out
+
+
+def _verdict_text(packets: pd.DataFrame) -> None:
+    """hint and runbook per packet, made once per distinct (status, node, dev, reason)."""
+    packets["cause"] = None
+    packets["hint"] = None
+    packets["runbook"] = None
+    bad = packets["status"] != "delivered"
+    if not bad.any():
+        return
+    cols = ["status", "verdict_node", "verdict_dev", "last_point", "reason", "location"]
+    sub = packets.loc[bad, cols]
+    codes = sub.astype(object).groupby(cols, dropna=False, sort=False).ngroup().to_numpy()
+    _, first_at = np.unique(codes, return_index=True)
+    firsts = sub.iloc[first_at]
+    hints, books = [], []
+    for r in firsts.itertuples(index=False):
+        if r.status == "dropped":
+            v = diagnose.dropped(r.verdict_node, r.verdict_dev, r.reason, r.location, {})
+        elif r.status == "lost":
+            v = diagnose.lost({"node": r.verdict_node, "dev": r.verdict_dev, "point": r.last_point})
+        else:
+            where = (r.verdict_node or "the fabric") + (f" ({r.verdict_dev})" if r.verdict_dev else "")
+            v = {"hint": f"Left {where}; where it went next is outside this trace.", "runbook": None}
+        hints.append(v["hint"])
+        books.append(v["runbook"])
+    packets.loc[bad, "hint"] = np.array(hints, dtype=object)[codes]
+    packets.loc[bad, "runbook"] = np.array(books, dtype=object)[codes]

@@ -1,0 +1,91 @@
+"""Flow verdict: whether every probe of a flow was delivered and answered by the right address."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from tracer.node.prober import ProbeResult
+from tracer.reconstruct.packets import FlowInput
+
+
+def flow_verdict(packets: list[dict], fi: FlowInput, probing: bool) -> tuple[dict, list[ProbeResult]]:
+    """(the flow-level verdict, the probes as judged): every probe delivered and answered by
+    the right address. A probe answered with an un-reversed reply is judged `wrong-reply`
+    (a new ProbeResult; fi.probes stays as sent)."""
+    problems: list[str] = []
+    probes = [replace(pr) for pr in fi.probes]
+    requests = [p for p in packets if p["direction"] == "request"]
+    replies = [p for p in packets if p["direction"] == "reply"]
+    if not probing:
+        bad = [p for p in packets if p["verdict"]["status"] != "delivered"]
+        ok = not bad and bool(packets)
+        summary = (f"{len(packets) - len(bad)}/{len(packets)} packets delivered" if packets
+                   else "no matching packet seen")
+        return {"status": "ok" if ok else "failed", "summary": summary, "problems": problems}, probes
+    judged = probes
+    if fi.sample > 1:
+        # With sampling, a probe no hook saw was simply not sampled: judge the others only.
+        judged = [pr for pr in probes if any(p["seq"] == pr.seq for p in requests)]
+    n = len(judged)
+    delivered = answered = 0
+    for pr in judged:
+        reqs = [p for p in requests if p["seq"] == pr.seq]
+        reps = [p for p in replies if p["seq"] == pr.seq]
+        if any(p["verdict"]["status"] == "delivered" for p in reqs):
+            delivered += 1
+        elif reqs:
+            v = reqs[-1]["verdict"]
+            problems.append(f"probe {pr.seq}: request {v['status']} at {v['node'] or 'fabric'}/{v['dev']}"
+                            + (f" ({v['reason']})" if v.get("reason") else "")
+                            + (f": {v['cause']}" if v.get("cause") else ""))
+        else:
+            problems.append(f"probe {pr.seq}: request never seen by the tracer")
+        bad_reply = next((p for p in reps if p["verdict"].get("cause") == "unreversed-reply"), None)
+        if bad_reply is not None:
+            problems.append(f"probe {pr.seq}: {bad_reply['verdict']['hint']}")
+            if pr.outcome == "answered":
+                pr.outcome = "wrong-reply"
+        if bad_reply is not None:
+            pass
+        elif pr.outcome == "answered":
+            expected = fi.dst.ip
+            if pr.reply_from and pr.reply_from != expected:
+                problems.append(f"probe {pr.seq}: reply came from {pr.reply_from}, not {expected}"
+                                " (reverse NAT did not happen)")
+            else:
+                answered += 1
+        elif pr.outcome == "refused":
+            problems.append(f"probe {pr.seq}: refused ({pr.detail or 'reset'})")
+        elif pr.outcome == "timeout":
+            if reps and reps[-1]["verdict"]["status"] != "delivered":
+                v = reps[-1]["verdict"]
+                problems.append(f"probe {pr.seq}: reply {v['status']} at {v['node'] or 'fabric'}/{v['dev']}"
+                                + (f" ({v['reason']})" if v.get("reason") else "")
+                                + (f": {v['cause']}" if v.get("cause") else ""))
+            else:
+                problems.append(f"probe {pr.seq}: no reply")
+        else:
+            problems.append(f"probe {pr.seq}: {pr.outcome} ({pr.detail})")
+    status = "ok" if delivered == n and answered == n and n > 0 else "failed"
+    summary = f"{delivered}/{n} delivered, {answered}/{n} answered"
+    if fi.sample > 1:
+        summary += f" ({n} of {len(fi.probes)} probes sampled at 1 in {fi.sample})"
+        if n == 0:
+            problems.append("no probe was sampled: send more (--count) or sample less (--sample)")
+    return {"status": status, "summary": summary, "problems": problems}, probes
+
+
+def summary(packets: list[dict], probes: list[ProbeResult], counters: dict) -> dict:
+    """The figures of a flow run: probes, deliveries, answers, median times, events lost."""
+    one_way = [p["one_way_ns"] for p in packets if p["direction"] == "request" and p["one_way_ns"] is not None]
+    rtts = [p.rtt_ns for p in probes if p.rtt_ns is not None and p.outcome == "answered"]
+    return {
+        "probes": len(probes),
+        "delivered": sum(1 for p in packets if p["direction"] == "request" and p["verdict"]["status"] == "delivered"),
+        "answered": sum(1 for p in probes if p.outcome == "answered"),
+        "median_one_way_ns": int(np.median(one_way)) if one_way else None,
+        "median_rtt_ns": int(np.median(rtts)) if rtts else None,
+        "events_lost": int(counters.get("lost", 0)),
+    }
