@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 
-# Flows in tests run in one process unless a test is about the agents (those pass
-# mode="agents" or set PODTRACE_FLOW_MODE=agents): three BCC compiles per flow on a 2-CPU
-# machine would otherwise dominate the suite's time. Both are product paths.
+# In-process `run_flow` calls default to the single-process runner: a test about something
+# else than the flow (hooks, capture, safety) then pays one BCC compile, not one per node.
+# The core flow tests (tests/integration/test_flow.py) pass mode="agents", the product's
+# default, and the command line, run as a user runs it, drops this variable.
 os.environ.setdefault("PODTRACE_FLOW_MODE", "single")
 
 
