@@ -12,7 +12,7 @@ import time
 # In-process `run_flow` calls default to the single-process runner: a test about something
 # else than the flow (hooks, capture, safety) then pays one BCC compile, not one per node.
 # The core flow tests (tests/integration/test_flow.py) pass mode="agents", the product's
-# default, and the command line, run as a user runs it, drops this variable.
+# default, and run the command line without this variable, as a user does.
 os.environ.setdefault("PODTRACE_FLOW_MODE", "single")
 
 
