@@ -229,21 +229,6 @@ def drain_all(session, seconds: float = 5) -> None:
     assert wait_until(complete, seconds, step=0.01), (session.sink.count(), session.counters())
 
 
-def tc_filters_owned_by(doc: dict, pid: int) -> list[tuple[str, str]]:
-    """(node namespace, device) where a tc filter of ours names `pid` as its owner: the run
-    has attached its tracepoints (they come first) and is attaching its tc observers."""
-    from tracer.kernel import tc
-
-    found = []
-    for n in doc["nodes"]:
-        links = subprocess.run(["ip", "-n", n["netns"], "-o", "link"], capture_output=True, text=True).stdout
-        for line in links.splitlines():
-            dev = line.split(": ")[1].split("@")[0]
-            if any((tc.owner_of(name) or (None,))[0] == pid for name in tc.ours(n["netns"], dev)):
-                found.append((n["netns"], dev))
-    return found
-
-
 def traced_addrs(pid: int) -> set[str]:
     """The addresses in the `addrs` map of the BPF programs process `pid` holds: what its
     kernel side selects right now."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.lab_fixture import lab  # noqa: F401  (session fixture)
-from tests.integration.lab_fixture import ping, tc_filters_owned_by, tcp_ask, udp_ask, wait_until
+from tests.integration.lab_fixture import ping, tcp_ask, traced_addrs, udp_ask, wait_until
 from tracer import analysis
 from tracer.runs import capture
 from tracer.kernel import record as events
@@ -233,7 +233,8 @@ def test_ctrl_c_finishes_the_file(lab, tmp_path):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "capture never started"
             time.sleep(0.05)
-        assert wait_until(lambda: tc_filters_owned_by(lab, proc.pid), 30), "capture never attached"
+        # the selection reaches the kernel once the programs are loaded and attached
+        assert wait_until(lambda: pod(lab, "pod-1-1")["ip"] in traced_addrs(proc.pid), 30), "capture never attached"
         traffic(lab, rounds=1, pairs=[("pod-1-1", "pod-2-2")], service=False)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
@@ -269,7 +270,8 @@ def test_sigkill_then_cleanup_salvages_the_capture(lab, tmp_path):
         while not any("bpf-prog" in t for t in bpf_fds(proc.pid)):
             assert proc.poll() is None and time.monotonic() < deadline, "capture never started"
             time.sleep(0.05)
-        assert wait_until(lambda: tc_filters_owned_by(lab, proc.pid), 30), "capture never attached"
+        # the selection reaches the kernel once the programs are loaded and attached
+        assert wait_until(lambda: pod(lab, "pod-1-1")["ip"] in traced_addrs(proc.pid), 30), "capture never attached"
         traffic(lab, rounds=1, pairs=[("pod-1-1", "pod-2-2")], service=False)
         time.sleep(capture.FLUSH_S + 1.5)     # the promise under test: events wait at most FLUSH_S (+1 s) in memory
         assert proc.poll() is None
