@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=$ROOT/.venv
-APT_PKGS=(python3-bpfcc iproute2 iptables iperf3 bpftool kmod conntrack)
+# gcc and python3 (a system interpreter user nobody may run) are for the test suite.
+APT_PKGS=(python3-bpfcc iproute2 iptables iperf3 bpftool kmod conntrack gcc python3)
 HEADERS_PKG=linux-headers-cloud-amd64
 changed=0
 say() { echo "setup: $*"; changed=1; }

@@ -7,15 +7,27 @@ PODTRACE_REQUIRE_BPF=1 they fail instead, so CI can never pass by skipping.
 from __future__ import annotations
 
 import os
+import time
 
-# Flows in tests run in one process unless a test is about the agents (those pass
-# mode="agents" or set PODTRACE_FLOW_MODE=agents): three BCC compiles per flow on a 2-CPU
-# machine would otherwise dominate the suite's time. Both are product paths.
+# In-process `run_flow` calls default to the single-process runner: a test about something
+# else than the flow (hooks, capture, safety) then pays one BCC compile, not one per node.
+# The core flow tests (tests/integration/test_flow.py) pass mode="agents", the product's
+# default, and run the command line without this variable, as a user does.
 os.environ.setdefault("PODTRACE_FLOW_MODE", "single")
 
 
 def must_run() -> bool:
     return os.environ.get("CI", "").lower() == "true" or os.environ.get("PODTRACE_REQUIRE_BPF") == "1"
+
+
+def wait_until(pred, seconds: float, step: float = 0.05) -> bool:
+    """Readiness instead of a fixed sleep: True as soon as `pred()` holds, False at the deadline."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
 
 
 def environment_problem() -> str | None:
@@ -24,3 +36,30 @@ def environment_problem() -> str | None:
     if not os.path.exists("/sys/kernel/btf/vmlinux"):
         return "kernel has no BTF at /sys/kernel/btf/vmlinux"
     return None
+
+
+# The agent-image tests (tests/integration/test_image.py) download ~200 MB and take minutes:
+# opt-in with PODTRACE_IMAGE_TEST=1. Without it they are deselected, which pytest counts in its
+# summary line ("N deselected") and which the summary below names, rather than skipped.
+IMAGE_OPT_IN = "PODTRACE_IMAGE_TEST"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"image: builds the agent image's rootfs (opt-in: {IMAGE_OPT_IN}=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get(IMAGE_OPT_IN) == "1":
+        return
+    image = [i for i in items if i.get_closest_marker("image")]
+    if image:
+        config.hook.pytest_deselected(items=image)
+        items[:] = [i for i in items if not i.get_closest_marker("image")]
+        config._podtrace_image_deselected = len(image)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    n = getattr(config, "_podtrace_image_deselected", 0)
+    if n:
+        terminalreporter.write_line(f"{n} agent-image test(s) deselected (opt-in, ~200 MB download): "
+                                    f"run them with {IMAGE_OPT_IN}=1")

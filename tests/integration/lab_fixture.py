@@ -21,6 +21,12 @@ Helpers (all traffic is sent from inside a lab namespace):
   for before/after leak checks; with `prefix`, namespaces and responders are limited to that
   lab's, so other labs coming and going on the machine do not disturb the comparison.
 - `run_cli(*args, prefix=..., user_nobody=False)` -> CompletedProcess of `python -m tracer.cli`.
+
+Readiness, never a fixed sleep:
+- `wait_until(pred, seconds)` -> True as soon as `pred()` holds, False at the deadline.
+- `session_processes(sid)` -> pids (zombies too) of a run started with `start_new_session=True`
+  and of everything it spawned: empty once all of them are gone and reaped.
+- `drain_all(session)` -> drains a TraceSession until its sink holds every event the kernel emitted.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import environment_problem, must_run
+from tests.conftest import environment_problem, must_run, wait_until
 from tracer.node import netns
 from tracer.node import prober as probe
 from tracer.lab import build
@@ -193,3 +199,57 @@ def run_cli(*args: str, prefix: str, user_nobody: bool = False, timeout: float =
             **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(cli_argv(*args, user_nobody=user_nobody), env=cli_env(prefix, **env),
                           cwd="/", capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------
+# Readiness
+
+def session_processes(sid: int) -> set[int]:
+    """Processes in session `sid`, zombies included: a killed owner that is not yet reaped
+    still counts as alive for `podtrace cleanup`."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid:
+            pids.add(int(entry.name))
+    return pids
+
+
+def drain_all(session, seconds: float = 5) -> None:
+    """Drain until the sink holds as many events as the kernel emitted (the frees that follow
+    the last packet included); fails at the deadline, which also catches a record read twice."""
+    def complete():
+        session.drain()
+        return session.sink.count() == session.counters()["emitted"]
+    assert wait_until(complete, seconds, step=0.01), (session.sink.count(), session.counters())
+
+
+def traced_addrs(pid: int) -> set[str]:
+    """The addresses in the `addrs` map of the BPF programs process `pid` holds: what its
+    kernel side selects right now."""
+    import ipaddress
+    import json
+    import re
+
+    out: set[str] = set()
+    for info in Path(f"/proc/{pid}/fdinfo").glob("*"):
+        try:
+            m = re.search(r"^map_id:\s*(\d+)", info.read_text(), re.M)
+        except OSError:
+            continue
+        if not m:
+            continue
+        show = subprocess.run(["bpftool", "map", "show", "id", m.group(1), "-j"], capture_output=True, text=True)
+        if show.returncode or json.loads(show.stdout).get("name") != "addrs":
+            continue
+        dump = subprocess.run(["bpftool", "map", "dump", "id", m.group(1), "-j"], capture_output=True, text=True)
+        for entry in json.loads(dump.stdout or "[]"):
+            key = entry.get("key")
+            if isinstance(key, list) and len(key) == 4:
+                out.add(str(ipaddress.IPv4Address(bytes(int(b, 16) for b in key))))
+    return out

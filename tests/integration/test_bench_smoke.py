@@ -107,3 +107,15 @@ def test_memory_quick(bench_lab):
     cap = doc["capture"]
     assert cap["exit"] == 0 and cap["events"] > 0
     assert "rss_samples_mib" in cap and "rss_slope_mib_per_min_all" in cap
+
+
+def test_resolve_small():
+    """The resolve figures, among them the close-match time the unit tests leave to bench/."""
+    p = subprocess.run([sys.executable, str(REPO / "bench" / "resolve.py"), "--pods", "500", "--services", "50",
+                        "--nodes", "10", "--samples", "20"], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads(p.stdout)
+    assert doc["inventory"]["pods"] == 500
+    assert doc["unknown_name_with_suggestions_ms"] > 0
+    assert set(doc["resolve"]) >= {"ns/pod", "svc/ns/name", "pod ip", "unknown ip"}

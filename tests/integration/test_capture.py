@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.lab_fixture import lab  # noqa: F401  (session fixture)
-from tests.integration.lab_fixture import ping, tcp_ask, udp_ask
+from tests.integration.lab_fixture import ping, tcp_ask, traced_addrs, udp_ask, wait_until
 from tracer import analysis
 from tracer.runs import capture
 from tracer.kernel import record as events
@@ -61,10 +61,9 @@ def quietly(fn, *args, **kw):
 PAIRS = [("pod-1-1", "pod-2-1"), ("pod-1-2", "pod-2-2"), ("pod-2-1", "pod-1-2"), ("pod-1-1", "pod-1-2")]
 
 
-def traffic(lab, rounds=3, start=0.2, pairs=PAIRS, service=True):
+def traffic(lab, rounds=3, pairs=PAIRS, service=True):
     """TCP, UDP and ICMP between several pod pairs (and to the web Service), from inside the
     lab's pod namespaces only."""
-    time.sleep(start)
     web = next(s for s in lab["services"] if s["name"] == "web")
     for i in range(rounds):
         for a, b in pairs:
@@ -198,7 +197,6 @@ def test_selection_is_applied_in_the_kernel(lab, tmp_path):
 
 
 def udp_burst(lab, n=3000):
-    time.sleep(0.2)
     s = netns.socket_in(pod(lab, "pod-1-2")["netns"], socket.AF_INET, socket.SOCK_DGRAM)
     try:
         s.connect((pod(lab, "pod-2-2")["ip"], 8080))
@@ -237,9 +235,9 @@ def test_ctrl_c_finishes_the_file(lab, tmp_path):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "capture never started"
             time.sleep(0.05)
-        time.sleep(0.3)   # programs are attached right after they are loaded
-        traffic(lab, rounds=1, start=0.3, pairs=[("pod-1-1", "pod-2-2")], service=False)
-        time.sleep(0.3)
+        # the selection reaches the kernel once the programs are loaded and attached
+        assert wait_until(lambda: pod(lab, "pod-1-1")["ip"] in traced_addrs(proc.pid), 30), "capture never attached"
+        traffic(lab, rounds=1, pairs=[("pod-1-1", "pod-2-2")], service=False)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     finally:
@@ -274,9 +272,10 @@ def test_sigkill_then_cleanup_salvages_the_capture(lab, tmp_path):
         while not any("bpf-prog" in t for t in bpf_fds(proc.pid)):
             assert proc.poll() is None and time.monotonic() < deadline, "capture never started"
             time.sleep(0.05)
-        time.sleep(0.3)
-        traffic(lab, rounds=1, start=0.3, pairs=[("pod-1-1", "pod-2-2")], service=False)
-        time.sleep(capture.FLUSH_S + 1.5)     # the events wait at most FLUSH_S (+1 s) in memory
+        # the selection reaches the kernel once the programs are loaded and attached
+        assert wait_until(lambda: pod(lab, "pod-1-1")["ip"] in traced_addrs(proc.pid), 30), "capture never attached"
+        traffic(lab, rounds=1, pairs=[("pod-1-1", "pod-2-2")], service=False)
+        time.sleep(capture.FLUSH_S + 1.5)     # the promise under test: events wait at most FLUSH_S (+1 s) in memory
         assert proc.poll() is None
         proc.kill()
         proc.wait(timeout=10)

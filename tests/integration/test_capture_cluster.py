@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakeapi import FakeApi
-from tests.integration.lab_fixture import ping, private_lab
+from tests.integration.lab_fixture import ping, private_lab, traced_addrs, wait_until
 from tracer import tracefile
 from tracer.runs import capture
 from tracer.cluster import api as kube
@@ -56,16 +56,18 @@ def test_capture_follows_pods_that_come_and_go(tmp_path):
                 while not part.exists() and proc.poll() is None and time.monotonic() < end:
                     time.sleep(0.05)
                 assert part.exists(), proc.poll() is not None and proc.communicate()
-                time.sleep(2.5)                          # the programs are loaded and attached
+                # the programs are loaded and attached once the selection is in the kernel
+                assert wait_until(lambda: GOING in traced_addrs(proc.pid) or proc.poll() is not None, 30)
+                assert LATE not in traced_addrs(proc.pid)
                 assert ping(node1, LATE) == LATE         # not selected yet: not captured
                 t_added = _mono()
                 api.add(late)
-                time.sleep(1.5)                          # watch event → filter
+                assert wait_until(lambda: LATE in traced_addrs(proc.pid), 15), "watch event → filter"
                 for seq in range(3):
                     assert ping(node1, LATE, seq=seq + 2) == LATE
                 assert ping(node1, GOING) == GOING       # still selected: captured
                 api.delete("Pod", "default", "pod-1-1")
-                time.sleep(1.5)
+                assert wait_until(lambda: GOING not in traced_addrs(proc.pid), 15), "watch event → filter"
                 t_gone = _mono()
                 assert ping(node1, GOING, seq=9) == GOING   # no longer selected: not captured
                 _, err = proc.communicate(timeout=60)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakeapi import FakeApi, agent_pods, lab_agent_runner
-from tests.integration.lab_fixture import private_lab
+from tests.integration.lab_fixture import private_lab, wait_until
 from tests.integration.test_safety_common import our_filters, tc_snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -220,7 +220,8 @@ def test_interrupted_coordinator_leaves_no_agent(cluster):
         while len(_agents_running()) < 2 and time.monotonic() < end and proc.poll() is None:
             time.sleep(0.1)
         assert len(_agents_running()) == 2, proc.poll() is not None and proc.communicate()
-        time.sleep(2)
+        nodes_ns = {f"{PREFIX}-{n}" for n in NODES}   # both agents attaching
+        assert wait_until(lambda: nodes_ns <= {f.split("/")[0] for f in our_filters(tc_snapshot(cluster["lab"]))}, 30)
         proc.kill()          # SIGKILL: nobody on the workstation says goodbye
         proc.wait(10)
     finally:

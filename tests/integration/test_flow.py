@@ -36,13 +36,17 @@ def wait_no_programs(seconds: float = 5) -> None:
 
 
 def cli(lab, *args, timeout=60) -> subprocess.CompletedProcess:
+    """The command as a user runs it: the product's default mode (one agent per node)."""
     env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"])
+    env.pop("PODTRACE_FLOW_MODE", None)
     return subprocess.run([sys.executable, "-m", "tracer.cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=ROOT)
 
 
-def flow(lab, src, dst, **kw):
-    return run_flow(FlowConfig(src=src, dst=dst, lab_prefix=lab["prefix"], **kw))
+def flow(lab, src, dst, mode="agents", **kw):
+    """The core flow tests run in the product's default mode, one agent per node; a test
+    about something else may ask for the in-process runner."""
+    return run_flow(FlowConfig(src=src, dst=dst, lab_prefix=lab["prefix"], mode=mode, **kw))
 
 
 def pod(lab, name):
@@ -75,9 +79,10 @@ def cross_node_path(lab, a, b):
     ]
 
 
-@pytest.mark.parametrize("proto,port", [("icmp", None), ("tcp", 8080), ("udp", 8080)])
-def test_cross_node_every_hop_in_order(lab, proto, port):
-    r = flow(lab, "pod-1-1", "pod-2-1", proto=proto, port=port)
+@pytest.mark.parametrize("mode,proto,port", [("agents", "icmp", None), ("agents", "tcp", 8080),
+                                             ("agents", "udp", 8080), ("single", "icmp", None)])
+def test_cross_node_every_hop_in_order(lab, mode, proto, port):
+    r = flow(lab, "pod-1-1", "pod-2-1", mode=mode, proto=proto, port=port)
     assert r.ok, r.verdict
     want_req = cross_node_path(lab, "pod-1-1", "pod-2-1")
     want_rep = cross_node_path(lab, "pod-2-1", "pod-1-1")
@@ -186,7 +191,7 @@ def test_save_and_load_trace(lab, tmp_path):
     from tracer import analysis
 
     f = tmp_path / "t.parquet"
-    r = flow(lab, "pod-1-1", "pod-2-1", save=str(f))
+    r = flow(lab, "pod-1-1", "pod-2-1", mode="single", save=str(f))
     t = analysis.load(str(f))
     assert len(t.events) == len(r.events)
     assert len(t.packets) == len(r.packets)

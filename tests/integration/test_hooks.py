@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.integration.lab_fixture import lab  # noqa: F401
+from tests.integration.lab_fixture import lab, session_processes, wait_until  # noqa: F401
 from tests.integration.test_flow import wait_no_programs
 from tracer.kernel import contract
 from tracer.kernel import program as bpfprog
@@ -143,11 +143,12 @@ def _start_long_flow(lab, **extra):
 
 
 def _wait_attached(lab, proc, before):
-    deadline = time.monotonic() + 30
-    while lab_tc_state(lab) == before:
-        assert proc.poll() is None and time.monotonic() < deadline, "tc filters never appeared"
-        time.sleep(0.1)
-    time.sleep(0.3)
+    """Until both nodes on the path carry filters of ours: both agents are attaching."""
+    path_nodes = {pod["node"] for pod in lab["pods"] if pod["name"] in ("pod-1-1", "pod-2-1")}
+    want = {n["netns"] for n in lab["nodes"] if n["name"] in path_nodes}
+    assert wait_until(lambda: want <= {ns for ns, _ in _all_ours(lab)} or proc.poll() is not None, 30), \
+        "tc filters never appeared"
+    assert proc.poll() is None
 
 
 def test_sigkill_of_everything_then_cleanup_leaves_nothing(lab):
@@ -162,7 +163,7 @@ def test_sigkill_of_everything_then_cleanup_leaves_nothing(lab):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    time.sleep(0.5)
+    assert wait_until(lambda: not session_processes(proc.pid), 10), "killed agents not reaped"
     assert lab_tc_state(lab) != before, "a SIGKILL cannot clean up: the leftovers must be visible"
     res = cli(lab, "cleanup")
     assert res.returncode == 0, res.stderr
@@ -244,7 +245,7 @@ def test_cleanup_goes_by_the_owner_named_in_each_filter(lab, tmp_path):
 
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-        time.sleep(0.5)
+        assert wait_until(lambda: not session_processes(proc.pid), 10), "killed agents not reaped"
         assert lab_tc_state(lab) != before
         res = cli(lab, "cleanup", PODTRACE_STATE_DIR=other_state)     # no record of that run here
         assert res.returncode == 0, res.stderr

@@ -27,13 +27,10 @@ ROOTFS = Path(os.environ.get("PODTRACE_IMAGE_ROOTFS", "/var/tmp/podtrace-image/r
 REQUEST = {"version": 1, "node": "n", "node_netns": None, "netns_filter": None, "addrs": ["127.0.0.1"],
            "tc_devices": [], "sample": 1, "budget": 0, "max_seconds": 3}
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(os.environ.get("PODTRACE_IMAGE_TEST") != "1",
-                       reason="opt-in, not part of CI: builds the agent image's rootfs from manifests/Dockerfile "
-                              "(downloads ~200 MB, takes minutes); run with "
-                              "PODTRACE_IMAGE_TEST=1 sudo .venv/bin/python -m pytest tests/integration/test_image.py"),
-]
+# Deselected (tests/conftest.py) unless PODTRACE_IMAGE_TEST=1: builds the agent image's rootfs
+# from manifests/Dockerfile (downloads ~200 MB, takes minutes); run with
+# PODTRACE_IMAGE_TEST=1 sudo .venv/bin/python -m pytest tests/integration/test_image.py
+pytestmark = [pytest.mark.integration, pytest.mark.image]
 
 
 def _mounts_under(root: Path) -> list[str]:

@@ -7,9 +7,9 @@ tracer/session.py agree on every slot, and the counts equal the table's entries.
 from __future__ import annotations
 
 import ipaddress
-import time
+import operator
 
-from tests.integration.lab_fixture import lab, ping, pod  # noqa: F401
+from tests.integration.lab_fixture import drain_all, lab, ping, pod, wait_until  # noqa: F401
 from tracer.node import netns
 from tracer.kernel import hooks as probes
 from tracer.kernel.contract import SLOT_MULT, addr_bit_words, addr_key, addr_slot
@@ -37,8 +37,7 @@ def tracked_slot(skb: int) -> int:
 def _events(s: TraceSession, src: dict, dst: dict, seq: int) -> int:
     before = s.sink.count()
     assert ping(src["netns"], dst["ip"], seq=seq) == dst["ip"]
-    time.sleep(0.05)
-    s.drain()
+    drain_all(s)
     return s.sink.count() - before
 
 
@@ -70,13 +69,16 @@ def test_prefilters_agree_with_their_tables(lab):
         bits[bits.Key(w)] = bits.Leaf(kept)
         assert _events(s, src, dst, 4) > 0
 
-        # tracked_cnt: per slot, exactly the entries of `tracked` (none evicted here)
-        time.sleep(0.2)
-        counts = {k.value: v.value for k, v in s.loaded.bpf["tracked_cnt"].items() if v.value}
-        want: dict[int, int] = {}
-        for k in s.loaded.bpf["tracked"].keys():
-            want[tracked_slot(k.value)] = want.get(tracked_slot(k.value), 0) + 1
-        assert counts == want, "tracked_cnt differs from the entries of tracked (an underflow shows as ~2**32)"
+        # tracked_cnt: per slot, exactly the entries of `tracked` (none evicted here), once
+        # the skbs still in flight are freed
+        def counts_and_entries():
+            counts = {k.value: v.value for k, v in s.loaded.bpf["tracked_cnt"].items() if v.value}
+            want: dict[int, int] = {}
+            for k in s.loaded.bpf["tracked"].keys():
+                want[tracked_slot(k.value)] = want.get(tracked_slot(k.value), 0) + 1
+            return counts, want
+        assert wait_until(lambda: operator.eq(*counts_and_entries()), 5), \
+            f"tracked_cnt differs from the entries of tracked (an underflow shows as ~2**32): {counts_and_entries()}"
 
         s.set_addrs(remove=[dst["ip"]])
         assert _events(s, src, dst, 5) == 0

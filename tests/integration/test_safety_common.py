@@ -15,27 +15,19 @@ import re
 import site
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import environment_problem, must_run
-from tests.integration.lab_fixture import LAB_PREFIX, REPO_ROOT
+from tests.conftest import must_run
+from tests.integration.lab_fixture import LAB_PREFIX, REPO_ROOT, wait_until  # noqa: F401  (shared)
+from tests.integration.lab_fixture import require_environment as _require_environment
 from tracer.node import netns
 from tracer.lab import build
 from tracer.lab import topology as T
 
 SAFE_PREFIX = LAB_PREFIX if LAB_PREFIX.startswith("pttestsafe") else "pttestsafe"
 SCRATCH_PREFIX = "pttestsafed"
-
-
-def _require_environment():
-    problem = environment_problem()
-    if problem:
-        if must_run():
-            pytest.fail(f"cannot run: {problem} (CI=true or PODTRACE_REQUIRE_BPF=1 forbids skipping)")
-        pytest.skip(problem)
 
 
 @pytest.fixture(scope="session")
@@ -111,7 +103,11 @@ def nobody_python() -> tuple[list[str], dict]:
                 _NOBODY = [exe]
                 break
         else:
-            pytest.skip("no Python interpreter that user nobody may execute")
+            # scripts/dev.sh setup installs Debian's python3, which nobody may run
+            problem = "no Python interpreter that user nobody may execute (scripts/dev.sh setup installs one)"
+            if must_run():
+                pytest.fail(problem)
+            pytest.skip(problem)
     extra = {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *site.getsitepackages()]), "HOME": "/nonexistent"}
     return [*drop, *_NOBODY], extra
 
@@ -201,12 +197,3 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
-
-
-def wait_until(pred, seconds: float, step: float = 0.05) -> bool:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()

@@ -19,7 +19,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from tests.integration.test_safety_common import (
@@ -117,11 +116,21 @@ def test_probes_reach_only_the_named_destination_and_nothing_listens(safe_lab, t
     assert sent_b and set(sent_b) == {(b["ip"], b_dst["ip"], 1)}, sent_b
 
 
+def _catches(pid: int, sig: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(mask & (1 << (sig - 1)))
+
+
 def test_agent_serve_opens_no_listener(safe_lab):
     proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "agent", "--serve"], env=cli_env(SAFE_PREFIX),
                             cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.5)
+        # idle once its SIGTERM handler is in place (/proc/PID/status SigCgt)
+        assert wait_until(lambda: _catches(proc.pid, signal.SIGTERM) or proc.poll() is not None, 60)
         assert proc.poll() is None, proc.communicate()
         assert not _owned_by(_listeners(), {proc.pid})
         fds = [Path(f"/proc/{proc.pid}/fd/{fd}").readlink() for fd in Path(f"/proc/{proc.pid}/fd").iterdir()

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from tests.conftest import wait_until
 from tests.fakeapi import FakeApi
 from tracer.cluster import endpoints
 from tracer.cluster import inventory as k8s
@@ -165,7 +166,8 @@ def test_bookmark_moves_the_resource_version(api, source):
 def test_watch_survives_timeouts_and_stop_is_quick(api, conn):
     src = watch.ClusterSource(conn, [kube.Stream("Pod")], watch_timeout=1)
     src.start()
-    time.sleep(1.5)           # the server closed the first watch: reconnected from the RV
+    # the server closed the first watch: reconnected from the RV (a second watch request)
+    assert wait_until(lambda: sum("watch=" in r for r in api.requests) >= 2, 10), api.requests
     api.add(_new_pod(api, "pod-late", "10.244.1.80"))
     assert src.wait_until(lambda inv: "default/pod-late" in inv.pods, 5)
     assert src.stats()["streams"][0]["lists"] == 1

@@ -150,11 +150,8 @@ def test_close_matches_stay_fast_on_big_inventories():
     inv = k8s.Inventory()
     for i in range(5000):
         inv.pods[f"ns{i % 50}/app-{i}"] = k8s.Pod(f"ns{i % 50}", f"app-{i}", "n", f"10.{i // 250}.{i % 250}.1")
-    import time
-    t = time.perf_counter()
-    with pytest.raises(Exception) as e:
+    with pytest.raises(Exception) as e:   # its time: bench/resolve.py (unknown_name_with_suggestions_ms)
         endpoints.resolve("ns3/app-3x", inv)
-    assert time.perf_counter() - t < 0.5
     assert "did you mean ns3/app-3" in e.value.line()
 
 
