@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tracer import testhooks
+from tracer.node import ownership
 from tracer.kernel import record as events
 from tracer.errors import BadInput
 from tracer.tracemeta import FORMAT_VERSION, cluster_meta, finish_meta, host_meta
@@ -123,7 +124,6 @@ class Writer:
 
     def __init__(self, path: str | Path, row_group_events: int = ROW_GROUP_EVENTS,
                  compression: str = "zstd", extra: tuple[str, ...] = (), meta: dict | None = None):
-        from tracer.node import ownership
 
         self.path = Path(path)
         self.extra = tuple(extra)
@@ -215,7 +215,6 @@ class Writer:
         self.bytes_hint = self._sink.tell()
 
     def close(self, meta: dict, counters: dict | None = None) -> Path:
-        from tracer.node import ownership
 
         self._flush()
         self._w.close()
@@ -237,7 +236,6 @@ class Writer:
         return self.path
 
     def abort(self) -> None:
-        from tracer.node import ownership
 
         try:
             with contextlib.suppress(pa.ArrowException, OSError):
@@ -659,3 +657,23 @@ def _upgrade_meta(meta: dict) -> dict:
         meta.setdefault("clock", {"source": "CLOCK_MONOTONIC (bpf_ktime_get_ns)", "node_offsets_ns": {}})
         meta["format_version"] = FORMAT_VERSION
     return meta
+
+
+def cleanup_writers() -> list[str]:
+    """Salvage the unfinished trace file of every registered writer that is no longer
+    running (salvage_writer); writers still running are left alone. One line per
+    file handled."""
+    if not any(not ownership.writer_running(w) for w in ownership.registered_writers()):
+        return []
+    out: list[str] = []
+    with ownership.writers_locked():
+        for w in ownership.registered_writers():     # again, under the lock: another cleanup may have run
+            if ownership.writer_running(w):
+                continue
+            if w.get("damaged"):
+                ownership.unregister(Path(w["registration"]))
+                out.append(f"removed the unreadable writer record {w['registration']}")
+                continue
+            out += salvage_writer(w)
+            ownership.unregister(Path(w["registration"]))
+    return out

@@ -1,5 +1,5 @@
 """A trace file whose writer is killed (SIGKILL: no handler runs) is still readable up to its
-last complete batch, and `podtrace cleanup` (ownership.cleanup_writers) turns it into a
+last complete batch, and `podtrace cleanup` (tracefile.cleanup_writers) turns it into a
 complete-but-marked-incomplete trace — but never touches the file of a writer that is still
 running. Real writer processes, killed for real."""
 
@@ -128,12 +128,12 @@ def test_sigkill_mid_way_then_cleanup_salvages_a_prefix(tmp_path, state):
         on_disk = int(_read_until(proc, lambda l: int(l) >= 20_000))
         regs = ownership.registered_writers()
         assert [r["pid"] for r in regs] == [proc.pid] and regs[0]["start"] == ownership.start_time(proc.pid)
-        assert ownership.cleanup_writers() == [], "the writer is running: its file is not to be touched"
+        assert tracefile.cleanup_writers() == [], "the writer is running: its file is not to be touched"
     finally:
         _kill(proc)
     part = Path(str(out) + ".part")
     assert part.exists() and not out.exists()
-    lines = ownership.cleanup_writers()
+    lines = tracefile.cleanup_writers()
     target = tmp_path / "trace.incomplete.parquet"
     assert len(lines) == 1 and lines[0].startswith(f"salvaged {target}: "), lines
     assert f"pid {proc.pid}" in lines[0]
@@ -148,21 +148,21 @@ def test_sigkill_mid_way_then_cleanup_salvages_a_prefix(tmp_path, state):
     assert meta["format_version"] == tracefile.FORMAT_VERSION and meta["kind"] == "capture"
     assert meta["row_groups"] == len(df) // 1000
     assert tracefile.read_meta(target)["incomplete"] is True
-    assert ownership.cleanup_writers() == []         # idempotent
+    assert tracefile.cleanup_writers() == []         # idempotent
 
 
 def test_live_writers_part_is_left_alone_and_loads(tmp_path, state):
     with _waiting_writer(tmp_path / "live.parquet", state, 3000) as (proc, part):
         before = part.read_bytes()
         # a concurrent cleanup, in another process, as the user runs it
-        res = _python(state, "-c", "from tracer.node import ownership; print(ownership.cleanup_writers())")
+        res = _python(state, "-c", "from tracer import tracefile; print(tracefile.cleanup_writers())")
         assert res.returncode == 0 and res.stdout.strip() == "[]", res
         assert part.read_bytes() == before and len(ownership.registered_writers()) == 1
         # the raw stream of a running writer loads, marked incomplete
         df, meta = tracefile.load(part)
         assert len(df) == 3000 and meta["incomplete"] is True and "being written" in meta["incomplete_reason"]
         _is_prefix(df)
-    assert ownership.cleanup_writers()[0].startswith("salvaged ")
+    assert tracefile.cleanup_writers()[0].startswith("salvaged ")
     assert tracefile.load(tmp_path / "live.incomplete.parquet")[1]["events"] == 3000
 
 
@@ -181,7 +181,7 @@ def test_killed_while_moving_the_complete_file_into_place(tmp_path, state):
     finally:
         _kill(proc)
     assert Path(str(out) + ".part").exists() and Path(str(out) + ".part.tmp").exists() and not out.exists()
-    lines = ownership.cleanup_writers()
+    lines = tracefile.cleanup_writers()
     assert lines == [f"finished {out} (the writer, pid {proc.pid}, was killed as it moved the complete file "
                      "into place)"], lines
     df, meta = tracefile.load(out)
@@ -199,11 +199,11 @@ def test_reused_pid_is_not_the_writer_and_names_never_overwrite(tmp_path, state)
     (reg,) = state.glob("writing/*.json")
     doc = json.loads(reg.read_text())
     assert doc["pid"] == os.getpid()
-    assert ownership.cleanup_writers() == []          # this process: running
+    assert tracefile.cleanup_writers() == []          # this process: running
     doc["start"] -= 1                                 # the same pid, another process
     reg.write_text(json.dumps(doc))
     (tmp_path / "t.incomplete.parquet").write_text("someone's file")
-    lines = ownership.cleanup_writers()
+    lines = tracefile.cleanup_writers()
     assert lines and lines[0].startswith(f"salvaged {tmp_path / 't.incomplete.2.parquet'}: 1000 events"), lines
     assert (tmp_path / "t.incomplete.parquet").read_text() == "someone's file"
     assert not w.tmp.exists() and not reg.exists()
@@ -217,7 +217,7 @@ def test_records_naming_other_paths_are_dropped_not_followed(tmp_path, state):
     (state / "writing" / "1-1.json").write_text(json.dumps(
         {"pid": 999_999_999, "start": 1, "path": str(tmp_path / "t.parquet"), "part": str(victim),
          "tmp": str(victim)}))
-    lines = ownership.cleanup_writers()
+    lines = tracefile.cleanup_writers()
     assert lines == [f"removed the unreadable writer record {state / 'writing' / '1-1.json'}"]
     assert victim.read_text() == "x"
 
@@ -226,7 +226,7 @@ def test_writer_killed_before_its_first_batch(tmp_path, state):
     """Only the header on disk: salvaged as an empty, incomplete trace with its metadata."""
     with _waiting_writer(tmp_path / "early.parquet", state, 0):
         pass
-    lines = ownership.cleanup_writers()
+    lines = tracefile.cleanup_writers()
     assert lines[0].startswith(f"salvaged {tmp_path / 'early.incomplete.parquet'}: 0 events"), lines
     df, meta = tracefile.load(tmp_path / "early.incomplete.parquet")
     assert len(df) == 0 and meta["incomplete"] is True and meta["selection"]["asked"] == {"pod": ["a"]}
@@ -240,7 +240,7 @@ def test_analyze_says_a_trace_is_incomplete(tmp_path, state):
     assert len(warn) == 1 and warn[0].startswith(f"podtrace: warning: {part} is an incomplete trace"), warn
     doc = json.loads(res.stdout)
     assert doc["incomplete"] and doc["summary"]
-    ownership.cleanup_writers()
+    tracefile.cleanup_writers()
     res = _python(state, "-m", "tracer.cli", "analyze", str(tmp_path / "a.incomplete.parquet"))
     assert res.returncode == 0 and "incomplete trace" in res.stderr and "was killed" in res.stderr, res.stderr
 

@@ -31,7 +31,10 @@ def cleanup():
 
     require_root("podtrace cleanup")
     removed = [f"removed {r}" for r in tcattach.cleanup(list_names())]
-    removed += ownership.cleanup_writers()
+    if any(not ownership.writer_running(w) for w in ownership.registered_writers()):
+        from tracer import tracefile   # pyarrow only when there is a file to salvage
+
+        removed += tracefile.cleanup_writers()
     for r in removed:
         click.echo(r)
     click.echo(f"cleanup: {len(removed)} leftover(s) removed" if removed else "cleanup: nothing left behind")

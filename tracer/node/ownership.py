@@ -130,27 +130,5 @@ def writers_locked():
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def cleanup_writers() -> list[str]:
-    """Salvage the unfinished trace file of every registered writer that is no longer
-    running (tracefile.salvage_writer); writers still running are left alone. One line per
-    file handled."""
-    if not any(not _running(w) for w in registered_writers()):
-        return []       # the common case: nothing to do, and no pandas/pyarrow to import
-    from tracer import tracefile
-
-    out: list[str] = []
-    with writers_locked():
-        for w in registered_writers():     # again, under the lock: another cleanup may have run
-            if _running(w):
-                continue
-            if w.get("damaged"):
-                unregister(Path(w["registration"]))
-                out.append(f"removed the unreadable writer record {w['registration']}")
-                continue
-            out += tracefile.salvage_writer(w)
-            unregister(Path(w["registration"]))
-    return out
-
-
-def _running(w: dict) -> bool:
+def writer_running(w: dict) -> bool:
     return not w.get("damaged") and alive(w["pid"], w.get("start"))
