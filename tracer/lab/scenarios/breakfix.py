@@ -52,7 +52,7 @@ def break_scenario(name: str, node: str | None = None, prefix: str | None = None
     with guard.locked(root):
         lab = _lab_up(prefix, state_dir)
         node = registry.resolve_node(sc, lab, node)
-        path = record.path(lab.prefix, state_dir)
+        path = record.location(lab.prefix, state_dir)
         state = record.load(path)
         rec = state["scenarios"].get(name)
         if rec is not None:
@@ -90,7 +90,7 @@ def fix_scenario(name: str, prefix: str | None = None,
     root = Path(state_dir) if state_dir else T.default_state_root()
     with guard.locked(root):
         lab = _lab_up(prefix, state_dir)
-        path = record.path(lab.prefix, state_dir)
+        path = record.location(lab.prefix, state_dir)
         state = record.load(path)
         rec = state["scenarios"].get(name)
         if rec is None:

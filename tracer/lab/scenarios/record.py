@@ -20,7 +20,7 @@ BROKEN_FILE = "broken.json"
 _FORMAT = 1
 
 
-def path(prefix: str | None, state_dir: Path | str | None) -> Path:
+def location(prefix: str | None, state_dir: Path | str | None) -> Path:
     """Where the record of the lab with this prefix lives."""
     return T.lab_dir(prefix, state_dir) / BROKEN_FILE
 
@@ -28,11 +28,11 @@ def path(prefix: str | None, state_dir: Path | str | None) -> Path:
 def broken(prefix: str | None = None, state_dir: Path | str | None = None) -> dict:
     """{scenario: {"node", "since", "changes"}} of what is broken in this lab now."""
     try:
-        doc = json.loads(path(prefix, state_dir).read_text())
+        doc = json.loads(location(prefix, state_dir).read_text())
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        raise EnvironmentProblem(f"cannot read {path(prefix, state_dir)}: {exc}",
+        raise EnvironmentProblem(f"cannot read {location(prefix, state_dir)}: {exc}",
                                  "run: podtrace lab down && podtrace lab up") from exc
     return {name: {k: rec.get(k) for k in ("node", "since", "changes")}
             for name, rec in doc.get("scenarios", {}).items()}
