@@ -15,6 +15,7 @@ another state directory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -190,7 +191,7 @@ class TcAttacher:
                     with _state_locked():
                         _save_state(_load_state() + [asdict(att)])
                     if added and direction == "ingress" and at == prio:
-                        ipr.tc("add", "clsact", ifindex)
+                        _add_clsact(ipr, ifindex)
                     ipr.tc("add-filter", "bpf", ifindex, ":1", fd=fd,
                            name=att.name, parent=parent, classid=1, direct_action=True, prio=at)
                 testhooks.pause("attaching")
@@ -206,6 +207,18 @@ class TcAttacher:
         self.attached.clear()
         with _state_locked():
             _save_state([x for x in _load_state() if x not in mine])
+
+
+def _add_clsact(ipr, ifindex: int) -> None:
+    """Add the clsact qdisc; one that another podtrace run added meanwhile will do (its
+    filters and ours are then removed before it is)."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        ipr.tc("add", "clsact", ifindex)
+    except NetlinkError as exc:
+        if exc.code != errno.EEXIST:
+            raise
 
 
 def _remove(ns: str | None, dev: str, direction: str, prio: int | None, qdisc_added: bool,
@@ -263,7 +276,9 @@ def cleanup(extra_netns: list[str] | None = None, scan: bool = True) -> list[str
     removed: list[str] = []
     keep = []
     initial = _load_state()
-    for a in initial:
+    # Records of runs that added a clsact qdisc last: the filters of other dead runs on the
+    # same device must be gone before the qdisc can go.
+    for a in sorted(initial, key=lambda a: bool(a.get("qdisc_added"))):
         if _record_running(a):
             keep.append(a)
             continue
