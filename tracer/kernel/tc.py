@@ -1,5 +1,6 @@
-"""tc clsact attachment of the observer programs, and the removal of ours — also after a
-SIGKILL, by a mark only podtrace uses: the filter name
+"""The tc clsact observers on the devices of a trace, from attachment to removal.
+
+They are removed also after a SIGKILL, found by a mark only podtrace uses: the filter name
 `podtrace:<direction>:<pid>:<start time>[:clsact]`, which names the process that owns the
 filter (pid and start time, tracer/ownership.py) and says whether that process added the
 device's clsact qdisc. Older podtrace named its filters `podtrace:<direction>`; those are
@@ -9,7 +10,8 @@ Rules: attach only to the devices asked for; add a `clsact` qdisc only where non
 (and then remove it again); never replace, reorder or touch a filter someone else put
 there: ours goes in at a priority nobody uses, after theirs. `cleanup` never removes a
 filter whose owner is still running — even when that run records its attachments in
-another state directory.
+another state directory. Each attachment is recorded (state file, with its namespace's name
+or inode) before the kernel holds it, so `cleanup` always finds what a killed run added.
 """
 
 from __future__ import annotations
