@@ -24,12 +24,21 @@ from pathlib import Path
 import pytest
 
 from tests.integration.lab_fixture import private_lab
+from tracer.kernel import tc as tcattach
+from tracer.node import ownership
 from tests.integration.test_safety_common import (
     alive, bpf_objects_held_by, cli, descendants, our_filters, popen, tc_snapshot, wait_until,
 )
 
 PREFIX = "pttestkr"
 ROUNDS = 10            # each round kills one flow and one capture: 20 kills
+
+
+def _tc_records() -> list[dict]:
+    try:
+        return json.loads(tcattach.STATE_FILE.read_text())
+    except (OSError, ValueError):
+        return []
 
 
 def _progs() -> dict[int, str]:
@@ -52,9 +61,9 @@ def _orphans(before: dict[int, str]) -> dict[int, str]:
     return {i: n for i, n in new.items() if i not in held}
 
 
-def _ours(state: Path) -> list[int]:
-    """Processes of this test's runs (flow, capture, agents): they carry its state directory."""
-    mark = f"PODTRACE_STATE_DIR={state}".encode()
+def _ours(marker: str) -> list[int]:
+    """Processes of this test's runs (flow, capture, agents): they carry its marker variable."""
+    mark = f"PTKILL_MARK={marker}".encode()
     out = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit() and int(d.name) != os.getpid():
@@ -99,8 +108,8 @@ def test_sigkill_at_random_moments_leaves_nothing(kill_lab, tmp_path):
     seed = int(os.environ.get("PODTRACE_TEST_KILL_SEED", str(time.time_ns() % 2**31)))
     print(f"kill test seed: {seed} (PODTRACE_TEST_KILL_SEED={seed} replays it)")
     rng = random.Random(seed)
-    state = tmp_path / "state"      # the runs' records, apart from anything else on this machine
-    env = {"PODTRACE_STATE_DIR": str(state), "PODTRACE_FLOW_MODE": "agents"}
+    marker = f"{os.getpid()}-{seed}"
+    env = {"PTKILL_MARK": marker, "PODTRACE_FLOW_MODE": "agents"}
     progs_before = _progs()
     tc_before = tc_snapshot(kill_lab)
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
@@ -114,16 +123,17 @@ def test_sigkill_at_random_moments_leaves_nothing(kill_lab, tmp_path):
                 moment = _kill_at_random(proc, rng, group=name == "flow" and rng.random() < 0.3)
                 kills.append(f"round {i}: {name} killed {moment}")
             # The agents of a killed coordinator see their stdin end and clean up themselves.
-            assert wait_until(lambda: not _ours(state), 60, 0.1), \
-                f"processes left: {_ours(state)}; seed {seed}; {kills[-2:]}"
+            assert wait_until(lambda: not _ours(marker), 60, 0.1), \
+                f"processes left: {_ours(marker)}; seed {seed}; {kills[-2:]}"
             res = cli("cleanup", prefix=PREFIX, **env)
             assert res.returncode == 0, res.stderr
             snap = tc_snapshot(kill_lab)
             assert not our_filters(snap), f"tc filters left on {our_filters(snap)}; seed {seed}; {kills[-2:]}"
             changed = sorted(f"{ns}/{dev}" for ns, dev in snap if snap[(ns, dev)] != tc_before.get((ns, dev)))
             assert not changed, f"qdiscs left on {changed}; seed {seed}; {kills[-2:]}"
-            records = json.loads((state / "tc-attached.json").read_text()) if (state / "tc-attached.json").exists() else []
-            writers = sorted(p.name for p in (state / "writing").glob("*.json")) if (state / "writing").exists() else []
+            records = [a for a in _tc_records() if not ownership.alive(a.get("pid"), a.get("start"))]
+            writers = [w for w in ownership.registered_writers()
+                       if w.get("damaged") or not ownership.alive(w["pid"], w.get("start"))]
             assert not records and not writers, f"state records left: {records} {writers}; seed {seed}; {kills[-2:]}"
         assert len(kills) >= 20
         assert wait_until(lambda: not _orphans(progs_before), 10, 0.2), \

@@ -178,7 +178,7 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: nodecheck.NodeRe
         if what == "probe" and req.probe is not None and prober is None:
             prober = threading.Thread(target=_probe, args=(req.probe, out, skew), daemon=True)
             prober.start()
-        elif what == "facts":
+        elif what == "facts" and node.name in runner.iptables_before:
             runner.drain()
             sent = _flush(runner, out, sent, skew)
             after = runner.iptables_after()[node.name]

@@ -1,5 +1,7 @@
-"""A trace session: the address filter, the ring buffer drained into numpy in batches, the
-per-CPU counters, and the guarantee that every kernel object is released on exit."""
+"""One loaded BPF program at work, from its in-kernel filters to the release of every kernel object.
+
+A session sets the address filter, drains the ring buffer into numpy in batches (one `Sink`
+for every caller), reads the per-CPU counters, and releases everything on close."""
 
 from __future__ import annotations
 

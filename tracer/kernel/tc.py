@@ -1,5 +1,6 @@
-"""tc clsact attachment of the observer programs, and the removal of ours — also after a
-SIGKILL, by a mark only podtrace uses: the filter name
+"""The tc clsact observers on the devices of a trace, from attachment to removal.
+
+They are removed also after a SIGKILL, found by a mark only podtrace uses: the filter name
 `podtrace:<direction>:<pid>:<start time>[:clsact]`, which names the process that owns the
 filter (pid and start time, tracer/ownership.py) and says whether that process added the
 device's clsact qdisc. Older podtrace named its filters `podtrace:<direction>`; those are
@@ -9,12 +10,14 @@ Rules: attach only to the devices asked for; add a `clsact` qdisc only where non
 (and then remove it again); never replace, reorder or touch a filter someone else put
 there: ours goes in at a priority nobody uses, after theirs. `cleanup` never removes a
 filter whose owner is still running — even when that run records its attachments in
-another state directory.
+another state directory. Each attachment is recorded (state file, with its namespace's name
+or inode) before the kernel holds it, so `cleanup` always finds what a killed run added.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -190,7 +193,7 @@ class TcAttacher:
                     with _state_locked():
                         _save_state(_load_state() + [asdict(att)])
                     if added and direction == "ingress" and at == prio:
-                        ipr.tc("add", "clsact", ifindex)
+                        _add_clsact(ipr, ifindex)
                     ipr.tc("add-filter", "bpf", ifindex, ":1", fd=fd,
                            name=att.name, parent=parent, classid=1, direct_action=True, prio=at)
                 testhooks.pause("attaching")
@@ -206,6 +209,18 @@ class TcAttacher:
         self.attached.clear()
         with _state_locked():
             _save_state([x for x in _load_state() if x not in mine])
+
+
+def _add_clsact(ipr, ifindex: int) -> None:
+    """Add the clsact qdisc; one that another podtrace run added meanwhile will do (its
+    filters and ours are then removed before it is)."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        ipr.tc("add", "clsact", ifindex)
+    except NetlinkError as exc:
+        if exc.code != errno.EEXIST:
+            raise
 
 
 def _remove(ns: str | None, dev: str, direction: str, prio: int | None, qdisc_added: bool,
@@ -263,7 +278,9 @@ def cleanup(extra_netns: list[str] | None = None, scan: bool = True) -> list[str
     removed: list[str] = []
     keep = []
     initial = _load_state()
-    for a in initial:
+    # Records of runs that added a clsact qdisc last: the filters of other dead runs on the
+    # same device must be gone before the qdisc can go.
+    for a in sorted(initial, key=lambda a: bool(a.get("qdisc_added"))):
         if _record_running(a):
             keep.append(a)
             continue

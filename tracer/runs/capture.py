@@ -1,13 +1,13 @@
-"""`podtrace capture`: record the hop events of a selection of traffic to a Parquet trace
-file, for as long as asked or until Ctrl-C, in bounded memory.
+"""`podtrace capture`: record the hop events of a selection of traffic to a Parquet trace file.
 
-The selection (pods, namespaces, Services, nodes, CIDRs, ports, or all pod traffic) becomes
-the in-kernel filter: addresses in the `addrs` hash, CIDRs in the `cidrs` LPM trie, ports
+It records for as long as asked or until Ctrl-C, in bounded memory, through the node runner
+(tracer/runs/node.py). The selection (tracer/runs/selection.py: pods, namespaces, Services,
+nodes, CIDRs, ports, or all pod traffic) becomes the in-kernel filter: addresses in the `addrs` hash, CIDRs in the `cidrs` LPM trie, ports
 in the `ports` set (bpf/podtrace.c, `wanted()`). In the lab, events are also limited to the
 lab's network namespaces (this machine may host other labs with the very same addresses).
 
-Events go ring buffer → `CaptureSink` (numpy chunks; it pauses the poll once it holds a row
-group's worth) → `Spool` (scope filter, live statistics) → `tracefile.Writer` (one Parquet
+Events go ring buffer → the session's `Sink` (numpy chunks; with its limit it pauses the
+poll once it holds two row groups' worth) → `Spool` (scope filter, live statistics) → `tracefile.Writer` (one Parquet
 row group per `row_group_events`; until the end, an Arrow stream `FILE.part` that a killed
 capture leaves readable). Events the kernel could not hand over (ring buffer full)
 are counted by the kernel (`lost`) and written into the file's counters and its loss

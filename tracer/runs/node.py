@@ -82,6 +82,8 @@ class NodeRunner:
         """Load, filter, attach; read the counters before. With `stop` set meanwhile (the
         coordinator went away, the user asked to stop), no further device is attached: the
         caller sees the stop and closes."""
+        if stop is not None and stop.is_set():
+            return self          # nothing loaded: poll, drain and counters see an idle session
         try:
             self.session.start()
             if self.job.tc_devices and any(h.kind == "tc" for h in self.hooks):
