@@ -20,7 +20,7 @@ from tracer.kernel.record import ENCAP, FLAG_FOLLOWED, HOOK_IDS, HOOKS, PROTOS
 from tracer.reconstruct import diagnose, drops
 from tracer.reconstruct import packets as flows
 
-GAP_NS = 500_000_000     # the same content seen again after this pause is a new packet
+GAP_NS = flows.GAP_NS     # the same content seen again after this pause is a new packet
 
 
 _DROP, _CONSUME = HOOK_IDS["drop"], HOOK_IDS["consume"]
