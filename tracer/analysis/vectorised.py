@@ -1,4 +1,4 @@
-"""The engine's fast path for captures: packets and hops of arbitrary traffic, whole columns at a time.
+"""The engine's fast path for captures: arbitrary traffic rebuilt whole columns at a time.
 
 Events are grouped into packets by content (packets.KEY_COLS: protocol, IP ID, length, TCP
 seq/flags, ICMP type/id/seq — what survives NAT and encapsulation), split where the same
