@@ -1,4 +1,4 @@
-"""Rendering results for people (rich tables) and programs (JSON). No logic about packets."""
+"""Rendering results for people (rich tables) or programs (JSON). No logic about packets."""
 
 from __future__ import annotations
 

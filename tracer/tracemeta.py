@@ -1,4 +1,4 @@
-"""Trace file metadata: where a trace was made (host, kernel, clocks) and the cluster it saw."""
+"""Trace file metadata: where a trace was made (host, kernel, clocks), what cluster it saw."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.lab_fixture import private_lab
+from tests.unit.test_engine import _paths as paths
 from tracer import analysis
 from tracer.node import prober as probe
 from tracer.runs import capture
@@ -87,6 +88,9 @@ def test_scenario(dlab, scenario, args, direction, node, cause, reason, tmp_path
         doc = json.loads(res.stdout)
         # the saved trace, judged offline, says what the live run said, packet by packet
         assert offline_verdicts(saved) == live_verdicts(doc)
+        # and the engine's fast path finds each of these packets with the same hops and verdict
+        per_packet = paths(analysis.load(saved))
+        assert per_packet and paths(analysis.load(saved, mode="capture"), set(per_packet)) == per_packet
         assert doc["verdict"]["status"] == "failed"
         caused = [p for p in doc["packets"] if p["direction"] == direction and p["verdict"].get("cause")]
         assert caused, json.dumps([p["verdict"] for p in doc["packets"]], indent=1)

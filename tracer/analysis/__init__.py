@@ -1,5 +1,5 @@
 """Offline analysis of trace files (`podtrace capture`, `podtrace flow --save`), for Jupyter
-and for `podtrace analyze FILE`.
+or `podtrace analyze FILE`.
 
     from tracer import analysis
     t = analysis.load("capture.parquet")

@@ -1,4 +1,4 @@
-"""Column helpers: integer columns to group codes, categoricals and lookups, without per-row Python."""
+"""Column helpers: integer columns turned into group codes, categoricals, lookups, without per-row Python."""
 
 from __future__ import annotations
 

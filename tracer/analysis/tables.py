@@ -1,4 +1,4 @@
-"""Flow and drop tables from the packets (either path): 5-tuples with NAT joined, drops by place."""
+"""Summary tables from the packets of either path: flows (5-tuples, NAT joined), drops by place."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The loaded trace: its tables, their documented columns and the summary `analyze` prints."""
+"""The loaded trace: its tables with their documented columns."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The engine's fast path for captures: packets and hops of arbitrary traffic, whole columns at a time.
+"""The engine's fast path for captures: arbitrary traffic rebuilt whole columns at a time.
 
 Events are grouped into packets by content (packets.KEY_COLS: protocol, IP ID, length, TCP
 seq/flags, ICMP type/id/seq — what survives NAT and encapsulation), split where the same
@@ -20,7 +20,7 @@ from tracer.kernel.record import ENCAP, FLAG_FOLLOWED, HOOK_IDS, HOOKS, PROTOS
 from tracer.reconstruct import diagnose, drops
 from tracer.reconstruct import packets as flows
 
-GAP_NS = 500_000_000     # the same content seen again after this pause is a new packet
+GAP_NS = flows.GAP_NS     # the same content seen again after this pause is a new packet
 
 
 _DROP, _CONSUME = HOOK_IDS["drop"], HOOK_IDS["consume"]

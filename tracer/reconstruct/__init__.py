@@ -1,1 +1,1 @@
-"""Reconstruction: hop events into packets, and the verdict on each packet and on the flow."""
+"""The reconstruction engine: hop events → packets → verdicts (per packet, per flow)."""

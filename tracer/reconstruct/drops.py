@@ -1,4 +1,4 @@
-"""Which drop events count as a packet dropped on its way: one rule for live counts and files.
+"""Which drop events count as a packet dropped on its way: one rule, live or offline.
 
 A packet that reached the namespace its destination address lives in was delivered (the
 reconstruction says so); a `kfree_skb` there afterwards (an echo reply no ping socket

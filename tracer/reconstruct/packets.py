@@ -26,6 +26,7 @@ from tracer.cluster.inventory import Endpoint
 from tracer.node.prober import ProbeResult
 
 TCP_SYN, TCP_RST, TCP_ACK = 0x02, 0x04, 0x10
+GAP_NS = 500_000_000     # the same content seen again after this pause is a new packet
 KEY_COLS = ["proto", "ip_id", "ip_len", "tcp_seq", "tcp_flags", "icmp_type", "sport_k", "dport_k"]
 
 
@@ -79,7 +80,17 @@ def assign_packets(df: pd.DataFrame) -> pd.DataFrame:
     df["sport_k"] = np.where(icmp, df["sport"], 0)
     df["dport_k"] = np.where(icmp, df["dport"], 0)
     df["pkt"] = -1
-    df.loc[hop_mask, "pkt"] = df[hop_mask].groupby(KEY_COLS, sort=False).ngroup().to_numpy()
+    # The same content seen again after a pause is a new packet (a retransmission): the
+    # rule of the vectorised path, so both paths cut packets alike.
+    group = df[hop_mask].groupby(KEY_COLS, sort=False).ngroup().to_numpy()
+    ts = df.loc[hop_mask, "ts_ns"].to_numpy().astype(np.int64)
+    order = np.argsort(group, kind="stable")        # within a group: time order
+    new = np.ones(len(order), dtype=bool)
+    if len(order) > 1:
+        new[1:] = (group[order][1:] != group[order][:-1]) | (np.diff(ts[order]) > GAP_NS)
+    pkt = np.empty(len(order), dtype=np.int64)
+    pkt[order] = np.cumsum(new) - 1
+    df.loc[hop_mask, "pkt"] = pkt
     hops = df[hop_mask]
     # Free events: the packet of the previous hop event on the same skb.
     frees = df[~hop_mask]

@@ -1,4 +1,4 @@
-"""Flow verdict: whether every probe of a flow was delivered and answered by the right address."""
+"""Flow verdict: whether every probe of a flow got through, answered by the right address."""
 
 from __future__ import annotations
 

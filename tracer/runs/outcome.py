@@ -1,4 +1,4 @@
-"""The outcome of a flow run: packets rebuilt from the events, judged, named and saved."""
+"""The outcome of a flow run: packets rebuilt from the events, judged, named, saved."""
 
 from __future__ import annotations
 
