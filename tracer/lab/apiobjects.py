@@ -11,7 +11,7 @@ import platform
 import uuid
 
 from tracer.lab.cni import flavour
-from tracer.lab.model import APP_PORT, LAB_LABEL, UID_NS, NodePlan, PodPlan, ServicePlan, Topology, \
+from tracer.lab.model import APP_PORT, LAB_LABEL, UID_NS, NodePlan, PodPlan, ServicePlan, LabPlan, \
     uid
 
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",
@@ -20,7 +20,7 @@ _K8S_VERSION = "v1.30.0"
 _IMAGE = "podtrace.local/lab-responder:latest"
 
 
-def inventory(topo: Topology) -> dict:
+def inventory(topo: LabPlan) -> dict:
     """The lab as a `v1 List` (the inventory file `lab up` writes)."""
     items = [_node_obj(topo, n) for n in topo.nodes]
     items += [_pod_obj(topo, p) for p in topo.pods]
@@ -30,7 +30,7 @@ def inventory(topo: Topology) -> dict:
             "metadata": {"resourceVersion": ""}}
 
 
-def _meta(topo: Topology, kind: str, name: str, namespace: str | None = None,
+def _meta(topo: LabPlan, kind: str, name: str, namespace: str | None = None,
           labels: dict | None = None, **extra) -> dict:
     meta = {"name": name, "uid": uid(topo.prefix, kind, f"{namespace or ''}/{name}"),
             "resourceVersion": "1", "creationTimestamp": topo.created_at}
@@ -42,7 +42,7 @@ def _meta(topo: Topology, kind: str, name: str, namespace: str | None = None,
     return meta
 
 
-def _node_obj(topo: Topology, n: NodePlan) -> dict:
+def _node_obj(topo: LabPlan, n: NodePlan) -> dict:
     arch = _ARCH.get(platform.machine(), platform.machine() or "amd64")
     labels = {
         "kubernetes.io/hostname": n.name, "kubernetes.io/os": "linux",
@@ -81,7 +81,7 @@ def _container_ports() -> list[dict]:
             {"name": "udp", "containerPort": APP_PORT, "protocol": "UDP"}]
 
 
-def _pod_obj(topo: Topology, p: PodPlan) -> dict:
+def _pod_obj(topo: LabPlan, p: PodPlan) -> dict:
     node = topo.nodes[p.node_index - 1]
     t = topo.created_at
     cond = [{"type": c, "status": "True", "lastProbeTime": None, "lastTransitionTime": t}
@@ -125,7 +125,7 @@ def _pod_obj(topo: Topology, p: PodPlan) -> dict:
     }
 
 
-def _service_obj(topo: Topology, s: ServicePlan) -> dict:
+def _service_obj(topo: LabPlan, s: ServicePlan) -> dict:
     return {
         "apiVersion": "v1", "kind": "Service",
         "metadata": _meta(topo, "Service", s.name, s.namespace, {LAB_LABEL: "true"}),
@@ -141,7 +141,7 @@ def _service_obj(topo: Topology, s: ServicePlan) -> dict:
     }
 
 
-def _slice_obj(topo: Topology, s: ServicePlan) -> dict:
+def _slice_obj(topo: LabPlan, s: ServicePlan) -> dict:
     suffix = hashlib.sha1(f"{topo.prefix}/{s.key}".encode()).hexdigest()[:5]
     svc_uid = uid(topo.prefix, "Service", f"{s.namespace}/{s.name}")
     meta = _meta(

@@ -1,6 +1,6 @@
 """Brings the lab up or down (build stages, rollback on failure, teardown).
 
-`up(cfg)` turns a `Topology` into real kernel objects, every one of them inside a network
+`up(cfg)` turns a `LabPlan` into real kernel objects, every one of them inside a network
 namespace whose name starts with the lab prefix (nothing is created in the root namespace),
 then writes `inventory.json` and, last, `lab.json`: the presence of `lab.json` is what "the
 lab is up" means. Any failure or interrupt (Ctrl-C, SIGTERM) during `up` removes everything
@@ -111,7 +111,7 @@ def down(prefix: str | None = None, state_dir: Path | str | None = None) -> list
         return _teardown(prefix, root)
 
 
-def _build(topo: T.Topology, say: Progress) -> dict:
+def _build(topo: T.LabPlan, say: Progress) -> dict:
     fl = flavour(topo.config.cni)
     n_pods = len(topo.pods)
     stages = [
@@ -137,7 +137,7 @@ def _build(topo: T.Topology, say: Progress) -> dict:
     return doc
 
 
-def _make_namespaces(topo: T.Topology) -> None:
+def _make_namespaces(topo: T.LabPlan) -> None:
     shell.ip_batch(None, [f"netns add {ns}" for ns in topo.namespaces], "creating namespaces")
     # Before any device exists, so every device inherits it: no IPv6 chatter (router
     # solicitations, MLD) in the lab, only the traffic a test or probe sends.
@@ -148,7 +148,7 @@ def _make_namespaces(topo: T.Topology) -> None:
     shell.sysctls(topo.fabric_netns, {"net/bridge/bridge-nf-call-iptables": "0"})
 
 
-def _wire_fabric(topo: T.Topology) -> None:
+def _wire_fabric(topo: T.LabPlan) -> None:
     lines = ["link set lo up", f"link add {T.FABRIC_BRIDGE} type bridge",
              f"link set {T.FABRIC_BRIDGE} up"]
     for n in topo.nodes:
@@ -160,7 +160,7 @@ def _wire_fabric(topo: T.Topology) -> None:
     shell.ip_batch(topo.fabric_netns, lines, "wiring the fabric")
 
 
-def _configure_nodes(topo: T.Topology) -> None:
+def _configure_nodes(topo: T.LabPlan) -> None:
     fl = flavour(topo.config.cni)
     for n in topo.nodes:
         shell.sysctls(n.netns, fl.node_sysctls(n))
@@ -179,20 +179,20 @@ def _configure_nodes(topo: T.Topology) -> None:
                 raise BuildError(f"{key.replace('/', '.')} is {got!r} in {n.netns}, not {want}", why)
 
 
-def _configure_pods(topo: T.Topology) -> None:
+def _configure_pods(topo: T.LabPlan) -> None:
     fl = flavour(topo.config.cni)
     shell.parallel([(["ip", "-n", p.netns, "-batch", "-"], fl.pod_batch(p), f"configuring {p.name}")
                     for p in topo.pods])
 
 
-def _program_iptables(topo: T.Topology) -> None:
+def _program_iptables(topo: T.LabPlan) -> None:
     """One `iptables-restore --noflush` per node."""
     rules = T.iptables_rules(topo)
     shell.parallel([(["ip", "netns", "exec", n.netns, "iptables-restore", "-w", "5", "--noflush"],
                      rules, f"programming iptables on {n.name}") for n in topo.nodes])
 
 
-def _write_inventory(topo: T.Topology) -> None:
+def _write_inventory(topo: T.LabPlan) -> None:
     _write_json(topo.inventory_path, T.inventory(topo))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 
 from tracer.lab.model import (CLUSTER_CIDR, K8S_NAMESPACE, POD_MTU, UPLINK, VXLAN_PORT, LabConfig,
-                              NodePlan, PodPlan, Topology, hash_mac, ip_mac, node_netns, pod_netns)
+                              NodePlan, PodPlan, LabPlan, hash_mac, ip_mac, node_netns, pod_netns)
 
 NAME = "cilium"
 CILIUM_HOST = "cilium_host"      # holds the node's router IP (scope link); the pods' gateway
@@ -131,7 +131,7 @@ def node_sysctls(n: NodePlan) -> dict[str, str]:
     return {"net/ipv4/ip_forward": "1", "net/ipv4/conf/all/rp_filter": "0"}
 
 
-def node_batch(topo: Topology, n: NodePlan) -> list[str]:
+def node_batch(topo: LabPlan, n: NodePlan) -> list[str]:
     """`ip -batch` lines that make a node namespace look like a Cilium node (VXLAN tunnel
     mode, per-endpoint routes, kube-proxy kept)."""
     host, net, vx = CILIUM_HOST, CILIUM_NET, CILIUM_OVERLAY
@@ -178,12 +178,12 @@ def node_batch(topo: Topology, n: NodePlan) -> list[str]:
     return lines
 
 
-def fdb_batch(topo: Topology, n: NodePlan) -> list[str]:
+def fdb_batch(topo: LabPlan, n: NodePlan) -> list[str]:
     return [f"fdb append {k.mac} dev {CILIUM_OVERLAY} dst {k.ip}"
             for k in topo.nodes if k.index != n.index]
 
 
-def node_sysctls_after(topo: Topology, n: NodePlan) -> dict[str, str]:
+def node_sysctls_after(topo: LabPlan, n: NodePlan) -> dict[str, str]:
     """Once the devices exist: rp_filter off on Cilium's devices (as cilium-agent and its
     CNI plugin set it), and cilium_net accepting the node's own addresses as sources (what
     the node sends through cilium_host re-enters there)."""

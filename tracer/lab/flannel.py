@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 
 from tracer.lab.model import (CLUSTER_CIDR, K8S_NAMESPACE, POD_MTU, UPLINK, VXLAN_PORT, LabConfig,
-                              NodePlan, PodPlan, Topology, ip_mac, node_netns, pod_netns)
+                              NodePlan, PodPlan, LabPlan, ip_mac, node_netns, pod_netns)
 
 NAME = "flannel"
 CNI_BRIDGE = "cni0"
@@ -100,7 +100,7 @@ def node_sysctls(n: NodePlan) -> dict[str, str]:
     return {"net/ipv4/ip_forward": "1", "net/bridge/bridge-nf-call-iptables": "1"}
 
 
-def node_batch(topo: Topology, n: NodePlan) -> list[str]:
+def node_batch(topo: LabPlan, n: NodePlan) -> list[str]:
     """`ip -batch` lines that make a node namespace look like a flannel (vxlan) node."""
     lines = [
         "link set lo up",
@@ -133,12 +133,12 @@ def node_batch(topo: Topology, n: NodePlan) -> list[str]:
     return lines
 
 
-def fdb_batch(topo: Topology, n: NodePlan) -> list[str]:
+def fdb_batch(topo: LabPlan, n: NodePlan) -> list[str]:
     return [f"fdb append {k.mac} dev {OVERLAY} dst {k.ip}"
             for k in topo.nodes if k.index != n.index]
 
 
-def node_sysctls_after(topo: Topology, n: NodePlan) -> dict[str, str]:
+def node_sysctls_after(topo: LabPlan, n: NodePlan) -> dict[str, str]:
     """Set once the node's devices exist."""
     return {}
 

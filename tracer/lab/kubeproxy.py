@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tracer.lab.cni import flavour
 from tracer.lab.model import APP_PORT, CLUSTER_CIDR, K8S_NAMESPACE, MASQ_MARK, PodPlan, ServicePlan, \
-    ServicePortPlan, Topology, hash16
+    ServicePortPlan, LabPlan, hash16
 
 
 def svc_chain(service_port_name: str, protocol: str) -> str:
@@ -31,13 +31,13 @@ def service(name: str, cluster_ip: str, selector: dict, backends: list[PodPlan])
     return ServicePlan(name, K8S_NAMESPACE, cluster_ip, dict(selector), tuple(ports), tuple(backends))
 
 
-def iptables_rules(topo: Topology) -> str:
+def iptables_rules(topo: LabPlan) -> str:
     """The nat rules kube-proxy and the filter rules the CNI would program on every node, for
     `iptables-restore --noflush` (every node gets the same Service rules)."""
     return "\n".join(nat_rules(topo) + flavour(topo.config.cni).filter_rules()) + "\n"
 
 
-def nat_rules(topo: Topology) -> list[str]:
+def nat_rules(topo: LabPlan) -> list[str]:
     """kube-proxy's nat table: Service portals, masquerading, one KUBE-SVC chain per
     Service port spreading over one KUBE-SEP chain per backend."""
     nat = [

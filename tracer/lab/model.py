@@ -194,7 +194,7 @@ class ServicePlan:
 
 
 @dataclass(frozen=True)
-class Topology:
+class LabPlan:
     config: LabConfig
     nodes: tuple[NodePlan, ...]
     pods: tuple[PodPlan, ...]

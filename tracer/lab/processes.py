@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from tracer.errors import EnvironmentProblem
-from tracer.lab.model import APP_PORT, Topology
+from tracer.lab.model import APP_PORT, LabPlan
 from tracer.lab.shell import BuildError
 from tracer.node import netns
 
@@ -29,7 +29,7 @@ _READY_TIMEOUT = 10.0
 _spawned: dict[int, subprocess.Popen] = {}
 
 
-def start(topo: Topology) -> dict[str, int]:
+def start(topo: LabPlan) -> dict[str, int]:
     """Start every pod's responder and wait until each listens; {pod key: pid}."""
     env = dict(os.environ)
     env[OWNER_ENV] = topo.prefix

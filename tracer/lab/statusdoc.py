@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from tracer.lab.cni import flavour
 from tracer.lab.model import (APP_PORT, CLUSTER_CIDR, FABRIC_BRIDGE, SERVICE_CIDR, UNDERLAY_CIDR,
-                              VXLAN_PORT, Topology)
+                              VXLAN_PORT, LabPlan)
 
 
-def status_document(topo: Topology, pids: dict[str, int] | None = None) -> dict:
+def status_document(topo: LabPlan, pids: dict[str, int] | None = None) -> dict:
     """The contract's lab status document. `pids` maps "default/pod-i-j" to the responder's
     pid once the lab is built."""
     pids = pids or {}
@@ -39,7 +39,7 @@ def status_document(topo: Topology, pids: dict[str, int] | None = None) -> dict:
     }
 
 
-def _services(topo: Topology) -> list[dict]:
+def _services(topo: LabPlan) -> list[dict]:
     return [
         {
             "namespace": s.namespace, "name": s.name, "cluster_ip": s.cluster_ip,

@@ -1,6 +1,6 @@
 """Plans the lab: the nodes, pods and Services one `LabConfig` stands for.
 
-`plan(LabConfig)` gives a `Topology` (pure: no privileges, no side effects, the same for
+`plan(LabConfig)` gives a `LabPlan` (pure: no privileges, no side effects, the same for
 the same config) that `tracer.lab.build` turns into namespaces and devices. The common
 model and the documents derived from a plan are re-exported here, so callers need one
 import: `from tracer.lab import topology as T`.
@@ -20,7 +20,7 @@ from tracer.lab.model import (APP_PORT, BUILT_CNIS, CLUSTER_CIDR, CNIS, DEFAULT_
                               DEFAULT_STATE_ROOT, FABRIC_BRIDGE, K8S_NAMESPACE, LAB_LABEL,
                               MASQ_MARK, POD_MTU, SERVICE_CIDR, UNDERLAY_CIDR, UNDERLAY_MTU,
                               UPLINK, VXLAN_PORT, LabConfig, NodePlan, PodPlan, ServicePlan,
-                              ServicePortPlan, Topology, default_prefix, default_state_root,
+                              ServicePortPlan, LabPlan, default_prefix, default_state_root,
                               fabric_netns, lab_dir, namespace_pattern, node_netns, pod_netns,
                               validate_prefix)
 from tracer.lab.statusdoc import status_document
@@ -30,7 +30,7 @@ __all__ = [
     "CILIUM_RULE_PREF", "CILIUM_VNI", "CLUSTER_CIDR", "CNIS", "CNI_BRIDGE", "DEFAULT_PREFIX",
     "DEFAULT_STATE_ROOT", "FABRIC_BRIDGE", "K8S_NAMESPACE", "LAB_LABEL", "MASQ_MARK", "OVERLAY",
     "POD_MTU", "SERVICE_CIDR", "UNDERLAY_CIDR", "UNDERLAY_MTU", "UPLINK", "VXLAN_ID", "VXLAN_PORT",
-    "LabConfig", "NodePlan", "PodPlan", "ServicePlan", "ServicePortPlan", "Topology",
+    "LabConfig", "NodePlan", "PodPlan", "ServicePlan", "ServicePortPlan", "LabPlan",
     "cilium_vtep_mac", "default_prefix", "default_state_root", "fabric_netns", "flannel_mac",
     "host_veth_name", "inventory", "iptables_rules", "lab_dir", "lxc_name", "namespace_pattern",
     "node_netns", "plan", "pod_netns", "sep_chain", "status_document", "svc_chain",
@@ -42,7 +42,7 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def plan(cfg: LabConfig, created_at: str | None = None) -> Topology:
+def plan(cfg: LabConfig, created_at: str | None = None) -> LabPlan:
     """Nodes and pods as the CNI flavour lays them out, and two Services: `web` (backed by
     the last pod of the last node) and `echo` (backed by every pod)."""
     nodes, pods = flavour(cfg.cni).plan(cfg)
@@ -51,4 +51,4 @@ def plan(cfg: LabConfig, created_at: str | None = None) -> Topology:
         service("web", "10.96.0.10", {"app": last.name}, [last]),
         service("echo", "10.96.0.20", {LAB_LABEL: "true"}, pods),
     )
-    return Topology(cfg, tuple(nodes), tuple(pods), services, created_at or _now())
+    return LabPlan(cfg, tuple(nodes), tuple(pods), services, created_at or _now())
