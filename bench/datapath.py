@@ -42,7 +42,7 @@ import numpy as np
 
 import benchlib as L
 from tracer.kernel import hooks as probes
-from tracer.kernel.session import SessionConfig, TraceSession, _Sink
+from tracer.kernel.session import SessionConfig, Sink, TraceSession
 
 MODIFIERS = ("tc", "callback", "raw", "empty", "noprefilter")
 DEFAULT = ["untraced", "nomatch", "match", "nomatch_tc", "match_tc", "match_callback"]
@@ -50,23 +50,13 @@ SRC, DST, OTHER_A, OTHER_B = "pod-1-1", "pod-2-1", "pod-1-2", "pod-2-2"
 TCP_PORT, UDP_PORT = 5201, 5202
 
 
-class RecycledSink(_Sink):
+class RecycledSink(Sink):
     """The session's sink with the same per-event work (callback + memmove into a numpy
     chunk), but reusing one chunk, so minutes of events do not pile up in memory."""
 
-    def __init__(self):
-        self.total = 0
-        super().__init__()
-
-    def _new_chunk(self):
-        if getattr(self, "cur", None) is None:
-            super()._new_chunk()
-            return
-        self.total += self.n
-        self.n = 0
-
-    def count(self) -> int:
-        return self.total + self.n
+    def _roll(self):
+        if self.n == len(self.cur):
+            self.n = 0        # `total` has counted them
 
 
 class Tracer:

@@ -43,7 +43,7 @@ import pandas as pd
 import benchlib as L
 from tracer.kernel import record as events
 from tracer.kernel import hooks as probes
-from tracer.kernel.session import SessionConfig, TraceSession, _Sink
+from tracer.kernel.session import SessionConfig, Sink, TraceSession
 
 SRC, DST = "pod-1-1", "pod-2-1"
 PORT = 5203
@@ -92,7 +92,7 @@ class Consumer:
     def __init__(self, doc: dict, kind: str, pages: int):
         self.kind = kind
         src, dst = L.pod(doc, SRC), L.pod(doc, DST)
-        self.sink = CtypesSink() if kind == "ctypes" else _Sink()
+        self.sink = CtypesSink() if kind == "ctypes" else Sink()
         self.session = TraceSession(SessionConfig(addrs=[src["ip"], dst["ip"]], ringbuf_pages=pages,
                                                   hooks=[probes.BY_NAME[n] for n in probes.DEFAULT_HOOKS],
                                                   netns=L.lab_inodes(doc), budget=0,
@@ -110,10 +110,8 @@ class Consumer:
         self.session.drain()
 
     def pending_array(self) -> np.ndarray:
-        arr = self.sink.array()
-        self.sink.chunks = []      # handed over: start a fresh chunk (what capture's sink does)
-        self.sink._new_chunk()
-        return arr
+        parts = self.sink.take()   # handed over, as capture's spool takes them
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=events.EVENT_DTYPE)
 
     def to_frame(self) -> pd.DataFrame:
         if self.kind == "ctypes":

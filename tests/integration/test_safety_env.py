@@ -27,7 +27,7 @@ from tracer.runs import flow as trace
 from tracer.config import FlowConfig
 from tracer.lab import build
 from tracer.lab import topology as T
-from tracer.kernel.session import SessionConfig
+from tracer.runs.node import NodeJob
 
 FLOW = ["flow", "pod-1-1", "pod-2-1", "--count", "1", "--timeout", "0.5"]
 
@@ -138,7 +138,7 @@ def test_verifier_rejects_a_program(faults):
 def test_ring_buffer_overflow_is_reported(safe_lab, monkeypatch):
     """A one-page ring buffer and a burst of datagrams: the kernel side counts what it could
     not hand over, and the result says so (counters, summary, note, verdict problem)."""
-    monkeypatch.setattr(trace, "SessionConfig", functools.partial(SessionConfig, ringbuf_pages=1))
+    monkeypatch.setattr(trace, "NodeJob", functools.partial(NodeJob, ringbuf_pages=1))
     src, dst = pod(safe_lab, "pod-1-1"), pod(safe_lab, "pod-2-1")
     tracing = threading.Event()
 
