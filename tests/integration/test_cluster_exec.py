@@ -208,20 +208,23 @@ def test_exec_forbidden_is_one_line(cluster):
     assert "Traceback" not in res.stderr
 
 
-def test_interrupted_coordinator_leaves_no_agent(cluster):
+def test_interrupted_coordinator_leaves_no_agent(cluster, tmp_path):
     """Ctrl-C on the workstation: the exec streams go away, the agents' stdin ends, and
     they stop and remove what they attached (the kubelet cannot signal them)."""
+    env = dict(cluster["env"], PODTRACE_TEST_PAUSE="tracing", PODTRACE_TEST_PAUSE_S="0",
+               PODTRACE_TEST_PAUSE_DIR=str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "flow", "pod-1-1", "pod-2-1", "--no-probe",
                              "--duration", "30", "--kubeconfig", cluster["kubeconfig"]],
-                            env=cluster["env"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
-        end = time.monotonic() + 60
-        while len(_agents_running()) < 2 and time.monotonic() < end and proc.poll() is None:
-            time.sleep(0.1)
-        assert len(_agents_running()) == 2, proc.poll() is not None and proc.communicate()
-        nodes_ns = {f"{PREFIX}-{n}" for n in NODES}   # both agents attaching
-        assert wait_until(lambda: nodes_ns <= {f.split("/")[0] for f in our_filters(tc_snapshot(cluster["lab"]))}, 30)
+        # The coordinator is tracing: both agents are ready, every filter of theirs attached.
+        assert wait_until(lambda: (tmp_path / f"tracing.{proc.pid}").exists() or proc.poll() is not None, 60), \
+            "the flow never started tracing"
+        assert proc.poll() is None, proc.communicate()
+        assert len(_agents_running()) == 2
+        nodes_ns = {f"{PREFIX}-{n}" for n in NODES}
+        assert nodes_ns <= {f.split("/")[0] for f in our_filters(tc_snapshot(cluster["lab"]))}
         proc.kill()          # SIGKILL: nobody on the workstation says goodbye
         proc.wait(10)
     finally:

@@ -135,28 +135,27 @@ def test_foreign_filter_untouched(lab):
         subprocess.run(["tc", "-n", node, "qdisc", "del", "dev", dev, "clsact"])
 
 
-def _start_long_flow(lab, **extra):
-    env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"], PODTRACE_FLOW_MODE="agents", **extra)
+def _start_long_flow(lab, marks: Path, **extra):
+    env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"], PODTRACE_FLOW_MODE="agents",
+               PODTRACE_TEST_PAUSE="tracing", PODTRACE_TEST_PAUSE_S="0", PODTRACE_TEST_PAUSE_DIR=str(marks), **extra)
     return subprocess.Popen([sys.executable, "-m", "tracer.cli", "flow", "pod-1-1", "pod-2-1", "--no-probe",
                              "--duration", "60"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def _wait_attached(lab, proc, before):
-    """Until both nodes on the path carry filters of ours: both agents are attaching."""
-    path_nodes = {pod["node"] for pod in lab["pods"] if pod["name"] in ("pod-1-1", "pod-2-1")}
-    want = {n["netns"] for n in lab["nodes"] if n["name"] in path_nodes}
-    assert wait_until(lambda: want <= {ns for ns, _ in _all_ours(lab)} or proc.poll() is not None, 30), \
-        "tc filters never appeared"
+def _wait_attached(proc, marks: Path):
+    """Until the coordinator says it is tracing: every agent has attached all it attaches."""
+    assert wait_until(lambda: (marks / f"tracing.{proc.pid}").exists() or proc.poll() is not None, 30), \
+        "the flow never started tracing"
     assert proc.poll() is None
 
 
-def test_sigkill_of_everything_then_cleanup_leaves_nothing(lab):
+def test_sigkill_of_everything_then_cleanup_leaves_nothing(lab, tmp_path):
     """The worst case: the coordinator and every agent killed at once."""
     before = lab_tc_state(lab)
-    proc = _start_long_flow(lab)
+    proc = _start_long_flow(lab, tmp_path)
     try:
-        _wait_attached(lab, proc, before)
+        _wait_attached(proc, tmp_path)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
@@ -172,12 +171,12 @@ def test_sigkill_of_everything_then_cleanup_leaves_nothing(lab):
     wait_no_programs()
 
 
-def test_sigkill_of_the_coordinator_agents_clean_up(lab):
+def test_sigkill_of_the_coordinator_agents_clean_up(lab, tmp_path):
     """Agents notice their coordinator is gone (stdin closes) and remove what they added."""
     before = lab_tc_state(lab)
-    proc = _start_long_flow(lab)
+    proc = _start_long_flow(lab, tmp_path)
     try:
-        _wait_attached(lab, proc, before)
+        _wait_attached(proc, tmp_path)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         deadline = time.monotonic() + 15
@@ -207,17 +206,14 @@ def test_cleanup_goes_by_the_owner_named_in_each_filter(lab, tmp_path):
     (tmp_path / "run-state").mkdir()      # the lab's own state (under the state dir) is shared
     (tmp_path / "run-state" / lab["prefix"]).symlink_to(lab["state_dir"])
     node_ns, dev = lab["nodes"][0]["netns"], "cni0"
-    proc = _start_long_flow(lab, PODTRACE_STATE_DIR=run_state)
+    proc = _start_long_flow(lab, tmp_path, PODTRACE_STATE_DIR=run_state)
     forged = BPF(text="int forged_obs(struct __sk_buff *skb) { return -1; }")
     ipr = tcattach._ipr(node_ns)
     ifindex = ipr.link_lookup(ifname=dev)[0]
     try:
-        _wait_attached(lab, proc, before)
-        during, deadline = None, time.monotonic() + 30
-        while during != (now := _all_ours(lab)) or (node_ns, dev) not in now:   # every agent attached
-            assert proc.poll() is None and time.monotonic() < deadline, now
-            during = now
-            time.sleep(0.5)
+        _wait_attached(proc, tmp_path)
+        during = _all_ours(lab)
+        assert (node_ns, dev) in during, during
         owners = {tcattach.owner_of(n) for names in during.values() for n in names}
         assert None not in owners and all(ownership.alive(pid, start) for pid, start in owners), owners
         # forged filters of other owners, beside the flow's on node-1/cni0

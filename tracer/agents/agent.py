@@ -2,8 +2,9 @@
 
 It reads one trace request (a JSON line, tracer/agents/request.py) on stdin, traces its own node, and streams framed records (tracer.wire) on stdout: hello/ready,
 events, probe results, node facts for diagnosis, clock readings, counters, end. Further
-JSON lines on stdin steer it: {"cmd": "probe"}, {"cmd": "facts", "queries": [...]},
-{"cmd": "stop"}. End of stdin means the coordinator is gone: the agent stops and cleans up,
+JSON lines on stdin steer it: {"cmd": "probe"}, {"cmd": "drain"} (deliver every event seen
+so far, then a `drained` frame: the end of the trace window), {"cmd": "facts", "queries": [...]},
+{"cmd": "stop"}. The hello frame lists the commands this agent understands. End of stdin means the coordinator is gone: the agent stops and cleans up,
 also when that happens while it is still loading or attaching (no device is attached after it).
 
 The same code runs as a process per lab node and inside the DaemonSet pod on a real node.
@@ -31,6 +32,7 @@ from tracer.runs.node import NodeJob, NodeRunner
 
 FLUSH_S = 0.05
 REQUEST_VERSION = request.REQUEST_VERSION
+COMMANDS = ["probe", "drain", "facts", "stop"]
 
 
 def _clock() -> dict:
@@ -151,7 +153,7 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: nodecheck.NodeRe
     degraded = runner.degraded + [f"{f} (the tracepoints still see that device)" for f in runner.tc_failed]
     out.send("hello", {"node": node.name, "pid": os.getpid(), "hooks": runner.hook_names,
                        "degraded": degraded, "kernel": os.uname().release,
-                       "clock_domain": clock_domain(),
+                       "clock_domain": clock_domain(), "commands": COMMANDS,
                        "namespaces": local.get("namespaces", {}),
                        "timings": runner.timings})
     out.send("clock", _clock())
@@ -178,6 +180,11 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: nodecheck.NodeRe
         if what == "probe" and req.probe is not None and prober is None:
             prober = threading.Thread(target=_probe, args=(req.probe, out, skew), daemon=True)
             prober.start()
+        elif what == "drain":
+            runner.drain()
+            sent = _flush(runner, out, sent, skew)
+            out.send("drained", {"node": node.name, "events": sent,
+                                 "locations": {str(k): v for k, v in runner.drop_locations().items()}})
         elif what == "facts" and node.name in runner.iptables_before:
             runner.drain()
             sent = _flush(runner, out, sent, skew)

@@ -25,6 +25,8 @@ from tracer.agents.request import AgentRequest
 from tracer.errors import EnvironmentProblem
 
 READY_TIMEOUT_S = 30
+DRAIN_TIMEOUT_S = 10
+LAST_FLUSH_S = 0.15     # three of an agent's flush periods: the grace an agent without `drain` gets
 
 
 @dataclass
@@ -50,12 +52,13 @@ class Hello:
     clock_domain: str | None = None
     namespaces: dict = field(default_factory=dict)     # inode → {"ips": [...], "host": bool}
     timings: dict = field(default_factory=dict)
+    commands: list[str] = field(default_factory=list)  # the steering commands it understands
 
     @classmethod
     def from_wire(cls, d: dict) -> "Hello":
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         known["node"] = str(known.get("node", ""))
-        for k, typ in (("hooks", list), ("degraded", list), ("namespaces", dict), ("timings", dict),
+        for k, typ in (("hooks", list), ("degraded", list), ("commands", list), ("namespaces", dict), ("timings", dict),
                        ("pid", (int, type(None))), ("kernel", (str, type(None))),
                        ("clock_domain", (str, type(None)))):
             if k in known and not isinstance(known[k], typ):
@@ -73,6 +76,8 @@ class AgentRun:
     ready: bool = False
     probes: list[dict] | None = None
     facts: dict | None = None
+    drained: dict | None = None
+    window: int | None = None        # chunks inside the trace window (set when it ended)
     counters: dict | None = None
     clocks: list[dict] = field(default_factory=list)
     ended: bool = False
@@ -89,7 +94,9 @@ class AgentRun:
             pass
 
     def events(self) -> np.ndarray:
-        return np.concatenate(self.chunks, dtype=events.EVENT_DTYPE) if self.chunks \
+        """The events inside the trace window (all of them while it is open)."""
+        chunks = self.chunks if self.window is None else self.chunks[:self.window]
+        return np.concatenate(chunks, dtype=events.EVENT_DTYPE) if chunks \
             else np.zeros(0, dtype=events.EVENT_DTYPE)
 
 
@@ -157,6 +164,9 @@ def _absorb(run: AgentRun, block: float = 0.0) -> None:
             run.ready = True
         elif fr.kind == "probes":
             run.probes = doc
+        elif fr.kind == "drained":
+            run.drained = doc
+            run.window = len(run.chunks)   # the agent flushed everything before this frame
         elif fr.kind == "facts":
             run.facts = doc
         elif fr.kind == "counters":
@@ -236,6 +246,22 @@ class Coordinator:
             if all(r.failure or r.ended for r in self.runs):
                 return pred()
         return pred()
+
+    def drain(self, timeout: float = DRAIN_TIMEOUT_S) -> None:
+        """End the trace window: every agent delivers the events it has seen, and what it
+        sends after its `drained` frame stays out of `merged()`, as events after the drain
+        stay out of a single-process trace. An agent too old to know `drain` gets the old
+        grace instead (LAST_FLUSH_S of its periodic flushes)."""
+        live = [r for r in self.runs if not (r.failure or r.ended)]
+        asked = [r for r in live if r.hello and "drain" in r.hello.commands]
+        for r in asked:
+            r.send({"cmd": "drain"})
+        if len(asked) < len(live):
+            self.pump(LAST_FLUSH_S)
+            for r in live:
+                if r not in asked:
+                    r.window = len(r.chunks)
+        self.wait_for(lambda: all(r.drained is not None or r.failure or r.ended for r in asked), timeout)
 
     def stop(self, timeout: float = 10) -> None:
         self.broadcast({"cmd": "stop"})

@@ -4,7 +4,8 @@ coordinator reads — over a pipe in the lab, over the Kubernetes exec API in a 
 A frame is a 16-byte header — magic `PTW1`, version, kind, flags, payload length, CRC32 of
 the payload — then the payload: raw event records (EVENT_DTYPE) for `events`, UTF-8 JSON
 for everything else. A bad magic, a CRC mismatch or a short read is reported as a
-WireError naming the offset; the reader never guesses past it.
+WireError naming the offset; the reader never guesses past it. A kind added later is only sent in answer to a command
+that names it (`drained` answers `drain`), so a reader that does not know it never meets it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ HEADER = struct.Struct("!4sBBHII")
 MAX_PAYLOAD = 64 << 20
 
 KINDS = {1: "hello", 2: "ready", 3: "events", 4: "counters", 5: "facts", 6: "probes",
-         7: "clock", 8: "error", 9: "end", 10: "log"}
+         7: "clock", 8: "error", 9: "end", 10: "log", 11: "drained"}
 KIND_IDS = {v: k for k, v in KINDS.items()}
 
 

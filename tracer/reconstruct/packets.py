@@ -206,7 +206,9 @@ def _target_ips(fi: FlowInput, direction: str) -> set[str]:
 
 
 def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[dict]:
-    df = assign_packets(df)
+    """Packets with their hops and verdicts; `df` may already carry `pkt` (assign_packets)."""
+    if "pkt" not in df:
+        df = assign_packets(df)
     packets: list[dict] = []
     if df.empty:
         return packets

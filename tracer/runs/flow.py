@@ -7,7 +7,6 @@ from typing import Callable
 
 import pandas as pd
 
-from tracer.agents import agent as agent_mod
 from tracer.agents import coordinator
 from tracer import testhooks
 from tracer.reconstruct import diagnose
@@ -84,6 +83,7 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
     with TerminateAsInterrupt(), coordinator.Coordinator(plans, transport) as co:
         co.wait_ready()
         _placement_from_agents(plan, co)
+        testhooks.pause("tracing")
         t_tracing = time.monotonic()
         prober = next((r for r in co.runs if r.plan.wire.get("probe")), None)
         if cfg.probe and prober is not None:
@@ -100,32 +100,37 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
             while (left := end - time.monotonic()) > 0:
                 co.pump(min(left, 0.2))
                 say(f"tracing: {sum(len(c) for r in co.runs for c in r.chunks)} events, {left:.1f}s left")
-        co.pump(agent_mod.FLUSH_S * 3)      # the agents' last flush
+        # The trace window ends here on every node: the packets are built once, from what the
+        # agents delivered up to their `drained` frame, and name the facts to ask for.
+        co.drain()
         df, clock = _merge(co, plan)
-        fi = flow_input(plan, sent, {}, clock)
-        # Which node facts the diagnosis will need: a pure function of the packets.
-        queries = diagnose.facts_needed(flows.build_packets(df, fi), service_evidence(plan))
+        locations: dict[int, str | None] = {}
+        for r in co.runs:
+            for k, v in ((r.drained or {}).get("locations") or {}).items():
+                locations[int(k)] = v
+            if r.hello and "drain" not in r.hello.commands and not r.failure:
+                notes.append(f"{r.plan.node}'s agent is older than this podtrace: its drop locations are "
+                             "not named and its last events may be missing; update the agent image")
+        fi = flow_input(plan, sent, locations, clock)
+        packets = flows.build_packets(df, fi)
+        queries = diagnose.facts_needed(packets, service_evidence(plan))
         for r in co.runs:
             if not r.failure:
                 r.facts = None
                 co.run(r.plan.node, {"cmd": "facts", "queries": queries.get(r.plan.node, [])})
         co.wait_for(lambda: all(r.facts is not None or r.failure for r in co.runs), 20)
-        df, clock = _merge(co, plan)   # events flushed with the facts
     t_done = time.monotonic()
     for r in co.runs:
         if r.failure:
             problems.append(f"{r.plan.node}'s view is missing: {r.failure}")
         notes += r.logs
     counters: dict[str, int] = {}
-    locations: dict[int, str | None] = {}
     hooks: list[str] = []
     degraded: list[str] = []
     timings: dict = {}
     for r in co.runs:
         for k, v in (r.counters or {}).items():
             counters[k] = counters.get(k, 0) + v
-        for k, v in ((r.facts or {}).get("locations") or {}).items():
-            locations[int(k)] = v
         if r.hello:
             hooks = hooks or r.hello.hooks
             degraded = degraded or r.hello.degraded
@@ -134,8 +139,8 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
 
     def evidence(packets):
         return agent_evidence(plan, facts)
-    return Traced(df, sent, counters, locations, hooks, degraded, timings, t_tracing, t_done, evidence,
-                   notes, problems, clock)
+    return Traced(df.drop(columns=["pkt"]), sent, counters, locations, hooks, degraded, timings, t_tracing,
+                  t_done, evidence, notes, problems, clock, packets=packets)
 
 
 def _placement_from_agents(plan: Plan, co: coordinator.Coordinator) -> None:
@@ -154,7 +159,13 @@ def _placement_from_agents(plan: Plan, co: coordinator.Coordinator) -> None:
 
 
 def _merge(co: coordinator.Coordinator, plan: Plan) -> tuple[pd.DataFrame, dict]:
-    """All agents' events in one table, timestamps corrected by the estimated offsets."""
+    """All agents' events in one table with their packet numbers (`pkt`, assigned once: the
+    offsets are estimated from them), timestamps corrected by the estimated offsets.
+
+    The packets are cut before the correction, and it is the cut the corrected clocks would
+    give: an offset the estimate can find is far below the pause that starts a new packet
+    (packets.GAP_NS), and a free event follows the hop of its skb on its own node, both
+    moved by the same offset."""
     arr, origin = co.merged()
     df = events.to_frame(arr)
     df["agent"] = origin
@@ -183,5 +194,5 @@ def _merge(co: coordinator.Coordinator, plan: Plan) -> tuple[pd.DataFrame, dict]
     clock = {"reference": names[ref] if names else None,
              "offsets": {names[i]: o for i, o in offsets.items()},
              "same_clock": [names[i] for i, d in domains.items() if i != ref and d == domains.get(ref)]}
-    return df.drop(columns=["pkt"]), clock
+    return df, clock
 

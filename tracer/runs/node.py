@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from tracer import testhooks
 from tracer.kernel import hooks as probes
 from tracer.kernel import tc as tcattach
 from tracer.kernel.session import SessionConfig, Sink, TraceSession
@@ -95,6 +96,8 @@ class NodeRunner:
                     self.tc.attach(ns_name, dev)
                 self.tc_failed = list(self.tc.failed)
             self.iptables_before = {n: nodecheck.iptables_counters(r) for n, r in self.job.nodes.items()}
+            if stop is None or not stop.is_set():
+                testhooks.pause("tracing")    # every hook and tc filter attached
         except BaseException:
             self.close()
             raise

@@ -82,6 +82,7 @@ class Traced:
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     clock: dict = field(default_factory=dict)
+    packets: list[dict] | None = None     # already built by the tracing (agents); None: build from df
 
 
 def flow_input(plan: Plan, sent, locations, clock: dict | None = None) -> flows.FlowInput:
@@ -153,7 +154,7 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
     cfg = plan.cfg
     testhooks.pause("reconstructing")
     fi = flow_input(plan, t.sent, t.locations, t.clock)
-    packets = flows.build_packets(t.df, fi)
+    packets = t.packets if t.packets is not None else flows.build_packets(t.df, fi)
     enrich(packets, plan.inv)
     ev = t.evidence(packets)
     if isinstance(ev, LocalEvidence):

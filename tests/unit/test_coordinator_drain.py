@@ -1,0 +1,101 @@
+"""The end of the trace window: agents that answer `drain`, and agents too old to know it."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from tracer.agents import coordinator, wire
+from tracer.kernel import record as events
+
+
+def chunk(*ts):
+    arr = np.zeros(len(ts), dtype=events.EVENT_DTYPE)
+    arr["ts_ns"] = ts
+    return arr.tobytes()
+
+
+class Agent:
+    """An agent process that answers the coordinator's commands with frames written beforehand."""
+
+    def __init__(self, hello, before, on_drain, on_stop):
+        r, self.w = os.pipe()
+        self.stdout = os.fdopen(r, "rb")
+        self.stdin = self
+        self.stderr = None
+        self.answers = {"drain": on_drain, "stop": on_stop + [("end", {"node": "node-1"})]}
+        self.said: list[str] = []
+        self._send([("hello", hello), ("ready", {"node": "node-1"})] + before)
+
+    def _send(self, frames):
+        if self.w is not None:
+            os.write(self.w, b"".join(wire.encode(k, p) for k, p in frames))
+
+    def write(self, data: bytes):
+        for line in data.decode().splitlines():
+            cmd = json.loads(line).get("cmd")
+            if cmd:
+                self.said.append(cmd)
+                self._send(self.answers.get(cmd, []))
+                if cmd == "stop" and self.w is not None:
+                    os.close(self.w)
+                    self.w = None
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+    def poll(self):
+        return 0
+
+    def wait(self, timeout=None):
+        return 0
+
+
+class Transport:
+    def __init__(self, agents):
+        self.agents = agents
+
+    def start(self, plan):
+        return self.agents[plan.node]
+
+
+def trace(agent) -> tuple[list[int], coordinator.AgentRun]:
+    with coordinator.Coordinator([coordinator.AgentPlan("node-1", {"node": "node-1"})],
+                                 Transport({"node-1": agent})) as co:
+        co.wait_ready()
+        co.drain()
+        arr, origin = co.merged()
+    arr_after, _ = co.merged()
+    assert arr_after["ts_ns"].tolist() == arr["ts_ns"].tolist(), "the window stays closed"
+    return arr["ts_ns"].tolist(), co.runs[0]
+
+
+def test_events_after_drained_stay_out_of_the_window():
+    agent = Agent({"node": "node-1", "commands": ["probe", "drain", "facts", "stop"]},
+                  [("events", chunk(1, 2))],
+                  on_drain=[("events", chunk(3)),
+                            ("drained", {"node": "node-1", "events": 3, "locations": {"77": "kfree_skb_reason+0x1"}}),
+                            ("events", chunk(4))],     # a late event: after the window
+                  on_stop=[("events", chunk(5))])
+    ts, run = trace(agent)
+    assert ts == [1, 2, 3]
+    assert agent.said == ["drain", "stop"]
+    assert run.drained["locations"] == {"77": "kfree_skb_reason+0x1"}
+    assert run.ended and not run.failure
+    assert len(run.chunks) == 4, "late events are still read (the stream stays in step)"
+
+
+def test_an_agent_without_drain_is_not_asked_and_keeps_its_last_flush():
+    agent = Agent({"node": "node-1"},   # an older agent: no command list
+                  [("events", chunk(1, 2)), ("events", chunk(3))],
+                  on_drain=[("error", {"message": "unknown command"})],
+                  on_stop=[("events", chunk(4))])
+    ts, run = trace(agent)
+    assert ts == [1, 2, 3]
+    assert agent.said == ["stop"] and run.drained is None
+    assert run.ended and not run.failure
