@@ -301,6 +301,25 @@ class Coordinator:
         return allev, origin
 
 
+def realtime_offsets(clocks: list[list[dict]], ref: int, domains: dict[int, str | None]) -> dict[int, int]:
+    """Coarse clock offset of every agent off the reference's clock (another booted kernel):
+    the difference of its (monotonic − realtime) to the reference's, from each agent's first
+    `clock` reading. Realtime clocks agree to NTP's precision; monotonic ones by uptime only."""
+    def skew(readings):
+        r = next((c for c in readings if "monotonic_ns" in c and "realtime_ns" in c), None)
+        return None if r is None else int(r["monotonic_ns"]) - int(r["realtime_ns"])
+    if ref >= len(clocks) or (base := skew(clocks[ref])) is None:
+        return {}
+    out = {}
+    for i, readings in enumerate(clocks):
+        if i == ref or domains.get(i) is None or domains.get(i) == domains.get(ref):
+            continue
+        s = skew(readings)
+        if s is not None:
+            out[i] = s - base
+    return out
+
+
 def estimate_offsets(df: pd.DataFrame, ref: int, request_is: callable,
                      domains: dict[int, str] | None = None) -> dict[int, dict]:
     """Clock offset of every agent relative to agent `ref`, from packets both saw.

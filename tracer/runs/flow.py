@@ -159,20 +159,26 @@ def _placement_from_agents(plan: Plan, co: coordinator.Coordinator) -> None:
 
 
 def _merge(co: coordinator.Coordinator, plan: Plan) -> tuple[pd.DataFrame, dict]:
-    """All agents' events in one table with their packet numbers (`pkt`, assigned once: the
-    offsets are estimated from them), timestamps corrected by the estimated offsets.
+    """All agents' events in one table with their packet numbers (`pkt`, assigned once),
+    timestamps on the reference agent's clock.
 
-    The packets are cut before the correction, and it is the cut the corrected clocks would
-    give: an offset the estimate can find is far below the pause that starts a new packet
-    (packets.GAP_NS), and a free event follows the hop of its skb on its own node, both
-    moved by the same offset."""
+    Nodes' monotonic clocks differ by their uptimes (seconds to days): each agent's events are
+    first moved by the difference of its (monotonic − realtime) readings to the reference's
+    (realtime is NTP-synchronised to within milliseconds), so one packet's hops on two nodes
+    fall into one packet; the offsets are then refined from the packets themselves. What is
+    left after the refinement is far below the pause that starts a new packet
+    (packets.GAP_NS), so the cut made on the coarse clocks is the cut the refined clocks give."""
     arr, origin = co.merged()
     df = events.to_frame(arr)
     df["agent"] = origin
     df["ts_ns"] = df["ts_ns"].astype("int64")   # offsets may be negative
-    df = flows.assign_packets(df)
     names = [r.plan.node for r in co.runs]
     ref = next((i for i, r in enumerate(co.runs) if r.plan.wire.get("probe")), 0)
+    domains = {i: r.hello.clock_domain if r.hello else None for i, r in enumerate(co.runs)}
+    coarse = coordinator.realtime_offsets([r.clocks for r in co.runs], ref, domains)
+    for i, c in coarse.items():
+        df.loc[df["agent"] == i, "ts_ns"] -= c
+    df = flows.assign_packets(df)
     src_ip = plan.src.ip
 
     def direction(g):
@@ -181,16 +187,23 @@ def _merge(co: coordinator.Coordinator, plan: Plan) -> tuple[pd.DataFrame, dict]
         if (g["daddr_str"] == src_ip).any():
             return "reply"
         return None
-    domains = {i: r.hello.clock_domain if r.hello else None for i, r in enumerate(co.runs)}
-    offsets = coordinator.estimate_offsets(df, ref, direction, domains)
+    fine = coordinator.estimate_offsets(df, ref, direction, domains)
     # Agents sharing a clock domain with an estimated agent get its offset too.
     for i, d in domains.items():
-        if i not in offsets and i != ref and d is not None and d != domains.get(ref):
-            twin = next((j for j in offsets if domains.get(j) == d), None)
+        if i not in fine and i != ref and d is not None and d != domains.get(ref):
+            twin = next((j for j in fine if domains.get(j) == d), None)
             if twin is not None:
-                offsets[i] = dict(offsets[twin], shared_with=names[twin])
-    for i, o in offsets.items():
-        df.loc[df["agent"] == i, "ts_ns"] -= o["offset_ns"]
+                fine[i] = dict(fine[twin], shared_with=names[twin])
+    offsets: dict[int, dict] = {}
+    for i in sorted(set(coarse) | set(fine)):
+        f = fine.get(i)
+        if f is not None:
+            df.loc[df["agent"] == i, "ts_ns"] -= f["offset_ns"]
+        entry = dict(f or {"method": "realtime"})
+        entry["offset_ns"] = coarse.get(i, 0) + (f["offset_ns"] if f else 0)
+        if i in coarse:
+            entry["realtime_ns"] = coarse[i]
+        offsets[i] = entry
     clock = {"reference": names[ref] if names else None,
              "offsets": {names[i]: o for i, o in offsets.items()},
              "same_clock": [names[i] for i, d in domains.items() if i != ref and d == domains.get(ref)]}
