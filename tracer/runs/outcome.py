@@ -13,6 +13,7 @@ from tracer.reconstruct import diagnose, evidence
 from tracer.reconstruct import packets as flows
 from tracer.reconstruct import verdict as verdicts
 from tracer.reconstruct.evidence import Evidence
+from tracer.reconstruct.model import Packet
 from tracer.cluster import inventory as k8s
 from tracer.node import netns
 from tracer.node import facts as nodecheck
@@ -32,7 +33,7 @@ class FlowResult:
     proto: str
     port: int | None
     probes: list[probe.ProbeResult]
-    packets: list[dict]
+    packets: list[Packet]
     verdict: dict
     summary: dict
     counters: dict
@@ -41,6 +42,7 @@ class FlowResult:
     meta: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     clock: dict = field(default_factory=dict)
+    names: dict[str, dict | None] = field(default_factory=dict)   # hop address → what it is
 
     @property
     def ok(self) -> bool:
@@ -53,7 +55,7 @@ class FlowResult:
             "dst": self.dst.as_json(),
             "probe": {"proto": self.proto, "port": self.port,
                       "count": len(self.probes) if self.config.probe else 0},
-            "packets": self.packets,
+            "packets": [p.as_json(self.names) for p in self.packets],
             "verdict": {"status": self.verdict["status"], "summary": self.verdict["summary"],
                         "problems": self.verdict.get("problems", [])},
             "summary": self.summary,
@@ -78,7 +80,7 @@ class Traced:
     timings: dict
     t_tracing: float
     t_done: float
-    evidence: Callable[[list[dict]], "Evidence | LocalEvidence"]
+    evidence: Callable[[list[Packet]], "Evidence | LocalEvidence"]
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     clock: dict = field(default_factory=dict)
@@ -107,7 +109,7 @@ class LocalEvidence:
     base: Evidence
     refs: dict
 
-    def resolve(self, packets: list[dict]) -> Evidence:
+    def resolve(self, packets: list[Packet]) -> Evidence:
         answers: dict[str, list[dict]] = {}
         for node, queries in diagnose.facts_needed(packets, self.base).items():
             ref = self.refs.get(node)
@@ -133,20 +135,16 @@ def agent_evidence(plan: Plan, facts_by_node: dict[str, dict]) -> Evidence:
         {n: f.get("rule_hits", []) for n, f in facts_by_node.items()})
 
 
-
-
-def enrich(packets: list[dict], inv: k8s.Inventory) -> None:
-    """Name each hop's addresses from the cluster metadata: the pod (and its workload), the
-    Service of a VIP, the node of a node address."""
-    cache: dict[str, dict | None] = {}
-
-    def name(ip):
-        if ip not in cache:
-            cache[ip] = inv.describe_ip(ip)
-        return cache[ip]
+def names(packets: list[Packet], inv: k8s.Inventory) -> dict[str, dict | None]:
+    """Every hop address → what the cluster metadata calls it: the pod (and its workload),
+    the Service of a VIP, the node of a node address (None: nothing known)."""
+    out: dict[str, dict | None] = {}
     for p in packets:
-        for h in p["hops"]:
-            h["src_is"], h["dst_is"] = name(h["src"]), name(h["dst"])
+        for h in p.hops:
+            for ip in (h.src, h.dst):
+                if ip not in out:
+                    out[ip] = inv.describe_ip(ip)
+    return out
 
 
 def finish(plan: Plan, t: Traced) -> FlowResult:
@@ -154,7 +152,7 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
     testhooks.pause("reconstructing")
     fi = flow_input(plan, t.sent, t.locations, t.clock)
     packets = flows.build_packets(t.df, fi)
-    enrich(packets, plan.inv)
+    named = names(packets, plan.inv)
     ev = t.evidence(packets)
     if isinstance(ev, LocalEvidence):
         ev = ev.resolve(packets)
@@ -179,7 +177,7 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
     notes = plan.notes + t.degraded + t.notes
     if t.counters.get("lost"):
         notes.append(f"{t.counters['lost']} events were lost (ring buffer full); the path may have gaps")
-        if any(p["verdict"]["status"] == "lost" for p in packets):   # the trace's gap, or the network's?
+        if any(p.verdict.status == "lost" for p in packets):   # the trace's gap, or the network's?
             verdict.setdefault("problems", []).append(
                 f"the tracer lost {t.counters['lost']} events (ring buffer full): a `lost` verdict may be "
                 "a gap in the trace rather than a loss in the network")
@@ -189,7 +187,7 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
     if cfg.sample > 1:
         notes.append(f"sampling: 1 packet in {cfg.sample} is traced (the same packets on every node)")
     result = FlowResult(cfg, plan.src, plan.dst, plan.proto, plan.port, probes, packets, verdict, summary,
-                        t.counters, timings, t.df, notes=notes)
+                        t.counters, timings, t.df, notes=notes, names=named)
     result.clock = t.clock
     result.meta = {
         "version": SCHEMA_VERSION, "src": plan.src.as_json(), "dst": plan.dst.as_json(),
