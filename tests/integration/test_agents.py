@@ -13,11 +13,11 @@ from tracer.runs.flow import run_flow
 
 
 def path(p):
-    return [(h["node"], h["pod"], h["dev"], h["point"]) for h in p["hops"]]
+    return [(h.node, h.pod, h.dev, h.point) for h in p.hops]
 
 
 def paths(r):
-    return {(p["direction"], p["seq"]): path(p) for p in r.packets}
+    return {(p.direction, p.seq): path(p) for p in r.packets}
 
 
 @pytest.mark.parametrize("dst,proto,port", [("pod-2-1", "icmp", None), ("svc/default/web", "tcp", 80)])
@@ -42,9 +42,9 @@ def test_clock_offset_estimated_and_order_kept(lab, monkeypatch):
     assert abs(est - skew) < 50_000, r.clock
     assert paths(r) == paths(reference)
     for p in r.packets:
-        ts = [h["t_ns"] for h in p["hops"]]
+        ts = [h.t_ns for h in p.hops]
         assert ts == sorted(ts)
-        assert p["hops"][-1]["t_ns"] < 5_000_000, "cross-node latency must be corrected"
+        assert p.hops[-1].t_ns < 5_000_000, "cross-node latency must be corrected"
 
 
 def test_agent_that_dies_is_named(lab, monkeypatch):
