@@ -18,6 +18,7 @@ from tracer.reconstruct import diagnose
 from tracer.reconstruct import packets as flows
 from tracer.reconstruct import verdict as verdicts
 from tracer.reconstruct.evidence import Evidence, fact_query
+from tracer.reconstruct.model import Packet
 
 A, B = "default/pod-1-1", "default/pod-2-1"
 
@@ -139,6 +140,27 @@ def test_partial_view_an_agent_missing():
     (p,), _ = judged(arr2, meta2, Evidence(answers={"node-1": []}))
     assert p.verdict.evidence["node_facts"] == "not available for node-2 (not on this machine)"
     assert diagnose.facts_needed([p], Evidence()) == {"node-2": [fact_query("node-2", p)]}
+
+
+def test_model_json_round_trip_and_key_order():
+    """Every stage's packets are typed; their JSON is the contract's shape and reads back equal."""
+    arr, meta = svc_flow(reverse_nat=False)
+    ev = Evidence(vip=VIP, service="default/web", backends=[PODS[BACKEND][2]])
+    packets, _ = judged(arr, meta, ev)
+    arr2, meta2 = synth_flow(probes=1, drop_requests=True)
+    packets += judged(arr2, meta2, Evidence(answers={"node-1": []}))[0]
+    for p in packets:
+        doc = p.as_json()
+        assert Packet.from_json(doc) == p
+        assert list(doc) == ["direction", "nat", "seq", "tuple", "ip_id", "ip_len", "df", "first_ts_ns",
+                             "one_way_ns", "hops", "verdict"]
+        assert list(doc["verdict"])[:8] == ["status", "node", "dev", "point", "reason", "location", "hint",
+                                            "runbook"]
+        assert list(doc["hops"][0])[:4] == ["node", "pod", "dev", "point"] and "src_is" not in doc["hops"][0]
+        named = p.as_json({h.src: {"pod": "x"} for h in p.hops})
+        assert named["hops"][0]["src_is"] == {"pod": "x"} and "dst_is" in named["hops"][0]
+    assert packets[1].as_json()["verdict"]["problem"] is True
+    assert packets[0].as_json()["nat"][0]["type"] == "dnat"
 
 
 def _paths(t, keep: set | None = None) -> dict:
