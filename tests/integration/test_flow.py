@@ -127,7 +127,7 @@ def test_service_dnat_and_reply_from_vip(lab):
     for p in r.packets:
         if p.direction == "request":
             dnat = [n for n in p.nat if n.type == "dnat"]
-            assert dnat and dnat[0]["backend"] == backend_ip and dnat[0]["node"] == "node-1"
+            assert dnat and dnat[0].backend == backend_ip and dnat[0].node == "node-1"
             assert p.hops[0].dst == web["cluster_ip"] and p.hops[-1].dst == backend_ip
             assert p.verdict.node == lab["nodes"][-1]["name"]
         else:
