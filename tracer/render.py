@@ -109,9 +109,9 @@ def flow_table(result: "FlowResult", console: Console) -> None:
     s = result.summary
     v = result.verdict
     console.print()
-    console.print(Text(f"{'OK' if v['status'] == 'ok' else 'FAILED'}: {v['summary']}",
-                       style="bold green" if v["status"] == "ok" else "bold red"))
-    for prob in v.get("problems", []):
+    console.print(Text(f"{'OK' if v.status == 'ok' else 'FAILED'}: {v.summary}",
+                       style="bold green" if v.status == "ok" else "bold red"))
+    for prob in v.problems:
         console.print(Text(f"  - {prob}", style="red"))
     console.print(f"median one-way {_us(s['median_one_way_ns'])}, median round trip {_us(s['median_rtt_ns'])}, "
                   f"events lost {s['events_lost']}, startup {result.timings.get('startup_s', 0):.2f}s")

@@ -51,8 +51,8 @@ def test_agent_that_dies_is_named(lab, monkeypatch):
     monkeypatch.setenv("PODTRACE_TEST_AGENT_DIE", "node-2")
     r = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=1, timeout=0.5,
                             mode="agents"))
-    assert r.verdict["status"] == "failed"
-    assert any("node-2's view is missing" in p for p in r.verdict["problems"]), r.verdict
+    assert r.verdict.status == "failed"
+    assert any("node-2's view is missing" in p for p in r.verdict.problems), r.verdict
     monkeypatch.delenv("PODTRACE_TEST_AGENT_DIE")
     # the dead agent's tc filters are removed by the next run
     r2 = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=1, mode="agents"))

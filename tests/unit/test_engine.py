@@ -65,7 +65,7 @@ def test_delivered_both_ways():
         assert v.node == (PODS[B][1] if p.direction == "request" else PODS[A][1])
         assert len(p.hops) == 12 and p.one_way_ns == p.hops[-1].t_ns
     verdict, probes = verdicts.flow_verdict(packets, fi, True)
-    assert verdict == {"status": "ok", "summary": "2/2 delivered, 2/2 answered", "problems": []}
+    assert verdict.as_json() == {"status": "ok", "summary": "2/2 delivered, 2/2 answered", "problems": []}
 
 
 def test_dropped_names_node_device_reason_and_location():
@@ -77,8 +77,8 @@ def test_dropped_names_node_device_reason_and_location():
     assert v.location == "nft_do_chain+0x46f" and v.runbook == "docs/runbooks/netfilter-drop.md"
     assert len(p.hops) == DROP_AFTER + 1
     verdict, _ = verdicts.flow_verdict([p], fi, True)
-    assert verdict["status"] == "failed"
-    assert verdict["problems"][0].startswith("probe 1: request dropped at node-2/flannel.1 (NETFILTER_DROP)")
+    assert verdict.status == "failed"
+    assert verdict.problems[0].startswith("probe 1: request dropped at node-2/flannel.1 (NETFILTER_DROP)")
 
 
 def test_lost_is_the_last_hop_seen():
@@ -99,7 +99,7 @@ def test_service_dnat_and_reverse_nat():
     assert [n.type for n in rep.nat] == ["reverse-dnat"]
     assert req.verdict.status == rep.verdict.status == "delivered"
     assert rep.verdict.cause is None
-    assert verdicts.flow_verdict(packets, fi, True)[0]["status"] == "ok"
+    assert verdicts.flow_verdict(packets, fi, True)[0].status == "ok"
 
 
 def test_wrong_reply_is_judged_without_touching_the_inputs():
@@ -119,7 +119,7 @@ def test_wrong_reply_is_judged_without_touching_the_inputs():
     assert rep.status == "delivered" and rep.cause == "unreversed-reply" and rep.problem is True
     assert "bridge-nf-call-iptables is 0" in rep.hint
     assert [p.outcome for p in probes] == ["wrong-reply"] and fi.probes[0].outcome == "answered"
-    assert verdict["status"] == "failed"
+    assert verdict.status == "failed"
     assert verdicts.summary(packets, probes, {})["answered"] == 0
 
 

@@ -220,3 +220,15 @@ class Packet:
                    bool(d.get("df")), d["first_ts_ns"], d.get("one_way_ns"),
                    tuple(Hop.from_json(h) for h in d["hops"]), Verdict.from_json(d["verdict"]),
                    tuple(NatChange.from_json(n) for n in d.get("nat") or ()))
+
+
+@dataclass(frozen=True)
+class FlowVerdict:
+    """Whether a flow got through: every probe delivered and answered by the right address."""
+
+    status: str                     # "ok" or "failed"
+    summary: str                    # one line of figures ("3/3 delivered, 3/3 answered")
+    problems: tuple[str, ...] = ()  # one sentence per thing that went wrong
+
+    def as_json(self) -> dict:
+        return {"status": self.status, "summary": self.summary, "problems": list(self.problems)}

@@ -7,11 +7,11 @@ from dataclasses import replace
 import numpy as np
 
 from tracer.node.prober import ProbeResult
-from tracer.reconstruct.model import Packet
+from tracer.reconstruct.model import FlowVerdict, Packet
 from tracer.reconstruct.packets import FlowInput
 
 
-def flow_verdict(packets: list[Packet], fi: FlowInput, probing: bool) -> tuple[dict, list[ProbeResult]]:
+def flow_verdict(packets: list[Packet], fi: FlowInput, probing: bool) -> tuple[FlowVerdict, list[ProbeResult]]:
     """(the flow-level verdict, the probes as judged): every probe delivered and answered by
     the right address. A probe answered with an un-reversed reply is judged `wrong-reply`
     (a new ProbeResult; fi.probes stays as sent)."""
@@ -24,7 +24,7 @@ def flow_verdict(packets: list[Packet], fi: FlowInput, probing: bool) -> tuple[d
         ok = not bad and bool(packets)
         summary = (f"{len(packets) - len(bad)}/{len(packets)} packets delivered" if packets
                    else "no matching packet seen")
-        return {"status": "ok" if ok else "failed", "summary": summary, "problems": problems}, probes
+        return FlowVerdict("ok" if ok else "failed", summary, tuple(problems)), probes
     judged = probes
     if fi.sample > 1:
         # With sampling, a probe no hook saw was simply not sampled: judge the others only.
@@ -75,7 +75,7 @@ def flow_verdict(packets: list[Packet], fi: FlowInput, probing: bool) -> tuple[d
         summary += f" ({n} of {len(fi.probes)} probes sampled at 1 in {fi.sample})"
         if n == 0:
             problems.append("no probe was sampled: send more (--count) or sample less (--sample)")
-    return {"status": status, "summary": summary, "problems": problems}, probes
+    return FlowVerdict(status, summary, tuple(problems)), probes
 
 
 def summary(packets: list[Packet], probes: list[ProbeResult], counters: dict) -> dict:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import pandas as pd
@@ -13,7 +13,7 @@ from tracer.reconstruct import diagnose, evidence
 from tracer.reconstruct import packets as flows
 from tracer.reconstruct import verdict as verdicts
 from tracer.reconstruct.evidence import Evidence
-from tracer.reconstruct.model import Packet
+from tracer.reconstruct.model import FlowVerdict, Packet
 from tracer.cluster import inventory as k8s
 from tracer.node import netns
 from tracer.node import facts as nodecheck
@@ -34,7 +34,7 @@ class FlowResult:
     port: int | None
     probes: list[probe.ProbeResult]
     packets: list[Packet]
-    verdict: dict
+    verdict: FlowVerdict
     summary: dict
     counters: dict
     timings: dict
@@ -46,7 +46,7 @@ class FlowResult:
 
     @property
     def ok(self) -> bool:
-        return self.verdict["status"] == "ok"
+        return self.verdict.status == "ok"
 
     def as_json(self) -> dict:
         return {
@@ -56,8 +56,7 @@ class FlowResult:
             "probe": {"proto": self.proto, "port": self.port,
                       "count": len(self.probes) if self.config.probe else 0},
             "packets": [p.as_json(self.names) for p in self.packets],
-            "verdict": {"status": self.verdict["status"], "summary": self.verdict["summary"],
-                        "problems": self.verdict.get("problems", [])},
+            "verdict": self.verdict.as_json(),
             "summary": self.summary,
             "probes": [p.as_json() for p in self.probes],
             "counters": self.counters,
@@ -164,8 +163,7 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
             "verdicts after that are about a pod that no longer exists"
             for e in (plan.src, plan.dst) if plan.topology and e.pod and e.pod.netns and not netns.exists(e.pod.netns)]
     if t.problems or gone:
-        verdict["problems"] = gone + verdict.get("problems", []) + t.problems
-        verdict["status"] = "failed"
+        verdict = replace(verdict, status="failed", problems=(*gone, *verdict.problems, *t.problems))
     summary = verdicts.summary(packets, probes, t.counters)
     timings = {
         "resolve_s": round(plan.t_resolved - plan.t_start, 4),
@@ -178,9 +176,9 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
     if t.counters.get("lost"):
         notes.append(f"{t.counters['lost']} events were lost (ring buffer full); the path may have gaps")
         if any(p.verdict.status == "lost" for p in packets):   # the trace's gap, or the network's?
-            verdict.setdefault("problems", []).append(
-                f"the tracer lost {t.counters['lost']} events (ring buffer full): a `lost` verdict may be "
-                "a gap in the trace rather than a loss in the network")
+            verdict = replace(verdict, problems=(
+                *verdict.problems, f"the tracer lost {t.counters['lost']} events (ring buffer full): a `lost` "
+                "verdict may be a gap in the trace rather than a loss in the network"))
     if t.counters.get("over_budget"):
         notes.append(f"{t.counters['over_budget']} events were not recorded to stay within the event budget "
                      f"({cfg.budget}/s per node); raise it with --max-events or sample with --sample")
