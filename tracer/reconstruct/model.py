@@ -1,4 +1,4 @@
-"""The typed model the engine passes between stages: packets, their hops, NAT changes and verdicts.
+"""The typed model passed between the engine's stages: packets, hops, NAT changes, verdicts.
 
 Every class is frozen: a stage that refines one (the diagnosis adding a cause) makes a new
 one with `dataclasses.replace`. `as_json()` gives the `flow -o json` shape (the contract's
