@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from tracer.reconstruct.model import ConntrackView, Packet, Verdict
+
+if TYPE_CHECKING:
+    from tracer.runs.outcome import FlowResult
 
 STATUS_STYLE = {"delivered": "green", "dropped": "bold red", "lost": "bold yellow"}
 
@@ -22,94 +28,93 @@ def _ep(d: dict) -> str:
     return f"{name} ({d['ip']})" if name else d["ip"]
 
 
-def packet_table(p: dict) -> Table:
-    t = p["tuple"]
-    sp = f":{t['sport']}" if t["sport"] is not None else ""
-    dp = f":{t['dport']}" if t["dport"] is not None else ""
-    title = (f"{p['direction']} {p['seq'] if p['seq'] is not None else ''} "
-             f"{t['proto']} {t['src']}{sp} → {t['dst']}{dp}  ip_id={p['ip_id']}")
+def packet_table(p: Packet) -> Table:
+    t = p.five_tuple
+    sp = f":{t.sport}" if t.sport is not None else ""
+    dp = f":{t.dport}" if t.dport is not None else ""
+    title = (f"{p.direction} {p.seq if p.seq is not None else ''} "
+             f"{t.proto} {t.src}{sp} → {t.dst}{dp}  ip_id={p.ip_id}")
     tbl = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, expand=False)
     for col in ("#", "node", "pod", "dev", "pt", "Δt", "addresses", "conntrack", "encap"):
         tbl.add_column(col, justify="right" if col in ("#", "Δt") else "left", no_wrap=True)
     prev = None
-    for i, h in enumerate(p["hops"], 1):
-        addrs = f"{h['src']} → {h['dst']}"
+    for i, h in enumerate(p.hops, 1):
+        addrs = f"{h.src} → {h.dst}"
         changed = prev is not None and addrs != prev
-        enc = h["encap"]
-        encs = f"{enc['type']} {enc['src']}→{enc['dst']} vni {enc['vni']}" if enc else ""
-        tbl.add_row(str(i), h["node"] or "(fabric)", h["pod"] or "", h["dev"], h["point"],
-                    "" if i == 1 else _us(h["dt_ns"]),
+        enc = h.encap
+        encs = f"{enc.type} {enc.src}→{enc.dst} vni {enc.vni}" if enc else ""
+        tbl.add_row(str(i), h.node or "(fabric)", h.pod or "", h.dev, h.point,
+                    "" if i == 1 else _us(h.dt_ns),
                     Text(addrs, style="bold magenta") if changed else Text(addrs if i == 1 else "″", style="dim" if i > 1 else ""),
-                    _ct(h.get("ct")), encs)
+                    _ct(h.ct), encs)
         prev = addrs
     return tbl
 
 
-def _addr(d: dict) -> str:
-    src = d["src"] + (f":{d['sport']}" if d.get("sport") is not None else "")
-    dst = d["dst"] + (f":{d['dport']}" if d.get("dport") is not None else "")
+def _addr(d) -> str:
+    src = d.src + (f":{d.sport}" if d.sport is not None else "")
+    dst = d.dst + (f":{d.dport}" if d.dport is not None else "")
     return f"{src}→{dst}"
 
 
-def _ct(ct: dict | None) -> str:
+def _ct(ct: ConntrackView | None) -> str:
     if not ct:
         return ""
-    if ct.get("of") == "outer":
+    if ct.of == "outer":
         return "(tunnel)"
-    txt = ct["state"] + (" reply" if ct.get("dir") == "reply" else "")
-    if ct.get("nat"):
-        txt += f" {ct['nat']}"
+    txt = ct.state + (" reply" if ct.dir == "reply" else "")
+    if ct.nat:
+        txt += f" {ct.nat}"
     return txt
 
 
-def verdict_line(v: dict) -> Text:
-    s = v["status"]
-    where = f"{v['node'] or 'fabric'}/{v['dev']}" if v.get("dev") else (v.get("node") or "")
+def verdict_line(v: Verdict) -> Text:
+    s = v.status
+    where = f"{v.node or 'fabric'}/{v.dev}" if v.dev else (v.node or "")
     txt = Text(f"  {s.upper()}", style=STATUS_STYLE.get(s, ""))
     txt.append(f" at {where}" if where else "")
-    if v.get("reason"):
-        txt.append(f"  reason={v['reason']}")
-    if v.get("location"):
-        txt.append(f"  at {v['location']}")
-    if v.get("cause"):
-        txt.append(f"  cause={v['cause']}", style="bold")
-    if v.get("hint"):
-        txt.append(f"\n  {v['hint']}")
-    if v.get("runbook"):
-        txt.append(f"\n  runbook: {v['runbook']}", style="cyan")
+    if v.reason:
+        txt.append(f"  reason={v.reason}")
+    if v.location:
+        txt.append(f"  at {v.location}")
+    if v.cause:
+        txt.append(f"  cause={v.cause}", style="bold")
+    if v.hint:
+        txt.append(f"\n  {v.hint}")
+    if v.runbook:
+        txt.append(f"\n  runbook: {v.runbook}", style="cyan")
     return txt
 
 
-def flow_table(doc: dict, console: Console) -> None:
-    console.print(Text(f"podtrace flow {_ep(doc['src'])} → {_ep(doc['dst'])}  "
-                       f"[{doc['probe']['proto']}{'/' + str(doc['probe']['port']) if doc['probe']['port'] else ''}]",
-                       style="bold"))
-    for note in doc.get("notes", []):
+def flow_table(result: "FlowResult", console: Console) -> None:
+    port = result.port
+    console.print(Text(f"podtrace flow {_ep(result.src.as_json())} → {_ep(result.dst.as_json())}  "
+                       f"[{result.proto}{'/' + str(port) if port else ''}]", style="bold"))
+    for note in result.notes:
         console.print(Text(f"note: {note}", style="yellow"))
-    if not doc["packets"]:
+    if not result.packets:
         console.print("no packet of this flow was seen by the tracer")
-    for p in doc["packets"]:
+    for p in result.packets:
         console.print()
         console.print(packet_table(p))
-        for n in p.get("nat", []):
-            b, a = n["before"], n["after"]
+        for n in p.nat:
             what = {"dnat": "DNAT", "snat": "SNAT", "reverse-dnat": "reverse DNAT",
-                    "reverse-snat": "reply un-DNAT"}.get(n["type"], n["type"])
-            txt = (f"  {what} at hop {n['hop'] + 1} ({n['node'] or 'fabric'}/{n['dev']}): "
-                   f"{_addr(b)} → {_addr(a)}")
-            if n.get("backend"):
-                txt += f"  backend {n['backend']}"
+                    "reverse-snat": "reply un-DNAT"}.get(n.type, n.type)
+            txt = (f"  {what} at hop {n.hop + 1} ({n.node or 'fabric'}/{n.dev}): "
+                   f"{_addr(n.before)} → {_addr(n.after)}")
+            if n.backend:
+                txt += f"  backend {n.backend}"
             console.print(Text(txt, style="magenta"))
-        console.print(verdict_line(p["verdict"]))
-    s = doc["summary"]
-    v = doc["verdict"]
+        console.print(verdict_line(p.verdict))
+    s = result.summary
+    v = result.verdict
     console.print()
-    console.print(Text(f"{'OK' if v['status'] == 'ok' else 'FAILED'}: {v['summary']}",
-                       style="bold green" if v["status"] == "ok" else "bold red"))
-    for prob in v.get("problems", []):
+    console.print(Text(f"{'OK' if v.status == 'ok' else 'FAILED'}: {v.summary}",
+                       style="bold green" if v.status == "ok" else "bold red"))
+    for prob in v.problems:
         console.print(Text(f"  - {prob}", style="red"))
     console.print(f"median one-way {_us(s['median_one_way_ns'])}, median round trip {_us(s['median_rtt_ns'])}, "
-                  f"events lost {s['events_lost']}, startup {doc['timings'].get('startup_s', 0):.2f}s")
+                  f"events lost {s['events_lost']}, startup {result.timings.get('startup_s', 0):.2f}s")
 
 
 def to_json(doc: dict) -> str:

@@ -13,11 +13,11 @@ from tracer.runs.flow import run_flow
 
 
 def path(p):
-    return [(h["node"], h["pod"], h["dev"], h["point"]) for h in p["hops"]]
+    return [(h.node, h.pod, h.dev, h.point) for h in p.hops]
 
 
 def paths(r):
-    return {(p["direction"], p["seq"]): path(p) for p in r.packets}
+    return {(p.direction, p.seq): path(p) for p in r.packets}
 
 
 @pytest.mark.parametrize("dst,proto,port", [("pod-2-1", "icmp", None), ("svc/default/web", "tcp", 80)])
@@ -45,17 +45,17 @@ def test_clock_offset_estimated_and_order_kept(lab, monkeypatch, skew):
     assert abs(est - skew) < 50_000, r.clock
     assert paths(r) == paths(reference)
     for p in r.packets:
-        ts = [h["t_ns"] for h in p["hops"]]
+        ts = [h.t_ns for h in p.hops]
         assert ts == sorted(ts)
-        assert p["hops"][-1]["t_ns"] < 5_000_000, "cross-node latency must be corrected"
+        assert p.hops[-1].t_ns < 5_000_000, "cross-node latency must be corrected"
 
 
 def test_agent_that_dies_is_named(lab, monkeypatch):
     monkeypatch.setenv("PODTRACE_TEST_AGENT_DIE", "node-2")
     r = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=1, timeout=0.5,
                             mode="agents"))
-    assert r.verdict["status"] == "failed"
-    assert any("node-2's view is missing" in p for p in r.verdict["problems"]), r.verdict
+    assert r.verdict.status == "failed"
+    assert any("node-2's view is missing" in p for p in r.verdict.problems), r.verdict
     monkeypatch.delenv("PODTRACE_TEST_AGENT_DIE")
     # the dead agent's tc filters are removed by the next run
     r2 = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=1, mode="agents"))

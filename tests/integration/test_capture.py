@@ -315,11 +315,11 @@ def test_flow_save_round_trip_and_incident_notebook(lab, tmp_path):
     assert not r.ok
     t = analysis.load(f)
     assert t.mode == "flow" and len(t.events) == len(r.events)
-    assert t.packets["status"].tolist() == [p["verdict"]["status"] for p in r.packets]
-    assert t.packets["direction"].tolist() == [p["direction"] for p in r.packets]
-    assert t.packets["reason"].tolist() == [p["verdict"]["reason"] for p in r.packets]
-    assert t.packets["verdict_node"].tolist() == [p["verdict"]["node"] for p in r.packets]
-    assert t.hops.groupby("packet").size().tolist() == [len(p["hops"]) for p in r.packets]
+    assert t.packets["status"].tolist() == [p.verdict.status for p in r.packets]
+    assert t.packets["direction"].tolist() == [p.direction for p in r.packets]
+    assert t.packets["reason"].tolist() == [p.verdict.reason for p in r.packets]
+    assert t.packets["verdict_node"].tolist() == [p.verdict.node for p in r.packets]
+    assert t.hops.groupby("packet").size().tolist() == [len(p.hops) for p in r.packets]
     assert "NETFILTER_DROP" in set(t.drops["reason"])
     execute_notebook("incident_flow.ipynb", {"PODTRACE_FLOW_TRACE": str(f)}, tmp_path)
     # a healthy flow round-trips too
@@ -328,5 +328,5 @@ def test_flow_save_round_trip_and_incident_notebook(lab, tmp_path):
                             lab_prefix=lab["prefix"], save=str(g)))
     t = analysis.load(g)
     assert r.ok and set(t.packets["status"]) == {"delivered"}
-    assert t.packets["status"].tolist() == [p["verdict"]["status"] for p in r.packets]
+    assert t.packets["status"].tolist() == [p.verdict.status for p in r.packets]
     assert set(t.flows["service"].dropna()) == {"default/web"}

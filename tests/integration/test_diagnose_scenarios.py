@@ -19,7 +19,7 @@ import pytest
 
 from tests.integration.lab_fixture import private_lab
 from tests.unit.test_engine import _paths as paths
-from tracer import analysis
+from tracer import analysis, tracefile
 from tracer.node import prober as probe
 from tracer.runs import capture
 
@@ -75,6 +75,17 @@ def offline_verdicts(path) -> list[tuple]:
     return [tuple(r) for r in rows.where(rows.notna(), None).itertuples(index=False)]
 
 
+def live_packets(doc: dict) -> list[dict]:
+    """The live packets without the hop names (those come from the inventory, not the trace)."""
+    return [{**p, "hops": [{k: v for k, v in h.items() if k not in ("src_is", "dst_is")} for h in p["hops"]]}
+            for p in doc["packets"]]
+
+
+def saved_packets(path) -> list[dict]:
+    events, meta = tracefile.load(path)
+    return [p.as_json() for p in analysis.reconstruct(events, meta)]
+
+
 @pytest.mark.parametrize("scenario,args,direction,node,cause,reason", CASES, ids=[c[0] for c in CASES])
 def test_scenario(dlab, scenario, args, direction, node, cause, reason, tmp_path):
     extra = ["--timeout", "0.6"]
@@ -88,6 +99,8 @@ def test_scenario(dlab, scenario, args, direction, node, cause, reason, tmp_path
         doc = json.loads(res.stdout)
         # the saved trace, judged offline, says what the live run said, packet by packet
         assert offline_verdicts(saved) == live_verdicts(doc)
+        # whole packets too: hops, NAT changes, verdicts with their evidence
+        assert saved_packets(saved) == live_packets(doc)
         # and the engine's fast path finds each of these packets with the same hops and verdict
         per_packet = paths(analysis.load(saved))
         assert per_packet and paths(analysis.load(saved, mode="capture"), set(per_packet)) == per_packet

@@ -54,7 +54,7 @@ def pod(lab, name):
 
 
 def path_of(packet) -> list[tuple]:
-    return [(h["node"], h["pod"], h["dev"], h["encap"] is not None) for h in packet["hops"]]
+    return [(h.node, h.pod, h.dev, h.encap is not None) for h in packet.hops]
 
 
 def is_subsequence(want, have) -> bool:
@@ -86,24 +86,24 @@ def test_cross_node_every_hop_in_order(lab, mode, proto, port):
     assert r.ok, r.verdict
     want_req = cross_node_path(lab, "pod-1-1", "pod-2-1")
     want_rep = cross_node_path(lab, "pod-2-1", "pod-1-1")
-    reqs = [p for p in r.packets if p["direction"] == "request"]
-    reps = [p for p in r.packets if p["direction"] == "reply"]
-    assert {p["seq"] for p in reqs} == {1, 2, 3}
-    assert {p["seq"] for p in reps} == {1, 2, 3}
+    reqs = [p for p in r.packets if p.direction == "request"]
+    reps = [p for p in r.packets if p.direction == "reply"]
+    assert {p.seq for p in reqs} == {1, 2, 3}
+    assert {p.seq for p in reps} == {1, 2, 3}
     for p in reqs:
         assert is_subsequence(want_req, path_of(p)), path_of(p)
-        assert p["verdict"]["status"] == "delivered"
-        assert p["verdict"]["node"] == "node-2"
+        assert p.verdict.status == "delivered"
+        assert p.verdict.node == "node-2"
         # the encapsulated segment carries the node addresses and VNI 1
-        enc = [h["encap"] for h in p["hops"] if h["encap"]]
-        assert enc and all(e["vni"] == 1 for e in enc)
-        assert enc[0]["src"] == next(n["ip"] for n in lab["nodes"] if n["name"] == "node-1")
+        enc = [h.encap for h in p.hops if h.encap]
+        assert enc and all(e.vni == 1 for e in enc)
+        assert enc[0].src == next(n["ip"] for n in lab["nodes"] if n["name"] == "node-1")
         # time moves forward along the path
-        ts = [h["t_ns"] for h in p["hops"]]
+        ts = [h.t_ns for h in p.hops]
         assert ts == sorted(ts) and ts[0] == 0
     for p in reps:
         assert is_subsequence(want_rep, path_of(p)), path_of(p)
-        assert p["verdict"]["status"] == "delivered"
+        assert p.verdict.status == "delivered"
     assert r.summary["answered"] == 3
     assert r.counters["lost"] == 0
 
@@ -112,11 +112,11 @@ def test_same_node(lab):
     r = flow(lab, "pod-1-1", "pod-1-2")
     assert r.ok, r.verdict
     a, b = pod(lab, "pod-1-1"), pod(lab, "pod-1-2")
-    req = next(p for p in r.packets if p["direction"] == "request")
+    req = next(p for p in r.packets if p.direction == "request")
     want = [("node-1", "default/pod-1-1", "eth0", False), ("node-1", None, a["host_veth"], False),
             ("node-1", None, b["host_veth"], False), ("node-1", "default/pod-1-2", "eth0", False)]
     assert is_subsequence(want, path_of(req))
-    assert not any(h["dev"] == "flannel.1" for h in req["hops"])
+    assert not any(h.dev == "flannel.1" for h in req.hops)
 
 
 def test_service_dnat_and_reply_from_vip(lab):
@@ -125,14 +125,14 @@ def test_service_dnat_and_reply_from_vip(lab):
     r = flow(lab, "pod-1-1", "svc/default/web", proto="tcp", port=80)
     assert r.ok, r.verdict
     for p in r.packets:
-        if p["direction"] == "request":
-            dnat = [n for n in p["nat"] if n["type"] == "dnat"]
-            assert dnat and dnat[0]["backend"] == backend_ip and dnat[0]["node"] == "node-1"
-            assert p["hops"][0]["dst"] == web["cluster_ip"] and p["hops"][-1]["dst"] == backend_ip
-            assert p["verdict"]["node"] == lab["nodes"][-1]["name"]
+        if p.direction == "request":
+            dnat = [n for n in p.nat if n.type == "dnat"]
+            assert dnat and dnat[0].backend == backend_ip and dnat[0].node == "node-1"
+            assert p.hops[0].dst == web["cluster_ip"] and p.hops[-1].dst == backend_ip
+            assert p.verdict.node == lab["nodes"][-1]["name"]
         else:
-            assert p["hops"][0]["src"] == backend_ip
-            assert p["hops"][-1]["src"] == web["cluster_ip"], "the reply must reach the client from the VIP"
+            assert p.hops[0].src == backend_ip
+            assert p.hops[-1].src == web["cluster_ip"], "the reply must reach the client from the VIP"
     assert all(pr.reply_from == web["cluster_ip"] for pr in r.probes)
 
 
@@ -197,7 +197,7 @@ def test_save_and_load_trace(lab, tmp_path):
     assert len(t.packets) == len(r.packets)
     assert set(t.packets["status"]) == {"delivered"}
     assert t.meta["src"]["pod"] == "default/pod-1-1"
-    assert t.hops.groupby("packet").size().tolist() == [len(p["hops"]) for p in r.packets]
+    assert t.hops.groupby("packet").size().tolist() == [len(p.hops) for p in r.packets]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

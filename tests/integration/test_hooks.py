@@ -110,10 +110,10 @@ def test_tracepoints_and_tc_merge_into_one_path(lab):
     r = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"]))
     assert r.ok, r.verdict
     for p in r.packets:
-        places = [(h["netns"], h["dev"], h["point"]) for h in p["hops"]]
+        places = [(h.netns, h.dev, h.point) for h in p.hops]
         assert all(a != b for a, b in zip(places, places[1:])), f"duplicate consecutive hop: {places}"
-        both = [h for h in p["hops"] if set(h["seen_by"]) == {"tracepoint", "tc"}]
-        assert {h["dev"] for h in both} >= {"cni0", "flannel.1", "eth0"}, p["hops"]
+        both = [h for h in p.hops if set(h.seen_by) == {"tracepoint", "tc"}]
+        assert {h.dev for h in both} >= {"cni0", "flannel.1", "eth0"}, p.hops
     assert lab_tc_state(lab) == before, "flow must remove its filters and the qdiscs it added"
 
 
@@ -270,17 +270,17 @@ def _icmp_sampled_in(ident: int, seq: int, n: int) -> bool:
 
 def test_sampling_is_the_same_on_every_hop_and_node(lab):
     full = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=1))
-    hops_per_packet = len(full.packets[0]["hops"])
+    hops_per_packet = len(full.packets[0].hops)
     r = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=16, sample=2))
     assert r.ok, r.verdict
-    seqs = {p["seq"] for p in r.packets}
+    seqs = {p.seq for p in r.packets}
     # The kernel keeps an echo when (hash(id, seq) >> 1) % 2 == 0; the id is random per run,
     # so the kept set is computed here rather than assumed to be mixed.
     expected = {pr.seq for pr in r.probes if _icmp_sampled_in(pr.sport, pr.dport, 2)}
     assert seqs == expected, (seqs, expected)
     for p in r.packets:
-        assert len(p["hops"]) == hops_per_packet, "a sampled packet is kept on every hop of every node"
-    assert {(p["seq"], p["direction"]) for p in r.packets} == {(s, d) for s in seqs for d in ("request", "reply")}
+        assert len(p.hops) == hops_per_packet, "a sampled packet is kept on every hop of every node"
+    assert {(p.seq, p.direction) for p in r.packets} == {(s, d) for s in seqs for d in ("request", "reply")}
     if len(expected) < len(r.probes):
         assert r.counters["sampled_out"] > 0
 
@@ -298,10 +298,10 @@ def test_cilium_lab_tracepoints_and_tc_merge(tmp_path):
         r = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=cl["prefix"], count=2))
         assert r.ok, r.verdict
         for p in r.packets:
-            places = [(h["netns"], h["dev"], h["point"]) for h in p["hops"]]
+            places = [(h.netns, h.dev, h.point) for h in p.hops]
             assert all(a != b for a, b in zip(places, places[1:])), places
-            devs = [h["dev"] for h in p["hops"]]
+            devs = [h.dev for h in p.hops]
             assert "cilium_vxlan" in devs and any(d.startswith("lxc") for d in devs)
-            both = {h["dev"] for h in p["hops"] if set(h["seen_by"]) == {"tracepoint", "tc"}}
-            assert "cilium_vxlan" in both and any(d.startswith("lxc") for d in both), p["hops"]
+            both = {h.dev for h in p.hops if set(h.seen_by) == {"tracepoint", "tc"}}
+            assert "cilium_vxlan" in both and any(d.startswith("lxc") for d in both), p.hops
         wait_no_programs()

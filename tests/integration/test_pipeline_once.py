@@ -30,5 +30,5 @@ def test_packets_assigned_and_built_once(lab, calls, mode):
     r = run_flow(FlowConfig(src="pod-1-1", dst="svc/default/web", proto="tcp", port=80, count=2,
                             lab_prefix=lab["prefix"], mode=mode))
     assert r.ok, r.verdict
-    assert {p["direction"] for p in r.packets} == {"request", "reply"}
+    assert {p.direction for p in r.packets} == {"request", "reply"}
     assert calls == {"assign_packets": 1, "build_packets": 1}

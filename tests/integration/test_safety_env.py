@@ -166,8 +166,8 @@ def test_ring_buffer_overflow_is_reported(safe_lab, monkeypatch):
     assert r.summary["events_lost"] == lost
     assert r.counters["emitted"] == len(r.events), "every event handed over must be in the result"
     assert any(f"{lost} events were lost" in n for n in r.notes), r.notes
-    if any(p["verdict"]["status"] == "lost" for p in r.packets):
-        assert any("gap in the trace" in pr for pr in r.verdict["problems"]), r.verdict
+    if any(p.verdict.status == "lost" for p in r.packets):
+        assert any("gap in the trace" in pr for pr in r.verdict.problems), r.verdict
     assert f"events lost {lost}" in _render(r) or str(lost) in _render(r)
 
 
@@ -179,7 +179,7 @@ def _render(r) -> str:
     from tracer import render
 
     buf = io.StringIO()
-    render.flow_table(r.as_json(), Console(file=buf, width=200))
+    render.flow_table(r, Console(file=buf, width=200))
     return buf.getvalue()
 
 

@@ -170,12 +170,12 @@ def test_flow_file_verdicts_equal_flows_build_packets(tmp_path):
         ev, m = tracefile.load(p)
         want = flows.build_packets(events.to_frame(arr), analysis._flow_input(m))
         assert t.mode == "flow"
-        assert t.packets["status"].tolist() == [x["verdict"]["status"] for x in want]
-        assert t.packets["direction"].tolist() == [x["direction"] for x in want]
-        assert t.packets["seq"].tolist() == [x["seq"] for x in want]
-        assert t.hops.groupby("packet").size().tolist() == [len(x["hops"]) for x in want]
+        assert t.packets["status"].tolist() == [x.verdict.status for x in want]
+        assert t.packets["direction"].tolist() == [x.direction for x in want]
+        assert t.packets["seq"].tolist() == [x.seq for x in want]
+        assert t.hops.groupby("packet").size().tolist() == [len(x.hops) for x in want]
         v = analysis.load(p, mode="capture")
-        assert sorted(v.packets["status"].astype(str)) == sorted(x["verdict"]["status"] for x in want)
+        assert sorted(v.packets["status"].astype(str)) == sorted(x.verdict.status for x in want)
         assert len(t.flows) == len(v.flows) == 4
 
 

@@ -6,27 +6,25 @@ scenario tests feed the same rules with evidence read from real namespaces.
 
 import copy
 import re
+from dataclasses import replace
 from pathlib import Path
-
-import pytest
 
 from tracer.reconstruct import diagnose
 from tracer.reconstruct.evidence import Evidence, fact_query
+from tracer.reconstruct.model import Addr, ConntrackView, FiveTuple, Hop, Packet, Verdict
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def hop(node, dev, point, src="10.244.1.2", dst="10.244.2.2", pod=None, ct=None):
-    return {"node": node, "pod": pod, "dev": dev, "point": point, "src": src, "dst": dst,
-            "sport": None, "dport": None, "len": 84, "ct": ct, "encap": None}
+    return Hop(node=node, pod=pod, dev=dev, point=point, src=src, dst=dst, len=84, ct=ct)
 
 
 def packet(status="lost", node="node-1", dev="cni0", reason=None, hops=None, direction="request", **kw):
     hops = hops or [hop("node-1", "eth0", "tx", pod="default/a"), hop("node-1", "cni0", "rx")]
-    v = {"status": status, "node": node, "dev": dev, "point": hops[-1]["point"], "reason": reason,
-         "location": None, "hint": "generic", "runbook": "docs/runbooks/packet-lost.md"}
-    return {"direction": direction, "hops": hops, "verdict": v, "ip_len": kw.get("ip_len", 84),
-            "df": kw.get("df", False)}
+    v = Verdict(status, node, dev, hops[-1].point, reason, None, "generic", "docs/runbooks/packet-lost.md")
+    return Packet(direction, None, FiveTuple("icmp", hops[0].src, hops[0].dst, None, None), 1,
+                  kw.get("ip_len", 84), kw.get("df", False), 0, None, tuple(hops), v)
 
 
 def facts(**over):
@@ -49,7 +47,7 @@ def ev(f=None, **kw):
 
 def bind(p, e):
     f, kw = e
-    nodes = {h["node"] for h in p["hops"]} | {p["verdict"]["node"]}
+    nodes = {h.node for h in p.hops} | {p.verdict.node}
     answers = {n: [{"query": fact_query(n, p), "facts": f}] for n in nodes if n and f is not None}
     return Evidence(answers=answers, **kw)
 
@@ -68,21 +66,29 @@ class Recording(Evidence):
 ASKED: dict = {}
 
 
+JUDGED: dict = {}
+
+
 def cause(p, e):
+    """The cause explain finds for packet p; the judged packet is kept in JUDGED["p"]."""
     before = copy.deepcopy(p)
     evidence = bind(p, e)
     ASKED.clear()
     v = diagnose.explain(p, Recording(**vars(evidence)))
     assert p == before, "explain changed its input"
     assert ASKED == diagnose.facts_needed([p], evidence)
-    p["verdict"] = v
-    return v.get("cause")
+    JUDGED["p"] = replace(p, verdict=v)
+    return v.cause
+
+
+def judged():
+    return JUDGED["p"].verdict
 
 
 def test_ip_forward_off():
     p = packet(reason="IP_INADDRERRORS", status="dropped")
     assert cause(p, ev(facts(ip_forward=0))) == "ip-forward-off"
-    assert "ip_forward is off on node-1" in p["verdict"]["hint"]
+    assert "ip_forward is off on node-1" in judged().hint
 
 
 def test_netfilter_rule_named_with_base_chain():
@@ -90,8 +96,8 @@ def test_netfilter_rule_named_with_base_chain():
            "rule": "-A KUBE-NWPLCY-X -d 10.244.2.2/32 -j DROP", "target": "DROP", "packets": 3, "comment": None}
     p = packet(status="dropped", reason="NETFILTER_DROP", node="node-2")
     assert cause(p, ev(facts(), rule_hits={"node-2": [hit]})) == "netfilter-rule"
-    assert "KUBE-NWPLCY-X chain of the filter table (reached from FORWARD)" in p["verdict"]["hint"]
-    assert p["verdict"]["runbook"] == "docs/runbooks/netfilter-drop.md"
+    assert "KUBE-NWPLCY-X chain of the filter table (reached from FORWARD)" in judged().hint
+    assert judged().runbook == "docs/runbooks/netfilter-drop.md"
 
 
 def test_invalid_and_no_endpoints_rules():
@@ -104,7 +110,7 @@ def test_invalid_and_no_endpoints_rules():
            "packets": 1, "comment": "default/web:http has no endpoints"}
     p = packet(status="dropped", reason="NETFILTER_DROP")
     assert cause(p, ev(facts(), rule_hits={"node-1": [rej]})) == "service-no-endpoints"
-    assert "default/web:http" in p["verdict"]["hint"]
+    assert "default/web:http" in judged().hint
 
 
 def test_conntrack_full():
@@ -116,7 +122,7 @@ def test_rp_filter_strict_asymmetric():
     f = facts(rp_filter={"all": 1, "default": 1, "cni0": 1}, route_back={"dst": "10.244.1.2", "dev": "eth0"})
     p = packet(status="dropped", reason="IP_RPFILTER")
     assert cause(p, ev(f)) == "rp-filter"
-    assert "leaves via eth0, not cni0" in p["verdict"]["hint"]
+    assert "leaves via eth0, not cni0" in judged().hint
 
 
 def test_no_route():
@@ -128,7 +134,7 @@ def test_mtu_df():
     f = facts(route={"dst": "10.244.2.2", "gateway": "10.244.2.0", "dev": "flannel.1"})
     p = packet(status="lost", ip_len=1500, df=True)
     assert cause(p, ev(f)) == "mtu"
-    assert "1500-byte" in p["verdict"]["hint"] and "MTU 1450" in p["verdict"]["hint"]
+    assert "1500-byte" in judged().hint and "MTU 1450" in judged().hint
     assert cause(packet(status="lost", ip_len=1500, df=False), ev(f)) != "mtu"
 
 
@@ -144,14 +150,13 @@ def test_overlay_neighbour_and_fdb():
 
 
 def test_stale_conntrack_dnat():
-    ct = {"state": "established", "dir": "original", "nat": "dnat",
-          "orig": {"src": "10.244.1.2", "sport": 40000, "dst": "10.96.0.10", "dport": 80},
-          "reply": {"src": "10.244.2.99", "sport": 8080, "dst": "10.244.1.2", "dport": 40000}}
+    ct = ConntrackView("established", "original", (), "dnat", None,
+                       Addr("10.244.1.2", 40000, "10.96.0.10", 80), Addr("10.244.2.99", 8080, "10.244.1.2", 40000))
     hops = [hop("node-1", "eth0", "tx", pod="default/a", dst="10.96.0.10"),
             hop("node-1", "cni0", "rx", dst="10.244.2.99", ct=ct)]
     p = packet(hops=hops)
     assert cause(p, ev(facts(), vip="10.96.0.10", service="default/web", backends=["10.244.2.3"])) == "stale-conntrack"
-    assert "10.244.2.99" in p["verdict"]["hint"] and "default/web" in p["verdict"]["hint"]
+    assert "10.244.2.99" in judged().hint and "default/web" in judged().hint
 
 
 def test_unreversed_reply_names_bridge_nf():
@@ -161,8 +166,8 @@ def test_unreversed_reply_names_bridge_nf():
     p = packet(status="delivered", hops=hops, direction="reply")
     e = ev(facts(bridge_nf_call_iptables=0), vip="10.96.0.10", service="default/web", backends=["10.244.2.3"])
     assert cause(p, e) == "unreversed-reply"
-    assert "bridge-nf-call-iptables is 0" in p["verdict"]["hint"]
-    assert p["verdict"]["status"] == "delivered" and p["verdict"]["problem"] is True
+    assert "bridge-nf-call-iptables is 0" in judged().hint
+    assert judged().status == "delivered" and judged().problem is True
 
 
 def test_every_runbook_named_in_code_exists():

@@ -18,6 +18,7 @@ from tracer.reconstruct import diagnose
 from tracer.reconstruct import packets as flows
 from tracer.reconstruct import verdict as verdicts
 from tracer.reconstruct.evidence import Evidence, fact_query
+from tracer.reconstruct.model import Packet
 
 A, B = "default/pod-1-1", "default/pod-2-1"
 
@@ -56,49 +57,49 @@ def svc_flow(reverse_nat: bool):
 def test_delivered_both_ways():
     arr, meta = synth_flow(probes=2)
     packets, fi = judged(arr, meta)
-    assert [(p["direction"], p["seq"]) for p in packets] == [("request", 1), ("reply", 1), ("request", 2),
+    assert [(p.direction, p.seq) for p in packets] == [("request", 1), ("reply", 1), ("request", 2),
                                                                ("reply", 2)]
     for p in packets:
-        v = p["verdict"]
-        assert v["status"] == "delivered" and v["dev"] == "eth0" and v["point"] == "rx"
-        assert v["node"] == (PODS[B][1] if p["direction"] == "request" else PODS[A][1])
-        assert len(p["hops"]) == 12 and p["one_way_ns"] == p["hops"][-1]["t_ns"]
+        v = p.verdict
+        assert v.status == "delivered" and v.dev == "eth0" and v.point == "rx"
+        assert v.node == (PODS[B][1] if p.direction == "request" else PODS[A][1])
+        assert len(p.hops) == 12 and p.one_way_ns == p.hops[-1].t_ns
     verdict, probes = verdicts.flow_verdict(packets, fi, True)
-    assert verdict == {"status": "ok", "summary": "2/2 delivered, 2/2 answered", "problems": []}
+    assert verdict.as_json() == {"status": "ok", "summary": "2/2 delivered, 2/2 answered", "problems": []}
 
 
 def test_dropped_names_node_device_reason_and_location():
     arr, meta = synth_flow(probes=1, drop_requests=True)
     (p,), fi = judged(arr, meta)
-    v = p["verdict"]
-    assert (v["status"], v["node"], v["dev"], v["point"], v["reason"]) == \
+    v = p.verdict
+    assert (v.status, v.node, v.dev, v.point, v.reason) == \
         ("dropped", "node-2", "flannel.1", "drop", "NETFILTER_DROP")
-    assert v["location"] == "nft_do_chain+0x46f" and v["runbook"] == "docs/runbooks/netfilter-drop.md"
-    assert len(p["hops"]) == DROP_AFTER + 1
+    assert v.location == "nft_do_chain+0x46f" and v.runbook == "docs/runbooks/netfilter-drop.md"
+    assert len(p.hops) == DROP_AFTER + 1
     verdict, _ = verdicts.flow_verdict([p], fi, True)
-    assert verdict["status"] == "failed"
-    assert verdict["problems"][0].startswith("probe 1: request dropped at node-2/flannel.1 (NETFILTER_DROP)")
+    assert verdict.status == "failed"
+    assert verdict.problems[0].startswith("probe 1: request dropped at node-2/flannel.1 (NETFILTER_DROP)")
 
 
 def test_lost_is_the_last_hop_seen():
     arr, meta = synth_flow(probes=1, drop_requests=True)
     arr = arr[arr["hook"] != 3][:5]          # no drop event, and the path ends at node-1's eth0
     (p,), _ = judged(arr, meta)
-    v = p["verdict"]
-    assert (v["status"], v["node"], v["dev"], v["point"]) == ("lost", "node-1", "eth0", "tx")
-    assert v["runbook"] == "docs/runbooks/packet-lost.md"
+    v = p.verdict
+    assert (v.status, v.node, v.dev, v.point) == ("lost", "node-1", "eth0", "tx")
+    assert v.runbook == "docs/runbooks/packet-lost.md"
 
 
 def test_service_dnat_and_reverse_nat():
     arr, meta = svc_flow(reverse_nat=True)
     packets, fi = judged(arr, meta, Evidence(vip=VIP, service="default/web", backends=[PODS[BACKEND][2]]))
     req, rep = packets
-    assert [n["type"] for n in req["nat"]] == ["dnat"]
-    assert req["nat"][0]["backend"] == PODS[BACKEND][2] and req["nat"][0]["hop"] == 2
-    assert [n["type"] for n in rep["nat"]] == ["reverse-dnat"]
-    assert req["verdict"]["status"] == rep["verdict"]["status"] == "delivered"
-    assert "cause" not in rep["verdict"]
-    assert verdicts.flow_verdict(packets, fi, True)[0]["status"] == "ok"
+    assert [n.type for n in req.nat] == ["dnat"]
+    assert req.nat[0].backend == PODS[BACKEND][2] and req.nat[0].hop == 2
+    assert [n.type for n in rep.nat] == ["reverse-dnat"]
+    assert req.verdict.status == rep.verdict.status == "delivered"
+    assert rep.verdict.cause is None
+    assert verdicts.flow_verdict(packets, fi, True)[0].status == "ok"
 
 
 def test_wrong_reply_is_judged_without_touching_the_inputs():
@@ -114,11 +115,11 @@ def test_wrong_reply_is_judged_without_touching_the_inputs():
     packets = diagnose.judge(built, ev)
     verdict, probes = verdicts.flow_verdict(packets, fi, True)
     assert built == before and fi.probes == probes_before        # nothing rewritten in place
-    rep = packets[1]["verdict"]
-    assert rep["status"] == "delivered" and rep["cause"] == "unreversed-reply" and rep["problem"] is True
-    assert "bridge-nf-call-iptables is 0" in rep["hint"]
+    rep = packets[1].verdict
+    assert rep.status == "delivered" and rep.cause == "unreversed-reply" and rep.problem is True
+    assert "bridge-nf-call-iptables is 0" in rep.hint
     assert [p.outcome for p in probes] == ["wrong-reply"] and fi.probes[0].outcome == "answered"
-    assert verdict["status"] == "failed"
+    assert verdict.status == "failed"
     assert verdicts.summary(packets, probes, {})["answered"] == 0
 
 
@@ -129,16 +130,37 @@ def test_partial_view_an_agent_missing():
     n2 = {PODS[B][0], 4026531003}
     arr = arr[~np.isin(arr["netns"], list(n2))]
     packets, fi = judged(arr, meta)
-    req = next(p for p in packets if p["direction"] == "request")
-    assert [h["node"] for h in req["hops"]][-2:] == [None, None]     # last seen on the fabric
-    assert req["verdict"]["status"] == "lost" and req["verdict"]["node"] is None
-    rep = next(p for p in packets if p["direction"] == "reply")
-    assert rep["hops"][0]["node"] is None and rep["verdict"]["status"] == "delivered"
+    req = next(p for p in packets if p.direction == "request")
+    assert [h.node for h in req.hops][-2:] == [None, None]     # last seen on the fabric
+    assert req.verdict.status == "lost" and req.verdict.node is None
+    rep = next(p for p in packets if p.direction == "reply")
+    assert rep.hops[0].node is None and rep.verdict.status == "delivered"
     # a node that answered nothing: the verdict says so
     arr2, meta2 = synth_flow(probes=1, drop_requests=True)
     (p,), _ = judged(arr2, meta2, Evidence(answers={"node-1": []}))
-    assert p["verdict"]["evidence"]["node_facts"] == "not available for node-2 (not on this machine)"
+    assert p.verdict.evidence["node_facts"] == "not available for node-2 (not on this machine)"
     assert diagnose.facts_needed([p], Evidence()) == {"node-2": [fact_query("node-2", p)]}
+
+
+def test_model_json_round_trip_and_key_order():
+    """Every stage's packets are typed; their JSON is the contract's shape and reads back equal."""
+    arr, meta = svc_flow(reverse_nat=False)
+    ev = Evidence(vip=VIP, service="default/web", backends=[PODS[BACKEND][2]])
+    packets, _ = judged(arr, meta, ev)
+    arr2, meta2 = synth_flow(probes=1, drop_requests=True)
+    packets += judged(arr2, meta2, Evidence(answers={"node-1": []}))[0]
+    for p in packets:
+        doc = p.as_json()
+        assert Packet.from_json(doc) == p
+        assert list(doc) == ["direction", "nat", "seq", "tuple", "ip_id", "ip_len", "df", "first_ts_ns",
+                             "one_way_ns", "hops", "verdict"]
+        assert list(doc["verdict"])[:8] == ["status", "node", "dev", "point", "reason", "location", "hint",
+                                            "runbook"]
+        assert list(doc["hops"][0])[:4] == ["node", "pod", "dev", "point"] and "src_is" not in doc["hops"][0]
+        named = p.as_json({h.src: {"pod": "x"} for h in p.hops})
+        assert named["hops"][0]["src_is"] == {"pod": "x"} and "dst_is" in named["hops"][0]
+    assert packets[1].as_json()["verdict"]["problem"] is True
+    assert packets[0].as_json()["nat"][0]["type"] == "dnat"
 
 
 def _paths(t, keep: set | None = None) -> dict:

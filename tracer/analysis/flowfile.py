@@ -7,6 +7,8 @@ evidence the live run saved), so a saved flow gives offline the live verdicts, c
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pandas as pd
 
 from tracer import tracefile
@@ -17,6 +19,7 @@ from tracer.reconstruct import diagnose, evidence
 from tracer.reconstruct import packets as flows
 from tracer.reconstruct.drops import ip_num as _ip_num
 from tracer.reconstruct.evidence import Evidence
+from tracer.reconstruct.model import Packet
 
 def _endpoint(d: dict, meta: dict) -> k8s.Endpoint:
     ep = k8s.Endpoint(d["spec"], d["ip"])
@@ -58,18 +61,24 @@ def _agents_kw(meta: dict) -> dict:
     return {}
 
 
-def reconstruct(events: pd.DataFrame, meta: dict) -> list[dict]:
-    """The packets of a flow trace as `podtrace flow` builds them (list of dicts, the JSON
-    shape), with the causes that need no live node (stale DNAT, un-reversed replies)."""
+def reconstruct(events: pd.DataFrame, meta: dict) -> list[Packet]:
+    """The packets of a flow trace as `podtrace flow` judged them: with the evidence the live
+    run saved, or (older files) the causes that need no live node (stale DNAT, un-reversed
+    replies)."""
     fi = _flow_input(meta)
     packets = flows.build_packets(events, fi)
     if isinstance(meta.get("evidence"), dict):
         # the evidence the live run judged with: the same causes as its `-o json`
         return diagnose.judge(packets, Evidence.from_json(meta["evidence"]))
     packets = diagnose.judge(packets, evidence.service_evidence(fi.dst.service))
-    for p in packets:   # files written before the evidence was saved: no node facts to show
-        p["verdict"].get("evidence", {}).pop("node_facts", None)
-    return packets
+    # files written before the evidence was saved: no node facts to show
+    return [replace(p, verdict=replace(p.verdict, evidence=_without_node_facts(p.verdict.evidence)))
+            for p in packets]
+
+
+def _without_node_facts(ev: dict | None) -> dict | None:
+    rest = {k: v for k, v in (ev or {}).items() if k != "node_facts"}
+    return rest or None
 
 
 def _flow_tables(events: pd.DataFrame, meta: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -78,36 +87,37 @@ def _flow_tables(events: pd.DataFrame, meta: dict) -> tuple[pd.DataFrame, pd.Dat
     echo_ids = dict(zip(icmp_ev["ts_ns"].tolist(), icmp_ev["sport"].tolist()))
     hop_rows, pkt_rows = [], []
     for i, p in enumerate(packets):
-        v, hops, t = p["verdict"], p["hops"], p["tuple"]
+        v, t = p.verdict, p.five_tuple.as_json()
+        hops = [h.as_json() for h in p.hops]
         first, last = hops[0], hops[-1]
         icmp = t["proto"] == "icmp"
         pkt_rows.append({
-            "packet": i, "direction": p["direction"], "seq": p["seq"],
+            "packet": i, "direction": p.direction, "seq": p.seq,
             "proto": t["proto"], "src": t["src"], "sport": t["sport"], "dst": t["dst"], "dport": t["dport"],
             "final_src": last["src"], "final_sport": last["sport"], "final_dst": last["dst"],
-            "final_dport": last["dport"], "ip_id": p["ip_id"], "ip_len": p["ip_len"],
-            "first_ts_ns": p["first_ts_ns"], "last_ts_ns": p["first_ts_ns"] + last["t_ns"],
+            "final_dport": last["dport"], "ip_id": p.ip_id, "ip_len": p.ip_len,
+            "first_ts_ns": p.first_ts_ns, "last_ts_ns": p.first_ts_ns + last["t_ns"],
             "hops": len(hops), "first_node": first["node"], "first_pod": first["pod"],
             "first_dev": first["dev"], "last_node": last["node"], "last_pod": last["pod"],
-            "last_dev": last["dev"], "last_point": last["point"], "status": v["status"],
-            "verdict_node": v["node"], "verdict_dev": v["dev"], "verdict_point": v.get("point"),
-            "reason": v["reason"], "location": v["location"], "cause": v.get("cause"),
-            "hint": v.get("hint"), "runbook": v.get("runbook"), "one_way_ns": p["one_way_ns"],
+            "last_dev": last["dev"], "last_point": last["point"], "status": v.status,
+            "verdict_node": v.node, "verdict_dev": v.dev, "verdict_point": v.point,
+            "reason": v.reason, "location": v.location, "cause": v.cause,
+            "hint": v.hint, "runbook": v.runbook, "one_way_ns": p.one_way_ns,
             "duration_ns": last["t_ns"],
             # numeric keys for the flow table (ICMP: the echo id on both sides)
             "_proto": {"icmp": 1, "tcp": 6, "udp": 17}.get(t["proto"], 0),
             "_src": _ip_num(t["src"]), "_dst": _ip_num(t["dst"]),
             "_fsrc": _ip_num(last["src"]), "_fdst": _ip_num(last["dst"]),
-            "_sport": echo_ids.get(p["first_ts_ns"], 0) if icmp else (t["sport"] or 0),
-            "_dport": echo_ids.get(p["first_ts_ns"], 0) if icmp else (t["dport"] or 0),
-            "_fsport": echo_ids.get(p["first_ts_ns"], 0) if icmp else (last["sport"] or 0),
-            "_fdport": echo_ids.get(p["first_ts_ns"], 0) if icmp else (last["dport"] or 0),
+            "_sport": echo_ids.get(p.first_ts_ns, 0) if icmp else (t["sport"] or 0),
+            "_dport": echo_ids.get(p.first_ts_ns, 0) if icmp else (t["dport"] or 0),
+            "_fsport": echo_ids.get(p.first_ts_ns, 0) if icmp else (last["sport"] or 0),
+            "_fdport": echo_ids.get(p.first_ts_ns, 0) if icmp else (last["dport"] or 0),
         })
         for j, h in enumerate(hops):
             enc = h["encap"] or {}
             ct = h.get("ct") or {}
-            hop_rows.append({"packet": i, "hop": j, "direction": p["direction"], "seq": p["seq"],
-                             "ts_ns": p["first_ts_ns"] + h["t_ns"],
+            hop_rows.append({"packet": i, "hop": j, "direction": p.direction, "seq": p.seq,
+                             "ts_ns": p.first_ts_ns + h["t_ns"],
                              **{k: v for k, v in h.items() if k not in ("encap", "ct")},
                              "encap": enc.get("type"), "encap_src": enc.get("src"),
                              "encap_dst": enc.get("dst"), "vni": enc.get("vni"),

@@ -330,13 +330,15 @@ def _verdict_text(packets: pd.DataFrame) -> None:
     hints, books = [], []
     for r in firsts.itertuples(index=False):
         if r.status == "dropped":
-            v = diagnose.dropped(r.verdict_node, r.verdict_dev, r.reason, r.location, {})
+            v = diagnose.dropped(r.verdict_node, r.verdict_dev, r.reason, r.location)
+            hint, book = v.hint, v.runbook
         elif r.status == "lost":
-            v = diagnose.lost({"node": r.verdict_node, "dev": r.verdict_dev, "point": r.last_point})
+            v = diagnose.lost(r.verdict_node, r.verdict_dev, r.last_point)
+            hint, book = v.hint, v.runbook
         else:
             where = (r.verdict_node or "the fabric") + (f" ({r.verdict_dev})" if r.verdict_dev else "")
-            v = {"hint": f"Left {where}; where it went next is outside this trace.", "runbook": None}
-        hints.append(v["hint"])
-        books.append(v["runbook"])
+            hint, book = f"Left {where}; where it went next is outside this trace.", None
+        hints.append(hint)
+        books.append(book)
     packets.loc[bad, "hint"] = np.array(hints, dtype=object)[codes]
     packets.loc[bad, "runbook"] = np.array(books, dtype=object)[codes]

@@ -82,7 +82,7 @@ def flow(src, dst, proto, port, count, timeout, size, sport, sample, budget, no_
         out = Console()
         if not out.is_terminal:
             out = Console(width=160)  # piped into a file or a ticket: keep whole rows
-        render.flow_table(doc, out)
+        render.flow_table(result, out)
         if save:
             err.print(f"trace saved to {save}")
     sys.exit(ExitStatus.OK if result.ok else ExitStatus.TRACE_FAILED)

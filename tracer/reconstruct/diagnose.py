@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import copy
+from dataclasses import replace
 
 from tracer.reconstruct.evidence import Evidence, fact_query
+from tracer.reconstruct.model import ConntrackView, Hop, Packet, Verdict
 
 RUNBOOK_DIR = "docs/runbooks"
 
@@ -35,35 +36,38 @@ def _where(node: str | None, dev: str | None) -> str:
     return f"{node or 'the fabric'}" + (f" ({dev})" if dev else "")
 
 
-def delivered(at: dict) -> dict:
-    return {"status": "delivered", "node": at["node"], "dev": at["dev"], "point": at["point"],
-            "reason": None, "location": None, "hint": None, "runbook": None}
+def delivered(node: str | None, dev: str | None, point: str | None) -> Verdict:
+    """Arrived where it was addressed (at that node, device and point)."""
+    return Verdict("delivered", node, dev, point)
 
 
-def dropped(node: str | None, dev: str | None, reason: str, location: str | None, last: dict) -> dict:
+def dropped(node: str | None, dev: str | None, reason: str, location: str | None) -> Verdict:
+    """A drop event named the reason: the hint and runbook of that reason."""
     hint, book = REASON_HINTS.get(reason, (f"the kernel dropped it ({reason})", "kernel-drop.md"))
-    return {"status": "dropped", "node": node, "dev": dev, "point": "drop", "reason": reason,
-            "location": location, "hint": f"Dropped on {_where(node, dev)}: {hint}.",
-            "runbook": f"{RUNBOOK_DIR}/{book}"}
+    return Verdict("dropped", node, dev, "drop", reason, location,
+                   f"Dropped on {_where(node, dev)}: {hint}.", f"{RUNBOOK_DIR}/{book}")
 
 
-def lost(last: dict) -> dict:
-    return {"status": "lost", "node": last["node"], "dev": last["dev"], "point": last["point"],
-            "reason": None, "location": None,
-            "hint": (f"Last seen on {_where(last['node'], last['dev'])} ({last['point']}); no drop "
-                     "was observed after it: check routes, neighbour/FDB entries and MTU there."),
-            "runbook": f"{RUNBOOK_DIR}/packet-lost.md"}
+def lost(node: str | None, dev: str | None, point: str | None) -> Verdict:
+    """Seen last at a place, with no drop event after it."""
+    return Verdict("lost", node, dev, point,
+                   hint=(f"Last seen on {_where(node, dev)} ({point}); no drop "
+                         "was observed after it: check routes, neighbour/FDB entries and MTU there."),
+                   runbook=f"{RUNBOOK_DIR}/packet-lost.md")
 
 
 # Causes: rules that read the evidence (node facts, netfilter counters, conntrack).
 # Each rule looks only at what the trace and the node show; none knows how a fault was made.
 
-def _set(v: dict, cause: str, hint: str, book: str, evidence: dict | None = None) -> None:
-    v["cause"] = cause
-    v["hint"] = hint
-    v["runbook"] = f"{RUNBOOK_DIR}/{book}"
-    if evidence:
-        v.setdefault("evidence", {}).update(evidence)
+def _set(v: Verdict, cause: str, hint: str, book: str, evidence: dict | None = None) -> Verdict:
+    """The verdict with a cause, its sentence and runbook (and more evidence)."""
+    return replace(v, cause=cause, hint=hint, runbook=f"{RUNBOOK_DIR}/{book}",
+                   evidence=_with(v, **evidence) if evidence else v.evidence)
+
+
+def _with(v: Verdict, **more) -> dict:
+    """The verdict's evidence with more entries (a new dict)."""
+    return {**(v.evidence or {}), **more}
 
 
 def _rule_sentence(node: str, hit: dict) -> str:
@@ -77,12 +81,12 @@ def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
-def judge(packets: list[dict], ev: Evidence) -> list[dict]:
+def judge(packets: list[Packet], ev: Evidence) -> list[Packet]:
     """The packets with their verdicts refined by the evidence (new packets; the input stays)."""
-    return [{**p, "verdict": explain(p, ev)} for p in packets]
+    return [replace(p, verdict=explain(p, ev)) for p in packets]
 
 
-def facts_needed(packets: list[dict], ev: Evidence) -> dict[str, list[dict]]:
+def facts_needed(packets: list[Packet], ev: Evidence) -> dict[str, list[dict]]:
     """node → the fact queries `explain` will look up for these packets (no duplicates).
     Only the Service part of `ev` is read: it decides which replies are suspect."""
     out: dict[str, list[dict]] = {}
@@ -95,206 +99,196 @@ def facts_needed(packets: list[dict], ev: Evidence) -> dict[str, list[dict]]:
     return out
 
 
-def _facts_node(packet: dict, ev: Evidence) -> str | None:
+def _facts_node(packet: Packet, ev: Evidence) -> str | None:
     """The node whose facts `explain` consults for this packet, if any."""
-    v = packet["verdict"]
-    if v["status"] == "delivered":
-        return packet["hops"][-1]["node"] if _unreversed(packet, ev) else None
-    if v.get("cause") or _stale(packet, ev) is not None:
+    v = packet.verdict
+    if v.status == "delivered":
+        return packet.hops[-1].node if _unreversed(packet, ev) else None
+    if v.cause or _stale(packet, ev) is not None:
         return None
-    return v.get("node")
+    return v.node
 
 
-def explain(packet: dict, ev: Evidence) -> dict:
+def explain(packet: Packet, ev: Evidence) -> Verdict:
     """The packet's verdict refined with the cause the evidence supports (a new verdict)."""
-    v = copy.deepcopy(packet["verdict"])
-    hops = packet["hops"]
-    if v["status"] == "delivered":
-        _stale_dnat(packet, v, ev)
-        _explain_delivered(packet, v, ev)
+    v = _stale_dnat(packet, packet.verdict, ev)
+    if v.status == "delivered":
+        return _explain_delivered(packet, v, ev)
+    if v.cause or v.node is None:
         return v
-    node = v.get("node")
-    _stale_dnat(packet, v, ev)
-    if v.get("cause"):
-        return v
-    if node is None:
-        return v
+    return _explain_lost(packet, v, ev)
+
+
+def _explain_lost(packet: Packet, v: Verdict, ev: Evidence) -> Verdict:
+    """A dropped or lost packet's cause, from its node's facts and rule hits."""
+    node = v.node
+    hops = packet.hops
     f = ev.facts(node, packet)
     if f is None:
-        v.setdefault("evidence", {})["node_facts"] = f"not available for {node} (not on this machine)"
-        return v
-    v.setdefault("evidence", {})["node"] = {k: f[k] for k in ("ip_forward", "rp_filter",
-                                                              "bridge_nf_call_iptables", "conntrack", "mtu",
-                                                              "route", "next_hop") if k in f}
-    reason = v.get("reason")
+        return replace(v, evidence=_with(v, node_facts=f"not available for {node} (not on this machine)"))
+    v = replace(v, evidence=_with(v, node={k: f[k] for k in ("ip_forward", "rp_filter", "bridge_nf_call_iptables",
+                                                             "conntrack", "mtu", "route", "next_hop") if k in f}))
+    reason = v.reason
     last = hops[-1]
     hits = ev.rule_hits.get(node, [])
     if _overlay_port(packet, v):
-        return v
+        return _set(v, "overlay-port", f"{v.node} received VXLAN on UDP port that no overlay device "
+                    "listens on (VXLAN port mismatch between nodes, e.g. 8472 vs 4789).", "overlay.md")
     ct = f.get("conntrack") or {}
     # 1. forwarding disabled: the node received pod traffic it had to route
-    if f.get("ip_forward") == 0 and last["point"] == "rx" and last["pod"] is None:
-        _set(v, "ip-forward-off",
-             f"ip_forward is off on {node} (net.ipv4.ip_forward=0): it received the packet on "
-             f"{last['dev']} but does not route it on.", "ip-forward.md")
-        return v
-    dev_fwd = (f.get("forwarding") or {}).get(last["dev"])
-    if dev_fwd == 0 and last["point"] == "rx" and last["pod"] is None:
-        _set(v, "ip-forward-off",
-             f"Forwarding is off on {node}'s {last['dev']} (net.ipv4.conf.{last['dev']}.forwarding=0): "
-             "packets arriving there are not routed on.", "ip-forward.md")
-        return v
+    if f.get("ip_forward") == 0 and last.point == "rx" and last.pod is None:
+        return _set(v, "ip-forward-off",
+                    f"ip_forward is off on {node} (net.ipv4.ip_forward=0): it received the packet on "
+                    f"{last.dev} but does not route it on.", "ip-forward.md")
+    dev_fwd = (f.get("forwarding") or {}).get(last.dev)
+    if dev_fwd == 0 and last.point == "rx" and last.pod is None:
+        return _set(v, "ip-forward-off",
+                    f"Forwarding is off on {node}'s {last.dev} (net.ipv4.conf.{last.dev}.forwarding=0): "
+                    "packets arriving there are not routed on.", "ip-forward.md")
     # 2. a netfilter rule counted our packets (the one naming the packet's addresses first)
-    if hits and (reason in (None, "NETFILTER_DROP") or v["status"] == "lost"):
-        hit = sorted(hits, key=lambda h: -_matches(h, packet))[0]
-        v["evidence"]["netfilter"] = hits
-        if hit.get("policy"):
-            _set(v, "netfilter-policy",
-                 f"Dropped on {node} by the {hit['policy']} policy of the {hit['chain']} chain "
-                 f"({hit['table']} table): no rule accepted the packet.", "netfilter-drop.md")
-        elif "--ctstate INVALID" in hit["rule"] or "--state INVALID" in hit["rule"]:
-            _set(v, "conntrack-invalid", _cap(_rule_sentence(node, hit))
-                 + ": conntrack classified the packet as INVALID (no connection it belongs to, "
-                 "or outside that connection's TCP window).", "conntrack-invalid.md")
-        elif hit.get("comment") and "has no endpoints" in hit["comment"]:
-            _set(v, "service-no-endpoints",
-                 f"Service {hit['comment'].split(' has no endpoints')[0]} has no endpoints: kube-proxy's "
-                 f"{hit['target']} rule on {node} ({hit['table']}/{hit['chain']}) answered instead of a pod.",
-                 "service-no-endpoints.md")
-        else:
-            _set(v, "netfilter-rule", _cap(_rule_sentence(node, hit)) + ".", "netfilter-drop.md")
-        return v
+    if hits and (reason in (None, "NETFILTER_DROP") or v.status == "lost"):
+        return _netfilter(packet, replace(v, evidence=_with(v, netfilter=hits)), node, hits)
     # 3. conntrack table full: new connections are dropped before any rule
     if ct.get("count") is not None and ct.get("max") and ct["count"] >= ct["max"] * 0.98:
-        _set(v, "conntrack-full",
-             f"The conntrack table on {node} is full ({ct['count']}/{ct['max']} entries): new "
-             "connections are dropped.", "conntrack-full.md")
-        return v
+        return _set(v, "conntrack-full",
+                    f"The conntrack table on {node} is full ({ct['count']}/{ct['max']} entries): new "
+                    "connections are dropped.", "conntrack-full.md")
     # 4. reverse-path filter
     rb = f.get("route_back") or {}
     rpf = f.get("rp_filter") or {}
-    arrived = last["dev"] if last["point"] == "rx" else None
+    arrived = last.dev if last.point == "rx" else None
     strict = max([x for x in (rpf.get("all"), rpf.get(arrived or "")) if isinstance(x, int)] or [0]) == 1
     if reason == "IP_RPFILTER" or (strict and arrived and rb.get("dev") and rb["dev"] != arrived):
-        _set(v, "rp-filter",
-             f"Strict reverse-path filtering on {node} (rp_filter all={rpf.get('all')}, "
-             f"{arrived}={rpf.get(arrived)}): the route back to {packet['hops'][0]['src']} leaves via "
-             f"{rb.get('dev')}, not {arrived} where the packet came in.", "rp-filter.md")
-        return v
+        return _set(v, "rp-filter",
+                    f"Strict reverse-path filtering on {node} (rp_filter all={rpf.get('all')}, "
+                    f"{arrived}={rpf.get(arrived)}): the route back to {hops[0].src} leaves via "
+                    f"{rb.get('dev')}, not {arrived} where the packet came in.", "rp-filter.md")
     # 5. no route
     rt = f.get("route") or {}
     if rt.get("error") or reason in ("IP_INNOROUTES", "IP_OUTNOROUTES"):
-        _set(v, "no-route", f"{node} has no route to {last['dst']}"
-             + (f" ({rt['error']})" if rt.get("error") else "") + ".", "no-route.md")
-        return v
+        return _set(v, "no-route", f"{node} has no route to {last.dst}"
+                    + (f" ({rt['error']})" if rt.get("error") else "") + ".", "no-route.md")
     # 6a. a link refused a frame larger than its far end's MTU (veth/dev_forward_skb's check:
     # the kernel gives no reason, but the location says it)
-    loc = (v.get("location") or "").split("+")[0]
+    loc = (v.location or "").split("+")[0]
     if loc in ("__dev_forward_skb", "__dev_forward_skb2", "is_skb_forwardable", "dev_forward_skb"):
-        frame = max((h.get("len") or 0) for h in hops if h["node"] == node) or None
-        _set(v, "mtu", f"A {frame}-byte frame leaving {node}'s {v.get('dev') or last['dev']} is larger "
-             "than the other end of that link accepts (its MTU): an MTU mismatch on the link drops it "
-             "without any ICMP error (a black hole for full-size packets).", "mtu.md")
-        return v
+        frame = max((h.len or 0) for h in hops if h.node == node) or None
+        return _set(v, "mtu", f"A {frame}-byte frame leaving {node}'s {v.dev or last.dev} is larger "
+                    "than the other end of that link accepts (its MTU): an MTU mismatch on the link drops it "
+                    "without any ICMP error (a black hole for full-size packets).", "mtu.md")
     # 6. MTU: the packet does not fit a device on the way out
-    size = max(h.get("len") or 0 for h in hops)
-    ip_len = packet.get("ip_len") or 0
+    size = max(h.len or 0 for h in hops)
+    ip_len = packet.ip_len or 0
     out_dev = rt.get("dev")
     out_mtu = (f.get("links") or {}).get(out_dev, {}).get("mtu") if out_dev else None
-    if reason == "PKT_TOO_BIG" or (out_mtu and ip_len > out_mtu and packet.get("df")):
-        _set(v, "mtu", f"A {ip_len or size}-byte packet with DF set does not fit {out_dev} on {node} "
-             f"(MTU {out_mtu}); it is dropped instead of fragmented.", "mtu.md")
-        return v
-    # 7. next hop: neighbour and overlay FDB
+    if reason == "PKT_TOO_BIG" or (out_mtu and ip_len > out_mtu and packet.df):
+        return _set(v, "mtu", f"A {ip_len or size}-byte packet with DF set does not fit {out_dev} on {node} "
+                    f"(MTU {out_mtu}); it is dropped instead of fragmented.", "mtu.md")
+    return _next_hop(v, node, f, ev)
+
+
+def _netfilter(packet: Packet, v: Verdict, node: str, hits: list[dict]) -> Verdict:
+    """The cause a counted netfilter rule gives (the rule naming the packet's addresses first)."""
+    hit = sorted(hits, key=lambda h: -_matches(h, packet))[0]
+    if hit.get("policy"):
+        return _set(v, "netfilter-policy",
+                    f"Dropped on {node} by the {hit['policy']} policy of the {hit['chain']} chain "
+                    f"({hit['table']} table): no rule accepted the packet.", "netfilter-drop.md")
+    if "--ctstate INVALID" in hit["rule"] or "--state INVALID" in hit["rule"]:
+        return _set(v, "conntrack-invalid", _cap(_rule_sentence(node, hit))
+                    + ": conntrack classified the packet as INVALID (no connection it belongs to, "
+                    "or outside that connection's TCP window).", "conntrack-invalid.md")
+    if hit.get("comment") and "has no endpoints" in hit["comment"]:
+        return _set(v, "service-no-endpoints",
+                    f"Service {hit['comment'].split(' has no endpoints')[0]} has no endpoints: kube-proxy's "
+                    f"{hit['target']} rule on {node} ({hit['table']}/{hit['chain']}) answered instead of a pod.",
+                    "service-no-endpoints.md")
+    return _set(v, "netfilter-rule", _cap(_rule_sentence(node, hit)) + ".", "netfilter-drop.md")
+
+
+def _next_hop(v: Verdict, node: str, f: dict, ev: Evidence) -> Verdict:
+    """The cause the next hop gives: its neighbour entry and, on an overlay, the FDB."""
     nh = f.get("next_hop") or {}
     nb = nh.get("neigh")
     noarp = (f.get("links") or {}).get(nh.get("dev"), {}).get("noarp")
     if nh and not noarp and (nb is None or not nb.get("lladdr") or set(nb.get("state", [])) & {"FAILED", "INCOMPLETE"}):
-        _set(v, "neighbour-missing", f"{node} has no usable neighbour entry for the next hop "
-             f"{nh['ip']} on {nh['dev']} ({', '.join(nb['state']) if nb else 'none'}).", "neighbour.md")
-        return v
+        return _set(v, "neighbour-missing", f"{node} has no usable neighbour entry for the next hop "
+                    f"{nh['ip']} on {nh['dev']} ({', '.join(nb['state']) if nb else 'none'}).", "neighbour.md")
     if nh.get("vxlan") is not None:
         owner = ev.vtep.get(nh["ip"])
         if owner and nb and nb.get("lladdr") != owner["mac"]:
-            _set(v, "neighbour-wrong",
-                 f"On {node} the neighbour entry for {nh['ip']} ({owner['node']}'s {nh['dev']}) says "
-                 f"{nb['lladdr']}, but that VTEP's MAC is {owner['mac']}.", "neighbour.md")
-            return v
+            return _set(v, "neighbour-wrong",
+                        f"On {node} the neighbour entry for {nh['ip']} ({owner['node']}'s {nh['dev']}) says "
+                        f"{nb['lladdr']}, but that VTEP's MAC is {owner['mac']}.", "neighbour.md")
         if nh.get("fdb") is None:
-            _set(v, "fdb-missing", f"{node}'s {nh['dev']} has no FDB entry for {nb['lladdr'] if nb else '?'} "
-                 f"(the VTEP of {owner['node'] if owner else nh['ip']}): VXLAN does not know where to send it.",
-                 "overlay.md")
-            return v
+            return _set(v, "fdb-missing", f"{node}'s {nh['dev']} has no FDB entry for {nb['lladdr'] if nb else '?'} "
+                        f"(the VTEP of {owner['node'] if owner else nh['ip']}): VXLAN does not know where to send it.",
+                        "overlay.md")
         if owner and owner.get("ip") and nh["fdb"].get("dst") != owner["ip"]:
-            _set(v, "fdb-wrong", f"{node}'s {nh['dev']} FDB sends {nb['lladdr']} to {nh['fdb']['dst']}, "
-                 f"but {owner['node']} is at {owner['ip']}.", "overlay.md")
-            return v
+            return _set(v, "fdb-wrong", f"{node}'s {nh['dev']} FDB sends {nb['lladdr']} to {nh['fdb']['dst']}, "
+                        f"but {owner['node']} is at {owner['ip']}.", "overlay.md")
     return v
 
 
-def _matches(hit: dict, packet: dict) -> int:
+def _matches(hit: dict, packet: Packet) -> int:
     """How many of the packet's addresses a rule names (to prefer it over a rule that only
     happened to count other traffic during the trace)."""
     text = hit.get("rule", "")
-    addrs = {a for h in packet["hops"] for a in (h["src"], h["dst"])}
+    addrs = {a for h in packet.hops for a in (h.src, h.dst)}
     return sum(1 for a in addrs if a and (a + "/32") in text or f" {a} " in text)
 
 
-def _stale(packet: dict, ev: Evidence) -> tuple[dict, dict] | None:
+def _stale(packet: Packet, ev: Evidence) -> tuple[Hop, ConntrackView] | None:
     """(hop, conntrack view) of a Service request DNATed (by an existing conntrack entry) to
     an address that is no longer one of the Service's backends."""
-    if not ev.vip or packet["direction"] != "request":
+    if not ev.vip or packet.direction != "request":
         return None
-    for h in packet["hops"]:
-        ct = h.get("ct") or {}
-        orig, reply = ct.get("orig"), ct.get("reply")
-        if not orig or not reply or ct.get("of") == "outer":
+    for h in packet.hops:
+        ct = h.ct
+        if ct is None or not ct.orig or not ct.reply or ct.of == "outer":
             continue
-        if orig["dst"] == ev.vip and reply["src"] != ev.vip and reply["src"] not in ev.backends:
+        if ct.orig.dst == ev.vip and ct.reply.src != ev.vip and ct.reply.src not in ev.backends:
             return h, ct
     return None
 
 
-def _stale_dnat(packet: dict, v: dict, ev: Evidence) -> None:
+def _stale_dnat(packet: Packet, v: Verdict, ev: Evidence) -> Verdict:
+    """The verdict with the stale-conntrack cause when an old entry DNATed the request."""
     found = _stale(packet, ev)
     if found is None:
-        return
+        return v
     h, ct = found
-    reply = ct["reply"]
-    _set(v, "stale-conntrack",
-         f"A conntrack entry on {h['node']} ({ct.get('state')}) still DNATs this flow to "
-         f"{reply['src']}:{reply['sport']}, which is no longer a backend of {ev.service} "
-         f"(backends now: {', '.join(ev.backends) or 'none'}).", "stale-conntrack.md",
-         {"conntrack": ct})
+    reply = ct.reply
+    return _set(v, "stale-conntrack",
+                f"A conntrack entry on {h.node} ({ct.state}) still DNATs this flow to "
+                f"{reply.src}:{reply.sport}, which is no longer a backend of {ev.service} "
+                f"(backends now: {', '.join(ev.backends) or 'none'}).", "stale-conntrack.md",
+                {"conntrack": ct.as_json()})
 
 
-def _overlay_port(packet: dict, v: dict) -> bool:
+def _overlay_port(packet: Packet, v: Verdict) -> bool:
     """NO_SOCKET on an encapsulated packet: the node has no VXLAN socket on that UDP port."""
-    last = packet["hops"][-1]
-    if v.get("reason") == "NO_SOCKET" and last.get("encap"):
-        _set(v, "overlay-port", f"{v['node']} received VXLAN on UDP port that no overlay device "
-             "listens on (VXLAN port mismatch between nodes, e.g. 8472 vs 4789).", "overlay.md")
-        return True
-    return False
+    return v.reason == "NO_SOCKET" and packet.hops[-1].encap is not None
 
 
-def _unreversed(packet: dict, ev: Evidence) -> bool:
+def _unreversed(packet: Packet, ev: Evidence) -> bool:
     """A reply that reached the client from the backend's address instead of the VIP."""
-    if not ev.vip or packet["direction"] != "reply":
+    if not ev.vip or packet.direction != "reply":
         return False
-    src = packet["hops"][-1]["src"]
+    src = packet.hops[-1].src
     return src != ev.vip and src in ev.backends
 
 
-def _explain_delivered(packet: dict, v: dict, ev: Evidence) -> None:
+def _explain_delivered(packet: Packet, v: Verdict, ev: Evidence) -> Verdict:
+    """A delivered packet's verdict, flagged as a problem when it is an un-reversed reply."""
     if not _unreversed(packet, ev):
-        return
-    last = packet["hops"][-1]
-    node = last["node"]
+        return v
+    last = packet.hops[-1]
+    node = last.node
     f = ev.facts(node, packet) if node else None
-    on_node = [h for h in packet["hops"] if h["node"] == node and h["pod"] is None]
-    skipped = all(not h.get("ct") for h in on_node)
-    sentence = (f"The reply from backend {last['src']} reached the client un-reversed (source should be "
+    on_node = [h for h in packet.hops if h.node == node and h.pod is None]
+    skipped = all(not h.ct for h in on_node)
+    sentence = (f"The reply from backend {last.src} reached the client un-reversed (source should be "
                 f"the VIP {ev.vip})")
     if f and f.get("bridge_nf_call_iptables") == 0:
         sentence += (f": it was bridged on {node} without passing conntrack because "
@@ -303,7 +297,7 @@ def _explain_delivered(packet: dict, v: dict, ev: Evidence) -> None:
         sentence += f": it never passed conntrack on {node}, so the reverse DNAT never happened."
     else:
         sentence += "."
-    _set(v, "unreversed-reply", sentence, "wrong-reply.md",
-         {"node": {"bridge_nf_call_iptables": f.get("bridge_nf_call_iptables")} if f else None,
-          "conntrack_seen_on_node": not skipped})
-    v["problem"] = True
+    v = _set(v, "unreversed-reply", sentence, "wrong-reply.md",
+             {"node": {"bridge_nf_call_iptables": f.get("bridge_nf_call_iptables")} if f else None,
+              "conntrack_seen_on_node": not skipped})
+    return replace(v, problem=True)

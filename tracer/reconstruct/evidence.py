@@ -10,16 +10,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tracer.reconstruct.model import Packet
 
-def fact_query(node: str, packet: dict) -> dict:
+
+def fact_query(node: str, packet: Packet) -> dict:
     """The question node facts answer for a packet on a node: its addresses at the node's
     last hop, and the device it came in by (the node's last rx hop), so the route is looked
     up as the kernel did for this packet, not as for the node's own traffic."""
-    last = [h for h in packet["hops"] if h["node"] == node] or packet["hops"]
-    rx = [h for h in last if h["point"] == "rx" and h["pod"] is None]
-    iif = rx[-1]["dev"] if rx else None
-    devs = list(dict.fromkeys(h["dev"] for h in packet["hops"] if h["node"] == node and h["pod"] is None))
-    return {"src": last[-1]["src"], "dst": last[-1]["dst"], "iif": iif, "devs": devs}
+    last = [h for h in packet.hops if h.node == node] or packet.hops
+    rx = [h for h in last if h.point == "rx" and h.pod is None]
+    iif = rx[-1].dev if rx else None
+    devs = list(dict.fromkeys(h.dev for h in packet.hops if h.node == node and h.pod is None))
+    return {"src": last[-1].src, "dst": last[-1].dst, "iif": iif, "devs": devs}
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class Evidence:
     backends: list[str] = field(default_factory=list)   # its current backend addresses
     vtep: dict[str, dict] = field(default_factory=dict)  # overlay IP → {"node", "mac", "ip"}
 
-    def facts(self, node: str, packet: dict) -> dict | None:
+    def facts(self, node: str, packet: Packet) -> dict | None:
         """The node's facts about this packet, or None when nobody answered."""
         q = fact_query(node, packet)
         for ans in self.answers.get(node) or []:

@@ -9,7 +9,7 @@ event that preceded them on the same skb, since a dropped buffer may no longer p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -17,6 +17,7 @@ import pandas as pd
 
 from tracer.reconstruct import diagnose
 from tracer.kernel.record import ENCAP, FLAG_DF, HOOK_IDS, HOOKS, PROTOS
+from tracer.reconstruct.model import Addr, ConntrackView, Encap, FiveTuple, Hop, NatChange, Packet
 
 # hook number → (hop point, which kind of hook saw it). Kernel-function hooks keep their own
 # point name (ip_forward, nat, …): they are steps inside a node, between rx and tx.
@@ -102,11 +103,11 @@ def assign_packets(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns=["sport_k", "dport_k"])
 
 
-def _encap(row) -> dict | None:
+def _encap(row) -> Encap | None:
     kind = ENCAP.get(int(row.encap))
     if not kind:
         return None
-    return {"src": row.outer_saddr_str, "dst": row.outer_daddr_str, "vni": int(row.vni), "type": kind}
+    return Encap(row.outer_saddr_str, row.outer_daddr_str, int(row.vni), kind)
 
 
 # IPS_* status bits: UAPI (include/uapi/linux/netfilter/nf_conntrack_common.h), stable.
@@ -114,27 +115,25 @@ IPS_BITS = [(0x2, "seen_reply"), (0x4, "assured"), (0x8, "confirmed"), (0x10, "s
             (0x20, "dst_nat"), (0x80, "src_nat_done"), (0x100, "dst_nat_done"), (0x200, "dying")]
 
 
-def _ct(r, names: dict[int, str]) -> dict | None:
+def _ct(r, names: dict[int, str]) -> ConntrackView | None:
     """The conntrack view of one hop, or None when the skb carried no entry yet."""
     if not r.ct_info:
         return None
     info = int(r.ct_info) - 1
     name = names.get(info, f"IP_CT_{info}")
     state = name.removeprefix("IP_CT_").removesuffix("_REPLY").lower()
-    out = {"state": state, "dir": "reply" if name.endswith("_REPLY") else "original"}
+    direction = "reply" if name.endswith("_REPLY") else "original"
     if not r.ct_orig_src:
-        return out
+        return ConntrackView(state, direction)
     status = int(r.ct_status)
-    out["status"] = [flag for bit, flag in IPS_BITS if status & bit]
-    out["nat"] = ("dnat" if status & 0x20 else None) if not status & 0x10 else (
+    nat = ("dnat" if status & 0x20 else None) if not status & 0x10 else (
         "snat+dnat" if status & 0x20 else "snat")
-    if r.encap and r.ct_orig_src_str == r.outer_saddr_str:
-        out["of"] = "outer"   # the tunnel's own UDP flow, not the pod packet's
-    out["orig"] = {"src": r.ct_orig_src_str, "sport": int(r.ct_orig_sport),
-                   "dst": r.ct_orig_dst_str, "dport": int(r.ct_orig_dport)}
-    out["reply"] = {"src": r.ct_reply_src_str, "sport": int(r.ct_reply_sport),
-                    "dst": r.ct_reply_dst_str, "dport": int(r.ct_reply_dport)}
-    return out
+    # the tunnel's own UDP flow, not the pod packet's
+    of = "outer" if r.encap and r.ct_orig_src_str == r.outer_saddr_str else None
+    return ConntrackView(state, direction, tuple(flag for bit, flag in IPS_BITS if status & bit), nat, of,
+                         Addr(r.ct_orig_src_str, int(r.ct_orig_sport), r.ct_orig_dst_str, int(r.ct_orig_dport)),
+                         Addr(r.ct_reply_src_str, int(r.ct_reply_sport), r.ct_reply_dst_str,
+                              int(r.ct_reply_dport)))
 
 
 def _classify(first, fi: FlowInput) -> tuple[str, int | None]:
@@ -205,11 +204,12 @@ def _target_ips(fi: FlowInput, direction: str) -> set[str]:
     return {ep.ip}
 
 
-def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[dict]:
-    """Packets with their hops and verdicts; `df` may already carry `pkt` (assign_packets)."""
+def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[Packet]:
+    """The flow's packets, each with its hops in order and a first verdict (no evidence yet);
+    `df` may already carry `pkt` (assign_packets)."""
     if "pkt" not in df:
         df = assign_packets(df)
-    packets: list[dict] = []
+    packets: list[Packet] = []
     if df.empty:
         return packets
     pl = fi.placement
@@ -227,35 +227,33 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[dict]:
         if direction == "other":
             continue
         t0 = int(first.ts_ns)
-        hops = []
+        hops: list[Hop] = []
         prev_t = t0
         for r in hop_rows.itertuples():
             point, via = HOOK_POINT.get(int(r.hook), (HOOKS.get(int(r.hook), "?"), "kprobe"))
             prev = hops[-1] if hops else None
-            if (prev is not None and prev["netns"] == int(r.netns) and prev["dev"] == r.ifname
-                    and prev["point"] == point and via not in prev["seen_by"]):
-                # the same place seen by a second kind of hook (tracepoint + tc): one hop
-                prev["seen_by"].append(via)
-                if prev["ct"] is None:   # tc cannot read conntrack; the tracepoint can
-                    prev["ct"] = _ct(r, fi.ct_info_names)
+            if (prev is not None and prev.netns == int(r.netns) and prev.dev == r.ifname
+                    and prev.point == point and via not in prev.seen_by):
+                # the same place seen by a second kind of hook (tracepoint + tc): one hop;
+                # tc cannot read conntrack, the tracepoint can
+                hops[-1] = replace(prev, seen_by=prev.seen_by + (via,),
+                                   ct=prev.ct if prev.ct is not None else _ct(r, fi.ct_info_names))
                 continue
-            hops.append({
-                "node": pl.node(r.netns), "pod": pl.pod(r.netns), "dev": r.ifname,
-                "point": point, "seen_by": [via],
-                "t_ns": int(r.ts_ns) - t0, "dt_ns": int(r.ts_ns) - prev_t,
-                "src": r.saddr_str, "dst": r.daddr_str, "encap": _encap(r),
-                "ifindex": int(r.ifindex), "netns": int(r.netns), "len": int(r.len),
-                "sport": int(r.sport) if r.proto != 1 else None,
-                "dport": int(r.dport) if r.proto != 1 else None,
-                "ct": _ct(r, fi.ct_info_names),
-            })
+            icmp = r.proto == 1
+            hops.append(Hop(
+                node=pl.node(r.netns), pod=pl.pod(r.netns), dev=r.ifname, point=point,
+                src=r.saddr_str, dst=r.daddr_str, seen_by=(via,),
+                t_ns=int(r.ts_ns) - t0, dt_ns=int(r.ts_ns) - prev_t, encap=_encap(r),
+                ifindex=int(r.ifindex), netns=int(r.netns), len=int(r.len),
+                sport=None if icmp else int(r.sport), dport=None if icmp else int(r.dport),
+                ct=_ct(r, fi.ct_info_names)))
             prev_t = int(r.ts_ns)
         targets = _targets(fi, direction)
         # Arrived at the pod it was addressed to: a frame flooded into another pod's namespace
         # (a stale DNAT to an address nobody has any more) is not a delivery.
         want = _target_ips(fi, direction)
-        reached = [h for h in hops if h["netns"] in targets and h["point"] == "rx"
-                   and (not want or h["dst"] in want)]
+        reached = [h for h in hops if h.netns in targets and h.point == "rx"
+                   and (not want or h.dst in want)]
         frees = g[g["hook"].isin([HOOK_IDS["drop"], HOOK_IDS["consume"]])]
         drops = frees[frees["hook"] == HOOK_IDS["drop"]]
         consumed_at_target = frees[(frees["hook"] == HOOK_IDS["consume"]) & frees["netns"].isin(targets)
@@ -263,57 +261,48 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[dict]:
         last = hops[-1]
         if reached or not consumed_at_target.empty:
             at = reached[0] if reached else last
-            verdict = diagnose.delivered(at)
-            arrive_t = at["t_ns"]
+            verdict = diagnose.delivered(at.node, at.dev, at.point)
+            arrive_t = at.t_ns
         elif not drops.empty:
             d = next(drops.itertuples())
             reason = fi.drop_reasons.get(int(d.reason), f"reason {int(d.reason)}")
-            node = pl.node(d.netns) if d.netns else last["node"]
-            dev = d.ifname or last["dev"]
-            verdict = diagnose.dropped(node, dev, reason, fi.ksym(int(d.location)), last)
+            node = pl.node(d.netns) if d.netns else last.node
+            dev = d.ifname or last.dev
+            verdict = diagnose.dropped(node, dev, reason, fi.ksym(int(d.location)))
             arrive_t = None
         else:
-            verdict = diagnose.lost(last)
+            verdict = diagnose.lost(last.node, last.dev, last.point)
             arrive_t = None
-        packets.append({
-            "direction": direction,
-            "nat": nat_changes(hops, fi),
-            "seq": seq,
-            "tuple": {"proto": PROTOS.get(int(first.proto), str(int(first.proto))),
-                      "src": first.saddr_str, "dst": first.daddr_str,
-                      "sport": int(first.sport) if first.proto != 1 else None,
-                      "dport": int(first.dport) if first.proto != 1 else None},
-            "ip_id": int(first.ip_id),
-            "ip_len": int(first.ip_len),
-            "df": bool(int(first.flags) & FLAG_DF),
-            "first_ts_ns": t0,
-            "one_way_ns": arrive_t,
-            "hops": hops,
-            "verdict": verdict,
-        })
-    packets.sort(key=lambda p: p["first_ts_ns"])
+        icmp = first.proto == 1
+        packets.append(Packet(
+            direction=direction, seq=seq,
+            five_tuple=FiveTuple(PROTOS.get(int(first.proto), str(int(first.proto))),
+                                 first.saddr_str, first.daddr_str,
+                                 None if icmp else int(first.sport), None if icmp else int(first.dport)),
+            ip_id=int(first.ip_id), ip_len=int(first.ip_len), df=bool(int(first.flags) & FLAG_DF),
+            first_ts_ns=t0, one_way_ns=arrive_t, hops=tuple(hops), verdict=verdict,
+            nat=tuple(nat_changes(hops, fi))))
+    packets.sort(key=lambda p: p.first_ts_ns)
     return packets
 
 
-def nat_changes(hops: list[dict], fi: FlowInput) -> list[dict]:
+def nat_changes(hops, fi: FlowInput) -> list[NatChange]:
     """Address or port changes between consecutive hops: where DNAT picked a Service backend,
     where a reply was reverse-NATed back to the VIP, where SNAT happened."""
     out = []
     vip = fi.dst.service.cluster_ip if fi.dst.service else None
     for i in range(1, len(hops)):
         a, b = hops[i - 1], hops[i]
-        before = (a["src"], a["sport"], a["dst"], a["dport"])
-        after = (b["src"], b["sport"], b["dst"], b["dport"])
+        before = Addr(a.src, a.sport, a.dst, a.dport)
+        after = Addr(b.src, b.sport, b.dst, b.dport)
         if before == after:
             continue
-        if (a["dst"], a["dport"]) != (b["dst"], b["dport"]):
+        if (a.dst, a.dport) != (b.dst, b.dport):
             kind = "dnat"
-            if a["src"] == vip or b["dst"] == vip:
+            if a.src == vip or b.dst == vip:
                 kind = "reverse-snat"
         else:
-            kind = "reverse-dnat" if a["src"] != vip and b["src"] == vip else "snat"
-        out.append({"type": kind, "hop": i, "node": b["node"], "dev": b["dev"],
-                    "before": {"src": a["src"], "sport": a["sport"], "dst": a["dst"], "dport": a["dport"]},
-                    "after": {"src": b["src"], "sport": b["sport"], "dst": b["dst"], "dport": b["dport"]},
-                    "backend": (b["dst"] if kind == "dnat" and vip and a["dst"] == vip else None)})
+            kind = "reverse-dnat" if a.src != vip and b.src == vip else "snat"
+        out.append(NatChange(kind, i, b.node, b.dev, before, after,
+                             b.dst if kind == "dnat" and vip and a.dst == vip else None))
     return out

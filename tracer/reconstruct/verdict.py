@@ -7,44 +7,45 @@ from dataclasses import replace
 import numpy as np
 
 from tracer.node.prober import ProbeResult
+from tracer.reconstruct.model import FlowVerdict, Packet
 from tracer.reconstruct.packets import FlowInput
 
 
-def flow_verdict(packets: list[dict], fi: FlowInput, probing: bool) -> tuple[dict, list[ProbeResult]]:
+def flow_verdict(packets: list[Packet], fi: FlowInput, probing: bool) -> tuple[FlowVerdict, list[ProbeResult]]:
     """(the flow-level verdict, the probes as judged): every probe delivered and answered by
     the right address. A probe answered with an un-reversed reply is judged `wrong-reply`
     (a new ProbeResult; fi.probes stays as sent)."""
     problems: list[str] = []
     probes = [replace(pr) for pr in fi.probes]
-    requests = [p for p in packets if p["direction"] == "request"]
-    replies = [p for p in packets if p["direction"] == "reply"]
+    requests = [p for p in packets if p.direction == "request"]
+    replies = [p for p in packets if p.direction == "reply"]
     if not probing:
-        bad = [p for p in packets if p["verdict"]["status"] != "delivered"]
+        bad = [p for p in packets if p.verdict.status != "delivered"]
         ok = not bad and bool(packets)
         summary = (f"{len(packets) - len(bad)}/{len(packets)} packets delivered" if packets
                    else "no matching packet seen")
-        return {"status": "ok" if ok else "failed", "summary": summary, "problems": problems}, probes
+        return FlowVerdict("ok" if ok else "failed", summary, tuple(problems)), probes
     judged = probes
     if fi.sample > 1:
         # With sampling, a probe no hook saw was simply not sampled: judge the others only.
-        judged = [pr for pr in probes if any(p["seq"] == pr.seq for p in requests)]
+        judged = [pr for pr in probes if any(p.seq == pr.seq for p in requests)]
     n = len(judged)
     delivered = answered = 0
     for pr in judged:
-        reqs = [p for p in requests if p["seq"] == pr.seq]
-        reps = [p for p in replies if p["seq"] == pr.seq]
-        if any(p["verdict"]["status"] == "delivered" for p in reqs):
+        reqs = [p for p in requests if p.seq == pr.seq]
+        reps = [p for p in replies if p.seq == pr.seq]
+        if any(p.verdict.status == "delivered" for p in reqs):
             delivered += 1
         elif reqs:
-            v = reqs[-1]["verdict"]
-            problems.append(f"probe {pr.seq}: request {v['status']} at {v['node'] or 'fabric'}/{v['dev']}"
-                            + (f" ({v['reason']})" if v.get("reason") else "")
-                            + (f": {v['cause']}" if v.get("cause") else ""))
+            v = reqs[-1].verdict
+            problems.append(f"probe {pr.seq}: request {v.status} at {v.node or 'fabric'}/{v.dev}"
+                            + (f" ({v.reason})" if v.reason else "")
+                            + (f": {v.cause}" if v.cause else ""))
         else:
             problems.append(f"probe {pr.seq}: request never seen by the tracer")
-        bad_reply = next((p for p in reps if p["verdict"].get("cause") == "unreversed-reply"), None)
+        bad_reply = next((p for p in reps if p.verdict.cause == "unreversed-reply"), None)
         if bad_reply is not None:
-            problems.append(f"probe {pr.seq}: {bad_reply['verdict']['hint']}")
+            problems.append(f"probe {pr.seq}: {bad_reply.verdict.hint}")
             if pr.outcome == "answered":
                 pr.outcome = "wrong-reply"
         if bad_reply is not None:
@@ -59,11 +60,11 @@ def flow_verdict(packets: list[dict], fi: FlowInput, probing: bool) -> tuple[dic
         elif pr.outcome == "refused":
             problems.append(f"probe {pr.seq}: refused ({pr.detail or 'reset'})")
         elif pr.outcome == "timeout":
-            if reps and reps[-1]["verdict"]["status"] != "delivered":
-                v = reps[-1]["verdict"]
-                problems.append(f"probe {pr.seq}: reply {v['status']} at {v['node'] or 'fabric'}/{v['dev']}"
-                                + (f" ({v['reason']})" if v.get("reason") else "")
-                                + (f": {v['cause']}" if v.get("cause") else ""))
+            if reps and reps[-1].verdict.status != "delivered":
+                v = reps[-1].verdict
+                problems.append(f"probe {pr.seq}: reply {v.status} at {v.node or 'fabric'}/{v.dev}"
+                                + (f" ({v.reason})" if v.reason else "")
+                                + (f": {v.cause}" if v.cause else ""))
             else:
                 problems.append(f"probe {pr.seq}: no reply")
         else:
@@ -74,16 +75,16 @@ def flow_verdict(packets: list[dict], fi: FlowInput, probing: bool) -> tuple[dic
         summary += f" ({n} of {len(fi.probes)} probes sampled at 1 in {fi.sample})"
         if n == 0:
             problems.append("no probe was sampled: send more (--count) or sample less (--sample)")
-    return {"status": status, "summary": summary, "problems": problems}, probes
+    return FlowVerdict(status, summary, tuple(problems)), probes
 
 
-def summary(packets: list[dict], probes: list[ProbeResult], counters: dict) -> dict:
+def summary(packets: list[Packet], probes: list[ProbeResult], counters: dict) -> dict:
     """The figures of a flow run: probes, deliveries, answers, median times, events lost."""
-    one_way = [p["one_way_ns"] for p in packets if p["direction"] == "request" and p["one_way_ns"] is not None]
+    one_way = [p.one_way_ns for p in packets if p.direction == "request" and p.one_way_ns is not None]
     rtts = [p.rtt_ns for p in probes if p.rtt_ns is not None and p.outcome == "answered"]
     return {
         "probes": len(probes),
-        "delivered": sum(1 for p in packets if p["direction"] == "request" and p["verdict"]["status"] == "delivered"),
+        "delivered": sum(1 for p in packets if p.direction == "request" and p.verdict.status == "delivered"),
         "answered": sum(1 for p in probes if p.outcome == "answered"),
         "median_one_way_ns": int(np.median(one_way)) if one_way else None,
         "median_rtt_ns": int(np.median(rtts)) if rtts else None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import pandas as pd
@@ -13,6 +13,7 @@ from tracer.reconstruct import diagnose, evidence
 from tracer.reconstruct import packets as flows
 from tracer.reconstruct import verdict as verdicts
 from tracer.reconstruct.evidence import Evidence
+from tracer.reconstruct.model import FlowVerdict, Packet
 from tracer.cluster import inventory as k8s
 from tracer.node import netns
 from tracer.node import facts as nodecheck
@@ -32,8 +33,8 @@ class FlowResult:
     proto: str
     port: int | None
     probes: list[probe.ProbeResult]
-    packets: list[dict]
-    verdict: dict
+    packets: list[Packet]
+    verdict: FlowVerdict
     summary: dict
     counters: dict
     timings: dict
@@ -41,10 +42,11 @@ class FlowResult:
     meta: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     clock: dict = field(default_factory=dict)
+    names: dict[str, dict | None] = field(default_factory=dict)   # hop address → what it is
 
     @property
     def ok(self) -> bool:
-        return self.verdict["status"] == "ok"
+        return self.verdict.status == "ok"
 
     def as_json(self) -> dict:
         return {
@@ -53,9 +55,8 @@ class FlowResult:
             "dst": self.dst.as_json(),
             "probe": {"proto": self.proto, "port": self.port,
                       "count": len(self.probes) if self.config.probe else 0},
-            "packets": self.packets,
-            "verdict": {"status": self.verdict["status"], "summary": self.verdict["summary"],
-                        "problems": self.verdict.get("problems", [])},
+            "packets": [p.as_json(self.names) for p in self.packets],
+            "verdict": self.verdict.as_json(),
             "summary": self.summary,
             "probes": [p.as_json() for p in self.probes],
             "counters": self.counters,
@@ -78,11 +79,11 @@ class Traced:
     timings: dict
     t_tracing: float
     t_done: float
-    evidence: Callable[[list[dict]], "Evidence | LocalEvidence"]
+    evidence: Callable[[list[Packet]], "Evidence | LocalEvidence"]
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     clock: dict = field(default_factory=dict)
-    packets: list[dict] | None = None     # already built by the tracing (agents); None: build from df
+    packets: list[Packet] | None = None   # already built by the tracing (agents); None: build from df
 
 
 def flow_input(plan: Plan, sent, locations, clock: dict | None = None) -> flows.FlowInput:
@@ -108,7 +109,7 @@ class LocalEvidence:
     base: Evidence
     refs: dict
 
-    def resolve(self, packets: list[dict]) -> Evidence:
+    def resolve(self, packets: list[Packet]) -> Evidence:
         answers: dict[str, list[dict]] = {}
         for node, queries in diagnose.facts_needed(packets, self.base).items():
             ref = self.refs.get(node)
@@ -134,20 +135,16 @@ def agent_evidence(plan: Plan, facts_by_node: dict[str, dict]) -> Evidence:
         {n: f.get("rule_hits", []) for n, f in facts_by_node.items()})
 
 
-
-
-def enrich(packets: list[dict], inv: k8s.Inventory) -> None:
-    """Name each hop's addresses from the cluster metadata: the pod (and its workload), the
-    Service of a VIP, the node of a node address."""
-    cache: dict[str, dict | None] = {}
-
-    def name(ip):
-        if ip not in cache:
-            cache[ip] = inv.describe_ip(ip)
-        return cache[ip]
+def names(packets: list[Packet], inv: k8s.Inventory) -> dict[str, dict | None]:
+    """Every hop address → what the cluster metadata calls it: the pod (and its workload),
+    the Service of a VIP, the node of a node address (None: nothing known)."""
+    out: dict[str, dict | None] = {}
     for p in packets:
-        for h in p["hops"]:
-            h["src_is"], h["dst_is"] = name(h["src"]), name(h["dst"])
+        for h in p.hops:
+            for ip in (h.src, h.dst):
+                if ip not in out:
+                    out[ip] = inv.describe_ip(ip)
+    return out
 
 
 def finish(plan: Plan, t: Traced) -> FlowResult:
@@ -155,7 +152,7 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
     testhooks.pause("reconstructing")
     fi = flow_input(plan, t.sent, t.locations, t.clock)
     packets = t.packets if t.packets is not None else flows.build_packets(t.df, fi)
-    enrich(packets, plan.inv)
+    named = names(packets, plan.inv)
     ev = t.evidence(packets)
     if isinstance(ev, LocalEvidence):
         ev = ev.resolve(packets)
@@ -167,8 +164,7 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
             "verdicts after that are about a pod that no longer exists"
             for e in (plan.src, plan.dst) if plan.topology and e.pod and e.pod.netns and not netns.exists(e.pod.netns)]
     if t.problems or gone:
-        verdict["problems"] = gone + verdict.get("problems", []) + t.problems
-        verdict["status"] = "failed"
+        verdict = replace(verdict, status="failed", problems=(*gone, *verdict.problems, *t.problems))
     summary = verdicts.summary(packets, probes, t.counters)
     timings = {
         "resolve_s": round(plan.t_resolved - plan.t_start, 4),
@@ -180,17 +176,17 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
     notes = plan.notes + t.degraded + t.notes
     if t.counters.get("lost"):
         notes.append(f"{t.counters['lost']} events were lost (ring buffer full); the path may have gaps")
-        if any(p["verdict"]["status"] == "lost" for p in packets):   # the trace's gap, or the network's?
-            verdict.setdefault("problems", []).append(
-                f"the tracer lost {t.counters['lost']} events (ring buffer full): a `lost` verdict may be "
-                "a gap in the trace rather than a loss in the network")
+        if any(p.verdict.status == "lost" for p in packets):   # the trace's gap, or the network's?
+            verdict = replace(verdict, problems=(
+                *verdict.problems, f"the tracer lost {t.counters['lost']} events (ring buffer full): a `lost` "
+                "verdict may be a gap in the trace rather than a loss in the network"))
     if t.counters.get("over_budget"):
         notes.append(f"{t.counters['over_budget']} events were not recorded to stay within the event budget "
                      f"({cfg.budget}/s per node); raise it with --max-events or sample with --sample")
     if cfg.sample > 1:
         notes.append(f"sampling: 1 packet in {cfg.sample} is traced (the same packets on every node)")
     result = FlowResult(cfg, plan.src, plan.dst, plan.proto, plan.port, probes, packets, verdict, summary,
-                        t.counters, timings, t.df, notes=notes)
+                        t.counters, timings, t.df, notes=notes, names=named)
     result.clock = t.clock
     result.meta = {
         "version": SCHEMA_VERSION, "src": plan.src.as_json(), "dst": plan.dst.as_json(),
