@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import re
 
-from tracer.kernel import program as bpfprog
+from tracer.kernel import program
 
 RAW_FUNCS = r"""
 /* bench/bpfvariants.py: raw tracepoint entry points */
@@ -71,15 +71,15 @@ def variant_text(text: str, raw: bool, empty: bool = False, noprefilter: bool = 
 @contextlib.contextmanager
 def patched(raw: bool = False, empty: bool = False, noprefilter: bool = False):
     """Within this block bpfprog.source() returns the variant text."""
-    orig = bpfprog.source
+    orig = program.source
 
     def source(files=None):
         return variant_text(orig(files), raw, empty, noprefilter)
-    bpfprog.source = source
+    program.source = source
     try:
         yield
     finally:
-        bpfprog.source = orig
+        program.source = orig
 
 
 def attach_raw(bpf) -> None:

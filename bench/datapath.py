@@ -41,7 +41,7 @@ import time
 import numpy as np
 
 import benchlib as L
-from tracer.kernel import hooks as probes
+from tracer.kernel.hooks import BY_NAME, DEFAULT_HOOKS
 from tracer.kernel.session import SessionConfig, Sink, TraceSession
 
 MODIFIERS = ("tc", "callback", "raw", "empty", "noprefilter")
@@ -69,10 +69,10 @@ class Tracer:
         base, *mods = variant.split("_")
         ends = (SRC, DST) if base == "match" else (OTHER_A, OTHER_B)
         raw = "raw" in mods
-        hooks = [] if raw else [probes.BY_NAME[n] for n in probes.DEFAULT_HOOKS]
+        hooks = [] if raw else [BY_NAME[n] for n in DEFAULT_HOOKS]
         self.tc = "tc" in mods
         if self.tc:
-            hooks += [probes.BY_NAME["tc:ingress"], probes.BY_NAME["tc:egress"]]
+            hooks += [BY_NAME["tc:ingress"], BY_NAME["tc:egress"]]
         sample = next((int(m[1:]) for m in mods if m[:1] == "s" and m[1:].isdigit()), 1)
         self.sink = RecycledSink()
         self.session = TraceSession(SessionConfig(addrs=[L.pod(doc, p)["ip"] for p in ends], hooks=hooks,

@@ -16,15 +16,15 @@ import time
 
 import numpy as np
 
-from tracer.kernel import record as events
-from tracer.reconstruct import packets as flows
-from tracer.cluster import inventory as k8s
+from tracer.kernel import record
+from tracer.reconstruct import packets
+from tracer.cluster import inventory
 from tracer.node.prober import ProbeResult
 
 
 def synth(n: int) -> np.ndarray:
     hops = 12
-    a = np.zeros(n, dtype=events.EVENT_DTYPE)
+    a = np.zeros(n, dtype=record.EVENT_DTYPE)
     idx = np.arange(n)
     pkt = idx // hops
     a["ts_ns"] = 1_000_000 + idx * 5_000
@@ -51,19 +51,19 @@ def main() -> None:
     arr = synth(args.events)
     raw = arr.tobytes()
     t0 = time.perf_counter()
-    df = events.decode(raw)
+    df = record.decode(raw)
     t1 = time.perf_counter()
-    src = k8s.Endpoint("a", "10.244.1.2", pod=k8s.Pod("default", "a", "node-1", "10.244.1.2"))
-    dst = k8s.Endpoint("b", "10.244.2.2", pod=k8s.Pod("default", "b", "node-2", "10.244.2.2"))
-    fi = flows.FlowInput(src, dst, "icmp", None, [], flows.Placement(), {}, lambda a: None)
+    src = inventory.Endpoint("a", "10.244.1.2", pod=inventory.Pod("default", "a", "node-1", "10.244.1.2"))
+    dst = inventory.Endpoint("b", "10.244.2.2", pod=inventory.Pod("default", "b", "node-2", "10.244.2.2"))
+    fi = packets.FlowInput(src, dst, "icmp", None, [], packets.Placement(), {}, lambda a: None)
     t2 = time.perf_counter()
-    grouped = flows.assign_packets(df)
+    grouped = packets.assign_packets(df)
     t3 = time.perf_counter()
     n_packets = int(grouped["pkt"].nunique())
     print(json.dumps({
         "benchmark": "decode+group",
         "events": args.events,
-        "event_bytes": events.EVENT_DTYPE.itemsize,
+        "event_bytes": record.EVENT_DTYPE.itemsize,
         "decode_s": round(t1 - t0, 4),
         "decode_events_per_s": int(args.events / (t1 - t0)),
         "group_s": round(t3 - t2, 4),

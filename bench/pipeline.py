@@ -41,8 +41,8 @@ import numpy as np
 import pandas as pd
 
 import benchlib as L
-from tracer.kernel import record as events
-from tracer.kernel import hooks as probes
+from tracer.kernel import record
+from tracer.kernel import hooks
 from tracer.kernel.session import SessionConfig, Sink, TraceSession
 
 SRC, DST = "pod-1-1", "pod-2-1"
@@ -60,10 +60,10 @@ def _ctype(np_type: str):
 class Event(ct.Structure):
     _pack_ = 1
     _fields_ = [(name, ct.c_char * int(np_t[1:]) if np_t.startswith("S") else _ctype(np_t))
-                for name, _, np_t in events.EVENT_FIELDS]
+                for name, _, np_t in record.EVENT_FIELDS]
 
 
-assert ct.sizeof(Event) == events.EVENT_DTYPE.itemsize
+assert ct.sizeof(Event) == record.EVENT_DTYPE.itemsize
 _NAMES = [f[0] for f in Event._fields_]
 _PTR = ct.POINTER(Event)
 
@@ -94,7 +94,7 @@ class Consumer:
         src, dst = L.pod(doc, SRC), L.pod(doc, DST)
         self.sink = CtypesSink() if kind == "ctypes" else Sink()
         self.session = TraceSession(SessionConfig(addrs=[src["ip"], dst["ip"]], ringbuf_pages=pages,
-                                                  hooks=[probes.BY_NAME[n] for n in probes.DEFAULT_HOOKS],
+                                                  hooks=[hooks.BY_NAME[n] for n in hooks.DEFAULT_HOOKS],
                                                   netns=L.lab_inodes(doc), budget=0,
                                                   batch_reader=(kind == "sink")), sink=self.sink)
         self.session.start()
@@ -111,13 +111,13 @@ class Consumer:
 
     def pending_array(self) -> np.ndarray:
         parts = self.sink.take()   # handed over, as capture's spool takes them
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=events.EVENT_DTYPE)
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=record.EVENT_DTYPE)
 
     def to_frame(self) -> pd.DataFrame:
         if self.kind == "ctypes":
             df = self.sink.take_frame()
         else:
-            df = events.to_frame(self.pending_array())
+            df = record.to_frame(self.pending_array())
         self.done += len(df)
         self.frames += 1
         return df
@@ -136,7 +136,7 @@ def drain_once(doc: dict, kind: str, pages: int, fill_s: float) -> dict:
     src, dst = L.pod(doc, SRC), L.pod(doc, DST)
     c = Consumer(doc, kind, pages)
     try:
-        cap = pages * 4096 // ((events.EVENT_DTYPE.itemsize + 8 + 7) & ~7)
+        cap = pages * 4096 // ((record.EVENT_DTYPE.itemsize + 8 + 7) & ~7)
         p = L.iperf_client(src["netns"], dst["ip"], PORT, 30, udp=True)
         t0 = time.monotonic()
         while p.poll() is None and time.monotonic() - t0 < fill_s:
@@ -157,7 +157,7 @@ def drain_once(doc: dict, kind: str, pages: int, fill_s: float) -> dict:
         else:
             arr = c.pending_array()
             t2 = time.perf_counter()
-            df = events.to_frame(arr)
+            df = record.to_frame(arr)
             t3 = time.perf_counter()
         n = len(df)
         out = {"events": n, "emitted": k["emitted"], "lost_while_filling": k["lost"],
@@ -225,7 +225,7 @@ def main() -> None:
         for pps in rates:
             for kind in consumers:
                 live[kind].append(live_once(doc, kind, args.ringbuf_pages, pps, args.seconds))
-    out = {"benchmark": "pipeline", "flow": f"{SRC} → {DST} UDP 64 B", "event_bytes": events.EVENT_DTYPE.itemsize,
+    out = {"benchmark": "pipeline", "flow": f"{SRC} → {DST} UDP 64 B", "event_bytes": record.EVENT_DTYPE.itemsize,
            "drain_ringbuf_pages": args.drain_pages, "live_ringbuf_pages": args.ringbuf_pages,
            "drain": {}, "live": {}, "machine_start": start, "machine_end": L.machine()}
     for kind in consumers:

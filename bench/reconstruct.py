@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tracer import analysis  # noqa: E402
-from tracer.kernel import record as events
-from tracer.reconstruct import packets as flows
-from tracer.cluster import inventory as k8s
+from tracer.kernel import record
+from tracer.reconstruct import packets
+from tracer.cluster import inventory
 
 import decode as decode_bench  # noqa: E402
 
@@ -48,10 +48,10 @@ def dataset(kind: str, n: int):
         arr, meta, _ = abench.synth(n)
         arr = arr[:n]              # synth makes whole blocks of ~95k events
         meta = dict(meta, kind="capture")
-        src = k8s.Endpoint("pod-1-1", "10.244.1.2", pod=k8s.Pod("default", "pod-1-1", "node-1", "10.244.1.2"))
-        dst = k8s.Endpoint("pod-2-1", "10.244.2.2", pod=k8s.Pod("default", "pod-2-1", "node-2", "10.244.2.2"))
-        pl = flows.Placement({int(k): tuple(v) for k, v in meta["placement"].items()})
-        return arr, meta, flows.FlowInput(src, dst, "tcp", 8080, [], pl, {}, lambda a: None)
+        src = inventory.Endpoint("pod-1-1", "10.244.1.2", pod=inventory.Pod("default", "pod-1-1", "node-1", "10.244.1.2"))
+        dst = inventory.Endpoint("pod-2-1", "10.244.2.2", pod=inventory.Pod("default", "pod-2-1", "node-2", "10.244.2.2"))
+        pl = packets.Placement({int(k): tuple(v) for k, v in meta["placement"].items()})
+        return arr, meta, packets.FlowInput(src, dst, "tcp", 8080, [], pl, {}, lambda a: None)
     arr = decode_bench.synth(n)
     ns = sorted({int(x) for x in arr["netns"][:12]})
     placement = {str(ns[0]): ["node-1", "default/a"], str(ns[1]): ["node-1", None], str(ns[2]): ["node-2", None]}
@@ -59,10 +59,10 @@ def dataset(kind: str, n: int):
             "pods": [{"key": "default/a", "ip": "10.244.1.2", "node": "node-1", "netns_inode": ns[0]},
                      {"key": "default/b", "ip": "10.244.2.2", "node": "node-2"}],
             "nodes": [{"name": "node-1", "ip": "172.30.0.11"}, {"name": "node-2", "ip": "172.30.0.12"}]}
-    src = k8s.Endpoint("a", "10.244.1.2", pod=k8s.Pod("default", "a", "node-1", "10.244.1.2"))
-    dst = k8s.Endpoint("b", "10.244.2.2", pod=k8s.Pod("default", "b", "node-2", "10.244.2.2"))
-    pl = flows.Placement({int(k): tuple(v) for k, v in placement.items()})
-    return arr, meta, flows.FlowInput(src, dst, "icmp", None, [], pl, {}, lambda a: None)
+    src = inventory.Endpoint("a", "10.244.1.2", pod=inventory.Pod("default", "a", "node-1", "10.244.1.2"))
+    dst = inventory.Endpoint("b", "10.244.2.2", pod=inventory.Pod("default", "b", "node-2", "10.244.2.2"))
+    pl = packets.Placement({int(k): tuple(v) for k, v in placement.items()})
+    return arr, meta, packets.FlowInput(src, dst, "icmp", None, [], pl, {}, lambda a: None)
 
 
 def timed(fn, reps: int):
@@ -86,15 +86,15 @@ def main() -> None:
     if args.quick:
         args.sizes, args.reps, args.build_max = "2400,24000", 1, 2400
     sizes = [int(s) for s in args.sizes.split(",")]
-    analysis.analyse(events.to_frame(dataset(args.data, 1200)[0]), dataset(args.data, 1200)[1])  # warm-up
+    analysis.analyse(record.to_frame(dataset(args.data, 1200)[0]), dataset(args.data, 1200)[1])  # warm-up
     rows, raw = [], []
     for n in sizes:
         arr, meta, fi = dataset(args.data, n)
         n = len(arr)
         row = {"events": n}
-        df, t = timed(lambda: events.to_frame(arr), args.reps)
+        df, t = timed(lambda: record.to_frame(arr), args.reps)
         row["decode_s"] = t
-        g, t = timed(lambda: flows.assign_packets(df), args.reps)
+        g, t = timed(lambda: packets.assign_packets(df), args.reps)
         row["assign_s"] = t
         row["packets"] = int(g["pkt"].nunique())
         (pk, hops), t = timed(lambda: analysis.reconstruct_vectorised(df, meta), args.reps)
@@ -104,7 +104,7 @@ def main() -> None:
         row["analyse_s"] = t
         row["flows"] = len(tr.flows)
         if n <= args.build_max:
-            built, t = timed(lambda: flows.build_packets(df, fi), 1)
+            built, t = timed(lambda: packets.build_packets(df, fi), 1)
             row["build_packets_s"] = t
             row["build_packets_packets"] = len(built)
         exact = {k: statistics.median(v) for k, v in row.items() if k.endswith("_s")}

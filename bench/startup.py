@@ -91,11 +91,11 @@ def components(doc: dict, reps: int) -> dict:
 def tc_attach_time(doc: dict) -> float:
     """Attach and remove the tc observers on the flow's devices (what `flow` does per node)."""
     from datapath import path_devices
-    from tracer.kernel import hooks as probes
+    from tracer.kernel.hooks import BY_NAME, DEFAULT_HOOKS
     from tracer.kernel.session import SessionConfig, TraceSession
     from tracer.kernel.tc import TcAttacher
 
-    hooks = [probes.BY_NAME[n] for n in probes.DEFAULT_HOOKS] + [probes.BY_NAME["tc:ingress"], probes.BY_NAME["tc:egress"]]
+    hooks = [BY_NAME[n] for n in DEFAULT_HOOKS] + [BY_NAME["tc:ingress"], BY_NAME["tc:egress"]]
     with TraceSession(SessionConfig(addrs=[L.pod(doc, SRC)["ip"], L.pod(doc, DST)["ip"]], hooks=hooks,
                                     netns=L.lab_inodes(doc))) as s:
         t0 = time.monotonic()

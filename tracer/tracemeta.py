@@ -68,7 +68,7 @@ def cluster_meta(inv, topo=None, placement: dict | None = None) -> dict:
 def _infer_cluster(meta: dict) -> dict:
     """For `flow --save`, whose caller passes only its own metadata: the cluster it traced,
     from the lab (inventory source "lab PREFIX") or the --cluster file it names."""
-    from tracer.cluster import inventory as k8s
+    from tracer.cluster import inventory
     from tracer.cluster import sources, topology
 
     src = str(meta.get("inventory") or "")
@@ -78,7 +78,7 @@ def _infer_cluster(meta: dict) -> dict:
             if topo is not None:
                 return cluster_meta(sources.topology_inventory(topo), topo)
         elif src and src != "none" and Path(src).is_file():
-            return cluster_meta(k8s.load_list(src))
+            return cluster_meta(inventory.load_list(src))
     except (BadInput, OSError, ValueError, KeyError):
         pass  # the trace is still complete without names; never fail a save over them
     return {}

@@ -43,7 +43,7 @@ import pytest
 
 from tests.conftest import environment_problem, must_run, wait_until
 from tracer.node import netns
-from tracer.node import prober as probe
+from tracer.node import prober
 from tracer.lab import build
 from tracer.lab import topology as T
 
@@ -94,7 +94,7 @@ def service(doc: dict, name: str) -> dict:
 # ---------------------------------------------------------------------------------------
 # Traffic from inside a namespace
 
-_checksum = probe._checksum   # one implementation of the Internet checksum
+_checksum = prober._checksum   # one implementation of the Internet checksum
 
 
 def ping(ns: str, ip: str, timeout: float = 2.0, seq: int = 1) -> str | None:

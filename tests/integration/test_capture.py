@@ -19,7 +19,7 @@ from tests.integration.lab_fixture import lab  # noqa: F401  (session fixture)
 from tests.integration.lab_fixture import ping, tcp_ask, traced_addrs, udp_ask, wait_until
 from tracer import analysis
 from tracer.runs import capture
-from tracer.kernel import record as events
+from tracer.kernel import record
 from tracer.node import netns
 from tracer.config import FlowConfig
 from tracer.runs.flow import run_flow
@@ -174,8 +174,8 @@ def test_trace_analysis_notebook_runs_on_the_capture(faulted_capture, tmp_path):
 def matched(ev):
     """Hop events the filter itself let through (not followed skbs, not the frees of
     followed skbs, which are reported whatever their addresses)."""
-    hop = ev["hook"].isin([events.HOOK_IDS["rx"], events.HOOK_IDS["tx"]])
-    return ev[hop & ((ev["flags"] & events.FLAG_FOLLOWED) == 0)]
+    hop = ev["hook"].isin([record.HOOK_IDS["rx"], record.HOOK_IDS["tx"]])
+    return ev[hop & ((ev["flags"] & record.FLAG_FOLLOWED) == 0)]
 
 
 def test_selection_is_applied_in_the_kernel(lab, tmp_path):

@@ -18,7 +18,7 @@ from tests.fakeapi import FakeApi
 from tests.integration.lab_fixture import ping, private_lab, traced_addrs, wait_until
 from tracer import tracefile
 from tracer.runs import capture
-from tracer.cluster import api as kube
+from tracer.cluster.api import Stream, cluster_streams
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "pttestcw"
@@ -94,7 +94,7 @@ def test_capture_follows_pods_that_come_and_go(tmp_path):
 
 
 def test_cluster_streams_follow_the_selection():
-    S = kube.Stream
+    S = Stream
     sel = capture.Selection(pods=["shop/cart-0"], namespaces=["web"], services=["default/api"], nodes=["n1"])
     got = capture.cluster_streams(sel)
     assert S("Pod", "shop", field_selector="metadata.name=cart-0") in got
@@ -103,10 +103,10 @@ def test_cluster_streams_follow_the_selection():
     assert S("Pod", field_selector="spec.nodeName=n1") in got
     assert not any(s.namespace is None and s.field_selector is None and s.kind == "Pod" for s in got), \
         "a named selection never watches every pod of the cluster"
-    assert capture.cluster_streams(capture.Selection()) == kube.cluster_streams()
-    assert capture.cluster_streams(capture.Selection(cidrs=["10.0.0.0/8"])) == kube.cluster_streams()
+    assert capture.cluster_streams(capture.Selection()) == cluster_streams()
+    assert capture.cluster_streams(capture.Selection(cidrs=["10.0.0.0/8"])) == cluster_streams()
 
 
 @pytest.mark.parametrize("spec", ["a/b/c", "/x"])
 def test_odd_pod_specs_fall_back_to_the_whole_cluster(spec):
-    assert capture.cluster_streams(capture.Selection(pods=[spec])) == kube.cluster_streams()
+    assert capture.cluster_streams(capture.Selection(pods=[spec])) == cluster_streams()

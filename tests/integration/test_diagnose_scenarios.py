@@ -20,7 +20,7 @@ import pytest
 from tests.integration.lab_fixture import private_lab
 from tests.unit.test_engine import _paths as paths
 from tracer import analysis, tracefile
-from tracer.node import prober as probe
+from tracer.node import prober
 from tracer.runs import capture
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,9 +135,9 @@ def test_capture_drops_live_equal_analyze(dlab, tmp_path):
         if tracing.wait(60):
             # answered pings: the kernel frees each echo reply in the client after delivery
             # with NO_SOCKET (the prober's raw socket took a copy): no drop on the way
-            probe.send(src["netns"], src["ip"], near["ip"], "icmp", None, 6, 0.2, 0.05)
-            probe.send(src["netns"], src["ip"], dst["ip"], "icmp", None, 6, 0.2, 0.05)
-            probe.send(src["netns"], src["ip"], dst["ip"], "udp", 8080, 6, 0.2, 0.05)
+            prober.send(src["netns"], src["ip"], near["ip"], "icmp", None, 6, 0.2, 0.05)
+            prober.send(src["netns"], src["ip"], dst["ip"], "icmp", None, 6, 0.2, 0.05)
+            prober.send(src["netns"], src["ip"], dst["ip"], "udp", 8080, 6, 0.2, 0.05)
     th = threading.Thread(target=send, daemon=True)
     th.start()
     try:

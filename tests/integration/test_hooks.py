@@ -16,10 +16,10 @@ from pathlib import Path
 from tests.integration.lab_fixture import lab, session_processes, wait_until  # noqa: F401
 from tests.integration.test_flow import wait_no_programs
 from tracer.kernel import contract
-from tracer.kernel import program as bpfprog
+from tracer.kernel import program
 from tracer.node import ownership
-from tracer.kernel import hooks as probes
-from tracer.kernel import tc as tcattach
+from tracer.kernel.hooks import CATALOG, DEFAULT_HOOKS, kernel_config
+from tracer.kernel import tc
 from tracer.config import FlowConfig
 from tracer.runs.flow import run_flow
 
@@ -56,9 +56,9 @@ def lab_tc_state(lab) -> dict:
 def test_every_kprobe_program_passes_the_verifier():
     from bcc import BPF
 
-    loaded = bpfprog.load(attach=False, hooks=probes.CATALOG)
+    loaded = program.load(attach=False, hooks=CATALOG)
     try:
-        for h in probes.CATALOG:
+        for h in CATALOG:
             kind = BPF.SCHED_CLS if h.kind == "tc" else (BPF.TRACEPOINT if h.kind == "tracepoint" else BPF.KPROBE)
             for fn in filter(None, (h.fn, h.ret_fn)):
                 assert loaded.bpf.load_func(fn.encode(), kind).fd > 0, fn
@@ -70,7 +70,7 @@ def test_every_kprobe_program_passes_the_verifier():
 def test_the_compiled_program_has_the_contracts_numbers():
     """The map sizes the compiler saw (read back from the compiled program through BCC) are
     the ones tracer/kernel/contract.py declares: the C names them and spells none of them."""
-    loaded = bpfprog.load(attach=False, hooks=probes.CATALOG)
+    loaded = program.load(attach=False, hooks=CATALOG)
     try:
         sizes = {name: loaded.bpf[name].max_entries
                  for name in ("addrs", "tracked", "counters", "addr_bits", "tracked_cnt", "config", "cidrs",
@@ -92,10 +92,10 @@ def test_doctor_on_this_kernel(lab):
     rep = json.loads(res.stdout)
     assert rep["can_trace"] is True
     hooks = {h["name"]: h for h in rep["hooks"]}
-    assert all(hooks[n]["active"] for n in probes.DEFAULT_HOOKS + ["tc:ingress", "tc:egress"])
+    assert all(hooks[n]["active"] for n in DEFAULT_HOOKS + ["tc:ingress", "tc:egress"])
     kp = [h for h in rep["hooks"] if h["kind"] in ("kprobe", "kretprobe")]
     assert len(kp) >= 13
-    if probes.kernel_config().get("CONFIG_KPROBES") == "n":
+    if kernel_config().get("CONFIG_KPROBES") == "n":
         assert all(not h["active"] and "CONFIG_KPROBES" in h["reason"] for h in kp)
         assert any("kernel-function hooks unavailable" in d for d in rep["degraded"])
     assert rep["headers"]["kind"] in ("real", "substitute")
@@ -191,7 +191,7 @@ def test_sigkill_of_the_coordinator_agents_clean_up(lab, tmp_path):
 
 def _all_ours(lab) -> dict:
     """Our filter names on every device of the lab's nodes."""
-    return {(ns, dev): sorted(names) for ns, dev in node_devices(lab) if (names := tcattach.ours(ns, dev))}
+    return {(ns, dev): sorted(names) for ns, dev in node_devices(lab) if (names := tc.ours(ns, dev))}
 
 
 def test_cleanup_goes_by_the_owner_named_in_each_filter(lab, tmp_path):
@@ -208,24 +208,24 @@ def test_cleanup_goes_by_the_owner_named_in_each_filter(lab, tmp_path):
     node_ns, dev = lab["nodes"][0]["netns"], "cni0"
     proc = _start_long_flow(lab, tmp_path, PODTRACE_STATE_DIR=run_state)
     forged = BPF(text="int forged_obs(struct __sk_buff *skb) { return -1; }")
-    ipr = tcattach._ipr(node_ns)
+    ipr = tc._ipr(node_ns)
     ifindex = ipr.link_lookup(ifname=dev)[0]
     try:
         _wait_attached(proc, tmp_path)
         during = _all_ours(lab)
         assert (node_ns, dev) in during, during
-        owners = {tcattach.owner_of(n) for names in during.values() for n in names}
+        owners = {tc.owner_of(n) for names in during.values() for n in names}
         assert None not in owners and all(ownership.alive(pid, start) for pid, start in owners), owners
         # forged filters of other owners, beside the flow's on node-1/cni0
         gone = subprocess.Popen(["true"])
         gone.wait()
         me, my_start = ownership.me()
-        names = {"dead": tcattach.filter_name("ingress", gone.pid, 123),
-                 "reused": tcattach.filter_name("ingress", 1, ownership.start_time(1) + 1),
-                 "live": tcattach.filter_name("ingress", me, my_start)}
+        names = {"dead": tc.filter_name("ingress", gone.pid, 123),
+                 "reused": tc.filter_name("ingress", 1, ownership.start_time(1) + 1),
+                 "live": tc.filter_name("ingress", me, my_start)}
         fd = forged.load_func(b"forged_obs", BPF.SCHED_CLS).fd
         for prio, name in zip((40001, 40002, 40003), names.values()):
-            ipr.tc("add-filter", "bpf", ifindex, ":1", fd=fd, name=name, parent=tcattach.PARENT["ingress"],
+            ipr.tc("add-filter", "bpf", ifindex, ":1", fd=fd, name=name, parent=tc.PARENT["ingress"],
                    classid=1, direct_action=True, prio=prio)
 
         res = cli(lab, "cleanup", PODTRACE_STATE_DIR=other_state)
@@ -237,7 +237,7 @@ def test_cleanup_goes_by_the_owner_named_in_each_filter(lab, tmp_path):
         want[(node_ns, dev)] = sorted(during[(node_ns, dev)] + [names["live"]])
         assert after == want, "a running podtrace's filters were touched"
         assert proc.poll() is None
-        ipr.tc("del-filter", "bpf", ifindex, ":1", parent=tcattach.PARENT["ingress"], prio=40003)
+        ipr.tc("del-filter", "bpf", ifindex, ":1", parent=tc.PARENT["ingress"], prio=40003)
 
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
@@ -254,7 +254,7 @@ def test_cleanup_goes_by_the_owner_named_in_each_filter(lab, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         for prio in (40001, 40002, 40003):
             with contextlib.suppress(Exception):
-                ipr.tc("del-filter", "bpf", ifindex, ":1", parent=tcattach.PARENT["ingress"], prio=prio)
+                ipr.tc("del-filter", "bpf", ifindex, ":1", parent=tc.PARENT["ingress"], prio=prio)
         ipr.close()
         forged.cleanup()
         cli(lab, "cleanup", PODTRACE_STATE_DIR=run_state)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.lab_fixture import private_lab
-from tracer.kernel import tc as tcattach
+from tracer.kernel import tc
 from tracer.node import ownership
 from tests.integration.test_safety_common import (
     alive, bpf_objects_held_by, cli, descendants, our_filters, popen, tc_snapshot, wait_until,
@@ -36,7 +36,7 @@ ROUNDS = 10            # each round kills one flow and one capture: 20 kills
 
 def _tc_records() -> list[dict]:
     try:
-        return json.loads(tcattach.STATE_FILE.read_text())
+        return json.loads(tc.STATE_FILE.read_text())
     except (OSError, ValueError):
         return []
 

@@ -11,7 +11,7 @@ import operator
 
 from tests.integration.lab_fixture import drain_all, lab, ping, pod, wait_until  # noqa: F401
 from tracer.node import netns
-from tracer.kernel import hooks as probes
+from tracer.kernel import hooks
 from tracer.kernel.contract import SLOT_MULT, addr_bit_words, addr_key, addr_slot
 from tracer.kernel.session import SessionConfig, TraceSession
 
@@ -51,7 +51,7 @@ def test_prefilters_agree_with_their_tables(lab):
     twin = slot_twin(dst["ip"])
     inodes = [netns.inode(x["netns"]) for x in lab["nodes"] + lab["pods"]]
     s = TraceSession(SessionConfig(addrs=[src["ip"], dst["ip"], twin], budget=0, netns=inodes,
-                                   hooks=[probes.BY_NAME[n] for n in probes.DEFAULT_HOOKS]))
+                                   hooks=[hooks.BY_NAME[n] for n in hooks.DEFAULT_HOOKS]))
     try:
         s.start()
         assert _words(s) == addr_bit_words([src["ip"], dst["ip"], twin])

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import must_run
 from tests.integration.lab_fixture import drain_all, lab, ping, pod  # noqa: F401
 from tracer.node import netns
-from tracer.kernel import hooks as probes
+from tracer.kernel import hooks
 from tracer.kernel import ringbuf
 from tracer.kernel.session import SessionConfig, TraceSession
 
@@ -20,7 +20,7 @@ def _trace(doc: dict, batch: bool, bursts: int = 12, per_burst: int = 6) -> tupl
     src, dst = pod(doc, "pod-1-1"), pod(doc, "pod-2-1")
     inodes = [netns.inode(x["netns"]) for x in doc["nodes"] + doc["pods"]]   # this lab only
     s = TraceSession(SessionConfig(addrs=[src["ip"], dst["ip"]], ringbuf_pages=8, budget=0, netns=inodes,
-                                   hooks=[probes.BY_NAME[n] for n in probes.DEFAULT_HOOKS], batch_reader=batch))
+                                   hooks=[hooks.BY_NAME[n] for n in hooks.DEFAULT_HOOKS], batch_reader=batch))
     try:
         s.start()
         reader = s.reader

@@ -78,9 +78,9 @@ def _trace_files(d: Path) -> dict[str, str]:
     import pyarrow.parquet as pq
 
     from tracer import tracefile
-    from tracer.kernel import record as events
+    from tracer.kernel import record
 
-    arr = np.zeros(64, dtype=events.EVENT_DTYPE)
+    arr = np.zeros(64, dtype=record.EVENT_DTYPE)
     arr["hook"], arr["ifname"] = 1, b"eth0"
     w = tracefile.Writer(d / "good.parquet")
     w.write_records(arr)

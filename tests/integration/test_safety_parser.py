@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.integration.test_safety_common import lab_namespaces, node, pod, safe_lab  # noqa: F401
-from tracer.cluster import inventory as k8s
+from tracer.cluster import inventory
 from tracer.node import netns
-from tracer.node import prober as probe
-from tracer.kernel import hooks as probes
-from tracer.kernel import tc as tcattach
+from tracer.node import prober
+from tracer.kernel.hooks import detect, select
+from tracer.kernel.tc import TcAttacher
 from tracer.runs import flow as trace
 from tracer.kernel.record import FLAG_DF
 from tracer.kernel.session import SessionConfig, TraceSession
@@ -40,7 +40,7 @@ from tracer.lab import view
 UDP, TCP, ICMP = 17, 6, 1
 
 
-_csum = probe._checksum   # the one Internet checksum of the project
+_csum = prober._checksum   # the one Internet checksum of the project
 
 
 def ipv4(src: str, dst: str, proto: int, payload: bytes, ident: int, *, opts: bytes = b"", frag: int = 0,
@@ -217,16 +217,16 @@ def traced(safe_lab):
     n1 = node(lab, src["node"])
     gw, me = _mac(n1["netns"], n1["bridge"]), _mac(src["netns"], "eth0")
     sent = _packets(src["ip"], dst["ip"], gw, me)
-    hooks, _ = probes.select(probes.detect(), tc=True)
+    hooks, _ = select(detect(), tc=True)
     inodes = [netns.inode(ns) for ns in lab_namespaces(lab)]
     session = TraceSession(SessionConfig(addrs=[src["ip"], dst["ip"]], hooks=hooks, netns=inodes))
     tc = None
     try:
         session.start()
         if any(h.kind == "tc" for h in hooks):
-            tc = tcattach.TcAttacher(session.loaded.bpf)
-            ends = (k8s.Endpoint("a", src["ip"], pod=k8s.Pod("default", "pod-1-1", src["node"], src["ip"])),
-                    k8s.Endpoint("b", dst["ip"], pod=k8s.Pod("default", "pod-2-1", dst["node"], dst["ip"])))
+            tc = TcAttacher(session.loaded.bpf)
+            ends = (inventory.Endpoint("a", src["ip"], pod=inventory.Pod("default", "pod-1-1", src["node"], src["ip"])),
+                    inventory.Endpoint("b", dst["ip"], pod=inventory.Pod("default", "pod-2-1", dst["node"], dst["ip"])))
             for ns_name, dev in trace.tc_devices(view.topology(lab), *ends):
                 tc.attach(ns_name, dev)
         sock = netns.socket_in(src["netns"], socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))

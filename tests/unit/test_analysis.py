@@ -14,7 +14,7 @@ from bench.analysis import PODS, VIP, synth, synth_flow
 from tracer import tracefile
 from tracer import analysis
 from tracer.cli.analyze import analyze
-from tracer.kernel import record as events
+from tracer.kernel import record
 
 
 def write(path, arr, meta):
@@ -113,20 +113,20 @@ def test_same_content_after_a_pause_is_a_new_packet():
     later = arr.copy()
     later["ts_ns"] += np.uint64(5_000_000_000)
     later["skb"] += np.uint64(1 << 30)
-    t = analysis.analyse(events.to_frame(np.concatenate([arr, later])), meta)
-    assert len(t.packets) == 2 * len(analysis.analyse(events.to_frame(arr), meta).packets)
+    t = analysis.analyse(record.to_frame(np.concatenate([arr, later])), meta)
+    assert len(t.packets) == 2 * len(analysis.analyse(record.to_frame(arr), meta).packets)
 
 
 def test_tc_duplicates_merge_into_one_hop():
     arr, meta, _ = synth(200, drop_rate=0, lost_rate=0)
-    base = analysis.analyse(events.to_frame(arr), meta)
+    base = analysis.analyse(record.to_frame(arr), meta)
     hops = arr[(arr["hook"] == 1) | (arr["hook"] == 2)]
     tc = hops.copy()
     tc["hook"] = np.where(hops["hook"] == 1, 20, 21)
     tc["ts_ns"] += np.uint64(100)
     tc["skb"] = 0
     both = np.concatenate([arr, tc])
-    t = analysis.analyse(events.to_frame(both[np.argsort(both["ts_ns"], kind="stable")]), meta)
+    t = analysis.analyse(record.to_frame(both[np.argsort(both["ts_ns"], kind="stable")]), meta)
     assert len(t.hops) == len(base.hops)
     assert set(t.hops["seen_by"]) == {"tracepoint+tc"}
     assert t.packets["status"].astype(str).tolist() == base.packets["status"].astype(str).tolist()
@@ -140,7 +140,7 @@ def test_drop_before_any_device_is_a_packet():
     drop["skb"] = 0xDEAD000
     drop["tcp_seq"] = 4242
     drop["ts_ns"] = arr["ts_ns"].max() + 10
-    t = analysis.analyse(events.to_frame(np.concatenate([arr, drop])), meta)
+    t = analysis.analyse(record.to_frame(np.concatenate([arr, drop])), meta)
     p = t.packets[t.packets["hops"] == 0]
     assert len(p) == 1 and p["status"].iloc[0] == "dropped" and p["reason"].iloc[0] == "NETFILTER_DROP"
     assert p["verdict_node"].iloc[0] == "node-1"
@@ -148,27 +148,27 @@ def test_drop_before_any_device_is_a_packet():
 
 def test_followed_only_packets_are_left_out():
     arr, meta, _ = synth(30, drop_rate=0, lost_rate=0)
-    base = analysis.analyse(events.to_frame(arr), meta)
+    base = analysis.analyse(record.to_frame(arr), meta)
     stale = arr[:12].copy()
-    stale["flags"] |= events.FLAG_FOLLOWED
+    stale["flags"] |= record.FLAG_FOLLOWED
     stale["tcp_seq"] = 777
     stale["ts_ns"] += np.uint64(10_000_000_000)
-    t = analysis.analyse(events.to_frame(np.concatenate([arr, stale])), meta)
+    t = analysis.analyse(record.to_frame(np.concatenate([arr, stale])), meta)
     assert len(t.packets) == len(base.packets)
     assert t.packets.attrs.get("followed_only_packets") == 1
 
 
 def test_flow_file_verdicts_equal_flows_build_packets(tmp_path):
     """flow mode is flow's own reconstruction; capture mode agrees on the verdicts."""
-    from tracer.reconstruct import packets as flows
+    from tracer.reconstruct import packets
 
     for drop in (False, True):
         arr, meta = synth_flow(probes=4, drop_requests=drop)
         p = tmp_path / f"f{drop}.parquet"
-        tracefile.save(p, events.to_frame(arr), meta)
+        tracefile.save(p, record.to_frame(arr), meta)
         t = analysis.load(p)
         ev, m = tracefile.load(p)
-        want = flows.build_packets(events.to_frame(arr), analysis._flow_input(m))
+        want = packets.build_packets(record.to_frame(arr), analysis._flow_input(m))
         assert t.mode == "flow"
         assert t.packets["status"].tolist() == [x.verdict.status for x in want]
         assert t.packets["direction"].tolist() == [x.direction for x in want]

@@ -9,16 +9,16 @@ import pytest
 from bench.analysis import synth
 from tracer import tracefile
 from tracer.runs import capture
-from tracer.kernel import record as events
-from tracer.cluster import inventory as k8s
+from tracer.kernel import record
+from tracer.cluster import inventory
 from tracer.errors import BadInput
 from tracer.lab import topology as T
 
 
 @pytest.fixture(scope="module")
-def inv() -> k8s.Inventory:
+def inv() -> inventory.Inventory:
     topo = T.plan(T.LabConfig(prefix="pttestcapunit", nodes=2, pods_per_node=2, state_dir="/tmp/none"))
-    return k8s.from_items(T.inventory(topo)["items"], source="unit")
+    return inventory.from_items(T.inventory(topo)["items"], source="unit")
 
 
 def test_all_pod_traffic_by_default(inv):
@@ -63,7 +63,7 @@ def feed(sink, arr):
     """Call the sink as BCC's ring buffer would, one record at a time."""
     rets = []
     for i in range(len(arr)):
-        rets.append(sink(None, ctypes.c_void_p(arr[i:i + 1].ctypes.data), events.EVENT_DTYPE.itemsize))
+        rets.append(sink(None, ctypes.c_void_p(arr[i:i + 1].ctypes.data), record.EVENT_DTYPE.itemsize))
     return rets
 
 

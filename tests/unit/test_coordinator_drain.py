@@ -8,11 +8,11 @@ import os
 import numpy as np
 
 from tracer.agents import coordinator, wire
-from tracer.kernel import record as events
+from tracer.kernel import record
 
 
 def chunk(*ts):
-    arr = np.zeros(len(ts), dtype=events.EVENT_DTYPE)
+    arr = np.zeros(len(ts), dtype=record.EVENT_DTYPE)
     arr["ts_ns"] = ts
     return arr.tobytes()
 

@@ -13,9 +13,9 @@ import pytest
 from bench.analysis import (BACKEND, DROP_AFTER, PODS, VIP, VIP_PORT, _path, _records,
                             synth, synth_flow)
 from tracer import analysis
-from tracer.kernel import record as events
+from tracer.kernel import record
 from tracer.reconstruct import diagnose
-from tracer.reconstruct import packets as flows
+from tracer.reconstruct.packets import build_packets
 from tracer.reconstruct import verdict as verdicts
 from tracer.reconstruct.evidence import Evidence, fact_query
 from tracer.reconstruct.model import Packet
@@ -25,7 +25,7 @@ A, B = "default/pod-1-1", "default/pod-2-1"
 
 def judged(arr, meta, ev: Evidence | None = None):
     fi = analysis._flow_input(meta)
-    packets = flows.build_packets(events.to_frame(arr), fi)
+    packets = build_packets(record.to_frame(arr), fi)
     return diagnose.judge(packets, ev or Evidence()), fi
 
 
@@ -105,7 +105,7 @@ def test_service_dnat_and_reverse_nat():
 def test_wrong_reply_is_judged_without_touching_the_inputs():
     arr, meta = svc_flow(reverse_nat=False)
     fi = analysis._flow_input(meta)
-    built = flows.build_packets(events.to_frame(arr), fi)
+    built = build_packets(record.to_frame(arr), fi)
     ev = Evidence(vip=VIP, service="default/web", backends=[PODS[BACKEND][2]])
     # the facts the diagnosis will look up: the client's node about the reply
     need = diagnose.facts_needed(built, ev)
@@ -189,21 +189,21 @@ def equal_paths(frame: pd.DataFrame, meta: dict) -> None:
 @pytest.mark.parametrize("drop", [False, True])
 def test_fast_path_equals_per_packet_path_on_flows(drop):
     arr, meta = synth_flow(probes=3, drop_requests=drop)
-    equal_paths(events.to_frame(arr), meta)
+    equal_paths(record.to_frame(arr), meta)
 
 
 def test_fast_path_equals_per_packet_path_on_service_and_partial_views():
     arr, meta = svc_flow(reverse_nat=True)
-    equal_paths(events.to_frame(arr), meta)
+    equal_paths(record.to_frame(arr), meta)
     arr, meta = synth_flow(probes=2)
-    equal_paths(events.to_frame(arr[~np.isin(arr["netns"], [PODS[B][0], 4026531003])]), meta)
+    equal_paths(record.to_frame(arr[~np.isin(arr["netns"], [PODS[B][0], 4026531003])]), meta)
 
 
 def test_fast_path_equals_per_packet_path_on_mixed_traffic():
     """Many flows with drops and losses: each packet the per-packet path builds for one
     client/server pair is the packet the fast path finds among all the traffic."""
     arr, meta, _ = synth(3_000, drop_rate=0.1, lost_rate=0.08, block_packets=256)
-    frame = events.to_frame(arr)
+    frame = record.to_frame(arr)
     src, dst = A, B
     meta = dict(meta, kind="flow", proto="tcp", port=None, probes=[], service=None, probing=False,
                 src={"spec": src, "ip": PODS[src][2], "pod": src, "node": PODS[src][1], "service": None},

@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tracer.kernel import record as events
+from tracer.kernel import record
 
 NAMES = [b"eth0", b"cni0", b"flannel.1", b"veth1234abcd", b"lo", b"x" * 15, b"eth0\0junk", b""]
 ADDRS = [0, 0x0AF40102, 0x0AF40202, 0xAC1E000B, 0xFFFFFFFF, 0x0A600000A]
@@ -19,7 +19,7 @@ IP_COLS = ["saddr", "daddr", "outer_saddr", "outer_daddr", "ct_orig_src", "ct_or
 
 
 def _records(rows: list[tuple[int, int, int, int]]) -> np.ndarray:
-    arr = np.zeros(len(rows), dtype=events.EVENT_DTYPE)
+    arr = np.zeros(len(rows), dtype=record.EVENT_DTYPE)
     for i, (name, a, b, hook) in enumerate(rows):
         arr[i]["ifname"] = NAMES[name]
         for j, c in enumerate(IP_COLS):
@@ -33,7 +33,7 @@ def _records(rows: list[tuple[int, int, int, int]]) -> np.ndarray:
                           st.integers(0, 12)), max_size=300))
 def test_to_frame_matches_each_record_decoded_alone(rows):
     arr = _records(rows)
-    df = events.to_frame(arr)
+    df = record.to_frame(arr)
     assert len(df) == len(arr)
     for i, rec in enumerate(arr):
         assert df["ifname"].iloc[i] == bytes(rec["ifname"]).split(b"\0", 1)[0].decode()
@@ -41,7 +41,7 @@ def test_to_frame_matches_each_record_decoded_alone(rows):
             v = int(rec[c])
             assert df[c].iloc[i] == v
             assert df[c + "_str"].iloc[i] == (str(ipaddress.IPv4Address(v)) if v else "")
-        assert df["hook_name"].iloc[i] == events.HOOKS.get(int(rec["hook"]), f"hook{int(rec['hook'])}")
+        assert df["hook_name"].iloc[i] == record.HOOKS.get(int(rec["hook"]), f"hook{int(rec['hook'])}")
     for c in IP_COLS:
         cats = list(df[c + "_str"].cat.categories) if hasattr(df[c + "_str"], "cat") else None
         if cats is not None:
@@ -49,5 +49,5 @@ def test_to_frame_matches_each_record_decoded_alone(rows):
 
 
 def test_empty_frame_has_every_column():
-    df = events.empty_frame()
+    df = record.empty_frame()
     assert len(df) == 0 and {"ifname", "saddr_str", "hook_name"} <= set(df.columns)

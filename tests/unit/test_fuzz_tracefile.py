@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tracer import tracefile
-from tracer.kernel import record as events
+from tracer.kernel import record
 from tracer.errors import BadInput
 
 SETTINGS = settings(max_examples=int(__import__("os").environ.get("PT_FUZZ_N", "150")), deadline=None,
@@ -22,7 +22,7 @@ SETTINGS = settings(max_examples=int(__import__("os").environ.get("PT_FUZZ_N", "
 
 
 def _events(n: int = 64) -> np.ndarray:
-    arr = np.zeros(n, dtype=events.EVENT_DTYPE)
+    arr = np.zeros(n, dtype=record.EVENT_DTYPE)
     arr["ts_ns"] = np.arange(n) * 1000 + 10**9
     arr["saddr"] = 0x0201F40A       # 10.244.1.2 (network order, as the kernel gives it)
     arr["daddr"] = 0x0302F40A

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tracer.agents import coordinator
-from tracer.kernel import record as events
+from tracer.kernel import record
 from tracer.agents import wire
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -181,7 +181,7 @@ def test_absorb_never_raises_on_agent_garbage(items):
         assert isinstance(run.facts, dict)
     assert run.probes is None or isinstance(run.probes, (list, dict))
     assert all(isinstance(c, dict) for c in run.clocks)
-    assert all(len(c) * events.EVENT_DTYPE.itemsize == c.nbytes for c in run.chunks)
+    assert all(len(c) * record.EVENT_DTYPE.itemsize == c.nbytes for c in run.chunks)
     assert run.failure is None or isinstance(run.failure, str)
 
 
@@ -196,7 +196,7 @@ def test_absorb_names_an_unreadable_frame():
 
 def test_absorb_takes_whole_records_only():
     run = _run()
-    rec = np.zeros(2, dtype=events.EVENT_DTYPE).tobytes()
+    rec = np.zeros(2, dtype=record.EVENT_DTYPE).tobytes()
     run.frames.put(_raw_frame("events", rec + b"\x00"))
     coordinator._absorb(run)
     assert run.failure == "an events frame does not hold whole records" and not run.chunks

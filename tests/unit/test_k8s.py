@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tracer.cluster import endpoints
-from tracer.cluster import inventory as k8s
+from tracer.cluster import inventory
 from tracer.errors import BadInput
 from tracer.lab import topology as T
 
@@ -15,7 +15,7 @@ def inv(tmp_path):
     doc = T.inventory(T.plan(T.LabConfig(prefix="ptunit")))
     f = tmp_path / "inv.json"
     f.write_text(json.dumps(doc))
-    return k8s.load_list(f)
+    return inventory.load_list(f)
 
 
 def test_forms(inv):
@@ -43,13 +43,13 @@ def test_bad_specs(inv, spec, needle):
 
 def test_bad_files(tmp_path):
     with pytest.raises(BadInput):
-        k8s.load_list(tmp_path / "missing.json")
+        inventory.load_list(tmp_path / "missing.json")
     (tmp_path / "x.json").write_text("{not json")
     with pytest.raises(BadInput):
-        k8s.load_list(tmp_path / "x.json")
+        inventory.load_list(tmp_path / "x.json")
     (tmp_path / "y.json").write_text('{"kind": "Pod"}')
     with pytest.raises(BadInput):
-        k8s.load_list(tmp_path / "y.json")
+        inventory.load_list(tmp_path / "y.json")
 
 
 def _topology():

@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import wait_until
 from tests.fakeapi import FakeApi
 from tracer.cluster import endpoints
-from tracer.cluster import inventory as k8s
+from tracer.cluster import inventory
 from tracer.cluster import api as kube
 from tracer.cluster import fetch, watch
 from tracer.errors import BadInput, EnvironmentProblem
@@ -45,11 +45,11 @@ def source(conn):
     assert not src.running
 
 
-def _file_inventory(tmp_path) -> k8s.Inventory:
+def _file_inventory(tmp_path) -> inventory.Inventory:
     doc = T.inventory(T.plan(T.LabConfig(prefix=PREFIX, state_dir=tmp_path)))
     f = tmp_path / "inv.json"
     f.write_text(json.dumps(doc))
-    return k8s.load_list(f)
+    return inventory.load_list(f)
 
 
 def _new_pod(api: FakeApi, name: str, ip: str, like: str = "pod-1-1", **labels) -> dict:

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from tracer.cluster import endpoints
-from tracer.cluster import inventory as k8s
+from tracer.cluster import inventory
 from tracer.node import pods as nodepods
 from tracer.lab import topology as T
 
@@ -42,7 +42,7 @@ def _ref(kind, name, controller=True):
     ([], {}, (None, None)),
 ])
 def test_workload_of_owner_references(refs, labels, want):
-    pod = k8s.pod_from_obj(_pod("p", refs, labels))
+    pod = inventory.pod_from_obj(_pod("p", refs, labels))
     assert (pod.workload_kind, pod.workload_name) == want
     if refs:
         ctrl = next((r for r in refs if r["controller"]), refs[0])
@@ -53,9 +53,9 @@ def test_workload_of_owner_references(refs, labels, want):
 
 
 def test_pod_fields_from_objects():
-    pod = k8s.pod_from_obj(_pod("h", ip="172.30.0.11", hostNetwork=True))
+    pod = inventory.pod_from_obj(_pod("h", ip="172.30.0.11", hostNetwork=True))
     assert pod.host_network and pod.uid == "uid-h" and pod.node == "n1"
-    assert k8s.pod_from_obj(_pod("c")).host_network is False
+    assert inventory.pod_from_obj(_pod("c")).host_network is False
 
 
 # ---------------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def inv(tmp_path):
     doc = T.inventory(T.plan(T.LabConfig(prefix="ptunitk", state_dir=tmp_path)))
     f = tmp_path / "inv.json"
     f.write_text(json.dumps(doc))
-    return k8s.load_list(f)
+    return inventory.load_list(f)
 
 
 def test_lookup_ip_agrees_with_by_ip(inv):
@@ -87,7 +87,7 @@ def test_index_follows_mutators(inv):
 
 def test_index_survives_direct_dict_changes(inv):
     """Code that fills the dicts directly (as before the indexes existed) still resolves."""
-    inv.pods["default/direct"] = k8s.Pod("default", "direct", "node-1", "10.244.1.55")
+    inv.pods["default/direct"] = inventory.Pod("default", "direct", "node-1", "10.244.1.55")
     assert endpoints.resolve("10.244.1.55", inv).pod.key == "default/direct"
     inv.pods["default/direct"].ip = "10.244.1.56"          # behind the index's back
     assert endpoints.resolve("10.244.1.55", inv).pod is None
@@ -105,7 +105,7 @@ def test_host_network_pods_share_the_node_address(inv):
 
 
 def test_service_and_slices_in_any_order():
-    inv = k8s.Inventory()
+    inv = inventory.Inventory()
     sl = {"kind": "EndpointSlice", "metadata": {"name": "web-abc", "namespace": "default",
                                                  "labels": {"kubernetes.io/service-name": "web"}},
           "endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": True},
@@ -147,9 +147,9 @@ def test_describe_ip(inv):
 
 
 def test_close_matches_stay_fast_on_big_inventories():
-    inv = k8s.Inventory()
+    inv = inventory.Inventory()
     for i in range(5000):
-        inv.pods[f"ns{i % 50}/app-{i}"] = k8s.Pod(f"ns{i % 50}", f"app-{i}", "n", f"10.{i // 250}.{i % 250}.1")
+        inv.pods[f"ns{i % 50}/app-{i}"] = inventory.Pod(f"ns{i % 50}", f"app-{i}", "n", f"10.{i // 250}.{i % 250}.1")
     with pytest.raises(Exception) as e:   # its time: bench/resolve.py (unknown_name_with_suggestions_ms)
         endpoints.resolve("ns3/app-3x", inv)
     assert "did you mean ns3/app-3" in e.value.line()

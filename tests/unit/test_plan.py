@@ -6,11 +6,11 @@ import pytest
 
 from tracer.agents.request import AgentRequest
 from tracer.cluster import endpoints
-from tracer.cluster import inventory as k8s
+from tracer.cluster import inventory
 from tracer.config import FlowConfig
 from tracer.errors import BadInput
 from tracer.lab import topology as T
-from tracer.reconstruct import packets as flows
+from tracer.reconstruct import packets
 from tracer.runs import plan as planner
 
 
@@ -19,14 +19,14 @@ def inv(tmp_path):
     doc = T.inventory(T.plan(T.LabConfig(prefix="ptunit")))
     f = tmp_path / "inv.json"
     f.write_text(json.dumps(doc))
-    return k8s.load_list(f)
+    return inventory.load_list(f)
 
 
 def _plan(inv, src, dst, **kw):
     cfg = FlowConfig(src=src, dst=dst, **kw)
     s, d = endpoints.resolve(src, inv), endpoints.resolve(dst, inv)
     proto, port, notes = planner.choose_proto(cfg, d)
-    return planner.Plan(cfg, inv, None, object(), s, d, proto, port, notes, flows.Placement(), {}, {},
+    return planner.Plan(cfg, inv, None, object(), s, d, proto, port, notes, packets.Placement(), {}, {},
                         sorted(set(s.addresses() + d.addresses())), 0.0)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import tracer
-from tracer.node import prober as probe
+from tracer.node import prober
 
 ROOT = Path(tracer.__file__).resolve().parent
 SOURCES = sorted(p for p in ROOT.rglob("*.py") if "__pycache__" not in p.parts)
@@ -176,9 +176,9 @@ class _Recorder:
 @pytest.mark.parametrize("proto,port", [("icmp", None), ("tcp", 8080), ("udp", 53)])
 def test_probe_code_sends_to_dst_only(monkeypatch, proto, port):
     _Recorder.log = []
-    monkeypatch.setattr(probe.netns, "socket_in", lambda ns, family, type_, p=0: _Recorder(family, type_, p))
-    monkeypatch.setattr(probe.select, "select", lambda r, w, x, t=None: ([], [], []))
-    res = probe.send("pod-ns", "10.244.1.2", "10.96.0.10", proto, port, count=3, timeout=0.01, interval=0,
+    monkeypatch.setattr(prober.netns, "socket_in", lambda ns, family, type_, p=0: _Recorder(family, type_, p))
+    monkeypatch.setattr(prober.select, "select", lambda r, w, x, t=None: ([], [], []))
+    res = prober.send("pod-ns", "10.244.1.2", "10.96.0.10", proto, port, count=3, timeout=0.01, interval=0,
                      size=100 if proto != "tcp" else None, sport=40000 if proto != "icmp" else None)
     assert [r.outcome for r in res] == ["timeout"] * 3
     dests = {addr for what, addr in _Recorder.log if what in ("sendto", "connect")}

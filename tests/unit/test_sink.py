@@ -7,19 +7,19 @@ import ctypes
 
 import numpy as np
 
-from tracer.kernel import record as events
+from tracer.kernel import record
 from tracer.kernel.session import Sink
 
 
 def _records(n: int, start: int = 0) -> np.ndarray:
-    arr = np.zeros(n, dtype=events.EVENT_DTYPE)
+    arr = np.zeros(n, dtype=record.EVENT_DTYPE)
     arr["ts_ns"] = np.arange(start, start + n)
     return arr
 
 
 def _callback(sink: Sink, arr: np.ndarray) -> list[int]:
     buf = arr.tobytes()
-    size = events.EVENT_DTYPE.itemsize
+    size = record.EVENT_DTYPE.itemsize
     keep = ctypes.create_string_buffer(buf)
     return [sink(None, ctypes.addressof(keep) + i * size, size) for i in range(len(arr))]
 

@@ -14,7 +14,7 @@ from bench.analysis import meta as synth_meta
 from bench.analysis import synth, synth_flow
 from tracer import tracefile
 from tracer import analysis
-from tracer.kernel import record as events
+from tracer.kernel import record
 from tracer.errors import BadInput
 
 
@@ -35,9 +35,9 @@ def test_round_trip_keeps_every_field(tmp_path, small):
     arr, meta, _ = small
     p = write(tmp_path / "t.parquet", arr, meta)
     df, m = tracefile.load(p)
-    want = events.to_frame(arr)
+    want = record.to_frame(arr)
     assert len(df) == len(arr) == m["events"]
-    for name, c_type, _ in events.EVENT_FIELDS:
+    for name, c_type, _ in record.EVENT_FIELDS:
         if c_type.startswith("char"):
             continue
         assert (df[name].to_numpy().astype(np.int64) == want[name].to_numpy().astype(np.int64)).all(), name
@@ -72,7 +72,7 @@ def test_writer_moves_file_into_place_only_when_complete(tmp_path, small):
 
 def test_save_frame_keeps_agent_column(tmp_path, small):
     arr, meta, _ = small
-    df = events.to_frame(arr[:500])
+    df = record.to_frame(arr[:500])
     df["agent"] = np.arange(500) % 2
     df["ts_ns"] = df["ts_ns"].astype("int64")
     tracefile.save(tmp_path / "a.parquet", df, dict(meta, kind="flow"))
@@ -82,7 +82,7 @@ def test_save_frame_keeps_agent_column(tmp_path, small):
 
 
 def test_empty_trace(tmp_path):
-    p = write(tmp_path / "e.parquet", np.zeros(0, dtype=events.EVENT_DTYPE))
+    p = write(tmp_path / "e.parquet", np.zeros(0, dtype=record.EVENT_DTYPE))
     df, m = tracefile.load(p)
     assert len(df) == 0 and m["events"] == 0
     t = analysis.load(p)
@@ -191,7 +191,7 @@ def v1_meta(meta: dict) -> dict:
 @pytest.mark.parametrize("drop", [False, True])
 def test_version_1_flow_file_loads_with_same_verdicts(tmp_path, drop):
     arr, meta = synth_flow(probes=3, drop_requests=drop)
-    df = events.to_frame(arr)
+    df = record.to_frame(arr)
     save_v1(tmp_path / "v1.parquet", df, v1_meta(meta))
     t = analysis.load(tmp_path / "v1.parquet")
     assert t.meta["upgraded_from"] == 1 and t.meta["format_version"] == tracefile.FORMAT_VERSION

@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from tracer.kernel import record as events
+from tracer.kernel import record
 from tracer.agents import wire
 
 
@@ -15,13 +15,13 @@ def stream(*frames):
 
 
 def test_round_trip():
-    arr = np.zeros(3, dtype=events.EVENT_DTYPE)
+    arr = np.zeros(3, dtype=record.EVENT_DTYPE)
     arr["sport"] = 4242
     s = stream(("hello", {"node": "node-1"}), ("events", arr.tobytes()), ("end", {}))
     frames = list(wire.read(s))
     assert [f.kind for f in frames] == ["hello", "events", "end"]
     assert frames[0].json() == {"node": "node-1"}
-    back = np.frombuffer(frames[1].payload, dtype=events.EVENT_DTYPE)
+    back = np.frombuffer(frames[1].payload, dtype=record.EVENT_DTYPE)
     assert back["sport"].tolist() == [4242] * 3
 
 

@@ -24,9 +24,9 @@ from typing import BinaryIO
 from tracer import testhooks
 from tracer.agents import request, wire
 from tracer.errors import PodtraceError
-from tracer.kernel import tc as tcattach
+from tracer.kernel import tc
 from tracer.kernel.session import TerminateAsInterrupt
-from tracer.node import facts as nodecheck
+from tracer.node import facts
 from tracer.node import prober as probe
 from tracer.runs.node import NodeJob, NodeRunner
 
@@ -110,7 +110,7 @@ def serve(stdin=None, stdout: BinaryIO | None = None) -> int:
     cmds: queue.Queue = queue.Queue()
     gone = threading.Event()
     threading.Thread(target=_commands, args=(stdin, cmds, gone), daemon=True).start()
-    node = nodecheck.NodeRef(req.node, req.node_netns)
+    node = facts.NodeRef(req.node, req.node_netns)
     local: dict = {}
     if req.discover is not None:
         # A real node: find the pods' namespaces and hop devices here, by address.
@@ -146,7 +146,7 @@ def serve(stdin=None, stdout: BinaryIO | None = None) -> int:
     return 0
 
 
-def _trace(req: request.AgentRequest, runner: NodeRunner, node: nodecheck.NodeRef, local: dict,
+def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, local: dict,
            cmds: queue.Queue, out: _Out) -> int:
     """The agent's side of the protocol around a started runner; the events sent."""
     skew = testhooks.clock_skew_ns()
@@ -190,7 +190,7 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: nodecheck.NodeRe
             sent = _flush(runner, out, sent, skew)
             after = runner.iptables_after()[node.name]
             out.send("facts", {"node": node.name,
-                               "rule_hits": nodecheck.rule_hits(runner.iptables_before[node.name], after),
+                               "rule_hits": facts.rule_hits(runner.iptables_before[node.name], after),
                                "answers": [_facts(node, q) for q in cmd.get("queries", [])],
                                "locations": {str(k): v for k, v in runner.drop_locations().items()}})
         elif what in ("stop", "eof"):
@@ -241,9 +241,9 @@ def _probe(p: request.ProbeRequest, out: _Out, skew: int) -> None:
         out.send("probes", {"error": f"{type(exc).__name__}: {exc}"})
 
 
-def _facts(node: nodecheck.NodeRef, q: dict) -> dict:
+def _facts(node: facts.NodeRef, q: dict) -> dict:
     try:
-        return {"query": q, "facts": nodecheck.facts(node, src=q["src"], dst=q["dst"], iif=q.get("iif"),
+        return {"query": q, "facts": facts.facts(node, src=q["src"], dst=q["dst"], iif=q.get("iif"),
                                                      devs=q.get("devs", []))}
     except Exception as exc:  # one bad query must not lose the others
         return {"query": q, "error": f"{type(exc).__name__}: {exc}"}
@@ -263,7 +263,7 @@ def idle(every: float = 60.0) -> int:
     signal.signal(signal.SIGINT, lambda *a: stop.set())
     while not stop.wait(every):
         try:
-            tcattach.cleanup(scan=False)
+            tc.cleanup(scan=False)
         except PodtraceError:
             pass
     return 0

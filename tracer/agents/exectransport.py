@@ -188,14 +188,14 @@ class KubeExecTransport:
         self.selector = selector
 
     def agent_pod(self, node: str) -> str:
-        from tracer.cluster import api as kube
+        from tracer.cluster import api
 
         try:
             pods = self.conn.core.list_namespaced_pod(self.namespace, label_selector=self.selector,
                                                       field_selector=f"spec.nodeName={node}",
                                                       _request_timeout=self.conn.timeout).items
         except Exception as exc:  # the client raises ApiException/urllib3 errors; map to one line
-            raise kube.api_error(exc, self.conn, f"find the podtrace agent pod on {node}") from None
+            raise api.api_error(exc, self.conn, f"find the podtrace agent pod on {node}") from None
         running = sorted(p.metadata.name for p in pods if (p.status and p.status.phase == "Running"))
         if not running:
             raise EnvironmentProblem(f"no running podtrace agent on node {node}",

@@ -13,29 +13,29 @@ import pandas as pd
 
 from tracer import tracefile
 from tracer.analysis.trace import _empty_hops, _empty_packets
-from tracer.cluster import inventory as k8s
+from tracer.cluster import inventory
 from tracer.node.prober import ProbeResult
 from tracer.reconstruct import diagnose, evidence
-from tracer.reconstruct import packets as flows
+from tracer.reconstruct.packets import FlowInput, Placement, build_packets
 from tracer.reconstruct.drops import ip_num as _ip_num
 from tracer.reconstruct.evidence import Evidence
 from tracer.reconstruct.model import Packet
 
-def _endpoint(d: dict, meta: dict) -> k8s.Endpoint:
-    ep = k8s.Endpoint(d["spec"], d["ip"])
+def _endpoint(d: dict, meta: dict) -> inventory.Endpoint:
+    ep = inventory.Endpoint(d["spec"], d["ip"])
     if d.get("pod"):
         ns, name = d["pod"].split("/", 1)
-        ep.pod = k8s.Pod(ns, name, d.get("node"), d["ip"])
+        ep.pod = inventory.Pod(ns, name, d.get("node"), d["ip"])
     svc = meta.get("service")
     if d.get("service") and svc:
         ns, name = d["service"].split("/", 1)
-        ep.service = k8s.Service(ns, name, d["ip"], backends=svc["backends"], backend_ips=svc["backend_ips"])
+        ep.service = inventory.Service(ns, name, d["ip"], backends=svc["backends"], backend_ips=svc["backend_ips"])
     if d.get("node") and not d.get("pod"):
-        ep.node = k8s.Node(d["node"], d["ip"])
+        ep.node = inventory.Node(d["node"], d["ip"])
     return ep
 
 
-def _flow_input(meta: dict) -> flows.FlowInput:
+def _flow_input(meta: dict) -> FlowInput:
     """The flow's inputs from a file's metadata; metadata of the wrong shape is a damaged file."""
     try:
         return _flow_input_of(meta)
@@ -44,10 +44,10 @@ def _flow_input(meta: dict) -> flows.FlowInput:
                                        f"({type(exc).__name__}: {exc})") from None
 
 
-def _flow_input_of(meta: dict) -> flows.FlowInput:
-    placement = flows.Placement({int(k): tuple(v) for k, v in (meta.get("placement") or {}).items()})
+def _flow_input_of(meta: dict) -> FlowInput:
+    placement = Placement({int(k): tuple(v) for k, v in (meta.get("placement") or {}).items()})
     locations = {int(k): v for k, v in (meta.get("locations") or {}).items()}
-    return flows.FlowInput(
+    return FlowInput(
         _endpoint(meta["src"], meta), _endpoint(meta["dst"], meta), meta.get("proto"), meta.get("port"),
         [ProbeResult(**p) for p in meta.get("probes", [])], placement,
         {int(k): v for k, v in (meta.get("drop_reasons") or {}).items()}, lambda a: locations.get(a),
@@ -56,7 +56,7 @@ def _flow_input_of(meta: dict) -> flows.FlowInput:
 
 def _agents_kw(meta: dict) -> dict:
     # Merged multi-node traces whose clocks were estimated keep each node's events together.
-    if "contiguous_agents" in getattr(flows.FlowInput, "__dataclass_fields__", {}):
+    if "contiguous_agents" in getattr(FlowInput, "__dataclass_fields__", {}):
         return {"contiguous_agents": bool((meta.get("clock") or {}).get("offsets"))}
     return {}
 
@@ -66,7 +66,7 @@ def reconstruct(events: pd.DataFrame, meta: dict) -> list[Packet]:
     run saved, or (older files) the causes that need no live node (stale DNAT, un-reversed
     replies)."""
     fi = _flow_input(meta)
-    packets = flows.build_packets(events, fi)
+    packets = build_packets(events, fi)
     if isinstance(meta.get("evidence"), dict):
         # the evidence the live run judged with: the same causes as its `-o json`
         return diagnose.judge(packets, Evidence.from_json(meta["evidence"]))

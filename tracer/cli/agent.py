@@ -14,6 +14,6 @@ def agent(serve):
     """Per-node tracer driven by `podtrace flow` (reads a request on stdin, streams framed
     records on stdout). Not for interactive use: `flow` starts it, as a local process per
     lab node or through the Kubernetes exec API in the agent pod of each node."""
-    from tracer.agents import agent as agent_mod
+    from tracer.agents.agent import idle, main
 
-    sys.exit(agent_mod.idle() if serve else agent_mod.main())
+    sys.exit(idle() if serve else main())

@@ -25,12 +25,12 @@ def cleanup():
       sudo podtrace cleanup
     """
     from tracer.errors import require_root
-    from tracer.kernel import tc as tcattach
+    from tracer.kernel import tc
     from tracer.node import ownership
     from tracer.node.netns import list_names
 
     require_root("podtrace cleanup")
-    removed = [f"removed {r}" for r in tcattach.cleanup(list_names())]
+    removed = [f"removed {r}" for r in tc.cleanup(list_names())]
     if any(not ownership.writer_running(w) for w in ownership.registered_writers()):
         from tracer import tracefile   # pyarrow only when there is a file to salvage
 

@@ -22,8 +22,8 @@ if TYPE_CHECKING:  # agents never import pandas: frames are made by the coordina
     import pandas as pd
 
 from tracer.kernel import contract as C
-from tracer.kernel import program as bpfprog
-from tracer.kernel import record as events
+from tracer.kernel import program
+from tracer.kernel import record
 from tracer.kernel import ringbuf
 from tracer.kernel.contract import COUNTER_NAMES, addr_bit_words, addr_key
 
@@ -52,8 +52,8 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
     """Concatenate record arrays keeping the wire layout: numpy 2 would otherwise turn the
     big-endian address fields native, and the bytes sent to a coordinator would be wrong."""
     if not parts:
-        return np.zeros(0, dtype=events.EVENT_DTYPE)
-    return np.concatenate(parts, dtype=events.EVENT_DTYPE)
+        return np.zeros(0, dtype=record.EVENT_DTYPE)
+    return np.concatenate(parts, dtype=record.EVENT_DTYPE)
 
 
 class Sink:
@@ -70,7 +70,7 @@ class Sink:
         self._new()
 
     def _new(self):
-        self.cur = np.zeros(_CHUNK, dtype=events.EVENT_DTYPE)
+        self.cur = np.zeros(_CHUNK, dtype=record.EVENT_DTYPE)
         self.base = self.cur.ctypes.data
         self.n = 0
 
@@ -81,7 +81,7 @@ class Sink:
 
     def __call__(self, ctx, data, size):
         self._roll()
-        ctypes.memmove(self.base + self.n * events.EVENT_DTYPE.itemsize, data, events.EVENT_DTYPE.itemsize)
+        ctypes.memmove(self.base + self.n * record.EVENT_DTYPE.itemsize, data, record.EVENT_DTYPE.itemsize)
         self.n += 1
         self.total += 1
         return -1 if self.limit is not None and self.pending() >= self.limit else 0
@@ -132,7 +132,7 @@ class Sink:
 @dataclass
 class TraceSession:
     config: SessionConfig
-    loaded: bpfprog.Loaded | None = None
+    loaded: program.Loaded | None = None
     sink: Sink = field(default_factory=Sink)
     timings: dict[str, float] = field(default_factory=dict)
     reader: ringbuf.RingReader | None = None
@@ -140,7 +140,7 @@ class TraceSession:
 
     def start(self) -> "TraceSession":
         t0 = time.monotonic()
-        self.loaded = bpfprog.load(self.config.ringbuf_pages, hooks=self.config.hooks)
+        self.loaded = program.load(self.config.ringbuf_pages, hooks=self.config.hooks)
         b = self.loaded.bpf
         try:
             self.set_addrs(add=self.config.addrs)
@@ -224,7 +224,7 @@ class TraceSession:
             return None
         try:
             return ringbuf.RingReader(b["events"].map_fd, self.config.ringbuf_pages * mmap.PAGESIZE,
-                                      events.EVENT_DTYPE)
+                                      record.EVENT_DTYPE)
         except (OSError, ValueError):
             return None
 
@@ -280,7 +280,7 @@ class TraceSession:
         return sym
 
     def frame(self) -> "pd.DataFrame":
-        return events.to_frame(self.sink.array())
+        return record.to_frame(self.sink.array())
 
     def close(self) -> None:
         if self.reader is not None:

@@ -27,9 +27,9 @@ from typing import Callable
 import numpy as np
 
 from tracer import settings, tracefile
-from tracer.kernel import program as bpfprog
-from tracer.cluster import inventory as k8s
-from tracer.kernel import formats as tracefs
+from tracer.kernel import program
+from tracer.cluster import inventory
+from tracer.kernel import formats
 from tracer.errors import BadInput, EnvironmentProblem, PodtraceError
 from tracer.kernel.record import HOOK_IDS
 from tracer.reconstruct import drops
@@ -176,14 +176,14 @@ def _inventory(cfg: CaptureConfig):
     """(inventory, local topology, live source): --cluster FILE, else the kubeconfig /
     in-cluster config — listed, then watched for the whole capture (`source`, to stop) —
     else the lab's topology."""
-    from tracer.cluster import api as kube
+    from tracer.cluster import api
     from tracer.cluster import sources
     from tracer.cluster.watch import ClusterSource
 
     if not cfg.cluster:
-        ref = kube.find_config(cfg.kubeconfig, cfg.context)
+        ref = api.find_config(cfg.kubeconfig, cfg.context)
         if ref is not None:
-            conn = kube.connect(cfg.kubeconfig, cfg.context, ref=ref)
+            conn = api.connect(cfg.kubeconfig, cfg.context, ref=ref)
             source = ClusterSource(conn, cluster_streams(cfg.selection))
             try:
                 inv = source.start()
@@ -278,9 +278,9 @@ def _run(cfg: CaptureConfig, progress, stop, inv, topo, source) -> CaptureResult
     if source is not None:
         local = _LocalNode(inv, placement)
         scope = local.scope
-    drop_reasons = tracefs.drop_reasons()
-    ct_names = bpfprog.ct_info_names()
-    runner = NodeRunner(NodeJob(addrs=sel.addrs, tc=cfg.tc, tc_devices=topo.devices()[: bpfprog.TC_SLOTS] if (cfg.tc and topo) else [],
+    drop_reasons = formats.drop_reasons()
+    ct_names = program.ct_info_names()
+    runner = NodeRunner(NodeJob(addrs=sel.addrs, tc=cfg.tc, tc_devices=topo.devices()[: program.TC_SLOTS] if (cfg.tc and topo) else [],
                                 netns=sorted(scope | {0}) if scope else None, match_either=True,
                                 ringbuf_pages=cfg.ringbuf_pages, cidrs=sel.cidrs, ports=sel.ports,
                                 any_addr=sel.any_addr, sink_limit=2 * cfg.row_group_events))
@@ -384,12 +384,12 @@ class _LocalNode:
     Other nodes sharing the kernel (kind, the lab) are not this node's to record. Without a
     veth-based CNI nothing is found and the whole kernel is traced (scope None)."""
 
-    def __init__(self, inv: k8s.Inventory, placement):
+    def __init__(self, inv: inventory.Inventory, placement):
         self.placement = placement
         self.scope: set[int] | None = None
         self.refresh(inv)
 
-    def refresh(self, inv: k8s.Inventory) -> list[int]:
+    def refresh(self, inv: inventory.Inventory) -> list[int]:
         """Look again (a pod started here since); the namespaces new to the scope."""
         from tracer.node import pods as nodepods
 

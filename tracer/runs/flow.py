@@ -10,9 +10,9 @@ import pandas as pd
 from tracer.agents import coordinator
 from tracer import testhooks
 from tracer.reconstruct import diagnose
-from tracer.kernel import record as events
-from tracer.reconstruct import packets as flows
-from tracer.node import prober as probe
+from tracer.kernel import record
+from tracer.reconstruct.packets import assign_packets, build_packets
+from tracer.node.prober import ProbeResult, send
 from tracer.config import FlowConfig
 from tracer.runs.outcome import FlowResult, Traced, agent_evidence, finish, flow_input, local_evidence, service_evidence
 from tracer.runs.plan import Plan, agent_plans, node_refs, prepare, tc_devices
@@ -46,13 +46,13 @@ def _trace_single(plan: Plan, say) -> Traced:
     runner = NodeRunner(NodeJob(addrs=plan.addrs, tc=cfg.tc, tc_devices=tc_devices(topo, src, dst), nodes=refs,
                                 netns=sorted(plan.placement.netns) if topo else None,
                                 sample=cfg.sample, budget=cfg.budget))
-    sent: list[probe.ProbeResult] = []
+    sent: list[ProbeResult] = []
     with TerminateAsInterrupt(), runner:
         t_tracing = time.monotonic()
         if cfg.probe:
             say(f"tracing: sending {cfg.count} {plan.proto} probe(s) {src.ip} → {dst.ip}"
                 + (f":{plan.port}" if plan.port else ""))
-            sent = probe.send(src.pod.netns, src.ip, dst.ip, plan.proto, plan.port, cfg.count,
+            sent = send(src.pod.netns, src.ip, dst.ip, plan.proto, plan.port, cfg.count,
                               cfg.timeout, cfg.interval,
                               on_result=lambda r: (runner.poll(0), say(f"probe {r.seq}: {r.outcome}")),
                               size=cfg.size, sport=cfg.sport)
@@ -76,7 +76,7 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
     cfg, src = plan.cfg, plan.src
     plans = plans if plans is not None else agent_plans(plan)
     say(f"starting {len(plans)} agent(s): {', '.join(p.node for p in plans)}")
-    sent: list[probe.ProbeResult] = []
+    sent: list[ProbeResult] = []
     problems: list[str] = []
     notes: list[str] = []
     transport = transport or coordinator.LocalTransport(testhooks.agent_env())
@@ -92,7 +92,7 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
             co.wait_for(lambda: prober.probes is not None or prober.failure,
                         cfg.count * (cfg.timeout + cfg.interval) + cfg.settle + 10)
             if isinstance(prober.probes, list):
-                sent = [probe.ProbeResult(**p) for p in prober.probes]
+                sent = [ProbeResult(**p) for p in prober.probes]
             elif isinstance(prober.probes, dict):
                 problems.append(f"probes from {prober.plan.node} failed: {prober.probes.get('error')}")
         else:
@@ -112,7 +112,7 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
                 notes.append(f"{r.plan.node}'s agent is older than this podtrace: its drop locations are "
                              "not named and its last events may be missing; update the agent image")
         fi = flow_input(plan, sent, locations, clock)
-        packets = flows.build_packets(df, fi)
+        packets = build_packets(df, fi)
         queries = diagnose.facts_needed(packets, service_evidence(plan))
         for r in co.runs:
             if not r.failure:
@@ -169,7 +169,7 @@ def _merge(co: coordinator.Coordinator, plan: Plan) -> tuple[pd.DataFrame, dict]
     left after the refinement is far below the pause that starts a new packet
     (packets.GAP_NS), so the cut made on the coarse clocks is the cut the refined clocks give."""
     arr, origin = co.merged()
-    df = events.to_frame(arr)
+    df = record.to_frame(arr)
     df["agent"] = origin
     df["ts_ns"] = df["ts_ns"].astype("int64")   # offsets may be negative
     names = [r.plan.node for r in co.runs]
@@ -178,7 +178,7 @@ def _merge(co: coordinator.Coordinator, plan: Plan) -> tuple[pd.DataFrame, dict]
     coarse = coordinator.realtime_offsets([r.clocks for r in co.runs], ref, domains)
     for i, c in coarse.items():
         df.loc[df["agent"] == i, "ts_ns"] -= c
-    df = flows.assign_packets(df)
+    df = assign_packets(df)
     src_ip = plan.src.ip
 
     def direction(g):

@@ -27,10 +27,10 @@ import time
 from dataclasses import dataclass, field
 
 from tracer import testhooks
-from tracer.kernel import hooks as probes
-from tracer.kernel import tc as tcattach
+from tracer.kernel import hooks
+from tracer.kernel.tc import TcAttacher, cleanup
 from tracer.kernel.session import SessionConfig, Sink, TraceSession
-from tracer.node import facts as nodecheck
+from tracer.node import facts
 
 
 @dataclass
@@ -40,7 +40,7 @@ class NodeJob:
     addrs: list[str]
     tc: bool = False                                        # tc observers wanted (hook selection)
     tc_devices: list[tuple[str | None, str]] = field(default_factory=list)   # where they go
-    nodes: dict[str, nodecheck.NodeRef] = field(default_factory=dict)        # iptables counters of these
+    nodes: dict[str, facts.NodeRef] = field(default_factory=dict)        # iptables counters of these
     netns: list[int] | None = None                          # namespace inodes to keep events from
     sample: int = 1
     budget: int = 0
@@ -58,15 +58,15 @@ class NodeRunner:
 
     def __init__(self, job: NodeJob):
         self.job = job
-        self.hooks, self.degraded = probes.select(probes.detect(), tc=job.tc)
+        self.hooks, self.degraded = hooks.select(hooks.detect(), tc=job.tc)
         self.sink = Sink(job.sink_limit)
         self.session = TraceSession(SessionConfig(
             addrs=job.addrs, hooks=self.hooks, netns=job.netns, sample=job.sample, budget=job.budget,
             match_either=job.match_either, ringbuf_pages=job.ringbuf_pages, cidrs=job.cidrs,
             ports=job.ports, any_addr=job.any_addr), sink=self.sink)
-        self.tc: tcattach.TcAttacher | None = None
+        self.tc: TcAttacher | None = None
         self.tc_failed: list[str] = []
-        self.iptables_before: dict[str, nodecheck.RuleCounters] = {}
+        self.iptables_before: dict[str, facts.RuleCounters] = {}
         self._over = 0
         self._next_guard = 0.0
         self._closed = False
@@ -88,14 +88,14 @@ class NodeRunner:
         try:
             self.session.start()
             if self.job.tc_devices and any(h.kind == "tc" for h in self.hooks):
-                tcattach.cleanup(scan=False)   # what a killed run recorded
-                self.tc = tcattach.TcAttacher(self.session.loaded.bpf)
+                cleanup(scan=False)   # what a killed run recorded
+                self.tc = TcAttacher(self.session.loaded.bpf)
                 for ns_name, dev in self.job.tc_devices:
                     if stop is not None and stop.is_set():
                         break
                     self.tc.attach(ns_name, dev)
                 self.tc_failed = list(self.tc.failed)
-            self.iptables_before = {n: nodecheck.iptables_counters(r) for n, r in self.job.nodes.items()}
+            self.iptables_before = {n: facts.iptables_counters(r) for n, r in self.job.nodes.items()}
             if stop is None or not stop.is_set():
                 testhooks.pause("tracing")    # every hook and tc filter attached
         except BaseException:
@@ -112,8 +112,8 @@ class NodeRunner:
     def counters(self) -> dict[str, int]:
         return self.session.counters()
 
-    def iptables_after(self) -> dict[str, nodecheck.RuleCounters]:
-        return {n: nodecheck.iptables_counters(r) for n, r in self.job.nodes.items()}
+    def iptables_after(self) -> dict[str, facts.RuleCounters]:
+        return {n: facts.iptables_counters(r) for n, r in self.job.nodes.items()}
 
     def symbols(self, addrs) -> dict[int, str | None]:
         """Kernel symbols ("function+0xoff") of drop locations, from this machine's kallsyms."""

@@ -10,14 +10,14 @@ import pandas as pd
 
 from tracer import testhooks
 from tracer.reconstruct import diagnose, evidence
-from tracer.reconstruct import packets as flows
+from tracer.reconstruct.packets import FlowInput, build_packets
 from tracer.reconstruct import verdict as verdicts
 from tracer.reconstruct.evidence import Evidence
 from tracer.reconstruct.model import FlowVerdict, Packet
-from tracer.cluster import inventory as k8s
+from tracer.cluster import inventory
 from tracer.node import netns
-from tracer.node import facts as nodecheck
-from tracer.node import prober as probe
+from tracer.node import facts
+from tracer.node import prober
 from tracer.config import FlowConfig
 from tracer.runs.plan import Plan
 
@@ -28,11 +28,11 @@ SCHEMA_VERSION = 1
 @dataclass
 class FlowResult:
     config: FlowConfig
-    src: k8s.Endpoint
-    dst: k8s.Endpoint
+    src: inventory.Endpoint
+    dst: inventory.Endpoint
     proto: str
     port: int | None
-    probes: list[probe.ProbeResult]
+    probes: list[prober.ProbeResult]
     packets: list[Packet]
     verdict: FlowVerdict
     summary: dict
@@ -71,7 +71,7 @@ class Traced:
     """What tracing produced, whichever way it ran (one process, or agents)."""
 
     df: pd.DataFrame
-    sent: list[probe.ProbeResult]
+    sent: list[prober.ProbeResult]
     counters: dict
     locations: dict[int, str | None]
     hooks: list[str]
@@ -86,8 +86,8 @@ class Traced:
     packets: list[Packet] | None = None   # already built by the tracing (agents); None: build from df
 
 
-def flow_input(plan: Plan, sent, locations, clock: dict | None = None) -> flows.FlowInput:
-    return flows.FlowInput(plan.src, plan.dst, plan.proto, plan.port, sent, plan.placement,
+def flow_input(plan: Plan, sent, locations, clock: dict | None = None) -> FlowInput:
+    return FlowInput(plan.src, plan.dst, plan.proto, plan.port, sent, plan.placement,
                            plan.drop_reasons, lambda a: locations.get(a), plan.ct_names,
                            contiguous_agents=bool((clock or {}).get("offsets")), sample=plan.cfg.sample)
 
@@ -115,14 +115,14 @@ class LocalEvidence:
             ref = self.refs.get(node)
             if ref is None:
                 continue
-            answers[node] = [{"query": q, "facts": nodecheck.facts(ref, src=q["src"], dst=q["dst"],
+            answers[node] = [{"query": q, "facts": facts.facts(ref, src=q["src"], dst=q["dst"],
                                                                    iif=q["iif"], devs=q["devs"])}
                              for q in queries]
         return self.base.with_answers(answers)
 
 
-def local_evidence(topo, dst: k8s.Endpoint, refs, before, after) -> LocalEvidence:
-    hits = {n: nodecheck.rule_hits(before[n], after[n]) for n in after if n in before}
+def local_evidence(topo, dst: inventory.Endpoint, refs, before, after) -> LocalEvidence:
+    hits = {n: facts.rule_hits(before[n], after[n]) for n in after if n in before}
     e = evidence.service_evidence(dst.service)
     return LocalEvidence(Evidence(rule_hits=hits, vip=e.vip, service=e.service, backends=e.backends,
                                   vtep=vtep(topo)), refs)
@@ -135,7 +135,7 @@ def agent_evidence(plan: Plan, facts_by_node: dict[str, dict]) -> Evidence:
         {n: f.get("rule_hits", []) for n, f in facts_by_node.items()})
 
 
-def names(packets: list[Packet], inv: k8s.Inventory) -> dict[str, dict | None]:
+def names(packets: list[Packet], inv: inventory.Inventory) -> dict[str, dict | None]:
     """Every hop address → what the cluster metadata calls it: the pod (and its workload),
     the Service of a VIP, the node of a node address (None: nothing known)."""
     out: dict[str, dict | None] = {}
@@ -151,7 +151,7 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
     cfg = plan.cfg
     testhooks.pause("reconstructing")
     fi = flow_input(plan, t.sent, t.locations, t.clock)
-    packets = t.packets if t.packets is not None else flows.build_packets(t.df, fi)
+    packets = t.packets if t.packets is not None else build_packets(t.df, fi)
     named = names(packets, plan.inv)
     ev = t.evidence(packets)
     if isinstance(ev, LocalEvidence):

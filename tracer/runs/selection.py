@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from tracer.cluster import endpoints
-from tracer.cluster import inventory as k8s
+from tracer.cluster import inventory
 from tracer.kernel.contract import MAX_ADDRS, MAX_CIDRS, MAX_PORTS  # sizes of the kernel maps
 from tracer.errors import BadInput
 
@@ -62,7 +62,7 @@ def _ns_of(spec: str) -> tuple[str, str]:
     raise BadInput(f"cannot parse Service {spec!r}", "use NAMESPACE/NAME, svc/NAMESPACE/NAME or NAME")
 
 
-def resolve(sel: Selection, inv: k8s.Inventory) -> Resolved:
+def resolve(sel: Selection, inv: inventory.Inventory) -> Resolved:
     """Names → addresses, CIDRs and ports. Unknown names are bad input, with close matches."""
     import difflib
 
@@ -140,16 +140,16 @@ def cluster_streams(sel: Selection) -> list:
     namespace's pods, Services and slices; a Service's own objects and its namespace's pods;
     a node's pods), so memory follows the selection, not the cluster. CIDRs, --all and the
     empty selection (all pod traffic) need every pod and Service to name what they catch."""
-    from tracer.cluster import api as kube
+    from tracer.cluster import api
 
-    S = kube.Stream
+    S = api.Stream
     if sel.all_traffic or sel.cidrs or sel.empty():
-        return kube.cluster_streams()
+        return api.cluster_streams()
     out = []
     for spec in sel.pods:
         parts = spec.split("/")
         if len(parts) > 2 or not all(parts):
-            return kube.cluster_streams()     # resolve() says what is wrong with it
+            return api.cluster_streams()     # resolve() says what is wrong with it
         ns, name = parts if len(parts) == 2 else ("default", parts[0])
         out.append(S("Pod", ns, field_selector=f"metadata.name={name}"))
     for ns in sel.namespaces:
@@ -157,7 +157,7 @@ def cluster_streams(sel: Selection) -> list:
     for spec in sel.services:
         ns, name = _ns_of(spec)
         out += [S("Service", ns, field_selector=f"metadata.name={name}"),
-                S("EndpointSlice", ns, label_selector=f"{kube.SERVICE_NAME_LABEL}={name}"), S("Pod", ns)]
+                S("EndpointSlice", ns, label_selector=f"{api.SERVICE_NAME_LABEL}={name}"), S("Pod", ns)]
     for name in sel.nodes:
         out += [S("Node", field_selector=f"metadata.name={name}"), S("Pod", field_selector=f"spec.nodeName={name}")]
     return list(dict.fromkeys(out))
