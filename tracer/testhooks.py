@@ -58,3 +58,9 @@ def die_after_ready() -> None:
     """An agent that crashes mid-trace: exit at once, no cleanup (like a SIGKILL)."""
     if os.environ.get("PODTRACE_AGENT_DIE_AFTER_READY"):
         os._exit(9)
+
+
+def lab_pause_after() -> str | None:
+    """PODTRACE_LAB_PAUSE_AFTER=STEP: `lab up` stops for an hour after that build step (tests
+    interrupt it there and check that nothing is left)."""
+    return os.environ.get("PODTRACE_LAB_PAUSE_AFTER")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from tracer.errors import EnvironmentProblem, require_root
+from tracer import testhooks
 from tracer.lab import guard, processes, shell
 from tracer.lab import topology as T
 from tracer.lab import view
@@ -204,7 +205,7 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def _maybe_pause(step: str, say: Progress) -> None:
-    if os.environ.get(PAUSE_ENV) == step:
+    if testhooks.lab_pause_after() == step:
         say(f"paused after {step} ({PAUSE_ENV})")
         time.sleep(3600)
 

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tracer import settings
 from tracer.errors import BadInput
 
-DEFAULT_PREFIX = "ptlab"
-DEFAULT_STATE_ROOT = "/run/podtrace"
+DEFAULT_PREFIX = settings.DEFAULT_LAB_PREFIX
+DEFAULT_STATE_ROOT = settings.DEFAULT_STATE_DIR
 CNIS = ("flannel", "cilium")
 BUILT_CNIS = ("flannel", "cilium")
 
@@ -41,11 +41,11 @@ UID_NS = uuid.UUID("6d1f3c52-2f0e-4a39-9a51-7c1d0f4f2b10")
 
 
 def default_prefix() -> str:
-    return os.environ.get("PODTRACE_LAB_PREFIX") or DEFAULT_PREFIX
+    return settings.lab_prefix()
 
 
 def default_state_root() -> Path:
-    return Path(os.environ.get("PODTRACE_STATE_DIR") or DEFAULT_STATE_ROOT)
+    return settings.state_dir()
 
 
 @dataclass(frozen=True)
