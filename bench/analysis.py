@@ -273,11 +273,11 @@ def bench_load(n: int) -> dict:
 
 def bench_writer(n: int, keep_all: bool = False) -> dict:
     """The capture's writer path: 4096-event chunks (the ring buffer sink's size) through
-    capture.Spool into tracefile.Writer. One synthetic block is made once and replayed with
+    tracer.runs.spool.Spool into tracefile.Writer. One synthetic block is made once and replayed with
     shifted timestamps, so the figures are the writer's, not the generator's. keep_all=True
     holds every event in memory first (what a capture without row groups would need)."""
     from tracer import tracefile
-    from tracer.runs import capture
+    from tracer.runs.spool import Spool
 
     block, _ = next(synth_blocks(100_000, seed=2))
     span = int(block["ts_ns"].max() - block["ts_ns"].min()) + 1_000_000
@@ -285,7 +285,7 @@ def bench_writer(n: int, keep_all: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "w.parquet"
         w = tracefile.Writer(path)
-        spool = capture.Spool(w)
+        spool = Spool(w)
         kept = []
         t0 = time.perf_counter()
         c0 = time.process_time()

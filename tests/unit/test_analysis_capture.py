@@ -8,7 +8,9 @@ import pytest
 
 from bench.analysis import synth
 from tracer import tracefile
+from tracer.cli.capture import progress_line
 from tracer.runs import capture
+from tracer.runs.spool import Spool
 from tracer.kernel import record
 from tracer.cluster import inventory
 from tracer.errors import BadInput
@@ -84,7 +86,7 @@ def test_spool_scope_and_statistics(tmp_path):
     other["netns"] = 999                     # another lab with the same addresses
     w = tracefile.Writer(tmp_path / "s.parquet", row_group_events=4096)
     scope = {int(k) for k in meta["placement"]}
-    spool = capture.Spool(w, scope)
+    spool = Spool(w, scope)
     for i in range(0, len(arr), 4096):
         spool.add(arr[i:i + 4096])
     spool.add(other)
@@ -105,5 +107,5 @@ def test_timeline_is_thinned():
 def test_progress_line_says_losses():
     d = {"elapsed_s": 3.2, "duration_s": 10, "events": 12345, "packets": 1000, "drops": 2, "lost": 7,
          "file_bytes": 2 * 2**20}
-    line = capture._progress_line(d)
+    line = progress_line(d)
     assert "3.2s/10s" in line and "12,345" in line and "events lost 7" in line and "2.0 MiB" in line

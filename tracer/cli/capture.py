@@ -58,7 +58,7 @@ def capture(cidr, pods, namespaces, services, nodes, cidrs, ports, all_traffic, 
     """
     from rich.console import Console
 
-    from tracer.runs.capture import CaptureConfig, Selection, _progress_line, run_capture
+    from tracer.runs.capture import CaptureConfig, Selection, run_capture
 
     if ringbuf_pages & (ringbuf_pages - 1):
         raise BadInput(f"--ringbuf-pages {ringbuf_pages} is not a power of two", "e.g. 256, 1024 or 4096")
@@ -70,7 +70,7 @@ def capture(cidr, pods, namespaces, services, nodes, cidrs, ports, all_traffic, 
     err = Console(stderr=True)
     if err.is_terminal:
         with err.status("starting capture") as status:
-            res = run_capture(cfg, progress=lambda d: status.update(_progress_line(d)))
+            res = run_capture(cfg, progress=lambda d: status.update(progress_line(d)))
     else:
         res = run_capture(cfg)
     for n in res.notes:
@@ -83,3 +83,11 @@ def capture(cidr, pods, namespaces, services, nodes, cidrs, ports, all_traffic, 
     err.print(f"selection: {'; '.join(res.selection.described)}", markup=False)
     sys.exit(ExitStatus.OK)
 
+
+def progress_line(d: dict) -> str:
+    el = d["elapsed_s"]
+    left = f"/{d['duration_s']:g}s" if d.get("duration_s") else ""
+    lost = d["lost"]
+    return (f"capturing {el:.1f}s{left} · {d['events']:,} events · ~{d['packets']:,} packets · "
+            f"{d['drops']:,} drops · " + (f"[bold red]events lost {lost:,}[/bold red]" if lost else "events lost 0")
+            + f" · {d['file_bytes'] / 2**20:.1f} MiB")

@@ -24,17 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from tracer import settings, tracefile
 from tracer.kernel import program
 from tracer.cluster import inventory
 from tracer.kernel import formats
 from tracer.errors import BadInput, EnvironmentProblem, PodtraceError
-from tracer.kernel.record import HOOK_IDS
 from tracer.reconstruct import drops
 from tracer.kernel.session import Sink
 from tracer.runs.selection import Resolved, Selection, cluster_streams, resolve
+from tracer.runs.spool import Spool
 
 CaptureSink = Sink     # the capture's sink: the session's, with a limit of waiting events
 
@@ -73,70 +72,6 @@ class CaptureResult:
     row_groups: int
     selection: Resolved
     notes: list[str] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------------------
-# Ring buffer → file
-
-def _content_hash(a: np.ndarray) -> np.ndarray:
-    """One 64-bit number per event from the fields that identify a packet (flows.KEY_COLS)."""
-    icmp = a["proto"] == 1
-    k1 = (a["proto"].astype(np.uint64) | (a["ip_id"].astype(np.uint64) << np.uint64(8))
-          | (a["ip_len"].astype(np.uint64) << np.uint64(24)) | (a["tcp_flags"].astype(np.uint64) << np.uint64(40))
-          | (a["icmp_type"].astype(np.uint64) << np.uint64(48)))
-    k2 = (a["tcp_seq"].astype(np.uint64) | (np.where(icmp, a["sport"], 0).astype(np.uint64) << np.uint64(32))
-          | (np.where(icmp, a["dport"], 0).astype(np.uint64) << np.uint64(48)))
-    with np.errstate(over="ignore"):
-        return k1 * np.uint64(0x9E3779B97F4A7C15) ^ k2
-
-
-class Spool:
-    """Chunks of records → scope filter → writer, counting as it goes: events, packets
-    (distinct packet contents; approximate across batches), drops, drop locations."""
-
-    def __init__(self, writer: tracefile.Writer, scope: set[int] | None = None,
-                 housekeeping: set[int] | None = None):
-        self.writer = writer
-        # drop reasons that are a socket's own cleanup, not a packet dying on its way
-        self.housekeeping = np.array(sorted(housekeeping or ()), dtype=np.uint32)
-        self.home: dict[int, int] = {}
-        self.scope = np.array(sorted(scope | {0}), dtype=np.uint32) if scope else None
-        self.events = 0
-        self.packets = 0
-        self.drops = 0
-        self.out_of_scope = 0
-        self.locations: set[int] = set()
-        self._prev = np.zeros(0, dtype=np.uint64)
-        self._batch: list[np.ndarray] = []
-
-    def widen(self, inodes) -> None:
-        """More namespaces in scope (a pod started on this node during the capture)."""
-        if self.scope is not None and len(inodes):
-            self.scope = np.union1d(self.scope, np.array(list(inodes), dtype=np.uint32))
-
-    def add(self, arr: np.ndarray) -> None:
-        if self.scope is not None and len(arr):
-            keep = np.isin(arr["netns"], self.scope)
-            if not keep.all():
-                self.out_of_scope += int((~keep).sum())
-                arr = arr[keep]
-        if not len(arr):
-            return
-        hook = arr["hook"]
-        is_drop = hook == HOOK_IDS["drop"]
-        self.drops += int(drops.counted(hook, arr["reason"], arr["netns"], arr["daddr"], self.housekeeping, self.home).sum())
-        if is_drop.any():
-            self.locations.update(int(x) for x in np.unique(arr["location"][is_drop]) if x)
-        hops = arr[(hook != HOOK_IDS["drop"]) & (hook != HOOK_IDS["consume"])]
-        if len(hops):
-            keys = np.unique(_content_hash(hops))
-            self.packets += int((~np.isin(keys, self._prev, assume_unique=True)).sum())
-            self._prev = keys
-        self.events += len(arr)
-        self.writer.write_records(arr)
-
-    def flush(self) -> None:
-        self.writer.flush()
 
 
 class _Stop:
@@ -439,16 +374,3 @@ def _live(elapsed: float, spool: Spool, counters: dict, writer: tracefile.Writer
     return {"elapsed_s": elapsed, "duration_s": duration, "events": spool.events, "packets": spool.packets,
             "drops": spool.drops, "lost": int(counters.get("lost", 0)), "file_bytes": writer.bytes_hint,
             "row_groups": writer.row_groups, "done": done}
-
-
-# ---------------------------------------------------------------------------------------
-# The command (registered by tracer/cli.py)
-
-def _progress_line(d: dict) -> str:
-    el = d["elapsed_s"]
-    left = f"/{d['duration_s']:g}s" if d.get("duration_s") else ""
-    lost = d["lost"]
-    return (f"capturing {el:.1f}s{left} · {d['events']:,} events · ~{d['packets']:,} packets · "
-            f"{d['drops']:,} drops · " + (f"[bold red]events lost {lost:,}[/bold red]" if lost else "events lost 0")
-            + f" · {d['file_bytes'] / 2**20:.1f} MiB")
-
