@@ -7,12 +7,14 @@ import pytest
 from tests.integration.lab_fixture import lab  # noqa: F401  (session fixture)
 from tracer.config import FlowConfig
 from tracer.reconstruct import packets
+from tracer.runs import flow, outcome
 from tracer.runs.flow import run_flow
 
 
 @pytest.fixture
 def calls(monkeypatch):
-    """How often the reconstruction's two stages ran (wrapping the real functions)."""
+    """How often the reconstruction's two stages ran (wrapping the real functions in every
+    module that calls them, since they are imported by name)."""
     n = {"assign_packets": 0, "build_packets": 0}
     for name in n:
         real = getattr(packets, name)
@@ -20,7 +22,9 @@ def calls(monkeypatch):
         def counted(*a, _real=real, _name=name, **kw):
             n[_name] += 1
             return _real(*a, **kw)
-        monkeypatch.setattr(packets, name, counted)
+        for module in (packets, flow, outcome):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, counted)
     return n
 
 
