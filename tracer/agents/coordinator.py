@@ -6,7 +6,6 @@ per lab node) and a cluster (the agent pod of each node, through the Kubernetes 
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import queue
@@ -353,7 +352,3 @@ def estimate_offsets(df: pd.DataFrame, ref: int, request_is: callable,
             out[x] = {"offset_ns": int((a - b) / 2), "pairs": min(len(a_vals), len(b_vals)),
                       "one_way_ns": int((a + b) / 2)}
     return out
-
-
-def deep(obj):
-    return copy.deepcopy(obj)

@@ -132,15 +132,6 @@ def detect() -> list[Status]:
     return [status(h) for h in CATALOG]
 
 
-def fentry_supported() -> tuple[bool, str]:
-    """fentry/fexit need the BPF `tracing` program type attached through BTF. Loading one
-    is the only honest test; BCC's support_kfunc() only looks for BTF."""
-    cfg = kernel_config()
-    if cfg.get("CONFIG_FUNCTION_TRACER") == "n" or cfg.get("CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS") == "n":
-        return False, "fentry needs CONFIG_FUNCTION_TRACER and ftrace direct calls, which this kernel lacks"
-    return True, "kernel config allows fentry (not used by podtrace yet: kprobes serve the same hooks)"
-
-
 def select(statuses: list[Status], tc: bool = True) -> tuple[list[Hook], list[str]]:
     """The hooks a trace uses on this kernel, and one line per degradation.
 
