@@ -7,15 +7,6 @@ import pytest
 from tracer.cluster import endpoints
 from tracer.cluster import inventory
 from tracer.errors import BadInput
-from tracer.lab import topology as T
-
-
-@pytest.fixture
-def inv(tmp_path):
-    doc = T.inventory(T.plan(T.LabConfig(prefix="ptunit")))
-    f = tmp_path / "inv.json"
-    f.write_text(json.dumps(doc))
-    return inventory.load_list(f)
 
 
 def test_forms(inv):

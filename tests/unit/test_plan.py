@@ -1,25 +1,14 @@
 """The flow planner on hand-built plans: which agents run, and what each is asked (no privileges)."""
 
-import json
 
 import pytest
 
 from tracer.agents.request import AgentRequest
 from tracer.cluster import endpoints
-from tracer.cluster import inventory
 from tracer.config import FlowConfig
 from tracer.errors import BadInput
-from tracer.lab import topology as T
 from tracer.reconstruct import packets
 from tracer.runs import plan as planner
-
-
-@pytest.fixture
-def inv(tmp_path):
-    doc = T.inventory(T.plan(T.LabConfig(prefix="ptunit")))
-    f = tmp_path / "inv.json"
-    f.write_text(json.dumps(doc))
-    return inventory.load_list(f)
 
 
 def _plan(inv, src, dst, **kw):

@@ -52,6 +52,17 @@ class BtfError(EnvironmentProblem):
     """BTF is missing, malformed, or does not describe a struct/field podtrace needs."""
 
 
+def read_blob(path: str) -> bytes:
+    """The raw BTF of `path`, or one line saying why it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise BtfError(
+            f"BTF: cannot read {path}: {exc.strerror}",
+            "the kernel needs CONFIG_DEBUG_INFO_BTF=y (and podtrace needs root)",
+        ) from exc
+
+
 class Btf:
     """Parsed BTF: type records indexed by id, named aggregates indexed by name offset."""
 
@@ -81,14 +92,7 @@ class Btf:
 
     @classmethod
     def load(cls, path: str = VMLINUX) -> Btf:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise BtfError(
-                f"BTF: cannot read {path}: {exc.strerror}",
-                "the kernel needs CONFIG_DEBUG_INFO_BTF=y (and podtrace needs root)",
-            ) from exc
-        return cls(data, path)
+        return cls(read_blob(path), path)
 
     def _scan(self, pos: int, end: int) -> None:
         data, unpack, extra = self._data, _TRIPLE.unpack_from, _EXTRA
@@ -374,13 +378,7 @@ def kernel_offsets(btf: Btf | None = None, cache_file: Path | None = None) -> di
     if btf is not None:
         return compute_offsets(btf)
     cache_file = cache_file or CACHE_FILE
-    try:
-        data = Path(VMLINUX).read_bytes()
-    except OSError as exc:
-        raise BtfError(
-            f"BTF: cannot read {VMLINUX}: {exc.strerror}",
-            "the kernel needs CONFIG_DEBUG_INFO_BTF=y (and podtrace needs root)",
-        ) from exc
+    data = read_blob(VMLINUX)
     key = _cache_key(data)
     cached = _read_cache(cache_file, key)
     if cached is not None:

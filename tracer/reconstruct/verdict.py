@@ -37,10 +37,7 @@ def flow_verdict(packets: list[Packet], fi: FlowInput, probing: bool) -> tuple[F
         if any(p.verdict.status == "delivered" for p in reqs):
             delivered += 1
         elif reqs:
-            v = reqs[-1].verdict
-            problems.append(f"probe {pr.seq}: request {v.status} at {v.node or 'fabric'}/{v.dev}"
-                            + (f" ({v.reason})" if v.reason else "")
-                            + (f": {v.cause}" if v.cause else ""))
+            problems.append(_failed(pr.seq, "request", reqs[-1].verdict))
         else:
             problems.append(f"probe {pr.seq}: request never seen by the tracer")
         bad_reply = next((p for p in reps if p.verdict.cause == "unreversed-reply"), None)
@@ -48,8 +45,6 @@ def flow_verdict(packets: list[Packet], fi: FlowInput, probing: bool) -> tuple[F
             problems.append(f"probe {pr.seq}: {bad_reply.verdict.hint}")
             if pr.outcome == "answered":
                 pr.outcome = "wrong-reply"
-        if bad_reply is not None:
-            pass
         elif pr.outcome == "answered":
             expected = fi.dst.ip
             if pr.reply_from and pr.reply_from != expected:
@@ -61,10 +56,7 @@ def flow_verdict(packets: list[Packet], fi: FlowInput, probing: bool) -> tuple[F
             problems.append(f"probe {pr.seq}: refused ({pr.detail or 'reset'})")
         elif pr.outcome == "timeout":
             if reps and reps[-1].verdict.status != "delivered":
-                v = reps[-1].verdict
-                problems.append(f"probe {pr.seq}: reply {v.status} at {v.node or 'fabric'}/{v.dev}"
-                                + (f" ({v.reason})" if v.reason else "")
-                                + (f": {v.cause}" if v.cause else ""))
+                problems.append(_failed(pr.seq, "reply", reps[-1].verdict))
             else:
                 problems.append(f"probe {pr.seq}: no reply")
         else:
@@ -76,6 +68,12 @@ def flow_verdict(packets: list[Packet], fi: FlowInput, probing: bool) -> tuple[F
         if n == 0:
             problems.append("no probe was sampled: send more (--count) or sample less (--sample)")
     return FlowVerdict(status, summary, tuple(problems)), probes
+
+
+def _failed(seq: int, what: str, v) -> str:
+    """One problem line: where and why a probe's request or reply stopped."""
+    return (f"probe {seq}: {what} {v.status} at {v.node or 'fabric'}/{v.dev}"
+            + (f" ({v.reason})" if v.reason else "") + (f": {v.cause}" if v.cause else ""))
 
 
 def summary(packets: list[Packet], probes: list[ProbeResult], counters: dict) -> dict:
