@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from tracer.reconstruct import arrival
 from tracer.reconstruct.evidence import Evidence, fact_query
 from tracer.reconstruct.model import ConntrackView, Hop, Packet, Verdict
 
@@ -112,10 +113,12 @@ def _facts_node(packet: Packet, ev: Evidence) -> str | None:
 def explain(packet: Packet, ev: Evidence) -> Verdict:
     """The packet's verdict refined with the cause the evidence supports (a new verdict)."""
     v = _stale_dnat(packet, packet.verdict, ev)
-    if v.status == "delivered":
+    if v.status == "delivered" or (arrival.after(v) and _unreversed(packet, ev)):
         return _explain_delivered(packet, v, ev)
     if v.cause or v.node is None:
         return v
+    if arrival.after(v):
+        return arrival.explain(packet, v, ev)
     return _explain_lost(packet, v, ev)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tracer.reconstruct import arrival
 from tracer.reconstruct.model import Packet
 
 
@@ -21,7 +22,7 @@ def fact_query(node: str, packet: Packet) -> dict:
     rx = [h for h in last if h.point == "rx" and h.pod is None]
     iif = rx[-1].dev if rx else None
     devs = list(dict.fromkeys(h.dev for h in packet.hops if h.node == node and h.pod is None))
-    return {"src": last[-1].src, "dst": last[-1].dst, "iif": iif, "devs": devs}
+    return {"src": last[-1].src, "dst": last[-1].dst, "iif": iif, "devs": devs, **arrival.pod_query(packet)}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from tracer.reconstruct import diagnose
+from tracer.reconstruct import arrival, diagnose
 from tracer.kernel.record import ENCAP, FLAG_DF, HOOK_IDS, HOOKS, PROTOS
 from tracer.reconstruct.model import Addr, ConntrackView, Encap, FiveTuple, Hop, NatChange, Packet
 
@@ -213,6 +213,7 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[Packet]:
     if df.empty:
         return packets
     pl = fi.placement
+    rule = arrival.Rule.of(fi.drop_reasons, pods=[k for k, (_, p) in pl.netns.items() if p])
     for pkt, g in df[df["pkt"] >= 0].groupby("pkt", sort=False):
         if fi.contiguous_agents and "agent" in g:
             first = g.groupby("agent")["ts_ns"].transform("min")
@@ -255,16 +256,24 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[Packet]:
         reached = [h for h in hops if h.netns in targets and h.point == "rx"
                    and (not want or h.dst in want)]
         frees = g[g["hook"].isin([HOOK_IDS["drop"], HOOK_IDS["consume"]])]
-        drops = frees[frees["hook"] == HOOK_IDS["drop"]]
         consumed_at_target = frees[(frees["hook"] == HOOK_IDS["consume"]) & frees["netns"].isin(targets)
                                    & (frees["daddr_str"].isin(want) if want else True)]
         last = hops[-1]
-        if reached or not consumed_at_target.empty:
-            at = reached[0] if reached else last
+        at = reached[0] if reached else last
+        # arrived, then freed with a drop reason by the receiving stack: dropped there
+        late = arrival.first_drop(frees, rule, targets, t0 + at.t_ns, {at.netns} if reached else targets) \
+            if reached or not consumed_at_target.empty else None
+        first_drop = arrival.first_drop(frees, rule, targets)
+        if late is not None:
+            verdict = arrival.dropped(pl.node(late.netns), pl.pod(late.netns), late.ifname or at.dev,
+                                      fi.drop_reasons.get(int(late.reason), f"reason {int(late.reason)}"),
+                                      fi.ksym(int(late.location)))
+            arrive_t = None
+        elif reached or not consumed_at_target.empty:
             verdict = diagnose.delivered(at.node, at.dev, at.point)
             arrive_t = at.t_ns
-        elif not drops.empty:
-            d = next(drops.itertuples())
+        elif first_drop is not None:
+            d = first_drop
             reason = fi.drop_reasons.get(int(d.reason), f"reason {int(d.reason)}")
             node = pl.node(d.netns) if d.netns else last.node
             dev = d.ifname or last.dev
