@@ -58,11 +58,10 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
                         else pd.factorize(events["ifname"].to_numpy()[order])[1], dtype=object)
     hook = c["hook"].astype(np.int64)
     home = drops.homes(meta)
-    # drops that are no packet dropped on its way (drops.counted, the live count's rule too)
-    # end their packet like a consume
-    hk = drops.housekeeping_codes(meta.get("drop_reasons") or {})
-    hook = np.where((hook == _DROP) & ~drops.counted(hook, c["reason"], c["netns"], c["daddr"], hk, home),
-                    _CONSUME, hook)
+    # drops that are no drop of the packet (drops.counted, the live count's rule too) end
+    # their packet like a consume
+    hook = np.where((hook == _DROP) & ~drops.counted(hook, c["reason"], c["netns"], c["daddr"], c["proto"],
+                                                     c["icmp_type"], drops.rule(meta)), _CONSUME, hook)
     is_free = (hook == _DROP) | (hook == _CONSUME)
     hop_idx = np.flatnonzero(~is_free)
 
@@ -200,13 +199,22 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
     if len(drs):
         up, first_hit = np.unique(pkt_all[drs], return_index=True)   # drs in time order
         drop_ev[up] = drs[first_hit]
+    # arrived, then dropped by the receiving stack (arrival.py): the drop in the destination's
+    # namespace is the verdict, not the arrival
+    home_drop = np.full(n_all, -1, dtype=np.int64)
+    hd = drs[c["netns"][drs].astype(np.int64) == target[pkt_all[drs]]] if len(drs) else drs
+    if len(hd):
+        up, first_hit = np.unique(pkt_all[hd], return_index=True)
+        home_drop[up] = hd[first_hit]
+    drop_ev = np.where(home_drop >= 0, home_drop, drop_ev)
     # a drop ends a packet; a consume may come much later (a socket holds the buffer)
     last_free_t = np.zeros(n_all, dtype=np.int64)
     if len(drs):
         np.maximum.at(last_free_t, pkt_all[drs], c["ts_ns"][drs].astype(np.int64))
 
     last_point = np.where(has_hops, point[last_hop_pos], -1)
-    delivered = (reached_pos >= 0) | consumed_at | (~target_here & consumed_any & (drop_ev < 0))
+    delivered = ((reached_pos >= 0) | consumed_at | (~target_here & consumed_any & (drop_ev < 0))) & (home_drop < 0)
+    reached_pos = np.where(delivered, reached_pos, -1)
     dropped = ~delivered & (drop_ev >= 0)
     left = ~delivered & ~dropped & ~target_here & (last_point == 1)
     status = np.where(delivered, 0, np.where(dropped, 1, np.where(left, 3, 2)))

@@ -1,9 +1,9 @@
-"""Which drop events count as a packet dropped on its way: one rule, live or offline.
+"""Which drop events count as a packet dropped: one rule, live or offline.
 
-A packet that reached the namespace its destination address lives in was delivered (the
-reconstruction says so); a `kfree_skb` there afterwards (an echo reply no ping socket
-wanted, a datagram to a closed port) is the destination's own business, not a drop on the
-way. Socket housekeeping (a closed socket purging its queue) is no drop either.
+The rule is arrival.Rule's: every `kfree_skb` with a drop reason counts, also one in the
+namespace the destination address lives in (the receiving stack dropped it after it
+arrived), except socket housekeeping (a closed socket purging its queue), an ICMP echo reply
+no ping socket wanted, and the OTHERHOST of a copy a bridge flooded into another pod.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import ipaddress
 import numpy as np
 
 from tracer.kernel.record import HOOK_IDS
+from tracer.reconstruct import arrival
 
 # kfree_skb reasons of a socket's own cleanup (close, purge)
-HOUSEKEEPING_DROPS = frozenset({"QUEUE_PURGE", "SOCKET_CLOSE"})
+HOUSEKEEPING_DROPS = arrival.HOUSEKEEPING
 
 
 def ip_num(s) -> int:
@@ -24,11 +25,6 @@ def ip_num(s) -> int:
         return int(ipaddress.IPv4Address(s)) if s else 0
     except ValueError:
         return 0
-
-
-def housekeeping_codes(drop_reasons: dict) -> np.ndarray:
-    """The reason numbers (of this kernel) that are socket housekeeping."""
-    return np.array(sorted(int(k) for k, v in drop_reasons.items() if v in HOUSEKEEPING_DROPS), dtype=np.int64)
 
 
 def homes(meta: dict) -> dict[int, int]:
@@ -49,15 +45,25 @@ def homes(meta: dict) -> dict[int, int]:
     return out
 
 
+def pod_homes(meta: dict) -> set[int]:
+    """The pods' namespaces (inodes) a trace's metadata names."""
+    placement = {int(k): tuple(v) for k, v in (meta.get("placement") or {}).items()}
+    out = {ino for ino, (node, pod) in placement.items() if pod}
+    return out | {int(p["netns_inode"]) for p in meta.get("pods") or [] if p.get("netns_inode")}
+
+
+def rule(meta: dict) -> arrival.Rule:
+    """The drop rule for a trace's metadata: its kernel's reasons, addresses and pods."""
+    return arrival.Rule.of(meta.get("drop_reasons") or {}, homes(meta), pod_homes(meta))
+
+
 def counted(hook: np.ndarray, reason: np.ndarray, netns: np.ndarray, daddr: np.ndarray,
-            housekeeping: np.ndarray, home: dict[int, int]) -> np.ndarray:
-    """Mask of the drop events that are packets dropped on their way (see the module doc)."""
+            proto: np.ndarray, icmp_type: np.ndarray, rule: arrival.Rule) -> np.ndarray:
+    """Mask of the drop events that are packets dropped (see the module doc)."""
     is_drop = np.asarray(hook) == HOOK_IDS["drop"]
-    keep = is_drop & ~np.isin(np.asarray(reason, dtype=np.int64), housekeeping)
-    if home and keep.any():
+    keep = is_drop.copy()
+    if keep.any():
         at = np.flatnonzero(keep)
-        dst = np.asarray(daddr)[at].astype(np.int64)
-        codes, uniq = np.unique(dst, return_inverse=True)
-        target = np.array([home.get(int(u), 0) for u in codes], dtype=np.int64)[uniq]
-        keep[at] = ~((target != 0) & (np.asarray(netns)[at].astype(np.int64) == target))
+        keep[at] = ~rule.excused(np.asarray(reason)[at], np.asarray(proto)[at], np.asarray(icmp_type)[at],
+                                 np.asarray(netns)[at], np.asarray(daddr)[at])
     return keep

@@ -238,7 +238,7 @@ def _run(cfg: CaptureConfig, progress, stop, inv, topo, source) -> CaptureResult
     }
     writer = tracefile.Writer(out, row_group_events=cfg.row_group_events, meta=start_meta)
     spool = Spool(writer, scope, {k for k, v in drop_reasons.items() if v in HOUSEKEEPING_DROPS})
-    spool.home = drops.homes(start_meta)   # the drop rule analyze applies to the file
+    spool.rule = drops.rule(start_meta)   # the drop rule analyze applies to the file
     say = progress or (lambda d: None)
     timeline: list[list] = []
     stopper = _Stop(stop)

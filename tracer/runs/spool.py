@@ -7,7 +7,7 @@ import numpy as np
 
 from tracer import tracefile
 from tracer.kernel.record import HOOK_IDS
-from tracer.reconstruct import drops
+from tracer.reconstruct import arrival, drops
 
 
 def _content_hash(a: np.ndarray) -> np.ndarray:
@@ -29,9 +29,9 @@ class Spool:
     def __init__(self, writer: tracefile.Writer, scope: set[int] | None = None,
                  housekeeping: set[int] | None = None):
         self.writer = writer
-        # drop reasons that are a socket's own cleanup, not a packet dying on its way
-        self.housekeeping = np.array(sorted(housekeeping or ()), dtype=np.uint32)
-        self.home: dict[int, int] = {}
+        # which drops count (drops.rule of the capture's metadata, set by the capture; until
+        # then only the reasons that are a socket's own cleanup are left out)
+        self.rule = arrival.Rule(housekeeping=np.array(sorted(housekeeping or ()), dtype=np.int64))
         self.scope = np.array(sorted(scope | {0}), dtype=np.uint32) if scope else None
         self.events = 0
         self.packets = 0
@@ -56,7 +56,8 @@ class Spool:
             return
         hook = arr["hook"]
         is_drop = hook == HOOK_IDS["drop"]
-        self.drops += int(drops.counted(hook, arr["reason"], arr["netns"], arr["daddr"], self.housekeeping, self.home).sum())
+        self.drops += int(drops.counted(hook, arr["reason"], arr["netns"], arr["daddr"], arr["proto"],
+                                           arr["icmp_type"], self.rule).sum())
         if is_drop.any():
             self.locations.update(int(x) for x in np.unique(arr["location"][is_drop]) if x)
         hops = arr[(hook != HOOK_IDS["drop"]) & (hook != HOOK_IDS["consume"])]
