@@ -26,7 +26,7 @@ from tracer.agents import request, wire
 from tracer.errors import PodtraceError
 from tracer.kernel import tc
 from tracer.kernel.session import TerminateAsInterrupt
-from tracer.node import facts
+from tracer.node import facts, netns
 from tracer.node import prober as probe
 from tracer.runs.node import NodeJob, NodeRunner
 
@@ -129,7 +129,7 @@ def serve(stdin=None, stdout: BinaryIO | None = None) -> int:
     with TerminateAsInterrupt():
         try:
             runner = NodeRunner(NodeJob(addrs=req.addrs, tc=bool(devices), tc_devices=devices,
-                                        nodes={node.name: node}, netns=req.netns_filter,
+                                        nodes={node.name: node}, pods=_pod_spaces(req), netns=req.netns_filter,
                                         sample=req.sample, budget=req.budget))
             try:
                 runner.start(stop=gone)
@@ -192,6 +192,7 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, l
             out.send("facts", {"node": node.name,
                                "rule_hits": facts.rule_hits(runner.iptables_before[node.name], after),
                                "answers": [_facts(node, q) for q in cmd.get("queries", [])],
+                               "netns_rule_hits": {str(k): v for k, v in runner.pod_rule_hits().items()},
                                "locations": {str(k): v for k, v in runner.drop_locations().items()}})
         elif what in ("stop", "eof"):
             break
@@ -241,10 +242,18 @@ def _probe(p: request.ProbeRequest, out: _Out, skew: int) -> None:
         out.send("probes", {"error": f"{type(exc).__name__}: {exc}"})
 
 
+def _pod_spaces(req: request.AgentRequest) -> dict[int, str]:
+    """The named namespaces this agent traces besides its node's own: the pods, whose
+    netfilter counters are read before and after (a drop inside a pod names its rule)."""
+    own = netns.inode(req.node_netns) if req.node_netns and netns.exists(req.node_netns) else None
+    return {i: n for i, n in facts.named_netns(req.netns_filter or ()).items() if i != own}
+
+
 def _facts(node: facts.NodeRef, q: dict) -> dict:
     try:
         return {"query": q, "facts": facts.facts(node, src=q["src"], dst=q["dst"], iif=q.get("iif"),
-                                                     devs=q.get("devs", []))}
+                                                     devs=q.get("devs", []), pod_netns=q.get("pod_netns"),
+                                                     pod_dev=q.get("pod_dev"))}
     except Exception as exc:  # one bad query must not lose the others
         return {"query": q, "error": f"{type(exc).__name__}: {exc}"}
 

@@ -171,9 +171,34 @@ def fdb(node: NodeRef, dev: str) -> list[dict]:
     return [{"mac": e.get("mac"), "dst": e.get("dst")} for e in data if e.get("dst")]
 
 
-def facts(node: NodeRef, *, src: str, dst: str, iif: str | None, devs: list[str]) -> dict:
+def named_netns(inodes) -> dict[int, str]:
+    """inode → the name (`ip netns`) of each of these namespaces that has one here."""
+    want = {int(i) for i in inodes or ()}
+    out: dict[int, str] = {}
+    for name in netns.list_names() if want else []:
+        try:
+            ino = netns.inode(name)
+        except OSError:
+            continue
+        if ino in want:
+            out[ino] = name
+    return out
+
+
+def pod_side(pod_netns: int, dev: str | None) -> dict:
+    """The pod end of a drop after arrival: the MAC of its device (`dev`), read in its namespace."""
+    name = named_netns([pod_netns]).get(int(pod_netns))
+    if name is None:
+        return {"netns": pod_netns, "error": "namespace not found on this node"}
+    lk = links(NodeRef(name, name)).get(dev or "", {})
+    return {"netns": pod_netns, "dev": dev, "mac": lk.get("mac")}
+
+
+def facts(node: NodeRef, *, src: str, dst: str, iif: str | None, devs: list[str],
+          pod_netns: int | None = None, pod_dev: str | None = None) -> dict:
     """Everything the diagnosis may need about how `node` treats a packet src → dst that
-    arrived on `iif`. `devs`: the devices of this node on the packet's path."""
+    arrived on `iif`. `devs`: the devices of this node on the packet's path; `pod_netns` and
+    `pod_dev`: the pod namespace and device where it was dropped after arriving."""
     lk = links(node)
     keys = ["net.ipv4.ip_forward", "net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter",
             "net.bridge.bridge-nf-call-iptables", "net.netfilter.nf_conntrack_count",
@@ -207,4 +232,6 @@ def facts(node: NodeRef, *, src: str, dst: str, iif: str | None, devs: list[str]
             nh["fdb"] = next((e for e in entries if e["mac"] == mac), None) if mac else None
             nh["vxlan"] = lk[out_dev].get("vxlan")
         out["next_hop"] = nh
+    if pod_netns:
+        out["pod"] = pod_side(pod_netns, pod_dev)
     return out

@@ -14,8 +14,10 @@ from tracer.kernel import record
 from tracer.reconstruct.packets import assign_packets, build_packets
 from tracer.node.prober import ProbeResult, send
 from tracer.config import FlowConfig
-from tracer.runs.outcome import FlowResult, Traced, agent_evidence, finish, flow_input, local_evidence, service_evidence
-from tracer.runs.plan import Plan, agent_plans, node_refs, prepare, tc_devices
+from tracer.node import facts
+from tracer.runs.outcome import (FlowResult, Traced, agent_evidence, finish, flow_input, local_evidence, pod_hits,
+                                 service_evidence)
+from tracer.runs.plan import Plan, agent_plans, flow_pods, node_refs, prepare, tc_devices
 from tracer.kernel.session import TerminateAsInterrupt
 from tracer.runs.node import NodeJob, NodeRunner
 
@@ -43,7 +45,10 @@ def _trace_single(plan: Plan, say) -> Traced:
     say("loading BPF programs")
     refs = node_refs(topo)
     # On the lab, only the lab's namespaces: other labs on this machine reuse the same addresses.
+    ends = {p.key for p in flow_pods(src, dst, plan.inv)}
+    pods = facts.named_netns(k for k, (_, p) in plan.placement.netns.items() if p in ends) if topo else {}
     runner = NodeRunner(NodeJob(addrs=plan.addrs, tc=cfg.tc, tc_devices=tc_devices(topo, src, dst), nodes=refs,
+                                pods=pods,
                                 netns=sorted(plan.placement.netns) if topo else None,
                                 sample=cfg.sample, budget=cfg.budget))
     sent: list[ProbeResult] = []
@@ -67,7 +72,8 @@ def _trace_single(plan: Plan, say) -> Traced:
         counters = runner.counters()
         df = runner.session.frame()
         locations = runner.symbols(df.loc[df["location"] != 0, "location"].unique())
-    evidence = local_evidence(topo, dst, refs, runner.iptables_before, counters_after)
+    evidence = local_evidence(topo, dst, refs, runner.iptables_before, counters_after,
+                              pod_hits(plan, runner.pod_rule_hits()))
     return Traced(df, sent, counters, locations, runner.hook_names, runner.degraded,
                    dict(runner.timings), t_tracing, time.monotonic(), lambda packets: evidence)
 

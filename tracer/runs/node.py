@@ -41,6 +41,7 @@ class NodeJob:
     tc: bool = False                                        # tc observers wanted (hook selection)
     tc_devices: list[tuple[str | None, str]] = field(default_factory=list)   # where they go
     nodes: dict[str, facts.NodeRef] = field(default_factory=dict)        # iptables counters of these
+    pods: dict[int, str] = field(default_factory=dict)      # and of these pod namespaces (inode → name)
     netns: list[int] | None = None                          # namespace inodes to keep events from
     sample: int = 1
     budget: int = 0
@@ -67,6 +68,7 @@ class NodeRunner:
         self.tc: TcAttacher | None = None
         self.tc_failed: list[str] = []
         self.iptables_before: dict[str, facts.RuleCounters] = {}
+        self.pods_before: dict[int, facts.RuleCounters] = {}
         self._over = 0
         self._next_guard = 0.0
         self._closed = False
@@ -96,6 +98,7 @@ class NodeRunner:
                     self.tc.attach(ns_name, dev)
                 self.tc_failed = list(self.tc.failed)
             self.iptables_before = {n: facts.iptables_counters(r) for n, r in self.job.nodes.items()}
+            self.pods_before = {i: facts.iptables_counters(facts.NodeRef(n, n)) for i, n in self.job.pods.items()}
             if stop is None or not stop.is_set():
                 testhooks.pause("tracing")    # every hook and tc filter attached
         except BaseException:
@@ -114,6 +117,15 @@ class NodeRunner:
 
     def iptables_after(self) -> dict[str, facts.RuleCounters]:
         return {n: facts.iptables_counters(r) for n, r in self.job.nodes.items()}
+
+    def pod_rule_hits(self) -> dict[int, list[dict]]:
+        """pod namespace (inode) → the drop rules whose counters moved there while we traced."""
+        out = {}
+        for i, before in self.pods_before.items():
+            hits = facts.rule_hits(before, facts.iptables_counters(facts.NodeRef(self.job.pods[i], self.job.pods[i])))
+            if hits:
+                out[i] = hits
+        return out
 
     def symbols(self, addrs) -> dict[int, str | None]:
         """Kernel symbols ("function+0xoff") of drop locations, from this machine's kallsyms."""

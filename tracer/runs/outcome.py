@@ -116,13 +116,26 @@ class LocalEvidence:
             if ref is None:
                 continue
             answers[node] = [{"query": q, "facts": facts.facts(ref, src=q["src"], dst=q["dst"],
-                                                                   iif=q["iif"], devs=q["devs"])}
+                                                                   iif=q["iif"], devs=q["devs"],
+                                                                   pod_netns=q.get("pod_netns"),
+                                                                   pod_dev=q.get("pod_dev"))}
                              for q in queries]
         return self.base.with_answers(answers)
 
 
-def local_evidence(topo, dst: inventory.Endpoint, refs, before, after) -> LocalEvidence:
+def pod_hits(plan: Plan, by_inode: dict) -> dict[str, list[dict]]:
+    """Rule hits read in pod namespaces (inode → hits), keyed by the pod's name."""
+    out: dict[str, list[dict]] = {}
+    for ino, hits in (by_inode or {}).items():
+        pod = plan.placement.pod(int(ino))
+        if pod and hits:
+            out.setdefault(pod, []).extend(hits)
+    return out
+
+
+def local_evidence(topo, dst: inventory.Endpoint, refs, before, after, pods: dict | None = None) -> LocalEvidence:
     hits = {n: facts.rule_hits(before[n], after[n]) for n in after if n in before}
+    hits.update(pods or {})
     e = evidence.service_evidence(dst.service)
     return LocalEvidence(Evidence(rule_hits=hits, vip=e.vip, service=e.service, backends=e.backends,
                                   vtep=vtep(topo)), refs)
@@ -130,9 +143,11 @@ def local_evidence(topo, dst: inventory.Endpoint, refs, before, after) -> LocalE
 
 def agent_evidence(plan: Plan, facts_by_node: dict[str, dict]) -> Evidence:
     """The evidence the agents sent back with their facts."""
+    hits = {n: f.get("rule_hits", []) for n, f in facts_by_node.items()}
+    for f in facts_by_node.values():
+        hits.update(pod_hits(plan, f.get("netns_rule_hits")))
     return service_evidence(plan).with_answers(
-        {n: list(f.get("answers") or []) for n, f in facts_by_node.items()},
-        {n: f.get("rule_hits", []) for n, f in facts_by_node.items()})
+        {n: list(f.get("answers") or []) for n, f in facts_by_node.items()}, hits)
 
 
 def names(packets: list[Packet], inv: inventory.Inventory) -> dict[str, dict | None]:
