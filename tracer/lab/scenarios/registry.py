@@ -13,7 +13,7 @@ from typing import Callable
 
 from tracer.errors import BadInput
 from tracer.lab import topology as T
-from tracer.lab.scenarios import conntrack, faults
+from tracer.lab.scenarios import conntrack, faults, faults_delivery
 from tracer.lab.scenarios.changes import Changes
 from tracer.lab.scenarios.labdoc import Lab, Pod
 
@@ -213,6 +213,18 @@ _register(Scenario(
                        f"--sport {conntrack.STALE_SPORT} --count 1"),
     conntrack.stale_udp_conntrack,
     why_no_nodes="it needs a pod"))
+_register(Scenario(
+    "pod-input-drop",
+    "a DROP rule in the INPUT chain of the destination pod's own namespace, for traffic from "
+    "its client: the packets arrive on the pod's eth0 and die in its stack",
+    _second, _any_node, _show_to_first_pod, faults_delivery.pod_input_drop,
+    why_no_nodes="it needs a second pod to send from"))
+_register(Scenario(
+    "pod-mac-wrong",
+    "the node's neighbour entry for its first pod's address replaced with a MAC no pod has "
+    "(permanent): frames reach the pod addressed to another host and are discarded (OTHERHOST)",
+    _second, _any_node, _show_to_first_pod, faults_delivery.pod_mac_wrong,
+    why_no_nodes="it needs a second pod to send from"))
 
 
 def listing(lab: Lab | None = None) -> list[dict]:
