@@ -13,6 +13,9 @@ Agent switches (tests of the coordinator): PODTRACE_TEST_AGENT_SKEW=NODE=NS[,...
 PODTRACE_TEST_AGENT_DIE=NODE[,...] on the coordinator become, for those nodes' agents,
 PODTRACE_AGENT_CLOCK_SKEW_NS (pretend this node's clock is off by NS) and
 PODTRACE_AGENT_DIE_AFTER_READY (exit at once after "ready", like an agent that crashes).
+PODTRACE_TEST_AGENT_READY_DELAY=NODE=SECONDS[,...] makes those nodes' agents attach and get
+ready SECONDS late (PODTRACE_AGENT_START_DELAY_S), like an agent pod that starts slowly: the
+other agents trace alone meanwhile.
 """
 
 from __future__ import annotations
@@ -46,7 +49,15 @@ def agent_env() -> dict[str, dict[str, str]]:
         out.setdefault(node, {})["PODTRACE_AGENT_CLOCK_SKEW_NS"] = ns_
     for node in filter(None, os.environ.get("PODTRACE_TEST_AGENT_DIE", "").split(",")):
         out.setdefault(node, {})["PODTRACE_AGENT_DIE_AFTER_READY"] = "1"
+    for item in filter(None, os.environ.get("PODTRACE_TEST_AGENT_READY_DELAY", "").split(",")):
+        node, secs = item.split("=")
+        out.setdefault(node, {})["PODTRACE_AGENT_START_DELAY_S"] = secs
     return out
+
+
+def agent_start_delay() -> float:
+    """How long this agent waits before attaching (0: not at all)."""
+    return float(os.environ.get("PODTRACE_AGENT_START_DELAY_S", "0") or 0)
 
 
 def clock_skew_ns() -> int:

@@ -132,6 +132,7 @@ def serve(stdin=None, stdout: BinaryIO | None = None) -> int:
                                         nodes={node.name: node}, pods=_pod_spaces(req), netns=req.netns_filter,
                                         sample=req.sample, budget=req.budget))
             try:
+                gone.wait(testhooks.agent_start_delay())   # 0 unless a test delays this agent
                 runner.start(stop=gone)
                 sent_events = _trace(req, runner, node, local, cmds, out)
             finally:
@@ -157,7 +158,8 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, l
                        "namespaces": local.get("namespaces", {}),
                        "timings": runner.timings})
     out.send("clock", _clock())
-    out.send("ready", {"node": node.name})
+    # t_ns: since when this node traces, on its own clock (the start of the observation window)
+    out.send("ready", {"node": node.name, "t_ns": _clock()["monotonic_ns"]})
     testhooks.die_after_ready()
     prober: threading.Thread | None = None
     deadline = time.monotonic() + req.max_seconds
@@ -181,9 +183,10 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, l
             prober = threading.Thread(target=_probe, args=(req.probe, out, skew), daemon=True)
             prober.start()
         elif what == "drain":
+            stop_ns = _clock()["monotonic_ns"]   # the end of this node's observation window
             runner.drain()
             sent = _flush(runner, out, sent, skew)
-            out.send("drained", {"node": node.name, "events": sent,
+            out.send("drained", {"node": node.name, "events": sent, "t_ns": stop_ns,
                                  "locations": {str(k): v for k, v in runner.drop_locations().items()}})
         elif what == "facts" and node.name in runner.iptables_before:
             runner.drain()

@@ -77,6 +77,8 @@ class AgentRun:
     facts: dict | None = None
     drained: dict | None = None
     window: int | None = None        # chunks inside the trace window (set when it ended)
+    ready_ns: int | None = None      # since when it traced, on its own clock
+    stop_ns: int | None = None       # until when (its drain), on its own clock
     counters: dict | None = None
     clocks: list[dict] = field(default_factory=list)
     ended: bool = False
@@ -161,11 +163,13 @@ def _absorb(run: AgentRun, block: float = 0.0) -> None:
                 run.failure = run.failure or f"the agent sent an unreadable hello frame ({exc})"
         elif fr.kind == "ready":
             run.ready = True
+            run.ready_ns = _ns(doc.get("t_ns"))
         elif fr.kind == "probes":
             run.probes = doc
         elif fr.kind == "drained":
             run.drained = doc
             run.window = len(run.chunks)   # the agent flushed everything before this frame
+            run.stop_ns = _ns(doc.get("t_ns"))
         elif fr.kind == "facts":
             run.facts = doc
         elif fr.kind == "counters":
@@ -178,6 +182,24 @@ def _absorb(run: AgentRun, block: float = 0.0) -> None:
             run.logs.append(str(doc.get("message", "")))
         elif fr.kind == "end":
             run.ended = True
+
+
+def _ns(v) -> int | None:
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def spans(runs: list[AgentRun]) -> dict[str, tuple[int | None, int | None]]:
+    """node → (ready, stop) of each agent that traced, on its own clock. An agent older
+    than `t_ns` in its frames: its first clock reading (sent just before `ready`)."""
+    out = {}
+    for r in runs:
+        if not r.ready:
+            continue
+        ready = r.ready_ns
+        if ready is None:
+            ready = next((_ns(c.get("monotonic_ns")) for c in r.clocks if "monotonic_ns" in c), None)
+        out[r.plan.node] = (ready, r.stop_ns)
+    return out
 
 
 class Coordinator:

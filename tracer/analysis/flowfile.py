@@ -15,7 +15,7 @@ from tracer import tracefile
 from tracer.analysis.trace import _empty_hops, _empty_packets
 from tracer.cluster import inventory
 from tracer.node.prober import ProbeResult
-from tracer.reconstruct import diagnose, evidence
+from tracer.reconstruct import diagnose, evidence, window as windows
 from tracer.reconstruct.packets import FlowInput, Placement, build_packets
 from tracer.reconstruct.drops import ip_num as _ip_num
 from tracer.reconstruct.evidence import Evidence
@@ -67,10 +67,11 @@ def reconstruct(events: pd.DataFrame, meta: dict) -> list[Packet]:
     replies)."""
     fi = _flow_input(meta)
     packets = build_packets(events, fi)
+    window = windows.from_meta(meta)     # seen while an agent was not tracing: partial, as live
     if isinstance(meta.get("evidence"), dict):
         # the evidence the live run judged with: the same causes as its `-o json`
-        return diagnose.judge(packets, Evidence.from_json(meta["evidence"]))
-    packets = diagnose.judge(packets, evidence.service_evidence(fi.dst.service))
+        return windows.apply(diagnose.judge(packets, Evidence.from_json(meta["evidence"])), window)
+    packets = windows.apply(diagnose.judge(packets, evidence.service_evidence(fi.dst.service)), window)
     # files written before the evidence was saved: no node facts to show
     return [replace(p, verdict=replace(p.verdict, evidence=_without_node_facts(p.verdict.evidence)))
             for p in packets]

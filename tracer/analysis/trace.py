@@ -19,11 +19,12 @@ COLUMNS = {
              "dev", "point", "seen_by", "src", "sport", "dst", "dport", "encap", "encap_src",
              "encap_dst", "vni", "ifindex", "netns", "len", "ct_state"],
     "flows": ["flow", "proto", "src", "sport", "dst", "dport", "src_pod", "dst_pod", "service",
-              "packets", "forward", "reverse", "delivered", "dropped", "lost", "left", "bytes",
+              "packets", "forward", "reverse", "delivered", "dropped", "lost", "left", "partial", "bytes",
               "p50_ns", "p99_ns", "first_ts_ns", "last_ts_ns", "nodes"],
     "drops": ["reason", "node", "dev", "location", "count", "flows", "first_ts_ns", "last_ts_ns"],
 }
-STATUSES = ["delivered", "dropped", "lost", "left"]
+# partial: seen only while an observer on its path was not tracing (never a failure)
+STATUSES = ["delivered", "dropped", "lost", "left", "partial"]
 
 
 @dataclass

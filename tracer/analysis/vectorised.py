@@ -17,7 +17,7 @@ from tracer import tracefile
 from tracer.analysis.frames import _cat_from, _factorize, _lookup, _lookup_cat, _map_unique, _nullable, _placement
 from tracer.analysis.trace import STATUSES, _empty_hops, _empty_packets
 from tracer.kernel.record import ENCAP, FLAG_FOLLOWED, HOOK_IDS, HOOKS, PROTOS
-from tracer.reconstruct import diagnose, drops
+from tracer.reconstruct import diagnose, drops, window as windows
 from tracer.reconstruct import packets as flows
 
 GAP_NS = flows.GAP_NS     # the same content seen again after this pause is a new packet
@@ -222,6 +222,9 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
     # -- 5. the tables ------------------------------------------------------------------------
     first_ts = c["ts_ns"][first_row].astype(np.int64)
     last_ts = np.maximum(c["ts_ns"][last_row].astype(np.int64), last_free_t)
+    # seen while an observer was not tracing: a partial view, not a loss
+    window = windows.from_meta(meta)
+    status = np.where((status == 2) & windows.partial_mask(first_ts, last_ts, window), 4, status)
     # time to arrival: the rx hop in the destination, else (consumed there) the last hop
     one_way = np.where(reached_pos >= 0, ts[np.maximum(reached_pos, 0)] - first_ts,
                        np.where(delivered & has_hops, ts[last_hop_pos] - first_ts, -1))
@@ -342,6 +345,10 @@ def _verdict_text(packets: pd.DataFrame) -> None:
             hint, book = v.hint, v.runbook
         elif r.status == "lost":
             v = diagnose.lost(r.verdict_node, r.verdict_dev, r.last_point)
+            hint, book = v.hint, v.runbook
+        elif r.status == "partial":
+            v = windows.partial(diagnose.lost(r.verdict_node, r.verdict_dev, r.last_point),
+                                "seen only while an observer on its path was not tracing")
             hint, book = v.hint, v.runbook
         else:
             where = (r.verdict_node or "the fabric") + (f" ({r.verdict_dev})" if r.verdict_dev else "")

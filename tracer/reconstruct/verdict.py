@@ -20,11 +20,7 @@ def flow_verdict(packets: list[Packet], fi: FlowInput, probing: bool) -> tuple[F
     requests = [p for p in packets if p.direction == "request"]
     replies = [p for p in packets if p.direction == "reply"]
     if not probing:
-        bad = [p for p in packets if p.verdict.status != "delivered"]
-        ok = not bad and bool(packets)
-        summary = (f"{len(packets) - len(bad)}/{len(packets)} packets delivered" if packets
-                   else "no matching packet seen")
-        return FlowVerdict("ok" if ok else "failed", summary, tuple(problems)), probes
+        return watched_verdict(packets), probes
     judged = probes
     if fi.sample > 1:
         # With sampling, a probe no hook saw was simply not sampled: judge the others only.
@@ -36,6 +32,8 @@ def flow_verdict(packets: list[Packet], fi: FlowInput, probing: bool) -> tuple[F
         reps = [p for p in replies if p.seq == pr.seq]
         if any(p.verdict.status == "delivered" for p in reqs):
             delivered += 1
+        elif pr.outcome == "answered" and reqs and all(p.verdict.status == "partial" for p in reqs):
+            delivered += 1       # seen only in part, and the answer proves it arrived
         elif reqs:
             problems.append(_failed(pr.seq, "request", reqs[-1].verdict))
         else:
@@ -76,13 +74,59 @@ def _failed(seq: int, what: str, v) -> str:
             + (f" ({v.reason})" if v.reason else "") + (f": {v.cause}" if v.cause else ""))
 
 
-def summary(packets: list[Packet], probes: list[ProbeResult], counters: dict) -> dict:
-    """The figures of a flow run: probes, deliveries, answers, median times, events lost."""
+def watched_verdict(packets: list[Packet]) -> FlowVerdict:
+    """The verdict of watched traffic (no probes): every packet seen whole was delivered.
+    Partial packets (seen while an observer on their path was not tracing) are counted apart,
+    never as failures; the figures are `summary`'s (`watched`)."""
+    w = watched(packets)
+    n, ok_n, part = w["packets"], w["delivered"], w["partial"]
+    whole = n - part
+    problems: list[str] = []
+    by: dict[str, int] = {}
+    for p in packets:
+        if p.verdict.status not in ("delivered", "partial"):
+            by[p.verdict.status] = by.get(p.verdict.status, 0) + 1
+            if by[p.verdict.status] == 1:
+                v = p.verdict
+                problems.append(f"{p.direction} {v.status} at {v.node or 'fabric'}/{v.dev}"
+                                + (f" ({v.reason})" if v.reason else "") + (f": {v.cause}" if v.cause else ""))
+    if not n:
+        return FlowVerdict("failed", "no matching packet seen", ())
+    summary = f"{ok_n}/{n} packets delivered"
+    if part:
+        whys = list(dict.fromkeys(_why(p.verdict.hint) for p in packets if p.verdict.status == "partial"))
+        summary += f" ({part} partial: {'; '.join(whys)})"
+    if not whole:
+        problems.append("every packet seen was seen only in part (an observer on its path was not tracing)")
+    return FlowVerdict("ok" if whole and ok_n == whole else "failed", summary, tuple(problems))
+
+
+def _why(hint: str | None) -> str:
+    """The reason part of a partial verdict's hint ("seen only while … tracing")."""
+    hint = hint or ""
+    i = hint.find("seen only while")
+    return hint[i:].split(":")[0] if i >= 0 else "an observer was not tracing"
+
+
+def watched(packets: list[Packet]) -> dict:
+    """The figures of watched traffic: packets seen, delivered, partial, failed."""
+    st = [p.verdict.status for p in packets]
+    return {"packets": len(st), "delivered": st.count("delivered"), "partial": st.count("partial"),
+            "failed": len(st) - st.count("delivered") - st.count("partial")}
+
+
+def summary(packets: list[Packet], probes: list[ProbeResult], counters: dict, probing: bool = True) -> dict:
+    """The figures of a flow run: probes, deliveries, answers, median times, events lost.
+    Without probes, `delivered` counts every packet as the flow verdict does (`watched`)."""
     one_way = [p.one_way_ns for p in packets if p.direction == "request" and p.one_way_ns is not None]
     rtts = [p.rtt_ns for p in probes if p.rtt_ns is not None and p.outcome == "answered"]
+    figures = {"probes": len(probes),
+               "delivered": sum(1 for p in packets if p.direction == "request" and p.verdict.status == "delivered"),
+               "partial": sum(1 for p in packets if p.direction == "request" and p.verdict.status == "partial")}
+    if not probing:
+        figures = {"probes": 0, **watched(packets)}
     return {
-        "probes": len(probes),
-        "delivered": sum(1 for p in packets if p.direction == "request" and p.verdict.status == "delivered"),
+        **figures,
         "answered": sum(1 for p in probes if p.outcome == "answered"),
         "median_one_way_ns": int(np.median(one_way)) if one_way else None,
         "median_rtt_ns": int(np.median(rtts)) if rtts else None,

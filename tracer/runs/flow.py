@@ -9,7 +9,7 @@ import pandas as pd
 
 from tracer.agents import coordinator
 from tracer import testhooks
-from tracer.reconstruct import diagnose
+from tracer.reconstruct import diagnose, window as windows
 from tracer.kernel import record
 from tracer.reconstruct.packets import assign_packets, build_packets
 from tracer.node.prober import ProbeResult, send
@@ -110,6 +110,9 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
         # agents delivered up to their `drained` frame, and name the facts to ask for.
         co.drain()
         df, clock = _merge(co, plan)
+        # when every agent was tracing, on the reference clock: what is seen outside is partial
+        window = windows.from_observers(coordinator.spans(co.runs),
+                                        {n: o.get("offset_ns", 0) for n, o in clock["offsets"].items()})
         locations: dict[int, str | None] = {}
         for r in co.runs:
             for k, v in ((r.drained or {}).get("locations") or {}).items():
@@ -146,7 +149,7 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
     def evidence(packets):
         return agent_evidence(plan, facts)
     return Traced(df.drop(columns=["pkt"]), sent, counters, locations, hooks, degraded, timings, t_tracing,
-                  t_done, evidence, notes, problems, clock, packets=packets)
+                  t_done, evidence, notes, problems, clock, packets=packets, window=window)
 
 
 def _placement_from_agents(plan: Plan, co: coordinator.Coordinator) -> None:

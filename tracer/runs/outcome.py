@@ -9,7 +9,7 @@ from typing import Callable
 import pandas as pd
 
 from tracer import testhooks
-from tracer.reconstruct import diagnose, evidence
+from tracer.reconstruct import diagnose, evidence, window as windows
 from tracer.reconstruct.packets import FlowInput, build_packets
 from tracer.reconstruct import verdict as verdicts
 from tracer.reconstruct.evidence import Evidence
@@ -84,6 +84,7 @@ class Traced:
     problems: list[str] = field(default_factory=list)
     clock: dict = field(default_factory=dict)
     packets: list[Packet] | None = None   # already built by the tracing (agents); None: build from df
+    window: windows.Window | None = None  # when every observer was tracing (agents); None: all along
 
 
 def flow_input(plan: Plan, sent, locations, clock: dict | None = None) -> FlowInput:
@@ -171,7 +172,7 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
     ev = t.evidence(packets)
     if isinstance(ev, LocalEvidence):
         ev = ev.resolve(packets)
-    packets = diagnose.judge(packets, ev)
+    packets = windows.apply(diagnose.judge(packets, ev), t.window)
     verdict, probes = verdicts.flow_verdict(packets, fi, cfg.probe)
     # A lab pod deleted while tracing: say so instead of letting the drops it causes pass
     # for the cause (the pod's own view is gone, not the network broken).
@@ -180,7 +181,7 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
             for e in (plan.src, plan.dst) if plan.topology and e.pod and e.pod.netns and not netns.exists(e.pod.netns)]
     if t.problems or gone:
         verdict = replace(verdict, status="failed", problems=(*gone, *verdict.problems, *t.problems))
-    summary = verdicts.summary(packets, probes, t.counters)
+    summary = verdicts.summary(packets, probes, t.counters, cfg.probe)
     timings = {
         "resolve_s": round(plan.t_resolved - plan.t_start, 4),
         "startup_s": round(t.t_tracing - plan.t_start, 4),
@@ -217,6 +218,8 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
         "created_ns": time.time_ns(),
         "evidence": ev.as_json(),
     }
+    if t.window is not None:
+        result.meta["window"] = t.window.as_json()
     if cfg.save:
         from tracer import tracefile
         tracefile.save(cfg.save, t.df, result.meta)

@@ -1,0 +1,136 @@
+"""The observation window: when every observer of a trace was tracing, on the trace's clock.
+
+Agents (and per-node captures) start and stop at different moments. A packet seen while some
+observer on its path was not yet, or no longer, tracing may look lost although it only went
+where nobody was watching: such a packet is `partial`, never `lost` and never a failure.
+
+The window is [the latest ready, the earliest stop] of all observers, after their clocks are
+aligned (each observer's span is moved by its clock offset to the trace's reference clock).
+A packet that was not delivered and not seen dropped is partial when it was first seen before
+the window opened (with CLOCK_SLACK_NS for the clocks' alignment) or last seen within EDGE_NS
+of its end (the next observer on its path may have stopped before it got there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from tracer.reconstruct.model import Packet
+
+CLOCK_SLACK_NS = 20_000_000     # what the clocks' alignment may be off by (NTP's precision)
+EDGE_NS = 200_000_000           # the time a packet may take from one observer to the next
+RUNBOOK = "docs/runbooks/partial-view.md"
+
+
+@dataclass(frozen=True)
+class Window:
+    """Each observer's tracing span (ready, stop) on the trace clock; None: not known."""
+
+    spans: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
+
+    @property
+    def start_ns(self) -> int | None:
+        """The moment from which every observer was tracing (the latest ready)."""
+        starts = [s for s, _ in self.spans.values() if s is not None]
+        return max(starts) if starts else None
+
+    @property
+    def end_ns(self) -> int | None:
+        """The moment up to which every observer was tracing (the earliest stop)."""
+        stops = [e for _, e in self.spans.values() if e is not None]
+        return min(stops) if stops else None
+
+    def late(self, t_ns: int) -> list[str]:
+        """The observers that were not yet tracing at t_ns (latest first); within the clocks'
+        slack of the window's start, the last one to get ready."""
+        out = sorted(((s, n) for n, (s, _) in self.spans.items() if s is not None and t_ns < s + CLOCK_SLACK_NS),
+                     reverse=True)
+        return [n for s, n in out if t_ns < s] or [n for _, n in out[:1]]
+
+    def gone(self, t_ns: int) -> list[str]:
+        """The observers that had stopped, or were about to, at t_ns (earliest first)."""
+        out = sorted((e, n) for n, (_, e) in self.spans.items() if e is not None and t_ns + EDGE_NS > e)
+        return [n for e, n in out if t_ns >= e] or [n for _, n in out[:1]]
+
+    def outside(self, first_ns: int, last_ns: int) -> str | None:
+        """Why a packet seen from first_ns to last_ns is a partial view, or None when every
+        observer was tracing all along."""
+        late, gone = self.late(first_ns), self.gone(last_ns)
+        if late:
+            return f"seen only while {_names(late)} {'was' if len(late) == 1 else 'were'} not yet tracing"
+        if gone:
+            return f"seen only while {_names(gone)} {'was' if len(gone) == 1 else 'were'} no longer tracing"
+        return None
+
+    def as_json(self) -> dict:
+        return {"start_ns": self.start_ns, "end_ns": self.end_ns,
+                "observers": {n: {"ready_ns": s, "stop_ns": e} for n, (s, e) in sorted(self.spans.items())}}
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> "Window | None":
+        """The window a trace file's metadata carries (None: none, or not of this shape)."""
+        if not isinstance(d, dict) or not isinstance(d.get("observers"), dict):
+            return None
+        spans = {}
+        for n, o in d["observers"].items():
+            if isinstance(o, dict):
+                spans[str(n)] = (_int(o.get("ready_ns")), _int(o.get("stop_ns")))
+        return cls(spans) if spans else None
+
+
+def _int(v) -> int | None:
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _names(nodes: list[str]) -> str:
+    return ", ".join(nodes[:3]) + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
+
+
+def from_observers(spans: dict[str, tuple[int | None, int | None]], offsets_ns: dict[str, int]) -> Window | None:
+    """The window of observers whose spans are on their own clocks; offsets_ns: how far each
+    observer's clock is ahead of the reference's (an event at t on it is t - offset there)."""
+    out = {}
+    for node, (ready, stop) in spans.items():
+        off = int(offsets_ns.get(node, 0))
+        out[node] = (None if ready is None else int(ready) - off, None if stop is None else int(stop) - off)
+    return Window(out) if len(out) > 1 else None
+
+
+def from_meta(meta: dict) -> Window | None:
+    """The window a trace file's metadata records (`window`), if any."""
+    return Window.from_json(meta.get("window"))
+
+
+def apply(packets: list[Packet], window: Window | None) -> list[Packet]:
+    """The packets with `lost` turned `partial` where they were seen outside the window."""
+    if window is None or not window.spans:
+        return packets
+    out = []
+    for p in packets:
+        why = None
+        if p.verdict.status == "lost" and p.hops:
+            why = window.outside(p.first_ts_ns, p.first_ts_ns + p.hops[-1].t_ns)
+        out.append(p if why is None else replace(p, verdict=partial(p.verdict, why)))
+    return out
+
+
+def partial(v, why: str):
+    """A verdict turned into a partial view: where it was last seen stays, no cause."""
+    return replace(v, status="partial", reason=None, location=None, cause=None, evidence=None,
+                   hint=f"Last seen on {v.node or 'the fabric'}" + (f" ({v.dev})" if v.dev else "")
+                   + f"; {why}: a gap in the trace, not a loss.", runbook=RUNBOOK)
+
+
+def partial_mask(first_ns: np.ndarray, last_ns: np.ndarray, window: Window | None) -> np.ndarray:
+    """Whole columns: which packets (by first and last time seen) fall outside the window."""
+    out = np.zeros(len(first_ns), dtype=bool)
+    if window is None:
+        return out
+    for s, e in window.spans.values():
+        if s is not None:
+            out |= first_ns < s + CLOCK_SLACK_NS
+        if e is not None:
+            out |= last_ns + EDGE_NS > e
+    return out
