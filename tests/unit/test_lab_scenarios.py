@@ -182,3 +182,72 @@ def test_nothing_outside_the_lab_reads_what_was_broken():
                                          "lab import scenarios", "break_scenario")):
             readers.append(str(path.relative_to(root)))
     assert readers == []
+
+
+# ---------------------------------------------------------------------------------------
+# The README's "Lab scenarios" table and the runbooks it points to
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _table_after(text: str, heading: str) -> list[list[str]]:
+    """The rows (cells stripped) of the first Markdown table after `heading`."""
+    lines = text[text.index(heading):].splitlines()[1:]
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows[2:]   # past the header and the |---| line
+
+
+def _scenario_rows() -> dict[str, list[str]]:
+    rows = _table_after((ROOT / "README.md").read_text(), "### Lab scenarios")
+    assert rows and all(len(r) == 5 for r in rows), rows
+    return {r[0].strip("`"): r for r in rows}
+
+
+@pytest.mark.parametrize("sc", S.all_scenarios(), ids=lambda sc: sc.name)
+def test_every_scenario_has_a_readme_row(sc):
+    rows = _scenario_rows()
+    assert sc.name in rows, f"README.md's Lab scenarios table has no row for {sc.name}"
+    _, what, cause, runbook, flavours = rows[sc.name]
+    assert what and cause.startswith("`") and cause.endswith("`")
+    # the runbook exists and the runbook index has a line for it
+    target = runbook[runbook.index("(") + 1:runbook.index(")")]
+    assert target.startswith("docs/runbooks/") and (ROOT / target).is_file(), target
+    book = Path(target).name
+    index = (ROOT / "docs" / "runbooks" / "README.md").read_text()
+    assert any(f"]({book})" in line for line in index.splitlines()), f"{book} not in docs/runbooks/README.md"
+    # the flavours are the lab's CNIs minus the scenario's not_on
+    assert [f.strip() for f in flavours.split(",")] == [c for c in T.CNIS if c not in sc.not_on]
+    assert S.applies_to(sc) == [c for c in T.CNIS if c not in sc.not_on]
+
+
+def test_readme_scenario_causes_are_diagnosis_causes():
+    text = (ROOT / "README.md").read_text()
+    known = {tok for r in _table_after(text, "## Diagnosis") for tok in r[0].replace("`", "").split(" / ")}
+    for name, row in _scenario_rows().items():
+        assert row[2].strip("`") in known, f"{name}: cause {row[2]} is not in the Diagnosis table"
+
+
+def test_readme_lists_no_unknown_scenario():
+    assert set(_scenario_rows()) <= set(S.names())
+
+
+def test_listing_and_cli_say_where_each_scenario_applies(monkeypatch, tmp_path):
+    from tracer.cli.main import main
+
+    rows = {r["name"]: r for r in S.listing()}
+    assert rows["br-netfilter-off"]["applies_to"] == ["flannel"]
+    assert rows["netpol-drop"]["applies_to"] == ["flannel", "cilium"]
+    for sc in S.all_scenarios():
+        assert rows[sc.name]["applies_to"] == [c for c in T.CNIS if c not in sc.not_on]
+    monkeypatch.setenv("PODTRACE_STATE_DIR", str(tmp_path))
+    runner = CliRunner()
+    out = runner.invoke(main, ["lab", "scenarios"]).output
+    assert out.count("applies to: ") == len(S.names())
+    assert "applies to: flannel, cilium" in out and "applies to: flannel\n" in out
+    data = json.loads(runner.invoke(main, ["lab", "scenarios", "-o", "json"]).output)
+    assert {d["name"]: d["applies_to"] for d in data} == {n: r["applies_to"] for n, r in rows.items()}

@@ -227,6 +227,7 @@ def _print_scenarios(prefix: str, output: str) -> None:
         mark = "  [broken]" if r["name"] in broken else ""
         click.echo(f"{r['name']:<{width}}  {r['summary']} (default: {where}){mark}")
         click.echo(f"{'':<{width}}  show: {r['flow'] or '-'}")
+        click.echo(f"{'':<{width}}  applies to: {', '.join(r['applies_to'])}")
     if doc is None:
         click.echo("(node and pod names of the default lab; `podtrace lab up` first to break one)")
 

@@ -227,8 +227,14 @@ _register(Scenario(
     why_no_nodes="it needs a second pod to send from"))
 
 
+def applies_to(sc: Scenario) -> list[str]:
+    """The CNI flavours a scenario applies to: every lab flavour but those in `not_on`."""
+    return [c for c in T.CNIS if c not in sc.not_on]
+
+
 def listing(lab: Lab | None = None) -> list[dict]:
-    """One entry per scenario: name, summary, default node, valid nodes, the flow command."""
+    """One entry per scenario: name, summary, default node, valid nodes, the flow command,
+    the CNI flavours it applies to."""
     lab = lab or Lab.planned()
     out = []
     for sc in all_scenarios():
@@ -238,5 +244,6 @@ def listing(lab: Lab | None = None) -> list[dict]:
         shown = (sc.cluster_wide or valid) and not why_not
         out.append({"name": sc.name, "summary": sc.summary, "default_node": node,
                     "nodes": valid, "cluster_wide": sc.cluster_wide,
-                    "flow": flow_command(sc, lab, node) if shown else None})
+                    "flow": flow_command(sc, lab, node) if shown else None,
+                    "applies_to": applies_to(sc)})
     return out
