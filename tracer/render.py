@@ -14,7 +14,7 @@ from tracer.reconstruct.model import ConntrackView, Packet, Verdict
 if TYPE_CHECKING:
     from tracer.runs.outcome import FlowResult
 
-STATUS_STYLE = {"delivered": "green", "dropped": "bold red", "lost": "bold yellow"}
+STATUS_STYLE = {"delivered": "green", "dropped": "bold red", "lost": "bold yellow", "partial": "bold cyan"}
 
 
 def _us(ns: int | None) -> str:

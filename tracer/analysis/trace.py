@@ -23,7 +23,7 @@ COLUMNS = {
               "p50_ns", "p99_ns", "first_ts_ns", "last_ts_ns", "nodes"],
     "drops": ["reason", "node", "dev", "location", "count", "flows", "first_ts_ns", "last_ts_ns"],
 }
-STATUSES = ["delivered", "dropped", "lost", "left"]
+STATUSES = ["delivered", "dropped", "lost", "left", "partial"]
 
 
 @dataclass
