@@ -15,7 +15,7 @@ from tracer import tracefile
 from tracer.analysis.trace import _empty_hops, _empty_packets
 from tracer.cluster import inventory
 from tracer.node.prober import ProbeResult
-from tracer.reconstruct import diagnose, evidence, window as windows
+from tracer.reconstruct import beyond, diagnose, evidence, window as windows
 from tracer.reconstruct.packets import FlowInput, Placement, build_packets
 from tracer.reconstruct.drops import ip_num as _ip_num
 from tracer.reconstruct.evidence import Evidence
@@ -51,7 +51,8 @@ def _flow_input_of(meta: dict) -> FlowInput:
         _endpoint(meta["src"], meta), _endpoint(meta["dst"], meta), meta.get("proto"), meta.get("port"),
         [ProbeResult(**p) for p in meta.get("probes", [])], placement,
         {int(k): v for k, v in (meta.get("drop_reasons") or {}).items()}, lambda a: locations.get(a),
-        {int(k): v for k, v in (meta.get("ct_info_names") or {}).items()}, **_agents_kw(meta))
+        {int(k): v for k, v in (meta.get("ct_info_names") or {}).items()}, **_agents_kw(meta),
+        view=beyond.View.from_json(meta.get("view")))
 
 
 def _agents_kw(meta: dict) -> dict:

@@ -17,7 +17,7 @@ from tracer import tracefile
 from tracer.analysis.frames import _cat_from, _factorize, _lookup, _lookup_cat, _map_unique, _nullable, _placement
 from tracer.analysis.trace import STATUSES, _empty_hops, _empty_packets
 from tracer.kernel.record import ENCAP, FLAG_FOLLOWED, HOOK_IDS, HOOKS, PROTOS
-from tracer.reconstruct import diagnose, drops, window as windows
+from tracer.reconstruct import beyond, diagnose, drops, window as windows
 from tracer.reconstruct import packets as flows
 
 GAP_NS = flows.GAP_NS     # the same content seen again after this pause is a new packet
@@ -314,7 +314,44 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
         "ct_state": _lookup_cat(events["ct_info"].to_numpy()[order[rows]],
                             _ct_states(meta)),
     })
+    _partial(packets, hops, beyond.View.from_json(meta.get("view")))
     return packets, hops
+
+
+def _partial(packets: pd.DataFrame, hops: pd.DataFrame, view: beyond.View | None) -> None:
+    """Lost packets that left towards a node nobody traced: `partial` (beyond.left_view, the
+    per-packet path's rule), in place."""
+    if view is None:
+        return
+    lost = np.flatnonzero((packets["status"] == "lost").to_numpy())
+    if not len(lost):
+        return
+    sub = hops[hops["packet"].isin(packets["packet"].to_numpy()[lost])]
+    cols = ["packet", "node", "pod", "dev", "point", "src", "dst", "encap", "encap_src", "encap_dst", "vni"]
+    found: dict[int, object] = {}
+    for pkt, g in sub[cols].astype(object).groupby("packet", sort=False):
+        path = [flows.Hop(None if pd.isna(r.node) else r.node, None if pd.isna(r.pod) else r.pod, str(r.dev), str(r.point), str(r.src), str(r.dst),
+                          encap=(flows.Encap(str(r.encap_src), str(r.encap_dst), int(r.vni), str(r.encap))
+                                 if isinstance(r.encap, str) else None))
+                for r in g.itertuples(index=False)]
+        v = beyond.left_view(path, view.traced, view.node_of, view.untraced)
+        if v is not None:
+            found[int(pkt)] = v
+    if not found:
+        return
+    at = packets["packet"].isin(list(found)).to_numpy()
+    order = [found[int(k)] for k in packets["packet"].to_numpy()[at]]
+    if "partial" not in packets["status"].cat.categories:
+        packets["status"] = packets["status"].cat.add_categories(["partial"])
+    packets.loc[at, "status"] = "partial"
+    for col, attr in (("verdict_node", "node"), ("verdict_dev", "dev"), ("verdict_point", "point")):
+        vals = [getattr(v, attr) for v in order]
+        if hasattr(packets[col], "cat"):
+            packets[col] = packets[col].cat.add_categories([x for x in set(vals) - set(packets[col].cat.categories)
+                                                            if x is not None])
+        packets.loc[at, col] = vals
+    packets.loc[at, "hint"] = [v.hint for v in order]
+    packets.loc[at, "runbook"] = None
 
 
 def _ct_states(meta: dict) -> dict[int, str]:

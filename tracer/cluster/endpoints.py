@@ -54,6 +54,13 @@ def resolve(spec: str, inv: Inventory) -> Endpoint:
             ep.service = inv.services[key]
         elif kind == "node":
             ep.node = inv.nodes[key]
+        # The node a packet to it ends on: the pod's, the node itself, or whose pod CIDR holds it.
+        if ep.pod is not None:
+            ep.owner = inv.nodes.get(ep.pod.node) if ep.pod.node else None
+        elif ep.node is not None:
+            ep.owner = ep.node
+        elif ep.service is None:
+            ep.owner = inv.cidr_owner(ip)
         return ep
     parts = s.split("/")
     if parts[0] in ("svc", "service") and len(parts) == 3:

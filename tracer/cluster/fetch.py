@@ -114,11 +114,15 @@ def _fetch_spec(conn: Connection, s: str, inv: inventory.Inventory, streams: lis
             md = it["metadata"]
             _fetch_service(conn, inv, streams, md.get("namespace", "default"), md["name"], it)
         if not found and not svcs:
+            # A node's address, or an address in a node's pod CIDR (the node that owns it).
+            nodes = {}
             for it in _items(conn, Stream("Node"), "list nodes"):
                 node = inventory.node_from_obj(it)
-                if node.ip == ip:
-                    inv.upsert_node(node)
-                    streams.append(Stream("Node", field_selector=f"metadata.name={node.name}"))
+                nodes[node.name] = node
+            owner = inventory.cidr_owner(inventory.Inventory(nodes=nodes), ip)
+            if owner is not None:
+                inv.upsert_node(owner)
+                streams.append(Stream("Node", field_selector=f"metadata.name={owner.name}"))
         return
     parts = s.split("/")
     if parts[0] in ("svc", "service") and len(parts) == 3 and all(parts[1:]):

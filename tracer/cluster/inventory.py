@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from dataclasses import dataclass, field
@@ -73,6 +74,12 @@ class Node:
     ip: str | None
     pod_cidr: str | None = None
     netns: str | None = None
+    pod_cidrs: list[str] = field(default_factory=list)   # spec.podCIDRs (pod_cidr is the first)
+    addresses: list[str] = field(default_factory=list)   # every status address (InternalIP, ExternalIP)
+
+    def cidrs(self) -> list[str]:
+        """The node's pod CIDRs: spec.podCIDRs, else spec.podCIDR."""
+        return list(dict.fromkeys([*self.pod_cidrs, *([self.pod_cidr] if self.pod_cidr else [])]))
 
 
 @dataclass
@@ -101,6 +108,11 @@ class Inventory:
             if p.ip:
                 out[p.ip] = ("pod", p.key)
         return out
+
+    def cidr_owner(self, ip: str | None) -> Node | None:
+        """The node an address belongs to: the node whose pod CIDR holds it (the narrowest
+        wins), else the node that has it as an address; None when no node claims it."""
+        return cidr_owner(self, ip)
 
     # -- indexed lookups -------------------------------------------------------------------
 
@@ -319,6 +331,28 @@ class Inventory:
         return None
 
 
+def cidr_owner(inv: Inventory, ip: str | None) -> Node | None:
+    """The node that owns an address: pod CIDRs (the narrowest match), then node addresses."""
+    try:
+        addr = ipaddress.ip_address(ip) if ip else None
+    except ValueError:
+        return None
+    if addr is None:
+        return None
+    best: tuple[int, Node] | None = None
+    for n in inv.nodes.values():
+        for c in n.cidrs():
+            try:
+                net = ipaddress.ip_network(c, strict=False)
+            except ValueError:
+                continue
+            if addr.version == net.version and addr in net and (best is None or net.prefixlen > best[0]):
+                best = (net.prefixlen, n)
+    if best is not None:
+        return best[1]
+    return next((n for n in inv.nodes.values() if ip == n.ip or ip in n.addresses), None)
+
+
 @dataclass
 class Endpoint:
     spec: str
@@ -326,6 +360,7 @@ class Endpoint:
     pod: Pod | None = None
     service: Service | None = None
     node: Node | None = None
+    owner: Node | None = None       # a bare IP's node: whose pod CIDR (or address) it is
 
     def as_json(self) -> dict:
         return {
@@ -334,6 +369,7 @@ class Endpoint:
             "pod": self.pod.key if self.pod else None,
             "node": (self.pod.node if self.pod else (self.node.name if self.node else None)),
             "service": self.service.key if self.service else None,
+            "owner": self.owner.name if self.owner else None,
         }
 
     def addresses(self) -> list[str]:
@@ -417,8 +453,14 @@ def pod_from_obj(it: dict) -> Pod:
 
 def node_from_obj(it: dict) -> Node:
     md = it.get("metadata") or {}
-    addrs = {a.get("type"): a.get("address") for a in (it.get("status") or {}).get("addresses", [])}
-    return Node(md["name"], addrs.get("InternalIP"), (it.get("spec") or {}).get("podCIDR"))
+    raw = (it.get("status") or {}).get("addresses") or []
+    addrs = {a.get("type"): a.get("address") for a in raw}
+    spec = it.get("spec") or {}
+    cidrs = [c for c in spec.get("podCIDRs") or [] if c]
+    return Node(md["name"], addrs.get("InternalIP"), spec.get("podCIDR") or (cidrs[0] if cidrs else None),
+                pod_cidrs=cidrs,
+                addresses=[a.get("address") for a in raw if a.get("type") in ("InternalIP", "ExternalIP")
+                           and a.get("address")])
 
 
 def service_from_obj(it: dict) -> Service:

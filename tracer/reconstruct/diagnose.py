@@ -103,6 +103,8 @@ def facts_needed(packets: list[Packet], ev: Evidence) -> dict[str, list[dict]]:
 def _facts_node(packet: Packet, ev: Evidence) -> str | None:
     """The node whose facts `explain` consults for this packet, if any."""
     v = packet.verdict
+    if v.status == "partial":
+        return None
     if v.status == "delivered":
         return packet.hops[-1].node if _unreversed(packet, ev) else None
     if v.cause or _stale(packet, ev) is not None:
@@ -112,6 +114,8 @@ def _facts_node(packet: Packet, ev: Evidence) -> str | None:
 
 def explain(packet: Packet, ev: Evidence) -> Verdict:
     """The packet's verdict refined with the cause the evidence supports (a new verdict)."""
+    if packet.verdict.status == "partial":   # no view beyond: nothing to blame
+        return packet.verdict
     v = _stale_dnat(packet, packet.verdict, ev)
     if v.status == "delivered" or (arrival.after(v) and _unreversed(packet, ev)):
         return _explain_delivered(packet, v, ev)

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from tracer.reconstruct import arrival, diagnose
+from tracer.reconstruct import arrival, beyond, diagnose
 from tracer.kernel.record import ENCAP, FLAG_DF, HOOK_IDS, HOOKS, PROTOS
 from tracer.reconstruct.model import Addr, ConntrackView, Encap, FiveTuple, Hop, NatChange, Packet
 
@@ -66,6 +66,7 @@ class FlowInput:
     # so an estimate off by a few µs cannot interleave two nodes' hops.
     contiguous_agents: bool = False
     sample: int = 1              # 1 in N packets traced: an unseen probe was not sampled
+    view: beyond.View | None = None   # which nodes were traced (None: unknown, no `partial`)
 
 
 def assign_packets(df: pd.DataFrame) -> pd.DataFrame:
@@ -281,6 +282,8 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[Packet]:
             arrive_t = None
         else:
             verdict = diagnose.lost(last.node, last.dev, last.point)
+            if fi.view is not None:   # left towards a node nobody traced: no view, not lost
+                verdict = beyond.left_view(hops, fi.view.traced, fi.view.node_of, fi.view.untraced) or verdict
             arrive_t = None
         icmp = first.proto == 1
         packets.append(Packet(

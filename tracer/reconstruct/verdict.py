@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 
 from tracer.node.prober import ProbeResult
+from tracer.reconstruct import beyond
 from tracer.reconstruct.model import FlowVerdict, Packet
 from tracer.reconstruct.packets import FlowInput
 
@@ -53,7 +54,11 @@ def flow_verdict(packets: list[Packet], fi: FlowInput, probing: bool) -> tuple[F
         elif pr.outcome == "refused":
             problems.append(f"probe {pr.seq}: refused ({pr.detail or 'reset'})")
         elif pr.outcome == "timeout":
-            if reps and reps[-1].verdict.status != "delivered":
+            partial = next((p for p in reversed(reqs) if p.verdict.status == "partial"), None)
+            if partial is not None and not reps and not any(p.verdict.status == "delivered" for p in reqs):
+                problems.append(f"probe {pr.seq}: no view beyond {partial.verdict.node}: no reply, and "
+                                "nothing shows the request was delivered")
+            elif reps and reps[-1].verdict.status != "delivered":
                 problems.append(_failed(pr.seq, "reply", reps[-1].verdict))
             else:
                 problems.append(f"probe {pr.seq}: no reply")
@@ -70,6 +75,9 @@ def flow_verdict(packets: list[Packet], fi: FlowInput, probing: bool) -> tuple[F
 
 def _failed(seq: int, what: str, v) -> str:
     """One problem line: where and why a probe's request or reply stopped."""
+    left = beyond.problem(seq, what, v)
+    if left is not None:
+        return left
     return (f"probe {seq}: {what} {v.status} at {v.node or 'fabric'}/{v.dev}"
             + (f" ({v.reason})" if v.reason else "") + (f": {v.cause}" if v.cause else ""))
 

@@ -16,7 +16,7 @@ from tracer.node.prober import ProbeResult, send
 from tracer.config import FlowConfig
 from tracer.node import facts
 from tracer.runs.outcome import (FlowResult, Traced, agent_evidence, finish, flow_input, local_evidence, pod_hits,
-                                 service_evidence)
+                                 service_evidence, traced_view)
 from tracer.runs.plan import Plan, agent_plans, flow_pods, node_refs, prepare, tc_devices
 from tracer.kernel.session import TerminateAsInterrupt
 from tracer.runs.node import NodeJob, NodeRunner
@@ -75,7 +75,8 @@ def _trace_single(plan: Plan, say) -> Traced:
     evidence = local_evidence(topo, dst, refs, runner.iptables_before, counters_after,
                               pod_hits(plan, runner.pod_rule_hits()))
     return Traced(df, sent, counters, locations, runner.hook_names, runner.degraded,
-                   dict(runner.timings), t_tracing, time.monotonic(), lambda packets: evidence)
+                   dict(runner.timings), t_tracing, time.monotonic(), lambda packets: evidence,
+                   view=traced_view(plan, refs))
 
 
 def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
@@ -120,7 +121,9 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
             if r.hello and "drain" not in r.hello.commands and not r.failure:
                 notes.append(f"{r.plan.node}'s agent is older than this podtrace: its drop locations are "
                              "not named and its last events may be missing; update the agent image")
-        fi = flow_input(plan, sent, locations, clock)
+        view = traced_view(plan, [r.plan.node for r in co.runs],
+                           {r.plan.node: f"its agent failed: {r.failure}" for r in co.runs if r.failure})
+        fi = flow_input(plan, sent, locations, clock, view)
         packets = build_packets(df, fi)
         queries = diagnose.facts_needed(packets, service_evidence(plan))
         for r in co.runs:
@@ -149,7 +152,7 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
     def evidence(packets):
         return agent_evidence(plan, facts)
     return Traced(df.drop(columns=["pkt"]), sent, counters, locations, hooks, degraded, timings, t_tracing,
-                  t_done, evidence, notes, problems, clock, packets=packets, window=window)
+                  t_done, evidence, notes, problems, clock, packets=packets, window=window, view=view)
 
 
 def _placement_from_agents(plan: Plan, co: coordinator.Coordinator) -> None:

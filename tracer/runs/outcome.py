@@ -9,7 +9,7 @@ from typing import Callable
 import pandas as pd
 
 from tracer import testhooks
-from tracer.reconstruct import diagnose, evidence, window as windows
+from tracer.reconstruct import beyond, diagnose, evidence, window as windows
 from tracer.reconstruct.packets import FlowInput, build_packets
 from tracer.reconstruct import verdict as verdicts
 from tracer.reconstruct.evidence import Evidence
@@ -85,12 +85,19 @@ class Traced:
     clock: dict = field(default_factory=dict)
     packets: list[Packet] | None = None   # already built by the tracing (agents); None: build from df
     window: windows.Window | None = None  # when every observer was tracing (agents); None: all along
+    view: "beyond.View | None" = None     # the nodes traced, and why the others were not
 
 
-def flow_input(plan: Plan, sent, locations, clock: dict | None = None) -> FlowInput:
+def flow_input(plan: Plan, sent, locations, clock: dict | None = None, view=None) -> FlowInput:
     return FlowInput(plan.src, plan.dst, plan.proto, plan.port, sent, plan.placement,
                            plan.drop_reasons, lambda a: locations.get(a), plan.ct_names,
-                           contiguous_agents=bool((clock or {}).get("offsets")), sample=plan.cfg.sample)
+                           contiguous_agents=bool((clock or {}).get("offsets")), sample=plan.cfg.sample,
+                           view=view)
+
+
+def traced_view(plan: Plan, traced, why: dict[str, str] | None = None) -> beyond.View:
+    """The run's View: the inventory's nodes, those traced, why the others were not."""
+    return beyond.view_of(plan.inv.nodes.values(), traced, why)
 
 
 def vtep(topo) -> dict:
@@ -166,7 +173,7 @@ def names(packets: list[Packet], inv: inventory.Inventory) -> dict[str, dict | N
 def finish(plan: Plan, t: Traced) -> FlowResult:
     cfg = plan.cfg
     testhooks.pause("reconstructing")
-    fi = flow_input(plan, t.sent, t.locations, t.clock)
+    fi = flow_input(plan, t.sent, t.locations, t.clock, t.view)
     packets = t.packets if t.packets is not None else build_packets(t.df, fi)
     named = names(packets, plan.inv)
     ev = t.evidence(packets)
@@ -220,6 +227,8 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
     }
     if t.window is not None:
         result.meta["window"] = t.window.as_json()
+    if t.view is not None:
+        result.meta["view"] = t.view.as_json()
     if cfg.save:
         from tracer import tracefile
         tracefile.save(cfg.save, t.df, result.meta)

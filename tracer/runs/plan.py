@@ -68,7 +68,7 @@ def tc_devices(topo: Topology | None, src: inventory.Endpoint, dst: inventory.En
     if topo is None:
         return []
     keys = [e.pod.key for e in (src, dst) if e.pod] + (list(dst.service.backends) if dst.service else [])
-    return topo.devices(keys)
+    return topo.devices(keys, nodes=[dst.owner.name] if dst.owner else ())
 
 
 def choose_proto(cfg: FlowConfig, dst: inventory.Endpoint) -> tuple[str, int | None, list[str]]:
@@ -167,6 +167,7 @@ def agent_requests(plan: Plan) -> list[AgentRequest]:
     pods = flow_pods(src, dst, plan.inv)
     nodes = [e.node.name for e in (src,) if e.node and not e.pod]
     nodes += [p.node for p in pods if p.node] + [e.node.name for e in (dst,) if e.node and not e.pod]
+    nodes += [dst.owner.name] if dst.owner else []   # the node a bare IP's packets end on
     nodes = list(dict.fromkeys(nodes))
     if topo is not None:   # the topology's order
         nodes = [n.name for n in topo.nodes if n.name in nodes]
