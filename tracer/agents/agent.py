@@ -28,6 +28,7 @@ from tracer.kernel import tc
 from tracer.kernel.session import TerminateAsInterrupt
 from tracer.node import facts, netns
 from tracer.node import prober as probe
+from tracer.node import sourcefacts
 from tracer.runs.node import NodeJob, NodeRunner
 
 FLUSH_S = 0.05
@@ -194,7 +195,7 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, l
             after = runner.iptables_after()[node.name]
             out.send("facts", {"node": node.name,
                                "rule_hits": facts.rule_hits(runner.iptables_before[node.name], after),
-                               "answers": [_facts(node, q) for q in cmd.get("queries", [])],
+                               "answers": [_facts(node, q, req.probe) for q in cmd.get("queries", [])],
                                "netns_rule_hits": {str(k): v for k, v in runner.pod_rule_hits().items()},
                                "locations": {str(k): v for k, v in runner.drop_locations().items()}})
         elif what in ("stop", "eof"):
@@ -252,8 +253,13 @@ def _pod_spaces(req: request.AgentRequest) -> dict[int, str]:
     return {i: n for i, n in facts.named_netns(req.netns_filter or ()).items() if i != own}
 
 
-def _facts(node: facts.NodeRef, q: dict) -> dict:
+def _facts(node: facts.NodeRef, q: dict, probe_req: request.ProbeRequest | None = None) -> dict:
     try:
+        if q.get("kind") == "source":
+            # the probing pod's own view, read inside its namespace (the one the probes left from)
+            if probe_req is None or not probe_req.netns:
+                return {"query": q, "error": "this agent did not probe: it knows no source pod"}
+            return {"query": q, "facts": sourcefacts.read(probe_req.netns, q["dst"])}
         return {"query": q, "facts": facts.facts(node, src=q["src"], dst=q["dst"], iif=q.get("iif"),
                                                      devs=q.get("devs", []), pod_netns=q.get("pod_netns"),
                                                      pod_dev=q.get("pod_dev"))}

@@ -35,9 +35,13 @@ class ProbeResult:
     reply_from: str | None = None
     rtt_ns: int | None = None
     detail: str | None = None
+    source: dict | None = None   # the source verdict when the request never left the pod
 
     def as_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["source"] is None:
+            del out["source"]
+        return out
 
 
 def _checksum(data: bytes) -> int:

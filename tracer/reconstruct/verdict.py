@@ -7,15 +7,18 @@ from dataclasses import replace
 import numpy as np
 
 from tracer.node.prober import ProbeResult
-from tracer.reconstruct import beyond
+from tracer.reconstruct import beyond, source
+from tracer.reconstruct.evidence import Evidence
 from tracer.reconstruct.model import FlowVerdict, Packet
 from tracer.reconstruct.packets import FlowInput
 
 
-def flow_verdict(packets: list[Packet], fi: FlowInput, probing: bool) -> tuple[FlowVerdict, list[ProbeResult]]:
+def flow_verdict(packets: list[Packet], fi: FlowInput, probing: bool,
+                 ev: Evidence | None = None) -> tuple[FlowVerdict, list[ProbeResult]]:
     """(the flow-level verdict, the probes as judged): every probe delivered and answered by
     the right address. A probe answered with an un-reversed reply is judged `wrong-reply`
-    (a new ProbeResult; fi.probes stays as sent)."""
+    (a new ProbeResult; fi.probes stays as sent); one whose request never left the source
+    pod carries its source verdict (`source`, from the pod's facts in `ev`)."""
     problems: list[str] = []
     probes = [replace(pr) for pr in fi.probes]
     requests = [p for p in packets if p.direction == "request"]
@@ -31,15 +34,22 @@ def flow_verdict(packets: list[Packet], fi: FlowInput, probing: bool) -> tuple[F
     for pr in judged:
         reqs = [p for p in requests if p.seq == pr.seq]
         reps = [p for p in replies if p.seq == pr.seq]
+        stuck = None
         if any(p.verdict.status == "delivered" for p in reqs):
             delivered += 1
         elif pr.outcome == "answered" and reqs and all(p.verdict.status == "partial" for p in reqs):
             delivered += 1       # seen only in part, and the answer proves it arrived
+        elif (stuck := source.judge(pr, reqs, fi.src.pod.key if fi.src.pod else None,
+                                    fi.src.pod.node if fi.src.pod else None, ev)) is not None:
+            pr.source = stuck
+            problems.append(source.line(pr.seq, stuck))
         elif reqs:
             problems.append(_failed(pr.seq, "request", reqs[-1].verdict))
         else:
             problems.append(f"probe {pr.seq}: request never seen by the tracer")
         bad_reply = next((p for p in reps if p.verdict.cause == "unreversed-reply"), None)
+        if stuck is not None:
+            continue   # its line says why; no reply was possible
         if bad_reply is not None:
             problems.append(f"probe {pr.seq}: {bad_reply.verdict.hint}")
             if pr.outcome == "answered":

@@ -16,7 +16,8 @@ from tracer.node.prober import ProbeResult, send
 from tracer.config import FlowConfig
 from tracer.node import facts
 from tracer.runs.outcome import (FlowResult, Traced, agent_evidence, finish, flow_input, local_evidence, pod_hits,
-                                 service_evidence, traced_view)
+                                 service_evidence, source_query, traced_view)
+from tracer.reconstruct import source
 from tracer.runs.plan import Plan, agent_plans, flow_pods, node_refs, prepare, tc_devices
 from tracer.kernel.session import TerminateAsInterrupt
 from tracer.runs.node import NodeJob, NodeRunner
@@ -72,8 +73,10 @@ def _trace_single(plan: Plan, say) -> Traced:
         counters = runner.counters()
         df = runner.session.frame()
         locations = runner.symbols(df.loc[df["location"] != 0, "location"].unique())
+    sq = source_query(plan)
     evidence = local_evidence(topo, dst, refs, runner.iptables_before, counters_after,
-                              pod_hits(plan, runner.pod_rule_hits()))
+                              pod_hits(plan, runner.pod_rule_hits()),
+                              (src.pod.node, src.pod.netns, sq) if sq and src.pod.netns else None)
     return Traced(df, sent, counters, locations, runner.hook_names, runner.degraded,
                    dict(runner.timings), t_tracing, time.monotonic(), lambda packets: evidence,
                    view=traced_view(plan, refs))
@@ -126,6 +129,10 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
         fi = flow_input(plan, sent, locations, clock, view)
         packets = build_packets(df, fi)
         queries = diagnose.facts_needed(packets, service_evidence(plan))
+        sq = source_query(plan)
+        if sq and prober is not None and source.needed(packets, sent, sq["pod"]):
+            # the source pod's own view, answered by the agent that probed from it
+            queries.setdefault(prober.plan.node, []).append(sq)
         for r in co.runs:
             if not r.failure:
                 r.facts = None

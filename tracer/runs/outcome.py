@@ -9,7 +9,7 @@ from typing import Callable
 import pandas as pd
 
 from tracer import testhooks
-from tracer.reconstruct import beyond, diagnose, evidence, window as windows
+from tracer.reconstruct import beyond, diagnose, evidence, source, window as windows
 from tracer.reconstruct.packets import FlowInput, build_packets
 from tracer.reconstruct import verdict as verdicts
 from tracer.reconstruct.evidence import Evidence
@@ -18,6 +18,7 @@ from tracer.cluster import inventory
 from tracer.node import netns
 from tracer.node import facts
 from tracer.node import prober
+from tracer.node import sourcefacts
 from tracer.config import FlowConfig
 from tracer.runs.plan import Plan
 
@@ -116,9 +117,13 @@ class LocalEvidence:
 
     base: Evidence
     refs: dict
+    source: tuple[str, str, dict] | None = None   # (node, pod netns, query) of the source pod
 
-    def resolve(self, packets: list[Packet]) -> Evidence:
+    def resolve(self, packets: list[Packet], probes: list[prober.ProbeResult] = ()) -> Evidence:
         answers: dict[str, list[dict]] = {}
+        if self.source and source.needed(packets, list(probes), self.source[2]["pod"]):
+            node, ns, q = self.source
+            answers.setdefault(node, []).append({"query": q, "facts": sourcefacts.read(ns, q["dst"])})
         for node, queries in diagnose.facts_needed(packets, self.base).items():
             ref = self.refs.get(node)
             if ref is None:
@@ -141,12 +146,21 @@ def pod_hits(plan: Plan, by_inode: dict) -> dict[str, list[dict]]:
     return out
 
 
-def local_evidence(topo, dst: inventory.Endpoint, refs, before, after, pods: dict | None = None) -> LocalEvidence:
+def local_evidence(topo, dst: inventory.Endpoint, refs, before, after, pods: dict | None = None,
+                   src_query: tuple[str, str, dict] | None = None) -> LocalEvidence:
     hits = {n: facts.rule_hits(before[n], after[n]) for n in after if n in before}
     hits.update(pods or {})
     e = evidence.service_evidence(dst.service)
     return LocalEvidence(Evidence(rule_hits=hits, vip=e.vip, service=e.service, backends=e.backends,
-                                  vtep=vtep(topo)), refs)
+                                  vtep=vtep(topo)), refs, src_query)
+
+
+def source_query(plan: Plan) -> dict | None:
+    """The question about the source pod's own view (answered only when a probe never left it)."""
+    pod = plan.src.pod
+    if pod is None or not plan.cfg.probe:
+        return None
+    return source.query(pod.key, plan.src.ip, plan.dst.ip, plan.cfg.size)
 
 
 def agent_evidence(plan: Plan, facts_by_node: dict[str, dict]) -> Evidence:
@@ -178,9 +192,9 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
     named = names(packets, plan.inv)
     ev = t.evidence(packets)
     if isinstance(ev, LocalEvidence):
-        ev = ev.resolve(packets)
+        ev = ev.resolve(packets, t.sent)
     packets = windows.apply(diagnose.judge(packets, ev), t.window)
-    verdict, probes = verdicts.flow_verdict(packets, fi, cfg.probe)
+    verdict, probes = verdicts.flow_verdict(packets, fi, cfg.probe, ev)
     # A lab pod deleted while tracing: say so instead of letting the drops it causes pass
     # for the cause (the pod's own view is gone, not the network broken).
     gone = [f"{e.pod.key} was deleted during the trace (its network namespace is gone); "

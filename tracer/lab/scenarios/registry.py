@@ -13,7 +13,7 @@ from typing import Callable
 
 from tracer.errors import BadInput
 from tracer.lab import topology as T
-from tracer.lab.scenarios import conntrack, faults, faults_delivery
+from tracer.lab.scenarios import conntrack, faults, faults_delivery, faults_source
 from tracer.lab.scenarios.changes import Changes
 from tracer.lab.scenarios.labdoc import Lab, Pod
 
@@ -225,6 +225,23 @@ _register(Scenario(
     "(permanent): frames reach the pod addressed to another host and are discarded (OTHERHOST)",
     _second, _any_node, _show_to_first_pod, faults_delivery.pod_mac_wrong,
     why_no_nodes="it needs a second pod to send from"))
+_register(Scenario(
+    "pod-no-route",
+    "the default route of a node's first pod removed: its sends to another node's pods fail "
+    "(ENETUNREACH) before any packet leaves the pod",
+    _first, _two_nodes, _show_from_first_pod, faults_source.pod_no_route))
+_register(Scenario(
+    "pod-pmtu",
+    f"a route inside a node's first pod to the peer node's first pod with a locked MTU of "
+    f"{faults_source.PMTU}: full-size DF probes cannot leave the pod (EMSGSIZE)",
+    _first, _two_nodes,
+    lambda lab, node: _show_from_first_pod(lab, node) + " --size 1400",
+    faults_source.pod_pmtu))
+_register(Scenario(
+    "pod-gw-neigh",
+    "every ARP frame a node's first pod sends is dropped at its node-side device (nftables, "
+    "netdev ingress): the pod cannot resolve its gateway, nothing it sends leaves it",
+    _first, _two_nodes, _show_from_first_pod, faults_source.pod_gw_neigh))
 
 
 def applies_to(sc: Scenario) -> list[str]:
