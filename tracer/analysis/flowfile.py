@@ -51,7 +51,8 @@ def _flow_input_of(meta: dict) -> FlowInput:
         _endpoint(meta["src"], meta), _endpoint(meta["dst"], meta), meta.get("proto"), meta.get("port"),
         [ProbeResult(**p) for p in meta.get("probes", [])], placement,
         {int(k): v for k, v in (meta.get("drop_reasons") or {}).items()}, lambda a: locations.get(a),
-        {int(k): v for k, v in (meta.get("ct_info_names") or {}).items()}, **_agents_kw(meta))
+        {int(k): v for k, v in (meta.get("ct_info_names") or {}).items()}, **_agents_kw(meta),
+        addresses={str(k): tuple(v) for k, v in (meta.get("addresses") or {}).items()})
 
 
 def _agents_kw(meta: dict) -> dict:

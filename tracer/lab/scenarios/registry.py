@@ -13,7 +13,7 @@ from typing import Callable
 
 from tracer.errors import BadInput
 from tracer.lab import topology as T
-from tracer.lab.scenarios import conntrack, faults
+from tracer.lab.scenarios import conntrack, faults, faults_dnat
 from tracer.lab.scenarios.changes import Changes
 from tracer.lab.scenarios.labdoc import Lab, Pod
 
@@ -213,6 +213,15 @@ _register(Scenario(
                        f"--sport {conntrack.STALE_SPORT} --count 1"),
     conntrack.stale_udp_conntrack,
     why_no_nodes="it needs a pod"))
+_register(Scenario(
+    "hostport-unreversed",
+    f"a hostPort DNAT (node IP, port {faults_dnat.HOST_PORT}) to a node's first pod and "
+    "bridge-nf-call-iptables=0 there: same-node clients get replies from the pod IP",
+    _second, lambda lab: [n for n in lab.node_names if len(lab.pods_on(n)) > 1],
+    lambda lab, node: (f"{faults_dnat.client(lab, node).name} {lab.node(node).ip} --proto udp "
+                       f"--port {faults_dnat.HOST_PORT}"),
+    faults_dnat.hostport_unreversed,
+    why_no_nodes="it needs a node with two pods", not_on=_NO_BRIDGE))
 
 
 def listing(lab: Lab | None = None) -> list[dict]:
