@@ -17,7 +17,7 @@ from tracer.lab import topology as T
 NAMES = [
     "netpol-drop", "ip-forward-off", "br-netfilter-off", "conntrack-full", "conntrack-invalid",
     "rp-filter-strict", "mtu-blackhole", "no-route", "fdb-missing", "neigh-wrong",
-    "svc-no-endpoints", "stale-udp-conntrack", "pod-input-drop", "pod-mac-wrong",
+    "svc-no-endpoints", "stale-udp-conntrack", "pod-input-drop", "pod-mac-wrong", "hostport-unreversed",
 ]
 
 

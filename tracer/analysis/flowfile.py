@@ -52,7 +52,8 @@ def _flow_input_of(meta: dict) -> FlowInput:
         [ProbeResult(**p) for p in meta.get("probes", [])], placement,
         {int(k): v for k, v in (meta.get("drop_reasons") or {}).items()}, lambda a: locations.get(a),
         {int(k): v for k, v in (meta.get("ct_info_names") or {}).items()}, **_agents_kw(meta),
-        view=beyond.View.from_json(meta.get("view")))
+        view=beyond.View.from_json(meta.get("view")),
+        addresses={str(k): tuple(v) for k, v in (meta.get("addresses") or {}).items()})
 
 
 def _agents_kw(meta: dict) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tracer.reconstruct import arrival
+from tracer.reconstruct import arrival, dnat
 from tracer.reconstruct.evidence import Evidence, fact_query
 from tracer.reconstruct.model import ConntrackView, Hop, Packet, Verdict
 
@@ -84,6 +84,7 @@ def _cap(s: str) -> str:
 
 def judge(packets: list[Packet], ev: Evidence) -> list[Packet]:
     """The packets with their verdicts refined by the evidence (new packets; the input stays)."""
+    ev = dnat.learn(ev, packets)
     return [replace(p, verdict=explain(p, ev)) for p in packets]
 
 
@@ -91,6 +92,7 @@ def facts_needed(packets: list[Packet], ev: Evidence) -> dict[str, list[dict]]:
     """node → the fact queries `explain` will look up for these packets (no duplicates).
     Only the Service part of `ev` is read: it decides which replies are suspect."""
     out: dict[str, list[dict]] = {}
+    ev = dnat.learn(ev, packets)
     for p in packets:
         node = _facts_node(p, ev)
         if node is not None:
@@ -279,7 +281,10 @@ def _overlay_port(packet: Packet, v: Verdict) -> bool:
 
 
 def _unreversed(packet: Packet, ev: Evidence) -> bool:
-    """A reply that reached the client from the backend's address instead of the VIP."""
+    """A reply that reached the client from the backend's address instead of the VIP (or
+    from a DNAT target's address instead of the one the client sent to)."""
+    if not ev.vip and packet.direction == "reply":
+        return dnat.unreversed(packet, ev) is not None
     if not ev.vip or packet.direction != "reply":
         return False
     src = packet.hops[-1].src
@@ -297,6 +302,9 @@ def _explain_delivered(packet: Packet, v: Verdict, ev: Evidence) -> Verdict:
     skipped = all(not h.ct for h in on_node)
     sentence = (f"The reply from backend {last.src} reached the client un-reversed (source should be "
                 f"the VIP {ev.vip})")
+    if not ev.vip:
+        sentence = (f"The reply from DNAT target {last.src} reached the client un-reversed (source should "
+                    f"be {dnat.unreversed(packet, ev)}, the address the client sent to)")
     if f and f.get("bridge_nf_call_iptables") == 0:
         sentence += (f": it was bridged on {node} without passing conntrack because "
                      f"bridge-nf-call-iptables is 0 there, so the reverse DNAT never happened.")

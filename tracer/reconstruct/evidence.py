@@ -8,7 +8,7 @@ the same rules give the same causes offline.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tracer.reconstruct import arrival
 from tracer.reconstruct.model import Packet
@@ -36,6 +36,7 @@ class Evidence:
     service: str | None = None            # its key (namespace/name)
     backends: list[str] = field(default_factory=list)   # its current backend addresses
     vtep: dict[str, dict] = field(default_factory=dict)  # overlay IP → {"node", "mac", "ip"}
+    dnat: dict[str, str] = field(default_factory=dict)   # DNAT target → the address sent to (dnat.py)
 
     def facts(self, node: str, packet: Packet) -> dict | None:
         """The node's facts about this packet, or None when nobody answered."""
@@ -49,17 +50,23 @@ class Evidence:
                      rule_hits: dict[str, list[dict]] | None = None) -> "Evidence":
         """The same evidence with the nodes' answers (and rule hits) filled in."""
         return Evidence(answers, self.rule_hits if rule_hits is None else rule_hits, self.vip,
-                        self.service, list(self.backends), self.vtep)
+                        self.service, list(self.backends), self.vtep, dict(self.dnat))
+
+    def with_dnat(self, dnat: dict[str, str]) -> "Evidence":
+        """The same evidence with the DNATs seen on the path (target → the address sent to)."""
+        return replace(self, dnat=dict(dnat))
 
     def as_json(self) -> dict:
         return {"answers": self.answers, "rule_hits": self.rule_hits, "vip": self.vip,
-                "service": self.service, "backends": list(self.backends), "vtep": self.vtep}
+                "service": self.service, "backends": list(self.backends), "vtep": self.vtep,
+                **({"dnat": dict(self.dnat)} if self.dnat else {})}
 
     @classmethod
     def from_json(cls, d: dict) -> "Evidence":
         return cls({str(k): list(v or []) for k, v in (d.get("answers") or {}).items()},
                    {str(k): list(v or []) for k, v in (d.get("rule_hits") or {}).items()},
-                   d.get("vip"), d.get("service"), list(d.get("backends") or []), dict(d.get("vtep") or {}))
+                   d.get("vip"), d.get("service"), list(d.get("backends") or []), dict(d.get("vtep") or {}),
+                   dict(d.get("dnat") or {}))
 
 
 def service_evidence(service) -> Evidence:

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from tracer.reconstruct import arrival, beyond, diagnose
+from tracer.reconstruct import arrival, beyond, diagnose, dnat
 from tracer.kernel.record import ENCAP, FLAG_DF, HOOK_IDS, HOOKS, PROTOS
 from tracer.reconstruct.model import Addr, ConntrackView, Encap, FiveTuple, Hop, NatChange, Packet
 
@@ -67,6 +67,9 @@ class FlowInput:
     contiguous_agents: bool = False
     sample: int = 1              # 1 in N packets traced: an unseen probe was not sampled
     view: beyond.View | None = None   # which nodes were traced (None: unknown, no `partial`)
+    # address → (node, pod key) of the pods and nodes traced: where a DNAT target lives
+    addresses: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    dnat: frozenset[str] = frozenset()   # addresses the requests were DNATed to (dnat.py)
 
 
 def assign_packets(df: pd.DataFrame) -> pd.DataFrame:
@@ -145,7 +148,7 @@ def _classify(first, fi: FlowInput) -> tuple[str, int | None]:
     direction = None
     if first.saddr_str == src_ip and (first.daddr_str in dst_ips or not dst_ips):
         direction = "request"
-    elif first.daddr_str == src_ip and first.saddr_str in dst_ips:
+    elif first.daddr_str == src_ip and (first.saddr_str in dst_ips or first.saddr_str in fi.dnat):
         direction = "reply"
     if direction is None:
         return ("other", None)
@@ -215,6 +218,7 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[Packet]:
         return packets
     pl = fi.placement
     rule = arrival.Rule.of(fi.drop_reasons, pods=[k for k, (_, p) in pl.netns.items() if p])
+    fi = replace(fi, dnat=dnat.targets_in_events(df, fi))   # their answers are replies
     for pkt, g in df[df["pkt"] >= 0].groupby("pkt", sort=False):
         if fi.contiguous_agents and "agent" in g:
             first = g.groupby("agent")["ts_ns"].transform("min")
@@ -254,6 +258,7 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[Packet]:
         # Arrived at the pod it was addressed to: a frame flooded into another pod's namespace
         # (a stale DNAT to an address nobody has any more) is not a delivery.
         want = _target_ips(fi, direction)
+        targets, want = dnat.retarget(fi, hops, direction, targets, want)
         reached = [h for h in hops if h.netns in targets and h.point == "rx"
                    and (not want or h.dst in want)]
         frees = g[g["hook"].isin([HOOK_IDS["drop"], HOOK_IDS["consume"]])]
@@ -302,7 +307,7 @@ def nat_changes(hops, fi: FlowInput) -> list[NatChange]:
     """Address or port changes between consecutive hops: where DNAT picked a Service backend,
     where a reply was reverse-NATed back to the VIP, where SNAT happened."""
     out = []
-    vip = fi.dst.service.cluster_ip if fi.dst.service else None
+    vip = fi.dst.service.cluster_ip if fi.dst.service else (fi.dst.ip if fi.dnat else None)
     for i in range(1, len(hops)):
         a, b = hops[i - 1], hops[i]
         before = Addr(a.src, a.sport, a.dst, a.dport)

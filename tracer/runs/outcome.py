@@ -93,12 +93,27 @@ def flow_input(plan: Plan, sent, locations, clock: dict | None = None, view=None
     return FlowInput(plan.src, plan.dst, plan.proto, plan.port, sent, plan.placement,
                            plan.drop_reasons, lambda a: locations.get(a), plan.ct_names,
                            contiguous_agents=bool((clock or {}).get("offsets")), sample=plan.cfg.sample,
-                           view=view)
+                           view=view, addresses=addresses(plan))
 
 
 def traced_view(plan: Plan, traced, why: dict[str, str] | None = None) -> beyond.View:
     """The run's View: the inventory's nodes, those traced, why the others were not."""
     return beyond.view_of(plan.inv.nodes.values(), traced, why)
+
+
+def addresses(plan: Plan) -> dict[str, tuple[str | None, str | None]]:
+    """Address → (node, pod key) of every pod and node traced: where a DNAT target lives."""
+    traced = set(plan.placement.netns.values())
+    out: dict[str, tuple[str | None, str | None]] = {}
+    for node, pod in traced:
+        p = plan.inv.pods.get(pod) if pod else None
+        if p is not None and p.ip and not p.host_network:
+            out[p.ip] = (node, pod)
+    for node, pod in traced:
+        n = plan.inv.nodes.get(node) if node and not pod else None
+        if n is not None and n.ip:
+            out[n.ip] = (node, None)
+    return out
 
 
 def vtep(topo) -> dict:
@@ -229,6 +244,7 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
         "version": SCHEMA_VERSION, "src": plan.src.as_json(), "dst": plan.dst.as_json(),
         "proto": plan.proto, "port": plan.port, "probes": [p.as_json() for p in probes],
         "placement": {str(k): list(v) for k, v in plan.placement.netns.items()},
+        "addresses": {k: list(v) for k, v in fi.addresses.items()},
         "drop_reasons": {str(k): v for k, v in plan.drop_reasons.items()},
         "locations": {str(k): v for k, v in t.locations.items()},
         "ct_info_names": {str(k): v for k, v in plan.ct_names.items()},

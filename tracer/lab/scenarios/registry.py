@@ -13,7 +13,7 @@ from typing import Callable
 
 from tracer.errors import BadInput
 from tracer.lab import topology as T
-from tracer.lab.scenarios import conntrack, faults, faults_delivery, faults_source
+from tracer.lab.scenarios import conntrack, faults, faults_delivery, faults_dnat, faults_source
 from tracer.lab.scenarios.changes import Changes
 from tracer.lab.scenarios.labdoc import Lab, Pod
 
@@ -242,6 +242,15 @@ _register(Scenario(
     "every ARP frame a node's first pod sends is dropped at its node-side device (nftables, "
     "netdev ingress): the pod cannot resolve its gateway, nothing it sends leaves it",
     _first, _two_nodes, _show_from_first_pod, faults_source.pod_gw_neigh))
+_register(Scenario(
+    "hostport-unreversed",
+    f"a hostPort DNAT (node IP, port {faults_dnat.HOST_PORT}) to a node's first pod and "
+    "bridge-nf-call-iptables=0 there: same-node clients get replies from the pod IP",
+    _second, lambda lab: [n for n in lab.node_names if len(lab.pods_on(n)) > 1],
+    lambda lab, node: (f"{faults_dnat.client(lab, node).name} {lab.node(node).ip} --proto udp "
+                       f"--port {faults_dnat.HOST_PORT}"),
+    faults_dnat.hostport_unreversed,
+    why_no_nodes="it needs a node with two pods", not_on=_NO_BRIDGE))
 
 
 def applies_to(sc: Scenario) -> list[str]:

@@ -1,0 +1,120 @@
+"""DNAT the inventory does not know, read from the packets' own hops.
+
+A hostPort (CNI portmap), a NodePort, an externalIP or a rule someone wrote rewrites a
+request's destination on the way. Conntrack records it (the entry's reply tuple comes from
+the target) and the hops show the destination changing. Arriving at the target is delivery,
+the target's answers are the flow's replies, and an answer that reaches the client from the
+target's own address (not the one the client sent to) is an un-reversed reply.
+A Service's DNAT is the inventory's (its backends): this module leaves it alone.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import pandas as pd
+
+from tracer.kernel.record import HOOK_IDS
+from tracer.reconstruct.model import Hop, Packet
+
+# Annotations name FlowInput (packets.py) and Evidence (evidence.py) without importing them:
+# packets.py imports this module.
+
+IPS_DST_NAT = 0x20    # include/uapi/linux/netfilter/nf_conntrack_common.h
+
+
+def applies(fi: "FlowInput") -> bool:
+    """Whether the flow's destination may be DNATed without the inventory knowing (not a Service)."""
+    return fi.dst.service is None and bool(fi.dst.ip)
+
+
+def of_hops(hops: Iterable[Hop], dst: str) -> list[str]:
+    """The addresses a request sent to `dst` was DNATed to along these hops: the reply tuple
+    of a conntrack entry that rewrote `dst`, or the destination seen after it changed."""
+    hops = list(hops)
+    out: list[str] = []
+    for h in hops:
+        ct = h.ct
+        if (ct is not None and ct.orig is not None and ct.reply is not None and ct.of != "outer"
+                and ct.nat and "dnat" in ct.nat and ct.orig.dst == dst and ct.reply.src
+                and ct.reply.src != dst and ct.reply.src not in out):
+            out.append(ct.reply.src)
+    for a, b in zip(hops, hops[1:]):
+        if a.dst == dst and b.dst and b.dst != dst and b.dst not in out:
+            out.append(b.dst)
+    return out
+
+
+def targets_in_events(df: pd.DataFrame, fi: "FlowInput") -> frozenset[str]:
+    """The addresses the flow's requests were DNATed to, from the raw hop events (before the
+    packets are built: the targets' answers are the flow's replies)."""
+    if not applies(fi) or df.empty or "pkt" not in df:
+        return frozenset()
+    src, dst = fi.src.ip, fi.dst.ip
+    hop = df[~df["hook"].isin([HOOK_IDS["drop"], HOOK_IDS["consume"]]) & (df["pkt"] >= 0)]
+    s, d = hop["saddr_str"].astype(str), hop["daddr_str"].astype(str)
+    out: set[str] = set()
+    if "ct_orig_dst_str" in hop and "ct_status" in hop:
+        rs = hop["ct_reply_src_str"].astype(str)
+        m = ((hop["ct_orig_src_str"].astype(str) == src) & (hop["ct_orig_dst_str"].astype(str) == dst)
+             & ((hop["ct_status"].astype("int64") & IPS_DST_NAT) != 0) & (rs != dst) & (rs != ""))
+        out |= set(rs[m])
+    # the destination changed within a packet the client sent to dst
+    sent = set(hop.loc[(s == src) & (d == dst), "pkt"])
+    if sent:
+        m = hop["pkt"].isin(sent) & (s == src) & (d != dst) & (d != "")
+        out |= set(d[m])
+    return frozenset(out)
+
+
+def target_netns(fi: "FlowInput", hops: Iterable[Hop], ip: str) -> set[int]:
+    """The namespaces of a DNAT target: the pod or node the inventory gives that address,
+    else the one pod namespace the packet was received in with that destination."""
+    pl = fi.placement
+    node, pod = (fi.addresses or {}).get(ip, (None, None))
+    if pod:
+        return pl.pod_netns(pod)
+    if node:
+        return pl.node_netns(node)
+    got = {h.netns for h in hops if h.point == "rx" and h.pod is not None and h.dst == ip}
+    return got if len(got) == 1 else set()
+
+
+def retarget(fi: "FlowInput", hops: list[Hop], direction: str, targets: set[int],
+             want: set[str]) -> tuple[set[int], set[str]]:
+    """(namespaces, addresses) where a request counts as arrived: the DNAT target's when the
+    request was DNATed on the way, else the ones given."""
+    if direction != "request" or not applies(fi):
+        return targets, want
+    found = [ip for ip in of_hops(hops, fi.dst.ip) if ip != fi.dst.ip]
+    if not found:
+        return targets, want
+    ns: set[int] = set()
+    for ip in found:
+        ns |= target_netns(fi, hops, ip)
+    return ns, set(found)
+
+
+def learn(ev: "Evidence", packets: list[Packet]) -> "Evidence":
+    """The evidence with the DNATs the requests show (target → the address the client sent
+    to); a Service flow's evidence stays as it is."""
+    if ev.vip or ev.dnat:
+        return ev
+    found: dict[str, str] = {}
+    for p in packets:
+        if p.direction != "request":
+            continue
+        dst = p.five_tuple.dst
+        for ip in of_hops(p.hops, dst):
+            found.setdefault(ip, dst)
+    return ev.with_dnat(found) if found else ev
+
+
+def unreversed(packet: Packet, ev: "Evidence") -> str | None:
+    """The address the client sent to, when this reply reached it from the DNAT target's own
+    address instead (no reverse NAT); else None."""
+    if packet.direction != "reply" or ev.vip or not ev.dnat or not packet.hops:
+        return None
+    src = packet.hops[-1].src
+    orig = ev.dnat.get(src)
+    return orig if orig and orig != src else None
