@@ -44,6 +44,9 @@ CASES = [
                              "--sport", "40000", "--count", "1"], "request", None, "stale-conntrack", None),
     ("br-netfilter-off", ["pod-2-1", "svc/default/web", "--proto", "udp", "--port", "80"], "reply",
      "node-2", "unreversed-reply", None),
+    ("link-down", ["pod-1-1", "pod-2-1"], "request", "node-2", "link-down", None),
+    ("nft-native-drop", ["pod-1-1", "pod-2-1"], "request", "node-2", "netfilter-rule", "NETFILTER_DROP"),
+    ("overlay-input-drop", ["pod-1-1", "pod-2-1"], "request", "node-2", "netfilter-rule", "NETFILTER_DROP"),
 ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import os
 import socket
 import struct
@@ -126,6 +127,7 @@ def _ns_state(ns: str, is_node: bool) -> dict:
     }
     if is_node:
         state["iptables"] = _rules(ns)
+        state["nft_tables"] = sorted(_out(["ip", "netns", "exec", ns, "nft", "list", "tables"]).splitlines())
     return state
 
 
@@ -431,6 +433,43 @@ SCENARIOS = {
     "stale-udp-conntrack": (probe_stale, check_stale,
                             lambda doc, t: probe_stale(doc, t, scenarios.STALE_SPORT + 2)),
 }
+
+
+def _host_veth(doc, name):
+    return pod(doc, name)["host_veth"]
+
+
+def check_link_down(doc):
+    ns = node(doc, "node-2")["netns"]
+    link = _json(["ip", "-n", ns, "-j", "link", "show", "dev", _host_veth(doc, "pod-2-1")])[0]
+    assert "UP" not in link["flags"]
+    # Only pod-2-1 is cut off.
+    assert _ping(doc, "pod-1-2", "pod-2-2", OK)
+
+
+def check_nft_native(doc):
+    ns = node(doc, "node-2")["netns"]
+    listed = _out(["ip", "netns", "exec", ns, "nft", "list", "table", "inet", "ptfault"])
+    counted = re.search(rf"ip daddr {re.escape(_ip(doc, 'pod-2-1'))} counter packets (\d+)", listed)
+    assert counted and int(counted[1]) > 0, listed
+    # iptables does not show it, and only pod-2-1 is targeted.
+    assert _ip(doc, "pod-2-1") not in _save_c(ns, "filter")
+    assert _ping(doc, "pod-1-2", "pod-2-2", OK)
+
+
+def check_overlay_input(doc):
+    ns = node(doc, "node-2")["netns"]
+    save = _save_c(ns, "filter")
+    assert _counter(save, "-A INPUT -p udp -m udp --dport 8472 -j DROP") > 0
+    # Same-node traffic is not encapsulated.
+    assert _ping(doc, "pod-2-1", "pod-2-2", OK)
+
+
+SCENARIOS.update({
+    "link-down": (_ping_1_to_2, check_link_down),
+    "nft-native-drop": (_ping_1_to_2, check_nft_native),
+    "overlay-input-drop": (_ping_1_to_2, check_overlay_input),
+})
 
 
 def test_every_scenario_is_covered():

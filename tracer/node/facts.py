@@ -15,7 +15,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tracer.node import netns
+from tracer.node import linkfacts, netns, nftfacts
 
 
 @dataclass(frozen=True)
@@ -73,9 +73,18 @@ class RuleCounters:
 
     rules: dict[tuple[str, str, int, str], int] = field(default_factory=dict)
     error: str | None = None
+    nft: list[dict] = field(default_factory=list)    # native nftables rules (nftfacts.rules)
+    nft_error: str | None = None
 
 
 def iptables_counters(node: NodeRef) -> RuleCounters:
+    """The iptables rule counters, and the native nftables rules with theirs."""
+    out = _iptables_counters(node)
+    out.nft, out.nft_error = nftfacts.read(lambda *argv: _cmd(node, *argv))
+    return out
+
+
+def _iptables_counters(node: NodeRef) -> RuleCounters:
     r = _cmd(node, "iptables-save", "-c")
     if r.returncode != 0:
         return RuleCounters(error=r.stderr.strip() or "iptables-save failed")
@@ -127,6 +136,7 @@ def rule_hits(before: RuleCounters, after: RuleCounters, targets=("DROP", "REJEC
             hits.append({"table": table, "chain": chain, "base_chain": base, "index": idx,
                          "rule": text, "target": target[1], "packets": delta,
                          "comment": (comment[1] or comment[2]) if comment else None})
+    hits += nftfacts.hits(before.nft, after.nft)
     return sorted(hits, key=lambda h: -h["packets"])
 
 
@@ -149,10 +159,12 @@ def links(node: NodeRef) -> dict[str, dict]:
     out = {}
     for link in data:
         info = link.get("linkinfo", {})
+        flags = link.get("flags", [])
         out[link["ifname"]] = {"mtu": link.get("mtu"), "mac": link.get("address"),
-                               "noarp": "NOARP" in link.get("flags", []),
-                               "kind": info.get("info_kind"), "up": "UP" in link.get("flags", []),
-                               "vxlan": info.get("info_data") if info.get("info_kind") == "vxlan" else None}
+                               "noarp": "NOARP" in flags,
+                               "kind": info.get("info_kind"), "up": "UP" in flags,
+                               "vxlan": info.get("info_data") if info.get("info_kind") == "vxlan" else None,
+                               **linkfacts.state(link)}
     return out
 
 
@@ -234,4 +246,8 @@ def facts(node: NodeRef, *, src: str, dst: str, iif: str | None, devs: list[str]
         out["next_hop"] = nh
     if pod_netns:
         out["pod"] = pod_side(pod_netns, pod_dev)
+    if lk.get(out_dev, {}).get("kind") == "bridge":
+        out["down_ports"] = linkfacts.down_ports(lambda *argv: _json(node, *argv), lk, out_dev)
+    nft, err = nftfacts.read(lambda *argv: _cmd(node, *argv))
+    out["nft_drop_rules"] = nftfacts.uncounted_drops(nft) if not err else None
     return out

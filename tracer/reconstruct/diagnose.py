@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tracer.reconstruct import arrival, dnat
+from tracer.reconstruct import arrival, checked, dnat
 from tracer.reconstruct.evidence import Evidence, fact_query
 from tracer.reconstruct.model import ConntrackView, Hop, Packet, Verdict
 
@@ -12,8 +12,7 @@ RUNBOOK_DIR = "docs/runbooks"
 
 # Drop reason (kernel name without SKB_DROP_REASON_) → (hint, runbook file).
 REASON_HINTS: dict[str, tuple[str, str]] = {
-    "NETFILTER_DROP": ("an iptables/nftables rule dropped it; forwarded pod traffic is filtered "
-                       "in the FORWARD chain of the filter table on that node", "netfilter-drop.md"),
+    "NETFILTER_DROP": (checked.chain_sentence(None), "netfilter-drop.md"),
     "IP_RPFILTER": ("reverse-path filtering rejected the source address (rp_filter strict with an "
                     "asymmetric route)", "rp-filter.md"),
     "IP_OUTNOROUTES": ("the node has no route for the destination", "no-route.md"),
@@ -42,9 +41,13 @@ def delivered(node: str | None, dev: str | None, point: str | None) -> Verdict:
     return Verdict("delivered", node, dev, point)
 
 
-def dropped(node: str | None, dev: str | None, reason: str, location: str | None) -> Verdict:
-    """A drop event named the reason: the hint and runbook of that reason."""
+def dropped(node: str | None, dev: str | None, reason: str, location: str | None,
+            last: Hop | None = None) -> Verdict:
+    """A drop event named the reason: the hint and runbook of that reason (`last`: the hop
+    seen before the drop, which says which netfilter chain a NETFILTER_DROP met)."""
     hint, book = REASON_HINTS.get(reason, (f"the kernel dropped it ({reason})", "kernel-drop.md"))
+    if reason == "NETFILTER_DROP" and last is not None:
+        hint = checked.chain_sentence(last)
     return Verdict("dropped", node, dev, "drop", reason, location,
                    f"Dropped on {_where(node, dev)}: {hint}.", f"{RUNBOOK_DIR}/{book}")
 
@@ -72,6 +75,8 @@ def _with(v: Verdict, **more) -> dict:
 
 
 def _rule_sentence(node: str, hit: dict) -> str:
+    if hit.get("source") == "nft":
+        return f"dropped on {node} by {checked.nft_where(hit)} rule `{hit['rule']}`"
     where = f"the {hit['chain']} chain of the {hit['table']} table"
     if hit["base_chain"] != hit["chain"]:
         where += f" (reached from {hit['base_chain']})"
@@ -95,10 +100,12 @@ def facts_needed(packets: list[Packet], ev: Evidence) -> dict[str, list[dict]]:
     ev = dnat.learn(ev, packets)
     for p in packets:
         node = _facts_node(p, ev)
-        if node is not None:
-            q = fact_query(node, p)
-            if q not in out.setdefault(node, []):
-                out[node].append(q)
+        also = checked.sender_node(p, node) if node and checked.overlay_suspect(p, p.verdict.reason) else None
+        for n in (node, also):
+            if n is not None:
+                q = fact_query(n, p)
+                if q not in out.setdefault(n, []):
+                    out[n].append(q)
     return out
 
 
@@ -136,13 +143,20 @@ def _explain_lost(packet: Packet, v: Verdict, ev: Evidence) -> Verdict:
     if f is None:
         return replace(v, evidence=_with(v, node_facts=f"not available for {node} (not on this machine)"))
     v = replace(v, evidence=_with(v, node={k: f[k] for k in ("ip_forward", "rp_filter", "bridge_nf_call_iptables",
-                                                             "conntrack", "mtu", "route", "next_hop") if k in f}))
+                                                             "conntrack", "mtu", "route", "next_hop") if k in f},
+                                  links=checked.path_links(packet, node, f)))
     reason = v.reason
     last = hops[-1]
     hits = ev.rule_hits.get(node, [])
-    if _overlay_port(packet, v):
-        return _set(v, "overlay-port", f"{v.node} received VXLAN on UDP port that no overlay device "
-                    "listens on (VXLAN port mismatch between nodes, e.g. 8472 vs 4789).", "overlay.md")
+    if checked.overlay_suspect(packet, reason):
+        sender = checked.sender_node(packet, node)
+        found, compared = checked.overlay_port(packet, node, f, ev.facts(sender, packet) if sender else None)
+        if found:
+            return _set(v, *found)
+        v = replace(v, evidence=_with(v, **compared))
+    found = checked.link_down(packet, reason, node, f)
+    if found:
+        return _set(v, *found)
     ct = f.get("conntrack") or {}
     # 1. forwarding disabled: the node received pod traffic it had to route
     if f.get("ip_forward") == 0 and last.point == "rx" and last.pod is None:
@@ -157,6 +171,9 @@ def _explain_lost(packet: Packet, v: Verdict, ev: Evidence) -> Verdict:
     # 2. a netfilter rule counted our packets (the one naming the packet's addresses first)
     if hits and (reason in (None, "NETFILTER_DROP") or v.status == "lost"):
         return _netfilter(packet, replace(v, evidence=_with(v, netfilter=hits)), node, hits)
+    found = checked.uncounted_rule(packet, node, f) if reason == "NETFILTER_DROP" else None
+    if found:
+        return _set(v, *found)
     # 3. conntrack table full: new connections are dropped before any rule
     if ct.get("count") is not None and ct.get("max") and ct["count"] >= ct["max"] * 0.98:
         return _set(v, "conntrack-full",
@@ -193,7 +210,18 @@ def _explain_lost(packet: Packet, v: Verdict, ev: Evidence) -> Verdict:
     if reason == "PKT_TOO_BIG" or (out_mtu and ip_len > out_mtu and packet.df):
         return _set(v, "mtu", f"A {ip_len or size}-byte packet with DF set does not fit {out_dev} on {node} "
                     f"(MTU {out_mtu}); it is dropped instead of fragmented.", "mtu.md")
-    return _next_hop(v, node, f, ev)
+    out = _next_hop(v, node, f, ev)
+    return out if out.cause else _checked(packet, out, node, f, ev)
+
+
+def _checked(packet: Packet, v: Verdict, node: str, f: dict, ev: Evidence) -> Verdict:
+    """No cause fits: the kernel's reason and place stay, the hint adds what was checked."""
+    hint = v.hint or ""
+    if v.reason == "NETFILTER_DROP":
+        ips = [x.get("ip") for x in ev.vtep.values()]
+        hint = f"Dropped on {_where(v.node, v.dev)}: {checked.chain_sentence(packet.hops[-1], ips)}."
+    said = checked.all_normal(node, f, packet)
+    return replace(v, hint=(hint.rstrip(".") + f"; {said}." if said else hint) or None)
 
 
 def _netfilter(packet: Packet, v: Verdict, node: str, hits: list[dict]) -> Verdict:
@@ -273,11 +301,6 @@ def _stale_dnat(packet: Packet, v: Verdict, ev: Evidence) -> Verdict:
                 f"{reply.src}:{reply.sport}, which is no longer a backend of {ev.service} "
                 f"(backends now: {', '.join(ev.backends) or 'none'}).", "stale-conntrack.md",
                 {"conntrack": ct.as_json()})
-
-
-def _overlay_port(packet: Packet, v: Verdict) -> bool:
-    """NO_SOCKET on an encapsulated packet: the node has no VXLAN socket on that UDP port."""
-    return v.reason == "NO_SOCKET" and packet.hops[-1].encap is not None
 
 
 def _unreversed(packet: Packet, ev: Evidence) -> bool:

@@ -283,7 +283,7 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[Packet]:
             reason = fi.drop_reasons.get(int(d.reason), f"reason {int(d.reason)}")
             node = pl.node(d.netns) if d.netns else last.node
             dev = d.ifname or last.dev
-            verdict = diagnose.dropped(node, dev, reason, fi.ksym(int(d.location)))
+            verdict = diagnose.dropped(node, dev, reason, fi.ksym(int(d.location)), last)
             arrive_t = None
         else:
             verdict = diagnose.lost(last.node, last.dev, last.point)

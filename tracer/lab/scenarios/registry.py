@@ -13,7 +13,7 @@ from typing import Callable
 
 from tracer.errors import BadInput
 from tracer.lab import topology as T
-from tracer.lab.scenarios import conntrack, faults, faults_delivery, faults_dnat, faults_source
+from tracer.lab.scenarios import conntrack, faults, faults_causes, faults_delivery, faults_dnat, faults_source
 from tracer.lab.scenarios.changes import Changes
 from tracer.lab.scenarios.labdoc import Lab, Pod
 
@@ -251,6 +251,22 @@ _register(Scenario(
                        f"--port {faults_dnat.HOST_PORT}"),
     faults_dnat.hostport_unreversed,
     why_no_nodes="it needs a node with two pods", not_on=_NO_BRIDGE))
+_register(Scenario(
+    "link-down",
+    "the host side of a pod's veth set down on its node: the node cannot reach the pod",
+    _second, _any_node, _show_to_first_pod, faults_causes.link_down,
+    why_no_nodes="it needs a second pod to send from"))
+_register(Scenario(
+    "nft-native-drop",
+    f"a native nftables table (inet {faults_causes.NFT_TABLE}, forward hook) on a node drops traffic to its "
+    "first pod, outside iptables",
+    _second, _any_node, _show_to_first_pod, faults_causes.nft_native_drop,
+    why_no_nodes="it needs a second pod to send from"))
+_register(Scenario(
+    "overlay-input-drop",
+    f"a node's filter INPUT chain drops UDP {T.VXLAN_PORT}: the overlay's VXLAN packets from other "
+    "nodes are dropped before decapsulation",
+    _second, _two_nodes, _show_to_first_pod, faults_causes.overlay_input_drop))
 
 
 def applies_to(sc: Scenario) -> list[str]:
