@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from tracer.reconstruct import loops
 from tracer.reconstruct.evidence import Evidence, fact_query
 from tracer.reconstruct.model import ConntrackView, Hop, Packet, Verdict
 
@@ -91,8 +92,9 @@ def facts_needed(packets: list[Packet], ev: Evidence) -> dict[str, list[dict]]:
     Only the Service part of `ev` is read: it decides which replies are suspect."""
     out: dict[str, list[dict]] = {}
     for p in packets:
-        node = _facts_node(p, ev)
-        if node is not None:
+        for node in loops.loop_nodes(p) or [_facts_node(p, ev)]:
+            if node is None:
+                continue
             q = fact_query(node, p)
             if q not in out.setdefault(node, []):
                 out[node].append(q)
@@ -114,6 +116,9 @@ def explain(packet: Packet, ev: Evidence) -> Verdict:
     v = _stale_dnat(packet, packet.verdict, ev)
     if v.status == "delivered":
         return _explain_delivered(packet, v, ev)
+    loop = loops.find_loop(packet.hops)
+    if loop is not None:
+        return _routing_loop(packet, v, ev, loop)
     if v.cause or v.node is None:
         return v
     return _explain_lost(packet, v, ev)
@@ -185,6 +190,16 @@ def _explain_lost(packet: Packet, v: Verdict, ev: Evidence) -> Verdict:
         return _set(v, "mtu", f"A {ip_len or size}-byte packet with DF set does not fit {out_dev} on {node} "
                     f"(MTU {out_mtu}); it is dropped instead of fragmented.", "mtu.md")
     return _next_hop(v, node, f, ev)
+
+
+def _routing_loop(packet: Packet, v: Verdict, ev: Evidence, loop: dict) -> Verdict:
+    """The routing-loop cause, with the route of every node the loop crosses."""
+    routes = {}
+    for node in loop["nodes"]:
+        f = ev.facts(node, packet)
+        routes[node] = f.get("route") if f else None
+    sentence, evidence = loops.describe(packet, loop, routes)
+    return _set(v, "routing-loop", sentence, "routing-loop.md", evidence)
 
 
 def _netfilter(packet: Packet, v: Verdict, node: str, hits: list[dict]) -> Verdict:

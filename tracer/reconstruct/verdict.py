@@ -53,7 +53,8 @@ def flow_verdict(packets: list[Packet], fi: FlowInput, probing: bool) -> tuple[F
             else:
                 answered += 1
         elif pr.outcome == "refused":
-            problems.append(f"probe {pr.seq}: refused ({pr.detail or 'reset'})")
+            problems.append(f"probe {pr.seq}: " + (pr.detail if pr.detail and "(ICMP " in pr.detail
+                                                   else f"refused ({pr.detail or 'reset'})"))
         elif pr.outcome == "timeout":
             if reps and reps[-1].verdict.status != "delivered":
                 problems.append(_failed(pr.seq, "reply", reps[-1].verdict))

@@ -13,7 +13,7 @@ from typing import Callable
 
 from tracer.errors import BadInput
 from tracer.lab import topology as T
-from tracer.lab.scenarios import conntrack, faults
+from tracer.lab.scenarios import conntrack, faults, faults_loop
 from tracer.lab.scenarios.changes import Changes
 from tracer.lab.scenarios.labdoc import Lab, Pod
 
@@ -214,6 +214,23 @@ _register(Scenario(
     conntrack.stale_udp_conntrack,
     why_no_nodes="it needs a pod"))
 
+
+_register(Scenario(
+    "routing-loop",
+    f"a node routes the unused CIDR {faults_loop.LOOP_CIDR} over the overlay to its peer, which "
+    "routes it back: packets loop until their TTL runs out",
+    _first, _two_nodes,
+    lambda lab, node: f"{lab.pods_on(node)[0].name} {faults_loop.LOOP_DST}",
+    faults_loop.routing_loop, not_on={"cilium": f"its routes go via {T.OVERLAY}; the cilium "
+                                                  f"lab's overlay is {T.CILIUM_OVERLAY}"}))
+_register(Scenario(
+    "icmp-prohibited",
+    "a REJECT --reject-with icmp-admin-prohibited rule in FORWARD on the destination's node "
+    "for traffic to its first pod",
+    _second, _any_node,
+    lambda lab, node: _show_to_first_pod(lab, node) + f" --proto udp --port {T.APP_PORT}",
+    faults_loop.icmp_prohibited,
+    why_no_nodes="it needs a second pod to send from"))
 
 def listing(lab: Lab | None = None) -> list[dict]:
     """One entry per scenario: name, summary, default node, valid nodes, the flow command."""
