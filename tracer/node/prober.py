@@ -131,11 +131,11 @@ def tcp_syn(ns: str, src: str, dst: str, port: int, seq: int, timeout: float,
         rtt = _now() - t0
         if err == 0:
             return ProbeResult(seq, "tcp", src, dst, sport, port, t0, "answered", dst, rtt)
-        if err == errno.ECONNREFUSED:
-            return ProbeResult(seq, "tcp", src, dst, sport, port, t0, "refused", dst, rtt, "connection refused (RST)")
-        icmp = icmperr.read_queue(sock)
+        icmp = icmperr.read_queue(sock)   # an ICMP error (a REJECT's port unreachable too), not a RST
         if icmp or err in (errno.EHOSTUNREACH, errno.ENETUNREACH):
             return ProbeResult(seq, "tcp", src, dst, sport, port, t0, "refused", None, rtt, icmp or os.strerror(err))
+        if err == errno.ECONNREFUSED:
+            return ProbeResult(seq, "tcp", src, dst, sport, port, t0, "refused", dst, rtt, "connection refused (RST)")
         if err == errno.ETIMEDOUT:
             return ProbeResult(seq, "tcp", src, dst, sport, port, t0, "timeout")
         return ProbeResult(seq, "tcp", src, dst, sport, port, t0, "error", detail=os.strerror(err))
