@@ -18,6 +18,8 @@ NAMES = [
     "netpol-drop", "ip-forward-off", "br-netfilter-off", "conntrack-full", "conntrack-invalid",
     "rp-filter-strict", "mtu-blackhole", "no-route", "fdb-missing", "neigh-wrong",
     "svc-no-endpoints", "stale-udp-conntrack", "pod-input-drop", "pod-mac-wrong", "hostport-unreversed",
+    "pod-no-route", "pod-pmtu", "pod-gw-neigh", "link-down", "nft-native-drop", "overlay-input-drop",
+    "routing-loop", "icmp-prohibited",
 ]
 
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from tracer import testhooks
-from tracer.node import netns
+from tracer.node import icmperr, netns
 
 PAYLOAD = b"podtrace-probe"
 
@@ -100,15 +100,14 @@ def icmp_echo(ns: str, src: str, dst: str, ident: int, seq: int, timeout: float,
             typ, _, _, rid, rseq = struct.unpack("!BBHHH", data[ihl: ihl + 8])
             if typ == 0 and rid == ident and rseq == seq:
                 return ProbeResult(seq, "icmp", src, dst, ident, seq, t0, "answered", peer, _now() - t0)
-            if typ in (3, 11) and len(data) >= ihl + 8 + 28:
-                # ICMP error quoting our echo: unreachable / time exceeded
+            if typ in (3, 11, 12) and len(data) >= ihl + 8 + 28:
+                # ICMP error quoting our echo: unreachable / time exceeded / parameter problem
                 inner = data[ihl + 8:]
                 iihl = (inner[0] & 0x0F) * 4
                 qid, qseq = struct.unpack("!HH", inner[iihl + 4: iihl + 8])
                 if qid == ident and qseq == seq:
-                    what = "unreachable" if typ == 3 else "time exceeded"
                     return ProbeResult(seq, "icmp", src, dst, ident, seq, t0, "refused", peer,
-                                       _now() - t0, f"ICMP {what} (code {data[ihl + 1]}) from {peer}")
+                                       _now() - t0, icmperr.from_icmp(data, ihl, peer))
     finally:
         sock.close()
 
@@ -121,6 +120,7 @@ def tcp_syn(ns: str, src: str, dst: str, port: int, seq: int, timeout: float,
         # Reset instead of FIN on close: one packet, no TIME_WAIT left in the pod.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        icmperr.enable(sock)   # the ICMP error that fails the connect, by type and code
         sock.bind(("0.0.0.0", sport))
         sport = sock.getsockname()[1]
         sock.setblocking(False)
@@ -135,10 +135,11 @@ def tcp_syn(ns: str, src: str, dst: str, port: int, seq: int, timeout: float,
         rtt = _now() - t0
         if err == 0:
             return ProbeResult(seq, "tcp", src, dst, sport, port, t0, "answered", dst, rtt)
+        icmp = icmperr.read_queue(sock)   # an ICMP error (a REJECT's port unreachable too), not a RST
+        if icmp or err in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            return ProbeResult(seq, "tcp", src, dst, sport, port, t0, "refused", None, rtt, icmp or os.strerror(err))
         if err == errno.ECONNREFUSED:
             return ProbeResult(seq, "tcp", src, dst, sport, port, t0, "refused", dst, rtt, "connection refused (RST)")
-        if err in (errno.EHOSTUNREACH, errno.ENETUNREACH):
-            return ProbeResult(seq, "tcp", src, dst, sport, port, t0, "refused", None, rtt, os.strerror(err))
         if err == errno.ETIMEDOUT:
             return ProbeResult(seq, "tcp", src, dst, sport, port, t0, "timeout")
         return ProbeResult(seq, "tcp", src, dst, sport, port, t0, "error", detail=os.strerror(err))
@@ -156,6 +157,7 @@ def udp_datagram(ns: str, src: str, dst: str, port: int, seq: int, timeout: floa
     try:
         _df(sock)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        icmperr.enable(sock)   # every ICMP error, by type and code, not only port unreachable
         sock.bind(("0.0.0.0", sport))
         sport = sock.getsockname()[1]
         t0 = _now()
@@ -171,10 +173,10 @@ def udp_datagram(ns: str, src: str, dst: str, port: int, seq: int, timeout: floa
             data = sock.recv(2048)
         except ConnectionRefusedError:
             return ProbeResult(seq, "udp", src, dst, sport, port, t0, "refused", None, _now() - t0,
-                               "ICMP port unreachable")
+                               icmperr.read_queue(sock) or "ICMP port unreachable")
         except OSError as exc:
             return ProbeResult(seq, "udp", src, dst, sport, port, t0, "refused", None, _now() - t0,
-                               f"ICMP error: {exc.strerror}")
+                               icmperr.read_queue(sock) or f"ICMP error: {exc.strerror}")
         return ProbeResult(seq, "udp", src, dst, sport, port, t0, "answered", dst, _now() - t0,
                            data.decode(errors="replace").strip() or None)
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tracer.reconstruct import arrival, checked, dnat
+from tracer.reconstruct import arrival, checked, dnat, loops
 from tracer.reconstruct.evidence import Evidence, fact_query
 from tracer.reconstruct.model import ConntrackView, Hop, Packet, Verdict
 
@@ -99,13 +99,13 @@ def facts_needed(packets: list[Packet], ev: Evidence) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     ev = dnat.learn(ev, packets)
     for p in packets:
-        node = _facts_node(p, ev)
-        also = checked.sender_node(p, node) if node and checked.overlay_suspect(p, p.verdict.reason) else None
-        for n in (node, also):
-            if n is not None:
-                q = fact_query(n, p)
-                if q not in out.setdefault(n, []):
-                    out[n].append(q)
+        for node in loops.loop_nodes(p) or [_facts_node(p, ev)]:
+            also = checked.sender_node(p, node) if node and checked.overlay_suspect(p, p.verdict.reason) else None
+            for n in (node, also):
+                if n is not None:
+                    q = fact_query(n, p)
+                    if q not in out.setdefault(n, []):
+                        out[n].append(q)
     return out
 
 
@@ -128,6 +128,9 @@ def explain(packet: Packet, ev: Evidence) -> Verdict:
     v = _stale_dnat(packet, packet.verdict, ev)
     if v.status == "delivered" or (arrival.after(v) and _unreversed(packet, ev)):
         return _explain_delivered(packet, v, ev)
+    loop = loops.find_loop(packet.hops)
+    if loop is not None:
+        return _routing_loop(packet, v, ev, loop)
     if v.cause or v.node is None:
         return v
     if arrival.after(v):
@@ -222,6 +225,16 @@ def _checked(packet: Packet, v: Verdict, node: str, f: dict, ev: Evidence) -> Ve
         hint = f"Dropped on {_where(v.node, v.dev)}: {checked.chain_sentence(packet.hops[-1], ips)}."
     said = checked.all_normal(node, f, packet)
     return replace(v, hint=(hint.rstrip(".") + f"; {said}." if said else hint) or None)
+
+
+def _routing_loop(packet: Packet, v: Verdict, ev: Evidence, loop: dict) -> Verdict:
+    """The routing-loop cause, with the route of every node the loop crosses."""
+    routes = {}
+    for node in loop["nodes"]:
+        f = ev.facts(node, packet)
+        routes[node] = f.get("route") if f else None
+    sentence, evidence = loops.describe(packet, loop, routes)
+    return _set(v, "routing-loop", sentence, "routing-loop.md", evidence)
 
 
 def _netfilter(packet: Packet, v: Verdict, node: str, hits: list[dict]) -> Verdict:

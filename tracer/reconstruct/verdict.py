@@ -62,7 +62,8 @@ def flow_verdict(packets: list[Packet], fi: FlowInput, probing: bool,
             else:
                 answered += 1
         elif pr.outcome == "refused":
-            problems.append(f"probe {pr.seq}: refused ({pr.detail or 'reset'})")
+            problems.append(f"probe {pr.seq}: " + (pr.detail if pr.detail and "(ICMP " in pr.detail
+                                                   else f"refused ({pr.detail or 'reset'})"))
         elif pr.outcome == "timeout":
             partial = next((p for p in reversed(reqs) if p.verdict.status == "partial"), None)
             if partial is not None and not reps and not any(p.verdict.status == "delivered" for p in reqs):

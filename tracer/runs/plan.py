@@ -167,7 +167,10 @@ def agent_requests(plan: Plan) -> list[AgentRequest]:
     pods = flow_pods(src, dst, plan.inv)
     nodes = [e.node.name for e in (src,) if e.node and not e.pod]
     nodes += [p.node for p in pods if p.node] + [e.node.name for e in (dst,) if e.node and not e.pod]
-    nodes += [dst.owner.name] if dst.owner else []   # the node a bare IP's packets end on
+    if dst.owner:
+        nodes.append(dst.owner.name)   # the node a bare IP's packets end on
+    elif not (dst.pod or dst.service or dst.node):
+        nodes += list(plan.inv.nodes)   # an address nobody owns: any node may route it
     nodes = list(dict.fromkeys(nodes))
     if topo is not None:   # the topology's order
         nodes = [n.name for n in topo.nodes if n.name in nodes]

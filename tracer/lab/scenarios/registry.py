@@ -13,7 +13,7 @@ from typing import Callable
 
 from tracer.errors import BadInput
 from tracer.lab import topology as T
-from tracer.lab.scenarios import conntrack, faults, faults_causes, faults_delivery, faults_dnat, faults_source
+from tracer.lab.scenarios import conntrack, faults, faults_causes, faults_delivery, faults_dnat, faults_loop, faults_source
 from tracer.lab.scenarios.changes import Changes
 from tracer.lab.scenarios.labdoc import Lab, Pod
 
@@ -268,10 +268,28 @@ _register(Scenario(
     "nodes are dropped before decapsulation",
     _second, _two_nodes, _show_to_first_pod, faults_causes.overlay_input_drop))
 
+_register(Scenario(
+    "routing-loop",
+    f"a node routes the unused CIDR {faults_loop.LOOP_CIDR} over the overlay to its peer, which "
+    "routes it back: packets loop until their TTL runs out",
+    _first, _two_nodes,
+    lambda lab, node: f"{lab.pods_on(node)[0].name} {faults_loop.LOOP_DST}",
+    faults_loop.routing_loop, not_on={"cilium": f"its routes go via {T.OVERLAY}; the cilium "
+                                                  f"lab's overlay is {T.CILIUM_OVERLAY}"}))
+_register(Scenario(
+    "icmp-prohibited",
+    "a REJECT --reject-with icmp-admin-prohibited rule in FORWARD on the destination's node "
+    "for traffic to its first pod",
+    _second, _any_node,
+    lambda lab, node: _show_to_first_pod(lab, node) + f" --proto udp --port {T.APP_PORT}",
+    faults_loop.icmp_prohibited,
+    why_no_nodes="it needs a second pod to send from"))
+
 
 def applies_to(sc: Scenario) -> list[str]:
     """The CNI flavours a scenario applies to: every lab flavour but those in `not_on`."""
     return [c for c in T.CNIS if c not in sc.not_on]
+
 
 
 def listing(lab: Lab | None = None) -> list[dict]:
