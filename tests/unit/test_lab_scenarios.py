@@ -17,9 +17,9 @@ from tracer.lab import topology as T
 NAMES = [
     "netpol-drop", "ip-forward-off", "br-netfilter-off", "conntrack-full", "conntrack-invalid",
     "rp-filter-strict", "mtu-blackhole", "no-route", "fdb-missing", "neigh-wrong",
-    "svc-no-endpoints", "stale-udp-conntrack", "pod-input-drop", "pod-mac-wrong", "hostport-unreversed",
-    "pod-no-route", "pod-pmtu", "pod-gw-neigh", "link-down", "nft-native-drop", "overlay-input-drop",
-    "routing-loop", "icmp-prohibited",
+    "svc-no-endpoints", "stale-udp-conntrack", "pod-input-drop", "pod-mac-wrong",
+    "pod-no-route", "pod-pmtu", "pod-gw-neigh", "hostport-unreversed", "link-down", "nft-native-drop",
+    "overlay-input-drop", "routing-loop", "icmp-prohibited",
 ]
 
 

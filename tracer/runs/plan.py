@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import os
 import socket
 import time
@@ -169,8 +171,8 @@ def agent_requests(plan: Plan) -> list[AgentRequest]:
     nodes += [p.node for p in pods if p.node] + [e.node.name for e in (dst,) if e.node and not e.pod]
     if dst.owner:
         nodes.append(dst.owner.name)   # the node a bare IP's packets end on
-    elif not (dst.pod or dst.service or dst.node):
-        nodes += list(plan.inv.nodes)   # an address nobody owns: any node may route it
+    elif not (dst.pod or dst.service or dst.node) and ipaddress.ip_address(dst.ip).is_private:
+        nodes += list(plan.inv.nodes)   # a private address nobody owns: any node may route it
     nodes = list(dict.fromkeys(nodes))
     if topo is not None:   # the topology's order
         nodes = [n.name for n in topo.nodes if n.name in nodes]
