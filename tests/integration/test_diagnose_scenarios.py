@@ -44,6 +44,8 @@ CASES = [
                              "--sport", "40000", "--count", "1"], "request", None, "stale-conntrack", None),
     ("br-netfilter-off", ["pod-2-1", "svc/default/web", "--proto", "udp", "--port", "80"], "reply",
      "node-2", "unreversed-reply", None),
+    ("pod-input-drop", ["pod-1-1", "pod-2-1"], "request", "node-2", "netfilter-rule", "NETFILTER_DROP"),
+    ("pod-mac-wrong", ["pod-1-1", "pod-2-1"], "request", "node-2", "wrong-mac", "OTHERHOST"),
 ]
 
 
