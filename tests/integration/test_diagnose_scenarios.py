@@ -47,6 +47,8 @@ CASES = [
     ("link-down", ["pod-1-1", "pod-2-1"], "request", "node-2", "link-down", None),
     ("nft-native-drop", ["pod-1-1", "pod-2-1"], "request", "node-2", "netfilter-rule", "NETFILTER_DROP"),
     ("overlay-input-drop", ["pod-1-1", "pod-2-1"], "request", "node-2", "netfilter-rule", "NETFILTER_DROP"),
+    ("pod-input-drop", ["pod-1-1", "pod-2-1"], "request", "node-2", "netfilter-rule", "NETFILTER_DROP"),
+    ("pod-mac-wrong", ["pod-1-1", "pod-2-1"], "request", "node-2", "wrong-mac", "OTHERHOST"),
 ]
 
 

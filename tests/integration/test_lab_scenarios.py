@@ -415,6 +415,20 @@ def check_stale(doc):
     assert probe_stale(doc, OK, sport=scenarios.STALE_SPORT + 1)  # other flows are fine
 
 
+def check_pod_input_drop(doc):
+    save = _save_c(_ns_of(doc, "pod-2-1"), "filter")
+    assert f"-A INPUT -s {_ip(doc, 'pod-1-1')}/32" in save and _counter(save, "-j DROP") > 0
+    # Only traffic from pod-1-1 is dropped, and only in pod-2-1.
+    assert _ping(doc, "pod-1-2", "pod-2-1", OK) and _ping(doc, "pod-1-1", "pod-2-2", OK)
+
+
+def check_pod_mac_wrong(doc):
+    ns = node(doc, "node-2")["netns"]
+    entry = _json(["ip", "-n", ns, "-j", "neigh", "show", _ip(doc, "pod-2-1")])[0]
+    assert entry["lladdr"] == "0e:00:00:00:ee:03" and entry["state"] == ["PERMANENT"]
+    assert _ping(doc, "pod-1-1", "pod-2-2", OK)
+
+
 SCENARIOS = {
     # name: (probe, check of the fault, probe before break (default: probe))
     "netpol-drop": (_ping_1_to_2, check_netpol),
@@ -432,6 +446,8 @@ SCENARIOS = {
     # the way of the stale one.
     "stale-udp-conntrack": (probe_stale, check_stale,
                             lambda doc, t: probe_stale(doc, t, scenarios.STALE_SPORT + 2)),
+    "pod-input-drop": (_ping_1_to_2, check_pod_input_drop),
+    "pod-mac-wrong": (_ping_1_to_2, check_pod_mac_wrong),
 }
 
 

@@ -123,8 +123,8 @@ def explain(packet: Packet, v: Verdict, ev) -> Verdict:
         if hit.get("base_chain") and hit["base_chain"] != hit["chain"]:
             chain += f" (reached from {hit['base_chain']})"
         rule = hit["rule"] if not hit.get("policy") else f"-P {hit['chain']} {hit['policy']}"
-        return _set(v, "netfilter-rule", f"Dropped in {where} after arriving on its {v.dev}: {chain} "
-                    f"in {where} dropped it by rule `{rule}`.", "netfilter-drop.md", netfilter=hits)
+        return _set(v, "netfilter-rule", f"Dropped inside {where} after arriving on its {v.dev}: rule "
+                    f"`{rule}` in {chain} of {where} dropped it.", "netfilter-drop.md", netfilter=hits)
     if reason == "OTHERHOST":
         f = ev.facts(v.node, packet) if v.node else None
         nb = ((f or {}).get("next_hop") or {}).get("neigh") or {}

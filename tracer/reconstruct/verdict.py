@@ -89,6 +89,10 @@ def _failed(seq: int, what: str, v) -> str:
     left = beyond.problem(seq, what, v)
     if left is not None:
         return left
+    pod = (v.evidence or {}).get("pod") if (v.evidence or {}).get("after_arrival") else None
+    if pod:
+        return (f"probe {seq}: {what} {v.status} in {pod.split('/')[-1]} ({v.dev}, {v.reason})"
+                + (f": {v.cause}" if v.cause else ""))
     return (f"probe {seq}: {what} {v.status} at {v.node or 'fabric'}/{v.dev}"
             + (f" ({v.reason})" if v.reason else "") + (f": {v.cause}" if v.cause else ""))
 
