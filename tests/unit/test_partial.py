@@ -176,3 +176,49 @@ def test_schema_and_statuses_know_every_status(status):
     schema = json.loads((Path(__file__).resolve().parents[2] / "tracer/schema/flow.schema.json").read_text())
     assert status in schema["$defs"]["packet_verdict"]["properties"]["status"]["enum"]
     assert status in analysis.STATUSES
+
+
+def _per_node_files(tmp_path, late_node2: bool):
+    """The watched flow as two captures, one per node (node-1 with the fabric, node-2), each
+    with its own observation window; node-2's started 25 ms late when late_node2."""
+    from bench.analysis import FABRIC, N1
+    from bench.analysis import meta as capture_meta
+    from tracer import tracefile
+
+    arr, _ = watched_flow(late_node2)
+    start2 = BASE + 25_000_000 if late_node2 else BASE - 10_000_000
+    out = []
+    for name, nss, start in (("node-1", [N1, FABRIC, PODS[A][0]], BASE - 10_000_000), ("node-2", NODE2, start2)):
+        part = arr[np.isin(arr["netns"], nss)]
+        m = dict(capture_meta(), observer=name,
+                 window=windows.Window({name: (start, BASE + 10_000_000_000)}).as_json())
+        out.append(tracefile.save(tmp_path / f"{name}.parquet", record.to_frame(part), m))
+    return out
+
+
+def test_per_node_captures_started_apart_give_partial_not_lost(tmp_path):
+    files = _per_node_files(tmp_path, late_node2=True)
+    t = analysis.load([str(f) for f in files])
+    s = t.summary()
+    assert (s["packets"], s["delivered"], s["partial"], s["lost"]) == (6, 5, 1, 0), s
+    assert t.meta["window"]["observers"]["node-2"]["ready_ns"] == BASE + 25_000_000
+    part = t.packets[t.packets["status"] == "partial"].iloc[0]
+    assert "not tracing" in part["hint"] and part["runbook"] == windows.RUNBOOK
+    # a directory and a glob name the same two files
+    assert analysis.load(str(tmp_path)).summary() == s
+    assert analysis.load(str(tmp_path / "node-*.parquet")).summary() == s
+    # read without their windows (files of before), the gap was a loss
+    from tracer.analysis import merge
+
+    events, meta = merge.load_many(files)
+    meta.pop("window")
+    assert analysis.analyse(events, meta, "capture").summary()["lost"] == 1
+
+
+def test_per_node_captures_together_equal_one_capture(tmp_path):
+    files = _per_node_files(tmp_path, late_node2=False)
+    t = analysis.load([str(f) for f in files])
+    arr, meta = watched_flow(late_node2=False)
+    one = analysis.analyse(record.to_frame(arr), dict(meta, kind="capture"), "capture")
+    assert t.summary()["delivered"] == one.summary()["delivered"] == 6
+    assert list(t.packets["status"].astype(str)) == list(one.packets["status"].astype(str))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import pandas as pd
 
 from tracer import tracefile
+from tracer.analysis import merge
 from tracer.analysis.flowfile import _flow_input, _flow_tables, reconstruct
 from tracer.analysis.plots import STATUS_COLOR, hop_label, plot_path
 from tracer.analysis.report import render_summary, summary_doc
@@ -41,7 +42,14 @@ def load(path, mode: str = "auto") -> Trace:
     """Read a trace file and rebuild its packets, hops, flows and drops.
 
     mode: "auto" (flow files as `flow` judged them, captures vectorised), "flow" or
-    "capture" (the vectorised reconstruction on any file)."""
+    "capture" (the vectorised reconstruction on any file). `path` may also be a directory,
+    a glob or a list of files (one per node): they are read as one capture (merge)."""
+    if merge.is_many(path):
+        files = merge.paths(path)
+        if len(files) > 1:
+            events, meta = merge.load_many(files)
+            return analyse(events, meta, "capture" if mode == "auto" else mode)
+        path = files[0]
     events, meta = tracefile.load(path)
     meta["path"] = str(path)
     return analyse(events, meta, mode)

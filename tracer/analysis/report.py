@@ -14,7 +14,7 @@ def summary_doc(t: Trace, top: int = 20) -> dict:
         bad = fl["dropped"] + fl["lost"]
         fl = fl.assign(_bad=bad).sort_values(["_bad", "packets"], ascending=False).drop(columns="_bad")
     cols = ["flow", "proto", "src", "sport", "dst", "dport", "src_pod", "dst_pod", "service", "packets",
-            "delivered", "dropped", "lost", "left", "p50_ns", "p99_ns"]
+            "delivered", "dropped", "lost", "left", "partial", "p50_ns", "p99_ns"]
     return {
         "file": t.meta.get("path"),
         "incomplete": t.meta.get("incomplete_reason") if t.meta.get("incomplete") else None,
@@ -53,6 +53,8 @@ def render_summary(doc: dict, console) -> None:
                      if s.get("upgraded_from") else ""))
     console.print(f"delivered {s['delivered']}  [red]dropped {s['dropped']}[/red]  "
                   f"[yellow]lost {s['lost']}[/yellow]  left {s['left']}  "
+                  + (f"[cyan]partial {s['partial']}[/cyan] (seen while a node was not tracing)  "
+                     if s.get("partial") else "")
                   + (f"[bold red]events lost {s['events_lost']} (ring buffer full: paths may have gaps)[/bold red]"
                      if s["events_lost"] else "events lost 0"))
     if doc["flows"]:

@@ -11,16 +11,17 @@ from tracer.errors import ExitStatus
 
 
 @click.command("analyze")
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("files", nargs=-1, required=True, metavar="FILE|DIR|GLOB...")
 @click.option("--mode", type=click.Choice(["auto", "flow", "capture"]), default="auto", show_default=True,
               help="Reconstruction: flow files as `flow` judged them, captures vectorised.")
 @click.option("--top", type=click.IntRange(1, 10000), default=20, show_default=True,
               help="Rows per table.")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def analyze(file, mode, top, output):
+def analyze(files, mode, top, output):
     """Summarise a trace file: packets, flows, drops and losses, as tables.
 
-    FILE is a Parquet trace written by `podtrace capture` or `podtrace flow --save`.
+    FILE is a Parquet trace written by `podtrace capture` or `podtrace flow --save`;
+    several files, a directory or a glob (one capture per node) are read as one trace.
     The same tables are in Jupyter: `from tracer import analysis; t = analysis.load(FILE)`.
 
     \b
@@ -28,9 +29,11 @@ def analyze(file, mode, top, output):
       podtrace analyze capture.parquet
       podtrace analyze trace.parquet --top 50
       podtrace analyze capture.parquet -o json | jq .drops
+      podtrace analyze node-1.parquet node-2.parquet
     """
     from tracer.analysis import load, render_summary, summary_doc
 
+    file = files[0] if len(files) == 1 else list(files)
     t = load(file, mode=mode)
     if t.meta.get("incomplete"):
         click.echo(f"podtrace: warning: {file} is an incomplete trace "

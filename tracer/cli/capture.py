@@ -35,12 +35,15 @@ from tracer.errors import BadInput, ExitStatus
                    "is watched: pods that appear or go during the capture are followed.")
 @click.option("--context", default=None, help="Kubeconfig context (default: the current one).")
 @click.option("--tc", is_flag=True, help="Also observe the lab's devices with tc programs.")
+@click.option("--on-node", default=None, metavar="NAME",
+              help="Lab only: record what that node's namespaces see, as a capture on that node "
+                   "would (one file per node; `analyze` takes them together).")
 @click.option("--row-group", type=click.IntRange(1024, 10_000_000), default=tracefile.ROW_GROUP_EVENTS,
               show_default=True, help="Events per Parquet row group (bounds memory).")
 @click.option("--ringbuf-pages", type=click.IntRange(8, 65536), default=1024, show_default=True,
               help="Ring buffer size in pages (a power of two).")
 def capture(cidr, pods, namespaces, services, nodes, cidrs, ports, all_traffic, duration, output, cluster,
-            kubeconfig, context, tc, row_group, ringbuf_pages):
+            kubeconfig, context, tc, on_node, row_group, ringbuf_pages):
     """Record the hop events of a selection of traffic to a Parquet trace file.
 
     Without a selection, all pod traffic (every node's pod CIDR and the Service IPs).
@@ -66,7 +69,7 @@ def capture(cidr, pods, namespaces, services, nodes, cidrs, ports, all_traffic, 
     cfg = CaptureConfig(Selection(list(pods), list(namespaces), list(services), list(nodes),
                                   list(cidr) + list(cidrs), list(ports), all_traffic),
                         out, duration, cluster, kubeconfig=kubeconfig, context=context,
-                        row_group_events=row_group, ringbuf_pages=ringbuf_pages, tc=tc)
+                        row_group_events=row_group, ringbuf_pages=ringbuf_pages, tc=tc, on_node=on_node)
     err = Console(stderr=True)
     if err.is_terminal:
         with err.status("starting capture") as status:

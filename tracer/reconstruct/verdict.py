@@ -118,7 +118,7 @@ def watched_verdict(packets: list[Packet]) -> FlowVerdict:
     summary = f"{ok_n}/{n} packets delivered"
     if part:
         whys = list(dict.fromkeys(_why(p.verdict.hint) for p in packets if p.verdict.status == "partial"))
-        summary += f" ({part} partial: {'; '.join(whys)})"
+        summary += f" ({part} partial: {'; '.join(whys[:2])}{'; …' if len(whys) > 2 else ''})"
     if not whole:
         problems.append("every packet seen was seen only in part (an observer on its path was not tracing)")
     return FlowVerdict("ok" if whole and ok_n == whole else "failed", summary, tuple(problems))

@@ -54,10 +54,13 @@ class Window:
         out = sorted((e, n) for n, (_, e) in self.spans.items() if e is not None and t_ns + EDGE_NS > e)
         return [n for e, n in out if t_ns >= e] or [n for _, n in out[:1]]
 
-    def outside(self, first_ns: int, last_ns: int) -> str | None:
+    def outside(self, first_ns: int, last_ns: int, seen_by: tuple = ()) -> str | None:
         """Why a packet seen from first_ns to last_ns is a partial view, or None when every
-        observer was tracing all along."""
+        observer was tracing all along. The observers that did see it (seen_by) are named
+        only when no other one was missing."""
         late, gone = self.late(first_ns), self.gone(last_ns)
+        late = [n for n in late if n not in seen_by] or late[:1]
+        gone = [n for n in gone if n not in seen_by] or gone[:1]
         if late:
             return f"seen only while {_names(late)} {'was' if len(late) == 1 else 'were'} not yet tracing"
         if gone:
@@ -111,7 +114,8 @@ def apply(packets: list[Packet], window: Window | None) -> list[Packet]:
     for p in packets:
         why = None
         if p.verdict.status == "lost" and p.hops:
-            why = window.outside(p.first_ts_ns, p.first_ts_ns + p.hops[-1].t_ns)
+            seen = tuple(dict.fromkeys(h.node or "fabric" for h in p.hops))
+            why = window.outside(p.first_ts_ns, p.first_ts_ns + p.hops[-1].t_ns, seen)
         out.append(p if why is None else replace(p, verdict=partial(p.verdict, why)))
     return out
 

@@ -30,7 +30,7 @@ from tracer.kernel import program
 from tracer.cluster import inventory
 from tracer.kernel import formats
 from tracer.errors import BadInput, EnvironmentProblem, PodtraceError
-from tracer.reconstruct import drops
+from tracer.reconstruct import drops, window
 from tracer.kernel.session import Sink
 from tracer.runs.selection import Resolved, Selection, cluster_streams, resolve
 from tracer.runs.spool import Spool
@@ -57,6 +57,7 @@ class CaptureConfig:
     ringbuf_pages: int = 1024           # 4 MiB, as every session; `--ringbuf-pages` for busier selections
     tc: bool = False                    # tc observers on the lab's devices (doubles events per hop)
     lab_scope: bool = True              # in the lab: only events from the lab's namespaces
+    on_node: str | None = None          # in the lab: only that node's namespaces, as a capture on that node
     progress_every: float = 0.25
 
 
@@ -209,6 +210,11 @@ def _run(cfg: CaptureConfig, progress, stop, inv, topo, source) -> CaptureResult
     sel = resolve(cfg.selection, inv)
     placement = placement_of(topo)
     scope = set(placement.netns) if (topo and cfg.lab_scope and placement.netns) else None
+    if cfg.on_node:
+        scope = {ino for ino, (n, _) in placement.netns.items() if n == cfg.on_node} if topo else set()
+        if not scope:
+            raise BadInput(f"--on-node {cfg.on_node}: no such lab node",
+                           "give a node of `podtrace lab status` (in a cluster, run capture on that node)")
     local = None
     if source is not None:
         local = _LocalNode(inv, placement)
@@ -235,6 +241,7 @@ def _run(cfg: CaptureConfig, progress, stop, inv, topo, source) -> CaptureResult
         "hooks": [h.name for h in hooks], "degraded": degraded,
         "scope": ({"lab": topo.labels.get("prefix") if topo else None, "netns": sorted(scope)} if scope else None),
         "started_ns": started_ns, "ringbuf_pages": cfg.ringbuf_pages, "row_group_events": cfg.row_group_events,
+        "observer": cfg.on_node or _node_name(),
     }
     writer = tracefile.Writer(out, row_group_events=cfg.row_group_events, meta=start_meta)
     spool = Spool(writer, scope, {k for k, v in drop_reasons.items() if v in HOUSEKEEPING_DROPS})
@@ -279,6 +286,7 @@ def _run(cfg: CaptureConfig, progress, stop, inv, topo, source) -> CaptureResult
                 stopped_by = stopper.by
             elif stop is not None and stop.is_set():
                 stopped_by = "stopped"
+            stopped_mono_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
             runner.drain()
             for chunk in sink.take():
                 spool.add(chunk)
@@ -296,6 +304,8 @@ def _run(cfg: CaptureConfig, progress, stop, inv, topo, source) -> CaptureResult
                 **(_final_cluster(source, members, topo) if members is not None else {}),
                 "locations": locations,
                 "started_mono_ns": t0_mono_ns, "stopped_ns": time.time_ns(), "duration_s": round(elapsed, 3),
+                # when this observer traced (every hook attached → drained), for analyze's partial views
+                "window": window.Window({start_meta["observer"]: (t0_mono_ns, stopped_mono_ns)}).as_json(),
                 "stopped_by": stopped_by,
                 # t_s: seconds since started_mono_ns (the ts_ns clock); cumulative counters
                 "loss_timeline": {"columns": ["t_s", "emitted", "lost"], "rows": _thin(timeline)},
@@ -355,6 +365,13 @@ def _final_cluster(source, members: _Membership, topo) -> dict:
                      "netns_inode": None, "gone": True} for p in members.gone()]
     out["membership_changes"] = {"columns": ["t_s", "change", "ip", "pod"], "rows": members.changes}
     return out
+
+
+def _node_name() -> str:
+    """The observer a capture names itself by outside the lab: this machine (the node)."""
+    import socket
+
+    return socket.gethostname()
 
 
 def _asked(sel: Selection) -> dict:
