@@ -13,7 +13,7 @@ from typing import Callable
 
 from tracer.errors import BadInput
 from tracer.lab import topology as T
-from tracer.lab.scenarios import conntrack, faults
+from tracer.lab.scenarios import conntrack, faults, faults_owner
 from tracer.lab.scenarios.changes import Changes
 from tracer.lab.scenarios.labdoc import Lab, Pod
 
@@ -228,3 +228,10 @@ def listing(lab: Lab | None = None) -> list[dict]:
                     "nodes": valid, "cluster_wide": sc.cluster_wide,
                     "flow": flow_command(sc, lab, node) if shown else None})
     return out
+_register(Scenario(
+    "pod-ip-gone",
+    "a pod's address removed from its eth0 and from its status (its sandbox died): its IP, "
+    "given bare, is in the node's pod CIDR but nothing answers there",
+    _second, lambda lab: [n for n in _two_nodes(lab) if lab.pods_on(n)],
+    lambda lab, node: f"{lab.client_for(node).name} {faults_owner.target(lab, node).ip}",
+    faults_owner.pod_ip_gone))
