@@ -44,6 +44,8 @@ CASES = [
                              "--sport", "40000", "--count", "1"], "request", None, "stale-conntrack", None),
     ("br-netfilter-off", ["pod-2-1", "svc/default/web", "--proto", "udp", "--port", "80"], "reply",
      "node-2", "unreversed-reply", None),
+    # the bare IP of a pod whose address is gone: traced on the node owning its pod CIDR
+    ("pod-ip-gone", ["pod-1-1", "10.244.2.3"], "request", "node-2", "neighbour-missing", None),
 ]
 
 

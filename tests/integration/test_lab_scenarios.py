@@ -413,6 +413,21 @@ def check_stale(doc):
     assert probe_stale(doc, OK, sport=scenarios.STALE_SPORT + 1)  # other flows are fine
 
 
+def _ping_1_to_2_2(doc, timeout):
+    return _ping(doc, "pod-1-1", "pod-2-2", timeout)
+
+
+def check_pod_ip_gone(doc):
+    ns = _ns_of(doc, "pod-2-2")
+    inet = [a for link in _json(["ip", "-n", ns, "-j", "addr", "show", "dev", "eth0"])
+            for a in link.get("addr_info", []) if a.get("family") == "inet"]
+    assert inet == []
+    inv = json.loads(Path(doc["inventory"]).read_text())
+    pods = {i["metadata"]["name"]: i for i in inv["items"] if i["kind"] == "Pod"}
+    assert "podIP" not in pods["pod-2-2"]["status"] and pods["pod-2-1"]["status"]["podIP"]
+    assert _ping(doc, "pod-1-1", "pod-2-1", OK)        # the node and its other pods are fine
+
+
 SCENARIOS = {
     # name: (probe, check of the fault, probe before break (default: probe))
     "netpol-drop": (_ping_1_to_2, check_netpol),
@@ -430,6 +445,7 @@ SCENARIOS = {
     # the way of the stale one.
     "stale-udp-conntrack": (probe_stale, check_stale,
                             lambda doc, t: probe_stale(doc, t, scenarios.STALE_SPORT + 2)),
+    "pod-ip-gone": (_ping_1_to_2_2, check_pod_ip_gone),
 }
 
 
