@@ -49,6 +49,8 @@ CASES = [
     ("overlay-input-drop", ["pod-1-1", "pod-2-1"], "request", "node-2", "netfilter-rule", "NETFILTER_DROP"),
     ("pod-input-drop", ["pod-1-1", "pod-2-1"], "request", "node-2", "netfilter-rule", "NETFILTER_DROP"),
     ("pod-mac-wrong", ["pod-1-1", "pod-2-1"], "request", "node-2", "wrong-mac", "OTHERHOST"),
+    # the bare IP of a pod whose address is gone: traced on the node owning its pod CIDR
+    ("pod-ip-gone", ["pod-1-1", "10.244.2.3"], "request", "node-2", "neighbour-missing", None),
 ]
 
 

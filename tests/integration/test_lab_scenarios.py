@@ -429,6 +429,21 @@ def check_pod_mac_wrong(doc):
     assert _ping(doc, "pod-1-1", "pod-2-2", OK)
 
 
+def _ping_1_to_2_2(doc, timeout):
+    return _ping(doc, "pod-1-1", "pod-2-2", timeout)
+
+
+def check_pod_ip_gone(doc):
+    ns = _ns_of(doc, "pod-2-2")
+    inet = [a for link in _json(["ip", "-n", ns, "-j", "addr", "show", "dev", "eth0"])
+            for a in link.get("addr_info", []) if a.get("family") == "inet"]
+    assert inet == []
+    inv = json.loads(Path(doc["inventory"]).read_text())
+    pods = {i["metadata"]["name"]: i for i in inv["items"] if i["kind"] == "Pod"}
+    assert "podIP" not in pods["pod-2-2"]["status"] and pods["pod-2-1"]["status"]["podIP"]
+    assert _ping(doc, "pod-1-1", "pod-2-1", OK)        # the node and its other pods are fine
+
+
 SCENARIOS = {
     # name: (probe, check of the fault, probe before break (default: probe))
     "netpol-drop": (_ping_1_to_2, check_netpol),
@@ -448,6 +463,7 @@ SCENARIOS = {
                             lambda doc, t: probe_stale(doc, t, scenarios.STALE_SPORT + 2)),
     "pod-input-drop": (_ping_1_to_2, check_pod_input_drop),
     "pod-mac-wrong": (_ping_1_to_2, check_pod_mac_wrong),
+    "pod-ip-gone": (_ping_1_to_2_2, check_pod_ip_gone),
 }
 
 

@@ -19,7 +19,7 @@ NAMES = [
     "rp-filter-strict", "mtu-blackhole", "no-route", "fdb-missing", "neigh-wrong",
     "svc-no-endpoints", "stale-udp-conntrack", "pod-input-drop", "pod-mac-wrong",
     "pod-no-route", "pod-pmtu", "pod-gw-neigh", "hostport-unreversed", "link-down", "nft-native-drop",
-    "overlay-input-drop", "routing-loop", "icmp-prohibited",
+    "overlay-input-drop", "routing-loop", "icmp-prohibited", "pod-ip-gone",
 ]
 
 

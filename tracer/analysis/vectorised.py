@@ -319,11 +319,11 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
 
 
 def _partial(packets: pd.DataFrame, hops: pd.DataFrame, view: beyond.View | None) -> None:
-    """Lost packets that left towards a node nobody traced: `partial` (beyond.left_view, the
+    """Packets lost (or left) towards a node nobody traced: `partial` (beyond.left_view, the
     per-packet path's rule), in place."""
     if view is None:
         return
-    lost = np.flatnonzero((packets["status"] == "lost").to_numpy())
+    lost = np.flatnonzero(packets["status"].isin(["lost", "left"]).to_numpy())
     if not len(lost):
         return
     sub = hops[hops["packet"].isin(packets["packet"].to_numpy()[lost])]
@@ -388,7 +388,8 @@ def _verdict_text(packets: pd.DataFrame) -> None:
                                 "seen only while an observer on its path was not tracing")
             hint, book = v.hint, v.runbook
         else:
-            where = (r.verdict_node or "the fabric") + (f" ({r.verdict_dev})" if r.verdict_dev else "")
+            where = (r.verdict_node if isinstance(r.verdict_node, str) else "the fabric") + (
+                f" ({r.verdict_dev})" if isinstance(r.verdict_dev, str) else "")
             hint, book = f"Left {where}; where it went next is outside this trace.", None
         hints.append(hint)
         books.append(book)

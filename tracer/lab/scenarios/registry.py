@@ -13,7 +13,7 @@ from typing import Callable
 
 from tracer.errors import BadInput
 from tracer.lab import topology as T
-from tracer.lab.scenarios import conntrack, faults, faults_causes, faults_delivery, faults_dnat, faults_loop, faults_source
+from tracer.lab.scenarios import conntrack, faults, faults_causes, faults_delivery, faults_dnat, faults_loop, faults_owner, faults_source
 from tracer.lab.scenarios.changes import Changes
 from tracer.lab.scenarios.labdoc import Lab, Pod
 
@@ -284,6 +284,13 @@ _register(Scenario(
     lambda lab, node: _show_to_first_pod(lab, node) + f" --proto udp --port {T.APP_PORT}",
     faults_loop.icmp_prohibited,
     why_no_nodes="it needs a second pod to send from"))
+_register(Scenario(
+    "pod-ip-gone",
+    "a pod's address removed from its eth0 and from its status (its sandbox died): its IP, "
+    "given bare, is in the node's pod CIDR but nothing answers there",
+    _second, lambda lab: [n for n in _two_nodes(lab) if lab.pods_on(n)],
+    lambda lab, node: f"{lab.client_for(node).name} {faults_owner.target(lab, node).ip}",
+    faults_owner.pod_ip_gone))
 
 
 def applies_to(sc: Scenario) -> list[str]:
