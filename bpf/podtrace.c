@@ -202,6 +202,26 @@ static __always_inline int wanted(struct pkt *p) {
     return addr_wanted(&p->saddr, sel) && addr_wanted(&p->daddr, sel);
 }
 
+// A followed packet's addresses join the trace under flow's filter (config 0: both
+// addresses in `addrs`): a DNAT no inventory named (a hostPort, a NodePort, a hand-written
+// rule) sent it to an address the flow did not list, and that target's answers belong to
+// the flow. The `addr_bits` word is set as user space sets it (set_addrs).
+static __always_inline void learn_addr(u32 addr) {
+    if (!addr || addrs.lookup(&addr)) return;
+    u32 idx = CONFIG_SEL;
+    u32 *mode = config.lookup(&idx);
+    if (!mode || *mode != 0) return;
+#ifndef PT_NO_PREFILTER
+    u32 h = (addr * SLOT_MULT) >> (32 - ADDR_SLOT_BITS);   // as addr_maybe()
+    u32 w = h >> 6;
+    u64 *v = addr_bits.lookup(&w);
+    if (!v) return;
+    *v |= 1ULL << (h & 63);
+#endif
+    u8 one = 1;
+    addrs.update(&addr, &one);
+}
+
 // The conntrack entry attached to the skb (skb->_nfct: pointer | ctinfo in the low 3 bits):
 // its state as this packet sees it, the original and reply tuples, and the IPS_* status,
 // whose NAT bits tell whether DNAT/SNAT applies. Offsets from BTF; absent without conntrack.
@@ -391,6 +411,8 @@ static __always_inline int on_packet(void *ctx, const u8 *skb, const u8 *l3, u8 
         if (!was) track(&key, &id);
     } else if (was) {
         flags = FLAG_FOLLOWED;
+        learn_addr(p.saddr);
+        learn_addr(p.daddr);
     } else {
         return 0;
     }

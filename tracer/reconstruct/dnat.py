@@ -68,14 +68,17 @@ def targets_in_events(df: pd.DataFrame, fi: "FlowInput") -> frozenset[str]:
 
 
 def target_netns(fi: "FlowInput", hops: Iterable[Hop], ip: str) -> set[int]:
-    """The namespaces of a DNAT target: the pod or node the inventory gives that address,
-    else the one pod namespace the packet was received in with that destination."""
+    """The namespaces of a DNAT target: the pod or node the inventory gives that address
+    (none when no traced pod or node has it), else, for a trace saved without the addresses,
+    the one pod namespace the packet was received in with that destination."""
     pl = fi.placement
     node, pod = (fi.addresses or {}).get(ip, (None, None))
     if pod:
         return pl.pod_netns(pod)
     if node:
         return pl.node_netns(node)
+    if fi.addresses:      # the traced pods and nodes are known, and none has that address
+        return set()
     got = {h.netns for h in hops if h.point == "rx" and h.pod is not None and h.dst == ip}
     return got if len(got) == 1 else set()
 

@@ -321,5 +321,5 @@ def nat_changes(hops, fi: FlowInput) -> list[NatChange]:
         else:
             kind = "reverse-dnat" if a.src != vip and b.src == vip else "snat"
         out.append(NatChange(kind, i, b.node, b.dev, before, after,
-                             b.dst if kind == "dnat" and vip and a.dst == vip else None))
+                             b.dst if kind == "dnat" and vip and a.dst == vip and fi.dst.service else None))
     return out
