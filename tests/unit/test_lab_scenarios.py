@@ -18,6 +18,7 @@ NAMES = [
     "netpol-drop", "ip-forward-off", "br-netfilter-off", "conntrack-full", "conntrack-invalid",
     "rp-filter-strict", "mtu-blackhole", "no-route", "fdb-missing", "neigh-wrong",
     "svc-no-endpoints", "stale-udp-conntrack",
+    "link-down", "nft-native-drop", "overlay-input-drop",
 ]
 
 
@@ -53,6 +54,9 @@ def test_defaults_on_the_default_lab():
         "neigh-wrong": ("node-1", "pod-1-1 pod-2-1"),
         "svc-no-endpoints": (None, "pod-1-1 svc/default/web --proto tcp --port 80"),
         "stale-udp-conntrack": ("node-1", "pod-1-1 svc/default/web --proto udp --port 80 --sport 40000 --count 1"),
+        "link-down": ("node-2", "pod-1-1 pod-2-1"),
+        "nft-native-drop": ("node-2", "pod-1-1 pod-2-1"),
+        "overlay-input-drop": ("node-2", "pod-1-1 pod-2-1"),
     }
     for name, (node, flow) in expect.items():
         sc = S.get(name)
