@@ -57,6 +57,9 @@ def test_defaults_on_the_default_lab():
         "stale-udp-conntrack": ("node-1", "pod-1-1 svc/default/web --proto udp --port 80 --sport 40000 --count 1"),
         "pod-input-drop": ("node-2", "pod-1-1 pod-2-1"),
         "pod-mac-wrong": ("node-2", "pod-1-1 pod-2-1"),
+        "link-down": ("node-2", "pod-1-1 pod-2-1"),
+        "nft-native-drop": ("node-2", "pod-1-1 pod-2-1"),
+        "overlay-input-drop": ("node-2", "pod-1-1 pod-2-1"),
     }
     for name, (node, flow) in expect.items():
         sc = S.get(name)

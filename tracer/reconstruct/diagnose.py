@@ -213,7 +213,8 @@ def _explain_lost(packet: Packet, v: Verdict, ev: Evidence) -> Verdict:
     if reason == "PKT_TOO_BIG" or (out_mtu and ip_len > out_mtu and packet.df):
         return _set(v, "mtu", f"A {ip_len or size}-byte packet with DF set does not fit {out_dev} on {node} "
                     f"(MTU {out_mtu}); it is dropped instead of fragmented.", "mtu.md")
-    out = _next_hop(v, node, f, ev)
+    # a netfilter drop is not the next hop's fault: its neighbour state is a consequence
+    out = _next_hop(v, node, f, ev) if reason != "NETFILTER_DROP" else v
     return out if out.cause else _checked(packet, out, node, f, ev)
 
 
