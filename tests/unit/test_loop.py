@@ -157,3 +157,14 @@ def test_problem_line_names_the_icmp_error():
     fi.probes = [rst]
     fv, _ = verdict.flow_verdict([], fi, True)
     assert "probe 1: refused (connection refused (RST))" in fv.problems
+
+
+def test_an_address_nobody_owns_is_traced_on_every_node(inv):
+    from tests.unit.test_plan import _plan
+    from tracer.runs import plan as planner
+
+    reqs = planner.agent_requests(_plan(inv, "pod-1-1", DST))
+    assert [r.node for r in reqs] == list(inv.nodes) and len(reqs) > 1
+    assert [r.node for r in reqs if r.probe] == ["node-1"]
+    owned = planner.agent_requests(_plan(inv, "pod-1-1", "pod-1-2"))
+    assert [r.node for r in owned] == ["node-1"]
