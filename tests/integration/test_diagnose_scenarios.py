@@ -51,7 +51,16 @@ CASES = [
     ("pod-mac-wrong", ["pod-1-1", "pod-2-1"], "request", "node-2", "wrong-mac", "OTHERHOST"),
     # the bare IP of a pod whose address is gone: traced on the node owning its pod CIDR
     ("pod-ip-gone", ["pod-1-1", "10.244.2.3"], "request", "node-2", "neighbour-missing", None),
+    ("routing-loop", ["pod-1-1", "10.244.99.5"], "request", None, "routing-loop", None),
+    ("icmp-prohibited", ["pod-1-1", "pod-2-1", "--proto", "udp", "--port", "8080"], "request", "node-2",
+     "netfilter-rule", "NETFILTER_DROP"),
 ]
+# What a scenario's flow says once fixed, when not "exit 0": the unused CIDR of routing-loop
+# has no route anywhere then.
+AFTER_FIX = {"routing-loop": "no-route"}
+# What the flow's problem lines say, beyond the verdict.
+PROBLEM = {"routing-loop": "time exceeded (ICMP 11/0) from ",
+           "icmp-prohibited": "administratively prohibited (ICMP 3/13) from "}
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +131,17 @@ def test_scenario(dlab, scenario, args, direction, node, cause, reason, tmp_path
             assert v["reason"] == reason, v
         assert v["hint"] and "\n" not in v["hint"]
         assert v["runbook"] and (ROOT / v["runbook"]).is_file(), v["runbook"]
+        if scenario in PROBLEM:
+            assert any(PROBLEM[scenario] in line for line in doc["verdict"]["problems"]), doc["verdict"]
     finally:
         fixed = cli("lab", "fix", scenario)
         assert fixed.returncode == 0, fixed.stderr
     res = cli("flow", *args, "-o", "json")
+    if scenario in AFTER_FIX:
+        assert res.returncode == 3, res.stdout[-2000:] + res.stderr
+        causes = {p["verdict"].get("cause") for p in json.loads(res.stdout)["packets"]}
+        assert causes == {AFTER_FIX[scenario]}, causes
+        return
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr
 
 

@@ -22,9 +22,9 @@ import pytest
 from tests.integration.lab_fixture import (
     machine_snapshot, node, ping, pod, private_lab, run_cli, service, tcp_ask,
 )
-from tracer.node import netns
+from tracer.node import netns, prober
 from tracer.lab import build, scenarios
-from tracer.lab.scenarios import changes
+from tracer.lab.scenarios import changes, faults_loop
 from tracer.lab import topology as T
 
 pytestmark = pytest.mark.integration
@@ -443,6 +443,34 @@ def check_pod_ip_gone(doc):
     assert "podIP" not in pods["pod-2-2"]["status"] and pods["pod-2-1"]["status"]["podIP"]
     assert _ping(doc, "pod-1-1", "pod-2-1", OK)        # the node and its other pods are fine
 
+def probe_loop(doc, timeout):
+    """True while an echo to the unused CIDR does not come back as ICMP time exceeded (before
+    the break and after the fix nothing routes it: the node answers network unreachable)."""
+    r = prober.icmp_echo(_ns_of(doc, "pod-1-1"), _ip(doc, "pod-1-1"), faults_loop.LOOP_DST,
+                         (os.getpid() + next(_seq)) & 0xFFFF, 1, timeout)
+    return not (r.detail or "").startswith("time exceeded")
+
+
+def check_loop(doc):
+    for here, there in (("node-1", "node-2"), ("node-2", "node-1")):
+        routes = _json(["ip", "-n", node(doc, here)["netns"], "-j", "route", "show", faults_loop.LOOP_CIDR])
+        assert [(r.get("gateway"), r.get("dev")) for r in routes] == [(node(doc, there)["overlay_ip"], "flannel.1")]
+    r = prober.udp_datagram(_ns_of(doc, "pod-1-1"), _ip(doc, "pod-1-1"), faults_loop.LOOP_DST, 8080, 1, OK)
+    assert r.outcome == "refused" and r.detail.startswith("time exceeded (ICMP 11/0)"), r
+    assert _ping(doc, "pod-1-1", "pod-2-1", OK)      # real pods are not affected
+
+
+def probe_prohibited(doc, timeout):
+    got = udp_from(_ns_of(doc, "pod-1-1"), _ip(doc, "pod-2-1"), T.APP_PORT, timeout)
+    return got is not None and got[0] == "pod-2-1"
+
+
+def check_prohibited(doc):
+    save = _save_c(node(doc, "node-2")["netns"], "filter")
+    assert f"-d {_ip(doc, 'pod-2-1')}/32" in save and "--reject-with icmp-admin-prohibited" in save
+    r = prober.udp_datagram(_ns_of(doc, "pod-1-1"), _ip(doc, "pod-1-1"), _ip(doc, "pod-2-1"), T.APP_PORT, 1, OK)
+    assert r.outcome == "refused" and r.detail.startswith("administratively prohibited (ICMP 3/13) from "), r
+    assert _ping(doc, "pod-1-2", "pod-2-2", OK)      # only pod-2-1 is targeted
 
 SCENARIOS = {
     # name: (probe, check of the fault, probe before break (default: probe))
@@ -464,6 +492,8 @@ SCENARIOS = {
     "pod-input-drop": (_ping_1_to_2, check_pod_input_drop),
     "pod-mac-wrong": (_ping_1_to_2, check_pod_mac_wrong),
     "pod-ip-gone": (_ping_1_to_2_2, check_pod_ip_gone),
+    "routing-loop": (probe_loop, check_loop),
+    "icmp-prohibited": (probe_prohibited, check_prohibited),
 }
 
 

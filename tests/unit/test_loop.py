@@ -2,6 +2,7 @@
 
 import socket
 import struct
+from dataclasses import replace
 
 from tests.unit.test_diagnose import bind, cause, facts, judged, packet
 from tracer.node import icmperr
@@ -157,3 +158,38 @@ def test_problem_line_names_the_icmp_error():
     fi.probes = [rst]
     fv, _ = verdict.flow_verdict([], fi, True)
     assert "probe 1: refused (connection refused (RST))" in fv.problems
+
+
+def test_an_address_nobody_owns_is_traced_on_every_node(inv):
+    from tests.unit.test_plan import _plan
+    from tracer.runs import plan as planner
+
+    reqs = planner.agent_requests(_plan(inv, "pod-1-1", DST))
+    assert [r.node for r in reqs] == list(inv.nodes) and len(reqs) > 1
+    assert [r.node for r in reqs if r.probe] == ["node-1"]
+    owned = planner.agent_requests(_plan(inv, "pod-1-1", "pod-1-2"))
+    assert [r.node for r in owned] == ["node-1"]
+
+
+def _with_ttl(hops, start_ttl=64):
+    """The hops with the TTL a router loop gives: one less after every forwarding node."""
+    out, ttl, prev_node = [], start_ttl, None
+    for x in hops:
+        if x.node is not None and x.pod is None and x.point == "tx" and x.dev == "flannel.1":
+            ttl -= 1
+        out.append(replace(x, ttl=ttl))
+        prev_node = x.node
+    assert prev_node is not None
+    return out
+
+
+def test_ttl_falling_at_each_round_is_a_loop():
+    loop = loops.find_loop(_with_ttl(looping(20)))
+    assert loop is not None and loop["rounds"] == 20
+
+
+def test_equal_datagrams_grouped_together_are_no_loop():
+    """Datagrams of one content (IP ID 0, same length) fall into one group: they pass each
+    place with the same TTL, so they are not one packet going round."""
+    same = [replace(x, ttl=64) for x in start() + round_trip()[:6]] * 5
+    assert loops.find_loop(same) is None

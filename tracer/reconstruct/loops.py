@@ -1,9 +1,12 @@
 """Routing loops: one packet going round the same devices until its TTL runs out.
 
 A packet is recognised by its content (packets.py), which a loop does not change (only the
-TTL drops by one per router), so a looping packet's hops show the same places again and
-again. A place (namespace, device, point) seen `MIN_ROUNDS` times or more is a loop: nothing
-else sends one packet through one device in one direction three times.
+TTL drops by one per router), so a looping packet's hops show the same places again and again,
+each time with a lower TTL. A place (namespace, device, point) seen with `MIN_ROUNDS` different
+TTLs or more is a loop: nothing else sends one packet through one device in one direction
+three times. Datagrams of equal content (IP ID 0 ones) may fall into one group; they pass a
+place with the same TTL, which is why TTLs are counted, not visits (hops without a recorded
+TTL count each visit).
 """
 
 from __future__ import annotations
@@ -25,7 +28,11 @@ def find_loop(hops: tuple[Hop, ...] | list[Hop]) -> dict | None:
     the cycle crosses, in order, None for the fabric) and `left_to` (the outer destination
     of the tunnel the cycle left by, when a node of the loop was not traced)."""
     places = [_place(h) for h in hops]
-    counts = Counter(places)
+    visits = Counter(places)
+    ttls: dict[tuple, set] = {}
+    for p, h in zip(places, hops):
+        ttls.setdefault(p, set()).add(h.ttl)
+    counts = {p: (n if ttls[p] & {None, 0} else len(ttls[p])) for p, n in visits.items()}
     first = next((i for i, p in enumerate(places) if counts[p] >= MIN_ROUNDS), None)
     if first is None:
         return None

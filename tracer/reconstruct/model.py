@@ -96,6 +96,7 @@ class Hop:
     sport: int | None = None        # source port; None for ICMP
     dport: int | None = None        # destination port; None for ICMP
     ct: ConntrackView | None = None  # the conntrack entry the buffer carried, if any
+    ttl: int | None = None          # the (inner) IP TTL there; None when not recorded
 
     def as_json(self, names: dict[str, dict | None] | None = None) -> dict:
         """The JSON hop; with `names` (address → what it is), `src_is`/`dst_is` too."""
@@ -103,7 +104,8 @@ class Hop:
                "seen_by": list(self.seen_by), "t_ns": self.t_ns, "dt_ns": self.dt_ns,
                "src": self.src, "dst": self.dst, "encap": self.encap.as_json() if self.encap else None,
                "ifindex": self.ifindex, "netns": self.netns, "len": self.len,
-               "sport": self.sport, "dport": self.dport, "ct": self.ct.as_json() if self.ct else None}
+               "sport": self.sport, "dport": self.dport, "ct": self.ct.as_json() if self.ct else None,
+               "ttl": self.ttl}
         if names is not None:
             out["src_is"], out["dst_is"] = names.get(self.src), names.get(self.dst)
         return out
@@ -113,7 +115,7 @@ class Hop:
         return cls(d["node"], d["pod"], d["dev"], d["point"], d["src"], d["dst"],
                    tuple(d.get("seen_by") or ("tracepoint",)), d.get("t_ns", 0), d.get("dt_ns", 0),
                    Encap.from_json(d.get("encap")), d.get("ifindex", 0), d.get("netns", 0), d.get("len", 0),
-                   d.get("sport"), d.get("dport"), ConntrackView.from_json(d.get("ct")))
+                   d.get("sport"), d.get("dport"), ConntrackView.from_json(d.get("ct")), d.get("ttl"))
 
 
 @dataclass(frozen=True)

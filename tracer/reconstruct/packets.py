@@ -252,7 +252,7 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[Packet]:
                 t_ns=int(r.ts_ns) - t0, dt_ns=int(r.ts_ns) - prev_t, encap=_encap(r),
                 ifindex=int(r.ifindex), netns=int(r.netns), len=int(r.len),
                 sport=None if icmp else int(r.sport), dport=None if icmp else int(r.dport),
-                ct=_ct(r, fi.ct_info_names)))
+                ct=_ct(r, fi.ct_info_names), ttl=int(r.ttl) if hasattr(r, "ttl") else None))
             prev_t = int(r.ts_ns)
         targets = _targets(fi, direction)
         # Arrived at the pod it was addressed to: a frame flooded into another pod's namespace

@@ -1,4 +1,4 @@
-"""The routing-loop and ICMP-error break actions: routes that send a CIDR back and forth, a REJECT rule.
+"""Break actions that make a routing loop, or a REJECT answering with an ICMP error.
 
 Each takes the `Changes` recorder, the lab and the node it acts on, and makes the same
 kernel objects a real node would have when that fault happens.
