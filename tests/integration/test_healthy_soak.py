@@ -1,0 +1,280 @@
+"""Healthy-path soak: on a healthy lab every flow is `ok` — no false alarm.
+
+One flannel lab for the module. Every ordered pair of pods (ICMP, TCP and UDP to the
+responder's port) and every pod to each Service port, traced in-process in the single-process
+mode; a rotated subset of them through one agent per node; a few through the command line,
+with and without `--single-process`; and `--no-probe` over background traffic in both modes.
+Every flow must exit 0 / verdict ok, every packet delivered, every probe answered, and the
+summary must agree with the verdict.
+
+The flows come from the lab's plan (the same for the same config), checked against the built
+lab's inventory when the lab is up. PODTRACE_SOAK_OFFSET picks the agents subset's rotation
+(default: the day of the year, so successive days cover every flow).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.integration.lab_fixture import LAB_PREFIX, private_lab, run_cli
+from tracer.config import FlowConfig
+from tracer.lab import topology as T
+from tracer.node import netns
+from tracer.runs.flow import run_flow
+
+pytestmark = pytest.mark.integration
+
+PREFIX = LAB_PREFIX + "sk"
+COUNT = 3
+PLAN = T.plan(T.LabConfig(prefix=PREFIX))
+AGENTS_STRIDE = 13  # coprime to the 3 protocols and 2 Service ports: the subset mixes them all
+OFFSET = int(os.environ.get("PODTRACE_SOAK_OFFSET", time.gmtime().tm_yday)) % AGENTS_STRIDE
+
+
+def _flows(plan: T.LabPlan) -> list[tuple[str, str, str, int | None]]:
+    """(src, dst, proto, port): every ordered pair of pods with ICMP and the responder's TCP
+    and UDP port, then every pod to every port of every Service."""
+    out = []
+    pods = [f"{p.namespace}/{p.name}" for p in plan.pods]
+    for a in pods:
+        for b in pods:
+            if a != b:
+                out += [(a, b, "icmp", None), (a, b, "tcp", T.APP_PORT), (a, b, "udp", T.APP_PORT)]
+    for a in pods:
+        for s in plan.services:
+            out += [(a, f"svc/{s.namespace}/{s.name}", port.protocol.lower(), port.port) for port in s.ports]
+    return out
+
+
+FLOWS = _flows(PLAN)
+AGENT_FLOWS = FLOWS[OFFSET::AGENTS_STRIDE]
+
+
+def _id(flow) -> str:
+    src, dst, proto, port = flow
+    return f"{src.split('/')[-1]}>{dst.replace('svc/default/', 'svc-').replace('default/', '')}/{proto}" + (f":{port}" if port else "")
+
+
+@pytest.fixture(scope="module")
+def sklab():
+    with private_lab(PREFIX) as doc:
+        # The flows were planned before the lab was up: the lab must be that plan.
+        assert {(p["namespace"], p["name"], p["ip"]) for p in doc["pods"]} == \
+            {(p.namespace, p.name, p.ip) for p in PLAN.pods}
+        assert {(s["name"], s["cluster_ip"], tuple((q["protocol"], q["port"]) for q in s["ports"]))
+                for s in doc["services"]} == \
+            {(s.name, s.cluster_ip, tuple((q.protocol, q.port) for q in s.ports)) for s in PLAN.services}
+        assert doc["cni"] == "flannel"
+        yield doc
+
+
+# ---------------------------------------------------------------------------------------
+# What a healthy answer is
+
+def _packet_line(p) -> str:
+    v = p.verdict
+    return (f"  {p.direction} seq={p.seq}: {v.status} at {v.node}/{v.dev} reason={v.reason} cause={v.cause}"
+            f" hint={v.hint!r}")
+
+
+def _probed_problems(r, count: int = COUNT) -> list[str]:
+    """Everything that is not a healthy probed flow, said plainly (empty: healthy)."""
+    bad = []
+    if r.verdict.status != "ok":
+        bad.append(f"verdict {r.verdict.status}: {r.verdict.summary}; {list(r.verdict.problems)}")
+    want = f"{count}/{count} delivered, {count}/{count} answered"
+    if r.verdict.summary != want:
+        bad.append(f"verdict summary {r.verdict.summary!r}, not {want!r}")
+    s = r.summary
+    if (s["probes"], s["delivered"], s["answered"]) != (count, count, count):
+        bad.append(f"summary probes/delivered/answered {s['probes']}/{s['delivered']}/{s['answered']}, "
+                   f"not {count}/{count}/{count}; verdict {r.verdict.summary!r}")
+    if [pr.outcome for pr in r.probes] != ["answered"] * count:
+        bad.append(f"probe outcomes {[(pr.seq, pr.outcome, pr.detail) for pr in r.probes]}")
+    # A Service that sends the client to itself (hairpin: the request comes back into the
+    # client pod from its node's bridge address): its reply is not rebuilt as a packet of the
+    # flow today, so such probes are not required to show one. Their verdict is still checked.
+    hairpin = {p.seq for p in r.packets if p.direction == "request" and r.dst.service is not None
+               and p.hops and p.hops[-1].pod == r.src.pod.key}
+    for direction, exempt in (("request", set()), ("reply", hairpin)):
+        seqs = {p.seq for p in r.packets if p.direction == direction}
+        if seqs | exempt != set(range(1, count + 1)):
+            bad.append(f"{direction} packets seen for probes {sorted(seqs)}, not 1..{count}")
+    bad += [_packet_line(p) for p in r.packets if p.verdict.status != "delivered"]
+    if s["events_lost"]:
+        bad.append(f"{s['events_lost']} events lost")
+    return bad
+
+
+class PartialView(AssertionError):
+    """What the partial view of watched traffic gets wrong today: packets seen before every
+    agent on their path was ready reported LOST, and `summary` counting other packets than
+    the verdict (the request packets only, where the verdict counts every packet)."""
+
+
+def _passive_problems(r, mode: str) -> tuple[list[str], list[str]]:
+    """A --no-probe run over healthy traffic: (problems, partial-view problems). Every packet
+    seen is delivered (or `partial`: seen while an observer on its path was not tracing),
+    the verdict is ok and its figures are the summary's."""
+    bad: list[str] = []
+    partial: list[str] = []
+    n = len(r.packets)
+    delivered = sum(p.verdict.status == "delivered" for p in r.packets)
+    if n == 0 or not delivered:
+        bad.append(f"no packet delivered of {n} seen: the background traffic was not traced")
+    if not r.verdict.summary.startswith(f"{delivered}/{n} packets delivered"):
+        bad.append(f"verdict summary {r.verdict.summary!r} disagrees with its {delivered}/{n} delivered packets")
+    if r.summary["delivered"] != delivered:
+        partial.append(f"summary delivered {r.summary['delivered']}, the verdict {r.verdict.summary!r}")
+    for p in r.packets:
+        if p.verdict.status in ("delivered", "partial"):
+            continue
+        # agents start one after the other: LOST there is the partial view; in one process
+        # every hook is attached before the trace starts, so LOST is a false alarm
+        (partial if mode == "agents" and p.verdict.status == "lost" else bad).append(_packet_line(p))
+    if r.verdict.status != "ok" and not (partial and mode == "agents"):
+        bad.append(f"verdict {r.verdict.status}: {r.verdict.summary}; {list(r.verdict.problems)}")
+    return bad, partial[:12]
+
+
+def _check_passive(r, label: str, mode: str) -> None:
+    bad, partial = _passive_problems(r, mode)
+    assert not bad, f"{label} --no-probe {mode}:\n" + "\n".join(bad + partial)
+    if partial:
+        raise PartialView(f"{label} --no-probe {mode} (verdict {r.verdict.status}: {r.verdict.summary}):\n"
+                          + "\n".join(partial))
+
+
+def _flow(src, dst, proto, port, mode, **kw):
+    return run_flow(FlowConfig(src=src, dst=dst, proto=proto, port=port, count=COUNT, lab_prefix=PREFIX,
+                               mode=mode, **kw))
+
+
+# ---------------------------------------------------------------------------------------
+# Probed flows, in-process
+
+@pytest.mark.parametrize("flow", FLOWS, ids=[_id(f) for f in FLOWS])
+def test_single_process(sklab, flow):
+    r = _flow(*flow, mode="single")
+    bad = _probed_problems(r)
+    assert not bad, f"{_id(flow)} single-process:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("flow", AGENT_FLOWS, ids=[_id(f) for f in AGENT_FLOWS])
+def test_agents(sklab, flow):
+    r = _flow(*flow, mode="agents")
+    bad = _probed_problems(r)
+    assert not bad, f"{_id(flow)} agents (rotation {OFFSET}):\n" + "\n".join(bad)
+
+
+# ---------------------------------------------------------------------------------------
+# The command line, as a user runs it
+
+CLI_FLOWS = [
+    ("default/pod-1-1", "default/pod-2-2", "tcp", T.APP_PORT, []),
+    ("default/pod-1-2", "svc/default/web", "udp", 80, ["--single-process"]),
+]
+
+
+@pytest.mark.parametrize("src,dst,proto,port,extra", CLI_FLOWS,
+                         ids=[_id(f[:4]) + ("-single" if f[4] else "-agents") for f in CLI_FLOWS])
+def test_cli(sklab, src, dst, proto, port, extra):
+    res = run_cli("flow", src, dst, "--proto", proto, "--port", str(port), *extra, "-o", "json",
+                  prefix=PREFIX, timeout=60, PODTRACE_FLOW_MODE="agents")
+    assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-2000:]}"
+    doc = json.loads(res.stdout)
+    assert doc["verdict"]["status"] == "ok", doc["verdict"]
+    assert doc["verdict"]["summary"] == f"{COUNT}/{COUNT} delivered, {COUNT}/{COUNT} answered"
+    s = doc["summary"]
+    assert (s["probes"], s["delivered"], s["answered"]) == (COUNT, COUNT, COUNT), s
+    assert all(p["verdict"]["status"] == "delivered" for p in doc["packets"]), \
+        [(p["direction"], p["seq"], p["verdict"]) for p in doc["packets"] if p["verdict"]["status"] != "delivered"]
+    # the mode that ran: agents report their start times, the single process does not
+    assert ("agent_start_s" in doc["timings"]) == (not extra), doc["timings"]
+
+
+# ---------------------------------------------------------------------------------------
+# --no-probe over background traffic
+
+class Background:
+    """UDP requests from a pod's namespace to an address, one every `every` seconds, each
+    answered by the responder, until stopped. One socket: one conntrack flow, like an app."""
+
+    def __init__(self, ns: str, ip: str, port: int, every: float = 0.02):
+        self.sock = netns.socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.settimeout(0.5)
+        self.addr, self.every = (ip, port), every
+        self.sent = self.answered = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop.is_set():
+            try:
+                self.sock.sendto(b"soak", self.addr)
+                self.sent += 1
+                self.sock.recvfrom(256)
+                self.answered += 1
+            except OSError:
+                pass
+            self.stop.wait(self.every)
+
+    def __enter__(self):
+        self.thread.start()
+        assert _wait(lambda: self.answered > 0, 5), "the background traffic gets no answer"
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def _wait(pred, seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()
+
+
+def _passive(sklab, src: str, dst: str, mode: str):
+    pod = next(p for p in sklab["pods"] if p["name"] == src)
+    if dst.startswith("svc/"):
+        ip, port = next(s["cluster_ip"] for s in sklab["services"] if s["name"] == dst.split("/")[-1]), 80
+    else:
+        ip, port = next(p["ip"] for p in sklab["pods"] if p["name"] == dst), T.APP_PORT
+    with Background(pod["netns"], ip, port) as bg:
+        r = run_flow(FlowConfig(src=src, dst=dst, proto="udp", port=port, probe=False, duration=1.5,
+                                lab_prefix=PREFIX, mode=mode))
+    # A late answer (a loaded machine) counts for the next request: the traffic flowed.
+    assert bg.answered >= 0.9 * bg.sent, f"background traffic: {bg.answered}/{bg.sent} answered"
+    return r
+
+
+PASSIVE = [("pod-1-1", "pod-2-1"), ("pod-1-2", "svc/default/web")]
+PASSIVE_IDS = [f"{a}>{b.replace('svc/default/', 'svc-')}" for a, b in PASSIVE]
+# Fixed by the partial view of watched traffic (the contract's `partial` status, and one set
+# of figures for the verdict and the summary); remove once it is merged.
+PARTIAL = pytest.mark.xfail(strict=True, raises=PartialView, reason=(
+    "--no-probe: packets seen before every agent on the path was ready are reported LOST "
+    "(agents mode), and the summary counts only request packets where the verdict counts all"))
+
+
+@pytest.mark.parametrize("src,dst", PASSIVE, ids=PASSIVE_IDS)
+@PARTIAL
+def test_no_probe_single_process(sklab, src, dst):
+    _check_passive(_passive(sklab, src, dst, "single"), f"{src} -> {dst}", "single")
+
+
+@pytest.mark.parametrize("src,dst", PASSIVE, ids=PASSIVE_IDS)
+@PARTIAL
+def test_no_probe_agents(sklab, src, dst):
+    _check_passive(_passive(sklab, src, dst, "agents"), f"{src} -> {dst}", "agents")
