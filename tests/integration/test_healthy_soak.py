@@ -261,20 +261,13 @@ def _passive(sklab, src: str, dst: str, mode: str):
 
 PASSIVE = [("pod-1-1", "pod-2-1"), ("pod-1-2", "svc/default/web")]
 PASSIVE_IDS = [f"{a}>{b.replace('svc/default/', 'svc-')}" for a, b in PASSIVE]
-# Fixed by the partial view of watched traffic (the contract's `partial` status, and one set
-# of figures for the verdict and the summary); remove once it is merged.
-PARTIAL = pytest.mark.xfail(strict=True, raises=PartialView, reason=(
-    "--no-probe: packets seen before every agent on the path was ready are reported LOST "
-    "(agents mode), and the summary counts only request packets where the verdict counts all"))
 
 
 @pytest.mark.parametrize("src,dst", PASSIVE, ids=PASSIVE_IDS)
-@PARTIAL
 def test_no_probe_single_process(sklab, src, dst):
     _check_passive(_passive(sklab, src, dst, "single"), f"{src} -> {dst}", "single")
 
 
 @pytest.mark.parametrize("src,dst", PASSIVE, ids=PASSIVE_IDS)
-@PARTIAL
 def test_no_probe_agents(sklab, src, dst):
     _check_passive(_passive(sklab, src, dst, "agents"), f"{src} -> {dst}", "agents")
