@@ -73,6 +73,8 @@ def verdict_line(v: Verdict) -> Text:
     where = f"{v.node or 'fabric'}/{v.dev}" if v.dev else (v.node or "")
     txt = Text(f"  {s.upper()}", style=STATUS_STYLE.get(s, ""))
     txt.append(f" at {where}" if where else "")
+    if (v.evidence or {}).get("after_arrival") and v.evidence.get("pod"):
+        txt.append(f" inside pod {v.evidence['pod']}")    # dropped after it arrived there
     if v.reason:
         txt.append(f"  reason={v.reason}")
     if v.location:

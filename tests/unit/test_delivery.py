@@ -66,6 +66,8 @@ def test_netfilter_drop_inside_the_pod_is_dropped_there_with_the_pods_rule():
     assert v.hint.startswith(f"Dropped inside pod {B} after arriving on its eth0: ")
     assert p.one_way_ns is None
     equal_paths(record.to_frame(arr), meta)
+    fast = analysis.analyse(record.to_frame(arr), dict(meta), mode="capture").packets
+    assert fast["hint"].iloc[0] == v.hint and fast["runbook"].iloc[0] == v.runbook
     hit = {"table": "filter", "chain": "INPUT", "base_chain": "INPUT", "index": 1, "packets": 1,
            "rule": f"-A INPUT -s {PODS[A][2]}/32 -j DROP", "target": "DROP", "comment": None}
     p, packets, fi = _request(arr, meta, Evidence(rule_hits={B: [hit]}))

@@ -17,7 +17,7 @@ from tracer import tracefile
 from tracer.analysis.frames import _cat_from, _factorize, _lookup, _lookup_cat, _map_unique, _nullable, _placement
 from tracer.analysis.trace import STATUSES, _empty_hops, _empty_packets
 from tracer.kernel.record import ENCAP, FLAG_FOLLOWED, HOOK_IDS, HOOKS, PROTOS
-from tracer.reconstruct import beyond, diagnose, drops, window as windows
+from tracer.reconstruct import arrival, beyond, diagnose, drops, window as windows
 from tracer.reconstruct import packets as flows
 
 GAP_NS = flows.GAP_NS     # the same content seen again after this pause is a new packet
@@ -287,6 +287,7 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
         "_fsport": np.where(p_icmp, echo_id, fsport), "_fdport": np.where(p_icmp, echo_id, fdport),
     })
     _verdict_text(packets)
+    _after_arrival_text(packets, np.flatnonzero(dropped & (home_drop >= 0)), pod_of, drop_ns)
     packets.attrs["followed_only_packets"] = followed_only
     for cc in ("tuple_proto", "tuple_src", "tuple_dst", "tuple_sport", "tuple_dport"):
         packets[cc] = packets[cc.removeprefix("tuple_")]
@@ -395,3 +396,17 @@ def _verdict_text(packets: pd.DataFrame) -> None:
         books.append(book)
     packets.loc[bad, "hint"] = np.array(hints, dtype=object)[codes]
     packets.loc[bad, "runbook"] = np.array(books, dtype=object)[codes]
+
+
+def _after_arrival_text(packets: pd.DataFrame, rows: np.ndarray, pod_of: dict, drop_ns: np.ndarray) -> None:
+    """hint and runbook of the drops after arrival, as arrival.dropped words them (the pod named)."""
+    if not len(rows):
+        return
+    na = (lambda x: None if pd.isna(x) else x)
+    sub = packets.iloc[rows]
+    keys = [(na(n), pod_of.get(int(ns)), na(d), na(r), na(loc)) for n, ns, d, r, loc in
+            zip(sub["verdict_node"].astype(object), drop_ns[rows], sub["verdict_dev"].astype(object),
+                sub["reason"].astype(object), sub["location"].astype(object))]
+    made = {k: arrival.dropped(*k) for k in set(keys)}
+    packets.loc[packets.index[rows], "hint"] = [made[k].hint for k in keys]
+    packets.loc[packets.index[rows], "runbook"] = [made[k].runbook for k in keys]

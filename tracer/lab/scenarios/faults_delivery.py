@@ -1,4 +1,4 @@
-"""Break actions whose packets reach the destination pod and die in its own stack.
+"""Break actions whose packets reach the destination pod, then die in its own stack.
 
 `pod-input-drop` puts a DROP rule in the INPUT chain of the pod's own namespace;
 `pod-mac-wrong` points the node's neighbour entry for the pod's address at a MAC no pod has,
