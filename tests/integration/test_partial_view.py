@@ -5,16 +5,22 @@ node-2's agent attaches late (PODTRACE_TEST_AGENT_READY_DELAY, tracer/testhooks.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
-from tests.integration.lab_fixture import lab, ping, pod, service, tcp_ask  # noqa: F401
-from tests.integration.test_flow import wait_no_programs
+from tests.integration.lab_fixture import lab, ping, pod, service, tcp_ask, wait_until  # noqa: F401
+from tests.integration.test_flow import ROOT, wait_no_programs
 from tracer import analysis
+from tracer.analysis import merge
 from tracer.config import FlowConfig
 from tracer.runs.flow import run_flow
 
@@ -74,4 +80,39 @@ def test_late_agent_gives_partial_not_lost(lab, monkeypatch, tmp_path, dst):
     # offline, the saved flow gives the same verdicts
     t = analysis.load(str(saved))
     assert Counter(t.packets["status"].astype(str)) == statuses
+    wait_no_programs()
+
+
+def _capture(lab, node, seconds, out):
+    env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"])
+    return subprocess.Popen([sys.executable, "-m", "tracer.cli", "capture", "--on-node", node, "-d", str(seconds),
+                             "-w", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_per_node_captures_started_apart_analyze_without_false_loss(lab, tmp_path):
+    a, b = tmp_path / "node-1.parquet", tmp_path / "node-2.parquet"
+    with Traffic(lab):
+        pa = _capture(lab, "node-1", 6, a)
+        try:
+            assert wait_until(lambda: Path(str(a) + ".part").exists() or pa.poll() is not None, 30)
+            time.sleep(1)                     # node-1 records alone for a while
+            pb = _capture(lab, "node-2", 3, b)
+            out_b = pb.communicate(timeout=60)
+        finally:
+            out_a = pa.communicate(timeout=60)
+    assert pa.returncode == 0 and pb.returncode == 0, (out_a, out_b)
+    t = analysis.load([str(a), str(b)])
+    s = t.summary()
+    assert s["lost"] == 0 and s["dropped"] == 0 and s["partial"] > 0 and s["delivered"] > 0, s
+    w = t.meta["window"]["observers"]
+    assert w["node-2"]["ready_ns"] > w["node-1"]["ready_ns"] and w["node-2"]["stop_ns"] < w["node-1"]["stop_ns"]
+    # the same files read without their windows: the gaps were losses
+    events, meta = merge.load_many([a, b])
+    meta.pop("window")
+    assert analysis.analyse(events, meta, "capture").summary()["lost"] > 0
+    res = subprocess.run([sys.executable, "-m", "tracer.cli", "analyze", str(a), str(b), "-o", "json"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["summary"] == json.loads(json.dumps(s))
     wait_no_programs()

@@ -203,7 +203,8 @@ def test_per_node_captures_started_apart_give_partial_not_lost(tmp_path):
     assert (s["packets"], s["delivered"], s["partial"], s["lost"]) == (6, 5, 1, 0), s
     assert t.meta["window"]["observers"]["node-2"]["ready_ns"] == BASE + 25_000_000
     part = t.packets[t.packets["status"] == "partial"].iloc[0]
-    assert "not tracing" in part["hint"] and part["runbook"] == windows.RUNBOOK
+    assert part["hint"] == ("Last seen on the fabric (n2); seen only while node-2 was not yet tracing: "
+                            "a gap in the trace, not a loss.") and part["runbook"] == windows.RUNBOOK
     # a directory and a glob name the same two files
     assert analysis.load(str(tmp_path)).summary() == s
     assert analysis.load(str(tmp_path / "node-*.parquet")).summary() == s

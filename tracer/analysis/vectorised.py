@@ -288,6 +288,7 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
     })
     _verdict_text(packets)
     _after_arrival_text(packets, np.flatnonzero(dropped & (home_drop >= 0)), pod_of, drop_ns)
+    _partial_text(packets, window)
     packets.attrs["followed_only_packets"] = followed_only
     for cc in ("tuple_proto", "tuple_src", "tuple_dst", "tuple_sport", "tuple_dport"):
         packets[cc] = packets[cc.removeprefix("tuple_")]
@@ -361,6 +362,25 @@ def _ct_states(meta: dict) -> dict[int, str]:
     for k, v in names.items():
         out[k + 1] = v.removeprefix("IP_CT_").lower()
     return out
+
+
+def _partial_text(packets: pd.DataFrame, window) -> None:
+    """A partial packet's hint names the observer that was not tracing, as the live one does."""
+    rows = np.flatnonzero((packets["status"] == "partial").to_numpy())
+    if window is None or not len(rows):
+        return
+    cache: dict = {}
+    sub = packets.iloc[rows]
+    hints = []
+    for node, dev, first, last in zip(sub["verdict_node"].astype(object), sub["verdict_dev"].astype(object),
+                                      sub["first_ts_ns"].to_numpy(), sub["last_ts_ns"].to_numpy()):
+        why = window.outside(int(first), int(last)) or "seen only while an observer on its path was not tracing"
+        node, dev = (None if pd.isna(node) else node), (None if pd.isna(dev) else dev)
+        key = (node, dev, why)
+        if key not in cache:
+            cache[key] = windows.partial(diagnose.lost(node, dev, None), why).hint
+        hints.append(cache[key])
+    packets.loc[packets.index[rows], "hint"] = np.array(hints, dtype=object)
 
 
 def _verdict_text(packets: pd.DataFrame) -> None:
