@@ -54,6 +54,10 @@ CASES = [
     ("routing-loop", ["pod-1-1", "10.244.99.5"], "request", None, "routing-loop", None),
     ("icmp-prohibited", ["pod-1-1", "pod-2-1", "--proto", "udp", "--port", "8080"], "request", "node-2",
      "netfilter-rule", "NETFILTER_DROP"),
+    # nothing leaves the source pod: the probes' source verdicts name the cause (test_source_scenario)
+    ("pod-no-route", ["pod-1-1", "pod-2-1"], "source", "node-1", "no-route", "ENETUNREACH"),
+    ("pod-pmtu", ["pod-1-1", "pod-2-1", "--size", "1400"], "source", "node-1", "mtu", "EMSGSIZE"),
+    ("pod-gw-neigh", ["pod-1-1", "pod-2-1"], "source", "node-1", "neighbour-missing", None),
 ]
 # What a scenario's flow says once fixed, when not "exit 0": the unused CIDR of routing-loop
 # has no route anywhere then.
@@ -102,7 +106,8 @@ def saved_packets(path) -> list[dict]:
     return [p.as_json() for p in analysis.reconstruct(events, meta)]
 
 
-@pytest.mark.parametrize("scenario,args,direction,node,cause,reason", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("scenario,args,direction,node,cause,reason", [c for c in CASES if c[2] != "source"],
+                         ids=[c[0] for c in CASES if c[2] != "source"])
 def test_scenario(dlab, scenario, args, direction, node, cause, reason, tmp_path):
     extra = ["--timeout", "0.6"]
     saved = tmp_path / "flow.parquet"
@@ -177,3 +182,48 @@ def test_capture_drops_live_equal_analyze(dlab, tmp_path):
     assert t.summary()["delivered"] >= 12    # the answered pings, there and back
     hit = t.drops[(t.drops["reason"] == "NETFILTER_DROP") & (t.drops["node"] == "node-2")]
     assert int(hit["count"].sum()) >= 10, t.drops
+
+
+SOURCE_CASES = [c for c in CASES if c[2] == "source"]
+
+
+@pytest.mark.parametrize("scenario,args,direction,node,cause,errno", SOURCE_CASES, ids=[c[0] for c in SOURCE_CASES])
+def test_source_scenario(dlab, scenario, args, direction, node, cause, errno, tmp_path):
+    """A probe that never left its pod: both live modes name the cause at the source (from the
+    pod's own route, MTU, neighbour entry and send error), and the saved trace carries the
+    pod's facts, so the same verdict is given offline."""
+    from tracer.reconstruct import verdict as verdicts
+    from tracer.reconstruct.evidence import Evidence
+
+    saved = tmp_path / "flow.parquet"
+    broke = cli("lab", "break", scenario)
+    assert broke.returncode == 0, broke.stderr
+    try:
+        for mode in ("agents", "single"):
+            more = ["--save", str(saved)] if mode == "agents" else []
+            res = cli("flow", *args, "--timeout", "0.6", "--count", "2", "-o", "json", *more, mode=mode)
+            assert res.returncode == 3, res.stdout[-2000:] + res.stderr
+            doc = json.loads(res.stdout)
+            assert doc["verdict"]["status"] == "failed"
+            for pr in doc["probes"]:
+                src = pr.get("source")
+                assert src and src["status"] == "never-left", (mode, pr)
+                assert (src["cause"], src["node"], src["pod"]) == (cause, node, "default/pod-1-1"), (mode, src)
+                if errno:
+                    assert src["errno"] == errno, (mode, src)
+                assert src["runbook"] and (ROOT / src["runbook"]).is_file()
+                assert f"probe {pr['seq']}: never left pod-1-1: pod-1-1 " in " | ".join(doc["verdict"]["problems"])
+            assert not any("never seen by the tracer" in p for p in doc["verdict"]["problems"])
+            if mode == "agents":
+                live = doc
+        # offline: the saved evidence holds the pod's facts; the same rules give the same lines
+        events, meta = tracefile.load(saved)
+        fi = analysis._flow_input(meta)
+        packets = analysis.reconstruct(events, meta)
+        again, _ = verdicts.flow_verdict(packets, fi, True, Evidence.from_json(meta["evidence"]))
+        assert list(again.problems) == live["verdict"]["problems"]
+    finally:
+        fixed = cli("lab", "fix", scenario)
+        assert fixed.returncode == 0, fixed.stderr
+    res = cli("flow", *args, "-o", "json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr

@@ -534,6 +534,46 @@ SCENARIOS.update({
 })
 
 
+def probe_no_route_pod(doc, timeout):
+    try:
+        return _ping_1_to_2(doc, timeout)
+    except OSError:   # ENETUNREACH: the pod has no route, nothing is sent
+        return False
+
+
+def check_pod_no_route(doc):
+    assert _json(["ip", "-n", _ns_of(doc, "pod-1-1"), "-j", "route", "show", "default"]) == []
+    # Only pod-1-1 lost its route.
+    assert _ping(doc, "pod-1-2", "pod-2-1", OK)
+
+
+def probe_pmtu_pod(doc, timeout):
+    return ping_big(_ns_of(doc, "pod-1-1"), _ip(doc, "pod-2-1"), 1400, timeout)
+
+
+def check_pod_pmtu(doc):
+    got = _out(["ip", "-n", _ns_of(doc, "pod-1-1"), "route", "show", f"{_ip(doc, 'pod-2-1')}/32"])
+    assert "mtu lock 1000" in got, got
+    assert _ping_1_to_2(doc, OK)  # packets that fit leave
+    assert ping_big(_ns_of(doc, "pod-1-2"), _ip(doc, "pod-2-1"), 1400, OK)  # and other pods are not touched
+
+
+def check_pod_gw_neigh(doc):
+    listed = _out(["ip", "netns", "exec", node(doc, "node-1")["netns"], "nft", "list", "table", "netdev",
+                   "podtrace_lab_arp"])
+    assert "ether type arp drop" in listed and _host_veth(doc, "pod-1-1") in listed
+    gw = pod(doc, "pod-1-1")["gateway"]
+    entry = _json(["ip", "-n", _ns_of(doc, "pod-1-1"), "-j", "neigh", "show", gw, "dev", "eth0"])
+    assert not entry or set(entry[0].get("state", [])) & {"FAILED", "INCOMPLETE"}, entry
+    assert _ping(doc, "pod-1-2", "pod-2-2", OK)
+
+
+SCENARIOS.update({
+    "pod-no-route": (probe_no_route_pod, check_pod_no_route),
+    "pod-pmtu": (probe_pmtu_pod, check_pod_pmtu),
+    "pod-gw-neigh": (_ping_1_to_2, check_pod_gw_neigh),
+})
+
 def test_every_scenario_is_covered():
     assert sorted(SCENARIOS) == sorted(scenarios.names())
 
