@@ -44,7 +44,12 @@ CASES = [
                              "--sport", "40000", "--count", "1"], "request", None, "stale-conntrack", None),
     ("br-netfilter-off", ["pod-2-1", "svc/default/web", "--proto", "udp", "--port", "80"], "reply",
      "node-2", "unreversed-reply", None),
+    ("hostport-unreversed", ["pod-2-2", "172.30.0.12", "--proto", "udp", "--port", "30080"], "reply",
+     "node-2", "unreversed-reply", None),
 ]
+# After `fix`, a scenario whose flow goes through what the break added (a hostPort) is
+# checked on the path that stays: the application itself.
+AFTER_FIX = {"hostport-unreversed": ["pod-2-2", "pod-2-1", "--proto", "udp", "--port", "8080"]}
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +123,7 @@ def test_scenario(dlab, scenario, args, direction, node, cause, reason, tmp_path
     finally:
         fixed = cli("lab", "fix", scenario)
         assert fixed.returncode == 0, fixed.stderr
-    res = cli("flow", *args, "-o", "json")
+    res = cli("flow", *AFTER_FIX.get(scenario, args), "-o", "json")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr
 
 
@@ -154,3 +159,31 @@ def test_capture_drops_live_equal_analyze(dlab, tmp_path):
     assert t.summary()["delivered"] >= 12    # the answered pings, there and back
     hit = t.drops[(t.drops["reason"] == "NETFILTER_DROP") & (t.drops["node"] == "node-2")]
     assert int(hit["count"].sum()) >= 10, t.drops
+
+
+@pytest.mark.parametrize("mode", ["agents", "single"])
+def test_hostport_healthy(dlab, mode):
+    """The hostPort DNAT with nothing broken is no failure: from another node (routed, so
+    reverse-NATed even with bridge-nf-call-iptables=0), and from the same node once
+    bridge-nf-call-iptables is 1 again. The request is delivered at the DNAT target."""
+    from tracer.lab.scenarios import changes
+    node2 = next(n for n in dlab["nodes"] if n["name"] == "node-2")
+    args = ["--proto", "udp", "--port", "30080", "--timeout", "0.6", "-o", "json"]
+    broke = cli("lab", "break", "hostport-unreversed")
+    assert broke.returncode == 0, broke.stderr
+    try:
+        for client in ("pod-1-1", "pod-2-2"):
+            if client == "pod-2-2":
+                changes.write_sysctl(node2["netns"], "net/bridge/bridge-nf-call-iptables", "1")
+            res = cli("flow", client, node2["ip"], *args, mode=mode)
+            assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+            doc = json.loads(res.stdout)
+            reqs = [p for p in doc["packets"] if p["direction"] == "request"]
+            reps = [p for p in doc["packets"] if p["direction"] == "reply"]
+            assert reqs and all(p["verdict"]["status"] == "delivered" and p["hops"][-1]["pod"] == "default/pod-2-1"
+                                for p in reqs), [p["verdict"] for p in reqs]
+            assert reps and all(p["verdict"]["status"] == "delivered" and not p["verdict"].get("cause")
+                                for p in reps)
+    finally:
+        fixed = cli("lab", "fix", "hostport-unreversed")
+        assert fixed.returncode == 0, fixed.stderr
