@@ -164,7 +164,7 @@ def test_scenarios_that_do_not_apply_are_refused():
     doc = T.status_document(_topo())
     lab = scenarios.Lab(doc)
     refused = {name for name in scenarios.names() if scenarios.unsupported("cilium", name)}
-    assert refused == {"br-netfilter-off", "fdb-missing", "neigh-wrong"}
+    assert refused == {"br-netfilter-off", "fdb-missing", "neigh-wrong", "hostport-unreversed"}
     assert all(scenarios.unsupported("flannel", name) is None for name in scenarios.names())
     for name in refused:
         with pytest.raises(BadInput) as err:
