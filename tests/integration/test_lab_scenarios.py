@@ -24,7 +24,7 @@ from tests.integration.lab_fixture import (
 )
 from tracer.node import netns, prober
 from tracer.lab import build, scenarios
-from tracer.lab.scenarios import changes, faults_loop
+from tracer.lab.scenarios import changes, faults_dnat, faults_loop
 from tracer.lab import topology as T
 
 pytestmark = pytest.mark.integration
@@ -472,6 +472,38 @@ def check_prohibited(doc):
     assert r.outcome == "refused" and r.detail.startswith("administratively prohibited (ICMP 3/13) from "), r
     assert _ping(doc, "pod-1-2", "pod-2-2", OK)      # only pod-2-1 is targeted
 
+
+def _hostport_published(doc) -> bool:
+    nat = _out(["ip", "netns", "exec", node(doc, "node-2")["netns"], "iptables-save", "-t", "nat"])
+    return f"--dport {faults_dnat.HOST_PORT}" in nat
+
+
+def probe_hostport(doc, timeout):
+    """pod-2-2 reaches pod-2-1's application, directly and (while one is published) through
+    node-2's hostPort, each answer from the address it was sent to."""
+    direct = udp_from(_ns_of(doc, "pod-2-2"), _ip(doc, "pod-2-1"), T.APP_PORT, timeout)
+    if direct is None or direct[1] != (_ip(doc, "pod-2-1"), T.APP_PORT):
+        return False
+    if not _hostport_published(doc):
+        return True
+    node_ip, port = node(doc, "node-2")["ip"], faults_dnat.HOST_PORT
+    via = udp_from(_ns_of(doc, "pod-2-2"), node_ip, port, timeout)
+    return via is not None and via[1] == (node_ip, port)
+
+
+def check_hostport(doc):
+    n2 = node(doc, "node-2")
+    assert _sysctl(n2["netns"], "net/bridge/bridge-nf-call-iptables") == "0"
+    port = faults_dnat.HOST_PORT
+    # What the same-node client receives: pod-2-1's answer, from pod-2-1's own address.
+    answer, source = udp_from(_ns_of(doc, "pod-2-2"), n2["ip"], port, OK)
+    assert answer == "pod-2-1" and source == (_ip(doc, "pod-2-1"), T.APP_PORT)
+    # A client on another node is routed, not bridged: its answers are reverse-NATed.
+    answer, source = udp_from(_ns_of(doc, "pod-1-1"), n2["ip"], port, OK)
+    assert answer == "pod-2-1" and source == (n2["ip"], port)
+    assert tcp_ask(_ns_of(doc, "pod-1-1"), n2["ip"], port, timeout=OK) == "pod-2-1"
+
+
 SCENARIOS = {
     # name: (probe, check of the fault, probe before break (default: probe))
     "netpol-drop": (_ping_1_to_2, check_netpol),
@@ -494,6 +526,7 @@ SCENARIOS = {
     "pod-ip-gone": (_ping_1_to_2_2, check_pod_ip_gone),
     "routing-loop": (probe_loop, check_loop),
     "icmp-prohibited": (probe_prohibited, check_prohibited),
+    "hostport-unreversed": (probe_hostport, check_hostport),
 }
 
 

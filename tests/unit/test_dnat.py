@@ -226,3 +226,18 @@ def test_scenario_on_the_default_lab():
     rules = faults_dnat.hostport_rules(lab, "node-2")
     assert [r.split(" -p ")[1].split()[0] for r in rules] == ["udp", "tcp"]
     assert all(f"-d 172.30.0.12/32" in r and f"--to-destination 10.244.2.2:{T.APP_PORT}" in r for r in rules)
+
+
+@pytest.mark.parametrize("reversed_reply", [True, False])
+def test_capture_tables_name_the_unreversed_reply(reversed_reply):
+    """The fast path (captures) finds the same un-reversed answers, from the packets alone."""
+    arr, meta = hostport_flow(reversed_reply=reversed_reply)
+    t = analysis.analyse(record.to_frame(arr), dict(meta), mode="capture")
+    back = t.packets[t.packets["src"].astype(str) == PODS[TARGET][2]]
+    assert len(back) == 2 and (back["status"].astype(str) == "delivered").all()
+    if reversed_reply:
+        assert back["cause"].isna().all() and t.packets["cause"].isna().all()
+    else:
+        assert (back["cause"] == "unreversed-reply").all()
+        assert all(f"should be {NODE_IP}" in h for h in back["hint"])
+        assert t.packets["cause"].notna().sum() == 2

@@ -17,7 +17,7 @@ from tracer import tracefile
 from tracer.analysis.frames import _cat_from, _factorize, _lookup, _lookup_cat, _map_unique, _nullable, _placement
 from tracer.analysis.trace import STATUSES, _empty_hops, _empty_packets
 from tracer.kernel.record import ENCAP, FLAG_FOLLOWED, HOOK_IDS, HOOKS, PROTOS
-from tracer.reconstruct import arrival, beyond, diagnose, drops, window as windows
+from tracer.reconstruct import arrival, beyond, diagnose, dnat, drops, window as windows
 from tracer.reconstruct import packets as flows
 
 GAP_NS = flows.GAP_NS     # the same content seen again after this pause is a new packet
@@ -289,6 +289,7 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
     _verdict_text(packets)
     _after_arrival_text(packets, np.flatnonzero(dropped & (home_drop >= 0)), pod_of, drop_ns)
     _partial_text(packets, window)
+    dnat.mark_unreversed(packets)     # a DNAT target's answer that came back un-reversed
     packets.attrs["followed_only_packets"] = followed_only
     for cc in ("tuple_proto", "tuple_src", "tuple_dst", "tuple_sport", "tuple_dport"):
         packets[cc] = packets[cc.removeprefix("tuple_")]

@@ -121,3 +121,40 @@ def unreversed(packet: Packet, ev: "Evidence") -> str | None:
     src = packet.hops[-1].src
     orig = ev.dnat.get(src)
     return orig if orig and orig != src else None
+
+
+def mark_unreversed(packets: pd.DataFrame) -> None:
+    """The capture tables' rule (vectorised.py): a delivered packet from a DNAT target back to
+    the client that still carries the target's address (the DNATed packet's final
+    destination, where the client sent to another) gets cause `unreversed-reply`, in place."""
+    if packets.empty or "_fdst" not in packets:
+        return
+    p = packets
+    nat = p.loc[(p["_dst"] != p["_fdst"]) & (p["_fdst"] != 0)]
+    if nat.empty:
+        return
+    want = pd.DataFrame({"_proto": nat["_proto"].to_numpy(), "_src": nat["_fdst"].to_numpy(),
+                         "_sport": nat["_fdport"].to_numpy(),
+                         "_dst": nat["_src"].to_numpy(), "_dport": nat["_sport"].to_numpy(),
+                         "_orig": nat["_dst"].to_numpy()})
+    want = want.drop_duplicates(["_proto", "_src", "_sport", "_dst", "_dport"])
+    cand = p[["_proto", "_src", "_sport", "_dst", "_dport", "_fsrc"]].reset_index()
+    hit = cand.merge(want, on=["_proto", "_src", "_sport", "_dst", "_dport"], how="inner")
+    delivered = (p["status"].astype(str) == "delivered").to_numpy()
+    idx = hit["index"].to_numpy()
+    ok = (hit["_fsrc"].to_numpy() == hit["_src"].to_numpy()) & (hit["_orig"].to_numpy() != hit["_src"].to_numpy())
+    rows = [i for i, good in zip(idx, ok) if good and delivered[p.index.get_loc(i)]]
+    if not rows:
+        return
+    orig = dict(zip(hit["index"], hit["_orig"]))
+    for i in rows:
+        src = str(p.at[i, "src"])
+        p.at[i, "cause"] = "unreversed-reply"
+        p.at[i, "hint"] = (f"The reply from DNAT target {src} reached the client un-reversed (source should "
+                           f"be {_ip_str(orig[i])}, the address the client sent to).")
+        p.at[i, "runbook"] = "docs/runbooks/wrong-reply.md"
+
+
+def _ip_str(n) -> str:
+    n = int(n)
+    return ".".join(str((n >> s) & 255) for s in (24, 16, 8, 0))
