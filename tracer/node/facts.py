@@ -219,8 +219,8 @@ def facts(node: NodeRef, *, src: str, dst: str, iif: str | None, devs: list[str]
             nh["fdb"] = next((e for e in entries if e["mac"] == mac), None) if mac else None
             nh["vxlan"] = lk[out_dev].get("vxlan")
         out["next_hop"] = nh
-    if lk.get(out_dev, {}).get("kind") == "bridge":
-        out["down_ports"] = linkfacts.down_ports(lambda *argv: _json(node, *argv), lk, out_dev)
+    bridge = out_dev if lk.get(out_dev, {}).get("kind") == "bridge" else None
+    out["down_links"] = linkfacts.down_links(lambda *argv: _json(node, *argv), lk, bridge)
     nft, err = nftfacts.read(lambda *argv: _cmd(node, *argv))
     out["nft_drop_rules"] = nftfacts.uncounted_drops(nft) if not err else None
     return out
