@@ -74,9 +74,9 @@ def _lost_at_node2():
 
 def test_link_down_names_the_bridge_port_to_the_next_hop():
     p = _lost_at_node2()
-    down = [{"dev": "veth9", "admin_up": False, "carrier": False, "operstate": "DOWN",
+    down = [{"dev": "veth9", "master": "cni0", "admin_up": False, "carrier": False, "operstate": "DOWN",
              "peer_netns": "cni-1", "peer_addrs": ["10.244.2.2"]}]
-    v = diagnose.explain(p, evidence(p, {"node-2": _to_pod_facts(down_ports=down)}))
+    v = diagnose.explain(p, evidence(p, {"node-2": _to_pod_facts(down_links=down)}))
     assert v.cause == "link-down" and "veth9" in v.hint and "admin down" in v.hint
     assert v.runbook == "docs/runbooks/link-down.md"
     assert v.evidence["links"]["flannel.1"]["carrier"] is True
@@ -84,10 +84,22 @@ def test_link_down_names_the_bridge_port_to_the_next_hop():
 
 def test_a_down_port_to_another_pod_is_not_the_cause():
     p = _lost_at_node2()
-    down = [{"dev": "veth7", "admin_up": False, "carrier": False, "operstate": "DOWN",
+    down = [{"dev": "veth7", "master": "cni0", "admin_up": False, "carrier": False, "operstate": "DOWN",
              "peer_netns": "cni-2", "peer_addrs": ["10.244.2.3"]}]
-    v = diagnose.explain(p, evidence(p, {"node-2": _to_pod_facts(down_ports=down)}))
+    v = diagnose.explain(p, evidence(p, {"node-2": _to_pod_facts(down_links=down)}))
     assert v.cause == "neighbour-missing"
+
+
+def test_link_down_names_a_routed_pod_link_whose_routes_went_with_it():
+    # a routed datapath (per-endpoint routes): the route left with the link, the lookup fails
+    p = packet("dropped", "node-2", "cilium_vxlan", "IP_INNOROUTES",
+               [hop("node-1", "eth0", "tx", pod="default/pod-1-1"), hop("node-2", "cilium_vxlan", "rx")])
+    down = [{"dev": "lxc1", "master": None, "admin_up": False, "carrier": False, "operstate": "DOWN",
+             "peer_netns": "cni-1", "peer_addrs": ["10.244.2.2"]}]
+    f = facts(route={"dst": "10.244.2.2", "error": "RTNETLINK answers: Network is unreachable"},
+              next_hop=None, down_links=down)
+    v = diagnose.explain(p, evidence(p, {"node-2": f}))
+    assert v.cause == "link-down" and "lxc1 (admin down" in v.hint and "routes through it" in v.hint
 
 
 def test_link_down_on_the_path_device():

@@ -246,8 +246,8 @@ def facts(node: NodeRef, *, src: str, dst: str, iif: str | None, devs: list[str]
         out["next_hop"] = nh
     if pod_netns:
         out["pod"] = pod_side(pod_netns, pod_dev)
-    if lk.get(out_dev, {}).get("kind") == "bridge":
-        out["down_ports"] = linkfacts.down_ports(lambda *argv: _json(node, *argv), lk, out_dev)
+    bridge = out_dev if lk.get(out_dev, {}).get("kind") == "bridge" else None
+    out["down_links"] = linkfacts.down_links(lambda *argv: _json(node, *argv), lk, bridge)
     nft, err = nftfacts.read(lambda *argv: _cmd(node, *argv))
     out["nft_drop_rules"] = nftfacts.uncounted_drops(nft) if not err else None
     return out

@@ -52,13 +52,14 @@ def why_down(name: str, link: dict) -> str:
     return f"{name} ({', '.join(said)})"
 
 
-def down_ports(run_json: RunJson, links: dict[str, dict], bridge: str) -> list[dict]:
-    """The ports of `bridge` that cannot carry packets, each with the addresses of the
-    namespace its veth peer lives in (when that namespace has a name): the pods behind it."""
+def down_links(run_json: RunJson, links: dict[str, dict], bridge: str | None) -> list[dict]:
+    """The links that cannot carry packets among the ports of `bridge` and the devices whose
+    peer lives in another namespace (veths), each with the addresses of that namespace (when
+    it has a name): the pod behind it."""
     names = None
     out = []
     for name, link in links.items():
-        if link.get("master") != bridge or usable(link):
+        if usable(link) or not ((bridge and link.get("master") == bridge) or link.get("peer_netnsid") is not None):
             continue
         peer_ns = None
         addrs: list[str] = []
@@ -69,7 +70,7 @@ def down_ports(run_json: RunJson, links: dict[str, dict], bridge: str) -> list[d
             peer_ns = names.get(nsid)
             if peer_ns:
                 addrs = _addresses(peer_ns)
-        out.append({"dev": name, "admin_up": link.get("admin_up"), "carrier": link.get("carrier"),
+        out.append({"dev": name, "master": link.get("master"), "admin_up": link.get("admin_up"), "carrier": link.get("carrier"),
                     "operstate": link.get("operstate"), "peer_netns": peer_ns, "peer_addrs": addrs})
     return out
 

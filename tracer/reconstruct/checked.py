@@ -15,7 +15,7 @@ Found = tuple[str, str, str, dict]
 # Drop reasons (or none: lost) a dead link can explain: the packet waited for a neighbour
 # that never answered, or vanished on its way out.
 _LINK_REASONS = (None, "NEIGH_FAILED", "NEIGH_QUEUEFULL", "NEIGH_DEAD", "DEV_READY", "NOT_SPECIFIED",
-                 "NO_TX_TARGET", "IP_OUTNOROUTES")
+                 "NO_TX_TARGET", "IP_OUTNOROUTES", "IP_INNOROUTES")
 
 
 def chain_sentence(hop: Hop | None, node_ips=()) -> str:
@@ -70,13 +70,15 @@ def link_down(packet: Packet, reason: str | None, node: str, f: dict) -> Found |
                     "nothing passes it.", "link-down.md", states)
     nh = f.get("next_hop") or {}
     target = nh.get("ip") or packet.hops[-1].dst
-    for port in f.get("down_ports") or []:
-        if target in (port.get("peer_addrs") or []):
+    for port in f.get("down_links") or []:
+        if target in (port.get("peer_addrs") or []) or packet.hops[-1].dst in (port.get("peer_addrs") or []):
             name = linkfacts.why_down(port["dev"], port)
-            return ("link-down", f"On {node}, {out_dev}'s port {name} is down, and it is the link to "
-                    f"{target} ({port.get('peer_netns') or 'its namespace'}): the bridge cannot reach it, "
-                    "so its neighbour entry never resolves.", "link-down.md",
-                    {**states, "down_ports": f.get("down_ports")})
+            what = f"{port['master']}'s port {name}" if port.get("master") else name
+            then = ("the bridge cannot reach it, so its neighbour entry never resolves" if port.get("master")
+                    else "the routes through it are gone with it")
+            return ("link-down", f"On {node}, {what} is down, and it is the link to "
+                    f"{target} ({port.get('peer_netns') or 'its namespace'}): {then}.", "link-down.md",
+                    {**states, "down_links": f.get("down_links")})
     return None
 
 

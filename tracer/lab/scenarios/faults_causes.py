@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tracer.errors import EnvironmentProblem
 from tracer.lab import topology as T
-from tracer.lab.scenarios import changes as C
+from tracer.lab.scenarios import changes as C, faults
 from tracer.lab.scenarios.changes import Changes
 from tracer.lab.scenarios.labdoc import Lab
 
@@ -31,6 +31,16 @@ def link_down(ch: Changes, lab: Lab, node: str) -> None:
     link = C.ip_json(n.netns, "link", "show", "dev", veth)
     if not link or "UP" not in link[0].get("flags", []):
         raise EnvironmentProblem(f"{node}'s {veth} is not up")
+    # Setting a device down deletes the routes through it (Cilium's per-endpoint route): `fix`
+    # puts them back once the link is up again (undo runs last change first).
+    for route in C.ip_json(n.netns, "route", "show", "table", "all", "dev", veth):
+        if route.get("type", "unicast") != "unicast":
+            continue
+        words = faults.route_line({**route, "dev": veth})
+        if route.get("table") and route["table"] != "main":
+            words += ["table", str(route["table"])]
+        ch.did(f"{node}: route {' '.join(words)} goes with the link",
+               {"op": "cmd", "argv": ["ip", "-n", n.netns, "route", "replace", *words], "input": None, "ok": []})
     ch.run(["ip", "-n", n.netns, "link", "set", "dev", veth, "down"],
            f"{node}: link {veth} (the host side of {target.name}'s eth0) set down",
            ["ip", "-n", n.netns, "link", "set", "dev", veth, "up"])
