@@ -70,3 +70,6 @@ def pod_ip_gone(ch: Changes, lab: Lab, node: str) -> None:
     C.write_file(path, json.dumps(inv, indent=2) + "\n")
     ch.did(f"inventory: pod {pod.name} has no podIP (not ready, restarting)",
            {"op": "file", "path": str(path), "content": original})
+    # The node forgets the pod's MAC, as when the pod's veth goes with its sandbox: a dynamic
+    # cache entry the node relearns by itself once the pod answers again (nothing to restore).
+    C.run_cmd(["ip", "-n", lab.node(node).netns, "neigh", "flush", "to", pod.ip])
