@@ -84,10 +84,12 @@ def _ct_cols(arr, rows, client_ip, sport):
     arr["ct_reply_dport"][rows] = sport
 
 
-def hostport_flow(client=CLIENT, reversed_reply=True, probes=2, reply=True):
+def hostport_flow(client=CLIENT, reversed_reply=True, probes=2, reply=True, masquerade=False):
     """(records, meta) of `flow CLIENT <node-2 IP> --proto udp --port 30080` with node-2's
     hostPort DNAT to pod-2-1:8080 at cni0; the answers come back reverse-NATed to the node's
-    address, or (reversed_reply=False) bridged straight back from the pod's own address."""
+    address, or (reversed_reply=False) bridged straight back from the pod's own address. With
+    masquerade, the DNAT comes with an SNAT to node-2's address (a NodePort's): the target
+    answers to node-2, which reverses both."""
     cns, cnode, cip, cveth = PODS[client]
     tns, _, tip, tveth = PODS[TARGET]
     same = cnode == "node-2"
@@ -111,13 +113,15 @@ def hostport_flow(client=CLIENT, reversed_reply=True, probes=2, reply=True):
         sport, t0, skb = 40000 + i, 5_000_000_000 + i * 50_000_000, 0xFFFF888100000000 + i * 4096
         for j, (ns, dev, hook) in enumerate(out):
             dst, dport = (NODE_IP, HOST_PORT) if j < dnat_at else (tip, APP)
+            src = NODE_IP if masquerade and j >= dnat_at else cip
             if j >= dnat_at:
                 ct_rows.append(len(recs))
-            recs.append((t0 + j * 5000, skb, ns, dev, hook, False, cip, sport, dst, dport, 0, 100 + i, 0))
+            recs.append((t0 + j * 5000, skb, ns, dev, hook, False, src, sport, dst, dport, 0, 100 + i, 0))
         if reply:
             for j, (ns, dev, hook, enc) in enumerate(back):
                 src, port = (NODE_IP, HOST_PORT) if reversed_reply and j >= undnat_at else (tip, APP)
-                recs.append((t0 + 200_000 + j * 5000, skb + 1024, ns, dev, hook, enc, src, port, cip, sport,
+                to = NODE_IP if masquerade and not (reversed_reply and j >= undnat_at) else cip
+                recs.append((t0 + 200_000 + j * 5000, skb + 1024, ns, dev, hook, enc, src, port, to, sport,
                              0, 9000 + i, 0))
         sent.append({"seq": i + 1, "proto": "udp", "src": cip, "dst": NODE_IP, "sport": sport, "dport": HOST_PORT,
                      "sent_ns": t0 - 1000, "outcome": "answered" if reply and reversed_reply else "timeout",
@@ -241,3 +245,17 @@ def test_capture_tables_name_the_unreversed_reply(reversed_reply):
         assert (back["cause"] == "unreversed-reply").all()
         assert all(f"should be {NODE_IP}" in h for h in back["hint"])
         assert t.packets["cause"].notna().sum() == 2
+
+
+def test_nodeport_masquerade_answers_are_replies():
+    """A NodePort-style DNAT with SNAT to the node: the target answers to node-2's address and
+    node-2 reverses both; those answers are the flow's replies, delivered to the client."""
+    arr, meta = hostport_flow(FAR, reversed_reply=True, masquerade=True)
+    fi = analysis._flow_input(meta)
+    packets = diagnose.judge(build_packets(record.to_frame(arr), fi), Evidence())
+    assert [p.direction for p in packets] == ["request", "reply"] * 2
+    assert all(p.verdict.status == "delivered" and p.verdict.cause is None for p in packets)
+    assert packets[0].hops[-1].pod == TARGET and packets[1].hops[-1].pod == FAR
+    assert packets[1].five_tuple.dst == NODE_IP and packets[1].hops[-1].dst == PODS[FAR][2]
+    assert verdicts.flow_verdict(packets, fi, True)[0].status == "ok"
+    equal_paths(record.to_frame(arr), meta)

@@ -67,6 +67,19 @@ def targets_in_events(df: pd.DataFrame, fi: "FlowInput") -> frozenset[str]:
     return frozenset(out)
 
 
+def client_aliases(df: pd.DataFrame, fi: "FlowInput") -> frozenset[str]:
+    """The addresses the client's requests carried as source after an SNAT that came with
+    the DNAT (a NodePort's masquerade): the target answers to them before the reverse NAT."""
+    if not fi.dnat or df.empty or "pkt" not in df:
+        return frozenset()
+    src, dst = fi.src.ip, fi.dst.ip
+    hop = df[~df["hook"].isin([HOOK_IDS["drop"], HOOK_IDS["consume"]]) & (df["pkt"] >= 0)]
+    s, d = hop["saddr_str"].astype(str), hop["daddr_str"].astype(str)
+    sent = set(hop.loc[(s == src) & (d == dst), "pkt"])
+    m = hop["pkt"].isin(sent) & (s != src) & (s != "") & d.isin(fi.dnat)
+    return frozenset(set(s[m]))
+
+
 def target_netns(fi: "FlowInput", hops: Iterable[Hop], ip: str) -> set[int]:
     """The namespaces of a DNAT target: the pod or node the inventory gives that address
     (none when no traced pod or node has it), else, for a trace saved without the addresses,

@@ -70,6 +70,7 @@ class FlowInput:
     # address → (node, pod key) of the pods and nodes traced: where a DNAT target lives
     addresses: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
     dnat: frozenset[str] = frozenset()   # addresses the requests were DNATed to (dnat.py)
+    snat: frozenset[str] = frozenset()   # addresses the client's requests were SNATed to on the way
 
 
 def assign_packets(df: pd.DataFrame) -> pd.DataFrame:
@@ -150,6 +151,8 @@ def _classify(first, fi: FlowInput) -> tuple[str, int | None]:
         direction = "request"
     elif first.daddr_str == src_ip and (first.saddr_str in dst_ips or first.saddr_str in fi.dnat):
         direction = "reply"
+    elif first.daddr_str in fi.snat and first.saddr_str in fi.dnat:   # a NodePort's masquerade
+        direction = "reply"
     if direction is None:
         return ("other", None)
     # Probes that share an identity (a pinned --sport) are told apart by time: a packet
@@ -219,6 +222,7 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[Packet]:
     pl = fi.placement
     rule = arrival.Rule.of(fi.drop_reasons, pods=[k for k, (_, p) in pl.netns.items() if p])
     fi = replace(fi, dnat=dnat.targets_in_events(df, fi))   # their answers are replies
+    fi = replace(fi, snat=dnat.client_aliases(df, fi))
     for pkt, g in df[df["pkt"] >= 0].groupby("pkt", sort=False):
         if fi.contiguous_agents and "agent" in g:
             first = g.groupby("agent")["ts_ns"].transform("min")
