@@ -17,7 +17,7 @@ from tracer.lab import topology as T
 NAMES = [
     "netpol-drop", "ip-forward-off", "br-netfilter-off", "conntrack-full", "conntrack-invalid",
     "rp-filter-strict", "mtu-blackhole", "no-route", "fdb-missing", "neigh-wrong",
-    "svc-no-endpoints", "stale-udp-conntrack",
+    "svc-no-endpoints", "stale-udp-conntrack", "pod-ip-gone",
 ]
 
 
@@ -53,6 +53,7 @@ def test_defaults_on_the_default_lab():
         "neigh-wrong": ("node-1", "pod-1-1 pod-2-1"),
         "svc-no-endpoints": (None, "pod-1-1 svc/default/web --proto tcp --port 80"),
         "stale-udp-conntrack": ("node-1", "pod-1-1 svc/default/web --proto udp --port 80 --sport 40000 --count 1"),
+        "pod-ip-gone": ("node-2", "pod-1-1 10.244.2.3"),
     }
     for name, (node, flow) in expect.items():
         sc = S.get(name)
