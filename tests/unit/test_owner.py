@@ -197,3 +197,20 @@ def test_vectorised_capture_marks_the_same_packet_partial():
     assert (row["status"], row["verdict_node"], row["verdict_dev"]) == ("partial", "node-1", "eth0")
     assert row["hint"].startswith("No view beyond node-1: the packet left towards 172.30.0.12 (node-2")
     np.testing.assert_array_equal(pk["status"].astype(str).to_numpy(), ["partial"])
+
+
+def test_the_api_fetch_adds_the_owner_node_of_a_bare_ip(tmp_path):
+    from tests.fakeapi import FakeApi
+    from tracer.cluster import api as kube, fetch
+
+    with FakeApi.from_lab("pttestow") as fake:
+        conn = kube.connect(str(fake.write_kubeconfig(tmp_path / "kubeconfig")))
+        try:
+            inv, _ = fetch.inventory_for(conn, ["pod-1-1", GONE])
+            assert inv.nodes["node-2"].cidrs() == ["10.244.2.0/24"]
+            ep = endpoints.resolve(GONE, inv)
+            assert ep.pod is None and ep.owner.name == "node-2"
+            inv, _ = fetch.inventory_for(conn, ["192.0.2.1"])
+            assert endpoints.resolve("192.0.2.1", inv).owner is None
+        finally:
+            conn.close()

@@ -354,7 +354,7 @@ def _partial(packets: pd.DataFrame, hops: pd.DataFrame, view: beyond.View | None
                                                             if x is not None])
         packets.loc[at, col] = vals
     packets.loc[at, "hint"] = [v.hint for v in order]
-    packets.loc[at, "runbook"] = None
+    packets.loc[at, "runbook"] = [v.runbook for v in order]
 
 
 def _ct_states(meta: dict) -> dict[int, str]:

@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 from tracer.reconstruct.model import Hop, Verdict
 
 NOT_PLANNED = "no agent was asked to trace it"
+RUNBOOK = "docs/runbooks/no-view.md"
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def left_view(packet, traced_nodes: Iterable[str], node_of: Callable[[str | None
     evidence = {"view": {"left": last.node, "dev": last.dev, "towards": towards, "towards_node": nxt,
                          "encapsulated": encap is not None, "traced": sorted(traced),
                          "not_traced": {nxt or towards: reason}}}
-    return Verdict("partial", last.node, last.dev, last.point, hint=hint, evidence=evidence)
+    return Verdict("partial", last.node, last.dev, last.point, hint=hint, runbook=RUNBOOK, evidence=evidence)
 
 
 def problem(seq: int, what: str, v: Verdict) -> str | None:
