@@ -15,10 +15,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from tests.integration.lab_fixture import lab, ping, pod, service, tcp_ask, wait_until  # noqa: F401
-from tests.integration.test_flow import ROOT, wait_no_programs
+from tests.integration.test_flow import ROOT, SCHEMA, wait_no_programs
 from tracer import analysis
 from tracer.analysis import merge
 from tracer.config import FlowConfig
@@ -77,6 +78,7 @@ def test_late_agent_gives_partial_not_lost(lab, monkeypatch, tmp_path, dst):
     assert (s["packets"], s["delivered"], s["partial"]) == (len(r.packets), statuses["delivered"], statuses["partial"])
     assert r.verdict.summary.startswith(f"{s['delivered']}/{s['packets']} packets delivered ({s['partial']} partial: ")
     assert r.meta["window"]["observers"]["node-2"]["ready_ns"] == r.meta["window"]["start_ns"]
+    jsonschema.validate(json.loads(json.dumps(r.as_json(), default=str)), SCHEMA)
     # offline, the saved flow gives the same verdicts
     t = analysis.load(str(saved))
     assert Counter(t.packets["status"].astype(str)) == statuses

@@ -6,7 +6,8 @@ import pandas as pd
 
 from tracer.analysis.trace import Trace
 
-STATUS_COLOR = {"delivered": "tab:green", "dropped": "tab:red", "lost": "tab:orange", "left": "tab:gray"}
+STATUS_COLOR = {"delivered": "tab:green", "dropped": "tab:red", "lost": "tab:orange", "left": "tab:gray",
+                "partial": "tab:cyan"}
 
 
 def hop_label(hops: pd.DataFrame) -> pd.Series:

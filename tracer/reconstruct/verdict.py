@@ -11,6 +11,7 @@ from tracer.reconstruct import beyond, source
 from tracer.reconstruct.evidence import Evidence
 from tracer.reconstruct.model import FlowVerdict, Packet
 from tracer.reconstruct.packets import FlowInput
+from tracer.reconstruct.window import why_partial
 
 
 def flow_verdict(packets: list[Packet], fi: FlowInput, probing: bool,
@@ -117,18 +118,10 @@ def watched_verdict(packets: list[Packet]) -> FlowVerdict:
         return FlowVerdict("failed", "no matching packet seen", ())
     summary = f"{ok_n}/{n} packets delivered"
     if part:
-        whys = list(dict.fromkeys(_why(p.verdict.hint) for p in packets if p.verdict.status == "partial"))
-        summary += f" ({part} partial: {'; '.join(whys[:2])}{'; …' if len(whys) > 2 else ''})"
+        summary += f" ({part} partial: {why_partial(packets)})"
     if not whole:
         problems.append("every packet seen was seen only in part (an observer on its path was not tracing)")
     return FlowVerdict("ok" if whole and ok_n == whole else "failed", summary, tuple(problems))
-
-
-def _why(hint: str | None) -> str:
-    """The reason part of a partial verdict's hint ("seen only while … tracing")."""
-    hint = hint or ""
-    i = hint.find("seen only while")
-    return hint[i:].split(":")[0] if i >= 0 else "an observer was not tracing"
 
 
 def watched(packets: list[Packet]) -> dict:

@@ -54,18 +54,23 @@ class Window:
         out = sorted((e, n) for n, (_, e) in self.spans.items() if e is not None and t_ns + EDGE_NS > e)
         return [n for e, n in out if t_ns >= e] or [n for _, n in out[:1]]
 
-    def outside(self, first_ns: int, last_ns: int, seen_by: tuple = ()) -> str | None:
-        """Why a packet seen from first_ns to last_ns is a partial view, or None when every
-        observer was tracing all along. The observers that did see it (seen_by) are named
-        only when no other one was missing."""
+    def missing(self, first_ns: int, last_ns: int, seen_by: tuple = ()) -> tuple[str, list[str]] | None:
+        """("not yet" or "no longer", the observers not tracing) for a packet seen from
+        first_ns to last_ns, or None when every observer was tracing all along. The observers
+        that did see it (seen_by) are named only when no other one was missing."""
         late, gone = self.late(first_ns), self.gone(last_ns)
         late = [n for n in late if n not in seen_by] or late[:1]
         gone = [n for n in gone if n not in seen_by] or gone[:1]
         if late:
-            return f"seen only while {_names(late)} {'was' if len(late) == 1 else 'were'} not yet tracing"
+            return "not yet", late
         if gone:
-            return f"seen only while {_names(gone)} {'was' if len(gone) == 1 else 'were'} no longer tracing"
+            return "no longer", gone
         return None
+
+    def outside(self, first_ns: int, last_ns: int, seen_by: tuple = ()) -> str | None:
+        """Why a packet seen from first_ns to last_ns is a partial view (one phrase), or None."""
+        m = self.missing(first_ns, last_ns, seen_by)
+        return None if m is None else phrase(*m)
 
     def as_json(self) -> dict:
         return {"start_ns": self.start_ns, "end_ns": self.end_ns,
@@ -81,6 +86,11 @@ class Window:
             if isinstance(o, dict):
                 spans[str(n)] = (_int(o.get("ready_ns")), _int(o.get("stop_ns")))
         return cls(spans) if spans else None
+
+
+def phrase(when: str, nodes: list[str]) -> str:
+    """"seen only while node-2 was not yet tracing" (when: "not yet" or "no longer")."""
+    return f"seen only while {_names(nodes)} {'was' if len(nodes) == 1 else 'were'} {when} tracing"
 
 
 def _int(v) -> int | None:
@@ -112,19 +122,42 @@ def apply(packets: list[Packet], window: Window | None) -> list[Packet]:
         return packets
     out = []
     for p in packets:
-        why = None
+        m = None
         if p.verdict.status == "lost" and p.hops:
             seen = tuple(dict.fromkeys(h.node or "fabric" for h in p.hops))
-            why = window.outside(p.first_ts_ns, p.first_ts_ns + p.hops[-1].t_ns, seen)
-        out.append(p if why is None else replace(p, verdict=partial(p.verdict, why)))
+            m = window.missing(p.first_ts_ns, p.first_ts_ns + p.hops[-1].t_ns, seen)
+        out.append(p if m is None else replace(p, verdict=partial(p.verdict, phrase(*m), {
+            "not_tracing": m[1], "when": m[0]})))
     return out
 
 
-def partial(v, why: str):
-    """A verdict turned into a partial view: where it was last seen stays, no cause."""
-    return replace(v, status="partial", reason=None, location=None, cause=None, evidence=None,
+def partial(v, why: str, seen: dict | None = None):
+    """A verdict turned into a partial view: where it was last seen stays, no cause; `seen`
+    (the observers not tracing, and when) is its evidence."""
+    return replace(v, status="partial", reason=None, location=None, cause=None,
+                   evidence={"window": seen} if seen else None,
                    hint=f"Last seen on {v.node or 'the fabric'}" + (f" ({v.dev})" if v.dev else "")
                    + f"; {why}: a gap in the trace, not a loss.", runbook=RUNBOOK)
+
+
+def why_partial(packets: list[Packet]) -> str:
+    """Why the partial packets among these were partial, in one phrase per moment ("not yet"
+    first), the observers most often missing first."""
+    count: dict[str, dict[str, int]] = {"not yet": {}, "no longer": {}}
+    other = False
+    for p in packets:
+        if p.verdict.status != "partial":
+            continue
+        w = (p.verdict.evidence or {}).get("window") or {}
+        if w.get("when") in count:
+            for n in w.get("not_tracing") or ():
+                count[w["when"]][n] = count[w["when"]].get(n, 0) + 1
+        else:
+            other = True
+    parts = [phrase(when, sorted(c, key=lambda n: -c[n])) for when, c in count.items() if c]
+    if other or not parts:
+        parts.append("seen only while an observer on its path was not tracing")
+    return "; ".join(parts)
 
 
 def partial_mask(first_ns: np.ndarray, last_ns: np.ndarray, window: Window | None) -> np.ndarray:
