@@ -115,6 +115,12 @@ def flow_table(result: "FlowResult", console: Console) -> None:
                        style="bold green" if v.status == "ok" else "bold red"))
     for prob in v.problems:
         console.print(Text(f"  - {prob}", style="red"))
+    books: dict[str, list[str]] = {}   # the runbooks of probes that never left their pod
+    for pr in result.probes:
+        if getattr(pr, "source", None) and pr.source.get("runbook"):
+            books.setdefault(pr.source["runbook"], []).append(str(pr.seq))
+    for book, seqs in books.items():
+        console.print(f"  runbook: {book} (probe {', '.join(seqs)})")
     console.print(f"median one-way {_us(s['median_one_way_ns'])}, median round trip {_us(s['median_rtt_ns'])}, "
                   f"events lost {s['events_lost']}, startup {result.timings.get('startup_s', 0):.2f}s")
 

@@ -127,3 +127,33 @@ def test_saved_evidence_round_trips():
     again = Evidence.from_json(ev.as_json())
     _, (pr,) = flow([probe("timeout")], ev=again)
     assert pr.source["cause"] == "neighbour-missing"
+
+
+def test_refused_by_the_pods_own_host_unreachable_never_left():
+    # with a long timeout the pod's kernel gives up on ARP and answers the probe itself
+    pr = probe("refused", "host unreachable (ICMP 3/1) from 10.244.1.2", reply_from=SRC)
+    _, (judged,) = flow([pr], ev=evidence(pod_facts(neigh=["FAILED"], lladdr=None)))
+    assert judged.source["cause"] == "neighbour-missing" and judged.source["errno"] is None
+    # refused by someone else: it left
+    pr = probe("refused", "host unreachable (ICMP 3/1) from 10.244.2.1", reply_from="10.244.2.1")
+    _, (judged,) = flow([pr], ev=evidence(pod_facts(neigh=["FAILED"], lladdr=None)))
+    assert judged.source is None
+
+
+def test_a_packet_seen_only_inside_the_pod_gets_the_pods_cause_not_its_nodes():
+    from tracer.reconstruct import diagnose
+
+    h = Hop("node-1", A, "eth0", "tx", SRC, DST)
+    p = Packet("request", 1, FiveTuple("icmp", SRC, DST, None, None), 5, 84, True, 0, None, (h,),
+               Verdict("lost", "node-1", "eth0", "tx"))
+    ev = evidence(pod_facts(neigh=["FAILED"], lladdr=None))
+    assert diagnose.facts_needed([p], ev) == {}          # no node is asked about it
+    (judged,) = diagnose.judge([p], ev)
+    v = judged.verdict
+    assert (v.status, v.node, v.cause) == ("lost", "node-1", "neighbour-missing")
+    assert v.hint.startswith("Never left pod-1-1: pod-1-1 cannot resolve its gateway 10.244.1.1")
+    # without the pod's facts, or with nothing wrong in them: the verdict as it was
+    (same,) = diagnose.judge([p], Evidence())
+    assert same.verdict == p.verdict
+    (same,) = diagnose.judge([p], evidence(pod_facts()))
+    assert same.verdict == p.verdict

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tracer.reconstruct import arrival, checked, dnat, loops
+from tracer.reconstruct import arrival, checked, dnat, loops, source
 from tracer.reconstruct.evidence import Evidence, fact_query
 from tracer.reconstruct.model import ConntrackView, Hop, Packet, Verdict
 
@@ -116,7 +116,7 @@ def _facts_node(packet: Packet, ev: Evidence) -> str | None:
         return None
     if v.status == "delivered":
         return packet.hops[-1].node if _unreversed(packet, ev) else None
-    if v.cause or _stale(packet, ev) is not None:
+    if v.cause or _stale(packet, ev) is not None or source.inside_pod(packet):
         return None
     return v.node
 
@@ -133,6 +133,8 @@ def explain(packet: Packet, ev: Evidence) -> Verdict:
         return _routing_loop(packet, v, ev, loop)
     if v.cause or v.node is None:
         return v
+    if source.inside_pod(packet) and not arrival.after(v):
+        return source.explain_packet(packet, v, ev)   # the source pod's facts, not its node's
     if arrival.after(v):
         return arrival.explain(packet, v, ev)
     return _explain_lost(packet, v, ev)

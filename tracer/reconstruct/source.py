@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import errno
 import os
+from dataclasses import replace
 
 from tracer.node.prober import ProbeResult
 from tracer.reconstruct.evidence import Evidence
-from tracer.reconstruct.model import Packet
+from tracer.reconstruct.model import Packet, Verdict
 
 RUNBOOK_DIR = "docs/runbooks"
 KIND = "source"
@@ -162,6 +163,28 @@ def _checked(q: dict, f: dict, sent: str) -> list[str]:
         out.append(f"{dev.get('name')} up (MTU {dev.get('mtu')})")
     out.append(sent)
     return out
+
+
+def inside_pod(packet: Packet) -> bool:
+    """A request seen only inside its source pod (it never left it)."""
+    pod = packet.hops[0].pod if packet.hops else None
+    return packet.direction == "request" and pod is not None and all(h.pod == pod for h in packet.hops)
+
+
+def explain_packet(packet: Packet, v: Verdict, ev: Evidence | None) -> Verdict:
+    """The verdict of a request that never left its pod, with the cause the pod's own facts
+    prove (none: the verdict as it was, without any node's facts)."""
+    found = facts(ev, v.node)
+    if found is None:
+        return v
+    q, f = found
+    name = (packet.hops[0].pod or "").split("/", 1)[-1]
+    cause = _cause(name, q, f, None)
+    if cause is None:
+        return v
+    what, sentence, book = cause
+    return replace(v, cause=what, hint=f"Never left {name}: {sentence}", runbook=f"{RUNBOOK_DIR}/{book}",
+                   evidence={**(v.evidence or {}), "source": {k: f.get(k) for k in ("route", "next_hop", "device")}})
 
 
 def line(seq: int, v: dict) -> str:
