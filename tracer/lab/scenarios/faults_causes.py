@@ -31,8 +31,9 @@ def link_down(ch: Changes, lab: Lab, node: str) -> None:
     link = C.ip_json(n.netns, "link", "show", "dev", veth)
     if not link or "UP" not in link[0].get("flags", []):
         raise EnvironmentProblem(f"{node}'s {veth} is not up")
-    # Setting a device down deletes the routes through it (Cilium's per-endpoint route): `fix`
-    # puts them back once the link is up again (undo runs last change first).
+    # Setting a device down deletes the routes and permanent neighbour entries through it
+    # (Cilium's per-endpoint route and entry): `fix` puts them back once the link is up again
+    # (undo runs the last change first).
     for route in C.ip_json(n.netns, "route", "show", "table", "all", "dev", veth):
         if route.get("type", "unicast") != "unicast":
             continue
@@ -41,6 +42,10 @@ def link_down(ch: Changes, lab: Lab, node: str) -> None:
             words += ["table", str(route["table"])]
         ch.did(f"{node}: route {' '.join(words)} goes with the link",
                {"op": "cmd", "argv": ["ip", "-n", n.netns, "route", "replace", *words], "input": None, "ok": []})
+    for entry in C.ip_json(n.netns, "neigh", "show", "dev", veth, "nud", "permanent"):
+        words = [entry["dst"], "lladdr", entry["lladdr"], "dev", veth, "nud", "permanent"]
+        ch.did(f"{node}: neighbour {' '.join(words)} goes with the link",
+               {"op": "cmd", "argv": ["ip", "-n", n.netns, "neigh", "replace", *words], "input": None, "ok": []})
     ch.run(["ip", "-n", n.netns, "link", "set", "dev", veth, "down"],
            f"{node}: link {veth} (the host side of {target.name}'s eth0) set down",
            ["ip", "-n", n.netns, "link", "set", "dev", veth, "up"])
