@@ -17,13 +17,9 @@ from tracer.lab import topology as T
 NAMES = [
     "netpol-drop", "ip-forward-off", "br-netfilter-off", "conntrack-full", "conntrack-invalid",
     "rp-filter-strict", "mtu-blackhole", "no-route", "fdb-missing", "neigh-wrong",
-<<<<<<< HEAD
     "svc-no-endpoints", "stale-udp-conntrack", "pod-input-drop", "pod-mac-wrong",
     "pod-no-route", "pod-pmtu", "pod-gw-neigh", "hostport-unreversed", "link-down", "nft-native-drop",
     "overlay-input-drop", "routing-loop", "icmp-prohibited", "pod-ip-gone",
-=======
-    "svc-no-endpoints", "stale-udp-conntrack", "pod-ip-gone",
->>>>>>> i14-owner
 ]
 
 
@@ -59,15 +55,12 @@ def test_defaults_on_the_default_lab():
         "neigh-wrong": ("node-1", "pod-1-1 pod-2-1"),
         "svc-no-endpoints": (None, "pod-1-1 svc/default/web --proto tcp --port 80"),
         "stale-udp-conntrack": ("node-1", "pod-1-1 svc/default/web --proto udp --port 80 --sport 40000 --count 1"),
-<<<<<<< HEAD
         "pod-input-drop": ("node-2", "pod-1-1 pod-2-1"),
         "pod-mac-wrong": ("node-2", "pod-1-1 pod-2-1"),
         "link-down": ("node-2", "pod-1-1 pod-2-1"),
         "nft-native-drop": ("node-2", "pod-1-1 pod-2-1"),
         "overlay-input-drop": ("node-2", "pod-1-1 pod-2-1"),
-=======
         "pod-ip-gone": ("node-2", "pod-1-1 10.244.2.3"),
->>>>>>> i14-owner
     }
     for name, (node, flow) in expect.items():
         sc = S.get(name)
