@@ -216,7 +216,7 @@ static __always_inline void learn_addr(u32 addr) {
     u32 w = h >> 6;
     u64 *v = addr_bits.lookup(&w);
     if (!v) return;
-    *v |= 1ULL << (h & 63);
+    __sync_fetch_and_or(v, 1ULL << (h & 63));   // other CPUs set bits of the same word
 #endif
     u8 one = 1;
     addrs.update(&addr, &one);
