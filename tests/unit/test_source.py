@@ -22,7 +22,7 @@ def pod_facts(route=None, neigh=("REACHABLE",), lladdr="0a:58:0a:f4:01:01", devi
                                              "type": 1, "mtu": None, "mtu_locked": False}
     nb = None if neigh is None else {"ip": GW, "lladdr": lladdr, "state": list(neigh)}
     nh = None if route.get("error") else {"ip": GW, "dev": "eth0", "neigh": nb, "noarp": False}
-    return {"route": route, "links": {"lo": {**ETH0, "name": "lo"}, "eth0": device},
+    return {"of": "pod", "route": route, "links": {"lo": {**ETH0, "name": "lo"}, "eth0": device},
             "device": None if route.get("error") else device, "next_hop": nh}
 
 
@@ -157,3 +157,10 @@ def test_a_packet_seen_only_inside_the_pod_gets_the_pods_cause_not_its_nodes():
     assert same.verdict == p.verdict
     (same,) = diagnose.judge([p], evidence(pod_facts()))
     assert same.verdict == p.verdict
+
+
+def test_an_answer_that_is_not_the_pods_view_is_not_used():
+    f = pod_facts(route={"dst": DST, "error": "Network is unreachable"})
+    f.pop("of")    # an older agent answered with its node's facts
+    _, (pr,) = flow([probe("error", "Network is unreachable")], ev=evidence(f))
+    assert pr.source["cause"] is None and "could not be read" in pr.source["hint"]

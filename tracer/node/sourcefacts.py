@@ -86,7 +86,7 @@ def read(ns: str | None, dst: str) -> dict:
         links = {int(m["index"]): _link(m) for m in ipr.get_links()}
         names = {i: lk["name"] for i, lk in links.items()}
         route = _route(ipr, dst, names)
-        out: dict = {"route": route, "links": {lk["name"]: lk for lk in links.values()},
+        out: dict = {"of": "pod", "route": route, "links": {lk["name"]: lk for lk in links.values()},
                      "device": None, "next_hop": None}
         dev = route.get("dev")
         if dev and not route.get("error"):

@@ -53,8 +53,11 @@ def facts(ev: Evidence | None, node: str | None) -> tuple[dict, dict] | None:
     nodes = [node] if node in ev.answers else list(ev.answers)
     for n in nodes:
         for ans in ev.answers.get(n) or []:
-            if is_query(ans.get("query")) and isinstance(ans.get("facts"), dict):
-                return ans["query"], ans["facts"]
+            # `of: pod` marks a pod's view (an agent that does not know the query answers with
+            # its node's facts, which say nothing about the pod)
+            f = ans.get("facts")
+            if is_query(ans.get("query")) and isinstance(f, dict) and f.get("of") == "pod":
+                return ans["query"], f
     return None
 
 

@@ -55,12 +55,15 @@ def pod_gw_neigh(ch: Changes, lab: Lab, node: str) -> None:
     gw = _gateway(pod)
     veth = next(p.get("host_veth") for p in lab.doc["pods"] if p["name"] == pod.name)
     n = lab.node(node)
-    table = (f"table netdev {ARP_TABLE} {{\n  chain ingress {{\n"
-             f"    type filter hook ingress device \"{veth}\" priority 0; policy accept;\n"
-             "    ether type arp drop\n  }\n}\n")
+    # Both ways: the node's own ARP requests for the pod would otherwise teach the pod its
+    # gateway's MAC (a request's sender is learned), and the fault would come and go.
+    table = (f"table netdev {ARP_TABLE} {{\n"
+             + "".join(f"  chain {hook} {{\n    type filter hook {hook} device \"{veth}\" priority 0; "
+                       "policy accept;\n    ether type arp drop\n  }\n" for hook in ("ingress", "egress"))
+             + "}\n")
     nft = ["ip", "netns", "exec", n.netns, "nft"]
     ch.run([*nft, "-f", "-"], f"{node}: nftables table netdev {ARP_TABLE} drops every ARP frame "
-           f"{pod.name} sends ({veth} ingress): it cannot resolve its gateway {gw}",
+           f"to and from {pod.name} ({veth} ingress and egress): it cannot resolve its gateway {gw}",
            [*nft, "delete", "table", "netdev", ARP_TABLE], input=table, undo_ok=["No such file"])
     # The entry the pod had learned ages out on its own; forget it now so the fault shows at once
     # (and again on fix, so the pod resolves its gateway afresh instead of waiting out FAILED).

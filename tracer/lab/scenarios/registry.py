@@ -239,7 +239,7 @@ _register(Scenario(
     faults_source.pod_pmtu))
 _register(Scenario(
     "pod-gw-neigh",
-    "every ARP frame a node's first pod sends is dropped at its node-side device (nftables, "
+    "every ARP frame to and from a node's first pod is dropped at its node-side device (nftables, "
     "netdev ingress): the pod cannot resolve its gateway, nothing it sends leaves it",
     _first, _two_nodes, _show_from_first_pod, faults_source.pod_gw_neigh))
 _register(Scenario(
