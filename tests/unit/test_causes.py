@@ -214,3 +214,17 @@ def test_no_cause_keeps_reason_and_lists_what_was_checked():
     assert "INPUT" in v.hint and "FORWARD chain" not in v.hint
     assert "checked on node-2: ip_forward on, rp_filter 0" in v.hint and "FDB ok" in v.hint
     assert "conntrack 10/1000: all normal" in v.hint and "\n" not in v.hint
+
+
+def test_capture_path_says_input_for_an_encapsulated_drop():
+    import numpy as np
+    import pandas as pd
+
+    from tracer.analysis import vectorised
+
+    packets = pd.DataFrame({"status": ["dropped", "dropped"], "verdict_node": ["node-2", "node-2"],
+                            "verdict_dev": ["eth0", "flannel.1"], "last_point": ["rx", "rx"],
+                            "reason": ["NETFILTER_DROP", "NETFILTER_DROP"], "location": [None, None]})
+    vectorised._verdict_text(packets, np.array([True, False]))
+    assert "INPUT (not FORWARD)" in packets["hint"][0]
+    assert "FORWARD chain" in packets["hint"][1]

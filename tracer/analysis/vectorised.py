@@ -19,6 +19,7 @@ from tracer.analysis.trace import STATUSES, _empty_hops, _empty_packets
 from tracer.kernel.record import ENCAP, FLAG_FOLLOWED, HOOK_IDS, HOOKS, PROTOS
 from tracer.reconstruct import arrival, beyond, diagnose, dnat, drops, window as windows
 from tracer.reconstruct import packets as flows
+from tracer.reconstruct.model import Encap, Hop
 
 GAP_NS = flows.GAP_NS     # the same content seen again after this pause is a new packet
 
@@ -286,7 +287,9 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
         "_sport": np.where(p_icmp, echo_id, sport), "_dport": np.where(p_icmp, echo_id, dport),
         "_fsport": np.where(p_icmp, echo_id, fsport), "_fdport": np.where(p_icmp, echo_id, fdport),
     })
-    _verdict_text(packets)
+    # the last hop seen encapsulated: a netfilter drop there met INPUT, not FORWARD
+    last_encap = has_hops & (events["encap"].to_numpy()[order][last_row] != 0) if "encap" in events else None
+    _verdict_text(packets, last_encap)
     _after_arrival_text(packets, np.flatnonzero(dropped & (home_drop >= 0)), pod_of, drop_ns)
     _partial_text(packets, window)
     dnat.mark_unreversed(packets)     # a DNAT target's answer that came back un-reversed
@@ -384,8 +387,9 @@ def _partial_text(packets: pd.DataFrame, window) -> None:
     packets.loc[packets.index[rows], "hint"] = np.array(hints, dtype=object)
 
 
-def _verdict_text(packets: pd.DataFrame) -> None:
-    """hint and runbook per packet, made once per distinct (status, node, dev, reason)."""
+def _verdict_text(packets: pd.DataFrame, last_encap: np.ndarray | None = None) -> None:
+    """hint and runbook per packet, made once per distinct (status, node, dev, reason, and
+    whether the last hop was encapsulated)."""
     packets["cause"] = None
     packets["hint"] = None
     packets["runbook"] = None
@@ -394,13 +398,20 @@ def _verdict_text(packets: pd.DataFrame) -> None:
         return
     cols = ["status", "verdict_node", "verdict_dev", "last_point", "reason", "location"]
     sub = packets.loc[bad, cols]
+    if last_encap is not None:
+        sub = sub.assign(enc=np.asarray(last_encap, dtype=bool)[bad.to_numpy()])
+        cols = [*cols, "enc"]
     codes = sub.astype(object).groupby(cols, dropna=False, sort=False).ngroup().to_numpy()
     _, first_at = np.unique(codes, return_index=True)
     firsts = sub.iloc[first_at]
     hints, books = [], []
     for r in firsts.itertuples(index=False):
         if r.status == "dropped":
-            v = diagnose.dropped(r.verdict_node, r.verdict_dev, r.reason, r.location)
+            last = None
+            if getattr(r, "enc", None) is not None:
+                last = Hop(r.verdict_node, None, r.verdict_dev or "", "rx", "", "",
+                           encap=Encap("", "", 0, "vxlan") if r.enc else None)
+            v = diagnose.dropped(r.verdict_node, r.verdict_dev, r.reason, r.location, last)
             hint, book = v.hint, v.runbook
         elif r.status == "lost":
             v = diagnose.lost(r.verdict_node, r.verdict_dev, r.last_point)

@@ -29,8 +29,9 @@ def chain_sentence(hop: Hop | None, node_ips=()) -> str:
     if hop.pod is not None:
         return f"an iptables/nftables rule inside the pod {hop.pod} dropped it (the pod's own netfilter rules)"
     if hop.encap is not None:
-        return (f"an iptables/nftables rule dropped it; the encapsulated overlay packet ({hop.encap.type} "
-                f"from {hop.encap.src} to {hop.encap.dst}) is addressed to the node itself, so the rules "
+        said = f" ({hop.encap.type} from {hop.encap.src} to {hop.encap.dst})" if hop.encap.src else ""
+        return (f"an iptables/nftables rule dropped it; the encapsulated overlay packet{said} is "
+                "addressed to the node itself, so the rules "
                 "that see it are in PREROUTING and INPUT (not FORWARD): look for a rule on the overlay's UDP port")
     if hop.dst in set(node_ips):
         return ("an iptables/nftables rule dropped it; the packet is addressed to the node itself, so the "
