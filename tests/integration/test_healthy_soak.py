@@ -100,9 +100,9 @@ def _probed_problems(r, count: int = COUNT) -> list[str]:
         bad.append(f"probe outcomes {[(pr.seq, pr.outcome, pr.detail) for pr in r.probes]}")
     # A Service that sends the client to itself (hairpin: the request comes back into the
     # client pod from its node's bridge address): its reply is not rebuilt as a packet of the
-    # flow today, so such probes are not required to show one. Their verdict is still checked.
-    hairpin = {p.seq for p in r.packets if p.direction == "request" and r.dst.service is not None
-               and p.hops and p.hops[-1].pod == r.src.pod.key}
+    # flow today (test_hairpin_reply_is_traced), so such probes are not required to show one
+    # here. Their verdict is still checked.
+    hairpin = _hairpin(r)
     for direction, exempt in (("request", set()), ("reply", hairpin)):
         seqs = {p.seq for p in r.packets if p.direction == direction}
         if seqs | exempt != set(range(1, count + 1)):
@@ -117,6 +117,12 @@ class PartialView(AssertionError):
     """What the partial view of watched traffic gets wrong today: packets seen before every
     agent on their path was ready reported LOST, and `summary` counting other packets than
     the verdict (the request packets only, where the verdict counts every packet)."""
+
+
+def _hairpin(r) -> set[int]:
+    """The probes a Service sent back to the client itself: the request ends in the client."""
+    return {p.seq for p in r.packets if p.direction == "request" and r.dst.service is not None
+            and p.hops and p.hops[-1].pod == r.src.pod.key}
 
 
 def _passive_problems(r, mode: str, counted: set = frozenset()) -> tuple[list[str], list[str]]:
@@ -178,6 +184,25 @@ def test_agents(sklab, flow):
     r = _flow(*flow, mode="agents")
     bad = _probed_problems(r)
     assert not bad, f"{_id(flow)} agents (rotation {OFFSET}):\n" + "\n".join(bad)
+
+
+# Not strict: some runs rebuild the hairpin reply, most do not (a reproducer, not a gate).
+@pytest.mark.xfail(strict=False, reason=(
+    "a hairpin Service probe (the client is the backend chosen) is answered and its request "
+    "traced into the client, but its reply is often not rebuilt as a reply packet: the reply's "
+    "events are recorded (cni0, the client's veth, its eth0) with the client's address as "
+    "source after reverse SNAT, and no reply packet of that probe comes out"))
+def test_hairpin_reply_is_traced(sklab):
+    """Every pod backs svc/default/echo: some of a dozen probes come back to the client."""
+    r = run_flow(FlowConfig(src="default/pod-2-1", dst="svc/default/echo", proto="udp", port=80, count=12,
+                            lab_prefix=PREFIX, mode="single"))
+    assert r.ok, r.verdict
+    hairpin = _hairpin(r)
+    if not hairpin:
+        pytest.skip("no probe was sent back to the client this time")
+    replies = {p.seq: p.verdict.status for p in r.packets if p.direction == "reply"}
+    assert all(replies.get(seq) == "delivered" for seq in hairpin), \
+        f"hairpin probes {sorted(hairpin)}: replies {replies}"
 
 
 # ---------------------------------------------------------------------------------------
