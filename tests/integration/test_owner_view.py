@@ -64,7 +64,7 @@ def test_an_owner_whose_agent_died_gives_no_view_beyond_node_1(gone, tmp_path):
     for v in reqs:
         assert (v["status"], v["node"], v["dev"], v.get("cause")) == ("partial", "node-1", "eth0", None), v
         assert v["hint"].startswith("No view beyond node-1: the packet left towards 172.30.0.12 (node-2, "
-                                    "not traced: its agent failed"), v
+                                    "not traced: its agent "), v
         assert v["evidence"]["view"]["towards_node"] == "node-2"
     problems = doc["verdict"]["problems"]
     assert "probe 1: request left node-1 towards 172.30.0.12 (node-2): not traced" in problems[0]

@@ -214,3 +214,9 @@ def test_the_api_fetch_adds_the_owner_node_of_a_bare_ip(tmp_path):
             assert endpoints.resolve("192.0.2.1", inv).owner is None
         finally:
             conn.close()
+
+
+def test_an_agent_failure_reads_as_a_reason():
+    assert beyond.agent_failed("the agent stopped before the end (exit 9)") == \
+        "its agent stopped before the end (exit 9)"
+    assert beyond.agent_failed("boom") == "its agent failed: boom"

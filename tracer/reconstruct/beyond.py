@@ -60,6 +60,12 @@ class View:
                    dict(d.get("node_ips") or {}), dict(d.get("cidrs") or {}))
 
 
+def agent_failed(failure: str) -> str:
+    """Why a node whose agent failed has no view: "its agent stopped before the end (exit 9)"."""
+    return ("its agent " + failure[len("the agent "):] if failure.startswith("the agent ")
+            else f"its agent failed: {failure}")
+
+
 def view_of(nodes: Iterable, traced: Iterable[str], why: dict[str, str] | None = None) -> View:
     """The View of a run: `nodes` are the inventory's Node objects, `traced` the nodes whose
     trace covers the run, `why` the reason for those that were planned but have no view."""

@@ -9,7 +9,7 @@ import pandas as pd
 
 from tracer.agents import coordinator
 from tracer import testhooks
-from tracer.reconstruct import diagnose, window as windows
+from tracer.reconstruct import beyond, diagnose, window as windows
 from tracer.kernel import record
 from tracer.reconstruct.packets import assign_packets, build_packets
 from tracer.node.prober import ProbeResult, send
@@ -125,7 +125,7 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
                 notes.append(f"{r.plan.node}'s agent is older than this podtrace: its drop locations are "
                              "not named and its last events may be missing; update the agent image")
         view = traced_view(plan, [r.plan.node for r in co.runs],
-                           {r.plan.node: f"its agent failed: {r.failure}" for r in co.runs if r.failure})
+                           {r.plan.node: beyond.agent_failed(r.failure) for r in co.runs if r.failure})
         fi = flow_input(plan, sent, locations, clock, view)
         packets = build_packets(df, fi)
         queries = diagnose.facts_needed(packets, service_evidence(plan))
