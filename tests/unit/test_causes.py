@@ -228,3 +228,15 @@ def test_capture_path_says_input_for_an_encapsulated_drop():
     vectorised._verdict_text(packets, np.array([True, False]))
     assert "INPUT (not FORWARD)" in packets["hint"][0]
     assert "FORWARD chain" in packets["hint"][1]
+
+
+def test_link_down_when_the_bridge_flooded_the_frame_to_another_pod():
+    # a warm neighbour entry: the frame goes out, the bridge floods it, another pod drops it
+    p = packet("dropped", "node-2", "eth0", "OTHERHOST",
+               [hop("node-1", "eth0", "tx", pod="default/pod-1-1"), hop("node-2", "flannel.1", "rx")])
+    down = [{"dev": "veth9", "master": "cni0", "admin_up": False, "carrier": False, "operstate": "DOWN",
+             "peer_netns": "cni-1", "peer_addrs": ["10.244.2.2"]}]
+    f = _to_pod_facts(down_links=down)
+    f["next_hop"]["neigh"] = {"ip": "10.244.2.2", "lladdr": "0a:58:0a:f4:02:02", "state": ["REACHABLE"]}
+    v = diagnose.explain(p, evidence(p, {"node-2": f}))
+    assert v.cause == "link-down" and "veth9" in v.hint

@@ -13,9 +13,10 @@ from tracer.reconstruct.model import Hop, Packet
 Found = tuple[str, str, str, dict]
 
 # Drop reasons (or none: lost) a dead link can explain: the packet waited for a neighbour
-# that never answered, or vanished on its way out.
+# that never answered, vanished on its way out, or (OTHERHOST) was flooded by the bridge to
+# the other ports because the port that leads to its MAC is down.
 _LINK_REASONS = (None, "NEIGH_FAILED", "NEIGH_QUEUEFULL", "NEIGH_DEAD", "DEV_READY", "NOT_SPECIFIED",
-                 "NO_TX_TARGET", "IP_OUTNOROUTES", "IP_INNOROUTES")
+                 "NO_TX_TARGET", "IP_OUTNOROUTES", "IP_INNOROUTES", "OTHERHOST")
 
 
 def chain_sentence(hop: Hop | None, node_ips=()) -> str:
@@ -75,7 +76,8 @@ def link_down(packet: Packet, reason: str | None, node: str, f: dict) -> Found |
         if target in (port.get("peer_addrs") or []) or packet.hops[-1].dst in (port.get("peer_addrs") or []):
             name = linkfacts.why_down(port["dev"], port)
             what = f"{port['master']}'s port {name}" if port.get("master") else name
-            then = ("the bridge cannot reach it, so its neighbour entry never resolves" if port.get("master")
+            then = ("the bridge cannot deliver to it (its neighbour entry does not resolve, or frames for it are "
+                    "flooded to the other ports)" if port.get("master")
                     else "the routes through it are gone with it")
             return ("link-down", f"On {node}, {what} is down, and it is the link to "
                     f"{target} ({port.get('peer_netns') or 'its namespace'}): {then}.", "link-down.md",
