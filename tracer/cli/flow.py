@@ -61,7 +61,7 @@ def flow(src, dst, proto, port, count, timeout, size, sport, sample, budget, no_
     _flow_flags_agree(no_probe)   # before the heavy imports: a bad flag answers at once
     from rich.console import Console
 
-    from tracer import render
+    from tracer import render, settings
     from tracer.config import FlowConfig
     from tracer.runs.flow import run_flow
 
@@ -69,7 +69,7 @@ def flow(src, dst, proto, port, count, timeout, size, sport, sample, budget, no_
     cfg = FlowConfig(src=src, dst=dst, proto=proto, port=port, count=count, timeout=timeout,
                      probe=not no_probe, duration=duration, cluster=cluster, save=save, size=size, sport=sport,
                      kubeconfig=kubeconfig, context=context, sample=sample, budget=budget,
-                     mode="single" if single else "agents")
+                     mode="single" if single else settings.flow_mode())
     if err.is_terminal and output == "table":
         with err.status("resolving endpoints") as status:
             result = run_flow(cfg, progress=lambda msg: status.update(msg))

@@ -95,6 +95,9 @@ def route_line(route: dict) -> list[str]:
         words += ["src", route["prefsrc"]]
     if route.get("metric"):
         words += ["metric", str(route["metric"])]
+    for m in route.get("metrics") or []:          # e.g. the cilium lab's `mtu 1450`
+        for key, value in m.items():
+            words += [key, *(str(v) for v in (value if isinstance(value, list) else [value]))]
     if "onlink" in route.get("flags", []):
         words.append("onlink")
     return words
