@@ -69,14 +69,16 @@ def targets_in_events(df: pd.DataFrame, fi: "FlowInput") -> frozenset[str]:
 
 def client_aliases(df: pd.DataFrame, fi: "FlowInput") -> frozenset[str]:
     """The addresses the client's requests carried as source after an SNAT that came with
-    the DNAT (a NodePort's masquerade): the target answers to them before the reverse NAT."""
-    if not fi.dnat or df.empty or "pkt" not in df:
+    the DNAT (a NodePort's masquerade, a Service's hairpin masquerade when the client is the
+    backend chosen): the target answers to them before the reverse NAT."""
+    targets = set(fi.dnat) | (set(fi.dst.service.backend_ips) if fi.dst.service else set())
+    if not targets or df.empty or "pkt" not in df:
         return frozenset()
     src, dst = fi.src.ip, fi.dst.ip
     hop = df[~df["hook"].isin([HOOK_IDS["drop"], HOOK_IDS["consume"]]) & (df["pkt"] >= 0)]
     s, d = hop["saddr_str"].astype(str), hop["daddr_str"].astype(str)
     sent = set(hop.loc[(s == src) & (d == dst), "pkt"])
-    m = hop["pkt"].isin(sent) & (s != src) & (s != "") & d.isin(fi.dnat)
+    m = hop["pkt"].isin(sent) & (s != src) & (s != "") & d.isin(targets)
     return frozenset(set(s[m]))
 
 

@@ -151,7 +151,8 @@ def _classify(first, fi: FlowInput) -> tuple[str, int | None]:
         direction = "request"
     elif first.daddr_str == src_ip and (first.saddr_str in dst_ips or first.saddr_str in fi.dnat):
         direction = "reply"
-    elif first.daddr_str in fi.snat and first.saddr_str in fi.dnat:   # a NodePort's masquerade
+    elif first.daddr_str in fi.snat and (first.saddr_str in fi.dnat or first.saddr_str in dst_ips):
+        # the answer to a masqueraded request (a NodePort's, a Service's hairpin)
         direction = "reply"
     if direction is None:
         return ("other", None)
