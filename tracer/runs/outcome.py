@@ -208,7 +208,10 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
     ev = t.evidence(packets)
     if isinstance(ev, LocalEvidence):
         ev = ev.resolve(packets, t.sent)
-    packets = windows.apply(diagnose.judge(packets, ev), t.window)
+    # The window is about watched traffic: probes are sent once every agent is ready, and
+    # every agent is drained after the last one, so a probe's packet is never outside it.
+    window = None if cfg.probe else t.window
+    packets = windows.apply(diagnose.judge(packets, ev), window)
     verdict, probes = verdicts.flow_verdict(packets, fi, cfg.probe, ev)
     # A lab pod deleted while tracing: say so instead of letting the drops it causes pass
     # for the cause (the pod's own view is gone, not the network broken).
@@ -255,8 +258,8 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
         "created_ns": time.time_ns(),
         "evidence": ev.as_json(),
     }
-    if t.window is not None:
-        result.meta["window"] = t.window.as_json()
+    if window is not None:
+        result.meta["window"] = window.as_json()
     if t.view is not None:
         result.meta["view"] = t.view.as_json()
     if cfg.save:
