@@ -331,26 +331,30 @@ class Inventory:
         return None
 
 
-def cidr_owner(inv: Inventory, ip: str | None) -> Node | None:
-    """The node that owns an address: pod CIDRs (the narrowest match), then node addresses."""
+def narrowest(ip: str | None, cidrs):
+    """Of (CIDR, owner) pairs, the owner of the narrowest CIDR holding `ip` (None: none does,
+    or `ip` is no address)."""
     try:
         addr = ipaddress.ip_address(ip) if ip else None
     except ValueError:
         return None
-    if addr is None:
-        return None
-    best: tuple[int, Node] | None = None
-    for n in inv.nodes.values():
-        for c in n.cidrs():
-            try:
-                net = ipaddress.ip_network(c, strict=False)
-            except ValueError:
-                continue
-            if addr.version == net.version and addr in net and (best is None or net.prefixlen > best[0]):
-                best = (net.prefixlen, n)
-    if best is not None:
-        return best[1]
-    return next((n for n in inv.nodes.values() if ip == n.ip or ip in n.addresses), None)
+    best = None
+    for c, owner in cidrs:
+        try:
+            net = ipaddress.ip_network(c, strict=False)
+        except ValueError:
+            continue
+        if addr is not None and addr.version == net.version and addr in net and (best is None or net.prefixlen > best[0]):
+            best = (net.prefixlen, owner)
+    return best[1] if best else None
+
+
+def cidr_owner(inv: Inventory, ip: str | None) -> Node | None:
+    """The node that owns an address: pod CIDRs (the narrowest match), then node addresses."""
+    owner = narrowest(ip, ((c, n) for n in inv.nodes.values() for c in n.cidrs()))
+    if owner is not None:
+        return owner
+    return next((n for n in inv.nodes.values() if ip and (ip == n.ip or ip in n.addresses)), None)
 
 
 @dataclass

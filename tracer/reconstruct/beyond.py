@@ -9,10 +9,10 @@ verdict is `partial` there, naming where it went and why that node has no view, 
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from tracer.cluster.inventory import narrowest
 from tracer.reconstruct.model import Hop, Verdict
 
 NOT_PLANNED = "no agent was asked to trace it"
@@ -34,19 +34,7 @@ class View:
             return None
         if ip in self.node_ips:
             return self.node_ips[ip]
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return None
-        best: tuple[int, str] | None = None
-        for c, node in self.cidrs.items():
-            try:
-                net = ipaddress.ip_network(c, strict=False)
-            except ValueError:
-                continue
-            if addr.version == net.version and addr in net and (best is None or net.prefixlen > best[0]):
-                best = (net.prefixlen, node)
-        return best[1] if best else None
+        return narrowest(ip, self.cidrs.items())
 
     def as_json(self) -> dict:
         return {"traced": list(self.traced), "untraced": dict(self.untraced),
