@@ -13,7 +13,22 @@ import time
 # else than the flow (hooks, capture, safety) then pays one BCC compile, not one per node.
 # The core flow tests (tests/integration/test_flow.py) pass mode="agents", the product's
 # default, and run the command line without this variable, as a user does.
+# Command lines the tests start are the user's: they get the product's default unless the
+# test (or whoever runs the suite) names a mode, so `subprocess_env` leaves this one out.
+_OUTER_FLOW_MODE = os.environ.get("PODTRACE_FLOW_MODE")
 os.environ.setdefault("PODTRACE_FLOW_MODE", "single")
+
+
+def subprocess_env(**extra: str) -> dict:
+    """The environment of a command the tests start: this process's, without the in-process
+    flow-mode default above (a mode given by the runner of the suite or in `extra` stays)."""
+    env = dict(os.environ)
+    if _OUTER_FLOW_MODE is None:
+        env.pop("PODTRACE_FLOW_MODE", None)
+    else:
+        env["PODTRACE_FLOW_MODE"] = _OUTER_FLOW_MODE
+    env.update(extra)
+    return env
 
 
 def must_run() -> bool:

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import environment_problem, must_run, wait_until
+from tests.conftest import environment_problem, must_run, subprocess_env, wait_until
 from tracer.node import netns
 from tracer.node import prober
 from tracer.lab import build
@@ -180,7 +180,7 @@ def machine_snapshot(prefix: str | None = None) -> tuple[set[str], set[str], set
 # The command line
 
 def cli_env(prefix: str, **extra: str) -> dict:
-    env = dict(os.environ)
+    env = subprocess_env()
     env["PODTRACE_LAB_PREFIX"] = prefix
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.pop("PODTRACE_LAB_PAUSE_AFTER", None)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tracer.lab import build
+from tests.conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 PREFIX = "ptbench-smoke"
@@ -31,7 +32,7 @@ def bench_lab():
 
 
 def run_bench(name: str, *args: str, prefix: str | None = None, timeout: float = 240) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = subprocess_env(PYTHONPATH=str(REPO))
     if prefix:
         env["PODTRACE_LAB_PREFIX"] = prefix
     p = subprocess.run([sys.executable, str(REPO / "bench" / name), "--quick", *args], cwd=REPO, env=env,
@@ -112,7 +113,7 @@ def test_memory_quick(bench_lab):
 def test_resolve_small():
     """The resolve figures, among them the close-match time the unit tests leave to bench/."""
     p = subprocess.run([sys.executable, str(REPO / "bench" / "resolve.py"), "--pods", "500", "--services", "50",
-                        "--nodes", "10", "--samples", "20"], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                        "--nodes", "10", "--samples", "20"], cwd=REPO, env=subprocess_env(PYTHONPATH=str(REPO)),
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     doc = json.loads(p.stdout)

@@ -23,6 +23,7 @@ from tracer.kernel import record
 from tracer.node import netns
 from tracer.config import FlowConfig
 from tracer.runs.flow import run_flow
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
@@ -226,7 +227,7 @@ def test_ctrl_c_finishes_the_file(lab, tmp_path):
     code = ("import sys; from tracer.cli import main; from tracer.cli.capture import capture\n"
             "if 'capture' not in main.commands: main.add_command(capture)\n"
             "main()")
-    env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"])
+    env = subprocess_env(PODTRACE_LAB_PREFIX=lab["prefix"])
     proc = subprocess.Popen([sys.executable, "-c", code, "capture", "--pod", "pod-1-1", "-w", str(f)],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -264,7 +265,7 @@ def test_sigkill_then_cleanup_salvages_the_capture(lab, tmp_path):
     code = ("import sys; from tracer.cli import main; from tracer.cli.capture import capture\n"
             "if 'capture' not in main.commands: main.add_command(capture)\n"
             "main()")
-    env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"], PODTRACE_STATE_DIR=str(state))
+    env = subprocess_env(PODTRACE_LAB_PREFIX=lab["prefix"], PODTRACE_STATE_DIR=str(state))
     proc = subprocess.Popen([sys.executable, "-c", code, "capture", "--pod", "pod-1-1", "-w", str(f)],
                             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import subprocess_env
 from tests.fakeapi import FakeApi
 from tests.integration.lab_fixture import ping, private_lab, traced_addrs, wait_until
 from tracer import tracefile
@@ -45,7 +46,7 @@ def test_capture_follows_pods_that_come_and_go(tmp_path):
         out = tmp_path / "watch.parquet"
         with api:
             kc = api.write_kubeconfig(tmp_path / "kubeconfig")
-            env = dict(os.environ, PODTRACE_LAB_PREFIX="pttest-none")   # the API is the only source
+            env = subprocess_env(PODTRACE_LAB_PREFIX="pttest-none")   # the API is the only source
             proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{node1}", "--",
                                      sys.executable, "-m", "tracer.cli", "capture", "-n", "default",
                                      "--kubeconfig", str(kc), "-d", "9", "-w", str(out)],

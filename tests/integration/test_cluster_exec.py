@@ -25,6 +25,7 @@ import pytest
 from tests.fakeapi import FakeApi, agent_pods, lab_agent_runner
 from tests.integration.lab_fixture import private_lab, wait_until
 from tests.integration.test_safety_common import our_filters, tc_snapshot
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "pttestkx"
@@ -46,7 +47,7 @@ def cluster(tmp_path_factory):
             api.exec_runner = lab_agent_runner(sys.executable, str(ROOT))
             kc = api.write_kubeconfig(tmp_path_factory.mktemp("kube") / "kubeconfig")
             # No lab for the CLI: the API is the only source of names, exec the only way in.
-            env = dict(os.environ, PODTRACE_LAB_PREFIX="pttest-none", PODTRACE_FLOW_MODE="agents")
+            env = subprocess_env(PODTRACE_LAB_PREFIX="pttest-none", PODTRACE_FLOW_MODE="agents")
             yield {"lab": lab, "api": api, "kubeconfig": str(kc), "env": env}
         _no_agent_left()
 
@@ -117,7 +118,7 @@ def test_exec_path_equals_the_lab_path_hop_for_hop(cluster):
     via_exec = run(["flow", "pod-1-1", "pod-2-1", "--proto", "tcp", "--port", "8080", "--count", "2", "--kubeconfig",
                     cluster["kubeconfig"], "-o", "json"], cluster["env"])
     assert via_exec.returncode == 0, via_exec.stderr[-3000:]
-    lab_env = dict(os.environ, PODTRACE_LAB_PREFIX=PREFIX, PODTRACE_FLOW_MODE="agents")
+    lab_env = subprocess_env(PODTRACE_LAB_PREFIX=PREFIX, PODTRACE_FLOW_MODE="agents")
     via_lab = run(["flow", "pod-1-1", "pod-2-1", "--proto", "tcp", "--port", "8080", "--count", "2", "-o", "json"], lab_env)
     assert via_lab.returncode == 0, via_lab.stderr[-3000:]
     a, b = json.loads(via_exec.stdout), json.loads(via_lab.stdout)

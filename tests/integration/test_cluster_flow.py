@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tests.fakeapi import FakeApi
 from tests.integration.lab_fixture import lab  # noqa: F401
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,7 +23,7 @@ def run(args, env):
 def test_flow_resolves_through_the_api_and_needs_agent_pods(lab, tmp_path):
     with FakeApi.from_lab(lab["prefix"]) as api:
         kc = api.write_kubeconfig(tmp_path / "kubeconfig")
-        env = dict(os.environ, PODTRACE_LAB_PREFIX="pttest-none")   # no lab: the API is the only source
+        env = subprocess_env(PODTRACE_LAB_PREFIX="pttest-none")   # no lab: the API is the only source
         # a name the API does not know: bad input, with close matches from the API
         res = run(["flow", "pod-1-1", "pod-2-9", "--kubeconfig", str(kc)], env)
         assert res.returncode == 2, res.stderr
@@ -38,6 +39,6 @@ def test_bad_context_is_bad_input(lab, tmp_path):
     with FakeApi.from_lab(lab["prefix"]) as api:
         kc = api.write_kubeconfig(tmp_path / "kubeconfig")
         res = run(["flow", "pod-1-1", "pod-2-1", "--kubeconfig", str(kc), "--context", "nope"],
-                  dict(os.environ, PODTRACE_LAB_PREFIX="pttest-none"))
+                  subprocess_env(PODTRACE_LAB_PREFIX="pttest-none"))
         assert res.returncode == 2, res.stderr
         assert "nope" in res.stderr

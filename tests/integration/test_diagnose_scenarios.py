@@ -22,6 +22,7 @@ from tests.unit.test_engine import _paths as paths
 from tracer import analysis, tracefile
 from tracer.node import prober
 from tracer.runs import capture
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = os.environ.get("PODTRACE_TEST_LAB_PREFIX", "pttest") + "dg"
@@ -79,7 +80,7 @@ def dlab():
 
 
 def cli(*args, timeout=90, mode=None):
-    env = dict(os.environ, PODTRACE_LAB_PREFIX=PREFIX)
+    env = subprocess_env(PODTRACE_LAB_PREFIX=PREFIX)
     if mode:
         env["PODTRACE_FLOW_MODE"] = mode
     return subprocess.run([sys.executable, "-m", "tracer.cli", *args], capture_output=True, text=True,

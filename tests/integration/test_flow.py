@@ -17,6 +17,7 @@ from tests.integration.lab_fixture import lab  # noqa: F401  (session fixture)
 from tracer.node import netns
 from tracer.config import FlowConfig
 from tracer.runs.flow import run_flow
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((ROOT / "tracer" / "schema" / "flow.schema.json").read_text())
@@ -37,7 +38,7 @@ def wait_no_programs(seconds: float = 5) -> None:
 
 def cli(lab, *args, timeout=60) -> subprocess.CompletedProcess:
     """The command as a user runs it: the product's default mode (one agent per node)."""
-    env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"])
+    env = subprocess_env(PODTRACE_LAB_PREFIX=lab["prefix"])
     env.pop("PODTRACE_FLOW_MODE", None)
     return subprocess.run([sys.executable, "-m", "tracer.cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=ROOT)
@@ -202,7 +203,7 @@ def test_save_and_load_trace(lab, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_releases_everything(lab, sig):
-    env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"])
+    env = subprocess_env(PODTRACE_LAB_PREFIX=lab["prefix"])
     proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "flow", "pod-1-1", "pod-2-1", "--no-probe",
                              "--duration", "60"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -224,7 +225,7 @@ def test_interrupt_releases_everything(lab, sig):
 
 
 def test_no_root_exit_1(lab):
-    env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"])
+    env = subprocess_env(PODTRACE_LAB_PREFIX=lab["prefix"])
     res = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
                           sys.executable, "-m", "tracer.cli", "flow", "pod-1-1", "pod-2-1"],
                          capture_output=True, text=True, env=env, cwd="/")

@@ -22,12 +22,13 @@ from tracer.kernel.hooks import CATALOG, DEFAULT_HOOKS, kernel_config
 from tracer.kernel import tc
 from tracer.config import FlowConfig
 from tracer.runs.flow import run_flow
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(lab, *args, timeout=60, **extra):
-    env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"], **extra)
+    env = subprocess_env(PODTRACE_LAB_PREFIX=lab["prefix"], **extra)
     return subprocess.run([sys.executable, "-m", "tracer.cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=ROOT)
 
@@ -136,7 +137,7 @@ def test_foreign_filter_untouched(lab):
 
 
 def _start_long_flow(lab, marks: Path, **extra):
-    env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"], PODTRACE_FLOW_MODE="agents",
+    env = subprocess_env(PODTRACE_LAB_PREFIX=lab["prefix"], PODTRACE_FLOW_MODE="agents",
                PODTRACE_TEST_PAUSE="tracing", PODTRACE_TEST_PAUSE_S="0", PODTRACE_TEST_PAUSE_DIR=str(marks), **extra)
     return subprocess.Popen([sys.executable, "-m", "tracer.cli", "flow", "pod-1-1", "pod-2-1", "--no-probe",
                              "--duration", "60"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,

@@ -15,6 +15,7 @@ from tests.integration.test_diagnose_scenarios import live_verdicts, offline_ver
 from tests.unit.test_engine import _paths as paths
 from tracer import analysis
 from tracer.lab import scenarios
+from tests.conftest import subprocess_env
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +37,7 @@ def _cli(*args, **env):
     import subprocess
     import sys
     return subprocess.run([sys.executable, "-m", "tracer.cli", *args], capture_output=True, text=True,
-                          env=dict(os.environ, PODTRACE_LAB_PREFIX=PREFIX, **env), timeout=120, cwd=ROOT)
+                          env=subprocess_env(PODTRACE_LAB_PREFIX=PREFIX, **env), timeout=120, cwd=ROOT)
 
 
 @pytest.mark.parametrize("mode", ["agents", "single"])
@@ -68,7 +69,7 @@ def test_an_owner_whose_agent_died_gives_no_view_beyond_node_1(gone, tmp_path):
         assert v["evidence"]["view"]["towards_node"] == "node-2"
     problems = doc["verdict"]["problems"]
     assert "probe 1: request left node-1 towards 172.30.0.12 (node-2): not traced" in problems[0]
-    assert any(p.startswith("probe 1: no view beyond node-1") for p in problems)
+    assert any(p.startswith("probe 1: no view beyond node-1") for p in problems), problems
     assert not any(" lost at node-1" in p or "partial at" in p for p in problems), problems
     # offline: the saved flow and the engine's fast path say the same
     assert offline_verdicts(saved) == live_verdicts(doc)

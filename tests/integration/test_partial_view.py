@@ -24,6 +24,7 @@ from tracer import analysis
 from tracer.analysis import merge
 from tracer.config import FlowConfig
 from tracer.runs.flow import run_flow
+from tests.conftest import subprocess_env
 
 LATE_S = 2
 
@@ -88,7 +89,7 @@ def test_late_agent_gives_partial_not_lost(lab, monkeypatch, tmp_path, dst):
 
 
 def _capture(lab, node, seconds, out):
-    env = dict(os.environ, PODTRACE_LAB_PREFIX=lab["prefix"])
+    env = subprocess_env(PODTRACE_LAB_PREFIX=lab["prefix"])
     return subprocess.Popen([sys.executable, "-m", "tracer.cli", "capture", "--on-node", node, "-d", str(seconds),
                              "-w", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import must_run
+from tests.conftest import must_run, subprocess_env
 from tests.integration.lab_fixture import LAB_PREFIX, REPO_ROOT, wait_until  # noqa: F401  (shared)
 from tests.integration.lab_fixture import require_environment as _require_environment
 from tracer.node import netns
@@ -55,7 +55,7 @@ def node(doc: dict, name: str) -> dict:
 def cli_env(prefix: str, **extra: str) -> dict:
     """The environment of a CLI run against lab `prefix`: no kubeconfig of this machine or
     test hook of an outer run leaks in."""
-    env = {k: v for k, v in os.environ.items()
+    env = {k: v for k, v in subprocess_env().items()
            if not k.startswith(("PODTRACE_TEST_", "PODTRACE_AGENT_", "KUBERNETES_"))
            and k not in ("KUBECONFIG", "PODTRACE_DEBUG", "PODTRACE_DEBUG_BPF", "PODTRACE_LAB_PAUSE_AFTER")}
     env["PODTRACE_LAB_PREFIX"] = prefix

@@ -24,6 +24,7 @@ from tests.integration.test_safety_common import (
     SAFE_PREFIX, cli, nobody_python, one_line_error, safe_lab,  # noqa: F401  (fixture)
 )
 from tracer.agents import wire
+from tests.conftest import subprocess_env
 
 NO_LAB = "pttestsafe-none"          # a prefix with no lab: nothing may ever be built under it
 
@@ -269,7 +270,7 @@ def test_agent_refuses_a_bad_request_on_its_stream(safe_lab):
     for request in ("this is not json\n", json.dumps({"version": 99}) + "\n", "\n"):
         res = subprocess.run([sys.executable, "-m", "tracer.cli", "agent"], input=request.encode(),
                              capture_output=True, timeout=60, cwd="/",
-                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+                             env=subprocess_env(PYTHONPATH=str(Path(__file__).parents[2])))
         assert res.returncode == 2, res.stderr
         assert b"Traceback" not in res.stderr
         frames = list(wire.read(io.BytesIO(res.stdout)))
@@ -304,5 +305,5 @@ def test_not_root_is_one_line_exit_1(safe_lab):
     assert rep["can_trace"] is False and any("root" in p["problem"] for p in rep["problems"])
     agent = subprocess.run([*argv0, "-m", "tracer.cli", "agent"], capture_output=True, timeout=60, cwd="/",
                            input=json.dumps({"version": 1, "node": "x", "addrs": ["10.0.0.1"]}).encode(),
-                           env={**os.environ, **env})
+                           env=subprocess_env(**env))
     assert agent.returncode == 1 and b"Traceback" not in agent.stderr, agent.stderr

@@ -62,20 +62,24 @@ def flow_verdict(packets: list[Packet], fi: FlowInput, probing: bool,
                                 " (reverse NAT did not happen)")
             else:
                 answered += 1
-        elif pr.outcome == "refused":
-            problems.append(f"probe {pr.seq}: " + (pr.detail if pr.detail and "(ICMP " in pr.detail
-                                                   else f"refused ({pr.detail or 'reset'})"))
-        elif pr.outcome == "timeout":
-            partial = next((p for p in reversed(reqs) if p.verdict.status == "partial"), None)
-            if partial is not None and not reps and not any(p.verdict.status == "delivered" for p in reqs):
-                problems.append(f"probe {pr.seq}: no view beyond {partial.verdict.node}: no reply, and "
-                                "nothing shows the request was delivered")
-            elif reps and reps[-1].verdict.status != "delivered":
-                problems.append(_failed(pr.seq, "reply", reps[-1].verdict))
-            else:
-                problems.append(f"probe {pr.seq}: no reply")
         else:
-            problems.append(f"probe {pr.seq}: {pr.outcome} ({pr.detail})")
+            # seen only up to a node that could not be traced: what came back (or nothing) is
+            # all there is; say so before the outcome
+            partial = None if reps or any(p.verdict.status == "delivered" for p in reqs) else \
+                next((p for p in reversed(reqs) if p.verdict.status == "partial"), None)
+            blind = f"no view beyond {partial.verdict.node}: " if partial is not None else ""
+            if pr.outcome == "refused":
+                problems.append(f"probe {pr.seq}: {blind}" + (pr.detail if pr.detail and "(ICMP " in pr.detail
+                                                              else f"refused ({pr.detail or 'reset'})"))
+            elif pr.outcome == "timeout":
+                if blind:
+                    problems.append(f"probe {pr.seq}: {blind}no reply, and nothing shows the request was delivered")
+                elif reps and reps[-1].verdict.status != "delivered":
+                    problems.append(_failed(pr.seq, "reply", reps[-1].verdict))
+                else:
+                    problems.append(f"probe {pr.seq}: no reply")
+            else:
+                problems.append(f"probe {pr.seq}: {blind}{pr.outcome} ({pr.detail})")
     status = "ok" if delivered == n and answered == n and n > 0 else "failed"
     summary = f"{delivered}/{n} delivered, {answered}/{n} answered"
     if fi.sample > 1:
