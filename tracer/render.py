@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from tracer import runbooks
 from tracer.reconstruct import tcpflags
 from tracer.reconstruct.model import ConntrackView, Packet, Verdict
 
@@ -90,7 +91,7 @@ def verdict_line(v: Verdict) -> Text:
     if v.hint:
         txt.append(f"\n  {v.hint}")
     if v.runbook:
-        txt.append(f"\n  runbook: {v.runbook}", style="cyan")
+        txt.append(f"\n  runbook: {runbooks.where(v.runbook)}", style="cyan")
     return txt
 
 
@@ -126,7 +127,7 @@ def flow_table(result: "FlowResult", console: Console) -> None:
         if getattr(pr, "source", None) and pr.source.get("runbook"):
             books.setdefault(pr.source["runbook"], []).append(str(pr.seq))
     for book, seqs in books.items():
-        console.print(f"  runbook: {book} (probe {', '.join(seqs)})")
+        console.print(f"  runbook: {runbooks.where(book)} (probe {', '.join(seqs)})")
     console.print(f"median one-way {_us(s['median_one_way_ns'])}, median round trip {_us(s['median_rtt_ns'])}, "
                   f"events lost {s['events_lost']}, startup {result.timings.get('startup_s', 0):.2f}s")
 
