@@ -25,7 +25,8 @@ def lab(ctx, prefix):
     \b
     Nodes, pods, a fabric bridge as the underlay, flannel-style VXLAN between nodes,
     kube-proxy-style Services in iptables and a responder on TCP/UDP 8080 in every pod
-    that answers with its pod name. Nothing outside namespaces named PREFIX-* is touched.
+    that answers with its pod name (to plain HTTP too). Nothing outside namespaces named
+    PREFIX-* is touched.
 
     \b
     Examples:
