@@ -39,7 +39,10 @@ from tracer.errors import BadInput, ExitStatus
 @click.option("-n", "--namespace", default=None, metavar="NS",
               help="Namespace of SRC/DST given without one (POD, pod/POD, svc/NAME).  [default: default]")
 @prefix_option()
-@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("-o", "--output", type=click.Choice(["table", "compact", "wide", "json"]), default="table",
+              show_default=True,
+              help="table: one line per path, full tables for failing packets (= compact); "
+                   "wide: every packet's table; json: the whole result.")
 @click.option("-w", "--write", "--save", "save", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Write the raw events to a Parquet trace file (as `capture -w`; --save is the same).")
 @click.option("--force", is_flag=True, help="Overwrite the -w/--save file if it exists.")
@@ -84,7 +87,7 @@ def flow(src, dst, proto, port, count, timeout, size, sport, sample, budget, no_
                      kubeconfig=kubeconfig, context=context, sample=sample, budget=budget, namespace=namespace,
                      lab_prefix=prefix or settings.lab_prefix(),
                      mode="single" if single else settings.flow_mode())
-    if err.is_terminal and output == "table":
+    if err.is_terminal and output != "json":
         with err.status("resolving endpoints") as status:
             result = run_flow(cfg, progress=lambda msg: status.update(msg))
     else:
@@ -96,7 +99,7 @@ def flow(src, dst, proto, port, count, timeout, size, sport, sample, budget, no_
         out = Console()
         if not out.is_terminal:
             out = Console(width=160)  # piped into a file or a ticket: keep whole rows
-        render.flow_table(result, out)
+        render.flow_human(result, out, output)
         if save and not result.interrupted:
             err.print(f"trace saved to {save}")
     if result.interrupted:   # like ping: what was traced is shown above; one line says how far it got
