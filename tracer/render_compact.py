@@ -100,6 +100,11 @@ def _seqs(ps: list["Packet"]) -> str:
     return f" (probe{'s' if len(seqs) > 1 else ''} {', '.join(str(s) for s in seqs[:8])}{'…' if len(seqs) > 8 else ''})"
 
 
+def _ends(a) -> str:
+    return (f"{a.src}" + (f":{a.sport}" if a.sport is not None else "") + "→"
+            + f"{a.dst}" + (f":{a.dport}" if a.dport is not None else ""))
+
+
 def failing(p: "Packet") -> bool:
     return p.verdict.status != "delivered" or bool(p.verdict.problem)
 
@@ -131,6 +136,9 @@ def compact_flow(result: "FlowResult", console: Console, header: Callable, full_
             line.append(f", one-way {human_time(lat[len(lat) // 2])}" + (" median" if len(lat) > 1 else ""))
         console.print(line)
         console.print(Text(f"    {path_text(p)}", style="dim"), overflow="fold")
+        for n in p.nat:
+            console.print(Text(f"    {n.type.upper()} at {n.node or 'fabric'}/{n.dev}: {_ends(n.before)} → "
+                               f"{_ends(n.after)}" + (f"  backend {n.backend}" if n.backend else ""), style="magenta"))
     for g in groups.values():
         if failing(g[0]):    # one full table per kind of failure; its twins are named
             full_packet(g[0], console)

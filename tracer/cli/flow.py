@@ -69,6 +69,7 @@ def flow(src, dst, proto, port, count, timeout, size, sport, sample, budget, no_
       podtrace flow pod-1-1 pod-2-2 --proto udp --port 8080 -w trace.parquet
       podtrace flow pod-1-1 node/node-2 --prefix mylab   # the lab named mylab
       podtrace flow pod-1-1 pod-2-1 --no-probe --duration 10
+      podtrace flow pod-1-1 pod-2-1 -o wide   # every packet's hop table
       podtrace flow pod-1-1 pod-2-1 --size 1450        # MTU black hole?
     """
     _flow_flags_agree(no_probe)   # before the heavy imports: a bad flag answers at once
