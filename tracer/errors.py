@@ -17,6 +17,7 @@ class ExitStatus(enum.IntEnum):
     BAD_INPUT = 2        # unknown pod, bad address, bad flag
     TRACE_FAILED = 3     # the trace found a failure (drop, loss, missing or wrong reply)
     INTERRUPTED = 130    # Ctrl-C or SIGTERM; everything podtrace added was removed
+    BROKEN_PIPE = 141    # the reader of stdout went away (`| head -1`): nothing more is printed
 
 
 class PodtraceError(Exception):

@@ -41,7 +41,8 @@ def _records(df: pd.DataFrame) -> list[dict]:
 def _us(ns) -> str:
     if ns is None or (isinstance(ns, float) and np.isnan(ns)):
         return "-"
-    return f"{ns / 1000:.1f}µs" if ns < 10_000_000 else f"{ns / 1e6:.1f}ms"
+    from tracer.render_compact import human_time
+    return human_time(ns)
 
 
 def render_summary(doc: dict, console) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import traceback
 
@@ -42,6 +43,28 @@ def _usage_exit(exc: click.UsageError):
     sys.exit(ExitStatus.BAD_INPUT)
 
 
+def _stdout_closed():
+    """The reader of our output went away (`podtrace lab status | head -1`): say nothing more
+    and exit 141 (128 + SIGPIPE, as a command killed by the closed pipe). Python's own flush at
+    exit would fail again on the closed pipe: stdout goes to /dev/null first."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    sys.exit(ExitStatus.BROKEN_PIPE)
+
+
+def _flush_stdout():
+    """What is still buffered for stdout, written now, while a closed pipe can be answered."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_closed()
+    except (OSError, ValueError):
+        pass
+
+
 class PodtraceGroup(click.Group):
     """The command group: commands loaded lazily by module path, and the one place that maps
     exceptions to the contract's exit codes (tracer.errors.ExitStatus) with one line on
@@ -69,7 +92,11 @@ class PodtraceGroup(click.Group):
     def invoke(self, ctx):
         debug = bool(ctx.params.get("debug")) or settings.debug()
         try:
-            return super().invoke(ctx)
+            rv = super().invoke(ctx)
+            _flush_stdout()
+            return rv
+        except BrokenPipeError:
+            _stdout_closed()
         except PodtraceError as exc:
             if debug:
                 traceback.print_exc()
@@ -81,6 +108,7 @@ class PodtraceGroup(click.Group):
         except click.UsageError as exc:
             _usage_exit(exc)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
+            _flush_stdout()
             raise
         except Exception as exc:  # a bug: still one line, never a traceback by default
             if debug:
