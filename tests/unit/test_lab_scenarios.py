@@ -257,3 +257,15 @@ def test_listing_and_cli_say_where_each_scenario_applies(monkeypatch, tmp_path):
     assert "applies to: flannel, cilium" in out and "applies to: flannel\n" in out
     data = json.loads(runner.invoke(main, ["lab", "scenarios", "-o", "json"]).output)
     assert {d["name"]: d["applies_to"] for d in data} == {n: r["applies_to"] for n, r in rows.items()}
+
+
+def test_hints_name_a_lab_that_is_not_the_default():
+    """Every command printed as a hint reaches the same lab: `--prefix` when it is not ptlab."""
+    assert S.flow_command(S.get("ip-forward-off"), _lab(prefix="pto")) == "podtrace flow pod-1-1 pod-2-1 --prefix pto"
+    assert S.flow_command(S.get("ip-forward-off"), _lab()) == "podtrace flow pod-1-1 pod-2-1"
+    from click.testing import CliRunner
+
+    from tracer.cli.main import main
+    out = CliRunner().invoke(main, ["lab", "--prefix", "pto", "scenarios"]).output
+    shows = [x for x in out.splitlines() if "show: podtrace flow" in x]
+    assert shows and all(x.endswith(" --prefix pto") for x in shows)

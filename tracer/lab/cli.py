@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -12,6 +13,7 @@ from tracer import settings
 from tracer.errors import EnvironmentProblem, require_root
 from tracer.lab import build, scenarios
 from tracer.lab import topology as T
+from tracer.lab.model import prefix_flag
 
 
 # --prefix: also after any lab command, its default shown as in effect (tracer/cli/options.py).
@@ -71,8 +73,8 @@ def up_cmd(ctx, cni, nodes, pods_per_node):
     click.echo(f"inventory: {doc['inventory']}")
     pods = doc["pods"]
     if len(doc["nodes"]) > 1:
-        click.echo(f"try: sudo podtrace flow {pods[0]['name']} {pods[-1]['name']}")
-    click.echo("     podtrace lab status")
+        click.echo(f"try: sudo podtrace flow {pods[0]['name']} {pods[-1]['name']}{prefix_flag(cfg.prefix)}")
+    click.echo(f"     podtrace lab status{prefix_flag(cfg.prefix)}")
 
 
 @lab.command("status")
@@ -168,7 +170,7 @@ def break_cmd(ctx, scenario, node, list_):
     for line in out.changes:
         click.echo(f"  - {line}")
     click.echo(f"see it: {out.show}")
-    click.echo(f"undo:   podtrace lab fix {scenario}")
+    click.echo(f"undo:   podtrace lab fix {scenario}{prefix_flag(ctx.obj['prefix'])}")
 
 
 @lab.command("fix")
@@ -216,7 +218,7 @@ def _print_scenarios(prefix: str, output: str) -> None:
         doc = build.status(prefix)
     except EnvironmentProblem:
         doc = None
-    lab_view = scenarios.Lab(doc) if doc else scenarios.Lab.planned()
+    lab_view = scenarios.Lab(doc) if doc else scenarios.Lab.planned(T.LabConfig(prefix=prefix, state_dir=Path("/run/podtrace")))
     rows = scenarios.listing(lab_view)
     broken = scenarios.broken(prefix) if doc else {}
     if output == "json":

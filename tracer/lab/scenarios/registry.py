@@ -13,6 +13,7 @@ from typing import Callable
 
 from tracer.errors import BadInput
 from tracer.lab import topology as T
+from tracer.lab.model import prefix_flag
 from tracer.lab.scenarios import conntrack, faults, faults_causes, faults_delivery, faults_dnat, faults_loop, faults_owner, faults_source
 from tracer.lab.scenarios.changes import Changes
 from tracer.lab.scenarios.labdoc import Lab, Pod
@@ -97,7 +98,7 @@ def unsupported(cni: str | None, name: str) -> str | None:
 
 def flow_command(sc: Scenario, lab: Lab, node: str | None = None) -> str:
     node = node if node is not None or sc.cluster_wide else sc.default_node(lab)
-    return "podtrace flow " + sc.show(lab, node)
+    return "podtrace flow " + sc.show(lab, node) + prefix_flag(lab.prefix)
 
 
 def _two_nodes(lab: Lab) -> list[str]:
