@@ -115,3 +115,10 @@ def test_human_time(ns, text):
 def test_middle_keeps_the_tail():
     assert middle("veth27272fab", 10) == "vet…272fab"
     assert middle("eth0", 10) == "eth0"
+
+
+def test_probe_counter():
+    from tracer.runs.flow import probe_counter
+    assert probe_counter(3, []) == "probes 0/3 sent, 0 answered"
+    assert probe_counter(3, ["answered", "answered"]) == "probes 2/3 sent, 2 answered"
+    assert probe_counter(3, ["answered", "timeout", "timeout"]) == "probes 3/3 sent, 1 answered, 2 timeout"

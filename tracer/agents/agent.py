@@ -2,7 +2,8 @@
 
 It reads one trace request (a JSON line, tracer/agents/request.py) on stdin, traces its own node, and streams framed records (tracer.wire) on stdout: hello/ready,
 events, probe results, node facts for diagnosis, clock readings, counters, end. Further
-JSON lines on stdin steer it: {"cmd": "probe"}, {"cmd": "stop-probes"} (no further probe: the
+JSON lines on stdin steer it: {"cmd": "probe"} (with "progress": true, a `probe` frame per
+outcome as it comes), {"cmd": "stop-probes"} (no further probe: the
 probes frame reports those sent), {"cmd": "drain"} (deliver every event seen
 so far, then a `drained` frame: the end of the trace window), {"cmd": "facts", "queries": [...]},
 {"cmd": "stop"}. The hello frame lists the commands this agent understands. End of stdin means the coordinator is gone: the agent stops and cleans up,
@@ -183,7 +184,8 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, l
             continue
         what = cmd.get("cmd")
         if what == "probe" and req.probe is not None and prober is None:
-            prober = threading.Thread(target=_probe, args=(req.probe, out, skew, no_more_probes), daemon=True)
+            prober = threading.Thread(target=_probe, args=(req.probe, out, skew, no_more_probes,
+                                                           bool(cmd.get("progress"))), daemon=True)
             prober.start()
         elif what == "stop-probes":
             no_more_probes.set()
@@ -238,11 +240,16 @@ def _discover(d: request.Discovery, node: str) -> dict:
             "netns_filter": local.netns_filter()}
 
 
-def _probe(p: request.ProbeRequest, out: _Out, skew: int, stop: threading.Event | None = None) -> None:
+def _probe(p: request.ProbeRequest, out: _Out, skew: int, stop: threading.Event | None = None,
+           progress: bool = False) -> None:
+    """Send the probes; with `progress` (a coordinator that reads `probe` frames asked for
+    them), one `probe` frame per outcome as it comes, then the `probes` frame of all."""
     stop = stop or threading.Event()
     try:
         results = probe.send(p.netns, p.src, p.dst, p.proto, p.port, p.count, p.timeout, p.interval,
-                             size=p.size, sport=p.sport, stop=stop)
+                             size=p.size, sport=p.sport, stop=stop,
+                             on_result=(lambda r: out.send("probe", {"seq": r.seq, "outcome": r.outcome}))
+                             if progress else None)
         stop.wait(p.settle)
         docs = [r.as_json() for r in results]
         for d in docs:

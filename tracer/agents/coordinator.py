@@ -75,6 +75,7 @@ class AgentRun:
     hello: Hello | None = None
     ready: bool = False
     probes: list[dict] | None = None
+    progress: list[dict] = field(default_factory=list)   # each probe's outcome as it came ("probe" frames)
     facts: dict | None = None
     drained: dict | None = None
     window: int | None = None        # chunks inside the trace window (set when it ended)
@@ -174,6 +175,8 @@ def _absorb(run: AgentRun, block: float = 0.0) -> None:
             run.ready_ns = _ns(doc.get("t_ns"))
         elif fr.kind == "probes":
             run.probes = doc
+        elif fr.kind == "probe":
+            run.progress.append(doc)
         elif fr.kind == "drained":
             run.drained = doc
             run.window = len(run.chunks)   # the agent flushed everything before this frame

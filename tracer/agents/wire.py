@@ -22,7 +22,8 @@ HEADER = struct.Struct("!4sBBHII")
 MAX_PAYLOAD = 64 << 20
 
 KINDS = {1: "hello", 2: "ready", 3: "events", 4: "counters", 5: "facts", 6: "probes",
-         7: "clock", 8: "error", 9: "end", 10: "log", 11: "drained"}
+         7: "clock", 8: "error", 9: "end", 10: "log", 11: "drained",
+         12: "probe"}   # one probe's outcome as it comes, only when the probe command asks for it
 KIND_IDS = {v: k for k, v in KINDS.items()}
 
 

@@ -41,6 +41,14 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
         return finish(plan, traced)
 
 
+def probe_counter(count: int, outcomes: list) -> str:
+    """The live counter while probing: `probes 2/3 sent, 2 answered` (and how the others ended)."""
+    answered = sum(1 for o in outcomes if o == "answered")
+    others = {o: sum(1 for x in outcomes if x == o) for o in dict.fromkeys(outcomes) if o != "answered"}
+    return (f"probes {len(outcomes)}/{count} sent, {answered} answered"
+            + "".join(f", {n} {o}" for o, n in others.items()))
+
+
 def _trace_single(plan: Plan, say) -> Traced:
     """The same node runner an agent wraps, run in this process for every node at once."""
     cfg, topo, src, dst = plan.cfg, plan.topology, plan.src, plan.dst
@@ -63,7 +71,8 @@ def _trace_single(plan: Plan, say) -> Traced:
                     + (f":{plan.port}" if plan.port else ""))
                 sent = send(src.pod.netns, src.ip, dst.ip, plan.proto, plan.port, cfg.count,
                             cfg.timeout, cfg.interval,
-                            on_result=lambda r: (sent.append(r), runner.poll(0), say(f"probe {r.seq}: {r.outcome}")),
+                            on_result=lambda r: (sent.append(r), runner.poll(0),
+                                                 say(probe_counter(cfg.count, [x.outcome for x in sent]))),
                             size=cfg.size, sport=cfg.sport)
                 time.sleep(cfg.settle)
             else:
@@ -107,9 +116,15 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
         try:   # Ctrl-C while probing or watching: stop, and show what was traced so far
             if probing:
                 say(f"tracing: sending {cfg.count} {plan.proto} probe(s) {src.ip} → {plan.dst.ip}")
-                co.run(prober.plan.node, {"cmd": "probe"})
-                co.wait_for(lambda: prober.probes is not None or prober.failure,
-                            cfg.count * (cfg.timeout + cfg.interval) + cfg.settle + 10)
+                co.run(prober.plan.node, {"cmd": "probe", "progress": True})
+                shown = [0]
+
+                def probed():
+                    if len(prober.progress) != shown[0]:
+                        shown[0] = len(prober.progress)
+                        say(probe_counter(cfg.count, [p.get("outcome") for p in prober.progress]))
+                    return prober.probes is not None or prober.failure
+                co.wait_for(probed, cfg.count * (cfg.timeout + cfg.interval) + cfg.settle + 10)
             else:
                 end = time.monotonic() + cfg.duration
                 while (left := end - time.monotonic()) > 0:
