@@ -122,3 +122,13 @@ def test_probe_counter():
     assert probe_counter(3, []) == "probes 0/3 sent, 0 answered"
     assert probe_counter(3, ["answered", "answered"]) == "probes 2/3 sent, 2 answered"
     assert probe_counter(3, ["answered", "timeout", "timeout"]) == "probes 3/3 sent, 1 answered, 2 timeout"
+
+
+def test_screens_in_docs_fit_120_columns():
+    """The captures of a 120×40 terminal the README links to exist and fit it."""
+    screens = pathlib.Path(__file__).parents[2] / "docs" / "screens"
+    for name in ("healthy-flow.txt", "failing-flow.txt", "service-flow.txt"):
+        lines = (screens / name).read_text().splitlines()
+        assert 3 < len(lines) <= 40 and max(len(x) for x in lines) <= 120, name
+    assert "3 requests, 3 replies: same 12-hop path, delivered" in (screens / "healthy-flow.txt").read_text()
+    assert "DROPPED" in (screens / "failing-flow.txt").read_text()

@@ -55,6 +55,13 @@ def _stdout_closed():
     sys.exit(ExitStatus.BROKEN_PIPE)
 
 
+def _quiet_rich_pipes():
+    """rich answers a closed pipe itself (stdout to /dev/null, exit 1): the same exit as ours."""
+    from rich.console import Console
+
+    Console.on_broken_pipe = lambda self: _stdout_closed()
+
+
 def _flush_stdout():
     """What is still buffered for stdout, written now, while a closed pipe can be answered."""
     try:
@@ -91,6 +98,7 @@ class PodtraceGroup(click.Group):
 
     def invoke(self, ctx):
         debug = bool(ctx.params.get("debug")) or settings.debug()
+        _quiet_rich_pipes()
         try:
             rv = super().invoke(ctx)
             _flush_stdout()
