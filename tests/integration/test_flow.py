@@ -172,7 +172,14 @@ def test_json_output_follows_schema(lab):
 def test_table_output_and_exit_zero(lab):
     res = cli(lab, "flow", "pod-1-1", "pod-2-2")
     assert res.returncode == 0, res.stderr
-    assert "DELIVERED" in res.stdout and "flannel.1" in res.stdout and "vxlan" in res.stdout
+    # all well: the compact view, one line per path and no table
+    assert "3 requests, 3 replies: same 12-hop path, delivered" in res.stdout, res.stdout
+    assert "flannel.1" in res.stdout and "┃" not in res.stdout
+    assert len(res.stdout.splitlines()) <= 14, res.stdout
+    wide = cli(lab, "flow", "pod-1-1", "pod-2-2", "-o", "wide")
+    assert wide.returncode == 0, wide.stderr
+    assert "DELIVERED" in wide.stdout and "flannel.1" in wide.stdout and "vxlan" in wide.stdout
+    assert wide.stdout.count("┃ node") == 6
 
 
 def test_unknown_pod_exits_2_with_close_matches(lab):
