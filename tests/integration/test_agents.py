@@ -23,9 +23,13 @@ def paths(r):
 @pytest.mark.parametrize("dst,proto,port", [("pod-2-1", "icmp", None), ("svc/default/web", "tcp", 80)])
 def test_agents_equal_single_process(lab, dst, proto, port):
     kw = dict(src="pod-1-1", dst=dst, proto=proto, port=port, lab_prefix=lab["prefix"])
-    single = run_flow(FlowConfig(mode="single", **kw))
-    agents = run_flow(FlowConfig(mode="agents", **kw))
+    said: dict[str, list[str]] = {"single": [], "agents": []}
+    single = run_flow(FlowConfig(mode="single", **kw), progress=said["single"].append)
+    agents = run_flow(FlowConfig(mode="agents", **kw), progress=said["agents"].append)
     assert single.ok and agents.ok, (single.verdict, agents.verdict)
+    for mode, msgs in said.items():   # the live counter, one probe at a time, either way
+        counts = [m for m in msgs if m.startswith("probes ")]
+        assert counts == [f"probes {i}/3 sent, {i} answered" for i in (1, 2, 3)], (mode, msgs)
     assert paths(agents) == paths(single)
     assert agents.clock["same_clock"], "lab agents share one kernel clock"
     assert not agents.clock["offsets"]
