@@ -132,3 +132,15 @@ def test_screens_in_docs_fit_120_columns():
         assert 3 < len(lines) <= 40 and max(len(x) for x in lines) <= 120, name
     assert "3 requests, 3 replies: same 12-hop path, delivered" in (screens / "healthy-flow.txt").read_text()
     assert "DROPPED" in (screens / "failing-flow.txt").read_text()
+
+
+def test_compact_watch_of_many_packets_stays_short():
+    """A --no-probe watch sees many packets on the same paths: one line per path, with counts."""
+    import dataclasses
+    r = _result("flow-healthy")
+    r.packets = [dataclasses.replace(p, seq=None) for p in r.packets * 40]
+    lines = [x for x in _render(render.flow_compact, r, 120) if x.strip()]
+    assert len(lines) <= 12, "\n".join(lines)
+    text = "\n".join(lines)
+    assert "120 requests, 120 replies: same 12-hop path, delivered" in text
+    assert "(probe" not in text
