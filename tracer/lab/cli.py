@@ -175,7 +175,9 @@ def break_cmd(ctx, scenario, node, list_):
 def fix_cmd(ctx, scenario):
     """Undo a fault injected with `podtrace lab break`, restoring the state before it.
 
-    Fixing a scenario that is not broken changes nothing.
+    Each change is listed as restored (old → new value) or as already restored, when it
+    was fixed by hand (following the runbook) before. Fixing a scenario that is not broken
+    changes nothing.
 
     \b
     Examples:
@@ -188,7 +190,7 @@ def fix_cmd(ctx, scenario):
     if not out.changed:
         click.echo(out.message)
         return
-    click.echo(f"{out.message}; undone:")
+    click.echo(f"{out.message}:")
     for line in out.changes:
         click.echo(f"  - {line}")
     click.echo(f"check: {out.show}")
