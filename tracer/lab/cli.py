@@ -203,6 +203,9 @@ def fix_cmd(ctx, scenario):
 def scenarios_cmd(ctx, output):
     """List the faults `podtrace lab break` can inject, and the flow command that shows each.
 
+    With a lab up, only those that apply to its CNI; `-o json` gives each one's flavours
+    (`applies_to`).
+
     \b
     Examples:
       podtrace lab scenarios
@@ -218,6 +221,9 @@ def _print_scenarios(prefix: str, output: str) -> None:
         doc = None
     lab_view = scenarios.Lab(doc) if doc else scenarios.Lab.planned()
     rows = scenarios.listing(lab_view)
+    # A running lab: only the scenarios that apply to its CNI; none running: all of them.
+    hidden = [r["name"] for r in rows if doc and doc.get("cni", "flannel") not in r["applies_to"]]
+    rows = [r for r in rows if r["name"] not in hidden]
     broken = scenarios.broken(prefix) if doc else {}
     if output == "json":
         for row in rows:
@@ -231,8 +237,12 @@ def _print_scenarios(prefix: str, output: str) -> None:
         click.echo(f"{r['name']:<{width}}  {r['summary']} (default: {where}){mark}")
         click.echo(f"{'':<{width}}  show: {r['flow'] or '-'}")
         click.echo(f"{'':<{width}}  applies to: {', '.join(r['applies_to'])}")
+    if hidden:
+        click.echo(f"({len(hidden)} more do not apply to the {doc.get('cni', 'flannel')} lab "
+                   f"{prefix}: {', '.join(hidden)})")
     if doc is None:
-        click.echo("(node and pod names of the default lab; `podtrace lab up` first to break one)")
+        click.echo("(no lab is up: every scenario, each with the CNI flavours it applies to, and "
+                   "the node and pod names of the default lab; `podtrace lab up` first to break one)")
 
 
 def _shape(doc: dict) -> str:
