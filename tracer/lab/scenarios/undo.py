@@ -60,6 +60,13 @@ def step(lab: Lab, op: dict) -> str | None:
             return f"{ALREADY}: {where}: no filler conntrack entries left (mark {int(op['mark']):#x})"
         return (f"{RESTORED}: {where}: conntrack entries {before} → {after} (the filler entries, "
                 f"mark {int(op['mark']):#x}, flushed)")
+    if kind == "ct-timeouts":
+        C.check_ns(lab, op["ns"])
+        if op["entries"]:
+            conntrack.unpin(op["ns"], op["entries"])
+            return (f"{RESTORED}: {_where(lab, op['ns'])}: {len(op['entries'])} conntrack entries of "
+                    "earlier traffic have their own timeouts again")
+        return None
     if kind == "drop-empty-table":
         C.check_ns(lab, op["ns"])
         present = C.nft_tables(op["ns"])
