@@ -734,9 +734,17 @@ def test_conntrack_full_stays_full_for_every_flow(sclab):
     """The first flow after the break and the next one both find the table full: no entry
     of earlier traffic expires (or is early-dropped) to let one through."""
     ns = node(sclab, "node-1")["netns"]
-    assert _ping_1_to_2(sclab, OK)   # earlier traffic: short-lived entries in node-1's table
+    src = _ip(sclab, "pod-1-1")
+    # Earlier traffic through node-1 (an ICMP flow, a closed TCP connection in TIME_WAIT,
+    # ASSURED), about to expire: its slots would free up right after the fill.
+    assert _ping_1_to_2(sclab, OK) and probe_tcp_1_to_2(sclab, OK)
+    _out(["ip", "netns", "exec", ns, "conntrack", "-U", "-s", src, "-t", "3"])
     out = scenarios.break_scenario("conntrack-full", prefix=PREFIX)
     try:
+        listed = subprocess.run(["ip", "netns", "exec", ns, "conntrack", "-L", "-s", src],
+                                capture_output=True, text=True, timeout=60).stdout
+        left = [line.split() for line in listed.splitlines() if line.strip()]
+        assert all(int(words[2]) > 86400 for words in left), left   # none about to expire
         args = out.show.split()[2:]
         for run in (1, 2):
             flow = run_cli("flow", *args, prefix=PREFIX, timeout=180)
