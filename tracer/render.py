@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from tracer import runbooks
+from tracer.reconstruct import tcpflags
 from tracer.reconstruct.model import ConntrackView, Packet, Verdict
 
 if TYPE_CHECKING:
@@ -28,13 +30,18 @@ def _ep(d: dict) -> str:
     return f"{name} ({d['ip']})" if name else d["ip"]
 
 
+def tcp_flags_text(p: Packet) -> str:
+    """` [S.]` after a TCP packet's five-tuple (tcpdump's notation); empty for other protocols."""
+    return f" {tcpflags.bracketed(p.tcp_flags)}" if p.tcp_flags else ""
+
+
 def packet_table(p: Packet) -> Table:
     t = p.five_tuple
     sp = f":{t.sport}" if t.sport is not None else ""
     dp = f":{t.dport}" if t.dport is not None else ""
     title = (f"{p.direction} {p.seq if p.seq is not None else ''} "
-             f"{t.proto} {t.src}{sp} → {t.dst}{dp}  ip_id={p.ip_id}")
-    tbl = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, expand=False)
+             f"{t.proto} {t.src}{sp} → {t.dst}{dp}{tcp_flags_text(p)}  ip_id={p.ip_id}")
+    tbl = Table(title=Text(title), title_justify="left", show_edge=False, pad_edge=False, expand=False)
     for col in ("#", "node", "pod", "dev", "pt", "Δt", "addresses", "conntrack", "encap"):
         tbl.add_column(col, justify="right" if col in ("#", "Δt") else "left", no_wrap=True)
     prev = None
@@ -84,7 +91,7 @@ def verdict_line(v: Verdict) -> Text:
     if v.hint:
         txt.append(f"\n  {v.hint}")
     if v.runbook:
-        txt.append(f"\n  runbook: {v.runbook}", style="cyan")
+        txt.append(f"\n  runbook: {runbooks.where(v.runbook)}", style="cyan")
     return txt
 
 
@@ -120,7 +127,7 @@ def flow_table(result: "FlowResult", console: Console) -> None:
         if getattr(pr, "source", None) and pr.source.get("runbook"):
             books.setdefault(pr.source["runbook"], []).append(str(pr.seq))
     for book, seqs in books.items():
-        console.print(f"  runbook: {book} (probe {', '.join(seqs)})")
+        console.print(f"  runbook: {runbooks.where(book)} (probe {', '.join(seqs)})")
     console.print(f"median one-way {_us(s['median_one_way_ns'])}, median round trip {_us(s['median_rtt_ns'])}, "
                   f"events lost {s['events_lost']}, startup {result.timings.get('startup_s', 0):.2f}s")
 

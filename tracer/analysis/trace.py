@@ -10,17 +10,17 @@ COLUMNS = {
     "events": "one row per hop event as captured (tracer/events.py fields, addresses as numbers, "
               "plus *_str address strings and hook_name)",
     "packets": ["packet", "flow", "direction", "seq", "proto", "src", "sport", "dst", "dport",
-                "final_src", "final_sport", "final_dst", "final_dport", "ip_id", "ip_len",
+                "final_src", "final_sport", "final_dst", "final_dport", "ip_id", "ip_len", "tcp_flags",
                 "first_ts_ns", "last_ts_ns", "hops", "first_node", "first_pod", "first_dev",
                 "last_node", "last_pod", "last_dev", "last_point", "status", "node", "dev", "point",
                 "verdict_node", "verdict_dev", "verdict_point", "reason", "location", "cause", "hint",
                 "runbook", "one_way_ns", "duration_ns"],
     "hops": ["packet", "hop", "flow", "direction", "seq", "ts_ns", "t_ns", "dt_ns", "node", "pod",
-             "dev", "point", "seen_by", "src", "sport", "dst", "dport", "encap", "encap_src",
+             "dev", "point", "seen_by", "src", "sport", "dst", "dport", "tcp_flags", "encap", "encap_src",
              "encap_dst", "vni", "ifindex", "netns", "len", "ct_state"],
     "flows": ["flow", "proto", "src", "sport", "dst", "dport", "src_pod", "dst_pod", "service",
               "packets", "forward", "reverse", "delivered", "dropped", "lost", "left", "partial", "bytes",
-              "p50_ns", "p99_ns", "first_ts_ns", "last_ts_ns", "nodes"],
+              "p50_ns", "p99_ns", "first_ts_ns", "last_ts_ns", "nodes", "tcp_flags"],
     "drops": ["reason", "node", "dev", "location", "count", "flows", "first_ts_ns", "last_ts_ns"],
 }
 # partial: seen only while an observer on its path was not tracing (never a failure)
