@@ -33,7 +33,8 @@ def summary_doc(t: Trace, top: int = 20) -> dict:
 def _records(df: pd.DataFrame) -> list[dict]:
     out = []
     for r in df.astype(object).where(df.notna(), None).to_dict("records"):
-        out.append({k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()})
+        out.append({k: (v.isoformat() if isinstance(v, pd.Timestamp) else v.item() if hasattr(v, "item") else v)
+                    for k, v in r.items()})
     return out
 
 
