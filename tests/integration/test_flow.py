@@ -195,6 +195,13 @@ def test_table_output_and_exit_zero(lab):
     assert "DELIVERED" in res.stdout and "flannel.1" in res.stdout and "vxlan" in res.stdout
 
 
+def test_tcp_flags_on_the_packet_lines(lab):
+    res = cli(lab, "flow", "pod-1-1", "svc/default/web", "--proto", "tcp", "--port", "80")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "3 requests [S] (probes 1, 2, 3)" in res.stdout and "3 replies [S.] (probes 1, 2, 3)" in res.stdout, \
+        res.stdout
+
+
 def test_unknown_pod_exits_2_with_close_matches(lab):
     res = cli(lab, "flow", "pod-1-1", "pod-2-9")
     assert res.returncode == 2
