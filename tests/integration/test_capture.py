@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from tests.integration.lab_fixture import lab  # noqa: F401  (session fixture)
@@ -296,6 +297,7 @@ def test_flow_save_round_trip_and_incident_notebook(lab, tmp_path):
     assert not r.ok
     t = analysis.load(f)
     assert t.mode == "flow" and len(t.events) == len(r.events)
+    assert abs(t.hops["time"].max() - pd.Timestamp.now(tz="UTC")) < pd.Timedelta(minutes=2)
     assert t.packets["status"].tolist() == [p.verdict.status for p in r.packets]
     assert t.packets["direction"].tolist() == [p.direction for p in r.packets]
     assert t.packets["reason"].tolist() == [p.verdict.reason for p in r.packets]

@@ -65,5 +65,10 @@ def test_path_diagram_labels_do_not_overlap(files):
         boxes = [(x.get_text(), x.get_window_extent(r)) for x in texts]
         clash = [(a, b) for (a, ba), (b, bb) in itertools.combinations(boxes, 2) if ba.overlaps(bb)]
         assert not clash, clash
+        # the Δt and NAT labels sit clear of every hop's box
+        labels = [(a, ba) for a, ba in boxes if a.startswith(("dst →", "src →")) or a.endswith((" ns", " µs", " ms"))]
+        assert len(labels) >= len(t.path(p)) - 1
+        cover = [(a, i) for a, ba in labels for i, patch in enumerate(ax.patches) if ba.overlaps(patch.get_window_extent(r))]
+        assert not cover, cover
     finally:
         plt.close(fig)

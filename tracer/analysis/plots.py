@@ -71,14 +71,17 @@ def plot_path(t: Trace, packet: int, ax=None):
         ax.add_patch(FancyBboxPatch((i - 0.42, yy - 0.28), 0.84, 0.56, boxstyle="round,pad=0.02",
                                     fc="#eef3fb" if not enc else "#fdf3e1", ec="#4a6fa5",
                                     ls="--" if enc else "-"))
-        ax.text(i, yy + 0.06, str(h["dev"]), ha="center", va="center", fontsize=8)
+        ax.text(i, yy + 0.06, str(h["dev"]), ha="center", va="center", fontsize=8 if len(str(h["dev"])) <= 10 else 7)
         ax.text(i, yy - 0.14, str(h["point"]) + (f" {enc}" if enc else ""), ha="center", va="center",
                 fontsize=7, color="#555")
         if prev is not None:
             py = y[lanes_of[i - 1]]
             ax.annotate("", xy=(i - 0.42, yy), xytext=(i - 0.58, py),
                         arrowprops=dict(arrowstyle="->", color="#333", lw=1))
-            ax.text(i - 0.5, (yy + py) / 2 + 0.34, human_ns(h["dt_ns"]), ha="center", fontsize=7)
+            if yy == py:      # above the arrow between two boxes
+                ax.text(i - 0.5, yy + 0.34, human_ns(h["dt_ns"]), ha="center", fontsize=7)
+            else:             # beside the arrow that changes lanes, clear of both boxes
+                ax.text(i - 0.45, (yy + py) / 2, human_ns(h["dt_ns"]), ha="left", va="center", fontsize=7)
             nat = _nat_label(h, prev)
             if nat:   # under the box: the Δt labels are above, between the boxes
                 ax.text(i, yy - 0.33, nat, ha="center", va="top", fontsize=6.5, color="m")
