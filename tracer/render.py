@@ -69,7 +69,7 @@ def _encap(enc, prev) -> str:
 def packet_table(p: Packet, width: int = 120) -> Table:
     """A packet's hops as a table no wider than `width`: `#`, `pt` and Δt keep their width;
     addresses appear only where they change (NAT); long names are cut in the middle."""
-    cols = ["#", "node", "pod", "dev", "pt", "Δt", "now", "conntrack", "encap"]
+    cols = ["#", "node", "pod", "dev", "pt", "Δt", "nat", "conntrack", "encap"]
     rows: list[list[str]] = []
     prev, prev_enc = f"{p.hops[0].src} → {p.hops[0].dst}" if p.hops else None, None
     for i, h in enumerate(p.hops, 1):
@@ -83,14 +83,14 @@ def packet_table(p: Packet, width: int = 120) -> Table:
             cols.pop(k)
             rows = [r[:k] + r[k + 1:] for r in rows]
     cols, rows = fit_columns(cols, rows, width,
-                             shrink={"pod": 10, "now": 18, "conntrack": 11, "dev": 10, "node": 8, "encap": 26},
+                             shrink={"pod": 10, "nat": 18, "conntrack": 11, "dev": 10, "node": 8, "encap": 26},
                              drop=("encap", "conntrack", "pod"))
     tbl = Table(title=Text(packet_title(p)), title_justify="left", show_edge=False, pad_edge=False, expand=False)
     for col in cols:
         tbl.add_column(col, justify="right" if col in ("#", "Δt") else "left", no_wrap=True,
                        min_width=len(col) if col in ("#", "pt", "Δt") else None)
     for r in rows:
-        tbl.add_row(*[Text(c, style="bold magenta") if cols[k] == "now" else c for k, c in enumerate(r)])
+        tbl.add_row(*[Text(c, style="bold magenta") if cols[k] == "nat" else c for k, c in enumerate(r)])
     return tbl
 
 

@@ -64,7 +64,7 @@ def test_healthy_header_at_120_columns():
 def test_service_dnat_shows_the_new_addresses_only_where_they_change():
     lines = _render(render.flow_table, _result("flow-svc-tcp"), 120)
     header = next(x for x in lines if x.lstrip().startswith("#"))
-    assert "now" in [c.strip() for c in header.split("┃")]
+    assert "nat" in [c.strip() for c in header.split("┃")]
     assert not any("″" in x and "→" in x and "10.96." in x for x in lines)
 
 
