@@ -127,7 +127,7 @@ def compact_flow(result: "FlowResult", console: Console, header: Callable, full_
         groups.setdefault(_signature(p), []).append(p)
     ok_groups = [g for g in groups.values() if not failing(g[0])]
     dirs = {g[0].direction for g in ok_groups}
-    if ok_groups and len(ok_groups) == len(dirs) == len(groups):
+    if ok_groups and len(ok_groups) == len(dirs) == len(groups) and result.verdict.status == "ok":
         # every packet delivered, one path per direction: one line says it all
         counts = ", ".join(_plural(len(g), g[0].direction) for g in ok_groups)
         hops = {len(g[0].hops) for g in ok_groups}

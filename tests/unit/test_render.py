@@ -144,3 +144,13 @@ def test_compact_watch_of_many_packets_stays_short():
     text = "\n".join(lines)
     assert "120 requests, 120 replies: same 12-hop path, delivered" in text
     assert "(probe" not in text
+
+
+def test_compact_says_all_is_well_only_when_the_flow_is_ok():
+    """Delivered packets of a failed flow (a reply missing) do not get the all-well line."""
+    r = _result("flow-healthy")
+    r.packets = [p for p in r.packets if not (p.direction == "reply" and p.seq == 3)]
+    r.verdict = FlowVerdict("failed", "3/3 delivered, 2/3 answered", ("probe 3: no reply",))
+    text = "\n".join(_render(render.flow_compact, r, 120))
+    assert "same 12-hop path, delivered" not in text
+    assert "2 replies (probes 1, 2): 12 hops, DELIVERED" in text and "FAILED" in text
