@@ -263,6 +263,8 @@ def test_hints_name_a_lab_that_is_not_the_default():
     """Every command printed as a hint reaches the same lab: `--prefix` when it is not ptlab."""
     assert S.flow_command(S.get("ip-forward-off"), _lab(prefix="pto")) == "podtrace flow pod-1-1 pod-2-1 --prefix pto"
     assert S.flow_command(S.get("ip-forward-off"), _lab()) == "podtrace flow pod-1-1 pod-2-1"
+    from tracer.lab.model import prefix_flag
+    assert (prefix_flag("pto"), prefix_flag("ptlab"), prefix_flag(None)) == (" --prefix pto", "", "")
     from click.testing import CliRunner
 
     from tracer.cli.main import main

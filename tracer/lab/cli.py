@@ -66,7 +66,7 @@ def up_cmd(ctx, cni, nodes, pods_per_node):
         doc, created = build.up(cfg, progress=progress)
     if not created:
         click.echo(f"lab {cfg.prefix} is already up ({_shape(doc)}); nothing to do. "
-                   f"To rebuild it: podtrace lab down && podtrace lab up")
+                   f"To rebuild it: podtrace lab down{prefix_flag(cfg.prefix)} && podtrace lab up{prefix_flag(cfg.prefix)}")
         return
     elapsed = time.monotonic() - started
     click.echo(f"lab {cfg.prefix} is up in {elapsed:.1f} s: {_shape(doc)}")
@@ -104,7 +104,7 @@ def status_cmd(ctx, output):
     if broken:
         click.echo("broken: " + ", ".join(
             f"{name} ({rec['node'] or 'every node'})" for name, rec in broken.items())
-            + "; undo with: podtrace lab fix SCENARIO")
+            + f"; undo with: podtrace lab fix SCENARIO{prefix_flag(prefix)}")
 
 
 @lab.command("down")
@@ -308,7 +308,8 @@ def _render_table(doc: dict, missing: list[str]) -> None:
     console.print(f"inventory {doc['inventory']}", highlight=False)
     if missing:
         console.print(f"[red]incomplete:[/red] {', '.join(missing)}; "
-                      "run: podtrace lab down && podtrace lab up", highlight=False)
+                      f"run: podtrace lab down{prefix_flag(doc['prefix'])} && podtrace lab up{prefix_flag(doc['prefix'])}",
+                      highlight=False)
 
     def table(title: str, *cols: str) -> Table:
         t = Table(title=title, title_justify="left", title_style="bold")

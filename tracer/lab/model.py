@@ -44,9 +44,9 @@ def default_prefix() -> str:
     return settings.lab_prefix()
 
 
-def prefix_flag(prefix: str) -> str:
+def prefix_flag(prefix: str | None) -> str:
     """` --prefix NAME` for a command printed as a hint, when the lab is not the default one."""
-    return "" if prefix == DEFAULT_PREFIX else f" --prefix {prefix}"
+    return "" if not prefix or prefix == DEFAULT_PREFIX else f" --prefix {prefix}"
 
 
 def default_state_root() -> Path:

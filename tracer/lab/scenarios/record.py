@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tracer.errors import EnvironmentProblem
 from tracer.lab import topology as T
+from tracer.lab.model import prefix_flag
 from tracer.lab.scenarios import changes as C
 
 BROKEN_FILE = "broken.json"
@@ -33,7 +34,7 @@ def broken(prefix: str | None = None, state_dir: Path | str | None = None) -> di
         return {}
     except (OSError, ValueError) as exc:
         raise EnvironmentProblem(f"cannot read {location(prefix, state_dir)}: {exc}",
-                                 "run: podtrace lab down && podtrace lab up") from exc
+                                 f"run: podtrace lab down{prefix_flag(prefix)} && podtrace lab up{prefix_flag(prefix)}") from exc
     return {name: {k: rec.get(k) for k in ("node", "since", "changes")}
             for name, rec in doc.get("scenarios", {}).items()}
 
