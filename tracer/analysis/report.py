@@ -13,7 +13,7 @@ def summary_doc(t: Trace, top: int = 20) -> dict:
     if len(fl):
         bad = fl["dropped"] + fl["lost"]
         fl = fl.assign(_bad=bad).sort_values(["_bad", "packets"], ascending=False).drop(columns="_bad")
-    cols = ["flow", "proto", "src", "sport", "dst", "dport", "src_pod", "dst_pod", "service", "packets",
+    cols = ["flow", "proto", "src", "sport", "dst", "dport", "src_pod", "dst_pod", "dst_pod_port", "service", "packets",
             "delivered", "dropped", "lost", "left", "partial", "p50_ns", "p99_ns"]
     return {
         "file": t.meta.get("path"),
@@ -64,8 +64,11 @@ def render_summary(doc: dict, console) -> None:
             t.add_column(c, justify="right" if c in ("flow", "pkts", "deliv", "drop", "lost", "p50", "p99") else "left")
         for f in doc["flows"]:
             src = f"{f['src_pod'] or f['src']}" + (f":{f['sport']}" if f["sport"] is not None else "")
-            dst = f"{f['dst_pod'] or f['dst']}" + (f":{f['dport']}" if f["dport"] is not None else "")
-            t.add_row(str(f["flow"]), f["proto"] or "", src, dst, f["service"] or "", str(f["packets"]),
+            port = f.get("dst_pod_port") if f["dst_pod"] else f["dport"]   # a Service's backend: its own port
+            dst = f"{f['dst_pod'] or f['dst']}" + (f":{port}" if port is not None else "")
+            svc = (f["service"] or "") + (f":{f['dport']}" if f["service"] and f["dport"] is not None
+                                          and f["dport"] != port else "")
+            t.add_row(str(f["flow"]), f["proto"] or "", src, dst, svc, str(f["packets"]),
                       str(f["delivered"]), str(f["dropped"]), str(f["lost"]), _us(f["p50_ns"]), _us(f["p99_ns"]))
         console.print(t)
     if doc["drops"]:
