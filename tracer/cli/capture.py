@@ -29,6 +29,7 @@ from tracer.errors import BadInput, ExitStatus
               help="Stop after this long (default: until Ctrl-C).")
 @click.option("-w", "--write", "output", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Trace file to write (default capture-YYYYmmdd-HHMMSS.parquet).")
+@click.option("--force", is_flag=True, help="Overwrite the -w file if it exists.")
 @click.option("--cluster", type=click.Path(dir_okay=False), default=None,
               help="A `kubectl get nodes,pods,services,endpointslices -A -o json` file.")
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None,
@@ -45,7 +46,7 @@ from tracer.errors import BadInput, ExitStatus
 @click.option("--ringbuf-pages", type=click.IntRange(8, 65536), default=1024, show_default=True,
               help="Ring buffer size in pages (a power of two).")
 def capture(cidr, pods, namespaces, services, nodes, cidrs, ports, all_traffic, duration, output, cluster,
-            kubeconfig, context, prefix, tc, on_node, row_group, ringbuf_pages):
+            kubeconfig, context, prefix, tc, on_node, row_group, ringbuf_pages, force=False):
     """Record the hop events of a selection of traffic to a Parquet trace file.
 
     Without a selection, all pod traffic (every node's pod CIDR and the Service IPs).
@@ -64,11 +65,13 @@ def capture(cidr, pods, namespaces, services, nodes, cidrs, ports, all_traffic, 
     """
     from rich.console import Console
 
+    from tracer.outfile import refuse_existing
     from tracer.runs.capture import CaptureConfig, Selection, run_capture
 
     if ringbuf_pages & (ringbuf_pages - 1):
         raise BadInput(f"--ringbuf-pages {ringbuf_pages} is not a power of two", "e.g. 256, 1024 or 4096")
     out = output or time.strftime("capture-%Y%m%d-%H%M%S.parquet")
+    refuse_existing(out, force)
     cfg = CaptureConfig(Selection(list(pods), list(namespaces), list(services), list(nodes),
                                   list(cidr) + list(cidrs), list(ports), all_traffic),
                         out, duration, cluster, kubeconfig=kubeconfig, context=context,

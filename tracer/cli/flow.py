@@ -39,13 +39,17 @@ from tracer.errors import BadInput, ExitStatus
 @click.option("-n", "--namespace", default=None, metavar="NS",
               help="Namespace of SRC/DST given without one (POD, pod/POD, svc/NAME).  [default: default]")
 @prefix_option()
-@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("-o", "--output", type=click.Choice(["table", "compact", "wide", "json"]), default="table",
+              show_default=True,
+              help="table: one line per path, full tables for failing packets (= compact); "
+                   "wide: every packet's table; json: the whole result.")
 @click.option("-w", "--write", "--save", "save", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Write the raw events to a Parquet trace file (as `capture -w`; --save is the same).")
+@click.option("--force", is_flag=True, help="Overwrite the -w/--save file if it exists.")
 @click.option("--single-process", "single", is_flag=True, hidden=True,
               help="Trace every node from this process instead of one agent per node (lab only).")
 def flow(src, dst, proto, port, count, timeout, size, sport, sample, budget, no_probe, duration, cluster, kubeconfig,
-         context, namespace, prefix, output, save, single):
+         context, namespace, prefix, output, save, single, force=False):
     """Follow probe packets from SRC to DST hop by hop, and say where they died.
 
     SRC and DST: NAMESPACE/POD, POD or pod/POD (namespace default, or -n),
@@ -53,7 +57,8 @@ def flow(src, dst, proto, port, count, timeout, size, sport, sample, budget, no_
 
     \b
     Exit status: 0 every probe delivered and answered; 3 the trace found a failure;
-    2 bad input; 1 this machine cannot trace (the message says how to fix it).
+    2 bad input; 1 this machine cannot trace (the message says how to fix it);
+    130 interrupted (Ctrl-C while tracing shows and saves what was traced so far).
 
     \b
     Examples:
@@ -67,6 +72,9 @@ def flow(src, dst, proto, port, count, timeout, size, sport, sample, budget, no_
       podtrace flow pod-1-1 pod-2-1 --size 1450        # MTU black hole?
     """
     _flow_flags_agree(no_probe)   # before the heavy imports: a bad flag answers at once
+    from tracer.outfile import refuse_existing
+
+    refuse_existing(save, force)
     from rich.console import Console
 
     from tracer import render, settings
@@ -79,7 +87,7 @@ def flow(src, dst, proto, port, count, timeout, size, sport, sample, budget, no_
                      kubeconfig=kubeconfig, context=context, sample=sample, budget=budget, namespace=namespace,
                      lab_prefix=prefix or settings.lab_prefix(),
                      mode="single" if single else settings.flow_mode())
-    if err.is_terminal and output == "table":
+    if err.is_terminal and output != "json":
         with err.status("resolving endpoints") as status:
             result = run_flow(cfg, progress=lambda msg: status.update(msg))
     else:
@@ -91,9 +99,14 @@ def flow(src, dst, proto, port, count, timeout, size, sport, sample, budget, no_
         out = Console()
         if not out.is_terminal:
             out = Console(width=160)  # piped into a file or a ticket: keep whole rows
-        render.flow_table(result, out)
-        if save:
+        render.flow_human(result, out, output)
+        if save and not result.interrupted:
             err.print(f"trace saved to {save}")
+    if result.interrupted:   # like ping: what was traced is shown above; one line says how far it got
+        click.echo(f"podtrace: interrupted {result.interrupted.after}; the packets traced until then are shown"
+                   + (f", saved to {save} (marked incomplete)" if save else "")
+                   + "; everything podtrace added was removed", err=True)
+        sys.exit(ExitStatus.INTERRUPTED)
     sys.exit(ExitStatus.OK if result.ok else ExitStatus.TRACE_FAILED)
 
 

@@ -25,7 +25,8 @@ def lab(ctx, prefix):
     \b
     Nodes, pods, a fabric bridge as the underlay, flannel-style VXLAN between nodes,
     kube-proxy-style Services in iptables and a responder on TCP/UDP 8080 in every pod
-    that answers with its pod name. Nothing outside namespaces named PREFIX-* is touched.
+    that answers with its pod name (to plain HTTP too). Nothing outside namespaces named
+    PREFIX-* is touched.
 
     \b
     Examples:
@@ -176,7 +177,9 @@ def break_cmd(ctx, scenario, node, list_):
 def fix_cmd(ctx, scenario):
     """Undo a fault injected with `podtrace lab break`, restoring the state before it.
 
-    Fixing a scenario that is not broken changes nothing.
+    Each change is listed as restored (old → new value) or as already restored, when it
+    was fixed by hand (following the runbook) before. Fixing a scenario that is not broken
+    changes nothing.
 
     \b
     Examples:
@@ -189,7 +192,7 @@ def fix_cmd(ctx, scenario):
     if not out.changed:
         click.echo(out.message)
         return
-    click.echo(f"{out.message}; undone:")
+    click.echo(f"{out.message}:")
     for line in out.changes:
         click.echo(f"  - {line}")
     click.echo(f"check: {out.show}")
@@ -201,6 +204,9 @@ def fix_cmd(ctx, scenario):
 @click.pass_context
 def scenarios_cmd(ctx, output):
     """List the faults `podtrace lab break` can inject, and the flow command that shows each.
+
+    With a lab up, only those that apply to its CNI; `-o json` gives each one's flavours
+    (`applies_to`).
 
     \b
     Examples:
@@ -217,6 +223,9 @@ def _print_scenarios(prefix: str, output: str) -> None:
         doc = None
     lab_view = scenarios.Lab(doc) if doc else scenarios.Lab.planned()
     rows = scenarios.listing(lab_view)
+    # A running lab: only the scenarios that apply to its CNI; none running: all of them.
+    hidden = [r["name"] for r in rows if doc and doc.get("cni", "flannel") not in r["applies_to"]]
+    rows = [r for r in rows if r["name"] not in hidden]
     broken = scenarios.broken(prefix) if doc else {}
     if output == "json":
         for row in rows:
@@ -230,8 +239,12 @@ def _print_scenarios(prefix: str, output: str) -> None:
         click.echo(f"{r['name']:<{width}}  {r['summary']} (default: {where}){mark}")
         click.echo(f"{'':<{width}}  show: {r['flow'] or '-'}")
         click.echo(f"{'':<{width}}  applies to: {', '.join(r['applies_to'])}")
+    if hidden:
+        click.echo(f"({len(hidden)} more do not apply to the {doc.get('cni', 'flannel')} lab "
+                   f"{prefix}: {', '.join(hidden)})")
     if doc is None:
-        click.echo("(node and pod names of the default lab; `podtrace lab up` first to break one)")
+        click.echo("(no lab is up: every scenario, each with the CNI flavours it applies to, and "
+                   "the node and pod names of the default lab; `podtrace lab up` first to break one)")
 
 
 def _shape(doc: dict) -> str:
