@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from rich.console import Console
 from rich.text import Text
 
+from tracer.reconstruct import tcpflags
+
 if TYPE_CHECKING:
     from tracer.reconstruct.model import Packet
     from tracer.runs.outcome import FlowResult
@@ -100,6 +102,12 @@ def _seqs(ps: list["Packet"]) -> str:
     return f" (probe{'s' if len(seqs) > 1 else ''} {', '.join(str(s) for s in seqs[:8])}{'…' if len(seqs) > 8 else ''})"
 
 
+def flags_text(ps: list["Packet"]) -> str:
+    """` [S]` or ` [S.][R.]`: the TCP flags of a group's packets, each once, in the order seen."""
+    seen = dict.fromkeys(p.tcp_flags for p in ps if p.tcp_flags)
+    return " " + "".join(tcpflags.bracketed(f) for f in seen) if seen else ""
+
+
 def failing(p: "Packet") -> bool:
     return p.verdict.status != "delivered" or bool(p.verdict.problem)
 
@@ -123,7 +131,7 @@ def compact_flow(result: "FlowResult", console: Console, header: Callable, full_
     for g in groups.values():
         p = g[0]
         lat = [x.one_way_ns for x in g if x.one_way_ns is not None]
-        line = Text(f"  {_plural(len(g), p.direction)}{_seqs(g)}: {len(p.hops)} hops, ")
+        line = Text(f"  {_plural(len(g), p.direction)}{flags_text(g)}{_seqs(g)}: {len(p.hops)} hops, ")
         st = p.verdict.status.upper()
         line.append(st, style={"DELIVERED": "green", "DROPPED": "bold red", "LOST": "bold yellow"}.get(st, "bold cyan"))
         if lat:

@@ -119,3 +119,33 @@ def test_schema_knows_every_text():
     assert pat == tcpflags.PATTERN
     assert all(re.match(pat, tcpflags.text(b)) for b in range(256))
     assert d["hop"]["properties"]["tcp_flags"] == d["packet"]["properties"]["tcp_flags"] == {"$ref": "#/$defs/tcp_flags"}
+
+
+def _svc_tcp_with_flags():
+    """The recorded Service flow, its SYNs and SYN-ACKs carrying their flags (as a run records now)."""
+    from tests.unit.test_render import _result
+
+    r = _result("flow-svc-tcp")
+    r.packets = [replace(p, tcp_flags=f, hops=tuple(replace(h, tcp_flags=f) for h in p.hops))
+                 for p in r.packets for f in ["S" if p.direction == "request" else "S."]]
+    return r
+
+
+def _lines(fn, r, width=120) -> list[str]:
+    con = Console(width=width, record=True, color_system=None, file=open("/dev/null", "w"))
+    fn(r, con)
+    return con.export_text().splitlines()
+
+
+def test_compact_view_names_the_flags_of_each_group():
+    lines = _lines(render.flow_compact, _svc_tcp_with_flags())
+    assert any(x.lstrip().startswith("3 requests [S] (probes 1, 2, 3):") for x in lines), "\n".join(lines)
+    assert any(x.lstrip().startswith("3 replies [S.] (probes 1, 2, 3):") for x in lines), "\n".join(lines)
+
+
+@pytest.mark.parametrize("width", [120, 80])
+def test_wide_titles_show_the_flags_and_fit(width):
+    lines = _lines(render.flow_table, _svc_tcp_with_flags(), width)
+    assert max(len(x) for x in lines) <= width
+    titles = [x for x in lines if x.startswith(("request ", "reply "))]
+    assert len(titles) == 6 and all(("[S]" if x.startswith("request") else "[S.]") in x for x in titles)
