@@ -209,3 +209,14 @@ def test_a_broken_command_is_caught(rblab, tmp_path):
     problems, ran = run_runbook(rblab, "packet-lost", tmp_path, text)
     assert ran == 3 and len(problems) == 3, problems
     assert "not installed: nosuchcommand" in problems[0]
+
+
+def test_plain_curl_gets_the_pod_name(rblab):
+    """`curl http://POD_IP:8080/` from a pod (as the runbooks and users do) gets the pod's
+    name; through the Service's http port too."""
+    src = pod(rblab, "pod-1-1")["netns"]
+    for url, name in ((f"http://{pod(rblab, 'pod-2-1')['ip']}:8080/", "pod-2-1"),
+                      (f"http://{service(rblab, 'web')['cluster_ip']}/", "pod-2-2")):
+        got = subprocess.run(["ip", "netns", "exec", src, "curl", "-sS", "--max-time", "5", url],
+                             capture_output=True, text=True, timeout=20)
+        assert (got.returncode, got.stdout, got.stderr) == (0, f"{name}\n", ""), (url, got)
