@@ -46,6 +46,11 @@ def lab_prefix() -> str:
     return os.environ.get("PODTRACE_LAB_PREFIX") or DEFAULT_LAB_PREFIX
 
 
+def lab_prefix_source() -> str:
+    """Where lab_prefix() comes from, as --help says it: "PODTRACE_LAB_PREFIX" or "default"."""
+    return "PODTRACE_LAB_PREFIX" if os.environ.get("PODTRACE_LAB_PREFIX") else "default"
+
+
 def state_dir() -> Path:
     """Where runs record what they own, for `podtrace cleanup`."""
     return Path(os.environ.get("PODTRACE_STATE_DIR") or DEFAULT_STATE_DIR)

@@ -97,7 +97,8 @@ def test_hops_have_delta_t_node_pod_device(capture):
     assert path["dev"].iloc[0] == "eth0" and path["point"].iloc[0] == "tx"
     enc = path[path["encap"] == "vxlan"]
     assert len(enc) == 4 and (enc["vni"] == 1).all()
-    assert set(h["node"].dropna()) == {"node-1", "node-2"}
+    assert set(h["node"].dropna()) == {"node-1", "node-2", "(fabric)"}
+    assert set(h.loc[h["fabric"], "node"]) == {"(fabric)"} and set(h.loc[h["fabric"], "dev"]) == {"n1", "n2"}
     assert (h["dt_ns"] >= 0).all()
 
 

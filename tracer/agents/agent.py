@@ -2,7 +2,8 @@
 
 It reads one trace request (a JSON line, tracer/agents/request.py) on stdin, traces its own node, and streams framed records (tracer.wire) on stdout: hello/ready,
 events, probe results, node facts for diagnosis, clock readings, counters, end. Further
-JSON lines on stdin steer it: {"cmd": "probe"}, {"cmd": "drain"} (deliver every event seen
+JSON lines on stdin steer it: {"cmd": "probe"}, {"cmd": "stop-probes"} (no further probe: the
+probes frame reports those sent), {"cmd": "drain"} (deliver every event seen
 so far, then a `drained` frame: the end of the trace window), {"cmd": "facts", "queries": [...]},
 {"cmd": "stop"}. The hello frame lists the commands this agent understands. End of stdin means the coordinator is gone: the agent stops and cleans up,
 also when that happens while it is still loading or attaching (no device is attached after it).
@@ -33,7 +34,7 @@ from tracer.runs.node import NodeJob, NodeRunner
 
 FLUSH_S = 0.05
 REQUEST_VERSION = request.REQUEST_VERSION
-COMMANDS = ["probe", "drain", "facts", "stop"]
+COMMANDS = ["probe", "stop-probes", "drain", "facts", "stop"]
 
 
 def _clock() -> dict:
@@ -163,6 +164,7 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, l
     out.send("ready", {"node": node.name, "t_ns": _clock()["monotonic_ns"]})
     testhooks.die_after_ready()
     prober: threading.Thread | None = None
+    no_more_probes = threading.Event()
     deadline = time.monotonic() + req.max_seconds
     last_flush = 0.0
     sent = 0
@@ -181,8 +183,10 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, l
             continue
         what = cmd.get("cmd")
         if what == "probe" and req.probe is not None and prober is None:
-            prober = threading.Thread(target=_probe, args=(req.probe, out, skew), daemon=True)
+            prober = threading.Thread(target=_probe, args=(req.probe, out, skew, no_more_probes), daemon=True)
             prober.start()
+        elif what == "stop-probes":
+            no_more_probes.set()
         elif what == "drain":
             stop_ns = _clock()["monotonic_ns"]   # the end of this node's observation window
             runner.drain()
@@ -199,6 +203,7 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, l
                                "netns_rule_hits": {str(k): v for k, v in runner.pod_rule_hits().items()},
                                "locations": {str(k): v for k, v in runner.drop_locations().items()}})
         elif what in ("stop", "eof"):
+            no_more_probes.set()
             break
         elif what == "bad":
             out.send("log", {"message": f"ignored unparsable command: {cmd['line']}"})
@@ -233,11 +238,12 @@ def _discover(d: request.Discovery, node: str) -> dict:
             "netns_filter": local.netns_filter()}
 
 
-def _probe(p: request.ProbeRequest, out: _Out, skew: int) -> None:
+def _probe(p: request.ProbeRequest, out: _Out, skew: int, stop: threading.Event | None = None) -> None:
+    stop = stop or threading.Event()
     try:
         results = probe.send(p.netns, p.src, p.dst, p.proto, p.port, p.count, p.timeout, p.interval,
-                             size=p.size, sport=p.sport)
-        time.sleep(p.settle)
+                             size=p.size, sport=p.sport, stop=stop)
+        stop.wait(p.settle)
         docs = [r.as_json() for r in results]
         for d in docs:
             d["sent_ns"] += skew

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -109,9 +110,16 @@ class LocalTransport:
 
     def start(self, plan: AgentPlan):
         env = dict(os.environ, **self.extra_env.get(plan.node, {}))
+        # Ctrl-C in the terminal reaches the whole process group: the coordinator alone decides
+        # what an interrupt means (it stops the probes, collects what the agents traced, then
+        # stops them). SIGTERM/SIGHUP and the end of stdin still stop an agent.
         return subprocess.Popen([sys.executable, "-m", "tracer.cli", "agent"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                                start_new_session=False)
+                                start_new_session=False, preexec_fn=_ignore_sigint)
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _reader(run: AgentRun) -> None:

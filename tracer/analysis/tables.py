@@ -88,6 +88,7 @@ def flow_table(packets: pd.DataFrame, meta: dict) -> pd.DataFrame:
         "first_ts_ns": first_ts[firsts],
         "last_ts_ns": _max_per(flow, packets["last_ts_ns"].to_numpy(), nf),
         "nodes": _flow_nodes(packets, flow, nf),
+        "tcp_flags": _flow_tcp_flags(packets, flow, nf),
     })
     out.insert(out.columns.get_loc("forward") + 1, "reverse", out["packets"] - out["forward"])
     out.attrs["packet_flow"] = flow
@@ -127,6 +128,26 @@ def _flow_nodes(packets: pd.DataFrame, flow: np.ndarray, n: int) -> np.ndarray:
     mcodes, muniq = pd.factorize(mask)
     label = [",".join(sorted(str(uniq[i]) for i in range(len(uniq)) if m >> i & 1)) for m in muniq]
     return np.array(label, dtype=object)[mcodes]
+
+
+def _flow_tcp_flags(packets: pd.DataFrame, flow: np.ndarray, n: int) -> np.ndarray:
+    """The TCP flags each flow's packets carried, each once, in the order first seen
+    ("S S. . P. F."); None for a flow without TCP packets."""
+    out = np.full(n, None, dtype=object)
+    if "tcp_flags" not in packets or not n:
+        return out
+    cat = pd.Categorical(packets["tcp_flags"])
+    codes = cat.codes.astype(np.int64)
+    has = codes >= 0
+    if not has.any():
+        return out
+    pairs = pd.DataFrame({"flow": flow[has], "flags": np.asarray(cat.categories, dtype=object)[codes[has]],
+                          "t": packets["first_ts_ns"].to_numpy()[has]})
+    firsts = pairs.groupby(["flow", "flags"], sort=False)["t"].min().reset_index()
+    firsts = firsts.sort_values(["flow", "t"], kind="stable")
+    joined = firsts.groupby("flow", sort=False)["flags"].agg(" ".join)
+    out[joined.index.to_numpy()] = joined.to_numpy()
+    return out
 
 
 def drop_table(packets: pd.DataFrame) -> pd.DataFrame:

@@ -8,6 +8,7 @@ import time
 import click
 
 from tracer import tracefile
+from tracer.cli.options import prefix_option
 from tracer.errors import BadInput, ExitStatus
 
 
@@ -28,12 +29,14 @@ from tracer.errors import BadInput, ExitStatus
               help="Stop after this long (default: until Ctrl-C).")
 @click.option("-w", "--write", "output", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Trace file to write (default capture-YYYYmmdd-HHMMSS.parquet).")
+@click.option("--force", is_flag=True, help="Overwrite the -w file if it exists.")
 @click.option("--cluster", type=click.Path(dir_okay=False), default=None,
               help="A `kubectl get nodes,pods,services,endpointslices -A -o json` file.")
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None,
               help="Kubeconfig (default: $KUBECONFIG, ~/.kube/config, in-cluster). The selection "
                    "is watched: pods that appear or go during the capture are followed.")
 @click.option("--context", default=None, help="Kubeconfig context (default: the current one).")
+@prefix_option()
 @click.option("--tc", is_flag=True, help="Also observe the lab's devices with tc programs.")
 @click.option("--on-node", default=None, metavar="NAME",
               help="Lab only: record what that node's namespaces see, as a capture on that node "
@@ -43,7 +46,7 @@ from tracer.errors import BadInput, ExitStatus
 @click.option("--ringbuf-pages", type=click.IntRange(8, 65536), default=1024, show_default=True,
               help="Ring buffer size in pages (a power of two).")
 def capture(cidr, pods, namespaces, services, nodes, cidrs, ports, all_traffic, duration, output, cluster,
-            kubeconfig, context, tc, on_node, row_group, ringbuf_pages):
+            kubeconfig, context, prefix, tc, on_node, row_group, ringbuf_pages, force=False):
     """Record the hop events of a selection of traffic to a Parquet trace file.
 
     Without a selection, all pod traffic (every node's pod CIDR and the Service IPs).
@@ -56,20 +59,24 @@ def capture(cidr, pods, namespaces, services, nodes, cidrs, ports, all_traffic, 
       podtrace capture --pod default/pod-1-1 -w a.parquet   # one pod, until Ctrl-C
       podtrace capture --service default/web --port 80
       podtrace capture --node node-2 10.96.0.0/16
+      podtrace capture --prefix mylab -d 10 -w mylab.parquet   # the lab named mylab
       podtrace capture -n shop --kubeconfig ~/.kube/prod -d 600   # on a node
       podtrace analyze a.parquet
     """
     from rich.console import Console
 
+    from tracer.outfile import refuse_existing
     from tracer.runs.capture import CaptureConfig, Selection, run_capture
 
     if ringbuf_pages & (ringbuf_pages - 1):
         raise BadInput(f"--ringbuf-pages {ringbuf_pages} is not a power of two", "e.g. 256, 1024 or 4096")
     out = output or time.strftime("capture-%Y%m%d-%H%M%S.parquet")
+    refuse_existing(out, force)
     cfg = CaptureConfig(Selection(list(pods), list(namespaces), list(services), list(nodes),
                                   list(cidr) + list(cidrs), list(ports), all_traffic),
                         out, duration, cluster, kubeconfig=kubeconfig, context=context,
-                        row_group_events=row_group, ringbuf_pages=ringbuf_pages, tc=tc, on_node=on_node)
+                        row_group_events=row_group, ringbuf_pages=ringbuf_pages, tc=tc, on_node=on_node,
+                        **({"lab_prefix": prefix} if prefix else {}))
     err = Console(stderr=True)
     if err.is_terminal:
         with err.status("starting capture") as status:

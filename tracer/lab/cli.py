@@ -8,14 +8,15 @@ import time
 
 import click
 
+from tracer import settings
 from tracer.errors import EnvironmentProblem, require_root
 from tracer.lab import build, scenarios
 from tracer.lab import topology as T
 
 
+# --prefix: also after any lab command, its default shown as in effect (tracer/cli/options.py).
 @click.group("lab", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--prefix", envvar="PODTRACE_LAB_PREFIX", default=T.DEFAULT_PREFIX,
-              show_default=True, metavar="NAME",
+@click.option("--prefix", default=None, metavar="NAME",
               help="Name prefix of every namespace the lab creates (env PODTRACE_LAB_PREFIX).")
 @click.pass_context
 def lab(ctx, prefix):
@@ -35,7 +36,7 @@ def lab(ctx, prefix):
       sudo ip netns exec ptlab-pod-1-1 ip route  # look inside a pod
       sudo podtrace lab down
     """
-    ctx.obj = {"prefix": T.validate_prefix(prefix)}
+    ctx.obj = {"prefix": T.validate_prefix(prefix or settings.lab_prefix())}
 
 
 @lab.command("up")
@@ -53,7 +54,8 @@ def up_cmd(ctx, cni, nodes, pods_per_node):
     Examples:
       sudo podtrace lab up
       sudo podtrace lab up --nodes 3 --pods-per-node 1
-      sudo PODTRACE_LAB_PREFIX=mylab podtrace lab up   # a second, separate lab
+      sudo podtrace lab up --prefix mylab   # a second, separate lab
+      sudo PODTRACE_LAB_PREFIX=mylab podtrace lab up   # the same
     """
     cfg = T.LabConfig(prefix=ctx.obj["prefix"], cni=cni, nodes=nodes, pods_per_node=pods_per_node)
     require_root("podtrace lab up")

@@ -185,12 +185,15 @@ def udp_datagram(ns: str, src: str, dst: str, port: int, seq: int, timeout: floa
 
 def send(ns: str, src: str, dst: str, proto: str, port: int | None, count: int,
          timeout: float = 1.0, interval: float = 0.05, on_result=None,
-         size: int | None = None, sport: int | None = None) -> list[ProbeResult]:
-    """`sport` pins the source port of TCP/UDP probes (to hit one conntrack entry)."""
-    """Send `count` probes one after the other; each waits for its answer or its timeout."""
+         size: int | None = None, sport: int | None = None, stop=None) -> list[ProbeResult]:
+    """Send `count` probes one after the other; each waits for its answer or its timeout.
+    `sport` pins the source port of TCP/UDP probes (to hit one conntrack entry). `stop` (a
+    threading.Event): once set, no further probe is sent (the one in flight ends first)."""
     results = []
     ident = random.randint(1, 0xFFFE)
     for i in range(1, count + 1):
+        if stop is not None and stop.is_set():
+            break
         if proto == "icmp":
             r = icmp_echo(ns, src, dst, ident, i, timeout, size)
         elif proto == "tcp":
@@ -202,5 +205,8 @@ def send(ns: str, src: str, dst: str, proto: str, port: int | None, count: int,
             on_result(r)
         testhooks.pause("probing")
         if i < count:
-            time.sleep(interval)
+            if stop is not None:
+                stop.wait(interval)
+            else:
+                time.sleep(interval)
     return results

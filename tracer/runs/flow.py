@@ -21,6 +21,7 @@ from tracer.reconstruct import source
 from tracer.runs.plan import Plan, agent_plans, flow_pods, node_refs, prepare, tc_devices
 from tracer.kernel.session import TerminateAsInterrupt
 from tracer.runs.node import NodeJob, NodeRunner
+from tracer.runs import interrupt
 
 
 def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> FlowResult:
@@ -53,21 +54,26 @@ def _trace_single(plan: Plan, say) -> Traced:
                                 netns=sorted(plan.placement.netns) if topo else None,
                                 sample=cfg.sample, budget=cfg.budget))
     sent: list[ProbeResult] = []
+    stopped: interrupt.Interrupted | None = None
     with TerminateAsInterrupt(), runner:
         t_tracing = time.monotonic()
-        if cfg.probe:
-            say(f"tracing: sending {cfg.count} {plan.proto} probe(s) {src.ip} → {dst.ip}"
-                + (f":{plan.port}" if plan.port else ""))
-            sent = send(src.pod.netns, src.ip, dst.ip, plan.proto, plan.port, cfg.count,
-                              cfg.timeout, cfg.interval,
-                              on_result=lambda r: (runner.poll(0), say(f"probe {r.seq}: {r.outcome}")),
-                              size=cfg.size, sport=cfg.sport)
-            time.sleep(cfg.settle)
-        else:
-            end = time.monotonic() + cfg.duration
-            while (left := end - time.monotonic()) > 0:
-                n = runner.poll(int(min(left, 0.2) * 1000))
-                say(f"tracing: {n} events, {left:.1f}s left")
+        try:   # Ctrl-C while probing or watching: stop, and show what was traced so far
+            if cfg.probe:
+                say(f"tracing: sending {cfg.count} {plan.proto} probe(s) {src.ip} → {dst.ip}"
+                    + (f":{plan.port}" if plan.port else ""))
+                sent = send(src.pod.netns, src.ip, dst.ip, plan.proto, plan.port, cfg.count,
+                            cfg.timeout, cfg.interval,
+                            on_result=lambda r: (sent.append(r), runner.poll(0), say(f"probe {r.seq}: {r.outcome}")),
+                            size=cfg.size, sport=cfg.sport)
+                time.sleep(cfg.settle)
+            else:
+                end = time.monotonic() + cfg.duration
+                while (left := end - time.monotonic()) > 0:
+                    n = runner.poll(int(min(left, 0.2) * 1000))
+                    say(f"tracing: {n} events, {left:.1f}s left")
+        except KeyboardInterrupt:
+            stopped = interrupt.Interrupted.of(cfg, len(sent), time.monotonic() - t_tracing)
+            say(f"interrupted: {stopped.after}; collecting what was traced")
         runner.drain()
         counters_after = runner.iptables_after()
         counters = runner.counters()
@@ -79,7 +85,7 @@ def _trace_single(plan: Plan, say) -> Traced:
                               (src.pod.node, src.pod.netns, sq) if sq and src.pod.netns else None)
     return Traced(df, sent, counters, locations, runner.hook_names, runner.degraded,
                    dict(runner.timings), t_tracing, time.monotonic(), lambda packets: evidence,
-                   view=traced_view(plan, refs))
+                   view=traced_view(plan, refs), interrupted=stopped)
 
 
 def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
@@ -96,20 +102,30 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
         testhooks.pause("tracing")
         t_tracing = time.monotonic()
         prober = next((r for r in co.runs if r.plan.wire.get("probe")), None)
-        if cfg.probe and prober is not None:
-            say(f"tracing: sending {cfg.count} {plan.proto} probe(s) {src.ip} → {plan.dst.ip}")
-            co.run(prober.plan.node, {"cmd": "probe"})
-            co.wait_for(lambda: prober.probes is not None or prober.failure,
-                        cfg.count * (cfg.timeout + cfg.interval) + cfg.settle + 10)
-            if isinstance(prober.probes, list):
-                sent = [ProbeResult(**p) for p in prober.probes]
-            elif isinstance(prober.probes, dict):
-                problems.append(f"probes from {prober.plan.node} failed: {prober.probes.get('error')}")
-        else:
-            end = time.monotonic() + cfg.duration
-            while (left := end - time.monotonic()) > 0:
-                co.pump(min(left, 0.2))
-                say(f"tracing: {sum(len(c) for r in co.runs for c in r.chunks)} events, {left:.1f}s left")
+        probing = cfg.probe and prober is not None
+        stopped: interrupt.Interrupted | None = None
+        try:   # Ctrl-C while probing or watching: stop, and show what was traced so far
+            if probing:
+                say(f"tracing: sending {cfg.count} {plan.proto} probe(s) {src.ip} → {plan.dst.ip}")
+                co.run(prober.plan.node, {"cmd": "probe"})
+                co.wait_for(lambda: prober.probes is not None or prober.failure,
+                            cfg.count * (cfg.timeout + cfg.interval) + cfg.settle + 10)
+            else:
+                end = time.monotonic() + cfg.duration
+                while (left := end - time.monotonic()) > 0:
+                    co.pump(min(left, 0.2))
+                    say(f"tracing: {sum(len(c) for r in co.runs for c in r.chunks)} events, {left:.1f}s left")
+        except KeyboardInterrupt:
+            if probing:   # the prober stops after the probe in flight and reports those sent
+                co.run(prober.plan.node, {"cmd": "stop-probes"})
+                co.wait_for(lambda: prober.probes is not None or prober.failure, cfg.timeout + cfg.settle + 5)
+            stopped = interrupt.Interrupted.of(cfg, len(prober.probes) if probing and isinstance(
+                prober.probes, list) else 0, time.monotonic() - t_tracing)
+            say(f"interrupted: {stopped.after}; collecting what the agents traced")
+        if probing and isinstance(prober.probes, list):
+            sent = [ProbeResult(**p) for p in prober.probes]
+        elif probing and isinstance(prober.probes, dict):
+            problems.append(f"probes from {prober.plan.node} failed: {prober.probes.get('error')}")
         # The trace window ends here on every node: the packets are built once, from what the
         # agents delivered up to their `drained` frame, and name the facts to ask for.
         co.drain()
@@ -159,7 +175,8 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
     def evidence(packets):
         return agent_evidence(plan, facts)
     return Traced(df.drop(columns=["pkt"]), sent, counters, locations, hooks, degraded, timings, t_tracing,
-                  t_done, evidence, notes, problems, clock, packets=packets, window=window, view=view)
+                  t_done, evidence, notes, problems, clock, packets=packets, window=window, view=view,
+                  interrupted=stopped)
 
 
 def _placement_from_agents(plan: Plan, co: coordinator.Coordinator) -> None:
@@ -226,5 +243,10 @@ def _merge(co: coordinator.Coordinator, plan: Plan) -> tuple[pd.DataFrame, dict]
     clock = {"reference": names[ref] if names else None,
              "offsets": {names[i]: o for i, o in offsets.items()},
              "same_clock": [names[i] for i, d in domains.items() if i != ref and d == domains.get(ref)]}
+    # the events are on the reference agent's clock: its realtime − monotonic dates them
+    reading = next((c for c in (co.runs[ref].clocks if co.runs else ())
+                    if "monotonic_ns" in c and "realtime_ns" in c), None)
+    if reading is not None:
+        clock["realtime_offset_ns"] = int(reading["realtime_ns"]) - int(reading["monotonic_ns"])
     return df, clock
 

@@ -20,6 +20,7 @@ from tracer.node import facts
 from tracer.node import prober
 from tracer.node import sourcefacts
 from tracer.config import FlowConfig
+from tracer.runs.interrupt import Interrupted
 from tracer.runs.plan import Plan
 
 
@@ -44,6 +45,7 @@ class FlowResult:
     notes: list[str] = field(default_factory=list)
     clock: dict = field(default_factory=dict)
     names: dict[str, dict | None] = field(default_factory=dict)   # hop address → what it is
+    interrupted: Interrupted | None = None     # Ctrl-C/SIGTERM while tracing: how far it got
 
     @property
     def ok(self) -> bool:
@@ -64,6 +66,8 @@ class FlowResult:
             "timings": self.timings,
             "notes": self.notes,
             "clock": self.clock,
+            "interrupted": self.interrupted is not None,
+            **({"interruption": self.interrupted.as_json()} if self.interrupted else {}),
         }
 
 
@@ -87,6 +91,7 @@ class Traced:
     packets: list[Packet] | None = None   # already built by the tracing (agents); None: build from df
     window: windows.Window | None = None  # when every observer was tracing (agents); None: all along
     view: "beyond.View | None" = None     # the nodes traced, and why the others were not
+    interrupted: Interrupted | None = None   # stopped by Ctrl-C/SIGTERM while tracing
 
 
 def flow_input(plan: Plan, sent, locations, clock: dict | None = None, view=None) -> FlowInput:
@@ -228,7 +233,7 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
         "trace_s": round(t.t_done - t.t_tracing, 4),
         "reconstruct_s": round(time.monotonic() - t.t_done, 4),
     }
-    notes = plan.notes + t.degraded + t.notes
+    notes = ([t.interrupted.note()] if t.interrupted else []) + plan.notes + t.degraded + t.notes
     if t.counters.get("lost"):
         notes.append(f"{t.counters['lost']} events were lost (ring buffer full); the path may have gaps")
         if any(p.verdict.status == "lost" for p in packets):   # the trace's gap, or the network's?
@@ -241,7 +246,7 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
     if cfg.sample > 1:
         notes.append(f"sampling: 1 packet in {cfg.sample} is traced (the same packets on every node)")
     result = FlowResult(cfg, plan.src, plan.dst, plan.proto, plan.port, probes, packets, verdict, summary,
-                        t.counters, timings, t.df, notes=notes, names=named)
+                        t.counters, timings, t.df, notes=notes, names=named, interrupted=t.interrupted)
     result.clock = t.clock
     result.meta = {
         "version": SCHEMA_VERSION, "src": plan.src.as_json(), "dst": plan.dst.as_json(),
@@ -257,7 +262,12 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
         "hooks": t.hooks, "degraded": t.degraded, "clock": t.clock,
         "created_ns": time.time_ns(),
         "evidence": ev.as_json(),
+        "complete": t.interrupted is None, "interrupted": t.interrupted is not None,
+        # what the live run concluded, so `analyze` and the notebooks say the same
+        "flow_verdict": verdict.as_json(), "summary": summary,
     }
+    if t.interrupted:
+        result.meta["interruption"] = t.interrupted.as_json()
     if window is not None:
         result.meta["window"] = window.as_json()
     if t.view is not None:
