@@ -6,9 +6,9 @@ podtrace was imported (the test suite runs labs under prefixes of its own).
 ==========================  ================  ==============================================
 variable                    default           what it does
 ==========================  ================  ==============================================
-PODTRACE_LAB_PREFIX         ``ptlab``         which lab `flow`, `capture` and `doctor` use
-                                              when no cluster is given (and `podtrace lab`'s
-                                              --prefix default)
+PODTRACE_LAB_PREFIX         ``ptlab``         which lab `flow`, `capture`, `doctor` and
+                                              `lab` use when no cluster is given and no
+                                              --prefix (the option wins)
 PODTRACE_STATE_DIR          ``/run/podtrace`` where runs record what they own (tc filters,
                                               trace files being written) for `cleanup`
 PODTRACE_FLOW_MODE          ``agents``        how `flow` traces the nodes: ``agents`` (one

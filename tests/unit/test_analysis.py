@@ -57,6 +57,9 @@ def test_flows_join_nat_and_count(capture):
     svc = t.flows[t.flows["service"] == "default/web"]
     assert len(svc) and (svc["dst"] == VIP).all() and (svc["dport"] == 80).all()
     assert (svc["dst_pod"] == "default/pod-2-2").all()
+    assert (svc["dst_pod_port"] == 8080).all()          # the backend's port, not the Service's
+    direct = t.flows[t.flows["service"].isna() & t.flows["dport"].notna()]
+    assert len(direct) and (direct["dst_pod_port"] == direct["dport"]).all()
     # both directions of a Service flow are one flow: the reply comes from the backend
     one = t.packets[t.packets["flow"] == svc["flow"].iloc[0]]
     rev = one[one["direction"] == "reverse"]

@@ -46,3 +46,19 @@ def test_a_glob_matching_nothing_is_bad_input(files, monkeypatch):
     assert res.exit_code == 2
     assert res.output == ("podtrace: nothing-*.parquet: matches no file; give a file written by "
                           "`podtrace capture -w` or `podtrace flow -w`\n")
+
+
+def test_analyze_shows_the_backend_with_its_port(tmp_path):
+    """A Service flow: the destination is the backend pod on its own port (8080), the
+    Service keeps its port (80)."""
+    from bench.analysis import BACKEND, VIP
+
+    p = write(tmp_path / "svc.parquet", *synth(800)[:2])
+    flows = _json([str(p), "--top", "1000"])["flows"]
+    svc = [f for f in flows if f["service"] == "default/web"]
+    assert svc and all(f["dst"] == VIP and f["dport"] == 80 and f["dst_pod"] == BACKEND
+                       and f["dst_pod_port"] == 8080 for f in svc)
+    res = CliRunner().invoke(main, ["analyze", str(p), "--top", "1000"], terminal_width=200)
+    rows = [r for r in res.output.splitlines() if "default/web" in r]
+    assert rows and all(f"{BACKEND}:8080" in r and "default/web:80" in r for r in rows), res.output
+    assert f"{BACKEND}:80 " not in res.output

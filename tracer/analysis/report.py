@@ -13,7 +13,7 @@ def summary_doc(t: Trace, top: int = 20) -> dict:
     if len(fl):
         bad = fl["dropped"] + fl["lost"]
         fl = fl.assign(_bad=bad).sort_values(["_bad", "packets"], ascending=False).drop(columns="_bad")
-    cols = ["flow", "proto", "src", "sport", "dst", "dport", "src_pod", "dst_pod", "service", "packets",
+    cols = ["flow", "proto", "src", "sport", "dst", "dport", "src_pod", "dst_pod", "dst_pod_port", "service", "packets",
             "delivered", "dropped", "lost", "left", "partial", "p50_ns", "p99_ns", "tcp_flags"]
     return {
         "file": t.meta.get("path"),
@@ -69,8 +69,11 @@ def render_summary(doc: dict, console) -> None:
         rows = []
         for f in doc["flows"]:
             src = f"{f['src_pod'] or f['src']}" + (f":{f['sport']}" if f["sport"] is not None else "")
-            dst = f"{f['dst_pod'] or f['dst']}" + (f":{f['dport']}" if f["dport"] is not None else "")
-            rows.append([str(f["flow"]), f["proto"] or "", src, dst, f["service"] or "", str(f["packets"]),
+            port = f.get("dst_pod_port") if f["dst_pod"] else f["dport"]   # a Service's backend: its own port
+            dst = f"{f['dst_pod'] or f['dst']}" + (f":{port}" if port is not None else "")
+            svc = (f["service"] or "") + (f":{f['dport']}" if f["service"] and f["dport"] is not None
+                                          and f["dport"] != port else "")
+            rows.append([str(f["flow"]), f["proto"] or "", src, dst, svc, str(f["packets"]),
                          str(f["delivered"]), str(f["dropped"]), str(f["lost"]), _us(f["p50_ns"]),
                          _us(f["p99_ns"]),
                          Text("".join(tcpflags.bracketed(x) for x in (f.get("tcp_flags") or "").split()))])

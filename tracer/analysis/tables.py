@@ -67,6 +67,12 @@ def flow_table(packets: pd.DataFrame, meta: dict) -> pd.DataFrame:
     svc = _first_per(flow, by_time, nf, [_lookup(packets[cc].to_numpy(), svcs) for cc in ("_dst", "_src", "_fdst", "_fsrc")])
     peer = _first_per(flow, by_time, nf, [np.where(fwd, _lookup(packets["_fdst"].to_numpy(), pods),
                                                    _lookup(packets["_fsrc"].to_numpy(), pods))])
+    # the destination pod's own port: after DNAT (a Service's backend listens on its targetPort)
+    dst_pod_port = _first_per(flow, by_time, nf, [
+        np.where(fwd & ~pd.isna(_lookup(packets["_fdst"].to_numpy(), pods)),
+                 packets["final_dport"].astype("Int64").to_numpy(dtype=object, na_value=None), None),
+        np.where(~fwd & ~pd.isna(_lookup(packets["_src"].to_numpy(), pods)),
+                 packets["sport"].astype("Int64").to_numpy(dtype=object, na_value=None), None)])
     q = (pd.DataFrame({"flow": flow, "ow": ow}).groupby("flow")["ow"].quantile([0.5, 0.99]).unstack()
          .reindex(range(nf)))
     p = packets.iloc[firsts]
@@ -79,6 +85,8 @@ def flow_table(packets: pd.DataFrame, meta: dict) -> pd.DataFrame:
         "src_pod": _lookup(p["_src"].to_numpy(), pods),
         # the pod itself, or for a Service (NATed) flow the backend it turned out to be
         "dst_pod": np.where(pd.isna(dst_pod), peer, dst_pod),
+        "dst_pod_port": pd.array(np.where(pd.isna(dst_pod_port), p["dport"].astype("Int64").to_numpy(
+            dtype=object, na_value=None), dst_pod_port), dtype="Int64"),
         "service": svc,
         "packets": np.bincount(flow, minlength=nf),
         "forward": np.bincount(flow, weights=fwd, minlength=nf).astype(np.int64),

@@ -18,7 +18,7 @@ COLUMNS = {
     "hops": ["packet", "hop", "flow", "direction", "seq", "ts_ns", "t_ns", "dt_ns", "node", "pod",
              "dev", "point", "seen_by", "src", "sport", "dst", "dport", "tcp_flags", "encap", "encap_src",
              "encap_dst", "vni", "ifindex", "netns", "len", "ct_state"],
-    "flows": ["flow", "proto", "src", "sport", "dst", "dport", "src_pod", "dst_pod", "service",
+    "flows": ["flow", "proto", "src", "sport", "dst", "dport", "src_pod", "dst_pod", "dst_pod_port", "service",
               "packets", "forward", "reverse", "delivered", "dropped", "lost", "left", "partial", "bytes",
               "p50_ns", "p99_ns", "first_ts_ns", "last_ts_ns", "nodes", "tcp_flags"],
     "drops": ["reason", "node", "dev", "location", "count", "flows", "first_ts_ns", "last_ts_ns"],

@@ -64,7 +64,7 @@ def flow(src, dst, proto, port, count, timeout, size, sport, sample, budget, no_
     Examples:
       podtrace flow pod-1-1 pod-2-1
       podtrace flow default/pod-1-1 svc/default/web --proto tcp --port 80 -o json
-      podtrace flow pod-1-1 svc/web --proto tcp    # svc/NAME: a Service of namespace default
+      podtrace flow pod-1-1 svc/web                # svc/NAME: a Service of namespace default (tcp/80)
       podtrace flow -n shop web-0 svc/cart         # both in namespace shop
       podtrace flow pod-1-1 pod-2-2 --proto udp --port 8080 -w trace.parquet
       podtrace flow pod-1-1 node/node-2 --prefix mylab   # the lab named mylab

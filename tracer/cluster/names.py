@@ -1,4 +1,4 @@
-"""Reading a SRC/DST spec as kubectl reads a name: its kind, namespace and name.
+"""Reading a SRC/DST spec as kubectl reads a name: its kind, namespace, name.
 
 `parse()` turns what the user typed into a `Name`; `hint()` says what to type instead when
 that name is unknown, across kinds (a node typed as a pod suggests `node/NAME`, a Service

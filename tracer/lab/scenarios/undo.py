@@ -34,7 +34,7 @@ def step(lab: Lab, op: dict) -> str | None:
     """Undo one recorded change; every step is checked to stay inside the lab. Returns one
     line, "restored: …", "undone: …" or "already restored: …" (None for bookkeeping steps)."""
     kind = op["op"]
-    what = op.get("restored") or op.get("what") or kind
+    what = op.get("restored") or op.get("what") or " ".join(op.get("argv") or []) or kind
     # A break line ("chain X drops ...") is reported as undone; a restoring line as restored.
     did = RESTORED if op.get("restored") else "undone"
     if kind == "sysctl":
