@@ -1,0 +1,117 @@
+"""Ctrl-C during `flow`, as `ping`: the packets traced so far and the summary are shown, a
+--save file is written and marked incomplete, the exit status is 130, and nothing of ours
+stays (agents, BPF objects, tc filters). A second Ctrl-C while it finishes aborts at once.
+
+The signal lands while probes are in flight: PODTRACE_TEST_PAUSE=probing makes the prober
+drop a marker and wait after its first probe (tracer/testhooks.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.lab_fixture import private_lab
+from tests.integration.test_safety_common import (
+    alive, bpf_objects, bpf_objects_held_by, cli, descendants, our_filters, popen, tc_snapshot,
+)
+from tracer import tracefile
+
+PREFIX = os.environ.get("PODTRACE_TEST_LAB_PREFIX", "pttest") + "ic"
+
+
+@pytest.fixture(scope="module")
+def ilab():
+    with private_lab(PREFIX) as doc:
+        yield {**doc, "prefix": PREFIX}
+
+
+def _wait_mark(proc, marks: Path, stage: str, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while not any(p.name.startswith(stage + ".") for p in marks.iterdir()):
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"flow ended (exit {proc.returncode}) before {stage}: {err or out[-2000:]}")
+        assert time.monotonic() < end, f"flow never reached {stage}"
+        time.sleep(0.02)
+
+
+def _interrupted_run(lab, tmp_path, args, stages, signals, mode, **env):
+    """Start `flow`, send signals[i] (to the whole group, as a terminal's Ctrl-C) when it
+    reaches stages[i]; the run's output and what it left."""
+    marks, save = tmp_path / "marks", tmp_path / "trace.parquet"
+    marks.mkdir()
+    before = tc_snapshot(lab)
+    proc = popen("flow", "pod-1-1", "pod-2-1", "--count", "20", "--timeout", "0.5", "--save", str(save), *args,
+                 prefix=lab["prefix"], PODTRACE_FLOW_MODE=mode, PODTRACE_TEST_PAUSE=",".join(stages),
+                 PODTRACE_TEST_PAUSE_DIR=str(marks), PODTRACE_TEST_PAUSE_S="2", **env)
+    tree: list[int] = []
+    held: set = set()
+    try:
+        for stage, sig in zip(stages, signals):
+            _wait_mark(proc, marks, stage)
+            tree = sorted(set(tree) | set(descendants(proc.pid)))
+            held |= bpf_objects_held_by(tree)
+            if sig == signal.SIGINT:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)      # `kill PID`: the coordinator alone
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    end = time.monotonic() + 20
+    while (any(alive(p) for p in tree) or held & bpf_objects()) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not [p for p in tree if alive(p)], "a process of the run is still alive"
+    assert not held & bpf_objects(), "BPF objects of the run are left"
+    after = tc_snapshot(lab)
+    assert not our_filters(after) and after == before
+    return proc.returncode, out, err, save
+
+
+def test_ctrl_c_while_probing_shows_and_saves_what_was_traced(ilab, tmp_path):
+    rc, out, err, save = _interrupted_run(ilab, tmp_path, [], ["probing"], [signal.SIGINT], "agents")
+    lines = err.strip().splitlines()
+    assert rc == 130, (rc, err, out[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("podtrace: interrupted after 1 of 20 probes"), err
+    assert f"saved to {save} (marked incomplete)" in lines[0]
+    # the partial result, as a finished run shows it: the probe's packets, its verdict, the summary
+    assert "interrupted after 1 of 20 probes" in out
+    assert "request 1 " in out and "reply 1 " in out and "DELIVERED" in out
+    assert "1/1 delivered, 1/1 answered" in out, out[-2000:]
+    events, meta = tracefile.load(save)
+    assert len(events) and meta["complete"] is False and meta["interrupted"] is True
+    assert meta["interruption"]["probes_sent"] == 1 and meta["interruption"]["probes_asked"] == 20
+    res = cli("analyze", str(save), prefix=ilab["prefix"])
+    assert res.returncode == 0, res.stderr
+    assert "incomplete (interrupted after 1 of 20 probes)" in res.stderr
+    assert "flow OK: 1/1 delivered, 1/1 answered  (incomplete: interrupted after 1 of 20 probes)" in res.stdout
+
+
+def test_sigterm_while_probing_gives_the_json_so_far(ilab, tmp_path):
+    """The single-process runner too, and SIGTERM to the coordinator alone: the same document
+    as a finished run, with `interrupted`."""
+    rc, out, err, save = _interrupted_run(ilab, tmp_path, ["-o", "json"], ["probing"], [signal.SIGTERM], "single")
+    assert rc == 130, (rc, err)
+    doc = json.loads(out)
+    assert doc["interrupted"] is True and doc["interruption"]["after"] == "after 1 of 20 probes"
+    assert [p["seq"] for p in doc["probes"]] == [1]
+    assert {(p["direction"], p["seq"]) for p in doc["packets"]} == {("request", 1), ("reply", 1)}
+    assert doc["verdict"]["status"] == "ok"
+    assert tracefile.read_meta(save)["interrupted"] is True
+
+
+def test_second_ctrl_c_while_finishing_aborts(ilab, tmp_path):
+    rc, out, err, save = _interrupted_run(ilab, tmp_path, [], ["probing", "reconstructing"],
+                                          [signal.SIGINT, signal.SIGINT], "agents")
+    lines = err.strip().splitlines()
+    assert rc == 130 and len(lines) == 1, err
+    assert lines[0] == "podtrace: interrupted; everything podtrace added was removed", err
+    assert not save.exists() and not list(tmp_path.glob("*.part*"))
