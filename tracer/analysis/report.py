@@ -57,6 +57,8 @@ def render_summary(doc: dict, console) -> None:
                   f"[yellow]lost {s['lost']}[/yellow]  left {s['left']}  "
                   + (f"[cyan]partial {s['partial']}[/cyan] (seen while a node was not tracing)  "
                      if s.get("partial") else "")
+                  + (f"stack drops {s['stack_drops']} (socket cleanup, not the network)  "
+                     if s.get("stack_drops") else "")
                   + (f"[bold red]events lost {s['events_lost']} (ring buffer full: paths may have gaps)[/bold red]"
                      if s["events_lost"] else "events lost 0"))
     flowverdict.render(doc.get("flow"), console)

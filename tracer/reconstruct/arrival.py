@@ -24,7 +24,9 @@ from tracer.reconstruct.model import Packet, Verdict
 
 RUNBOOK_DIR = "docs/runbooks"
 # kfree_skb reasons of a socket's own cleanup (close, purge)
-HOUSEKEEPING = frozenset({"QUEUE_PURGE", "SOCKET_CLOSE"})
+# a socket's own cleanup: a closing socket purging its queue, data for a socket already
+# closed (answered by a reset): the stack's ordinary work, not a drop of the network
+HOUSEKEEPING = frozenset({"QUEUE_PURGE", "SOCKET_CLOSE", "TCP_ABORT_ON_DATA"})
 CHECKSUM = frozenset({"TCP_CSUM", "UDP_CSUM", "ICMP_CSUM", "IP_CSUM", "SKB_CSUM"})
 
 # reason → (what happened inside the receiving stack, runbook)

@@ -57,6 +57,24 @@ def rule(meta: dict) -> arrival.Rule:
     return arrival.Rule.of(meta.get("drop_reasons") or {}, homes(meta), pod_homes(meta))
 
 
+def housekeeping(hook: np.ndarray, reason: np.ndarray, rule: arrival.Rule) -> np.ndarray:
+    """Mask of the drop events that are a socket's own cleanup (HOUSEKEEPING_DROPS): the
+    stack's ordinary drops, shown beside the drops of the traced packets, never among them."""
+    return (np.asarray(hook) == HOOK_IDS["drop"]) & np.isin(np.asarray(reason, dtype=np.int64), rule.housekeeping)
+
+
+def housekeeping_in(events, meta: dict) -> int:
+    """How many drop events of a trace's event table are a socket's own cleanup: the figure
+    `capture` counts live as the stack's ordinary drops."""
+    if not len(events) or "reason" not in events or "hook" not in events:
+        return 0
+    reason = events["reason"]
+    if not np.issubdtype(np.asarray(reason).dtype, np.integer):   # reason names: back to the kernel's numbers
+        code = {v: int(k) for k, v in (meta.get("drop_reasons") or {}).items()}
+        reason = np.array([code.get(str(x), -1) for x in reason], dtype=np.int64)
+    return int(housekeeping(events["hook"], reason, rule(meta)).sum())
+
+
 def counted(hook: np.ndarray, reason: np.ndarray, netns: np.ndarray, daddr: np.ndarray,
             proto: np.ndarray, icmp_type: np.ndarray, rule: arrival.Rule) -> np.ndarray:
     """Mask of the drop events that are packets dropped (see the module doc)."""
