@@ -1,6 +1,8 @@
-"""Ctrl-C during `flow`, as `ping`: the packets traced so far and the summary are shown, a
---save file is written and marked incomplete, the exit status is 130, and nothing of ours
-stays (agents, BPF objects, tc filters). A second Ctrl-C while it finishes aborts at once.
+"""What a run keeps. Ctrl-C during `flow`, as `ping`: the packets traced so far and the
+summary are shown, a --save file is written and marked incomplete, the exit status is 130,
+and nothing of ours stays (agents, BPF objects, tc filters); a second Ctrl-C while it
+finishes aborts at once. A saved failing flow gives `analyze` the live verdict, cause and
+named rule. A capture's live drop counts are the ones `analyze` finds in its file.
 
 The signal lands while probes are in flight: PODTRACE_TEST_PAUSE=probing makes the prober
 drop a marker and wait after its first probe (tracer/testhooks.py).
@@ -11,6 +13,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import struct
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +25,9 @@ from tests.integration.lab_fixture import private_lab
 from tests.integration.test_safety_common import (
     alive, bpf_objects, bpf_objects_held_by, cli, descendants, our_filters, popen, tc_snapshot,
 )
-from tracer import tracefile
+from tracer import analysis, tracefile
+from tracer.node import netns, prober
+from tracer.runs import capture
 
 PREFIX = os.environ.get("PODTRACE_TEST_LAB_PREFIX", "pttest") + "ic"
 
@@ -115,3 +122,81 @@ def test_second_ctrl_c_while_finishing_aborts(ilab, tmp_path):
     assert rc == 130 and len(lines) == 1, err
     assert lines[0] == "podtrace: interrupted; everything podtrace added was removed", err
     assert not save.exists() and not list(tmp_path.glob("*.part*"))
+
+
+def _broken(lab, scenario):
+    res = cli("lab", "break", scenario, prefix=lab["prefix"])
+    assert res.returncode == 0, res.stderr
+
+
+def _fixed(lab, scenario):
+    res = cli("lab", "fix", scenario, prefix=lab["prefix"])
+    assert res.returncode == 0, res.stderr
+
+
+def test_a_saved_flow_says_what_the_live_run_said(ilab, tmp_path):
+    saved = tmp_path / "flow.parquet"
+    _broken(ilab, "netpol-drop")
+    try:
+        res = cli("flow", "pod-1-1", "pod-2-1", "--timeout", "0.5", "-o", "json", "--save", str(saved),
+                  prefix=ilab["prefix"], PODTRACE_FLOW_MODE="agents")
+    finally:
+        _fixed(ilab, "netpol-drop")
+    assert res.returncode == 3, res.stderr
+    live = json.loads(res.stdout)
+    caused = [p for p in live["packets"] if p["verdict"].get("cause")]
+    assert caused and caused[0]["verdict"]["cause"] == "netfilter-rule"
+    assert "by rule `" in caused[0]["verdict"]["hint"]     # the named rule
+    doc = json.loads(cli("analyze", str(saved), "-o", "json", prefix=ilab["prefix"]).stdout)
+    flow = doc["flow"]
+    assert (flow["status"], flow["summary"], flow["problems"]) == \
+        (live["verdict"]["status"], live["verdict"]["summary"], live["verdict"]["problems"])
+    assert flow["complete"] and flow["interrupted"] is None
+    offline = {(p["direction"], p["seq"]): p for p in flow["packets"]}
+    for p in caused:
+        v, got = p["verdict"], offline[(p["direction"], p["seq"])]
+        assert (got["status"], got["verdict_node"], got["verdict_dev"], got["reason"], got["location"], got["cause"],
+                got["hint"], got["runbook"]) == (v["status"], v["node"], v["dev"], v["reason"], v["location"],
+                                                 v["cause"], v["hint"], v["runbook"])
+    table = cli("analyze", str(saved), prefix=ilab["prefix"]).stdout
+    assert f"flow FAILED: {live['verdict']['summary']}" in table
+    assert caused[0]["verdict"]["hint"] in " ".join(table.split()), table
+
+
+def test_capture_drops_live_equal_analyze_apart_from_socket_cleanup(ilab, tmp_path):
+    """The live counts (drops of the traffic, and the stack's own socket cleanup apart) are
+    the ones `analyze` finds in the file."""
+    pods = {p["name"]: p for p in ilab["pods"]}
+    src, dst = pods["pod-1-1"], pods["pod-2-1"]
+    tracing = threading.Event()
+
+    def traffic():
+        if not tracing.wait(60):
+            return
+        prober.send(src["netns"], src["ip"], dst["ip"], "icmp", None, 4, 0.2, 0.05)
+        prober.send(src["netns"], src["ip"], dst["ip"], "udp", 8080, 4, 0.2, 0.05)
+        for _ in range(3):   # a client that sends and goes at once: the server side cleans up
+            s = netns.socket_in(src["netns"], socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.settimeout(1)
+                s.connect((pods["pod-2-2"]["ip"], 8080))
+                s.sendall(b"GET / HTTP/1.0\r\n\r\n" * 50)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+            finally:
+                s.close()
+    th = threading.Thread(target=traffic, daemon=True)
+    th.start()
+    _broken(ilab, "netpol-drop")
+    try:
+        cfg = capture.CaptureConfig(capture.Selection(), str(tmp_path / "cap.parquet"), duration=3.0,
+                                    lab_prefix=ilab["prefix"])
+        res = capture.run_capture(cfg, progress=lambda d: tracing.set())
+    finally:
+        tracing.set()
+        th.join(timeout=60)
+        _fixed(ilab, "netpol-drop")
+    s = analysis.load(res.path).summary()
+    assert res.drops >= 8 and (res.drops, res.stack_drops) == (s["dropped"], s["stack_drops"]), (res, s)
+    assert tracefile.read_meta(res.path)["counters"]["stack_drops_seen"] == res.stack_drops
