@@ -39,8 +39,10 @@ def ilab():
 
 
 def _wait_mark(proc, marks: Path, stage: str, timeout: float = 60) -> None:
+    """STAGE reached by any process of the run; `STAGE@` by the coordinator itself."""
     end = time.monotonic() + timeout
-    while not any(p.name.startswith(stage + ".") for p in marks.iterdir()):
+    want = f"{stage[:-1]}.{proc.pid}" if stage.endswith("@") else None
+    while not any(p.name == want if want else p.name.startswith(stage + ".") for p in marks.iterdir()):
         if proc.poll() is not None:
             out, err = proc.communicate()
             pytest.fail(f"flow ended (exit {proc.returncode}) before {stage}: {err or out[-2000:]}")
@@ -48,15 +50,19 @@ def _wait_mark(proc, marks: Path, stage: str, timeout: float = 60) -> None:
         time.sleep(0.02)
 
 
-def _interrupted_run(lab, tmp_path, args, stages, signals, mode, **env):
+PROBES = ["--count", "20", "--timeout", "0.5"]
+
+
+def _interrupted_run(lab, tmp_path, args, stages, signals, mode, probes=PROBES, pause_s="2", **env):
     """Start `flow`, send signals[i] (to the whole group, as a terminal's Ctrl-C) when it
     reaches stages[i]; the run's output and what it left."""
     marks, save = tmp_path / "marks", tmp_path / "trace.parquet"
     marks.mkdir()
     before = tc_snapshot(lab)
-    proc = popen("flow", "pod-1-1", "pod-2-1", "--count", "20", "--timeout", "0.5", "--save", str(save), *args,
-                 prefix=lab["prefix"], PODTRACE_FLOW_MODE=mode, PODTRACE_TEST_PAUSE=",".join(stages),
-                 PODTRACE_TEST_PAUSE_DIR=str(marks), PODTRACE_TEST_PAUSE_S="2", **env)
+    proc = popen("flow", "pod-1-1", "pod-2-1", *probes, "--save", str(save), *args,
+                 prefix=lab["prefix"], PODTRACE_FLOW_MODE=mode,
+                 PODTRACE_TEST_PAUSE=",".join(s.rstrip("@") for s in stages),
+                 PODTRACE_TEST_PAUSE_DIR=str(marks), PODTRACE_TEST_PAUSE_S=pause_s, **env)
     tree: list[int] = []
     held: set = set()
     try:
@@ -113,6 +119,18 @@ def test_sigterm_while_probing_gives_the_json_so_far(ilab, tmp_path):
     assert {(p["direction"], p["seq"]) for p in doc["packets"]} == {("request", 1), ("reply", 1)}
     assert doc["verdict"]["status"] == "ok"
     assert tracefile.read_meta(save)["interrupted"] is True
+
+
+def test_ctrl_c_ends_a_watch_early(ilab, tmp_path):
+    """--no-probe watches until Ctrl-C as well as for --duration: what was seen is judged.
+    The signal lands once the coordinator has every agent ready (its `tracing` marker)."""
+    rc, out, err, save = _interrupted_run(ilab, tmp_path, ["-o", "json"], ["tracing@"], [signal.SIGINT], "agents",
+                                          probes=["--no-probe", "--duration", "60"], pause_s="0")
+    assert rc == 130, (rc, err)
+    doc = json.loads(out)
+    assert doc["interrupted"] is True and doc["interruption"]["duration_s"] == 60
+    assert doc["interruption"]["traced_s"] < 30 and doc["interruption"]["after"].endswith("of 60 s")
+    assert tracefile.read_meta(save)["complete"] is False
 
 
 def test_second_ctrl_c_while_finishing_aborts(ilab, tmp_path):
