@@ -8,8 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=$ROOT/.venv
-# gcc and python3 (a system interpreter user nobody may run) are for the test suite.
-APT_PKGS=(python3-bpfcc iproute2 iptables iperf3 bpftool kmod conntrack gcc python3)
+# gcc and python3 (a system interpreter user nobody may run) are for the test suite; the
+# second line is what the runbooks' commands and the lab's hints run (tests/integration/
+# test_runbook_commands.py runs every one of them against the lab).
+APT_PKGS=(python3-bpfcc iproute2 iptables iperf3 bpftool kmod conntrack gcc python3
+          iputils-ping iputils-tracepath curl tcpdump ethtool procps nftables)
 HEADERS_PKG=linux-headers-cloud-amd64
 changed=0
 say() { echo "setup: $*"; changed=1; }

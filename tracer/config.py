@@ -21,6 +21,7 @@ class FlowConfig:
     cluster: str | None = None       # --cluster FILE
     kubeconfig: str | None = None    # --kubeconfig FILE (else KUBECONFIG, ~/.kube/config, in-cluster)
     context: str | None = None       # --context NAME
+    namespace: str | None = None     # -n NS: of SRC/DST named without one (None: "default")
     lab_prefix: str = field(default_factory=settings.lab_prefix)
     save: str | None = None
     settle: float = 0.05

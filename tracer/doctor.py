@@ -52,10 +52,10 @@ def _mounted(path: str) -> bool:
         return False
 
 
-def _metadata() -> dict:
+def _metadata(lab_prefix: str | None = None) -> dict:
     from tracer.cluster import topology
 
-    lab = topology.load_local(settings.lab_prefix())
+    lab = topology.load_local(lab_prefix or settings.lab_prefix())
     kubeconfig = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
     in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and \
         Path("/var/run/secrets/kubernetes.io/serviceaccount/token").exists()
@@ -93,7 +93,7 @@ def _fentry() -> dict:
         return {"available": False, "reason": f"the kernel refused to load a tracing (fentry) program ({why}); kprobes or tracepoints are used instead"}
 
 
-def report(compile_test: bool = True) -> dict:
+def report(compile_test: bool = True, lab_prefix: str | None = None) -> dict:
     problems: list[dict] = []
     root = os.geteuid() == 0
     caps = _caps()
@@ -180,7 +180,7 @@ def report(compile_test: bool = True) -> dict:
                    "active": s.hook.name in used, "available": s.available, "reason": s.reason,
                    "fallback": s.hook.fallback} for s in statuses],
         "fentry": _fentry() if root else {"available": None, "reason": "needs root to test"},
-        "metadata": _metadata(),
+        "metadata": _metadata(lab_prefix),
         "degraded": degraded,
         "can_trace": not problems,
         "problems": problems,

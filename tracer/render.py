@@ -9,7 +9,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from tracer import runbooks
+from tracer.reconstruct import tcpflags
 from tracer.reconstruct.model import ConntrackView, Packet, Verdict
+from tracer.render_compact import compact_flow, fit_columns, human_time
 
 if TYPE_CHECKING:
     from tracer.runs.outcome import FlowResult
@@ -18,9 +21,7 @@ STATUS_STYLE = {"delivered": "green", "dropped": "bold red", "lost": "bold yello
 
 
 def _us(ns: int | None) -> str:
-    if ns is None:
-        return "-"
-    return f"{ns / 1000:.1f}µs" if ns < 10_000_000 else f"{ns / 1e6:.1f}ms"
+    return human_time(ns)
 
 
 def _ep(d: dict) -> str:
@@ -28,26 +29,68 @@ def _ep(d: dict) -> str:
     return f"{name} ({d['ip']})" if name else d["ip"]
 
 
-def packet_table(p: Packet) -> Table:
+def tcp_flags_text(p: Packet) -> str:
+    """` [S.]` after a TCP packet's five-tuple (tcpdump's notation); empty for other protocols."""
+    return f" {tcpflags.bracketed(p.tcp_flags)}" if p.tcp_flags else ""
+
+
+def packet_title(p: Packet) -> str:
+    """The one line that names a packet (its table's title, the compact view's line)."""
     t = p.five_tuple
     sp = f":{t.sport}" if t.sport is not None else ""
     dp = f":{t.dport}" if t.dport is not None else ""
-    title = (f"{p.direction} {p.seq if p.seq is not None else ''} "
-             f"{t.proto} {t.src}{sp} → {t.dst}{dp}  ip_id={p.ip_id}")
-    tbl = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, expand=False)
-    for col in ("#", "node", "pod", "dev", "pt", "Δt", "addresses", "conntrack", "encap"):
-        tbl.add_column(col, justify="right" if col in ("#", "Δt") else "left", no_wrap=True)
-    prev = None
+    return (f"{p.direction} {p.seq if p.seq is not None else ''} "
+            f"{t.proto} {t.src}{sp} → {t.dst}{dp}{tcp_flags_text(p)}  ip_id={p.ip_id}")
+
+
+def _changed(prev: str | None, h) -> str:
+    """The addresses a NAT changed, only the side that changed (`dst 10.244.2.3`)."""
+    if prev is None:
+        return f"{h.src} → {h.dst}"
+    src, dst = prev.split(" → ")
+    if src == h.src:
+        return f"dst {h.dst}"
+    if dst == h.dst:
+        return f"src {h.src}"
+    return f"{h.src} → {h.dst}"
+
+
+def _encap(enc, prev) -> str:
+    if not enc:
+        return ""
+    if prev is not None and enc == prev:
+        return "″"
+    a, b = enc.src.split("."), enc.dst.split(".")
+    k = next((i for i in range(4) if a[:i + 1] != b[:i + 1]), 4) if len(a) == len(b) == 4 else 0
+    dst = "." + ".".join(b[k:]) if 0 < k < 4 else enc.dst   # 172.30.0.11→.12
+    return f"{enc.type} {enc.src}→{dst} vni {enc.vni}"
+
+
+def packet_table(p: Packet, width: int = 120) -> Table:
+    """A packet's hops as a table no wider than `width`: `#`, `pt` and Δt keep their width;
+    addresses appear only where they change (NAT); long names are cut in the middle."""
+    cols = ["#", "node", "pod", "dev", "pt", "Δt", "now", "conntrack", "encap"]
+    rows: list[list[str]] = []
+    prev, prev_enc = f"{p.hops[0].src} → {p.hops[0].dst}" if p.hops else None, None
     for i, h in enumerate(p.hops, 1):
         addrs = f"{h.src} → {h.dst}"
-        changed = prev is not None and addrs != prev
-        enc = h.encap
-        encs = f"{enc.type} {enc.src}→{enc.dst} vni {enc.vni}" if enc else ""
-        tbl.add_row(str(i), h.node or "(fabric)", h.pod or "", h.dev, h.point,
-                    "" if i == 1 else _us(h.dt_ns),
-                    Text(addrs, style="bold magenta") if changed else Text(addrs if i == 1 else "″", style="dim" if i > 1 else ""),
-                    _ct(h.ct), encs)
-        prev = addrs
+        rows.append([str(i), h.node or "(fabric)", (h.pod or "").removeprefix("default/"), h.dev, h.point,
+                     "" if i == 1 else _us(h.dt_ns), _changed(prev, h) if addrs != prev else "",
+                     _ct(h.ct), _encap(h.encap, prev_enc)])
+        prev, prev_enc = addrs, h.encap
+    for k in range(len(cols) - 1, 5, -1):   # no empty column of addresses, conntrack or encap
+        if not any(r[k] for r in rows):
+            cols.pop(k)
+            rows = [r[:k] + r[k + 1:] for r in rows]
+    cols, rows = fit_columns(cols, rows, width,
+                             shrink={"pod": 10, "now": 18, "conntrack": 11, "dev": 10, "node": 8, "encap": 26},
+                             drop=("encap", "conntrack", "pod"))
+    tbl = Table(title=Text(packet_title(p)), title_justify="left", show_edge=False, pad_edge=False, expand=False)
+    for col in cols:
+        tbl.add_column(col, justify="right" if col in ("#", "Δt") else "left", no_wrap=True,
+                       min_width=len(col) if col in ("#", "pt", "Δt") else None)
+    for r in rows:
+        tbl.add_row(*[Text(c, style="bold magenta") if cols[k] == "now" else c for k, c in enumerate(r)])
     return tbl
 
 
@@ -84,11 +127,11 @@ def verdict_line(v: Verdict) -> Text:
     if v.hint:
         txt.append(f"\n  {v.hint}")
     if v.runbook:
-        txt.append(f"\n  runbook: {v.runbook}", style="cyan")
+        txt.append(f"\n  runbook: {runbooks.where(v.runbook)}", style="cyan")
     return txt
 
 
-def flow_table(result: "FlowResult", console: Console) -> None:
+def flow_header(result: "FlowResult", console: Console) -> None:
     port = result.port
     console.print(Text(f"podtrace flow {_ep(result.src.as_json())} → {_ep(result.dst.as_json())}  "
                        f"[{result.proto}{'/' + str(port) if port else ''}]", style="bold"))
@@ -96,18 +139,24 @@ def flow_table(result: "FlowResult", console: Console) -> None:
         console.print(Text(f"note: {note}", style="yellow"))
     if not result.packets:
         console.print("no packet of this flow was seen by the tracer")
-    for p in result.packets:
-        console.print()
-        console.print(packet_table(p))
-        for n in p.nat:
-            what = {"dnat": "DNAT", "snat": "SNAT", "reverse-dnat": "reverse DNAT",
-                    "reverse-snat": "reply un-DNAT"}.get(n.type, n.type)
-            txt = (f"  {what} at hop {n.hop + 1} ({n.node or 'fabric'}/{n.dev}): "
-                   f"{_addr(n.before)} → {_addr(n.after)}")
-            if n.backend:
-                txt += f"  backend {n.backend}"
-            console.print(Text(txt, style="magenta"))
-        console.print(verdict_line(p.verdict))
+
+
+def packet_block(p: Packet, console: Console) -> None:
+    """One packet in full: its table, its address changes, its verdict."""
+    console.print()
+    console.print(packet_table(p, console.width))
+    for n in p.nat:
+        what = {"dnat": "DNAT", "snat": "SNAT", "reverse-dnat": "reverse DNAT",
+                "reverse-snat": "reply un-DNAT"}.get(n.type, n.type)
+        txt = (f"  {what} at hop {n.hop + 1} ({n.node or 'fabric'}/{n.dev}): "
+               f"{_addr(n.before)} → {_addr(n.after)}")
+        if n.backend:
+            txt += f"  backend {n.backend}"
+        console.print(Text(txt, style="magenta"))
+    console.print(verdict_line(p.verdict))
+
+
+def flow_footer(result: "FlowResult", console: Console) -> None:
     s = result.summary
     v = result.verdict
     console.print()
@@ -120,9 +169,31 @@ def flow_table(result: "FlowResult", console: Console) -> None:
         if getattr(pr, "source", None) and pr.source.get("runbook"):
             books.setdefault(pr.source["runbook"], []).append(str(pr.seq))
     for book, seqs in books.items():
-        console.print(f"  runbook: {book} (probe {', '.join(seqs)})")
+        console.print(f"  runbook: {runbooks.where(book)} (probe {', '.join(seqs)})")
     console.print(f"median one-way {_us(s['median_one_way_ns'])}, median round trip {_us(s['median_rtt_ns'])}, "
-                  f"events lost {s['events_lost']}, startup {result.timings.get('startup_s', 0):.2f}s")
+                  f"events lost {s['events_lost']}, startup {result.timings.get('startup_s', 0):.2f} s")
+
+
+def flow_table(result: "FlowResult", console: Console) -> None:
+    """Every packet in full (`-o wide`)."""
+    flow_header(result, console)
+    for p in result.packets:
+        packet_block(p, console)
+    flow_footer(result, console)
+
+
+def flow_compact(result: "FlowResult", console: Console) -> None:
+    """One line per group of identical paths; full tables for the failing packets only."""
+    compact_flow(result, console, flow_header, packet_block, flow_footer)
+
+
+def flow_human(result: "FlowResult", console: Console, output: str) -> None:
+    """`-o wide`: every table; `-o compact`: the compact view; `-o table`: compact when the
+    flow is ok, else the failing packets' tables as well (which compact also gives)."""
+    if output == "wide":
+        flow_table(result, console)
+    else:
+        flow_compact(result, console)
 
 
 def to_json(doc: dict) -> str:

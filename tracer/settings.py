@@ -6,9 +6,9 @@ podtrace was imported (the test suite runs labs under prefixes of its own).
 ==========================  ================  ==============================================
 variable                    default           what it does
 ==========================  ================  ==============================================
-PODTRACE_LAB_PREFIX         ``ptlab``         which lab `flow`, `capture` and `doctor` use
-                                              when no cluster is given (and `podtrace lab`'s
-                                              --prefix default)
+PODTRACE_LAB_PREFIX         ``ptlab``         which lab `flow`, `capture`, `doctor` and
+                                              `lab` use when no cluster is given and no
+                                              --prefix (the option wins)
 PODTRACE_STATE_DIR          ``/run/podtrace`` where runs record what they own (tc filters,
                                               trace files being written) for `cleanup`
 PODTRACE_FLOW_MODE          ``agents``        how `flow` traces the nodes: ``agents`` (one
@@ -44,6 +44,11 @@ VARIABLES = ("PODTRACE_LAB_PREFIX", "PODTRACE_STATE_DIR", "PODTRACE_FLOW_MODE", 
 def lab_prefix() -> str:
     """The lab `flow`, `capture` and `doctor` look at when no cluster is given."""
     return os.environ.get("PODTRACE_LAB_PREFIX") or DEFAULT_LAB_PREFIX
+
+
+def lab_prefix_source() -> str:
+    """Where lab_prefix() comes from, as --help says it: "PODTRACE_LAB_PREFIX" or "default"."""
+    return "PODTRACE_LAB_PREFIX" if os.environ.get("PODTRACE_LAB_PREFIX") else "default"
 
 
 def state_dir() -> Path:

@@ -72,7 +72,7 @@ class TraceFileError(BadInput):
 
     def __init__(self, path, problem: str, fix: str | None = None):
         super().__init__(f"{path}: {problem}",
-                         fix or "give a file written by `podtrace capture` or `podtrace flow --save`")
+                         fix or "give a file written by `podtrace capture -w` or `podtrace flow -w`")
 
 
 # ---------------------------------------------------------------------------------------
@@ -530,7 +530,7 @@ def ip_categorical(col: np.ndarray) -> pd.Categorical:
 def _check_path(path) -> Path:
     p = Path(path)
     if not p.exists():
-        raise TraceFileError(p, "no such file", "give the path written by `podtrace capture` or `flow --save`")
+        raise TraceFileError(p, "no such file", "give the path written by `podtrace capture -w` or `podtrace flow -w`")
     if p.is_dir():
         raise TraceFileError(p, "is a directory, not a trace file")
     if p.stat().st_size == 0:

@@ -90,11 +90,15 @@ def finish_meta(meta: dict, counters: dict | None = None) -> dict:
     out = {**meta}
     out["format_version"] = FORMAT_VERSION
     out.setdefault("kind", "flow" if "src" in out else "capture")
-    for k, v in host_meta().items():
+    host = host_meta()
+    for k, v in host.items():
         out.setdefault(k, v)
     if "nodes" not in out:
         out.update({k: v for k, v in _infer_cluster(out).items() if k not in out})
     clock = out["clock"] = dict(out["clock"] or {})
+    if "realtime_offset_ns" not in clock and not clock.get("offsets"):
+        # events on this host's clock (a flow traced in this process): this host dates them
+        clock["realtime_offset_ns"] = host["clock"]["realtime_offset_ns"]
     offsets = dict(clock.get("node_offsets_ns") or {})
     for name, o in (clock.get("offsets") or {}).items():   # flow's agents: estimated offsets
         if isinstance(o, dict) and "offset_ns" in o:

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from tests.integration.lab_fixture import lab  # noqa: F401  (session fixture)
@@ -24,9 +25,9 @@ from tracer.node import netns
 from tracer.config import FlowConfig
 from tracer.runs.flow import run_flow
 from tests.conftest import subprocess_env
+from tests.notebook_run import execute_notebook
 
 ROOT = Path(__file__).resolve().parents[2]
-NOTEBOOKS = ROOT / "notebooks"
 
 
 def pod(lab, name):
@@ -94,26 +95,6 @@ def run_capture_with(lab, tmp_path, name, sel=None, duration=3.0, during=None, *
         tracing.set()
         th.join(timeout=60)
     return res
-
-
-def execute_notebook(name: str, env: dict, tmp_path) -> None:
-    import nbformat
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "stored with outputs"
-    old = {k: os.environ.get(k) for k in [*env, "MPLBACKEND"]}
-    os.environ.update(env, MPLBACKEND="Agg")
-    try:
-        NotebookClient(nb, timeout=180, kernel_name="python3",
-                       resources={"metadata": {"path": str(ROOT)}}).execute()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    nbformat.write(nb, tmp_path / name)   # executed copy, for a look after a failure
 
 
 @pytest.fixture(scope="module")
@@ -316,6 +297,7 @@ def test_flow_save_round_trip_and_incident_notebook(lab, tmp_path):
     assert not r.ok
     t = analysis.load(f)
     assert t.mode == "flow" and len(t.events) == len(r.events)
+    assert abs(t.hops["time"].max() - pd.Timestamp.now(tz="UTC")) < pd.Timedelta(minutes=2)
     assert t.packets["status"].tolist() == [p.verdict.status for p in r.packets]
     assert t.packets["direction"].tolist() == [p.direction for p in r.packets]
     assert t.packets["reason"].tolist() == [p.verdict.reason for p in r.packets]

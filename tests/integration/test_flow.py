@@ -120,11 +120,16 @@ def test_same_node(lab):
     assert not any(h.dev == "flannel.1" for h in req.hops)
 
 
-def test_service_dnat_and_reply_from_vip(lab):
+def test_service_dnat_and_reply_from_vip(lab, tmp_path):
     web = next(s for s in lab["services"] if s["name"] == "web")
     backend_ip = web["backend_ips"][0]
-    r = flow(lab, "pod-1-1", "svc/default/web", proto="tcp", port=80)
+    saved = tmp_path / "svc.parquet"
+    r = flow(lab, "pod-1-1", "svc/default/web", proto="tcp", port=80, save=str(saved))
     assert r.ok, r.verdict
+    # TCP flags (tcpdump's letters): each request is the SYN, its reply the SYN-ACK, at every hop
+    assert {(p.direction, p.tcp_flags) for p in r.packets} == {("request", "S"), ("reply", "S.")}
+    assert all({h.tcp_flags for h in p.hops} == {p.tcp_flags} for p in r.packets)
+    _saved_flags_as_live(saved, r.packets)
     for p in r.packets:
         if p.direction == "request":
             dnat = [n for n in p.nat if n.type == "dnat"]
@@ -135,6 +140,19 @@ def test_service_dnat_and_reply_from_vip(lab):
             assert p.hops[0].src == backend_ip
             assert p.hops[-1].src == web["cluster_ip"], "the reply must reach the client from the VIP"
     assert all(pr.reply_from == web["cluster_ip"] for pr in r.probes)
+
+
+def _saved_flags_as_live(saved, packets) -> None:
+    """The saved flow's analysis (frames and `analyze`) shows the flags the live run showed."""
+    from tracer import analysis
+
+    t = analysis.load(str(saved))
+    assert t.packets.sort_values("first_ts_ns")["tcp_flags"].astype(str).tolist() == \
+        [p.tcp_flags for p in sorted(packets, key=lambda p: p.first_ts_ns)]
+    assert set(t.hops["tcp_flags"].astype(str)) == {"S", "S."}
+    out = subprocess.run([sys.executable, "-m", "tracer.cli", "analyze", str(saved)], capture_output=True,
+                         text=True, env=subprocess_env(), timeout=60, cwd=ROOT)
+    assert out.returncode == 0 and "[S][S.]" in out.stdout, out.stdout + out.stderr
 
 
 def test_forward_drop_then_fixed(lab):
@@ -166,6 +184,8 @@ def test_json_output_follows_schema(lab):
     doc = json.loads(res.stdout)
     jsonschema.validate(doc, SCHEMA)
     assert doc["dst"]["service"] == "default/web" and doc["probe"] == {"proto": "tcp", "port": 80, "count": 3}
+    assert {(p["direction"], p["tcp_flags"], h["tcp_flags"]) for p in doc["packets"] for h in p["hops"]} == \
+        {("request", "S", "S"), ("reply", "S.", "S.")}
     wait_no_programs()
 
 
@@ -173,6 +193,13 @@ def test_table_output_and_exit_zero(lab):
     res = cli(lab, "flow", "pod-1-1", "pod-2-2")
     assert res.returncode == 0, res.stderr
     assert "DELIVERED" in res.stdout and "flannel.1" in res.stdout and "vxlan" in res.stdout
+
+
+def test_tcp_flags_on_the_packet_lines(lab):
+    res = cli(lab, "flow", "pod-1-1", "svc/default/web", "--proto", "tcp", "--port", "80")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "3 requests [S] (probes 1, 2, 3)" in res.stdout and "3 replies [S.] (probes 1, 2, 3)" in res.stdout, \
+        res.stdout
 
 
 def test_unknown_pod_exits_2_with_close_matches(lab):

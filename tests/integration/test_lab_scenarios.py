@@ -728,3 +728,67 @@ def test_down_with_broken_scenarios_leaves_nothing():
         assert machine_snapshot(DOWN_PREFIX) == before
     finally:
         build.down(DOWN_PREFIX)
+
+
+def test_conntrack_full_stays_full_for_every_flow(sclab):
+    """The first flow after the break and the next one both find the table full: no entry
+    of earlier traffic expires (or is early-dropped) to let one through."""
+    ns = node(sclab, "node-1")["netns"]
+    src = _ip(sclab, "pod-1-1")
+    # Earlier traffic through node-1 (an ICMP flow, a closed TCP connection in TIME_WAIT,
+    # ASSURED), about to expire: its slots would free up right after the fill.
+    assert _ping_1_to_2(sclab, OK) and probe_tcp_1_to_2(sclab, OK)
+    _out(["ip", "netns", "exec", ns, "conntrack", "-U", "-s", src, "-t", "3"])
+    out = scenarios.break_scenario("conntrack-full", prefix=PREFIX)
+    try:
+        listed = subprocess.run(["ip", "netns", "exec", ns, "conntrack", "-L", "-s", src],
+                                capture_output=True, text=True, timeout=60).stdout
+        left = [line.split() for line in listed.splitlines() if line.strip()]
+        assert all(int(words[2]) > 86400 for words in left), left   # none about to expire
+        args = out.show.split()[2:]
+        for run in (1, 2):
+            flow = run_cli("flow", *args, prefix=PREFIX, timeout=180)
+            assert flow.returncode == 3, (run, flow.stdout[-2000:], flow.stderr[-2000:])
+            assert "cause=conntrack-full" in flow.stdout, (run, flow.stdout[-2000:])
+            limit = int(_sysctl(ns, "net/netfilter/nf_conntrack_max"))
+            assert int(_sysctl(ns, "net/netfilter/nf_conntrack_count")) >= limit * 0.98
+    finally:
+        fixed = scenarios.fix_scenario("conntrack-full", prefix=PREFIX)
+    assert any("conntrack entries" in line for line in fixed.changes), fixed.changes
+    assert _ping_1_to_2(sclab, OK)
+
+
+def test_fix_after_a_hand_fix(sclab):
+    """Someone fixed the fault by hand following the runbook: `lab fix` says what was already
+    restored, undoes the rest, exits 0, clears the broken state, and `break` works again."""
+    before = snapshot(sclab, conntrack=False)
+    n1, n2 = node(sclab, "node-1")["netns"], node(sclab, "node-2")["netns"]
+    # ip-forward-off on node-1, then `sysctl -w net.ipv4.ip_forward=1` as the runbook says.
+    assert run_cli("lab", "break", "ip-forward-off", prefix=PREFIX).returncode == 0
+    _out(["ip", "netns", "exec", n1, "sysctl", "-w", "net.ipv4.ip_forward=1"])
+    fixed = run_cli("lab", "fix", "ip-forward-off", prefix=PREFIX)
+    assert fixed.returncode == 0, fixed.stderr
+    assert "node-1: already restored: net.ipv4.ip_forward is 1" in fixed.stdout, fixed.stdout
+    # netpol-drop on node-2, then the jump rule deleted by hand (`iptables -D FORWARD 1`).
+    assert run_cli("lab", "break", "netpol-drop", prefix=PREFIX).returncode == 0
+    _out(["ip", "netns", "exec", n2, "iptables", "-D", "FORWARD", "1"])
+    fixed = run_cli("lab", "fix", "netpol-drop", prefix=PREFIX)
+    assert fixed.returncode == 0, fixed.stderr
+    assert "(1 of 3 parts were already undone)" in fixed.stdout, fixed.stdout
+    assert scenarios.broken(PREFIX) == {}
+    assert snapshot(sclab, conntrack=False) == before
+    # The whole fault removed by hand: everything is "already restored".
+    assert run_cli("lab", "break", "netpol-drop", prefix=PREFIX).returncode == 0
+    chain = next(c for c in changes.chains(changes.iptables_save(n2, "filter")) if c.startswith("KUBE-NWPLCY-"))
+    for argv in (["-D", "FORWARD", "1"], ["-F", chain], ["-X", chain]):
+        _out(["ip", "netns", "exec", n2, "iptables", *argv])
+    fixed = run_cli("lab", "fix", "netpol-drop", prefix=PREFIX)
+    assert fixed.returncode == 0 and "already restored: node-2: filter chain" in fixed.stdout, fixed.stdout
+    assert snapshot(sclab, conntrack=False) == before
+
+
+def test_fix_says_the_restoring_direction(sclab):
+    assert run_cli("lab", "break", "ip-forward-off", prefix=PREFIX).returncode == 0
+    fixed = run_cli("lab", "fix", "ip-forward-off", prefix=PREFIX)
+    assert fixed.returncode == 0, fixed.stderr
+    assert "node-1: restored net.ipv4.ip_forward 0 → 1" in fixed.stdout, fixed.stdout

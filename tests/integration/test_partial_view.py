@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import jsonschema
+import pandas as pd
 import pytest
 
 from tests.integration.lab_fixture import lab, ping, pod, service, tcp_ask, wait_until  # noqa: F401
@@ -85,6 +86,8 @@ def test_late_agent_gives_partial_not_lost(lab, monkeypatch, tmp_path, dst):
     # offline, the saved flow gives the same verdicts
     t = analysis.load(str(saved))
     assert Counter(t.packets["status"].astype(str)) == statuses
+    # dated by the reference agent's clock: the wall clock of now, not of the agent's boot
+    assert abs(t.hops["time"].max() - pd.Timestamp.now(tz="UTC")) < pd.Timedelta(minutes=2)
     wait_no_programs()
 
 

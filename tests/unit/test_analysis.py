@@ -57,6 +57,9 @@ def test_flows_join_nat_and_count(capture):
     svc = t.flows[t.flows["service"] == "default/web"]
     assert len(svc) and (svc["dst"] == VIP).all() and (svc["dport"] == 80).all()
     assert (svc["dst_pod"] == "default/pod-2-2").all()
+    assert (svc["dst_pod_port"] == 8080).all()          # the backend's port, not the Service's
+    direct = t.flows[t.flows["service"].isna() & t.flows["dport"].notna()]
+    assert len(direct) and (direct["dst_pod_port"] == direct["dport"]).all()
     # both directions of a Service flow are one flow: the reply comes from the backend
     one = t.packets[t.packets["flow"] == svc["flow"].iloc[0]]
     rev = one[one["direction"] == "reverse"]
@@ -97,7 +100,8 @@ def test_hops_have_delta_t_node_pod_device(capture):
     assert path["dev"].iloc[0] == "eth0" and path["point"].iloc[0] == "tx"
     enc = path[path["encap"] == "vxlan"]
     assert len(enc) == 4 and (enc["vni"] == 1).all()
-    assert set(h["node"].dropna()) == {"node-1", "node-2"}
+    assert set(h["node"].dropna()) == {"node-1", "node-2", "(fabric)"}
+    assert set(h.loc[h["fabric"], "node"]) == {"(fabric)"} and set(h.loc[h["fabric"], "dev"]) == {"n1", "n2"}
     assert (h["dt_ns"] >= 0).all()
 
 

@@ -153,7 +153,7 @@ def test_model_json_round_trip_and_key_order():
         doc = p.as_json()
         assert Packet.from_json(doc) == p
         assert list(doc) == ["direction", "nat", "seq", "tuple", "ip_id", "ip_len", "df", "first_ts_ns",
-                             "one_way_ns", "hops", "verdict"]
+                             "one_way_ns", "hops", "verdict", "tcp_flags"]
         assert list(doc["verdict"])[:8] == ["status", "node", "dev", "point", "reason", "location", "hint",
                                             "runbook"]
         assert list(doc["hops"][0])[:4] == ["node", "pod", "dev", "point"] and "src_is" not in doc["hops"][0]

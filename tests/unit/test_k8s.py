@@ -22,7 +22,7 @@ def test_forms(inv):
 
 
 @pytest.mark.parametrize("spec,needle", [
-    ("pod-1-9", "did you mean"), ("default/nope", "no pod"), ("svc/default/wbe", "did you mean default/web"),
+    ("pod-1-9", "did you mean"), ("default/nope", "no pod"), ("svc/default/wbe", "did you mean svc/default/web"),
     ("node/node-9", "no node"), ("a/b/c/d", "cannot parse"), ("", "empty"), ("999.1.1.1", "not a valid IPv4 address"),
 ])
 def test_bad_specs(inv, spec, needle):

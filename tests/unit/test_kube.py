@@ -344,8 +344,8 @@ def test_inventory_for_without_cluster_ip_field_selector(tmp_path):
 
 @pytest.mark.parametrize("spec,needle", [
     ("pod-1-9", "no pod default/pod-1-9; did you mean default/pod-1-"),
-    ("svc/default/wbe", "no Service default/wbe; did you mean default/web"),
-    ("node/node-9", "no node node-9; did you mean node-"),
+    ("svc/default/wbe", "no Service default/wbe; did you mean svc/default/web"),
+    ("node/node-9", "no node node-9; did you mean node/node-"),
 ])
 def test_inventory_for_unknown_names(conn, spec, needle):
     with pytest.raises(BadInput) as e:

@@ -257,3 +257,28 @@ def test_listing_and_cli_say_where_each_scenario_applies(monkeypatch, tmp_path):
     assert "applies to: flannel, cilium" in out and "applies to: flannel\n" in out
     data = json.loads(runner.invoke(main, ["lab", "scenarios", "-o", "json"]).output)
     assert {d["name"]: d["applies_to"] for d in data} == {n: r["applies_to"] for n, r in rows.items()}
+
+
+def test_listing_with_a_lab_up_shows_only_what_applies_to_its_cni(monkeypatch, tmp_path):
+    """With a cilium lab up, `lab scenarios` lists only the scenarios that apply to cilium and
+    names the others in one line; without a lab, every scenario with its flavours."""
+    from tracer.cli.main import main
+    from tracer.lab import build
+
+    monkeypatch.setenv("PODTRACE_STATE_DIR", str(tmp_path))
+    cfg = T.LabConfig(prefix="ptlab", cni="cilium", state_dir=tmp_path)
+    doc = T.status_document(T.plan(cfg, created_at="1970-01-01T00:00:00Z"))
+    monkeypatch.setattr(build, "status", lambda prefix, *rest: doc)
+    runner = CliRunner()
+    skipped = [sc.name for sc in S.all_scenarios() if "cilium" in sc.not_on]
+    kept = [n for n in S.names() if n not in skipped]
+    assert skipped and kept
+    data = json.loads(runner.invoke(main, ["lab", "scenarios", "-o", "json"]).output)
+    assert [d["name"] for d in data] == kept
+    assert all("cilium" in d["applies_to"] for d in data)
+    out = runner.invoke(main, ["lab", "scenarios"])
+    assert out.exit_code == 0, out.output
+    assert out.output.count("applies to: ") == len(kept)
+    assert f"({len(skipped)} more do not apply to the cilium lab ptlab: {', '.join(skipped)})" in out.output
+    for name in skipped:
+        assert f"\n{name} " not in out.output

@@ -25,16 +25,16 @@ from __future__ import annotations
 import pandas as pd
 
 from tracer import tracefile
-from tracer.analysis import merge
+from tracer.analysis import merge, public
 from tracer.analysis.flowfile import _flow_input, _flow_tables, reconstruct
-from tracer.analysis.plots import STATUS_COLOR, hop_label, plot_path
+from tracer.analysis.plots import STATUS_COLOR, hop_label, human_ns, ms_formatter, path_width, plot_path
 from tracer.analysis.report import render_summary, summary_doc
 from tracer.analysis.tables import drop_table, flow_table
 from tracer.analysis.trace import COLUMNS, STATUSES, Trace
 from tracer.analysis.vectorised import GAP_NS, reconstruct_vectorised
 
 __all__ = ["COLUMNS", "GAP_NS", "STATUSES", "STATUS_COLOR", "Trace", "analyse", "drop_table",
-           "flow_table", "hop_label", "load", "plot_path", "reconstruct", "reconstruct_vectorised",
+           "flow_table", "hop_label", "human_ns", "load", "ms_formatter", "path_width", "plot_path", "reconstruct", "reconstruct_vectorised",
            "render_summary", "summary_doc", "_flow_input"]
 
 
@@ -81,4 +81,6 @@ def analyse(events: pd.DataFrame, meta: dict, mode: str = "auto") -> Trace:
                 d = packets["direction"]
                 hops["direction"] = (pd.Categorical.from_codes(d.cat.codes.to_numpy()[at], d.cat.categories)
                                      if hasattr(d, "cat") else d.to_numpy()[at])
-    return Trace(events, hops, packets, meta, fl, drop_table(packets), used)
+    tables = {"events": events, "hops": hops, "packets": packets, "flows": fl, "drops": drop_table(packets)}
+    tables = {k: public.publish(k, v, meta) for k, v in tables.items()}
+    return Trace(tables["events"], tables["hops"], tables["packets"], meta, tables["flows"], tables["drops"], used)

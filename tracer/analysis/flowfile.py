@@ -98,7 +98,7 @@ def _flow_tables(events: pd.DataFrame, meta: dict) -> tuple[pd.DataFrame, pd.Dat
             "packet": i, "direction": p.direction, "seq": p.seq,
             "proto": t["proto"], "src": t["src"], "sport": t["sport"], "dst": t["dst"], "dport": t["dport"],
             "final_src": last["src"], "final_sport": last["sport"], "final_dst": last["dst"],
-            "final_dport": last["dport"], "ip_id": p.ip_id, "ip_len": p.ip_len,
+            "final_dport": last["dport"], "ip_id": p.ip_id, "ip_len": p.ip_len, "tcp_flags": p.tcp_flags,
             "first_ts_ns": p.first_ts_ns, "last_ts_ns": p.first_ts_ns + last["t_ns"],
             "hops": len(hops), "first_node": first["node"], "first_pod": first["pod"],
             "first_dev": first["dev"], "last_node": last["node"], "last_pod": last["pod"],

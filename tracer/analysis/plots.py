@@ -16,6 +16,41 @@ def hop_label(hops: pd.DataFrame) -> pd.Series:
     return where.astype(str) + "/" + hops["dev"].astype(str) + " " + hops["point"].astype(str)
 
 
+def human_ns(ns) -> str:
+    """A duration in the unit a person reads: "870 ns", "5 µs", "1.62 ms", "2.5 s"."""
+    if ns is None or pd.isna(ns):
+        return "-"
+    ns = float(ns)
+    for unit, div in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)):
+        if abs(ns) >= div:
+            return f"{ns / div:.3g} {unit}"
+    return f"{ns:.0f} ns"
+
+
+def ms_formatter():
+    """Axis ticks of a milliseconds axis as plain numbers (0.005, 0.1, 2), also on a log scale."""
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda v, _: f"{v:g}")
+
+
+def path_width(t: Trace, packet: int) -> float:
+    """The figure width (inches) at which plot_path's labels of this packet do not overlap."""
+    return max(8.0, 1.25 * int((t.hops["packet"] == packet).sum()) + 2)
+
+
+def _nat_label(h, prev) -> str:
+    """What an address translation between two hops changed: "dst → 10.244.2.2:8080"."""
+    def ep(ip, port):
+        return f"{ip}:{port}" if pd.notna(port) else str(ip)
+    out = []
+    if (h["dst"], h["dport"]) != (prev["dst"], prev["dport"]):
+        out.append("dst → " + ep(h["dst"], h["dport"]))
+    if (h["src"], h["sport"]) != (prev["src"], prev["sport"]):
+        out.append("src → " + ep(h["src"], h["sport"]))
+    return "\n".join(out)
+
+
 def plot_path(t: Trace, packet: int, ax=None):
     """The hop path of one packet as a diagram: one lane per pod/node/fabric namespace, hops
     left to right with Δt on the arrows, address changes (NAT) marked, the verdict at the end."""
@@ -27,7 +62,7 @@ def plot_path(t: Trace, packet: int, ax=None):
     lanes_of = hops["pod"].astype(object).where(hops["pod"].notna(), hops["node"].astype(object)).fillna("(fabric)")
     lanes = list(dict.fromkeys(lanes_of))
     if ax is None:
-        _, ax = plt.subplots(figsize=(max(8, 1.25 * len(hops) + 2), 1.0 + 0.9 * max(len(lanes), 1)))
+        _, ax = plt.subplots(figsize=(path_width(t, packet), 1.0 + 0.9 * max(len(lanes), 1)))
     y = {lane: len(lanes) - 1 - i for i, lane in enumerate(lanes)}
     prev = None
     for i, h in hops.iterrows():
@@ -36,16 +71,20 @@ def plot_path(t: Trace, packet: int, ax=None):
         ax.add_patch(FancyBboxPatch((i - 0.42, yy - 0.28), 0.84, 0.56, boxstyle="round,pad=0.02",
                                     fc="#eef3fb" if not enc else "#fdf3e1", ec="#4a6fa5",
                                     ls="--" if enc else "-"))
-        ax.text(i, yy + 0.06, str(h["dev"]), ha="center", va="center", fontsize=8)
+        ax.text(i, yy + 0.06, str(h["dev"]), ha="center", va="center", fontsize=8 if len(str(h["dev"])) <= 10 else 7)
         ax.text(i, yy - 0.14, str(h["point"]) + (f" {enc}" if enc else ""), ha="center", va="center",
                 fontsize=7, color="#555")
         if prev is not None:
             py = y[lanes_of[i - 1]]
             ax.annotate("", xy=(i - 0.42, yy), xytext=(i - 0.58, py),
                         arrowprops=dict(arrowstyle="->", color="#333", lw=1))
-            ax.text(i - 0.5, (yy + py) / 2 + 0.34, f"{h['dt_ns'] / 1000:.1f}µs", ha="center", fontsize=7)
-            if (h["src"], h["dst"]) != (prev["src"], prev["dst"]):
-                ax.text(i, yy + 0.4, f"{h['src']}→{h['dst']}", ha="center", fontsize=7, color="m")
+            if yy == py:      # above the arrow between two boxes
+                ax.text(i - 0.5, yy + 0.34, human_ns(h["dt_ns"]), ha="center", fontsize=7)
+            else:             # beside the arrow that changes lanes, clear of both boxes
+                ax.text(i - 0.45, (yy + py) / 2, human_ns(h["dt_ns"]), ha="left", va="center", fontsize=7)
+            nat = _nat_label(h, prev)
+            if nat:   # under the box: the Δt labels are above, between the boxes
+                ax.text(i, yy - 0.33, nat, ha="center", va="top", fontsize=6.5, color="m")
         prev = h
     status = str(pk["status"])
     end = len(hops)
@@ -57,7 +96,7 @@ def plot_path(t: Trace, packet: int, ax=None):
     ax.set_yticks([y[lane] for lane in lanes], lanes)
     ax.set_xticks([])
     ax.set_xlim(-0.6, end + 1.6)
-    ax.set_ylim(-0.7, len(lanes) - 0.3)
+    ax.set_ylim(-0.85, len(lanes) - 0.3)
     sp = f":{pk['sport']}" if pd.notna(pk["sport"]) else ""
     dp = f":{pk['dport']}" if pd.notna(pk["dport"]) else ""
     ax.set_title(f"packet {packet} ({pk['direction']}) {pk['proto']} {pk['src']}{sp} → {pk['dst']}{dp}", fontsize=10)

@@ -14,8 +14,8 @@ def summary_doc(t: Trace, top: int = 20) -> dict:
     if len(fl):
         bad = fl["dropped"] + fl["lost"]
         fl = fl.assign(_bad=bad).sort_values(["_bad", "packets"], ascending=False).drop(columns="_bad")
-    cols = ["flow", "proto", "src", "sport", "dst", "dport", "src_pod", "dst_pod", "service", "packets",
-            "delivered", "dropped", "lost", "left", "partial", "p50_ns", "p99_ns"]
+    cols = ["flow", "proto", "src", "sport", "dst", "dport", "src_pod", "dst_pod", "dst_pod_port", "service", "packets",
+            "delivered", "dropped", "lost", "left", "partial", "p50_ns", "p99_ns", "tcp_flags"]
     return {
         "file": t.meta.get("path"),
         "incomplete": t.meta.get("incomplete_reason") if t.meta.get("incomplete") else flowverdict.interruption(t.meta),
@@ -26,7 +26,7 @@ def summary_doc(t: Trace, top: int = 20) -> dict:
         "flows": _records(fl[cols].head(top)) if len(fl) else [],
         "drops": _records(t.drops.head(top)),
         "not_delivered": _records(t.packets[t.packets["status"].astype(str) != "delivered"]
-                                  [["packet", "flow", "direction", "proto", "src", "dst", "status",
+                                  [["packet", "flow", "direction", "proto", "tcp_flags", "src", "dst", "status",
                                     "verdict_node", "verdict_dev", "reason", "hint"]].head(top))
         if len(t.packets) else [],
     }
@@ -35,7 +35,8 @@ def summary_doc(t: Trace, top: int = 20) -> dict:
 def _records(df: pd.DataFrame) -> list[dict]:
     out = []
     for r in df.astype(object).where(df.notna(), None).to_dict("records"):
-        out.append({k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()})
+        out.append({k: (v.isoformat() if isinstance(v, pd.Timestamp) else v.item() if hasattr(v, "item") else v)
+                    for k, v in r.items()})
     return out
 
 
@@ -47,6 +48,9 @@ def _us(ns) -> str:
 
 def render_summary(doc: dict, console) -> None:
     from rich.table import Table
+    from rich.text import Text
+
+    from tracer.reconstruct import tcpflags
 
     s = doc["summary"]
     console.print(f"[bold]{s['kind'] or 'trace'}[/bold]: {s['events']} events, {s['packets']} packets, "
@@ -64,14 +68,26 @@ def render_summary(doc: dict, console) -> None:
     flowverdict.render(doc.get("flow"), console)
     if doc["flows"]:
         t = Table(title="flows (worst first)", title_justify="left", show_edge=False)
-        for c in ("flow", "proto", "source", "destination", "service", "pkts", "deliv", "drop", "lost",
-                  "p50", "p99"):
-            t.add_column(c, justify="right" if c in ("flow", "pkts", "deliv", "drop", "lost", "p50", "p99") else "left")
+        cols = ("flow", "proto", "source", "destination", "service", "pkts", "deliv", "drop", "lost",
+                "p50", "p99", "flags")
+        rows = []
         for f in doc["flows"]:
             src = f"{f['src_pod'] or f['src']}" + (f":{f['sport']}" if f["sport"] is not None else "")
-            dst = f"{f['dst_pod'] or f['dst']}" + (f":{f['dport']}" if f["dport"] is not None else "")
-            t.add_row(str(f["flow"]), f["proto"] or "", src, dst, f["service"] or "", str(f["packets"]),
-                      str(f["delivered"]), str(f["dropped"]), str(f["lost"]), _us(f["p50_ns"]), _us(f["p99_ns"]))
+            port = f.get("dst_pod_port") if f["dst_pod"] else f["dport"]   # a Service's backend: its own port
+            dst = f"{f['dst_pod'] or f['dst']}" + (f":{port}" if port is not None else "")
+            svc = (f["service"] or "") + (f":{f['dport']}" if f["service"] and f["dport"] is not None
+                                          and f["dport"] != port else "")
+            rows.append([str(f["flow"]), f["proto"] or "", src, dst, svc, str(f["packets"]),
+                         str(f["delivered"]), str(f["dropped"]), str(f["lost"]), _us(f["p50_ns"]),
+                         _us(f["p99_ns"]),
+                         Text("".join(tcpflags.bracketed(x) for x in (f.get("tcp_flags") or "").split()))])
+        # service and flags only when some flow has one (no room to waste at 120 columns)
+        keep = [i for i, c in enumerate(cols) if c not in ("service", "flags") or any(str(r[i]) for r in rows)]
+        for i in keep:
+            c = cols[i]
+            t.add_column(c, justify="right" if c in ("flow", "pkts", "deliv", "drop", "lost", "p50", "p99") else "left")
+        for r in rows:
+            t.add_row(*(r[i] for i in keep))
         console.print(t)
     if doc["drops"]:
         t = Table(title="drops", title_justify="left", show_edge=False)

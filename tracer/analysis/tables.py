@@ -67,6 +67,12 @@ def flow_table(packets: pd.DataFrame, meta: dict) -> pd.DataFrame:
     svc = _first_per(flow, by_time, nf, [_lookup(packets[cc].to_numpy(), svcs) for cc in ("_dst", "_src", "_fdst", "_fsrc")])
     peer = _first_per(flow, by_time, nf, [np.where(fwd, _lookup(packets["_fdst"].to_numpy(), pods),
                                                    _lookup(packets["_fsrc"].to_numpy(), pods))])
+    # the destination pod's own port: after DNAT (a Service's backend listens on its targetPort)
+    dst_pod_port = _first_per(flow, by_time, nf, [
+        np.where(fwd & ~pd.isna(_lookup(packets["_fdst"].to_numpy(), pods)),
+                 packets["final_dport"].astype("Int64").to_numpy(dtype=object, na_value=None), None),
+        np.where(~fwd & ~pd.isna(_lookup(packets["_src"].to_numpy(), pods)),
+                 packets["sport"].astype("Int64").to_numpy(dtype=object, na_value=None), None)])
     q = (pd.DataFrame({"flow": flow, "ow": ow}).groupby("flow")["ow"].quantile([0.5, 0.99]).unstack()
          .reindex(range(nf)))
     p = packets.iloc[firsts]
@@ -79,6 +85,8 @@ def flow_table(packets: pd.DataFrame, meta: dict) -> pd.DataFrame:
         "src_pod": _lookup(p["_src"].to_numpy(), pods),
         # the pod itself, or for a Service (NATed) flow the backend it turned out to be
         "dst_pod": np.where(pd.isna(dst_pod), peer, dst_pod),
+        "dst_pod_port": pd.array(np.where(pd.isna(dst_pod_port), p["dport"].astype("Int64").to_numpy(
+            dtype=object, na_value=None), dst_pod_port), dtype="Int64"),
         "service": svc,
         "packets": np.bincount(flow, minlength=nf),
         "forward": np.bincount(flow, weights=fwd, minlength=nf).astype(np.int64),
@@ -88,6 +96,7 @@ def flow_table(packets: pd.DataFrame, meta: dict) -> pd.DataFrame:
         "first_ts_ns": first_ts[firsts],
         "last_ts_ns": _max_per(flow, packets["last_ts_ns"].to_numpy(), nf),
         "nodes": _flow_nodes(packets, flow, nf),
+        "tcp_flags": _flow_tcp_flags(packets, flow, nf),
     })
     out.insert(out.columns.get_loc("forward") + 1, "reverse", out["packets"] - out["forward"])
     out.attrs["packet_flow"] = flow
@@ -127,6 +136,26 @@ def _flow_nodes(packets: pd.DataFrame, flow: np.ndarray, n: int) -> np.ndarray:
     mcodes, muniq = pd.factorize(mask)
     label = [",".join(sorted(str(uniq[i]) for i in range(len(uniq)) if m >> i & 1)) for m in muniq]
     return np.array(label, dtype=object)[mcodes]
+
+
+def _flow_tcp_flags(packets: pd.DataFrame, flow: np.ndarray, n: int) -> np.ndarray:
+    """The TCP flags each flow's packets carried, each once, in the order first seen
+    ("S S. . P. F."); None for a flow without TCP packets."""
+    out = np.full(n, None, dtype=object)
+    if "tcp_flags" not in packets or not n:
+        return out
+    cat = pd.Categorical(packets["tcp_flags"])
+    codes = cat.codes.astype(np.int64)
+    has = codes >= 0
+    if not has.any():
+        return out
+    pairs = pd.DataFrame({"flow": flow[has], "flags": np.asarray(cat.categories, dtype=object)[codes[has]],
+                          "t": packets["first_ts_ns"].to_numpy()[has]})
+    firsts = pairs.groupby(["flow", "flags"], sort=False)["t"].min().reset_index()
+    firsts = firsts.sort_values(["flow", "t"], kind="stable")
+    joined = firsts.groupby("flow", sort=False)["flags"].agg(" ".join)
+    out[joined.index.to_numpy()] = joined.to_numpy()
+    return out
 
 
 def drop_table(packets: pd.DataFrame) -> pd.DataFrame:

@@ -12,24 +12,24 @@ COLUMNS = {
     "events": "one row per hop event as captured (tracer/events.py fields, addresses as numbers, "
               "plus *_str address strings and hook_name)",
     "packets": ["packet", "flow", "direction", "seq", "proto", "src", "sport", "dst", "dport",
-                "final_src", "final_sport", "final_dst", "final_dport", "ip_id", "ip_len",
+                "final_src", "final_sport", "final_dst", "final_dport", "ip_id", "ip_len", "tcp_flags",
                 "first_ts_ns", "last_ts_ns", "hops", "first_node", "first_pod", "first_dev",
                 "last_node", "last_pod", "last_dev", "last_point", "status", "node", "dev", "point",
                 "verdict_node", "verdict_dev", "verdict_point", "reason", "location", "cause", "hint",
                 "runbook", "one_way_ns", "duration_ns"],
     "hops": ["packet", "hop", "flow", "direction", "seq", "ts_ns", "t_ns", "dt_ns", "node", "pod",
-             "dev", "point", "seen_by", "src", "sport", "dst", "dport", "encap", "encap_src",
+             "dev", "point", "seen_by", "src", "sport", "dst", "dport", "tcp_flags", "encap", "encap_src",
              "encap_dst", "vni", "ifindex", "netns", "len", "ct_state"],
-    "flows": ["flow", "proto", "src", "sport", "dst", "dport", "src_pod", "dst_pod", "service",
+    "flows": ["flow", "proto", "src", "sport", "dst", "dport", "src_pod", "dst_pod", "dst_pod_port", "service",
               "packets", "forward", "reverse", "delivered", "dropped", "lost", "left", "partial", "bytes",
-              "p50_ns", "p99_ns", "first_ts_ns", "last_ts_ns", "nodes"],
+              "p50_ns", "p99_ns", "first_ts_ns", "last_ts_ns", "nodes", "tcp_flags"],
     "drops": ["reason", "node", "dev", "location", "count", "flows", "first_ts_ns", "last_ts_ns"],
 }
 # partial: seen only while an observer on its path was not tracing (never a failure)
 STATUSES = ["delivered", "dropped", "lost", "left", "partial"]
 
 
-@dataclass
+@dataclass(repr=False)
 class Trace:
     """A loaded trace. Every table is a pandas DataFrame (see COLUMNS / docs/analysis.md)."""
 
@@ -67,12 +67,57 @@ class Trace:
             "hooks": self.meta.get("hooks") or [],
         }
 
+    def __repr__(self) -> str:
+        """A few lines, whatever the trace's size: counts, time span, nodes, files."""
+        return "\n".join(describe(self))
+
+    def _repr_html_(self) -> str:
+        import html
+
+        return "<pre>" + html.escape(repr(self)) + "</pre>"
+
     def path(self, packet: int) -> pd.DataFrame:
         """The hops of one packet, in order."""
         return self.hops[self.hops["packet"] == packet]
 
     def flow_packets(self, flow: int) -> pd.DataFrame:
         return self.packets[self.packets["flow"] == flow]
+
+
+def describe(t: Trace) -> list[str]:
+    """The lines of a Trace's repr."""
+    p = t.packets
+    by = p["status"].astype(str).value_counts() if len(p) else pd.Series(dtype="int64")
+    verdicts = ", ".join(f"{int(by[s])} {s}" for s in STATUSES if by.get(s, 0))
+    files = t.meta.get("files") or ([t.meta["path"]] if t.meta.get("path") else [])
+    head = (f"Trace of a {t.meta.get('kind') or 'trace'} ({t.mode} reconstruction): {len(t.events)} events, "
+            f"{len(p)} packets" + (f" ({verdicts})" if verdicts else "") + f", {len(t.hops)} hops, "
+            f"{len(t.flows)} flows, {int(t.drops['count'].sum()) if len(t.drops) else 0} drops")
+    lines = [head]
+    if len(t.events):
+        t0, t1 = int(t.events["ts_ns"].min()), int(t.events["ts_ns"].max())
+        off = (t.meta.get("clock") or {}).get("realtime_offset_ns")
+        span = f"{(t1 - t0) / 1e9:.3f} s"
+        if isinstance(off, int):
+            a, b = (pd.Timestamp(x + off, unit="ns", tz="UTC") for x in (t0, t1))
+            when = f"{a:%Y-%m-%d %H:%M:%S.%f}"[:-3] + f" → {b:%H:%M:%S.%f}"[:-3] + " UTC"
+            lines.append(f"  {when} ({span})")
+        else:
+            lines.append(f"  {span} (no wall clock in the file)")
+    nodes = [n["name"] for n in t.meta.get("nodes") or [] if n.get("name")] or sorted(
+        {v[0] for v in (t.meta.get("placement") or {}).values() if v and v[0]})
+    if nodes:
+        lines.append("  nodes: " + _few(nodes))
+    if files:
+        lines.append("  file" + ("s" if len(files) > 1 else "") + ": " + _few([str(f) for f in files]))
+    if t.events_lost:
+        lines.append(f"  events lost: {t.events_lost} (ring buffer full: paths may have gaps)")
+    lines.append("  tables: .packets .hops .flows .drops .events; .summary(), .path(packet)")
+    return lines
+
+
+def _few(names: list[str], n: int = 6) -> str:
+    return ", ".join(names[:n]) + (f" … (+{len(names) - n})" if len(names) > n else "")
 
 
 def _empty_packets() -> pd.DataFrame:

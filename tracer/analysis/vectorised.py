@@ -17,7 +17,7 @@ from tracer import tracefile
 from tracer.analysis.frames import _cat_from, _factorize, _lookup, _lookup_cat, _map_unique, _nullable, _placement
 from tracer.analysis.trace import STATUSES, _empty_hops, _empty_packets
 from tracer.kernel.record import ENCAP, FLAG_FOLLOWED, HOOK_IDS, HOOKS, PROTOS
-from tracer.reconstruct import arrival, beyond, diagnose, dnat, drops, window as windows
+from tracer.reconstruct import arrival, beyond, diagnose, dnat, drops, tcpflags, window as windows
 from tracer.reconstruct import packets as flows
 from tracer.reconstruct.model import Encap, Hop
 
@@ -265,6 +265,7 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
         "final_dport": _nullable(fdport, p_icmp),
         "ip_id": c["ip_id"][first_row].astype(np.int64),
         "ip_len": c["ip_len"][first_row].astype(np.int64),
+        "tcp_flags": tcpflags.column(c["tcp_flags"][first_row], proto),
         "first_ts_ns": first_ts, "last_ts_ns": last_ts, "hops": n_hops,
         "first_node": _lookup_cat(c["netns"][first_row], node_of),
         "first_pod": _lookup_cat(c["netns"][first_row], pod_of),
@@ -310,6 +311,7 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
         "sport": _nullable(c["sport"][rows].astype(np.int64), c["proto"][rows] == 1),
         "dst": tracefile.ip_categorical(c["daddr"][rows]),
         "dport": _nullable(c["dport"][rows].astype(np.int64), c["proto"][rows] == 1),
+        "tcp_flags": tcpflags.column(c["tcp_flags"][rows], c["proto"][rows]),
         "encap": _lookup_cat(events["encap"].to_numpy()[order[rows]], ENCAP),
         "encap_src": tracefile.ip_categorical(events["outer_saddr"].to_numpy()[order[rows]]),
         "encap_dst": tracefile.ip_categorical(events["outer_daddr"].to_numpy()[order[rows]]),

@@ -20,7 +20,7 @@ from tracer.errors import ExitStatus
 def analyze(files, mode, top, output):
     """Summarise a trace file: packets, flows, drops and losses, as tables.
 
-    FILE is a Parquet trace written by `podtrace capture` or `podtrace flow --save`;
+    FILE is a Parquet trace written by `podtrace capture -w` or `podtrace flow -w` (--save);
     several files, a directory or a glob (one capture per node) are read as one trace.
     The same tables are in Jupyter: `from tracer import analysis; t = analysis.load(FILE)`.
 
@@ -30,6 +30,7 @@ def analyze(files, mode, top, output):
       podtrace analyze trace.parquet --top 50
       podtrace analyze capture.parquet -o json | jq .drops
       podtrace analyze node-1.parquet node-2.parquet
+      podtrace analyze 'capture-*.parquet'          # a glob, expanded by podtrace
     """
     from tracer.analysis import load, render_summary, summary_doc
 

@@ -8,6 +8,7 @@ import time
 import click
 
 from tracer import tracefile
+from tracer.cli.options import prefix_option
 from tracer.errors import BadInput, ExitStatus
 
 
@@ -35,6 +36,7 @@ from tracer.errors import BadInput, ExitStatus
               help="Kubeconfig (default: $KUBECONFIG, ~/.kube/config, in-cluster). The selection "
                    "is watched: pods that appear or go during the capture are followed.")
 @click.option("--context", default=None, help="Kubeconfig context (default: the current one).")
+@prefix_option()
 @click.option("--tc", is_flag=True, help="Also observe the lab's devices with tc programs.")
 @click.option("--on-node", default=None, metavar="NAME",
               help="Lab only: record what that node's namespaces see, as a capture on that node "
@@ -44,7 +46,7 @@ from tracer.errors import BadInput, ExitStatus
 @click.option("--ringbuf-pages", type=click.IntRange(8, 65536), default=1024, show_default=True,
               help="Ring buffer size in pages (a power of two).")
 def capture(cidr, pods, namespaces, services, nodes, cidrs, ports, all_traffic, duration, output, cluster,
-            kubeconfig, context, tc, on_node, row_group, ringbuf_pages, force=False):
+            kubeconfig, context, prefix, tc, on_node, row_group, ringbuf_pages, force=False):
     """Record the hop events of a selection of traffic to a Parquet trace file.
 
     Without a selection, all pod traffic (every node's pod CIDR and the Service IPs).
@@ -57,6 +59,7 @@ def capture(cidr, pods, namespaces, services, nodes, cidrs, ports, all_traffic, 
       podtrace capture --pod default/pod-1-1 -w a.parquet   # one pod, until Ctrl-C
       podtrace capture --service default/web --port 80
       podtrace capture --node node-2 10.96.0.0/16
+      podtrace capture --prefix mylab -d 10 -w mylab.parquet   # the lab named mylab
       podtrace capture -n shop --kubeconfig ~/.kube/prod -d 600   # on a node
       podtrace analyze a.parquet
     """
@@ -72,7 +75,8 @@ def capture(cidr, pods, namespaces, services, nodes, cidrs, ports, all_traffic, 
     cfg = CaptureConfig(Selection(list(pods), list(namespaces), list(services), list(nodes),
                                   list(cidr) + list(cidrs), list(ports), all_traffic),
                         out, duration, cluster, kubeconfig=kubeconfig, context=context,
-                        row_group_events=row_group, ringbuf_pages=ringbuf_pages, tc=tc, on_node=on_node)
+                        row_group_events=row_group, ringbuf_pages=ringbuf_pages, tc=tc, on_node=on_node,
+                        **({"lab_prefix": prefix} if prefix else {}))
     err = Console(stderr=True)
     if err.is_terminal:
         with err.status("starting capture") as status:

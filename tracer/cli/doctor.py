@@ -6,12 +6,14 @@ import sys
 
 import click
 
+from tracer.cli.options import prefix_option
 from tracer.errors import ExitStatus
 
 
 @click.command()
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def doctor(output):
+@prefix_option(help="Name prefix of the lab to look for as a metadata source (env PODTRACE_LAB_PREFIX).")
+def doctor(output, prefix):
     """Check what this machine offers for tracing and what blocks `flow`.
 
     Kernel, config, BTF, kernel headers (real, substitute or none), tracefs/debugfs,
@@ -22,13 +24,14 @@ def doctor(output):
     Examples:
       sudo podtrace doctor
       sudo podtrace doctor -o json | jq '.hooks[] | select(.active)'
+      sudo podtrace doctor --prefix mylab -o json | jq .metadata
     """
     from rich.console import Console
 
     from tracer import doctor as doc_mod
     from tracer import render
 
-    rep = doc_mod.report()
+    rep = doc_mod.report(lab_prefix=prefix)
     if output == "json":
         click.echo(render.to_json(rep))
     else:

@@ -7,6 +7,7 @@ import sys
 import click
 from click.core import ParameterSource
 
+from tracer.cli.options import prefix_option
 from tracer.errors import BadInput, ExitStatus
 
 
@@ -35,17 +36,24 @@ from tracer.errors import BadInput, ExitStatus
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None,
               help="kubeconfig file (default: KUBECONFIG, ~/.kube/config, or in-cluster).")
 @click.option("--context", default=None, help="kubeconfig context to use.")
-@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
-@click.option("--save", type=click.Path(dir_okay=False), default=None, help="Write the raw events to a Parquet trace file.")
-@click.option("--force", is_flag=True, help="Overwrite the --save file if it exists.")
+@click.option("-n", "--namespace", default=None, metavar="NS",
+              help="Namespace of SRC/DST given without one (POD, pod/POD, svc/NAME).  [default: default]")
+@prefix_option()
+@click.option("-o", "--output", type=click.Choice(["table", "compact", "wide", "json"]), default="table",
+              show_default=True,
+              help="table: one line per path, full tables for failing packets (= compact); "
+                   "wide: every packet's table; json: the whole result.")
+@click.option("-w", "--write", "--save", "save", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Write the raw events to a Parquet trace file (as `capture -w`; --save is the same).")
+@click.option("--force", is_flag=True, help="Overwrite the -w/--save file if it exists.")
 @click.option("--single-process", "single", is_flag=True, hidden=True,
               help="Trace every node from this process instead of one agent per node (lab only).")
 def flow(src, dst, proto, port, count, timeout, size, sport, sample, budget, no_probe, duration, cluster, kubeconfig,
-         context, output, save, single, force=False):
+         context, namespace, prefix, output, save, single, force=False):
     """Follow probe packets from SRC to DST hop by hop, and say where they died.
 
-    SRC and DST: NAMESPACE/POD, POD (namespace default), svc/NAMESPACE/NAME,
-    node/NAME or an IPv4 address.
+    SRC and DST: NAMESPACE/POD, POD or pod/POD (namespace default, or -n),
+    svc/NAME (the same namespace), svc/NAMESPACE/NAME, node/NAME or an IPv4 address.
 
     \b
     Exit status: 0 every probe delivered and answered; 3 the trace found a failure;
@@ -56,7 +64,10 @@ def flow(src, dst, proto, port, count, timeout, size, sport, sample, budget, no_
     Examples:
       podtrace flow pod-1-1 pod-2-1
       podtrace flow default/pod-1-1 svc/default/web --proto tcp --port 80 -o json
-      podtrace flow pod-1-1 pod-2-2 --proto udp --port 8080 --save trace.parquet
+      podtrace flow pod-1-1 svc/web                # svc/NAME: a Service of namespace default (tcp/80)
+      podtrace flow -n shop web-0 svc/cart         # both in namespace shop
+      podtrace flow pod-1-1 pod-2-2 --proto udp --port 8080 -w trace.parquet
+      podtrace flow pod-1-1 node/node-2 --prefix mylab   # the lab named mylab
       podtrace flow pod-1-1 pod-2-1 --no-probe --duration 10
       podtrace flow pod-1-1 pod-2-1 --size 1450        # MTU black hole?
     """
@@ -73,9 +84,10 @@ def flow(src, dst, proto, port, count, timeout, size, sport, sample, budget, no_
     err = Console(stderr=True)
     cfg = FlowConfig(src=src, dst=dst, proto=proto, port=port, count=count, timeout=timeout,
                      probe=not no_probe, duration=duration, cluster=cluster, save=save, size=size, sport=sport,
-                     kubeconfig=kubeconfig, context=context, sample=sample, budget=budget,
+                     kubeconfig=kubeconfig, context=context, sample=sample, budget=budget, namespace=namespace,
+                     lab_prefix=prefix or settings.lab_prefix(),
                      mode="single" if single else settings.flow_mode())
-    if err.is_terminal and output == "table":
+    if err.is_terminal and output != "json":
         with err.status("resolving endpoints") as status:
             result = run_flow(cfg, progress=lambda msg: status.update(msg))
     else:
@@ -87,7 +99,7 @@ def flow(src, dst, proto, port, count, timeout, size, sport, sample, budget, no_
         out = Console()
         if not out.is_terminal:
             out = Console(width=160)  # piped into a file or a ticket: keep whole rows
-        render.flow_table(result, out)
+        render.flow_human(result, out, output)
         if save and not result.interrupted:
             err.print(f"trace saved to {save}")
     if result.interrupted:   # like ping: what was traced is shown above; one line says how far it got

@@ -9,6 +9,7 @@ import traceback
 import click
 
 from tracer import settings
+from tracer.cli import options
 from tracer.errors import ExitStatus, PodtraceError
 
 # Command name → the module that defines it, as an attribute of the same name. A module is
@@ -51,6 +52,8 @@ class PodtraceGroup(click.Group):
         cmd = super().get_command(ctx, name)
         if cmd is None and name in COMMANDS:
             cmd = getattr(importlib.import_module(COMMANDS[name]), name)
+            if isinstance(cmd, click.Group) and any(p.name == "prefix" for p in cmd.params):
+                options.share_prefix(cmd)
             self.add_command(cmd, name)
         return cmd
 

@@ -5,11 +5,9 @@
 
 from __future__ import annotations
 
-import difflib
-import ipaddress
 from typing import Iterable, Iterator
 
-from tracer.cluster import inventory
+from tracer.cluster import inventory, names
 from tracer.cluster.api import SERVICE_NAME_LABEL, Connection, Stream, _call
 from tracer.errors import BadInput, EnvironmentProblem
 
@@ -40,20 +38,38 @@ def _names(conn: Connection, stream: Stream, what: str) -> list[str]:
     return out
 
 
-def _close(word: str, names: list[str]) -> str:
-    near = difflib.get_close_matches(word, names, n=3, cutoff=0.5)
-    return f"did you mean {', '.join(near)}?" if near else "list them with kubectl get"
+def _hint(conn: Connection, name: names.Name) -> str:
+    """names.hint() over what the API lists: the pods and Services of the name's namespace
+    and the nodes (only on this error path; a list refused is left out)."""
+    from kubernetes.client.exceptions import ApiException
+
+    ns = name.namespace or names.DEFAULT_NAMESPACE
+    found = {}
+    for kind, stream, what in (("pods", Stream("Pod", ns), f"list pods in {ns}"),
+                               ("services", Stream("Service", ns), f"list services in {ns}"),
+                               ("nodes", Stream("Node"), "list nodes")):
+        try:
+            found[kind] = _names(conn, stream, what)
+        except (EnvironmentProblem, ApiException):
+            found[kind] = []
+    return names.hint(name, fallback="list them with kubectl get", **found)
 
 
-def inventory_for(conn: Connection, specs: Iterable[str]) -> tuple[inventory.Inventory, list[Stream]]:
+def inventory_for(conn: Connection, specs: Iterable[str],
+                  namespace: str | None = None) -> tuple[inventory.Inventory, list[Stream]]:
     """A small inventory holding what the specs name (a pod, a Service with its slices and
     backend pods, a node, or whatever owns an address) plus the nodes of those pods, and
-    the Streams that keep exactly that current during a long capture. Unknown names raise
-    BadInput with close matches from the same namespace."""
+    the Streams that keep exactly that current during a long capture. Names without a
+    namespace are in `namespace` (default "default"). Unknown names raise BadInput with
+    close matches from the same namespace, and the same name as another kind."""
     inv = inventory.Inventory(source=conn.source)
     streams: list[Stream] = []
     for spec in specs:
-        _fetch_spec(conn, spec.strip(), inv, streams)
+        try:
+            name = names.parse(spec, namespace)
+        except BadInput:
+            continue    # endpoints.resolve() says what is wrong with it
+        _fetch_spec(conn, name, inv, streams)
     for name in sorted({p.node for p in inv.pods.values() if p.node} - set(inv.nodes)):
         obj = _call(conn, f"get node {name}", conn.core.read_node, name, missing_ok=True)
         if obj:
@@ -92,14 +108,9 @@ def _fetch_service(conn: Connection, inv: inventory.Inventory, streams: list[Str
             streams.append(Stream("Pod", pns, field_selector=f"metadata.name={pname}"))
 
 
-def _fetch_spec(conn: Connection, s: str, inv: inventory.Inventory, streams: list[Stream]) -> None:
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        ip = str(ipaddress.IPv4Address(s))
-    except ValueError:
-        ip = None
-    if ip is not None:
+def _fetch_spec(conn: Connection, name: names.Name, inv: inventory.Inventory, streams: list[Stream]) -> None:
+    if name.kind == "ip":
+        ip = name.key
         pods = Stream("Pod", field_selector=f"status.podIP={ip}")
         streams.append(pods)
         found = [inv.apply("ADDED", it) for it in _items(conn, pods, f"find the pod with IP {ip}")]
@@ -124,33 +135,24 @@ def _fetch_spec(conn: Connection, s: str, inv: inventory.Inventory, streams: lis
                 inv.upsert_node(owner)
                 streams.append(Stream("Node", field_selector=f"metadata.name={owner.name}"))
         return
-    parts = s.split("/")
-    if parts[0] in ("svc", "service") and len(parts) == 3 and all(parts[1:]):
-        ns, name = parts[1], parts[2]
-        obj = _call(conn, f"get service {ns}/{name}", conn.core.read_namespaced_service, name, ns,
+    if name.kind == "service":
+        ns, svc = name.namespace, name.name
+        obj = _call(conn, f"get service {ns}/{svc}", conn.core.read_namespaced_service, svc, ns,
                     missing_ok=True)
         if obj is None:
-            names = _names(conn, Stream("Service", ns), f"list services in {ns}")
-            raise BadInput(f"no Service {ns}/{name}", _close(f"{ns}/{name}", names))
-        _fetch_service(conn, inv, streams, ns, name, obj)
+            raise BadInput(f"no Service {ns}/{svc}", _hint(conn, name))
+        _fetch_service(conn, inv, streams, ns, svc, obj)
         return
-    if parts[0] == "node" and len(parts) == 2 and parts[1]:
-        obj = _call(conn, f"get node {parts[1]}", conn.core.read_node, parts[1], missing_ok=True)
+    if name.kind == "node":
+        obj = _call(conn, f"get node {name.key}", conn.core.read_node, name.key, missing_ok=True)
         if obj is None:
-            raise BadInput(f"no node {parts[1]}", _close(parts[1], _names(conn, Stream("Node"), "list nodes")))
+            raise BadInput(f"no node {name.key}", _hint(conn, name))
         _add(inv, "Node", obj)
-        streams.append(Stream("Node", field_selector=f"metadata.name={parts[1]}"))
+        streams.append(Stream("Node", field_selector=f"metadata.name={name.key}"))
         return
-    if len(parts) in (1, 2) and all(parts):
-        ns, name = (parts[0], parts[1]) if len(parts) == 2 else ("default", parts[0])
-        obj = _call(conn, f"get pod {ns}/{name}", conn.core.read_namespaced_pod, name, ns, missing_ok=True)
-        if obj is None:
-            try:
-                names = _names(conn, Stream("Pod", ns), f"list pods in {ns}")
-            except (EnvironmentProblem, ApiException):
-                names = []
-            raise BadInput(f"no pod {ns}/{name}", _close(f"{ns}/{name}", names))
-        _add(inv, "Pod", obj)
-        streams.append(Stream("Pod", ns, field_selector=f"metadata.name={name}"))
-        return
-    # Anything else is left to endpoints.resolve(), which says what is wrong with it.
+    ns, pod = name.namespace, name.name
+    obj = _call(conn, f"get pod {ns}/{pod}", conn.core.read_namespaced_pod, pod, ns, missing_ok=True)
+    if obj is None:
+        raise BadInput(f"no pod {ns}/{pod}", _hint(conn, name))
+    _add(inv, "Pod", obj)
+    streams.append(Stream("Pod", ns, field_selector=f"metadata.name={pod}"))

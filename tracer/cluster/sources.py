@@ -50,16 +50,17 @@ def local(cluster: str | None, lab_prefix: str | None) -> ClusterView | None:
 
 
 def load(cluster: str | None, kubeconfig: str | None, context: str | None, lab_prefix: str | None,
-         specs: Iterable[str] = ()) -> ClusterView:
+         specs: Iterable[str] = (), namespace: str | None = None) -> ClusterView:
     """--cluster FILE, else the kubeconfig / in-cluster config (the objects `specs` name),
-    else the lab's topology when the lab is up: the contract's order."""
+    else the lab's topology when the lab is up: the contract's order. Names in `specs`
+    without a namespace are in `namespace` (default "default")."""
     if not cluster:
         from tracer.cluster import api, fetch
 
         ref = api.find_config(kubeconfig, context)
         if ref is not None:
             conn = api.connect(kubeconfig, context, ref=ref)
-            inv, _streams = fetch.inventory_for(conn, [s for s in specs if s])
+            inv, _streams = fetch.inventory_for(conn, [s for s in specs if s], namespace)
             return ClusterView(inv, None, conn)
     view = local(cluster, lab_prefix)
     if view is None:

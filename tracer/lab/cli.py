@@ -8,14 +8,15 @@ import time
 
 import click
 
+from tracer import settings
 from tracer.errors import EnvironmentProblem, require_root
 from tracer.lab import build, scenarios
 from tracer.lab import topology as T
 
 
+# --prefix: also after any lab command, its default shown as in effect (tracer/cli/options.py).
 @click.group("lab", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--prefix", envvar="PODTRACE_LAB_PREFIX", default=T.DEFAULT_PREFIX,
-              show_default=True, metavar="NAME",
+@click.option("--prefix", default=None, metavar="NAME",
               help="Name prefix of every namespace the lab creates (env PODTRACE_LAB_PREFIX).")
 @click.pass_context
 def lab(ctx, prefix):
@@ -24,7 +25,8 @@ def lab(ctx, prefix):
     \b
     Nodes, pods, a fabric bridge as the underlay, flannel-style VXLAN between nodes,
     kube-proxy-style Services in iptables and a responder on TCP/UDP 8080 in every pod
-    that answers with its pod name. Nothing outside namespaces named PREFIX-* is touched.
+    that answers with its pod name (to plain HTTP too). Nothing outside namespaces named
+    PREFIX-* is touched.
 
     \b
     Examples:
@@ -34,7 +36,7 @@ def lab(ctx, prefix):
       sudo ip netns exec ptlab-pod-1-1 ip route  # look inside a pod
       sudo podtrace lab down
     """
-    ctx.obj = {"prefix": T.validate_prefix(prefix)}
+    ctx.obj = {"prefix": T.validate_prefix(prefix or settings.lab_prefix())}
 
 
 @lab.command("up")
@@ -52,7 +54,8 @@ def up_cmd(ctx, cni, nodes, pods_per_node):
     Examples:
       sudo podtrace lab up
       sudo podtrace lab up --nodes 3 --pods-per-node 1
-      sudo PODTRACE_LAB_PREFIX=mylab podtrace lab up   # a second, separate lab
+      sudo podtrace lab up --prefix mylab   # a second, separate lab
+      sudo PODTRACE_LAB_PREFIX=mylab podtrace lab up   # the same
     """
     cfg = T.LabConfig(prefix=ctx.obj["prefix"], cni=cni, nodes=nodes, pods_per_node=pods_per_node)
     require_root("podtrace lab up")
@@ -174,7 +177,9 @@ def break_cmd(ctx, scenario, node, list_):
 def fix_cmd(ctx, scenario):
     """Undo a fault injected with `podtrace lab break`, restoring the state before it.
 
-    Fixing a scenario that is not broken changes nothing.
+    Each change is listed as restored (old → new value) or as already restored, when it
+    was fixed by hand (following the runbook) before. Fixing a scenario that is not broken
+    changes nothing.
 
     \b
     Examples:
@@ -187,7 +192,7 @@ def fix_cmd(ctx, scenario):
     if not out.changed:
         click.echo(out.message)
         return
-    click.echo(f"{out.message}; undone:")
+    click.echo(f"{out.message}:")
     for line in out.changes:
         click.echo(f"  - {line}")
     click.echo(f"check: {out.show}")
@@ -199,6 +204,9 @@ def fix_cmd(ctx, scenario):
 @click.pass_context
 def scenarios_cmd(ctx, output):
     """List the faults `podtrace lab break` can inject, and the flow command that shows each.
+
+    With a lab up, only those that apply to its CNI; `-o json` gives each one's flavours
+    (`applies_to`).
 
     \b
     Examples:
@@ -215,6 +223,9 @@ def _print_scenarios(prefix: str, output: str) -> None:
         doc = None
     lab_view = scenarios.Lab(doc) if doc else scenarios.Lab.planned()
     rows = scenarios.listing(lab_view)
+    # A running lab: only the scenarios that apply to its CNI; none running: all of them.
+    hidden = [r["name"] for r in rows if doc and doc.get("cni", "flannel") not in r["applies_to"]]
+    rows = [r for r in rows if r["name"] not in hidden]
     broken = scenarios.broken(prefix) if doc else {}
     if output == "json":
         for row in rows:
@@ -228,8 +239,12 @@ def _print_scenarios(prefix: str, output: str) -> None:
         click.echo(f"{r['name']:<{width}}  {r['summary']} (default: {where}){mark}")
         click.echo(f"{'':<{width}}  show: {r['flow'] or '-'}")
         click.echo(f"{'':<{width}}  applies to: {', '.join(r['applies_to'])}")
+    if hidden:
+        click.echo(f"({len(hidden)} more do not apply to the {doc.get('cni', 'flannel')} lab "
+                   f"{prefix}: {', '.join(hidden)})")
     if doc is None:
-        click.echo("(node and pod names of the default lab; `podtrace lab up` first to break one)")
+        click.echo("(no lab is up: every scenario, each with the CNI flavours it applies to, and "
+                   "the node and pod names of the default lab; `podtrace lab up` first to break one)")
 
 
 def _shape(doc: dict) -> str:

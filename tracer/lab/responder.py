@@ -4,8 +4,11 @@ One process per lab pod, started inside the pod's network namespace by `tracer.l
 
     ip netns exec ptlab-pod-1-1 python -m tracer.lab.responder --name pod-1-1 --port 8080
 
-TCP: every accepted connection gets b"pod-1-1\\n" and is closed. UDP: every datagram is
-answered with b"pod-1-1\\n" to its sender. The answer carries the pod's name so a test (or a
+TCP: every accepted connection gets b"pod-1-1\\n" and is closed. A connection whose first
+bytes are an HTTP request line (`GET / HTTP/1.1`, as `curl http://POD_IP:8080/` sends) gets a
+minimal HTTP/1.0 response with that same body instead; a client that sends nothing gets the
+plain answer after a short wait (GRACE) for such a request. UDP: every datagram is answered
+with b"pod-1-1\\n" to its sender. The answer carries the pod's name so a test (or a
 probe) can tell which backend a Service sent it to. Single-threaded selectors loop; SIGTERM
 and SIGINT end it cleanly through a wakeup pipe, so no handler runs mid-send.
 """
@@ -18,7 +21,13 @@ import selectors
 import signal
 import socket
 import sys
+import time
 
+# How long a new TCP connection may stay silent before it gets the plain answer, and how long
+# an HTTP client has to finish its request head.
+GRACE = 0.1
+HTTP_HEAD_TIMEOUT = 2.0
+_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE")
 
 def serve(name: str, port: int, host: str = "0.0.0.0") -> None:
     answer = f"{name}\n".encode()
@@ -47,33 +56,107 @@ def serve(name: str, port: int, host: str = "0.0.0.0") -> None:
     sel.register(udp, selectors.EVENT_READ, "udp")
     sel.register(wake_r, selectors.EVENT_READ, "stop")
 
+    pending: dict[socket.socket, _Conn] = {}
     try:
         while True:
-            for key, _ in sel.select():
+            timeout = None
+            if pending:
+                timeout = max(0.0, min(c.deadline for c in pending.values()) - time.monotonic())
+            for key, _ in sel.select(timeout):
                 if key.data == "stop":
                     return
                 if key.data == "tcp":
-                    _answer_tcp(tcp, answer)
+                    conn = _accept(tcp)
+                    if conn is not None:
+                        pending[conn] = _Conn(time.monotonic() + GRACE)
+                        sel.register(conn, selectors.EVENT_READ, "conn")
+                elif key.data == "conn":
+                    if pending[key.fileobj].read(key.fileobj, answer):
+                        _close(sel, pending, key.fileobj)
                 else:
                     _answer_udp(udp, answer)
+            now = time.monotonic()
+            for conn in [c for c, st in pending.items() if st.deadline <= now]:
+                pending[conn].expire(conn, answer)
+                _close(sel, pending, conn)
     finally:
+        for conn in list(pending):
+            conn.close()
         sel.close()
         tcp.close()
         udp.close()
 
 
-def _answer_tcp(listener: socket.socket, answer: bytes) -> None:
+class _Conn:
+    """One accepted TCP connection waiting to be answered: its deadline and what it sent."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.buf = b""
+
+    def read(self, conn: socket.socket, answer: bytes) -> bool:
+        """Read what arrived; answer when the request is known. True when done with it."""
+        try:
+            data = conn.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True   # reset (a probe closes with RST at once): nobody to answer
+        if not data:      # the client sent nothing and closed its side: the plain answer
+            _send(conn, answer)
+            return True
+        self.buf += data
+        if not _may_be_http(self.buf):
+            _send(conn, answer)
+            return True
+        if b"\r\n\r\n" in self.buf or b"\n\n" in self.buf:
+            _send(conn, _http(self.buf, answer))
+            return True
+        if len(self.buf) > 16384:
+            return True
+        self.deadline = time.monotonic() + HTTP_HEAD_TIMEOUT
+        return False
+
+    def expire(self, conn: socket.socket, answer: bytes) -> None:
+        # Silent until the deadline: the plain answer. A started HTTP request: answer it as HTTP.
+        _send(conn, _http(self.buf, answer) if self.buf else answer)
+
+
+def _accept(listener: socket.socket) -> socket.socket | None:
     try:
         conn, _ = listener.accept()
     except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-        return
-    with conn:
-        # The answer is a few bytes: it always fits the empty send buffer of a new socket.
-        conn.setblocking(False)
-        try:
-            conn.send(answer)
-        except OSError:
-            pass
+        return None
+    conn.setblocking(False)
+    return conn
+
+
+def _close(sel: selectors.BaseSelector, pending: dict, conn: socket.socket) -> None:
+    sel.unregister(conn)
+    del pending[conn]
+    conn.close()
+
+
+def _may_be_http(buf: bytes) -> bool:
+    """Whether the bytes so far are (the start of) an HTTP request line."""
+    word = buf.split(b" ", 1)[0]
+    if b" " not in buf:
+        return any(m.startswith(word) for m in _METHODS)
+    return word in _METHODS
+
+
+def _http(request: bytes, answer: bytes) -> bytes:
+    head = (b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n" % len(answer))
+    return head if request.startswith(b"HEAD ") else head + answer
+
+
+def _send(conn: socket.socket, data: bytes) -> None:
+    # The answer is small: it always fits the empty send buffer of a new socket.
+    try:
+        conn.send(data)
+    except OSError:
+        pass
 
 
 def _answer_udp(sock: socket.socket, answer: bytes) -> None:

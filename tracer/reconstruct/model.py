@@ -97,6 +97,7 @@ class Hop:
     dport: int | None = None        # destination port; None for ICMP
     ct: ConntrackView | None = None  # the conntrack entry the buffer carried, if any
     ttl: int | None = None          # the (inner) IP TTL there; None when not recorded
+    tcp_flags: str | None = None    # TCP flags there in tcpdump's letters ("S."); None: not TCP
 
     def as_json(self, names: dict[str, dict | None] | None = None) -> dict:
         """The JSON hop; with `names` (address → what it is), `src_is`/`dst_is` too."""
@@ -105,7 +106,7 @@ class Hop:
                "src": self.src, "dst": self.dst, "encap": self.encap.as_json() if self.encap else None,
                "ifindex": self.ifindex, "netns": self.netns, "len": self.len,
                "sport": self.sport, "dport": self.dport, "ct": self.ct.as_json() if self.ct else None,
-               "ttl": self.ttl}
+               "ttl": self.ttl, "tcp_flags": self.tcp_flags}
         if names is not None:
             out["src_is"], out["dst_is"] = names.get(self.src), names.get(self.dst)
         return out
@@ -115,7 +116,8 @@ class Hop:
         return cls(d["node"], d["pod"], d["dev"], d["point"], d["src"], d["dst"],
                    tuple(d.get("seen_by") or ("tracepoint",)), d.get("t_ns", 0), d.get("dt_ns", 0),
                    Encap.from_json(d.get("encap")), d.get("ifindex", 0), d.get("netns", 0), d.get("len", 0),
-                   d.get("sport"), d.get("dport"), ConntrackView.from_json(d.get("ct")), d.get("ttl"))
+                   d.get("sport"), d.get("dport"), ConntrackView.from_json(d.get("ct")), d.get("ttl"),
+                   d.get("tcp_flags"))
 
 
 @dataclass(frozen=True)
@@ -208,20 +210,22 @@ class Packet:
     hops: tuple[Hop, ...]           # where it was seen, in order
     verdict: Verdict
     nat: tuple[NatChange, ...] = field(default=())   # address changes along the hops
+    tcp_flags: str | None = None    # TCP flags at its first hop in tcpdump's letters; None: not TCP
 
     def as_json(self, names: dict[str, dict | None] | None = None) -> dict:
         """The JSON packet; `names` (address → what it is) adds `src_is`/`dst_is` to the hops."""
         return {"direction": self.direction, "nat": [n.as_json() for n in self.nat], "seq": self.seq,
                 "tuple": self.five_tuple.as_json(), "ip_id": self.ip_id, "ip_len": self.ip_len,
                 "df": self.df, "first_ts_ns": self.first_ts_ns, "one_way_ns": self.one_way_ns,
-                "hops": [h.as_json(names) for h in self.hops], "verdict": self.verdict.as_json()}
+                "hops": [h.as_json(names) for h in self.hops], "verdict": self.verdict.as_json(),
+                "tcp_flags": self.tcp_flags}
 
     @classmethod
     def from_json(cls, d: dict) -> "Packet":
         return cls(d["direction"], d.get("seq"), FiveTuple.from_json(d["tuple"]), d["ip_id"], d["ip_len"],
                    bool(d.get("df")), d["first_ts_ns"], d.get("one_way_ns"),
                    tuple(Hop.from_json(h) for h in d["hops"]), Verdict.from_json(d["verdict"]),
-                   tuple(NatChange.from_json(n) for n in d.get("nat") or ()))
+                   tuple(NatChange.from_json(n) for n in d.get("nat") or ()), d.get("tcp_flags"))
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from tracer.reconstruct import arrival, beyond, diagnose, dnat
+from tracer.reconstruct import arrival, beyond, diagnose, dnat, tcpflags
 from tracer.kernel.record import ENCAP, FLAG_DF, HOOK_IDS, HOOKS, PROTOS
 from tracer.reconstruct.model import Addr, ConntrackView, Encap, FiveTuple, Hop, NatChange, Packet
 
@@ -257,7 +257,8 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[Packet]:
                 t_ns=int(r.ts_ns) - t0, dt_ns=int(r.ts_ns) - prev_t, encap=_encap(r),
                 ifindex=int(r.ifindex), netns=int(r.netns), len=int(r.len),
                 sport=None if icmp else int(r.sport), dport=None if icmp else int(r.dport),
-                ct=_ct(r, fi.ct_info_names), ttl=int(r.ttl) if hasattr(r, "ttl") else None))
+                ct=_ct(r, fi.ct_info_names), ttl=int(r.ttl) if hasattr(r, "ttl") else None,
+                tcp_flags=tcpflags.text(r.tcp_flags) if r.proto == tcpflags.PROTO_TCP else None))
             prev_t = int(r.ts_ns)
         targets = _targets(fi, direction)
         # Arrived at the pod it was addressed to: a frame flooded into another pod's namespace
@@ -303,7 +304,7 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[Packet]:
                                  None if icmp else int(first.sport), None if icmp else int(first.dport)),
             ip_id=int(first.ip_id), ip_len=int(first.ip_len), df=bool(int(first.flags) & FLAG_DF),
             first_ts_ns=t0, one_way_ns=arrive_t, hops=tuple(hops), verdict=verdict,
-            nat=tuple(nat_changes(hops, fi))))
+            nat=tuple(nat_changes(hops, fi)), tcp_flags=hops[0].tcp_flags))
     packets.sort(key=lambda p: p.first_ts_ns)
     return packets
 

@@ -243,5 +243,10 @@ def _merge(co: coordinator.Coordinator, plan: Plan) -> tuple[pd.DataFrame, dict]
     clock = {"reference": names[ref] if names else None,
              "offsets": {names[i]: o for i, o in offsets.items()},
              "same_clock": [names[i] for i, d in domains.items() if i != ref and d == domains.get(ref)]}
+    # the events are on the reference agent's clock: its realtime − monotonic dates them
+    reading = next((c for c in (co.runs[ref].clocks if co.runs else ())
+                    if "monotonic_ns" in c and "realtime_ns" in c), None)
+    if reading is not None:
+        clock["realtime_offset_ns"] = int(reading["realtime_ns"]) - int(reading["monotonic_ns"])
     return df, clock
 

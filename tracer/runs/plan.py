@@ -131,12 +131,13 @@ def prepare(cfg: FlowConfig) -> Plan:
         raise BadInput(f"--size {cfg.size} is out of range", f"use {28 + len(prober.PAYLOAD)}..65000 bytes")
     if not cfg.probe and cfg.duration <= 0:
         raise BadInput("--duration must be positive", "e.g. --no-probe --duration 5")
-    view = sources.load(cfg.cluster, cfg.kubeconfig, cfg.context, cfg.lab_prefix, (cfg.src, cfg.dst))
+    view = sources.load(cfg.cluster, cfg.kubeconfig, cfg.context, cfg.lab_prefix, (cfg.src, cfg.dst),
+                         cfg.namespace)
     inv = view.inv
     if view.conn is None:   # tracing here (in a cluster, the agents trace)
         require_capabilities("tracing")
-    src = endpoints.resolve(cfg.src, inv)
-    dst = endpoints.resolve(cfg.dst, inv)
+    src = endpoints.resolve(cfg.src, inv, cfg.namespace)
+    dst = endpoints.resolve(cfg.dst, inv, cfg.namespace)
     proto, port, notes = choose_proto(cfg, dst)
     if cfg.probe and proto == "icmp" and view.conn is None:
         require_capabilities("ICMP probes (a raw socket)", ("CAP_NET_RAW",))

@@ -1,7 +1,8 @@
 """Breaks or fixes one scenario in an up lab, under the lab lock, keeping broken.json current.
 
 `break` injects the fault and records how to undo each change (undoing what it did if it
-fails part-way); `fix` undoes exactly what `break` changed, from that record.
+fails part-way); `fix` undoes exactly what `break` changed, from that record, and says for each change whether
+it restored it or found it already restored (fixed by hand).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def break_scenario(name: str, node: str | None = None, prefix: str | None = None
 
 def fix_scenario(name: str, prefix: str | None = None,
                  state_dir: Path | str | None = None) -> Outcome:
-    """Undo exactly what `break` changed. Fixing what is not broken changes nothing."""
+    """Undo exactly what `break` changed, skipping what was already put back by hand.
+    Fixing what is not broken changes nothing."""
     sc = registry.get(name)
     require_root("podtrace lab fix")
     root = Path(state_dir) if state_dir else T.default_state_root()
@@ -96,18 +98,30 @@ def fix_scenario(name: str, prefix: str | None = None,
         if rec is None:
             return Outcome(name, None, False, f"{name} is not broken; nothing to do")
         steps = list(rec["undo"])
+        lines: list[str] = []
+        failed: list[tuple[dict, str]] = []
         with guard.shielded():
             try:
-                while steps:
-                    undo.step(lab, steps[-1])
-                    steps.pop()
+                # Last change first; a step that fails does not stop the others (the fault
+                # may have been fixed partly by hand), and stays recorded for a retry.
+                for op in reversed(steps):
+                    try:
+                        line = undo.step(lab, op)
+                    except Exception as exc:  # noqa: BLE001 - undo the rest, report it
+                        failed.append((op, guard.why(exc)))
+                        continue
+                    if line:
+                        lines.append(line)
             finally:
-                # What is left (after a failure) stays recorded, so `fix` can be retried.
-                if steps:
-                    rec["undo"] = steps
+                if failed:
+                    rec["undo"] = [op for op in steps if any(op is f for f, _ in failed)]
                 else:
                     del state["scenarios"][name]
                 record.save(path, state)
+    if failed:
+        raise EnvironmentProblem(
+            f"fixing {name}: {len(failed)} of {len(steps)} steps failed, first: {failed[0][1]}",
+            f"retry: podtrace lab fix {name}; or rebuild: podtrace lab down && podtrace lab up")
     where = f" on {rec['node']}" if rec.get("node") else " on every node"
-    return Outcome(name, rec.get("node"), True, f"fixed {name}{where}",
-                   rec.get("changes", []), registry.flow_command(sc, lab, rec.get("node")))
+    return Outcome(name, rec.get("node"), True, f"fixed {name}{where}", lines,
+                   registry.flow_command(sc, lab, rec.get("node")))

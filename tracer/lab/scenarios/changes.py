@@ -27,7 +27,12 @@ class Changes:
         self.undo: list[dict] = []
         self.lines: list[str] = []
 
-    def did(self, line: str, undo: dict) -> None:
+    def did(self, line: str, undo: dict, restored: str | None = None) -> None:
+        """Record a change: its line, and the undo step (which keeps the line, and the line
+        `fix` prints in the restoring direction when one is given)."""
+        undo = dict(undo, what=line)
+        if restored:
+            undo["restored"] = restored
         self.undo.append(undo)
         self.lines.append(line)
 
@@ -41,10 +46,12 @@ class Changes:
                  {"op": "sysctl", "ns": ns, "values": before})
 
     def run(self, argv: list[str], line: str, undo_argv: list[str], *, input: str | None = None,
-            undo_input: str | None = None, undo_ok: list[str] = ()) -> None:
+            undo_input: str | None = None, undo_ok: list[str] = (),
+            restored: str | None = None) -> None:
         check_argv(self.lab, argv)
         run_cmd(argv, input=input)
-        self.did(line, {"op": "cmd", "argv": undo_argv, "input": undo_input, "ok": list(undo_ok)})
+        self.did(line, {"op": "cmd", "argv": undo_argv, "input": undo_input, "ok": list(undo_ok)},
+                 restored)
 
     def iptables_restore(self, ns: str, doc: str, undo_doc: str, line: str) -> None:
         # With the nf_tables backend a table exists only once used: one this change creates

@@ -53,6 +53,16 @@ def conntrack_full(ch: Changes, lab: Lab, node: str) -> None:
     started = time.monotonic()
     # Registered before the fill: if it fails part-way, the flush removes whatever was made.
     ch.undo.append({"op": "ct-flush-mark", "ns": n.netns, "mark": CT_FILL_MARK})
+    # No slot may free up while broken: entries of earlier traffic that would expire (or that
+    # the kernel would early-drop for the next new flow) would let the first flows after the
+    # break through. Those that are not ASSURED go now (a full table early-drops them anyway)
+    # and the fill takes their place; the short-lived ASSURED ones live as long as the filler
+    # until `fix` gives them back their time.
+    dropped, pinned = _pin_others(n)
+    ch.undo.append({"op": "ct-timeouts", "ns": n.netns, "entries": pinned})
+    if dropped or pinned:
+        ch.lines.append(f"{node}: {dropped} entries of earlier traffic that were not ASSURED deleted, "
+                        f"{len(pinned)} short-lived ASSURED ones kept alive while broken")
     made = used = 0
     for _ in range(5):
         # Entries of the node's own traffic may expire while the table fills: top it up.
@@ -180,6 +190,94 @@ def _ct_fill(n: Node, count: int, start: int = 0) -> int:
     finally:
         sock.close()  # unread error replies (a racing flow took the last slots) go with it
     return int(C.read_sysctl(n.netns, "net/netfilter/nf_conntrack_count")) - before
+
+
+_CT_GET = (1 << 8) | 1        # IPCTNL_MSG_CT_GET
+_NLM_F_DUMP, _NLMSG_DONE = 0x300, 3
+PIN_BELOW = 24 * 3600        # entries with less time left than this are kept alive while full
+
+
+def _attrs(data: bytes, offset: int, end: int):
+    while offset + 4 <= end:
+        size, kind = struct.unpack_from("=HH", data, offset)
+        if size < 4:
+            return
+        yield kind & 0x7FFF, data[offset:offset + size]
+        offset += (size + 3) & ~3
+
+
+def _dump(ns: str) -> list[tuple[bytes, int, int, int]]:
+    """Every entry of the table: (its original tuple attribute as sent, status, timeout, mark)."""
+    sock = _ct_socket(ns)
+    out = []
+    try:
+        sock.settimeout(30)
+        sock.sendall(_nlmsg(_CT_GET, _NLM_F_REQUEST | _NLM_F_DUMP, 1, b""))
+        while True:
+            data = sock.recv(1 << 20)
+            offset = 0
+            while offset + 16 <= len(data):
+                size, kind = struct.unpack_from("=IH", data, offset)
+                if kind in (_NLMSG_DONE, _NLMSG_ERROR):
+                    return out
+                orig, status, timeout, mark = b"", 0, 0, 0
+                for akind, raw in _attrs(data, offset + 20, offset + size):
+                    if akind == _CTA_TUPLE_ORIG:
+                        orig = raw
+                    elif akind in (_CTA_STATUS, _CTA_TIMEOUT, _CTA_MARK):
+                        value = struct.unpack_from("!I", raw, 4)[0]
+                        status = value if akind == _CTA_STATUS else status
+                        timeout = value if akind == _CTA_TIMEOUT else timeout
+                        mark = value if akind == _CTA_MARK else mark
+                if orig:
+                    out.append((orig, status, timeout, mark))
+                offset += (size + 3) & ~3
+    finally:
+        sock.close()
+
+
+def _send_each(ns: str, kind: int, bodies: list[bytes]) -> None:
+    """One request per body, acked; a vanished entry (ENOENT) is not an error."""
+    if not bodies:
+        return
+    sock = _ct_socket(ns)
+    try:
+        sock.settimeout(30)
+        for seq, body in enumerate(bodies, 1):
+            sock.sendall(_nlmsg(kind, _NLM_F_REQUEST | _NLM_F_ACK, seq, body))
+            while True:
+                data = sock.recv(65536)
+                _, mkind, _, mseq, _ = struct.unpack_from("=IHHII", data)
+                if mkind == _NLMSG_ERROR and mseq == seq:
+                    err = struct.unpack_from("=i", data, 16)[0]
+                    if err not in (0, -2):
+                        raise EnvironmentProblem(f"conntrack update in {ns} failed: {os.strerror(-err)}")
+                    break
+    finally:
+        sock.close()
+
+
+def _pin_others(n: Node) -> tuple[int, list[list]]:
+    """Delete the node's entries that are not ASSURED (fill marks aside) and give the ASSURED
+    ones with less than a day left the filler's timeout; returns (deleted, [[tuple hex,
+    timeout they had]])."""
+    entries = [e for e in _dump(n.netns) if e[3] != CT_FILL_MARK]
+    loose = [orig for orig, status, _, _ in entries if not status & _IPS_ASSURED]
+    short = [(orig, timeout) for orig, status, timeout, _ in entries
+             if status & _IPS_ASSURED and timeout < PIN_BELOW]
+    _send_each(n.netns, _CT_DELETE, loose)
+    _send_each(n.netns, _CT_NEW, [orig + _nla(_CTA_TIMEOUT, struct.pack("!I", CT_FILL_TIMEOUT))
+                                  for orig, _ in short])
+    return len(loose), [[orig.hex(), timeout] for orig, timeout in short]
+
+
+def unpin(ns: str, entries: list[list]) -> int:
+    """Give the entries `conntrack-full` kept alive the time they had left (at least 10 s);
+    returns how many were still there to update."""
+    bodies = [bytes.fromhex(orig) + _nla(_CTA_TIMEOUT, struct.pack("!I", max(10, int(timeout))))
+              for orig, timeout in entries]
+    _send_each(ns, _CT_NEW, bodies)
+    return len(bodies)
 
 
 def flush_mark(ns: str, mark: int) -> None:

@@ -79,7 +79,9 @@ def mtu_blackhole(ch: Changes, lab: Lab, node: str) -> None:
     ch.run(["ip", "-n", fab, "link", "set", "dev", n.fabric_port, "mtu", str(BLACKHOLE_MTU)],
            f"fabric: switch port {n.fabric_port} (to {node}'s {T.UPLINK}) MTU {old} -> "
            f"{BLACKHOLE_MTU}, while {node} still sends {T.UNDERLAY_MTU}-byte frames",
-           ["ip", "-n", fab, "link", "set", "dev", n.fabric_port, "mtu", str(old)])
+           ["ip", "-n", fab, "link", "set", "dev", n.fabric_port, "mtu", str(old)],
+           restored=f"fabric: switch port {n.fabric_port} (to {node}'s {T.UPLINK}) MTU "
+                    f"{BLACKHOLE_MTU} → {old}")
 
 
 def route_line(route: dict) -> list[str]:
@@ -148,7 +150,8 @@ def neigh_wrong(ch: Changes, lab: Lab, node: str) -> None:
     ch.run(base + [wrong, "dev", T.OVERLAY, "nud", state],
            f"{node}: neighbour {peer.overlay_ip} dev {T.OVERLAY} lladdr {old} -> {wrong} "
            f"({peer.name}'s VTEP is {peer.mac})",
-           base + [old, "dev", T.OVERLAY, "nud", state])
+           base + [old, "dev", T.OVERLAY, "nud", state],
+           restored=f"{node}: neighbour {peer.overlay_ip} dev {T.OVERLAY} lladdr {wrong} → {old}")
 
 
 def svc_no_endpoints(ch: Changes, lab: Lab, node: str | None) -> None:

@@ -48,7 +48,8 @@ def link_down(ch: Changes, lab: Lab, node: str) -> None:
                {"op": "cmd", "argv": ["ip", "-n", n.netns, "neigh", "replace", *words], "input": None, "ok": []})
     ch.run(["ip", "-n", n.netns, "link", "set", "dev", veth, "down"],
            f"{node}: link {veth} (the host side of {target.name}'s eth0) set down",
-           ["ip", "-n", n.netns, "link", "set", "dev", veth, "up"])
+           ["ip", "-n", n.netns, "link", "set", "dev", veth, "up"],
+           restored=f"{node}: link {veth} (the host side of {target.name}'s eth0) down → up")
 
 
 def nft_native_drop(ch: Changes, lab: Lab, node: str) -> None:

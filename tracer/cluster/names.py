@@ -1,0 +1,125 @@
+"""Reading a SRC/DST spec as kubectl reads a name: its kind, namespace, name.
+
+`parse()` turns what the user typed into a `Name`; `hint()` says what to type instead when
+that name is unknown, across kinds (a node typed as a pod suggests `node/NAME`, a Service
+typed bare suggests `svc/NS/NAME`). The lab's inventory and the API server go through both.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from tracer.errors import BadInput
+
+DEFAULT_NAMESPACE = "default"
+FORMS = "pod, ns/pod, pod/NAME, svc/NAME, svc/ns/name, node/NAME or an IPv4 address"
+
+# kubectl's names of the kinds a spec may carry (singular, plural, short).
+KINDS = {"pod": "pod", "pods": "pod", "po": "pod",
+         "svc": "service", "service": "service", "services": "service",
+         "node": "node", "nodes": "node", "no": "node"}
+
+_CLOSE_MAX = 2000
+
+
+@dataclass(frozen=True)
+class Name:
+    """What a spec names: kind "ip" (key: the address), "pod" or "service" (key: NS/NAME),
+    or "node" (key: the node's name)."""
+
+    kind: str
+    key: str
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit("/", 1)[-1]
+
+    @property
+    def namespace(self) -> str | None:
+        return self.key.split("/", 1)[0] if self.kind in ("pod", "service") else None
+
+
+def parse(spec: str, namespace: str | None = None) -> Name:
+    """NAME or pod/NAME (a pod in `namespace`, default "default"), NS/NAME or pod/NS/NAME,
+    svc/NAME (a Service in `namespace`), svc/NS/NAME, node/NAME, or an IPv4 address.
+    Raises BadInput for anything else, with the forms it takes."""
+    s = spec.strip()
+    ns = namespace or DEFAULT_NAMESPACE
+    if not s:
+        raise BadInput("empty endpoint", f"give a {FORMS}")
+    try:
+        return Name("ip", str(ipaddress.IPv4Address(s)))
+    except ValueError:
+        pass
+    if ":" in s:
+        try:
+            ipaddress.ip_address(s.split("%", 1)[0])
+            raise BadInput(f"{spec!r} is an IPv6 address; podtrace traces IPv4 only",
+                           "give the endpoint's IPv4 address, or its pod/Service name")
+        except ValueError:
+            pass
+    if re.fullmatch(r"[0-9.]+", s):
+        raise BadInput(f"{spec!r} is not a valid IPv4 address", "e.g. 10.244.1.2")
+    parts = s.split("/")
+    if any(not p for p in parts):
+        raise BadInput(f"cannot parse endpoint {spec!r}", f"use {FORMS}")
+    kind = KINDS.get(parts[0].lower()) if len(parts) > 1 else None
+    rest = parts[1:] if kind else parts
+    kind = kind or "pod"
+    if kind == "node" and len(rest) == 1:
+        return Name("node", rest[0])
+    if kind in ("pod", "service") and len(rest) in (1, 2):
+        return Name(kind, "/".join(rest) if len(rest) == 2 else f"{ns}/{rest[0]}")
+    raise BadInput(f"cannot parse endpoint {spec!r}", f"use {FORMS}")
+
+
+def spelled(kind: str, key: str) -> str:
+    """How a user types the endpoint: NS/POD, svc/NS/NAME, node/NAME."""
+    return {"service": f"svc/{key}", "node": f"node/{key}"}.get(kind, key)
+
+
+def close(word: str, choices: list[str], n: int = 3) -> list[str]:
+    """The choices nearest to `word` (difflib), quick even among a large cluster's names."""
+    if len(choices) > _CLOSE_MAX:
+        # difflib over every name of a large cluster takes seconds: compare with the names
+        # of the same namespace, or sharing the first letters, only.
+        ns = word.split("/", 1)[0] + "/" if "/" in word else None
+        narrowed = [c for c in choices if ns and c.startswith(ns)]
+        if not narrowed or len(narrowed) > _CLOSE_MAX:
+            stem = word[: max(3, len(word) * 2 // 3)]
+            narrowed = [c for c in (narrowed or choices) if c.startswith(stem)][:_CLOSE_MAX]
+        choices = narrowed
+    return difflib.get_close_matches(word, choices, n=n, cutoff=0.5)
+
+
+def hint(name: Name, pods: list[str] = (), services: list[str] = (), nodes: list[str] = (),
+         fallback: str = "list them with `podtrace lab status` or kubectl") -> str:
+    """What to type instead of an unknown name: the same name as another kind first (exact),
+    then the nearest names of its own kind, then of the other kinds. `pods` and `services`
+    are NS/NAME keys, `nodes` node names: whatever the caller could list."""
+    bare = name.name
+    exact: list[str] = []
+    if name.kind != "node" and bare in nodes:
+        exact.append(spelled("node", bare))
+    if name.kind != "service":
+        same_ns = f"{name.namespace or DEFAULT_NAMESPACE}/{bare}"
+        exact += [spelled("service", k) for k in sorted(services, key=lambda k: k != same_ns)
+                  if k.rsplit("/", 1)[-1] == bare]
+    if name.kind != "pod":
+        pod = f"{name.namespace or DEFAULT_NAMESPACE}/{bare}"
+        exact += [pod] if pod in pods else []
+    if name.kind in ("pod", "service"):   # the same name in another namespace
+        own_keys = pods if name.kind == "pod" else services
+        exact += [spelled(name.kind, k) for k in own_keys if k.rsplit("/", 1)[-1] == bare and k != name.key]
+    if exact:
+        return f"did you mean {', '.join(exact[:3])}?"
+    own = {"pod": pods, "service": services, "node": nodes}[name.kind]
+    near = [spelled(name.kind, k) for k in close(name.key, list(own))]
+    if not near:
+        near = [spelled("node", k) for k in close(bare, list(nodes))]
+        near += [spelled(kind, k) for kind, keys in (("pod", pods), ("service", services)) if kind != name.kind
+                 for k in close(name.key, list(keys), n=2)]
+    return f"did you mean {', '.join(near[:3])}?" if near else fallback
