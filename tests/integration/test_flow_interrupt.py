@@ -198,6 +198,7 @@ def test_capture_drops_live_equal_analyze_apart_from_socket_cleanup(ilab, tmp_pa
                 s.settimeout(1)
                 s.connect((pods["pod-2-2"]["ip"], 8080))
                 s.sendall(b"GET / HTTP/1.0\r\n\r\n" * 50)
+                time.sleep(0.05)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             except OSError:
                 pass
@@ -216,4 +217,6 @@ def test_capture_drops_live_equal_analyze_apart_from_socket_cleanup(ilab, tmp_pa
         _fixed(ilab, "netpol-drop")
     s = analysis.load(res.path).summary()
     assert res.drops >= 8 and (res.drops, res.stack_drops) == (s["dropped"], s["stack_drops"]), (res, s)
+    # the clients' resets, freed by the server's TCP once it closed the connection: not drops
+    assert res.stack_drops >= 3, res
     assert tracefile.read_meta(res.path)["counters"]["stack_drops_seen"] == res.stack_drops

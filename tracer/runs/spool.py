@@ -58,8 +58,9 @@ class Spool:
         hook = arr["hook"]
         is_drop = hook == HOOK_IDS["drop"]
         self.drops += int(drops.counted(hook, arr["reason"], arr["netns"], arr["daddr"], arr["proto"],
-                                           arr["icmp_type"], self.rule).sum())
-        self.stack_drops += int(drops.housekeeping(hook, arr["reason"], self.rule).sum())
+                                           arr["icmp_type"], self.rule, arr["tcp_flags"]).sum())
+        self.stack_drops += int(drops.housekeeping(hook, arr["reason"], self.rule, arr["proto"], arr["tcp_flags"],
+                                                   arr["netns"], arr["daddr"]).sum())
         if is_drop.any():
             self.locations.update(int(x) for x in np.unique(arr["location"][is_drop]) if x)
         hops = arr[(hook != HOOK_IDS["drop"]) & (hook != HOOK_IDS["consume"])]
