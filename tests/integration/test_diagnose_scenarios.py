@@ -87,7 +87,7 @@ def cli(*args, timeout=90, mode=None):
                           env=env, timeout=timeout, cwd=ROOT)
 
 
-VERDICT = ["direction", "seq", "status", "node", "dev", "point", "reason", "cause", "runbook"]
+VERDICT = ["direction", "seq", "status", "node", "dev", "point", "reason", "location", "cause", "hint", "runbook"]
 
 
 def live_verdicts(doc: dict) -> list[tuple]:

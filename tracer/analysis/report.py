@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from tracer.analysis import flowverdict
 from tracer.analysis.trace import Trace
 
 def summary_doc(t: Trace, top: int = 20) -> dict:
@@ -17,7 +18,8 @@ def summary_doc(t: Trace, top: int = 20) -> dict:
             "delivered", "dropped", "lost", "left", "partial", "p50_ns", "p99_ns", "tcp_flags"]
     return {
         "file": t.meta.get("path"),
-        "incomplete": t.meta.get("incomplete_reason") if t.meta.get("incomplete") else None,
+        "incomplete": t.meta.get("incomplete_reason") if t.meta.get("incomplete") else flowverdict.interruption(t.meta),
+        "flow": flowverdict.flow_doc(t.meta, t.packets),
         "summary": t.summary(),
         "counters": t.counters,
         "selection": t.meta.get("selection"),
@@ -60,8 +62,11 @@ def render_summary(doc: dict, console) -> None:
                   f"[yellow]lost {s['lost']}[/yellow]  left {s['left']}  "
                   + (f"[cyan]partial {s['partial']}[/cyan] (seen while a node was not tracing)  "
                      if s.get("partial") else "")
+                  + (f"stack drops {s['stack_drops']} (socket cleanup, not the network)  "
+                     if s.get("stack_drops") else "")
                   + (f"[bold red]events lost {s['events_lost']} (ring buffer full: paths may have gaps)[/bold red]"
                      if s["events_lost"] else "events lost 0"))
+    flowverdict.render(doc.get("flow"), console)
     if doc["flows"]:
         t = Table(title="flows (worst first)", title_justify="left", show_edge=False)
         cols = ("flow", "proto", "source", "destination", "service", "pkts", "deliv", "drop", "lost",

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from tracer.reconstruct import drops
+
 COLUMNS = {
     "events": "one row per hop event as captured (tracer/events.py fields, addresses as numbers, "
               "plus *_str address strings and hook_name)",
@@ -59,6 +61,7 @@ class Trace:
             "upgraded_from": self.meta.get("upgraded_from"),
             "events": len(self.events), "packets": len(p), "flows": len(self.flows),
             **{s: int(by.get(s, 0)) for s in STATUSES},
+            "stack_drops": drops.housekeeping_in(self.events, self.meta),
             "events_lost": self.events_lost, "span_s": round((t1 - t0) / 1e9, 3),
             "kernel": (self.meta.get("kernel") or {}).get("release"),
             "hooks": self.meta.get("hooks") or [],

@@ -62,7 +62,7 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
     # drops that are no drop of the packet (drops.counted, the live count's rule too) end
     # their packet like a consume
     hook = np.where((hook == _DROP) & ~drops.counted(hook, c["reason"], c["netns"], c["daddr"], c["proto"],
-                                                     c["icmp_type"], drops.rule(meta)), _CONSUME, hook)
+                                                     c["icmp_type"], drops.rule(meta), c["tcp_flags"]), _CONSUME, hook)
     is_free = (hook == _DROP) | (hook == _CONSUME)
     hop_idx = np.flatnonzero(~is_free)
 

@@ -40,6 +40,11 @@ def analyze(files, mode, top, output):
         click.echo(f"podtrace: warning: {file} is an incomplete trace "
                    f"({' '.join(str(t.meta.get('incomplete_reason') or 'its writer did not finish').split())}); "
                    "what it holds is shown, the end of the recording is missing", err=True)
+    elif t.meta.get("interrupted"):
+        from tracer.analysis.flowverdict import interruption
+
+        click.echo(f"podtrace: warning: {file} is incomplete ({interruption(t.meta)}): "
+                   "the packets traced until then are shown", err=True)
     doc = summary_doc(t, top)
     if output == "json":
         click.echo(json.dumps(doc, indent=2, default=str))

@@ -86,7 +86,8 @@ def capture(cidr, pods, namespaces, services, nodes, cidrs, ports, all_traffic, 
     for n in res.notes:
         err.print(f"note: {n}", markup=False)
     lost = res.counters.get("lost", 0)
-    err.print(f"captured {res.events:,} events (~{res.packets:,} packets, {res.drops:,} drops) in "
+    err.print(f"captured {res.events:,} events (~{res.packets:,} packets, {res.drops:,} drops"
+              + (f" + {res.stack_drops:,} socket cleanup, not the network" if res.stack_drops else "") + ") in "
               f"{res.elapsed_s:.1f}s → {res.path} ({res.row_groups} row groups); "
               + (f"[bold red]{lost:,} events lost[/bold red] (ring buffer full: try --ringbuf-pages "
                  f"{cfg.ringbuf_pages * 4} or a narrower selection)" if lost else "no events lost"))
@@ -99,5 +100,6 @@ def progress_line(d: dict) -> str:
     left = f"/{d['duration_s']:g}s" if d.get("duration_s") else ""
     lost = d["lost"]
     return (f"capturing {el:.1f}s{left} · {d['events']:,} events · ~{d['packets']:,} packets · "
-            f"{d['drops']:,} drops · " + (f"[bold red]events lost {lost:,}[/bold red]" if lost else "events lost 0")
+            f"{d['drops']:,} drops"
+            + (f" (+{d['stack_drops']:,} socket cleanup)" if d.get("stack_drops") else "") + " · " + (f"[bold red]events lost {lost:,}[/bold red]" if lost else "events lost 0")
             + f" · {d['file_bytes'] / 2**20:.1f} MiB")

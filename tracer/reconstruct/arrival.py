@@ -24,7 +24,12 @@ from tracer.reconstruct.model import Packet, Verdict
 
 RUNBOOK_DIR = "docs/runbooks"
 # kfree_skb reasons of a socket's own cleanup (close, purge)
-HOUSEKEEPING = frozenset({"QUEUE_PURGE", "SOCKET_CLOSE"})
+# a socket's own cleanup: a closing socket purging its queue, data for a socket already
+# closed (answered by a reset): the stack's ordinary work, not a drop of the network
+HOUSEKEEPING = frozenset({"QUEUE_PURGE", "SOCKET_CLOSE", "TCP_ABORT_ON_DATA"})
+# a reset, once the receiving TCP acted on it (closed its connection), is freed with these
+RST_FREED = ("NOT_SPECIFIED", "TCP_RESET")
+TCP_RST = 0x04
 CHECKSUM = frozenset({"TCP_CSUM", "UDP_CSUM", "ICMP_CSUM", "IP_CSUM", "SKB_CSUM"})
 
 # reason → (what happened inside the receiving stack, runbook)
@@ -46,6 +51,7 @@ class Rule:
     otherhost: int = -1
     home: dict[int, int] = field(default_factory=dict)      # address (number) → its namespace
     pods: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # pod namespaces
+    rst_freed: tuple[int, ...] = ()   # reasons the receiving TCP frees a reset with once it acted on it
 
     @classmethod
     def of(cls, drop_reasons: dict, home: dict[int, int] | None = None, pods=()) -> "Rule":
@@ -53,7 +59,8 @@ class Rule:
         code = {v: k for k, v in names.items()}
         return cls(np.array(sorted(k for k, v in names.items() if v in HOUSEKEEPING), dtype=np.int64),
                    code.get("NO_SOCKET", -1), code.get("OTHERHOST", -1), dict(home or {}),
-                   np.array(sorted(int(p) for p in pods), dtype=np.int64))
+                   np.array(sorted(int(p) for p in pods), dtype=np.int64),
+                   tuple(code[n] for n in RST_FREED if n in code))
 
     def home_ns(self, daddr: np.ndarray) -> np.ndarray:
         """The namespace each destination address lives in (0: not known here)."""
@@ -63,13 +70,27 @@ class Rule:
         codes, uniq = np.unique(dst, return_inverse=True)
         return np.array([self.home.get(int(u), 0) for u in codes], dtype=np.int64)[uniq]
 
-    def excused(self, reason, proto, icmp_type, netns, daddr=None, home_ns=None) -> np.ndarray:
+    def socket_cleanup(self, reason, proto=None, tcp_flags=None, netns=None, home=None) -> np.ndarray:
+        """Mask of the drop events that are a socket's own work: its cleanup (HOUSEKEEPING),
+        and a TCP reset freed by the receiving stack of its destination once it acted on it."""
+        reason = np.asarray(reason, dtype=np.int64)
+        out = np.isin(reason, self.housekeeping)
+        if tcp_flags is not None and proto is not None and self.rst_freed and len(reason):
+            rst = (np.asarray(proto) == 6) & ((np.asarray(tcp_flags).astype(np.int64) & TCP_RST) != 0)
+            rst &= np.isin(reason, np.array(self.rst_freed, dtype=np.int64))
+            if netns is not None and home is not None:
+                home = np.asarray(home, dtype=np.int64)
+                rst &= (home == 0) | (np.asarray(netns, dtype=np.int64) == home)
+            out |= rst
+        return out
+
+    def excused(self, reason, proto, icmp_type, netns, daddr=None, home_ns=None, tcp_flags=None) -> np.ndarray:
         """Mask of the drop events that are no drop of the packet (see the module doc).
         `home_ns` (the destination's namespace per event, 0 unknown) overrides `daddr`."""
         reason = np.asarray(reason, dtype=np.int64)
         netns = np.asarray(netns, dtype=np.int64)
         home = self.home_ns(daddr) if home_ns is None else np.asarray(home_ns, dtype=np.int64)
-        out = np.isin(reason, self.housekeeping)
+        out = self.socket_cleanup(reason, proto, tcp_flags, netns, home)
         out |= (reason == self.no_socket) & (np.asarray(proto) == 1) & (np.asarray(icmp_type) == 0)
         out |= ((reason == self.otherhost) & (home != 0) & (netns != home) & np.isin(netns, self.pods))
         return out
@@ -170,5 +191,6 @@ def first_drop(frees, rule: Rule, targets: set[int], since: int | None = None, w
         return None
     ns = d["netns"].to_numpy().astype(np.int64)
     home = np.where(np.isin(ns, list(targets)), ns, -1 if targets else 0)
-    keep = ~rule.excused(d["reason"].to_numpy(), d["proto"].to_numpy(), d["icmp_type"].to_numpy(), ns, home_ns=home)
+    keep = ~rule.excused(d["reason"].to_numpy(), d["proto"].to_numpy(), d["icmp_type"].to_numpy(), ns, home_ns=home,
+                         tcp_flags=d["tcp_flags"].to_numpy() if "tcp_flags" in d else None)
     return next(d[keep].itertuples(), None)

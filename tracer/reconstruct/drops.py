@@ -57,13 +57,38 @@ def rule(meta: dict) -> arrival.Rule:
     return arrival.Rule.of(meta.get("drop_reasons") or {}, homes(meta), pod_homes(meta))
 
 
+def housekeeping(hook: np.ndarray, reason: np.ndarray, rule: arrival.Rule, proto=None, tcp_flags=None,
+                 netns=None, daddr=None) -> np.ndarray:
+    """Mask of the drop events that are a socket's own work (arrival.Rule.socket_cleanup: a
+    closing socket's cleanup, HOUSEKEEPING_DROPS, and a reset freed at its destination): the
+    stack's ordinary drops, shown beside the drops of the traced packets, never among them."""
+    is_drop = np.asarray(hook) == HOOK_IDS["drop"]
+    home = rule.home_ns(daddr) if daddr is not None else None
+    return is_drop & rule.socket_cleanup(reason, proto, tcp_flags, netns, home)
+
+
+def housekeeping_in(events, meta: dict) -> int:
+    """How many drop events of a trace's event table are a socket's own cleanup: the figure
+    `capture` counts live as the stack's ordinary drops."""
+    if not len(events) or "reason" not in events or "hook" not in events:
+        return 0
+    reason = events["reason"]
+    if not np.issubdtype(np.asarray(reason).dtype, np.integer):   # reason names: back to the kernel's numbers
+        code = {v: int(k) for k, v in (meta.get("drop_reasons") or {}).items()}
+        reason = np.array([code.get(str(x), -1) for x in reason], dtype=np.int64)
+    return int(housekeeping(events["hook"], reason, rule(meta), events["proto"].to_numpy(),
+                            events["tcp_flags"].to_numpy() if "tcp_flags" in events else None,
+                            events["netns"].to_numpy(), events["daddr"].to_numpy()).sum())
+
+
 def counted(hook: np.ndarray, reason: np.ndarray, netns: np.ndarray, daddr: np.ndarray,
-            proto: np.ndarray, icmp_type: np.ndarray, rule: arrival.Rule) -> np.ndarray:
+            proto: np.ndarray, icmp_type: np.ndarray, rule: arrival.Rule, tcp_flags=None) -> np.ndarray:
     """Mask of the drop events that are packets dropped (see the module doc)."""
     is_drop = np.asarray(hook) == HOOK_IDS["drop"]
     keep = is_drop.copy()
     if keep.any():
         at = np.flatnonzero(keep)
         keep[at] = ~rule.excused(np.asarray(reason)[at], np.asarray(proto)[at], np.asarray(icmp_type)[at],
-                                 np.asarray(netns)[at], np.asarray(daddr)[at])
+                                 np.asarray(netns)[at], np.asarray(daddr)[at],
+                                 tcp_flags=None if tcp_flags is None else np.asarray(tcp_flags)[at])
     return keep

@@ -41,7 +41,7 @@ CaptureSink = Sink     # the capture's sink: the session's, with a limit of wait
 # can lose: the last FLUSH_S seconds, or one row group at high rates).
 FLUSH_S = 5.0
 # kfree_skb reasons of a socket's own cleanup (close, purge): not counted as drops live
-HOUSEKEEPING_DROPS = {"QUEUE_PURGE", "SOCKET_CLOSE"}
+HOUSEKEEPING_DROPS = drops.HOUSEKEEPING_DROPS
 
 
 @dataclass
@@ -73,6 +73,7 @@ class CaptureResult:
     row_groups: int
     selection: Resolved
     notes: list[str] = field(default_factory=list)
+    stack_drops: int = 0      # a socket's own cleanup (TCP_ABORT_ON_DATA, SOCKET_CLOSE…): not counted in drops
 
 
 class _Stop:
@@ -296,7 +297,7 @@ def _run(cfg: CaptureConfig, progress, stop, inv, topo, source) -> CaptureResult
             locations = {str(a): s for a, s in sorted(runner.symbols(spool.locations).items())}
             runner.close()
             counters.update(events_written=spool.events, out_of_scope=spool.out_of_scope,
-                            drops_seen=spool.drops)
+                            drops_seen=spool.drops, stack_drops_seen=spool.stack_drops)
             if counters.get("lost"):
                 notes.append(f"{counters['lost']} events were lost (ring buffer full); the paths may have gaps")
             meta = {
@@ -320,7 +321,7 @@ def _run(cfg: CaptureConfig, progress, stop, inv, topo, source) -> CaptureResult
             writer.abort()
     say(_live(elapsed, spool, counters, writer, cfg.duration, done=True))
     return CaptureResult(path, spool.events, spool.packets, spool.drops, counters, elapsed, stopped_by,
-                         writer.row_groups, sel, notes)
+                         writer.row_groups, sel, notes, stack_drops=spool.stack_drops)
 
 
 class _LocalNode:
@@ -389,5 +390,5 @@ def _thin(rows: list[list], limit: int = 4000) -> list[list]:
 def _live(elapsed: float, spool: Spool, counters: dict, writer: tracefile.Writer, duration,
           done: bool = False) -> dict:
     return {"elapsed_s": elapsed, "duration_s": duration, "events": spool.events, "packets": spool.packets,
-            "drops": spool.drops, "lost": int(counters.get("lost", 0)), "file_bytes": writer.bytes_hint,
+            "drops": spool.drops, "stack_drops": spool.stack_drops, "lost": int(counters.get("lost", 0)), "file_bytes": writer.bytes_hint,
             "row_groups": writer.row_groups, "done": done}

@@ -36,6 +36,7 @@ class Spool:
         self.events = 0
         self.packets = 0
         self.drops = 0
+        self.stack_drops = 0      # a socket's own cleanup (drops.housekeeping): not the network's
         self.out_of_scope = 0
         self.locations: set[int] = set()
         self._prev = np.zeros(0, dtype=np.uint64)
@@ -57,7 +58,9 @@ class Spool:
         hook = arr["hook"]
         is_drop = hook == HOOK_IDS["drop"]
         self.drops += int(drops.counted(hook, arr["reason"], arr["netns"], arr["daddr"], arr["proto"],
-                                           arr["icmp_type"], self.rule).sum())
+                                           arr["icmp_type"], self.rule, arr["tcp_flags"]).sum())
+        self.stack_drops += int(drops.housekeeping(hook, arr["reason"], self.rule, arr["proto"], arr["tcp_flags"],
+                                                   arr["netns"], arr["daddr"]).sum())
         if is_drop.any():
             self.locations.update(int(x) for x in np.unique(arr["location"][is_drop]) if x)
         hops = arr[(hook != HOOK_IDS["drop"]) & (hook != HOOK_IDS["consume"])]
