@@ -8,13 +8,26 @@
 // for a layout, and no number shared with Python is written here.
 
 #define ETH_P_IP_BE 0x0008      /* htons(0x0800) */
+#define ETH_P_IPV6_BE 0xDD86    /* htons(0x86DD) */
 #define ETH_P_TEB 0x6558        /* transparent ethernet bridging (Geneve payload) */
 #define IPPROTO_ICMP_ 1
 #define IPPROTO_TCP_ 6
 #define IPPROTO_UDP_ 17
+#define IPPROTO_ICMPV6_ 58
+// IPv6 extension headers the parser skips (next-header values), and how many in one packet.
+#define IP6_HOPOPTS 0
+#define IP6_ROUTING 43
+#define IP6_FRAGMENT 44
+#define IP6_DSTOPTS 60
+#define IP6_EXT_MAX 6
+#define AF_INET6_ 10
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_HASH(addrs, u32, u8, MAX_ADDRS);            // addresses under trace (network order)
+struct addr6 {
+    u8 a[16];
+};
+BPF_HASH(addrs6, struct addr6, u8, MAX_ADDRS);  // IPv6 addresses under trace (the same bits)
 // skbs that matched once, with the identity of the packet they carried: followed (through
 // NAT and encapsulation) until freed, and only while they still carry that packet — an
 // address freed by a path no tracepoint sees, then reused, is not followed by mistake.
@@ -38,17 +51,58 @@ struct cidr_key {
     u32 addr;                              // network order
 };
 BPF_LPM_TRIE(cidrs, struct cidr_key, u8, MAX_CIDRS);
+struct cidr6_key {
+    u32 prefixlen;
+    u8 addr[16];
+};
+BPF_LPM_TRIE(cidrs6, struct cidr6_key, u8, MAX_CIDRS);
 BPF_HASH(ports, u16, u8, MAX_PORTS);       // network order
 // An agent sees only its own node: when netns_cfg[NETNS_FILTER_ON] is 1, events are kept
 // only from the network namespaces listed in netns_allow (the node's and its pods').
 BPF_HASH(netns_allow, u32, u8, MAX_NETNS);
 BPF_ARRAY(netns_cfg, u32, NETNS_CFG_SLOTS);
 
-struct pkt {
-    u32 saddr, daddr, osaddr, odaddr, vni, tcp_seq;
-    u16 sport, dport, ip_id, ip_len;
-    u8 proto, tcp_flags, icmp_type, encap, df, ttl;
+// Addresses in 16 bytes (IPv4 in the first 4, the rest zero); `fam` holds FLAG_V6 and
+// FLAG_OUTER_V6 for the inner and outer headers.
+// The fields besides the addresses are also a struct of their own (pkt_l), so the parser
+// can set the outer header's aside while it reads an inner one without a second struct pkt
+// on the stack.
+#define PKT_SCALARS                                                                         \
+    u32 vni, tcp_seq, flow_lbl;                                                             \
+    u16 sport, dport, ip_id, ip_len;                                                        \
+    u8 proto, tcp_flags, icmp_type, encap, df, ttl, fam;
+struct pkt_l {
+    PKT_SCALARS
 };
+struct pkt {
+    u8 saddr[16], daddr[16], osaddr[16], odaddr[16];
+    union {
+        struct pkt_l l;
+        struct {
+            PKT_SCALARS
+        };
+    };
+};
+
+static __always_inline u32 addr_u32(const u8 *a) {
+    u32 v;
+    __builtin_memcpy(&v, a, 4);
+    return v;
+}
+
+// An IPv6 address folded to 32 bits for the prefilter slot (addr6_fold in contract.py).
+static __always_inline u32 addr6_fold(const u8 *a) {
+    u32 w[4];
+    __builtin_memcpy(w, a, 16);
+    return w[0] ^ w[1] ^ w[2] ^ w[3];
+}
+
+static __always_inline int addr_eq(const u8 *a, const u8 *b) {
+    u64 x[2], y[2];
+    __builtin_memcpy(x, a, 16);
+    __builtin_memcpy(y, b, 16);
+    return x[0] == y[0] && x[1] == y[1];
+}
 
 static __always_inline void count(u32 idx) {
     u64 *v = counters.lookup(&idx);
@@ -75,8 +129,9 @@ BPF_PERCPU_ARRAY(budget_state, struct budget, 1);
 
 // What identifies a packet on every hop and node: IP ID, length, TCP sequence, or the ICMP
 // echo id/seq (which request and reply share). NAT and encapsulation change none of them.
+// IPv6 has no IP ID (0 unless fragmented); a UDP packet's tcp_seq is its payload hash.
 static __always_inline u32 packet_hash(struct pkt *p) {
-    u32 h = p->proto == IPPROTO_ICMP_ ? (((u32)p->sport << 16) | p->dport)
+    u32 h = (p->proto == IPPROTO_ICMP_ || p->proto == IPPROTO_ICMPV6_) ? (((u32)p->sport << 16) | p->dport)
                                        : (((u32)p->ip_id << 16) ^ p->ip_len ^ (p->tcp_seq * SLOT_MULT));
     h ^= h >> 15;
     h *= HASH_MIX;
@@ -145,6 +200,7 @@ static __always_inline int buf_load(const u8 *c, u32 off, void *dst, u32 len) {
 #undef P_CTX
 #undef P_LOAD
 
+// `addr`: an IPv4 address, or an IPv6 address folded by addr6_fold.
 static __always_inline int addr_maybe(u32 addr) {
 #ifdef PT_NO_PREFILTER
     return 1;
@@ -182,10 +238,22 @@ static __always_inline void untrack(u64 *key) {
     }
 }
 
-static __always_inline int addr_wanted(u32 *addr, u32 sel) {
-    if (addr_maybe(*addr) && addrs.lookup(addr)) return 1;
+static __always_inline int addr6_wanted(const u8 *addr, u32 sel) {
+    struct addr6 a;
+    __builtin_memcpy(a.a, addr, 16);
+    if (addr_maybe(addr6_fold(addr)) && addrs6.lookup(&a)) return 1;
     if (!(sel & SEL_CIDRS)) return 0;
-    struct cidr_key k = {.prefixlen = 32, .addr = *addr};
+    struct cidr6_key k = {.prefixlen = 128};
+    __builtin_memcpy(k.addr, addr, 16);
+    return cidrs6.lookup(&k) != 0;
+}
+
+static __always_inline int addr_wanted(struct pkt *p, const u8 *addr16, u32 sel) {
+    if (p->fam & FLAG_V6) return addr6_wanted(addr16, sel);
+    u32 addr = addr_u32(addr16);
+    if (addr_maybe(addr) && addrs.lookup(&addr)) return 1;
+    if (!(sel & SEL_CIDRS)) return 0;
+    struct cidr_key k = {.prefixlen = 32, .addr = addr};
     return cidrs.lookup(&k) != 0;
 }
 
@@ -198,28 +266,51 @@ static __always_inline int wanted(struct pkt *p) {
         if (!ports.lookup(&p->sport) && !ports.lookup(&p->dport)) return 0;
     }
     if (sel & SEL_ANY_ADDR) return 1;
-    if (sel & SEL_EITHER) return addr_wanted(&p->saddr, sel) || addr_wanted(&p->daddr, sel);
-    return addr_wanted(&p->saddr, sel) && addr_wanted(&p->daddr, sel);
+    if (sel & SEL_EITHER) return addr_wanted(p, p->saddr, sel) || addr_wanted(p, p->daddr, sel);
+    return addr_wanted(p, p->saddr, sel) && addr_wanted(p, p->daddr, sel);
 }
 
 // A followed packet's addresses join the trace under flow's filter (config 0: both
 // addresses in `addrs`): a DNAT no inventory named (a hostPort, a NodePort, a hand-written
 // rule) sent it to an address the flow did not list, and that target's answers belong to
 // the flow. The `addr_bits` word is set as user space sets it (set_addrs).
-static __always_inline void learn_addr(u32 addr) {
-    if (!addr || addrs.lookup(&addr)) return;
-    u32 idx = CONFIG_SEL;
-    u32 *mode = config.lookup(&idx);
-    if (!mode || *mode != 0) return;
+static __always_inline int learn_bit(u32 addr) {
 #ifndef PT_NO_PREFILTER
     u32 h = (addr * SLOT_MULT) >> (32 - ADDR_SLOT_BITS);   // as addr_maybe()
     u32 w = h >> 6;
     u64 *v = addr_bits.lookup(&w);
-    if (!v) return;
+    if (!v) return 0;
     __sync_fetch_and_or(v, 1ULL << (h & 63));   // other CPUs set bits of the same word
 #endif
+    return 1;
+}
+
+static __always_inline void learn_addr(struct pkt *p, const u8 *addr16) {
+    u32 idx = CONFIG_SEL;
     u8 one = 1;
-    addrs.update(&addr, &one);
+    if (p->fam & FLAG_V6) {
+        struct addr6 a;
+        __builtin_memcpy(a.a, addr16, 16);
+        u64 x[2];
+        __builtin_memcpy(x, addr16, 16);
+        if (!(x[0] | x[1]) || addrs6.lookup(&a)) return;
+        u32 *mode = config.lookup(&idx);
+        if (!mode || *mode != 0) return;
+        if (learn_bit(addr6_fold(addr16))) addrs6.update(&a, &one);
+        return;
+    }
+    u32 addr = addr_u32(addr16);
+    if (!addr || addrs.lookup(&addr)) return;
+    u32 *mode = config.lookup(&idx);
+    if (!mode || *mode != 0) return;
+    if (learn_bit(addr)) addrs.update(&addr, &one);
+}
+
+static __always_inline void clear_ct_addrs(struct event *e) {
+    __builtin_memset(e->ct_orig_src, 0, 16);
+    __builtin_memset(e->ct_orig_dst, 0, 16);
+    __builtin_memset(e->ct_reply_src, 0, 16);
+    __builtin_memset(e->ct_reply_dst, 0, 16);
 }
 
 // The conntrack entry attached to the skb (skb->_nfct: pointer | ctinfo in the low 3 bits):
@@ -228,7 +319,7 @@ static __always_inline void learn_addr(u32 addr) {
 static __always_inline void read_ct(const u8 *skb, struct event *e) {
     e->ct_info = 0;
     e->ct_status = 0;
-    e->ct_orig_src = e->ct_orig_dst = e->ct_reply_src = e->ct_reply_dst = 0;
+    clear_ct_addrs(e);
     e->ct_orig_sport = e->ct_orig_dport = e->ct_reply_sport = e->ct_reply_dport = 0;
 #if HAVE_CT
     u64 nfct = rd64(skb, SKB_NFCT);
@@ -241,12 +332,22 @@ static __always_inline void read_ct(const u8 *skb, struct event *e) {
     e->ct_status = status;
     const u8 *o = ct + CT_TUPLEHASH + CT_TH_TUPLE;
     const u8 *r = ct + CT_TUPLEHASH + CT_TH_SIZE + CT_TH_TUPLE;
-    bpf_probe_read_kernel(&e->ct_orig_src, 4, o + CT_T_SRC_U3);
-    bpf_probe_read_kernel(&e->ct_orig_dst, 4, o + CT_T_DST_U3);
+    u16 l3num = 0;
+    bpf_probe_read_kernel(&l3num, 2, o + CT_T_SRC_L3NUM);
+    if (l3num == AF_INET6_) {   // the tuples are IPv6: all 16 bytes of nf_inet_addr
+        e->flags |= FLAG_CT_V6;
+        bpf_probe_read_kernel(e->ct_orig_src, 16, o + CT_T_SRC_U3);
+        bpf_probe_read_kernel(e->ct_orig_dst, 16, o + CT_T_DST_U3);
+        bpf_probe_read_kernel(e->ct_reply_src, 16, r + CT_T_SRC_U3);
+        bpf_probe_read_kernel(e->ct_reply_dst, 16, r + CT_T_DST_U3);
+    } else {
+        bpf_probe_read_kernel(e->ct_orig_src, 4, o + CT_T_SRC_U3);
+        bpf_probe_read_kernel(e->ct_orig_dst, 4, o + CT_T_DST_U3);
+        bpf_probe_read_kernel(e->ct_reply_src, 4, r + CT_T_SRC_U3);
+        bpf_probe_read_kernel(e->ct_reply_dst, 4, r + CT_T_DST_U3);
+    }
     bpf_probe_read_kernel(&e->ct_orig_sport, 2, o + CT_T_SRC_PORT);
     bpf_probe_read_kernel(&e->ct_orig_dport, 2, o + CT_T_DST_PORT);
-    bpf_probe_read_kernel(&e->ct_reply_src, 4, r + CT_T_SRC_U3);
-    bpf_probe_read_kernel(&e->ct_reply_dst, 4, r + CT_T_DST_U3);
     bpf_probe_read_kernel(&e->ct_reply_sport, 2, r + CT_T_SRC_PORT);
     bpf_probe_read_kernel(&e->ct_reply_dport, 2, r + CT_T_DST_PORT);
 #endif
@@ -255,10 +356,11 @@ static __always_inline void read_ct(const u8 *skb, struct event *e) {
 // The packet part of an event, shared by every kind of hook.
 static __always_inline void fill(struct event *e, struct pkt *p, u8 hook, u8 flags) {
     e->ts_ns = bpf_ktime_get_ns();
-    e->saddr = p->saddr;
-    e->daddr = p->daddr;
-    e->outer_saddr = p->osaddr;
-    e->outer_daddr = p->odaddr;
+    __builtin_memcpy(e->saddr, p->saddr, 16);
+    __builtin_memcpy(e->daddr, p->daddr, 16);
+    __builtin_memcpy(e->outer_saddr, p->osaddr, 16);
+    __builtin_memcpy(e->outer_daddr, p->odaddr, 16);
+    e->flow_lbl = p->flow_lbl;
     e->vni = p->vni;
     e->tcp_seq = p->tcp_seq;
     e->sport = p->sport;
@@ -269,7 +371,7 @@ static __always_inline void fill(struct event *e, struct pkt *p, u8 hook, u8 fla
     e->proto = p->proto;
     e->tcp_flags = p->tcp_flags;
     e->icmp_type = p->icmp_type;
-    e->flags = flags | (p->df ? FLAG_DF : 0);
+    e->flags = flags | p->fam | (p->df ? FLAG_DF : 0);
     e->encap = p->encap;
     e->cpu = bpf_get_smp_processor_id();
     e->ttl = p->ttl;
@@ -345,7 +447,12 @@ static __always_inline u32 linear_from(const u8 *skb, const u8 *l3) {
 
 #define NOT_IPV4 (-2)
 
-// Reads and parses the packet of an skb: NOT_IPV4 when skb->protocol is not IPv4, else the
+// skb->protocol is IPv4 or IPv6 (network order).
+static __always_inline int is_ip(u16 proto) {
+    return proto == ETH_P_IP_BE || proto == ETH_P_IPV6_BE;
+}
+
+// Reads and parses the packet of an skb: NOT_IPV4 when skb->protocol is neither IPv4 nor IPv6, else the
 // parser's result (0, or -1 for a packet it would not read). `l3` is the network header;
 // 0 means head + `nh` (skb->network_header, at a free). protocol, tail and head come from one
 // read of the span they share (where BTF lays them so), the headers from one 96-byte read
@@ -354,7 +461,7 @@ static __always_inline int read_packet(const u8 *skb, const u8 *l3, u16 nh, stru
 #if SKB_TAIL > SKB_PROTOCOL && SKB_HEAD > SKB_TAIL && SPAN_LEN <= 32
     u8 span[32];
     if (bpf_probe_read_kernel(span, SPAN_LEN, skb + SKB_PROTOCOL)) return NOT_IPV4;
-    if (*(u16 *)span != ETH_P_IP_BE) return NOT_IPV4;
+    if (!is_ip(*(u16 *)span)) return NOT_IPV4;
     const u8 *head_ = *(const u8 **)(span + (SKB_HEAD - SKB_PROTOCOL));
     u32 tail_ = *(u32 *)(span + (SKB_TAIL - SKB_PROTOCOL));
     if (!l3) {
@@ -364,7 +471,7 @@ static __always_inline int read_packet(const u8 *skb, const u8 *l3, u16 nh, stru
     u32 avail = 0;
     if (head_ && l3 >= head_ && (u64)(l3 - head_) < tail_) avail = tail_ - (u32)(l3 - head_);
 #else
-    if (skb_u16(skb, SKB_PROTOCOL) != ETH_P_IP_BE) return NOT_IPV4;
+    if (!is_ip(skb_u16(skb, SKB_PROTOCOL))) return NOT_IPV4;
     if (!l3) {
         const u8 *head = (const u8 *)rd64(skb, SKB_HEAD);
         if (!head) return -1;
@@ -411,8 +518,8 @@ static __always_inline int on_packet(void *ctx, const u8 *skb, const u8 *l3, u8 
         if (!was) track(&key, &id);
     } else if (was) {
         flags = FLAG_FOLLOWED;
-        learn_addr(p.saddr);
-        learn_addr(p.daddr);
+        learn_addr(&p, p.saddr);
+        learn_addr(&p, p.daddr);
     } else {
         return 0;
     }

@@ -42,7 +42,7 @@ static __always_inline int on_tc(struct __sk_buff *skb, u8 hook) {
         *mark = 0;
     }
     count(C_SEEN);
-    if (skb->protocol != ETH_P_IP_BE || skb->len < 14) return TC_ACT_UNSPEC_;
+    if (!is_ip(skb->protocol) || skb->len < 14) return TC_ACT_UNSPEC_;
     if (tc_parse_packet(skb, 14, skb->len - 14, &p) < 0) return TC_ACT_UNSPEC_;
     // No kernel skb pointer here, so no skb following: the address filter alone decides,
     // which is why it holds the Service's backends too.
@@ -71,7 +71,7 @@ static __always_inline int on_tc(struct __sk_buff *skb, u8 hook) {
     }
     e->ct_info = 0;
     e->ct_status = 0;
-    e->ct_orig_src = e->ct_orig_dst = e->ct_reply_src = e->ct_reply_dst = 0;
+    clear_ct_addrs(e);
     e->ct_orig_sport = e->ct_orig_dport = e->ct_reply_sport = e->ct_reply_dport = 0;
     events.ringbuf_submit(e, 0);
     count(C_EMITTED);

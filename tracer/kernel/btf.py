@@ -307,6 +307,7 @@ _CT_OFFSET_PATHS = {
     "CT_TUPLEHASH": "nf_conn.tuplehash",
     "CT_TH_TUPLE": "nf_conntrack_tuple_hash.tuple",
     "CT_T_SRC_U3": "nf_conntrack_tuple.src.u3",
+    "CT_T_SRC_L3NUM": "nf_conntrack_tuple.src.l3num",
     "CT_T_SRC_PORT": "nf_conntrack_tuple.src.u",
     "CT_T_DST_U3": "nf_conntrack_tuple.dst.u3",
     "CT_T_DST_PORT": "nf_conntrack_tuple.dst.u",

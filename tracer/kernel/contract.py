@@ -58,7 +58,10 @@ HOOKS = {1: "rx", 2: "tx", 3: "drop", 4: "consume",
          20: "tc_ingress", 21: "tc_egress"}
 HOOK_IDS = {v: k for k, v in HOOKS.items()}
 FLAG_FOLLOWED = 1   # emitted because the skb matched earlier (addresses no longer match)
-FLAG_DF = 2         # IP don't-fragment bit set
+FLAG_DF = 2         # IP don't-fragment bit set (always, for IPv6: routers never fragment it)
+FLAG_V6 = 4         # saddr/daddr are IPv6
+FLAG_OUTER_V6 = 8   # outer_saddr/outer_daddr are IPv6
+FLAG_CT_V6 = 16     # the ct_* tuples are IPv6 (the tuple's l3num)
 ENCAP_VXLAN = 1
 ENCAP_GENEVE = 2
 ENCAP = {0: None, ENCAP_VXLAN: "vxlan", ENCAP_GENEVE: "geneve"}
@@ -88,7 +91,8 @@ def c_defines() -> dict[str, str]:
         "MAX_ADDRS": MAX_ADDRS, "MAX_TRACKED": MAX_TRACKED, "MAX_CIDRS": MAX_CIDRS,
         "MAX_PORTS": MAX_PORTS, "MAX_NETNS": MAX_NETNS, "MAX_STASHED": MAX_STASHED,
         "TC_SLOTS": TC_SLOTS,
-        "FLAG_FOLLOWED": FLAG_FOLLOWED, "FLAG_DF": FLAG_DF,
+        "FLAG_FOLLOWED": FLAG_FOLLOWED, "FLAG_DF": FLAG_DF, "FLAG_V6": FLAG_V6,
+        "FLAG_OUTER_V6": FLAG_OUTER_V6, "FLAG_CT_V6": FLAG_CT_V6,
         "ENCAP_VXLAN": ENCAP_VXLAN, "ENCAP_GENEVE": ENCAP_GENEVE,
         "VXLAN_PORT": VXLAN_PORT, "VXLAN_PORT_LINUX": VXLAN_PORT_LINUX, "GENEVE_PORT": GENEVE_PORT,
     }
@@ -124,9 +128,19 @@ def addr_key(a: str) -> int:
     return int.from_bytes(ipaddress.IPv4Address(a).packed, "little")
 
 
+def addr6_fold(a: str) -> int:
+    """bpf/podtrace.c addr6_fold(): an IPv6 address's four 32-bit words (read as the kernel
+    reads them, little-endian) xor-ed, the value its prefilter slot is computed from."""
+    b = ipaddress.IPv6Address(a).packed
+    w = [int.from_bytes(b[i:i + 4], "little") for i in range(0, 16, 4)]
+    return w[0] ^ w[1] ^ w[2] ^ w[3]
+
+
 def addr_slot(a: str) -> int:
-    """The bit of `addr_bits` that bpf/podtrace.c addr_maybe() reads for an address."""
-    return ((addr_key(a) * SLOT_MULT) & 0xFFFFFFFF) >> (32 - ADDR_SLOT_BITS)
+    """The bit of `addr_bits` that bpf/podtrace.c addr_maybe() reads for an address (of
+    either family)."""
+    v = addr6_fold(a) if ipaddress.ip_address(a).version == 6 else addr_key(a)
+    return ((v * SLOT_MULT) & 0xFFFFFFFF) >> (32 - ADDR_SLOT_BITS)
 
 
 def addr_bit_words(addrs) -> dict[int, int]:
@@ -146,7 +160,7 @@ def tracked_slot(skb: int) -> int:
 def packet_hash(proto: int, sport: int, dport: int, ip_id: int = 0, ip_len: int = 0, tcp_seq: int = 0) -> int:
     """bpf/podtrace.c packet_hash(), on the values as the kernel holds them (ports, IP ID and
     TCP sequence as copied from the packet: network order in a host integer)."""
-    if proto == 1:
+    if proto in (1, 58):   # ICMP and ICMPv6: echo id/seq
         h = ((sport << 16) | dport) & 0xFFFFFFFF
     else:
         h = ((ip_id << 16) ^ ip_len ^ ((tcp_seq * SLOT_MULT) & 0xFFFFFFFF)) & 0xFFFFFFFF
@@ -154,6 +168,15 @@ def packet_hash(proto: int, sport: int, dport: int, ip_id: int = 0, ip_len: int 
     h = (h * HASH_MIX) & 0xFFFFFFFF
     h ^= h >> 13
     return h | 1
+
+
+def udp6_payload_hash(payload: bytes) -> int:
+    """The tcp_seq of a UDP-over-IPv6 event (bpf/parser.h parse_l4): the first 8 payload
+    bytes as two little-endian words, word0 ^ word1 * SLOT_MULT (0 with fewer than 8)."""
+    if len(payload) < 8:
+        return 0
+    w0, w1 = int.from_bytes(payload[:4], "little"), int.from_bytes(payload[4:8], "little")
+    return (w0 ^ (w1 * SLOT_MULT)) & 0xFFFFFFFF
 
 
 def sampled_in(h: int, n: int) -> bool:

@@ -3,8 +3,10 @@
 `c_struct()` is the C definition; `EVENT_DTYPE` the numpy dtype that decodes ring-buffer
 bytes in batches.
 
-Addresses stay in network byte order in the record (the kernel copies them as they are);
-decoding converts whole columns at once.
+Addresses stay in network byte order in the record (the kernel copies them as they are),
+16 bytes each: an IPv4 address in the first 4 (the rest zero), the event's flags saying
+which family each group (inner, outer, conntrack) is. Decoding converts whole columns at
+once into uint64 keys (`tracer.addrs.key` semantics) and categorical strings.
 """
 
 from __future__ import annotations
@@ -27,19 +29,20 @@ EVENT_FIELDS: list[tuple[str, str, str]] = [
     ("location", "u64", "<u8"),     # kfree_skb: kernel address that dropped it
     ("netns", "u32", "<u4"),        # network namespace inode (net->ns.inum)
     ("ifindex", "u32", "<u4"),
-    ("saddr", "u32", ">u4"),        # inner IPv4 source, network order
-    ("daddr", "u32", ">u4"),
-    ("outer_saddr", "u32", ">u4"),  # set when the packet was seen inside VXLAN/Geneve
-    ("outer_daddr", "u32", ">u4"),
+    ("saddr", "u8[16]", "(16,)u1"),        # inner source (IPv4 in the first 4 bytes), network order
+    ("daddr", "u8[16]", "(16,)u1"),
+    ("outer_saddr", "u8[16]", "(16,)u1"),  # set when the packet was seen inside VXLAN/Geneve
+    ("outer_daddr", "u8[16]", "(16,)u1"),
+    ("ct_orig_src", "u8[16]", "(16,)u1"),  # conntrack original tuple
+    ("ct_orig_dst", "u8[16]", "(16,)u1"),
+    ("ct_reply_src", "u8[16]", "(16,)u1"), # conntrack reply tuple (shows the NAT that will apply)
+    ("ct_reply_dst", "u8[16]", "(16,)u1"),
     ("vni", "u32", "<u4"),
+    ("flow_lbl", "u32", "<u4"),     # IPv6 flow label (0 for IPv4)
     ("tcp_seq", "u32", ">u4"),
     ("len", "u32", "<u4"),          # skb->len at the hook
     ("reason", "u32", "<u4"),       # kfree_skb drop reason number (names from tracefs)
     ("ct_status", "u32", "<u4"),    # nf_conn->status (low 32 bits: IPS_* flags)
-    ("ct_orig_src", "u32", ">u4"),  # conntrack original tuple
-    ("ct_orig_dst", "u32", ">u4"),
-    ("ct_reply_src", "u32", ">u4"), # conntrack reply tuple (shows the NAT that will apply)
-    ("ct_reply_dst", "u32", ">u4"),
     ("sport", "u16", ">u2"),        # TCP/UDP ports; ICMP: id in sport, seq in dport
     ("dport", "u16", ">u2"),
     ("ip_id", "u16", ">u2"),
@@ -57,7 +60,7 @@ EVENT_FIELDS: list[tuple[str, str, str]] = [
     ("cpu", "u8", "u1"),
     ("ttl", "u8", "u1"),
     ("ct_info", "u8", "u1"),        # 0: no conntrack entry on the skb; else ctinfo + 1
-    ("_pad", "char[3]", "S3"),
+    ("_pad", "char[7]", "S7"),
     ("ifname", "char[16]", "S16"),
 ]
 
@@ -65,7 +68,8 @@ EVENT_FIELDS: list[tuple[str, str, str]] = [
 # the record's readers know them by.
 HOOKS, HOOK_IDS, ENCAP = contract.HOOKS, contract.HOOK_IDS, contract.ENCAP
 FLAG_FOLLOWED, FLAG_DF = contract.FLAG_FOLLOWED, contract.FLAG_DF
-PROTOS = {1: "icmp", 6: "tcp", 17: "udp"}
+FLAG_V6, FLAG_OUTER_V6, FLAG_CT_V6 = contract.FLAG_V6, contract.FLAG_OUTER_V6, contract.FLAG_CT_V6
+PROTOS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
 PROTO_IDS = {v: k for k, v in PROTOS.items()}
 
 EVENT_DTYPE = np.dtype([(name, np_type) for name, _, np_type in EVENT_FIELDS])
@@ -75,8 +79,9 @@ def c_struct() -> str:
     """The C definition of `struct event`, generated so C and Python cannot drift."""
     lines = ["struct event {"]
     for name, c_type, _ in EVENT_FIELDS:
-        if c_type.startswith("char["):
-            lines.append(f"    char {name}{c_type[4:]};")
+        if c_type.startswith(("char[", "u8[")):
+            base, dim = c_type.split("[", 1)
+            lines.append(f"    {base} {name}[{dim};")
         else:
             lines.append(f"    {c_type} {name};")
     lines.append("} __attribute__((packed));")
@@ -127,6 +132,50 @@ def _names_categorical(col: np.ndarray) -> "pd.Categorical":
 
 IP_COLUMNS = ("saddr", "daddr", "outer_saddr", "outer_daddr", "ct_orig_src", "ct_orig_dst",
               "ct_reply_src", "ct_reply_dst")
+# The flag that says an address column holds IPv6 addresses.
+IP_FAMILY_FLAG = {"saddr": FLAG_V6, "daddr": FLAG_V6, "outer_saddr": FLAG_OUTER_V6,
+                  "outer_daddr": FLAG_OUTER_V6, "ct_orig_src": FLAG_CT_V6, "ct_orig_dst": FLAG_CT_V6,
+                  "ct_reply_src": FLAG_CT_V6, "ct_reply_dst": FLAG_CT_V6}
+
+
+def ip_columns(raw: np.ndarray, flags: np.ndarray, sort: bool = False) -> tuple[np.ndarray, "pd.Categorical"]:
+    """One address column of 16-byte records (n x 16 uint8) and the rows' flags → (uint64
+    keys, categorical strings), as `tracer.addrs` defines them. IPv4 rows keep the numbers
+    they always had; each distinct IPv6 address is converted once: the 16 bytes are two
+    64-bit halves, factorized like device names."""
+    import pandas as pd
+
+    from tracer import addrs
+
+    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, 16)
+    v4 = raw[:, :4].copy().view(">u4").reshape(-1).astype(np.uint64)
+    v6rows = np.flatnonzero(flags)
+    if not len(v6rows):
+        return v4, ip_categorical(v4.astype(np.uint32), sort)
+    keys = v4.copy()
+    keys[v6rows] = 0
+    halves = raw[v6rows].view("<u8").reshape(-1, 2)
+    ca, ua = pd.factorize(halves[:, 0])
+    cb, ub = pd.factorize(halves[:, 1])
+    codes, uniq = pd.factorize(ca.astype(np.int64) * max(len(ub), 1) + cb)
+    first = np.zeros(len(uniq), dtype=np.int64)
+    first[codes[::-1]] = np.arange(len(codes))[::-1]
+    packed = [raw[v6rows[i]].tobytes() for i in first]
+    k6 = np.array([addrs.key_of_packed(b, True) if any(b) else 0 for b in packed], dtype=np.uint64)
+    keys[v6rows] = k6[codes]
+    # Strings: IPv4 values and IPv6 addresses together, each distinct one converted once.
+    c4, u4 = pd.factorize(np.where(flags, 0, v4.astype(np.uint32)).astype(np.uint32), sort=sort)
+    names4 = ip_categorical(np.asarray(u4, dtype=np.uint32)).astype(str).tolist() if len(u4) else []
+    names6 = [addrs.text_of_packed(b, True) for b in packed]
+    names = list(dict.fromkeys(names4 + names6))
+    if sort:
+        from tracer.addrs import sort_key
+        names = sorted(names, key=lambda s: sort_key(s) if s else (0, -1))
+    index = {n: i for i, n in enumerate(names)}
+    code = np.empty(len(raw), dtype=np.int32)
+    code[:] = np.array([index[n] for n in names4], dtype=np.int32)[c4] if len(names4) else 0
+    code[v6rows] = np.array([index[n] for n in names6], dtype=np.int32)[codes]
+    return keys, pd.Categorical.from_codes(code, categories=names)
 
 
 def ip_categorical(col: np.ndarray, sort: bool = False) -> "pd.Categorical":
@@ -142,10 +191,12 @@ def ip_categorical(col: np.ndarray, sort: bool = False) -> "pd.Categorical":
 
 
 def derived(cols, sort: bool = False) -> dict:
-    """The columns decoded from the raw record fields: address strings and hook names, as
-    categoricals. `cols` maps field names to native-order arrays (a dict or a DataFrame);
-    both the live frame (`to_frame`) and a loaded trace file take their derived columns here."""
-    out = {c + "_str": ip_categorical(np.asarray(cols[c]), sort) for c in IP_COLUMNS}
+    """The columns decoded from the raw record fields: address strings (unless `cols`
+    already holds them) and hook names, as categoricals. `cols` maps field names to
+    native-order arrays (a dict or a DataFrame); both the live frame (`to_frame`) and a
+    loaded trace file take their derived columns here."""
+    out = {c + "_str": ip_categorical(np.asarray(cols[c]), sort) for c in IP_COLUMNS
+           if c + "_str" not in cols}
     out["hook_name"] = _categorical(np.asarray(cols["hook"]), lambda h: HOOKS.get(int(h), f"hook{int(h)}"), sort)
     return out
 
@@ -159,9 +210,15 @@ def decode(buf: bytes | memoryview | np.ndarray) -> pd.DataFrame:
 def to_frame(arr: np.ndarray) -> "pd.DataFrame":
     import pandas as pd
 
-    cols = {name: arr[name].astype(arr.dtype[name].newbyteorder("="))
-            for name in arr.dtype.names if arr.dtype[name].kind in "ui"}
+    flags = arr["flags"]
+    cols, strs = {}, {}
+    for name in arr.dtype.names:
+        if name in IP_FAMILY_FLAG:
+            cols[name], strs[name + "_str"] = ip_columns(arr[name], flags & IP_FAMILY_FLAG[name], sort=True)
+        elif arr.dtype[name].kind in "ui":
+            cols[name] = arr[name].astype(arr.dtype[name].newbyteorder("="))
     cols["ifname"] = _names_categorical(arr["ifname"])
+    cols.update(strs)
     cols.update(derived(cols, sort=True))
     return pd.DataFrame(cols, copy=False)     # one constructor: no column-by-column inserts
 

@@ -129,6 +129,29 @@ class Sink:
         return _concat(parts)
 
 
+def _norm(a: str) -> str:
+    """An address of either family in its one written form (IPv6 compressed)."""
+    return str(ipaddress.ip_address(a))
+
+
+def _bytes16(packed: bytes):
+    import ctypes
+
+    return (ctypes.c_ubyte * 16)(*packed)
+
+
+def _addr_entry(b, a: str):
+    """(table, key) of an address in the kernel's filter: `addrs` (u32) or `addrs6`."""
+    ip = ipaddress.ip_address(a)
+    if ip.version == 4:
+        t = b["addrs"]
+        return t, t.Key(addr_key(a))
+    t = b["addrs6"]
+    k = t.Key()
+    k.a = _bytes16(ip.packed)
+    return t, k
+
+
 @dataclass
 class TraceSession:
     config: SessionConfig
@@ -146,10 +169,17 @@ class TraceSession:
             self.set_addrs(add=self.config.addrs)
             sel = C.SEL_EITHER if self.config.match_either else 0
             if self.config.cidrs:
-                lpm = b["cidrs"]
                 for c in self.config.cidrs:
-                    net = ipaddress.IPv4Network(c, strict=False)
-                    lpm[lpm.Key(net.prefixlen, addr_key(str(net.network_address)))] = lpm.Leaf(1)
+                    net = ipaddress.ip_network(c, strict=False)
+                    if net.version == 4:
+                        lpm = b["cidrs"]
+                        lpm[lpm.Key(net.prefixlen, addr_key(str(net.network_address)))] = lpm.Leaf(1)
+                    else:
+                        lpm = b["cidrs6"]
+                        k = lpm.Key()
+                        k.prefixlen = net.prefixlen
+                        k.addr = _bytes16(net.network_address.packed)
+                        lpm[k] = lpm.Leaf(1)
                 sel |= C.SEL_CIDRS
             if self.config.ports:
                 pt = b["ports"]
@@ -182,19 +212,22 @@ class TraceSession:
         `addrs` and cleared only after it has left, so the kernel never reads a clear bit
         for an address in the table."""
         b = self.loaded.bpf
-        table, bits = b["addrs"], b["addr_bits"]
-        gone = set(remove) - set(add)
-        new = (self.traced - gone) | set(add)
+        bits = b["addr_bits"]
+        add, remove = {_norm(a) for a in add}, {_norm(a) for a in remove}
+        gone = remove - add
+        new = (self.traced - gone) | add
         before, after = addr_bit_words(self.traced), addr_bit_words(new)
         both = {w: before.get(w, 0) | after.get(w, 0) for w in set(before) | set(after)}
         for w, v in sorted(both.items()):
             if v != before.get(w, 0):
                 bits[bits.Key(w)] = bits.Leaf(v)
         for a in sorted(gone):
+            table, k = _addr_entry(b, a)
             with contextlib.suppress(KeyError):
-                del table[table.Key(addr_key(a))]
-        for a in sorted(set(add)):
-            table[table.Key(addr_key(a))] = table.Leaf(1)
+                del table[k]
+        for a in sorted(add):
+            table, k = _addr_entry(b, a)
+            table[k] = table.Leaf(1)
         for w, v in sorted(both.items()):
             if after.get(w, 0) != v:
                 bits[bits.Key(w)] = bits.Leaf(after.get(w, 0))
