@@ -153,11 +153,11 @@ def _records(recs: list[tuple]) -> np.ndarray:
     a["encap"] = enc.astype(np.uint8)
     a["vni"] = np.where(enc, 1, 0)
     fwd = np.array([ns in (N1, FABRIC) and True for ns in cols[2]])
-    a["outer_saddr"] = np.where(enc, np.where(fwd, IP("172.30.0.11"), IP("172.30.0.12")), 0)
-    a["outer_daddr"] = np.where(enc, np.where(fwd, IP("172.30.0.12"), IP("172.30.0.11")), 0)
-    a["saddr"] = [IP(x) for x in cols[6]]
+    a["outer_saddr"] = events.v4_field(np.where(enc, np.where(fwd, IP("172.30.0.11"), IP("172.30.0.12")), 0))
+    a["outer_daddr"] = events.v4_field(np.where(enc, np.where(fwd, IP("172.30.0.12"), IP("172.30.0.11")), 0))
+    a["saddr"] = events.v4_field([IP(x) for x in cols[6]])
     a["sport"] = cols[7]
-    a["daddr"] = [IP(x) for x in cols[8]]
+    a["daddr"] = events.v4_field([IP(x) for x in cols[8]])
     a["dport"] = cols[9]
     a["tcp_seq"] = np.array(cols[10], dtype=np.uint64).astype(np.uint32)
     a["ip_id"] = cols[11]

@@ -31,8 +31,8 @@ def synth(n: int) -> np.ndarray:
     a["skb"] = np.uint64(0xFFFF888000000000) + (pkt * 256).astype(np.uint64)
     a["netns"] = 4026530000 + (idx % hops) // 4
     a["ifindex"] = idx % hops
-    a["saddr"] = int(ipaddress.IPv4Address("10.244.1.2"))
-    a["daddr"] = int(ipaddress.IPv4Address("10.244.2.2"))
+    a["saddr"] = record.v4_field(int(ipaddress.IPv4Address("10.244.1.2")))
+    a["daddr"] = record.v4_field(int(ipaddress.IPv4Address("10.244.2.2")))
     a["proto"] = 1
     a["icmp_type"] = 8
     a["sport"] = 4242

@@ -3,11 +3,13 @@ and enrich the packets offline (nodes, pods, Services, namespace placement, kern
 hooks, clock offsets, counters), stored as JSON under the key `podtrace` of the file's
 key-value metadata.
 
-The schema is versioned (`FORMAT_VERSION`). Version 2 stores the event record's numeric
-fields as they are (addresses as unsigned 32-bit numbers) and the device name dictionary-
-encoded; everything derived (address strings, hook names) is recomputed on load. Files of
-version 1 (the first `flow --save`, which also stored the derived string columns) are
-upgraded on load. Anything that is not a podtrace trace gives one `TraceFileError` whose
+The schema is versioned (`FORMAT_VERSION`). Version 3 stores the event record's numeric
+fields as they are, every address as 16 bytes (fixed_size_binary(16): an IPv4 address in
+the first 4, the rest zero; the `flags` column says which family each group of addresses
+is), and the device name dictionary-encoded; everything derived (address keys and strings,
+hook names) is recomputed on load. Files of version 2 (addresses as unsigned 32-bit IPv4
+numbers, no `flow_lbl`) and version 1 (the first `flow --save`, which also stored the derived
+string columns) load into the same frame. Anything that is not a podtrace trace gives one `TraceFileError` whose
 message says what is wrong with the file.
 
 Writing goes through `Writer`, which holds at most about one row group (`row_group_events`
@@ -37,6 +39,8 @@ from tracer import testhooks
 from tracer.node import ownership
 from tracer.kernel import record as events
 from tracer.errors import BadInput
+from tracer import tracecols
+from tracer.tracecols import ADDR16, addr_array, frame_addr_bytes
 from tracer.tracemeta import FORMAT_VERSION, cluster_meta, finish_meta, host_meta
 
 __all__ = ["FORMAT_VERSION", "META_KEY", "ROW_GROUP_EVENTS", "TraceFileError", "Writer", "cluster_meta",
@@ -48,12 +52,17 @@ ROW_GROUP_EVENTS = 65536
 # Event columns stored in the file (the record minus padding), with their Arrow types.
 # ts_ns is signed: merged multi-node traces shift timestamps by clock offsets.
 _NUMERIC = [(name, np.dtype("int64") if name == "ts_ns" else np.dtype(np_type).newbyteorder("="))
-            for name, c_type, np_type in events.EVENT_FIELDS if not c_type.startswith("char")]
+            for name, c_type, np_type in events.EVENT_FIELDS if not c_type.startswith(("char", "u8["))]
 _ARROW_INT = {np.dtype("uint8"): pa.uint8(), np.dtype("uint16"): pa.uint16(), np.dtype("uint32"): pa.uint32(),
               np.dtype("uint64"): pa.uint64(), np.dtype("int64"): pa.int64(), np.dtype("int32"): pa.int32()}
-EVENT_SCHEMA = pa.schema([pa.field(name, _ARROW_INT[dt], nullable=False) for name, dt in _NUMERIC]
+_ADDRS = [name for name, c_type, _ in events.EVENT_FIELDS if c_type.startswith("u8[")]
+_NUMERIC_TYPES = dict(_NUMERIC)
+EVENT_SCHEMA = pa.schema([pa.field(name, ADDR16 if name in _ADDRS else _ARROW_INT[_NUMERIC_TYPES[name]], nullable=False)
+                          for name, c_type, _ in events.EVENT_FIELDS if not c_type.startswith("char")]
                          + [pa.field("ifname", pa.dictionary(pa.int32(), pa.string()), nullable=False)])
 REQUIRED_COLUMNS = [f.name for f in EVENT_SCHEMA]
+# Columns a file of an older version may lack (filled with zeros on load).
+ADDED_IN_V3 = ("flow_lbl",)
 # Columns a trace may add: `agent` (which node agent recorded the event, merged flow traces).
 OPTIONAL_COLUMNS = {"agent": np.dtype("int32")}
 
@@ -87,7 +96,9 @@ def _ifname_array(raw: np.ndarray) -> pa.DictionaryArray:
 
 def batch_from_records(arr: np.ndarray) -> pa.RecordBatch:
     """Raw ring-buffer records (events.EVENT_DTYPE) → one Arrow record batch, column by column."""
-    cols = [pa.array(np.ascontiguousarray(arr[name]).astype(dt, copy=False)) for name, dt in _NUMERIC]
+    cols = [addr_array(arr[name]) if name in _ADDRS
+            else pa.array(np.ascontiguousarray(arr[name]).astype(_NUMERIC_TYPES[name], copy=False))
+            for name in REQUIRED_COLUMNS[:-1]]
     cols.append(_ifname_array(arr["ifname"]))
     return pa.RecordBatch.from_arrays(cols, schema=EVENT_SCHEMA)
 
@@ -97,7 +108,9 @@ def batch_from_frame(df: pd.DataFrame, extra: tuple[str, ...] = ()) -> pa.Record
     missing = [c for c in REQUIRED_COLUMNS + list(extra) if c not in df.columns]
     if missing:
         raise ValueError(f"events frame lacks {missing}")
-    cols = [pa.array(df[name].to_numpy().astype(dt, copy=False)) for name, dt in _NUMERIC]
+    cols = [addr_array(frame_addr_bytes(df, name)) if name in _ADDRS
+            else pa.array(df[name].to_numpy().astype(_NUMERIC_TYPES[name], copy=False))
+            for name in REQUIRED_COLUMNS[:-1]]
     names = df["ifname"].astype(str).astype("category")
     cols.append(pa.DictionaryArray.from_arrays(
         pa.array(names.cat.codes.to_numpy().astype(np.int32)),
@@ -449,10 +462,10 @@ def load(path: str | Path) -> tuple[pd.DataFrame, dict]:
             raise TraceFileError(p, f"is damaged: its schema cannot be read ({_short(exc)})") from None
         _check_columns(p, names, meta)
         try:
-            table = pf.read(columns=REQUIRED_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in names])
+            table = pf.read(columns=[c for c in REQUIRED_COLUMNS if c in names] + [c for c in OPTIONAL_COLUMNS if c in names])
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise TraceFileError(p, f"the events could not be read: the file is damaged ({_short(exc)})") from None
-    table = table.select(REQUIRED_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in names])
+    table = table.select([c for c in REQUIRED_COLUMNS if c in names] + [c for c in OPTIONAL_COLUMNS if c in names])
     try:
         events_df = events_frame(table)
     except (pa.ArrowException, ValueError, IndexError, TypeError, OverflowError) as exc:   # damaged values (names not UTF-8, …)
@@ -461,7 +474,8 @@ def load(path: str | Path) -> tuple[pd.DataFrame, dict]:
 
 
 def _check_columns(p: Path, names: set[str], meta: dict) -> None:
-    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    missing = [c for c in REQUIRED_COLUMNS if c not in names
+               and not (c in ADDED_IN_V3 and meta.get("format_version", 1) < 3)]
     if missing:
         raise TraceFileError(p, f"the events table lacks column(s) {', '.join(missing)} "
                                 f"(format version {meta['format_version']})")
@@ -470,21 +484,29 @@ def _check_columns(p: Path, names: set[str], meta: dict) -> None:
 def events_frame(table: pa.Table) -> pd.DataFrame:
     """Arrow events → the DataFrame `events.to_frame` gives: numeric columns in their own
     dtypes, `ifname` and the address strings and hook names as categoricals."""
-    want = {name: dt for name, dt in _NUMERIC}
-    want.update({c: dt for c, dt in OPTIONAL_COLUMNS.items() if c in table.column_names})
+    for name in set(ADDED_IN_V3) - set(table.column_names):   # a version 2 file: no flow label
+        table = table.append_column(name, pa.array(np.zeros(table.num_rows, dtype=_NUMERIC_TYPES[name])))
+    numeric = {name: dt for name, dt in _NUMERIC}
+    numeric.update({c: dt for c, dt in OPTIONAL_COLUMNS.items() if c in table.column_names})
     casts = []
-    for name, dt in want.items():
+    for name, dt in numeric.items():
         col = table.column(name)
         if col.null_count or col.type != _ARROW_INT[dt]:
             casts.append(name)
     if casts:   # older or foreign writers: other integer widths, nulls
         for name in casts:
             i = table.column_names.index(name)
-            table = table.set_column(i, name, pa.array(_np_col(table.column(name), want[name])))
+            table = table.set_column(i, name, pa.array(_np_col(table.column(name), numeric[name])))
     ifn = _names_categorical(table.column("ifname"))
+    addr_cols, strs = tracecols.address_columns(table, _ADDRS)
+    order = REQUIRED_COLUMNS[:-1] + [c for c in OPTIONAL_COLUMNS if c in table.column_names]
     # split_blocks: one block per column, no consolidation copy (~0.5 s per million rows)
-    df = table.select(list(want)).to_pandas(split_blocks=True)
+    df = table.select(list(numeric)).to_pandas(split_blocks=True)
+    for name, v in addr_cols.items():
+        df[name] = v
+    df = df[order]
     df["ifname"] = ifn
+    df[list(strs)] = pd.DataFrame(strs, index=df.index)
     add_derived(df)
     return df
 
@@ -520,11 +542,7 @@ def add_derived(df: pd.DataFrame) -> pd.DataFrame:
 
 def ip_categorical(col: np.ndarray) -> pd.Categorical:
     """uint32 IPv4 numbers → categorical dotted strings ("" for 0)."""
-    codes, uniq = pd.factorize(col)
-    uniq = np.asarray(uniq, dtype=np.uint32)
-    b = uniq.astype(">u4").view(np.uint8).reshape(-1, 4)
-    names = [f"{x[0]}.{x[1]}.{x[2]}.{x[3]}" if v else "" for v, x in zip(uniq.tolist(), b.tolist())]
-    return pd.Categorical.from_codes(codes, categories=names)
+    return events.ip_categorical(np.asarray(col))
 
 
 def _check_path(path) -> Path:
@@ -645,6 +663,8 @@ def _meta_of(p: Path, kv: dict | None, what: str = "a Parquet file") -> dict:
 def _upgrade_meta(meta: dict) -> dict:
     """Bring older metadata to the current shape (in memory; the file is not changed)."""
     version = meta["format_version"]
+    if version < FORMAT_VERSION:
+        meta = {**meta, "upgraded_from": meta.get("upgraded_from", version)}
     if version == 1:
         # v1: written by the first `flow --save`: no kind, no cluster lists, no kernel.
         meta = {**meta, "kind": "flow" if "src" in meta else "capture", "upgraded_from": 1}
@@ -655,7 +675,7 @@ def _upgrade_meta(meta: dict) -> dict:
         meta.setdefault("services", None)
         meta.setdefault("kernel", None)
         meta.setdefault("clock", {"source": "CLOCK_MONOTONIC (bpf_ktime_get_ns)", "node_offsets_ns": {}})
-        meta["format_version"] = FORMAT_VERSION
+    meta["format_version"] = FORMAT_VERSION
     return meta
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from tracer import settings
 from tracer.errors import BadInput
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3   # 3: 16-byte addresses of both families and the IPv6 flow label
 
 
 def host_meta() -> dict:

@@ -74,12 +74,12 @@ def test_learn_maps_targets_to_the_address_sent_to_and_leaves_services_alone():
 def _ct_cols(arr, rows, client_ip, sport):
     arr["ct_info"][rows] = 3                      # IP_CT_NEW + 1
     arr["ct_status"][rows] = DNAT_STATUS
-    arr["ct_orig_src"][rows] = IP(client_ip)
-    arr["ct_orig_dst"][rows] = IP(NODE_IP)
+    arr["ct_orig_src"][rows] = record.v4_field(IP(client_ip))
+    arr["ct_orig_dst"][rows] = record.v4_field(IP(NODE_IP))
     arr["ct_orig_sport"][rows] = sport
     arr["ct_orig_dport"][rows] = HOST_PORT
-    arr["ct_reply_src"][rows] = IP(PODS[TARGET][2])
-    arr["ct_reply_dst"][rows] = IP(client_ip)
+    arr["ct_reply_src"][rows] = record.v4_field(IP(PODS[TARGET][2]))
+    arr["ct_reply_dst"][rows] = record.v4_field(IP(client_ip))
     arr["ct_reply_sport"][rows] = APP
     arr["ct_reply_dport"][rows] = sport
 

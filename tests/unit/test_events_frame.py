@@ -23,7 +23,7 @@ def _records(rows: list[tuple[int, int, int, int]]) -> np.ndarray:
     for i, (name, a, b, hook) in enumerate(rows):
         arr[i]["ifname"] = NAMES[name]
         for j, c in enumerate(IP_COLS):
-            arr[i][c] = ADDRS[(a + j * b) % len(ADDRS)] & 0xFFFFFFFF
+            arr[i][c] = record.v4_field(ADDRS[(a + j * b) % len(ADDRS)] & 0xFFFFFFFF)
         arr[i]["hook"] = hook
     return arr
 
@@ -38,7 +38,7 @@ def test_to_frame_matches_each_record_decoded_alone(rows):
     for i, rec in enumerate(arr):
         assert df["ifname"].iloc[i] == bytes(rec["ifname"]).split(b"\0", 1)[0].decode()
         for c in IP_COLS:
-            v = int(rec[c])
+            v = int.from_bytes(bytes(rec[c][:4]), "big")
             assert df[c].iloc[i] == v
             assert df[c + "_str"].iloc[i] == (str(ipaddress.IPv4Address(v)) if v else "")
         assert df["hook_name"].iloc[i] == record.HOOKS.get(int(rec["hook"]), f"hook{int(rec['hook'])}")
@@ -51,3 +51,43 @@ def test_to_frame_matches_each_record_decoded_alone(rows):
 def test_empty_frame_has_every_column():
     df = record.empty_frame()
     assert len(df) == 0 and {"ifname", "saddr_str", "hook_name"} <= set(df.columns)
+
+
+V6 = ["fd00:10:244:1::2", "fd00:10:244:2::2", "fd00:10:96::a", "::ffff:10.0.0.1", "fe80::1"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9), st.booleans(), st.booleans(), st.booleans()),
+                max_size=200))
+def test_mixed_families_decode_as_each_record_alone(rows):
+    """Rows of both families (per group of addresses, as the flags say): keys as
+    tracer.addrs.key gives them, strings in compressed form, IPv4 rows as they always were."""
+    from tracer import addrs
+
+    arr = np.zeros(len(rows), dtype=record.EVENT_DTYPE)
+    want = []
+    groups = {"saddr": record.FLAG_V6, "daddr": record.FLAG_V6, "outer_saddr": record.FLAG_OUTER_V6,
+              "outer_daddr": record.FLAG_OUTER_V6, "ct_orig_src": record.FLAG_CT_V6,
+              "ct_orig_dst": record.FLAG_CT_V6, "ct_reply_src": record.FLAG_CT_V6, "ct_reply_dst": record.FLAG_CT_V6}
+    for i, (a, b, inner6, outer6, ct6) in enumerate(rows):
+        flags = (record.FLAG_V6 if inner6 else 0) | (record.FLAG_OUTER_V6 if outer6 else 0) \
+            | (record.FLAG_CT_V6 if ct6 else 0)
+        arr[i]["flags"] = flags
+        row = {}
+        for j, c in enumerate(IP_COLS):
+            k = (a + j * b) % (len(V6) + 1)
+            if flags & groups[c]:
+                text = str(ipaddress.IPv6Address(V6[k - 1])) if k else ""
+                arr[i][c] = np.frombuffer(addrs.packed16(text), np.uint8) if text else 0
+            else:
+                v = ADDRS[k % len(ADDRS)] & 0xFFFFFFFF
+                text = str(ipaddress.IPv4Address(v)) if v else ""
+                arr[i][c] = record.v4_field(v)
+            row[c] = text
+        want.append(row)
+    df = record.to_frame(arr)
+    for i, row in enumerate(want):
+        for c, text in row.items():
+            assert df[c + "_str"].iloc[i] == text
+            assert int(df[c].iloc[i]) == addrs.key(text)
+    assert all(df[c].dtype == np.uint64 for c in IP_COLS)

@@ -24,8 +24,8 @@ SETTINGS = settings(max_examples=int(__import__("os").environ.get("PT_FUZZ_N", "
 def _events(n: int = 64) -> np.ndarray:
     arr = np.zeros(n, dtype=record.EVENT_DTYPE)
     arr["ts_ns"] = np.arange(n) * 1000 + 10**9
-    arr["saddr"] = 0x0201F40A       # 10.244.1.2 (network order, as the kernel gives it)
-    arr["daddr"] = 0x0302F40A
+    arr["saddr"] = record.v4_field(0x0201F40A)      # 10.244.1.2 (network order, as the kernel gives it)
+    arr["daddr"] = record.v4_field(0x0302F40A)
     arr["sport"] = np.arange(n)
     arr["hook"] = np.arange(n) % 4 + 1
     arr["proto"] = 17

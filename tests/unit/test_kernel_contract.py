@@ -4,6 +4,7 @@ C hashes compute what the C code computes (both compiled by gcc from the real so
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import re
 import shutil
@@ -128,34 +129,38 @@ def test_python_hashes_compute_what_the_c_computes(tmp_path):
     """packet_hash() and the two prefilter slot hashes, cut out of bpf/podtrace.c and compiled
     with the generated header, against contract.py's mirrors on random inputs."""
     text = (BPF / "podtrace.c").read_text()
-    struct_pkt = re.search(r"struct pkt \{.*?\n\};\n", text, re.S).group(0)
+    struct_pkt = re.search(r"#define PKT_SCALARS.*?\nstruct pkt \{.*?\n\};\n", text, re.S).group(0)
     slot_exprs = {
         "addr": re.search(r"u32 h = (\(addr \* SLOT_MULT\) >> [^;]+);", text).group(1),
         "skb": re.search(r"u32 i = (\(\(u32\)\(skb >> [^;]+);", text).group(1),
     }
     rng = random.Random(13)
-    cases = [(rng.choice((1, 6, 17)), rng.getrandbits(16), rng.getrandbits(16), rng.getrandbits(16),
+    cases = [(rng.choice((1, 6, 17, 58)), rng.getrandbits(16), rng.getrandbits(16), rng.getrandbits(16),
               rng.getrandbits(16), rng.getrandbits(32), rng.getrandbits(32), rng.getrandbits(48) << 8)
              for _ in range(200)]
-    rows = ",\n".join("{%d, %d, %d, %d, %d, %du, %du, %dull}" % c for c in cases)
+    v6 = [rng.getrandbits(128).to_bytes(16, "big") for _ in cases]
+    rows = ",\n".join("{%d, %d, %d, %d, %d, %du, %du, %dull, {%s}}" % (c + (",".join(map(str, a)),))
+                      for c, a in zip(cases, v6))
     prog = ("#include <stdio.h>\n"   # stdio.h defines __always_inline, as the kernel does
             
-            "#define IPPROTO_ICMP_ 1\n" + TYPEDEFS + contract.c_header() + "\n" + struct_pkt
-            + _c_function(text, "packet_hash")
+            "#define IPPROTO_ICMP_ 1\n#define IPPROTO_ICMPV6_ 58\n" + TYPEDEFS + contract.c_header() + "\n" + struct_pkt
+            + _c_function(text, "packet_hash") + _c_function(text, "addr6_fold")
             + "static u32 addr_slot(u32 addr) { return " + slot_exprs["addr"] + "; }\n"
             + "static u32 skb_slot(u64 skb) { return " + slot_exprs["skb"] + "; }\n"
-            + "struct c { u8 proto; u16 sport, dport, ip_id, ip_len; u32 seq, addr; u64 skb; };\n"
+            + "struct c { u8 proto; u16 sport, dport, ip_id, ip_len; u32 seq, addr; u64 skb; u8 a6[16]; };\n"
             + "static struct c cases[] = {\n" + rows + "};\n"
             + "int main(void) {\n  for (unsigned i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {\n"
             + "    struct c *k = &cases[i]; struct pkt p = {0};\n"
             + "    p.proto = k->proto; p.sport = k->sport; p.dport = k->dport; p.ip_id = k->ip_id;\n"
             + "    p.ip_len = k->ip_len; p.tcp_seq = k->seq;\n"
-            + '    printf("%u %u %u\\n", packet_hash(&p), addr_slot(k->addr), skb_slot(k->skb));\n  }\n'
+            + '    printf("%u %u %u %u\\n", packet_hash(&p), addr_slot(k->addr), skb_slot(k->skb),\n'
+            + '           addr_slot(addr6_fold(k->a6)));\n  }\n'
             + "  return 0;\n}\n")
     out = _run_c(tmp_path, prog).splitlines()
     assert len(out) == len(cases)
-    for (proto, sport, dport, ip_id, ip_len, seq, addr, skb), line in zip(cases, out):
-        h, a, s = map(int, line.split())
+    for (proto, sport, dport, ip_id, ip_len, seq, addr, skb), a6, line in zip(cases, v6, out):
+        h, a, s, s6 = map(int, line.split())
+        assert s6 == contract.addr_slot(str(ipaddress.IPv6Address(a6)))
         assert h == contract.packet_hash(proto, sport, dport, ip_id, ip_len, seq)
         dotted = ".".join(str(b) for b in addr.to_bytes(4, "little"))   # the key is network order
         assert contract.addr_key(dotted) == addr and a == contract.addr_slot(dotted)

@@ -138,6 +138,24 @@ IP_FAMILY_FLAG = {"saddr": FLAG_V6, "daddr": FLAG_V6, "outer_saddr": FLAG_OUTER_
                   "ct_reply_src": FLAG_CT_V6, "ct_reply_dst": FLAG_CT_V6}
 
 
+def v4_field(values) -> np.ndarray:
+    """IPv4 addresses as numbers (what a frame's key column holds for IPv4) → the record's
+    16-byte form (n x 16, or 16 for one number): for building records in tests and benches."""
+    v = np.asarray(values, dtype=np.uint64).astype(">u4")
+    out = np.zeros(v.shape + (16,), dtype=np.uint8)
+    out[..., :4] = v.reshape(v.shape + (1,)).view(np.uint8).reshape(v.shape + (4,))
+    return out
+
+
+def addr_keys(raw: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    """Only the uint64 keys of an address column (see ip_columns)."""
+    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, 16)
+    keys = raw[:, :4].copy().view(">u4").reshape(-1).astype(np.uint64)
+    if np.any(flags):
+        keys = ip_columns(raw, flags)[0]
+    return keys
+
+
 def ip_columns(raw: np.ndarray, flags: np.ndarray, sort: bool = False) -> tuple[np.ndarray, "pd.Categorical"]:
     """One address column of 16-byte records (n x 16 uint8) and the rows' flags → (uint64
     keys, categorical strings), as `tracer.addrs` defines them. IPv4 rows keep the numbers

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 
 from tracer import tracefile
-from tracer.kernel.record import HOOK_IDS
+from tracer.kernel.record import FLAG_V6, HOOK_IDS, addr_keys
 from tracer.reconstruct import arrival, drops
 
 
 def _content_hash(a: np.ndarray) -> np.ndarray:
     """One 64-bit number per event from the fields that identify a packet (flows.KEY_COLS)."""
-    icmp = a["proto"] == 1
+    icmp = (a["proto"] == 1) | (a["proto"] == 58)
     k1 = (a["proto"].astype(np.uint64) | (a["ip_id"].astype(np.uint64) << np.uint64(8))
           | (a["ip_len"].astype(np.uint64) << np.uint64(24)) | (a["tcp_flags"].astype(np.uint64) << np.uint64(40))
           | (a["icmp_type"].astype(np.uint64) << np.uint64(48)))
@@ -57,10 +57,11 @@ class Spool:
             return
         hook = arr["hook"]
         is_drop = hook == HOOK_IDS["drop"]
-        self.drops += int(drops.counted(hook, arr["reason"], arr["netns"], arr["daddr"], arr["proto"],
+        daddr = addr_keys(arr["daddr"], arr["flags"] & FLAG_V6)   # the frame's keys
+        self.drops += int(drops.counted(hook, arr["reason"], arr["netns"], daddr, arr["proto"],
                                            arr["icmp_type"], self.rule, arr["tcp_flags"]).sum())
         self.stack_drops += int(drops.housekeeping(hook, arr["reason"], self.rule, arr["proto"], arr["tcp_flags"],
-                                                   arr["netns"], arr["daddr"]).sum())
+                                                   arr["netns"], daddr).sum())
         if is_drop.any():
             self.locations.update(int(x) for x in np.unique(arr["location"][is_drop]) if x)
         hops = arr[(hook != HOOK_IDS["drop"]) & (hook != HOOK_IDS["consume"])]
