@@ -50,6 +50,9 @@ def test_garbage_and_newer_version():
     newer = struct.pack("!4sBBHII", wire.MAGIC, wire.VERSION + 1, 1, 0, 0, 0)
     with pytest.raises(wire.WireError, match="upgrade"):
         list(wire.read(io.BytesIO(newer)))
+    older = struct.pack("!4sBBHII", wire.MAGIC, wire.VERSION - 1, 1, 0, 0, 0)   # another record layout
+    with pytest.raises(wire.WireError, match="same podtrace version"):
+        list(wire.read(io.BytesIO(older)))
 
 
 def test_clean_end_is_not_an_error():

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 MAGIC = b"PTW1"
-VERSION = 1
+VERSION = 2   # 2: event records with 16-byte addresses (both IP families) and flow_lbl
 HEADER = struct.Struct("!4sBBHII")
 MAX_PAYLOAD = 64 << 20
 
@@ -77,6 +77,9 @@ def read(f: BinaryIO) -> Iterator[Frame]:
             raise WireError(f"not a podtrace agent frame at byte {offset} (bad magic {magic!r})")
         if version > VERSION:
             raise WireError(f"agent speaks stream version {version}, this podtrace reads {VERSION}: upgrade it")
+        if version < VERSION:   # its event records have another layout
+            raise WireError(f"agent speaks the older stream version {version}, this podtrace reads {VERSION}: "
+                            "run the same podtrace version on the nodes")
         if kind not in KINDS:
             raise WireError(f"unknown frame kind {kind} at byte {offset}")
         if length > MAX_PAYLOAD:
