@@ -171,12 +171,13 @@ def packet_hash(proto: int, sport: int, dport: int, ip_id: int = 0, ip_len: int 
 
 
 def udp6_payload_hash(payload: bytes) -> int:
-    """The tcp_seq of a UDP-over-IPv6 event (bpf/parser.h parse_l4): the first 8 payload
-    bytes as two little-endian words, word0 ^ word1 * SLOT_MULT (0 with fewer than 8)."""
+    """The tcp_seq of a UDP-over-IPv6 event as a decoded frame holds it (bpf/parser.h
+    parse_l4: the first 8 payload bytes as two words read as the kernel reads them, word0 ^
+    word1 * SLOT_MULT; the record's tcp_seq is decoded in network order). 0 with fewer than 8."""
     if len(payload) < 8:
         return 0
     w0, w1 = int.from_bytes(payload[:4], "little"), int.from_bytes(payload[4:8], "little")
-    return (w0 ^ (w1 * SLOT_MULT)) & 0xFFFFFFFF
+    return int.from_bytes(((w0 ^ (w1 * SLOT_MULT)) & 0xFFFFFFFF).to_bytes(4, "little"), "big")
 
 
 def sampled_in(h: int, n: int) -> bool:
