@@ -76,6 +76,36 @@ int kp_icmp_rcv(void *ctx) {
     return on_kfunc((const u8 *)ARG1(ctx), HOOK_LOCAL_IN, IPPROTO_ICMP_, 0);
 }
 
+// IPv6: the same hop points, under the same hook ids. (A failed IPv6 route lookup has no
+// return value to read, ip6_route_input() is void: its drop shows at kfree_skb.)
+int kp_ip6_rcv_core(void *ctx) {       // ip6_rcv_core(skb, dev, net)
+    return on_kfunc((const u8 *)ARG1(ctx), HOOK_IP_RCV, 0, 0);
+}
+
+int kp_ip6_forward(void *ctx) {
+    return on_kfunc((const u8 *)ARG1(ctx), HOOK_IP_FORWARD, 0, 0);
+}
+
+int kp_ip6_output(void *ctx) {         // ip6_output(net, sk, skb)
+    return on_kfunc((const u8 *)ARG3(ctx), HOOK_IP_OUTPUT, 0, 0);
+}
+
+int kp_ip6_finish_output2(void *ctx) { // ip6_finish_output2(net, sk, skb)
+    return on_kfunc((const u8 *)ARG3(ctx), HOOK_IP_FINISH_OUTPUT2, 0, 0);
+}
+
+int kp_tcp_v6_rcv(void *ctx) {
+    return on_kfunc((const u8 *)ARG1(ctx), HOOK_LOCAL_IN, IPPROTO_TCP_, 0);
+}
+
+int kp_udpv6_rcv(void *ctx) {
+    return on_kfunc((const u8 *)ARG1(ctx), HOOK_LOCAL_IN, IPPROTO_UDP_, 0);
+}
+
+int kp_icmpv6_rcv(void *ctx) {
+    return on_kfunc((const u8 *)ARG1(ctx), HOOK_LOCAL_IN, IPPROTO_ICMPV6_, 0);
+}
+
 // Entry/return pairs: the return value is the verdict, the skb comes from the entry.
 struct stash {
     u64 skb;

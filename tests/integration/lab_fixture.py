@@ -245,11 +245,11 @@ def traced_addrs(pid: int) -> set[str]:
         if not m:
             continue
         show = subprocess.run(["bpftool", "map", "show", "id", m.group(1), "-j"], capture_output=True, text=True)
-        if show.returncode or json.loads(show.stdout).get("name") != "addrs":
+        if show.returncode or json.loads(show.stdout).get("name") not in ("addrs", "addrs6"):
             continue
         dump = subprocess.run(["bpftool", "map", "dump", "id", m.group(1), "-j"], capture_output=True, text=True)
         for entry in json.loads(dump.stdout or "[]"):
             key = entry.get("key")
-            if isinstance(key, list) and len(key) == 4:
-                out.add(str(ipaddress.IPv4Address(bytes(int(b, 16) for b in key))))
+            if isinstance(key, list) and len(key) in (4, 16):   # addrs (IPv4) / addrs6 (IPv6)
+                out.add(str(ipaddress.ip_address(bytes(int(b, 16) for b in key))))
     return out

@@ -232,3 +232,50 @@ def test_hostile_extension_headers_are_never_misread(pair):
     ok = df[df["flow_lbl"] == 0x55555]
     assert len(ok), "a packet with three extension headers was not parsed"
     assert set(ok["proto"]) == {17} and set(ok["dport"]) == {40005} and set(ok["sport"]) == {5000}
+
+
+def _echo_events(s, dst: str, ns: str = NS_A) -> int:
+    n = s.sink.count()
+    sh("ping", "-6", "-c1", "-W2", dst, ns=ns, check=False)
+    drain_all(s)
+    new = s.frame().iloc[n:]
+    return int(((new["proto"] == 58) & (new["daddr_str"] == dst)).sum())
+
+
+def test_ipv6_addresses_leave_and_join_the_filter(pair):
+    s, _ = pair
+    s.set_addrs(remove=[B6])
+    try:
+        keys = {bytes(k.a) for k in s.loaded.bpf["addrs6"].keys()}
+        assert socket.inet_pton(socket.AF_INET6, B6) not in keys
+        assert socket.inet_pton(socket.AF_INET6, A6) in keys
+        assert _echo_events(s, B6) == 0
+    finally:
+        s.set_addrs(add=[B6])
+    assert _echo_events(s, B6) > 0
+
+
+def test_ipv6_capture_cidr():
+    """An IPv6 CIDR selects (LPM trie `cidrs6`) with no address listed."""
+    c, d = "v6kc", "v6kd"   # its own pair: the module's may be up
+    gone = lambda: [sh("ip", "netns", "del", ns, check=False) for ns in (c, d)]  # noqa: E731
+    gone()
+    try:
+        for ns in (c, d):
+            sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", "v6kc0", "netns", c, "type", "veth", "peer", "name", "v6kd0", "netns", d)
+        for ns, dev, a6 in ((c, "v6kc0", "fd00:6e::1"), (d, "v6kd0", "fd00:6e::2")):
+            sh("ip", "link", "set", dev, "up", ns=ns)
+            sh("ip", "addr", "add", f"{a6}/64", "dev", dev, "nodad", ns=ns)
+        assert wait_until(lambda: sh("ping", "-6", "-c1", "-W1", "fd00:6e::2", ns=c, check=False).returncode == 0, 10)
+        s = TraceSession(SessionConfig(addrs=[], cidrs=["fd00:6e::/64"], match_either=True, budget=0,
+                                       hooks=[hooks.BY_NAME[n] for n in hooks.DEFAULT_HOOKS]))
+        s.start()
+        try:
+            assert _echo_events(s, "fd00:6e::2", c) > 0
+            df = s.frame()
+            assert set(df["saddr_str"].astype(str)) <= {"fd00:6e::1", "fd00:6e::2"}
+        finally:
+            s.close()
+    finally:
+        gone()

@@ -50,6 +50,14 @@ CATALOG: list[Hook] = [
     Hook("kprobe:tcp_v4_rcv", "kprobe", "tcp_v4_rcv", "local delivery to TCP", "kp_tcp_v4_rcv", "tp:consume_skb", "kprobes.c"),
     Hook("kprobe:udp_rcv", "kprobe", "udp_rcv", "local delivery to UDP", "kp_udp_rcv", "tp:consume_skb", "kprobes.c"),
     Hook("kprobe:icmp_rcv", "kprobe", "icmp_rcv", "local delivery to ICMP", "kp_icmp_rcv", "tp:consume_skb", "kprobes.c"),
+    # IPv6: the same hop points (their events carry the IPv4 functions' hook ids)
+    Hook("kprobe:ip6_rcv_core", "kprobe", "ip6_rcv_core", "IPv6 receive", "kp_ip6_rcv_core", "tp:netif_receive_skb", "kprobes.c"),
+    Hook("kprobe:ip6_forward", "kprobe", "ip6_forward", "routing decision: forward (IPv6)", "kp_ip6_forward", "tp:net_dev_start_xmit", "kprobes.c"),
+    Hook("kprobe:ip6_output", "kprobe", "ip6_output", "routing decision: local output (IPv6)", "kp_ip6_output", "tp:net_dev_start_xmit", "kprobes.c"),
+    Hook("kprobe:ip6_finish_output2", "kprobe", "ip6_finish_output2", "IPv6 output to the neighbour layer", "kp_ip6_finish_output2", "tp:net_dev_start_xmit", "kprobes.c"),
+    Hook("kprobe:tcp_v6_rcv", "kprobe", "tcp_v6_rcv", "local delivery to TCP (IPv6)", "kp_tcp_v6_rcv", "tp:consume_skb", "kprobes.c"),
+    Hook("kprobe:udpv6_rcv", "kprobe", "udpv6_rcv", "local delivery to UDP (IPv6)", "kp_udpv6_rcv", "tp:consume_skb", "kprobes.c"),
+    Hook("kprobe:icmpv6_rcv", "kprobe", "icmpv6_rcv", "local delivery to ICMPv6", "kp_icmpv6_rcv", "tp:consume_skb", "kprobes.c"),
 ]
 BY_NAME = {h.name: h for h in CATALOG}
 DEFAULT_HOOKS = ["tp:netif_receive_skb", "tp:net_dev_start_xmit", "tp:kfree_skb", "tp:consume_skb"]
