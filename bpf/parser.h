@@ -36,11 +36,12 @@ static __always_inline int P_(parse_l4)(P_CTX c, u32 l4, u32 left, u32 base, str
     return 0;
 }
 
-// Parse an IPv4 header at `off` (with `avail` bytes readable from there) and its L4 header.
-// Returns the offset of the UDP payload (to look for a tunnel), 0 when done, <0 when the
-// packet is not IPv4 or is truncated: such packets are skipped, never misread.
 static __always_inline int P_(parse_ip6)(P_CTX c, u32 off, u32 avail, struct pkt *p);
 
+// Parse an IPv4 header at `off` (with `avail` bytes readable from there) and its L4 header;
+// an IPv6 header goes to parse_ip6. Returns the offset of the UDP payload (to look for a
+// tunnel), 0 when done, <0 when the packet is not IP or is truncated: such packets are
+// skipped, never misread.
 static __always_inline int P_(parse_ip)(P_CTX c, u32 off, u32 avail, struct pkt *p) {
     u8 iph[20];
     if (avail < 20) return -1;
