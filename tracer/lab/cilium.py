@@ -72,7 +72,7 @@ def plan(cfg: LabConfig) -> tuple[list[NodePlan], list[PodPlan]]:
     return nodes, pods
 
 
-def filter_rules() -> list[str]:
+def filter_rules(family: int = 4) -> list[str]:
     """The filter rules Cilium (iptables mode, per-endpoint routes) installs for forwarded
     traffic: a CILIUM_FORWARD chain fed from FORWARD that accepts what enters or leaves
     cilium_host, cilium_net and the lxc devices. The rule texts are Cilium's own."""

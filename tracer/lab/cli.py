@@ -48,18 +48,23 @@ def lab(ctx, prefix):
               help="Number of nodes (1-16).")
 @click.option("--pods-per-node", type=int, default=2, show_default=True, metavar="M",
               help="Pods on each node (1-8).")
+@click.option("--ip-family", type=click.Choice(T.IP_FAMILIES), default="ipv4", show_default=True,
+              help="Pod and Service addresses: IPv4, IPv6 (over an IPv6 underlay) or both "
+                   "(dual-stack, IPv4 first, over the IPv4 underlay).")
 @click.pass_context
-def up_cmd(ctx, cni, nodes, pods_per_node):
+def up_cmd(ctx, cni, nodes, pods_per_node, ip_family):
     """Build the lab (a no-op when it is already up).
 
     \b
     Examples:
       sudo podtrace lab up
       sudo podtrace lab up --nodes 3 --pods-per-node 1
+      sudo podtrace lab up --ip-family dual  # pods and Services with IPv4 and IPv6
       sudo podtrace lab up --prefix mylab   # a second, separate lab
       sudo PODTRACE_LAB_PREFIX=mylab podtrace lab up   # the same
     """
-    cfg = T.LabConfig(prefix=ctx.obj["prefix"], cni=cni, nodes=nodes, pods_per_node=pods_per_node)
+    cfg = T.LabConfig(prefix=ctx.obj["prefix"], cni=cni, nodes=nodes, pods_per_node=pods_per_node,
+                      ip_family=ip_family)
     require_root("podtrace lab up")
     started = time.monotonic()
     with _Progress(cfg.prefix) as progress:
@@ -250,8 +255,9 @@ def _print_scenarios(prefix: str, output: str) -> None:
 
 
 def _shape(doc: dict) -> str:
-    return (f"{doc['cni']}, {len(doc['nodes'])} nodes, {len(doc['pods'])} pods, "
-            f"{len(doc['services'])} services")
+    family = doc.get("ip_family", "ipv4")
+    return (f"{doc['cni']}{'' if family == 'ipv4' else ', ' + family}, {len(doc['nodes'])} nodes, "
+            f"{len(doc['pods'])} pods, {len(doc['services'])} services")
 
 
 class _Progress:
@@ -319,19 +325,20 @@ def _render_table(doc: dict, missing: list[str]) -> None:
 
     nodes = table("nodes", "node", "ip", "pod cidr", "netns", "overlay (vtep mac)")
     for n in doc["nodes"]:
-        nodes.add_row(n["name"], n["ip"], n["pod_cidr"], n["netns"],
+        nodes.add_row(n["name"], n["ip"], " ".join(n.get("pod_cidrs") or [n["pod_cidr"]]), n["netns"],
                       f"{n['overlay']} ({n.get('mac', '?')})")
     console.print(nodes)
 
     pods = table("pods", "pod", "node", "ip", "netns", "host veth")
     for p in doc["pods"]:
         name = p["name"] if p["namespace"] == "default" else f"{p['namespace']}/{p['name']}"
-        pods.add_row(name, p["node"], p["ip"], p["netns"], p["host_veth"])
+        pods.add_row(name, p["node"], " ".join(p.get("ips") or [p["ip"]]), p["netns"], p["host_veth"])
     console.print(pods)
 
     svcs = table("services", "service", "cluster ip", "ports", "backends")
     for s in doc["services"]:
         ports = " ".join(f"{p['port']}/{p['protocol'].lower()}→{p['target_port']}" for p in s["ports"])
         backends = " ".join(b.removeprefix("default/") for b in s["backends"])
-        svcs.add_row(f"{s['namespace']}/{s['name']}", s["cluster_ip"], ports, backends)
+        svcs.add_row(f"{s['namespace']}/{s['name']}", " ".join(s.get("cluster_ips") or [s["cluster_ip"]]),
+                     ports, backends)
     console.print(svcs)
