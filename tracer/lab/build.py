@@ -188,6 +188,10 @@ def _configure_nodes(topo: T.LabPlan) -> None:
         shell.sysctls(n.netns, fl.node_sysctls(n))
     shell.parallel([(["ip", "-n", n.netns, "-batch", "-"], fl.node_batch(topo, n),
                      f"configuring {n.name}") for n in topo.nodes])
+    batch6 = getattr(fl, "node_batch6", None)
+    if batch6 is not None and 6 in topo.families:
+        shell.parallel([(["ip", "-6", "-n", n.netns, "-batch", "-"], batch6(topo, n),
+                         f"configuring IPv6 on {n.name}") for n in topo.nodes])
     shell.parallel([(["bridge", "-n", n.netns, "-batch", "-"], fl.fdb_batch(topo, n),
                      f"programming the VXLAN FDB of {n.name}")
                     for n in topo.nodes if len(topo.nodes) > 1])
