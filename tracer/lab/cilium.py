@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 
-from tracer.lab.model import (K8S_NAMESPACE, POD_MTU, UPLINK, VXLAN_PORT, LabConfig, NodePlan,
+from tracer.lab.model import (K8S_NAMESPACE, UPLINK, VXLAN_PORT, LabConfig, NodePlan,
                               PodPlan, LabPlan, addr_family, cluster_cidr, hash_mac, ip_mac,
-                              node_ip, node_netns, nodad, plen, pod_cidr, pod_gateway, pod_ip,
+                              node_ip, node_netns, nodad, pod_mtu, plen, pod_cidr, pod_gateway, pod_ip,
                               pod_netns, subnet_len)
 
 NAME = "cilium"
@@ -63,7 +63,7 @@ def plan(cfg: LabConfig) -> tuple[list[NodePlan], list[PodPlan]]:
             fabric_port=f"n{i}", pod_cidr=pod_cidr(fams[0], i), gateway=router,
             bridge_mac=ip_mac(router), overlay_ip=router, mac=cilium_vtep_mac(i),
             router_ip=router, pod_cidrs=tuple(pod_cidr(f, i) for f in fams), gateways=routers,
-            overlay_ips=routers, router_ips=routers,
+            overlay_ips=routers, router_ips=routers, mtu=pod_mtu(cfg.underlay_family),
         ))
         for j in range(1, cfg.pods_per_node + 1):
             name = f"pod-{i}-{j}"
@@ -73,6 +73,7 @@ def plan(cfg: LabConfig) -> tuple[list[NodePlan], list[PodPlan]]:
                 netns=pod_netns(cfg.prefix, i, j), ip=ips[0], mac=ip_mac(ips[0]), gateway=router,
                 host_veth=lxc_name(K8S_NAMESPACE, name),
                 host_mac=hash_mac(f"lxc/{K8S_NAMESPACE}/{name}"), ips=ips, gateways=routers,
+                mtu=pod_mtu(cfg.underlay_family),
             ))
     return nodes, pods
 
@@ -167,14 +168,14 @@ def node_batch(topo: LabPlan, n: NodePlan) -> list[str]:
           else f"addr add {r}/128 dev {host} nodad" for r in routers),
         f"link set {net} up",
         f"link set {host} up",
-        f"link add {vx} address {n.mac} mtu {POD_MTU} type vxlan id {CILIUM_VNI} "
+        f"link add {vx} address {n.mac} mtu {n.mtu} type vxlan id {CILIUM_VNI} "
         f"dstport {VXLAN_PORT} local {n.ip} dev {UPLINK} nolearning",
         f"link set {vx} up",
     ]
     for p in topo.pods_on(n.index):
         lines += [
-            f"link add {p.host_veth} address {p.host_mac} mtu {POD_MTU} type veth peer name eth0 "
-            f"address {p.mac} mtu {POD_MTU} netns {p.netns}",
+            f"link add {p.host_veth} address {p.host_mac} mtu {n.mtu} type veth peer name eth0 "
+            f"address {p.mac} mtu {n.mtu} netns {p.netns}",
             f"link set {p.host_veth} up",
         ]
         for ip in p.ips or (p.ip,):
@@ -196,7 +197,7 @@ def node_batch(topo: LabPlan, n: NodePlan) -> list[str]:
                 f"route add {cidr} via {peer_router} dev {vx} onlink src {mine}",
                 f"neigh add {peer_router} lladdr {k.mac} dev {vx} nud permanent",
                 # The node's own traffic: Cilium's route, via cilium_host with the router IP.
-                f"route add {cidr} {via}dev {host} src {mine} mtu {POD_MTU} table {CILIUM_HOST_TABLE}",
+                f"route add {cidr} {via}dev {host} src {mine} mtu {n.mtu} table {CILIUM_HOST_TABLE}",
             ]
     lines += [f"rule add pref {CILIUM_RULE_PREF} iif lo to {cluster_cidr(4)} lookup {CILIUM_HOST_TABLE}"
               for r in routers if addr_family(r) == 4]
@@ -244,5 +245,5 @@ def pod_batch(p: PodPlan) -> list[str]:
     for gw in p.gateways or (p.gateway,):
         fam = addr_family(gw)
         lines += [f"route add {gw}/{plen(fam)} dev eth0 scope link",
-                  f"route add {'default' if fam == 4 else '::/0'} via {gw} dev eth0 mtu {POD_MTU}"]
+                  f"route add {'default' if fam == 4 else '::/0'} via {gw} dev eth0 mtu {p.mtu}"]
     return lines

@@ -145,9 +145,12 @@ def down_cmd(ctx):
 @click.argument("scenario", required=False, metavar="SCENARIO")
 @click.option("--node", metavar="NODE", default=None,
               help="The node to break (default: the scenario's own; see `lab scenarios`).")
+@click.option("--ip-family", "ip_family", type=click.Choice(["4", "6"]), default=None,
+              help="Break it for targets of this address family (a dual-stack lab; default: "
+                   "the lab's first family).")
 @click.option("--list", "list_", is_flag=True, help="List the scenarios and exit.")
 @click.pass_context
-def break_cmd(ctx, scenario, node, list_):
+def break_cmd(ctx, scenario, node, ip_family, list_):
     """Inject a real fault (SCENARIO) into the lab; `podtrace lab fix` undoes it exactly.
 
     Breaking a scenario that is already broken changes nothing.
@@ -157,6 +160,7 @@ def break_cmd(ctx, scenario, node, list_):
       podtrace lab break --list
       sudo podtrace lab break netpol-drop
       sudo podtrace lab break ip-forward-off --node node-2
+      sudo podtrace lab break no-route --ip-family 6   # a dual-stack lab's IPv6 side
       sudo podtrace lab fix ip-forward-off
     """
     if list_:
@@ -167,7 +171,8 @@ def break_cmd(ctx, scenario, node, list_):
                                + ") or --list")
     scenarios.get(scenario)  # unknown names are bad input before anything else is checked
     require_root("podtrace lab break")
-    out = scenarios.break_scenario(scenario, node, prefix=ctx.obj["prefix"])
+    out = scenarios.break_scenario(scenario, node, prefix=ctx.obj["prefix"],
+                                   family=int(ip_family) if ip_family else None)
     if not out.changed:
         click.echo(out.message)
         return
@@ -230,8 +235,12 @@ def _print_scenarios(prefix: str, output: str) -> None:
         doc = None
     lab_view = scenarios.Lab(doc) if doc else scenarios.Lab.planned(T.LabConfig(prefix=prefix, state_dir=Path("/run/podtrace")))
     rows = scenarios.listing(lab_view)
-    # A running lab: only the scenarios that apply to its CNI; none running: all of them.
-    hidden = [r["name"] for r in rows if doc and doc.get("cni", "flannel") not in r["applies_to"]]
+    # A running lab: only the scenarios that apply to its CNI and to one of its address
+    # families; none running: all of them.
+    fams = {f"ipv{f}" for f in lab_view.families}
+    hidden = [r["name"] for r in rows
+              if doc and (doc.get("cni", "flannel") not in r["applies_to"]
+                          or not fams & set(r["families"]))]
     rows = [r for r in rows if r["name"] not in hidden]
     broken = scenarios.broken(prefix) if doc else {}
     if output == "json":
@@ -246,9 +255,11 @@ def _print_scenarios(prefix: str, output: str) -> None:
         click.echo(f"{r['name']:<{width}}  {r['summary']} (default: {where}){mark}")
         click.echo(f"{'':<{width}}  show: {r['flow'] or '-'}")
         click.echo(f"{'':<{width}}  applies to: {', '.join(r['applies_to'])}")
+        click.echo(f"{'':<{width}}  targets: {', '.join(r['families'])}")
     if hidden:
-        click.echo(f"({len(hidden)} more do not apply to the {doc.get('cni', 'flannel')} lab "
-                   f"{prefix}: {', '.join(hidden)})")
+        family = doc.get("ip_family", "ipv4")
+        click.echo(f"({len(hidden)} more do not apply to the {doc.get('cni', 'flannel')} "
+                   f"{'' if family == 'ipv4' else family + ' '}lab {prefix}: {', '.join(hidden)})")
     if doc is None:
         click.echo("(no lab is up: every scenario, each with the CNI flavours it applies to, and "
                    "the node and pod names of the default lab; `podtrace lab up` first to break one)")

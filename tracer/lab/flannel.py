@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 
-from tracer.lab.model import (K8S_NAMESPACE, POD_MTU, UPLINK, VXLAN_PORT, LabConfig, NodePlan,
+from tracer.lab.model import (K8S_NAMESPACE, UPLINK, VXLAN_PORT, LabConfig, NodePlan,
                               PodPlan, LabPlan, addr_family, cluster_cidr, ip_mac, node_ip,
-                              node_netns, nodad, plen, pod_cidr, pod_gateway, pod_ip, pod_netns,
+                              node_netns, nodad, pod_mtu, plen, pod_cidr, pod_gateway, pod_ip, pod_netns,
                               subnet_len, subnet_zero)
 
 NAME = "flannel"
@@ -49,7 +49,7 @@ def plan(cfg: LabConfig) -> tuple[list[NodePlan], list[PodPlan]]:
             fabric_port=f"n{i}", pod_cidr=pod_cidr(fams[0], i), gateway=gateways[0],
             bridge_mac=ip_mac(gateways[0]), overlay_ip=subnet_zero(fams[0], i), mac=flannel_mac(i),
             pod_cidrs=tuple(pod_cidr(f, i) for f in fams), gateways=gateways,
-            overlay_ips=tuple(subnet_zero(f, i) for f in fams),
+            overlay_ips=tuple(subnet_zero(f, i) for f in fams), mtu=pod_mtu(cfg.underlay_family),
         ))
         for j in range(1, cfg.pods_per_node + 1):
             name = f"pod-{i}-{j}"
@@ -58,6 +58,7 @@ def plan(cfg: LabConfig) -> tuple[list[NodePlan], list[PodPlan]]:
                 node_index=i, index=j, name=name, namespace=K8S_NAMESPACE, node=f"node-{i}",
                 netns=pod_netns(cfg.prefix, i, j), ip=ips[0], mac=ip_mac(ips[0]), gateway=gateways[0],
                 host_veth=host_veth_name(K8S_NAMESPACE, name), ips=ips, gateways=gateways,
+                mtu=pod_mtu(cfg.underlay_family),
             ))
     return nodes, pods
 
@@ -121,11 +122,11 @@ def node_batch(topo: LabPlan, n: NodePlan) -> list[str]:
         "link set lo up",
         f"addr add {n.ip}/{subnet_len(uf)} dev {UPLINK}{nodad(uf)}",
         f"link set {UPLINK} up",
-        f"link add {CNI_BRIDGE} address {n.bridge_mac} mtu {POD_MTU} type bridge",
+        f"link add {CNI_BRIDGE} address {n.bridge_mac} mtu {n.mtu} type bridge",
         *(f"addr add {gw}/{subnet_len(addr_family(gw))} dev {CNI_BRIDGE}{nodad(addr_family(gw))}"
           for gw in n.gateways),
         f"link set {CNI_BRIDGE} up",
-        f"link add {OVERLAY} address {n.mac} mtu {POD_MTU} type vxlan id {VXLAN_ID} "
+        f"link add {OVERLAY} address {n.mac} mtu {n.mtu} type vxlan id {VXLAN_ID} "
         f"dstport {VXLAN_PORT} local {n.ip} dev {UPLINK} nolearning",
         *(f"addr add {ov}/{plen(addr_family(ov))} dev {OVERLAY}{nodad(addr_family(ov))}"
           for ov in n.overlay_ips),
@@ -133,8 +134,8 @@ def node_batch(topo: LabPlan, n: NodePlan) -> list[str]:
     ]
     for p in topo.pods_on(n.index):
         lines += [
-            f"link add {p.host_veth} mtu {POD_MTU} type veth peer name eth0 "
-            f"address {p.mac} mtu {POD_MTU} netns {p.netns}",
+            f"link add {p.host_veth} mtu {n.mtu} type veth peer name eth0 "
+            f"address {p.mac} mtu {n.mtu} netns {p.netns}",
             f"link set {p.host_veth} master {CNI_BRIDGE} up",
             # The bridge CNI's hairpinMode, which flannel enables: a pod can reach itself
             # through a Service VIP.

@@ -37,6 +37,8 @@ UPLINK = "eth0"
 VXLAN_PORT = 8472
 UNDERLAY_MTU = 1500
 POD_MTU = 1450
+# VXLAN over an IPv6 underlay costs 70 bytes, not 50 (flannel sets its MTU the same way).
+POD_MTU6 = UNDERLAY_MTU - 70
 APP_PORT = 8080
 K8S_NAMESPACE = "default"
 LAB_LABEL = "podtrace-lab"
@@ -156,6 +158,11 @@ def ip_mac(ip: str) -> str:
 
 
 # Addresses of each family, by node index i (1, 2, …) and pod index j (1, 2, …).
+def pod_mtu(underlay_family: int) -> int:
+    """The MTU of pods, overlay and bridge over an underlay of this family."""
+    return POD_MTU if underlay_family == 4 else POD_MTU6
+
+
 def node_ip(family: int, i: int) -> str:
     return f"172.30.0.{10 + i}" if family == 4 else f"fd00:172:30::{i:x}"
 
@@ -242,6 +249,7 @@ class NodePlan:
     gateways: tuple[str, ...] = ()
     overlay_ips: tuple[str, ...] = ()
     router_ips: tuple[str, ...] = ()
+    mtu: int = POD_MTU                # of the overlay, the bridge and the pods' links
 
 
 @dataclass(frozen=True)
@@ -259,6 +267,7 @@ class PodPlan:
     host_mac: str | None = None       # cilium: the lxc device's MAC (what ARP answers)
     ips: tuple[str, ...] = ()         # every family's address, `ip` first
     gateways: tuple[str, ...] = ()    # every family's gateway, `gateway` first
+    mtu: int = POD_MTU
 
     @property
     def key(self) -> str:

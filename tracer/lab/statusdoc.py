@@ -31,6 +31,7 @@ def status_document(topo: LabPlan, pids: dict[str, int] | None = None) -> dict:
         "ip_families": [_FAMILY_NAMES[f] for f in fams],
         "cluster_cidrs": [cluster_cidr(f) for f in fams],
         "service_cidrs": [service_cidr(f) for f in fams],
+        "pod_mtu": topo.nodes[0].mtu,
         **fl.status_fields(),
         "nodes": [fl.status_node(n) for n in topo.nodes],
         "pods": [
