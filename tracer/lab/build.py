@@ -215,7 +215,7 @@ def _program_iptables(topo: T.LabPlan) -> None:
     """One `iptables-restore --noflush` per node and family (`ip6tables-restore` for IPv6)."""
     jobs = []
     for family in topo.families:
-        rules = T.iptables_rules(topo, family)
+        rules = T.iptables_rules(topo) if family == 4 else T.iptables_rules(topo, family)
         tool = "iptables-restore" if family == 4 else "ip6tables-restore"
         jobs += [(["ip", "netns", "exec", n.netns, tool, "-w", "5", "--noflush"],
                   rules, f"programming {tool.removesuffix('-restore')} on {n.name}")

@@ -27,8 +27,9 @@ def lab(ctx, prefix):
     \b
     Nodes, pods, a fabric bridge as the underlay, flannel-style VXLAN between nodes,
     kube-proxy-style Services in iptables and a responder on TCP/UDP 8080 in every pod
-    that answers with its pod name (to plain HTTP too). Nothing outside namespaces named
-    PREFIX-* is touched.
+    that answers with its pod name (to plain HTTP too). `--ip-family ipv6|dual` gives pods
+    and Services IPv6 addresses (fd00:10:244:N::/64, fd00:10:96::/112; Services in
+    ip6tables). Nothing outside namespaces named PREFIX-* is touched.
 
     \b
     Examples:
@@ -318,7 +319,8 @@ def _render_table(doc: dict, missing: list[str]) -> None:
 
     # Piped output is not cut to 80 columns: names and netns must stay greppable.
     console = Console() if sys.stdout.isatty() else Console(width=160)
-    console.print(f"[bold]lab {doc['prefix']}[/bold] ({doc['cni']}), up since "
+    family = doc.get("ip_family", "ipv4")
+    console.print(f"[bold]lab {doc['prefix']}[/bold] ({doc['cni']}{'' if family == 'ipv4' else ', ' + family}), up since "
                   f"{doc.get('created_at', '?')}", highlight=False)
     console.print(f"underlay {doc['underlay_cidr']} on bridge "
                   f"{doc.get('fabric_bridge', 'br0')} in netns {doc['fabric_netns']}", highlight=False)
