@@ -25,7 +25,8 @@ def inventory(topo: LabPlan) -> dict:
     items = [_node_obj(topo, n) for n in topo.nodes]
     items += [_pod_obj(topo, p) for p in topo.pods]
     items += [_service_obj(topo, s) for s in topo.services]
-    items += [_slice_obj(topo, s) for s in topo.services]
+    # One EndpointSlice per Service and address family, as the EndpointSlice controller makes them.
+    items += [_slice_obj(topo, s, f) for s in topo.services for f in topo.families]
     return {"apiVersion": "v1", "kind": "List", "items": items,
             "metadata": {"resourceVersion": ""}}
 
@@ -54,7 +55,7 @@ def _node_obj(topo: LabPlan, n: NodePlan) -> dict:
     return {
         "apiVersion": "v1", "kind": "Node",
         "metadata": _meta(topo, "Node", n.name, labels=labels, annotations=annotations),
-        "spec": {"podCIDR": n.pod_cidr, "podCIDRs": [n.pod_cidr]},
+        "spec": {"podCIDR": n.pod_cidr, "podCIDRs": list(n.pod_cidrs or (n.pod_cidr,))},
         "status": {
             "addresses": [{"type": "InternalIP", "address": n.ip},
                           {"type": "Hostname", "address": n.name}],
@@ -104,7 +105,8 @@ def _pod_obj(topo: LabPlan, p: PodPlan) -> dict:
             "containers": [{
                 "name": "responder", "image": _IMAGE, "imagePullPolicy": "IfNotPresent",
                 "command": ["python", "-m", "tracer.lab.responder"],
-                "args": ["--name", p.name, "--port", str(APP_PORT)],
+                "args": ["--name", p.name, "--port", str(APP_PORT),
+                         *(["--ipv6"] if 6 in topo.families else [])],
                 "ports": _container_ports(),
             }],
             "restartPolicy": "Always", "dnsPolicy": "ClusterFirst",
@@ -112,7 +114,7 @@ def _pod_obj(topo: LabPlan, p: PodPlan) -> dict:
             "terminationGracePeriodSeconds": 30,
         },
         "status": {
-            "phase": "Running", "podIP": p.ip, "podIPs": [{"ip": p.ip}],
+            "phase": "Running", "podIP": p.ip, "podIPs": [{"ip": ip} for ip in (p.ips or (p.ip,))],
             "hostIP": node.ip, "hostIPs": [{"ip": node.ip}], "startTime": t,
             "qosClass": "BestEffort", "conditions": cond,
             "containerStatuses": [{
@@ -125,13 +127,19 @@ def _pod_obj(topo: LabPlan, p: PodPlan) -> dict:
     }
 
 
+_FAMILY = {4: "IPv4", 6: "IPv6"}
+
+
 def _service_obj(topo: LabPlan, s: ServicePlan) -> dict:
+    fams = topo.families
     return {
         "apiVersion": "v1", "kind": "Service",
         "metadata": _meta(topo, "Service", s.name, s.namespace, {LAB_LABEL: "true"}),
         "spec": {
-            "type": "ClusterIP", "clusterIP": s.cluster_ip, "clusterIPs": [s.cluster_ip],
-            "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
+            "type": "ClusterIP", "clusterIP": s.cluster_ip,
+            "clusterIPs": list(s.cluster_ips or (s.cluster_ip,)),
+            "ipFamilies": [_FAMILY[f] for f in fams],
+            "ipFamilyPolicy": "RequireDualStack" if len(fams) > 1 else "SingleStack",
             "internalTrafficPolicy": "Cluster", "sessionAffinity": "None",
             "ports": [{"name": p.name, "port": p.port, "targetPort": p.target_port,
                        "protocol": p.protocol} for p in s.ports],
@@ -141,8 +149,10 @@ def _service_obj(topo: LabPlan, s: ServicePlan) -> dict:
     }
 
 
-def _slice_obj(topo: LabPlan, s: ServicePlan) -> dict:
-    suffix = hashlib.sha1(f"{topo.prefix}/{s.key}".encode()).hexdigest()[:5]
+def _slice_obj(topo: LabPlan, s: ServicePlan, family: int = 4) -> dict:
+    # The IPv4 slice keeps the name an ipv4 lab has always had; the IPv6 one another suffix.
+    seed = f"{topo.prefix}/{s.key}" + ("" if family == 4 else "/IPv6")
+    suffix = hashlib.sha1(seed.encode()).hexdigest()[:5]
     svc_uid = uid(topo.prefix, "Service", f"{s.namespace}/{s.name}")
     meta = _meta(
         topo, "EndpointSlice", f"{s.name}-{suffix}", s.namespace,
@@ -156,10 +166,10 @@ def _slice_obj(topo: LabPlan, s: ServicePlan) -> dict:
     return {
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": meta,
-        "addressType": "IPv4",
+        "addressType": _FAMILY[family],
         "endpoints": [
             {
-                "addresses": [b.ip],
+                "addresses": [next(ip for ip in (b.ips or (b.ip,)) if (":" in ip) == (family == 6))],
                 "conditions": {"ready": True, "serving": True, "terminating": False},
                 "nodeName": b.node,
                 "targetRef": {"kind": "Pod", "namespace": b.namespace, "name": b.name,

@@ -39,6 +39,17 @@ Progress = Callable[[str], None]
 PAUSE_ENV = "PODTRACE_LAB_PAUSE_AFTER"
 STEPS = ("namespaces", "fabric", "nodes", "pods", "services", "responders", "inventory")
 _TOOLS = {"ip": "iproute2", "bridge": "iproute2", "iptables-restore": "iptables"}
+_TOOLS6 = {"ip6tables-restore": "iptables"}
+# IPv6 labs: no duplicate address detection (addresses usable at once) and no router
+# solicitations or autoconfiguration: only the traffic a test or probe sends, plus the
+# neighbour discovery that traffic needs.
+_V6_NS_SYSCTLS = {
+    "net/ipv6/conf/all/disable_ipv6": "0", "net/ipv6/conf/default/disable_ipv6": "0",
+    "net/ipv6/conf/all/accept_dad": "0", "net/ipv6/conf/default/accept_dad": "0",
+    "net/ipv6/conf/all/accept_ra": "0", "net/ipv6/conf/default/accept_ra": "0",
+    "net/ipv6/conf/all/router_solicitations": "0", "net/ipv6/conf/default/router_solicitations": "0",
+    "net/ipv6/conf/all/autoconf": "0", "net/ipv6/conf/default/autoconf": "0",
+}
 
 
 def status(prefix: str | None = None, state_dir: Path | str | None = None) -> dict | None:
@@ -72,7 +83,7 @@ def up(cfg: T.LabConfig, progress: Progress | None = None) -> tuple[dict, bool]:
     already up, in which case nothing was touched."""
     say = progress or (lambda _msg: None)
     require_root("podtrace lab up")
-    _check_tools()
+    _check_tools(6 in cfg.families)
     with guard.locked(cfg.state_dir):
         try:
             doc = status(cfg.prefix, cfg.state_dir)
@@ -140,17 +151,27 @@ def _build(topo: T.LabPlan, say: Progress) -> dict:
 
 def _make_namespaces(topo: T.LabPlan) -> None:
     shell.ip_batch(None, [f"netns add {ns}" for ns in topo.namespaces], "creating namespaces")
-    # Before any device exists, so every device inherits it: no IPv6 chatter (router
-    # solicitations, MLD) in the lab, only the traffic a test or probe sends.
+    v6 = 6 in topo.families or topo.config.underlay_family == 6
+    # Before any device exists, so every device inherits it. An ipv4 lab: no IPv6 at all, so
+    # no IPv6 chatter (router solicitations, MLD), only the traffic a test or probe sends.
+    # An ipv6 or dual lab: IPv6 on, without DAD, router solicitations or autoconfiguration.
     for ns in topo.namespaces:
-        shell.sysctls(ns, {"net/ipv6/conf/all/disable_ipv6": "1",
-                           "net/ipv6/conf/default/disable_ipv6": "1"})
+        if v6 and ns != topo.fabric_netns:
+            shell.sysctls(ns, _V6_NS_SYSCTLS)
+        else:
+            shell.sysctls(ns, {"net/ipv6/conf/all/disable_ipv6": "1",
+                               "net/ipv6/conf/default/disable_ipv6": "1"})
     # The fabric is a plain switch: bridged underlay frames do not go through iptables.
     shell.sysctls(topo.fabric_netns, {"net/bridge/bridge-nf-call-iptables": "0"})
+    if v6:
+        shell.sysctls(topo.fabric_netns, {"net/bridge/bridge-nf-call-ip6tables": "0"})
 
 
 def _wire_fabric(topo: T.LabPlan) -> None:
-    lines = ["link set lo up", f"link add {T.FABRIC_BRIDGE} type bridge",
+    # A switch without a querier of its own: it floods multicast (IPv6 neighbour
+    # solicitations of an IPv6 underlay included) rather than guessing who listens.
+    snoop = " mcast_snooping 0" if topo.config.underlay_family == 6 else ""
+    lines = ["link set lo up", f"link add {T.FABRIC_BRIDGE} type bridge{snoop}",
              f"link set {T.FABRIC_BRIDGE} up"]
     for n in topo.nodes:
         lines += [
@@ -167,6 +188,10 @@ def _configure_nodes(topo: T.LabPlan) -> None:
         shell.sysctls(n.netns, fl.node_sysctls(n))
     shell.parallel([(["ip", "-n", n.netns, "-batch", "-"], fl.node_batch(topo, n),
                      f"configuring {n.name}") for n in topo.nodes])
+    batch6 = getattr(fl, "node_batch6", None)
+    if batch6 is not None and 6 in topo.families:
+        shell.parallel([(["ip", "-6", "-n", n.netns, "-batch", "-"], batch6(topo, n),
+                         f"configuring IPv6 on {n.name}") for n in topo.nodes])
     shell.parallel([(["bridge", "-n", n.netns, "-batch", "-"], fl.fdb_batch(topo, n),
                      f"programming the VXLAN FDB of {n.name}")
                     for n in topo.nodes if len(topo.nodes) > 1])
@@ -187,10 +212,15 @@ def _configure_pods(topo: T.LabPlan) -> None:
 
 
 def _program_iptables(topo: T.LabPlan) -> None:
-    """One `iptables-restore --noflush` per node."""
-    rules = T.iptables_rules(topo)
-    shell.parallel([(["ip", "netns", "exec", n.netns, "iptables-restore", "-w", "5", "--noflush"],
-                     rules, f"programming iptables on {n.name}") for n in topo.nodes])
+    """One `iptables-restore --noflush` per node and family (`ip6tables-restore` for IPv6)."""
+    jobs = []
+    for family in topo.families:
+        rules = T.iptables_rules(topo) if family == 4 else T.iptables_rules(topo, family)
+        tool = "iptables-restore" if family == 4 else "ip6tables-restore"
+        jobs += [(["ip", "netns", "exec", n.netns, tool, "-w", "5", "--noflush"],
+                  rules, f"programming {tool.removesuffix('-restore')} on {n.name}")
+                 for n in topo.nodes]
+    shell.parallel(jobs)
 
 
 def _write_inventory(topo: T.LabPlan) -> None:
@@ -255,8 +285,8 @@ def _doc_namespaces(doc: dict) -> list[str]:
             *(p["netns"] for p in doc.get("pods", []))]
 
 
-def _check_tools() -> None:
-    for tool, package in _TOOLS.items():
+def _check_tools(v6: bool = False) -> None:
+    for tool, package in {**_TOOLS, **(_TOOLS6 if v6 else {})}.items():
         if shutil.which(tool) is None:
             raise EnvironmentProblem(f"`{tool}` is not installed",
                                      f"install it: apt-get install {package}")

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 
-from tracer.lab.model import (CLUSTER_CIDR, K8S_NAMESPACE, POD_MTU, UPLINK, VXLAN_PORT, LabConfig,
-                              NodePlan, PodPlan, LabPlan, hash_mac, ip_mac, node_netns, pod_netns)
+from tracer.lab.model import (K8S_NAMESPACE, UPLINK, VXLAN_PORT, LabConfig, NodePlan,
+                              PodPlan, LabPlan, addr_family, cluster_cidr, hash_mac, ip_mac,
+                              node_ip, node_netns, nodad, pod_mtu, plen, pod_cidr, pod_gateway, pod_ip,
+                              pod_netns, subnet_len)
 
 NAME = "cilium"
 CILIUM_HOST = "cilium_host"      # holds the node's router IP (scope link); the pods' gateway
@@ -46,33 +48,37 @@ def cilium_vtep_mac(i: int) -> str:
 
 
 def plan(cfg: LabConfig) -> tuple[list[NodePlan], list[PodPlan]]:
-    """Same nodes, pod CIDRs and pod IPs as flannel; the router IP 10.244.N.1 sits on
-    cilium_host and is every pod's gateway (and the peers' overlay next hop); pods hang off
-    `lxc…` devices."""
+    """Same nodes, pod CIDRs and pod IPs as flannel; the router IP 10.244.N.1 (IPv6:
+    fd00:10:244:N::1) sits on cilium_host and is every pod's gateway (and the peers' overlay
+    next hop); pods hang off `lxc…` devices."""
+    fams = cfg.families
     nodes = []
     pods = []
     for i in range(1, cfg.nodes + 1):
-        router = f"10.244.{i}.1"
+        routers = tuple(pod_gateway(f, i) for f in fams)
+        router = routers[0]
         nodes.append(NodePlan(
             index=i, name=f"node-{i}", netns=node_netns(cfg.prefix, i),
-            ip=f"172.30.0.{10 + i}", uplink_mac=f"02:00:ac:1e:00:{10 + i:02x}",
-            fabric_port=f"n{i}", pod_cidr=f"10.244.{i}.0/24", gateway=router,
+            ip=node_ip(cfg.underlay_family, i), uplink_mac=f"02:00:ac:1e:00:{10 + i:02x}",
+            fabric_port=f"n{i}", pod_cidr=pod_cidr(fams[0], i), gateway=router,
             bridge_mac=ip_mac(router), overlay_ip=router, mac=cilium_vtep_mac(i),
-            router_ip=router,
+            router_ip=router, pod_cidrs=tuple(pod_cidr(f, i) for f in fams), gateways=routers,
+            overlay_ips=routers, router_ips=routers, mtu=pod_mtu(cfg.underlay_family),
         ))
         for j in range(1, cfg.pods_per_node + 1):
             name = f"pod-{i}-{j}"
-            ip = f"10.244.{i}.{1 + j}"
+            ips = tuple(pod_ip(f, i, j) for f in fams)
             pods.append(PodPlan(
                 node_index=i, index=j, name=name, namespace=K8S_NAMESPACE, node=f"node-{i}",
-                netns=pod_netns(cfg.prefix, i, j), ip=ip, mac=ip_mac(ip), gateway=router,
+                netns=pod_netns(cfg.prefix, i, j), ip=ips[0], mac=ip_mac(ips[0]), gateway=router,
                 host_veth=lxc_name(K8S_NAMESPACE, name),
-                host_mac=hash_mac(f"lxc/{K8S_NAMESPACE}/{name}"),
+                host_mac=hash_mac(f"lxc/{K8S_NAMESPACE}/{name}"), ips=ips, gateways=routers,
+                mtu=pod_mtu(cfg.underlay_family),
             ))
     return nodes, pods
 
 
-def filter_rules() -> list[str]:
+def filter_rules(family: int = 4) -> list[str]:
     """The filter rules Cilium (iptables mode, per-endpoint routes) installs for forwarded
     traffic: a CILIUM_FORWARD chain fed from FORWARD that accepts what enters or leaves
     cilium_host, cilium_net and the lxc devices. The rule texts are Cilium's own."""
@@ -110,6 +116,8 @@ def status_node(n: NodePlan) -> dict:
         "router_ip": n.router_ip, "mac": n.mac, "overlay_ip": n.overlay_ip,
         "gateway": n.gateway, "uplink_mac": n.uplink_mac, "bridge_mac": n.bridge_mac,
         "fabric_port": n.fabric_port,
+        "ips": [n.ip], "pod_cidrs": list(n.pod_cidrs), "gateways": list(n.gateways),
+        "overlay_ips": list(n.overlay_ips), "router_ips": list(n.router_ips),
     }
 
 
@@ -120,24 +128,35 @@ def status_pod_fields(p: PodPlan) -> dict:
 
 def node_annotations(n: NodePlan) -> dict:
     """What cilium-agent writes on its node (annotate-k8s-node)."""
-    return {
-        "network.cilium.io/ipv4-cilium-host": n.router_ip,
-        "network.cilium.io/ipv4-pod-cidr": n.pod_cidr,
-    }
+    out = {}
+    for router, cidr in zip(n.router_ips or (n.router_ip,), n.pod_cidrs or (n.pod_cidr,)):
+        fam = "ipv6" if addr_family(router) == 6 else "ipv4"
+        out[f"network.cilium.io/{fam}-cilium-host"] = router
+        out[f"network.cilium.io/{fam}-pod-cidr"] = cidr
+    return out
 
 
 def node_sysctls(n: NodePlan) -> dict[str, str]:
     """Set before the node's devices exist (/proc/sys paths)."""
-    return {"net/ipv4/ip_forward": "1", "net/ipv4/conf/all/rp_filter": "0"}
+    values = {"net/ipv4/ip_forward": "1", "net/ipv4/conf/all/rp_filter": "0"}
+    if any(addr_family(c) == 6 for c in n.pod_cidrs):
+        values["net/ipv6/conf/all/forwarding"] = "1"
+    return values
 
 
 def node_batch(topo: LabPlan, n: NodePlan) -> list[str]:
     """`ip -batch` lines that make a node namespace look like a Cilium node (VXLAN tunnel
-    mode, per-endpoint routes, kube-proxy kept)."""
+    mode, per-endpoint routes, kube-proxy kept). IPv6 the same way, with two differences the
+    kernel imposes: a route cannot name a local address as gateway (the node's own IPv6
+    routes go to cilium_host without one), and a node answers neighbour solicitations only
+    for addresses of the receiving device (each lxc device proxies the router IP, what
+    Cilium's BPF answers on a real node)."""
     host, net, vx = CILIUM_HOST, CILIUM_NET, CILIUM_OVERLAY
+    uf = addr_family(n.ip)
+    routers = n.router_ips or (n.router_ip,)
     lines = [
         "link set lo up",
-        f"addr add {n.ip}/24 dev {UPLINK}",
+        f"addr add {n.ip}/{subnet_len(uf)} dev {UPLINK}{nodad(uf)}",
         f"link set {UPLINK} up",
         # cilium_net carries cilium_host's MAC: what the node sends out of cilium_host comes
         # back up the stack on cilium_net and is forwarded from there (in Cilium, bpf_host's
@@ -145,37 +164,50 @@ def node_batch(topo: LabPlan, n: NodePlan) -> list[str]:
         f"link add {host} address {n.bridge_mac} type veth peer name {net} address {n.bridge_mac}",
         f"link set {host} arp off",
         f"link set {net} arp off",
-        f"addr add {n.router_ip}/32 dev {host} scope link",
+        *(f"addr add {r}/32 dev {host} scope link" if addr_family(r) == 4
+          else f"addr add {r}/128 dev {host} nodad" for r in routers),
         f"link set {net} up",
         f"link set {host} up",
-        f"link add {vx} address {n.mac} mtu {POD_MTU} type vxlan id {CILIUM_VNI} "
+        f"link add {vx} address {n.mac} mtu {n.mtu} type vxlan id {CILIUM_VNI} "
         f"dstport {VXLAN_PORT} local {n.ip} dev {UPLINK} nolearning",
         f"link set {vx} up",
     ]
     for p in topo.pods_on(n.index):
         lines += [
-            f"link add {p.host_veth} address {p.host_mac} mtu {POD_MTU} type veth peer name eth0 "
-            f"address {p.mac} mtu {POD_MTU} netns {p.netns}",
+            f"link add {p.host_veth} address {p.host_mac} mtu {n.mtu} type veth peer name eth0 "
+            f"address {p.mac} mtu {n.mtu} netns {p.netns}",
             f"link set {p.host_veth} up",
-            # Per-endpoint route; the pod's MAC is known (Cilium writes it from its endpoint
-            # map: the node never ARPs for a pod).
-            f"route add {p.ip}/32 dev {p.host_veth} scope link",
-            f"neigh add {p.ip} lladdr {p.mac} dev {p.host_veth} nud permanent",
         ]
+        for ip in p.ips or (p.ip,):
+            lines += [
+                # Per-endpoint route; the pod's MAC is known (Cilium writes it from its
+                # endpoint map: the node never ARPs for a pod).
+                f"route add {ip}/{plen(addr_family(ip))} dev {p.host_veth} scope link",
+                f"neigh add {ip} lladdr {p.mac} dev {p.host_veth} nud permanent",
+            ]
+        lines += [f"neigh add proxy {r} dev {p.host_veth}" for r in routers if addr_family(r) == 6]
     for k in topo.nodes:
         if k.index == n.index:
             continue
-        lines += [
-            # Forwarded pod traffic: straight into the overlay (Cilium's tunnel map).
-            f"route add {k.pod_cidr} via {k.router_ip} dev {vx} onlink src {n.router_ip}",
-            f"neigh add {k.router_ip} lladdr {k.mac} dev {vx} nud permanent",
-            # The node's own traffic: Cilium's route, via cilium_host with the router IP.
-            f"route add {k.pod_cidr} via {n.router_ip} dev {host} src {n.router_ip} "
-            f"mtu {POD_MTU} table {CILIUM_HOST_TABLE}",
-        ]
-    lines.append(f"rule add pref {CILIUM_RULE_PREF} iif lo to {CLUSTER_CIDR} "
-                 f"lookup {CILIUM_HOST_TABLE}")
+        for cidr, peer_router, mine in zip(k.pod_cidrs or (k.pod_cidr,),
+                                           k.router_ips or (k.router_ip,), routers):
+            via = f"via {mine} " if addr_family(mine) == 4 else ""
+            lines += [
+                # Forwarded pod traffic: straight into the overlay (Cilium's tunnel map).
+                f"route add {cidr} via {peer_router} dev {vx} onlink src {mine}",
+                f"neigh add {peer_router} lladdr {k.mac} dev {vx} nud permanent",
+                # The node's own traffic: Cilium's route, via cilium_host with the router IP.
+                f"route add {cidr} {via}dev {host} src {mine} mtu {n.mtu} table {CILIUM_HOST_TABLE}",
+            ]
+    lines += [f"rule add pref {CILIUM_RULE_PREF} iif lo to {cluster_cidr(4)} lookup {CILIUM_HOST_TABLE}"
+              for r in routers if addr_family(r) == 4]
     return lines
+
+
+def node_batch6(topo: LabPlan, n: NodePlan) -> list[str]:
+    """`ip -6 -batch` lines (what needs the family named: the IPv6 routing rule)."""
+    return [f"rule add pref {CILIUM_RULE_PREF} iif lo to {cluster_cidr(6)} lookup {CILIUM_HOST_TABLE}"
+            for r in n.router_ips if addr_family(r) == 6]
 
 
 def fdb_batch(topo: LabPlan, n: NodePlan) -> list[str]:
@@ -190,6 +222,11 @@ def node_sysctls_after(topo: LabPlan, n: NodePlan) -> dict[str, str]:
     devs = [CILIUM_HOST, CILIUM_NET, CILIUM_OVERLAY] + [p.host_veth for p in topo.pods_on(n.index)]
     values = {f"net/ipv4/conf/{d}/rp_filter": "0" for d in devs}
     values[f"net/ipv4/conf/{CILIUM_NET}/accept_local"] = "1"
+    if any(addr_family(r) == 6 for r in n.router_ips):
+        for p in topo.pods_on(n.index):
+            # lxc devices answer neighbour solicitations for the router IP at once.
+            values[f"net/ipv6/conf/{p.host_veth}/proxy_ndp"] = "1"
+            values[f"net/ipv6/neigh/{p.host_veth}/proxy_delay"] = "0"
     return values
 
 
@@ -201,6 +238,12 @@ def node_checks(n: NodePlan) -> dict[str, tuple[str, str]]:
 def pod_batch(p: PodPlan) -> list[str]:
     """A Cilium pod: a /32 and the two routes Cilium's CNI plugin installs (the router IP
     on-link, the default route through it)."""
-    return ["link set lo up", f"addr add {p.ip}/32 dev eth0", "link set eth0 up",
-            f"route add {p.gateway}/32 dev eth0 scope link",
-            f"route add default via {p.gateway} dev eth0 mtu {POD_MTU}"]
+    lines = ["link set lo up"]
+    lines += [f"addr add {ip}/{plen(addr_family(ip))} dev eth0{nodad(addr_family(ip))}"
+              for ip in p.ips or (p.ip,)]
+    lines.append("link set eth0 up")
+    for gw in p.gateways or (p.gateway,):
+        fam = addr_family(gw)
+        lines += [f"route add {gw}/{plen(fam)} dev eth0 scope link",
+                  f"route add {'default' if fam == 4 else '::/0'} via {gw} dev eth0 mtu {p.mtu}"]
+    return lines

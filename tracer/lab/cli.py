@@ -27,8 +27,9 @@ def lab(ctx, prefix):
     \b
     Nodes, pods, a fabric bridge as the underlay, flannel-style VXLAN between nodes,
     kube-proxy-style Services in iptables and a responder on TCP/UDP 8080 in every pod
-    that answers with its pod name (to plain HTTP too). Nothing outside namespaces named
-    PREFIX-* is touched.
+    that answers with its pod name (to plain HTTP too). `--ip-family ipv6|dual` gives pods
+    and Services IPv6 addresses (fd00:10:244:N::/64, fd00:10:96::/112; Services in
+    ip6tables). Nothing outside namespaces named PREFIX-* is touched.
 
     \b
     Examples:
@@ -48,18 +49,23 @@ def lab(ctx, prefix):
               help="Number of nodes (1-16).")
 @click.option("--pods-per-node", type=int, default=2, show_default=True, metavar="M",
               help="Pods on each node (1-8).")
+@click.option("--ip-family", type=click.Choice(T.IP_FAMILIES), default="ipv4", show_default=True,
+              help="Pod and Service addresses: IPv4, IPv6 (over an IPv6 underlay) or both "
+                   "(dual-stack, IPv4 first, over the IPv4 underlay).")
 @click.pass_context
-def up_cmd(ctx, cni, nodes, pods_per_node):
+def up_cmd(ctx, cni, nodes, pods_per_node, ip_family):
     """Build the lab (a no-op when it is already up).
 
     \b
     Examples:
       sudo podtrace lab up
       sudo podtrace lab up --nodes 3 --pods-per-node 1
+      sudo podtrace lab up --ip-family dual  # pods and Services with IPv4 and IPv6
       sudo podtrace lab up --prefix mylab   # a second, separate lab
       sudo PODTRACE_LAB_PREFIX=mylab podtrace lab up   # the same
     """
-    cfg = T.LabConfig(prefix=ctx.obj["prefix"], cni=cni, nodes=nodes, pods_per_node=pods_per_node)
+    cfg = T.LabConfig(prefix=ctx.obj["prefix"], cni=cni, nodes=nodes, pods_per_node=pods_per_node,
+                      ip_family=ip_family)
     require_root("podtrace lab up")
     started = time.monotonic()
     with _Progress(cfg.prefix) as progress:
@@ -140,9 +146,12 @@ def down_cmd(ctx):
 @click.argument("scenario", required=False, metavar="SCENARIO")
 @click.option("--node", metavar="NODE", default=None,
               help="The node to break (default: the scenario's own; see `lab scenarios`).")
+@click.option("--ip-family", "ip_family", type=click.Choice(["4", "6"]), default=None,
+              help="Break it for targets of this address family (a dual-stack lab; default: "
+                   "the lab's first family).")
 @click.option("--list", "list_", is_flag=True, help="List the scenarios and exit.")
 @click.pass_context
-def break_cmd(ctx, scenario, node, list_):
+def break_cmd(ctx, scenario, node, ip_family, list_):
     """Inject a real fault (SCENARIO) into the lab; `podtrace lab fix` undoes it exactly.
 
     Breaking a scenario that is already broken changes nothing.
@@ -152,6 +161,7 @@ def break_cmd(ctx, scenario, node, list_):
       podtrace lab break --list
       sudo podtrace lab break netpol-drop
       sudo podtrace lab break ip-forward-off --node node-2
+      sudo podtrace lab break no-route --ip-family 6   # a dual-stack lab's IPv6 side
       sudo podtrace lab fix ip-forward-off
     """
     if list_:
@@ -162,7 +172,8 @@ def break_cmd(ctx, scenario, node, list_):
                                + ") or --list")
     scenarios.get(scenario)  # unknown names are bad input before anything else is checked
     require_root("podtrace lab break")
-    out = scenarios.break_scenario(scenario, node, prefix=ctx.obj["prefix"])
+    out = scenarios.break_scenario(scenario, node, prefix=ctx.obj["prefix"],
+                                   family=int(ip_family) if ip_family else None)
     if not out.changed:
         click.echo(out.message)
         return
@@ -225,8 +236,12 @@ def _print_scenarios(prefix: str, output: str) -> None:
         doc = None
     lab_view = scenarios.Lab(doc) if doc else scenarios.Lab.planned(T.LabConfig(prefix=prefix, state_dir=Path("/run/podtrace")))
     rows = scenarios.listing(lab_view)
-    # A running lab: only the scenarios that apply to its CNI; none running: all of them.
-    hidden = [r["name"] for r in rows if doc and doc.get("cni", "flannel") not in r["applies_to"]]
+    # A running lab: only the scenarios that apply to its CNI and to one of its address
+    # families; none running: all of them.
+    fams = {f"ipv{f}" for f in lab_view.families}
+    hidden = [r["name"] for r in rows
+              if doc and (doc.get("cni", "flannel") not in r["applies_to"]
+                          or not fams & set(r["families"]))]
     rows = [r for r in rows if r["name"] not in hidden]
     broken = scenarios.broken(prefix) if doc else {}
     if output == "json":
@@ -241,17 +256,20 @@ def _print_scenarios(prefix: str, output: str) -> None:
         click.echo(f"{r['name']:<{width}}  {r['summary']} (default: {where}){mark}")
         click.echo(f"{'':<{width}}  show: {r['flow'] or '-'}")
         click.echo(f"{'':<{width}}  applies to: {', '.join(r['applies_to'])}")
+        click.echo(f"{'':<{width}}  targets: {', '.join(r['families'])}")
     if hidden:
-        click.echo(f"({len(hidden)} more do not apply to the {doc.get('cni', 'flannel')} lab "
-                   f"{prefix}: {', '.join(hidden)})")
+        family = doc.get("ip_family", "ipv4")
+        click.echo(f"({len(hidden)} more do not apply to the {doc.get('cni', 'flannel')} "
+                   f"{'' if family == 'ipv4' else family + ' '}lab {prefix}: {', '.join(hidden)})")
     if doc is None:
         click.echo("(no lab is up: every scenario, each with the CNI flavours it applies to, and "
                    "the node and pod names of the default lab; `podtrace lab up` first to break one)")
 
 
 def _shape(doc: dict) -> str:
-    return (f"{doc['cni']}, {len(doc['nodes'])} nodes, {len(doc['pods'])} pods, "
-            f"{len(doc['services'])} services")
+    family = doc.get("ip_family", "ipv4")
+    return (f"{doc['cni']}{'' if family == 'ipv4' else ', ' + family}, {len(doc['nodes'])} nodes, "
+            f"{len(doc['pods'])} pods, {len(doc['services'])} services")
 
 
 class _Progress:
@@ -301,7 +319,8 @@ def _render_table(doc: dict, missing: list[str]) -> None:
 
     # Piped output is not cut to 80 columns: names and netns must stay greppable.
     console = Console() if sys.stdout.isatty() else Console(width=160)
-    console.print(f"[bold]lab {doc['prefix']}[/bold] ({doc['cni']}), up since "
+    family = doc.get("ip_family", "ipv4")
+    console.print(f"[bold]lab {doc['prefix']}[/bold] ({doc['cni']}{'' if family == 'ipv4' else ', ' + family}), up since "
                   f"{doc.get('created_at', '?')}", highlight=False)
     console.print(f"underlay {doc['underlay_cidr']} on bridge "
                   f"{doc.get('fabric_bridge', 'br0')} in netns {doc['fabric_netns']}", highlight=False)
@@ -319,19 +338,20 @@ def _render_table(doc: dict, missing: list[str]) -> None:
 
     nodes = table("nodes", "node", "ip", "pod cidr", "netns", "overlay (vtep mac)")
     for n in doc["nodes"]:
-        nodes.add_row(n["name"], n["ip"], n["pod_cidr"], n["netns"],
+        nodes.add_row(n["name"], n["ip"], " ".join(n.get("pod_cidrs") or [n["pod_cidr"]]), n["netns"],
                       f"{n['overlay']} ({n.get('mac', '?')})")
     console.print(nodes)
 
     pods = table("pods", "pod", "node", "ip", "netns", "host veth")
     for p in doc["pods"]:
         name = p["name"] if p["namespace"] == "default" else f"{p['namespace']}/{p['name']}"
-        pods.add_row(name, p["node"], p["ip"], p["netns"], p["host_veth"])
+        pods.add_row(name, p["node"], " ".join(p.get("ips") or [p["ip"]]), p["netns"], p["host_veth"])
     console.print(pods)
 
     svcs = table("services", "service", "cluster ip", "ports", "backends")
     for s in doc["services"]:
         ports = " ".join(f"{p['port']}/{p['protocol'].lower()}→{p['target_port']}" for p in s["ports"])
         backends = " ".join(b.removeprefix("default/") for b in s["backends"])
-        svcs.add_row(f"{s['namespace']}/{s['name']}", s["cluster_ip"], ports, backends)
+        svcs.add_row(f"{s['namespace']}/{s['name']}", " ".join(s.get("cluster_ips") or [s["cluster_ip"]]),
+                     ports, backends)
     console.print(svcs)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 
-from tracer.lab.model import (CLUSTER_CIDR, K8S_NAMESPACE, POD_MTU, UPLINK, VXLAN_PORT, LabConfig,
-                              NodePlan, PodPlan, LabPlan, ip_mac, node_netns, pod_netns)
+from tracer.lab.model import (K8S_NAMESPACE, UPLINK, VXLAN_PORT, LabConfig, NodePlan,
+                              PodPlan, LabPlan, addr_family, cluster_cidr, ip_mac, node_ip,
+                              node_netns, nodad, pod_mtu, plen, pod_cidr, pod_gateway, pod_ip, pod_netns,
+                              subnet_len, subnet_zero)
 
 NAME = "flannel"
 CNI_BRIDGE = "cni0"
@@ -33,34 +35,42 @@ def flannel_mac(i: int) -> str:
 
 
 def plan(cfg: LabConfig) -> tuple[list[NodePlan], list[PodPlan]]:
-    """Node N has pod CIDR 10.244.N.0/24, its gateway .1 on cni0 and .0 on flannel.1."""
+    """Node N has pod CIDR 10.244.N.0/24, its gateway .1 on cni0 and .0 on flannel.1 (IPv6:
+    fd00:10:244:N::/64, ::1 on cni0, :: on flannel.1); one flannel.1 carries every family,
+    over the IPv4 underlay (IPv6 in an ipv6 lab)."""
+    fams = cfg.families
     nodes = []
     pods = []
     for i in range(1, cfg.nodes + 1):
-        gateway = f"10.244.{i}.1"
+        gateways = tuple(pod_gateway(f, i) for f in fams)
         nodes.append(NodePlan(
             index=i, name=f"node-{i}", netns=node_netns(cfg.prefix, i),
-            ip=f"172.30.0.{10 + i}", uplink_mac=f"02:00:ac:1e:00:{10 + i:02x}",
-            fabric_port=f"n{i}", pod_cidr=f"10.244.{i}.0/24", gateway=gateway,
-            bridge_mac=ip_mac(gateway), overlay_ip=f"10.244.{i}.0", mac=flannel_mac(i),
+            ip=node_ip(cfg.underlay_family, i), uplink_mac=f"02:00:ac:1e:00:{10 + i:02x}",
+            fabric_port=f"n{i}", pod_cidr=pod_cidr(fams[0], i), gateway=gateways[0],
+            bridge_mac=ip_mac(gateways[0]), overlay_ip=subnet_zero(fams[0], i), mac=flannel_mac(i),
+            pod_cidrs=tuple(pod_cidr(f, i) for f in fams), gateways=gateways,
+            overlay_ips=tuple(subnet_zero(f, i) for f in fams), mtu=pod_mtu(cfg.underlay_family),
         ))
         for j in range(1, cfg.pods_per_node + 1):
             name = f"pod-{i}-{j}"
-            ip = f"10.244.{i}.{1 + j}"
+            ips = tuple(pod_ip(f, i, j) for f in fams)
             pods.append(PodPlan(
                 node_index=i, index=j, name=name, namespace=K8S_NAMESPACE, node=f"node-{i}",
-                netns=pod_netns(cfg.prefix, i, j), ip=ip, mac=ip_mac(ip), gateway=gateway,
-                host_veth=host_veth_name(K8S_NAMESPACE, name),
+                netns=pod_netns(cfg.prefix, i, j), ip=ips[0], mac=ip_mac(ips[0]), gateway=gateways[0],
+                host_veth=host_veth_name(K8S_NAMESPACE, name), ips=ips, gateways=gateways,
+                mtu=pod_mtu(cfg.underlay_family),
             ))
     return nodes, pods
 
 
-def filter_rules() -> list[str]:
-    """flanneld's FORWARD accepts for the pod network (iptables-restore lines)."""
+def filter_rules(family: int = 4) -> list[str]:
+    """flanneld's FORWARD accepts for the pod network (iptables-restore lines; ip6tables for
+    family 6)."""
+    cidr = cluster_cidr(family)
     return [
         "*filter",
-        f'-A FORWARD -s {CLUSTER_CIDR} -m comment --comment "flanneld forward" -j ACCEPT',
-        f'-A FORWARD -d {CLUSTER_CIDR} -m comment --comment "flanneld forward" -j ACCEPT',
+        f'-A FORWARD -s {cidr} -m comment --comment "flanneld forward" -j ACCEPT',
+        f'-A FORWARD -d {cidr} -m comment --comment "flanneld forward" -j ACCEPT',
         "COMMIT",
     ]
 
@@ -77,6 +87,8 @@ def status_node(n: NodePlan) -> dict:
         "bridge": CNI_BRIDGE, "mac": n.mac, "overlay_ip": n.overlay_ip,
         "gateway": n.gateway, "uplink_mac": n.uplink_mac, "bridge_mac": n.bridge_mac,
         "fabric_port": n.fabric_port,
+        "ips": [n.ip], "pod_cidrs": list(n.pod_cidrs), "gateways": list(n.gateways),
+        "overlay_ips": list(n.overlay_ips),
     }
 
 
@@ -97,27 +109,33 @@ def node_annotations(n: NodePlan) -> dict:
 
 def node_sysctls(n: NodePlan) -> dict[str, str]:
     """Set before the node's devices exist (/proc/sys paths)."""
-    return {"net/ipv4/ip_forward": "1", "net/bridge/bridge-nf-call-iptables": "1"}
+    values = {"net/ipv4/ip_forward": "1", "net/bridge/bridge-nf-call-iptables": "1"}
+    if any(addr_family(c) == 6 for c in n.pod_cidrs):
+        values |= {"net/ipv6/conf/all/forwarding": "1", "net/bridge/bridge-nf-call-ip6tables": "1"}
+    return values
 
 
 def node_batch(topo: LabPlan, n: NodePlan) -> list[str]:
     """`ip -batch` lines that make a node namespace look like a flannel (vxlan) node."""
+    uf = addr_family(n.ip)
     lines = [
         "link set lo up",
-        f"addr add {n.ip}/24 dev {UPLINK}",
+        f"addr add {n.ip}/{subnet_len(uf)} dev {UPLINK}{nodad(uf)}",
         f"link set {UPLINK} up",
-        f"link add {CNI_BRIDGE} address {n.bridge_mac} mtu {POD_MTU} type bridge",
-        f"addr add {n.gateway}/24 dev {CNI_BRIDGE}",
+        f"link add {CNI_BRIDGE} address {n.bridge_mac} mtu {n.mtu} type bridge",
+        *(f"addr add {gw}/{subnet_len(addr_family(gw))} dev {CNI_BRIDGE}{nodad(addr_family(gw))}"
+          for gw in n.gateways),
         f"link set {CNI_BRIDGE} up",
-        f"link add {OVERLAY} address {n.mac} mtu {POD_MTU} type vxlan id {VXLAN_ID} "
+        f"link add {OVERLAY} address {n.mac} mtu {n.mtu} type vxlan id {VXLAN_ID} "
         f"dstport {VXLAN_PORT} local {n.ip} dev {UPLINK} nolearning",
-        f"addr add {n.overlay_ip}/32 dev {OVERLAY}",
+        *(f"addr add {ov}/{plen(addr_family(ov))} dev {OVERLAY}{nodad(addr_family(ov))}"
+          for ov in n.overlay_ips),
         f"link set {OVERLAY} up",
     ]
     for p in topo.pods_on(n.index):
         lines += [
-            f"link add {p.host_veth} mtu {POD_MTU} type veth peer name eth0 "
-            f"address {p.mac} mtu {POD_MTU} netns {p.netns}",
+            f"link add {p.host_veth} mtu {n.mtu} type veth peer name eth0 "
+            f"address {p.mac} mtu {n.mtu} netns {p.netns}",
             f"link set {p.host_veth} master {CNI_BRIDGE} up",
             # The bridge CNI's hairpinMode, which flannel enables: a pod can reach itself
             # through a Service VIP.
@@ -126,10 +144,11 @@ def node_batch(topo: LabPlan, n: NodePlan) -> list[str]:
     for k in topo.nodes:
         if k.index == n.index:
             continue
-        lines += [
-            f"route add {k.pod_cidr} via {k.overlay_ip} dev {OVERLAY} onlink",
-            f"neigh add {k.overlay_ip} lladdr {k.mac} dev {OVERLAY} nud permanent",
-        ]
+        for cidr, ov in zip(k.pod_cidrs, k.overlay_ips):
+            lines += [
+                f"route add {cidr} via {ov} dev {OVERLAY} onlink",
+                f"neigh add {ov} lladdr {k.mac} dev {OVERLAY} nud permanent",
+            ]
     return lines
 
 
@@ -150,5 +169,10 @@ def node_checks(n: NodePlan) -> dict[str, tuple[str, str]]:
 
 
 def pod_batch(p: PodPlan) -> list[str]:
-    return ["link set lo up", f"addr add {p.ip}/24 dev eth0", "link set eth0 up",
-            f"route add default via {p.gateway} dev eth0"]
+    lines = ["link set lo up"]
+    lines += [f"addr add {ip}/{subnet_len(addr_family(ip))} dev eth0{nodad(addr_family(ip))}"
+              for ip in p.ips]
+    lines.append("link set eth0 up")
+    lines += [f"route add {'default' if addr_family(gw) == 4 else '::/0'} via {gw} dev eth0"
+              for gw in p.gateways]
+    return lines

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -25,11 +26,19 @@ BUILT_CNIS = ("flannel", "cilium")
 UNDERLAY_CIDR = "172.30.0.0/24"
 CLUSTER_CIDR = "10.244.0.0/16"
 SERVICE_CIDR = "10.96.0.0/16"
+# IPv6 (ipv6 and dual labs): node N's pods in fd00:10:244:N::/64, Services in fd00:10:96::/112,
+# the underlay of an ipv6 lab in fd00:172:30::/64.
+UNDERLAY_CIDR6 = "fd00:172:30::/64"
+CLUSTER_CIDR6 = "fd00:10:244::/56"
+SERVICE_CIDR6 = "fd00:10:96::/112"
+IP_FAMILIES = ("ipv4", "ipv6", "dual")
 FABRIC_BRIDGE = "br0"
 UPLINK = "eth0"
 VXLAN_PORT = 8472
 UNDERLAY_MTU = 1500
 POD_MTU = 1450
+# VXLAN over an IPv6 underlay costs 70 bytes, not 50 (flannel sets its MTU the same way).
+POD_MTU6 = UNDERLAY_MTU - 70
 APP_PORT = 8080
 K8S_NAMESPACE = "default"
 LAB_LABEL = "podtrace-lab"
@@ -62,6 +71,7 @@ class LabConfig:
     nodes: int = 2
     pods_per_node: int = 2
     state_dir: Path = field(default_factory=default_state_root)
+    ip_family: str = "ipv4"
 
     def __post_init__(self):
         object.__setattr__(self, "state_dir", Path(self.state_dir))
@@ -74,10 +84,27 @@ class LabConfig:
             raise BadInput(f"--nodes must be between 1 and 16, not {self.nodes}")
         if not isinstance(self.pods_per_node, int) or not 1 <= self.pods_per_node <= 8:
             raise BadInput(f"--pods-per-node must be between 1 and 8, not {self.pods_per_node}")
+        if self.ip_family not in IP_FAMILIES:
+            raise BadInput(f"unknown IP family {self.ip_family!r}", f"use one of: {', '.join(IP_FAMILIES)}")
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The address families of pods and Services, the first one first (4, 6)."""
+        return families(self.ip_family)
+
+    @property
+    def underlay_family(self) -> int:
+        """The family of the nodes' underlay addresses (6 only in an ipv6 lab)."""
+        return 6 if self.ip_family == "ipv6" else 4
 
     @property
     def lab_dir(self) -> Path:
         return self.state_dir / self.prefix
+
+
+def families(ip_family: str | None) -> tuple[int, ...]:
+    """ipv4 → (4,), ipv6 → (6,), dual → (4, 6) (IPv4 first, as an IPv4-primary cluster)."""
+    return {"ipv6": (6,), "dual": (4, 6)}.get(ip_family or "ipv4", (4,))
 
 
 def validate_prefix(prefix: str) -> str:
@@ -121,8 +148,76 @@ def hash_mac(text: str) -> str:
 
 
 def ip_mac(ip: str) -> str:
-    """0a:58 + the IPv4 bytes: how the CNI bridge plugin derives stable MACs."""
+    """0a:58 + the IPv4 bytes: how the CNI bridge plugin derives stable MACs. For an IPv6
+    lab address (fd00:10:244:N::x) 0a:58 + the two bytes of N and the last two: unique in
+    the lab, like the IPv4 form."""
+    if ":" in ip:
+        b = ipaddress.IPv6Address(ip).packed
+        return "0a:58:" + ":".join(f"{x:02x}" for x in (b[6], b[7], b[14], b[15]))
     return "0a:58:" + ":".join(f"{int(b):02x}" for b in ip.split("."))
+
+
+# Addresses of each family, by node index i (1, 2, …) and pod index j (1, 2, …).
+def pod_mtu(underlay_family: int) -> int:
+    """The MTU of pods, overlay and bridge over an underlay of this family."""
+    return POD_MTU if underlay_family == 4 else POD_MTU6
+
+
+def node_ip(family: int, i: int) -> str:
+    return f"172.30.0.{10 + i}" if family == 4 else f"fd00:172:30::{i:x}"
+
+
+def pod_cidr(family: int, i: int) -> str:
+    return f"10.244.{i}.0/24" if family == 4 else f"fd00:10:244:{i:x}::/64"
+
+
+def pod_gateway(family: int, i: int) -> str:
+    """The pods' gateway (flannel: on cni0; cilium: the router IP on cilium_host)."""
+    return f"10.244.{i}.1" if family == 4 else f"fd00:10:244:{i:x}::1"
+
+
+def subnet_zero(family: int, i: int) -> str:
+    """The pod CIDR's network address: what flannel puts on its VXLAN device."""
+    return f"10.244.{i}.0" if family == 4 else f"fd00:10:244:{i:x}::"
+
+
+def pod_ip(family: int, i: int, j: int) -> str:
+    return f"10.244.{i}.{1 + j}" if family == 4 else f"fd00:10:244:{i:x}::{1 + j:x}"
+
+
+def service_ip(family: int, v4: str) -> str:
+    """A Service's ClusterIP of this family, from its IPv4 one: 10.96.0.10 ↔ fd00:10:96::10."""
+    return v4 if family == 4 else "fd00:10:96::" + v4.rsplit(".", 1)[1]
+
+
+def plen(family: int) -> int:
+    return 32 if family == 4 else 128
+
+
+def subnet_len(family: int) -> int:
+    """Prefix length of a pod CIDR and of the underlay."""
+    return 24 if family == 4 else 64
+
+
+def cluster_cidr(family: int) -> str:
+    return CLUSTER_CIDR if family == 4 else CLUSTER_CIDR6
+
+
+def service_cidr(family: int) -> str:
+    return SERVICE_CIDR if family == 4 else SERVICE_CIDR6
+
+
+def underlay_cidr(family: int) -> str:
+    return UNDERLAY_CIDR if family == 4 else UNDERLAY_CIDR6
+
+
+def nodad(family: int) -> str:
+    """` nodad` for an IPv6 `ip addr add`: usable at once, no duplicate address detection."""
+    return " nodad" if family == 6 else ""
+
+
+def addr_family(addr: str) -> int:
+    return 6 if ":" in addr else 4
 
 
 def hash16(text: str) -> str:
@@ -149,6 +244,12 @@ class NodePlan:
     overlay_ip: str
     mac: str
     router_ip: str | None = None      # cilium: the router IP on cilium_host
+    # Every family's value, the first family's first (that one is also in the field above).
+    pod_cidrs: tuple[str, ...] = ()
+    gateways: tuple[str, ...] = ()
+    overlay_ips: tuple[str, ...] = ()
+    router_ips: tuple[str, ...] = ()
+    mtu: int = POD_MTU                # of the overlay, the bridge and the pods' links
 
 
 @dataclass(frozen=True)
@@ -164,6 +265,9 @@ class PodPlan:
     gateway: str
     host_veth: str
     host_mac: str | None = None       # cilium: the lxc device's MAC (what ARP answers)
+    ips: tuple[str, ...] = ()         # every family's address, `ip` first
+    gateways: tuple[str, ...] = ()    # every family's gateway, `gateway` first
+    mtu: int = POD_MTU
 
     @property
     def key(self) -> str:
@@ -182,6 +286,9 @@ class ServicePortPlan:
     protocol: str
     chain: str
     endpoint_chains: tuple[tuple[str, str], ...]  # (pod key, KUBE-SEP-… chain), backend order
+    # The same per family: ((4, endpoint chains), (6, endpoint chains)) as the lab has them;
+    # kube-proxy names the KUBE-SVC chain alike in iptables and ip6tables.
+    family_chains: tuple[tuple[int, tuple[tuple[str, str], ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -192,6 +299,7 @@ class ServicePlan:
     selector: dict
     ports: tuple[ServicePortPlan, ...]
     backends: tuple[PodPlan, ...]
+    cluster_ips: tuple[str, ...] = ()    # every family's ClusterIP, `cluster_ip` first
 
     @property
     def key(self) -> str:
@@ -229,6 +337,10 @@ class LabPlan:
     @property
     def inventory_path(self) -> Path:
         return self.lab_dir / "inventory.json"
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        return self.config.families
 
     def pods_on(self, node_index: int) -> list[PodPlan]:
         return [p for p in self.pods if p.node_index == node_index]

@@ -37,12 +37,13 @@ def start(topo: LabPlan) -> dict[str, int]:
     pkg_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
     procs: dict[str, subprocess.Popen] = {}
+    v6 = 6 in topo.families
     for p in topo.pods:
         log = open(topo.lab_dir / f"responder-{p.name}.log", "ab")
         try:
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", p.netns, sys.executable, "-m", RESPONDER_MODULE,
-                 "--name", p.name, "--port", str(APP_PORT)],
+                 "--name", p.name, "--port", str(APP_PORT), *(["--ipv6"] if v6 else [])],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                 start_new_session=True, env=env, cwd="/",
             )
@@ -60,7 +61,7 @@ def start(topo: LabPlan) -> dict[str, int]:
                 log = (topo.lab_dir / f"responder-{name}.log").read_text(errors="replace")
                 last = log.strip().splitlines()[-1] if log.strip() else f"exit {proc.returncode}"
                 raise BuildError(f"the responder of {name} died: {last}")
-            if _listening(proc.pid, inodes[key], APP_PORT):
+            if _listening(proc.pid, inodes[key], APP_PORT, v6):
                 del waiting[key]
         if not waiting:
             break
@@ -71,14 +72,17 @@ def start(topo: LabPlan) -> dict[str, int]:
     return {key: proc.pid for key, proc in procs.items()}
 
 
-def _listening(pid: int, ns_inode: int, port: int) -> bool:
-    """True once `pid` is inside the pod namespace with TCP LISTEN and UDP sockets on `port`.
-    /proc/PID/net shows the namespace of PID, so this needs no traffic."""
+def _listening(pid: int, ns_inode: int, port: int, v6: bool = False) -> bool:
+    """True once `pid` is inside the pod namespace with TCP LISTEN and UDP sockets on `port`
+    (IPv6 ones too with `v6`). /proc/PID/net shows the namespace of PID, so this needs no
+    traffic."""
     try:
         if os.stat(f"/proc/{pid}/ns/net").st_ino != ns_inode:
             return False
         tcp = Path(f"/proc/{pid}/net/tcp").read_text()
         udp = Path(f"/proc/{pid}/net/udp").read_text()
+        tcp6 = Path(f"/proc/{pid}/net/tcp6").read_text() if v6 else None
+        udp6 = Path(f"/proc/{pid}/net/udp6").read_text() if v6 else None
     except OSError:
         return False
     hexport = f":{port:04X}"
@@ -90,7 +94,8 @@ def _listening(pid: int, ns_inode: int, port: int) -> bool:
                 return True
         return False
 
-    return bound(tcp, "0A") and bound(udp, None)
+    return (bound(tcp, "0A") and bound(udp, None)
+            and (not v6 or (bound(tcp6, "0A") and bound(udp6, None))))
 
 
 def owned_pids(prefix: str, names: Iterable[str]) -> set[int]:

@@ -4,6 +4,8 @@ One process per lab pod, started inside the pod's network namespace by `tracer.l
 
     ip netns exec ptlab-pod-1-1 python -m tracer.lab.responder --name pod-1-1 --port 8080
 
+In a lab with IPv6 pods it gets `--ipv6` and answers the same way on [::]:8080.
+
 TCP: every accepted connection gets b"pod-1-1\\n" and is closed. A connection whose first
 bytes are an HTTP request line (`GET / HTTP/1.1`, as `curl http://POD_IP:8080/` sends) gets a
 minimal HTTP/1.0 response with that same body instead; a client that sends nothing gets the
@@ -29,19 +31,26 @@ GRACE = 0.1
 HTTP_HEAD_TIMEOUT = 2.0
 _METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE")
 
-def serve(name: str, port: int, host: str = "0.0.0.0") -> None:
+def _listener(family: int, kind: int, host: str, port: int) -> socket.socket:
+    sock = socket.socket(family, kind)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        # IPv6 only: the IPv4 socket answers IPv4, so each reply leaves from the address the
+        # request was sent to, in its own family.
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((host, port))
+    if kind == socket.SOCK_STREAM:
+        sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def serve(name: str, port: int, host: str = "0.0.0.0", ipv6: bool = False) -> None:
+    """Answer on (host, port) over IPv4, and with `ipv6` on [::]:port over IPv6 too."""
     answer = f"{name}\n".encode()
-
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    tcp.bind((host, port))
-    tcp.listen(128)
-    tcp.setblocking(False)
-
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    udp.bind((host, port))
-    udp.setblocking(False)
+    binds = [(socket.AF_INET, host)] + ([(socket.AF_INET6, "::")] if ipv6 else [])
+    tcps = [_listener(fam, socket.SOCK_STREAM, h, port) for fam, h in binds]
+    udps = [_listener(fam, socket.SOCK_DGRAM, h, port) for fam, h in binds]
 
     # Signals only write a byte to this pipe; the loop sees it like any other event.
     wake_r, wake_w = os.pipe()
@@ -52,8 +61,10 @@ def serve(name: str, port: int, host: str = "0.0.0.0") -> None:
         signal.signal(sig, lambda *_: None)
 
     sel = selectors.DefaultSelector()
-    sel.register(tcp, selectors.EVENT_READ, "tcp")
-    sel.register(udp, selectors.EVENT_READ, "udp")
+    for tcp in tcps:
+        sel.register(tcp, selectors.EVENT_READ, "tcp")
+    for udp in udps:
+        sel.register(udp, selectors.EVENT_READ, "udp")
     sel.register(wake_r, selectors.EVENT_READ, "stop")
 
     pending: dict[socket.socket, _Conn] = {}
@@ -66,7 +77,7 @@ def serve(name: str, port: int, host: str = "0.0.0.0") -> None:
                 if key.data == "stop":
                     return
                 if key.data == "tcp":
-                    conn = _accept(tcp)
+                    conn = _accept(key.fileobj)
                     if conn is not None:
                         pending[conn] = _Conn(time.monotonic() + GRACE)
                         sel.register(conn, selectors.EVENT_READ, "conn")
@@ -74,7 +85,7 @@ def serve(name: str, port: int, host: str = "0.0.0.0") -> None:
                     if pending[key.fileobj].read(key.fileobj, answer):
                         _close(sel, pending, key.fileobj)
                 else:
-                    _answer_udp(udp, answer)
+                    _answer_udp(key.fileobj, answer)
             now = time.monotonic()
             for conn in [c for c, st in pending.items() if st.deadline <= now]:
                 pending[conn].expire(conn, answer)
@@ -83,8 +94,8 @@ def serve(name: str, port: int, host: str = "0.0.0.0") -> None:
         for conn in list(pending):
             conn.close()
         sel.close()
-        tcp.close()
-        udp.close()
+        for sock in tcps + udps:
+            sock.close()
 
 
 class _Conn:
@@ -179,10 +190,11 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Answer TCP and UDP with this pod's name.")
     parser.add_argument("--name", required=True, help="pod name to answer with, e.g. pod-1-1")
     parser.add_argument("--port", type=int, default=8080, help="TCP and UDP port (default 8080)")
-    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default all)")
+    parser.add_argument("--host", default="0.0.0.0", help="IPv4 address to bind (default all)")
+    parser.add_argument("--ipv6", action="store_true", help="answer over IPv6 too (on [::])")
     args = parser.parse_args(argv)
     try:
-        serve(args.name, args.port, args.host)
+        serve(args.name, args.port, args.host, ipv6=args.ipv6)
     except OSError as exc:
         print(f"responder {args.name}: {exc}", file=sys.stderr)
         return 1

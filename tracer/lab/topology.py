@@ -16,6 +16,7 @@ from tracer.lab.cilium import (CILIUM_HOST, CILIUM_HOST_TABLE, CILIUM_NET, CILIU
 from tracer.lab.cni import flavour
 from tracer.lab.flannel import CNI_BRIDGE, OVERLAY, VXLAN_ID, flannel_mac, host_veth_name
 from tracer.lab.kubeproxy import iptables_rules, sep_chain, service, svc_chain
+from tracer.lab.model import (CLUSTER_CIDR6, IP_FAMILIES, SERVICE_CIDR6, UNDERLAY_CIDR6, families)
 from tracer.lab.model import (APP_PORT, BUILT_CNIS, CLUSTER_CIDR, CNIS, DEFAULT_PREFIX,
                               DEFAULT_STATE_ROOT, FABRIC_BRIDGE, K8S_NAMESPACE, LAB_LABEL,
                               MASQ_MARK, POD_MTU, SERVICE_CIDR, UNDERLAY_CIDR, UNDERLAY_MTU,
@@ -26,6 +27,7 @@ from tracer.lab.model import (APP_PORT, BUILT_CNIS, CLUSTER_CIDR, CNIS, DEFAULT_
 from tracer.lab.statusdoc import status_document
 
 __all__ = [
+    "CLUSTER_CIDR6", "IP_FAMILIES", "SERVICE_CIDR6", "UNDERLAY_CIDR6", "families",
     "APP_PORT", "BUILT_CNIS", "CILIUM_HOST", "CILIUM_HOST_TABLE", "CILIUM_NET", "CILIUM_OVERLAY",
     "CILIUM_RULE_PREF", "CILIUM_VNI", "CLUSTER_CIDR", "CNIS", "CNI_BRIDGE", "DEFAULT_PREFIX",
     "DEFAULT_STATE_ROOT", "FABRIC_BRIDGE", "K8S_NAMESPACE", "LAB_LABEL", "MASQ_MARK", "OVERLAY",
@@ -48,7 +50,7 @@ def plan(cfg: LabConfig, created_at: str | None = None) -> LabPlan:
     nodes, pods = flavour(cfg.cni).plan(cfg)
     last = [p for p in pods if p.node_index == cfg.nodes][-1]
     services = (
-        service("web", "10.96.0.10", {"app": last.name}, [last]),
-        service("echo", "10.96.0.20", {LAB_LABEL: "true"}, pods),
+        service("web", "10.96.0.10", {"app": last.name}, [last], cfg.families),
+        service("echo", "10.96.0.20", {LAB_LABEL: "true"}, pods, cfg.families),
     )
     return LabPlan(cfg, tuple(nodes), tuple(pods), services, created_at or _now())

@@ -31,13 +31,16 @@ class Outcome:
     show: str | None = None
 
 
-def _lab_up(prefix: str | None, state_dir: Path | str | None) -> Lab:
+def _lab_up(prefix: str | None, state_dir: Path | str | None, family: int | None = None) -> Lab:
     doc = build.status(prefix, state_dir)
     if doc is None:
         name = T.validate_prefix(prefix or T.default_prefix())
         hint = "podtrace lab up" if name == T.DEFAULT_PREFIX else f"podtrace lab --prefix {name} up"
         raise EnvironmentProblem(f"no lab {name} is up", f"run: {hint}")
-    return Lab(doc)
+    lab = Lab(doc)
+    if family is not None and family not in lab.families:
+        return lab   # registry.check_family says what is wrong
+    return Lab(doc, family)
 
 
 def _now() -> str:
@@ -45,23 +48,26 @@ def _now() -> str:
 
 
 def break_scenario(name: str, node: str | None = None, prefix: str | None = None,
-                   state_dir: Path | str | None = None) -> Outcome:
-    """Inject the fault. Breaking what is already broken changes nothing."""
+                   state_dir: Path | str | None = None, family: int | None = None) -> Outcome:
+    """Inject the fault, against targets of `family` (4 or 6; default the lab's first).
+    Breaking what is already broken changes nothing."""
     sc = registry.get(name)
     require_root("podtrace lab break")
     root = Path(state_dir) if state_dir else T.default_state_root()
     with guard.locked(root):
-        lab = _lab_up(prefix, state_dir)
+        lab = _lab_up(prefix, state_dir, family)
+        registry.check_family(sc, lab, family)
         node = registry.resolve_node(sc, lab, node)
         path = record.location(lab.prefix, state_dir)
         state = record.load(path)
         rec = state["scenarios"].get(name)
         if rec is not None:
             where = f" on {rec['node']}" if rec.get("node") else ""
+            was = Lab(lab.doc, rec.get("family"))
             return Outcome(name, rec.get("node"), False,
                            f"{name} is already broken{where} (since {rec.get('since')}); "
                            f"nothing changed. Undo it with: podtrace lab fix {name}",
-                           rec.get("changes", []), registry.flow_command(sc, lab, rec.get("node")))
+                           rec.get("changes", []), registry.flow_command(sc, was, rec.get("node")))
         ch = Changes(lab)
         with guard.interrupts_as_keyboard_interrupt():
             try:
@@ -75,7 +81,7 @@ def break_scenario(name: str, node: str | None = None, prefix: str | None = None
                         f"{errors[0]}", "run: podtrace lab down && podtrace lab up") from exc
                 raise
             state["scenarios"][name] = {"node": node, "since": _now(), "changes": ch.lines,
-                                        "undo": ch.undo}
+                                        "undo": ch.undo, "family": lab.family}
             with guard.shielded():
                 record.save(path, state)
     where = f" on {node}" if node else " on every node"
@@ -97,6 +103,7 @@ def fix_scenario(name: str, prefix: str | None = None,
         rec = state["scenarios"].get(name)
         if rec is None:
             return Outcome(name, None, False, f"{name} is not broken; nothing to do")
+        lab = Lab(lab.doc, rec.get("family"))
         steps = list(rec["undo"])
         lines: list[str] = []
         failed: list[tuple[dict, str]] = []

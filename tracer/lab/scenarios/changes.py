@@ -53,15 +53,17 @@ class Changes:
         self.did(line, {"op": "cmd", "argv": undo_argv, "input": undo_input, "ok": list(undo_ok)},
                  restored)
 
-    def iptables_restore(self, ns: str, doc: str, undo_doc: str, line: str) -> None:
+    def iptables_restore(self, ns: str, doc: str, undo_doc: str, line: str, family: int = 4) -> None:
+        """iptables-restore (ip6tables-restore for family 6) of `doc`, undone by `undo_doc`."""
         # With the nf_tables backend a table exists only once used: one this change creates
         # is removed again by `fix` (when nothing else has put rules in it meanwhile).
-        present = nft_tables(ns)
+        present = nft_tables(ns, family)
         if present is not None:
             for table in [t[1:].strip() for t in doc.splitlines() if t.startswith("*")]:
                 if table not in present:
-                    self.undo.append({"op": "drop-empty-table", "ns": ns, "table": table})
-        argv = ["ip", "netns", "exec", ns, "iptables-restore", "-w", "5", "--noflush"]
+                    self.undo.append({"op": "drop-empty-table", "ns": ns, "table": table,
+                                      **({"family": 6} if family == 6 else {})})
+        argv = ["ip", "netns", "exec", ns, restore_tool(family), "-w", "5", "--noflush"]
         self.run(argv, line, argv, input=doc, undo_input=undo_doc)
 
 
@@ -121,17 +123,27 @@ def ip_json(ns: str, *args: str):
     return json.loads(run_cmd(["ip", "-n", ns, "-j", *args]) or "[]")
 
 
-def iptables_save(ns: str, table: str) -> str:
-    return run_cmd(["ip", "netns", "exec", ns, "iptables-save", "-t", table])
+def iptables_tool(family: int = 4) -> str:
+    return "iptables" if family == 4 else "ip6tables"
 
 
-def nft_tables(ns: str) -> set[str] | None:
-    """The `ip` family nf_tables tables of ns, or None when iptables is not the nft flavour."""
+def restore_tool(family: int = 4) -> str:
+    return iptables_tool(family) + "-restore"
+
+
+def iptables_save(ns: str, table: str, family: int = 4) -> str:
+    return run_cmd(["ip", "netns", "exec", ns, iptables_tool(family) + "-save", "-t", table])
+
+
+def nft_tables(ns: str, family: int = 4) -> set[str] | None:
+    """The `ip` (`ip6` for family 6) nf_tables tables of ns, or None when iptables is not the
+    nft flavour."""
     if "nf_tables" not in run_cmd(["ip", "netns", "exec", ns, "iptables", "-V"]):
         return None
     out = run_cmd(["ip", "netns", "exec", ns, "nft", "list", "tables"])
+    nft_family = "ip" if family == 4 else "ip6"
     return {words[2] for words in (line.split() for line in out.splitlines())
-            if len(words) == 3 and words[:2] == ["table", "ip"]}
+            if len(words) == 3 and words[:2] == ["table", nft_family]}
 
 
 def chains(save: str) -> set[str]:

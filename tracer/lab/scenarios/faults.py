@@ -28,23 +28,33 @@ def netpol_drop(ch: Changes, lab: Lab, node: str) -> None:
     target = lab.pods_on(node)[0]
     policy = f"deny-ingress-{target.name}"
     chain = "KUBE-NWPLCY-" + hash16(T.K8S_NAMESPACE + policy)
-    if chain in C.chains(C.iptables_save(n.netns, "filter")):
+    fam = lab.family
+    if chain in C.chains(C.iptables_save(n.netns, "filter", fam)):
         raise EnvironmentProblem(f"filter chain {chain} already exists on {node}")
-    jump = (f'FORWARD -d {target.ip}/32 -m comment --comment "rule to jump traffic destined to '
+    host = "32" if fam == 4 else "128"
+    jump = (f'FORWARD -d {target.ip}/{host} -m comment --comment "rule to jump traffic destined to '
             f'POD name:{target.name} namespace: {T.K8S_NAMESPACE} to chain {chain}" -j {chain}')
-    drop = (f'{chain} -d {target.ip}/32 -m comment --comment "rule to DROP traffic destined for '
+    drop = (f'{chain} -d {target.ip}/{host} -m comment --comment "rule to DROP traffic destined for '
             f'POD name:{target.name} namespace: {T.K8S_NAMESPACE} '
             f'(NetworkPolicy {T.K8S_NAMESPACE}/{policy})" -j DROP')
     ch.iptables_restore(
         n.netns,
         f"*filter\n:{chain} - [0:0]\n-A {drop}\n-I {jump.replace('FORWARD', 'FORWARD 1', 1)}\nCOMMIT\n",
         f"*filter\n-D {jump}\n-F {chain}\n-X {chain}\nCOMMIT\n",
-        f"{node}: filter chain {chain} dropping traffic to {target.name} ({target.ip}), "
-        f"jumped to from FORWARD (rule 1)")
+        f"{node}: {'' if fam == 4 else 'ip6tables '}filter chain {chain} dropping traffic to "
+        f"{target.name} ({target.ip}), jumped to from FORWARD (rule 1)", family=fam)
 
 
 def ip_forward_off(ch: Changes, lab: Lab, node: str) -> None:
     n = lab.node(node)
+    if lab.family == 6:
+        # Writing all.forwarding rewrites default's and every device's `forwarding`
+        # (addrconf_fixup_forwarding): record them so `fix` restores them exactly.
+        with netns.entered(n.netns):
+            confs = sorted(p.name for p in Path("/proc/sys/net/ipv6/conf").iterdir())
+        also = [f"net/ipv6/conf/{c}/forwarding" for c in confs if c != "all"]
+        ch.sysctl(n.netns, "net/ipv6/conf/all/forwarding", "0", node, also=also)
+        return
     # Writing ip_forward also rewrites every device's `forwarding` and all.accept_redirects
     # (inet_forward_change): record them so `fix` restores them exactly.
     with netns.entered(n.netns):
@@ -108,7 +118,8 @@ def route_line(route: dict) -> list[str]:
 def no_route(ch: Changes, lab: Lab, node: str) -> None:
     n = lab.node(node)
     peer = lab.peer(node)
-    routes = C.ip_json(n.netns, "route", "show", "exact", peer.pod_cidr)
+    routes = C.ip_json(n.netns, *(["-6"] if lab.family == 6 else []), "route", "show", "exact",
+                       peer.pod_cidr)
     if not routes:
         raise EnvironmentProblem(f"{node} has no route to {peer.pod_cidr} to remove")
     for route in routes:
@@ -140,7 +151,8 @@ def fdb_missing(ch: Changes, lab: Lab, node: str) -> None:
 def neigh_wrong(ch: Changes, lab: Lab, node: str) -> None:
     n = lab.node(node)
     peer = lab.peer(node)
-    found = C.ip_json(n.netns, "neigh", "show", peer.overlay_ip, "dev", T.OVERLAY)
+    found = C.ip_json(n.netns, *(["-6"] if lab.family == 6 else []), "neigh", "show",
+                      peer.overlay_ip, "dev", T.OVERLAY)
     if not found or not found[0].get("lladdr"):
         raise EnvironmentProblem(f"{node} has no neighbour entry for {peer.overlay_ip} on {T.OVERLAY}")
     old = found[0]["lladdr"]

@@ -28,24 +28,50 @@ class Pod:
     netns: str
 
 
-class Lab:
-    """Read-only view of a lab status document (`podtrace lab status -o json`)."""
+def _of_family(values: list[str] | None, first: str, family: int) -> str:
+    """The value of this family among `values` (addresses or CIDRs), else `first`."""
+    for v in values or [first]:
+        if (":" in v) == (family == 6):
+            return v
+    return first
 
-    def __init__(self, doc: dict):
+
+def lab_families(doc: dict) -> tuple[int, ...]:
+    """The address families of a lab's pods, the first one first (an old document: IPv4)."""
+    return T.families(doc.get("ip_family"))
+
+
+class Lab:
+    """Read-only view of a lab status document (`podtrace lab status -o json`), for one
+    address family of its pods (`family`: 4 or 6; default the lab's first): pod addresses,
+    pod CIDRs, gateways, overlay next hops and Service IPs are those of that family."""
+
+    def __init__(self, doc: dict, family: int | None = None):
         self.doc = doc
         self.prefix = doc["prefix"]
         self.fabric_netns = doc["fabric_netns"]
         self.inventory = Path(doc["inventory"])
-        self.nodes = [Node(n["name"], int(n["index"]), n["netns"], n["ip"], n["pod_cidr"],
-                           n["overlay_ip"], n["mac"], n["fabric_port"]) for n in doc["nodes"]]
-        self.pods = [Pod(p["name"], p["node"], p["ip"], p["netns"]) for p in doc["pods"]]
-        self.services = {s["name"]: s for s in doc["services"]}
+        self.families = lab_families(doc)
+        self.family = family or self.families[0]
+        f = self.family
+        self.nodes = [Node(n["name"], int(n["index"]), n["netns"], n["ip"],
+                           _of_family(n.get("pod_cidrs"), n["pod_cidr"], f),
+                           _of_family(n.get("overlay_ips"), n["overlay_ip"], f),
+                           n["mac"], n["fabric_port"]) for n in doc["nodes"]]
+        self.pods = [Pod(p["name"], p["node"], _of_family(p.get("ips"), p["ip"], f), p["netns"])
+                     for p in doc["pods"]]
+        self.services = {s["name"]: dict(s, cluster_ip=_of_family(s.get("cluster_ips"), s["cluster_ip"], f))
+                         for s in doc["services"]}
 
     @classmethod
-    def planned(cls, cfg: T.LabConfig | None = None) -> "Lab":
+    def planned(cls, cfg: T.LabConfig | None = None, family: int | None = None) -> "Lab":
         """The lab `lab up` would build (for listings and tests; touches nothing)."""
         cfg = cfg or T.LabConfig(state_dir=Path("/run/podtrace"))
-        return cls(T.status_document(T.plan(cfg, created_at="1970-01-01T00:00:00Z")))
+        return cls(T.status_document(T.plan(cfg, created_at="1970-01-01T00:00:00Z")), family)
+
+    @property
+    def pod_mtu(self) -> int:
+        return int(self.doc.get("pod_mtu", T.POD_MTU))
 
     @property
     def node_names(self) -> list[str]:

@@ -37,6 +37,7 @@ class Scenario:
     inject: Callable[[Changes, Lab, str | None], None] = field(repr=False)
     why_no_nodes: str = "it needs a lab with at least 2 nodes (podtrace lab up --nodes 2)"
     not_on: dict[str, str] = field(default_factory=dict)   # CNI flavour -> why it does not apply
+    families: tuple[int, ...] = (4,)              # address families of the target it can break
 
     @property
     def cluster_wide(self) -> bool:
@@ -68,12 +69,25 @@ def get(name: str) -> Scenario:
     return sc
 
 
+def check_family(sc: Scenario, lab: Lab, family: int | None) -> None:
+    """Bad input when the lab has no pods of `family`, or the scenario cannot break it."""
+    if family is not None and family not in lab.families:
+        have = " and ".join(f"IPv{f}" for f in lab.families)
+        raise BadInput(f"--ip-family {family}: the lab {lab.prefix} has {have} pods only",
+                       f"use --ip-family {lab.families[0]} or leave it out")
+    if lab.family not in sc.families:
+        v6 = ", ".join(s.name for s in all_scenarios() if 6 in s.families)
+        raise BadInput(f"{sc.name} does not apply to IPv{lab.family} targets (it breaks IPv4 only)",
+                       f"IPv6 scenarios: {v6}" if lab.family == 6 else "see `podtrace lab scenarios`")
+
+
 def resolve_node(sc: Scenario, lab: Lab, node: str | None) -> str | None:
     """The node a scenario acts on: --node checked against the lab, or the default."""
     why = unsupported(lab.doc.get("cni"), sc.name)
     if why:
         raise BadInput(f"{sc.name} does not apply to the {lab.doc.get('cni')} lab: {why}",
                        "see `podtrace lab scenarios` for the ones that do")
+    check_family(sc, lab, None)
     if sc.cluster_wide:
         if node is not None:
             raise BadInput(f"{sc.name} is cluster-wide (every node's kube-proxy programs it)",
@@ -98,7 +112,9 @@ def unsupported(cni: str | None, name: str) -> str | None:
 
 def flow_command(sc: Scenario, lab: Lab, node: str | None = None) -> str:
     node = node if node is not None or sc.cluster_wide else sc.default_node(lab)
-    return "podtrace flow " + sc.show(lab, node) + prefix_flag(lab.prefix)
+    # A dual-stack lab's pods are reached over their first family unless told otherwise.
+    family = f" --ip-family {lab.family}" if lab.family != lab.families[0] else ""
+    return "podtrace flow " + sc.show(lab, node) + family + prefix_flag(lab.prefix)
 
 
 def _two_nodes(lab: Lab) -> list[str]:
@@ -145,11 +161,12 @@ _register(Scenario(
     "a NetworkPolicy-style iptables chain (KUBE-NWPLCY-…) on the destination's node drops "
     "traffic to its first pod",
     _second, _any_node, _show_to_first_pod, faults.netpol_drop,
-    why_no_nodes="it needs a second pod to send from"))
+    why_no_nodes="it needs a second pod to send from", families=(4, 6)))
 _register(Scenario(
     "ip-forward-off",
-    "net.ipv4.ip_forward=0 on a node: pod traffic to other nodes is not forwarded",
-    _first, _two_nodes, _show_from_first_pod, faults.ip_forward_off))
+    "net.ipv4.ip_forward=0 (IPv6: net.ipv6.conf.all.forwarding=0) on a node: pod traffic to "
+    "other nodes is not forwarded",
+    _first, _two_nodes, _show_from_first_pod, faults.ip_forward_off, families=(4, 6)))
 _register(Scenario(
     "br-netfilter-off",
     "net.bridge.bridge-nf-call-iptables=0 on the node of web's backend: a same-node client's "
@@ -184,20 +201,22 @@ _register(Scenario(
     f"the underlay switch port of a node carries only {faults.BLACKHOLE_MTU}-byte packets: full-size "
     "pod packets (VXLAN outer 1500) vanish silently, small ones pass",
     _first, _two_nodes,
-    lambda lab, node: _show_from_first_pod(lab, node) + f" --size {T.POD_MTU}",
-    faults.mtu_blackhole))
+    lambda lab, node: _show_from_first_pod(lab, node) + f" --size {lab.pod_mtu}",
+    faults.mtu_blackhole, families=(4, 6)))
 _register(Scenario(
     "no-route",
     "the flannel route to the peer node's pod CIDR removed from a node",
-    _first, _two_nodes, _show_from_first_pod, faults.no_route))
+    _first, _two_nodes, _show_from_first_pod, faults.no_route, families=(4, 6)))
 _register(Scenario(
     "fdb-missing",
     "a node's VXLAN FDB entry for the peer node's VTEP MAC removed",
     _first, _two_nodes, _show_from_first_pod, faults.fdb_missing, not_on=_NO_FDB))
 _register(Scenario(
     "neigh-wrong",
-    "a node's neighbour entry for the peer's flannel.1 address points at a stale VTEP MAC",
-    _first, _two_nodes, _show_from_first_pod, faults.neigh_wrong, not_on=_NO_NEIGH))
+    "a node's neighbour entry for the peer's flannel.1 address points at a stale VTEP MAC "
+    "(IPv6: the NDP entry)",
+    _first, _two_nodes, _show_from_first_pod, faults.neigh_wrong, not_on=_NO_NEIGH,
+    families=(4, 6)))
 _register(Scenario(
     "svc-no-endpoints",
     "svc/default/web has no endpoints: kube-proxy's REJECT in filter/KUBE-SERVICES on every "
@@ -302,16 +321,18 @@ def applies_to(sc: Scenario) -> list[str]:
 
 def listing(lab: Lab | None = None) -> list[dict]:
     """One entry per scenario: name, summary, default node, valid nodes, the flow command,
-    the CNI flavours it applies to."""
+    the CNI flavours and the address families (of the target: ipv4, ipv6) it applies to.
+    The node and flow fields are those of the lab's family (`lab.family`)."""
     lab = lab or Lab.planned()
     out = []
     for sc in all_scenarios():
-        why_not = unsupported(lab.doc.get("cni"), sc.name)
+        why_not = unsupported(lab.doc.get("cni"), sc.name) or (lab.family not in sc.families)
         valid = [] if sc.cluster_wide or why_not else sc.valid_nodes(lab)
         node = None if sc.cluster_wide or not valid else sc.default_node(lab)
         shown = (sc.cluster_wide or valid) and not why_not
         out.append({"name": sc.name, "summary": sc.summary, "default_node": node,
                     "nodes": valid, "cluster_wide": sc.cluster_wide,
                     "flow": flow_command(sc, lab, node) if shown else None,
-                    "applies_to": applies_to(sc)})
+                    "applies_to": applies_to(sc),
+                    "families": [f"ipv{f}" for f in sc.families]})
     return out

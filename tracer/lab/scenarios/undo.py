@@ -41,7 +41,7 @@ def step(lab: Lab, op: dict) -> str | None:
         return _sysctl(lab, op)
     if kind == "cmd":
         C.check_argv(lab, op["argv"])
-        if "iptables-restore" in op["argv"]:
+        if "iptables-restore" in op["argv"] or "ip6tables-restore" in op["argv"]:
             return _iptables(lab, op, what)
         try:
             C.run_cmd(op["argv"], input=op.get("input"))
@@ -69,12 +69,14 @@ def step(lab: Lab, op: dict) -> str | None:
         return None
     if kind == "drop-empty-table":
         C.check_ns(lab, op["ns"])
-        present = C.nft_tables(op["ns"])
-        save = C.iptables_save(op["ns"], op["table"])
+        family = int(op.get("family", 4))
+        present = C.nft_tables(op["ns"], family)
+        save = C.iptables_save(op["ns"], op["table"], family)
         builtin = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
         if (present and op["table"] in present and "\n-A " not in save
                 and C.chains(save) <= builtin):
-            C.run_cmd(["ip", "netns", "exec", op["ns"], "nft", "delete", "table", "ip", op["table"]])
+            C.run_cmd(["ip", "netns", "exec", op["ns"], "nft", "delete", "table",
+                       "ip" if family == 4 else "ip6", op["table"]])
         return None
     if kind == "file":
         path = Path(op["path"])
@@ -113,6 +115,7 @@ def _iptables(lab: Lab, op: dict, what: str) -> str:
     except EnvironmentProblem:
         pass
     ns = op["argv"][3]
+    family = 6 if op["argv"][4] == "ip6tables-restore" else 4
     done = skipped = 0
     table = "filter"
     for line in (op.get("input") or "").splitlines():
@@ -122,7 +125,7 @@ def _iptables(lab: Lab, op: dict, what: str) -> str:
             continue
         if not line or line == "COMMIT" or line.startswith("#"):
             continue
-        if _iptables_line(ns, table, line):
+        if _iptables_line(ns, table, line, family):
             done += 1
         else:
             skipped += 1
@@ -131,10 +134,10 @@ def _iptables(lab: Lab, op: dict, what: str) -> str:
     return f"undone: {what} ({skipped} of {done + skipped} parts were already undone)"
 
 
-def _iptables_line(ns: str, table: str, line: str) -> bool:
+def _iptables_line(ns: str, table: str, line: str, family: int = 4) -> bool:
     """Apply one iptables-save line unless it is already in effect; True when it changed."""
-    base = ["ip", "netns", "exec", ns, "iptables", "-w", "5", "-t", table]
-    exists = C.chains(C.iptables_save(ns, table))
+    base = ["ip", "netns", "exec", ns, C.iptables_tool(family), "-w", "5", "-t", table]
+    exists = C.chains(C.iptables_save(ns, table, family))
     if line.startswith(":"):
         chain = line[1:].split()[0]
         if chain in exists:
