@@ -452,6 +452,7 @@ class Endpoint:
     service: Service | None = None
     node: Node | None = None
     owner: Node | None = None       # a bare IP's node: whose pod CIDR (or address) it is
+    literal: bool = False           # the user typed the address (its family is fixed)
 
     def as_json(self) -> dict:
         return {
@@ -466,8 +467,8 @@ class Endpoint:
     def addresses(self) -> list[str]:
         """Every address a packet of this endpoint may carry: a VIP and its backends."""
         out = [self.ip]
-        if self.service:
-            out += self.service.backend_ips
+        if self.service:     # the backends a packet of this family reaches (DNAT keeps the family)
+            out += of_family(self.service.backend_ips, families([self.ip])[0] if self.ip else None)
         return out
 
 
