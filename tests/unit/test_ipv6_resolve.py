@@ -192,3 +192,71 @@ def test_capture_selection_refuses(dual, sel, says):
     with pytest.raises(BadInput) as exc:
         selection.resolve(sel, dual)
     assert says in str(exc.value)
+
+
+def _v6_plan(dual, src, dst, **kw):
+    from tracer.config import FlowConfig
+    from tracer.reconstruct import packets
+    from tracer.runs import plan as planner
+
+    cfg = FlowConfig(src=src, dst=dst, **kw)
+    s, d, _fam = planner.resolve_ends(cfg, dual)
+    proto, port, notes = planner.choose_proto(cfg, d)
+    return planner.Plan(cfg, dual, None, object(), s, d, proto, port, notes, packets.Placement(), {}, {},
+                        sorted(set(s.addresses() + d.addresses())), 0.0)
+
+
+def test_plan_of_an_ipv6_flow_asks_for_ipv6_addresses(dual):
+    from tracer.runs import plan as planner
+
+    p = _v6_plan(dual, "a", "svc/web", ip_family=6)
+    assert p.addrs == sorted(["fd00:10:244:1::2", "fd00:10:96::a", "fd00:10:244:1::3"])
+    reqs = planner.agent_requests(p)
+    assert reqs[0].probe.src == "fd00:10:244:1::2" and reqs[0].probe.dst == "fd00:10:96::a"
+    assert reqs[0].probe.proto == "tcp" and reqs[0].probe.port == 80
+    assert set(reqs[0].discover.pod_ips) == {"10.244.1.2", "fd00:10:244:1::2", "10.244.1.3", "fd00:10:244:1::3"}
+    assert "fd00:172:30::11" in reqs[0].discover.node_ips
+    p4 = _v6_plan(dual, "a", "svc/web")
+    assert p4.addrs == ["10.244.1.2", "10.244.1.3", "10.96.0.10"]
+
+
+def test_ipv6_size_floor(dual):
+    with pytest.raises(BadInput, match="below an IPv6 probe's headers"):
+        _v6_plan(dual, "a", "six", size=50)
+
+
+def test_ip_family_option_reads_4_6_ipv4_ipv6():
+    from click.testing import CliRunner
+    import click
+
+    from tracer.cli.options import ip_family_option
+
+    @click.command()
+    @ip_family_option("x")
+    def cmd(ip_family):
+        click.echo(repr(ip_family))
+
+    r = CliRunner()
+    assert [r.invoke(cmd, a).output.strip() for a in ([], ["--ip-family", "6"], ["--ip-family", "IPv4"])] \
+        == ["None", "6", "4"]
+    assert r.invoke(cmd, ["--ip-family", "5"]).exit_code == 2
+
+
+def test_the_api_finds_a_dual_stack_objects_second_address(tmp_path):
+    """status.podIP / spec.clusterIP selectors match the first address only: an IPv6 second
+    address is found in podIPs / clusterIPs."""
+    from tests.fakeapi import FakeApi
+    from tracer.cluster import api as kube
+    from tracer.cluster import fetch
+
+    with FakeApi(_dual_items()) as fake:
+        conn = kube.connect(str(fake.write_kubeconfig(tmp_path / "kubeconfig")))
+        inv, streams = fetch.inventory_for(conn, ["fd00:10:244:1::2"])
+        assert inv.lookup_ip("fd00:10:244:1::2") == ("pod", "default/a")
+        assert endpoints.resolve("fd00:10:244:1::2", inv).pod.key == "default/a"
+        assert any(s.field_selector == "metadata.name=a" for s in streams)
+        inv, _ = fetch.inventory_for(conn, ["fd00:10:96::a"])
+        ep = endpoints.resolve("fd00:10:96::a", inv)
+        assert ep.service.key == "default/web" and ep.addresses() == ["fd00:10:96::a", "fd00:10:244:1::3"]
+        inv, _ = fetch.inventory_for(conn, ["fd00:10:244:1::9"])     # IPv6 first: the selector finds it
+        assert endpoints.resolve("fd00:10:244:1::9", inv).pod.key == "default/six"
