@@ -260,3 +260,11 @@ def test_the_api_finds_a_dual_stack_objects_second_address(tmp_path):
         assert ep.service.key == "default/web" and ep.addresses() == ["fd00:10:96::a", "fd00:10:244:1::3"]
         inv, _ = fetch.inventory_for(conn, ["fd00:10:244:1::9"])     # IPv6 first: the selector finds it
         assert endpoints.resolve("fd00:10:244:1::9", inv).pod.key == "default/six"
+
+
+def test_a_headless_service_has_no_address_whatever_clusterips_says():
+    svc = inventory.service_from_obj({"metadata": {"name": "h"}, "spec": {"clusterIP": "None",
+                                                                          "clusterIPs": ["10.96.0.10"]}})
+    assert svc.cluster_ip is None and svc.cluster_ips == []
+    svc = inventory.service_from_obj({"metadata": {"name": "h"}, "spec": {"clusterIPs": ["fd00:10:96::1"]}})
+    assert svc.cluster_ip == "fd00:10:96::1"

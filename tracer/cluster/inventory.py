@@ -567,7 +567,8 @@ def service_from_obj(it: dict) -> Service:
               "protocol": p.get("protocol", "TCP"), "name": p.get("name")}
              for p in spec.get("ports") or []]
     cip = spec.get("clusterIP")
-    cips = [c for c in spec.get("clusterIPs") or [] if c not in (None, "None", "")]
+    # headless (clusterIP "None"): no address, whatever a stale clusterIPs list says
+    cips = [] if cip in ("None", "") else [c for c in spec.get("clusterIPs") or [] if c not in (None, "None", "")]
     return Service(md.get("namespace", "default"), md["name"], None if cip in (None, "None", "") else cip,
                    ports, selector=dict(spec.get("selector") or {}), cluster_ips=cips)
 
