@@ -35,6 +35,8 @@ def test_address_literals_are_normalised(spec, key):
     ("0.0.0.0", "unspecified"),
     ("224.0.0.1", "multicast"),
     ("999.1.1.1", "not a valid IPv4 address"),
+    ("[fd00::1]:8080", "an address with a port"),
+    ("10.244.1.2:8080", "an address with a port"),
 ])
 def test_bad_address_literals_are_one_line(spec, says):
     with pytest.raises(BadInput) as exc:

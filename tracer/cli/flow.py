@@ -23,7 +23,8 @@ from tracer.errors import BadInput, ExitStatus
 @click.option("--timeout", type=click.FloatRange(0.05, 30), default=1.0, show_default=True,
               help="Seconds to wait for each probe's answer.")
 @click.option("--size", type=int, default=None, metavar="BYTES",
-              help="IP size of ICMP/UDP probes, sent with DF set (finds MTU black holes).")
+              help="IP size of ICMP/UDP probes, sent unfragmentable: DF set, IPv6 never fragmented "
+                   "(finds MTU black holes).")
 @click.option("--sport", type=click.IntRange(1, 65535), default=None, metavar="PORT",
               help="Fixed source port of TCP/UDP probes (reproduce one conntrack entry).")
 @click.option("--sample", type=click.IntRange(1, 65536), default=1, show_default=True, metavar="N",

@@ -137,7 +137,8 @@ def _fetch_spec(conn: Connection, name: names.Name, inv: inventory.Inventory, st
             for it in hits:
                 md = it.get("metadata") or {}
                 inv.apply("ADDED", it)
-                streams.append(Stream("Pod", md.get("namespace", "default"), field_selector=f"metadata.name={md.get('name')}"))
+                streams.append(Stream("Pod", md.get("namespace", "default"),
+                                      field_selector=f"metadata.name={md.get('name')}"))
             found = hits
         try:
             svcs = list(_items(conn, Stream("Service", field_selector=f"spec.clusterIP={ip}"),

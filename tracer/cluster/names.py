@@ -84,6 +84,10 @@ def address(text: str, spec: str | None = None, notes: list[str] | None = None) 
         try:
             a = ipaddress.IPv6Address(s)
         except ValueError:
+            m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([0-9.]+):(\d+)", s)
+            if m:
+                raise BadInput(f"{spec!r} is an address with a port",
+                               f"give the address alone ({m[1] or m[3]}) and the port with --port") from None
             raise BadInput(f"{spec!r} is not a valid IPv6 address", "e.g. fd00:10:244:1::2") from None
         if a.ipv4_mapped is not None:
             v4 = a.ipv4_mapped
