@@ -174,3 +174,20 @@ def test_pod_side_ipv6_facts(net):
         text = open("/proc/thread-self/net/if_inet6").read()
     assert C_IP in pods.parse_if_inet6(text)
     assert not any(a.startswith("fe80") for a in pods.parse_if_inet6(text))
+
+
+def test_nft_inet_drops_of_ipv6_are_counted(net):
+    node = facts.NodeRef("router", R)
+    sh("ip", "netns", "exec", R, "nft", "add table inet v6ntest; "
+       "add chain inet v6ntest v6nfwd { type filter hook forward priority 0; policy accept; }; "
+       f"add rule inet v6ntest v6nfwd ip6 daddr {S_IP2} meta l4proto ipv6-icmp counter drop")
+    try:
+        before = facts.iptables_counters(node)
+        r = prober.icmp_echo(C, C_IP, S_IP2, 4545, 1, 0.5)
+        assert r.outcome == "timeout", r
+        hits = facts.rule_hits(before, facts.iptables_counters(node))
+        inet = [h for h in hits if h["table"] == "inet v6ntest"]
+        assert inet and inet[0]["target"] == "DROP" and inet[0]["packets"] >= 1, hits
+        assert inet[0]["addrs"] == {"daddr": [S_IP2]}, inet[0]
+    finally:
+        sh("ip", "netns", "exec", R, "nft", "delete table inet v6ntest")
