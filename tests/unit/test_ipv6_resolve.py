@@ -270,3 +270,15 @@ def test_a_headless_service_has_no_address_whatever_clusterips_says():
     assert svc.cluster_ip is None and svc.cluster_ips == []
     svc = inventory.service_from_obj({"metadata": {"name": "h"}, "spec": {"clusterIPs": ["fd00:10:96::1"]}})
     assert svc.cluster_ip == "fd00:10:96::1"
+
+
+@pytest.mark.parametrize("argv", [["flow", "a", "b", "--ip-family", "5"],
+                                  ["capture", "--ip-family", "ipv5", "-d", "1"]])
+def test_a_bad_ip_family_is_one_line(argv):
+    from click.testing import CliRunner
+
+    from tracer.cli import main
+
+    res = CliRunner().invoke(main, argv)
+    assert res.exit_code == 2 and len(res.output.splitlines()) == 1, res.output
+    assert res.output.startswith("podtrace: ") and "--ip-family" in res.output
