@@ -1,6 +1,7 @@
 """Node facts joined to the trace: what the kernel of one node is configured to do with a
 packet (sysctls, the route it would take, neighbour and overlay FDB entries, MTUs,
-conntrack fill, and which netfilter rules counted the probes).
+conntrack fill, and which netfilter rules counted the probes). An IPv6 packet gets the IPv6
+view under the same keys (forwarding sysctls, `ip -6` route, NDP, ip6tables counters).
 
 A node is a network namespace: a lab node's named namespace, or this host's own (None).
 Reads go through `ip -n`/`bridge -n`/`ip netns exec` and /proc/sys inside the namespace;
@@ -227,8 +228,7 @@ def facts(node: NodeRef, *, src: str, dst: str, iif: str | None, devs: list[str]
         out = _facts_v6(node, src=src, dst=dst, iif=iif, devs=devs, lk=lk)
     else:
         out = _facts_v4(node, src=src, dst=dst, iif=iif, devs=devs, lk=lk)
-    _next_hop(node, out, lk, dst, pod_netns, pod_dev)
-    return out
+    return {**out, **_beyond_route(node, out["route"], lk, dst, pod_netns, pod_dev)}
 
 
 def _v6(addr: str | None) -> bool:
@@ -291,10 +291,11 @@ def _facts_v4(node: NodeRef, *, src: str, dst: str, iif: str | None, devs: list[
     return out
 
 
-def _next_hop(node: NodeRef, out: dict, lk: dict, dst: str, pod_netns: int | None, pod_dev: str | None) -> None:
-    """The next hop of the route (an IPv6 route's neighbour is an NDP entry), the pod side
-    of a drop after arrival, down links and native nft drop rules without counters."""
-    rt = out["route"]
+def _beyond_route(node: NodeRef, rt: dict, lk: dict, dst: str, pod_netns: int | None,
+                  pod_dev: str | None) -> dict:
+    """What follows from the route: its next hop (an IPv6 route's neighbour is an NDP
+    entry), the pod side of a drop after arrival, down links, uncounted nft drop rules."""
+    out: dict = {}
     hop_ip = rt.get("gateway") or (dst if not rt.get("error") else None)
     out_dev = rt.get("dev")
     out["next_hop"] = None
@@ -313,3 +314,4 @@ def _next_hop(node: NodeRef, out: dict, lk: dict, dst: str, pod_netns: int | Non
     out["down_links"] = linkfacts.down_links(lambda *argv: _json(node, *argv), lk, bridge)
     nft, err = nftfacts.read(lambda *argv: _cmd(node, *argv))
     out["nft_drop_rules"] = nftfacts.uncounted_drops(nft) if not err else None
+    return out
