@@ -30,6 +30,7 @@ class FlowConfig:
     tc: bool = True                  # also attach tc clsact observers on the path's devices
     sample: int = 1                  # keep 1 packet in N, the same packets on every node
     budget: int = 50_000             # events per second per node before sampling kicks in (0: none)
+    ip_family: int | None = None     # --ip-family 4|6 (None: SRC's first family DST has too)
     # "agents": one agent per node (lab/cluster); "single": in-process. PODTRACE_FLOW_MODE
     # changes the default (the test suite uses "single" where agents are not the subject).
     mode: str = field(default_factory=settings.flow_mode)

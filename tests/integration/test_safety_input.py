@@ -112,7 +112,19 @@ def _cases(f: dict[str, str], kube: dict[str, str]) -> list[tuple]:
          r"headless", {}),
         ("flow-src-not-a-pod", [F, "node/node-1", "pod-2-1"], 2, r"not a pod", {}),
         # ---- flow: addresses
-        ("flow-ipv6", [F, "pod-1-1", "fd00::1"], 2, r"IPv6", {}),
+        # an IPv4 lab: its pods have no IPv6 address
+        ("flow-ipv6", [F, "pod-1-1", "fd00::1"], 2,
+         r"pod-1-1 \(IPv4 only\) and fd00::1 \(IPv6 only\) share no address family", {}),
+        ("flow-ipv6-malformed", [F, "pod-1-1", "fd00::1::2"], 2, r"not a valid IPv6 address", {}),
+        ("flow-ipv6-bad-group", [F, "pod-1-1", "fd00:10:244:1::zz"], 2, r"not a valid IPv6 address", {}),
+        ("flow-ipv6-scoped", [F, "pod-1-1", "fe80::1%eth0"], 2, r"scoped", {}),
+        ("flow-ipv6-link-local", [F, "pod-1-1", "fe80::1"], 2, r"link-local", {}),
+        ("flow-ipv6-multicast", [F, "pod-1-1", "ff02::1"], 2, r"multicast", {}),
+        ("flow-ipv6-unspecified", [F, "pod-1-1", "::"], 2, r"unspecified", {}),
+        ("flow-ipv6-src", [F, "fd00::1", "pod-2-1", "--no-probe"], 2, r"share no address family", {}),
+        ("flow-ip-family-6-ipv4-lab", [F, *ok_ends, "--ip-family", "6"], 2,
+         r"--ip-family 6: pod-1-1 has no IPv6 address \(IPv4 only\)", {}),
+        ("flow-v4-mapped-bad-octet", [F, "pod-1-1", "::ffff:999.1.1.1"], 2, r"not a valid IPv6 address", {}),
         ("flow-bad-octet", [F, "pod-1-1", "999.1.1.1"], 2, r"not a valid IPv4", {}),
         ("flow-cidr", [F, "pod-1-1", "10.0.0.1/24"], 2, r"no pod|cannot parse", {}),
         ("flow-too-many-parts", [F, "pod-1-1", "a/b/c/d"], 2, r"cannot parse", {}),
@@ -183,7 +195,12 @@ def _cases(f: dict[str, str], kube: dict[str, str]) -> list[tuple]:
         ("capture-unknown-service", ["capture", "--service", "default/nope", *w], 2, r"no Service", {}),
         ("capture-unknown-node", ["capture", "--node", "node-9", *w], 2, r"no node node-9", {}),
         ("capture-bad-cidr", ["capture", "10.0.0.0/33", *w], 2, r"10\.0\.0\.0/33", {}),
-        ("capture-ipv6-cidr", ["capture", "--cidr", "fd00::/64", *w], 2, r"fd00::/64", {}),
+        ("capture-ipv6-cidr-other-family", ["capture", "--cidr", "fd00::/64", "--ip-family", "4", *w], 2,
+         r"fd00::/64.*--ip-family is 4", {}),
+        ("capture-ipv6-bad-cidr", ["capture", "--cidr", "fd00::/129", *w], 2, r"fd00::/129", {}),
+        ("capture-ipv6-scoped", ["capture", "fe80::1%eth0", *w], 2, r"scoped", {}),
+        ("capture-pod-no-ipv6", ["capture", "--pod", "default/pod-1-1", "--ip-family", "6", *w], 2,
+         r"no IPv6 address", {}),
         ("capture-port-0", ["capture", "--port", "0", *w], 2, r"--port", {}),
         ("capture-write-dir-missing", ["capture", "-d", "1", "-w", "/nonexistent-dir/c.parquet"], 2,
          r"does not exist", {}),
@@ -239,6 +256,17 @@ def test_bad_input(results, case):
     line = one_line_error(res, code)
     assert re.search(rx, line), f"{line!r} does not say {rx!r}"
     assert res.stdout == "", res.stdout
+
+
+def test_v4_mapped_address_is_its_ipv4_address(safe_lab):
+    """::ffff:a.b.c.d is the IPv4 address it maps (a note on stderr says so): the flow goes
+    on as with the IPv4 address (here to the next bad input, a TCP probe without a port)."""
+    res = cli("flow", "pod-1-1", "::ffff:10.244.2.2", "--proto", "tcp")
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert lines[0] == "podtrace: note: ::ffff:10.244.2.2 is an IPv4-mapped IPv6 address: tracing IPv4 10.244.2.2"
+    assert lines[-1].startswith("podtrace: --proto tcp needs --port"), lines
+    assert "Traceback" not in res.stderr and res.stdout == ""
 
 
 def test_debug_shows_the_traceback(safe_lab):

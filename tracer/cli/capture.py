@@ -8,7 +8,7 @@ import time
 import click
 
 from tracer import tracefile
-from tracer.cli.options import prefix_option
+from tracer.cli.options import ip_family_option, prefix_option
 from tracer.errors import BadInput, ExitStatus
 
 
@@ -24,7 +24,9 @@ from tracer.errors import BadInput, ExitStatus
 @click.option("--cidr", "cidrs", multiple=True, metavar="CIDR", help="Traffic from or to this CIDR.")
 @click.option("--port", "ports", multiple=True, type=click.IntRange(1, 65535), metavar="PORT",
               help="Only TCP/UDP packets with this port on either side (repeatable).")
-@click.option("--all", "all_traffic", is_flag=True, help="Every IPv4 packet (still limited to the lab's namespaces in the lab).")
+@click.option("--all", "all_traffic", is_flag=True,
+              help="Every packet, IPv4 and IPv6 (still limited to the lab's namespaces in the lab).")
+@ip_family_option("Only this address family's addresses of the selection (default: both).")
 @click.option("--duration", "-d", type=click.FloatRange(0.1, 7 * 24 * 3600), default=None, metavar="SECONDS",
               help="Stop after this long (default: until Ctrl-C).")
 @click.option("-w", "--write", "output", type=click.Path(dir_okay=False), default=None, metavar="FILE",
@@ -45,7 +47,7 @@ from tracer.errors import BadInput, ExitStatus
               show_default=True, help="Events per Parquet row group (bounds memory).")
 @click.option("--ringbuf-pages", type=click.IntRange(8, 65536), default=1024, show_default=True,
               help="Ring buffer size in pages (a power of two).")
-def capture(cidr, pods, namespaces, services, nodes, cidrs, ports, all_traffic, duration, output, cluster,
+def capture(cidr, pods, namespaces, services, nodes, cidrs, ports, all_traffic, ip_family, duration, output, cluster,
             kubeconfig, context, prefix, tc, on_node, row_group, ringbuf_pages, force=False):
     """Record the hop events of a selection of traffic to a Parquet trace file.
 
@@ -59,6 +61,8 @@ def capture(cidr, pods, namespaces, services, nodes, cidrs, ports, all_traffic, 
       podtrace capture --pod default/pod-1-1 -w a.parquet   # one pod, until Ctrl-C
       podtrace capture --service default/web --port 80
       podtrace capture --node node-2 10.96.0.0/16
+      podtrace capture --cidr fd00:10:244:2::/64 -d 10     # IPv6 pod CIDR
+      podtrace capture -n shop --ip-family 6 -d 10          # the IPv6 addresses only
       podtrace capture --prefix mylab -d 10 -w mylab.parquet   # the lab named mylab
       podtrace capture -n shop --kubeconfig ~/.kube/prod -d 600   # on a node
       podtrace analyze a.parquet
@@ -73,7 +77,7 @@ def capture(cidr, pods, namespaces, services, nodes, cidrs, ports, all_traffic, 
     out = output or time.strftime("capture-%Y%m%d-%H%M%S.parquet")
     refuse_existing(out, force)
     cfg = CaptureConfig(Selection(list(pods), list(namespaces), list(services), list(nodes),
-                                  list(cidr) + list(cidrs), list(ports), all_traffic),
+                                  list(cidr) + list(cidrs), list(ports), all_traffic, ip_family),
                         out, duration, cluster, kubeconfig=kubeconfig, context=context,
                         row_group_events=row_group, ringbuf_pages=ringbuf_pages, tc=tc, on_node=on_node,
                         **({"lab_prefix": prefix} if prefix else {}))

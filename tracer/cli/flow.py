@@ -7,7 +7,7 @@ import sys
 import click
 from click.core import ParameterSource
 
-from tracer.cli.options import prefix_option
+from tracer.cli.options import ip_family_option, prefix_option
 from tracer.errors import BadInput, ExitStatus
 
 
@@ -17,11 +17,14 @@ from tracer.errors import BadInput, ExitStatus
 @click.option("--proto", type=click.Choice(["icmp", "tcp", "udp"]), default=None,
               help="Probe protocol (default icmp; tcp to a Service's first port).")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="TCP/UDP destination port.")
+@ip_family_option("Address family of the flow between dual-stack ends (default: SRC's first family "
+                  "that DST has too, as Kubernetes orders podIPs).")
 @click.option("--count", type=click.IntRange(1, 1000), default=3, show_default=True, help="Probes to send.")
 @click.option("--timeout", type=click.FloatRange(0.05, 30), default=1.0, show_default=True,
               help="Seconds to wait for each probe's answer.")
 @click.option("--size", type=int, default=None, metavar="BYTES",
-              help="IP size of ICMP/UDP probes, sent with DF set (finds MTU black holes).")
+              help="IP size of ICMP/UDP probes, sent unfragmentable: DF set, IPv6 never fragmented "
+                   "(finds MTU black holes).")
 @click.option("--sport", type=click.IntRange(1, 65535), default=None, metavar="PORT",
               help="Fixed source port of TCP/UDP probes (reproduce one conntrack entry).")
 @click.option("--sample", type=click.IntRange(1, 65536), default=1, show_default=True, metavar="N",
@@ -48,12 +51,14 @@ from tracer.errors import BadInput, ExitStatus
 @click.option("--force", is_flag=True, help="Overwrite the -w/--save file if it exists.")
 @click.option("--single-process", "single", is_flag=True, hidden=True,
               help="Trace every node from this process instead of one agent per node (lab only).")
-def flow(src, dst, proto, port, count, timeout, size, sport, sample, budget, no_probe, duration, cluster, kubeconfig,
+def flow(src, dst, proto, ip_family, port, count, timeout, size, sport, sample, budget, no_probe, duration, cluster, kubeconfig,
          context, namespace, prefix, output, save, single, force=False):
     """Follow probe packets from SRC to DST hop by hop, and say where they died.
 
     SRC and DST: NAMESPACE/POD, POD or pod/POD (namespace default, or -n),
-    svc/NAME (the same namespace), svc/NAMESPACE/NAME, node/NAME or an IPv4 address.
+    svc/NAME (the same namespace), svc/NAMESPACE/NAME, node/NAME or an IPv4 or IPv6
+    address (an IPv4-mapped IPv6 address is its IPv4 address). A dual-stack pair of ends
+    takes --ip-family 4|6.
 
     \b
     Exit status: 0 every probe delivered and answered; 3 the trace found a failure;
@@ -71,6 +76,8 @@ def flow(src, dst, proto, port, count, timeout, size, sport, sample, budget, no_
       podtrace flow pod-1-1 pod-2-1 --no-probe --duration 10
       podtrace flow pod-1-1 pod-2-1 -o wide   # every packet's hop table
       podtrace flow pod-1-1 pod-2-1 --size 1450        # MTU black hole?
+      podtrace flow pod-1-1 pod-2-1 --ip-family 6      # dual-stack pods, over IPv6
+      podtrace flow pod-1-1 fd00:10:244:2::2 --proto tcp --port 8080
     """
     _flow_flags_agree(no_probe)   # before the heavy imports: a bad flag answers at once
     from tracer.outfile import refuse_existing
@@ -86,6 +93,7 @@ def flow(src, dst, proto, port, count, timeout, size, sport, sample, budget, no_
     cfg = FlowConfig(src=src, dst=dst, proto=proto, port=port, count=count, timeout=timeout,
                      probe=not no_probe, duration=duration, cluster=cluster, save=save, size=size, sport=sport,
                      kubeconfig=kubeconfig, context=context, sample=sample, budget=budget, namespace=namespace,
+                     ip_family=ip_family,
                      lab_prefix=prefix or settings.lab_prefix(),
                      mode="single" if single else settings.flow_mode())
     if err.is_terminal and output != "json":

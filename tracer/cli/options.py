@@ -1,4 +1,4 @@
-"""Options several commands share, spelled once: the lab's --prefix."""
+"""Options several commands share, spelled once: the lab's --prefix, --ip-family."""
 
 from __future__ import annotations
 
@@ -51,3 +51,13 @@ def share_prefix(group: click.Group) -> click.Group:
             cmd.params.append(PrefixOption(["--prefix", "prefix"], default=None, metavar="NAME",
                                            expose_value=False, callback=take, help=PREFIX_HELP))
     return group
+
+
+def ip_family_option(help: str):
+    """--ip-family 4|6 (also ipv4/ipv6): the address family of a dual-stack endpoint.
+    Its value is 4, 6 or None (not given)."""
+    def to_int(_ctx, _param, value):
+        return None if value is None else int(value[-1])
+
+    return click.option("--ip-family", "ip_family", type=click.Choice(["4", "6", "ipv4", "ipv6"], case_sensitive=False),
+                        default=None, callback=to_int, metavar="4|6", help=help)

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from typing import Iterable, Iterator
 
 from tracer.cluster import inventory, names
@@ -108,12 +110,36 @@ def _fetch_service(conn: Connection, inv: inventory.Inventory, streams: list[Str
             streams.append(Stream("Pod", pns, field_selector=f"metadata.name={pname}"))
 
 
+def _listed(items, key: str | None) -> list[str]:
+    """The addresses of podIPs ([{ip: …}]) or clusterIPs ([…]), as podtrace prints them."""
+    out = []
+    for it in items or []:
+        a = it.get(key) if key and isinstance(it, dict) else it
+        try:
+            out.append(str(ipaddress.ip_address(a)))
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
 def _fetch_spec(conn: Connection, name: names.Name, inv: inventory.Inventory, streams: list[Stream]) -> None:
     if name.kind == "ip":
         ip = name.key
         pods = Stream("Pod", field_selector=f"status.podIP={ip}")
         streams.append(pods)
         found = [inv.apply("ADDED", it) for it in _items(conn, pods, f"find the pod with IP {ip}")]
+        v6 = ":" in ip
+        if not found and v6:
+            # The field selector matches the first podIP only: a dual-stack pod's IPv6 address
+            # (IPv4 first, as most dual-stack clusters order them) needs a scan of podIPs.
+            hits = [it for it in _items(conn, Stream("Pod"), "list pods")
+                    if ip in _listed((it.get("status") or {}).get("podIPs"), "ip")]
+            for it in hits:
+                md = it.get("metadata") or {}
+                inv.apply("ADDED", it)
+                streams.append(Stream("Pod", md.get("namespace", "default"),
+                                      field_selector=f"metadata.name={md.get('name')}"))
+            found = hits
         try:
             svcs = list(_items(conn, Stream("Service", field_selector=f"spec.clusterIP={ip}"),
                                f"find the Service with IP {ip}"))
@@ -121,6 +147,9 @@ def _fetch_spec(conn: Connection, name: names.Name, inv: inventory.Inventory, st
             # API servers before 1.31 refuse the spec.clusterIP field selector (400): scan.
             svcs = [it for it in _items(conn, Stream("Service"), "list services")
                     if (it.get("spec") or {}).get("clusterIP") == ip]
+        if not svcs and not found and v6:   # a dual-stack Service's second clusterIP
+            svcs = [it for it in _items(conn, Stream("Service"), "list services")
+                    if ip in _listed((it.get("spec") or {}).get("clusterIPs"), None)]
         for it in svcs:
             md = it["metadata"]
             _fetch_service(conn, inv, streams, md.get("namespace", "default"), md["name"], it)

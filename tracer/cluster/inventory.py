@@ -27,10 +27,19 @@ class Pod:
     workload_kind: str | None = None  # what a person calls it (Deployment, CronJob, …)
     workload_name: str | None = None
     host_network: bool = False
+    ips: list[str] = field(default_factory=list)   # status.podIPs (ip is the first); empty: [ip]
+
+    def __post_init__(self):
+        self.ips = _ordered(self.ip, self.ips)
+        self.ip = self.ips[0] if self.ips else self.ip
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def addresses(self) -> list[str]:
+        """Every address of the pod, in the API's order (the first is `ip`)."""
+        return _ordered(self.ip, self.ips)
 
     @property
     def workload(self) -> str | None:
@@ -47,10 +56,73 @@ class Service:
     backends: list[str] = field(default_factory=list)   # "ns/pod"
     backend_ips: list[str] = field(default_factory=list)
     selector: dict = field(default_factory=dict)
+    cluster_ips: list[str] = field(default_factory=list)   # spec.clusterIPs (cluster_ip is the first)
+
+    def __post_init__(self):
+        self.cluster_ips = _ordered(self.cluster_ip, self.cluster_ips)
+        self.cluster_ip = self.cluster_ips[0] if self.cluster_ips else self.cluster_ip
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def addresses(self) -> list[str]:
+        """Every cluster IP of the Service, in the API's order (the first is `cluster_ip`)."""
+        return _ordered(self.cluster_ip, self.cluster_ips)
+
+
+def _ordered(first: str | None, more) -> list[str]:
+    """The addresses of an object, its primary first, each once, as podtrace prints them
+    (IPv6 compressed); unparsable entries are dropped. A list that does not hold the primary
+    is stale (podIP changed, podIPs not yet): the primary alone."""
+    out: list[str] = []
+    more = [a for a in more or [] if a]
+    if first and more and _norm(first) not in {_norm(a) for a in more}:
+        more = []
+    for a in ([first] if first else []) + more:
+        if not a:
+            continue
+        try:
+            a = str(ipaddress.ip_address(a))
+        except ValueError:
+            continue
+        if a not in out:
+            out.append(a)
+    return out
+
+
+def _norm(a: str) -> str:
+    try:
+        return str(ipaddress.ip_address(a))
+    except ValueError:
+        return a
+
+
+def families(addrs) -> list[int]:
+    """The address families (4, 6) of some addresses, in their order."""
+    out: list[int] = []
+    for a in addrs:
+        try:
+            v = ipaddress.ip_address(a).version
+        except ValueError:
+            continue
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def of_family(addrs, family: int | None) -> list[str]:
+    """The addresses of one family (None: all)."""
+    if family is None:
+        return list(addrs)
+    out = []
+    for a in addrs:
+        try:
+            if ipaddress.ip_address(a).version == family:
+                out.append(a)
+        except ValueError:
+            continue
+    return out
 
 
 @dataclass
@@ -76,6 +148,15 @@ class Node:
     netns: str | None = None
     pod_cidrs: list[str] = field(default_factory=list)   # spec.podCIDRs (pod_cidr is the first)
     addresses: list[str] = field(default_factory=list)   # every status address (InternalIP, ExternalIP)
+    ips: list[str] = field(default_factory=list)         # the InternalIPs (ip is the first)
+
+    def __post_init__(self):
+        self.ips = _ordered(self.ip, self.ips)
+        self.ip = self.ips[0] if self.ips else self.ip
+
+    def internal_ips(self) -> list[str]:
+        """The node's InternalIPs, one per family on a dual-stack node (the first is `ip`)."""
+        return _ordered(self.ip, self.ips)
 
     def cidrs(self) -> list[str]:
         """The node's pod CIDRs: spec.podCIDRs, else spec.podCIDR."""
@@ -99,14 +180,14 @@ class Inventory:
         """ip → (kind, key) for pods, Service VIPs and nodes."""
         out: dict[str, tuple[str, str]] = {}
         for n in self.nodes.values():
-            if n.ip:
-                out[n.ip] = ("node", n.name)
+            for a in n.internal_ips():
+                out[a] = ("node", n.name)
         for s in self.services.values():
-            if s.cluster_ip:
-                out[s.cluster_ip] = ("service", s.key)
+            for a in s.addresses():
+                out[a] = ("service", s.key)
         for p in self.pods.values():
-            if p.ip:
-                out[p.ip] = ("pod", p.key)
+            for a in p.addresses():
+                out[a] = ("pod", p.key)
         return out
 
     def cidr_owner(self, ip: str | None) -> Node | None:
@@ -123,14 +204,14 @@ class Inventory:
         """Rebuild the address index from the dicts (O(n)); the mutators keep it current."""
         idx: dict[str, dict[str, list[str]]] = {"pod": {}, "service": {}, "node": {}}
         for n in self.nodes.values():
-            if n.ip:
-                idx["node"].setdefault(n.ip, []).append(n.name)
+            for a in n.internal_ips():
+                idx["node"].setdefault(a, []).append(n.name)
         for sv in self.services.values():
-            if sv.cluster_ip:
-                idx["service"].setdefault(sv.cluster_ip, []).append(sv.key)
+            for a in sv.addresses():
+                idx["service"].setdefault(a, []).append(sv.key)
         for p in self.pods.values():
-            if p.ip:
-                idx["pod"].setdefault(p.ip, []).append(p.key)
+            for a in p.addresses():
+                idx["pod"].setdefault(a, []).append(p.key)
         self._ip_index = idx
         self._indexed = self._sizes()
 
@@ -146,20 +227,22 @@ class Inventory:
             self.reindex()
         return self._ip_index
 
-    def _index_add(self, kind: str, ip: str | None, key: str) -> None:
-        if ip and self._indexed is not None:
-            keys = self._ip_index[kind].setdefault(ip, [])
-            if key in keys:
-                keys.remove(key)
-            keys.append(key)
+    def _index_add(self, kind: str, ips, key: str) -> None:
+        for ip in _as_list(ips):
+            if ip and self._indexed is not None:
+                keys = self._ip_index[kind].setdefault(ip, [])
+                if key in keys:
+                    keys.remove(key)
+                keys.append(key)
 
-    def _index_drop(self, kind: str, ip: str | None, key: str) -> None:
-        if ip and self._indexed is not None:
-            keys = self._ip_index[kind].get(ip)
-            if keys and key in keys:
-                keys.remove(key)
-                if not keys:
-                    del self._ip_index[kind][ip]
+    def _index_drop(self, kind: str, ips, key: str) -> None:
+        for ip in _as_list(ips):
+            if ip and self._indexed is not None:
+                keys = self._ip_index[kind].get(ip)
+                if keys and key in keys:
+                    keys.remove(key)
+                    if not keys:
+                        del self._ip_index[kind][ip]
 
     def lookup_ip(self, ip: str) -> tuple[str | None, str | None]:
         """(kind, key) of an address, as `by_ip()` would say, in O(1): pods first, then
@@ -170,8 +253,8 @@ class Inventory:
             if not keys:
                 continue
             obj = table.get(keys[-1])
-            have = None if obj is None else (obj.cluster_ip if kind == "service" else obj.ip)
-            if have != ip:      # the dicts were changed behind the index's back
+            have = [] if obj is None else (obj.internal_ips() if kind == "node" else obj.addresses())
+            if ip not in have:      # the dicts were changed behind the index's back
                 self.reindex()
                 return self.by_ip().get(ip, (None, None))
             return kind, keys[-1]
@@ -199,12 +282,12 @@ class Inventory:
         old = self.pods.get(pod.key)
         fresh = self._fresh()
         if old is not None:
-            self._index_drop("pod", old.ip, old.key)
+            self._index_drop("pod", old.addresses(), old.key)
             # Lab/agent facts are not in the API object: keep them across updates.
             pod.netns = pod.netns or old.netns
             pod.host_veth = pod.host_veth or old.host_veth
         self.pods[pod.key] = pod
-        self._index_add("pod", pod.ip, pod.key)
+        self._index_add("pod", pod.addresses(), pod.key)
         if fresh:
             self._indexed = self._sizes()
 
@@ -212,7 +295,7 @@ class Inventory:
         fresh = self._fresh()
         old = self.pods.pop(key, None)
         if old is not None:
-            self._index_drop("pod", old.ip, key)
+            self._index_drop("pod", old.addresses(), key)
             if fresh:
                 self._indexed = self._sizes()
         return old
@@ -221,10 +304,10 @@ class Inventory:
         old = self.nodes.get(node.name)
         fresh = self._fresh()
         if old is not None:
-            self._index_drop("node", old.ip, old.name)
+            self._index_drop("node", old.internal_ips(), old.name)
             node.netns = node.netns or old.netns
         self.nodes[node.name] = node
-        self._index_add("node", node.ip, node.name)
+        self._index_add("node", node.internal_ips(), node.name)
         if fresh:
             self._indexed = self._sizes()
 
@@ -232,7 +315,7 @@ class Inventory:
         fresh = self._fresh()
         old = self.nodes.pop(name, None)
         if old is not None:
-            self._index_drop("node", old.ip, name)
+            self._index_drop("node", old.internal_ips(), name)
             if fresh:
                 self._indexed = self._sizes()
         return old
@@ -241,9 +324,9 @@ class Inventory:
         old = self.services.get(svc.key)
         fresh = self._fresh()
         if old is not None:
-            self._index_drop("service", old.cluster_ip, old.key)
+            self._index_drop("service", old.addresses(), old.key)
         self.services[svc.key] = svc
-        self._index_add("service", svc.cluster_ip, svc.key)
+        self._index_add("service", svc.addresses(), svc.key)
         if fresh:
             self._indexed = self._sizes()
         self._recompute_backends(svc.key)
@@ -252,7 +335,7 @@ class Inventory:
         fresh = self._fresh()
         old = self.services.pop(key, None)
         if old is not None:
-            self._index_drop("service", old.cluster_ip, key)
+            self._index_drop("service", old.addresses(), key)
             if fresh:
                 self._indexed = self._sizes()
         return old
@@ -331,6 +414,10 @@ class Inventory:
         return None
 
 
+def _as_list(ips) -> list:
+    return list(ips) if isinstance(ips, (list, tuple)) else [ips]
+
+
 def narrowest(ip: str | None, cidrs):
     """Of (CIDR, owner) pairs, the owner of the narrowest CIDR holding `ip` (None: none does,
     or `ip` is no address)."""
@@ -365,6 +452,7 @@ class Endpoint:
     service: Service | None = None
     node: Node | None = None
     owner: Node | None = None       # a bare IP's node: whose pod CIDR (or address) it is
+    literal: bool = False           # the user typed the address (its family is fixed)
 
     def as_json(self) -> dict:
         return {
@@ -379,8 +467,8 @@ class Endpoint:
     def addresses(self) -> list[str]:
         """Every address a packet of this endpoint may carry: a VIP and its backends."""
         out = [self.ip]
-        if self.service:
-            out += self.service.backend_ips
+        if self.service:     # the backends a packet of this family reaches (DNAT keeps the family)
+            out += of_family(self.service.backend_ips, families([self.ip])[0] if self.ip else None)
         return out
 
 
@@ -448,21 +536,26 @@ def pod_from_obj(it: dict) -> Pod:
     ref = _owner(md.get("ownerReferences"))
     okind, oname = (ref.get("kind"), ref.get("name")) if ref else (None, None)
     wkind, wname = workload_of(okind, oname, md.get("labels"))
+    status = it.get("status") or {}
     return Pod(md.get("namespace", "default"), md["name"], spec.get("nodeName"),
-               (it.get("status") or {}).get("podIP"),
+               status.get("podIP"),
                uid=md.get("uid"), owner_kind=okind, owner_name=oname,
                workload_kind=wkind, workload_name=wname,
-               host_network=bool(spec.get("hostNetwork")))
+               host_network=bool(spec.get("hostNetwork")),
+               ips=[a.get("ip") for a in status.get("podIPs") or [] if isinstance(a, dict)])
 
 
 def node_from_obj(it: dict) -> Node:
     md = it.get("metadata") or {}
     raw = (it.get("status") or {}).get("addresses") or []
-    addrs = {a.get("type"): a.get("address") for a in raw}
+    addrs: dict = {}
+    for a in raw:     # the first address of a type (a dual-stack node has an InternalIP per family)
+        addrs.setdefault(a.get("type"), a.get("address"))
     spec = it.get("spec") or {}
     cidrs = [c for c in spec.get("podCIDRs") or [] if c]
     return Node(md["name"], addrs.get("InternalIP"), spec.get("podCIDR") or (cidrs[0] if cidrs else None),
                 pod_cidrs=cidrs,
+                ips=[a.get("address") for a in raw if a.get("type") == "InternalIP" and a.get("address")],
                 addresses=[a.get("address") for a in raw if a.get("type") in ("InternalIP", "ExternalIP")
                            and a.get("address")])
 
@@ -474,8 +567,10 @@ def service_from_obj(it: dict) -> Service:
               "protocol": p.get("protocol", "TCP"), "name": p.get("name")}
              for p in spec.get("ports") or []]
     cip = spec.get("clusterIP")
+    # headless (clusterIP "None"): no address, whatever a stale clusterIPs list says
+    cips = [] if cip in ("None", "") else [c for c in spec.get("clusterIPs") or [] if c not in (None, "None", "")]
     return Service(md.get("namespace", "default"), md["name"], None if cip in (None, "None", "") else cip,
-                   ports, selector=dict(spec.get("selector") or {}))
+                   ports, selector=dict(spec.get("selector") or {}), cluster_ips=cips)
 
 
 def slice_from_obj(sl: dict) -> Slice:
@@ -483,6 +578,8 @@ def slice_from_obj(sl: dict) -> Slice:
     ns = md.get("namespace", "default")
     svc_name = (md.get("labels") or {}).get("kubernetes.io/service-name")
     out = Slice(ns, md.get("name", ""), f"{ns}/{svc_name}" if svc_name else None)
+    if sl.get("addressType") not in (None, "IPv4", "IPv6"):   # FQDN slices carry no address
+        return out
     for ep in sl.get("endpoints") or []:
         if (ep.get("conditions") or {}).get("ready") is False:
             continue
@@ -492,6 +589,10 @@ def slice_from_obj(sl: dict) -> Slice:
             if key not in out.backends:
                 out.backends.append(key)
         for a in ep.get("addresses") or []:
+            try:
+                a = str(ipaddress.ip_address(a))
+            except ValueError:
+                continue
             if a not in out.backend_ips:
                 out.backend_ips.append(a)
     return out

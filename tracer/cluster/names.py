@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from tracer.errors import BadInput
 
 DEFAULT_NAMESPACE = "default"
-FORMS = "pod, ns/pod, pod/NAME, svc/NAME, svc/ns/name, node/NAME or an IPv4 address"
+FORMS = "pod, ns/pod, pod/NAME, svc/NAME, svc/ns/name, node/NAME or an IPv4/IPv6 address"
 
 # kubectl's names of the kinds a spec may carry (singular, plural, short).
 KINDS = {"pod": "pod", "pods": "pod", "po": "pod",
@@ -44,25 +44,14 @@ class Name:
 
 def parse(spec: str, namespace: str | None = None) -> Name:
     """NAME or pod/NAME (a pod in `namespace`, default "default"), NS/NAME or pod/NS/NAME,
-    svc/NAME (a Service in `namespace`), svc/NS/NAME, node/NAME, or an IPv4 address.
+    svc/NAME (a Service in `namespace`), svc/NS/NAME, node/NAME, or an IPv4 or IPv6 address.
     Raises BadInput for anything else, with the forms it takes."""
     s = spec.strip()
     ns = namespace or DEFAULT_NAMESPACE
     if not s:
         raise BadInput("empty endpoint", f"give a {FORMS}")
-    try:
-        return Name("ip", str(ipaddress.IPv4Address(s)))
-    except ValueError:
-        pass
-    if ":" in s:
-        try:
-            ipaddress.ip_address(s.split("%", 1)[0])
-            raise BadInput(f"{spec!r} is an IPv6 address; podtrace traces IPv4 only",
-                           "give the endpoint's IPv4 address, or its pod/Service name")
-        except ValueError:
-            pass
-    if re.fullmatch(r"[0-9.]+", s):
-        raise BadInput(f"{spec!r} is not a valid IPv4 address", "e.g. 10.244.1.2")
+    if re.fullmatch(r"[0-9.]+", s) or ":" in s:
+        return Name("ip", address(s, spec))
     parts = s.split("/")
     if any(not p for p in parts):
         raise BadInput(f"cannot parse endpoint {spec!r}", f"use {FORMS}")
@@ -74,6 +63,59 @@ def parse(spec: str, namespace: str | None = None) -> Name:
     if kind in ("pod", "service") and len(rest) in (1, 2):
         return Name(kind, "/".join(rest) if len(rest) == 2 else f"{ns}/{rest[0]}")
     raise BadInput(f"cannot parse endpoint {spec!r}", f"use {FORMS}")
+
+
+def address(text: str, spec: str | None = None, notes: list[str] | None = None) -> str:
+    """An address the user typed, as podtrace prints it: IPv4 dotted, IPv6 compressed.
+    Refuses what cannot be a pod, node or Service address (BadInput, one line): malformed,
+    scoped/link-local, multicast, unspecified. An IPv4-mapped IPv6 address (::ffff:a.b.c.d)
+    is the IPv4 address it maps: that is what the packets carry (a note says so on stderr)."""
+    spec = text if spec is None else spec
+    s = text.strip()
+    if "%" in s:
+        raise BadInput(f"{spec!r} is a scoped (link-local) IPv6 address, not a pod, node or Service address",
+                       "give the endpoint's global or unique-local address, or its name")
+    if ":" not in s:
+        try:
+            a = ipaddress.IPv4Address(s)
+        except ValueError:
+            raise BadInput(f"{spec!r} is not a valid IPv4 address", "e.g. 10.244.1.2") from None
+    else:
+        try:
+            a = ipaddress.IPv6Address(s)
+        except ValueError:
+            m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([0-9.]+):(\d+)", s)
+            if m:
+                raise BadInput(f"{spec!r} is an address with a port",
+                               f"give the address alone ({m[1] or m[3]}) and the port with --port") from None
+            raise BadInput(f"{spec!r} is not a valid IPv6 address", "e.g. fd00:10:244:1::2") from None
+        if a.ipv4_mapped is not None:
+            v4 = a.ipv4_mapped
+            _note(f"{spec} is an IPv4-mapped IPv6 address: tracing IPv4 {v4}", notes)
+            a = v4
+    if a.is_unspecified:
+        raise BadInput(f"{spec!r} is the unspecified address, not an endpoint", "give the endpoint's address or name")
+    if a.is_multicast:
+        raise BadInput(f"{spec!r} is a multicast address; podtrace follows packets between two endpoints",
+                       "give a unicast pod, node or Service address")
+    if a.version == 6 and a.is_link_local:
+        raise BadInput(f"{spec!r} is a link-local IPv6 address, not a pod, node or Service address",
+                       "give the endpoint's global or unique-local address, or its name")
+    return str(a)
+
+
+_NOTED: set[str] = set()
+
+
+def _note(msg: str, notes: list[str] | None) -> None:
+    """A note for the user on stderr, once per process (a spec is parsed more than once)."""
+    if notes is not None:
+        notes.append(msg)
+    elif msg not in _NOTED:
+        import sys
+
+        _NOTED.add(msg)
+        print(f"podtrace: note: {msg}", file=sys.stderr)
 
 
 def spelled(kind: str, key: str) -> str:

@@ -1,6 +1,7 @@
 """Node facts joined to the trace: what the kernel of one node is configured to do with a
 packet (sysctls, the route it would take, neighbour and overlay FDB entries, MTUs,
-conntrack fill, and which netfilter rules counted the probes).
+conntrack fill, and which netfilter rules counted the probes). An IPv6 packet gets the IPv6
+view under the same keys (forwarding sysctls, `ip -6` route, NDP, ip6tables counters).
 
 A node is a network namespace: a lab node's named namespace, or this host's own (None).
 Reads go through `ip -n`/`bridge -n`/`ip netns exec` and /proc/sys inside the namespace;
@@ -73,6 +74,9 @@ class RuleCounters:
 
     rules: dict[tuple[str, str, int, str], int] = field(default_factory=dict)
     error: str | None = None
+    # `ip6tables-save -c`, keyed like `rules` with the table as "ip6 TABLE" (nft's spelling)
+    rules6: dict[tuple[str, str, int, str], int] = field(default_factory=dict)
+    error6: str | None = None
     nft: list[dict] = field(default_factory=list)    # native nftables rules (nftfacts.rules)
     nft_error: str | None = None
 
@@ -80,20 +84,25 @@ class RuleCounters:
 def iptables_counters(node: NodeRef) -> RuleCounters:
     """The iptables rule counters, and the native nftables rules with theirs."""
     out = _iptables_counters(node)
+    six = _iptables_counters(node, "ip6tables-save", "ip6 ")
+    out.rules6, out.error6 = six.rules, six.error
     out.nft, out.nft_error = nftfacts.read(lambda *argv: _cmd(node, *argv))
     return out
 
 
-def _iptables_counters(node: NodeRef) -> RuleCounters:
-    r = _cmd(node, "iptables-save", "-c")
+def _iptables_counters(node: NodeRef, tool: str = "iptables-save", prefix: str = "") -> RuleCounters:
+    try:
+        r = _cmd(node, tool, "-c")
+    except OSError as exc:     # ip6tables-save missing: IPv4 counters still count
+        return RuleCounters(error=f"{tool}: {exc.strerror or exc}")
     if r.returncode != 0:
-        return RuleCounters(error=r.stderr.strip() or "iptables-save failed")
+        return RuleCounters(error=r.stderr.strip() or f"{tool} failed")
     out = RuleCounters()
     table = ""
     index: dict[tuple[str, str], int] = {}
     for line in r.stdout.splitlines():
         if line.startswith("*"):
-            table = line[1:]
+            table = prefix + line[1:]
         pm = _POLICY.match(line)
         if pm and pm[2] == "DROP":
             # a built-in chain's policy counts the packets no rule decided on
@@ -112,11 +121,14 @@ def _callers(rules, table: str, chain: str) -> list[str]:
 
 
 def rule_hits(before: RuleCounters, after: RuleCounters, targets=("DROP", "REJECT")) -> list[dict]:
-    """Rules with a terminal drop target whose packet counter moved while we traced."""
+    """Rules with a terminal drop target whose packet counter moved while we traced
+    (iptables and ip6tables; an ip6tables hit's table reads "ip6 filter")."""
     hits = []
-    for key, n in after.rules.items():
+    was = {**before.rules, **before.rules6}
+    every = {**after.rules, **after.rules6}
+    for key, n in every.items():
         table, chain, idx, text = key
-        delta = n - before.rules.get(key, 0)
+        delta = n - was.get(key, 0)
         if idx == 0 and text.startswith("policy ") and delta > 0:
             hits.append({"table": table, "chain": chain, "base_chain": chain, "index": 0,
                          "rule": f"-P {chain} {text.split()[1]}", "target": text.split()[1],
@@ -127,7 +139,7 @@ def rule_hits(before: RuleCounters, after: RuleCounters, targets=("DROP", "REJEC
             base = chain
             seen = {chain}
             while base not in ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"):
-                up = [c for c in _callers(after.rules, table, base) if c not in seen]
+                up = [c for c in _callers(every, table, base) if c not in seen]
                 if not up:
                     break
                 base = up[0]
@@ -212,6 +224,51 @@ def facts(node: NodeRef, *, src: str, dst: str, iif: str | None, devs: list[str]
     arrived on `iif`. `devs`: the devices of this node on the packet's path; `pod_netns` and
     `pod_dev`: the pod namespace and device where it was dropped after arriving."""
     lk = links(node)
+    if _v6(dst) or _v6(src):
+        out = _facts_v6(node, src=src, dst=dst, iif=iif, devs=devs, lk=lk)
+    else:
+        out = _facts_v4(node, src=src, dst=dst, iif=iif, devs=devs, lk=lk)
+    return {**out, **_beyond_route(node, out["route"], lk, dst, pod_netns, pod_dev)}
+
+
+def _v6(addr: str | None) -> bool:
+    return bool(addr) and ":" in addr
+
+
+def _facts_v6(node: NodeRef, *, src: str, dst: str, iif: str | None, devs: list[str], lk: dict) -> dict:
+    """The IPv6 view, under the IPv4 view's keys so a diagnosis reads either: `ip_forward`
+    is net.ipv6.conf.all.forwarding, `forwarding` the devices' net.ipv6.conf.DEV.forwarding,
+    `bridge_nf_call_iptables` net.bridge.bridge-nf-call-ip6tables; IPv6 has no rp_filter
+    (`rp_filter` is empty). `sysctl_names` says which sysctl each key is; the route and the
+    neighbour (NDP) entries come from `ip -6`; `mtu6` holds the devices' IPv6 MTU."""
+    dev = lambda d: d.replace(".", "/")   # noqa: E731
+    keys = ["net.ipv6.conf.all.forwarding", "net.bridge.bridge-nf-call-ip6tables",
+            "net.netfilter.nf_conntrack_count", "net.netfilter.nf_conntrack_max"]
+    keys += [f"net.ipv6.conf.{dev(d)}.forwarding" for d in devs if d in lk]
+    keys += [f"net.ipv6.conf.{dev(d)}.mtu" for d in devs if d in lk]
+    keys += [f"net.ipv6.conf.{dev(d)}.disable_ipv6" for d in devs if d in lk]
+    sc = sysctls(node, keys)
+    return {
+        "node": node.name,
+        "family": 6,
+        "ip_forward": sc["net.ipv6.conf.all.forwarding"],
+        "rp_filter": {},
+        "forwarding": {d: sc.get(f"net.ipv6.conf.{dev(d)}.forwarding") for d in devs if d in lk},
+        "bridge_nf_call_iptables": sc["net.bridge.bridge-nf-call-ip6tables"],
+        "sysctl_names": {"ip_forward": "net.ipv6.conf.all.forwarding",
+                         "forwarding": "net.ipv6.conf.DEV.forwarding",
+                         "bridge_nf_call_iptables": "net.bridge.bridge-nf-call-ip6tables"},
+        "conntrack": {"count": sc["net.netfilter.nf_conntrack_count"], "max": sc["net.netfilter.nf_conntrack_max"]},
+        "mtu": {d: lk[d]["mtu"] for d in devs if d in lk},
+        "mtu6": {d: sc.get(f"net.ipv6.conf.{dev(d)}.mtu") for d in devs if d in lk},
+        "ipv6_disabled": [d for d in devs if d in lk and sc.get(f"net.ipv6.conf.{dev(d)}.disable_ipv6") == 1],
+        "links": lk,
+        "route": route_get(node, dst, src, iif) if iif else route_get(node, dst),
+        "route_back": route_get(node, src),
+    }
+
+
+def _facts_v4(node: NodeRef, *, src: str, dst: str, iif: str | None, devs: list[str], lk: dict) -> dict:
     keys = ["net.ipv4.ip_forward", "net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter",
             "net.bridge.bridge-nf-call-iptables", "net.netfilter.nf_conntrack_count",
             "net.netfilter.nf_conntrack_max"]
@@ -231,7 +288,14 @@ def facts(node: NodeRef, *, src: str, dst: str, iif: str | None, devs: list[str]
         "route": route_get(node, dst, src, iif) if iif else route_get(node, dst),
         "route_back": route_get(node, src),
     }
-    rt = out["route"]
+    return out
+
+
+def _beyond_route(node: NodeRef, rt: dict, lk: dict, dst: str, pod_netns: int | None,
+                  pod_dev: str | None) -> dict:
+    """What follows from the route: its next hop (an IPv6 route's neighbour is an NDP
+    entry), the pod side of a drop after arrival, down links, uncounted nft drop rules."""
+    out: dict = {}
     hop_ip = rt.get("gateway") or (dst if not rt.get("error") else None)
     out_dev = rt.get("dev")
     out["next_hop"] = None

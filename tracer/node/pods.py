@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,29 @@ def parse_fib_trie(text: str) -> list[str]:
         if last and "/32 host LOCAL" in line:
             if not last.startswith("127.") and last not in out:
                 out.append(last)
+    return out
+
+
+def parse_if_inet6(text: str) -> list[str]:
+    """Global and unique-local IPv6 addresses of a namespace from its /proc/PID/net/if_inet6
+    (no setns): `ADDR32HEX IFINDEX PREFIXLEN SCOPE FLAGS NAME` per line; link-local (scope
+    0x20), host (0x10) and tentative/dadfailed addresses are not a pod's address."""
+    import ipaddress
+
+    out: list[str] = []
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) < 6 or len(f[0]) != 32:
+            continue
+        try:
+            scope, flags = int(f[3], 16), int(f[4], 16)
+            addr = str(ipaddress.IPv6Address(bytes.fromhex(f[0])))
+        except ValueError:
+            continue
+        if scope != 0 or flags & 0x48:      # IFA_F_TENTATIVE 0x40, IFA_F_DADFAILED 0x08
+            continue
+        if addr not in out:
+            out.append(addr)
     return out
 
 
@@ -210,13 +234,23 @@ class VethOwner:
 
 
 def _ns_addresses(ref: NetnsRef) -> list[str]:
+    """The namespace's IPv4 addresses (fib_trie), then its IPv6 ones (if_inet6)."""
     if ref.pid is not None:
         with contextlib.suppress(OSError):
-            return parse_fib_trie((host_proc() / str(ref.pid) / "net" / "fib_trie").read_text())
+            net = host_proc() / str(ref.pid) / "net"
+            return parse_fib_trie((net / "fib_trie").read_text()) + _inet6(net)
     with contextlib.suppress(OSError, PodtraceError), netns.entered(ref.path):
         # A namespace nobody lives in: fib_trie of this thread, now inside it.
-        return parse_fib_trie(Path("/proc/thread-self/net/fib_trie").read_text())
+        net = Path("/proc/thread-self/net")
+        return parse_fib_trie((net / "fib_trie").read_text()) + _inet6(net)
     return []
+
+
+def _inet6(net: Path) -> list[str]:
+    try:
+        return parse_if_inet6((net / "if_inet6").read_text())
+    except OSError:      # IPv6 disabled on this kernel: no file
+        return []
 
 
 def _identify(ref: NetnsRef, inv: inventory.Inventory | None, cri: dict[int, str]) -> tuple[str | None, str | None, list[str]]:
@@ -311,9 +345,11 @@ def uplinks(node_ips: Iterable[str] = ()) -> list[str]:
     out = []
     with contextlib.closing(_ipr(None)) as ipr:
         names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in ipr.get_links()}
-        for ip in [*node_ips, "1.1.1.1"]:
+        node_ips = list(node_ips)
+        world = ["1.1.1.1"] + (["2606:4700:4700::1111"] if any(":" in a for a in node_ips) else [])
+        for ip in [*node_ips, *world]:
             try:
-                routes = ipr.route("get", dst=ip)
+                routes = ipr.route("get", dst=ip, family=socket.AF_INET6 if ":" in ip else socket.AF_INET)
             except Exception:  # pyroute2's NetlinkError: no route there
                 continue
             out += [dev for r in routes if (dev := names.get(r.get_attr("RTA_OIF"))) and dev != "lo"]

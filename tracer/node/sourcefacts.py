@@ -9,7 +9,9 @@ device the route leaves by. Nothing here changes anything.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
+import socket
 
 from tracer.node import netns
 
@@ -47,7 +49,7 @@ def _link(m) -> dict:
 
 def _route(ipr, dst: str, names: dict[int, str]) -> dict:
     try:
-        found = ipr.route("get", dst=dst)
+        found = ipr.route("get", dst=dst, family=socket.AF_INET6 if ":" in dst else socket.AF_INET)
     except Exception as exc:  # pyroute2's NetlinkError: ENETUNREACH when there is no route
         return {"dst": dst, "error": _err(exc)}
     if not found:
@@ -68,14 +70,26 @@ def _route(ipr, dst: str, names: dict[int, str]) -> dict:
 
 
 def _neigh(ipr, ip: str, ifindex: int) -> dict | None:
+    """The neighbour entry of `ip` (an ARP entry, or an NDP entry for IPv6)."""
+    v6 = ":" in ip
     try:
-        entries = [n for n in ipr.get_neighbours(ifindex=ifindex) if n.get_attr("NDA_DST") == ip]
+        entries = [n for n in ipr.get_neighbours(ifindex=ifindex, family=socket.AF_INET6 if v6 else socket.AF_INET)
+                   if _same(n.get_attr("NDA_DST"), ip)]
     except Exception:  # pyroute2's NetlinkError
         return None
     if not entries:
         return None
     n = entries[0]
     return {"ip": ip, "lladdr": n.get_attr("NDA_LLADDR"), "state": _states(int(n["state"]))}
+
+
+def _same(a: str | None, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return a is not None and ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return False
 
 
 def read(ns: str | None, dst: str) -> dict:

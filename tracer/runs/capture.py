@@ -175,7 +175,7 @@ class _Membership:
             self.addrs = now
 
     def _was(self, ip: str) -> str | None:
-        return next((k for k, p in self.seen.items() if p.ip == ip), None)
+        return next((k for k, p in self.seen.items() if ip in p.addresses()), None)
 
     def gone(self) -> list:
         """Pods seen during the capture that are no longer in the inventory (their events
@@ -340,7 +340,7 @@ class _LocalNode:
         from tracer.node import pods as nodepods
 
         try:
-            host, owners, _ = nodepods.local_pods(inv, [n.ip for n in inv.nodes.values() if n.ip], cri=True)
+            host, owners, _ = nodepods.local_pods(inv, [a for n in inv.nodes.values() for a in n.internal_ips()], cri=True)
         except (PodtraceError, OSError):
             return []
         for o in owners.values():

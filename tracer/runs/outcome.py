@@ -112,12 +112,12 @@ def addresses(plan: Plan) -> dict[str, tuple[str | None, str | None]]:
     out: dict[str, tuple[str | None, str | None]] = {}
     for node, pod in traced:
         p = plan.inv.pods.get(pod) if pod else None
-        if p is not None and p.ip and not p.host_network:
-            out[p.ip] = (node, pod)
+        if p is not None and not p.host_network:
+            out.update({a: (node, pod) for a in p.addresses()})      # each family's address
     for node, pod in traced:
         n = plan.inv.nodes.get(node) if node and not pod else None
-        if n is not None and n.ip:
-            out[n.ip] = (node, None)
+        if n is not None:
+            out.update({a: (node, None) for a in n.internal_ips()})
     return out
 
 

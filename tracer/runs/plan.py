@@ -96,6 +96,19 @@ def choose_proto(cfg: FlowConfig, dst: inventory.Endpoint) -> tuple[str, int | N
     return proto, port, notes
 
 
+def resolve_ends(cfg: FlowConfig, inv: inventory.Inventory) -> tuple[inventory.Endpoint, inventory.Endpoint, int]:
+    """SRC and DST of the inventory, addressed in the flow's family (--ip-family, else
+    SRC's first family DST has too), and that family."""
+    src = endpoints.resolve(cfg.src, inv, cfg.namespace)
+    dst = endpoints.resolve(cfg.dst, inv, cfg.namespace)
+    family = endpoints.choose_family(src, dst, cfg.ip_family)
+    src, dst = endpoints.in_family(src, family), endpoints.in_family(dst, family)
+    if family == 6 and cfg.size is not None and cfg.size < 48 + len(prober.PAYLOAD):
+        raise BadInput(f"--size {cfg.size} is below an IPv6 probe's headers",
+                       f"use {48 + len(prober.PAYLOAD)}..65000 bytes")
+    return src, dst, family
+
+
 @dataclass
 class Plan:
     """What a run needs before tracing starts: the ends, the probe, the metadata."""
@@ -136,8 +149,7 @@ def prepare(cfg: FlowConfig) -> Plan:
     inv = view.inv
     if view.conn is None:   # tracing here (in a cluster, the agents trace)
         require_capabilities("tracing")
-    src = endpoints.resolve(cfg.src, inv, cfg.namespace)
-    dst = endpoints.resolve(cfg.dst, inv, cfg.namespace)
+    src, dst, _family = resolve_ends(cfg, inv)
     proto, port, notes = choose_proto(cfg, dst)
     if cfg.probe and proto == "icmp" and view.conn is None:
         require_capabilities("ICMP probes (a raw socket)", ("CAP_NET_RAW",))
@@ -180,7 +192,8 @@ def agent_requests(plan: Plan) -> list[AgentRequest]:
     max_seconds = (cfg.duration if not cfg.probe else cfg.count * (cfg.timeout + cfg.interval)) + 60
     devices = tc_devices(topo, src, dst) if cfg.tc else []
     discover = None if topo is not None else Discovery(
-        pod_ips=sorted({p.ip for p in pods if p.ip}), node_ips=sorted({n.ip for n in plan.inv.nodes.values() if n.ip}))
+        pod_ips=sorted({a for p in pods for a in p.addresses()}),
+        node_ips=sorted({a for n in plan.inv.nodes.values() for a in n.internal_ips()}))
     out = []
     for name in nodes:
         probe_req = None
