@@ -49,7 +49,7 @@ class Rule:
     housekeeping: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     no_socket: int = -1
     otherhost: int = -1
-    home: dict[int, int] = field(default_factory=dict)      # address (number) → its namespace
+    home: dict[int, int] = field(default_factory=dict)      # address (drops.ip_num) → its namespace
     pods: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # pod namespaces
     rst_freed: tuple[int, ...] = ()   # reasons the receiving TCP frees a reset with once it acted on it
 
@@ -91,7 +91,8 @@ class Rule:
         netns = np.asarray(netns, dtype=np.int64)
         home = self.home_ns(daddr) if home_ns is None else np.asarray(home_ns, dtype=np.int64)
         out = self.socket_cleanup(reason, proto, tcp_flags, netns, home)
-        out |= (reason == self.no_socket) & (np.asarray(proto) == 1) & (np.asarray(icmp_type) == 0)
+        proto, icmp_type = np.asarray(proto), np.asarray(icmp_type)
+        out |= (reason == self.no_socket) & (((proto == 1) & (icmp_type == 0)) | ((proto == 58) & (icmp_type == 129)))
         out |= ((reason == self.otherhost) & (home != 0) & (netns != home) & np.isin(netns, self.pods))
         return out
 
@@ -175,7 +176,7 @@ def _names(hit: dict, packet: Packet) -> int:
     """How many of the packet's addresses a rule names."""
     text = hit.get("rule", "")
     addrs = {a for h in packet.hops for a in (h.src, h.dst)}
-    return sum(1 for a in addrs if a and (f"{a}/32" in text or f" {a} " in text))
+    return sum(1 for a in addrs if a and (f"{a}/32" in text or f"{a}/128" in text or f" {a} " in text))
 
 
 def first_drop(frees, rule: Rule, targets: set[int], since: int | None = None, where: set[int] | None = None):

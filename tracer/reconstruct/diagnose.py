@@ -288,7 +288,7 @@ def _matches(hit: dict, packet: Packet) -> int:
     happened to count other traffic during the trace)."""
     text = hit.get("rule", "")
     addrs = {a for h in packet.hops for a in (h.src, h.dst)}
-    return sum(1 for a in addrs if a and (a + "/32") in text or f" {a} " in text)
+    return sum(1 for a in addrs if a and ((a + "/32") in text or (a + "/128") in text or f" {a} " in text))
 
 
 def _stale(packet: Packet, ev: Evidence) -> tuple[Hop, ConntrackView] | None:
