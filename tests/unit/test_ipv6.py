@@ -408,3 +408,19 @@ def test_ipv4_keys_and_identity_are_unchanged():
     v4 = dict(saddr=PODS[A][2], daddr=PODS[B][2], proto=17, ip_id=7, ip_len=60)
     rows = [{"ts_ns": 1000 * k, "netns": FABRIC, "ifname": "n1", "hook": 1, "skb": 1, **v4} for k in (1, 2)]
     assert assign_packets(frame(rows))["pkt"].nunique() == 1
+
+
+def test_mtu_on_an_ipv6_path_needs_no_df_flag():
+    """IPv6 is never fragmented on the way: a packet larger than the outgoing MTU is the MTU
+    cause whatever its flags (the record's DF bit is an IPv4 notion)."""
+    from tests.unit import test_diagnose as td
+
+    hops = [td.hop("node-1", "eth0", "tx", V6[A], V6[B], pod=A), td.hop("node-1", "cni0", "rx", V6[A], V6[B])]
+    f = td.facts(route={"dst": V6[B], "gateway": "fd00:10:244:2::", "dev": "flannel.1"}, next_hop=None)
+    assert td.cause(td.packet(status="lost", ip_len=1500, df=True, hops=hops), td.ev(f)) == "mtu"
+    hint = td.judged().hint
+    assert "1500-byte IPv6 packet" in hint and "MTU 1450" in hint and "packet too big" in hint
+    # what build_packets sets for an IPv6 packet: df holds
+    df, meta = udp_flow()
+    packets, _ = judged(df, meta)
+    assert all(p.df for p in packets)
