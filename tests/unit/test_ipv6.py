@@ -424,3 +424,19 @@ def test_mtu_on_an_ipv6_path_needs_no_df_flag():
     df, meta = udp_flow()
     packets, _ = judged(df, meta)
     assert all(p.df for p in packets)
+
+
+def test_the_live_drop_count_reads_raw_16_byte_addresses():
+    """The capture counts drops on raw records (16-byte addresses): the same keys as frames."""
+    from tracer.reconstruct import arrival
+
+    raw = np.zeros((3, 16), dtype=np.uint8)
+    for i, a in enumerate((PODS[B][2], V6[B], "")):
+        if a:
+            raw[i] = np.frombuffer(addrs.packed16(a), dtype=np.uint8)
+    assert arrival.raw_keys(raw).tolist() == [drops.ip_num(PODS[B][2]), drops.ip_num(V6[B]), 0]
+    rule = drops.rule({**dual_meta(), "drop_reasons": {"2": "NO_SOCKET"}})
+    assert rule.home_ns(raw).tolist() == [PODS[B][0], PODS[B][0], 0]
+    keep = drops.counted(np.array([3, 3, 3]), np.array([2, 2, 2]), np.array([PODS[B][0]] * 3), raw,
+                         np.array([1, 58, 17]), np.array([0, 129, 0]), rule)
+    assert keep.tolist() == [False, False, True]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from tracer import addrs
 from tracer.kernel.record import HOOK_IDS
 from tracer.reconstruct.model import Packet, Verdict
 
@@ -63,8 +64,10 @@ class Rule:
                    tuple(code[n] for n in RST_FREED if n in code))
 
     def home_ns(self, daddr: np.ndarray) -> np.ndarray:
-        """The namespace each destination address lives in (0: not known here)."""
-        dst = np.asarray(daddr).astype(np.int64)
+        """The namespace each destination address lives in (0: not known here). `daddr`: a
+        frame's address keys, or raw records' 16-byte addresses (n x 16 bytes)."""
+        dst = np.asarray(daddr)
+        dst = raw_keys(dst) if dst.ndim == 2 else dst.astype(np.int64)
         if not self.home or not len(dst):
             return np.zeros(len(dst), dtype=np.int64)
         codes, uniq = np.unique(dst, return_inverse=True)
@@ -95,6 +98,20 @@ class Rule:
         out |= (reason == self.no_socket) & (((proto == 1) & (icmp_type == 0)) | ((proto == 58) & (icmp_type == 129)))
         out |= ((reason == self.otherhost) & (home != 0) & (netns != home) & np.isin(netns, self.pods))
         return out
+
+
+def raw_keys(raw: np.ndarray) -> np.ndarray:
+    """Raw records' 16-byte addresses (network order) → their keys as drops.ip_num gives them
+    (addrs.key as a signed 64-bit number). An address whose last 12 bytes are zero is taken
+    for IPv4 (the record's layout), anything else for IPv6."""
+    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, 16)
+    out = raw[:, :4].copy().view(">u4").reshape(-1).astype(np.int64)
+    v6 = raw[:, 4:].any(axis=1)
+    if v6.any():
+        uniq, inv = np.unique(raw[v6], axis=0, return_inverse=True)
+        keys = [addrs.key_of_packed(bytes(u), True) for u in uniq]
+        out[v6] = np.array([k - (1 << 64) for k in keys], dtype=np.int64)[np.asarray(inv).reshape(-1)]
+    return out
 
 
 def after(v: Verdict) -> bool:
