@@ -440,3 +440,15 @@ def test_the_live_drop_count_reads_raw_16_byte_addresses():
     keep = drops.counted(np.array([3, 3, 3]), np.array([2, 2, 2]), np.array([PODS[B][0]] * 3), raw,
                          np.array([1, 58, 17]), np.array([0, 129, 0]), rule)
     assert keep.tolist() == [False, False, True]
+
+
+def test_analyze_report_and_plot_labels_write_ipv6_with_brackets():
+    from tracer.analysis import plots, report
+
+    t = analysis.analyse(frame(svc_rows(reverse_nat=True)), base_meta(), mode="capture")   # pods unnamed
+    con = Console(width=200, record=True, color_system=None, file=open("/dev/null", "w"))
+    report.render_summary(report.summary_doc(t), con)
+    text = con.export_text()
+    assert f"[{V6[A]}]:40000" in text and f"[{VIP6}]:80" in text
+    hops = t.hops[t.hops["packet"] == 0].reset_index(drop=True)
+    assert plots._nat_label(hops.iloc[2], hops.iloc[1]) == f"dst → [{V6[BACKEND]}]:8080"
