@@ -12,7 +12,7 @@ from rich.text import Text
 from tracer import runbooks
 from tracer.reconstruct import tcpflags
 from tracer.reconstruct.model import ConntrackView, Packet, Verdict
-from tracer.render_compact import compact_flow, fit_columns, human_time
+from tracer.render_compact import compact_flow, endpoint, fit_columns, human_time, nat_text
 
 if TYPE_CHECKING:
     from tracer.runs.outcome import FlowResult
@@ -37,10 +37,9 @@ def tcp_flags_text(p: Packet) -> str:
 def packet_title(p: Packet) -> str:
     """The one line that names a packet (its table's title, the compact view's line)."""
     t = p.five_tuple
-    sp = f":{t.sport}" if t.sport is not None else ""
-    dp = f":{t.dport}" if t.dport is not None else ""
+    ident = "" if ":" in (t.src or "") else f"  ip_id={p.ip_id}"   # IPv6 has no IP ID
     return (f"{p.direction} {p.seq if p.seq is not None else ''} "
-            f"{t.proto} {t.src}{sp} → {t.dst}{dp}{tcp_flags_text(p)}  ip_id={p.ip_id}")
+            f"{t.proto} {endpoint(t.src, t.sport)} → {endpoint(t.dst, t.dport)}{tcp_flags_text(p)}{ident}")
 
 
 def _changed(prev: str | None, h) -> str:
@@ -60,9 +59,11 @@ def _encap(enc, prev) -> str:
         return ""
     if prev is not None and enc == prev:
         return "″"
-    a, b = enc.src.split("."), enc.dst.split(".")
-    k = next((i for i in range(4) if a[:i + 1] != b[:i + 1]), 4) if len(a) == len(b) == 4 else 0
-    dst = "." + ".".join(b[k:]) if 0 < k < 4 else enc.dst   # 172.30.0.11→.12
+    sep = ":" if ":" in enc.src else "."
+    a, b = enc.src.split(sep), enc.dst.split(sep)
+    k = next((i for i in range(len(a)) if a[:i + 1] != b[:i + 1]), len(a)) if len(a) == len(b) > 1 else 0
+    # the part of dst that differs: 172.30.0.11→.12, fd00:172:30::1→:2
+    dst = sep + sep.join(b[k:]) if 0 < k < len(a) and all(b[k:]) else enc.dst
     return f"{enc.type} {enc.src}→{dst} vni {enc.vni}"
 
 
@@ -95,9 +96,7 @@ def packet_table(p: Packet, width: int = 120) -> Table:
 
 
 def _addr(d) -> str:
-    src = d.src + (f":{d.sport}" if d.sport is not None else "")
-    dst = d.dst + (f":{d.dport}" if d.dport is not None else "")
-    return f"{src}→{dst}"
+    return f"{endpoint(d.src, d.sport)}→{endpoint(d.dst, d.dport)}"
 
 
 def _ct(ct: ConntrackView | None) -> str:
@@ -148,10 +147,7 @@ def packet_block(p: Packet, console: Console) -> None:
     for n in p.nat:
         what = {"dnat": "DNAT", "snat": "SNAT", "reverse-dnat": "reverse DNAT",
                 "reverse-snat": "reply un-DNAT"}.get(n.type, n.type)
-        txt = (f"  {what} at hop {n.hop + 1} ({n.node or 'fabric'}/{n.dev}): "
-               f"{_addr(n.before)} → {_addr(n.after)}")
-        if n.backend:
-            txt += f"  backend {n.backend}"
+        txt = nat_text(n, f"  {what} at hop {n.hop + 1} ({n.node or 'fabric'}/{n.dev}): ", console.width)
         console.print(Text(txt, style="magenta"))
     console.print(verdict_line(p.verdict))
 

@@ -72,6 +72,15 @@ def fit_columns(headers: Sequence[str], rows: list[list[str]], width: int,
     return cols, [[middle(c, ws[i]) for i, c in enumerate(r)] for r in cells]
 
 
+def endpoint(addr: str | None, port: int | None) -> str:
+    """An address with its port as people write it: `10.244.1.2:80`, `[fd00:10:244:1::2]:80`;
+    the address alone without a port."""
+    addr = addr or ""
+    if port is None:
+        return addr
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
 def path_text(p: "Packet") -> str:
     """A packet's hops on one line, grouped by node: `node-1 eth0 veth…fab cni0 › fabric › node-2 …`."""
     parts: list[str] = []
@@ -103,8 +112,22 @@ def _seqs(ps: list["Packet"]) -> str:
 
 
 def _ends(a) -> str:
-    return (f"{a.src}" + (f":{a.sport}" if a.sport is not None else "") + "→"
-            + f"{a.dst}" + (f":{a.dport}" if a.dport is not None else ""))
+    return f"{endpoint(a.src, a.sport)}→{endpoint(a.dst, a.dport)}"
+
+
+def nat_text(n, head: str, width: int) -> str:
+    """A NAT change after `head`: both tuples (`a:1→b:2 → a:1→c:3`), or where that does not fit
+    `width` (IPv6 addresses), the side that changed only (`dst [b]:2 → [c]:3`)."""
+    tail = f"  backend {n.backend}" if n.backend else ""
+    full = f"{head}{_ends(n.before)} → {_ends(n.after)}{tail}"
+    if len(full) <= width:
+        return full
+    b, a = n.before, n.after
+    sides = [(name, endpoint(x, xp), endpoint(y, yp)) for name, x, xp, y, yp in
+             (("src", b.src, b.sport, a.src, a.sport), ("dst", b.dst, b.dport, a.dst, a.dport))
+             if (x, xp) != (y, yp)]
+    short = f"{head}{', '.join(f'{name} {x} → {y}' for name, x, y in sides)}"
+    return short + (tail if len(short + tail) <= width else "")
 
 
 def flags_text(ps: list["Packet"]) -> str:
@@ -145,8 +168,8 @@ def compact_flow(result: "FlowResult", console: Console, header: Callable, full_
         console.print(line)
         console.print(Text(f"    {path_text(p)}", style="dim"), overflow="fold")
         for n in p.nat:
-            console.print(Text(f"    {n.type.upper()} at {n.node or 'fabric'}/{n.dev}: {_ends(n.before)} → "
-                               f"{_ends(n.after)}" + (f"  backend {n.backend}" if n.backend else ""), style="magenta"))
+            console.print(Text(nat_text(n, f"    {n.type.upper()} at {n.node or 'fabric'}/{n.dev}: ", console.width),
+                               style="magenta"))
     for g in groups.values():
         if failing(g[0]):    # one full table per kind of failure; its twins are named
             full_packet(g[0], console)

@@ -15,7 +15,7 @@ from tracer import tracefile
 from tracer.analysis.trace import _empty_hops, _empty_packets
 from tracer.cluster import inventory
 from tracer.node.prober import ProbeResult
-from tracer.reconstruct import beyond, diagnose, evidence, window as windows
+from tracer.reconstruct import beyond, diagnose, evidence, identity, window as windows
 from tracer.reconstruct.packets import FlowInput, Placement, build_packets
 from tracer.reconstruct.drops import ip_num as _ip_num
 from tracer.reconstruct.evidence import Evidence
@@ -86,14 +86,14 @@ def _without_node_facts(ev: dict | None) -> dict | None:
 
 def _flow_tables(events: pd.DataFrame, meta: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     packets = reconstruct(events, meta)
-    icmp_ev = events[events["proto"] == 1]
+    icmp_ev = events[events["proto"].isin(identity.ICMP_PROTOS)]
     echo_ids = dict(zip(icmp_ev["ts_ns"].tolist(), icmp_ev["sport"].tolist()))
     hop_rows, pkt_rows = [], []
     for i, p in enumerate(packets):
         v, t = p.verdict, p.five_tuple.as_json()
         hops = [h.as_json() for h in p.hops]
         first, last = hops[0], hops[-1]
-        icmp = t["proto"] == "icmp"
+        icmp = t["proto"] in ("icmp", "icmpv6")
         pkt_rows.append({
             "packet": i, "direction": p.direction, "seq": p.seq,
             "proto": t["proto"], "src": t["src"], "sport": t["sport"], "dst": t["dst"], "dport": t["dport"],
@@ -108,7 +108,7 @@ def _flow_tables(events: pd.DataFrame, meta: dict) -> tuple[pd.DataFrame, pd.Dat
             "hint": v.hint, "runbook": v.runbook, "one_way_ns": p.one_way_ns,
             "duration_ns": last["t_ns"],
             # numeric keys for the flow table (ICMP: the echo id on both sides)
-            "_proto": {"icmp": 1, "tcp": 6, "udp": 17}.get(t["proto"], 0),
+            "_proto": identity.PROTO_IDS.get(t["proto"], 0),
             "_src": _ip_num(t["src"]), "_dst": _ip_num(t["dst"]),
             "_fsrc": _ip_num(last["src"]), "_fdst": _ip_num(last["dst"]),
             "_sport": echo_ids.get(p.first_ts_ns, 0) if icmp else (t["sport"] or 0),

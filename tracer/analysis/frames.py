@@ -51,8 +51,9 @@ def _lookup(keys: np.ndarray, table: dict, default=None) -> np.ndarray:
 def _by_ip(meta: dict) -> tuple[dict[int, str], dict[int, str]]:
     """(address → pod key, address → Service key for VIPs and backends' addresses are not
     Services: only cluster IPs)."""
-    pods = {_ip_num(p["ip"]): p["key"] for p in meta.get("pods") or [] if p.get("ip")}
-    svcs = {_ip_num(s["cluster_ip"]): s["key"] for s in meta.get("services") or [] if s.get("cluster_ip")}
+    pods = {_ip_num(ip): p["key"] for p in meta.get("pods") or [] for ip in (p.get("ips") or [p.get("ip")]) if ip}
+    svcs = {_ip_num(ip): s["key"] for s in meta.get("services") or []
+            for ip in (s.get("cluster_ips") or [s.get("cluster_ip")]) if ip}
     for side in ("src", "dst"):   # flow files of format 1 know only their two ends
         d = meta.get(side) or {}
         if d.get("pod") and d.get("ip"):

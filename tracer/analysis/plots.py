@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from tracer.analysis.trace import Trace
+from tracer.render_compact import endpoint
 
 STATUS_COLOR = {"delivered": "tab:green", "dropped": "tab:red", "lost": "tab:orange", "left": "tab:gray",
                 "partial": "tab:cyan"}
@@ -42,7 +43,7 @@ def path_width(t: Trace, packet: int) -> float:
 def _nat_label(h, prev) -> str:
     """What an address translation between two hops changed: "dst → 10.244.2.2:8080"."""
     def ep(ip, port):
-        return f"{ip}:{port}" if pd.notna(port) else str(ip)
+        return endpoint(str(ip), int(port) if pd.notna(port) else None)
     out = []
     if (h["dst"], h["dport"]) != (prev["dst"], prev["dport"]):
         out.append("dst → " + ep(h["dst"], h["dport"]))
@@ -97,9 +98,9 @@ def plot_path(t: Trace, packet: int, ax=None):
     ax.set_xticks([])
     ax.set_xlim(-0.6, end + 1.6)
     ax.set_ylim(-0.85, len(lanes) - 0.3)
-    sp = f":{pk['sport']}" if pd.notna(pk["sport"]) else ""
-    dp = f":{pk['dport']}" if pd.notna(pk["dport"]) else ""
-    ax.set_title(f"packet {packet} ({pk['direction']}) {pk['proto']} {pk['src']}{sp} → {pk['dst']}{dp}", fontsize=10)
+    src = endpoint(str(pk["src"]), int(pk["sport"]) if pd.notna(pk["sport"]) else None)
+    dst = endpoint(str(pk["dst"]), int(pk["dport"]) if pd.notna(pk["dport"]) else None)
+    ax.set_title(f"packet {packet} ({pk['direction']}) {pk['proto']} {src} → {dst}", fontsize=10)
     for side in ("top", "right", "bottom"):
         ax.spines[side].set_visible(False)
     return ax

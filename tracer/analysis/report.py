@@ -52,6 +52,7 @@ def render_summary(doc: dict, console) -> None:
     from rich.text import Text
 
     from tracer.reconstruct import tcpflags
+    from tracer.render_compact import endpoint
 
     s = doc["summary"]
     console.print(f"[bold]{s['kind'] or 'trace'}[/bold]: {s['events']} events, {s['packets']} packets, "
@@ -73,12 +74,12 @@ def render_summary(doc: dict, console) -> None:
                 "p50", "p99", "flags")
         rows = []
         for f in doc["flows"]:
-            src = f"{f['src_pod'] or f['src']}" + (f":{f['sport']}" if f["sport"] is not None else "")
+            src = endpoint(f["src_pod"] or f["src"], f["sport"])
             port = f.get("dst_pod_port") if f["dst_pod"] else f["dport"]   # a Service's backend: its own port
-            dst = f"{f['dst_pod'] or f['dst']}" + (f":{port}" if port is not None else "")
+            dst = endpoint(f["dst_pod"] or f["dst"], port)
             svc = (f["service"] or "") + (f":{f['dport']}" if f["service"] and f["dport"] is not None
                                           and f["dport"] != port else "")
-            rows.append([str(f["flow"]), f["proto"] or "", src, dst, svc, str(f["packets"]),
+            rows.append([str(f["flow"]), f["proto"] or "", Text(src), Text(dst), svc, str(f["packets"]),
                          str(f["delivered"]), str(f["dropped"]), str(f["lost"]), _us(f["p50_ns"]),
                          _us(f["p99_ns"]),
                          Text("".join(tcpflags.bracketed(x) for x in (f.get("tcp_flags") or "").split()))])

@@ -8,8 +8,13 @@ import pandas as pd
 from tracer.analysis.frames import _by_ip, _factorize, _lookup
 from tracer.analysis.trace import COLUMNS, STATUSES
 
-def _ep_key(ip: np.ndarray, port: np.ndarray) -> np.ndarray:
-    return (ip.astype(np.int64) << 16) | (port.astype(np.int64) & 0xFFFF)
+def _ep_keys(*pairs: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
+    """One code per (address key, port), in one code space for all the pairs given (address
+    keys are 64 bits: no room to pack a port beside them)."""
+    ips = np.concatenate([np.asarray(ip).astype(np.int64) for ip, _ in pairs])
+    ports = np.concatenate([np.asarray(port).astype(np.int64) & 0xFFFF for _, port in pairs])
+    code = _factorize(ips, ports)
+    return np.split(code, np.cumsum([len(ip) for ip, _ in pairs])[:-1])
 
 
 def flow_table(packets: pd.DataFrame, meta: dict) -> pd.DataFrame:
@@ -19,10 +24,8 @@ def flow_table(packets: pd.DataFrame, meta: dict) -> pd.DataFrame:
         out.attrs["packet_flow"] = np.zeros(0, dtype=np.int64)
         return out
     proto = packets["_proto"].to_numpy().astype(np.int64)
-    a = _ep_key(packets["_src"].to_numpy(), packets["_sport"].to_numpy())
-    b = _ep_key(packets["_dst"].to_numpy(), packets["_dport"].to_numpy())
-    fa = _ep_key(packets["_fsrc"].to_numpy(), packets["_fsport"].to_numpy())
-    fb = _ep_key(packets["_fdst"].to_numpy(), packets["_fdport"].to_numpy())
+    a, b, fa, fb = _ep_keys(*((packets[ip].to_numpy(), packets[port].to_numpy()) for ip, port in
+                              (("_src", "_sport"), ("_dst", "_dport"), ("_fsrc", "_fsport"), ("_fdst", "_fdport"))))
     t2_raw = np.stack([proto, np.minimum(fa, fb), np.maximum(fa, fb)])
     # one code space for first- and last-hop tuples
     allk = np.concatenate([np.stack([proto, np.minimum(a, b), np.maximum(a, b)]), t2_raw], axis=1)

@@ -9,8 +9,9 @@ import pandas as pd
 from tracer.reconstruct import drops
 
 COLUMNS = {
-    "events": "one row per hop event as captured (tracer/events.py fields, addresses as numbers, "
-              "plus *_str address strings and hook_name)",
+    "events": "one row per hop event as captured (tracer/kernel/record.py fields, addresses as numeric "
+              "keys (tracer/addrs.py: IPv4 its value, IPv6 a 64-bit hash), plus *_str address strings of "
+              "either family and hook_name)",
     "packets": ["packet", "flow", "direction", "seq", "proto", "src", "sport", "dst", "dport",
                 "final_src", "final_sport", "final_dst", "final_dport", "ip_id", "ip_len", "tcp_flags",
                 "first_ts_ns", "last_ts_ns", "hops", "first_node", "first_pod", "first_dev",

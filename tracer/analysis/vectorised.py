@@ -1,9 +1,9 @@
 """The engine's fast path for captures: arbitrary traffic rebuilt whole columns at a time.
 
-Events are grouped into packets by content (packets.KEY_COLS: protocol, IP ID, length, TCP
-seq/flags, ICMP type/id/seq — what survives NAT and encapsulation), split where the same
-content recurs after a pause (`GAP_NS`), with the skb address added for IP ID 0 datagrams
-(no identity of their own). Drop/free events join the last hop of their skb; which drops
+Events are grouped into packets by content (identity.content_groups: protocol, IP ID or
+the IPv6 flow label, length, TCP seq/flags, ICMP type/id/seq — what survives NAT and
+encapsulation), split where the same content recurs after a pause (`GAP_NS`), with the skb
+address added for IPv4 datagrams of IP ID 0 (no identity of their own). Drop/free events join the last hop of their skb; which drops
 count is drops.counted, the rule the live capture counts by. Verdict texts come from
 diagnose, like the per-packet path's.
 """
@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 
 from tracer import tracefile
-from tracer.analysis.frames import _cat_from, _factorize, _lookup, _lookup_cat, _map_unique, _nullable, _placement
+from tracer.analysis.frames import _cat_from, _lookup, _lookup_cat, _map_unique, _nullable, _placement
 from tracer.analysis.trace import STATUSES, _empty_hops, _empty_packets
-from tracer.kernel.record import ENCAP, FLAG_FOLLOWED, HOOK_IDS, HOOKS, PROTOS
-from tracer.reconstruct import arrival, beyond, diagnose, dnat, drops, tcpflags, window as windows
+from tracer.kernel.record import ENCAP, FLAG_FOLLOWED, HOOK_IDS, HOOKS
+from tracer.reconstruct import arrival, beyond, diagnose, dnat, drops, identity, tcpflags, window as windows
 from tracer.reconstruct import packets as flows
 from tracer.reconstruct.model import Encap, Hop
 
@@ -45,7 +45,8 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
         return _empty_packets(), _empty_hops()
     col = {c: events[c].to_numpy() for c in
            ("ts_ns", "skb", "hook", "proto", "ip_id", "ip_len", "tcp_seq", "tcp_flags", "icmp_type",
-            "sport", "dport", "netns", "saddr", "daddr", "reason", "location", "flags")}
+            "sport", "dport", "netns", "saddr", "daddr", "reason", "location", "flags", "ifindex", "ttl",
+            "flow_lbl", "agent") if c in events}
     ts_raw = col["ts_ns"]
     if len(ts_raw) < 2 or bool((ts_raw[1:] >= ts_raw[:-1]).all()):
         order = np.arange(n)          # already in time order (captures nearly always are)
@@ -67,17 +68,8 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
     hop_idx = np.flatnonzero(~is_free)
 
     # -- 1. packets by content, split by pauses ----------------------------------------------
-    h = {k: c[k][hop_idx] for k in ("ts_ns", "skb", "proto", "ip_id", "ip_len", "tcp_seq", "tcp_flags",
-                                    "icmp_type", "sport", "dport", "flags")}
-    icmp = h["proto"] == 1
-    no_id = (h["ip_id"] == 0) & ~icmp
-    group = _factorize(h["proto"].astype(np.uint64) | (h["ip_id"].astype(np.uint64) << 8)
-                       | (h["ip_len"].astype(np.uint64) << 24) | (h["tcp_flags"].astype(np.uint64) << 40)
-                       | (h["icmp_type"].astype(np.uint64) << 48),
-                       h["tcp_seq"].astype(np.uint64)
-                       | (np.where(icmp, h["sport"], 0).astype(np.uint64) << 32)
-                       | (np.where(icmp, h["dport"], 0).astype(np.uint64) << 48),
-                       np.where(no_id, h["skb"], 0))
+    h = {k: v[hop_idx] for k, v in c.items() if k not in ("daddr", "reason", "location")}
+    group = identity.content_groups(h, skb_when_no_id=True)
     by_group = np.argsort(group, kind="stable")          # within a group: time order
     g_sorted = group[by_group]
     t_sorted = h["ts_ns"][by_group].astype(np.int64)
@@ -230,8 +222,8 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
     one_way = np.where(reached_pos >= 0, ts[np.maximum(reached_pos, 0)] - first_ts,
                        np.where(delivered & has_hops, ts[last_hop_pos] - first_ts, -1))
     proto = c["proto"][first_row].astype(np.int64)
-    p_icmp = proto == 1
-    echo_id = np.where(p_icmp & np.isin(c["icmp_type"][first_row], (0, 8)), c["sport"][first_row], 0)
+    p_icmp = identity.is_icmp(proto)
+    echo_id = np.where(p_icmp & np.isin(c["icmp_type"][first_row], identity.ECHO_TYPES), c["sport"][first_row], 0)
     sport = c["sport"][first_row].astype(np.int64)
     dport = c["dport"][first_row].astype(np.int64)
     fsport = c["sport"][last_row].astype(np.int64)
@@ -254,14 +246,14 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
         "packet": np.arange(n_all),
         "direction": None,
         "seq": _nullable(np.zeros(n_all, dtype=np.int64), np.ones(n_all, dtype=bool)),
-        "proto": _lookup_cat(proto, PROTOS),
-        "src": tracefile.ip_categorical(c["saddr"][first_row]),
+        "proto": _lookup_cat(proto, identity.PROTO_NAMES),
+        "src": _addr_text(events, "saddr", order[first_row]),
         "sport": _nullable(sport, p_icmp),
-        "dst": tracefile.ip_categorical(c["daddr"][first_row]),
+        "dst": _addr_text(events, "daddr", order[first_row]),
         "dport": _nullable(dport, p_icmp),
-        "final_src": tracefile.ip_categorical(c["saddr"][last_row]),
+        "final_src": _addr_text(events, "saddr", order[last_row]),
         "final_sport": _nullable(fsport, p_icmp),
-        "final_dst": tracefile.ip_categorical(c["daddr"][last_row]),
+        "final_dst": _addr_text(events, "daddr", order[last_row]),
         "final_dport": _nullable(fdport, p_icmp),
         "ip_id": c["ip_id"][first_row].astype(np.int64),
         "ip_len": c["ip_len"][first_row].astype(np.int64),
@@ -307,14 +299,14 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
         "dev": pd.Categorical.from_codes(dev, categories=ifcats) if len(ifcats) else np.array([""], dtype=object)[dev],
         "point": pd.Categorical.from_codes(point, categories=_POINT_NAMES),
         "seen_by": _cat_from(np.where(seen_both, len(_VIA_NAMES), via), _VIA_NAMES + ["tracepoint+tc"]),
-        "src": tracefile.ip_categorical(c["saddr"][rows]),
-        "sport": _nullable(c["sport"][rows].astype(np.int64), c["proto"][rows] == 1),
-        "dst": tracefile.ip_categorical(c["daddr"][rows]),
-        "dport": _nullable(c["dport"][rows].astype(np.int64), c["proto"][rows] == 1),
+        "src": _addr_text(events, "saddr", order[rows]),
+        "sport": _nullable(c["sport"][rows].astype(np.int64), identity.is_icmp(c["proto"][rows])),
+        "dst": _addr_text(events, "daddr", order[rows]),
+        "dport": _nullable(c["dport"][rows].astype(np.int64), identity.is_icmp(c["proto"][rows])),
         "tcp_flags": tcpflags.column(c["tcp_flags"][rows], c["proto"][rows]),
         "encap": _lookup_cat(events["encap"].to_numpy()[order[rows]], ENCAP),
-        "encap_src": tracefile.ip_categorical(events["outer_saddr"].to_numpy()[order[rows]]),
-        "encap_dst": tracefile.ip_categorical(events["outer_daddr"].to_numpy()[order[rows]]),
+        "encap_src": _addr_text(events, "outer_saddr", order[rows]),
+        "encap_dst": _addr_text(events, "outer_daddr", order[rows]),
         "vni": events["vni"].to_numpy()[order[rows]].astype(np.int64),
         "ifindex": events["ifindex"].to_numpy()[order[rows]].astype(np.int64),
         "netns": netns,
@@ -324,6 +316,17 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
     })
     _partial(packets, hops, beyond.View.from_json(meta.get("view")))
     return packets, hops
+
+
+def _addr_text(events: pd.DataFrame, name: str, idx: np.ndarray) -> pd.Categorical:
+    """The text of an address column at rows `idx` of `events`: its `*_str` categorical (either
+    family); a frame without one holds IPv4 numbers."""
+    txt = events.get(name + "_str")
+    if txt is None:
+        return tracefile.ip_categorical(events[name].to_numpy()[idx])
+    if not hasattr(txt, "cat"):
+        return pd.Categorical(txt.to_numpy()[idx])
+    return pd.Categorical.from_codes(txt.cat.codes.to_numpy()[idx], categories=txt.cat.categories)
 
 
 def _partial(packets: pd.DataFrame, hops: pd.DataFrame, view: beyond.View | None) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from tracer import addrs
 from tracer.kernel.record import HOOK_IDS
 from tracer.reconstruct.model import Packet, Verdict
 
@@ -49,7 +50,7 @@ class Rule:
     housekeeping: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     no_socket: int = -1
     otherhost: int = -1
-    home: dict[int, int] = field(default_factory=dict)      # address (number) → its namespace
+    home: dict[int, int] = field(default_factory=dict)      # address (drops.ip_num) → its namespace
     pods: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # pod namespaces
     rst_freed: tuple[int, ...] = ()   # reasons the receiving TCP frees a reset with once it acted on it
 
@@ -63,8 +64,10 @@ class Rule:
                    tuple(code[n] for n in RST_FREED if n in code))
 
     def home_ns(self, daddr: np.ndarray) -> np.ndarray:
-        """The namespace each destination address lives in (0: not known here)."""
-        dst = np.asarray(daddr).astype(np.int64)
+        """The namespace each destination address lives in (0: not known here). `daddr`: a
+        frame's address keys, or raw records' 16-byte addresses (n x 16 bytes)."""
+        dst = np.asarray(daddr)
+        dst = raw_keys(dst) if dst.ndim == 2 else dst.astype(np.int64)
         if not self.home or not len(dst):
             return np.zeros(len(dst), dtype=np.int64)
         codes, uniq = np.unique(dst, return_inverse=True)
@@ -91,9 +94,24 @@ class Rule:
         netns = np.asarray(netns, dtype=np.int64)
         home = self.home_ns(daddr) if home_ns is None else np.asarray(home_ns, dtype=np.int64)
         out = self.socket_cleanup(reason, proto, tcp_flags, netns, home)
-        out |= (reason == self.no_socket) & (np.asarray(proto) == 1) & (np.asarray(icmp_type) == 0)
+        proto, icmp_type = np.asarray(proto), np.asarray(icmp_type)
+        out |= (reason == self.no_socket) & (((proto == 1) & (icmp_type == 0)) | ((proto == 58) & (icmp_type == 129)))
         out |= ((reason == self.otherhost) & (home != 0) & (netns != home) & np.isin(netns, self.pods))
         return out
+
+
+def raw_keys(raw: np.ndarray) -> np.ndarray:
+    """Raw records' 16-byte addresses (network order) → their keys as drops.ip_num gives them
+    (addrs.key as a signed 64-bit number). An address whose last 12 bytes are zero is taken
+    for IPv4 (the record's layout), anything else for IPv6."""
+    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, 16)
+    out = raw[:, :4].copy().view(">u4").reshape(-1).astype(np.int64)
+    v6 = raw[:, 4:].any(axis=1)
+    if v6.any():
+        uniq, inv = np.unique(raw[v6], axis=0, return_inverse=True)
+        keys = [addrs.key_of_packed(bytes(u), True) for u in uniq]
+        out[v6] = np.array([k - (1 << 64) for k in keys], dtype=np.int64)[np.asarray(inv).reshape(-1)]
+    return out
 
 
 def after(v: Verdict) -> bool:
@@ -175,7 +193,7 @@ def _names(hit: dict, packet: Packet) -> int:
     """How many of the packet's addresses a rule names."""
     text = hit.get("rule", "")
     addrs = {a for h in packet.hops for a in (h.src, h.dst)}
-    return sum(1 for a in addrs if a and (f"{a}/32" in text or f" {a} " in text))
+    return sum(1 for a in addrs if a and (f"{a}/32" in text or f"{a}/128" in text or f" {a} " in text))
 
 
 def first_drop(frees, rule: Rule, targets: set[int], since: int | None = None, where: set[int] | None = None):

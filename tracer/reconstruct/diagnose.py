@@ -213,6 +213,10 @@ def _explain_lost(packet: Packet, v: Verdict, ev: Evidence) -> Verdict:
     out_dev = rt.get("dev")
     out_mtu = (f.get("links") or {}).get(out_dev, {}).get("mtu") if out_dev else None
     if reason == "PKT_TOO_BIG" or (out_mtu and ip_len > out_mtu and packet.df):
+        if ":" in (packet.five_tuple.src or ""):   # IPv6: routers never fragment, DF or not
+            return _set(v, "mtu", f"A {ip_len or size}-byte IPv6 packet does not fit {out_dev} on {node} "
+                        f"(MTU {out_mtu}); IPv6 is never fragmented on the way, so it is dropped (the "
+                        "sender should get an ICMPv6 packet too big).", "mtu.md")
         return _set(v, "mtu", f"A {ip_len or size}-byte packet with DF set does not fit {out_dev} on {node} "
                     f"(MTU {out_mtu}); it is dropped instead of fragmented.", "mtu.md")
     # a netfilter drop is not the next hop's fault: its neighbour state is a consequence
@@ -288,7 +292,7 @@ def _matches(hit: dict, packet: Packet) -> int:
     happened to count other traffic during the trace)."""
     text = hit.get("rule", "")
     addrs = {a for h in packet.hops for a in (h.src, h.dst)}
-    return sum(1 for a in addrs if a and (a + "/32") in text or f" {a} " in text)
+    return sum(1 for a in addrs if a and ((a + "/32") in text or (a + "/128") in text or f" {a} " in text))
 
 
 def _stale(packet: Packet, ev: Evidence) -> tuple[Hop, ConntrackView] | None:

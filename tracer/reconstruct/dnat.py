@@ -151,7 +151,7 @@ def mark_unreversed(packets: pd.DataFrame) -> None:
     want = pd.DataFrame({"_proto": nat["_proto"].to_numpy(), "_src": nat["_fdst"].to_numpy(),
                          "_sport": nat["_fdport"].to_numpy(),
                          "_dst": nat["_src"].to_numpy(), "_dport": nat["_sport"].to_numpy(),
-                         "_orig": nat["_dst"].to_numpy()})
+                         "_orig": nat["_dst"].to_numpy(), "_orig_ip": nat["dst"].astype(str).to_numpy()})
     want = want.drop_duplicates(["_proto", "_src", "_sport", "_dst", "_dport"])
     cand = p[["_proto", "_src", "_sport", "_dst", "_dport", "_fsrc"]].reset_index()
     hit = cand.merge(want, on=["_proto", "_src", "_sport", "_dst", "_dport"], how="inner")
@@ -161,15 +161,10 @@ def mark_unreversed(packets: pd.DataFrame) -> None:
     rows = [i for i, good in zip(idx, ok) if good and delivered[p.index.get_loc(i)]]
     if not rows:
         return
-    orig = dict(zip(hit["index"], hit["_orig"]))
+    orig = dict(zip(hit["index"], hit["_orig_ip"]))
     for i in rows:
         src = str(p.at[i, "src"])
         p.at[i, "cause"] = "unreversed-reply"
         p.at[i, "hint"] = (f"The reply from DNAT target {src} reached the client un-reversed (source should "
-                           f"be {_ip_str(orig[i])}, the address the client sent to).")
+                           f"be {orig[i]}, the address the client sent to).")
         p.at[i, "runbook"] = "docs/runbooks/wrong-reply.md"
-
-
-def _ip_str(n) -> str:
-    n = int(n)
-    return ".".join(str((n >> s) & 255) for s in (24, 16, 8, 0))

@@ -8,10 +8,9 @@ no ping socket wanted, and the OTHERHOST of a copy a bridge flooded into another
 
 from __future__ import annotations
 
-import ipaddress
-
 import numpy as np
 
+from tracer import addrs
 from tracer.kernel.record import HOOK_IDS
 from tracer.reconstruct import arrival
 
@@ -20,29 +19,41 @@ HOUSEKEEPING_DROPS = arrival.HOUSEKEEPING
 
 
 def ip_num(s) -> int:
-    """An IPv4 address as the events carry it (a number); 0 for none or a bad one."""
+    """An address of either family as a frame's address column holds it (addrs.key), read as
+    a signed 64-bit number (what `.astype(np.int64)` makes of the column); 0 for none or a
+    bad one."""
     try:
-        return int(ipaddress.IPv4Address(s)) if s else 0
+        k = addrs.key(str(s)) if s else 0
     except ValueError:
         return 0
+    return k - (1 << 64) if k >= 1 << 63 else k
 
 
 def homes(meta: dict) -> dict[int, int]:
-    """Address → the network namespace (inode) where it lives, when this machine has it:
-    pods (Service backends among them) and nodes, from a trace's metadata."""
+    """Address (ip_num) → the network namespace (inode) where it lives, when this machine has
+    it: pods (Service backends among them, each of their addresses) and nodes, from a trace's
+    metadata."""
     placement = {int(k): tuple(v) for k, v in (meta.get("placement") or {}).items()}
     pod_ns = {pod: ino for ino, (node, pod) in placement.items() if pod}
     node_ns = {node: ino for ino, (node, pod) in placement.items() if node and not pod}
     out: dict[int, int] = {}
     for n in meta.get("nodes") or []:
         ino = n.get("netns_inode") or node_ns.get(n.get("name"))
-        if n.get("ip") and ino:
-            out[ip_num(n["ip"])] = int(ino)
+        for ip in _ips(n):
+            if ino:
+                out[ip_num(ip)] = int(ino)
     for p in meta.get("pods") or []:
         ino = p.get("netns_inode") or pod_ns.get(p.get("key"))
-        if p.get("ip") and ino:
-            out[ip_num(p["ip"])] = int(ino)
+        for ip in _ips(p):
+            if ino:
+                out[ip_num(ip)] = int(ino)
+    out.pop(0, None)
     return out
+
+
+def _ips(d: dict) -> list[str]:
+    """A pod's or node's addresses: `ips` (every family), else `ip`."""
+    return [ip for ip in (d.get("ips") or [d.get("ip")]) if ip]
 
 
 def pod_homes(meta: dict) -> set[int]:

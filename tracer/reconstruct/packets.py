@@ -1,9 +1,10 @@
 """Reconstruction: hop events → packets → ordered hop paths, each with a verdict.
 
-A packet is recognised by its content, not by the kernel buffer that carried it: protocol,
-IP ID, IP length, TCP sequence and flags, ICMP type/id/seq. None of these change under
-Service DNAT, reverse NAT or VXLAN encapsulation (events carry the inner header), so one
-packet's hops on two nodes fall into one group. Drop and free events are tied to the hop
+A packet is recognised by its content, not by the kernel buffer that carried it
+(identity.py: protocol, IP ID or for IPv6 the flow label, IP length, TCP sequence and
+flags, ICMP type/id/seq). None of these change under Service DNAT, reverse NAT or VXLAN
+encapsulation (events carry the inner header), so one packet's hops on two nodes fall into
+one group. Drop and free events are tied to the hop
 event that preceded them on the same skb, since a dropped buffer may no longer parse.
 """
 
@@ -15,8 +16,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from tracer.reconstruct import arrival, beyond, diagnose, dnat, tcpflags
-from tracer.kernel.record import ENCAP, FLAG_DF, HOOK_IDS, HOOKS, PROTOS
+from tracer.reconstruct import arrival, beyond, diagnose, dnat, identity, tcpflags
+from tracer.kernel.record import ENCAP, FLAG_DF, HOOK_IDS, HOOKS
 from tracer.reconstruct.model import Addr, ConntrackView, Encap, FiveTuple, Hop, NatChange, Packet
 
 # hook number → (hop point, which kind of hook saw it). Kernel-function hooks keep their own
@@ -28,7 +29,10 @@ from tracer.node.prober import ProbeResult
 
 TCP_SYN, TCP_RST, TCP_ACK = 0x02, 0x04, 0x10
 GAP_NS = 500_000_000     # the same content seen again after this pause is a new packet
-KEY_COLS = ["proto", "ip_id", "ip_len", "tcp_seq", "tcp_flags", "icmp_type", "sport_k", "dport_k"]
+# the content a packet is recognised by (identity.content_groups; sport/dport: ICMP echo only)
+KEY_COLS = ["proto", "ip_id", "ip_len", "tcp_seq", "tcp_flags", "icmp_type", "sport_k", "dport_k", "flow_lbl"]
+_GROUP_COLS = ("proto", "ip_id", "ip_len", "tcp_seq", "tcp_flags", "icmp_type", "sport", "dport", "saddr",
+               "flow_lbl", "netns", "ifindex", "hook", "ttl", "agent")
 
 
 @dataclass
@@ -80,15 +84,11 @@ def assign_packets(df: pd.DataFrame) -> pd.DataFrame:
         return df.assign(pkt=pd.Series(dtype="int64"))
     df = df.sort_values("ts_ns", kind="stable").reset_index(drop=True)
     hop_mask = ~df["hook"].isin([HOOK_IDS["drop"], HOOK_IDS["consume"]]).to_numpy()
-    icmp = (df["proto"] == 1).to_numpy()
-    # Ports change under NAT; for TCP/UDP the IP ID + length + seq identify the packet, for
-    # ICMP echo the id/seq do and never change.
-    df["sport_k"] = np.where(icmp, df["sport"], 0)
-    df["dport_k"] = np.where(icmp, df["dport"], 0)
     df["pkt"] = -1
     # The same content seen again after a pause is a new packet (a retransmission): the
     # rule of the vectorised path, so both paths cut packets alike.
-    group = df[hop_mask].groupby(KEY_COLS, sort=False).ngroup().to_numpy()
+    hop = df[hop_mask]
+    group = identity.content_groups({k: hop[k].to_numpy() for k in _GROUP_COLS if k in hop})
     ts = df.loc[hop_mask, "ts_ns"].to_numpy().astype(np.int64)
     order = np.argsort(group, kind="stable")        # within a group: time order
     new = np.ones(len(order), dtype=bool)
@@ -105,7 +105,7 @@ def assign_packets(df: pd.DataFrame) -> pd.DataFrame:
                              hops[["ts_ns", "skb", "pkt"]].sort_values("ts_ns"),
                              on="ts_ns", by="skb", direction="backward")
         df.loc[last["index"].to_numpy(), "pkt"] = last["pkt"].fillna(-1).astype("int64").to_numpy()
-    return df.drop(columns=["sport_k", "dport_k"])
+    return df
 
 
 def _encap(row) -> Encap | None:
@@ -145,7 +145,7 @@ def _classify(first, fi: FlowInput) -> tuple[str, int | None]:
     """(direction, probe seq) for a packet, from its first hop."""
     src_ip = fi.src.ip
     dst_ips = set(fi.dst.addresses())
-    proto = PROTOS.get(int(first.proto))
+    proto = identity.PROTO_NAMES.get(int(first.proto))
     direction = None
     if first.saddr_str == src_ip and (first.daddr_str in dst_ips or not dst_ips):
         direction = "request"
@@ -160,14 +160,14 @@ def _classify(first, fi: FlowInput) -> tuple[str, int | None]:
     # belongs to the last probe sent before it.
     candidates = sorted(fi.probes, key=lambda q: -q.sent_ns)
     for p in candidates:
-        if proto != p.proto:
+        if not identity.same_proto(proto, p.proto):
             continue
         if p.sent_ns and int(first.ts_ns) < p.sent_ns and any(
                 q is not p and q.sport == p.sport and q.proto == p.proto for q in fi.probes):
             continue
-        if proto == "icmp":
-            want_type = 8 if direction == "request" else 0
-            if int(first.icmp_type) == want_type and int(first.sport) == p.sport and int(first.dport) == p.dport:
+        if identity.is_icmp(first.proto):
+            if (identity.is_echo(first.proto, first.icmp_type, direction == "request")
+                    and int(first.sport) == p.sport and int(first.dport) == p.dport):
                 return (direction, p.seq)
         else:
             port = int(first.sport) if direction == "request" else int(first.dport)
@@ -250,7 +250,7 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[Packet]:
                 hops[-1] = replace(prev, seen_by=prev.seen_by + (via,),
                                    ct=prev.ct if prev.ct is not None else _ct(r, fi.ct_info_names))
                 continue
-            icmp = r.proto == 1
+            icmp = identity.is_icmp(r.proto)
             hops.append(Hop(
                 node=pl.node(r.netns), pod=pl.pod(r.netns), dev=r.ifname, point=point,
                 src=r.saddr_str, dst=r.daddr_str, seen_by=(via,),
@@ -296,13 +296,14 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[Packet]:
             if fi.view is not None:   # left towards a node nobody traced: no view, not lost
                 verdict = beyond.left_view(hops, fi.view.traced, fi.view.node_of, fi.view.untraced) or verdict
             arrive_t = None
-        icmp = first.proto == 1
+        icmp = identity.is_icmp(first.proto)
+        v6 = ":" in first.saddr_str   # no fragmenting on the way in IPv6: DF always holds
         packets.append(Packet(
             direction=direction, seq=seq,
-            five_tuple=FiveTuple(PROTOS.get(int(first.proto), str(int(first.proto))),
+            five_tuple=FiveTuple(identity.PROTO_NAMES.get(int(first.proto), str(int(first.proto))),
                                  first.saddr_str, first.daddr_str,
                                  None if icmp else int(first.sport), None if icmp else int(first.dport)),
-            ip_id=int(first.ip_id), ip_len=int(first.ip_len), df=bool(int(first.flags) & FLAG_DF),
+            ip_id=int(first.ip_id), ip_len=int(first.ip_len), df=bool(int(first.flags) & FLAG_DF) or v6,
             first_ts_ns=t0, one_way_ns=arrive_t, hops=tuple(hops), verdict=verdict,
             nat=tuple(nat_changes(hops, fi)), tcp_flags=hops[0].tcp_flags))
     packets.sort(key=lambda p: p.first_ts_ns)
