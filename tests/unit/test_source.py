@@ -164,3 +164,27 @@ def test_an_answer_that_is_not_the_pods_view_is_not_used():
     f.pop("of")    # an older agent answered with its node's facts
     _, (pr,) = flow([probe("error", "Network is unreachable")], ev=evidence(f))
     assert pr.source["cause"] is None and "could not be read" in pr.source["hint"]
+
+
+V6SRC, V6DST, V6GW = "fd00:10:244:1::2", "fd00:10:244:2::2", "fd00:10:244:1::1"
+
+
+def test_ipv6_emsgsize_with_path_mtu_at_source():
+    """An IPv6 send's EMSGSIZE carries the path MTU the kernel knows; the errno is still EMSGSIZE
+    and a probe larger than the pod's device MTU is an MTU cause."""
+    dev = {**ETH0, "mtu": 1430}
+    f = pod_facts(route={"dst": V6DST, "dev": "eth0", "gateway": V6GW, "prefsrc": V6SRC, "type": 1,
+                         "mtu": None, "mtu_locked": False}, device=dev)
+    pr = ProbeResult(1, "icmp", V6SRC, V6DST, 7, 1, 1000, "error", None, None, "Message too long (path MTU 1430)")
+    assert source.errno_name(pr) == "EMSGSIZE" and source.path_mtu(pr) == 1430
+    q = source.query(A, V6SRC, V6DST, 1450)
+    got = source.judge(pr, [], A, "node-1", Evidence(answers={"node-1": [{"query": q, "facts": f}]}))
+    assert got["cause"] == "mtu" and got["errno"] == "EMSGSIZE" and got["runbook"] == "docs/runbooks/mtu.md"
+    assert "eth0 has an MTU of 1430; a 1450-byte DF probe cannot leave" in got["hint"]
+    # the device fits the probe, the path MTU the kernel learnt does not
+    f = pod_facts(route={"dst": V6DST, "dev": "eth0", "gateway": V6GW, "type": 1, "mtu": None, "mtu_locked": False},
+                  device={**ETH0, "mtu": 1500})
+    pr = ProbeResult(1, "icmp", V6SRC, V6DST, 7, 1, 1000, "error", None, None, "Message too long (path MTU 1280)")
+    q = source.query(A, V6SRC, V6DST, 1400)
+    got = source.judge(pr, [], A, "node-1", Evidence(answers={"node-1": [{"query": q, "facts": f}]}))
+    assert got["cause"] == "mtu" and "knows a path MTU of 1280 for fd00:10:244:2::2" in got["hint"], got

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from dataclasses import replace
 
 from tracer.node.prober import ProbeResult
@@ -27,6 +28,8 @@ _ERRNO = {os.strerror(getattr(errno, n)): n for n in
           ("ENETUNREACH", "EHOSTUNREACH", "EMSGSIZE", "ENOBUFS", "ENETDOWN", "EPERM", "EACCES",
            "EINVAL", "EADDRNOTAVAIL", "ENODEV", "ENOMEM")}
 _UNRESOLVED = {"FAILED", "INCOMPLETE", "NONE"}
+_DETAIL_NOTE = re.compile(r" \([^()]*\)$")
+_PATH_MTU = re.compile(r"\(path MTU (\d+)\)$")
 
 
 def query(pod_key: str, src: str, dst: str, size: int | None) -> dict:
@@ -67,7 +70,15 @@ def errno_name(pr: ProbeResult) -> str | None:
         return None
     if pr.outcome == "refused" and pr.reply_from:
         return None
-    return _ERRNO.get(pr.detail) or (pr.detail if pr.outcome == "error" else None)
+    # an IPv6 send's error carries the path MTU the kernel knows: "Message too long (path MTU 1430)"
+    base = _DETAIL_NOTE.sub("", pr.detail)
+    return _ERRNO.get(pr.detail) or _ERRNO.get(base) or (pr.detail if pr.outcome == "error" else None)
+
+
+def path_mtu(pr: ProbeResult) -> int | None:
+    """The path MTU an IPv6 probe's EMSGSIZE reported, None when it did not say."""
+    m = _PATH_MTU.search(pr.detail or "") if pr.outcome == "error" else None
+    return int(m.group(1)) if m else None
 
 
 def _left(reqs: list[Packet], pod_key: str) -> bool:
@@ -103,7 +114,7 @@ def judge(pr: ProbeResult, reqs: list[Packet], pod: str | None, node: str | None
         return out
     q, f = found
     out["evidence"] = {k: f.get(k) for k in ("route", "next_hop", "device")}
-    cause = _cause(name, q, f, err)
+    cause = _cause(name, q, f, err, path_mtu(pr))
     if cause is not None:
         out["cause"], sentence, book = cause
         out["hint"] = f"never left {name}: {sentence}"
@@ -115,7 +126,8 @@ def judge(pr: ProbeResult, reqs: list[Packet], pod: str | None, node: str | None
     return out
 
 
-def _cause(name: str, q: dict, f: dict, err: str | None) -> tuple[str, str, str] | None:
+def _cause(name: str, q: dict, f: dict, err: str | None,
+           pmtu: int | None = None) -> tuple[str, str, str] | None:
     """(cause, sentence, runbook) from the pod's facts, or None when none proves a cause."""
     rt = f.get("route") or {}
     dst, size = q.get("dst"), q.get("size")
@@ -135,6 +147,9 @@ def _cause(name: str, q: dict, f: dict, err: str | None) -> tuple[str, str, str]
     dev_mtu = dev.get("mtu")
     if err == "EMSGSIZE" and dev_mtu and size and size > dev_mtu:
         return ("mtu", f"{name}'s {dev.get('name')} has an MTU of {dev_mtu}; a {size}-byte DF probe "
+                f"cannot leave{failed}.", "mtu.md")
+    if err == "EMSGSIZE" and pmtu and size and size > pmtu:
+        return ("mtu", f"{name}'s kernel knows a path MTU of {pmtu} for {dst}; a {size}-byte probe "
                 f"cannot leave{failed}.", "mtu.md")
     # 3. the device the route leaves by is down
     if dev and (not dev.get("up") or dev.get("operstate") == "DOWN"):
