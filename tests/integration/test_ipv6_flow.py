@@ -89,6 +89,14 @@ def flannel_points(lab, a: str, b: str) -> list[tuple]:
     ]
 
 
+def unflooded(lab, packet, a: str, b: str) -> dict:
+    """The packet without the copies a bridge floods to the other pods of a node while it has
+    not (re)learnt the destination's MAC (the pods drop them): the same in both families."""
+    others = {p["host_veth"] for p in lab["pods"] if p["name"] not in (a, b)}
+    keep = {None, f"default/{a}", f"default/{b}"}
+    return {**packet, "hops": [h for h in packet["hops"] if h.get("pod") in keep and h["dev"] not in others]}
+
+
 @pytest.fixture(scope="module")
 def v6lab():
     with private_lab(V6, ip_family="ipv6") as doc:
@@ -119,7 +127,7 @@ def test_ipv6_cross_node_every_hop(v6lab, proto):
         assert p["tuple"]["proto"] == want
         assert p["verdict"]["status"] == "delivered", p["verdict"]
         a, b = ("pod-1-1", "pod-2-1") if p["direction"] == "request" else ("pod-2-1", "pod-1-1")
-        assert points(p) == flannel_points(v6lab, a, b)
+        assert points(unflooded(v6lab, p, a, b)) == flannel_points(v6lab, a, b)
         assert all(family(h["src"]) == 6 and family(h["dst"]) == 6 for h in p["hops"])
         encap = [h["encap"] for h in p["hops"] if h["encap"]]
         assert encap and all(family(e["src"]) == 6 and e["type"] == "vxlan" for e in encap), encap
