@@ -266,6 +266,9 @@ def test_dual_stack_service_ipv6(duallab):
     reqs = [p for p in doc["packets"] if p["direction"] == "request"]
     assert reqs and all(any(n["type"] == "dnat" for n in p["nat"]) for p in reqs), [p["nat"] for p in reqs]
     assert all(p["hops"][-1]["dst"] in web["backend_ips_by_family"]["ipv6"] for p in reqs)
+    cts = [h["ct"] for p in doc["packets"] for h in p["hops"] if h.get("ct")]
+    assert any(c["orig"]["dst"] == vip6 for c in cts), cts
+    assert all(p["verdict"]["status"] == "delivered" for p in doc["packets"]), [p["verdict"] for p in doc["packets"]]
 
 
 def test_dual_stack_bare_ipv6_address(duallab):
@@ -275,3 +278,5 @@ def test_dual_stack_bare_ipv6_address(duallab):
     assert doc["dst"]["pod"] == "default/pod-2-1" and doc["dst"]["ip"] == ip6
     assert family(doc["src"]["ip"]) == 6, "the source takes the family of the address given"
     assert {p["tuple"]["proto"] for p in doc["packets"]} == {"icmpv6"}
+    for p in doc["packets"]:
+        assert p["verdict"]["status"] == "delivered" and {"node-1", "node-2"} <= {h["node"] for h in p["hops"]}
