@@ -20,10 +20,12 @@ from bench.analysis import DROP_AFTER, DROP_LOCATION, FABRIC, N1, NETFILTER_DROP
 from bench.analysis import meta as base_meta
 from tests.unit.test_engine import equal_paths
 from tracer import addrs, analysis, render
+from tracer.cluster import inventory
 from tracer.kernel.record import HOOKS, IP_COLUMNS
 from tracer.node.prober import ProbeResult
 from tracer.reconstruct import diagnose, drops, identity
 from tracer.reconstruct import verdict as verdicts
+from tracer.reconstruct import evidence
 from tracer.reconstruct.evidence import Evidence
 from tracer.reconstruct.model import FlowVerdict
 from tracer.reconstruct.packets import assign_packets, build_packets
@@ -452,3 +454,18 @@ def test_analyze_report_and_plot_labels_write_ipv6_with_brackets():
     assert f"[{V6[A]}]:40000" in text and f"[{VIP6}]:80" in text
     hops = t.hops[t.hops["packet"] == 0].reset_index(drop=True)
     assert plots._nat_label(hops.iloc[2], hops.iloc[1]) == f"dst → [{V6[BACKEND]}]:8080"
+
+
+def test_dual_stack_service_reply_is_reverse_dnat_to_the_ipv6_vip():
+    """A dual-stack Service's first cluster IP is IPv4: an IPv6 flow to it still names its
+    IPv6 VIP, so the reply's source change back to it is the reverse DNAT, not an SNAT."""
+    df, meta = frame(svc_rows()), svc_meta(VIP6)
+    fi = analysis._flow_input(meta)
+    fi.dst.service = inventory.Service("default", "web", "10.96.0.10", backends=[BACKEND],
+                                       backend_ips=["10.244.2.3", V6[BACKEND]], cluster_ips=["10.96.0.10", VIP6])
+    ev = evidence.service_evidence(fi.dst.service, fi.dst.ip)
+    assert ev.vip == VIP6
+    req, rep = diagnose.judge(build_packets(df, fi), ev)
+    assert [n.type for n in req.nat] == ["dnat"] and req.nat[0].backend == V6[BACKEND]
+    assert [n.type for n in rep.nat] == ["reverse-dnat"] and rep.nat[0].after.src == VIP6
+    assert req.verdict.status == rep.verdict.status == "delivered" and rep.verdict.cause is None

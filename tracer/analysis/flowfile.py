@@ -73,7 +73,7 @@ def reconstruct(events: pd.DataFrame, meta: dict) -> list[Packet]:
     if isinstance(meta.get("evidence"), dict):
         # the evidence the live run judged with: the same causes as its `-o json`
         return windows.apply(diagnose.judge(packets, Evidence.from_json(meta["evidence"])), window)
-    packets = windows.apply(diagnose.judge(packets, evidence.service_evidence(fi.dst.service)), window)
+    packets = windows.apply(diagnose.judge(packets, evidence.service_evidence(fi.dst.service, fi.dst.ip)), window)
     # files written before the evidence was saved: no node facts to show
     return [replace(p, verdict=replace(p.verdict, evidence=_without_node_facts(p.verdict.evidence)))
             for p in packets]

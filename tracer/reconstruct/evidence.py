@@ -69,8 +69,10 @@ class Evidence:
                    dict(d.get("dnat") or {}))
 
 
-def service_evidence(service) -> Evidence:
-    """The evidence a flow's destination Service gives (no node facts yet)."""
+def service_evidence(service, ip: str | None = None) -> Evidence:
+    """The evidence a flow's destination Service gives (no node facts yet). `ip` is the
+    address the flow was resolved to: a dual-stack Service's VIP of that family."""
     if service is None:
         return Evidence()
-    return Evidence(vip=service.cluster_ip, service=service.key, backends=list(service.backend_ips))
+    vip = ip if ip and ip in service.addresses() else service.cluster_ip
+    return Evidence(vip=vip, service=service.key, backends=list(service.backend_ips))

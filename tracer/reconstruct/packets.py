@@ -208,8 +208,16 @@ def _target_ips(fi: FlowInput, direction: str) -> set[str]:
         return {fi.src.ip}
     ep = fi.dst
     if ep.service:
-        return set(ep.service.backend_ips) | ({ep.service.cluster_ip} if ep.service.cluster_ip else set())
+        return set(ep.service.backend_ips) | set(ep.service.addresses()) | {ep.ip}
     return {ep.ip}
+
+
+def flow_vip(fi: FlowInput) -> str | None:
+    """The VIP this flow's packets carry: the Service address of the family resolved (a
+    dual-stack Service has one per family), or a DNATed destination."""
+    if fi.dst.service:
+        return fi.dst.ip if fi.dst.ip in fi.dst.service.addresses() else fi.dst.service.cluster_ip
+    return fi.dst.ip if fi.dnat else None
 
 
 def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[Packet]:
@@ -314,7 +322,7 @@ def nat_changes(hops, fi: FlowInput) -> list[NatChange]:
     """Address or port changes between consecutive hops: where DNAT picked a Service backend,
     where a reply was reverse-NATed back to the VIP, where SNAT happened."""
     out = []
-    vip = fi.dst.service.cluster_ip if fi.dst.service else (fi.dst.ip if fi.dnat else None)
+    vip = flow_vip(fi)
     for i in range(1, len(hops)):
         a, b = hops[i - 1], hops[i]
         before = Addr(a.src, a.sport, a.dst, a.dport)

@@ -127,7 +127,7 @@ def vtep(topo) -> dict:
 
 def service_evidence(plan: Plan) -> Evidence:
     """The evidence known before any node is asked: the Service and the overlay map."""
-    e = evidence.service_evidence(plan.dst.service)
+    e = evidence.service_evidence(plan.dst.service, plan.dst.ip)
     return Evidence(vip=e.vip, service=e.service, backends=e.backends, vtep=vtep(plan.topology))
 
 
@@ -170,7 +170,7 @@ def local_evidence(topo, dst: inventory.Endpoint, refs, before, after, pods: dic
                    src_query: tuple[str, str, dict] | None = None) -> LocalEvidence:
     hits = {n: facts.rule_hits(before[n], after[n]) for n in after if n in before}
     hits.update(pods or {})
-    e = evidence.service_evidence(dst.service)
+    e = evidence.service_evidence(dst.service, dst.ip)
     return LocalEvidence(Evidence(rule_hits=hits, vip=e.vip, service=e.service, backends=e.backends,
                                   vtep=vtep(topo)), refs, src_query)
 
