@@ -153,25 +153,44 @@ def ruleset(topo: LabPlan, family: int = 4) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _service_lines(svc: ServicePlan, family: int) -> list[str]:
+def _service_lines(svc: ServicePlan | dict, family: int) -> list[str]:
+    """The Service's service and endpoint chains with their rules (`nft -f` lines)."""
     ipx = nft_family(family)
-    vip = _vip(svc, family)
+    vip, ns, name, ports = _parts(svc, family)
     out = []
-    for p in svc.ports:
-        proto = p.protocol.lower()
-        chain = service_chain(svc.namespace, svc.name, p.protocol, p.name)
-        eps = [(_backend_ip(b, family), p.target_port) for b in svc.backends]
-        names = [endpoint_chain(svc.namespace, svc.name, p.protocol, p.name, ip, port) for ip, port in eps]
+    for pname, proto, port, eps in ports:
+        names = [endpoint_chain(ns, name, proto, pname, ip, tport) for ip, tport in eps]
         vmap = ", ".join(f"{i} : goto {n}" for i, n in enumerate(names))
         # Traffic to the VIP from outside the pod network is masqueraded.
-        out += _chain(chain, None, f"{ipx} daddr {vip} {proto} dport {p.port} {ipx} saddr != "
+        out += _chain(service_chain(ns, name, proto, pname), None,
+                      f"{ipx} daddr {vip} {proto.lower()} dport {port} {ipx} saddr != "
                       f"{cluster_cidr(family)} jump mark-for-masquerade",
                       f"numgen random mod {len(names)} vmap {{ {vmap} }}")
-        for (ip, port), name in zip(eps, names):
-            target = f"[{ip}]:{port}" if family == 6 else f"{ip}:{port}"
-            out += _chain(name, None, f"{ipx} saddr {ip} jump mark-for-masquerade",   # hairpin
-                          f"meta l4proto {proto} dnat to {target}")
+        for (ip, tport), chain in zip(eps, names):
+            target = f"[{ip}]:{tport}" if family == 6 else f"{ip}:{tport}"
+            out += _chain(chain, None, f"{ipx} saddr {ip} jump mark-for-masquerade",   # hairpin
+                          f"meta l4proto {proto.lower()} dnat to {target}")
     return out
+
+
+def without_endpoints(svc: dict, family: int) -> tuple[str, str]:
+    """(`nft -f` input that programs the Service as kube-proxy does once it has no
+    endpoints, the input that puts it back): its `service-ips` elements and chains go, a
+    `no-endpoint-services` element per port jumps to the reject chain."""
+    fam = nft_family(family)
+    vip, ns, name, ports = _parts(svc, family)
+    keys = [f"{vip} . {proto.lower()} . {port}" for _, proto, port, _ in ports]
+    chains = service_chains(svc, family)
+    svc_chains = [service_chain(ns, name, proto, pname) for pname, proto, _, _ in ports]
+    gone = [f"delete element {fam} {TABLE} {SERVICE_IPS} {{ {', '.join(keys)} }}",
+            f"add element {fam} {TABLE} {NO_ENDPOINTS} {{ {', '.join(no_endpoint_elements(svc, family))} }}"]
+    gone += [f"flush chain {fam} {TABLE} {c}" for c in svc_chains]
+    gone += [f"delete chain {fam} {TABLE} {c}" for c in chains]
+    back = [f"delete element {fam} {TABLE} {NO_ENDPOINTS} {{ {', '.join(keys)} }}",
+            f"table {fam} {TABLE} {{", *_service_lines(svc, family), "}",
+            f"add element {fam} {TABLE} {SERVICE_IPS} {{ "
+            + ", ".join(f"{k} : goto {c}" for k, c in zip(keys, svc_chains)) + " }"]
+    return "\n".join(gone) + "\n", "\n".join(back) + "\n"
 
 
 def _chain(name: str, header: str | None, *rules: str) -> list[str]:
