@@ -311,9 +311,9 @@ def _doc_namespaces(doc: dict) -> list[str]:
 
 
 def _check_tools(v6: bool = False, proxy: str = "iptables") -> None:
+    if proxy == "ipvs":
+        kubeproxy_ipvs.check_kernel()
     for tool, package in {**_TOOLS, **(_TOOLS6 if v6 else {}), **_PROXY_TOOLS.get(proxy, {})}.items():
         if shutil.which(tool) is None:
             raise EnvironmentProblem(f"`{tool}` is not installed",
                                      f"install it: apt-get install {package}")
-    if proxy == "ipvs":
-        kubeproxy_ipvs.check_kernel()
