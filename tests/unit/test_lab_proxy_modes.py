@@ -91,3 +91,47 @@ def test_ipvs_mode_programs_virtual_servers_ipsets_and_kube_ipvs0():
     assert "addr add 10.96.0.10/32 dev kube-ipvs0" in V.device_batch(topo)
     rules = V.iptables_rules(topo, 4)
     assert "--match-set KUBE-CLUSTER-IP dst,dst -j ACCEPT" in rules and "KUBE-SVC-" not in rules
+
+
+PROC_IP_VS = """IP Virtual Server version 1.2.1 (size=4096)
+Prot LocalAddress:Port Scheduler Flags
+  -> RemoteAddress:Port Forward Weight ActiveConn InActConn
+TCP  0A60000A:0050 rr
+UDP  0A60000A:0050 rr
+  -> 0AF40203:1F90      Masq    0      0          1
+TCP  0A600014:0050 rr
+  -> 0AF40102:1F90      Masq    1      0          0
+TCP  [fd00:0010:0096:0000:0000:0000:0000:0010]:0050 rr
+"""
+
+
+def test_proc_ip_vs_parsed_and_unserved_virtual_servers_found():
+    from tracer.node import ipvsfacts
+
+    vs = ipvsfacts.parse(PROC_IP_VS)
+    assert [(v["proto"], v["vip"], v["port"], len(v["reals"])) for v in vs] == [
+        ("tcp", "10.96.0.10", 80, 0), ("udp", "10.96.0.10", 80, 1), ("tcp", "10.96.0.20", 80, 1),
+        ("tcp", "fd00:10:96::10", 80, 0)]
+    assert vs[1]["reals"][0] == {"ip": "10.244.2.3", "port": 8080, "forward": "Masq", "weight": 0,
+                                 "active": 0, "inactive": 1}
+    assert ipvsfacts.unserved(vs, "10.96.0.10", 80, "tcp")["reals"] == []        # no real server
+    assert ipvsfacts.unserved(vs, "10.96.0.10", 80, "udp") is not None           # weight 0 only
+    assert ipvsfacts.unserved(vs, "10.96.0.20", 80, "tcp") is None               # served
+    assert ipvsfacts.unserved(None, "10.96.0.10", 80, "tcp") is None             # no IPVS
+
+
+def test_ipvs_virtual_server_without_real_servers_is_service_no_endpoints():
+    from tests.unit.test_diagnose import bind, facts, hop
+    from tracer.node import ipvsfacts
+    from tracer.reconstruct import diagnose
+    from tracer.reconstruct.model import FiveTuple, Packet, Verdict
+
+    hops = (hop("node-1", "eth0", "tx", pod="default/a", dst="10.96.0.10"), hop("node-1", "cni0", "rx", dst="10.96.0.10"))
+    v = Verdict("dropped", "node-1", "cni0", "drop", "NETFILTER_DROP", "nf_hook_slow", "generic", None)
+    p = Packet("request", 1, FiveTuple("udp", "10.244.1.2", "10.96.0.10", 40000, 80), 1, 60, False, 0, None, hops, v)
+    got = diagnose.explain(p, bind(p, (facts(ipvs=ipvsfacts.parse(PROC_IP_VS)), {})))
+    assert got.cause == "service-no-endpoints" and got.runbook.endswith("service-no-endpoints.md")
+    assert "IPVS virtual server 10.96.0.10:80/udp on node-1 has only real servers of weight 0" in got.hint
+    tcp = Packet("request", 1, FiveTuple("tcp", "10.244.1.2", "10.96.0.10", 40000, 80), 1, 60, False, 0, None, hops, v)
+    got = diagnose.explain(tcp, bind(tcp, (facts(ipvs=ipvsfacts.parse(PROC_IP_VS)), {})))
+    assert "has no real servers" in got.hint

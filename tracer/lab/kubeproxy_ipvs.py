@@ -49,7 +49,8 @@ def _ip(pod, family: int) -> str:
     return next(ip for ip in (pod.ips or (pod.ip,)) if addr_family(ip) == family)
 
 
-def _hp(ip: str, port: int) -> str:
+def host_port(ip: str, port: int) -> str:
+    """ipvsadm's spelling of an address and port: 10.96.0.10:80, [fd00:10:96::10]:80."""
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
@@ -61,8 +62,8 @@ def virtual_servers(topo: LabPlan, family: int) -> str:
         vip = _vip(svc, family)
         for p in svc.ports:
             kind = "-t" if p.protocol == "TCP" else "-u"
-            out.append(f"-A {kind} {_hp(vip, p.port)} -s {SCHEDULER}")
-            out += [f"-a {kind} {_hp(vip, p.port)} -r {_hp(_ip(b, family), p.target_port)} -m -w 1"
+            out.append(f"-A {kind} {host_port(vip, p.port)} -s {SCHEDULER}")
+            out += [f"-a {kind} {host_port(vip, p.port)} -r {host_port(_ip(b, family), p.target_port)} -m -w 1"
                     for b in svc.backends]
     return "\n".join(out) + "\n"
 

@@ -181,6 +181,8 @@ def svc_no_endpoints(ch: Changes, lab: Lab, node: str | None) -> None:
     for n in lab.nodes:
         if lab.doc.get("proxy") == "nftables":
             faults_proxy.nft_no_endpoints(ch, lab, n)
+        elif lab.doc.get("proxy") == "ipvs":
+            faults_proxy.ipvs_no_endpoints(ch, lab, n)
         else:
             _iptables_no_endpoints(ch, n, svc, key, vip, svc_chains, sep_chains, portals, rejects)
         # Real nodes reach a ClusterIP that is not DNATed through their default route; lab
