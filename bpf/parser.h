@@ -39,14 +39,16 @@ static __always_inline int P_(parse_l4)(P_CTX c, u32 l4, u32 left, u32 base, str
 static __always_inline int P_(parse_ip6)(P_CTX c, u32 off, u32 avail, struct pkt *p);
 
 // Parse an IPv4 header at `off` (with `avail` bytes readable from there) and its L4 header;
-// an IPv6 header goes to parse_ip6. Returns the offset of the UDP payload (to look for a
+// when the link layer said IPv6 (`v6`: skb->protocol or the inner ethertype) parse_ip6 reads
+// it instead. The version nibble must agree with what the link layer said. Returns the offset of the UDP payload (to look for a
 // tunnel), 0 when done, <0 when the packet is not IP or is truncated: such packets are
 // skipped, never misread.
-static __always_inline int P_(parse_ip)(P_CTX c, u32 off, u32 avail, struct pkt *p) {
+static __always_inline int P_(parse_ip)(P_CTX c, u32 off, u32 avail, struct pkt *p, u8 v6) {
+    if (v6) return P_(parse_ip6)(c, off, avail, p);
     u8 iph[20];
     if (avail < 20) return -1;
     if (P_LOAD(c, off, iph, sizeof(iph))) return -1;
-    if ((iph[0] >> 4) != 4) return (iph[0] >> 4) == 6 ? P_(parse_ip6)(c, off, avail, p) : -1;
+    if ((iph[0] >> 4) != 4) return -1;
     u32 ihl = (iph[0] & 0x0f) * 4;
     if (ihl < 20 || ihl > avail) return -1;
     u16 tot = ((u16)iph[2] << 8) | iph[3];
@@ -116,10 +118,10 @@ static __always_inline int P_(parse_ip6)(P_CTX c, u32 off, u32 avail, struct pkt
     return P_(parse_l4)(c, off + l4, avail - l4, off, p);
 }
 
-// `off` is the IP header. Decapsulates one level of VXLAN or Geneve so the event carries the
+// `off` is the IP header (IPv6 when `v6`). Decapsulates one level of VXLAN or Geneve so the event carries the
 // inner packet and the outer addresses and VNI.
-static __always_inline int P_(parse_packet)(P_CTX c, u32 off, u32 avail, struct pkt *p) {
-    int r = P_(parse_ip)(c, off, avail, p);
+static __always_inline int P_(parse_packet)(P_CTX c, u32 off, u32 avail, struct pkt *p, u8 v6) {
+    int r = P_(parse_ip)(c, off, avail, p, v6);
     if (r <= 0) return r == 0 ? 0 : -1;
     u16 dport = ((p->dport & 0xff) << 8) | (p->dport >> 8);
     u32 hdr;        // tunnel header length before the inner Ethernet frame
@@ -154,7 +156,7 @@ static __always_inline int P_(parse_packet)(P_CTX c, u32 off, u32 avail, struct 
         __builtin_memset(p->saddr, 0, 16);
         __builtin_memset(p->daddr, 0, 16);
     }
-    if (P_(parse_ip)(c, off + inner, avail - inner, p) < 0
+    if (P_(parse_ip)(c, off + inner, avail - inner, p, etype == ETH_P_IPV6_BE) < 0
         || (addr_eq(p->saddr, p->osaddr) && addr_eq(p->daddr, p->odaddr) && p->proto == outer.proto)) {
         // never report a half-parsed inner header as a packet
         __builtin_memcpy(p->saddr, p->osaddr, 16);

@@ -462,6 +462,7 @@ static __always_inline int read_packet(const u8 *skb, const u8 *l3, u16 nh, stru
     u8 span[32];
     if (bpf_probe_read_kernel(span, SPAN_LEN, skb + SKB_PROTOCOL)) return NOT_IPV4;
     if (!is_ip(*(u16 *)span)) return NOT_IPV4;
+    u8 v6 = *(u16 *)span == ETH_P_IPV6_BE;
     const u8 *head_ = *(const u8 **)(span + (SKB_HEAD - SKB_PROTOCOL));
     u32 tail_ = *(u32 *)(span + (SKB_TAIL - SKB_PROTOCOL));
     if (!l3) {
@@ -471,7 +472,9 @@ static __always_inline int read_packet(const u8 *skb, const u8 *l3, u16 nh, stru
     u32 avail = 0;
     if (head_ && l3 >= head_ && (u64)(l3 - head_) < tail_) avail = tail_ - (u32)(l3 - head_);
 #else
-    if (!is_ip(skb_u16(skb, SKB_PROTOCOL))) return NOT_IPV4;
+    u16 proto = skb_u16(skb, SKB_PROTOCOL);
+    if (!is_ip(proto)) return NOT_IPV4;
+    u8 v6 = proto == ETH_P_IPV6_BE;
     if (!l3) {
         const u8 *head = (const u8 *)rd64(skb, SKB_HEAD);
         if (!head) return -1;
@@ -482,10 +485,10 @@ static __always_inline int read_packet(const u8 *skb, const u8 *l3, u16 nh, stru
     int ok = -1;
     u8 pb[PT_BUF];
     if (avail >= 20 && !bpf_probe_read_kernel(pb, PT_BUF, l3))
-        ok = buf_parse_packet(pb, 0, avail < PT_BUF ? avail : PT_BUF, p);
+        ok = buf_parse_packet(pb, 0, avail < PT_BUF ? avail : PT_BUF, p, v6);
     if (ok < 0) {   // headers beyond PT_BUF, a failed read, or a bad packet: per-header reads
         __builtin_memset(p, 0, sizeof(*p));
-        ok = kern_parse_packet(l3, 0, avail, p);
+        ok = kern_parse_packet(l3, 0, avail, p, v6);
     }
     return ok;
 }
