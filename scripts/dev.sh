@@ -12,7 +12,8 @@ VENV=$ROOT/.venv
 # second line is what the runbooks' commands and the lab's hints run (tests/integration/
 # test_runbook_commands.py runs every one of them against the lab).
 APT_PKGS=(python3-bpfcc iproute2 iptables iperf3 bpftool kmod conntrack gcc python3
-          iputils-ping iputils-tracepath curl tcpdump ethtool procps nftables)
+          iputils-ping iputils-tracepath curl tcpdump ethtool procps nftables
+          ipvsadm ipset)
 HEADERS_PKG=linux-headers-cloud-amd64
 changed=0
 say() { echo "setup: $*"; changed=1; }

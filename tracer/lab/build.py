@@ -22,7 +22,7 @@ from typing import Callable
 
 from tracer.errors import EnvironmentProblem, require_root
 from tracer import testhooks
-from tracer.lab import guard, processes, shell
+from tracer.lab import guard, kubeproxy_ipvs, kubeproxy_nft, processes, shell
 from tracer.lab import topology as T
 from tracer.lab import view
 from tracer.lab.cni import flavour
@@ -40,6 +40,8 @@ PAUSE_ENV = "PODTRACE_LAB_PAUSE_AFTER"
 STEPS = ("namespaces", "fabric", "nodes", "pods", "services", "responders", "inventory")
 _TOOLS = {"ip": "iproute2", "bridge": "iproute2", "iptables-restore": "iptables"}
 _TOOLS6 = {"ip6tables-restore": "iptables"}
+_PROXY_TOOLS = {"nftables": {"nft": "nftables"},
+                "ipvs": {"ipvsadm": "ipvsadm", "ipset": "ipset"}}
 # IPv6 labs: no duplicate address detection (addresses usable at once) and no router
 # solicitations or autoconfiguration: only the traffic a test or probe sends, plus the
 # neighbour discovery that traffic needs.
@@ -83,7 +85,7 @@ def up(cfg: T.LabConfig, progress: Progress | None = None) -> tuple[dict, bool]:
     already up, in which case nothing was touched."""
     say = progress or (lambda _msg: None)
     require_root("podtrace lab up")
-    _check_tools(6 in cfg.families)
+    _check_tools(6 in cfg.families, cfg.proxy)
     with guard.locked(cfg.state_dir):
         try:
             doc = status(cfg.prefix, cfg.state_dir)
@@ -131,7 +133,7 @@ def _build(topo: T.LabPlan, say: Progress) -> dict:
         ("fabric", f"wiring the fabric bridge to {len(topo.nodes)} node uplinks", _wire_fabric),
         ("nodes", fl.NODES_STEP, _configure_nodes),
         ("pods", f"configuring {n_pods} pods", _configure_pods),
-        ("services", fl.SERVICES_STEP, _program_iptables),
+        ("services", proxy_step(topo, fl.SERVICES_STEP), _program_services),
         ("responders", f"starting {n_pods} responders on TCP/UDP {T.APP_PORT}", processes.start),
         ("inventory", "writing the inventory", _write_inventory),
     ]
@@ -211,15 +213,38 @@ def _configure_pods(topo: T.LabPlan) -> None:
                     for p in topo.pods])
 
 
-def _program_iptables(topo: T.LabPlan) -> None:
-    """One `iptables-restore --noflush` per node and family (`ip6tables-restore` for IPv6)."""
+def proxy_step(topo: T.LabPlan, iptables_step: str) -> str:
+    """The progress message of the Services step in the lab's kube-proxy mode."""
+    return {"nftables": "programming kube-proxy's nftables table (nftables mode)",
+            "ipvs": "programming IPVS virtual servers on kube-ipvs0 (ipvs mode)"}.get(
+        topo.config.proxy, iptables_step)
+
+
+def _program_services(topo: T.LabPlan) -> None:
+    """One `iptables-restore --noflush` per node and family (`ip6tables-restore` for IPv6):
+    kube-proxy's nat rules in iptables mode, the CNI's filter rules in every mode; in
+    nftables mode one `nft -f` per node and family with the `kube-proxy` table; in ipvs mode
+    kube-ipvs0, the virtual servers and kube-proxy's ipset-based rules."""
+    mode = topo.config.proxy
+    fl = flavour(topo.config.cni)
     jobs = []
     for family in topo.families:
-        rules = T.iptables_rules(topo) if family == 4 else T.iptables_rules(topo, family)
+        if mode == "iptables":
+            rules = T.iptables_rules(topo) if family == 4 else T.iptables_rules(topo, family)
+        elif mode == "ipvs":
+            rules = kubeproxy_ipvs.iptables_rules(topo, family)
+        else:
+            rules = "\n".join(fl.filter_rules(family)) + "\n"
         tool = "iptables-restore" if family == 4 else "ip6tables-restore"
         jobs += [(["ip", "netns", "exec", n.netns, tool, "-w", "5", "--noflush"],
                   rules, f"programming {tool.removesuffix('-restore')} on {n.name}")
                  for n in topo.nodes]
+        if mode == "nftables":
+            jobs += [(["ip", "netns", "exec", n.netns, "nft", "-f", "-"], kubeproxy_nft.ruleset(topo, family),
+                      f"programming the {kubeproxy_nft.nft_family(family)} kube-proxy table on {n.name}")
+                     for n in topo.nodes]
+    if mode == "ipvs":
+        kubeproxy_ipvs.program(topo)   # the ipsets the iptables rules match come first
     shell.parallel(jobs)
 
 
@@ -285,8 +310,10 @@ def _doc_namespaces(doc: dict) -> list[str]:
             *(p["netns"] for p in doc.get("pods", []))]
 
 
-def _check_tools(v6: bool = False) -> None:
-    for tool, package in {**_TOOLS, **(_TOOLS6 if v6 else {})}.items():
+def _check_tools(v6: bool = False, proxy: str = "iptables") -> None:
+    if proxy == "ipvs":
+        kubeproxy_ipvs.check_kernel()
+    for tool, package in {**_TOOLS, **(_TOOLS6 if v6 else {}), **_PROXY_TOOLS.get(proxy, {})}.items():
         if shutil.which(tool) is None:
             raise EnvironmentProblem(f"`{tool}` is not installed",
                                      f"install it: apt-get install {package}")

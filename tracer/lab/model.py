@@ -32,6 +32,9 @@ UNDERLAY_CIDR6 = "fd00:172:30::/64"
 CLUSTER_CIDR6 = "fd00:10:244::/56"
 SERVICE_CIDR6 = "fd00:10:96::/112"
 IP_FAMILIES = ("ipv4", "ipv6", "dual")
+# How kube-proxy programs Services: iptables (KUBE-SERVICES chains), nftables (the
+# `kube-proxy` table) or ipvs (virtual servers on kube-ipvs0).
+PROXY_MODES = ("iptables", "nftables", "ipvs")
 FABRIC_BRIDGE = "br0"
 UPLINK = "eth0"
 VXLAN_PORT = 8472
@@ -72,6 +75,7 @@ class LabConfig:
     pods_per_node: int = 2
     state_dir: Path = field(default_factory=default_state_root)
     ip_family: str = "ipv4"
+    proxy: str = "iptables"
 
     def __post_init__(self):
         object.__setattr__(self, "state_dir", Path(self.state_dir))
@@ -86,6 +90,8 @@ class LabConfig:
             raise BadInput(f"--pods-per-node must be between 1 and 8, not {self.pods_per_node}")
         if self.ip_family not in IP_FAMILIES:
             raise BadInput(f"unknown IP family {self.ip_family!r}", f"use one of: {', '.join(IP_FAMILIES)}")
+        if self.proxy not in PROXY_MODES:
+            raise BadInput(f"unknown kube-proxy mode {self.proxy!r}", f"use one of: {', '.join(PROXY_MODES)}")
 
     @property
     def families(self) -> tuple[int, ...]:

@@ -32,6 +32,8 @@ def status_document(topo: LabPlan, pids: dict[str, int] | None = None) -> dict:
         "cluster_cidrs": [cluster_cidr(f) for f in fams],
         "service_cidrs": [service_cidr(f) for f in fams],
         "pod_mtu": topo.nodes[0].mtu,
+        # kube-proxy's mode: iptables, nftables (the `kube-proxy` table) or ipvs (kube-ipvs0)
+        "proxy": topo.config.proxy,
         **fl.status_fields(),
         "nodes": [fl.status_node(n) for n in topo.nodes],
         "pods": [

@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tracer.node import linkfacts, netns, nftfacts
+from tracer.node import ipvsfacts, linkfacts, netns, nftfacts
 
 
 @dataclass(frozen=True)
@@ -314,4 +314,5 @@ def _beyond_route(node: NodeRef, rt: dict, lk: dict, dst: str, pod_netns: int | 
     out["down_links"] = linkfacts.down_links(lambda *argv: _json(node, *argv), lk, bridge)
     nft, err = nftfacts.read(lambda *argv: _cmd(node, *argv))
     out["nft_drop_rules"] = nftfacts.uncounted_drops(nft) if not err else None
+    out["ipvs"] = ipvsfacts.read(node.netns)
     return out

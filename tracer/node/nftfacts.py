@@ -17,6 +17,11 @@ COMPAT = {"ip": {"filter", "nat", "mangle", "raw", "security"},
           "ip6": {"filter", "nat", "mangle", "raw", "security"},
           "arp": {"filter"}, "bridge": {"filter", "nat", "broute"}}
 DROPS = ("drop", "reject")
+# kube-proxy's nftables mode: its table, the map of Services without endpoints and the
+# chain their packets are rejected in.
+KUBE_PROXY_TABLE = "kube-proxy"
+KUBE_PROXY_NO_ENDPOINTS = "no-endpoint-services"
+KUBE_PROXY_REJECT = "reject-chain"
 
 
 def read(in_node: Callable) -> tuple[list[dict], str | None]:
@@ -42,6 +47,7 @@ def rules(doc: dict) -> list[dict]:
         c = it.get("chain") if isinstance(it, dict) else None
         if c:
             hooks[(c.get("family"), c.get("table"), c.get("name"))] = c.get("hook")
+    unserved = no_endpoint_services(items)
     out = []
     for it in items:
         r = it.get("rule") if isinstance(it, dict) else None
@@ -51,10 +57,32 @@ def rules(doc: dict) -> list[dict]:
         counter = next((e["counter"] for e in exprs if isinstance(e, dict) and "counter" in e), None)
         verdict = next((k for e in exprs if isinstance(e, dict) for k in e if k in DROPS), None)
         fam, table, chain = r.get("family"), r.get("table"), r.get("chain")
+        comment = r.get("comment")
+        if table == KUBE_PROXY_TABLE and chain == KUBE_PROXY_REJECT and unserved.get(fam):
+            # kube-proxy's reject for Services without endpoints: say which ones it serves
+            comment = f"{', '.join(unserved[fam])} has no endpoints"
         out.append({"family": fam, "table": table, "chain": chain, "handle": r.get("handle"),
                     "hook": hooks.get((fam, table, chain)), "rule": render(exprs),
                     "packets": counter.get("packets") if isinstance(counter, dict) else None,
-                    "verdict": verdict, "addrs": _addrs(exprs)})
+                    "verdict": verdict, "addrs": _addrs(exprs), "comment": comment})
+    return out
+
+
+def no_endpoint_services(items: list) -> dict[str, list[str]]:
+    """nft family → the Services (namespace/name) in kube-proxy's `no-endpoint-services`
+    map, from its elements' comments ("namespace/name:port")."""
+    out: dict[str, list[str]] = {}
+    for it in items:
+        m = it.get("map") if isinstance(it, dict) else None
+        if not m or m.get("table") != KUBE_PROXY_TABLE or m.get("name") != KUBE_PROXY_NO_ENDPOINTS:
+            continue
+        for pair in m.get("elem") or []:
+            key = pair[0] if isinstance(pair, list) and pair else None
+            note = key.get("elem", {}).get("comment") if isinstance(key, dict) else None
+            if note:
+                name = note.rsplit(":", 1)[0]
+                if name not in out.setdefault(m.get("family"), []):
+                    out[m["family"]].append(name)
     return out
 
 
@@ -75,7 +103,7 @@ def hit(r: dict, packets: int | None) -> dict:
     """One rule as a netfilter hit (packets None: the rule has no counter)."""
     return {"table": f"{r['family']} {r['table']}", "chain": r["chain"], "base_chain": r["chain"],
             "index": r["handle"], "rule": r["rule"], "target": (r["verdict"] or "").upper(),
-            "packets": packets, "comment": None, "source": "nft", "hook": r.get("hook"),
+            "packets": packets, "comment": r.get("comment"), "source": "nft", "hook": r.get("hook"),
             "addrs": r.get("addrs")}
 
 

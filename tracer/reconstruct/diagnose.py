@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from tracer.node import ipvsfacts
 from tracer.reconstruct import arrival, checked, dnat, loops, source
 from tracer.reconstruct.evidence import Evidence, fact_query
 from tracer.reconstruct.model import ConntrackView, Hop, Packet, Verdict
@@ -173,6 +174,11 @@ def _explain_lost(packet: Packet, v: Verdict, ev: Evidence) -> Verdict:
         return _set(v, "ip-forward-off",
                     f"Forwarding is off on {node}'s {last.dev} (net.ipv4.conf.{last.dev}.forwarding=0): "
                     "packets arriving there are not routed on.", "ip-forward.md")
+    # 2a. kube-proxy's ipvs mode: the Service's virtual server takes no new connection
+    # (IPVS drops the packet in LOCAL_IN and answers port unreachable; no rule counts it)
+    found = _ipvs_unserved(packet, v, node, f)
+    if found is not None:
+        return found
     # 2. a netfilter rule counted our packets (the one naming the packet's addresses first)
     if hits and (reason in (None, "NETFILTER_DROP") or v.status == "lost"):
         return _netfilter(packet, replace(v, evidence=_with(v, netfilter=hits)), node, hits)
@@ -261,6 +267,23 @@ def _netfilter(packet: Packet, v: Verdict, node: str, hits: list[dict]) -> Verdi
                     f"{hit['target']} rule on {node} ({hit['table']}/{hit['chain']}) answered instead of a pod.",
                     "service-no-endpoints.md")
     return _set(v, "netfilter-rule", _cap(_rule_sentence(node, hit)) + ".", "netfilter-drop.md")
+
+
+def _ipvs_unserved(packet: Packet, v: Verdict, node: str, f: dict) -> Verdict | None:
+    """The service-no-endpoints cause when the IPVS virtual server of the packet's
+    destination has no real server, or only real servers of weight 0."""
+    t = packet.five_tuple
+    vs = ipvsfacts.unserved(f.get("ipvs"), t.dst, t.dport, t.proto)
+    if vs is None or v.reason not in (None, "NETFILTER_DROP"):
+        return None
+    where = f"{vs['vip']}:{vs['port']}" if ":" not in vs["vip"] else f"[{vs['vip']}]:{vs['port']}"
+    why = ("has no real servers" if not vs["reals"] else
+           f"has only real servers of weight 0 ({', '.join(r['ip'] for r in vs['reals'])}: terminating "
+           "endpoints take no new connection)")
+    return _set(v, "service-no-endpoints",
+                f"The IPVS virtual server {where}/{vs['proto']} on {node} {why}: the Service has no "
+                "usable endpoints, so IPVS dropped the packet (answering port unreachable) instead of "
+                "forwarding it to a pod.", "service-no-endpoints.md", {"ipvs": vs})
 
 
 def _next_hop(v: Verdict, node: str, f: dict, ev: Evidence) -> Verdict:

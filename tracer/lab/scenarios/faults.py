@@ -13,6 +13,7 @@ from tracer.errors import EnvironmentProblem
 from tracer.lab import topology as T
 from tracer.lab.model import hash16
 from tracer.lab.scenarios import changes as C
+from tracer.lab.scenarios import faults_proxy
 from tracer.lab.scenarios.changes import Changes
 from tracer.lab.scenarios.labdoc import Lab
 from tracer.node import netns
@@ -178,34 +179,12 @@ def svc_no_endpoints(ch: Changes, lab: Lab, node: str | None) -> None:
                f'"{key}:{p["name"]} has no endpoints" -m {p["protocol"].lower()} --dport {p["port"]} '
                "-j REJECT --reject-with icmp-port-unreachable" for p in svc["ports"]]
     for n in lab.nodes:
-        nat = C.iptables_save(n.netns, "nat")
-        rules = [line for line in nat.splitlines() if line.startswith("-A ")]
-        services = [line for line in rules if line.split()[1] == "KUBE-SERVICES"]
-        jumps = [(i + 1, line) for i, line in enumerate(services) if line.split()[-1] in svc_chains]
-        own = [line for line in rules if line.split()[1] in svc_chains | sep_chains]
-        chains = sorted((svc_chains | sep_chains) & C.chains(nat))
-        # kube-proxy with no endpoints: no nat rules for the Service at all ...
-        remove = ([f"-D {line[3:]}" for _, line in jumps]
-                  + [f"-F {c}" for c in chains] + [f"-X {c}" for c in chains])
-        restore = ([f":{c} - [0:0]" for c in chains] + own
-                   + [f"-I KUBE-SERVICES {i} {line.split(' ', 2)[2]}" for i, line in jumps])
-        ch.iptables_restore(n.netns, "*nat\n" + "\n".join(remove) + "\nCOMMIT\n",
-                            "*nat\n" + "\n".join(restore) + "\nCOMMIT\n",
-                            f"{n.name}: nat: removed {len(jumps)} KUBE-SERVICES jumps and chains "
-                            f"{', '.join(chains)} of {key}")
-        # ... and a REJECT per port in filter/KUBE-SERVICES, jumped to for new connections.
-        filt = C.iptables_save(n.netns, "filter")
-        new_chain = "KUBE-SERVICES" not in C.chains(filt)
-        hooks = ("INPUT", "FORWARD", "OUTPUT")
-        add = ([":KUBE-SERVICES - [0:0]"] if new_chain else []) + rejects + \
-              [f"-I {h} 1 {portals}" for h in hooks]
-        undo = [f"-D {h} {portals}" for h in hooks] + [f"-D {r[3:]}" for r in rejects] + \
-               (["-X KUBE-SERVICES"] if new_chain else [])
-        ch.iptables_restore(n.netns, "*filter\n" + "\n".join(add) + "\nCOMMIT\n",
-                            "*filter\n" + "\n".join(undo) + "\nCOMMIT\n",
-                            f"{n.name}: filter: KUBE-SERVICES REJECTs {vip} "
-                            f"({', '.join(p['name'] for p in svc['ports'])}: \"has no endpoints\"), "
-                            "jumped to from INPUT/FORWARD/OUTPUT for ctstate NEW")
+        if lab.doc.get("proxy") == "nftables":
+            faults_proxy.nft_no_endpoints(ch, lab, n)
+        elif lab.doc.get("proxy") == "ipvs":
+            faults_proxy.ipvs_no_endpoints(ch, lab, n)
+        else:
+            _iptables_no_endpoints(ch, n, svc, key, vip, svc_chains, sep_chains, portals, rejects)
         # Real nodes reach a ClusterIP that is not DNATed through their default route; lab
         # nodes have none, and without a route the packet would die before FORWARD.
         if C.ip_json(n.netns, "route", "show", "match", vip) == []:
@@ -226,3 +205,37 @@ def svc_no_endpoints(ch: Changes, lab: Lab, node: str | None) -> None:
     C.write_file(path, json.dumps(inv, indent=2) + "\n")
     ch.did(f"inventory: EndpointSlice of {key} has no endpoints",
            {"op": "file", "path": str(path), "content": original})
+
+
+def _iptables_no_endpoints(ch: Changes, n, svc: dict, key: str, vip: str, svc_chains: set,
+                           sep_chains: set, portals: str, rejects: list[str]) -> None:
+    """kube-proxy's iptables mode with no endpoints on one node: no nat rules for the
+    Service, a REJECT per port in filter/KUBE-SERVICES."""
+    nat = C.iptables_save(n.netns, "nat")
+    rules = [line for line in nat.splitlines() if line.startswith("-A ")]
+    services = [line for line in rules if line.split()[1] == "KUBE-SERVICES"]
+    jumps = [(i + 1, line) for i, line in enumerate(services) if line.split()[-1] in svc_chains]
+    own = [line for line in rules if line.split()[1] in svc_chains | sep_chains]
+    chains = sorted((svc_chains | sep_chains) & C.chains(nat))
+    # kube-proxy with no endpoints: no nat rules for the Service at all ...
+    remove = ([f"-D {line[3:]}" for _, line in jumps]
+              + [f"-F {c}" for c in chains] + [f"-X {c}" for c in chains])
+    restore = ([f":{c} - [0:0]" for c in chains] + own
+               + [f"-I KUBE-SERVICES {i} {line.split(' ', 2)[2]}" for i, line in jumps])
+    ch.iptables_restore(n.netns, "*nat\n" + "\n".join(remove) + "\nCOMMIT\n",
+                        "*nat\n" + "\n".join(restore) + "\nCOMMIT\n",
+                        f"{n.name}: nat: removed {len(jumps)} KUBE-SERVICES jumps and chains "
+                        f"{', '.join(chains)} of {key}")
+    # ... and a REJECT per port in filter/KUBE-SERVICES, jumped to for new connections.
+    filt = C.iptables_save(n.netns, "filter")
+    new_chain = "KUBE-SERVICES" not in C.chains(filt)
+    hooks = ("INPUT", "FORWARD", "OUTPUT")
+    add = ([":KUBE-SERVICES - [0:0]"] if new_chain else []) + rejects + \
+          [f"-I {h} 1 {portals}" for h in hooks]
+    undo = [f"-D {h} {portals}" for h in hooks] + [f"-D {r[3:]}" for r in rejects] + \
+           (["-X KUBE-SERVICES"] if new_chain else [])
+    ch.iptables_restore(n.netns, "*filter\n" + "\n".join(add) + "\nCOMMIT\n",
+                        "*filter\n" + "\n".join(undo) + "\nCOMMIT\n",
+                        f"{n.name}: filter: KUBE-SERVICES REJECTs {vip} "
+                        f"({', '.join(p['name'] for p in svc['ports'])}: \"has no endpoints\"), "
+                        "jumped to from INPUT/FORWARD/OUTPUT for ctstate NEW")

@@ -219,8 +219,8 @@ _register(Scenario(
     families=(4, 6)))
 _register(Scenario(
     "svc-no-endpoints",
-    "svc/default/web has no endpoints: kube-proxy's REJECT in filter/KUBE-SERVICES on every "
-    "node, no nat rules, an empty EndpointSlice in the inventory",
+    "svc/default/web has no endpoints, programmed as kube-proxy's mode does (a REJECT; nft: "
+    "no-endpoint-services; ipvs: no real servers) on every node; an empty EndpointSlice",
     None, lambda lab: [],
     lambda lab, node: f"{lab.pods[0].name} svc/default/web --proto tcp --port 80",
     faults.svc_no_endpoints))
