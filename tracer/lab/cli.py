@@ -52,8 +52,12 @@ def lab(ctx, prefix):
 @click.option("--ip-family", type=click.Choice(T.IP_FAMILIES), default="ipv4", show_default=True,
               help="Pod and Service addresses: IPv4, IPv6 (over an IPv6 underlay) or both "
                    "(dual-stack, IPv4 first, over the IPv4 underlay).")
+@click.option("--datapath", type=click.Choice(T.DATAPATHS), default="legacy", show_default=True,
+              help="Cilium only: legacy (the kernel routes pod traffic) or ebpf (tc programs "
+                   "forward it with bpf_redirect_peer/bpf_redirect_neigh and do Service NAT; "
+                   "netfilter never sees it).")
 @click.pass_context
-def up_cmd(ctx, cni, nodes, pods_per_node, ip_family):
+def up_cmd(ctx, cni, nodes, pods_per_node, ip_family, datapath):
     """Build the lab (a no-op when it is already up).
 
     \b
@@ -61,11 +65,12 @@ def up_cmd(ctx, cni, nodes, pods_per_node, ip_family):
       sudo podtrace lab up
       sudo podtrace lab up --nodes 3 --pods-per-node 1
       sudo podtrace lab up --ip-family dual  # pods and Services with IPv4 and IPv6
+      sudo podtrace lab up --cni cilium --datapath ebpf  # Cilium's BPF forwarding
       sudo podtrace lab up --prefix mylab   # a second, separate lab
       sudo PODTRACE_LAB_PREFIX=mylab podtrace lab up   # the same
     """
     cfg = T.LabConfig(prefix=ctx.obj["prefix"], cni=cni, nodes=nodes, pods_per_node=pods_per_node,
-                      ip_family=ip_family)
+                      ip_family=ip_family, datapath=datapath)
     require_root("podtrace lab up")
     started = time.monotonic()
     with _Progress(cfg.prefix) as progress:
@@ -266,9 +271,15 @@ def _print_scenarios(prefix: str, output: str) -> None:
                    "the node and pod names of the default lab; `podtrace lab up` first to break one)")
 
 
+def _cni(doc: dict) -> str:
+    """The CNI, with its datapath when it is not the default one ("cilium, ebpf datapath")."""
+    dp = doc.get("datapath", "legacy")
+    return doc["cni"] + ("" if dp == "legacy" else f", {dp} datapath")
+
+
 def _shape(doc: dict) -> str:
     family = doc.get("ip_family", "ipv4")
-    return (f"{doc['cni']}{'' if family == 'ipv4' else ', ' + family}, {len(doc['nodes'])} nodes, "
+    return (f"{_cni(doc)}{'' if family == 'ipv4' else ', ' + family}, {len(doc['nodes'])} nodes, "
             f"{len(doc['pods'])} pods, {len(doc['services'])} services")
 
 
@@ -320,7 +331,7 @@ def _render_table(doc: dict, missing: list[str]) -> None:
     # Piped output is not cut to 80 columns: names and netns must stay greppable.
     console = Console() if sys.stdout.isatty() else Console(width=160)
     family = doc.get("ip_family", "ipv4")
-    console.print(f"[bold]lab {doc['prefix']}[/bold] ({doc['cni']}{'' if family == 'ipv4' else ', ' + family}), up since "
+    console.print(f"[bold]lab {doc['prefix']}[/bold] ({_cni(doc)}{'' if family == 'ipv4' else ', ' + family}), up since "
                   f"{doc.get('created_at', '?')}", highlight=False)
     console.print(f"underlay {doc['underlay_cidr']} on bridge "
                   f"{doc.get('fabric_bridge', 'br0')} in netns {doc['fabric_netns']}", highlight=False)
