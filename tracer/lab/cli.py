@@ -245,7 +245,7 @@ def _print_scenarios(prefix: str, output: str) -> None:
     # families; none running: all of them.
     fams = {f"ipv{f}" for f in lab_view.families}
     hidden = [r["name"] for r in rows
-              if doc and (doc.get("cni", "flannel") not in r["applies_to"]
+              if doc and (scenarios.flavour_key(doc) not in r["applies_to"]
                           or not fams & set(r["families"]))]
     rows = [r for r in rows if r["name"] not in hidden]
     broken = scenarios.broken(prefix) if doc else {}
@@ -264,7 +264,7 @@ def _print_scenarios(prefix: str, output: str) -> None:
         click.echo(f"{'':<{width}}  targets: {', '.join(r['families'])}")
     if hidden:
         family = doc.get("ip_family", "ipv4")
-        click.echo(f"({len(hidden)} more do not apply to the {doc.get('cni', 'flannel')} "
+        click.echo(f"({len(hidden)} more do not apply to the {scenarios.flavour_key(doc)} "
                    f"{'' if family == 'ipv4' else family + ' '}lab {prefix}: {', '.join(hidden)})")
     if doc is None:
         click.echo("(no lab is up: every scenario, each with the CNI flavours it applies to, and "
