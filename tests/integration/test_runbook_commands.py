@@ -57,8 +57,8 @@ RUNBOOKS = {
     "wrong-reply": ("br-netfilter-off", "node-2", "pod-2-1", "pod-2-2"),
 }
 # Runbooks with no command block to run here: the explanations of a verdict, and the
-# cilium walk-through (its commands are a transcript of the cilium lab).
-NO_COMMANDS = {"README", "no-view", "partial-view", "cilium-path"}
+# cilium walk-throughs (their commands are transcripts of the cilium labs).
+NO_COMMANDS = {"README", "no-view", "partial-view", "cilium-path", "cilium-ebpf-path"}
 NOT_RUN = re.compile(r"/etc/|modprobe|trace_pipe|tracefs|rmdir|mkdir \$")
 USAGE = re.compile(r"command not found|[Uu]sage:|invalid option|unrecognized option|unknown option|"
                    r"Try `|try \"ip help\"|is unknown|Garbage instead|Error: argument|Bad argument|"

@@ -19,7 +19,7 @@ NAMES = [
     "rp-filter-strict", "mtu-blackhole", "no-route", "fdb-missing", "neigh-wrong",
     "svc-no-endpoints", "stale-udp-conntrack", "pod-input-drop", "pod-mac-wrong",
     "pod-no-route", "pod-pmtu", "pod-gw-neigh", "hostport-unreversed", "link-down", "nft-native-drop",
-    "overlay-input-drop", "routing-loop", "icmp-prohibited", "pod-ip-gone",
+    "overlay-input-drop", "routing-loop", "icmp-prohibited", "pod-ip-gone", "bpf-policy-drop",
 ]
 
 
@@ -227,8 +227,8 @@ def test_every_scenario_has_a_readme_row(sc):
     index = (ROOT / "docs" / "runbooks" / "README.md").read_text()
     assert any(f"]({book})" in line for line in index.splitlines()), f"{book} not in docs/runbooks/README.md"
     # the flavours are the lab's CNIs minus the scenario's not_on
-    assert [f.strip() for f in flavours.split(",")] == [c for c in T.CNIS if c not in sc.not_on]
-    assert S.applies_to(sc) == [c for c in T.CNIS if c not in sc.not_on]
+    assert [f.strip() for f in flavours.split(",")] == [c for c in S.FLAVOURS if c not in sc.not_on]
+    assert S.applies_to(sc) == [c for c in S.FLAVOURS if c not in sc.not_on]
 
 
 def test_readme_scenario_causes_are_diagnosis_causes():
@@ -249,7 +249,7 @@ def test_listing_and_cli_say_where_each_scenario_applies(monkeypatch, tmp_path):
     assert rows["br-netfilter-off"]["applies_to"] == ["flannel"]
     assert rows["netpol-drop"]["applies_to"] == ["flannel", "cilium"]
     for sc in S.all_scenarios():
-        assert rows[sc.name]["applies_to"] == [c for c in T.CNIS if c not in sc.not_on]
+        assert rows[sc.name]["applies_to"] == [c for c in S.FLAVOURS if c not in sc.not_on]
     monkeypatch.setenv("PODTRACE_STATE_DIR", str(tmp_path))
     runner = CliRunner()
     out = runner.invoke(main, ["lab", "scenarios"]).output

@@ -179,20 +179,28 @@ class TcAttacher:
             added = not _has_clsact(ipr, ifindex)   # added below, once recorded
             for direction, parent in PARENT.items():
                 # Two adjacent free priorities: the slot stub, then the shared program
-                # (bpf/tc.c says why), after everyone else's filters.
-                used = {_prio(f) for f in _filters(ipr, ifindex, direction)}
+                # (bpf/tc.c says why), after everyone else's filters; and, when someone
+                # else's filters are there (a CNI's datapath), two more before them: a program
+                # that redirects (bpf_redirect_peer, bpf_redirect_neigh) or drops a packet
+                # ends the hook, so only an observer before it sees that packet there.
+                filters = _filters(ipr, ifindex, direction)
+                used = {_prio(f) for f in filters}
                 prio = PREFERRED_PRIO
                 while prio in used or prio + 1 in used:
                     prio += 1
                 stub_fd = self.bpf.load_func(self._stub_name(slot, direction).encode(), self._sched_cls).fd
-                for at, fd in ((prio, stub_fd), (prio + 1, self.main_fd[direction])):
+                pairs = [(prio, stub_fd), (prio + 1, self.main_fd[direction])]
+                before = before_prio(filters)
+                if before is not None:
+                    pairs = [(before, stub_fd), (before + 1, self.main_fd[direction])] + pairs
+                for at, fd in pairs:
                     att = Attachment(ns, dev, ifindex, direction, at, added, netns_inode=inum)
                     # Recorded before the kernel call: a SIGKILL in between still leaves a
                     # trace for `podtrace cleanup`.
                     self.attached.append(att)
                     with _state_locked():
                         _save_state(_load_state() + [asdict(att)])
-                    if added and direction == "ingress" and at == prio:
+                    if added and direction == "ingress" and at == pairs[0][0]:
                         _add_clsact(ipr, ifindex)
                     ipr.tc("add-filter", "bpf", ifindex, ":1", fd=fd,
                            name=att.name, parent=parent, classid=1, direct_action=True, prio=at)
@@ -209,6 +217,20 @@ class TcAttacher:
         self.attached.clear()
         with _state_locked():
             _save_state([x for x in _load_state() if x not in mine])
+
+
+def before_prio(filters) -> int | None:
+    """The first of two adjacent free priorities before every filter that is not ours, or
+    None when there is no such filter (nothing to be before) or no room before the first
+    one (a filter at pref 1 or 2)."""
+    foreign = [_prio(f) for f in filters if not ((n := _name(f)) and n.startswith(MARK))]
+    if not foreign:
+        return None
+    used = {_prio(f) for f in filters}
+    prio = min(foreign) - 2
+    while prio >= 1 and (prio in used or prio + 1 in used):
+        prio -= 1
+    return prio if prio >= 1 else None
 
 
 def _add_clsact(ipr, ifindex: int) -> None:

@@ -22,7 +22,7 @@ from typing import Callable
 
 from tracer.errors import EnvironmentProblem, require_root
 from tracer import testhooks
-from tracer.lab import guard, kubeproxy_ipvs, kubeproxy_nft, processes, shell
+from tracer.lab import cilium_ebpf, guard, kubeproxy_ipvs, kubeproxy_nft, processes, shell
 from tracer.lab import topology as T
 from tracer.lab import view
 from tracer.lab.cni import flavour
@@ -128,24 +128,32 @@ def down(prefix: str | None = None, state_dir: Path | str | None = None) -> list
 def _build(topo: T.LabPlan, say: Progress) -> dict:
     fl = flavour(topo.config.cni)
     n_pods = len(topo.pods)
+    ebpf = getattr(topo.config, "datapath", "legacy") == "ebpf"
+    services = ((cilium_ebpf.STEP, cilium_ebpf.load) if ebpf
+                else (proxy_step(topo, fl.SERVICES_STEP), _program_services))
     stages = [
         ("namespaces", f"creating {len(topo.namespaces)} network namespaces", _make_namespaces),
         ("fabric", f"wiring the fabric bridge to {len(topo.nodes)} node uplinks", _wire_fabric),
         ("nodes", fl.NODES_STEP, _configure_nodes),
         ("pods", f"configuring {n_pods} pods", _configure_pods),
-        ("services", proxy_step(topo, fl.SERVICES_STEP), _program_services),
+        ("services", *services),
         ("responders", f"starting {n_pods} responders on TCP/UDP {T.APP_PORT}", processes.start),
         ("inventory", "writing the inventory", _write_inventory),
     ]
     topo.lab_dir.mkdir(parents=True, exist_ok=True)
     pids: dict[str, int] = {}
+    bpf: dict | None = None
     for key, message, fn in stages:
         say(message)
         result = fn(topo)
         if key == "responders":
             pids = result
+        elif key == "services" and ebpf:
+            bpf = result
         _maybe_pause(key, say)
     doc = T.status_document(topo, pids)
+    if bpf is not None:
+        doc["bpf"] = bpf    # per node: the programs attached (device, direction, id) and map ids
     view.publish(doc, topo.lab_dir)
     _write_json(topo.status_path, doc)
     return doc

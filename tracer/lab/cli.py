@@ -55,8 +55,12 @@ def lab(ctx, prefix):
 @click.option("--proxy", type=click.Choice(T.PROXY_MODES), default="iptables", show_default=True,
               help="How kube-proxy programs Services: iptables chains, the nftables "
                    "`kube-proxy` table, or IPVS virtual servers on kube-ipvs0.")
+@click.option("--datapath", type=click.Choice(T.DATAPATHS), default="legacy", show_default=True,
+              help="Cilium only: legacy (the kernel routes pod traffic) or ebpf (tc programs "
+                   "forward it with bpf_redirect_peer/bpf_redirect_neigh and do Service NAT; "
+                   "netfilter never sees it).")
 @click.pass_context
-def up_cmd(ctx, cni, nodes, pods_per_node, ip_family, proxy):
+def up_cmd(ctx, cni, nodes, pods_per_node, ip_family, proxy, datapath):
     """Build the lab (a no-op when it is already up).
 
     \b
@@ -65,11 +69,12 @@ def up_cmd(ctx, cni, nodes, pods_per_node, ip_family, proxy):
       sudo podtrace lab up --nodes 3 --pods-per-node 1
       sudo podtrace lab up --ip-family dual  # pods and Services with IPv4 and IPv6
       sudo podtrace lab up --proxy nftables  # kube-proxy in nftables mode
+      sudo podtrace lab up --cni cilium --datapath ebpf  # Cilium's BPF forwarding
       sudo podtrace lab up --prefix mylab   # a second, separate lab
       sudo PODTRACE_LAB_PREFIX=mylab podtrace lab up   # the same
     """
     cfg = T.LabConfig(prefix=ctx.obj["prefix"], cni=cni, nodes=nodes, pods_per_node=pods_per_node,
-                      ip_family=ip_family, proxy=proxy)
+                      ip_family=ip_family, proxy=proxy, datapath=datapath)
     require_root("podtrace lab up")
     started = time.monotonic()
     with _Progress(cfg.prefix) as progress:
@@ -244,7 +249,7 @@ def _print_scenarios(prefix: str, output: str) -> None:
     # families; none running: all of them.
     fams = {f"ipv{f}" for f in lab_view.families}
     hidden = [r["name"] for r in rows
-              if doc and (doc.get("cni", "flannel") not in r["applies_to"]
+              if doc and (scenarios.flavour_key(doc) not in r["applies_to"]
                           or not fams & set(r["families"]))]
     rows = [r for r in rows if r["name"] not in hidden]
     broken = scenarios.broken(prefix) if doc else {}
@@ -263,17 +268,23 @@ def _print_scenarios(prefix: str, output: str) -> None:
         click.echo(f"{'':<{width}}  targets: {', '.join(r['families'])}")
     if hidden:
         family = doc.get("ip_family", "ipv4")
-        click.echo(f"({len(hidden)} more do not apply to the {doc.get('cni', 'flannel')} "
+        click.echo(f"({len(hidden)} more do not apply to the {scenarios.flavour_key(doc)} "
                    f"{'' if family == 'ipv4' else family + ' '}lab {prefix}: {', '.join(hidden)})")
     if doc is None:
         click.echo("(no lab is up: every scenario, each with the CNI flavours it applies to, and "
                    "the node and pod names of the default lab; `podtrace lab up` first to break one)")
 
 
+def _cni(doc: dict) -> str:
+    """The CNI, with its datapath when it is not the default one ("cilium, ebpf datapath")."""
+    dp = doc.get("datapath", "legacy")
+    return doc["cni"] + ("" if dp == "legacy" else f", {dp} datapath")
+
+
 def _shape(doc: dict) -> str:
     family = doc.get("ip_family", "ipv4")
     proxy = doc.get("proxy", "iptables")
-    return (f"{doc['cni']}{'' if family == 'ipv4' else ', ' + family}"
+    return (f"{_cni(doc)}{'' if family == 'ipv4' else ', ' + family}"
             f"{'' if proxy == 'iptables' else ', kube-proxy ' + proxy}, {len(doc['nodes'])} nodes, "
             f"{len(doc['pods'])} pods, {len(doc['services'])} services")
 
@@ -327,7 +338,7 @@ def _render_table(doc: dict, missing: list[str]) -> None:
     console = Console() if sys.stdout.isatty() else Console(width=160)
     family = doc.get("ip_family", "ipv4")
     proxy = doc.get("proxy", "iptables")
-    console.print(f"[bold]lab {doc['prefix']}[/bold] ({doc['cni']}{'' if family == 'ipv4' else ', ' + family}"
+    console.print(f"[bold]lab {doc['prefix']}[/bold] ({_cni(doc)}{'' if family == 'ipv4' else ', ' + family}"
                   f"{'' if proxy == 'iptables' else ', kube-proxy ' + proxy}), up since "
                   f"{doc.get('created_at', '?')}", highlight=False)
     console.print(f"underlay {doc['underlay_cidr']} on bridge "

@@ -22,6 +22,7 @@ DEFAULT_PREFIX = settings.DEFAULT_LAB_PREFIX
 DEFAULT_STATE_ROOT = settings.DEFAULT_STATE_DIR
 CNIS = ("flannel", "cilium")
 BUILT_CNIS = ("flannel", "cilium")
+DATAPATHS = ("legacy", "ebpf")   # the cilium lab's: Linux routing, or tc programs (cilium_ebpf.py)
 
 UNDERLAY_CIDR = "172.30.0.0/24"
 CLUSTER_CIDR = "10.244.0.0/16"
@@ -76,6 +77,7 @@ class LabConfig:
     state_dir: Path = field(default_factory=default_state_root)
     ip_family: str = "ipv4"
     proxy: str = "iptables"
+    datapath: str = "legacy"         # cilium: "legacy" (Linux routing) or "ebpf" (tc programs)
 
     def __post_init__(self):
         object.__setattr__(self, "state_dir", Path(self.state_dir))
@@ -92,6 +94,15 @@ class LabConfig:
             raise BadInput(f"unknown IP family {self.ip_family!r}", f"use one of: {', '.join(IP_FAMILIES)}")
         if self.proxy not in PROXY_MODES:
             raise BadInput(f"unknown kube-proxy mode {self.proxy!r}", f"use one of: {', '.join(PROXY_MODES)}")
+        if self.datapath not in DATAPATHS:
+            raise BadInput(f"unknown datapath {self.datapath!r}", f"use one of: {', '.join(DATAPATHS)}")
+        if self.datapath == "ebpf" and self.cni != "cilium":
+            raise BadInput(f"--datapath ebpf is Cilium's datapath, not {self.cni}'s", "use --cni cilium --datapath ebpf")
+        if self.datapath == "ebpf" and self.ip_family != "ipv4":
+            raise BadInput("the lab's eBPF datapath forwards IPv4 only", "use --ip-family ipv4 with --datapath ebpf")
+        if self.datapath == "ebpf" and self.proxy != "iptables":
+            raise BadInput(f"--proxy {self.proxy} does not apply to the eBPF datapath: its BPF programs "
+                           "translate Services in place of kube-proxy", "leave out --proxy with --datapath ebpf")
 
     @property
     def families(self) -> tuple[int, ...]:

@@ -17,6 +17,7 @@ def status_document(topo: LabPlan, pids: dict[str, int] | None = None) -> dict:
     return {
         "prefix": topo.prefix,
         "cni": fl.NAME,
+        **({"datapath": topo.config.datapath} if fl.NAME == "cilium" else {}),
         "created_at": topo.created_at,
         "state_dir": str(topo.lab_dir),
         "inventory": str(topo.inventory_path),

@@ -228,7 +228,32 @@ def facts(node: NodeRef, *, src: str, dst: str, iif: str | None, devs: list[str]
         out = _facts_v6(node, src=src, dst=dst, iif=iif, devs=devs, lk=lk)
     else:
         out = _facts_v4(node, src=src, dst=dst, iif=iif, devs=devs, lk=lk)
-    return {**out, **_beyond_route(node, out["route"], lk, dst, pod_netns, pod_dev)}
+    return {**out, **_beyond_route(node, out["route"], lk, dst, pod_netns, pod_dev),
+            "tc": tc_programs(node, [d for d in devs if d in lk])}
+
+
+def tc_programs(node: NodeRef, devs: list[str]) -> dict[str, dict[str, list[dict]]]:
+    """dev → direction → the BPF programs someone else attached to its tc hook, in the order
+    they run: [{pref, name (the filter's), prog_name, id}]. podtrace's own observers are left
+    out; a device whose filters cannot be read is left out."""
+    out: dict[str, dict[str, list[dict]]] = {}
+    for dev in devs:
+        for direction in ("ingress", "egress"):
+            data, err = _json(node, "tc", "-j", "filter", "show", "dev", dev, direction)
+            if err or not isinstance(data, list):
+                continue
+            progs = []
+            for f in data:
+                opts = f.get("options") or {}
+                prog = opts.get("prog") or {}
+                name = opts.get("bpf_name") or ""
+                if f.get("kind") != "bpf" or not prog or name.startswith("podtrace:"):
+                    continue
+                progs.append({"pref": f.get("pref"), "name": name, "prog_name": prog.get("name"),
+                              "id": prog.get("id")})
+            if progs:
+                out.setdefault(dev, {})[direction] = sorted(progs, key=lambda x: x["pref"] or 0)
+    return out
 
 
 def _v6(addr: str | None) -> bool:

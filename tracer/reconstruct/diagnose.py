@@ -163,6 +163,8 @@ def _explain_lost(packet: Packet, v: Verdict, ev: Evidence) -> Verdict:
     found = checked.link_down(packet, reason, node, f)
     if found:
         return _set(v, *found)
+    if reason in ("TC_INGRESS", "TC_EGRESS"):
+        return _bpf_drop(v, node, f)
     ct = f.get("conntrack") or {}
     # 1. forwarding disabled: the node received pod traffic it had to route
     if f.get("ip_forward") == 0 and last.point == "rx" and last.pod is None:
@@ -228,6 +230,29 @@ def _explain_lost(packet: Packet, v: Verdict, ev: Evidence) -> Verdict:
     # a netfilter drop is not the next hop's fault: its neighbour state is a consequence
     out = _next_hop(v, node, f, ev) if reason != "NETFILTER_DROP" else v
     return out if out.cause else _checked(packet, out, node, f, ev)
+
+
+def _bpf_drop(v: Verdict, node: str, f: dict) -> Verdict:
+    """A tc hook returned TC_ACT_SHOT: the program(s) attached there (from the node's tc
+    filters) are what dropped it; no netfilter rule is involved, so none is looked for."""
+    direction = "ingress" if v.reason == "TC_INGRESS" else "egress"
+    progs = ((f.get("tc") or {}).get(v.dev or "") or {}).get(direction) or []
+    where = f"{node}'s {v.dev} (tc {direction})"
+    if not progs:
+        return replace(v, hint=f"Dropped in BPF on {where}: a tc program or filter returned TC_ACT_SHOT "
+                       "(none is attached there now: it may have been removed since).",
+                       evidence=_with(v, tc={"dev": v.dev, "direction": direction, "programs": []}))
+
+    def name(p: dict) -> str:
+        return f"{p['prog_name']} (id {p['id']}, tc pref {p['pref']}{', filter ' + p['name'] if p.get('name') else ''})"
+
+    if len(progs) == 1:
+        what = f"BPF program {name(progs[0])} returned TC_ACT_SHOT"
+    else:
+        what = f"one of the BPF programs {', '.join(name(p) for p in progs)} returned TC_ACT_SHOT"
+    return _set(v, "bpf-drop", f"Dropped in BPF on {where}: {what}; netfilter never saw the packet "
+                "(a CNI's eBPF datapath: its policy, or a Service without backends).", "tc-drop.md",
+                {"tc": {"dev": v.dev, "direction": direction, "programs": progs}})
 
 
 def _checked(packet: Packet, v: Verdict, node: str, f: dict, ev: Evidence) -> Verdict:

@@ -70,7 +70,16 @@ def tc_devices(topo: Topology | None, src: inventory.Endpoint, dst: inventory.En
     if topo is None:
         return []
     keys = [e.pod.key for e in (src, dst) if e.pod] + (list(dst.service.backends) if dst.service else [])
-    return topo.devices(keys, nodes=[dst.owner.name] if dst.owner else ())
+    devs = topo.devices(keys, nodes=[dst.owner.name] if dst.owner else ())
+    # The pods' own eth0 too (lab namespaces, by name): a packet a tc program moves into a
+    # pod with bpf_redirect_peer (Cilium's eBPF datapath) passes no netif_receive_skb there,
+    # only the pod device's tc ingress hook.
+    wanted = set(keys)
+    return devs + [(p.netns, POD_DEV) for p in topo.pods
+                   if p.key in wanted and p.netns and not p.netns.startswith("/")]
+
+
+POD_DEV = "eth0"     # a lab pod's device
 
 
 def choose_proto(cfg: FlowConfig, dst: inventory.Endpoint) -> tuple[str, int | None, list[str]]:
@@ -207,7 +216,7 @@ def agent_requests(plan: Plan) -> list[AgentRequest]:
             spaces = [node.netns] + [p.netns for p in topo.pods_on(name) if p.netns and netns.exists(p.netns)]
             out.append(AgentRequest(node=name, addrs=plan.addrs, node_netns=node.netns,
                                     netns_filter=[netns.inode(ns) for ns in spaces],
-                                    tc_devices=[d for d in devices if d[0] == node.netns], probe=probe_req,
+                                    tc_devices=[d for d in devices if d[0] in spaces], probe=probe_req,
                                     sample=cfg.sample, budget=cfg.budget, max_seconds=max_seconds))
         else:
             out.append(AgentRequest(node=name, addrs=plan.addrs, tc_devices="auto" if cfg.tc else [],

@@ -16,9 +16,9 @@ from tracer.lab.scenarios.conntrack import CT_FILL_MARK, STALE_SPORT
 from tracer.lab.scenarios.faults import BLACKHOLE_MTU
 from tracer.lab.scenarios.labdoc import Lab, Node, Pod
 from tracer.lab.scenarios.record import BROKEN_FILE, broken
-from tracer.lab.scenarios.registry import (Scenario, all_scenarios, applies_to, flow_command, get,
+from tracer.lab.scenarios.registry import (FLAVOURS, Scenario, all_scenarios, applies_to, flavour_key, flow_command, get,
                                            listing, names, resolve_node, unsupported)
 
-__all__ = ["BLACKHOLE_MTU", "BROKEN_FILE", "CT_FILL_MARK", "STALE_SPORT", "Lab", "Node", "Outcome",
-           "Pod", "Scenario", "all_scenarios", "applies_to", "break_scenario", "broken", "fix_scenario",
+__all__ = ["BLACKHOLE_MTU", "BROKEN_FILE", "FLAVOURS", "CT_FILL_MARK", "STALE_SPORT", "Lab", "Node", "Outcome",
+           "Pod", "Scenario", "all_scenarios", "applies_to", "flavour_key", "break_scenario", "broken", "fix_scenario",
            "flow_command", "get", "listing", "names", "resolve_node", "unsupported"]

@@ -14,7 +14,7 @@ from typing import Callable
 from tracer.errors import BadInput
 from tracer.lab import topology as T
 from tracer.lab.model import prefix_flag
-from tracer.lab.scenarios import conntrack, faults, faults_causes, faults_delivery, faults_dnat, faults_loop, faults_owner, faults_source
+from tracer.lab.scenarios import conntrack, faults, faults_bpf, faults_causes, faults_delivery, faults_dnat, faults_loop, faults_owner, faults_source
 from tracer.lab.scenarios.changes import Changes
 from tracer.lab.scenarios.labdoc import Lab, Pod
 
@@ -47,7 +47,25 @@ class Scenario:
 _REGISTRY: dict[str, Scenario] = {}
 
 
+# Lab flavours a scenario may apply to: the CNIs, and the cilium lab on its eBPF datapath.
+EBPF = "cilium-ebpf"
+FLAVOURS = (*T.CNIS, EBPF)
+_EBPF_SCENARIOS = {"bpf-policy-drop"}    # the ones built and checked on the eBPF datapath
+
+
+def flavour_key(doc: dict | None) -> str:
+    """The flavour a lab status document describes: its CNI, or cilium-ebpf."""
+    doc = doc or {}
+    cni = doc.get("cni") or "flannel"
+    return EBPF if cni == "cilium" and doc.get("datapath") == "ebpf" else cni
+
+
 def _register(sc: Scenario) -> Scenario:
+    if sc.name not in _EBPF_SCENARIOS and EBPF not in sc.not_on:
+        why = sc.not_on.get("cilium") or (
+            "on the eBPF datapath forwarding, Services and policy are BPF programs "
+            "(netfilter never sees pod traffic); this scenario is not built for it")
+        object.__setattr__(sc, "not_on", {**sc.not_on, EBPF: why})
     _REGISTRY[sc.name] = sc
     return sc
 
@@ -83,9 +101,9 @@ def check_family(sc: Scenario, lab: Lab, family: int | None) -> None:
 
 def resolve_node(sc: Scenario, lab: Lab, node: str | None) -> str | None:
     """The node a scenario acts on: --node checked against the lab, or the default."""
-    why = unsupported(lab.doc.get("cni"), sc.name)
+    why = unsupported(flavour_key(lab.doc), sc.name)
     if why:
-        raise BadInput(f"{sc.name} does not apply to the {lab.doc.get('cni')} lab: {why}",
+        raise BadInput(f"{sc.name} does not apply to the {flavour_key(lab.doc)} lab: {why}",
                        "see `podtrace lab scenarios` for the ones that do")
     check_family(sc, lab, None)
     if sc.cluster_wide:
@@ -313,9 +331,18 @@ _register(Scenario(
     faults_owner.pod_ip_gone))
 
 
+_register(Scenario(
+    "bpf-policy-drop",
+    "a deny entry in the eBPF datapath's policy map on the destination's node: the BPF "
+    "program delivering to its first pod returns TC_ACT_SHOT for a client's traffic",
+    _second, _two_nodes, _show_to_first_pod, faults_bpf.bpf_policy_drop,
+    not_on={c: "it writes into the eBPF datapath's policy map (podtrace lab up --cni cilium "
+               "--datapath ebpf)" for c in T.CNIS}))
+
+
 def applies_to(sc: Scenario) -> list[str]:
     """The CNI flavours a scenario applies to: every lab flavour but those in `not_on`."""
-    return [c for c in T.CNIS if c not in sc.not_on]
+    return [c for c in FLAVOURS if c not in sc.not_on]
 
 
 
@@ -326,7 +353,7 @@ def listing(lab: Lab | None = None) -> list[dict]:
     lab = lab or Lab.planned()
     out = []
     for sc in all_scenarios():
-        why_not = unsupported(lab.doc.get("cni"), sc.name) or (lab.family not in sc.families)
+        why_not = unsupported(flavour_key(lab.doc), sc.name) or (lab.family not in sc.families)
         valid = [] if sc.cluster_wide or why_not else sc.valid_nodes(lab)
         node = None if sc.cluster_wide or not valid else sc.default_node(lab)
         shown = (sc.cluster_wide or valid) and not why_not
