@@ -247,7 +247,7 @@ def test_listing_and_cli_say_where_each_scenario_applies(monkeypatch, tmp_path):
 
     rows = {r["name"]: r for r in S.listing()}
     assert rows["br-netfilter-off"]["applies_to"] == ["flannel"]
-    assert rows["netpol-drop"]["applies_to"] == ["flannel", "cilium"]
+    assert rows["netpol-drop"]["applies_to"] == ["flannel", "cilium", "calico"]
     for sc in S.all_scenarios():
         assert rows[sc.name]["applies_to"] == [c for c in T.CNIS if c not in sc.not_on]
     monkeypatch.setenv("PODTRACE_STATE_DIR", str(tmp_path))

@@ -28,7 +28,7 @@ def _topo(cni="cilium", **kw):
 def test_cilium_is_built_and_unknown_cnis_are_bad_input():
     assert T.LabConfig(cni="cilium", prefix="ptlab").cni == "cilium"
     with pytest.raises(BadInput) as err:
-        T.LabConfig(cni="calico", prefix="ptlab")
+        T.LabConfig(cni="weave", prefix="ptlab")
     assert "unknown CNI" in err.value.line() and err.value.exit_code == 2
 
 

@@ -203,6 +203,9 @@ def _configure_nodes(topo: T.LabPlan) -> None:
             got = shell.read_sysctl(n.netns, key)
             if got != want:
                 raise BuildError(f"{key.replace('/', '.')} is {got!r} in {n.netns}, not {want}", why)
+    programs = getattr(fl, "attach_programs", None)   # a flavour's own tc programs (calico)
+    if programs is not None:
+        programs(topo)
 
 
 def _configure_pods(topo: T.LabPlan) -> None:
@@ -214,11 +217,13 @@ def _configure_pods(topo: T.LabPlan) -> None:
 def _program_iptables(topo: T.LabPlan) -> None:
     """One `iptables-restore --noflush` per node and family (`ip6tables-restore` for IPv6)."""
     jobs = []
+    per_node = getattr(flavour(topo.config.cni), "node_filter_rules", None)   # calico's Felix chains
     for family in topo.families:
         rules = T.iptables_rules(topo) if family == 4 else T.iptables_rules(topo, family)
         tool = "iptables-restore" if family == 4 else "ip6tables-restore"
         jobs += [(["ip", "netns", "exec", n.netns, tool, "-w", "5", "--noflush"],
-                  rules, f"programming {tool.removesuffix('-restore')} on {n.name}")
+                  rules + ("\n".join(per_node(topo, n)) + "\n" if per_node and family == 4 else ""),
+                  f"programming {tool.removesuffix('-restore')} on {n.name}")
                  for n in topo.nodes]
     shell.parallel(jobs)
 

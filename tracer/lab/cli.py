@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from tracer import settings
-from tracer.errors import EnvironmentProblem, require_root
+from tracer.errors import BadInput, EnvironmentProblem, require_root
 from tracer.lab import build, scenarios
 from tracer.lab import topology as T
 from tracer.lab.model import prefix_flag
@@ -52,8 +52,11 @@ def lab(ctx, prefix):
 @click.option("--ip-family", type=click.Choice(T.IP_FAMILIES), default="ipv4", show_default=True,
               help="Pod and Service addresses: IPv4, IPv6 (over an IPv6 underlay) or both "
                    "(dual-stack, IPv4 first, over the IPv4 underlay).")
+@click.option("--calico-mode", type=click.Choice(T.CALICO_MODES), default=None,
+              help="With --cni calico: how pod traffic crosses nodes, IP-in-IP through tunl0 "
+                   "(the default), VXLAN through vxlan.calico, or routed on the underlay.")
 @click.pass_context
-def up_cmd(ctx, cni, nodes, pods_per_node, ip_family):
+def up_cmd(ctx, cni, nodes, pods_per_node, ip_family, calico_mode):
     """Build the lab (a no-op when it is already up).
 
     \b
@@ -61,11 +64,14 @@ def up_cmd(ctx, cni, nodes, pods_per_node, ip_family):
       sudo podtrace lab up
       sudo podtrace lab up --nodes 3 --pods-per-node 1
       sudo podtrace lab up --ip-family dual  # pods and Services with IPv4 and IPv6
+      sudo podtrace lab up --cni calico --calico-mode routed
       sudo podtrace lab up --prefix mylab   # a second, separate lab
       sudo PODTRACE_LAB_PREFIX=mylab podtrace lab up   # the same
     """
+    if calico_mode is not None and cni != "calico":
+        raise BadInput("--calico-mode applies to the calico lab only", "add --cni calico, or drop --calico-mode")
     cfg = T.LabConfig(prefix=ctx.obj["prefix"], cni=cni, nodes=nodes, pods_per_node=pods_per_node,
-                      ip_family=ip_family)
+                      ip_family=ip_family, calico_mode=calico_mode or "ipip")
     require_root("podtrace lab up")
     started = time.monotonic()
     with _Progress(cfg.prefix) as progress:
@@ -268,7 +274,8 @@ def _print_scenarios(prefix: str, output: str) -> None:
 
 def _shape(doc: dict) -> str:
     family = doc.get("ip_family", "ipv4")
-    return (f"{doc['cni']}{'' if family == 'ipv4' else ', ' + family}, {len(doc['nodes'])} nodes, "
+    mode = f" ({doc['calico_mode']})" if doc.get("calico_mode") else ""
+    return (f"{doc['cni']}{mode}{'' if family == 'ipv4' else ', ' + family}, {len(doc['nodes'])} nodes, "
             f"{len(doc['pods'])} pods, {len(doc['services'])} services")
 
 
@@ -320,7 +327,8 @@ def _render_table(doc: dict, missing: list[str]) -> None:
     # Piped output is not cut to 80 columns: names and netns must stay greppable.
     console = Console() if sys.stdout.isatty() else Console(width=160)
     family = doc.get("ip_family", "ipv4")
-    console.print(f"[bold]lab {doc['prefix']}[/bold] ({doc['cni']}{'' if family == 'ipv4' else ', ' + family}), up since "
+    mode = f" {doc['calico_mode']}" if doc.get("calico_mode") else ""
+    console.print(f"[bold]lab {doc['prefix']}[/bold] ({doc['cni']}{mode}{'' if family == 'ipv4' else ', ' + family}), up since "
                   f"{doc.get('created_at', '?')}", highlight=False)
     console.print(f"underlay {doc['underlay_cidr']} on bridge "
                   f"{doc.get('fabric_bridge', 'br0')} in netns {doc['fabric_netns']}", highlight=False)
@@ -339,7 +347,7 @@ def _render_table(doc: dict, missing: list[str]) -> None:
     nodes = table("nodes", "node", "ip", "pod cidr", "netns", "overlay (vtep mac)")
     for n in doc["nodes"]:
         nodes.add_row(n["name"], n["ip"], " ".join(n.get("pod_cidrs") or [n["pod_cidr"]]), n["netns"],
-                      f"{n['overlay']} ({n.get('mac', '?')})")
+                      f"{n['overlay']} ({n.get('mac', '?')})" if n.get("mac") else (n["overlay"] or "(routed)"))
     console.print(nodes)
 
     pods = table("pods", "pod", "node", "ip", "netns", "host veth")

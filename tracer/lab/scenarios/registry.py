@@ -25,6 +25,12 @@ _NO_FDB = {"cilium": f"it removes an FDB entry of {T.OVERLAY}; the cilium lab's 
                      f"{T.CILIUM_OVERLAY}"}
 _NO_NEIGH = {"cilium": f"it rewrites a neighbour entry on {T.OVERLAY}; the cilium lab's overlay is "
                        f"{T.CILIUM_OVERLAY}"}
+# ... nor to the calico lab (no bridge; tunl0, vxlan.calico or no overlay at all).
+_NO_BRIDGE["calico"] = ("the calico lab has no bridge: pods hang off cali devices and every packet "
+                        "between them is routed, so bridge-nf-call-iptables changes nothing")
+_NOT_FLANNEL_1 = ("it acts on flannel.1; the calico lab's nodes have tunl0 (IP-in-IP), vxlan.calico "
+                  "or no overlay (routed)")
+_NO_FDB["calico"] = _NO_NEIGH["calico"] = _NOT_FLANNEL_1
 
 
 @dataclass(frozen=True)
@@ -286,7 +292,9 @@ _register(Scenario(
     "overlay-input-drop",
     f"a node's filter INPUT chain drops UDP {T.VXLAN_PORT}: the overlay's VXLAN packets from other "
     "nodes are dropped before decapsulation",
-    _second, _two_nodes, _show_to_first_pod, faults_causes.overlay_input_drop))
+    _second, _two_nodes, _show_to_first_pod, faults_causes.overlay_input_drop,
+    not_on={"calico": f"it drops UDP {T.VXLAN_PORT}; the calico lab tunnels with IP-in-IP or VXLAN on "
+                      "UDP 4789 (see ipip-blocked)"}))
 
 _register(Scenario(
     "routing-loop",
@@ -295,7 +303,8 @@ _register(Scenario(
     _first, _two_nodes,
     lambda lab, node: f"{lab.pods_on(node)[0].name} {faults_loop.LOOP_DST}",
     faults_loop.routing_loop, not_on={"cilium": f"its routes go via {T.OVERLAY}; the cilium "
-                                                  f"lab's overlay is {T.CILIUM_OVERLAY}"}))
+                                                  f"lab's overlay is {T.CILIUM_OVERLAY}",
+                                        "calico": _NOT_FLANNEL_1}))
 _register(Scenario(
     "icmp-prohibited",
     "a REJECT --reject-with icmp-admin-prohibited rule in FORWARD on the destination's node "
