@@ -20,6 +20,7 @@ NAMES = [
     "svc-no-endpoints", "stale-udp-conntrack", "pod-input-drop", "pod-mac-wrong",
     "pod-no-route", "pod-pmtu", "pod-gw-neigh", "hostport-unreversed", "link-down", "nft-native-drop",
     "overlay-input-drop", "routing-loop", "icmp-prohibited", "pod-ip-gone",
+    "felix-policy-drop", "proxy-arp-off", "bgp-route-withdrawn", "ipip-blocked",
 ]
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 from tracer.errors import BadInput
 from tracer.lab import topology as T
 from tracer.lab.model import prefix_flag
-from tracer.lab.scenarios import conntrack, faults, faults_causes, faults_delivery, faults_dnat, faults_loop, faults_owner, faults_source
+from tracer.lab.scenarios import conntrack, faults, faults_calico, faults_causes, faults_delivery, faults_dnat, faults_loop, faults_owner, faults_source
 from tracer.lab.scenarios.changes import Changes
 from tracer.lab.scenarios.labdoc import Lab, Pod
 
@@ -320,6 +320,30 @@ _register(Scenario(
     _second, lambda lab: [n for n in _two_nodes(lab) if lab.pods_on(n)],
     lambda lab, node: f"{lab.client_for(node).name} {faults_owner.target(lab, node).ip}",
     faults_owner.pod_ip_gone))
+
+# Calico's own objects: only the calico lab has them.
+_CALICO_ONLY = {c: "it acts on Calico's objects (Felix chains, cali devices, BIRD routes, the IP-in-IP "
+                   "tunnel); only the calico lab has them" for c in ("flannel", "cilium")}
+_register(Scenario(
+    "felix-policy-drop",
+    "a deny-all policy selects a node's first pod: Felix's to-workload chain drops what no policy "
+    "passed",
+    _second, _two_nodes, _show_to_first_pod, faults_calico.felix_policy_drop, not_on=_CALICO_ONLY))
+_register(Scenario(
+    "proxy-arp-off",
+    "proxy ARP off on the cali device of a node's first pod: nobody answers its ARP for "
+    "169.254.1.1, nothing it sends leaves it",
+    _first, _two_nodes, _show_from_first_pod, faults_calico.proxy_arp_off, not_on=_CALICO_ONLY))
+_register(Scenario(
+    "bgp-route-withdrawn",
+    "the route BIRD installed for the peer node's block removed from a node, as when their BGP "
+    "session drops (routed and ipip modes)",
+    _first, _two_nodes, _show_from_first_pod, faults_calico.bgp_route_withdrawn, not_on=_CALICO_ONLY))
+_register(Scenario(
+    "ipip-blocked",
+    "the underlay drops IP protocol 4 towards a node: IP-in-IP packets from other nodes vanish "
+    "(ipip mode)",
+    _second, _two_nodes, _show_to_first_pod, faults_calico.ipip_blocked, not_on=_CALICO_ONLY))
 
 
 def applies_to(sc: Scenario) -> list[str]:
