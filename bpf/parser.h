@@ -118,36 +118,49 @@ static __always_inline int P_(parse_ip6)(P_CTX c, u32 off, u32 avail, struct pkt
     return P_(parse_l4)(c, off + l4, avail - l4, off, p);
 }
 
-// `off` is the IP header (IPv6 when `v6`). Decapsulates one level of VXLAN or Geneve so the event carries the
-// inner packet and the outer addresses and VNI.
+// `off` is the IP header (IPv6 when `v6`). Decapsulates one level of VXLAN, Geneve or IP-in-IP
+// (IPv4 in IPv4, protocol 4, as Calico's tunl0 sends it) so the event carries the inner packet
+// and the outer addresses (and VNI).
 static __always_inline int P_(parse_packet)(P_CTX c, u32 off, u32 avail, struct pkt *p, u8 v6) {
     int r = P_(parse_ip)(c, off, avail, p, v6);
-    if (r <= 0) return r == 0 ? 0 : -1;
-    u16 dport = ((p->dport & 0xff) << 8) | (p->dport >> 8);
-    u32 hdr;        // tunnel header length before the inner Ethernet frame
+    if (r < 0) return -1;
+    u32 inner;      // the inner IP header's offset from `off`
     u8 kind;
-    u8 th[8];
-    u32 t = off + (u32)r;
-    if (avail < (u32)r + 8) return 0;
-    if (P_LOAD(c, t, th, sizeof(th))) return 0;
-    if (dport == VXLAN_PORT || dport == VXLAN_PORT_LINUX) {
-        if (!(th[0] & 0x08)) return 0;     // VNI-valid flag not set: not VXLAN
-        kind = ENCAP_VXLAN;
-        hdr = 8;
-    } else if (dport == GENEVE_PORT) {
-        u16 ptype = ((u16)th[2] << 8) | th[3];
-        if ((th[0] >> 6) != 0 || ptype != ETH_P_TEB) return 0;
-        kind = ENCAP_GENEVE;
-        hdr = 8 + (u32)(th[0] & 0x3f) * 4;
+    u32 vni = 0;
+    u16 etype = ETH_P_IP_BE;   // the inner header's ethertype (IP-in-IP: IPv4 always)
+    if (r == 0) {
+        if (p->proto != IPPROTO_IPIP_ || v6) return 0;   // IPv4 in IPv4 only
+        u8 h[8];
+        if (P_LOAD(c, off, h, sizeof(h))) return 0;
+        if ((h[6] & 0x1f) | h[7]) return 0;     // a later fragment: no inner header here
+        inner = (u32)(h[0] & 0x0f) * 4;
+        if (inner + 20 > avail) return -1;
+        kind = ENCAP_IPIP;
     } else {
-        return 0;
+        u16 dport = ((p->dport & 0xff) << 8) | (p->dport >> 8);
+        u32 hdr;        // tunnel header length before the inner Ethernet frame
+        u8 th[8];
+        u32 t = off + (u32)r;
+        if (avail < (u32)r + 8) return 0;
+        if (P_LOAD(c, t, th, sizeof(th))) return 0;
+        if (dport == VXLAN_PORT || dport == VXLAN_PORT_LINUX) {
+            if (!(th[0] & 0x08)) return 0;     // VNI-valid flag not set: not VXLAN
+            kind = ENCAP_VXLAN;
+            hdr = 8;
+        } else if (dport == GENEVE_PORT) {
+            u16 ptype = ((u16)th[2] << 8) | th[3];
+            if ((th[0] >> 6) != 0 || ptype != ETH_P_TEB) return 0;
+            kind = ENCAP_GENEVE;
+            hdr = 8 + (u32)(th[0] & 0x3f) * 4;
+        } else {
+            return 0;
+        }
+        vni = ((u32)th[4] << 16) | ((u32)th[5] << 8) | th[6];
+        inner = (u32)r + hdr + 14;
+        if (inner > avail) return -1;
+        if (P_LOAD(c, t + hdr + 12, &etype, 2)) return -1;
+        if (etype != ETH_P_IP_BE && etype != ETH_P_IPV6_BE) return -1;
     }
-    u32 vni = ((u32)th[4] << 16) | ((u32)th[5] << 8) | th[6];
-    u32 inner = (u32)r + hdr + 14;
-    if (inner > avail) return -1;
-    u16 etype = 0;
-    if (P_LOAD(c, t + hdr + 12, &etype, 2)) return -1;
-    if (etype != ETH_P_IP_BE && etype != ETH_P_IPV6_BE) return -1;
     // The outer header set aside: its addresses where they will be reported, the rest here.
     struct pkt_l outer = p->l;
     __builtin_memcpy(p->osaddr, p->saddr, 16);

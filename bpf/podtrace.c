@@ -11,6 +11,7 @@
 #define ETH_P_IPV6_BE 0xDD86    /* htons(0x86DD) */
 #define ETH_P_TEB 0x6558        /* transparent ethernet bridging (Geneve payload) */
 #define IPPROTO_ICMP_ 1
+#define IPPROTO_IPIP_ 4
 #define IPPROTO_TCP_ 6
 #define IPPROTO_UDP_ 17
 #define IPPROTO_ICMPV6_ 58

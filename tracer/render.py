@@ -64,7 +64,7 @@ def _encap(enc, prev) -> str:
     k = next((i for i in range(len(a)) if a[:i + 1] != b[:i + 1]), len(a)) if len(a) == len(b) > 1 else 0
     # the part of dst that differs: 172.30.0.11→.12, fd00:172:30::1→:2
     dst = sep + sep.join(b[k:]) if 0 < k < len(a) and all(b[k:]) else enc.dst
-    return f"{enc.type} {enc.src}→{dst} vni {enc.vni}"
+    return f"{enc.type} {enc.src}→{dst}" + ("" if enc.type == "ipip" else f" vni {enc.vni}")   # IP-in-IP has no VNI
 
 
 def packet_table(p: Packet, width: int = 120) -> Table:

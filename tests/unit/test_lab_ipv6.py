@@ -29,7 +29,7 @@ def test_families_and_bad_input():
         T.LabConfig(ip_family="ipv5", state_dir=STATE)
 
 
-@pytest.mark.parametrize("cni", T.CNIS)
+@pytest.mark.parametrize("cni", [c for c in T.CNIS if c != "calico"])   # the calico lab is IPv4 only
 def test_ipv6_addresses(cni):
     topo = _plan("ipv6", cni, nodes=3)
     for n in topo.nodes:
@@ -45,7 +45,7 @@ def test_ipv6_addresses(cni):
     assert len(set(macs)) == len(macs) and all(m.startswith("0a:58:") for m in macs)
 
 
-@pytest.mark.parametrize("cni", T.CNIS)
+@pytest.mark.parametrize("cni", [c for c in T.CNIS if c != "calico"])   # the calico lab is IPv4 only
 def test_dual_is_ipv4_first_and_keeps_the_ipv4_lab(cni):
     dual, v4 = _plan("dual", cni), _plan("ipv4", cni)
     for d, p in zip(dual.pods, v4.pods):

@@ -19,7 +19,8 @@ NAMES = [
     "rp-filter-strict", "mtu-blackhole", "no-route", "fdb-missing", "neigh-wrong",
     "svc-no-endpoints", "stale-udp-conntrack", "pod-input-drop", "pod-mac-wrong",
     "pod-no-route", "pod-pmtu", "pod-gw-neigh", "hostport-unreversed", "link-down", "nft-native-drop",
-    "overlay-input-drop", "routing-loop", "icmp-prohibited", "pod-ip-gone", "bpf-policy-drop",
+    "overlay-input-drop", "routing-loop", "icmp-prohibited", "pod-ip-gone",
+    "felix-policy-drop", "proxy-arp-off", "bgp-route-withdrawn", "ipip-blocked", "bpf-policy-drop",
 ]
 
 
@@ -247,7 +248,7 @@ def test_listing_and_cli_say_where_each_scenario_applies(monkeypatch, tmp_path):
 
     rows = {r["name"]: r for r in S.listing()}
     assert rows["br-netfilter-off"]["applies_to"] == ["flannel"]
-    assert rows["netpol-drop"]["applies_to"] == ["flannel", "cilium"]
+    assert rows["netpol-drop"]["applies_to"] == ["flannel", "cilium", "calico"]
     for sc in S.all_scenarios():
         assert rows[sc.name]["applies_to"] == [c for c in S.FLAVOURS if c not in sc.not_on]
     monkeypatch.setenv("PODTRACE_STATE_DIR", str(tmp_path))

@@ -41,7 +41,7 @@ def test_env_overrides(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("kw,needle", [
-    ({"cni": "calico"}, "unknown CNI"),
+    ({"cni": "weave"}, "unknown CNI"),
     ({"nodes": 0}, "--nodes"), ({"nodes": 17}, "--nodes"),
     ({"pods_per_node": 0}, "--pods-per-node"), ({"pods_per_node": 9}, "--pods-per-node"),
     ({"prefix": "Bad Prefix"}, "bad lab prefix"), ({"prefix": "a" * 21}, "bad lab prefix"),

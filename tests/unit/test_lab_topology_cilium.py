@@ -28,7 +28,7 @@ def _topo(cni="cilium", **kw):
 def test_cilium_is_built_and_unknown_cnis_are_bad_input():
     assert T.LabConfig(cni="cilium", prefix="ptlab").cni == "cilium"
     with pytest.raises(BadInput) as err:
-        T.LabConfig(cni="calico", prefix="ptlab")
+        T.LabConfig(cni="weave", prefix="ptlab")
     assert "unknown CNI" in err.value.line() and err.value.exit_code == 2
 
 
@@ -164,9 +164,11 @@ def test_scenarios_that_do_not_apply_are_refused():
     doc = T.status_document(_topo())
     lab = scenarios.Lab(doc)
     refused = {name for name in scenarios.names() if scenarios.unsupported("cilium", name)}
+    calico_only = {"felix-policy-drop", "proxy-arp-off", "bgp-route-withdrawn", "ipip-blocked"}
     assert refused == {"br-netfilter-off", "fdb-missing", "neigh-wrong", "hostport-unreversed", "routing-loop",
-                       "bpf-policy-drop"}
-    assert all(scenarios.unsupported("flannel", name) is None for name in scenarios.names() if name != "bpf-policy-drop")
+                       "bpf-policy-drop"} | calico_only
+    assert all(scenarios.unsupported("flannel", name) is None for name in scenarios.names()
+               if name not in calico_only | {"bpf-policy-drop"})
     for name in refused:
         with pytest.raises(BadInput) as err:
             scenarios.resolve_node(scenarios.get(name), lab, None)

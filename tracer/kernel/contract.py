@@ -64,7 +64,8 @@ FLAG_OUTER_V6 = 8   # outer_saddr/outer_daddr are IPv6
 FLAG_CT_V6 = 16     # the ct_* tuples are IPv6 (the tuple's l3num)
 ENCAP_VXLAN = 1
 ENCAP_GENEVE = 2
-ENCAP = {0: None, ENCAP_VXLAN: "vxlan", ENCAP_GENEVE: "geneve"}
+ENCAP_IPIP = 3      # IPv4 in IPv4 (protocol 4): outer addresses, no VNI (0)
+ENCAP = {0: None, ENCAP_VXLAN: "vxlan", ENCAP_GENEVE: "geneve", ENCAP_IPIP: "ipip"}
 
 # --- Tunnels the parser opens (UDP destination ports).
 VXLAN_PORT = 4789
@@ -93,7 +94,7 @@ def c_defines() -> dict[str, str]:
         "TC_SLOTS": TC_SLOTS,
         "FLAG_FOLLOWED": FLAG_FOLLOWED, "FLAG_DF": FLAG_DF, "FLAG_V6": FLAG_V6,
         "FLAG_OUTER_V6": FLAG_OUTER_V6, "FLAG_CT_V6": FLAG_CT_V6,
-        "ENCAP_VXLAN": ENCAP_VXLAN, "ENCAP_GENEVE": ENCAP_GENEVE,
+        "ENCAP_VXLAN": ENCAP_VXLAN, "ENCAP_GENEVE": ENCAP_GENEVE, "ENCAP_IPIP": ENCAP_IPIP,
         "VXLAN_PORT": VXLAN_PORT, "VXLAN_PORT_LINUX": VXLAN_PORT_LINUX, "GENEVE_PORT": GENEVE_PORT,
     }
     out.update({f"C_{name.upper()}": i for i, name in enumerate(COUNTER_NAMES)})

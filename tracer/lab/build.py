@@ -213,6 +213,9 @@ def _configure_nodes(topo: T.LabPlan) -> None:
             got = shell.read_sysctl(n.netns, key)
             if got != want:
                 raise BuildError(f"{key.replace('/', '.')} is {got!r} in {n.netns}, not {want}", why)
+    programs = getattr(fl, "attach_programs", None)   # a flavour's own tc programs (calico)
+    if programs is not None:
+        programs(topo)
 
 
 def _configure_pods(topo: T.LabPlan) -> None:
@@ -236,6 +239,7 @@ def _program_services(topo: T.LabPlan) -> None:
     mode = topo.config.proxy
     fl = flavour(topo.config.cni)
     jobs = []
+    per_node = getattr(fl, "node_filter_rules", None)   # calico's Felix chains
     for family in topo.families:
         if mode == "iptables":
             rules = T.iptables_rules(topo) if family == 4 else T.iptables_rules(topo, family)
@@ -245,7 +249,8 @@ def _program_services(topo: T.LabPlan) -> None:
             rules = "\n".join(fl.filter_rules(family)) + "\n"
         tool = "iptables-restore" if family == 4 else "ip6tables-restore"
         jobs += [(["ip", "netns", "exec", n.netns, tool, "-w", "5", "--noflush"],
-                  rules, f"programming {tool.removesuffix('-restore')} on {n.name}")
+                  rules + ("\n".join(per_node(topo, n)) + "\n" if per_node and family == 4 else ""),
+                  f"programming {tool.removesuffix('-restore')} on {n.name}")
                  for n in topo.nodes]
         if mode == "nftables":
             jobs += [(["ip", "netns", "exec", n.netns, "nft", "-f", "-"], kubeproxy_nft.ruleset(topo, family),

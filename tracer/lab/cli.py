@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from tracer import settings
-from tracer.errors import EnvironmentProblem, require_root
+from tracer.errors import BadInput, EnvironmentProblem, require_root
 from tracer.lab import build, scenarios
 from tracer.lab import topology as T
 from tracer.lab.model import prefix_flag
@@ -59,8 +59,11 @@ def lab(ctx, prefix):
               help="Cilium only: legacy (the kernel routes pod traffic) or ebpf (tc programs "
                    "forward it with bpf_redirect_peer/bpf_redirect_neigh and do Service NAT; "
                    "netfilter never sees it).")
+@click.option("--calico-mode", type=click.Choice(T.CALICO_MODES), default=None,
+              help="With --cni calico: how pod traffic crosses nodes, IP-in-IP through tunl0 "
+                   "(the default), VXLAN through vxlan.calico, or routed on the underlay.")
 @click.pass_context
-def up_cmd(ctx, cni, nodes, pods_per_node, ip_family, proxy, datapath):
+def up_cmd(ctx, cni, nodes, pods_per_node, ip_family, proxy, datapath, calico_mode):
     """Build the lab (a no-op when it is already up).
 
     \b
@@ -70,11 +73,15 @@ def up_cmd(ctx, cni, nodes, pods_per_node, ip_family, proxy, datapath):
       sudo podtrace lab up --ip-family dual  # pods and Services with IPv4 and IPv6
       sudo podtrace lab up --proxy nftables  # kube-proxy in nftables mode
       sudo podtrace lab up --cni cilium --datapath ebpf  # Cilium's BPF forwarding
+      sudo podtrace lab up --cni calico --calico-mode routed
       sudo podtrace lab up --prefix mylab   # a second, separate lab
       sudo PODTRACE_LAB_PREFIX=mylab podtrace lab up   # the same
     """
+    if calico_mode is not None and cni != "calico":
+        raise BadInput("--calico-mode applies to the calico lab only", "add --cni calico, or drop --calico-mode")
     cfg = T.LabConfig(prefix=ctx.obj["prefix"], cni=cni, nodes=nodes, pods_per_node=pods_per_node,
-                      ip_family=ip_family, proxy=proxy, datapath=datapath)
+                      ip_family=ip_family, proxy=proxy, datapath=datapath,
+                      calico_mode=calico_mode or "ipip")
     require_root("podtrace lab up")
     started = time.monotonic()
     with _Progress(cfg.prefix) as progress:
@@ -284,7 +291,8 @@ def _cni(doc: dict) -> str:
 def _shape(doc: dict) -> str:
     family = doc.get("ip_family", "ipv4")
     proxy = doc.get("proxy", "iptables")
-    return (f"{_cni(doc)}{'' if family == 'ipv4' else ', ' + family}"
+    mode = f" ({doc['calico_mode']})" if doc.get("calico_mode") else ""
+    return (f"{_cni(doc)}{mode}{'' if family == 'ipv4' else ', ' + family}"
             f"{'' if proxy == 'iptables' else ', kube-proxy ' + proxy}, {len(doc['nodes'])} nodes, "
             f"{len(doc['pods'])} pods, {len(doc['services'])} services")
 
@@ -338,7 +346,8 @@ def _render_table(doc: dict, missing: list[str]) -> None:
     console = Console() if sys.stdout.isatty() else Console(width=160)
     family = doc.get("ip_family", "ipv4")
     proxy = doc.get("proxy", "iptables")
-    console.print(f"[bold]lab {doc['prefix']}[/bold] ({_cni(doc)}{'' if family == 'ipv4' else ', ' + family}"
+    mode = f" {doc['calico_mode']}" if doc.get("calico_mode") else ""
+    console.print(f"[bold]lab {doc['prefix']}[/bold] ({_cni(doc)}{mode}{'' if family == 'ipv4' else ', ' + family}"
                   f"{'' if proxy == 'iptables' else ', kube-proxy ' + proxy}), up since "
                   f"{doc.get('created_at', '?')}", highlight=False)
     console.print(f"underlay {doc['underlay_cidr']} on bridge "
@@ -358,7 +367,7 @@ def _render_table(doc: dict, missing: list[str]) -> None:
     nodes = table("nodes", "node", "ip", "pod cidr", "netns", "overlay (vtep mac)")
     for n in doc["nodes"]:
         nodes.add_row(n["name"], n["ip"], " ".join(n.get("pod_cidrs") or [n["pod_cidr"]]), n["netns"],
-                      f"{n['overlay']} ({n.get('mac', '?')})")
+                      f"{n['overlay']} ({n.get('mac', '?')})" if n.get("mac") else (n["overlay"] or "(routed)"))
     console.print(nodes)
 
     pods = table("pods", "pod", "node", "ip", "netns", "host veth")

@@ -2,7 +2,7 @@
 
 Pure data, no privileges and no side effects. Everything here is deterministic for a given
 config, so two runs of `lab up` describe the same cluster. What differs between CNI
-flavours lives in `tracer.lab.flannel` and `tracer.lab.cilium`.
+flavours lives in `tracer.lab.flannel`, `tracer.lab.cilium` and `tracer.lab.calico`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,12 @@ from tracer.errors import BadInput
 
 DEFAULT_PREFIX = settings.DEFAULT_LAB_PREFIX
 DEFAULT_STATE_ROOT = settings.DEFAULT_STATE_DIR
-CNIS = ("flannel", "cilium")
-BUILT_CNIS = ("flannel", "cilium")
+CNIS = ("flannel", "cilium", "calico")
+BUILT_CNIS = ("flannel", "cilium", "calico")
 DATAPATHS = ("legacy", "ebpf")   # the cilium lab's: Linux routing, or tc programs (cilium_ebpf.py)
+# How a calico lab carries pod traffic between nodes: IP-in-IP (Calico's default), VXLAN,
+# or routed on the underlay (what BGP peering gives).
+CALICO_MODES = ("ipip", "vxlan", "routed")
 
 UNDERLAY_CIDR = "172.30.0.0/24"
 CLUSTER_CIDR = "10.244.0.0/16"
@@ -78,6 +81,7 @@ class LabConfig:
     ip_family: str = "ipv4"
     proxy: str = "iptables"
     datapath: str = "legacy"         # cilium: "legacy" (Linux routing) or "ebpf" (tc programs)
+    calico_mode: str = "ipip"         # calico labs only: see CALICO_MODES
 
     def __post_init__(self):
         object.__setattr__(self, "state_dir", Path(self.state_dir))
@@ -103,6 +107,11 @@ class LabConfig:
         if self.datapath == "ebpf" and self.proxy != "iptables":
             raise BadInput(f"--proxy {self.proxy} does not apply to the eBPF datapath: its BPF programs "
                            "translate Services in place of kube-proxy", "leave out --proxy with --datapath ebpf")
+        if self.calico_mode not in CALICO_MODES:
+            raise BadInput(f"unknown Calico mode {self.calico_mode!r}", f"use one of: {', '.join(CALICO_MODES)}")
+        if self.cni == "calico" and self.ip_family != "ipv4":
+            raise BadInput(f"the calico lab is IPv4 only, not {self.ip_family}",
+                           "use --ip-family ipv4 with --cni calico, or --cni flannel|cilium")
 
     @property
     def families(self) -> tuple[int, ...]:
@@ -267,6 +276,7 @@ class NodePlan:
     overlay_ips: tuple[str, ...] = ()
     router_ips: tuple[str, ...] = ()
     mtu: int = POD_MTU                # of the overlay, the bridge and the pods' links
+    overlay: str | None = None        # calico: the tunnel device of its mode (None: routed)
 
 
 @dataclass(frozen=True)

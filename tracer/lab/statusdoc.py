@@ -26,7 +26,7 @@ def status_document(topo: LabPlan, pids: dict[str, int] | None = None) -> dict:
         "underlay_cidr": underlay_cidr(uf),
         "cluster_cidr": cluster_cidr(fams[0]),
         "service_cidr": service_cidr(fams[0]),
-        "vxlan": {"vni": fl.VNI, "port": VXLAN_PORT},
+        "vxlan": {"vni": fl.VNI, "port": getattr(fl, "VXLAN_PORT", VXLAN_PORT)},
         # ipv4, ipv6 or dual; every family's CIDRs, the first family's first.
         "ip_family": topo.config.ip_family,
         "ip_families": [_FAMILY_NAMES[f] for f in fams],
@@ -36,6 +36,7 @@ def status_document(topo: LabPlan, pids: dict[str, int] | None = None) -> dict:
         # kube-proxy's mode: iptables, nftables (the `kube-proxy` table) or ipvs (kube-ipvs0)
         "proxy": topo.config.proxy,
         **fl.status_fields(),
+        **({"calico_mode": topo.config.calico_mode} if fl.NAME == "calico" else {}),
         "nodes": [fl.status_node(n) for n in topo.nodes],
         "pods": [
             {

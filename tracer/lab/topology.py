@@ -16,8 +16,8 @@ from tracer.lab.cilium import (CILIUM_HOST, CILIUM_HOST_TABLE, CILIUM_NET, CILIU
 from tracer.lab.cni import flavour
 from tracer.lab.flannel import CNI_BRIDGE, OVERLAY, VXLAN_ID, flannel_mac, host_veth_name
 from tracer.lab.kubeproxy import iptables_rules, sep_chain, service, svc_chain
-from tracer.lab.model import (CLUSTER_CIDR6, DATAPATHS, IP_FAMILIES, PROXY_MODES, SERVICE_CIDR6,
-                              UNDERLAY_CIDR6, families)
+from tracer.lab.model import (CALICO_MODES, CLUSTER_CIDR6, DATAPATHS, IP_FAMILIES, PROXY_MODES,
+                              SERVICE_CIDR6, UNDERLAY_CIDR6, families)
 from tracer.lab.model import (APP_PORT, BUILT_CNIS, CLUSTER_CIDR, CNIS, DEFAULT_PREFIX,
                               DEFAULT_STATE_ROOT, FABRIC_BRIDGE, K8S_NAMESPACE, LAB_LABEL,
                               MASQ_MARK, POD_MTU, SERVICE_CIDR, UNDERLAY_CIDR, UNDERLAY_MTU,
@@ -28,7 +28,8 @@ from tracer.lab.model import (APP_PORT, BUILT_CNIS, CLUSTER_CIDR, CNIS, DEFAULT_
 from tracer.lab.statusdoc import status_document
 
 __all__ = [
-    "CLUSTER_CIDR6", "DATAPATHS", "IP_FAMILIES", "PROXY_MODES", "SERVICE_CIDR6", "UNDERLAY_CIDR6", "families",
+    "CALICO_MODES", "CLUSTER_CIDR6", "DATAPATHS", "IP_FAMILIES", "PROXY_MODES", "SERVICE_CIDR6",
+    "UNDERLAY_CIDR6", "families",
     "APP_PORT", "BUILT_CNIS", "CILIUM_HOST", "CILIUM_HOST_TABLE", "CILIUM_NET", "CILIUM_OVERLAY",
     "CILIUM_RULE_PREF", "CILIUM_VNI", "CLUSTER_CIDR", "CNIS", "CNI_BRIDGE", "DEFAULT_PREFIX",
     "DEFAULT_STATE_ROOT", "FABRIC_BRIDGE", "K8S_NAMESPACE", "LAB_LABEL", "MASQ_MARK", "OVERLAY",

@@ -29,11 +29,16 @@ def chain_sentence(hop: Hop | None, node_ips=()) -> str:
                 "meets INPUT)")
     if hop.pod is not None:
         return f"an iptables/nftables rule inside the pod {hop.pod} dropped it (the pod's own netfilter rules)"
+    if hop.encap is not None and hop.node is None:   # on the underlay itself (the lab's fabric)
+        what = "IP protocol 4 (IP-in-IP)" if hop.encap.type == "ipip" else "the overlay's UDP port"
+        return (f"a filter on the underlay between the nodes dropped the encapsulated packet ({hop.encap.type} "
+                f"from {hop.encap.src} to {hop.encap.dst}): the network must let {what} pass between nodes")
     if hop.encap is not None:
         said = f" ({hop.encap.type} from {hop.encap.src} to {hop.encap.dst})" if hop.encap.src else ""
         return (f"an iptables/nftables rule dropped it; the encapsulated overlay packet{said} is "
                 "addressed to the node itself, so the rules "
-                "that see it are in PREROUTING and INPUT (not FORWARD): look for a rule on the overlay's UDP port")
+                "that see it are in PREROUTING and INPUT (not FORWARD): look for a rule on "
+                + ("IP protocol 4 (IP-in-IP)" if hop.encap.type == "ipip" else "the overlay's UDP port"))
     if hop.dst in set(node_ips):
         return ("an iptables/nftables rule dropped it; the packet is addressed to the node itself, so the "
                 "rules that see it are in PREROUTING and INPUT (not FORWARD)")

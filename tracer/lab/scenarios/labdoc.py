@@ -31,7 +31,7 @@ class Pod:
 def _of_family(values: list[str] | None, first: str, family: int) -> str:
     """The value of this family among `values` (addresses or CIDRs), else `first`."""
     for v in values or [first]:
-        if (":" in v) == (family == 6):
+        if v is not None and (":" in v) == (family == 6):   # None: no overlay address (calico)
             return v
     return first
 

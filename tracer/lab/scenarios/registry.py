@@ -14,7 +14,8 @@ from typing import Callable
 from tracer.errors import BadInput
 from tracer.lab import topology as T
 from tracer.lab.model import prefix_flag
-from tracer.lab.scenarios import conntrack, faults, faults_bpf, faults_causes, faults_delivery, faults_dnat, faults_loop, faults_owner, faults_source
+from tracer.lab.scenarios import (conntrack, faults, faults_bpf, faults_calico, faults_causes, faults_delivery,
+                                      faults_dnat, faults_loop, faults_owner, faults_source)
 from tracer.lab.scenarios.changes import Changes
 from tracer.lab.scenarios.labdoc import Lab, Pod
 
@@ -25,6 +26,12 @@ _NO_FDB = {"cilium": f"it removes an FDB entry of {T.OVERLAY}; the cilium lab's 
                      f"{T.CILIUM_OVERLAY}"}
 _NO_NEIGH = {"cilium": f"it rewrites a neighbour entry on {T.OVERLAY}; the cilium lab's overlay is "
                        f"{T.CILIUM_OVERLAY}"}
+# ... nor to the calico lab (no bridge; tunl0, vxlan.calico or no overlay at all).
+_NO_BRIDGE["calico"] = ("the calico lab has no bridge: pods hang off cali devices and every packet "
+                        "between them is routed, so bridge-nf-call-iptables changes nothing")
+_NOT_FLANNEL_1 = ("it acts on flannel.1; the calico lab's nodes have tunl0 (IP-in-IP), vxlan.calico "
+                  "or no overlay (routed)")
+_NO_FDB["calico"] = _NO_NEIGH["calico"] = _NOT_FLANNEL_1
 
 
 @dataclass(frozen=True)
@@ -304,7 +311,9 @@ _register(Scenario(
     "overlay-input-drop",
     f"a node's filter INPUT chain drops UDP {T.VXLAN_PORT}: the overlay's VXLAN packets from other "
     "nodes are dropped before decapsulation",
-    _second, _two_nodes, _show_to_first_pod, faults_causes.overlay_input_drop))
+    _second, _two_nodes, _show_to_first_pod, faults_causes.overlay_input_drop,
+    not_on={"calico": f"it drops UDP {T.VXLAN_PORT}; the calico lab tunnels with IP-in-IP or VXLAN on "
+                      "UDP 4789 (see ipip-blocked)"}))
 
 _register(Scenario(
     "routing-loop",
@@ -313,7 +322,8 @@ _register(Scenario(
     _first, _two_nodes,
     lambda lab, node: f"{lab.pods_on(node)[0].name} {faults_loop.LOOP_DST}",
     faults_loop.routing_loop, not_on={"cilium": f"its routes go via {T.OVERLAY}; the cilium "
-                                                  f"lab's overlay is {T.CILIUM_OVERLAY}"}))
+                                                  f"lab's overlay is {T.CILIUM_OVERLAY}",
+                                        "calico": _NOT_FLANNEL_1}))
 _register(Scenario(
     "icmp-prohibited",
     "a REJECT --reject-with icmp-admin-prohibited rule in FORWARD on the destination's node "
@@ -329,6 +339,30 @@ _register(Scenario(
     _second, lambda lab: [n for n in _two_nodes(lab) if lab.pods_on(n)],
     lambda lab, node: f"{lab.client_for(node).name} {faults_owner.target(lab, node).ip}",
     faults_owner.pod_ip_gone))
+
+# Calico's own objects: only the calico lab has them.
+_CALICO_ONLY = {c: "it acts on Calico's objects (Felix chains, cali devices, BIRD routes, the IP-in-IP "
+                   "tunnel); only the calico lab has them" for c in ("flannel", "cilium")}
+_register(Scenario(
+    "felix-policy-drop",
+    "a deny-all policy selects a node's first pod: Felix's to-workload chain drops what no policy "
+    "passed",
+    _second, _two_nodes, _show_to_first_pod, faults_calico.felix_policy_drop, not_on=_CALICO_ONLY))
+_register(Scenario(
+    "proxy-arp-off",
+    "proxy ARP off on the cali device of a node's first pod: nobody answers its ARP for "
+    "169.254.1.1, nothing it sends leaves it",
+    _first, _two_nodes, _show_from_first_pod, faults_calico.proxy_arp_off, not_on=_CALICO_ONLY))
+_register(Scenario(
+    "bgp-route-withdrawn",
+    "the route BIRD installed for the peer node's block removed from a node, as when their BGP "
+    "session drops (routed and ipip modes)",
+    _first, _two_nodes, _show_from_first_pod, faults_calico.bgp_route_withdrawn, not_on=_CALICO_ONLY))
+_register(Scenario(
+    "ipip-blocked",
+    "the underlay drops IP protocol 4 towards a node: IP-in-IP packets from other nodes vanish "
+    "(ipip mode)",
+    _second, _two_nodes, _show_to_first_pod, faults_calico.ipip_blocked, not_on=_CALICO_ONLY))
 
 
 _register(Scenario(
