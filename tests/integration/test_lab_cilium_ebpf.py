@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 
 import pytest
@@ -111,6 +112,41 @@ def test_flow_across_nodes_sees_every_hop(eb):
     # podtrace's observers are gone again: only the lab's filter on each hook
     for n in eb["nodes"]:
         assert [f["pref"] for f in _filters(n["netns"], "cilium_vxlan", "ingress")] == [cilium_ebpf.PREF]
+
+
+def _ping_loop(ns: str, ip: str, stop: threading.Event) -> None:
+    seq = 0
+    while not stop.is_set():
+        seq += 1
+        ping(ns, ip, timeout=0.5, seq=seq)
+        stop.wait(0.1)
+
+
+def test_watching_real_traffic_sees_every_hop(eb):
+    """--no-probe over real pings: exit 0, and whole requests and replies crossed every hop
+    (the pods' eth0 seen by tc alone after bpf_redirect_peer)."""
+    src, dst = pod(eb, "pod-1-1"), pod(eb, "pod-2-1")
+    stop = threading.Event()
+    pinger = threading.Thread(target=_ping_loop, args=(src["netns"], dst["ip"], stop), daemon=True)
+    pinger.start()
+    try:
+        rc, doc, err = _flow_json("pod-1-1", "pod-2-1", "--no-probe", "--duration", "3")
+    finally:
+        stop.set()
+        pinger.join()
+    assert rc == 0, (err, doc.get("verdict"))
+    assert doc["verdict"]["status"] == "ok"
+    assert {p["verdict"]["status"] for p in doc["packets"]} <= {"delivered", "partial"}
+    for direction, (a, b) in (("request", (src, dst)), ("reply", (dst, src))):
+        na, nb = a["node"], b["node"]
+        want = [(na, f"default/{a['name']}", "eth0", "tx"), (na, None, a["host_veth"], "rx"),
+                (na, None, "cilium_vxlan", "tx"), (na, None, "eth0", "tx"),
+                (nb, None, "eth0", "rx"), (nb, None, "cilium_vxlan", "rx"),
+                (nb, f"default/{b['name']}", "eth0", "rx")]
+        whole = [p for p in doc["packets"] if p["direction"] == direction
+                 and [(h["node"], h["pod"], h["dev"], h["point"]) for h in p["hops"] if h["node"]] == want]
+        assert whole, (direction, [_path(p) for p in doc["packets"][:6]])
+        assert all(p["verdict"]["status"] == "delivered" for p in whole)
 
 
 def test_flow_to_a_service_shows_the_bpf_dnat(eb):
