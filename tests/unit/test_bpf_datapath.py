@@ -68,6 +68,9 @@ def test_observers_go_before_someone_elses_filters_when_there_is_room():
     assert tc.before_prio([_F(10, "x"), _F(9, "y"), _F(7, "z")]) == 5
     assert tc.before_prio([_F(1, "cil_from_container")]) is None             # no room before pref 1
     assert tc.before_prio([_F(2, "x")]) is None
+    # our usual pair already runs first (a tunnel filter at 65000): no second pair
+    assert tc.before_prio([_F(65000, "calico-ipip-encap")], 49152) is None
+    assert tc.before_prio([_F(10, "x")], 49152) == 8
 
 
 def test_the_ebpf_flavour_and_its_scenarios():

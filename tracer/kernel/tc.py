@@ -190,7 +190,7 @@ class TcAttacher:
                     prio += 1
                 stub_fd = self.bpf.load_func(self._stub_name(slot, direction).encode(), self._sched_cls).fd
                 pairs = [(prio, stub_fd), (prio + 1, self.main_fd[direction])]
-                before = before_prio(filters)
+                before = before_prio(filters, prio)
                 if before is not None:
                     pairs = [(before, stub_fd), (before + 1, self.main_fd[direction])] + pairs
                 for at, fd in pairs:
@@ -219,12 +219,13 @@ class TcAttacher:
             _save_state([x for x in _load_state() if x not in mine])
 
 
-def before_prio(filters) -> int | None:
+def before_prio(filters, prio: int | None = None) -> int | None:
     """The first of two adjacent free priorities before every filter that is not ours, or
-    None when there is no such filter (nothing to be before) or no room before the first
-    one (a filter at pref 1 or 2)."""
+    None when there is no such filter (nothing to be before), no room before the first one
+    (a filter at pref 1 or 2), or the pair at `prio` (and prio + 1) runs before them all
+    already: a second pair would see every packet twice."""
     foreign = [_prio(f) for f in filters if not ((n := _name(f)) and n.startswith(MARK))]
-    if not foreign:
+    if not foreign or (prio is not None and prio + 1 < min(foreign)):
         return None
     used = {_prio(f) for f in filters}
     prio = min(foreign) - 2
