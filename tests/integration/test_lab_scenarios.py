@@ -608,7 +608,9 @@ SCENARIOS.update({
 })
 
 def test_every_scenario_is_covered():
-    assert sorted(SCENARIOS) == sorted(scenarios.names())
+    # every scenario of the flannel lab (the others belong to calico or the eBPF datapath,
+    # and run in their own modules)
+    assert sorted(SCENARIOS) == sorted(n for n in scenarios.names() if not scenarios.unsupported("flannel", n))
 
 
 def break_check_fix(doc: dict, prefix: str, name: str, probe, check, pre_probe=None) -> None:
