@@ -85,10 +85,11 @@ def test_flow_ipip_across_nodes_and_to_a_service(cal):
     assert dnat and dnat[0]["node"] == "node-1" and dnat[0]["backend"] == pod(cal, "pod-2-2")["ip"], req["nat"]
 
 
-@pytest.mark.parametrize("mode,prefix,tunnel", [("vxlan", "pttestcalv", "vxlan.calico"),
-                                                ("routed", "pttestcalr", None)])
-def test_flow_in_the_other_modes(mode, prefix, tunnel):
-    with private_lab(prefix, cni="calico", calico_mode=mode) as lab:
+@pytest.mark.parametrize("mode,prefix,tunnel,proxy", [("vxlan", "pttestcalv", "vxlan.calico", "iptables"),
+                                                      ("routed", "pttestcalr", None, "nftables")])
+def test_flow_in_the_other_modes(mode, prefix, tunnel, proxy):
+    """The routed lab runs kube-proxy in nftables mode: its Service DNAT is checked too."""
+    with private_lab(prefix, cni="calico", calico_mode=mode, proxy=proxy) as lab:
         rc, doc, err = _flow_json(prefix, "pod-1-1", "pod-2-2", "--proto", "tcp", "--port", "8080")
         assert rc == 0, err
         req = _cross_node(doc, lab, tunnel)
@@ -97,6 +98,12 @@ def test_flow_in_the_other_modes(mode, prefix, tunnel):
             assert outer["encap"]["type"] == "vxlan" and outer["encap"]["vni"] == 4096
         else:
             assert outer["encap"] is None
+        if proxy == "nftables":
+            rc, doc, err = _flow_json(prefix, "pod-1-1", "svc/default/web", "--proto", "tcp", "--port", "80")
+            assert rc == 0, err
+            req = next(p for p in doc["packets"] if p["direction"] == "request")
+            assert req["hops"][-1]["dst"] == pod(lab, "pod-2-2")["ip"]
+            assert [h for h in req["hops"] if (h.get("ct") or {}).get("nat") == "dnat"][0]["node"] == "node-1"
         if mode == "routed":
             _broken(prefix, "bgp-route-withdrawn", "pod-1-1", "pod-2-1",
                     lambda p, v: v["cause"] == "no-route" and v["node"] == "node-1")
