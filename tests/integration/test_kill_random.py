@@ -31,7 +31,7 @@ from tests.integration.test_safety_common import (
 )
 
 PREFIX = "pttestkr"
-ROUNDS = 10            # each round kills one flow and one capture: 20 kills
+ROUNDS = 6             # each round kills one flow and one capture: 12 kills
 
 
 def _tc_records() -> list[dict]:
