@@ -54,6 +54,9 @@ CONSUMERS = ["sink", "callback", "ctypes"]
 # The per-event ctypes consumer (the baseline)
 
 def _ctype(np_type: str):
+    if np_type.startswith("("):          # a fixed array such as the 16-byte addresses: "(16,)u1"
+        count, _, base = np_type[1:].partition(",)")
+        return _ctype(base) * int(count)
     return {"u1": ct.c_uint8, "u2": ct.c_uint16, "u4": ct.c_uint32, "u8": ct.c_uint64}[np_type.lstrip("<>")]
 
 

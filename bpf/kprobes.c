@@ -15,11 +15,13 @@
 
 // Follow an skb seen inside a kernel function: the network header is set at every one of
 // these functions, so the packet is read from head + network_header.
-// Inlined into each program (BCC 0.26 cannot relocate bpf-to-bpf calls): compiling all of
+// Inlined into each program (BCC 0.26 cannot relocate bpf-to-bpf calls; kprobes cannot tail-call
+// the tracepoints' shared program, another program type): compiling all of
 // them costs ~0.6 s, so kprobes.c is compiled only where kprobes can attach (see tracer/kernel/hooks.py).
 static __always_inline int on_kfunc(const u8 *skb, u8 hook, u32 aux, u64 aux2) {
     if (!skb) return 0;
     const u8 *head = (const u8 *)rd64(skb, SKB_HEAD);
+    count(C_SEEN);
     return on_packet(0, skb, head + skb_u16(skb, SKB_NETWORK_HEADER), hook, aux, aux2);
 }
 

@@ -2,6 +2,10 @@
 // P_(name) names the instance, P_CTX is what locates the packet, P_LOAD(c, off, dst, len)
 // copies `len` bytes at offset `off` (0 on success). Kernel hooks read through an sk_buff's
 // linear data with bpf_probe_read_kernel; tc programs with bpf_skb_load_bytes.
+// P_WITH_V6 0 makes an IPv4-only instance (an IPv6 header, outer or inner, is "not read": -1).
+#ifndef P_WITH_V6
+#define P_WITH_V6 1
+#endif
 
 // The L4 header at `l4` (`left` bytes readable): ports, TCP sequence and flags, ICMP/ICMPv6
 // type and echo id/seq. Returns what parse_ip returns (the UDP payload's offset from `base`).
@@ -44,7 +48,7 @@ static __always_inline int P_(parse_ip6)(P_CTX c, u32 off, u32 avail, struct pkt
 // tunnel), 0 when done, <0 when the packet is not IP or is truncated: such packets are
 // skipped, never misread.
 static __always_inline int P_(parse_ip)(P_CTX c, u32 off, u32 avail, struct pkt *p, u8 v6) {
-    if (v6) return P_(parse_ip6)(c, off, avail, p);
+    if (v6) return P_WITH_V6 ? P_(parse_ip6)(c, off, avail, p) : -1;
     u8 iph[20];
     if (avail < 20) return -1;
     if (P_LOAD(c, off, iph, sizeof(iph))) return -1;

@@ -200,6 +200,17 @@ static __always_inline int buf_load(const u8 *c, u32 off, void *dst, u32 len) {
 #undef P_
 #undef P_CTX
 #undef P_LOAD
+// The tracepoints' own IPv4-only instance (see pt_rx): small, so it is cheap to inline four times.
+#undef P_WITH_V6
+#define P_WITH_V6 0
+#define P_(name) quick_##name
+#define P_CTX const u8 *
+#define P_LOAD(c, off, dst, len) buf_load((c), (off), (dst), (len))
+#include "parser.h"
+#undef P_
+#undef P_CTX
+#undef P_LOAD
+#undef P_WITH_V6
 
 // `addr`: an IPv4 address, or an IPv6 address folded by addr6_fold.
 static __always_inline int addr_maybe(u32 addr) {
@@ -499,7 +510,6 @@ static __always_inline int read_packet(const u8 *skb, const u8 *l3, u16 nh, stru
 static __always_inline int on_packet(void *ctx, const u8 *skb, const u8 *l3, u8 hook, u32 aux, u64 aux2) {
     struct pkt p = {};
     u64 key = (u64)skb;
-    count(C_SEEN);
     int ok = read_packet(skb, l3, 0, &p);
     if (ok == NOT_IPV4) return 0;
     u32 *was = tracked_get(&key);
@@ -532,28 +542,94 @@ static __always_inline int on_packet(void *ctx, const u8 *skb, const u8 *l3, u8 
     return 0;
 }
 
+// The tracepoints run for every packet of the machine; most are not ours. Each one decides
+// that itself with a small IPv4-only parse (the filter and the skb following, nothing else),
+// and hands everything else (ours, followed, IPv6, headers beyond the quick read, the end of
+// a buffer) to one shared program, `pt_common`, by a tail call: the full parser, the record
+// and the conntrack view are then compiled and verified once instead of once per tracepoint.
+// The arguments go in a per-CPU slot (tracepoint programs do not nest on a CPU: the kernel
+// skips one that would). User space puts pt_common in pt_next before attaching anything.
+struct pt_call {
+    u64 skb;
+    u64 l3;         // the network header; 0: head + nh
+    u64 location;
+    u32 reason;
+    u16 nh;
+    u8 hook;
+    u8 free;        // kfree_skb / consume_skb: the end of a buffer
+};
+BPF_PERCPU_ARRAY(pt_calls, struct pt_call, 1);
+BPF_PROG_ARRAY(pt_next, 1);
+
+static __always_inline int pass_on(void *ctx, const u8 *skb, const u8 *l3, u16 nh, u8 hook, u8 free,
+                                   u64 location, u32 reason) {
+    u32 zero = 0;
+    struct pt_call *call = pt_calls.lookup(&zero);
+    if (!call) return 0;
+    call->skb = (u64)skb;
+    call->l3 = (u64)l3;
+    call->nh = nh;
+    call->hook = hook;
+    call->free = free;
+    call->location = location;
+    call->reason = reason;
+    pt_next.call(ctx, 0);
+    return 0;   // reached only when pt_common is not (yet) in pt_next
+}
+
+// 1 when the packet at `l3` is certainly not ours: IPv4 (or not IP at all), read and parsed
+// from one copy of its headers, not followed, not wanted by the filter. 0: pt_common decides.
+static __always_inline int not_ours(const u8 *skb, const u8 *l3) {
+    u8 span[SPAN_LEN <= 32 ? 32 : 8];
+    u16 proto;
+#if SKB_TAIL > SKB_PROTOCOL && SKB_HEAD > SKB_TAIL && SPAN_LEN <= 32
+    if (bpf_probe_read_kernel(span, SPAN_LEN, skb + SKB_PROTOCOL)) return 1;
+    proto = *(u16 *)span;
+    if (proto != ETH_P_IP_BE) return proto != ETH_P_IPV6_BE;
+    const u8 *head = *(const u8 **)(span + (SKB_HEAD - SKB_PROTOCOL));
+    u32 tail = *(u32 *)(span + (SKB_TAIL - SKB_PROTOCOL));
+    u32 avail = 0;
+    if (head && l3 >= head && (u64)(l3 - head) < tail) avail = tail - (u32)(l3 - head);
+#else
+    proto = skb_u16(skb, SKB_PROTOCOL);
+    if (proto != ETH_P_IP_BE) return proto != ETH_P_IPV6_BE;
+    u32 avail = linear_from(skb, l3);
+#endif
+    u8 pb[PT_BUF];
+    if (avail < 20 || bpf_probe_read_kernel(pb, PT_BUF, l3)) return 0;
+    struct pkt p = {};
+    if (quick_parse_packet(pb, 0, avail < PT_BUF ? avail : PT_BUF, &p, 0) < 0) return 0;
+    u64 key = (u64)skb;
+    if (tracked_get(&key)) return 0;
+    return !wanted(&p);
+}
+
 int pt_rx(struct tp_netif_receive_skb *args) {
     const u8 *skb = (const u8 *)args->skbaddr;
     // At netif_receive_skb the Ethernet header has been pulled: data is the L3 header.
     const u8 *data = (const u8 *)rd64(skb, SKB_DATA);
-    return on_packet(args, skb, data, HOOK_RX, 0, 0);
+    count(C_SEEN);
+    if (not_ours(skb, data)) return 0;
+    return pass_on(args, skb, data, 0, HOOK_RX, 0, 0, 0);
 }
 
 int pt_tx(struct tp_net_dev_start_xmit *args) {
     const u8 *skb = (const u8 *)args->skbaddr;
     const u8 *data = (const u8 *)rd64(skb, SKB_DATA);
     if (args->network_offset < 0 || args->network_offset > 256) return 0;
-    return on_packet(args, skb, data + args->network_offset, HOOK_TX, 0, 0);
+    count(C_SEEN);
+    if (not_ours(skb, data + args->network_offset)) return 0;
+    return pass_on(args, skb, data + args->network_offset, 0, HOOK_TX, 0, 0, 0);
 }
 
-static __always_inline int on_free(void *ctx, const u8 *skb, u8 hook, u64 location, u32 reason) {
+static __always_inline int on_free(void *ctx, const u8 *skb, u8 hook, u16 nh, u64 location, u32 reason) {
     u64 key = (u64)skb;
     u32 *was = tracked_get(&key);
     // A buffer never matched that is consumed (delivered, not dropped): nothing to say, and
     // this runs for every skb the machine frees, so it leaves before reading the packet.
     if (!was && hook != HOOK_DROP) return 0;
     struct pkt p = {};
-    int ok = read_packet(skb, 0, skb_u16(skb, SKB_NETWORK_HEADER), &p);
+    int ok = read_packet(skb, 0, nh, &p);
     if (ok == NOT_IPV4) {
         if (was) untrack(&key);
         return 0;
@@ -573,10 +649,26 @@ static __always_inline int on_free(void *ctx, const u8 *skb, u8 hook, u64 locati
 }
 
 int pt_kfree(struct tp_kfree_skb *args) {
-    return on_free(args, (const u8 *)args->skbaddr, HOOK_DROP, (u64)args->location,
+    const u8 *skb = (const u8 *)args->skbaddr;
+    return pass_on(args, skb, 0, skb_u16(skb, SKB_NETWORK_HEADER), HOOK_DROP, 1, (u64)args->location,
                    (u32)args->reason);
 }
 
 int pt_consume(struct tp_consume_skb *args) {
-    return on_free(args, (const u8 *)args->skbaddr, HOOK_CONSUME, (u64)args->location, 0);
+    const u8 *skb = (const u8 *)args->skbaddr;
+    u64 key = (u64)skb;
+    // A buffer never matched that is consumed (delivered, not dropped): nothing to say, and
+    // this runs for every skb the machine frees, so it leaves before anything else.
+    if (!tracked_get(&key)) return 0;
+    return pass_on(args, skb, 0, skb_u16(skb, SKB_NETWORK_HEADER), HOOK_CONSUME, 1, (u64)args->location, 0);
+}
+
+int pt_common(void *ctx) {
+    u32 zero = 0;
+    struct pt_call *call = pt_calls.lookup(&zero);
+    if (!call) return 0;
+    const u8 *skb = (const u8 *)call->skb;
+    if (call->free)
+        return on_free(ctx, skb, call->hook, call->nh, call->location, call->reason);
+    return on_packet(ctx, skb, (const u8 *)call->l3, call->hook, 0, 0);
 }

@@ -147,7 +147,8 @@ def test_scenario(dlab, scenario, args, direction, node, cause, reason, tmp_path
     finally:
         fixed = cli("lab", "fix", scenario)
         assert fixed.returncode == 0, fixed.stderr
-    res = cli("flow", *AFTER_FIX_ARGS.get(scenario, args), "-o", "json")
+    # after the fix, in one process (the agents path was checked above; half the start-up)
+    res = cli("flow", *AFTER_FIX_ARGS.get(scenario, args), "-o", "json", mode="single")
     if scenario in AFTER_FIX:
         assert res.returncode == 3, res.stdout[-2000:] + res.stderr
         causes = {p["verdict"].get("cause") for p in json.loads(res.stdout)["packets"]}

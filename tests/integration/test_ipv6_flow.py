@@ -211,7 +211,7 @@ def test_ipv6_scenario(v6lab, scenario, args, node, cause):
     broke = cli(V6, "lab", "break", scenario)
     assert broke.returncode == 0, broke.stderr
     try:
-        doc = flow_json(V6, *args, "--timeout", "0.6", code=3)
+        doc = flow_json(V6, *args, "--count", "1", "--timeout", "0.6", code=3)
         assert doc["verdict"]["status"] == "failed"
         caused = [p for p in doc["packets"] if p["direction"] == "request" and p["verdict"].get("cause")]
         assert caused, json.dumps([p["verdict"] for p in doc["packets"]], indent=1)
@@ -222,13 +222,13 @@ def test_ipv6_scenario(v6lab, scenario, args, node, cause):
     finally:
         fixed = cli(V6, "lab", "fix", scenario)
         assert fixed.returncode == 0, fixed.stderr
-    flow_json(V6, *args)
+    flow_json(V6, *args, "--count", "1")
 
 
 def test_ipv6_probe_larger_than_the_pod_mtu(v6lab):
     """A DF probe above the pod's MTU never leaves it: EMSGSIZE, cause mtu at the source."""
     size = v6lab["pod_mtu"] + 20
-    doc = flow_json(V6, "pod-1-1", "pod-2-1", "--size", str(size), "--timeout", "0.6", code=3)
+    doc = flow_json(V6, "pod-1-1", "pod-2-1", "--size", str(size), "--count", "1", "--timeout", "0.6", code=3)
     assert v6lab["pod_mtu"] == 1430
     for pr in doc["probes"]:
         src = pr["source"]

@@ -159,6 +159,14 @@ def load(ringbuf_pages: int = 1024, attach: bool = True, hooks: list | None = No
     loaded = Loaded(bpf=b)
     t2 = time.monotonic()
     testhooks.pause("loaded")
+    if any(h.kind == "tracepoint" for h in hooks):
+        try:
+            with _quiet_stderr():
+                link_common(b)
+        except Exception as exc:
+            loaded.close()
+            raise EnvironmentProblem(f"the kernel's verifier rejected a BPF program: {exc}",
+                                     "run `podtrace doctor`; PODTRACE_DEBUG_BPF=1 shows the verifier log") from None
     if attach:
         try:
             for h in hooks:
@@ -185,6 +193,16 @@ def load(ringbuf_pages: int = 1024, attach: bool = True, hooks: list | None = No
                                      "mount tracefs and check `podtrace doctor`") from None
     loaded.timings = {"generate_s": t1 - t0, "compile_s": t2 - t1, "attach_s": time.monotonic() - t2}
     return loaded
+
+
+def link_common(b) -> None:
+    """Load the program the tracepoints tail-call (it parses, filters and emits for all of
+    them) and put it where they call it. Before this, an attached tracepoint does nothing."""
+    import ctypes
+
+    bcc = _bcc()
+    common = b.load_func(b"pt_common", bcc.BPF.TRACEPOINT)
+    b.get_table("pt_next")[ctypes.c_int(0)] = ctypes.c_int(common.fd)
 
 
 @contextlib.contextmanager
