@@ -20,7 +20,8 @@ def topology(doc: dict) -> Topology:
                  for p in doc.get("pods", []))
     prefix = doc.get("prefix", "")
     return Topology(source=f"lab {prefix}".strip(), inventory=doc.get("inventory"), nodes=nodes, pods=pods,
-                    fabric_netns=doc.get("fabric_netns"), labels={"prefix": prefix, "cni": doc.get("cni")})
+                    fabric_netns=doc.get("fabric_netns"), labels={"prefix": prefix, "cni": doc.get("cni"),
+                            **({"datapath": doc["datapath"]} if doc.get("datapath") == "ebpf" else {})})
 
 
 def publish(doc: dict, lab_dir: Path) -> None:

@@ -71,9 +71,11 @@ def tc_devices(topo: Topology | None, src: inventory.Endpoint, dst: inventory.En
         return []
     keys = [e.pod.key for e in (src, dst) if e.pod] + (list(dst.service.backends) if dst.service else [])
     devs = topo.devices(keys, nodes=[dst.owner.name] if dst.owner else ())
-    # The pods' own eth0 too (lab namespaces, by name): a packet a tc program moves into a
-    # pod with bpf_redirect_peer (Cilium's eBPF datapath) passes no netif_receive_skb there,
-    # only the pod device's tc ingress hook.
+    # On the eBPF datapath lab, the pods' own eth0 too (lab namespaces, by name): a packet a
+    # tc program moves into a pod with bpf_redirect_peer passes no netif_receive_skb there,
+    # only the pod device's tc ingress hook. Elsewhere the tracepoints see that hop.
+    if topo.labels.get("datapath") != "ebpf":
+        return devs
     wanted = set(keys)
     return devs + [(p.netns, POD_DEV) for p in topo.pods
                    if p.key in wanted and p.netns and not p.netns.startswith("/")]
