@@ -451,7 +451,7 @@ def test_status_without_a_lab_is_one_line_exit_1(clean_prefix):
 
 
 def test_bad_input_exit_2(clean_prefix):
-    res = run_cli("lab", "up", "--cni", "calico", prefix=clean_prefix)
+    res = run_cli("lab", "up", "--cni", "weave", prefix=clean_prefix)
     assert res.returncode == 2 and "--cni" in res.stderr
     res = run_cli("lab", "up", "--nodes", "17", prefix=clean_prefix)
     assert res.returncode == 2 and "--nodes" in res.stderr

@@ -58,7 +58,7 @@ RUNBOOKS = {
 }
 # Runbooks with no command block to run here: the explanations of a verdict, and the
 # cilium walk-throughs (their commands are transcripts of the cilium labs).
-NO_COMMANDS = {"README", "no-view", "partial-view", "cilium-path", "cilium-ebpf-path"}
+NO_COMMANDS = {"README", "no-view", "partial-view", "cilium-path", "cilium-ebpf-path", "calico-path"}   # path runbooks: their own lab modules run them
 NOT_RUN = re.compile(r"/etc/|modprobe|trace_pipe|tracefs|rmdir|mkdir \$")
 USAGE = re.compile(r"command not found|[Uu]sage:|invalid option|unrecognized option|unknown option|"
                    r"Try `|try \"ip help\"|is unknown|Garbage instead|Error: argument|Bad argument|"
