@@ -9,24 +9,20 @@ from __future__ import annotations
 import os
 import time
 
-# In-process `run_flow` calls default to the single-process runner: a test about something
-# else than the flow (hooks, capture, safety) then pays one BCC compile, not one per node.
-# The core flow tests (tests/integration/test_flow.py) pass mode="agents", the product's
-# default, and run the command line without this variable, as a user does.
-# Command lines the tests start are the user's: they get the product's default unless the
-# test (or whoever runs the suite) names a mode, so `subprocess_env` leaves this one out.
-_OUTER_FLOW_MODE = os.environ.get("PODTRACE_FLOW_MODE")
+# Every flow a test starts, in process or as a command line, defaults to the single-process
+# runner: on the lab every node shares this kernel, and a test about something else than the
+# agents (hooks, capture, safety, runbooks, diagnosis) then pays one BCC compile, not one per
+# node. The agents path, the product's default, is the subject of its own tests: the core flow
+# and IPv6 end-to-end tests run the command line without this variable, as a user does, and
+# the agent, clock, partial-view, exec, kill and scenario tests name `agents`.
+# Whoever runs the suite may name a mode for everything with PODTRACE_FLOW_MODE.
 os.environ.setdefault("PODTRACE_FLOW_MODE", "single")
 
 
 def subprocess_env(**extra: str) -> dict:
-    """The environment of a command the tests start: this process's, without the in-process
-    flow-mode default above (a mode given by the runner of the suite or in `extra` stays)."""
+    """The environment of a command the tests start: this process's (the flow mode included)
+    with `extra` on top. A test that wants the product's default mode pops the variable."""
     env = dict(os.environ)
-    if _OUTER_FLOW_MODE is None:
-        env.pop("PODTRACE_FLOW_MODE", None)
-    else:
-        env["PODTRACE_FLOW_MODE"] = _OUTER_FLOW_MODE
     env.update(extra)
     return env
 

@@ -3,7 +3,8 @@
 Pause points (tests/integration/test_safety_kill.py): with PODTRACE_TEST_PAUSE=STAGE[,STAGE...]
 a process reaching STAGE creates the file `$PODTRACE_TEST_PAUSE_DIR/STAGE.PID` and sleeps
 PODTRACE_TEST_PAUSE_S seconds (default 3), interruptibly, so a signal lands exactly there
-(once per stage and process). Stages: loaded (BPF compiled, not attached), attaching (a tc
+(once per stage and process). Stages: compiling (in the compile's worker thread, before BCC
+is called: a compile that takes that long), loaded (BPF compiled, not attached), attaching (a tc
 filter added), tracing (a node runner has every hook and tc filter attached; the coordinator
 has every agent ready: with PODTRACE_TEST_PAUSE_S=0 a readiness marker), probing (a probe
 sent), reconstructing, saving (a --save file half written), finishing. Unset, `pause()` is

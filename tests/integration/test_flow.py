@@ -238,6 +238,7 @@ def test_save_and_load_trace(lab, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_releases_everything(lab, sig):
     env = subprocess_env(PODTRACE_LAB_PREFIX=lab["prefix"])
+    env.pop("PODTRACE_FLOW_MODE", None)      # the product's default mode: agents
     proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "flow", "pod-1-1", "pod-2-1", "--no-probe",
                              "--duration", "60"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

@@ -107,6 +107,32 @@ def test_ctrl_c_while_probing_shows_and_saves_what_was_traced(ilab, tmp_path):
     assert "flow OK: 1/1 delivered, 1/1 answered  (incomplete: interrupted after 1 of 20 probes)" in res.stdout
 
 
+def test_ctrl_c_while_the_agents_compile_is_answered_at_once(ilab, tmp_path):
+    """Compiling the BPF program is one long C call (seconds on a loaded node); Ctrl-C then
+    must not wait for it: here each agent's compile is made to take 60 s."""
+    t0 = time.monotonic()
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = popen("flow", "pod-1-1", "pod-2-1", "--count", "1", prefix=ilab["prefix"], PODTRACE_FLOW_MODE="agents",
+                 PODTRACE_TEST_PAUSE="compiling", PODTRACE_TEST_PAUSE_DIR=str(marks), PODTRACE_TEST_PAUSE_S="60")
+    tree: list[int] = []
+    try:
+        _wait_mark(proc, marks, "compiling")
+        tree = descendants(proc.pid)
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    took = time.monotonic() - t0
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert err.strip().splitlines()[-1].startswith("podtrace: interrupted"), err
+    assert took < 6, f"Ctrl-C took {took:.1f} s: it waited for the compile (or the 10 s stop grace)"
+    assert tree and not [p for p in tree if alive(p)], "an agent is still alive"
+
+
 def test_sigterm_while_probing_gives_the_json_so_far(ilab, tmp_path):
     """The single-process runner too, and SIGTERM to the coordinator alone: the same document
     as a finished run, with `interrupted`."""

@@ -53,7 +53,7 @@ def _scenario(lab: dict, d: Path, stage: str, sig: str) -> dict:
     marks.mkdir(parents=True)
     proc = popen("flow", "pod-1-1", "pod-2-1", "--count", "1", "--timeout", "0.5", "--save", str(save),
                  prefix=lab["prefix"], PODTRACE_TEST_PAUSE=stage, PODTRACE_TEST_PAUSE_DIR=str(marks),
-                 PODTRACE_TEST_PAUSE_S="1.5")
+                 PODTRACE_TEST_PAUSE_S="1.5", PODTRACE_FLOW_MODE="agents")
     try:
         deadline = time.monotonic() + 60
         while not any(marks.iterdir()):

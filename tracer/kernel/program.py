@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,11 +133,13 @@ class Loaded:
         bpf.cleanup()
 
 
-def load(ringbuf_pages: int = 1024, attach: bool = True, hooks: list | None = None) -> Loaded:
+def load(ringbuf_pages: int = 1024, attach: bool = True, hooks: list | None = None,
+         stop: threading.Event | None = None) -> Loaded:
     """Compile the files the hooks need and attach the tracepoint and kprobe hooks (tc
     programs are attached per device by tracer/kernel/tc.py). A kprobe that fails to attach
     is dropped silently here: hooks.detect() already said why, and its fallback covers it.
-    Raises EnvironmentProblem with a fix when the machine cannot trace at all."""
+    Raises EnvironmentProblem with a fix when the machine cannot trace at all; Ctrl-C,
+    SIGTERM (as KeyboardInterrupt) and `stop` end the compile at once (see `_compile`)."""
     from tracer.kernel import hooks as catalog
 
     if os.geteuid() != 0:
@@ -151,8 +154,7 @@ def load(ringbuf_pages: int = 1024, attach: bool = True, hooks: list | None = No
     flags = cflags(ringbuf_pages)
     t1 = time.monotonic()
     try:
-        with _quiet_stderr():
-            b = bcc.BPF(text=text.encode(), cflags=flags)
+        b = _compile(bcc, text.encode(), flags, stop)
     except Exception as exc:  # BCC raises bare Exception on compile/load failure
         raise EnvironmentProblem(f"the BPF program did not compile or load: {exc}",
                                  "run `podtrace doctor` to see what this kernel lacks") from None
@@ -193,6 +195,49 @@ def load(ringbuf_pages: int = 1024, attach: bool = True, hooks: list | None = No
                                      "mount tracefs and check `podtrace doctor`") from None
     loaded.timings = {"generate_s": t1 - t0, "compile_s": t2 - t1, "attach_s": time.monotonic() - t2}
     return loaded
+
+
+def _compile(bcc, text: bytes, flags: list[str], stop: threading.Event | None):
+    """`bcc.BPF(text=…)`: one C call of a second or more (several under load) during which
+    Python runs no signal handler. It runs in a worker thread so that an interrupt or `stop`
+    is answered at once: until a program is attached nothing of ours exists outside this
+    process, so an interrupted compile is abandoned, and whatever it loads is closed when it
+    returns (or when the process exits first)."""
+    box: dict = {}
+    lock = threading.Lock()
+
+    def work():
+        try:
+            testhooks.pause("compiling")     # a test's stand-in for a slow compile
+            b = bcc.BPF(text=text, cflags=flags)
+        except BaseException as exc:     # noqa: BLE001 (handed to the waiting thread)
+            with lock:
+                box["exc"] = exc
+            return
+        with lock:
+            if box.get("abandoned"):
+                b.cleanup()
+            else:
+                box["bpf"] = b
+
+    worker = threading.Thread(target=work, name="podtrace-bpf-compile", daemon=True)
+    with _quiet_stderr():
+        worker.start()
+        try:
+            while worker.is_alive():
+                worker.join(0.05)
+                if stop is not None and stop.is_set() and worker.is_alive():
+                    raise KeyboardInterrupt
+        except BaseException:
+            with lock:
+                box["abandoned"] = True
+                late = box.pop("bpf", None)
+            if late is not None:
+                late.cleanup()
+            raise
+    if "exc" in box:
+        raise box["exc"]
+    return box["bpf"]
 
 
 def link_common(b) -> None:

@@ -161,9 +161,9 @@ class TraceSession:
     reader: ringbuf.RingReader | None = None
     traced: set[str] = field(default_factory=set)   # what `addrs` holds
 
-    def start(self) -> "TraceSession":
+    def start(self, stop: threading.Event | None = None) -> "TraceSession":
         t0 = time.monotonic()
-        self.loaded = program.load(self.config.ringbuf_pages, hooks=self.config.hooks)
+        self.loaded = program.load(self.config.ringbuf_pages, hooks=self.config.hooks, stop=stop)
         b = self.loaded.bpf
         try:
             self.set_addrs(add=self.config.addrs)

@@ -88,7 +88,7 @@ class NodeRunner:
         if stop is not None and stop.is_set():
             return self          # nothing loaded: poll, drain and counters see an idle session
         try:
-            self.session.start()
+            self.session.start(stop=stop)
             if self.job.tc_devices and any(h.kind == "tc" for h in self.hooks):
                 cleanup(scan=False)   # what a killed run recorded
                 self.tc = TcAttacher(self.session.loaded.bpf)
