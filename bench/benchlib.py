@@ -55,6 +55,7 @@ def lab_inodes(doc: dict) -> list[int]:
 
 def lab_env(prefix: str = PREFIX) -> dict:
     env = dict(os.environ)
+    env.pop("PODTRACE_FLOW_MODE", None)   # a benchmark names its mode (--single-process) or measures the default
     env["PODTRACE_LAB_PREFIX"] = prefix
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env

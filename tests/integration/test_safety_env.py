@@ -186,13 +186,14 @@ def _render(r) -> str:
 # ---------------------------------------------------------------------------------------
 # The lab changing under a trace
 
-def _flow_paused_while(lab: dict, d: Path, act, args=("pod-1-1", "pod-2-1")) -> dict:
+def _flow_paused_while(lab: dict, d: Path, act, args=("pod-1-1", "pod-2-1"), mode: str = "agents") -> dict:
     """Run a flow of 3 probes; after the first probe (paused there), do `act`."""
     marks = d / "marks"
     marks.mkdir(parents=True)
     proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "flow", *args, "--count", "3", "--timeout", "0.5",
                              "-o", "json"], env=cli_env(lab["prefix"], PODTRACE_TEST_PAUSE="probing",
-                                                        PODTRACE_TEST_PAUSE_DIR=str(marks), PODTRACE_TEST_PAUSE_S="1.5"),
+                                                        PODTRACE_TEST_PAUSE_DIR=str(marks), PODTRACE_TEST_PAUSE_S="1.5",
+                                                        PODTRACE_FLOW_MODE=mode),
                             cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: any(marks.iterdir()) or proc.poll() is not None, 60)
@@ -220,6 +221,9 @@ def _delete_overlay(lab: dict) -> None:
     subprocess.run(["ip", "-n", n2["netns"], "link", "del", n2["overlay"]], check=True)
 
 
+# The source pod's deletion is run by the single-process runner (the probes are sent from the
+# flow's own process there), the others through the agents.
+MODES = {"src-pod": "single"}
 CHANGES = {
     "device": _delete_overlay,
     "dst-pod": lambda lab: _delete_pod(pod(lab, "pod-2-1")),
@@ -239,7 +243,8 @@ def changed(tmp_path_factory) -> dict[str, dict]:
             build.down(prefix)
             labs[k] = build.up(T.LabConfig(prefix=prefix))[0]
         with ThreadPoolExecutor(max_workers=len(CHANGES)) as pool:
-            futs = {k: pool.submit(_flow_paused_while, labs[k], root / k, functools.partial(fn, labs[k]))
+            futs = {k: pool.submit(_flow_paused_while, labs[k], root / k, functools.partial(fn, labs[k]),
+                                   mode=MODES.get(k, "agents"))
                     for k, fn in CHANGES.items()}
             yield {k: f.result() for k, f in futs.items()}
     finally:

@@ -88,7 +88,7 @@ def test_probes_reach_only_the_named_destination_and_nothing_listens(safe_lab, t
     try:
         proc = popen("flow", "pod-1-1", "svc/default/web", "--proto", "tcp", "--port", "80", "--count", "2",
                      "-o", "json", PODTRACE_TEST_PAUSE="probing", PODTRACE_TEST_PAUSE_DIR=str(marks),
-                     PODTRACE_TEST_PAUSE_S="1")
+                     PODTRACE_TEST_PAUSE_S="1", PODTRACE_FLOW_MODE="agents")
         icmp.start()
         try:
             assert wait_until(lambda: any(marks.iterdir()) or proc.poll() is not None, 60)

@@ -62,18 +62,23 @@ def _trace_single(plan: Plan, say) -> Traced:
                                 netns=sorted(plan.placement.netns) if topo else None,
                                 sample=cfg.sample, budget=cfg.budget))
     sent: list[ProbeResult] = []
+    problems: list[str] = []
     stopped: interrupt.Interrupted | None = None
     with TerminateAsInterrupt(), runner:
         t_tracing = time.monotonic()
+        ready_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)   # the events' clock
         try:   # Ctrl-C while probing or watching: stop, and show what was traced so far
             if cfg.probe:
                 say(f"tracing: sending {cfg.count} {plan.proto} probe(s) {src.ip} → {dst.ip}"
                     + (f":{plan.port}" if plan.port else ""))
-                sent = send(src.pod.netns, src.ip, dst.ip, plan.proto, plan.port, cfg.count,
-                            cfg.timeout, cfg.interval,
-                            on_result=lambda r: (sent.append(r), runner.poll(0),
-                                                 say(probe_counter(cfg.count, [x.outcome for x in sent]))),
-                            size=cfg.size, sport=cfg.sport)
+                try:
+                    send(src.pod.netns, src.ip, dst.ip, plan.proto, plan.port, cfg.count,
+                         cfg.timeout, cfg.interval,
+                         on_result=lambda r: (sent.append(r), runner.poll(0),
+                                              say(probe_counter(cfg.count, [x.outcome for x in sent]))),
+                         size=cfg.size, sport=cfg.sport)
+                except Exception as exc:   # as from an agent: the trace so far is still the answer
+                    problems.append(f"probes from {src.pod.node} failed: {type(exc).__name__}: {exc}")
                 time.sleep(cfg.settle)
             else:
                 end = time.monotonic() + cfg.duration
@@ -83,6 +88,7 @@ def _trace_single(plan: Plan, say) -> Traced:
         except KeyboardInterrupt:
             stopped = interrupt.Interrupted.of(cfg, len(sent), time.monotonic() - t_tracing)
             say(f"interrupted: {stopped.after}; collecting what was traced")
+        stop_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         runner.drain()
         counters_after = runner.iptables_after()
         counters = runner.counters()
@@ -94,7 +100,10 @@ def _trace_single(plan: Plan, say) -> Traced:
                               (src.pod.node, src.pod.netns, sq) if sq and src.pod.netns else None)
     return Traced(df, sent, counters, locations, runner.hook_names, runner.degraded,
                    dict(runner.timings), t_tracing, time.monotonic(), lambda packets: evidence,
-                   view=traced_view(plan, refs), interrupted=stopped)
+                   view=traced_view(plan, refs), interrupted=stopped, problems=problems,
+                   # every node traced from ready to drain: a packet still on its way then is
+                   # a partial view, as with agents, not a loss
+                   window=windows.from_observers({n: (ready_ns, stop_ns) for n in refs}, {}))
 
 
 def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:

@@ -89,7 +89,7 @@ class Traced:
     problems: list[str] = field(default_factory=list)
     clock: dict = field(default_factory=dict)
     packets: list[Packet] | None = None   # already built by the tracing (agents); None: build from df
-    window: windows.Window | None = None  # when every observer was tracing (agents); None: all along
+    window: windows.Window | None = None  # when every observer was tracing; None: all along
     view: "beyond.View | None" = None     # the nodes traced, and why the others were not
     interrupted: Interrupted | None = None   # stopped by Ctrl-C/SIGTERM while tracing
 
