@@ -1,6 +1,6 @@
 """`podtrace lab up --cni calico` on a real kernel, in each mode: proxy ARP for 169.254.1.1,
 /32 routes, tunl0 (IP-in-IP), vxlan.calico, routed; `podtrace flow` across nodes and to a
-Service; the Calico scenarios end to end.
+Service; the Calico scenarios and the generic ones that apply to Calico, end to end.
 
 The ipip lab (prefix `pttestcal`) is built once for the module; the vxlan and routed labs
 (`pttestcalv`, `pttestcalr`) once each, inside their test. Every lab is removed at the end of
@@ -10,16 +10,20 @@ its scope, also when a test fails.
 from __future__ import annotations
 
 import json
+import shlex
+from pathlib import Path
 
 import pytest
 
 from tests.integration.lab_fixture import node, pod, private_lab, run_cli, tcp_ask
+from tests.integration.test_diagnose_scenarios import CASES as DIAGNOSED
 from tracer.lab import scenarios
 from tracer.node import netns
 
 pytestmark = pytest.mark.integration
 
 PREFIX = "pttestcal"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -137,4 +141,49 @@ def test_proxy_arp_off(cal):
 def test_ipip_blocked(cal):
     _broken(PREFIX, "ipip-blocked", "pod-1-1", "pod-2-1",
             lambda p, v: v["status"] == "dropped" and "IP protocol 4" in v["hint"])
+    assert tcp_ask(pod(cal, "pod-1-1")["netns"], pod(cal, "pod-2-1")["ip"], 8080) == "pod-2-1"
+
+
+# ---------------------------------------------------------------------------------------
+# The generic scenarios that apply to Calico, end to end: the flow the lab itself suggests
+# (`lab scenarios -o json`), the same cause as on the flannel lab, the fix restoring service.
+
+# scenario → (direction, node, cause, reason) as on flannel (tests/integration/test_diagnose_scenarios.py)
+EXPECTED = {c[0]: c[2:] for c in DIAGNOSED}
+# Where Calico's datapath makes the same fault look different, and why.
+ON_CALICO: dict[str, tuple] = {}
+GENERIC = sorted(n for n in EXPECTED if "calico" in scenarios.applies_to(scenarios.get(n)))
+
+
+@pytest.fixture(scope="module")
+def suggested(cal) -> dict[str, list[str]]:
+    """scenario → the arguments of the `podtrace flow` the calico lab suggests for it."""
+    res = run_cli("lab", "scenarios", "-o", "json", prefix=PREFIX)
+    assert res.returncode == 0, res.stderr
+    return {e["name"]: shlex.split(e["flow"])[2:] for e in json.loads(res.stdout) if e.get("flow")}
+
+
+@pytest.mark.parametrize("name", GENERIC)
+def test_generic_scenario_diagnosed(cal, suggested, name):
+    direction, node_name, cause, reason = ON_CALICO.get(name, EXPECTED[name])
+    assert name in suggested, f"the calico lab suggests no flow for {name}"
+    out = run_cli("lab", "break", name, prefix=PREFIX)
+    assert out.returncode == 0, out.stderr
+    try:
+        res = run_cli("flow", *suggested[name], "--timeout", "0.6", "-o", "json", prefix=PREFIX, timeout=120)
+        assert res.returncode == 3, res.stdout[-2000:] + res.stderr
+        doc = json.loads(res.stdout)
+        if direction == "source":
+            got = [pr["source"] for pr in doc["probes"] if pr.get("source")]
+        else:
+            got = [p["verdict"] for p in doc["packets"] if p["direction"] == direction and p["verdict"].get("cause")]
+        assert got, json.dumps([p["verdict"] for p in doc["packets"]] or doc["probes"])[:3000]
+        v = got[0]
+        assert v["cause"] == cause and (node_name is None or v["node"] == node_name), v
+        if reason and direction != "source":
+            assert v["reason"] == reason, v
+        assert v["runbook"] and (ROOT / v["runbook"]).is_file(), v
+    finally:
+        fixed = run_cli("lab", "fix", name, prefix=PREFIX)
+        assert fixed.returncode == 0, fixed.stderr
     assert tcp_ask(pod(cal, "pod-1-1")["netns"], pod(cal, "pod-2-1")["ip"], 8080) == "pod-2-1"

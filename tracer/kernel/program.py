@@ -209,7 +209,7 @@ def _compile(bcc, text: bytes, flags: list[str], stop: threading.Event | None):
     def work():
         try:
             testhooks.pause("compiling")     # a test's stand-in for a slow compile
-            b = bcc.BPF(text=text, cflags=flags)
+            b = _build(bcc, text, flags)
         except BaseException as exc:     # noqa: BLE001 (handed to the waiting thread)
             with lock:
                 box["exc"] = exc
@@ -238,6 +238,24 @@ def _compile(bcc, text: bytes, flags: list[str], stop: threading.Event | None):
     if "exc" in box:
         raise box["exc"]
     return box["bpf"]
+
+
+def _build(bcc, text: bytes, flags: list[str]):
+    """The BPF object of `text`: from this kernel's bytecode cache when a run compiled the
+    same source before (tracer/kernel/bpfcache.py), else compiled, and cached for the next."""
+    from tracer.kernel import bpfcache
+
+    use_cache = not settings.debug_bpf()      # debugging the program: always through clang
+    path = bpfcache.directory() / f"{bpfcache.key(bcc, text, flags)}.json"
+    if use_cache and (b := bpfcache.load(bcc, path)) is not None:
+        return b
+    b = bcc.BPF(text=text, cflags=flags)
+    if use_cache:
+        try:
+            bpfcache.save(bcc, b, text, path)
+        except (OSError, ValueError, KeyError):
+            pass              # not cached: the next run compiles again
+    return b
 
 
 def link_common(b) -> None:

@@ -1,0 +1,71 @@
+"""The per-kernel bytecode cache (tracer/kernel/bpfcache.py): the second load of the same
+program skips clang and gives the same maps, types and verified programs; a cache file that
+does not fit is never used (the program is compiled instead)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.integration.test_flow import wait_no_programs
+from tracer.kernel import bpfcache, contract, program
+from tracer.kernel.hooks import CATALOG
+
+HOOKS = [h for h in CATALOG if h.kind in ("tracepoint", "tc")]
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("PODTRACE_STATE_DIR", str(tmp_path))
+    yield tmp_path / "bpf-cache"
+    wait_no_programs()
+
+
+def _load():
+    loaded = program.load(hooks=HOOKS)     # tracepoints attached: every program passed the verifier
+    try:
+        b = loaded.bpf
+        for fn in ("pt_tc_ingress", "pt_tc_egress", program.tc_stub_name(0, "egress")):
+            b.load_func(fn.encode(), b.SCHED_CLS)
+        shape = {name: (b[name].max_entries, [f[0] for f in getattr(b[name].Key, "_fields_", [])])
+                 for name in ("addrs", "addrs6", "cidrs", "cidrs6", "counters", "tc_devs", "config")}
+        cidrs = b["cidrs"]
+        cidrs[cidrs.Key(24, 0x0A)] = cidrs.Leaf(1)        # typed keys work as after a compile
+        return type(b).__name__, shape, loaded.timings["compile_s"], len(list(cidrs.items()))
+    finally:
+        loaded.close()
+
+
+def test_second_load_comes_from_the_cache(cache_dir):
+    first, shape1, compile1, n1 = _load()
+    assert first == "BPF" and len(list(cache_dir.glob("*.json"))) == 1
+    second, shape2, compile2, n2 = _load()
+    assert second == "CachedBPF"
+    assert shape1 == shape2 and n1 == n2 == 1
+    assert shape2["addrs"][0] == contract.MAX_ADDRS and shape2["cidrs"][1] == ["prefixlen", "addr"]
+    assert compile2 < compile1
+
+
+@pytest.mark.parametrize("damage", ["garbage", "other-format", "missing-map"])
+def test_a_cache_file_that_does_not_fit_is_not_used(cache_dir, damage):
+    _load()
+    (path,) = cache_dir.glob("*.json")
+    doc = json.loads(path.read_text())
+    if damage == "garbage":
+        path.write_text("{not json")
+    elif damage == "other-format":
+        path.write_text(json.dumps({**doc, "format": bpfcache.FORMAT + 1}))
+    else:
+        for f in doc["funcs"].values():
+            if f["maps"]:
+                f["maps"][0][1] = "no_such_map"
+                break
+        path.write_text(json.dumps(doc))
+    kind = None
+    try:
+        kind = _load()[0]
+    except Exception as exc:   # noqa: BLE001
+        pytest.fail(f"a damaged cache broke the load: {exc}")
+    assert kind == "BPF"          # compiled again (and the cache rewritten)
+    assert _load()[0] == "CachedBPF"

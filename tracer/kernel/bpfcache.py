@@ -1,0 +1,215 @@
+"""Compile once per kernel: the BPF bytecode BCC made, kept for the next run on this machine.
+
+BCC compiles the C source with clang in every process (1.5–2 s, most of a `flow`'s start-up,
+and three times over when three lab agents start at once). The bytecode depends only on the
+source, the compile flags (the kernel's structure offsets among them), the kernel and the
+BCC version; the maps it refers to are file descriptors of the compiling process. So a run
+that compiled writes, under the state directory (a tmpfs: gone with the boot, so with the
+kernel), each program's instructions with every map reference turned into the map's name,
+and each map's kind, sizes and key/leaf types. A later run with the same key creates the
+same maps from a declarations-only source (a few milliseconds of clang), puts their
+descriptors back into the instructions, and loads the programs: the kernel's verifier checks
+them as always. Anything unexpected (another BCC, a file that does not match, a map that
+comes out different) falls back to compiling.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import hashlib
+import json
+import os
+import platform
+import re
+import struct
+from pathlib import Path
+
+from tracer import settings
+
+FORMAT = 1
+LD_IMM64 = 0x18
+PSEUDO_MAP_FD = 1
+PAGE = 4096
+# BPF map type → how the declarations-only source declares it (BCC's table kinds)
+KINDS = {1: "hash", 2: "array", 3: "prog", 6: "percpu_array", 9: "lru_hash", 11: "lpm_trie", 27: "ringbuf"}
+_DECL = re.compile(r"BPF_(?:RINGBUF_OUTPUT|HASH|PERCPU_ARRAY|ARRAY|LPM_TRIE|PROG_ARRAY|PERCPU_HASH)\(\s*(\w+)"
+                   r"|BPF_(?:F_)?TABLE\(\s*\"[^\"]+\"\s*,[^,]+,[^,]+,\s*(\w+)")
+
+
+def directory() -> Path:
+    return settings.state_dir() / "bpf-cache"
+
+
+def key(bcc, text: bytes, flags: list[str]) -> str:
+    h = hashlib.sha256()
+    for part in (str(FORMAT), getattr(bcc, "__version__", "?"), _bcc_lib(bcc), platform.release(), _boot_id()):
+        h.update(part.encode() + b"\0")
+    h.update(text + b"\0" + "\0".join(flags).encode())
+    return h.hexdigest()[:32]
+
+
+def _bcc_lib(bcc) -> str:
+    try:
+        return os.path.realpath(bcc.libbcc.lib._name) + f":{os.stat(bcc.libbcc.lib._name).st_mtime_ns}"
+    except (AttributeError, OSError):
+        return "?"
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def table_names(text: bytes) -> list[str]:
+    return sorted({a or b for a, b in _DECL.findall(text.decode(errors="replace"))})
+
+
+def _fdinfo(fd: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+        k, _, v = line.partition(":")
+        v = v.strip()
+        if re.fullmatch(r"0x[0-9a-f]+", v):
+            out[k.strip()] = int(v, 16)
+        elif re.fullmatch(r"-?\d+", v):        # "flags" is octal with a leading 0; map fields are decimal
+            out[k.strip()] = int(v, 8) if v.startswith("0") and len(v) > 1 else int(v)
+    return out
+
+
+def save(bcc, b, text: bytes, path: Path) -> None:
+    """Write what `b` (just compiled from `text`) needs to be loaded again without clang."""
+    lib = bcc.libbcc.lib
+    by_fd: dict[int, str] = {}
+    tables = {}
+    for name in table_names(text):
+        fd = lib.bpf_table_fd(b.module, name.encode())
+        if fd < 0:
+            continue
+        info = _fdinfo(fd)
+        by_fd[fd] = name
+        tables[name] = {"type": info["map_type"], "key_size": info["key_size"], "value_size": info["value_size"],
+                        "max_entries": info["max_entries"], "flags": info.get("map_flags", 0),
+                        "key_desc": lib.bpf_table_key_desc(b.module, name.encode()).decode(),
+                        "leaf_desc": lib.bpf_table_leaf_desc(b.module, name.encode()).decode()}
+        if tables[name]["type"] not in KINDS:
+            return                      # a kind the declarations-only source cannot make
+    funcs = {}
+    for i in range(lib.bpf_num_functions(b.module)):
+        fname = lib.bpf_function_name(b.module, i)
+        start, size = lib.bpf_function_start(b.module, fname), lib.bpf_function_size(b.module, fname)
+        insns = bytearray(ctypes.string_at(start, size))
+        relocs = []
+        for at in range(0, len(insns) - 15, 8):
+            if insns[at] == LD_IMM64 and insns[at + 1] >> 4:
+                if insns[at + 1] >> 4 != PSEUDO_MAP_FD:
+                    return              # a reference we do not know how to move: compile every time
+                fd = struct.unpack_from("<i", insns, at + 4)[0]
+                if fd not in by_fd:
+                    return
+                relocs.append([at, by_fd[fd]])
+                struct.pack_into("<i", insns, at + 4, 0)
+        funcs[fname.decode()] = {"insns": base64.b64encode(bytes(insns)).decode(), "maps": relocs}
+    doc = {"format": FORMAT, "license": lib.bpf_module_license(b.module).decode(),
+           "kern_version": int(lib.bpf_module_kern_version(b.module)), "tables": tables, "funcs": funcs}
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f)
+    os.replace(tmp, path)
+
+
+def declarations(tables: dict) -> str:
+    """A source that makes exactly these maps (sizes as byte arrays; the Python types of keys
+    and leaves come from the recorded descriptions)."""
+    out = []
+    for name, t in sorted(tables.items()):
+        kind = KINDS[t["type"]]
+        if kind == "ringbuf":
+            out.append(f"BPF_RINGBUF_OUTPUT({name}, {t['max_entries'] // PAGE});")
+            continue
+        if kind == "prog":
+            out.append(f"BPF_PROG_ARRAY({name}, {t['max_entries']});")
+            continue
+        ktype = "u32" if kind in ("array", "percpu_array") else f"struct {{ unsigned char b[{t['key_size']}]; }}"
+        out.append(f"typedef {ktype} pt_k_{name};")
+        out.append(f"typedef struct {{ unsigned char b[{t['value_size']}]; }} pt_v_{name};")
+        out.append(f'BPF_F_TABLE("{kind}", pt_k_{name}, pt_v_{name}, {name}, {t["max_entries"]}, {t["flags"]});')
+    return "\n".join(out) + "\n"
+
+
+def load(bcc, path: Path):
+    """A BPF object made from the cache file, or None when there is none that fits."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        return None
+    try:
+        b = _cached_class(bcc)(text=declarations(doc["tables"]).encode())
+    except Exception:  # noqa: BLE001 (BCC raises bare Exception): compile instead
+        return None
+    lib = bcc.libbcc.lib
+    fds = {}
+    for name, t in doc["tables"].items():
+        fd = lib.bpf_table_fd(b.module, name.encode())
+        info = _fdinfo(fd) if fd >= 0 else {}
+        if [info.get(k) for k in ("map_type", "key_size", "value_size", "max_entries")] != \
+                [t["type"], t["key_size"], t["value_size"], t["max_entries"]]:
+            b.cleanup()
+            return None
+        fds[name] = fd
+    if any(t not in fds for f in doc["funcs"].values() for _, t in f["maps"]):
+        b.cleanup()
+        return None
+    b.pt_cached = {"license": doc["license"].encode(), "kern_version": doc["kern_version"],
+                   "tables": doc["tables"], "funcs": doc["funcs"], "fds": fds}
+    return b
+
+
+_CLASS = {}
+
+
+def _cached_class(bcc):
+    """bcc.BPF whose programs come from the cache and whose tables have the recorded types."""
+    if "cls" in _CLASS:
+        return _CLASS["cls"]
+
+    class CachedBPF(bcc.BPF):
+        def load_func(self, func_name, prog_type, device=None, attach_type=-1):
+            name = func_name if isinstance(func_name, bytes) else func_name.encode()
+            if name in self.funcs:
+                return self.funcs[name]
+            f = self.pt_cached["funcs"].get(name.decode())
+            if f is None:
+                raise Exception(f"Unknown program {name.decode()}")
+            insns = bytearray(base64.b64decode(f["insns"]))
+            for at, table in f["maps"]:
+                insns[at + 1] = (insns[at + 1] & 0x0F) | (PSEUDO_MAP_FD << 4)
+                struct.pack_into("<i", insns, at + 4, self.pt_cached["fds"][table])
+            buf = ctypes.create_string_buffer(bytes(insns), len(insns))
+            lib = bcc.libbcc.lib
+            fd = lib.bcc_func_load(self.module, prog_type, name, ctypes.cast(buf, ctypes.c_void_p), len(insns),
+                                   self.pt_cached["license"], self.pt_cached["kern_version"], 0, None, 0,
+                                   device, attach_type)
+            if fd < 0:
+                raise Exception(f"Failed to load BPF program {name.decode()}: {os.strerror(ctypes.get_errno())}")
+            fn = bcc.BPF.Function(self, name, fd)
+            self.funcs[name] = fn
+            return fn
+
+        def get_table(self, name, keytype=None, leaftype=None, reducer=None):
+            t = self.pt_cached["tables"].get(name.decode() if isinstance(name, bytes) else name)
+            if t is not None:
+                if keytype is None and t["type"] != 27:
+                    keytype = bcc.BPF._decode_table_type(json.loads(t["key_desc"]))
+                if leaftype is None:
+                    leaftype = bcc.BPF._decode_table_type(json.loads(t["leaf_desc"]))
+            return super().get_table(name, keytype, leaftype, reducer)
+
+    _CLASS["cls"] = CachedBPF
+    return CachedBPF
