@@ -11,7 +11,6 @@ from tracer.reconstruct import tcpflags
 
 if TYPE_CHECKING:
     from tracer.reconstruct.model import Packet
-    from tracer.runs.outcome import FlowResult
 
 
 def human_time(ns: float | int | None) -> str:
@@ -94,6 +93,40 @@ def path_text(p: "Packet") -> str:
     return " ".join(parts)
 
 
+def aggregate_lines(agg: dict, console: Console) -> None:
+    """A busy watch: the counts, then one line per distinct path with how many packets took
+    it, their verdict and one-way time percentiles, and the path."""
+    figures = ", ".join(f"{agg[s]} {s}" for s in ("delivered", "dropped", "lost", "left", "partial") if agg.get(s))
+    console.print(Text(f"{agg['packets']} packets ({figures}) from {agg['events']} events; "
+                       f"{len(agg['paths']) + agg['other_paths']} distinct path(s)", style="bold"))
+    for path in agg["paths"]:
+        st = path["status"].upper()
+        line = Text(f"  {_plural(path['packets'], path['direction'])}: {len(path['hops'])} hops, ")
+        line.append(st, style={"DELIVERED": "green", "DROPPED": "bold red", "LOST": "bold yellow"}.get(st, "bold cyan"))
+        ow = path.get("one_way_ns")
+        if ow and path["status"] == "delivered":
+            line.append(f", one-way {human_time(ow['p50'])} median, {human_time(ow['p99'])} p99")
+        v = path["verdict"]
+        if path["status"] != "delivered":
+            line.append(f" at {v.get('node') or 'fabric'}/{v.get('dev')}" + (f" ({v['reason']})" if v.get("reason") else ""))
+        console.print(line)
+        parts: list[str] = []
+        cur = object()
+        for h in path["hops"]:
+            node = h.get("node") or "fabric"
+            if node != cur:
+                parts.append(("› " if parts else "") + node + ":")
+                cur = node
+            parts.append(middle(str(h.get("dev")), 10))
+        console.print(Text(f"    {' '.join(parts)}", style="dim"), overflow="fold")
+    if agg["other_paths"]:
+        console.print(Text(f"  and {_plural(agg['other_paths'], 'other path')} taken by "
+                           f"{_plural(agg['other_paths_packets'], 'packet')}", style="dim"))
+    if agg["failing"]:
+        console.print(Text(f"{agg['failing']} failing packet(s); {agg['failing_judged']} judged in full below",
+                           style="bold"))
+
+
 def _signature(p: "Packet") -> tuple:
     v = p.verdict
     return (p.direction, tuple((h.node, h.dev, h.point) for h in p.hops), v.status, v.node, v.dev,
@@ -140,11 +173,18 @@ def failing(p: "Packet") -> bool:
     return p.verdict.status != "delivered" or bool(p.verdict.problem)
 
 
-def compact_flow(result: "FlowResult", console: Console, header: Callable, full_packet: Callable,
+def compact_flow(result, console: Console, header: Callable, full_packet: Callable,
                  footer: Callable) -> None:
     """One line per group of packets that took the same path to the same verdict, with the
     path; every failing packet then gets its full table (`full_packet`)."""
     header(result, console)
+    agg = getattr(result, "aggregate", None)
+    if agg is not None:
+        aggregate_lines(agg, console)
+        for p in result.packets:     # the failing packets judged in full
+            full_packet(p, console)
+        footer(result, console)
+        return
     groups: dict[tuple, list] = {}
     for p in result.packets:
         groups.setdefault(_signature(p), []).append(p)

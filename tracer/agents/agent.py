@@ -171,6 +171,7 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, l
     sent = 0
     while time.monotonic() < deadline:
         runner.poll(int(FLUSH_S * 1000 / 2))
+        runner.watch_gaps()
         now = time.monotonic()
         if now - last_flush >= FLUSH_S:
             sent = _flush(runner, out, sent, skew)
@@ -193,7 +194,12 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, l
             stop_ns = _clock()["monotonic_ns"]   # the end of this node's observation window
             runner.drain()
             sent = _flush(runner, out, sent, skew)
-            out.send("drained", {"node": node.name, "events": sent, "t_ns": stop_ns,
+            # when the kernel refused events (budget, full ring), and the sampling at the end:
+            # the coordinator keeps only the packets every node sampled, and calls what was
+            # seen while a node refused events a gap in the trace
+            gaps = [[a + skew, b + skew] for a, b in runner.watch_gaps()]
+            out.send("drained", {"node": node.name, "events": sent, "t_ns": stop_ns, "gaps": gaps,
+                                 "sample": runner.session.config.sample,
                                  "locations": {str(k): v for k, v in runner.drop_locations().items()}})
         elif what == "facts" and node.name in runner.iptables_before:
             runner.drain()

@@ -213,6 +213,29 @@ def spans(runs: list[AgentRun]) -> dict[str, tuple[int | None, int | None]]:
     return out
 
 
+def gaps(runs: list[AgentRun]) -> dict[str, list[tuple[int, int]]]:
+    """node → the intervals (on its own clock) in which its kernel refused events, as its
+    `drained` frame reports them (agents older than that report none)."""
+    out = {}
+    for r in runs:
+        got = (r.drained or {}).get("gaps") or []
+        ok = [(int(a), int(b)) for a, b in (g for g in got if isinstance(g, (list, tuple)) and len(g) == 2)
+              if _ns(a) is not None and _ns(b) is not None]
+        if ok:
+            out[r.plan.node] = ok
+    return out
+
+
+def samples(runs: list[AgentRun]) -> dict[str, int]:
+    """node → 1 in N packets its kernel kept at the end (the guard may have raised it)."""
+    out = {}
+    for r in runs:
+        n = (r.drained or {}).get("sample")
+        if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
+            out[r.plan.node] = n
+    return out
+
+
 class Coordinator:
     def __init__(self, plans: list[AgentPlan], transport, say=lambda m: None):
         self.runs = [AgentRun(p) for p in plans]
@@ -352,14 +375,16 @@ def realtime_offsets(clocks: list[list[dict]], ref: int, domains: dict[int, str 
     return out
 
 
-def estimate_offsets(df: pd.DataFrame, ref: int, request_is: callable,
+def estimate_offsets(df: pd.DataFrame, ref: int, client_ip: str,
                      domains: dict[int, str] | None = None) -> dict[int, dict]:
     """Clock offset of every agent relative to agent `ref`, from packets both saw.
 
-    For a request that left `ref` and reached X: a = first(X) - last(ref) = d + θ; for a
-    reply X → ref: b = first(ref) - last(X) = d' - θ. The smallest of each (the packets
-    that waited least) with d ≈ d' gives θ = (min(a) - min(b)) / 2. Agents in the clock
-    domain of `ref` (same booted kernel) get 0 without estimation.
+    A packet is a request when the client (`client_ip`) sent it, a reply when it was sent
+    to the client. For a request that left `ref` and reached X: a = first(X) - last(ref) =
+    d + θ; for a reply X → ref: b = first(ref) - last(X) = d' - θ. The smallest of each (the
+    packets that waited least) with d ≈ d' gives θ = (min(a) - min(b)) / 2. Agents in the
+    clock domain of `ref` (same booted kernel) get 0 without estimation. Whole columns only:
+    a busy flow has hundreds of thousands of packets.
     """
     out: dict[int, dict] = {}
     if df.empty:
@@ -368,20 +393,28 @@ def estimate_offsets(df: pd.DataFrame, ref: int, request_is: callable,
     # Every agent on the reference's clock counts as the reference: the nearest hop on that
     # clock (e.g. the lab fabric's port next to X) gives the tightest bound.
     refs = {ref} | {i for i, d in domains.items() if d is not None and d == domains.get(ref)}
-    seen = df[df["pkt"] >= 0].assign(side=lambda d: np.where(d["agent"].isin(list(refs)), -1, d["agent"]))
-    g = seen.groupby(["pkt", "side"])["ts_ns"].agg(["min", "max"])
-    dirs = seen.groupby("pkt").apply(request_is, include_groups=False)
-    for x in sorted(set(df["agent"]) - refs):
-        a_vals, b_vals = [], []
-        for pkt, d in dirs.items():
-            if (pkt, -1) not in g.index or (pkt, x) not in g.index:
-                continue
-            if d == "request":
-                a_vals.append(g.loc[(pkt, x), "min"] - g.loc[(pkt, -1), "max"])
-            elif d == "reply":
-                b_vals.append(g.loc[(pkt, -1), "min"] - g.loc[(pkt, x), "max"])
-        if a_vals and b_vals:
-            a, b = float(min(a_vals)), float(min(b_vals))
-            out[x] = {"offset_ns": int((a - b) / 2), "pairs": min(len(a_vals), len(b_vals)),
-                      "one_way_ns": int((a + b) / 2)}
+    others = sorted(set(df["agent"].unique().tolist()) - refs)
+    if not others:
+        return out
+    seen = df[df["pkt"] >= 0]
+    pkt = seen["pkt"].to_numpy()
+    side = np.where(seen["agent"].isin(list(refs)).to_numpy(), -1, seen["agent"].to_numpy())
+    req = pd.Series((seen["saddr_str"] == client_ip).to_numpy()).groupby(pkt).any()
+    rep = pd.Series((seen["daddr_str"] == client_ip).to_numpy()).groupby(pkt).any()
+    direction = pd.Series(np.where(req.to_numpy(), 1, np.where(rep.to_numpy(), 2, 0)), index=req.index)
+    g = pd.Series(seen["ts_ns"].to_numpy()).groupby([pkt, side]).agg(["min", "max"])
+    sides = g.index.get_level_values(1)
+    at_ref = g[sides == -1].droplevel(1)
+    for x in others:
+        at_x = g[sides == x].droplevel(1)
+        both = at_x.join(at_ref, lsuffix="_x", rsuffix="_r", how="inner")
+        if both.empty:
+            continue
+        d = direction.reindex(both.index).to_numpy()
+        a_vals = (both["min_x"] - both["max_r"]).to_numpy()[d == 1]
+        b_vals = (both["min_r"] - both["max_x"]).to_numpy()[d == 2]
+        if len(a_vals) and len(b_vals):
+            a, b = float(a_vals.min()), float(b_vals.min())
+            out[int(x)] = {"offset_ns": int((a - b) / 2), "pairs": int(min(len(a_vals), len(b_vals))),
+                           "one_way_ns": int((a + b) / 2)}
     return out

@@ -38,8 +38,10 @@ for _h, _name in HOOKS.items():
 
 
 def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_NS,
-                           keep_followed: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(packets, hops) for arbitrary traffic, with whole-column operations only."""
+                           keep_followed: bool = False, out: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(packets, hops) for arbitrary traffic, with whole-column operations only. With `out`,
+    `out["event_packet"]` is the packet of each row of `events` (-1: none), so the events of
+    chosen packets can be judged one by one (busy.py)."""
     n = len(events)
     if n == 0:
         return _empty_packets(), _empty_hops()
@@ -122,6 +124,10 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
                             & ((c["flags"] & FLAG_FOLLOWED) == 0))
     pkt_all[orphan] = n_pkt + np.arange(len(orphan))
     n_all = n_pkt + len(orphan)
+    if out is not None:
+        ev_pkt = np.empty(n, dtype=np.int64)
+        ev_pkt[order] = pkt_all
+        out["event_packet"] = ev_pkt
 
     # -- 3. hops: hop events by packet and time, tc + tracepoint at one place merged ----------
     ho = np.lexsort((np.arange(len(hop_idx)), hop_pkt))    # hop_idx is in time order already
@@ -318,6 +324,26 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
     return packets, hops
 
 
+def sequence_ids(hops: pd.DataFrame, cols: list[str]) -> pd.Series:
+    """packet → an id of its hop sequence over `cols` (equal ids: the same path), from the
+    hops table (in packet, hop order). Whole columns: each hop's values are factorised, hashed
+    with its position and folded per packet."""
+    if hops.empty:
+        return pd.Series([], dtype=np.int64, index=pd.Index([], dtype=np.int64, name="packet"))
+    h = np.zeros(len(hops), dtype=np.uint64)
+    for c in cols:
+        codes = pd.factorize(hops[c].astype(object).where(hops[c].notna(), None), use_na_sentinel=False)[0]
+        h = (h * np.uint64(0x100000001B3)) ^ (codes.astype(np.uint64) + np.uint64(1))
+    pos = hops["hop"].to_numpy().astype(np.uint64) + np.uint64(1)
+    h = (h ^ (pos * np.uint64(0x9E3779B97F4A7C15))) * np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(31)
+    pkt = hops["packet"].to_numpy()
+    key = pd.Series(h).groupby(pkt).sum()            # order within the packet is in `pos`
+    n = pd.Series(np.ones(len(pkt), dtype=np.int64)).groupby(pkt).sum()
+    ids = pd.factorize(pd.MultiIndex.from_arrays([key.to_numpy(), n.to_numpy()]))[0]
+    return pd.Series(ids.astype(np.int64), index=pd.Index(key.index.to_numpy(), name="packet"))
+
+
 def _addr_text(events: pd.DataFrame, name: str, idx: np.ndarray) -> pd.Categorical:
     """The text of an address column at rows `idx` of `events`: its `*_str` categorical (either
     family); a frame without one holds IPv4 numbers."""
@@ -338,16 +364,20 @@ def _partial(packets: pd.DataFrame, hops: pd.DataFrame, view: beyond.View | None
     if not len(lost):
         return
     sub = hops[hops["packet"].isin(packets["packet"].to_numpy()[lost])]
-    cols = ["packet", "node", "pod", "dev", "point", "src", "dst", "encap", "encap_src", "encap_dst", "vni"]
-    found: dict[int, object] = {}
-    for pkt, g in sub[cols].astype(object).groupby("packet", sort=False):
-        path = [flows.Hop(None if pd.isna(r.node) else r.node, None if pd.isna(r.pod) else r.pod, str(r.dev), str(r.point), str(r.src), str(r.dst),
+    cols = ["node", "pod", "dev", "point", "src", "dst", "encap", "encap_src", "encap_dst", "vni"]
+    # one judgement per distinct path (a busy flow's lost packets mostly share a few)
+    path_of = sequence_ids(sub, cols)
+    firsts = pd.Series(path_of.index.to_numpy()).groupby(path_of.to_numpy()).first()
+    judged: dict[int, object] = {}
+    for path_id, pkt in firsts.items():
+        g = sub.loc[sub["packet"] == pkt, cols].astype(object)
+        path = [flows.Hop(None if pd.isna(r.node) else r.node, None if pd.isna(r.pod) else r.pod, str(r.dev),
+                          str(r.point), str(r.src), str(r.dst),
                           encap=(flows.Encap(str(r.encap_src), str(r.encap_dst), int(r.vni), str(r.encap))
                                  if isinstance(r.encap, str) else None))
                 for r in g.itertuples(index=False)]
-        v = beyond.left_view(path, view.traced, view.node_of, view.untraced)
-        if v is not None:
-            found[int(pkt)] = v
+        judged[int(path_id)] = beyond.left_view(path, view.traced, view.node_of, view.untraced)
+    found = {int(k): judged[int(p)] for k, p in path_of.items() if judged[int(p)] is not None}
     if not found:
         return
     at = packets["packet"].isin(list(found)).to_numpy()

@@ -184,3 +184,29 @@ def udp6_payload_hash(payload: bytes) -> int:
 def sampled_in(h: int, n: int) -> bool:
     """bpf/podtrace.c sampled_in(): whether a packet of hash `h` is kept when keeping 1 in n."""
     return n <= 1 or ((h >> 1) % n) == 0
+
+
+def sampled_mask(proto, sport, dport, ip_id, ip_len, tcp_seq, n: int):
+    """Whole columns of events (as the record decodes them: ports, IP ID and TCP sequence in
+    network order read big-endian): which packets packet_hash() keeps when keeping 1 in n.
+    Sampling by powers of two nests: a packet kept at 1 in 4 is kept at 1 in 2."""
+    import numpy as np
+
+    def swap16(v):
+        v = np.asarray(v).astype(np.uint32)
+        return ((v & 0xFF) << 8) | ((v >> 8) & 0xFF)
+
+    if n <= 1:
+        return np.ones(len(proto), dtype=bool)
+    proto = np.asarray(proto).astype(np.uint32)
+    seq = np.asarray(tcp_seq).astype(np.uint32).byteswap()
+    u64 = np.uint64
+    icmp = ((swap16(sport).astype(u64) << u64(16)) | swap16(dport).astype(u64)) & u64(0xFFFFFFFF)
+    other = ((swap16(ip_id).astype(u64) << u64(16)) ^ np.asarray(ip_len).astype(u64)
+             ^ ((seq.astype(u64) * u64(SLOT_MULT)) & u64(0xFFFFFFFF))) & u64(0xFFFFFFFF)
+    h = np.where((proto == 1) | (proto == 58), icmp, other)
+    h ^= h >> u64(15)
+    h = (h * u64(HASH_MIX)) & u64(0xFFFFFFFF)
+    h ^= h >> u64(13)
+    h |= u64(1)
+    return ((h >> u64(1)) % u64(n)) == 0

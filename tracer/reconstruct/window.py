@@ -21,7 +21,9 @@ from tracer.reconstruct.model import Packet
 
 CLOCK_SLACK_NS = 20_000_000     # what the clocks' alignment may be off by (NTP's precision)
 EDGE_NS = 200_000_000           # the time a packet may take from one observer to the next
+GAP_SLACK_NS = 1_000_000        # around a gap: the kernel's counters are read between polls
 RUNBOOK = "docs/runbooks/partial-view.md"
+REFUSING = "refusing"           # the `when` of a packet seen while an observer refused events
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,9 @@ class Window:
     """Each observer's tracing span (ready, stop) on the trace clock; None: not known."""
 
     spans: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
+    # observer → the intervals in which its kernel refused events (the event budget, a full
+    # ring buffer): a packet seen then may miss hops that were never recorded
+    gaps: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)
 
     @property
     def start_ns(self) -> int | None:
@@ -54,10 +59,15 @@ class Window:
         out = sorted((e, n) for n, (_, e) in self.spans.items() if e is not None and t_ns + EDGE_NS > e)
         return [n for e, n in out if t_ns >= e] or [n for _, n in out[:1]]
 
+    def refusing(self, first_ns: int, last_ns: int) -> list[str]:
+        """The observers whose kernel refused events while a packet was seen (first to last)."""
+        return [n for n, gs in self.gaps.items()
+                if any(first_ns < b + GAP_SLACK_NS and last_ns + GAP_SLACK_NS > a for a, b in gs)]
+
     def missing(self, first_ns: int, last_ns: int, seen_by: tuple = ()) -> tuple[str, list[str]] | None:
-        """("not yet" or "no longer", the observers not tracing) for a packet seen from
-        first_ns to last_ns, or None when every observer was tracing all along. The observers
-        that did see it (seen_by) are named only when no other one was missing."""
+        """("not yet", "no longer" or REFUSING, the observers not tracing) for a packet seen
+        from first_ns to last_ns, or None when every observer was tracing all along. The
+        observers that did see it (seen_by) are named only when no other one was missing."""
         late, gone = self.late(first_ns), self.gone(last_ns)
         late = [n for n in late if n not in seen_by] or late[:1]
         gone = [n for n in gone if n not in seen_by] or gone[:1]
@@ -65,6 +75,9 @@ class Window:
             return "not yet", late
         if gone:
             return "no longer", gone
+        refusing = self.refusing(first_ns, last_ns)
+        if refusing:
+            return REFUSING, refusing
         return None
 
     def outside(self, first_ns: int, last_ns: int, seen_by: tuple = ()) -> str | None:
@@ -74,22 +87,33 @@ class Window:
 
     def as_json(self) -> dict:
         return {"start_ns": self.start_ns, "end_ns": self.end_ns,
-                "observers": {n: {"ready_ns": s, "stop_ns": e} for n, (s, e) in sorted(self.spans.items())}}
+                "observers": {n: {"ready_ns": s, "stop_ns": e,
+                                  **({"gaps": [list(g) for g in self.gaps[n]]} if self.gaps.get(n) else {})}
+                              for n, (s, e) in sorted(self.spans.items())}}
 
     @classmethod
     def from_json(cls, d: dict | None) -> "Window | None":
         """The window a trace file's metadata carries (None: none, or not of this shape)."""
         if not isinstance(d, dict) or not isinstance(d.get("observers"), dict):
             return None
-        spans = {}
+        spans, gaps = {}, {}
         for n, o in d["observers"].items():
             if isinstance(o, dict):
                 spans[str(n)] = (_int(o.get("ready_ns")), _int(o.get("stop_ns")))
-        return cls(spans) if spans else None
+                got = tuple((_int(g[0]), _int(g[1])) for g in o.get("gaps") or ()
+                            if isinstance(g, (list, tuple)) and len(g) == 2)
+                got = tuple(g for g in got if None not in g)
+                if got:
+                    gaps[str(n)] = got
+        return cls(spans, gaps) if spans else None
 
 
 def phrase(when: str, nodes: list[str]) -> str:
-    """"seen only while node-2 was not yet tracing" (when: "not yet" or "no longer")."""
+    """"seen only while node-2 was not yet tracing" (when: "not yet", "no longer" or
+    REFUSING: "seen while node-2's kernel refused events …")."""
+    if when == REFUSING:
+        return (f"seen while {_names(nodes)} refused events (the event budget or a full ring buffer: "
+                "hops there may be missing)")
     return f"seen only while {_names(nodes)} {'was' if len(nodes) == 1 else 'were'} {when} tracing"
 
 
@@ -101,14 +125,18 @@ def _names(nodes: list[str]) -> str:
     return ", ".join(nodes[:3]) + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
 
 
-def from_observers(spans: dict[str, tuple[int | None, int | None]], offsets_ns: dict[str, int]) -> Window | None:
-    """The window of observers whose spans are on their own clocks; offsets_ns: how far each
-    observer's clock is ahead of the reference's (an event at t on it is t - offset there)."""
-    out = {}
+def from_observers(spans: dict[str, tuple[int | None, int | None]], offsets_ns: dict[str, int],
+                   gaps: dict[str, list[tuple[int, int]]] | None = None) -> Window | None:
+    """The window of observers whose spans (and gaps, when their kernel refused events) are
+    on their own clocks; offsets_ns: how far each observer's clock is ahead of the
+    reference's (an event at t on it is t - offset there)."""
+    out, moved = {}, {}
     for node, (ready, stop) in spans.items():
         off = int(offsets_ns.get(node, 0))
         out[node] = (None if ready is None else int(ready) - off, None if stop is None else int(stop) - off)
-    return Window(out) if len(out) > 1 else None
+        if (gaps or {}).get(node):
+            moved[node] = tuple((int(a) - off, int(b) - off) for a, b in gaps[node])
+    return Window(out, moved) if len(out) > 1 or moved else None
 
 
 def from_meta(meta: dict) -> Window | None:
@@ -143,7 +171,7 @@ def partial(v, why: str, seen: dict | None = None):
 def why_partial(packets: list[Packet]) -> str:
     """Why the partial packets among these were partial, in one phrase per moment ("not yet"
     first), the observers most often missing first."""
-    count: dict[str, dict[str, int]] = {"not yet": {}, "no longer": {}}
+    count: dict[str, dict[str, int]] = {"not yet": {}, "no longer": {}, REFUSING: {}}
     other = False
     for p in packets:
         if p.verdict.status != "partial":
@@ -170,4 +198,7 @@ def partial_mask(first_ns: np.ndarray, last_ns: np.ndarray, window: Window | Non
             out |= first_ns < s + CLOCK_SLACK_NS
         if e is not None:
             out |= last_ns + EDGE_NS > e
+    for gs in window.gaps.values():
+        for a, b in gs:
+            out |= (first_ns < b + GAP_SLACK_NS) & (last_ns + GAP_SLACK_NS > a)
     return out

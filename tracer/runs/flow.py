@@ -15,8 +15,8 @@ from tracer.reconstruct.packets import assign_packets, build_packets
 from tracer.node.prober import ProbeResult, send
 from tracer.config import FlowConfig
 from tracer.node import facts
-from tracer.runs.outcome import (FlowResult, Traced, agent_evidence, finish, flow_input, local_evidence, pod_hits,
-                                 service_evidence, source_query, traced_view)
+from tracer.runs.outcome import (FlowResult, Traced, agent_evidence, finish, flow_input, keep_sampled, local_evidence,
+                                 pod_hits, service_evidence, source_query, traced_view, watch_packets)
 from tracer.reconstruct import source
 from tracer.runs.plan import Plan, agent_plans, flow_pods, node_refs, prepare, tc_devices
 from tracer.kernel.session import TerminateAsInterrupt
@@ -83,16 +83,22 @@ def _trace_single(plan: Plan, say) -> Traced:
             else:
                 end = time.monotonic() + cfg.duration
                 while (left := end - time.monotonic()) > 0:
-                    n = runner.poll(int(min(left, 0.2) * 1000))
-                    say(f"tracing: {n} events, {left:.1f}s left")
+                    n = runner.poll(int(min(left, 0.1) * 1000))
+                    runner.watch_gaps()
+                    said = runner.guard(time.monotonic())
+                    if said:
+                        say(said)
+                    say(f"tracing: {runner.sink.count()} events, {left:.1f}s left")
         except KeyboardInterrupt:
             stopped = interrupt.Interrupted.of(cfg, len(sent), time.monotonic() - t_tracing)
             say(f"interrupted: {stopped.after}; collecting what was traced")
         stop_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         runner.drain()
+        gaps = list(runner.watch_gaps())
         counters_after = runner.iptables_after()
         counters = runner.counters()
-        df = runner.session.frame()
+        sample = runner.session.config.sample
+        df = keep_sampled(runner.session.frame(), sample)
         locations = runner.symbols(df.loc[df["location"] != 0, "location"].unique())
     sq = source_query(plan)
     evidence = local_evidence(topo, dst, refs, runner.iptables_before, counters_after,
@@ -103,7 +109,9 @@ def _trace_single(plan: Plan, say) -> Traced:
                    view=traced_view(plan, refs), interrupted=stopped, problems=problems,
                    # every node traced from ready to drain: a packet still on its way then is
                    # a partial view, as with agents, not a loss
-                   window=windows.from_observers({n: (ready_ns, stop_ns) for n in refs}, {}))
+                   window=windows.from_observers({n: (ready_ns, stop_ns) for n in refs}, {},
+                                                 {n: gaps for n in refs} if gaps else None),
+                   sample=sample)
 
 
 def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
@@ -154,9 +162,15 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
         # agents delivered up to their `drained` frame, and name the facts to ask for.
         co.drain()
         df, clock = _merge(co, plan)
-        # when every agent was tracing, on the reference clock: what is seen outside is partial
+        # the guard of each node may have raised its sampling on its own: keep the packets
+        # every node kept (sampling by powers of two nests)
+        sample = max([cfg.sample, *coordinator.samples(co.runs).values()])
+        df = keep_sampled(df, sample)
+        # when every agent was tracing, on the reference clock: what is seen outside is partial,
+        # as is what is seen while a node's kernel refused events
         window = windows.from_observers(coordinator.spans(co.runs),
-                                        {n: o.get("offset_ns", 0) for n, o in clock["offsets"].items()})
+                                        {n: o.get("offset_ns", 0) for n, o in clock["offsets"].items()},
+                                        coordinator.gaps(co.runs))
         locations: dict[int, str | None] = {}
         for r in co.runs:
             for k, v in ((r.drained or {}).get("locations") or {}).items():
@@ -167,7 +181,11 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
         view = traced_view(plan, [r.plan.node for r in co.runs],
                            {r.plan.node: beyond.agent_failed(r.failure) for r in co.runs if r.failure})
         fi = flow_input(plan, sent, locations, clock, view)
-        packets = build_packets(df, fi)
+        aggregate = None
+        if probing:
+            packets = build_packets(df, fi)
+        else:
+            packets, aggregate = watch_packets(plan, df.drop(columns=["pkt"]), fi, locations, window, view)
         queries = diagnose.facts_needed(packets, service_evidence(plan))
         sq = source_query(plan)
         if sq and prober is not None and source.needed(packets, sent, sq["pod"]):
@@ -200,7 +218,7 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
         return agent_evidence(plan, facts)
     return Traced(df.drop(columns=["pkt"]), sent, counters, locations, hooks, degraded, timings, t_tracing,
                   t_done, evidence, notes, problems, clock, packets=packets, window=window, view=view,
-                  interrupted=stopped)
+                  interrupted=stopped, aggregate=aggregate, sample=sample)
 
 
 def _placement_from_agents(plan: Plan, co: coordinator.Coordinator) -> None:
@@ -239,15 +257,7 @@ def _merge(co: coordinator.Coordinator, plan: Plan) -> tuple[pd.DataFrame, dict]
     for i, c in coarse.items():
         df.loc[df["agent"] == i, "ts_ns"] -= c
     df = assign_packets(df)
-    src_ip = plan.src.ip
-
-    def direction(g):
-        if (g["saddr_str"] == src_ip).any():
-            return "request"
-        if (g["daddr_str"] == src_ip).any():
-            return "reply"
-        return None
-    fine = coordinator.estimate_offsets(df, ref, direction, domains)
+    fine = coordinator.estimate_offsets(df, ref, plan.src.ip, domains)
     # Agents sharing a clock domain with an estimated agent get its offset too.
     for i, d in domains.items():
         if i not in fine and i != ref and d is not None and d != domains.get(ref):

@@ -32,6 +32,8 @@ from tracer.kernel.tc import TcAttacher, cleanup
 from tracer.kernel.session import SessionConfig, Sink, TraceSession
 from tracer.node import facts
 
+MAX_SAMPLE = 65536      # the most the guard raises sampling to (the command line's --sample limit)
+
 
 @dataclass
 class NodeJob:
@@ -70,7 +72,11 @@ class NodeRunner:
         self.iptables_before: dict[str, facts.RuleCounters] = {}
         self.pods_before: dict[int, facts.RuleCounters] = {}
         self._over = 0
+        self._emitted = 0
         self._next_guard = 0.0
+        self.gaps: list[tuple[int, int]] = []    # when the kernel refused events (watch_gaps)
+        self._refused = 0
+        self._gap_checked_ns: int | None = None
         self._closed = False
 
     @property
@@ -89,6 +95,7 @@ class NodeRunner:
             return self          # nothing loaded: poll, drain and counters see an idle session
         try:
             self.session.start(stop=stop)
+            self._gap_checked_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
             if self.job.tc_devices and any(h.kind == "tc" for h in self.hooks):
                 cleanup(scan=False)   # what a killed run recorded
                 self.tc = TcAttacher(self.session.loaded.bpf)
@@ -141,20 +148,42 @@ class NodeRunner:
 
     def guard(self, now: float) -> str | None:
         """When the kernel starts refusing events for the budget, keep fewer packets instead:
-        double the (deterministic) sampling. Checked at most once a second; returns what to
-        tell the user when the sampling changed."""
+        raise the (deterministic) sampling in proportion to what the last second asked for
+        (a power of two, at least twice the current one, at most MAX_SAMPLE). Checked at most
+        once a second; returns what to tell the user when the sampling changed."""
         cfg = self.session.config
         if now < self._next_guard or not cfg.budget:
             return None
         self._next_guard = now + 1.0
-        over = self.counters().get("over_budget", 0)
-        said = None
-        if over > self._over and cfg.sample < 1024:
-            n = cfg.sample * 2
-            self.session.set_guard(n, cfg.budget)
-            said = f"over the event budget ({cfg.budget}/s): now keeping 1 packet in {n}"
-        self._over = over
-        return said
+        c = self.counters()
+        over, emitted = c.get("over_budget", 0), c.get("emitted", 0)
+        refused, kept = over - self._over, emitted - self._emitted
+        self._over, self._emitted = over, emitted
+        if refused <= 0 or cfg.sample >= MAX_SAMPLE:
+            return None
+        factor = 2
+        while factor < MAX_SAMPLE and cfg.budget * factor < 2 * (refused + kept):
+            factor *= 2
+        n = min(MAX_SAMPLE, cfg.sample * factor)
+        self.session.set_guard(n, cfg.budget)
+        return f"over the event budget ({cfg.budget}/s): now keeping 1 packet in {n}"
+
+    def watch_gaps(self, now_ns: int | None = None) -> list[tuple[int, int]]:
+        """The intervals (monotonic ns, the events' clock) in which the kernel refused events:
+        for the budget, or because the ring buffer was full. Call it often (every poll): a
+        packet seen within such an interval may miss a hop that was never recorded, which is a
+        gap in the trace, not a loss in the network."""
+        now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if now_ns is None else now_ns
+        c = self.counters()
+        refused = c.get("over_budget", 0) + c.get("lost", 0)
+        since = self._gap_checked_ns
+        if refused > self._refused and since is not None:
+            if self.gaps and self.gaps[-1][1] >= since:
+                self.gaps[-1] = (self.gaps[-1][0], now_ns)
+            else:
+                self.gaps.append((since, now_ns))
+        self._refused, self._gap_checked_ns = refused, now_ns
+        return self.gaps
 
     def close(self) -> None:
         """Remove the tc filters, then release the session; once, whatever happened before."""

@@ -20,6 +20,7 @@ from tracer.node import facts
 from tracer.node import prober
 from tracer.node import sourcefacts
 from tracer.config import FlowConfig
+from tracer.kernel import contract
 from tracer.runs.interrupt import Interrupted
 from tracer.runs.plan import Plan
 
@@ -46,6 +47,7 @@ class FlowResult:
     clock: dict = field(default_factory=dict)
     names: dict[str, dict | None] = field(default_factory=dict)   # hop address → what it is
     interrupted: Interrupted | None = None     # Ctrl-C/SIGTERM while tracing: how far it got
+    aggregate: dict | None = None      # a busy watch: the counts and paths (busy.py); packets: its failing ones
 
     @property
     def ok(self) -> bool:
@@ -68,6 +70,7 @@ class FlowResult:
             "clock": self.clock,
             "interrupted": self.interrupted is not None,
             **({"interruption": self.interrupted.as_json()} if self.interrupted else {}),
+            **({"aggregate": self.aggregate} if self.aggregate is not None else {}),
         }
 
 
@@ -92,6 +95,43 @@ class Traced:
     window: windows.Window | None = None  # when every observer was tracing; None: all along
     view: "beyond.View | None" = None     # the nodes traced, and why the others were not
     interrupted: Interrupted | None = None   # stopped by Ctrl-C/SIGTERM while tracing
+    aggregate: dict | None = None         # a busy watch's aggregate, when the tracing made it (agents)
+    sample: int = 1                       # 1 in N packets kept at the end (the guard may raise it)
+
+
+def keep_sampled(df: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The events of the packets kept when keeping 1 in n (the kernel's own rule): the guard
+    raises sampling on each node on its own, so a packet kept early on one node may be gone
+    on the next; only the packets every node kept count. Events without a protocol (a drop
+    of an unparsed buffer) stay."""
+    if n <= 1 or df.empty:
+        return df
+    keep = contract.sampled_mask(df["proto"].to_numpy(), df["sport"].to_numpy(), df["dport"].to_numpy(),
+                                 df["ip_id"].to_numpy(), df["ip_len"].to_numpy(), df["tcp_seq"].to_numpy(), n)
+    return df[keep | (df["proto"].to_numpy() == 0)]
+
+
+def engine_meta(plan: Plan, fi: FlowInput, locations: dict, window, view) -> dict:
+    """What the vectorised engine reads of a flow (the same keys the saved metadata has)."""
+    return {"placement": {str(k): list(v) for k, v in plan.placement.netns.items()},
+            "addresses": {k: list(v) for k, v in fi.addresses.items()},
+            "drop_reasons": {str(k): v for k, v in plan.drop_reasons.items()},
+            "locations": {str(k): v for k, v in locations.items()},
+            "ct_info_names": {str(k): v for k, v in plan.ct_names.items()},
+            **({"window": window.as_json()} if window is not None else {}),
+            **({"view": view.as_json()} if view is not None else {})}
+
+
+def watch_packets(plan: Plan, df: pd.DataFrame, fi: FlowInput, locations: dict, window, view
+                  ) -> tuple[list[Packet], dict | None]:
+    """The packets of a watch to judge one by one, and the aggregate of a busy one (None:
+    few enough packets to judge them all)."""
+    from tracer.analysis import busy
+
+    agg = busy.aggregate(df, engine_meta(plan, fi, locations, window, view), plan.src.ip)
+    if agg is None:
+        return build_packets(df, fi), None
+    return build_packets(agg.full_events, fi), agg.doc
 
 
 def flow_input(plan: Plan, sent, locations, clock: dict | None = None, view=None) -> FlowInput:
@@ -208,7 +248,13 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
     cfg = plan.cfg
     testhooks.pause("reconstructing")
     fi = flow_input(plan, t.sent, t.locations, t.clock, t.view)
-    packets = t.packets if t.packets is not None else build_packets(t.df, fi)
+    agg = t.aggregate
+    if t.packets is not None:
+        packets = t.packets
+    elif cfg.probe:
+        packets = build_packets(t.df, fi)
+    else:
+        packets, agg = watch_packets(plan, t.df, fi, t.locations, t.window, t.view)
     named = names(packets, plan.inv)
     ev = t.evidence(packets)
     if isinstance(ev, LocalEvidence):
@@ -218,6 +264,10 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
     window = None if cfg.probe else t.window
     packets = windows.apply(diagnose.judge(packets, ev), window)
     verdict, probes = verdicts.flow_verdict(packets, fi, cfg.probe, ev)
+    if agg is not None:
+        from tracer.analysis import busy
+
+        verdict = busy.verdict(agg, packets)
     # A lab pod deleted while tracing: say so instead of letting the drops it causes pass
     # for the cause (the pod's own view is gone, not the network broken).
     gone = [f"{e.pod.key} was deleted during the trace (its network namespace is gone); "
@@ -226,6 +276,10 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
     if t.problems or gone:
         verdict = replace(verdict, status="failed", problems=(*gone, *verdict.problems, *t.problems))
     summary = verdicts.summary(packets, probes, t.counters, cfg.probe)
+    if agg is not None:
+        from tracer.analysis import busy
+
+        summary = busy.summary(agg, t.counters)
     timings = {
         "resolve_s": round(plan.t_resolved - plan.t_start, 4),
         "startup_s": round(t.t_tracing - plan.t_start, 4),
@@ -243,10 +297,17 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
     if t.counters.get("over_budget"):
         notes.append(f"{t.counters['over_budget']} events were not recorded to stay within the event budget "
                      f"({cfg.budget}/s per node); raise it with --max-events or sample with --sample")
-    if cfg.sample > 1:
+    if t.sample > cfg.sample:
+        notes.append(f"sampling raised to 1 packet in {t.sample} to stay within the event budget: the packets "
+                     "counted are those every node kept")
+    elif cfg.sample > 1:
         notes.append(f"sampling: 1 packet in {cfg.sample} is traced (the same packets on every node)")
+    if agg is not None:
+        notes.append(f"busy flow: {agg['packets']} packets counted by path; {agg['failing_judged']} of "
+                     f"{agg['failing']} failing judged in full")
     result = FlowResult(cfg, plan.src, plan.dst, plan.proto, plan.port, probes, packets, verdict, summary,
-                        t.counters, timings, t.df, notes=notes, names=named, interrupted=t.interrupted)
+                        t.counters, timings, t.df, notes=notes, names=named, interrupted=t.interrupted,
+                        aggregate=agg)
     result.clock = t.clock
     result.meta = {
         "version": SCHEMA_VERSION, "src": plan.src.as_json(), "dst": plan.dst.as_json(),
@@ -265,7 +326,10 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
         "complete": t.interrupted is None, "interrupted": t.interrupted is not None,
         # what the live run concluded, so `analyze` and the notebooks say the same
         "flow_verdict": verdict.as_json(), "summary": summary,
+        "sample": max(cfg.sample, t.sample),
     }
+    if agg is not None:
+        result.meta["aggregate"] = agg
     if t.interrupted:
         result.meta["interruption"] = t.interrupted.as_json()
     if window is not None:
