@@ -220,7 +220,9 @@ def _explain_lost(packet: Packet, v: Verdict, ev: Evidence) -> Verdict:
     ip_len = packet.ip_len or 0
     out_dev = rt.get("dev")
     out_mtu = (f.get("links") or {}).get(out_dev, {}).get("mtu") if out_dev else None
-    if reason == "PKT_TOO_BIG" or (out_mtu and ip_len > out_mtu and packet.df):
+    # seen leaving through that device, it did fit (a GSO packet is cut to the MTU there)
+    left_by_it = any(h.node == node and h.dev == out_dev and h.point == "tx" for h in hops)
+    if reason == "PKT_TOO_BIG" or (out_mtu and ip_len > out_mtu and packet.df and not left_by_it):
         if ":" in (packet.five_tuple.src or ""):   # IPv6: routers never fragment, DF or not
             return _set(v, "mtu", f"A {ip_len or size}-byte IPv6 packet does not fit {out_dev} on {node} "
                         f"(MTU {out_mtu}); IPv6 is never fragmented on the way, so it is dropped (the "

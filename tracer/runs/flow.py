@@ -160,8 +160,10 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
             problems.append(f"probes from {prober.plan.node} failed: {prober.probes.get('error')}")
         # The trace window ends here on every node: the packets are built once, from what the
         # agents delivered up to their `drained` frame, and name the facts to ask for.
+        say("collecting the agents' events")
         co.drain()
         df, clock = _merge(co, plan)
+        say(f"reconstructing {len(df)} events")
         # the guard of each node may have raised its sampling on its own: keep the packets
         # every node kept (sampling by powers of two nests)
         sample = max([cfg.sample, *coordinator.samples(co.runs).values()])
@@ -191,11 +193,13 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
         if sq and prober is not None and source.needed(packets, sent, sq["pod"]):
             # the source pod's own view, answered by the agent that probed from it
             queries.setdefault(prober.plan.node, []).append(sq)
+        say("reading the nodes' counters and facts")
         for r in co.runs:
             if not r.failure:
                 r.facts = None
                 co.run(r.plan.node, {"cmd": "facts", "queries": queries.get(r.plan.node, [])})
         co.wait_for(lambda: all(r.facts is not None or r.failure for r in co.runs), 20)
+        say("stopping the agents")
     t_done = time.monotonic()
     for r in co.runs:
         if r.failure:

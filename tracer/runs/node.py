@@ -162,7 +162,7 @@ class NodeRunner:
         if refused <= 0 or cfg.sample >= MAX_SAMPLE:
             return None
         factor = 2
-        while factor < MAX_SAMPLE and cfg.budget * factor < 2 * (refused + kept):
+        while factor < MAX_SAMPLE and cfg.budget * factor < 1.25 * (refused + kept):
             factor *= 2
         n = min(MAX_SAMPLE, cfg.sample * factor)
         self.session.set_guard(n, cfg.budget)
