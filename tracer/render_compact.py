@@ -93,7 +93,7 @@ def path_text(p: "Packet") -> str:
     return " ".join(parts)
 
 
-def aggregate_lines(agg: dict, console: Console) -> None:
+def aggregate_lines(agg: dict, console: Console, judged_below: bool = True) -> None:
     """A busy watch: the counts, then one line per distinct path with how many packets took
     it, their verdict and one-way time percentiles, and the path."""
     figures = ", ".join(f"{agg[s]} {s}" for s in ("delivered", "dropped", "lost", "left", "partial") if agg.get(s))
@@ -123,8 +123,8 @@ def aggregate_lines(agg: dict, console: Console) -> None:
         console.print(Text(f"  and {_plural(agg['other_paths'], 'other path')} taken by "
                            f"{_plural(agg['other_paths_packets'], 'packet')}", style="dim"))
     if agg["failing"]:
-        console.print(Text(f"{agg['failing']} failing packet(s); {agg['failing_judged']} judged in full below",
-                           style="bold"))
+        console.print(Text(f"{agg['failing']} failing packet(s)"
+                           + (f"; {agg['failing_judged']} judged in full below" if judged_below else ""), style="bold"))
 
 
 def _signature(p: "Packet") -> tuple:

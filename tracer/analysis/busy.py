@@ -202,3 +202,17 @@ def summary(doc: dict, counters: dict) -> dict:
             "failed": doc["packets"] - doc["delivered"] - doc["partial"], "answered": 0,
             "median_one_way_ns": ow.get("p50"), "median_rtt_ns": None,
             "events_lost": int(counters.get("lost", 0))}
+
+
+def tables(events: pd.DataFrame, meta: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(packets, hops) of a saved busy watch: the vectorised engine's, as the live run counted
+    them, with `direction` from the client's address (request: sent by it; reply: to it)."""
+    packets, hops = reconstruct_vectorised(events, engine_meta(meta))
+    client = (meta.get("src") or {}).get("ip")
+    if len(packets):
+        src = packets["src"].astype(object).to_numpy()
+        to = (packets["dst"].astype(object).to_numpy() == client) | (packets["final_dst"].astype(object).to_numpy() == client)
+        packets["direction"] = np.where(src == client, "request", np.where(to, "reply", None))
+        if len(hops):
+            hops["direction"] = packets["direction"].to_numpy()[hops["packet"].to_numpy()]
+    return packets, hops
