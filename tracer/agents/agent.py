@@ -31,7 +31,7 @@ from tracer.kernel.session import TerminateAsInterrupt
 from tracer.node import facts, netns
 from tracer.node import prober as probe
 from tracer.node import sourcefacts
-from tracer.runs.node import NodeJob, NodeRunner
+from tracer.runs.node import MAX_SAMPLE, NodeJob, NodeRunner
 
 FLUSH_S = 0.05
 REQUEST_VERSION = request.REQUEST_VERSION
@@ -169,20 +169,29 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, l
     deadline = time.monotonic() + req.max_seconds
     last_flush = 0.0
     sent = 0
+    window_counters: dict | None = None     # the counters when the trace window ended (`drain`)
     while time.monotonic() < deadline:
-        runner.poll(int(FLUSH_S * 1000 / 2))
-        runner.watch_gaps()
-        now = time.monotonic()
-        if now - last_flush >= FLUSH_S:
-            sent = _flush(runner, out, sent, skew)
-            last_flush = now
-            said = runner.guard(now)
-            if said:
-                out.send("log", {"message": f"{node.name}: {said}"})
-        try:
-            cmd = cmds.get_nowait()
-        except queue.Empty:
-            continue
+        if window_counters is not None:
+            # the window is over: nothing traced from now on is read or sent (a busy flow
+            # would otherwise keep the ring, this process and the coordinator busy)
+            try:
+                cmd = cmds.get(timeout=FLUSH_S)
+            except queue.Empty:
+                continue
+        else:
+            runner.poll(int(FLUSH_S * 1000 / 2))
+            runner.watch_gaps()
+            now = time.monotonic()
+            if now - last_flush >= FLUSH_S:
+                sent = _flush(runner, out, sent, skew)
+                last_flush = now
+                said = runner.guard(now)
+                if said:
+                    out.send("log", {"message": f"{node.name}: {said}"})
+            try:
+                cmd = cmds.get_nowait()
+            except queue.Empty:
+                continue
         what = cmd.get("cmd")
         if what == "probe" and req.probe is not None and prober is None:
             prober = threading.Thread(target=_probe, args=(req.probe, out, skew, no_more_probes,
@@ -201,9 +210,13 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, l
             out.send("drained", {"node": node.name, "events": sent, "t_ns": stop_ns, "gaps": gaps,
                                  "sample": runner.session.config.sample,
                                  "locations": {str(k): v for k, v in runner.drop_locations().items()}})
+            window_counters = runner.counters()
+            # keep the hooks as light as they can be until the agent stops
+            runner.session.set_guard(MAX_SAMPLE, runner.session.config.budget)
         elif what == "facts" and node.name in runner.iptables_before:
-            runner.drain()
-            sent = _flush(runner, out, sent, skew)
+            if window_counters is None:
+                runner.drain()
+                sent = _flush(runner, out, sent, skew)
             after = runner.iptables_after()[node.name]
             out.send("facts", {"node": node.name,
                                "rule_hits": facts.rule_hits(runner.iptables_before[node.name], after),
@@ -217,9 +230,10 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, l
             out.send("log", {"message": f"ignored unparsable command: {cmd['line']}"})
     if prober is not None:
         prober.join(timeout=30)
-    runner.drain()
-    sent = _flush(runner, out, sent, skew)
-    out.send("counters", runner.counters())
+    if window_counters is None:
+        runner.drain()
+        sent = _flush(runner, out, sent, skew)
+    out.send("counters", window_counters if window_counters is not None else runner.counters())
     out.send("clock", _clock())
     return sent
 
