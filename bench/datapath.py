@@ -20,6 +20,11 @@ as fast as the sender can) for each variant:
               cost of the hook itself). (`_fewreads`, `_earlysample` and `_freefix`,
               measured here first, are now part of bpf/podtrace.c.)
 - *_sN:       in-kernel sampling, 1 packet in N (SessionConfig.sample)
+- tcpdump_nomatch / tcpdump_match: what an on-call engineer runs instead: `tcpdump -s 128
+              -w FILE` on every device of the path (both pods' eth0, the host veths, the
+              bridges, the overlays, the uplinks and the fabric ports: 12 here), with a
+              filter that holds two other pods' addresses (nomatch), or both ends' addresses
+              and the overlay's UDP port (match: every packet of the flow, written)
 
 Each round runs every variant once (A B C … A B C …); ratios are taken against the
 untraced run of the same round, then the median (and min/max) over rounds is printed.
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import subprocess
 import time
 
 import numpy as np
@@ -126,6 +132,72 @@ class Tracer:
         self.session.close()
 
 
+class Tcpdump:
+    """tcpdump on every path device, as a Tracer (poll/drain/counters): `events` are the
+    packets it wrote, `lost` those the kernel dropped for it (its own report at exit)."""
+
+    def __init__(self, doc: dict, variant: str):
+        import tempfile
+
+        match = variant == "tcpdump_match"
+        a, b = (SRC, DST) if match else (OTHER_A, OTHER_B)
+        filt = f"host {L.pod(doc, a)['ip']} or host {L.pod(doc, b)['ip']}"
+        if match:        # the uplinks and the fabric see the flow inside VXLAN
+            filt += f" or udp port {(doc.get('vxlan') or {}).get('port', 8472)}"
+        self.dir = tempfile.mkdtemp(prefix="ptbench-tcpdump-")
+        self.procs = []
+        devs = [(p["netns"], p.get("interface", "eth0")) for p in doc["pods"] if p["name"] in (SRC, DST)]
+        devs += path_devices(doc)
+        devs += [(doc["fabric_netns"], n["fabric_port"]) for n in doc["nodes"] if n.get("fabric_port")]
+        for i, (ns, dev) in enumerate(devs):
+            self.procs.append(subprocess.Popen(
+                ["ip", "netns", "exec", ns, "tcpdump", "-i", dev, "-s", "128", "-n", "-U", "-w",
+                 f"{self.dir}/{i}.pcap", filt], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        for p in self.procs:            # ready: tcpdump says it is listening
+            line = p.stderr.readline()
+            if "listening" not in line:
+                raise RuntimeError(f"tcpdump did not start: {line.strip()}")
+        self.devices = len(devs)
+        self.done: dict | None = None
+
+    def poll(self, timeout_ms: int) -> None:
+        time.sleep(timeout_ms / 1000)
+
+    def drain(self) -> None:
+        pass
+
+    def drained(self) -> int:
+        return self.counters()["emitted"]
+
+    def counters(self) -> dict:
+        import os
+
+        size = sum(os.path.getsize(f"{self.dir}/{i}.pcap") for i in range(len(self.procs))
+                   if os.path.exists(f"{self.dir}/{i}.pcap"))
+        # bytes written / (16-byte record header + up to 128 bytes): packets, near enough
+        n = size // 144
+        return {"emitted": n, "lost": 0, "seen": n}
+
+    def prog_stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        import shutil
+        import signal as sig
+
+        for p in self.procs:
+            p.send_signal(sig.SIGINT)
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            if p.stderr:
+                p.stderr.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def path_devices(doc: dict) -> list[tuple[str, str]]:
     out = []
     for n in doc["nodes"]:
@@ -173,7 +245,8 @@ def main() -> None:
         args.rounds, args.seconds, variants = 1, 1.0, ["untraced", "nomatch", "match"]
     def known(mod: str) -> bool:
         return mod in MODIFIERS or (mod[:1] == "s" and mod[1:].isdigit())
-    bad = [v for v in variants if v != "untraced" and (v.split("_")[0] not in ("match", "nomatch")
+    bad = [v for v in variants if v not in ("untraced", "tcpdump_match", "tcpdump_nomatch")
+           and (v.split("_")[0] not in ("match", "nomatch")
                                                         or not all(known(m) for m in v.split("_")[1:]))]
     if bad:
         raise SystemExit(f"unknown variants {bad}: untraced, or match|nomatch followed by _{'/_'.join(MODIFIERS)}")
@@ -192,7 +265,8 @@ def main() -> None:
             order = variants[r % len(variants):] + variants[: r % len(variants)]   # rotate the start
             for v in order:
                 others = L.other_tracers()     # before ours is loaded
-                tracer = None if v == "untraced" else Tracer(doc, v, args.ringbuf_pages)
+                tracer = None if v == "untraced" else Tcpdump(doc, v) if v.startswith("tcpdump_") \
+                    else Tracer(doc, v, args.ringbuf_pages)
                 try:
                     tcp = run_one(doc, tracer, False, args.seconds)
                     udp = run_one(doc, tracer, True, args.seconds)

@@ -167,6 +167,23 @@ def test_second_ctrl_c_while_finishing_aborts(ilab, tmp_path):
     assert not save.exists() and not list(tmp_path.glob("*.part*"))
 
 
+@pytest.mark.parametrize("mode", ["single", "agents"])
+def test_ctrl_c_while_judging_keeps_the_events(ilab, tmp_path, mode):
+    """The first Ctrl-C after the watch, while the packets are judged, is answered at once
+    with what was collected: the events, saved and marked incomplete, which `analyze`
+    then judges. The pause point is the coordinator's (or the single process's) judging."""
+    rc, out, err, save = _interrupted_run(ilab, tmp_path, ["-o", "json"], ["reconstructing@"], [signal.SIGINT], mode,
+                                          probes=["--no-probe", "--duration", "1"], pause_s="5")
+    lines = err.strip().splitlines()
+    assert rc == 130 and len(lines) == 1, err
+    assert lines[0].startswith("podtrace: interrupted while judging the packets; the ") and \
+        f"saved to {save} (marked incomplete); podtrace analyze {save} judges them" in lines[0], lines[0]
+    meta = tracefile.read_meta(save)
+    assert meta["complete"] is False and meta["interrupted"] is True and "flow_verdict" not in meta
+    doc = json.loads(cli("analyze", str(save), "-o", "json", prefix=ilab["prefix"]).stdout)
+    assert doc["incomplete"] == "interrupted while judging the packets"
+
+
 def _broken(lab, scenario):
     res = cli("lab", "break", scenario, prefix=lab["prefix"])
     assert res.returncode == 0, res.stderr

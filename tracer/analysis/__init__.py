@@ -62,10 +62,10 @@ def analyse(events: pd.DataFrame, meta: dict, mode: str = "auto") -> Trace:
     if mode == "flow" and not is_flow:
         raise tracefile.TraceFileError(meta.get("path", "trace"), "is not a `flow --save` trace",
                                        "use mode='capture'")
-    if mode in ("flow", "auto") and is_flow and meta.get("aggregate") is not None:
-        # a busy watch: counted whole columns at a time, as the live run did
-        from tracer.analysis import busy
+    from tracer.analysis import busy
 
+    if mode in ("flow", "auto") and is_flow and busy.is_busy(events, meta):
+        # a busy watch: counted whole columns at a time, as the live run did
         packets, hops = busy.tables(events, meta)
         used = "flow"
     elif mode == "flow" or (mode == "auto" and is_flow):

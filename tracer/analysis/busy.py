@@ -29,6 +29,7 @@ from tracer.reconstruct.model import FlowVerdict
 AGGREGATE_ABOVE = 1000     # packets: above this, a watch is answered by the aggregate
 FULL_FAILING = 20          # failing packets judged in full (the rest are counted)
 PATHS = 12                 # distinct paths listed (failing ones first, then the most taken)
+AGGREGATE_EVENTS = 20_000  # a saved watch without an aggregate is read by the fast path above this
 FAILING = ("dropped", "lost", "left")
 STATUSES = ("delivered", "dropped", "lost", "left", "partial")
 _PATH_COLS = ["node", "pod", "dev", "point"]
@@ -202,6 +203,14 @@ def summary(doc: dict, counters: dict) -> dict:
             "failed": doc["packets"] - doc["delivered"] - doc["partial"], "answered": 0,
             "median_one_way_ns": ow.get("p50"), "median_rtt_ns": None,
             "events_lost": int(counters.get("lost", 0))}
+
+
+def is_busy(events: pd.DataFrame, meta: dict) -> bool:
+    """Whether a saved flow is read by the fast path: a busy watch (its `aggregate`), or a
+    watch interrupted before it was judged with more events than a quiet one has."""
+    if meta.get("aggregate") is not None:
+        return True
+    return meta.get("probing") is False and len(events) > AGGREGATE_EVENTS
 
 
 def tables(events: pd.DataFrame, meta: dict) -> tuple[pd.DataFrame, pd.DataFrame]:

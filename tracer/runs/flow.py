@@ -15,8 +15,9 @@ from tracer.reconstruct.packets import assign_packets, build_packets
 from tracer.node.prober import ProbeResult, send
 from tracer.config import FlowConfig
 from tracer.node import facts
-from tracer.runs.outcome import (FlowResult, Traced, agent_evidence, finish, flow_input, keep_sampled, local_evidence,
-                                 pod_hits, service_evidence, source_query, traced_view, watch_packets)
+from tracer.runs.outcome import (FlowResult, Traced, agent_evidence, finish, flow_input, judging_interrupted,
+                                 keep_sampled, local_evidence, pod_hits, service_evidence, source_query, traced_view,
+                                 watch_packets)
 from tracer.reconstruct import source
 from tracer.runs.plan import Plan, agent_plans, flow_pods, node_refs, prepare, tc_devices
 from tracer.kernel.session import TerminateAsInterrupt
@@ -38,7 +39,17 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
             traced = _trace_agents(plan, say, transport=KubeExecTransport(plan.conn))
         else:
             traced = _trace_single(plan, say)
-        return finish(plan, traced)
+        if traced.judging_stopped:
+            raise judging_interrupted(plan, traced)
+        say("judging the packets")
+        try:
+            return finish(plan, traced)
+        except KeyboardInterrupt:
+            # the first Ctrl-C after tracing ended: keep the events (a second one, or one
+            # while saving, aborts at once)
+            if traced.interrupted is not None or traced.saving:
+                raise
+            raise judging_interrupted(plan, traced) from None
 
 
 def probe_counter(count: int, outcomes: list) -> str:
@@ -182,23 +193,31 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
                              "not named and its last events may be missing; update the agent image")
         view = traced_view(plan, [r.plan.node for r in co.runs],
                            {r.plan.node: beyond.agent_failed(r.failure) for r in co.runs if r.failure})
-        fi = flow_input(plan, sent, locations, clock, view)
         aggregate = None
-        if probing:
-            packets = build_packets(df, fi)
-        else:
-            packets, aggregate = watch_packets(plan, df.drop(columns=["pkt"]), fi, locations, window, view)
-        queries = diagnose.facts_needed(packets, service_evidence(plan))
-        sq = source_query(plan)
-        if sq and prober is not None and source.needed(packets, sent, sq["pod"]):
-            # the source pod's own view, answered by the agent that probed from it
-            queries.setdefault(prober.plan.node, []).append(sq)
-        say("reading the nodes' counters and facts")
-        for r in co.runs:
-            if not r.failure:
-                r.facts = None
-                co.run(r.plan.node, {"cmd": "facts", "queries": queries.get(r.plan.node, [])})
-        co.wait_for(lambda: all(r.facts is not None or r.failure for r in co.runs), 20)
+        packets = []
+        judging_stopped = False
+        try:
+            testhooks.pause("reconstructing")
+            fi = flow_input(plan, sent, locations, clock, view)
+            if probing:
+                packets = build_packets(df, fi)
+            else:
+                packets, aggregate = watch_packets(plan, df.drop(columns=["pkt"]), fi, locations, window, view)
+            queries = diagnose.facts_needed(packets, service_evidence(plan))
+            sq = source_query(plan)
+            if sq and prober is not None and source.needed(packets, sent, sq["pod"]):
+                # the source pod's own view, answered by the agent that probed from it
+                queries.setdefault(prober.plan.node, []).append(sq)
+            say("reading the nodes' counters and facts")
+            for r in co.runs:
+                if not r.failure:
+                    r.facts = None
+                    co.run(r.plan.node, {"cmd": "facts", "queries": queries.get(r.plan.node, [])})
+            co.wait_for(lambda: all(r.facts is not None or r.failure for r in co.runs), 20)
+        except KeyboardInterrupt:
+            if stopped is not None:    # the second Ctrl-C: abort at once
+                raise
+            judging_stopped = True
         say("stopping the agents")
     t_done = time.monotonic()
     for r in co.runs:
@@ -222,7 +241,7 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
         return agent_evidence(plan, facts)
     return Traced(df.drop(columns=["pkt"]), sent, counters, locations, hooks, degraded, timings, t_tracing,
                   t_done, evidence, notes, problems, clock, packets=packets, window=window, view=view,
-                  interrupted=stopped, aggregate=aggregate, sample=sample)
+                  interrupted=stopped, aggregate=aggregate, sample=sample, judging_stopped=judging_stopped)
 
 
 def _placement_from_agents(plan: Plan, co: coordinator.Coordinator) -> None:

@@ -20,6 +20,7 @@ from tracer.node import facts
 from tracer.node import prober
 from tracer.node import sourcefacts
 from tracer.config import FlowConfig
+from tracer.errors import ExitStatus, PodtraceError
 from tracer.kernel import contract
 from tracer.runs.interrupt import Interrupted
 from tracer.runs.plan import Plan
@@ -95,6 +96,8 @@ class Traced:
     window: windows.Window | None = None  # when every observer was tracing; None: all along
     view: "beyond.View | None" = None     # the nodes traced, and why the others were not
     interrupted: Interrupted | None = None   # stopped by Ctrl-C/SIGTERM while tracing
+    saving: bool = False                  # finish() got to writing --save
+    judging_stopped: bool = False         # Ctrl-C while the agents' packets were judged
     aggregate: dict | None = None         # a busy watch's aggregate, when the tracing made it (agents)
     sample: int = 1                       # 1 in N packets kept at the end (the guard may raise it)
 
@@ -310,8 +313,29 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
                         aggregate=agg)
     result.clock = t.clock
     result.meta = {
+        **base_meta(plan, t, fi), "probes": [p.as_json() for p in probes],
+        "evidence": ev.as_json(),
+        "complete": t.interrupted is None, "interrupted": t.interrupted is not None,
+        # what the live run concluded, so `analyze` and the notebooks say the same
+        "flow_verdict": verdict.as_json(), "summary": summary,
+    }
+    if agg is not None:
+        result.meta["aggregate"] = agg
+    if t.interrupted:
+        result.meta["interruption"] = t.interrupted.as_json()
+    if cfg.save:
+        from tracer import tracefile
+        t.saving = True
+        tracefile.save(cfg.save, t.df, result.meta)
+    return result
+
+
+def base_meta(plan: Plan, t: Traced, fi: FlowInput) -> dict:
+    """What a saved flow records whatever its packets were judged to be."""
+    cfg = plan.cfg
+    out = {
         "version": SCHEMA_VERSION, "src": plan.src.as_json(), "dst": plan.dst.as_json(),
-        "proto": plan.proto, "port": plan.port, "probes": [p.as_json() for p in probes],
+        "proto": plan.proto, "port": plan.port, "probes": [p.as_json() for p in t.sent],
         "placement": {str(k): list(v) for k, v in plan.placement.netns.items()},
         "addresses": {k: list(v) for k, v in fi.addresses.items()},
         "drop_reasons": {str(k): v for k, v in plan.drop_reasons.items()},
@@ -322,22 +346,36 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
         "probing": cfg.probe, "counters": t.counters, "inventory": plan.inv.source,
         "hooks": t.hooks, "degraded": t.degraded, "clock": t.clock,
         "created_ns": time.time_ns(),
-        "evidence": ev.as_json(),
-        "complete": t.interrupted is None, "interrupted": t.interrupted is not None,
-        # what the live run concluded, so `analyze` and the notebooks say the same
-        "flow_verdict": verdict.as_json(), "summary": summary,
         "sample": max(cfg.sample, t.sample),
     }
-    if agg is not None:
-        result.meta["aggregate"] = agg
-    if t.interrupted:
-        result.meta["interruption"] = t.interrupted.as_json()
-    if window is not None:
-        result.meta["window"] = window.as_json()
     if t.view is not None:
-        result.meta["view"] = t.view.as_json()
-    if cfg.save:
-        from tracer import tracefile
-        tracefile.save(cfg.save, t.df, result.meta)
-    return result
+        out["view"] = t.view.as_json()
+    if not cfg.probe and t.window is not None:
+        out["window"] = t.window.as_json()
+    return out
+
+
+def judging_interrupted(plan: Plan, t: Traced) -> PodtraceError:
+    """Ctrl-C (or SIGTERM) while the packets were being judged, after tracing ended: every
+    node is already cleaned up, so what was collected is the events. With --save they are
+    written (marked incomplete: no verdicts) for `analyze` or a notebook; the error says so."""
+    from tracer import tracefile
+
+    cfg = plan.cfg
+    n = len(t.df)
+    if not cfg.save:
+        return Stopped(f"interrupted while judging the packets of {n} events; nothing was saved",
+                       "run it again with --save FILE to keep the events of an interrupted run")
+    meta = {**base_meta(plan, t, flow_input(plan, t.sent, t.locations, t.clock, t.view)),
+            "complete": False, "interrupted": True,
+            "interruption": {"after": "while judging the packets", "traced_s": round(t.t_done - t.t_tracing, 3)}}
+    tracefile.save(cfg.save, t.df, meta)
+    return Stopped(f"interrupted while judging the packets; the {n} events traced were saved to {cfg.save} "
+                   "(marked incomplete)", f"podtrace analyze {cfg.save} judges them")
+
+
+class Stopped(PodtraceError):
+    """The run was interrupted after tracing: what was kept is said in one line."""
+
+    exit_code = ExitStatus.INTERRUPTED
 
