@@ -68,3 +68,44 @@ def test_a_cache_file_that_does_not_fit_is_not_used(cache_dir, damage):
         pytest.fail(f"a damaged cache broke the load: {exc}")
     assert kind == "BPF"          # compiled again (and the cache rewritten)
     assert _load()[0] == "CachedBPF"
+
+
+LOADER = ("import sys; from tracer.kernel import program; from tests.integration.test_bpf_cache import HOOKS; "
+          "l = program.load(hooks=HOOKS); print(type(l.bpf).__name__); l.close()")
+
+
+def test_runs_starting_together_on_a_cold_cache_compile_once(cache_dir, monkeypatch):
+    """The lab's agents start at once on one machine: the first compiles (holding the lock),
+    the others wait for it and load what it cached. Here the test holds the lock until both
+    loaders wait for it (/proc/locks lists them as blocked), then lets them go."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import subprocess_env, wait_until
+
+    _load()
+    (path,) = cache_dir.glob("*.json")
+    path.unlink()                       # cold again; `path` is where the loaders will cache
+    env = subprocess_env(PODTRACE_STATE_DIR=os.environ["PODTRACE_STATE_DIR"],
+                         PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    with bpfcache.compiling(path):
+        procs = [subprocess.Popen([sys.executable, "-c", LOADER], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        try:
+            def waiting() -> int:
+                return sum(1 for line in Path("/proc/locks").read_text().splitlines() if "->" in line
+                           and any(f" {p.pid} " in line for p in procs))
+            assert wait_until(lambda: waiting() == 2, 60), "the loaders never waited for the compile lock"
+        except BaseException:
+            for p in procs:
+                p.kill()
+                p.communicate()
+            raise
+    kinds = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        kinds.append(out.strip())
+    assert sorted(kinds) == ["BPF", "CachedBPF"]

@@ -16,7 +16,9 @@ comes out different) falls back to compiling.
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
+import fcntl
 import hashlib
 import json
 import os
@@ -61,6 +63,26 @@ def _boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return "?"
+
+
+@contextlib.contextmanager
+def compiling(path: Path):
+    """Held while one process compiles the program cached at `path` (an flock, released
+    when the process ends however it ends); without a usable state directory, no lock."""
+    fd = None
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path.with_suffix(".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        if fd is not None:
+            os.close(fd)
+        fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def table_names(text: bytes) -> list[str]:

@@ -247,10 +247,16 @@ def _build(bcc, text: bytes, flags: list[str]):
 
     use_cache = not settings.debug_bpf()      # debugging the program: always through clang
     path = bpfcache.directory() / f"{bpfcache.key(bcc, text, flags)}.json"
-    if use_cache and (b := bpfcache.load(bcc, path)) is not None:
+    if not use_cache:
+        return bcc.BPF(text=text, cflags=flags)
+    if (b := bpfcache.load(bcc, path)) is not None:
         return b
-    b = bcc.BPF(text=text, cflags=flags)
-    if use_cache:
+    # Several runs starting at once on a cold cache (the lab's agents: one machine) compile
+    # once: the first holds the lock while it compiles and caches, the others then load.
+    with bpfcache.compiling(path):
+        if (b := bpfcache.load(bcc, path)) is not None:
+            return b
+        b = bcc.BPF(text=text, cflags=flags)
         try:
             bpfcache.save(bcc, b, text, path)
         except (OSError, ValueError, KeyError):
