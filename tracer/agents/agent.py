@@ -35,7 +35,7 @@ from tracer.runs.node import MAX_SAMPLE, NodeJob, NodeRunner
 
 FLUSH_S = 0.05
 REQUEST_VERSION = request.REQUEST_VERSION
-COMMANDS = ["probe", "stop-probes", "drain", "facts", "stop"]
+COMMANDS = ["probe", "stop-probes", "drain", "facts", "stop", "sample"]
 
 
 def _clock() -> dict:
@@ -170,6 +170,7 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, l
     last_flush = 0.0
     sent = 0
     window_counters: dict | None = None     # the counters when the trace window ended (`drain`)
+    report_sample = False                   # a `sample` command came: say when the guard raises it
     while time.monotonic() < deadline:
         if window_counters is not None:
             # the window is over: nothing traced from now on is read or sent (a busy flow
@@ -188,6 +189,8 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, l
                 said = runner.guard(now)
                 if said:
                     out.send("log", {"message": f"{node.name}: {said}"})
+                    if report_sample:
+                        out.send("sample", {"n": runner.session.config.sample})
             try:
                 cmd = cmds.get_nowait()
             except queue.Empty:
@@ -197,6 +200,14 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, l
             prober = threading.Thread(target=_probe, args=(req.probe, out, skew, no_more_probes,
                                                            bool(cmd.get("progress"))), daemon=True)
             prober.start()
+        elif what == "sample":
+            # another node's guard raised its sampling: keep the same packets (fewer events
+            # here too, and no packet kept on one node and gone on the next)
+            report_sample = True
+            n = cmd.get("n")
+            if isinstance(n, int) and not isinstance(n, bool) and runner.session.config.sample < n <= MAX_SAMPLE \
+                    and window_counters is None:
+                runner.session.set_guard(n, runner.session.config.budget)
         elif what == "stop-probes":
             no_more_probes.set()
         elif what == "drain":

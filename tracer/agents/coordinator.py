@@ -86,6 +86,8 @@ class AgentRun:
     ended: bool = False
     failure: str | None = None
     logs: list[str] = field(default_factory=list)
+    sample: int = 1                  # 1 in N packets its kernel keeps (raised by its guard, or by us)
+    sample_asked: bool = False       # it was sent a `sample` command (and so reports its raises)
 
     def send(self, obj: dict) -> None:
         if self.proc is None:
@@ -191,6 +193,10 @@ def _absorb(run: AgentRun, block: float = 0.0) -> None:
             run.failure = str(doc.get("message", "agent error"))
         elif fr.kind == "log":
             run.logs.append(str(doc.get("message", "")))
+        elif fr.kind == "sample":
+            n = doc.get("n")
+            if isinstance(n, int) and not isinstance(n, bool) and n > run.sample:
+                run.sample = n
         elif fr.kind == "end":
             run.ended = True
 
@@ -290,12 +296,26 @@ class Coordinator:
         while time.monotonic() < end:
             for r in self.runs:
                 _absorb(r, 0.01)
+            self.spread_sample()
+
+    def spread_sample(self) -> None:
+        """When one agent's guard raised its sampling, every agent keeps the same packets:
+        the others are told to raise theirs to it (the packets a node kept and the next one
+        dropped would only be thrown away at the merge)."""
+        n = max((r.sample for r in self.runs), default=1)
+        for r in self.runs:
+            if not (r.hello and "sample" in r.hello.commands) or r.failure or r.ended:
+                continue
+            if r.sample < n or not r.sample_asked:   # the first one also asks for its reports
+                r.send({"cmd": "sample", "n": n})
+                r.sample, r.sample_asked = n, True
 
     def wait_for(self, pred, timeout: float) -> bool:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             for r in self.runs:
                 _absorb(r, 0.01)
+            self.spread_sample()
             if pred():
                 return True
             if all(r.failure or r.ended for r in self.runs):

@@ -23,7 +23,8 @@ MAX_PAYLOAD = 64 << 20
 
 KINDS = {1: "hello", 2: "ready", 3: "events", 4: "counters", 5: "facts", 6: "probes",
          7: "clock", 8: "error", 9: "end", 10: "log", 11: "drained",
-         12: "probe"}   # one probe's outcome as it comes, only when the probe command asks for it
+         12: "probe",   # one probe's outcome as it comes, only when the probe command asks for it
+         13: "sample"}  # the guard raised the sampling, only once a `sample` command came
 KIND_IDS = {v: k for k, v in KINDS.items()}
 
 

@@ -31,6 +31,14 @@ TCP_SYN, TCP_RST, TCP_ACK = 0x02, 0x04, 0x10
 GAP_NS = 500_000_000     # the same content seen again after this pause is a new packet
 # the content a packet is recognised by (identity.content_groups; sport/dport: ICMP echo only)
 KEY_COLS = ["proto", "ip_id", "ip_len", "tcp_seq", "tcp_flags", "icmp_type", "sport_k", "dport_k", "flow_lbl"]
+# the columns a packet's rows are read with (build_packets, _classify, _encap, _ct)
+ROW_COLS = ("ts_ns", "hook", "netns", "ifname", "ifindex", "len", "proto", "saddr_str", "daddr_str", "sport",
+            "dport", "ttl", "tcp_flags", "icmp_type", "ip_id", "ip_len", "flags", "encap", "outer_saddr_str",
+            "outer_daddr_str", "vni", "ct_info", "ct_status", "ct_orig_src", "ct_orig_src_str", "ct_orig_dst_str",
+            "ct_orig_sport", "ct_orig_dport", "ct_reply_src_str", "ct_reply_dst_str", "ct_reply_sport",
+            "ct_reply_dport")
+# the columns of a packet's drop and free events (build_packets, arrival.first_drop)
+FREE_COLS = ("ts_ns", "hook", "netns", "ifname", "reason", "location", "proto", "icmp_type", "tcp_flags", "daddr_str")
 _GROUP_COLS = ("proto", "ip_id", "ip_len", "tcp_seq", "tcp_flags", "icmp_type", "sport", "dport", "saddr",
                "flow_lbl", "netns", "ifindex", "hook", "ttl", "agent")
 
@@ -232,23 +240,37 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[Packet]:
     rule = arrival.Rule.of(fi.drop_reasons, pods=[k for k, (_, p) in pl.netns.items() if p])
     fi = replace(fi, dnat=dnat.targets_in_events(df, fi))   # their answers are replies
     fi = replace(fi, snat=dnat.client_aliases(df, fi))
-    for pkt, g in df[df["pkt"] >= 0].groupby("pkt", sort=False):
-        if fi.contiguous_agents and "agent" in g:
-            first = g.groupby("agent")["ts_ns"].transform("min")
-            g = g.assign(_seg=first).sort_values(["_seg", "ts_ns"], kind="stable")
-        else:
-            g = g.sort_values("ts_ns", kind="stable")
-        hop_rows = g[~g["hook"].isin([HOOK_IDS["drop"], HOOK_IDS["consume"]])]
-        if hop_rows.empty:
+    # Every packet's events in time order (each agent's together, when clocks were only
+    # estimated), read into rows once: a busy watch judges thousands of packets, and pandas
+    # operations per packet cost milliseconds each.
+    work = df[df["pkt"] >= 0]
+    if fi.contiguous_agents and "agent" in work:
+        seg = work.groupby(["pkt", "agent"])["ts_ns"].transform("min")
+        work = work.assign(_seg=seg).sort_values(["pkt", "_seg", "ts_ns"], kind="stable")
+    else:
+        work = work.sort_values(["pkt", "ts_ns"], kind="stable")
+    cols = [c for c in ROW_COLS if c in work]
+    rows = list(work[cols].astype({c: object for c in cols if isinstance(work[c].dtype, pd.CategoricalDtype)})
+                .itertuples(index=False, name="Row"))
+    pk = work["pkt"].to_numpy()
+    is_free_all = np.isin(work["hook"].to_numpy(), [HOOK_IDS["drop"], HOOK_IDS["consume"]])
+    bounds = np.flatnonzero(np.r_[True, pk[1:] != pk[:-1], True]) if len(pk) else np.zeros(1, dtype=np.int64)
+    free_rows = work[[c for c in FREE_COLS if c in work]]
+    no_frees = free_rows.iloc[0:0]
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        free_at = is_free_all[a:b]
+        hop_rows = [r for r, f in zip(rows[a:b], free_at) if not f]
+        if not hop_rows:
             continue
-        first = next(hop_rows.itertuples())
+        frees = free_rows.iloc[a:b][free_at] if free_at.any() else no_frees
+        first = hop_rows[0]
         direction, seq = _classify(first, fi)
         if direction == "other":
             continue
         t0 = int(first.ts_ns)
         hops: list[Hop] = []
         prev_t = t0
-        for r in hop_rows.itertuples():
+        for r in hop_rows:
             point, via = HOOK_POINT.get(int(r.hook), (HOOKS.get(int(r.hook), "?"), "kprobe"))
             prev = hops[-1] if hops else None
             if (prev is not None and prev.netns == int(r.netns) and prev.dev == r.ifname
@@ -275,7 +297,6 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[Packet]:
         targets, want = dnat.retarget(fi, hops, direction, targets, want)
         reached = [h for h in hops if h.netns in targets and h.point == "rx"
                    and (not want or h.dst in want)]
-        frees = g[g["hook"].isin([HOOK_IDS["drop"], HOOK_IDS["consume"]])]
         consumed_at_target = frees[(frees["hook"] == HOOK_IDS["consume"]) & frees["netns"].isin(targets)
                                    & (frees["daddr_str"].isin(want) if want else True)]
         last = hops[-1]

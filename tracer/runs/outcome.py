@@ -251,6 +251,8 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
     cfg = plan.cfg
     testhooks.pause("reconstructing")
     fi = flow_input(plan, t.sent, t.locations, t.clock, t.view)
+    if t.sample > fi.sample:     # the guard raised it: a probe no node kept was not sampled
+        fi = replace(fi, sample=t.sample)
     agg = t.aggregate
     if t.packets is not None:
         packets = t.packets
