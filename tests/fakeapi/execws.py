@@ -100,6 +100,18 @@ class _ServerWebsocket:
 
 
 
+def _exec_status(rc: int | None, command: list[str], problem: str | None = None) -> dict:
+    if rc == 0 and problem is None:
+        return {"metadata": {}, "status": "Success"}
+    if problem is not None:
+        return {"metadata": {}, "status": "Failure", "reason": "InternalError", "message": problem,
+                "details": {"causes": [{"message": problem}]}}
+    return {"metadata": {}, "status": "Failure", "reason": "NonZeroExitCode",
+            "message": f"command terminated with non-zero exit code: error executing command {command}, "
+                       f"exit code {rc}",
+            "details": {"causes": [{"reason": "ExitCode", "message": str(rc)}]}}
+
+
 def _flag(qs: dict, name: str) -> bool:
     return (qs.get(name) or ["false"])[-1].lower() in ("1", "true")
 
@@ -164,6 +176,7 @@ def exec_session(handler, ns: str, name: str, qs: dict) -> None:
         ws.send(0x2, bytes([3]) + json.dumps(_exec_status(None, command, f'exec: "{(command or [""])[0]}": '
                                                                            "executable file not found in $PATH")).encode())
         ws.send(0x8, struct.pack("!H", 1000))
+        _await_close(ws, handler.connection)
         return
     err_to = subprocess.PIPE if want_err else (subprocess.STDOUT if tty and want_out else subprocess.DEVNULL)
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE if want_in else subprocess.DEVNULL,
@@ -222,6 +235,21 @@ def exec_session(handler, ns: str, name: str, qs: dict) -> None:
         fake._exec_procs.remove(proc)
     ws.send(0x2, bytes([3]) + json.dumps(_exec_status(rc, command)).encode())
     ws.send(0x8, struct.pack("!H", 1000))
-    ws.wait_closed(1.0)         # the client's close reply (or its hang-up), then the socket goes
+    # The client's close reply (or its hang-up) before the socket goes: closing a socket with
+    # unread data in it resets the connection, and a reset can lose what we sent last.
+    ws.wait_closed(5.0)
     with contextlib.suppress(OSError):
         handler.connection.shutdown(socket.SHUT_RDWR)
+
+
+def _await_close(ws: _ServerWebsocket, conn) -> None:
+    """Read (and drop) what the client still sends until its close frame, or a few seconds."""
+    with contextlib.suppress(OSError):
+        conn.settimeout(5)
+    try:
+        while True:
+            op, _ = ws.recv()
+            if op == 0x8:
+                return
+    except (EOFError, OSError, ValueError):
+        return

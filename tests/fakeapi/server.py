@@ -337,7 +337,11 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
     def handle_error(self, request, client_address) -> None:
-        """Quiet: a client refusing our certificate, or hanging up, is no server error."""
+        """Quiet for a client refusing our certificate or hanging up; loud for our own bugs."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], OSError):     # ssl.SSLError is an OSError
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
