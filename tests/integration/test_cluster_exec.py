@@ -1,5 +1,5 @@
 """`flow` in a cluster, end to end through the Kubernetes exec API: names resolve through
-the API (tests/fakeapi.py), the agents are found as DaemonSet pods on the nodes involved,
+the API (tests/fakeapi/), the agents are found as DaemonSet pods on the nodes involved,
 and each is run through a real websocket exec (v5/v4 channel protocol) — the fake server
 starts the real `podtrace agent` inside the lab node's network namespace only, as a
 hostNetwork + hostPID container would run on a node. The agent then finds its node's pods

@@ -1,4 +1,4 @@
-"""Live cluster metadata against a fake API server (tests/fakeapi.py): list, watch, 410,
+"""Live cluster metadata against a fake API server (tests/fakeapi/): list, watch, 410,
 errors, targeted fetches. No privileges, no network beyond 127.0.0.1."""
 
 from __future__ import annotations
