@@ -1,5 +1,5 @@
-"""The lab as a cluster behind the fake API server: the podtrace agent DaemonSet's pods, and
-what an exec into an agent pod or a lab pod runs."""
+"""The lab seen through the fake API server: its agent DaemonSet's pods, what an exec into an
+agent pod or a lab pod runs."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def agent_pods(prefix: str) -> list[dict]:
         out.append({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": AGENT_NAMESPACE, "labels": dict(AGENT_LABELS),
+                         "creationTimestamp": topo.created_at,
                          "uid": str(hashlib.md5(f"{prefix}/{name}".encode()).hexdigest()),
                          "annotations": {"podtrace.io/netns": n.netns},
                          "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet",

@@ -1,5 +1,5 @@
-"""The fake API server: an object store and an HTTPS server speaking the API's list, watch,
-discovery and error protocol (see the package docstring for what it serves)."""
+"""The fake API server: the objects it holds, served the way the API serves them (list, watch,
+discovery, errors; see the package docstring for what it serves)."""
 
 from __future__ import annotations
 
