@@ -11,8 +11,9 @@ Serves, on 127.0.0.1 and a random port, from threads (stdlib http.server), over 
 certificate of its own authority (`tls.py`; `tls_enabled=False` for plain HTTP):
 
 - discovery: /api, /apis, /api/v1, /apis/discovery.k8s.io[/v1], /version, /healthz;
-- pods, nodes, services, namespaces, events (always empty) and discovery.k8s.io/v1
-  endpointslices: list (cluster-wide and per namespace), get, and watch;
+- pods, nodes, services and discovery.k8s.io/v1 endpointslices: list (cluster-wide and per
+  namespace), get, and watch; namespaces, endpoints (from the EndpointSlices) and events
+  (always none) are derived: list and get, and a watch of them sends the current state only;
 - label selectors in every form (`k=v`, `k!=v`, `k in (a,b)`, `k notin (a,b)`, `k`, `!k`) and
   field selectors on the fields each kind supports (others: 400), `selectors.py`;
 - paging with `limit`/`continue` from one snapshot per list; a continue token whose snapshot

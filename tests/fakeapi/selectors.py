@@ -20,6 +20,11 @@ FIELDS = {
     "Service": {"metadata.name", "metadata.namespace", "spec.clusterIP", "spec.type"},
     "EndpointSlice": {"metadata.name", "metadata.namespace"},
     "Namespace": {"metadata.name", "status.phase"},
+    "Endpoints": {"metadata.name", "metadata.namespace"},
+    "Event": {"metadata.name", "metadata.namespace", "involvedObject.kind", "involvedObject.namespace",
+              "involvedObject.name", "involvedObject.uid", "involvedObject.apiVersion",
+              "involvedObject.resourceVersion", "involvedObject.fieldPath", "reason", "reportingComponent",
+              "source", "type"},
 }
 # A boolean field that is absent reads as "false" (spec.hostNetwork of most pods).
 FIELD_DEFAULTS = {"spec.hostNetwork": "false", "spec.unschedulable": "false"}

@@ -8,6 +8,7 @@ import binascii
 import contextlib
 import copy
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -54,6 +55,7 @@ RESOURCES = {r.name: r for r in (
     Resource("services", "Service", True, "v1", ("svc",)),
     Resource("namespaces", "Namespace", False, "v1", ("ns",), virtual=True),
     Resource("events", "Event", True, "v1", ("ev",), virtual=True),
+    Resource("endpoints", "Endpoints", True, "v1", ("ep",), virtual=True),
     Resource("endpointslices", "EndpointSlice", True, f"{DISCOVERY_GROUP}/v1"),
 )}
 KIND_RESOURCE = {r.kind: r for r in RESOURCES.values()}
@@ -62,6 +64,12 @@ CONTINUE_EXPIRED = ("The provided continue parameter is too old to display a con
                     "to retrieve the remainder of the results. Continuing with the provided token results in an "
                     "inconsistent list - objects that were created, modified, or deleted between the time the "
                     "first chunk was returned and now may show up in the list.")
+
+
+def _capacity() -> dict:
+    pages, page = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    return {"cpu": str(os.cpu_count() or 1), "memory": f"{pages * page // 1024}Ki", "pods": "110",
+            "ephemeral-storage": "10Gi"}
 
 
 class _BadRequest(Exception):
@@ -121,6 +129,7 @@ class FakeApi:
         self._cuts = 0                               # expire(gone="status") ends stale open watches
         self._bookmarks = 0
         self._closing = False
+        self._created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.exec_runner = None                      # (ns, pod, container, command) -> argv | (argv, env) | None
         self.exec_protocols = execws.EXEC_PROTOCOLS  # what this "server version" speaks, preferred first
         self.execs: list[dict] = []                  # one record per exec: pod, command, protocol, exit code
@@ -139,6 +148,10 @@ class FakeApi:
         from tracer.lab import topology as T
 
         doc = T.inventory(T.plan(T.LabConfig(prefix=prefix, state_dir=Path("/nonexistent"))))
+        for it in doc["items"]:
+            if it["kind"] == "Node":    # what a kubelet reports: this machine's size
+                it["status"].setdefault("capacity", _capacity())
+                it["status"].setdefault("allocatable", _capacity())
         return cls(doc["items"], **kw)
 
     # -- store
@@ -224,14 +237,45 @@ class FakeApi:
         names = {"default", "kube-system"} | {k[1] for k in objects if k[1]}
         return [(("Namespace", "", n), {"apiVersion": "v1", "kind": "Namespace",
                                         "metadata": {"name": n, "resourceVersion": str(self._rv),
-                                                     "uid": f"ns-{n}"},
+                                                     "uid": f"ns-{n}", "creationTimestamp": self._created},
                                         "spec": {"finalizers": ["kubernetes"]},
                                         "status": {"phase": "Active"}}) for n in sorted(names)]
+
+    @staticmethod
+    def _endpoints(objects: dict) -> list[tuple[tuple[str, str, str], dict]]:
+        """The core v1 Endpoints of each Service, from its EndpointSlices (as the mirroring
+        controller keeps them; `kubectl describe service` reads these)."""
+        out = []
+        for (kind, ns, name), svc in objects.items():
+            if kind != "Service":
+                continue
+            subsets = []
+            for (k, sns, _), sl in sorted(objects.items()):
+                labels = sl.get("metadata", {}).get("labels") or {}
+                if k != "EndpointSlice" or sns != ns or labels.get("kubernetes.io/service-name") != name:
+                    continue
+                addrs = [{"ip": a, "nodeName": ep.get("nodeName"), "targetRef": ep.get("targetRef")}
+                         for ep in sl.get("endpoints") or [] if (ep.get("conditions") or {}).get("ready", True)
+                         for a in ep.get("addresses") or []]
+                if addrs:
+                    subsets.append({"addresses": addrs, "ports": [
+                        {"name": p.get("name"), "port": p.get("port"), "protocol": p.get("protocol", "TCP")}
+                        for p in sl.get("ports") or []]})
+            md = svc["metadata"]
+            out.append((("Endpoints", ns, name), {
+                "apiVersion": "v1", "kind": "Endpoints",
+                "metadata": {"name": name, "namespace": ns, "labels": dict(md.get("labels") or {}),
+                             "resourceVersion": md.get("resourceVersion"),
+                             "creationTimestamp": md.get("creationTimestamp")},
+                "subsets": subsets}))
+        return out
 
     def _of_kind(self, objects: dict, kind: str, ns: str | None) -> list[tuple[tuple[str, str, str], dict]]:
         """(key, object) of one kind (and namespace), in list order."""
         if kind == "Namespace":
             found = self._namespaces(objects)
+        elif kind == "Endpoints":
+            found = self._endpoints(objects)
         elif kind == "Event":
             found = []
         else:

@@ -79,6 +79,16 @@ def test_discovery_names_every_resource(api):
     assert [(r["name"], r["kind"]) for r in disc["resources"]] == [("endpointslices", "EndpointSlice")]
 
 
+def test_derived_resources(api):
+    code, ep = _json(api, "/api/v1/namespaces/default/endpoints/web")
+    assert code == 200 and ep["subsets"][0]["addresses"][0]["ip"] == "10.244.2.3"
+    assert {p["port"] for p in ep["subsets"][0]["ports"]} == {8080}
+    code, ns = _json(api, "/api/v1/namespaces")
+    assert [n["metadata"]["name"] for n in ns["items"]] == ["default", "kube-system"]
+    assert _json(api, "/api/v1/namespaces/default")[1]["status"]["phase"] == "Active"
+    assert _json(api, "/api/v1/events?fieldSelector=involvedObject.name%3Dpod-1-1")[1]["items"] == []
+
+
 @pytest.mark.parametrize("method,path,code,reason", [
     ("GET", "/api/v1/secrets", 404, "NotFound"),
     ("GET", "/apis/apps/v1/deployments", 404, "NotFound"),

@@ -180,6 +180,9 @@ def test_exec(api, kubectl):
 def test_describe_and_errors_kubectl_understands(api, kubectl):
     out = kubectl("describe", "pod", "pod-1-1").stdout
     assert "Name:             pod-1-1" in out and "Node:             node-1/172.30.0.11" in out
+    assert "Endpoints:         10.244.2.3:8080" in kubectl("describe", "service", "web").stdout
+    node = kubectl("describe", "node", "node-1").stdout
+    assert "Non-terminated Pods:          (3 in total)" in node and "-9223372036854775808" not in node
     missing = kubectl("get", "pod", "nope", check=False)
     assert missing.returncode != 0 and 'Error from server (NotFound): pods "nope" not found' in missing.stderr
     can_i = kubectl("auth", "can-i", "list", "pods", check=False)
