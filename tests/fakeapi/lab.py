@@ -30,7 +30,12 @@ def agent_pods(prefix: str) -> list[dict]:
                                               "name": "podtrace-agent", "uid": "ds", "controller": True}]},
             "spec": {"nodeName": n.name, "hostNetwork": True, "hostPID": True,
                      "containers": [{"name": "agent", "image": "podtrace:dev"}]},
-            "status": {"phase": "Running", "podIP": n.ip, "hostIP": n.ip},
+            "status": {"phase": "Running", "podIP": n.ip, "podIPs": [{"ip": n.ip}], "hostIP": n.ip,
+                       "startTime": topo.created_at,
+                       "containerStatuses": [{"name": "agent", "ready": True, "started": True,
+                                              "restartCount": 0, "image": "podtrace:dev",
+                                              "imageID": "podtrace:dev",
+                                              "state": {"running": {"startedAt": topo.created_at}}}]},
         })
     return out
 

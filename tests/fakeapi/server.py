@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from tests.fakeapi import execws, selectors, tls
+from tests.fakeapi import execws, selectors, tables, tls
 
 
 @dataclass(frozen=True)
@@ -572,6 +572,8 @@ class _Handler(BaseHTTPRequestHandler):
         if obj is None:
             return self.status(404, "NotFound", f'{res.name} "{name}" not found',
                                details={"name": name, "kind": res.name})
+        if tables.wants_table(self.headers.get("Accept")):
+            return self._send_json(200, tables.table(res.kind, [obj], {"resourceVersion": str(fake._rv)}))
         return self._send_json(200, obj)
 
     def _list(self, res: Resource, ns, q, lsel, fsel) -> None:
@@ -609,6 +611,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if not lsel and not fsel:
                     meta["remainingItemCount"] = len(items) - limit
             page = copy.deepcopy([o for _, o in page])
+        if tables.wants_table(self.headers.get("Accept")):
+            return self._send_json(200, tables.table(res.kind, page, meta))
         for it in page:     # like the real server, list items carry no kind/apiVersion
             it.pop("kind", None)
             it.pop("apiVersion", None)
@@ -638,6 +642,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             raise _BadRequest(f"invalid timeoutSeconds: {q.get('timeoutSeconds')!r}") from None
         bookmarks_wanted = q.get("allowWatchBookmarks") in ("1", "true", "True")
+        as_table = tables.wants_table(self.headers.get("Accept"))
 
         def passes(obj):
             return (obj is not None and (not ns or obj["metadata"].get("namespace") == ns)
@@ -705,6 +710,8 @@ class _Handler(BaseHTTPRequestHandler):
                     if not out and not done and left_s > 0:
                         fake._cond.wait(min(left_s, 0.5))
                 for typ, obj in out:
+                    if as_table and typ in ("ADDED", "MODIFIED", "DELETED"):
+                        obj = tables.table(res.kind, [obj], {"resourceVersion": obj["metadata"]["resourceVersion"]})
                     self._event(typ, obj)
                 out = []
                 if done or deadline - time.monotonic() <= 0:

@@ -89,6 +89,18 @@ def test_derived_resources(api):
     assert _json(api, "/api/v1/events?fieldSelector=involvedObject.name%3Dpod-1-1")[1]["items"] == []
 
 
+def test_tables_only_when_asked(api):
+    table = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
+    doc = _json(api, "/api/v1/namespaces/default/pods?limit=1", headers={"Accept": table})[1]
+    assert doc["kind"] == "Table" and [c["name"] for c in doc["columnDefinitions"]][:3] == ["Name", "Ready", "Status"]
+    assert doc["rows"][0]["cells"][:3] == ["pod-1-1", "1/1", "Running"] and "continue" in doc["metadata"]
+    assert doc["rows"][0]["object"]["metadata"]["namespace"] == "default"
+    assert _json(api, "/api/v1/nodes/node-1", headers={"Accept": table})[1]["rows"][0]["cells"][:2] == ["node-1", "Ready"]
+    for accept in ("application/json", "application/json,application/json;as=Table;v=v1;g=meta.k8s.io",
+                   "application/json;as=Table;v=v1beta1;g=meta.k8s.io"):
+        assert _json(api, "/api/v1/pods", headers={"Accept": accept})[1]["kind"] == "PodList"
+
+
 @pytest.mark.parametrize("method,path,code,reason", [
     ("GET", "/api/v1/secrets", 404, "NotFound"),
     ("GET", "/apis/apps/v1/deployments", 404, "NotFound"),

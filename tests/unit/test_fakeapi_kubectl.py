@@ -127,44 +127,77 @@ def test_chunked_lists_come_from_one_snapshot(api, kubectl):
     assert all("limit=1" in r for r in api.requests if r.startswith("GET /api/v1/pods"))
 
 
-def test_watch_follows_a_relabel(api, kubectl):
-    """`get -w -l`: the pod relabelled away is DELETED, relabelled back ADDED."""
-    proc = subprocess.Popen([*kubectl.argv, "get", "pods", "-l", "app=pod-1-1", "-w", "--output-watch-events",
-                             "-o", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=kubectl.env)
-    events: queue.Queue = queue.Queue()
+class _Watch:
+    """`kubectl get … -w` in the background: its output, line by line, as it comes."""
 
-    def read() -> None:     # one JSON document per event (one line each, or indented)
+    def __init__(self, kubectl, *args: str):
+        self.proc = subprocess.Popen([*kubectl.argv, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=kubectl.env)
+        self.lines: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def line(self) -> str:
+        got = self.lines.get(timeout=TIMEOUT)
+        assert got is not None, self.proc.stderr.read()
+        return got
+
+    def json(self) -> dict:     # one JSON document per event (one line each, or indented)
         buf = ""
-        for line in proc.stdout:
-            buf += line
+        while True:
+            buf += self.line()
             try:
-                doc = json.loads(buf)
+                return json.loads(buf)
             except ValueError:
                 continue
-            events.put(doc)
-            buf = ""
-        events.put(None)
-    t = threading.Thread(target=read, daemon=True)
-    t.start()
 
-    def next_event() -> tuple[str, str, dict]:
-        ev = events.get(timeout=TIMEOUT)
-        assert ev is not None, proc.stderr.read()
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(TIMEOUT)
+        self.thread.join(TIMEOUT)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+
+def test_watch_follows_a_relabel(api, kubectl):
+    """`get -w -l`: the pod relabelled away is DELETED, relabelled back ADDED."""
+    w = _Watch(kubectl, "get", "pods", "-l", "app=pod-1-1", "-w", "--output-watch-events", "-o", "json")
+
+    def event() -> tuple[str, str, dict]:
+        ev = w.json()
         return ev["type"], ev["object"]["metadata"]["name"], ev["object"]["metadata"].get("labels") or {}
     try:
-        assert next_event()[:2] == ("ADDED", "pod-1-1")        # the list
+        assert event()[:2] == ("ADDED", "pod-1-1")        # the list
         api.relabel("Pod", "default", "pod-1-1", app="elsewhere")
-        typ, name, labels = next_event()
+        typ, name, labels = event()
         assert (typ, name, labels["app"]) == ("DELETED", "pod-1-1", "pod-1-1")   # as it was when it left
         api.relabel("Pod", "default", "pod-1-1", app="pod-1-1")
-        assert next_event()[:2] == ("ADDED", "pod-1-1")
+        assert event()[:2] == ("ADDED", "pod-1-1")
     finally:
-        proc.terminate()
-        proc.wait(TIMEOUT)
-        t.join(TIMEOUT)
-        proc.stdout.close()
-        proc.stderr.close()
+        w.close()
+
+
+def test_tables_as_kubectl_prints_them(api, kubectl):
+    """Without -o, kubectl asks the server for Tables, lists and watches alike."""
+    lines = kubectl("get", "pods", "-A", "-o", "wide").stdout.splitlines()
+    assert lines[0].split()[:6] == ["NAMESPACE", "NAME", "READY", "STATUS", "RESTARTS", "AGE"]
+    row = next(line.split() for line in lines if " pod-1-1 " in line)
+    assert row[:5] == ["default", "pod-1-1", "1/1", "Running", "0"] and row[6:8] == ["10.244.1.2", "node-1"]
+    svc = kubectl("get", "service", "web").stdout.splitlines()
+    assert svc[1].split()[:5] == ["web", "ClusterIP", "10.96.0.10", "<none>", "80/TCP,80/UDP"]
+    w = _Watch(kubectl, "get", "pods", "-l", "app=pod-1-1", "-w", "--output-watch-events")
+    try:
+        assert w.line().split()[:2] == ["EVENT", "NAME"]
+        assert w.line().split()[:4] == ["ADDED", "pod-1-1", "1/1", "Running"]
+        api.relabel("Pod", "default", "pod-1-1", app="elsewhere")
+        assert w.line().split()[:2] == ["DELETED", "pod-1-1"]
+    finally:
+        w.close()
 
 
 def test_exec(api, kubectl):
