@@ -25,7 +25,8 @@ certificate of its own authority (`tls.py`; `tls_enabled=False` for plain HTTP):
 - exec over a websocket (`execws.py`), honouring stdin/stdout/stderr/tty and `container`;
   what runs is up to `exec_runner(namespace, pod, container, command)`;
 - every error as a JSON `Status` (401 bad token, 403 `forbidden` kinds, 404, 405, 400, 410);
-- Tables (`tables.py`) to a client that asks for them, as `kubectl get` does without `-o`.
+- Tables (`tables.py`) to a client that asks for them, as `kubectl get` does without `-o`;
+- JSON merge patches of one object (`kubectl label`, `annotate`); nothing else writes.
 
 Run by hand, serving a lab's objects and its agent pods until interrupted:
 

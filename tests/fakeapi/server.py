@@ -66,6 +66,19 @@ CONTINUE_EXPIRED = ("The provided continue parameter is too old to display a con
                     "first chunk was returned and now may show up in the list.")
 
 
+def _merge(target: dict, patch: dict) -> None:
+    """Apply a JSON merge patch in place: null removes a key, objects merge, the rest replaces."""
+    for k, v in patch.items():
+        if k in ("kind", "apiVersion") or (k == "metadata" and not isinstance(v, dict)):
+            continue
+        if v is None:
+            target.pop(k, None)
+        elif isinstance(v, dict) and isinstance(target.get(k), dict):
+            _merge(target[k], v)
+        else:
+            target[k] = copy.deepcopy(v)
+
+
 def _capacity() -> dict:
     pages, page = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
     return {"cpu": str(os.cpu_count() or 1), "memory": f"{pages * page // 1024}Ki", "pods": "110",
@@ -470,8 +483,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _drain_body(self) -> None:
         n = int(self.headers.get("Content-Length") or 0)
-        if n:
-            self.rfile.read(n)
+        self.body = self.rfile.read(n) if n else b""
 
     def _dispatch(self, method: str) -> None:
         fake = self.fake
@@ -516,6 +528,8 @@ class _Handler(BaseHTTPRequestHandler):
         res = RESOURCES.get(rest[0]) if rest else None
         if res is None or res.group_version != group or len(rest) > 2 or (ns and not res.namespaced):
             return self._not_found(url.path)
+        if method == "PATCH" and len(rest) == 2 and not res.virtual and res.kind not in fake.forbidden:
+            return self._patch(res, ns, rest[1])
         if method != "GET":
             return self.status(405, "MethodNotAllowed", "the server does not allow this method on the "
                                                         "requested resource")
@@ -575,6 +589,34 @@ class _Handler(BaseHTTPRequestHandler):
         if tables.wants_table(self.headers.get("Accept")):
             return self._send_json(200, tables.table(res.kind, [obj], {"resourceVersion": str(fake._rv)}))
         return self._send_json(200, obj)
+
+    def _patch(self, res: Resource, ns: str | None, name: str) -> None:
+        """A JSON merge patch (RFC 7386) of one object, as `kubectl label` and `annotate` send:
+        the object changes like `modify()` changes it (MODIFIED, or DELETED/ADDED for
+        selector watches). Other patch types are refused (415)."""
+        fake = self.fake
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+        if ctype != "application/merge-patch+json":
+            return self.status(415, "UnsupportedMediaType", f"the body of the request was in an unknown format - "
+                                                            f"accepted media types include: "
+                                                            f"application/merge-patch+json (got {ctype!r})")
+        try:
+            patch = json.loads(self.body or b"null")
+            if not isinstance(patch, dict):
+                raise ValueError("a merge patch is a JSON object")
+        except ValueError as exc:
+            return self.status(400, "BadRequest", f"error decoding patch: {exc}")
+        md = patch.get("metadata") if isinstance(patch.get("metadata"), dict) else {}
+        for field, want in (("name", name), ("namespace", ns or None)):
+            if field in md and md[field] != want:
+                return self.status(400, "BadRequest", f"the {field} of the object ({md[field]}) does not match "
+                                                      f"the {field} on the URL ({want})")
+        with fake._cond:
+            if (res.kind, ns or "", name) not in fake._objects:
+                return self.status(404, "NotFound", f'{res.name} "{name}" not found',
+                                   details={"name": name, "kind": res.name})
+            obj = fake.modify(res.kind, ns or "", name, lambda o: _merge(o, patch))
+        self._send_json(200, obj)
 
     def _list(self, res: Resource, ns, q, lsel, fsel) -> None:
         """One page of a list. A list that needs more pages is served from one snapshot of

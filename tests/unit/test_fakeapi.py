@@ -121,6 +121,24 @@ def test_every_error_is_a_status(api, method, path, code, reason):
     assert doc["message"]
 
 
+def test_merge_patches(api):
+    rv = api.resource_version
+    merge = {"Content-Type": "application/merge-patch+json"}
+    body = json.dumps({"metadata": {"labels": {"app": None, "tier": "x"}, "annotations": {"a": "b"}}}).encode()
+    code, obj = _json(api, "/api/v1/namespaces/default/pods/pod-1-1", method="PATCH", headers=merge, body=body)
+    assert code == 200 and obj["metadata"]["labels"].get("tier") == "x" and "app" not in obj["metadata"]["labels"]
+    assert obj["metadata"]["annotations"]["a"] == "b" and int(obj["metadata"]["resourceVersion"]) == rv + 1
+    code, doc = _json(api, "/api/v1/namespaces/default/pods/pod-1-1", method="PATCH", body=b"{}",
+                      headers={"Content-Type": "application/strategic-merge-patch+json"})
+    assert (code, doc["reason"]) == (415, "UnsupportedMediaType")
+    code, doc = _json(api, "/api/v1/namespaces/default/pods/pod-1-1", method="PATCH", headers=merge,
+                      body=json.dumps({"metadata": {"name": "other"}}).encode())
+    assert (code, doc["reason"]) == (400, "BadRequest")
+    code, doc = _json(api, "/api/v1/namespaces/default/pods/nope", method="PATCH", headers=merge, body=b"{}")
+    assert (code, doc["reason"]) == (404, "NotFound")
+    assert api.resource_version == rv + 1
+
+
 def test_unknown_methods_and_bad_tokens_are_a_status_too(tmp_path):
     with FakeApi.from_lab(PREFIX, token="right") as api:
         code, doc = _json(api, "/api/v1/pods", headers={"Authorization": "Bearer wrong"})

@@ -194,10 +194,13 @@ def test_tables_as_kubectl_prints_them(api, kubectl):
     try:
         assert w.line().split()[:2] == ["EVENT", "NAME"]
         assert w.line().split()[:4] == ["ADDED", "pod-1-1", "1/1", "Running"]
-        api.relabel("Pod", "default", "pod-1-1", app="elsewhere")
+        kubectl("label", "pod", "pod-1-1", "app=elsewhere", "--overwrite")     # a merge patch
         assert w.line().split()[:2] == ["DELETED", "pod-1-1"]
+        kubectl("label", "pod", "pod-1-1", "app=pod-1-1", "--overwrite")
+        assert w.line().split()[:2] == ["ADDED", "pod-1-1"]
     finally:
         w.close()
+    assert api.get("Pod", "default", "pod-1-1")["metadata"]["labels"]["app"] == "pod-1-1"
 
 
 def test_exec(api, kubectl):
