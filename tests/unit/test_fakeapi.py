@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import select
 import signal
 import ssl
 import subprocess
@@ -328,7 +329,8 @@ def test_the_command_serves_a_lab_until_interrupted(tmp_path):
                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        line = proc.stdout.readline()      # the readiness line: the kubeconfig is written
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        line = proc.stdout.readline() if ready else ""     # the readiness line: the kubeconfig is written
         assert line.startswith(f"serving lab {PREFIX} at https://127.0.0.1:") and str(kc) in line, \
             line + proc.stderr.read()
         conn = kube.connect(str(kc))
