@@ -10,7 +10,8 @@
 Serves, on 127.0.0.1 and a random port, from threads (stdlib http.server), over TLS with a
 certificate of its own authority (`tls.py`; `tls_enabled=False` for plain HTTP):
 
-- discovery: /api, /apis, /api/v1, /apis/discovery.k8s.io[/v1], /version, /healthz;
+- discovery: /api, /apis, /api/v1, /apis/discovery.k8s.io[/v1],
+  /apis/authorization.k8s.io[/v1], /version, /healthz;
 - pods, nodes, services and discovery.k8s.io/v1 endpointslices: list (cluster-wide and per
   namespace), get, and watch; namespaces, endpoints (from the EndpointSlices) and events
   (always none) are derived: list and get, and a watch of them sends the current state only;
@@ -26,7 +27,8 @@ certificate of its own authority (`tls.py`; `tls_enabled=False` for plain HTTP):
   what runs is up to `exec_runner(namespace, pod, container, command)`;
 - every error as a JSON `Status` (401 bad token, 403 `forbidden` kinds, 404, 405, 400, 410);
 - Tables (`tables.py`) to a client that asks for them, as `kubectl get` does without `-o`;
-- JSON merge patches of one object (`kubectl label`, `annotate`); nothing else writes.
+- JSON merge patches of one object (`kubectl label`, `annotate`); nothing else writes;
+- SelfSubjectAccessReviews (`kubectl auth can-i`): what it serves is allowed, unless `forbidden`.
 
 Run by hand, serving a lab's objects and its agent pods until interrupted:
 

@@ -49,6 +49,7 @@ class Resource:
 
 
 DISCOVERY_GROUP = "discovery.k8s.io"
+AUTHORIZATION_GROUP = "authorization.k8s.io"
 RESOURCES = {r.name: r for r in (
     Resource("pods", "Pod", True, "v1", ("po",)),
     Resource("nodes", "Node", False, "v1", ("no",)),
@@ -511,6 +512,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return self.status(405, "MethodNotAllowed", "the server does not allow this method on the "
                                                             "requested resource")
             return self._send_json(200, discovery)
+        if parts == ["apis", AUTHORIZATION_GROUP, "v1", "selfsubjectaccessreviews"]:
+            if method != "POST":
+                return self.status(405, "MethodNotAllowed", "the server does not allow this method on the "
+                                                            "requested resource")
+            return self._access_review()
         if parts[:2] == ["api", "v1"]:
             group, rest = "v1", parts[2:]
         elif parts[:3] == ["apis", DISCOVERY_GROUP, "v1"]:
@@ -561,22 +567,49 @@ class _Handler(BaseHTTPRequestHandler):
         if parts == ["api"]:
             return {"kind": "APIVersions", "versions": ["v1"],
                     "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": host}]}
-        group = {"name": DISCOVERY_GROUP,
-                 "versions": [{"groupVersion": f"{DISCOVERY_GROUP}/v1", "version": "v1"}],
-                 "preferredVersion": {"groupVersion": f"{DISCOVERY_GROUP}/v1", "version": "v1"}}
+        groups = [{"name": g, "versions": [{"groupVersion": f"{g}/v1", "version": "v1"}],
+                   "preferredVersion": {"groupVersion": f"{g}/v1", "version": "v1"}}
+                  for g in (DISCOVERY_GROUP, AUTHORIZATION_GROUP)]
         if parts == ["apis"]:
-            return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [group]}
-        if parts == ["apis", DISCOVERY_GROUP]:
-            return {"kind": "APIGroup", "apiVersion": "v1", **group}
-        for path, gv in ((["api", "v1"], "v1"), (["apis", DISCOVERY_GROUP, "v1"], f"{DISCOVERY_GROUP}/v1")):
+            return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
+        for g in groups:
+            if parts == ["apis", g["name"]]:
+                return {"kind": "APIGroup", "apiVersion": "v1", **g}
+        for path, gv in ((["api", "v1"], "v1"), (["apis", DISCOVERY_GROUP, "v1"], f"{DISCOVERY_GROUP}/v1"),
+                         (["apis", AUTHORIZATION_GROUP, "v1"], f"{AUTHORIZATION_GROUP}/v1")):
             if parts == path:
                 resources = [r.discovery() for r in RESOURCES.values() if r.group_version == gv]
                 if gv == "v1":
                     resources.append({"name": "pods/exec", "singularName": "", "namespaced": True,
                                       "kind": "PodExecOptions", "verbs": ["create", "get"]})
+                if gv == f"{AUTHORIZATION_GROUP}/v1":
+                    resources.append({"name": "selfsubjectaccessreviews", "singularName": "selfsubjectaccessreview",
+                                      "namespaced": False, "kind": "SelfSubjectAccessReview", "verbs": ["create"]})
                 return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv,
                         "resources": resources}
         return None
+
+    def _access_review(self) -> None:
+        """`kubectl auth can-i`: allowed are the verbs the server serves (get, list, watch,
+        patch; create and get on pods/exec) on what `forbidden` does not name."""
+        try:
+            review = json.loads(self.body or b"null")
+            attrs = review["spec"]["resourceAttributes"]
+        except (ValueError, KeyError, TypeError):
+            return self.status(400, "BadRequest", "a SelfSubjectAccessReview with spec.resourceAttributes is needed")
+        resource, sub, verb = attrs.get("resource", ""), attrs.get("subresource", ""), attrs.get("verb", "")
+        res = RESOURCES.get(resource)
+        group_ok = res is not None and attrs.get("group", "") == res.group_version.rpartition("/")[0]
+        if sub:
+            allowed = (resource, sub) == ("pods", "exec") and group_ok and verb in ("create", "get") \
+                and "pods/exec" not in self.fake.forbidden
+        else:
+            allowed = group_ok and res.kind not in self.fake.forbidden and \
+                (verb in ("get", "list", "watch") or (verb == "patch" and not res.virtual))
+        self._send_json(201, {"kind": "SelfSubjectAccessReview", "apiVersion": f"{AUTHORIZATION_GROUP}/v1",
+                              "metadata": {}, "spec": review["spec"],
+                              "status": {"allowed": bool(allowed),
+                                         **({} if allowed else {"reason": "not served, or forbidden"})}})
 
     def _get_one(self, res: Resource, ns: str | None, name: str) -> None:
         fake = self.fake

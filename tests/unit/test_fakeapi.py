@@ -68,7 +68,8 @@ def _events(api: FakeApi, path: str) -> list[tuple[str, str, str]]:
 def test_discovery_names_every_resource(api):
     assert _json(api, "/api")[1]["versions"] == ["v1"]
     groups = _json(api, "/apis")[1]
-    assert groups["kind"] == "APIGroupList" and [g["name"] for g in groups["groups"]] == ["discovery.k8s.io"]
+    assert groups["kind"] == "APIGroupList" and \
+        [g["name"] for g in groups["groups"]] == ["discovery.k8s.io", "authorization.k8s.io"]
     core = _json(api, "/api/v1")[1]
     assert core["kind"] == "APIResourceList" and core["groupVersion"] == "v1"
     by_name = {r["name"]: r for r in core["resources"]}
@@ -107,7 +108,9 @@ def test_tables_only_when_asked(api):
     ("GET", "/apis/apps/v1/deployments", 404, "NotFound"),
     ("GET", "/api/v1/namespaces/default/pods/nope", 404, "NotFound"),
     ("GET", "/api/v1/namespaces/default/nodes", 404, "NotFound"),     # nodes are not namespaced
-    ("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", 404, "NotFound"),
+    ("POST", "/apis/apps/v1/namespaces/default/deployments", 404, "NotFound"),
+    ("GET", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", 405, "MethodNotAllowed"),
+    ("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", 400, "BadRequest"),
     ("DELETE", "/api/v1/namespaces/default/pods/pod-1-1", 405, "MethodNotAllowed"),
     ("PUT", "/api/v1/nodes/node-1", 405, "MethodNotAllowed"),
     ("GET", "/api/v1/pods?fieldSelector=spec.bogus%3Dx", 400, "BadRequest"),

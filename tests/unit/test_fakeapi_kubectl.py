@@ -221,7 +221,11 @@ def test_describe_and_errors_kubectl_understands(api, kubectl):
     assert "Non-terminated Pods:          (3 in total)" in node and "-9223372036854775808" not in node
     missing = kubectl("get", "pod", "nope", check=False)
     assert missing.returncode != 0 and 'Error from server (NotFound): pods "nope" not found' in missing.stderr
-    can_i = kubectl("auth", "can-i", "list", "pods", check=False)
-    assert can_i.returncode != 0 and "Error from server (NotFound)" in can_i.stderr   # a Status, not a page
+    assert kubectl("auth", "can-i", "create", "pods", "--subresource=exec", "-n", "podtrace").stdout == "yes\n"
+    api.forbidden.add("pods/exec")
+    no = kubectl("auth", "can-i", "create", "pods", "--subresource=exec", "-n", "podtrace", check=False)
+    assert (no.returncode, no.stdout.split()[0]) == (1, "no")
+    unknown = kubectl("get", "--raw", "/apis/apps/v1/deployments", check=False)
+    assert unknown.returncode != 0 and "Error from server (NotFound)" in unknown.stderr   # a Status, not a page
     delete = kubectl("delete", "pod", "pod-1-1", check=False)
     assert delete.returncode != 0 and "Error from server (MethodNotAllowed)" in delete.stderr
