@@ -417,9 +417,15 @@ class _Handler(BaseHTTPRequestHandler):
             fake._handlers.add(threading.current_thread())
             fake._conns.add(self.request)
         if isinstance(self.request, ssl.SSLSocket):
-            self.request.settimeout(10)
-            self.request.do_handshake()
-            self.request.settimeout(None)
+            try:
+                self.request.settimeout(10)
+                self.request.do_handshake()
+                self.request.settimeout(None)
+            except OSError:     # e.g. a client that does not trust our authority
+                with fake._cond:
+                    fake._handlers.discard(threading.current_thread())
+                    fake._conns.discard(self.request)
+                raise
         super().setup()
 
     def finish(self) -> None:
