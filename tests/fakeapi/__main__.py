@@ -10,11 +10,14 @@ import threading
 from pathlib import Path
 
 from tests.fakeapi import FakeApi, agent_pods, lab_pod_runner
+from tracer import settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.fakeapi", description=__doc__.splitlines()[0])
-    ap.add_argument("--lab", metavar="PREFIX", default="pt", help="the lab whose objects to serve (default pt)")
+    ap = argparse.ArgumentParser(prog="python -m tests.fakeapi", description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap.add_argument("--lab", metavar="PREFIX", default=settings.lab_prefix(),
+                    help=f"the lab whose objects to serve (default {settings.lab_prefix()}, "
+                         f"the one `podtrace lab up` builds)")
     ap.add_argument("--kubeconfig", metavar="FILE", required=True, help="where to write the kubeconfig")
     ap.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free one)")
     ap.add_argument("--token", default=None, help="the bearer token to require (default: any)")
