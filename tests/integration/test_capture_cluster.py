@@ -1,5 +1,5 @@
 """`capture` in a cluster: the selection is listed, then watched through the official client
-(against tests/fakeapi.py, which describes a lab of its own), and the kernel's address
+(against tests/fakeapi/, which describes a lab of its own), and the kernel's address
 filter follows the pods that appear and go while the capture runs. The capture runs on
 node-1 (inside its network namespace, as on a node), so it records that node and its pods
 only — not the other lab node, nor other labs on this kernel."""
@@ -91,7 +91,7 @@ def test_capture_follows_pods_that_come_and_go(tmp_path):
     scope = set(meta["scope"]["netns"])
     # node-1 and every pod namespace behind its veths (known to the API or not); not node-2's
     assert {node1_ino, pod12_ino} <= scope and pod21_ino not in scope, scope
-    assert meta["inventory"].startswith("cluster http://127.0.0.1"), meta["inventory"]
+    assert meta["inventory"].startswith("cluster https://127.0.0.1"), meta["inventory"]
 
 
 def test_cluster_streams_follow_the_selection():

@@ -1,5 +1,5 @@
 """`flow` in a cluster, end to end through the Kubernetes exec API: names resolve through
-the API (tests/fakeapi.py), the agents are found as DaemonSet pods on the nodes involved,
+the API (tests/fakeapi/), the agents are found as DaemonSet pods on the nodes involved,
 and each is run through a real websocket exec (v5/v4 channel protocol) — the fake server
 starts the real `podtrace agent` inside the lab node's network namespace only, as a
 hostNetwork + hostPID container would run on a node. The agent then finds its node's pods
@@ -234,3 +234,43 @@ def test_interrupted_coordinator_leaves_no_agent(cluster, tmp_path):
             proc.wait()
     _no_agent_left()
     assert not our_filters(tc_snapshot(cluster["lab"]))
+
+
+def test_the_server_run_by_hand_serves_exec_and_flow(cluster, tmp_path):
+    """`python -m tests.fakeapi --lab PREFIX` with the lab up: an exec into a lab pod runs in
+    that pod's network namespace, and `flow --kubeconfig` goes through its agent pods."""
+    import select
+    import signal
+
+    from kubernetes import client, config
+    from kubernetes.stream import stream
+
+    kc = tmp_path / "kubeconfig"
+    proc = subprocess.Popen([sys.executable, "-m", "tests.fakeapi", "--lab", PREFIX, "--kubeconfig", str(kc)],
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        line = proc.stdout.readline() if ready else ""
+        assert line.startswith(f"serving lab {PREFIX} at https://"), line + proc.stderr.read()
+        cfg = client.Configuration()
+        config.load_kube_config(config_file=str(kc), client_configuration=cfg)
+        core = client.CoreV1Api(client.ApiClient(cfg))
+        try:
+            out = stream(core.connect_get_namespaced_pod_exec, "pod-1-1", "default",
+                         command=["ip", "-4", "-o", "addr", "show", "dev", "eth0"],
+                         stdin=False, stdout=True, stderr=True, tty=False)
+        finally:
+            core.api_client.close()
+        assert " inet 10.244.1.2/" in out, out
+        res = run(["flow", "pod-1-1", "pod-2-1", "--kubeconfig", str(kc), "-o", "json"], cluster["env"])
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert json.loads(res.stdout)["verdict"]["status"] == "ok"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and out == "stopped\n", err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    _no_agent_left()

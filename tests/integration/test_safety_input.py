@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakeapi import FakeApi
+from tests.fakeapi import FakeApi, tls
 from tests.integration.test_safety_common import (
     SAFE_PREFIX, cli, nobody_python, one_line_error, safe_lab,  # noqa: F401  (fixture)
 )
@@ -186,6 +186,8 @@ def _cases(f: dict[str, str], kube: dict[str, str]) -> list[tuple]:
          r"127\.0\.0\.1|unreachable|connect", {}),
         ("flow-api-rejects-token", [F, *ok_ends, "--kubeconfig", kube["bad-token"]], 1, r"401", {}),
         ("flow-rbac-forbidden", [F, *ok_ends, "--kubeconfig", kube["forbidden"]], 1, r"403|[Ff]orbidden", {}),
+        ("flow-api-wrong-ca", [F, *ok_ends, "--kubeconfig", kube["wrong-ca"]], 1,
+         r"^podtrace: TLS with the Kubernetes API server https://127\.0\.0\.1:\d+ .*CERTIFICATE_VERIFY_FAILED", {}),
     ]
     # ---- capture: the same selections as flow's endpoints, and its own options
     w = ["-d", "1", "-w", f["capture-out"]]
@@ -225,7 +227,9 @@ def results(safe_lab, tmp_path_factory):
     try:
         kube = {"ok": str(ok_api.write_kubeconfig(d / "kc-ok")),
                 "bad-token": str(ok_api.write_kubeconfig(d / "kc-token", token="wrong")),
-                "forbidden": str(forbidden_api.write_kubeconfig(d / "kc-forbidden"))}
+                "forbidden": str(forbidden_api.write_kubeconfig(d / "kc-forbidden")),
+                "wrong-ca": str(ok_api.write_kubeconfig(d / "kc-wrong-ca", token="secret",
+                                                        ca_pem=tls.authority("another-ca").ca_pem))}
         (d / "kc-corrupt").write_text("apiVersion: v1\nclusters: [ {name: x, cluster: {server: \n")
         kube["corrupt"] = str(d / "kc-corrupt")
         unreachable = json.loads(Path(kube["ok"]).read_text())
@@ -247,7 +251,8 @@ def _case_ids():
     from collections import defaultdict
 
     f = defaultdict(str)
-    return [c[0] for c in _cases(f, {k: "" for k in ("ok", "bad-token", "forbidden", "corrupt", "unreachable")})]
+    return [c[0] for c in _cases(f, {k: "" for k in ("ok", "bad-token", "forbidden", "corrupt", "unreachable",
+                                                     "wrong-ca")})]
 
 
 @pytest.mark.parametrize("case", _case_ids())

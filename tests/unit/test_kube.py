@@ -1,4 +1,4 @@
-"""Live cluster metadata against a fake API server (tests/fakeapi.py): list, watch, 410,
+"""Live cluster metadata against a fake API server (tests/fakeapi/): list, watch, 410,
 errors, targeted fetches. No privileges, no network beyond 127.0.0.1."""
 
 from __future__ import annotations
@@ -124,28 +124,152 @@ def test_endpointslice_update_changes_backends(api, source):
     assert source.resolve("svc/default/web").addresses() == ["10.96.0.10", "10.244.2.3", "10.244.1.2"]
 
 
-def test_410_gone_relists(api, source):
+def test_410_as_an_error_event_relists(api, source):
     with api._cond:      # both at once: the watch never sees this DELETED, only 410
         api.delete("Pod", "default", "pod-2-1")
         api.expire()
-    assert source.wait_until(lambda inv: "default/pod-2-1" not in inv.pods, 5)
+    assert source.wait_until(lambda inv: "default/pod-2-1" not in inv.pods, 10)
     api.add(_new_pod(api, "pod-after", "10.244.1.50"))
-    assert source.wait_until(lambda inv: "default/pod-after" in inv.pods, 5)
+    assert source.wait_until(lambda inv: "default/pod-after" in inv.pods, 10)
     pods = next(s for s in source.stats()["streams"] if s["stream"] == "pods")
     assert pods["expired"] >= 1 and pods["lists"] >= 2 and pods["errors"] == 0
+    assert "watch-event" in api.gone and "watch-status" not in api.gone
 
 
-def test_410_on_watch_request_relists(api, conn):
-    """A watch whose resourceVersion is already compacted when it is opened."""
+def test_410_on_the_watch_request_relists(api, conn):
+    """The open watch ends and its next request, from a compacted resourceVersion, is
+    answered with HTTP 410 (not an event in a stream)."""
     src = watch.ClusterSource(conn, [kube.Stream("Pod")], watch_timeout=5, backoff=(0.05, 0.2))
     src.start()
     try:
-        api.expire()
-        api.add(_new_pod(api, "pod-x", "10.244.1.60"))
-        assert src.wait_until(lambda inv: "default/pod-x" in inv.pods, 5)
-        assert src.stats()["streams"][0]["expired"] >= 1
+        with api._cond:      # the watch never sees this DELETED
+            api.delete("Pod", "default", "pod-2-1")
+            api.expire(gone="status")
+        assert src.wait_until(lambda inv: "default/pod-2-1" not in inv.pods, 10)
+        st = src.stats()["streams"][0]
+        assert st["expired"] >= 1 and st["lists"] == 2 and st["errors"] == 0
+        assert "watch-status" in api.gone and "watch-event" not in api.gone
     finally:
         src.stop()
+
+
+def test_expire_spares_a_watch_that_is_up_to_date(api, conn):
+    src = watch.ClusterSource(conn, [kube.Stream("Pod")], watch_timeout=30, backoff=(0.05, 0.2))
+    src.start()
+    try:
+        api.add(_new_pod(api, "pod-seen", "10.244.1.61"))
+        assert src.wait_until(lambda inv: "default/pod-seen" in inv.pods, 10)   # the watch is at the newest RV
+        api.expire()
+        api.add(_new_pod(api, "pod-x", "10.244.1.60"))
+        assert src.wait_until(lambda inv: "default/pod-x" in inv.pods, 10)
+        st = src.stats()["streams"][0]
+        assert (st["expired"], st["lists"], api.gone) == (0, 1, [])
+    finally:
+        src.stop()
+
+
+def test_a_pod_leaving_and_entering_a_label_selector(api, conn):
+    """A Service's pods are watched by its selector: a pod relabelled away is DELETED for
+    that watch, relabelled back it is ADDED again."""
+    inv, streams = fetch.inventory_for(conn, ["svc/default/web"])
+    assert kube.Stream("Pod", "default", label_selector="app=pod-2-2") in streams
+    with watch.ClusterSource(conn, streams, inventory=inv, watch_timeout=30) as src:
+        api.relabel("Pod", "default", "pod-2-2", app="elsewhere")
+        assert src.wait_until(lambda i: "default/pod-2-2" not in i.pods, 10)
+        assert src.describe_ip("10.244.2.3") is None
+        api.relabel("Pod", "default", "pod-2-2", app="pod-2-2")
+        assert src.wait_until(lambda i: "default/pod-2-2" in i.pods, 10)
+        assert src.describe_ip("10.244.2.3")["key"] == "default/pod-2-2"
+
+
+def test_a_pod_leaving_one_selector_stays_while_another_stream_has_it(api, conn):
+    """The pod is traced by name and is a backend of the Service: leaving the Service's
+    selector does not remove it while its own stream still has it."""
+    inv, streams = fetch.inventory_for(conn, ["pod-2-2", "svc/default/web"])
+    with watch.ClusterSource(conn, streams, inventory=inv, watch_timeout=30) as src:
+        by_label = next(st for st in src.states if st.stream.label_selector == "app=pod-2-2")
+        by_name = next(st for st in src.states if st.stream.field_selector == "metadata.name=pod-2-2")
+        api.relabel("Pod", "default", "pod-2-2", app="elsewhere")
+        # the label stream's DELETED changes no inventory (nothing to wake on): poll its keys
+        assert wait_until(lambda: "default/pod-2-2" not in by_label.keys and by_name.events >= 1, 10)
+        assert "default/pod-2-2" in src.inventory.pods
+        api.delete("Pod", "default", "pod-2-2")
+        assert src.wait_until(lambda i: "default/pod-2-2" not in i.pods, 10)
+
+
+def _all_pods(api: FakeApi) -> set[str]:
+    return {f"{ns}/{name}" for (kind, ns, name) in api._objects if kind == "Pod"}
+
+
+def test_pages_come_from_one_snapshot(api, conn):
+    """A pod deleted between two pages is still in the list (its snapshot), and the watch
+    from the list's resourceVersion then deletes it: no other pod is skipped."""
+    everyone = _all_pods(api)
+    calls = []
+
+    def delete_once():
+        if not calls:
+            calls.append(1)
+            api.delete("Pod", "default", "pod-1-2")
+    api.on_continue = delete_once
+    src = watch.ClusterSource(conn, [kube.Stream("Pod")], page_size=1, watch_timeout=30)
+    src.start()
+    try:
+        assert set(src.inventory.pods) == everyone and calls
+        assert src.wait_until(lambda inv: set(inv.pods) == everyone - {"default/pod-1-2"}, 10)
+    finally:
+        src.stop()
+
+
+def test_an_expired_continue_token_starts_the_list_again(api, conn):
+    everyone = _all_pods(api)
+    calls = []
+
+    def expire_once():
+        if not calls:
+            calls.append(1)
+            api.expire()
+    api.on_continue = expire_once
+    src = watch.ClusterSource(conn, [kube.Stream("Pod")], page_size=1, watch_timeout=30)
+    src.start()
+    try:
+        assert api.gone == ["continue"]
+        assert set(src.inventory.pods) == everyone
+        assert src.stats()["streams"][0]["lists"] == 1
+    finally:
+        src.stop()
+
+
+def test_a_targeted_fetch_survives_an_expired_continue_token(api, conn):
+    calls = []
+
+    def expire_once():
+        if not calls:
+            calls.append(1)
+            api.expire()
+    api.on_continue = expire_once
+    got = [it["metadata"]["name"] for it in fetch._items(conn, kube.Stream("Pod"), "list pods", page=1)]
+    assert api.gone == ["continue"]
+    assert sorted(got) == sorted(n.split("/")[1] for n in _all_pods(api))
+
+
+def test_a_wrong_certificate_authority_is_one_line(api, tmp_path):
+    from tests.fakeapi import tls
+
+    cfg = api.write_kubeconfig(tmp_path / "kc", ca_pem=tls.authority("another-ca").ca_pem)
+    with pytest.raises(EnvironmentProblem) as e:
+        kube.connect(str(cfg))
+    line = e.value.line()
+    assert line.startswith(f"TLS with the Kubernetes API server {api.url} (kubeconfig ") and \
+        "CERTIFICATE_VERIFY_FAILED" in line, line
+    assert "\n" not in line and e.value.exit_code == 1
+
+
+def test_a_field_selector_the_server_refuses_is_one_line(conn):
+    src = watch.ClusterSource(conn, [kube.Stream("Pod", field_selector="spec.bogus=x")])
+    with pytest.raises(EnvironmentProblem) as e:
+        src.start()
+    assert "answered 400 to list pods [spec.bogus=x]: field label not supported: spec.bogus" in e.value.line()
 
 
 def test_bookmark_moves_the_resource_version(api, source):

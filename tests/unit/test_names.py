@@ -1,6 +1,6 @@
 """SRC/DST names read as kubectl reads them (svc/NAME, svc/NS/NAME, pod/NAME, node/NAME, -n),
 and unknown names answered with what to type instead, across kinds: on an inventory built in
-memory, and through the API server (tests/fakeapi.py), which go through the same resolver."""
+memory, and through the API server (tests/fakeapi/), which go through the same resolver."""
 
 from __future__ import annotations
 

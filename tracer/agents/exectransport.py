@@ -8,7 +8,7 @@ message, which is how stdin ends without hanging up (the agent stops at the end 
 On v4 servers stdin cannot end on its own: hanging up ends it (the kubelet closes the
 process's stdin when the stream goes away).
 
-Verified against tests/fakeapi.py, which speaks this protocol over a real websocket and runs
+Verified against tests/fakeapi/, which speaks this protocol over a real websocket and runs
 the real agent in a lab node's network namespace (tests/integration/test_cluster_exec.py);
 not yet against a real API server and kubelet.
 """

@@ -18,17 +18,32 @@ def _selector(labels: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
-def _items(conn: Connection, stream: Stream, what: str, page: int = 500) -> Iterator[dict]:
-    """Every object of a (paginated) list, with `kind` set (list items have none)."""
+def _items(conn: Connection, stream: Stream, what: str, page: int = 500, restarts: int = 3) -> Iterator[dict]:
+    """Every object of a (paginated) list, with `kind` set (list items have none). The pages
+    are one snapshot of the server's; when it has compacted that snapshot before the last
+    page (410 on a continue token), the list starts over, up to `restarts` times."""
+    from kubernetes.client.exceptions import ApiException
+
+    from tracer.cluster.api import _get_json, api_error
+
     fn = stream.lister(conn)
+    got: list[dict] = []
     cont = None
     while True:
-        doc = _call(conn, what, fn, limit=page, _continue=cont, **stream.selectors())
+        try:
+            doc = _get_json(conn, what, fn, limit=page, _continue=cont, **stream.selectors())
+        except ApiException as exc:
+            if exc.status == 410 and cont and restarts > 0:
+                restarts -= 1
+                got, cont = [], None
+                continue
+            raise api_error(exc, conn, what) from None
         for it in doc.get("items") or []:
             it.setdefault("kind", stream.kind)
-            yield it
+            got.append(it)
         cont = (doc.get("metadata") or {}).get("continue")
         if not cont:
+            yield from got
             return
 
 
