@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from pandas.api.types import union_categoricals
 
 from tracer.reconstruct.drops import ip_num as _ip_num
 
@@ -71,3 +72,18 @@ def _map_unique(a: np.ndarray, fn) -> pd.Categorical:
 
 def _nullable(v: np.ndarray, null: np.ndarray) -> pd.arrays.IntegerArray:
     return pd.arrays.IntegerArray(v.astype(np.int64), np.asarray(null, dtype=bool))
+
+
+def concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """pd.concat that keeps a column categorical when it is in every frame (categories joined)."""
+    frames = [f for f in frames if f is not None]
+    if not frames:
+        return pd.DataFrame()
+    if len(frames) == 1:
+        return frames[0].reset_index(drop=True)
+    out = pd.concat(frames, ignore_index=True)
+    for c in frames[0].columns:
+        if all(isinstance(f[c].dtype, pd.CategoricalDtype) for f in frames) and \
+                not isinstance(out[c].dtype, pd.CategoricalDtype):
+            out[c] = union_categoricals([f[c] for f in frames], ignore_order=True)
+    return out
