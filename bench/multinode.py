@@ -231,27 +231,31 @@ def write_nodes(directory: Path, n_events: int, nodes: int = 10, pods: int = 4, 
     return paths
 
 
-def _measure(directory: str) -> dict:
-    """Runs in a fresh process: analysis.load(directory), the time and the peak RSS."""
-    import resource
-
+def _measure(directory: str, partition_events: int | None) -> dict:
+    """Runs in a fresh process: analysis.load(directory), the time and the peak RSS (VmHWM:
+    getrusage's ru_maxrss would carry the writing parent's peak across fork and exec)."""
     from tracer import analysis
 
     t0 = time.perf_counter()
     c0 = time.process_time()
-    t = analysis.load(directory)
+    t = analysis.load(directory, partition_events=partition_events)
     fl = t.flows
     dr = t.drops
     s = t.summary()
     t1 = time.perf_counter()
     c1 = time.process_time()
     out = {"load_s": round(t1 - t0, 1), "load_cpu_s": round(c1 - c0, 1),
-           "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+           "peak_rss_mib": round(_hwm_kib() / 1024, 1),
            "events": s["events"], "packets": s["packets"], "flows": len(fl), "drop_rows": len(dr),
            **{k: s[k] for k in ("delivered", "dropped", "lost", "partial")},
            "partitions": getattr(t, "partitions", 1), "partition_events": getattr(t, "partition_events", None)}
     t.close() if hasattr(t, "close") else None
     return out
+
+
+def _hwm_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
 def main() -> None:
@@ -261,10 +265,12 @@ def main() -> None:
     ap.add_argument("--pods", type=int, default=4)
     ap.add_argument("--dir", default=None, help="where to write the node files (default: a temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the files")
+    ap.add_argument("--partition-events", type=int, default=None,
+                    help="events per partition (default: analysis.partitioned.PARTITION_EVENTS)")
     ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
-        print(json.dumps(_measure(args.measure)))
+        print(json.dumps(_measure(args.measure, args.partition_events)))
         return
     d = Path(args.dir or tempfile.mkdtemp(prefix="pt-multinode-"))
     d.mkdir(parents=True, exist_ok=True)
@@ -273,10 +279,12 @@ def main() -> None:
         paths = write_nodes(d, args.events, args.nodes, args.pods)
         write_s = time.perf_counter() - t0
         size = sum(p.stat().st_size for p in paths)
-        out = subprocess.run([sys.executable, __file__, "--measure", str(d)], check=True,
+        extra = ["--partition-events", str(args.partition_events)] if args.partition_events else []
+        out = subprocess.run([sys.executable, __file__, "--measure", str(d), *extra], check=True,
                              capture_output=True, text=True, env=dict(os.environ)).stdout
         doc = {"benchmark": "multi-node analysis.load(DIR)", "nodes": args.nodes, "files": len(paths),
-               "write_s": round(write_s, 1), "files_mib": round(size / 2**20, 1), **json.loads(out),
+               "events_written": args.events, "write_s": round(write_s, 1), "files_mib": round(size / 2**20, 1),
+               **json.loads(out),
                "cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2)}
         print(json.dumps(doc))
     finally:
