@@ -46,7 +46,7 @@ from tracer.analysis.vectorised import reconstruct_vectorised
 from tracer.kernel.record import HOOK_IDS
 from tracer.reconstruct import drops, identity
 
-PARTITION_EVENTS = 2_000_000     # events per partition: what one partition's rebuild holds in memory
+PARTITION_EVENTS = 1_000_000     # events per partition: about 1 GiB of memory for its rebuild
 _FREE = np.array([HOOK_IDS["drop"], HOOK_IDS["consume"]])
 _IPC = pa.ipc.IpcWriteOptions(compression="lz4", use_threads=False)
 
@@ -76,8 +76,8 @@ def load(files: list[Path], partition_events: int | None = None, spill_dir=None)
     spill = Path(tempfile.mkdtemp(prefix="podtrace-spill-", dir=spill_dir))
     try:
         pieces = _scatter(files, n_parts, spill / "events")
-        stats, firsts = _reconstruct(pieces, files, shifts, meta, n_parts, spill)
-        n_packets = _number(firsts, spill)
+        stats = _reconstruct(pieces, files, shifts, meta, n_parts, spill)
+        n_packets = _number(n_parts, spill)
         flows, drop_rows, flow_maps = _flows(stats["edges"], n_parts, spill, meta)
         shutil.rmtree(spill / "events", ignore_errors=True)
     except BaseException:
@@ -247,10 +247,10 @@ def _reconstruct(pieces, files, shifts, meta, n_parts, spill: Path):
     (spill / "hops").mkdir()
     stats = {"events": 0, "hops": 0, "t0": None, "t1": None, "stack_drops": 0, "followed_only_packets": 0,
              "edges": set()}
-    firsts = []
+    (spill / "first").mkdir()
     for k in range(n_parts):
         if not pieces[k]:
-            firsts.append((np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)))
+            _save_firsts(spill, k, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
             continue
         events = _events(pieces[k], files, shifts)
         shutil.rmtree(pieces[k][0].parent, ignore_errors=True)
@@ -270,10 +270,10 @@ def _reconstruct(pieces, files, shifts, meta, n_parts, spill: Path):
         moved = t1h != t2h
         stats["edges"].update(zip(t1h[moved].tolist(), t2h[moved].tolist()))
         packets["_t1"] = t1h.view(np.int64)
-        firsts.append((packets["first_ts_ns"].to_numpy().astype(np.int64), packets["hops"].to_numpy() == 0))
+        _save_firsts(spill, k, packets["first_ts_ns"].to_numpy().astype(np.int64), packets["hops"].to_numpy() == 0)
         _write(packets, spill / "packets" / f"p{k}.parquet")
         _write(hops, spill / "hops" / f"p{k}.parquet")
-    return stats, firsts
+    return stats
 
 
 def _write(df: pd.DataFrame, path: Path) -> None:
@@ -282,22 +282,41 @@ def _write(df: pd.DataFrame, path: Path) -> None:
 
 # -- 3. number ----------------------------------------------------------------------------------
 
-def _number(firsts: list[tuple[np.ndarray, np.ndarray]], spill: Path) -> int:
-    """Packet numbers across partitions: in the order of first events, packets with no hop
-    (a drop before any device) after all others; spill/ids/pK.npy maps each partition's."""
-    ts = np.concatenate([f for f, _ in firsts]) if firsts else np.zeros(0, dtype=np.int64)
-    orphan = np.concatenate([o for _, o in firsts]) if firsts else np.zeros(0, dtype=bool)
-    order = np.lexsort((ts, orphan))       # stable: ties in partition order
-    del ts
-    ids = np.empty(len(order), dtype=np.int64)
-    ids[order] = np.arange(len(order))
-    del order, orphan
+def _save_firsts(spill: Path, k: int, first_ts: np.ndarray, orphan: np.ndarray) -> None:
+    """Partition k's packets' first times, and each kind's (with hops, without) sorted."""
+    np.save(spill / "first" / f"p{k}.npy", first_ts)
+    np.save(spill / "first" / f"p{k}-orphan.npy", orphan)
+    for kind, m in (("hops", ~orphan), ("orphan", orphan)):
+        np.save(spill / "first" / f"p{k}-sorted-{kind}.npy", np.sort(first_ts[m], kind="stable"))
+
+
+def _number(n_parts: int, spill: Path) -> int:
+    """Packet numbers across partitions, as one reconstruction numbers them: in the order of
+    first events (ties: partition order), packets with no hop (a drop before any device)
+    after all others. Each partition's are counted against every other's sorted first
+    times, one partition at a time (memory: two partitions' packets); spill/ids/pK.npy maps
+    partition K's numbers to the trace's."""
     (spill / "ids").mkdir()
-    at = 0
-    for k, (f, _) in enumerate(firsts):
-        np.save(spill / "ids" / f"p{k}.npy", ids[at:at + len(f)])
-        at += len(f)
-    return len(ids)
+    first = spill / "first"
+    with_hops = sum(len(np.load(first / f"p{j}-sorted-hops.npy", mmap_mode="r")) for j in range(n_parts))
+    total = 0
+    for k in range(n_parts):
+        ts = np.load(first / f"p{k}.npy")
+        orphan = np.load(first / f"p{k}-orphan.npy")
+        ids = np.empty(len(ts), dtype=np.int64)
+        for kind, m, base in (("hops", ~orphan, 0), ("orphan", orphan, with_hops)):
+            mine = ts[m]
+            rank = np.empty(len(mine), dtype=np.int64)
+            rank[np.argsort(mine, kind="stable")] = np.arange(len(mine))
+            for j in range(n_parts):
+                if j != k and len(mine):
+                    other = np.load(first / f"p{j}-sorted-{kind}.npy")
+                    rank += np.searchsorted(other, mine, side="right" if j < k else "left")
+            ids[m] = base + rank
+        np.save(spill / "ids" / f"p{k}.npy", ids)
+        total += len(ts)
+    shutil.rmtree(first, ignore_errors=True)
+    return total
 
 
 # -- 4. flows -----------------------------------------------------------------------------------
