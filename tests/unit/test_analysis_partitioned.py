@@ -89,6 +89,21 @@ def test_tables_are_read_only_when_used_and_the_spill_is_removed(capture):
     assert not spill.exists()
 
 
+def test_analyze_reads_only_what_it_shows(capture):
+    d, _, one = capture
+    t = analysis.load(d / "nodes", partition_events=15_000)
+    try:
+        got, want = analysis.summary_doc(t), analysis.summary_doc(one)
+        assert "packets" not in t.__dict__ and "hops" not in t.__dict__
+        got.pop("file"), want.pop("file")
+        assert got == want
+        assert len(want["not_delivered"]) == 20
+        _same(one.packets[one.packets["status"] == "dropped"].reset_index(drop=True),
+              t.packets_where(status="dropped"), "dropped")
+    finally:
+        t.close()
+
+
 def test_small_directories_load_in_memory(capture):
     d, _, one = capture
     t = analysis.load(d / "nodes")          # below partitioned.PARTITION_EVENTS

@@ -105,33 +105,47 @@ class SpilledTrace(Trace):
         return public.publish("hops", hops, self.meta)
 
     def packets_where(self, **equal) -> pd.DataFrame:
-        """The packets whose columns equal the values given (e.g. packet=3, flow=0), read
-        from disk without the rest."""
+        """The packets whose columns equal the values given (e.g. packet=3, flow=0,
+        status="dropped"), read from disk without the rest."""
         if "packets" in self.__dict__:
             p = self.packets
             keep = np.ones(len(p), dtype=bool)
             for k, v in equal.items():
-                keep &= (p[k] == v).to_numpy()
+                keep &= (p[k].astype(object) == v).to_numpy()
             return p[keep]
-        frames = []
-        for b, path in self._bucket_files():
-            cond = None
+
+        def cond(b):
+            out = None
             for k, v in equal.items():
-                if k == "flow":
+                if k == "flow":       # the files hold each bucket's own flow numbers
                     local = np.flatnonzero(self.flow_maps[b] == v)
                     if not len(local):
-                        cond = False
-                        break
+                        return False
                     v = int(local[0])
                 e = ds.field(k) == v
-                cond = e if cond is None else cond & e
-            if cond is False:
+                out = e if out is None else out & e
+            return out
+        return self._read_packets(cond)
+
+    def undelivered(self) -> pd.DataFrame:
+        """The packets not delivered (dropped, lost, left, partial), read from disk without the rest."""
+        if "packets" in self.__dict__:
+            return self.packets[self.packets["status"].astype(str) != "delivered"]
+        return self._read_packets(lambda b: ds.field("status") != "delivered")
+
+    def _read_packets(self, cond) -> pd.DataFrame:
+        frames = []
+        for b, path in self._bucket_files():
+            c = cond(b)
+            if c is False:
                 continue
-            t = ds.dataset(path).to_table(filter=cond)
+            t = ds.dataset(path).to_table(filter=c)
             if t.num_rows:
                 frames.append(self._packets_of(b, _objects(t)))
         out = concat(frames)
-        return out.sort_values("packet", kind="stable").reset_index(drop=True) if len(out) else self.packets.iloc[:0]
+        if not len(out):
+            return read(self._bucket_files()[0][1]).iloc[:0] if self._bucket_files() else out
+        return out.sort_values("packet", kind="stable").reset_index(drop=True)
 
     def path(self, packet: int) -> pd.DataFrame:
         if "hops" in self.__dict__:
