@@ -100,6 +100,9 @@ def test_analyze_reads_only_what_it_shows(capture):
         assert len(want["not_delivered"]) == 20
         _same(one.packets[one.packets["status"] == "dropped"].reset_index(drop=True),
               t.packets_where(status="dropped"), "dropped")
+        _same(one.undelivered().reset_index(drop=True), t.undelivered(), "undelivered")
+        _same(one.packets_where(status="dropped").reset_index(drop=True), t.packets_where(status="dropped"),
+              "packets_where")
     finally:
         t.close()
 

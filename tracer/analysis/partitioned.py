@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 from tracer import tracefile
@@ -271,13 +272,14 @@ def _reconstruct(pieces, files, shifts, meta, n_parts, spill: Path):
         stats["edges"].update(zip(t1h[moved].tolist(), t2h[moved].tolist()))
         packets["_t1"] = t1h.view(np.int64)
         _save_firsts(spill, k, packets["first_ts_ns"].to_numpy().astype(np.int64), packets["hops"].to_numpy() == 0)
-        _write(packets, spill / "packets" / f"p{k}.parquet")
-        _write(hops, spill / "hops" / f"p{k}.parquet")
+        _write(packets, spill / "packets" / f"p{k}.arrow")
+        _write(hops, spill / "hops" / f"p{k}.arrow")
     return stats
 
 
 def _write(df: pd.DataFrame, path: Path) -> None:
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path, compression="lz4")
+    """A table to the spill: Arrow IPC (Feather), lz4; spilled.read reads it back."""
+    feather.write_feather(df.reset_index(drop=True), path, compression="lz4")
 
 
 # -- 3. number ----------------------------------------------------------------------------------
@@ -352,7 +354,7 @@ def _flows(edges: set, n_parts: int, spill: Path, meta: dict):
     bdir = spill / "buckets"
     bdir.mkdir()
     for k in range(n_parts):
-        src = spill / "packets" / f"p{k}.parquet"
+        src = spill / "packets" / f"p{k}.arrow"
         if not src.exists():
             continue
         packets = read(src)
@@ -362,12 +364,12 @@ def _flows(edges: set, n_parts: int, spill: Path, meta: dict):
         label = np.where(np.isnan(label), t1, label).astype(np.int64) if label.dtype.kind == "f" else label
         bucket = (_mix(label.view(np.uint64)) % np.uint64(n_parts)).astype(np.int64)
         for b in np.unique(bucket):
-            _write(packets[bucket == b], bdir / f"b{b}-p{k}.parquet")
+            _write(packets[bucket == b], bdir / f"b{b}-p{k}.arrow")
         src.unlink()
     (spill / "final").mkdir()
     flows, dropped, heads = [], [], []
     for b in range(n_parts):
-        parts = sorted(bdir.glob(f"b{b}-p*.parquet"))
+        parts = sorted(bdir.glob(f"b{b}-p*.arrow"))
         if not parts:
             continue
         packets = concat([read(p) for p in parts])
@@ -382,7 +384,7 @@ def _flows(edges: set, n_parts: int, spill: Path, meta: dict):
         fl["_bucket"] = b
         fl["_first_packet"] = _first_packet(packets, len(fl))
         flows.append(fl)
-        _write(packets, spill / "final" / f"b{b}.parquet")
+        _write(packets, spill / "final" / f"b{b}.arrow")
     if not flows:
         empty = flow_table(pd.DataFrame(), meta)
         return public.publish("flows", empty, meta), public.publish("drops", drop_table(empty), meta), {}

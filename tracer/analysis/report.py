@@ -14,9 +14,7 @@ def summary_doc(t: Trace, top: int = 20) -> dict:
     if len(fl):
         bad = fl["dropped"] + fl["lost"]
         fl = fl.assign(_bad=bad).sort_values(["_bad", "packets"], ascending=False).drop(columns="_bad")
-    # a partitioned trace reads only these packets from disk
-    undelivered = (t.undelivered() if hasattr(t, "undelivered")
-                   else t.packets[t.packets["status"].astype(str) != "delivered"])
+    undelivered = t.undelivered()      # a partitioned trace reads only these from disk
     cols = ["flow", "proto", "src", "sport", "dst", "dport", "src_pod", "dst_pod", "dst_pod_port", "service", "packets",
             "delivered", "dropped", "lost", "left", "partial", "p50_ns", "p99_ns", "tcp_flags"]
     return {

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
+import pyarrow.feather as feather
 
 from tracer.analysis import merge, public
 from tracer.analysis.frames import concat
@@ -26,7 +26,7 @@ from tracer.analysis.trace import STATUSES, Trace, _few
 
 def read(path: Path, **kw) -> pd.DataFrame:
     """A spilled table back as pandas, as the in-memory reconstruction hands it out."""
-    return _objects(pq.read_table(path, **kw))
+    return _objects(feather.read_table(path, **kw) if not kw else ds.dataset(path, format="ipc").to_table(**kw))
 
 
 class SpilledTrace(Trace):
@@ -53,7 +53,7 @@ class SpilledTrace(Trace):
     # -- the tables, read on first use ------------------------------------------------------
 
     def _bucket_files(self) -> list[tuple[int, Path]]:
-        return sorted((int(p.stem[1:]), p) for p in (self.spill / "final").glob("b*.parquet"))
+        return sorted((int(p.stem[1:]), p) for p in (self.spill / "final").glob("b*.arrow"))
 
     def _packets_of(self, b: int, df: pd.DataFrame) -> pd.DataFrame:
         if len(df):
@@ -83,13 +83,13 @@ class SpilledTrace(Trace):
         dcodes = np.full(self.stats["packets"], -1, dtype=np.int64)
         dcodes[p["packet"].to_numpy()] = direction.cat.codes.to_numpy()
         frames = []
-        for path in sorted((self.spill / "hops").glob("p*.parquet")):
+        for path in sorted((self.spill / "hops").glob("p*.arrow")):
             ids = np.load(self.spill / "ids" / f"{path.stem}.npy")
             if packet is not None:
                 local = np.flatnonzero(ids == packet)
                 if not len(local):
                     continue
-                h = read(path, filters=[("packet", "==", int(local[0]))])
+                h = read(path, filter=ds.field("packet") == int(local[0]))
             else:
                 h = read(path)
             h["packet"] = ids[h["packet"].to_numpy()]
@@ -108,11 +108,7 @@ class SpilledTrace(Trace):
         """The packets whose columns equal the values given (e.g. packet=3, flow=0,
         status="dropped"), read from disk without the rest."""
         if "packets" in self.__dict__:
-            p = self.packets
-            keep = np.ones(len(p), dtype=bool)
-            for k, v in equal.items():
-                keep &= (p[k].astype(object) == v).to_numpy()
-            return p[keep]
+            return super().packets_where(**equal)
 
         def cond(b):
             out = None
@@ -130,7 +126,7 @@ class SpilledTrace(Trace):
     def undelivered(self) -> pd.DataFrame:
         """The packets not delivered (dropped, lost, left, partial), read from disk without the rest."""
         if "packets" in self.__dict__:
-            return self.packets[self.packets["status"].astype(str) != "delivered"]
+            return super().undelivered()
         return self._read_packets(lambda b: ds.field("status") != "delivered")
 
     def _read_packets(self, cond) -> pd.DataFrame:
@@ -139,7 +135,7 @@ class SpilledTrace(Trace):
             c = cond(b)
             if c is False:
                 continue
-            t = ds.dataset(path).to_table(filter=c)
+            t = ds.dataset(path, format="ipc").to_table(filter=c)
             if t.num_rows:
                 frames.append(self._packets_of(b, _objects(t)))
         out = concat(frames)
