@@ -65,6 +65,7 @@ def test_partitioned_load_equals_one_file(capture, how):
         cross = (one.packets["first_node"].astype(str) != one.packets["last_node"].astype(str)).mean()
         assert cross > 0.9
         assert set(one.packets["status"].astype(str)) >= {"delivered", "dropped", "lost"}
+        assert one.flows["service"].notna().any()      # DNAT: tuples joined across partitions
         assert t.summary() == one.summary()
         for name in ("flows", "drops", "packets", "hops", "events"):
             _same(getattr(one, name), getattr(t, name), name)

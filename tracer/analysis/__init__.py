@@ -45,14 +45,14 @@ def load(path, mode: str = "auto", partition_events: int | None = None, spill_di
     "capture" (the vectorised reconstruction on any file). `path` may also be a directory,
     a glob or a list of files (one per node): they are read as one capture (merge). When
     they hold more than `partition_events` events (default partitioned.PARTITION_EVENTS),
-    or `partition_events` is given, they are rebuilt one partition at a time (partitioned),
-    spilling to a temporary directory under `spill_dir`; the tables are the same."""
+    they are rebuilt that many at a time (partitioned), spilling to a temporary directory
+    under `spill_dir`: the tables are the same, the memory a partition's."""
     if merge.is_many(path):
         files = merge.paths(path)
         if len(files) > 1:
-            if mode != "flow" and (partition_events is not None
-                                   or partitioned.total_events(files) > partitioned.PARTITION_EVENTS):
-                return partitioned.load(files, partition_events, spill_dir)
+            per = partition_events or partitioned.PARTITION_EVENTS
+            if mode != "flow" and partitioned.total_events(files) > per:
+                return partitioned.load(files, per, spill_dir)
             events, meta = merge.load_many(files)
             return analyse(events, meta, "capture" if mode == "auto" else mode)
         path = files[0]

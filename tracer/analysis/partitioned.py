@@ -360,14 +360,14 @@ def _flows(edges: set, n_parts: int, spill: Path, meta: dict):
         packets = read(src)
         packets["packet"] = np.load(spill / "ids" / f"p{k}.npy")
         t1 = packets.pop("_t1").to_numpy()
-        label = comp.reindex(t1).to_numpy()
-        label = np.where(np.isnan(label), t1, label).astype(np.int64) if label.dtype.kind == "f" else label
+        at = comp.index.get_indexer(t1)
+        label = np.where(at >= 0, comp.to_numpy()[np.maximum(at, 0)], t1) if len(comp) else t1
         bucket = (_mix(label.view(np.uint64)) % np.uint64(n_parts)).astype(np.int64)
         for b in np.unique(bucket):
             _write(packets[bucket == b], bdir / f"b{b}-p{k}.arrow")
         src.unlink()
     (spill / "final").mkdir()
-    flows, dropped, heads = [], [], []
+    flows, dropped = [], []
     for b in range(n_parts):
         parts = sorted(bdir.glob(f"b{b}-p*.arrow"))
         if not parts:
