@@ -9,7 +9,8 @@ file holds only its own hops, on its own monotonic clock (nodes booted hours apa
 files' `clock.realtime_offset_ns` say by how much), written by the project's trace file
 writer (`tracefile.Writer`).
 
-    .venv/bin/python bench/multinode.py [--events 10000000] [--nodes 10] [--dir DIR] [--keep]
+    .venv/bin/python bench/multinode.py [--events 10000000] [--nodes 10] [--partition-events N]
+                                        [--dir DIR] [--keep] [--quick]
 
 Writes the files (not timed), then in a fresh process times `analysis.load(DIR)` and reads
 its peak RSS (the process's high-water mark): one JSON object. `write_nodes()` is also what
@@ -267,8 +268,11 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the files")
     ap.add_argument("--partition-events", type=int, default=None,
                     help="events per partition (default: analysis.partitioned.PARTITION_EVENTS)")
+    ap.add_argument("--quick", action="store_true", help="200,000 events on 4 nodes, 50,000 per partition")
     ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.quick:
+        args.events, args.nodes, args.partition_events = 200_000, 4, 50_000
     if args.measure:
         print(json.dumps(_measure(args.measure, args.partition_events)))
         return
