@@ -21,7 +21,7 @@ import pyarrow.feather as feather
 
 from tracer.analysis import merge, public
 from tracer.analysis.frames import concat
-from tracer.analysis.trace import STATUSES, Trace, _few
+from tracer.analysis.trace import STATUSES, Trace, _empty_hops, _few
 
 
 def read(path: Path, **kw) -> pd.DataFrame:
@@ -96,7 +96,7 @@ class SpilledTrace(Trace):
             frames.append(h)
         hops = concat(frames)
         if not len(hops):
-            return public.publish("hops", hops, self.meta) if len(hops.columns) else hops
+            return public.publish("hops", _empty_hops(), self.meta)
         hops = hops.sort_values(["packet", "hop"], kind="stable").reset_index(drop=True)
         at = hops["packet"].to_numpy()
         hops["flow"] = flow[at]
