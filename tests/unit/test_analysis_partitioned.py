@@ -108,6 +108,27 @@ def test_analyze_reads_only_what_it_shows(capture):
         t.close()
 
 
+def test_analyze_command_on_a_large_directory(capture, monkeypatch):
+    """`podtrace analyze DIR` above the partition size: the same report as the one file."""
+    import json
+
+    from click.testing import CliRunner
+
+    from tracer.cli.main import main
+
+    d, _, _ = capture
+    monkeypatch.setattr(partitioned, "PARTITION_EVENTS", 12_000)
+    docs = []
+    for spec in (d / "all-nodes.parquet", d / "nodes"):
+        res = CliRunner().invoke(main, ["analyze", str(spec), "-o", "json"])
+        assert res.exit_code == 0, res.output
+        docs.append(json.loads(res.output))
+    for doc in docs:
+        doc.pop("file")
+    assert docs[0] == docs[1]
+    assert docs[0]["drops"] and docs[0]["not_delivered"]
+
+
 def test_small_directories_load_in_memory(capture):
     d, _, one = capture
     t = analysis.load(d / "nodes")          # below partitioned.PARTITION_EVENTS
