@@ -8,9 +8,10 @@ first file's, duplicates across files dropped) but never all at once:
    partitions (Arrow IPC files in a spill directory) by a hash of its packet's content —
    the fields `identity.content_groups` groups by, so every hop of one packet, on every
    node, lands in one partition. A drop or free event goes where the last hop of its buffer
-   (skb) in the same file went: the reconstruction joins it to that hop.
+   (skb) in the same file went: the reconstruction joins it to that hop (a buffer is one
+   kernel's; with no hop of it in the file, the free goes by its own content).
 2. reconstruct: each partition is read, decoded and rebuilt by the vectorised engine on its
-   own; its packets and hops go to Parquet in the spill directory.
+   own; its packets and hops go to the spill directory (Arrow IPC).
 3. number: packets are numbered across partitions in the order of their first event, as one
    reconstruction numbers them.
 4. flows: packets are regrouped by flow (the 5-tuples NAT joins, found across all
@@ -19,8 +20,8 @@ first file's, duplicates across files dropped) but never all at once:
 
 The flow and drop tables are kept in memory (one row per flow, per drop place); packets,
 hops and events stay on disk until first read (`spilled.SpilledTrace`). Memory: one
-partition's events (`partition_events`) or one bucket's packets, whichever is larger, plus
-about 30 bytes per packet for the numbering. The tables equal a single file's of the same
+partition's events (`partition_events`) or one bucket's packets (at least the largest
+flow's), whichever is larger, plus the flow table. The tables equal a single file's of the same
 events; rows whose ordering key ties exactly (two packets first seen in the same nanosecond)
 may be numbered in another order.
 """
@@ -155,6 +156,11 @@ class _SkbRoute:
         return out
 
 
+def _stored(names: set[str]) -> list[str]:
+    """The event columns tracefile.load reads, of those a file has."""
+    return [c for c in [*tracefile.REQUIRED_COLUMNS, *tracefile.OPTIONAL_COLUMNS] if c in names]
+
+
 def _batches(path: Path):
     """The event batches of one trace file, as stored (tracefile.load's columns)."""
     src = tracefile._open(tracefile._check_path(path))
@@ -162,14 +168,13 @@ def _batches(path: Path):
         meta = tracefile._meta_of(path, src.metadata.metadata)
         names = set(src.schema_arrow.names)
         tracefile._check_columns(path, names, meta)
-        cols = [c for c in tracefile.REQUIRED_COLUMNS if c in names] + [c for c in tracefile.OPTIONAL_COLUMNS if c in names]
+        cols = _stored(names)
         try:
             yield from src.iter_batches(batch_size=tracefile.ROW_GROUP_EVENTS, columns=cols, use_threads=False)
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise tracefile.TraceFileError(path, f"the events could not be read: the file is damaged ({exc})") from None
         return
-    names = src.names
-    cols = [c for c in tracefile.REQUIRED_COLUMNS if c in names] + [c for c in tracefile.OPTIONAL_COLUMNS if c in names]
+    cols = _stored(src.names)
     for b in src.batches():
         if b.num_rows:
             yield b.select(cols)
@@ -217,7 +222,8 @@ def _events(paths: list[Path], files: list[Path], shifts: list[int]) -> pd.DataF
         try:
             ev = tracefile.events_frame(table)
         except (pa.ArrowException, ValueError, IndexError, TypeError, OverflowError) as exc:
-            raise tracefile.TraceFileError(files[i], f"the events could not be decoded: the file is damaged ({exc})") from None
+            raise tracefile.TraceFileError(files[i], "the events could not be decoded: the file is damaged "
+                                                     f"({exc})") from None
         if shifts[i]:
             ev = ev.assign(ts_ns=(ev["ts_ns"].astype("int64") - shifts[i]))
         frames.append(ev)
