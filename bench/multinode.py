@@ -87,9 +87,12 @@ class Cluster:
 
 
 def blocks(cluster: Cluster, n_events: int, seed: int = 1, block_packets: int = 100_000,
-           drop_rate: float = 0.01, lost_rate: float = 0.005, packets_per_flow: int = 16):
+           drop_rate: float = 0.01, lost_rate: float = 0.005, packets_per_flow: int = 16,
+           bare_frees: float = 0.0):
     """Yields per block (in time order, blocks apart in time) the records of every node on
-    node 1's clock, as a list indexed by node. About n_events in all."""
+    node 1's clock, as a list indexed by node. About n_events in all. `bare_frees`: the
+    share of drops and frees whose headers the kernel could not read (only the buffer's
+    address ties them to their packet)."""
     rng = np.random.default_rng(seed)
     n_pods = len(cluster.pod_name)
     made = flow_base = 0
@@ -180,6 +183,11 @@ def blocks(cluster: Cluster, n_events: int, seed: int = 1, block_packets: int = 
             r["len"] = ip_len[at] + np.where(enc, 50, 0)
             r["ttl"] = 64 - (hop >= 5)
             r["flags"] = 2
+            if last and bare_frees:
+                bare = rng.random(len(r)) < bare_frees
+                for c in ("proto", "tcp_seq", "tcp_flags", "ip_id", "ip_len", "sport", "dport", "saddr", "daddr"):
+                    r[c][bare] = 0
+                r["flags"][bare] = record.FLAG_FOLLOWED
             parts.append(r)
             part_node.append(node)
         allr, node_of = np.concatenate(parts), np.concatenate(part_node)
