@@ -57,6 +57,15 @@ def test_reconstruct_quick():
     assert {"assign_plus_vectorised_s", "decode_plus_analyse_s"} <= set(doc["largest"])
 
 
+def test_multinode_quick():
+    doc = run_bench("multinode.py")
+    assert doc["benchmark"] == "multi-node analysis.load(DIR)"
+    assert doc["files"] == 4 and doc["partitions"] > 1
+    for key in ("events", "packets", "flows", "load_s", "peak_rss_mib", "write_s", "files_mib"):
+        assert key in doc
+    assert doc["delivered"] + doc["dropped"] + doc["lost"] == doc["packets"]
+
+
 def test_datapath_quick(bench_lab):
     doc = run_bench("datapath.py", prefix=bench_lab)
     assert doc["benchmark"] == "datapath"

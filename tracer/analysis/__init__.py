@@ -25,7 +25,7 @@ from __future__ import annotations
 import pandas as pd
 
 from tracer import tracefile
-from tracer.analysis import merge, public
+from tracer.analysis import merge, partitioned, public
 from tracer.analysis.flowfile import _flow_input, _flow_tables, reconstruct
 from tracer.analysis.plots import STATUS_COLOR, hop_label, human_ns, ms_formatter, path_width, plot_path
 from tracer.analysis.report import render_summary, summary_doc
@@ -38,15 +38,21 @@ __all__ = ["COLUMNS", "GAP_NS", "STATUSES", "STATUS_COLOR", "Trace", "analyse", 
            "render_summary", "summary_doc", "_flow_input"]
 
 
-def load(path, mode: str = "auto") -> Trace:
+def load(path, mode: str = "auto", partition_events: int | None = None, spill_dir=None) -> Trace:
     """Read a trace file and rebuild its packets, hops, flows and drops.
 
     mode: "auto" (flow files as `flow` judged them, captures vectorised), "flow" or
     "capture" (the vectorised reconstruction on any file). `path` may also be a directory,
-    a glob or a list of files (one per node): they are read as one capture (merge)."""
+    a glob or a list of files (one per node): they are read as one capture (merge). When
+    they hold more than `partition_events` events (default partitioned.PARTITION_EVENTS),
+    they are rebuilt that many at a time (partitioned), spilling to a temporary directory
+    under `spill_dir`: the tables are the same, the memory a partition's."""
     if merge.is_many(path):
         files = merge.paths(path)
         if len(files) > 1:
+            per = partition_events or partitioned.PARTITION_EVENTS
+            if mode != "flow" and partitioned.total_events(files) > per:
+                return partitioned.load(files, per, spill_dir)
             events, meta = merge.load_many(files)
             return analyse(events, meta, "capture" if mode == "auto" else mode)
         path = files[0]

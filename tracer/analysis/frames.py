@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from pandas.api.types import union_categoricals
 
 from tracer.reconstruct.drops import ip_num as _ip_num
 
@@ -71,3 +72,20 @@ def _map_unique(a: np.ndarray, fn) -> pd.Categorical:
 
 def _nullable(v: np.ndarray, null: np.ndarray) -> pd.arrays.IntegerArray:
     return pd.arrays.IntegerArray(v.astype(np.int64), np.asarray(null, dtype=bool))
+
+
+def concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """pd.concat that keeps a column categorical when it is in every frame (categories joined,
+    without the detour through strings pd.concat takes when they differ)."""
+    frames = [f for f in frames if f is not None]
+    if not frames:
+        return pd.DataFrame()
+    if len(frames) == 1:
+        return frames[0].reset_index(drop=True)
+    cols = list(frames[0].columns)
+    cats = [c for c in cols if all(c in f and isinstance(f[c].dtype, pd.CategoricalDtype) for f in frames)]
+    rest = [c for c in cols if c not in cats]
+    out = pd.concat([f[rest] if cats else f for f in frames], ignore_index=True)
+    for c in cats:
+        out[c] = union_categoricals([f[c] for f in frames], ignore_order=True)
+    return out[cols] if cats else out

@@ -15,10 +15,11 @@ from pathlib import Path
 import pandas as pd
 
 from tracer import tracefile
+from tracer.analysis.frames import concat
 from tracer.reconstruct import window as windows
 
 # columns that make one event unique: the same event in two files (overlapping scopes) is one
-_SAME_EVENT = ["ts_ns", "skb", "hook", "netns", "ifindex"]
+SAME_EVENT = ["ts_ns", "skb", "hook", "netns", "ifindex"]
 
 
 def paths(spec) -> list[Path]:
@@ -55,37 +56,46 @@ def load_many(files: list[Path]) -> tuple[pd.DataFrame, dict]:
     clock (files of other hosts moved by the difference of their realtime offsets), the
     placements, names and counters joined, and every file's observer in the window."""
     loaded = [tracefile.load(f) for f in files]
-    ref = loaded[0][1]
-    frames, spans = [], {}
-    for (ev, meta), f in zip(loaded, files):
-        shift = _shift(meta, ref)
+    frames = []
+    for (ev, _), shift in zip(loaded, shifts([m for _, m in loaded])):
         if shift:
             ev = ev.assign(ts_ns=(ev["ts_ns"].astype("int64") - shift))
         frames.append(ev)
+    events = concat(frames)
+    events = (events.drop_duplicates(subset=[c for c in SAME_EVENT if c in events.columns])
+              .sort_values("ts_ns", kind="stable").reset_index(drop=True))
+    return events, merged_meta([m for _, m in loaded], files)
+
+
+def shifts(metas: list[dict]) -> list[int]:
+    """How far each file's event clock is ahead of the first file's (subtract from its ts_ns)."""
+    return [_shift(m, metas[0]) for m in metas]
+
+
+def merged_meta(metas: list[dict], files: list[Path]) -> dict:
+    """The metadata of several files read as one capture: the first file's, with the
+    placements, names and counters joined, and every file's observer in the window."""
+    ref = metas[0]
+    spans = {}
+    for meta, shift in zip(metas, shifts(metas)):
         w = windows.from_meta(meta)
         for node, (s, e) in (w.spans.items() if w else ()):
             spans[node] = (None if s is None else s - shift, None if e is None else e - shift)
-    events = pd.concat(frames, ignore_index=True)
-    for c in events.columns:
-        if events[c].dtype == object and all(isinstance(fr[c].dtype, pd.CategoricalDtype) for fr in frames):
-            events[c] = events[c].astype("category")
-    events = (events.drop_duplicates(subset=[c for c in _SAME_EVENT if c in events.columns])
-              .sort_values("ts_ns", kind="stable").reset_index(drop=True))
     meta = dict(ref, kind="capture", path=", ".join(str(f) for f in files), files=[str(f) for f in files])
     for key in ("placement", "drop_reasons", "locations", "ct_info_names"):
-        meta[key] = {k: v for _, m in loaded for k, v in (m.get(key) or {}).items()}
+        meta[key] = {k: v for m in metas for k, v in (m.get(key) or {}).items()}
     counters: dict = {}
-    for _, m in loaded:
+    for m in metas:
         for k, v in (m.get("counters") or {}).items():
             if isinstance(v, (int, float)):
                 counters[k] = counters.get(k, 0) + v
     meta["counters"] = counters
-    meta["incomplete"] = any(m.get("incomplete") for _, m in loaded)
+    meta["incomplete"] = any(m.get("incomplete") for m in metas)
     if meta["incomplete"]:
         meta["incomplete_reason"] = "; ".join(f"{f}: {m.get('incomplete_reason')}"
-                                              for (_, m), f in zip(loaded, files) if m.get("incomplete"))
+                                              for m, f in zip(metas, files) if m.get("incomplete"))
     meta["window"] = windows.Window(spans).as_json() if spans else None
-    return events, meta
+    return meta
 
 
 def _shift(meta: dict, ref: dict) -> int:

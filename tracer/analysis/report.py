@@ -14,21 +14,21 @@ def summary_doc(t: Trace, top: int = 20) -> dict:
     if len(fl):
         bad = fl["dropped"] + fl["lost"]
         fl = fl.assign(_bad=bad).sort_values(["_bad", "packets"], ascending=False).drop(columns="_bad")
+    undelivered = t.undelivered()      # a partitioned trace reads only these from disk
     cols = ["flow", "proto", "src", "sport", "dst", "dport", "src_pod", "dst_pod", "dst_pod_port", "service", "packets",
             "delivered", "dropped", "lost", "left", "partial", "p50_ns", "p99_ns", "tcp_flags"]
     return {
         "file": t.meta.get("path"),
         "incomplete": t.meta.get("incomplete_reason") if t.meta.get("incomplete") else flowverdict.interruption(t.meta),
-        "flow": flowverdict.flow_doc(t.meta, t.packets),
+        "flow": flowverdict.flow_doc(t.meta, t.packets) if t.meta.get("kind") == "flow" else None,
         "summary": t.summary(),
         "counters": t.counters,
         "selection": t.meta.get("selection"),
         "flows": _records(fl[cols].head(top)) if len(fl) else [],
         "drops": _records(t.drops.head(top)),
-        "not_delivered": _records(t.packets[t.packets["status"].astype(str) != "delivered"]
-                                  [["packet", "flow", "direction", "proto", "tcp_flags", "src", "dst", "status",
-                                    "verdict_node", "verdict_dev", "reason", "hint"]].head(top))
-        if len(t.packets) else [],
+        "not_delivered": _records(undelivered[["packet", "flow", "direction", "proto", "tcp_flags", "src", "dst",
+                                               "status", "verdict_node", "verdict_dev", "reason", "hint"]].head(top))
+        if len(undelivered) else [],
     }
 
 

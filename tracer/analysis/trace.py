@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from tracer.reconstruct import drops
@@ -83,6 +84,18 @@ class Trace:
 
     def flow_packets(self, flow: int) -> pd.DataFrame:
         return self.packets[self.packets["flow"] == flow]
+
+    def packets_where(self, **equal) -> pd.DataFrame:
+        """The packets whose columns equal the values given (packet=3, status="dropped", …)."""
+        p = self.packets
+        keep = np.ones(len(p), dtype=bool)
+        for k, v in equal.items():
+            keep &= (p[k].astype(object) == v).to_numpy()
+        return p[keep]
+
+    def undelivered(self) -> pd.DataFrame:
+        """The packets not delivered: dropped, lost, left or partial."""
+        return self.packets[self.packets["status"].astype(str) != "delivered"]
 
 
 def describe(t: Trace) -> list[str]:
