@@ -299,6 +299,24 @@ class TraceSession:
         table = self.loaded.bpf["counters"]
         return {name: int(sum(table[table.Key(i)])) for i, name in enumerate(COUNTER_NAMES)}
 
+    def missed_runs(self) -> int:
+        """How often the kernel skipped one of this session's programs (`recursion_misses`:
+        a tracepoint that fired while another BPF program ran on that CPU, e.g. in a softirq
+        that interrupted one). A skipped run is an event never recorded, like a refused one."""
+        if self.loaded is None:
+            return 0
+        total = 0
+        for fn in list(self.loaded.bpf.funcs.values()):
+            try:
+                with open(f"/proc/self/fdinfo/{fn.fd}") as f:
+                    for line in f:
+                        if line.startswith("recursion_misses:"):
+                            total += int(line.split(":", 1)[1])
+                            break
+            except (OSError, ValueError):
+                continue
+        return total
+
     def symbolizer(self):
         """addr → "function+0xoff" from this machine's kallsyms (through BCC), or None."""
         bpf = self.loaded.bpf if self.loaded else None

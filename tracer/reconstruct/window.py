@@ -112,8 +112,8 @@ def phrase(when: str, nodes: list[str]) -> str:
     """"seen only while node-2 was not yet tracing" (when: "not yet", "no longer" or
     REFUSING: "seen while node-2's kernel refused events …")."""
     if when == REFUSING:
-        return (f"seen while {_names(nodes)} refused events (the event budget or a full ring buffer: "
-                "hops there may be missing)")
+        return (f"seen while {_names(nodes)} refused or missed events (the event budget, a full ring "
+                "buffer, or a hook the kernel skipped: hops there may be missing)")
     return f"seen only while {_names(nodes)} {'was' if len(nodes) == 1 else 'were'} {when} tracing"
 
 

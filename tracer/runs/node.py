@@ -170,12 +170,13 @@ class NodeRunner:
 
     def watch_gaps(self, now_ns: int | None = None) -> list[tuple[int, int]]:
         """The intervals (monotonic ns, the events' clock) in which the kernel refused events:
-        for the budget, or because the ring buffer was full. Call it often (every poll): a
+        for the budget, because the ring buffer was full, or because it skipped a hook's
+        program (it ran nested on a CPU where another BPF program ran). Call it often (every poll): a
         packet seen within such an interval may miss a hop that was never recorded, which is a
         gap in the trace, not a loss in the network."""
         now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if now_ns is None else now_ns
         c = self.counters()
-        refused = c.get("over_budget", 0) + c.get("lost", 0)
+        refused = c.get("over_budget", 0) + c.get("lost", 0) + self.session.missed_runs()
         since = self._gap_checked_ns
         if refused > self._refused and since is not None:
             if self.gaps and self.gaps[-1][1] >= since:
