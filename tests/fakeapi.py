@@ -22,6 +22,9 @@ exit Status, 255 v5 "close channel"). What runs is up to `exec_runner(namespace,
 container, command)`, which returns an argv (and env) or None for "no such executable"; the
 process's stdin is closed when the client closes stdin (v5) or drops the connection, as the
 kubelet does. `forbidden` may hold "pods/exec" (403 before the upgrade, like RBAC).
+
+Port-forward (pods/NAME/portforward), Secrets, and RBAC of a user bound by manifests/rbac.yaml
+(`authorize`): tests/fakeapi_portforward.py.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ RESOURCES = {
     "nodes": ("Node", False, "NodeList", "v1"),
     "services": ("Service", True, "ServiceList", "v1"),
     "endpointslices": ("EndpointSlice", True, "EndpointSliceList", "discovery.k8s.io/v1"),
+    "secrets": ("Secret", True, "SecretList", "v1"),
 }
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 EXEC_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")   # the server's preference
@@ -105,6 +109,7 @@ class FakeApi:
         self.token = token
         self.netns = netns          # listen on the loopback of this (lab) namespace instead
         self.forbidden: set[str] = set()            # kinds that answer 403
+        self.authorize = None                       # (handler, path, query) -> 403 message | None
         self.supports_cluster_ip_selector = supports_cluster_ip_selector
         self.requests: list[str] = []               # "GET /api/v1/pods?..." in order
         self._cond = threading.Condition()
@@ -291,6 +296,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._status(401, "Unauthorized", "Unauthorized")
         url = urlparse(self.path)
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        if fake.authorize is not None and (denied := fake.authorize(self, self.path, q)):
+            return self._status(403, "Forbidden", denied)
         parts = [p for p in url.path.split("/") if p]
         if parts == ["version"]:
             return self._send_json(200, {"major": "1", "minor": "30", "gitVersion": "v1.30.0-fake"})
@@ -305,6 +312,9 @@ class _Handler(BaseHTTPRequestHandler):
             ns, rest = rest[1], rest[2:]
         if ns and len(rest) == 3 and rest[0] == "pods" and rest[2] == "exec":
             return self._exec(ns, rest[1], parse_qs(url.query))
+        if ns and len(rest) == 3 and rest[0] == "pods" and rest[2] == "portforward":
+            from tests.fakeapi_portforward import portforward_session
+            return portforward_session(self, ns, rest[1], parse_qs(url.query))
         if not rest or rest[0] not in RESOURCES or len(rest) > 2:
             return self._status(404, "NotFound", f"the server could not find the requested resource {url.path}")
         kind, namespaced, list_kind, api_version = RESOURCES[rest[0]]

@@ -1,0 +1,295 @@
+"""Port-forward and RBAC for tests/fakeapi.py, as the real API server and kubelet do them.
+
+Port-forward: GET /api/v1/namespaces/NS/pods/NAME/portforward?ports=P[,Q…] with a websocket
+upgrade speaks the v4.channel.k8s.io protocol (what the kubelet's websocket port-forward
+speaks and the official Python client's `kubernetes.stream.portforward` asks for): for the
+i-th port, channel 2i carries data and channel 2i+1 errors; the first message the server
+sends on each channel is the port number, two bytes little-endian. Each port is dialled at
+the start, like the kubelet does, on 127.0.0.1 inside the pod's network namespace — for the
+lab's agent pods (hostNetwork) the node's namespace, named by the pod's `podtrace.io/netns`
+annotation; a failed dial is a message on the port's error channel. The client closing the
+websocket closes the connections to the pod; the pod closing them all closes the websocket.
+`forbidden` may hold "pods/portforward" (403 before the upgrade).
+
+RBAC: `FakeApi.authorize = Rbac.for_group("podtrace-users")` makes the server authorize
+every request as a user of that group holding the roles manifests/rbac.yaml binds to it —
+verbs get/list/watch from the request, `resourceNames`, namespaces of Roles — and answer 403
+otherwise. A websocket upgrade to pods/exec or pods/portforward needs `create` besides `get`,
+as API servers since 1.31 check it.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import socket
+import struct
+import threading
+from pathlib import Path
+from urllib.parse import urlparse
+
+import yaml
+
+PORTFORWARD_PROTOCOLS = ("v4.channel.k8s.io",)
+MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
+GROUPS = {("api", "v1"): "", ("apis", "discovery.k8s.io", "v1"): "discovery.k8s.io"}
+
+
+def _dial(pod: dict, port: int) -> socket.socket:
+    """127.0.0.1:port in the pod's network namespace (the node's, for a hostNetwork pod)."""
+    from tracer.node import netns
+
+    ns = ((pod.get("metadata") or {}).get("annotations") or {}).get("podtrace.io/netns")
+    s = netns.socket_in(ns, socket.AF_INET, socket.SOCK_STREAM) if ns else socket.socket()
+    try:
+        s.settimeout(5)
+        s.connect(("127.0.0.1", port))
+        s.settimeout(None)
+        return s
+    except OSError:
+        s.close()
+        raise
+
+
+def portforward_session(handler, ns: str, name: str, qs: dict) -> None:
+    """One port-forward: upgrade, dial each port, relay the channels, close."""
+    from tests.fakeapi import WS_GUID, _ServerWebsocket
+
+    fake = handler.fake
+    if "pods/portforward" in fake.forbidden:
+        return handler._status(403, "Forbidden", f'pods "{name}" is forbidden: User "fake" cannot create resource '
+                                                 f'"pods/portforward" in API group "" in the namespace "{ns}"')
+    pod = fake.get("Pod", ns, name)
+    if pod is None:
+        return handler._status(404, "NotFound", f'pods "{name}" not found')
+    if handler.headers.get("Upgrade", "").lower() != "websocket" or not handler.headers.get("Sec-WebSocket-Key"):
+        return handler._status(400, "BadRequest", "Upgrade request required")
+    offered = [p.strip() for p in handler.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+    proto = next((p for p in PORTFORWARD_PROTOCOLS if p in offered), None)
+    if proto is None:
+        return handler._status(400, "BadRequest", f"none of the offered subprotocols {offered} is supported")
+    try:
+        ports = [int(p) for v in qs.get("ports", []) for p in v.split(",")]
+        if not ports or not all(0 < p < 65536 for p in ports):
+            raise ValueError
+    except ValueError:
+        return handler._status(400, "BadRequest", "query parameter ports must be port numbers")
+    accept = base64.b64encode(hashlib.sha1((handler.headers["Sec-WebSocket-Key"] + WS_GUID).encode()).digest())
+    handler.send_response(101, "Switching Protocols")
+    handler.send_header("Upgrade", "websocket")
+    handler.send_header("Connection", "Upgrade")
+    handler.send_header("Sec-WebSocket-Accept", accept.decode())
+    handler.send_header("Sec-WebSocket-Protocol", proto)
+    handler.end_headers()
+    handler.wfile.flush()
+    handler.close_connection = True
+    ws = _ServerWebsocket(handler.rfile, handler.connection)
+    record = {"namespace": ns, "pod": name, "ports": ports, "protocol": proto, "errors": [], "closed_by": None}
+    forwards(fake).append(record)
+    targets: dict[int, socket.socket] = {}
+    for i, port in enumerate(ports):
+        head = struct.pack("<H", port)
+        ws.send(0x2, bytes([2 * i]) + head)
+        ws.send(0x2, bytes([2 * i + 1]) + head)
+        try:
+            targets[i] = _dial(pod, port)
+        except OSError as exc:
+            msg = (f"error forwarding port {port} to pod {(pod['metadata'].get('uid') or name)}, uid : failed to "
+                   f"connect to localhost:{port} inside namespace of pod {name}: {exc}")
+            record["errors"].append(msg)
+            ws.send(0x2, bytes([2 * i + 1]) + msg.encode())
+    open_sockets(fake).update(targets.values())
+    left = [len(targets)]
+    lock = threading.Lock()
+
+    def from_pod(i: int, s: socket.socket) -> None:
+        while True:
+            try:
+                data = s.recv(1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            ws.send(0x2, bytes([2 * i]) + data)
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:          # the pod closed every connection: so does the server
+            record["closed_by"] = record["closed_by"] or "pod"
+            ws.send(0x8, struct.pack("!H", 1000))
+            with contextlib.suppress(OSError):
+                handler.connection.shutdown(socket.SHUT_RDWR)
+
+    relays = [threading.Thread(target=from_pod, args=(i, s), daemon=True) for i, s in targets.items()]
+    for t in relays:
+        t.start()
+    if not targets:
+        ws.send(0x8, struct.pack("!H", 1000))
+    try:
+        while targets:
+            op, data = ws.recv()
+            if op == 0x8:
+                record["closed_by"] = record["closed_by"] or "client"
+                ws.send(0x8, data[:2] or struct.pack("!H", 1000))
+                break
+            if op == 0x9:
+                ws.send(0xA, data)
+            elif op in (0x1, 0x2) and data and data[0] % 2 == 0 and data[0] // 2 in targets:
+                with contextlib.suppress(OSError):
+                    targets[data[0] // 2].sendall(data[1:])
+    except (EOFError, OSError, ValueError):
+        record["closed_by"] = record["closed_by"] or "client"
+    for s in targets.values():    # the stream is gone: so are its connections to the pod
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+    for t in relays:
+        t.join(10)
+    for s in targets.values():
+        s.close()
+        open_sockets(fake).discard(s)
+
+
+def forwards(fake) -> list[dict]:
+    """One record per port-forward: pod, ports, protocol, dial errors, who closed it."""
+    if not hasattr(fake, "_forwards"):
+        fake._forwards = []
+    return fake._forwards
+
+
+def open_sockets(fake) -> set:
+    if not hasattr(fake, "_forward_sockets"):
+        fake._forward_sockets = set()
+    return fake._forward_sockets
+
+
+def close_forwards(fake) -> None:
+    """Cut every open port-forward's connections to its pods (like a kubelet going away)."""
+    for s in list(open_sockets(fake)):
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+
+
+# ---------------------------------------------------------------------------------------
+# RBAC
+
+
+class Rbac:
+    """The rules a user holds: (namespace or None for cluster-wide, rule) pairs."""
+
+    def __init__(self, rules: list[tuple[str | None, dict]], user: str = "fake"):
+        self.rules = rules
+        self.user = user
+
+    @classmethod
+    def for_group(cls, group: str, path: Path = MANIFESTS / "rbac.yaml") -> "Rbac":
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        roles = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d for d in docs
+                 if d["kind"] in ("Role", "ClusterRole")}
+        rules = []
+        for b in docs:
+            if b["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
+                continue
+            if not any(s.get("kind") == "Group" and s.get("name") == group for s in b.get("subjects") or []):
+                continue
+            ref = b["roleRef"]
+            where = b["metadata"].get("namespace") if b["kind"] == "RoleBinding" else None
+            role = roles.get((ref["kind"], where if ref["kind"] == "Role" else None, ref["name"]))
+            rules += [(where, r) for r in (role or {}).get("rules") or []]
+        return cls(rules, user=f"{group}-member")
+
+    def allows(self, verb: str, group: str, resource: str, namespace: str | None, name: str | None) -> bool:
+        for where, r in self.rules:
+            if where is not None and where != namespace:
+                continue
+            if not ({group, "*"} & set(r.get("apiGroups") or [])):
+                continue
+            if not ({resource, "*"} & set(r.get("resources") or [])):
+                continue
+            if not ({verb, "*"} & set(r.get("verbs") or [])):
+                continue
+            names = r.get("resourceNames")
+            if names and name not in names:
+                continue
+            return True
+        return False
+
+    def __call__(self, handler, path: str, q: dict) -> str | None:
+        """None when allowed; else the API server's 403 message."""
+        parts = [p for p in urlparse(path).path.split("/") if p]
+        if parts == ["version"] or parts[:1] not in (["api"], ["apis"]):
+            return None
+        n = 2 if parts[0] == "api" else 3
+        group = GROUPS.get(tuple(parts[:n]))
+        rest = parts[n:]
+        if group is None or not rest:
+            return None        # discovery documents are public
+        ns = None
+        if len(rest) >= 2 and rest[0] == "namespaces":
+            ns, rest = rest[1], rest[2:]
+            if not rest:
+                return None
+        resource = rest[0] + (f"/{rest[2]}" if len(rest) >= 3 else "")
+        name = rest[1] if len(rest) >= 2 else None
+        if len(rest) >= 3 and handler.headers.get("Upgrade", "").lower() == "websocket":
+            verbs = ["get", "create"]    # a websocket upgrade to exec/attach/portforward
+        elif name is not None:
+            verbs = ["get"]
+        else:
+            verbs = ["watch" if q.get("watch") in ("1", "true", "True") else "list"]
+        for verb in verbs:
+            if not self.allows(verb, group, resource, ns, name):
+                what = f'{rest[0]} "{name}"' if name else rest[0]
+                where = f' in the namespace "{ns}"' if ns else " at the cluster scope"
+                return (f'{what} is forbidden: User "{self.user}" cannot {verb} resource "{resource}" in API group '
+                        f'"{group}"{where}')
+        return None
+
+
+# ---------------------------------------------------------------------------------------
+# The DaemonSet's `agent --serve`, played by the lab
+
+
+def token_secret(token: str, namespace: str = "podtrace") -> dict:
+    """The Secret podtrace-agent-token, as `kubectl create secret generic` makes it."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": "podtrace-agent-token", "namespace": namespace},
+            "data": {"token": base64.b64encode(token.encode()).decode()}}
+
+
+@contextlib.contextmanager
+def lab_agent_servers(prefix: str, token_file: Path, python: str, cwd: str, env: dict | None = None):
+    """`podtrace agent --serve` on every lab node, in the node's network namespace only (as a
+    hostNetwork container runs it), each up and listening before this yields {node: Popen}."""
+    import os
+    import select
+    import subprocess
+
+    from tracer.lab import topology as T
+
+    topo = T.plan(T.LabConfig(prefix=prefix, state_dir=Path("/nonexistent")))
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for n in topo.nodes:
+            procs[n.name] = p = subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{n.netns}", "--", python, "-m", "tracer.cli", "agent", "--serve",
+                 "--token-file", str(token_file), "--node", n.name],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd="/",
+                env=dict(env if env is not None else os.environ, PYTHONPATH=cwd))
+        for name, p in procs.items():
+            ready, _, _ = select.select([p.stderr], [], [], 60)
+            line = p.stderr.readline() if ready else ""
+            if "serving on 127.0.0.1:" not in line:
+                raise RuntimeError(f"the agent server of {name} did not start: {line}")
+        yield procs
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in procs.values():
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
