@@ -14,6 +14,7 @@ import ipaddress
 import re
 
 from tracer.agents import request
+from tracer.kernel.contract import MAX_ADDRS   # the kernel filter's size: addresses under trace
 from tracer.node import prober
 
 # The command line's ranges (tracer/cli/flow.py, tracer/runs/plan.py).
@@ -28,7 +29,6 @@ BUDGET = (0, 10_000_000)
 # The longest trace a command line asks for: --duration 3600, or 1000 probes of 30 s, plus
 # the minute the planner adds.
 MAX_SECONDS = (0.1, COUNT[1] * (TIMEOUT_S[1] + INTERVAL_S[1]) + 60)
-MAX_ADDRS = 1024           # addresses under trace: pods, a Service's VIPs and backends
 MAX_DISCOVER = 16384       # pod and node addresses a cluster's agent looks for
 MAX_NETNS = 1024
 MAX_DEVICES = 64
