@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tracer.agents import server, validate
 from tracer.agents.request import AgentRequest, Discovery, ProbeRequest
@@ -58,3 +60,56 @@ def test_the_server_listens_on_loopback_only(host):
     with pytest.raises(BadInput):
         server.AgentServer(b"x" * 32, host=host)
     assert server.loopback("127.0.0.1") == "127.0.0.1" and server.loopback("::1") == "::1"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+    max_leaves=15,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(doc=json_values | st.dictionaries(st.sampled_from(["cmd", "queries", "progress", "x"]), json_values,
+                                         max_size=3).map(lambda d: dict(d, cmd=d.get("cmd", "facts"))))
+def test_any_command_is_refused_or_rebuilt(doc):
+    """Whatever JSON a client sends as a command: Refused, or a command of the agent's own
+    vocabulary built from checked fields only (never the client's object handed on)."""
+    try:
+        out = validate.command(doc)
+    except validate.Refused:
+        return
+    assert out["cmd"] in validate.COMMANDS and out is not doc
+    assert validate.command(json.loads(json.dumps(out))) == out
+
+
+@settings(max_examples=400, deadline=None)
+@given(doc=st.dictionaries(st.sampled_from(sorted(AgentRequest.__dataclass_fields__)), json_values, max_size=8))
+def test_any_request_is_refused_or_within_bounds(doc):
+    try:
+        req = validate.trace_request(doc, "node-1")
+    except validate.Refused:
+        return
+    assert req.node == "node-1" and req.node_netns is None and 1 <= len(req.addrs) <= validate.MAX_ADDRS
+    assert req.probe is None or (req.probe.netns is None and 1 <= req.probe.count <= 1000)
+
+
+def test_the_daemonset_runs_the_server_where_flow_looks_for_it():
+    """The agent's --listen and --token-file defaults, the pod's port annotation and the
+    Secret's mount agree (the DaemonSet runs `agent --serve` with the defaults)."""
+    from pathlib import Path
+
+    import yaml
+
+    from tracer.agents import portforward
+    from tracer.cli.agent import DEFAULT_TOKEN_FILE, agent
+
+    ds = yaml.safe_load((Path(__file__).resolve().parents[2] / "manifests" / "daemonset.yaml").read_text())
+    tpl = ds["spec"]["template"]
+    listen = next(p.default for p in agent.params if p.name == "listen")
+    assert listen == f"127.0.0.1:{server.DEFAULT_PORT}"
+    assert tpl["metadata"]["annotations"][portforward.PORT_ANNOTATION] == str(server.DEFAULT_PORT)
+    mount = next(m for m in tpl["spec"]["containers"][0]["volumeMounts"] if m["name"] == "agent-token")
+    vol = next(v for v in tpl["spec"]["volumes"] if v["name"] == "agent-token")
+    assert vol["secret"]["secretName"] == portforward.TOKEN_SECRET
+    assert DEFAULT_TOKEN_FILE == f"{mount['mountPath']}/{vol['secret']['items'][0]['path']}"

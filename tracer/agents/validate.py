@@ -145,7 +145,7 @@ def trace_request(doc, node: str | None = None) -> request.AgentRequest:
     """The typed request from a client's `request` payload, or Refused. `node`: the node
     this agent runs on (a request for another node is refused)."""
     d = _keys(doc, set(request.AgentRequest.__dataclass_fields__), "request")
-    if d.get("version") != request.REQUEST_VERSION:
+    if type(d.get("version")) is not int or d["version"] != request.REQUEST_VERSION:
         raise Refused(f"unsupported request version {str(d.get('version'))[:10]} "
                       f"(this agent speaks {request.REQUEST_VERSION})")
     if "node" not in d or "addrs" not in d:

@@ -1,5 +1,7 @@
 """The agent stream: framed, versioned records an agent writes on stdout and the
-coordinator reads — over a pipe in the lab, over the Kubernetes exec API in a cluster.
+coordinator reads — over a pipe in the lab, over the API server's port-forward (or exec) in a
+cluster. A served agent (tracer/agents/server.py) also reads its client's `request` and
+`command` frames in this format.
 
 A frame is a 16-byte header — magic `PTW1`, version, kind, flags, payload length, CRC32 of
 the payload — then the payload: raw event records (EVENT_DTYPE) for `events`, UTF-8 JSON
