@@ -27,6 +27,7 @@ import json
 import selectors
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -42,6 +43,7 @@ MAX_CONNECTIONS = 8
 MAX_SESSIONS = 2            # traces at once on this node (each is a BPF load and a ring buffer)
 MIN_TOKEN_BYTES = 16
 STOP_GRACE_S = 20.0         # an agent asked to stop removes its tc filters in this time
+SEND_TIMEOUT_S = 60         # a client that reads nothing for this long is gone: its trace stops
 AGENT_ARGV = [sys.executable, "-m", "tracer.cli", "agent"]
 
 
@@ -93,16 +95,18 @@ class AgentServer:
 
     def __init__(self, token: bytes, host: str = "127.0.0.1", port: int = DEFAULT_PORT, node: str | None = None,
                  max_connections: int = MAX_CONNECTIONS, max_sessions: int = MAX_SESSIONS,
-                 agent_argv: list[str] | None = None):
+                 agent_argv: list[str] | None = None, send_timeout: float = SEND_TIMEOUT_S):
         self.token = token
         self.host = loopback(host)
         self.port = port
         self.node = node
         self.agent_argv = list(agent_argv or AGENT_ARGV)
+        self.send_timeout = send_timeout
         self._conns = threading.BoundedSemaphore(max_connections)
         self._sessions = threading.BoundedSemaphore(max_sessions)
         self._threads: set[threading.Thread] = set()
         self._procs: set[subprocess.Popen] = set()
+        self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
 
@@ -138,6 +142,9 @@ class AgentServer:
                 except (BlockingIOError, InterruptedError):
                     continue
                 conn.setblocking(True)
+                # sends time out: a client that stops reading cannot hold an agent (and its
+                # BPF programs) forever
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.send_timeout))
                 if not self._conns.acquire(blocking=False):
                     _refuse(_Out(conn), f"busy: {MAX_CONNECTIONS} connections are open to this agent",
                             ExitStatus.CANNOT_TRACE, "retry when a trace on this node has ended")
@@ -157,7 +164,9 @@ class AgentServer:
             _close(self._sock)
             self._sock = None
         with self._lock:
-            procs, threads = list(self._procs), list(self._threads)
+            procs, threads, conns = list(self._procs), list(self._threads), list(self._open)
+        for c in conns:        # every session reads the end of its client's input
+            _shutdown(c, socket.SHUT_RD)
         for p in procs:
             _close(p.stdin)
         for t in threads:
@@ -167,6 +176,8 @@ class AgentServer:
 
     def _connection(self, conn: socket.socket) -> None:
         out = _Out(conn)
+        with self._lock:
+            self._open.add(conn)
         try:
             self._converse(conn, out)
         except Exception as exc:  # a bug must cost one client its session, never the server
@@ -175,6 +186,7 @@ class AgentServer:
             _close(conn)
             self._conns.release()
             with self._lock:
+                self._open.discard(conn)
                 self._threads.discard(threading.current_thread())
 
     def _converse(self, conn: socket.socket, out: _Out) -> None:
@@ -255,15 +267,27 @@ class AgentServer:
 
 
 def _relay(proc: subprocess.Popen, out: _Out, conn: socket.socket) -> None:
-    """The agent's frames to the client, whole; when the agent is done, the connection ends."""
+    """The agent's frames to the client, whole; when the agent is done, the connection ends.
+    Once the client is gone (or stopped reading) the agent is told to stop, and what it still
+    writes is read and dropped, so it can finish removing what it attached."""
+    client = True
     try:
         for fr in wire.read(proc.stdout):
-            if not out.send(fr.kind, fr.payload):
-                _close(proc.stdin)     # the client is gone: the agent stops
+            if client and not out.send(fr.kind, fr.payload):
+                client = False
+                _close(proc.stdin)
     except wire.WireError as exc:
-        out.send("error", {"message": f"the agent's stream broke: {exc}", "exit_code": 1})
+        if client:
+            out.send("error", {"message": f"the agent's stream broke: {exc}", "exit_code": 1})
+        _close(proc.stdin)
+        while proc.stdout.read(1 << 16):
+            pass
     proc.wait()
     _shutdown(conn, socket.SHUT_RDWR)
+
+
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
 
 
 def _write(proc: subprocess.Popen, doc: dict) -> None:
