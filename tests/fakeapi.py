@@ -23,8 +23,8 @@ container, command)`, which returns an argv (and env) or None for "no such execu
 process's stdin is closed when the client closes stdin (v5) or drops the connection, as the
 kubelet does. `forbidden` may hold "pods/exec" (403 before the upgrade, like RBAC).
 
-Port-forward (pods/NAME/portforward), Secrets, and RBAC of a user bound by manifests/rbac.yaml
-(`authorize`): tests/fakeapi_portforward.py.
+Port-forward (pods/NAME/portforward): tests/fakeapi_portforward.py; RBAC of a user bound by
+manifests/rbac.yaml (`authorize`): tests/fakeapi_rbac.py. Secrets are served like the other kinds.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Port-forward and RBAC for tests/fakeapi.py, as the real API server and kubelet do them.
+"""Port-forward for tests/fakeapi.py, as the real API server and kubelet do it.
 
 Port-forward: GET /api/v1/namespaces/NS/pods/NAME/portforward?ports=P[,Q…] with a websocket
 upgrade speaks the v4.channel.k8s.io protocol (what the kubelet's websocket port-forward
@@ -11,11 +11,7 @@ annotation; a failed dial is a message on the port's error channel. The client c
 websocket closes the connections to the pod; the pod closing them all closes the websocket.
 `forbidden` may hold "pods/portforward" (403 before the upgrade).
 
-RBAC: `FakeApi.authorize = Rbac.for_group("podtrace-users")` makes the server authorize
-every request as a user of that group holding the roles manifests/rbac.yaml binds to it —
-verbs get/list/watch from the request, `resourceNames`, namespaces of Roles — and answer 403
-otherwise. A websocket upgrade to pods/exec or pods/portforward needs `create` besides `get`,
-as API servers since 1.31 check it.
+Also the agent side: the token Secret, and `podtrace agent --serve` on every lab node.
 """
 
 from __future__ import annotations
@@ -28,13 +24,8 @@ import socket
 import struct
 import threading
 from pathlib import Path
-from urllib.parse import urlparse
-
-import yaml
 
 PORTFORWARD_PROTOCOLS = ("v4.channel.k8s.io",)
-MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
-GROUPS = {("api", "v1"): "", ("apis", "discovery.k8s.io", "v1"): "discovery.k8s.io"}
 
 
 def _dial(pod: dict, port: int) -> socket.socket:
@@ -169,82 +160,6 @@ def close_forwards(fake) -> None:
     for s in list(open_sockets(fake)):
         with contextlib.suppress(OSError):
             s.shutdown(socket.SHUT_RDWR)
-
-
-# ---------------------------------------------------------------------------------------
-# RBAC
-
-
-class Rbac:
-    """The rules a user holds: (namespace or None for cluster-wide, rule) pairs."""
-
-    def __init__(self, rules: list[tuple[str | None, dict]], user: str = "fake"):
-        self.rules = rules
-        self.user = user
-
-    @classmethod
-    def for_group(cls, group: str, path: Path = MANIFESTS / "rbac.yaml") -> "Rbac":
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
-        roles = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d for d in docs
-                 if d["kind"] in ("Role", "ClusterRole")}
-        rules = []
-        for b in docs:
-            if b["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
-                continue
-            if not any(s.get("kind") == "Group" and s.get("name") == group for s in b.get("subjects") or []):
-                continue
-            ref = b["roleRef"]
-            where = b["metadata"].get("namespace") if b["kind"] == "RoleBinding" else None
-            role = roles.get((ref["kind"], where if ref["kind"] == "Role" else None, ref["name"]))
-            rules += [(where, r) for r in (role or {}).get("rules") or []]
-        return cls(rules, user=f"{group}-member")
-
-    def allows(self, verb: str, group: str, resource: str, namespace: str | None, name: str | None) -> bool:
-        for where, r in self.rules:
-            if where is not None and where != namespace:
-                continue
-            if not ({group, "*"} & set(r.get("apiGroups") or [])):
-                continue
-            if not ({resource, "*"} & set(r.get("resources") or [])):
-                continue
-            if not ({verb, "*"} & set(r.get("verbs") or [])):
-                continue
-            names = r.get("resourceNames")
-            if names and name not in names:
-                continue
-            return True
-        return False
-
-    def __call__(self, handler, path: str, q: dict) -> str | None:
-        """None when allowed; else the API server's 403 message."""
-        parts = [p for p in urlparse(path).path.split("/") if p]
-        if parts == ["version"] or parts[:1] not in (["api"], ["apis"]):
-            return None
-        n = 2 if parts[0] == "api" else 3
-        group = GROUPS.get(tuple(parts[:n]))
-        rest = parts[n:]
-        if group is None or not rest:
-            return None        # discovery documents are public
-        ns = None
-        if len(rest) >= 2 and rest[0] == "namespaces":
-            ns, rest = rest[1], rest[2:]
-            if not rest:
-                return None
-        resource = rest[0] + (f"/{rest[2]}" if len(rest) >= 3 else "")
-        name = rest[1] if len(rest) >= 2 else None
-        if len(rest) >= 3 and handler.headers.get("Upgrade", "").lower() == "websocket":
-            verbs = ["get", "create"]    # a websocket upgrade to exec/attach/portforward
-        elif name is not None:
-            verbs = ["get"]
-        else:
-            verbs = ["watch" if q.get("watch") in ("1", "true", "True") else "list"]
-        for verb in verbs:
-            if not self.allows(verb, group, resource, ns, name):
-                what = f'{rest[0]} "{name}"' if name else rest[0]
-                where = f' in the namespace "{ns}"' if ns else " at the cluster scope"
-                return (f'{what} is forbidden: User "{self.user}" cannot {verb} resource "{resource}" in API group '
-                        f'"{group}"{where}')
-        return None
 
 
 # ---------------------------------------------------------------------------------------

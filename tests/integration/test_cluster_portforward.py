@@ -1,7 +1,7 @@
 """`flow` in a cluster through port-forward, as a user holding only the roles manifests/rbac.yaml
 binds to the group podtrace-users.
 
-The fake API server (tests/fakeapi.py with tests/fakeapi_portforward.py) authorizes every
+The fake API server (tests/fakeapi.py with tests/fakeapi_rbac.py and tests/fakeapi_portforward.py) authorizes every
 request with those roles, and forwards the websocket port-forward the official client opens
 to 127.0.0.1:7463 inside the agent pod's node namespace, where the real `podtrace agent
 --serve` of that lab node listens (as the DaemonSet runs it on a node's host network). The
@@ -26,7 +26,8 @@ import pytest
 
 from tests.conftest import subprocess_env
 from tests.fakeapi import FakeApi, agent_pods, lab_agent_runner
-from tests.fakeapi_portforward import Rbac, close_forwards, forwards, lab_agent_servers, token_secret
+from tests.fakeapi_portforward import close_forwards, forwards, lab_agent_servers, token_secret
+from tests.fakeapi_rbac import Rbac
 from tests.integration.lab_fixture import private_lab, wait_until
 from tests.integration.test_safety_common import descendants, our_filters, tc_snapshot
 
