@@ -35,9 +35,10 @@ MAX_DEVICES = 64
 MAX_QUERIES = 256
 MAX_NAME = 253             # a DNS-1123 subdomain: node names
 NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-# An interface name: at most IFNAMSIZ-1 bytes; no "/" (a path), no leading "-" (an option to
-# `tc`/`ip`), no "." or ".." alone.
-IFNAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,14}$")
+# An interface name as the kernel takes one (dev_valid_name): at most IFNAMSIZ-1 bytes, no
+# "/" (so never a path), ":" or white space, not "." or ".." — and here also no leading "-"
+# (never an option to `tc`/`ip`) and nothing unprintable.
+IFNAME = re.compile(r"^(?!-)(?!\.{1,2}$)[^/:\s]{1,15}$")
 POD_KEY = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 PROTOS = ("icmp", "tcp", "udp")
 COMMANDS = ("probe", "stop-probes", "drain", "facts", "stop")
@@ -90,7 +91,7 @@ def _addresses(v, limit: int, what: str, at_least: int = 0) -> list[str]:
 
 
 def ifname(v, what: str) -> str:
-    if not isinstance(v, str) or not IFNAME.match(v):
+    if not isinstance(v, str) or not IFNAME.match(v) or len(v.encode()) > 15 or not v.isprintable():
         raise Refused(f"{what} {str(v)[:40]!r} is not an interface name")
     return v
 
