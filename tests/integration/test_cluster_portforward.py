@@ -199,3 +199,27 @@ def test_interrupted_coordinator_leaves_no_trace_running(cluster, tmp_path):
             proc.wait()
     _no_session_left(cluster["servers"])
     assert wait_until(lambda: not our_filters(tc_snapshot(cluster["lab"])), 30)
+
+
+@pytest.mark.parametrize("scenario,node,cause", [("ip-forward-off", "node-1", "ip-forward-off"),
+                                                 ("netpol-drop", "node-2", "netfilter-rule")])
+def test_a_broken_node_is_diagnosed_through_portforward(cluster, scenario, node, cause):
+    """The diagnosis asks the agents for node facts and rule counters (`facts` commands with
+    the packets' addresses and devices): every one passes the agent's bounds, and the cause
+    is named as through exec or on the lab."""
+    lab_cli = ["lab", "--prefix", PREFIX]
+    broke = run([lab_cli[0], "break", scenario, *lab_cli[1:]], cluster["env"])
+    assert broke.returncode == 0, broke.stderr
+    try:
+        res = run(["flow", "pod-1-1", "pod-2-1", "--kubeconfig", cluster["kubeconfig"], "-o", "json"],
+                  cluster["env"])
+    finally:
+        fixed = run([lab_cli[0], "fix", scenario, *lab_cli[1:]], cluster["env"])
+    assert fixed.returncode == 0, fixed.stderr
+    assert res.returncode == 3, res.stderr[-3000:]
+    doc = json.loads(res.stdout)
+    caused = [p["verdict"] for p in doc["packets"] if p["direction"] == "request" and p["verdict"].get("cause")]
+    assert caused and caused[0]["cause"] == cause and caused[0]["node"] == node, \
+        [p["verdict"] for p in doc["packets"]]
+    assert "agent error" not in res.stderr and "bad command" not in res.stdout + res.stderr
+    _no_session_left(cluster["servers"])
