@@ -36,6 +36,7 @@ def test_a_coordinators_cluster_request_passes_unchanged():
     ({"sample": 0}, "sample"),
     ({"max_seconds": 1e9}, "max_seconds"),
     ({"addrs": ["::ffff:1.2.3.4x"]}, "not an IP address"),
+    ({"addrs": ["fe80::1%../../etc"]}, "zone"),
     ({"extra": 1}, "unknown field"),
 ])
 def test_each_bound_is_named(change, needle):

@@ -74,12 +74,16 @@ def _num(v, lo: float, hi: float, what: str) -> float:
 
 
 def address(v, what: str) -> str:
+    """`v` unchanged if it is an IPv4 or IPv6 address (no zone: "fe80::1%eth0" is refused)."""
     if not isinstance(v, str) or len(v) > 45:
         raise Refused(f"{what} must be an IP address")
     try:
-        return str(ipaddress.ip_address(v))
+        ipaddress.ip_address(v)
     except ValueError:
         raise Refused(f"{what} {v[:45]!r} is not an IP address") from None
+    if "%" in v:
+        raise Refused(f"{what} {v[:45]!r} carries a zone: not an address a trace can use")
+    return v
 
 
 def _addresses(v, limit: int, what: str, at_least: int = 0) -> list[str]:
