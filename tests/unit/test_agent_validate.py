@@ -36,7 +36,8 @@ def test_a_coordinators_cluster_request_passes_unchanged():
     ({"sample": 0}, "sample"),
     ({"max_seconds": 1e9}, "max_seconds"),
     ({"addrs": ["::ffff:1.2.3.4x"]}, "not an IP address"),
-    ({"addrs": ["fe80::1%../../etc"]}, "zone"),
+    ({"addrs": ["fe80::1%eth0"]}, "zone"),
+    ({"addrs": ["fe80::1%../../etc"]}, "not an IP address"),
     ({"extra": 1}, "unknown field"),
 ])
 def test_each_bound_is_named(change, needle):
