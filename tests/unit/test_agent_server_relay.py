@@ -54,3 +54,29 @@ def test_a_client_that_stops_reading_loses_its_session():
         stop.set()
         t.join(30)
     assert not t.is_alive()
+
+
+def _serving(argv):
+    srv = server.AgentServer(TOKEN, port=0, node="node-1", agent_argv=argv)
+    host, port = srv.bind()
+    stop = threading.Event()
+    t = threading.Thread(target=srv.serve, args=(stop,), daemon=True)
+    t.start()
+    return srv, (host, port), stop, t
+
+
+def test_an_agent_that_dies_without_a_word_is_one_error_with_its_last_line():
+    die = "import sys; sys.stdin.readline(); print('loading', file=sys.stderr); print('boom: no BPF', file=sys.stderr); sys.exit(7)"
+    srv, addr, stop, t = _serving([sys.executable, "-c", die])
+    try:
+        with socket.create_connection(addr) as c:
+            c.sendall(wire.encode("request", {"token": TOKEN.decode(),
+                                              "request": {"version": 1, "node": "node-1", "addrs": ["10.0.0.1"]}}))
+            c.settimeout(30)
+            frames = list(wire.read(c.makefile("rb")))
+        assert [f.kind for f in frames] == ["error"]
+        assert frames[0].json() == {"message": "the agent stopped (exit 7): boom: no BPF", "exit_code": 1}
+        assert wait_until(lambda: not srv._procs and not srv._open, 30)
+    finally:
+        stop.set()
+        t.join(30)

@@ -102,6 +102,7 @@ class AgentServer:
         self.node = node
         self.agent_argv = list(agent_argv or AGENT_ARGV)
         self.send_timeout = send_timeout
+        self.max_connections = max_connections
         self._conns = threading.BoundedSemaphore(max_connections)
         self._sessions = threading.BoundedSemaphore(max_sessions)
         self._threads: set[threading.Thread] = set()
@@ -146,7 +147,7 @@ class AgentServer:
                 # BPF programs) forever
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.send_timeout))
                 if not self._conns.acquire(blocking=False):
-                    _refuse(_Out(conn), f"busy: {MAX_CONNECTIONS} connections are open to this agent",
+                    _refuse(_Out(conn), f"busy: {self.max_connections} connections are open to this agent",
                             ExitStatus.CANNOT_TRACE, "retry when a trace on this node has ended")
                     _close(conn)
                     continue
@@ -241,9 +242,11 @@ class AgentServer:
         with self._lock:
             self._procs.add(proc)
         errors: deque[bytes] = deque(maxlen=5)
-        relay = threading.Thread(target=_relay, args=(proc, out, conn), name="agent-relay", daemon=True)
+        said = threading.Thread(target=lambda: errors.extend(proc.stderr), name="agent-stderr", daemon=True)
+        said.start()
+        relay = threading.Thread(target=_relay, args=(proc, out, conn, errors, said), name="agent-relay",
+                                 daemon=True)
         relay.start()
-        threading.Thread(target=lambda: errors.extend(proc.stderr), name="agent-stderr", daemon=True).start()
         try:
             _write(proc, req.to_wire())
             for fr in frames:
@@ -266,23 +269,32 @@ class AgentServer:
                 self._procs.discard(proc)
 
 
-def _relay(proc: subprocess.Popen, out: _Out, conn: socket.socket) -> None:
-    """The agent's frames to the client, whole; when the agent is done, the connection ends.
+def _relay(proc: subprocess.Popen, out: _Out, conn: socket.socket, errors: deque, said: threading.Thread) -> None:
+    """The agent's frames to the client, whole; when the agent is done, the connection ends
+    (an agent that died without saying why: one `error` frame with its last stderr line).
     Once the client is gone (or stopped reading) the agent is told to stop, and what it still
     writes is read and dropped, so it can finish removing what it attached."""
     client = True
+    last = None
     try:
         for fr in wire.read(proc.stdout):
+            last = fr.kind
             if client and not out.send(fr.kind, fr.payload):
                 client = False
                 _close(proc.stdin)
     except wire.WireError as exc:
         if client:
             out.send("error", {"message": f"the agent's stream broke: {exc}", "exit_code": 1})
+            client = False
         _close(proc.stdin)
         while proc.stdout.read(1 << 16):
             pass
-    proc.wait()
+    rc = proc.wait()
+    said.join(5)
+    if client and last not in ("end", "error"):
+        why = next((ln.decode(errors="replace").strip() for ln in reversed(errors) if ln.strip()), "")
+        out.send("error", {"message": f"the agent stopped (exit {rc})" + (f": {why[:300]}" if why else ""),
+                           "exit_code": 1})
     _shutdown(conn, socket.SHUT_RDWR)
 
 
