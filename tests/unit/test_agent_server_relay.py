@@ -66,7 +66,8 @@ def _serving(argv):
 
 
 def test_an_agent_that_dies_without_a_word_is_one_error_with_its_last_line():
-    die = "import sys; sys.stdin.readline(); print('loading', file=sys.stderr); print('boom: no BPF', file=sys.stderr); sys.exit(7)"
+    die = ("import sys; sys.stdin.readline(); print('loading', file=sys.stderr); "
+           "print('boom: no BPF', file=sys.stderr); sys.exit(7)")
     srv, addr, stop, t = _serving([sys.executable, "-c", die])
     try:
         with socket.create_connection(addr) as c:
