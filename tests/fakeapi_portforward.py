@@ -23,6 +23,7 @@ import json
 import socket
 import struct
 import threading
+import weakref
 from pathlib import Path
 
 PORTFORWARD_PROTOCOLS = ("v4.channel.k8s.io",)
@@ -142,17 +143,19 @@ def portforward_session(handler, ns: str, name: str, qs: dict) -> None:
         open_sockets(fake).discard(s)
 
 
+# Per server, kept here rather than on the FakeApi object (which belongs to tests/fakeapi.py).
+_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SOCKETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def forwards(fake) -> list[dict]:
     """One record per port-forward: pod, ports, protocol, dial errors, who closed it."""
-    if not hasattr(fake, "_forwards"):
-        fake._forwards = []
-    return fake._forwards
+    return _RECORDS.setdefault(fake, [])
 
 
 def open_sockets(fake) -> set:
-    if not hasattr(fake, "_forward_sockets"):
-        fake._forward_sockets = set()
-    return fake._forward_sockets
+    """The connections to pods of the port-forwards still open."""
+    return _SOCKETS.setdefault(fake, set())
 
 
 def close_forwards(fake) -> None:
