@@ -14,12 +14,9 @@ What is not real here: the API server and kubelet (a test server plays both), an
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

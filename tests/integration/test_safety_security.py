@@ -116,15 +116,6 @@ def test_probes_reach_only_the_named_destination_and_nothing_listens(safe_lab, t
     assert sent_b and set(sent_b) == {(b["ip"], b_dst["ip"], 1)}, sent_b
 
 
-def _catches(pid: int, sig: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    mask = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:"))
-    return bool(mask & (1 << (sig - 1)))
-
-
 def test_agent_serve_listens_on_loopback_only(safe_lab, tmp_path):
     """The DaemonSet's `agent --serve` on a host network: one listener, on 127.0.0.1, nothing
     on the node's addresses (tests/integration/test_agent_server.py attacks it)."""
