@@ -33,6 +33,8 @@ NODES = {"node-1", "node-2"}
 
 
 def run(args, env, timeout=120):
+    """A command line; `flow` reaches the agents through exec, this module's subject."""
+    args = [*args, "--transport", "exec"] if args[:1] == ["flow"] and "--kubeconfig" in args else args
     return subprocess.run([sys.executable, "-m", "tracer.cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=ROOT)
 
@@ -205,7 +207,7 @@ def test_exec_forbidden_is_one_line(cluster):
         api.forbidden.discard("pods/exec")
     assert res.returncode == 1, res.stdout + res.stderr
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and "403" in lines[0] and "podtrace-user" in lines[0], res.stderr
+    assert len(lines) == 1 and "403" in lines[0] and "podtrace-exec" in lines[0], res.stderr
     assert "Traceback" not in res.stderr
 
 
@@ -215,7 +217,7 @@ def test_interrupted_coordinator_leaves_no_agent(cluster, tmp_path):
     env = dict(cluster["env"], PODTRACE_TEST_PAUSE="tracing", PODTRACE_TEST_PAUSE_S="0",
                PODTRACE_TEST_PAUSE_DIR=str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "flow", "pod-1-1", "pod-2-1", "--no-probe",
-                             "--duration", "30", "--kubeconfig", cluster["kubeconfig"]],
+                             "--duration", "30", "--kubeconfig", cluster["kubeconfig"], "--transport", "exec"],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:

@@ -104,7 +104,7 @@ def test_tables_only_when_asked(api):
 
 
 @pytest.mark.parametrize("method,path,code,reason", [
-    ("GET", "/api/v1/secrets", 404, "NotFound"),
+    ("GET", "/api/v1/configmaps", 404, "NotFound"),
     ("GET", "/apis/apps/v1/deployments", 404, "NotFound"),
     ("GET", "/api/v1/namespaces/default/pods/nope", 404, "NotFound"),
     ("GET", "/api/v1/namespaces/default/nodes", 404, "NotFound"),     # nodes are not namespaced
