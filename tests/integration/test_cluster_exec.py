@@ -240,7 +240,8 @@ def test_interrupted_coordinator_leaves_no_agent(cluster, tmp_path):
 
 def test_the_server_run_by_hand_serves_exec_and_flow(cluster, tmp_path):
     """`python -m tests.fakeapi --lab PREFIX` with the lab up: an exec into a lab pod runs in
-    that pod's network namespace, and `flow --kubeconfig` goes through its agent pods."""
+    that pod's network namespace, and `flow --kubeconfig` goes through its agent pods, by exec
+    and by port-forward."""
     import select
     import signal
 
@@ -266,6 +267,12 @@ def test_the_server_run_by_hand_serves_exec_and_flow(cluster, tmp_path):
             core.api_client.close()
         assert " inet 10.244.1.2/" in out, out
         res = run(["flow", "pod-1-1", "pod-2-1", "--kubeconfig", str(kc), "-o", "json"], cluster["env"])
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert json.loads(res.stdout)["verdict"]["status"] == "ok"
+        # and flow's default, port-forward, to the agent servers it started on the lab's nodes
+        res = subprocess.run([sys.executable, "-m", "tracer.cli", "flow", "pod-1-1", "pod-2-1", "--kubeconfig",
+                              str(kc), "-o", "json"], capture_output=True, text=True, env=cluster["env"],
+                             timeout=120, cwd=ROOT)
         assert res.returncode == 0, res.stderr[-3000:]
         assert json.loads(res.stdout)["verdict"]["status"] == "ok"
         proc.send_signal(signal.SIGINT)
