@@ -31,6 +31,9 @@ class FlowConfig:
     sample: int = 1                  # keep 1 packet in N, the same packets on every node
     budget: int = 50_000             # events per second per node before sampling kicks in (0: none)
     ip_family: int | None = None     # --ip-family 4|6 (None: SRC's first family DST has too)
+    # how a cluster's agents are reached: "portforward" (their loopback server, through the API
+    # server's pods/portforward) or "exec" (`podtrace agent` run through pods/exec)
+    transport: str = "portforward"
     # "agents": one agent per node (lab/cluster); "single": in-process. PODTRACE_FLOW_MODE
     # changes the default (the test suite uses "single" where agents are not the subject).
     mode: str = field(default_factory=settings.flow_mode)

@@ -12,7 +12,7 @@ certificate of its own authority (`tls.py`; `tls_enabled=False` for plain HTTP):
 
 - discovery: /api, /apis, /api/v1, /apis/discovery.k8s.io[/v1],
   /apis/authorization.k8s.io[/v1], /version, /healthz;
-- pods, nodes, services and discovery.k8s.io/v1 endpointslices: list (cluster-wide and per
+- pods, nodes, services, secrets and discovery.k8s.io/v1 endpointslices: list (cluster-wide and per
   namespace), get, and watch; namespaces, endpoints (from the EndpointSlices) and events
   (always none) are derived: list and get, and a watch of them sends the current state only;
 - label selectors in every form (`k=v`, `k!=v`, `k in (a,b)`, `k notin (a,b)`, `k`, `!k`) and
@@ -25,7 +25,13 @@ certificate of its own authority (`tls.py`; `tls_enabled=False` for plain HTTP):
   ERROR event or (after `expire(gone="status")`) as the HTTP status of the watch request;
 - exec over a websocket (`execws.py`), honouring stdin/stdout/stderr/tty and `container`;
   what runs is up to `exec_runner(namespace, pod, container, command)`;
-- every error as a JSON `Status` (401 bad token, 403 `forbidden` kinds, 404, 405, 400, 410);
+- port-forward over a websocket (`portforward.py`) to 127.0.0.1 in the pod's network namespace
+  (a lab node's, for the agent pods), and the agents' side of it: the token Secret, `agent
+  --serve` on every lab node;
+- authorization: `authorize(handler, path, query)` returns a 403 message or None, e.g. `rbac.py`
+  (the roles manifests/rbac.yaml binds to a group);
+- every error as a JSON `Status` (401 bad token, 403 `forbidden` kinds or `authorize`, 404,
+  405, 400, 410);
 - Tables (`tables.py`) to a client that asks for them, as `kubectl get` does without `-o`;
 - JSON merge patches of one object (`kubectl label`, `annotate`); nothing else writes;
 - SelfSubjectAccessReviews (`kubectl auth can-i`): what it serves is allowed, unless `forbidden`.

@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from tests.fakeapi import execws, selectors, tables, tls
+from tests.fakeapi import execws, portforward, selectors, tables, tls
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,9 @@ RESOURCES = {r.name: r for r in (
     Resource("events", "Event", True, "v1", ("ev",), virtual=True),
     Resource("endpoints", "Endpoints", True, "v1", ("ep",), virtual=True),
     Resource("endpointslices", "EndpointSlice", True, f"{DISCOVERY_GROUP}/v1"),
+    Resource("secrets", "Secret", True, "v1"),
 )}
+SUBRESOURCES = {"exec": "PodExecOptions", "portforward": "PodPortForwardOptions"}   # of pods: create, get
 KIND_RESOURCE = {r.kind: r for r in RESOURCES.values()}
 CONTINUE_EXPIRED = ("The provided continue parameter is too old to display a consistent list result. You can "
                     "start a new list without the continue parameter, or use the continue token in this response "
@@ -95,6 +97,20 @@ def _status_doc(code: int, reason: str, message: str, **extra) -> dict:
             "reason": reason, "code": code, **extra}
 
 
+def _forbidden_details(path: str) -> dict:
+    """A 403's `details`, as the real server fills them: the resource (and the object's name)."""
+    parts = [p for p in path.split("/") if p]
+    rest = parts[2:] if parts[:1] == ["api"] else parts[3:]
+    if len(rest) >= 2 and rest[0] == "namespaces":
+        rest = rest[2:] or ["namespaces", rest[1]]
+    out = {}
+    if len(rest) >= 2:
+        out["name"] = rest[1]
+    if rest:
+        out["kind"] = rest[0]
+    return out
+
+
 def _pos(key: tuple[str, str, str]) -> str:
     """Where an object sorts in a list: the etcd key's tail ("ns/name", or "name")."""
     return f"{key[1]}/{key[2]}" if key[1] else key[2]
@@ -128,7 +144,8 @@ class FakeApi:
         self.netns = netns          # listen on the loopback of this (lab) namespace instead
         self.tls_enabled = tls_enabled
         self.port = port
-        self.forbidden: set[str] = set()            # kinds (and "pods/exec") that answer 403
+        self.forbidden: set[str] = set()            # kinds (and "pods/exec", "pods/portforward") that answer 403
+        self.authorize = None                       # (handler, path, query) -> 403 message | None (rbac.py)
         self.supports_cluster_ip_selector = supports_cluster_ip_selector
         self.requests: list[str] = []               # "GET /api/v1/pods?..." in order
         self.gone: list[str] = []                   # each 410: "watch-event", "watch-status", "continue"
@@ -148,6 +165,8 @@ class FakeApi:
         self.exec_protocols = execws.EXEC_PROTOCOLS  # what this "server version" speaks, preferred first
         self.execs: list[dict] = []                  # one record per exec: pod, command, protocol, exit code
         self._exec_procs: list[subprocess.Popen] = []
+        self.forwards: list[dict] = []               # one record per port-forward (portforward.py)
+        self._forward_socks: set[socket.socket] = set()   # its open connections to pods
         for it in items or []:
             self._put(copy.deepcopy(it), log=False)
         self._compacted = self._rv
@@ -338,6 +357,7 @@ class FakeApi:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+        portforward.close_forwards(self)       # like a kubelet going away: the pods' connections end
         for proc in list(self._exec_procs):   # like a kubelet going away: stdin ends, then TERM
             execws._close_quietly(proc.stdin)
         for proc in list(self._exec_procs):
@@ -503,6 +523,8 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         qs = parse_qs(url.query)
         q = {k: v[-1] for k, v in qs.items()}
+        if fake.authorize is not None and (denied := fake.authorize(self, self.path, q)):
+            return self.status(403, "Forbidden", denied, details=_forbidden_details(url.path))
         parts = [p for p in url.path.split("/") if p]
         if parts in (["healthz"], ["readyz"], ["livez"]) and method == "GET":
             body = b"ok"
@@ -537,6 +559,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return self.status(405, "MethodNotAllowed", "the server does not allow this method on the "
                                                             "requested resource")
             return execws.exec_session(self, ns, rest[1], qs)
+        if ns and len(rest) == 3 and rest[0] == "pods" and rest[2] == "portforward" and group == "v1":
+            if method not in ("GET", "POST"):
+                return self.status(405, "MethodNotAllowed", "the server does not allow this method on the "
+                                                            "requested resource")
+            return portforward.portforward_session(self, ns, rest[1], qs)
         res = RESOURCES.get(rest[0]) if rest else None
         if res is None or res.group_version != group or len(rest) > 2 or (ns and not res.namespaced):
             return self._not_found(url.path)
@@ -586,8 +613,8 @@ class _Handler(BaseHTTPRequestHandler):
             if parts == path:
                 resources = [r.discovery() for r in RESOURCES.values() if r.group_version == gv]
                 if gv == "v1":
-                    resources.append({"name": "pods/exec", "singularName": "", "namespaced": True,
-                                      "kind": "PodExecOptions", "verbs": ["create", "get"]})
+                    resources += [{"name": f"pods/{sub}", "singularName": "", "namespaced": True,
+                                   "kind": kind, "verbs": ["create", "get"]} for sub, kind in SUBRESOURCES.items()]
                 if gv == f"{AUTHORIZATION_GROUP}/v1":
                     resources.append({"name": "selfsubjectaccessreviews", "singularName": "selfsubjectaccessreview",
                                       "namespaced": False, "kind": "SelfSubjectAccessReview", "verbs": ["create"]})
@@ -597,7 +624,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _access_review(self) -> None:
         """`kubectl auth can-i`: allowed are the verbs the server serves (get, list, watch,
-        patch; create and get on pods/exec) on what `forbidden` does not name."""
+        patch; create and get on pods/exec and pods/portforward) on what `forbidden` does not
+        name — and, with an `authorize` that can say (rbac.py), what it allows."""
         try:
             review = json.loads(self.body or b"null")
             attrs = review["spec"]["resourceAttributes"]
@@ -607,11 +635,15 @@ class _Handler(BaseHTTPRequestHandler):
         res = RESOURCES.get(resource)
         group_ok = res is not None and attrs.get("group", "") == res.group_version.rpartition("/")[0]
         if sub:
-            allowed = (resource, sub) == ("pods", "exec") and group_ok and verb in ("create", "get") \
-                and "pods/exec" not in self.fake.forbidden
+            allowed = resource == "pods" and sub in SUBRESOURCES and group_ok and verb in ("create", "get") \
+                and f"pods/{sub}" not in self.fake.forbidden
         else:
             allowed = group_ok and res.kind not in self.fake.forbidden and \
                 (verb in ("get", "list", "watch") or (verb == "patch" and not res.virtual))
+        allows = getattr(self.fake.authorize, "allows", None)
+        if allowed and allows is not None:
+            allowed = allows(verb, attrs.get("group", ""), resource + (f"/{sub}" if sub else ""),
+                             attrs.get("namespace") or None, attrs.get("name") or None)
         self._send_json(201, {"kind": "SelfSubjectAccessReview", "apiVersion": f"{AUTHORIZATION_GROUP}/v1",
                               "metadata": {}, "spec": review["spec"],
                               "status": {"allowed": bool(allowed),

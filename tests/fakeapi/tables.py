@@ -83,6 +83,10 @@ def _namespace(o: dict, age: str) -> list:
     return [o["metadata"]["name"], (o.get("status") or {}).get("phase", "Active"), age]
 
 
+def _secret(o: dict, age: str) -> list:
+    return [o["metadata"]["name"], o.get("type", "Opaque"), len(o.get("data") or {}), age]
+
+
 def _event(o: dict, age: str) -> list:
     inv = o.get("involvedObject") or {}
     return [age, o.get("type", ""), o.get("reason", ""), f"{inv.get('kind', '').lower()}/{inv.get('name', '')}",
@@ -105,6 +109,8 @@ _COLUMNS = {
                        ("Endpoints", "string", 0), ("Age", "string", 0)), _slice),
     "Endpoints": ((("Name", "string", 0), ("Endpoints", "string", 0), ("Age", "string", 0)), _endpoints),
     "Namespace": ((("Name", "string", 0), ("Status", "string", 0), ("Age", "string", 0)), _namespace),
+    "Secret": ((("Name", "string", 0), ("Type", "string", 0), ("Data", "string", 0), ("Age", "string", 0)),
+               _secret),
     "Event": ((("Last Seen", "string", 0), ("Type", "string", 0), ("Reason", "string", 0),
                ("Object", "string", 0), ("Message", "string", 0)), _event),
 }

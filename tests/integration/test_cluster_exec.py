@@ -33,6 +33,8 @@ NODES = {"node-1", "node-2"}
 
 
 def run(args, env, timeout=120):
+    """A command line; `flow` reaches the agents through exec, this module's subject."""
+    args = [*args, "--transport", "exec"] if args[:1] == ["flow"] and "--kubeconfig" in args else args
     return subprocess.run([sys.executable, "-m", "tracer.cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=ROOT)
 
@@ -205,7 +207,7 @@ def test_exec_forbidden_is_one_line(cluster):
         api.forbidden.discard("pods/exec")
     assert res.returncode == 1, res.stdout + res.stderr
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and "403" in lines[0] and "podtrace-user" in lines[0], res.stderr
+    assert len(lines) == 1 and "403" in lines[0] and "podtrace-exec" in lines[0], res.stderr
     assert "Traceback" not in res.stderr
 
 
@@ -215,7 +217,7 @@ def test_interrupted_coordinator_leaves_no_agent(cluster, tmp_path):
     env = dict(cluster["env"], PODTRACE_TEST_PAUSE="tracing", PODTRACE_TEST_PAUSE_S="0",
                PODTRACE_TEST_PAUSE_DIR=str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "flow", "pod-1-1", "pod-2-1", "--no-probe",
-                             "--duration", "30", "--kubeconfig", cluster["kubeconfig"]],
+                             "--duration", "30", "--kubeconfig", cluster["kubeconfig"], "--transport", "exec"],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
@@ -238,7 +240,8 @@ def test_interrupted_coordinator_leaves_no_agent(cluster, tmp_path):
 
 def test_the_server_run_by_hand_serves_exec_and_flow(cluster, tmp_path):
     """`python -m tests.fakeapi --lab PREFIX` with the lab up: an exec into a lab pod runs in
-    that pod's network namespace, and `flow --kubeconfig` goes through its agent pods."""
+    that pod's network namespace, and `flow --kubeconfig` goes through its agent pods, by exec
+    and by port-forward."""
     import select
     import signal
 
@@ -264,6 +267,12 @@ def test_the_server_run_by_hand_serves_exec_and_flow(cluster, tmp_path):
             core.api_client.close()
         assert " inet 10.244.1.2/" in out, out
         res = run(["flow", "pod-1-1", "pod-2-1", "--kubeconfig", str(kc), "-o", "json"], cluster["env"])
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert json.loads(res.stdout)["verdict"]["status"] == "ok"
+        # and flow's default, port-forward, to the agent servers it started on the lab's nodes
+        res = subprocess.run([sys.executable, "-m", "tracer.cli", "flow", "pod-1-1", "pod-2-1", "--kubeconfig",
+                              str(kc), "-o", "json"], capture_output=True, text=True, env=cluster["env"],
+                             timeout=120, cwd=ROOT)
         assert res.returncode == 0, res.stderr[-3000:]
         assert json.loads(res.stdout)["verdict"]["status"] == "ok"
         proc.send_signal(signal.SIGINT)

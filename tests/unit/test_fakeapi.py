@@ -104,7 +104,7 @@ def test_tables_only_when_asked(api):
 
 
 @pytest.mark.parametrize("method,path,code,reason", [
-    ("GET", "/api/v1/secrets", 404, "NotFound"),
+    ("GET", "/api/v1/configmaps", 404, "NotFound"),
     ("GET", "/apis/apps/v1/deployments", 404, "NotFound"),
     ("GET", "/api/v1/namespaces/default/pods/nope", 404, "NotFound"),
     ("GET", "/api/v1/namespaces/default/nodes", 404, "NotFound"),     # nodes are not namespaced
@@ -351,3 +351,133 @@ def test_the_command_serves_a_lab_until_interrupted(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- port-forward (over TLS) and RBAC
+
+@pytest.fixture
+def echo_port():
+    """A TCP server on 127.0.0.1 answering each connection's bytes upper-cased."""
+    import socket
+    import threading
+
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve(conn):
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data.upper())
+
+    def accept():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield srv.getsockname()[1]
+    srv.close()
+
+
+def _pod(name: str, ns: str = "default") -> dict:
+    """A pod without a lab namespace: its port-forward dials this namespace's 127.0.0.1."""
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns, "uid": f"uid-{name}"},
+            "spec": {"containers": [{"name": "c"}]}, "status": {"phase": "Running"}}
+
+
+def _core(kubeconfig: Path):
+    from kubernetes import client, config
+
+    cfg = client.Configuration()
+    config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg)
+    return client.CoreV1Api(client.ApiClient(cfg))
+
+
+def test_port_forward_over_tls_relays_both_ways(api, tmp_path, echo_port):
+    from kubernetes.stream import portforward
+
+    from tests.conftest import wait_until
+
+    api.add(_pod("echo"))
+    core = _core(api.write_kubeconfig(tmp_path / "kc"))
+    assert api.url.startswith("https://")
+    try:
+        pf = portforward(core.connect_get_namespaced_pod_portforward, "echo", "default", ports=str(echo_port))
+        s = pf.socket(echo_port)
+        s.settimeout(10)
+        got = b""
+        for chunk in (b"hello ", b"x" * 200_000):    # also more than one TLS record / websocket frame
+            s.sendall(chunk)
+            while len(got) < len(chunk):
+                got += s.recv(1 << 20)
+            assert got == chunk.upper()
+            got = b""
+        s.close()
+        assert wait_until(lambda: api.forwards and api.forwards[-1]["closed_by"] == "client", 10), api.forwards
+        assert pf.error(echo_port) is None
+    finally:
+        core.api_client.close()
+    (rec,) = api.forwards
+    assert (rec["pod"], rec["ports"], rec["protocol"], rec["errors"]) == ("echo", [echo_port], "v4.channel.k8s.io", [])
+
+
+def test_port_forward_to_a_port_nobody_listens_on_says_so(api, tmp_path):
+    import socket
+
+    from kubernetes.stream import portforward
+
+    from tests.conftest import wait_until
+
+    with socket.socket() as probe:       # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    api.add(_pod("echo"))
+    core = _core(api.write_kubeconfig(tmp_path / "kc"))
+    try:
+        pf = portforward(core.connect_get_namespaced_pod_portforward, "echo", "default", ports=str(port))
+        s = pf.socket(port)
+        s.settimeout(10)
+        assert s.recv(10) == b""
+        assert wait_until(lambda: pf.error(port), 10)
+        assert "failed to connect to localhost" in pf.error(port)
+    finally:
+        core.api_client.close()
+    assert api.forwards[-1]["errors"]
+
+
+def test_rbac_of_the_user_group_answers_a_forbidden_status(api, tmp_path):
+    from tests.fakeapi.portforward import token_secret
+    from tests.fakeapi.rbac import Rbac
+
+    api.add(token_secret("t" * 32))
+    api.add(_pod("agent", "podtrace"))
+    api.authorize = Rbac.for_group("podtrace-users")
+    code, doc = _json(api, "/api/v1/namespaces/podtrace/secrets/podtrace-agent-token")
+    assert (code, doc["kind"], doc["metadata"]["name"]) == (200, "Secret", "podtrace-agent-token")
+    assert _json(api, "/api/v1/pods?limit=1")[0] == 200                    # podtrace-reader, cluster-wide
+    for method, path, verb, details in [
+            ("GET", "/api/v1/namespaces/podtrace/secrets", "list", {"kind": "secrets"}),
+            ("GET", "/api/v1/namespaces/podtrace/secrets/other", "get", {"kind": "secrets", "name": "other"}),
+            ("GET", "/api/v1/namespaces/podtrace/pods/agent/exec?command=id&stdout=true", "get",
+             {"kind": "pods", "name": "agent"}),
+            ("PATCH", "/api/v1/namespaces/default/pods/pod-1-1", "patch", {"kind": "pods", "name": "pod-1-1"})]:
+        code, doc = _json(api, path, method=method, body=b"{}",
+                          headers={"Content-Type": "application/merge-patch+json"})
+        assert (code, doc["kind"], doc["status"], doc["reason"], doc["code"]) == \
+            (403, "Status", "Failure", "Forbidden", 403), (path, doc)
+        assert f"cannot {verb} resource" in doc["message"] and doc["details"] == details, doc
+    assert api.execs == []
+
+    def can_i(verb, resource, sub="", ns="podtrace", name=None):
+        spec = {"resourceAttributes": {"verb": verb, "resource": resource, "subresource": sub, "namespace": ns,
+                                       **({"name": name} if name else {})}}
+        code, doc = _json(api, "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", method="POST",
+                          body=json.dumps({"spec": spec}).encode(), headers={"Content-Type": "application/json"})
+        assert code == 201, doc
+        return doc["status"]["allowed"]
+
+    assert can_i("create", "pods", "portforward") and can_i("get", "secrets", name="podtrace-agent-token")
+    assert not can_i("create", "pods", "exec") and not can_i("list", "secrets")
+    assert not can_i("create", "pods", "portforward", ns="default")

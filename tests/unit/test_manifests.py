@@ -68,13 +68,14 @@ def test_namespaced_objects_live_in_podtrace():
     assert _by("Namespace", "podtrace")
 
 
-def _rules(kind: str, name: str) -> set[tuple[str, str, tuple]]:
+def _rules(kind: str, name: str) -> set[tuple]:
+    """(group, resource, verbs) of each rule; (group, resource, verbs, names) with resourceNames."""
     out = set()
     for r in _by(kind, name)["rules"]:
-        assert "resourceNames" not in r and "nonResourceURLs" not in r
+        assert "nonResourceURLs" not in r
         for g in r["apiGroups"]:
             for res in r["resources"]:
-                out.add((g, res, tuple(r["verbs"])))
+                out.add((g, res, tuple(r["verbs"])) + ((tuple(r["resourceNames"]),) if "resourceNames" in r else ()))
     return out
 
 
@@ -85,20 +86,34 @@ def test_agent_cluster_role_is_read_only_on_four_kinds():
     assert _rules("ClusterRole", "podtrace-reader") == want
 
 
-def test_user_role_execs_into_the_agent_namespace_only():
+def test_user_role_port_forwards_to_the_agents_and_reads_their_token_only():
     role = _by("Role", "podtrace-user")
     assert role["metadata"]["namespace"] == "podtrace"
-    assert _rules("Role", "podtrace-user") == {("", "pods", ("get", "list")), ("", "pods/exec", ("get", "create"))}
+    assert _rules("Role", "podtrace-user") == {
+        ("", "pods", ("get", "list")), ("", "pods/portforward", ("get", "create")),
+        ("", "secrets", ("get",), ("podtrace-agent-token",))}
+    assert not any(res.endswith(("/exec", "/attach", "/proxy", "/ephemeralcontainers"))
+                   for _, res, *_ in _rules("Role", "podtrace-user"))
+
+
+def test_exec_is_a_separate_role_bound_to_nobody():
+    assert _rules("Role", "podtrace-exec") == {("", "pods", ("get", "list")), ("", "pods/exec", ("get", "create"))}
+    for _, d in DOCS:
+        if d["kind"] in ("RoleBinding", "ClusterRoleBinding"):
+            assert d["roleRef"]["name"] != "podtrace-exec", d["metadata"]["name"]
 
 
 def test_no_secrets_no_wildcards_no_exec_for_the_agent():
     for _, d in DOCS:
         for r in d.get("rules") or []:
             assert "*" not in r["verbs"] and "*" not in r["resources"] and "*" not in r["apiGroups"]
-            assert not {"secrets", "configmaps", "serviceaccounts/token"} & set(r["resources"])
+            assert not {"configmaps", "serviceaccounts/token"} & set(r["resources"])
+            if "secrets" in r["resources"]:   # the token Secret, by name, read only, for the user only
+                assert d["metadata"]["name"] == "podtrace-user" and r["resources"] == ["secrets"]
+                assert r["resourceNames"] == ["podtrace-agent-token"] and r["verbs"] == ["get"]
             assert not {"create", "update", "patch", "delete", "deletecollection", "escalate", "bind",
                         "impersonate"} & set(r["verbs"]) or d["kind"] == "Role"
-    agent = {res for _, res, _ in _rules("ClusterRole", "podtrace-agent")}
+    agent = {res for _, res, *_ in _rules("ClusterRole", "podtrace-agent")}
     assert not any(res.endswith(("/exec", "/attach", "/portforward", "/proxy")) for res in agent)
 
 
@@ -128,6 +143,8 @@ def test_daemonset_shape():
     assert spec["tolerations"] == [{"operator": "Exists"}]
     (c,) = spec["containers"]
     assert c["command"] == ["podtrace", "agent", "--serve"]
+    # its defaults: 127.0.0.1:7463 (the port `flow` reads from this annotation) and the token's mount
+    assert pod["metadata"]["annotations"] == {"podtrace.io/agent-port": "7463"}
     r = c["resources"]
     assert set(r["requests"]) == {"cpu", "memory"} and set(r["limits"]) == {"cpu", "memory"}
     assert not spec.get("initContainers")
@@ -158,6 +175,12 @@ def test_daemonset_host_mounts():
     for n, m in mounts.items():
         if not m.get("readOnly"):
             assert "emptyDir" in vols[n], n
+    # The agent's token: the Secret, read-only, readable by the agent's user alone.
+    secrets = {n: v["secret"] for n, v in vols.items() if "secret" in v}
+    assert secrets == {"agent-token": {"secretName": "podtrace-agent-token", "defaultMode": 0o400,
+                                       "items": [{"key": "token", "path": "token"}]}}
+    assert mounts["agent-token"]["readOnly"] is True
+    assert mounts["agent-token"]["mountPath"] == "/var/run/secrets/podtrace"
     assert not any(v["hostPath"]["path"].endswith(".sock") for v in vols.values() if "hostPath" in v)
 
 

@@ -6,10 +6,12 @@ JSON lines on stdin steer it: {"cmd": "probe"} (with "progress": true, a `probe`
 outcome as it comes), {"cmd": "stop-probes"} (no further probe: the
 probes frame reports those sent), {"cmd": "drain"} (deliver every event seen
 so far, then a `drained` frame: the end of the trace window), {"cmd": "facts", "queries": [...]},
-{"cmd": "stop"}. The hello frame lists the commands this agent understands. End of stdin means the coordinator is gone: the agent stops and cleans up,
+{"cmd": "sample", "n": N} (raise the kernel sampling to 1 in N, N in 1..65536; from then on a
+`sample` frame says when the guard raises it), {"cmd": "stop"}. The hello frame lists the commands this agent understands. End of stdin means the coordinator is gone: the agent stops and cleans up,
 also when that happens while it is still loading or attaching (no device is attached after it).
 
-The same code runs as a process per lab node and inside the DaemonSet pod on a real node.
+The same code runs as a process per lab node and inside the DaemonSet pod on a real node,
+where the pod's agent server (tracer/agents/server.py) starts it for each checked request.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from typing import BinaryIO
 from tracer import testhooks
 from tracer.agents import request, wire
 from tracer.errors import PodtraceError
-from tracer.kernel import tc
 from tracer.kernel.session import TerminateAsInterrupt
 from tracer.node import facts, netns
 from tracer.node import prober as probe
@@ -313,19 +314,3 @@ def _facts(node: facts.NodeRef, q: dict, probe_req: request.ProbeRequest | None 
 
 def main() -> int:
     return serve()
-
-
-def idle(every: float = 60.0) -> int:
-    """The DaemonSet container's main process: no listener, no work, except removing what a
-    killed `podtrace agent` exec left on this node. Exits 0 on SIGTERM."""
-    import signal
-
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *a: stop.set())
-    signal.signal(signal.SIGINT, lambda *a: stop.set())
-    while not stop.wait(every):
-        try:
-            tc.cleanup(scan=False)
-        except PodtraceError:
-            pass
-    return 0

@@ -1,7 +1,8 @@
 """The coordinator: runs one agent per node involved in a trace, merges their streams,
 estimates the clock offsets between nodes from the traced packets themselves, and hands one
 event table to reconstruction. Only the transport differs between the lab (a local process
-per lab node) and a cluster (the agent pod of each node, through the Kubernetes exec API).
+per lab node) and a cluster (the agent server in the agent pod of each node, through the API
+server's port-forward; or `podtrace agent` through the exec API, the fallback).
 """
 
 from __future__ import annotations

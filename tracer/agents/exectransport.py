@@ -1,5 +1,6 @@
-"""The cluster transport: runs `podtrace agent` in the agent pod of a node through the
-Kubernetes exec API, and looks like a local process to the coordinator (stdin, stdout,
+"""The cluster fallback transport: runs `podtrace agent` in the agent pod of a node through the
+Kubernetes exec API (`--transport exec`; it needs pods/exec, a root shell in the agent pods —
+tracer/agents/portforward.py is the default), and looks like a local process to the coordinator (stdin, stdout,
 stderr, poll, wait, terminate, kill), so the merge code is the same as in the lab.
 
 The exec API is a websocket (the official client's `kubernetes.stream`) carrying channels:
@@ -188,20 +189,7 @@ class KubeExecTransport:
         self.selector = selector
 
     def agent_pod(self, node: str) -> str:
-        from tracer.cluster import api
-
-        try:
-            pods = self.conn.core.list_namespaced_pod(self.namespace, label_selector=self.selector,
-                                                      field_selector=f"spec.nodeName={node}",
-                                                      _request_timeout=self.conn.timeout).items
-        except Exception as exc:  # the client raises ApiException/urllib3 errors; map to one line
-            raise api.api_error(exc, self.conn, f"find the podtrace agent pod on {node}") from None
-        running = sorted(p.metadata.name for p in pods if (p.status and p.status.phase == "Running"))
-        if not running:
-            raise EnvironmentProblem(f"no running podtrace agent on node {node}",
-                                     "kubectl apply -k manifests/ and wait for the DaemonSet "
-                                     "(kubectl -n podtrace get pods -o wide)")
-        return running[0]
+        return running_agent_pod(self.conn, node, self.namespace, self.selector).metadata.name
 
     def start(self, plan):
         from kubernetes.stream import stream, ws_client
@@ -220,13 +208,32 @@ class KubeExecTransport:
         return ExecProcess(ws, plan.node, pod)
 
 
+def running_agent_pod(conn, node: str, namespace: str = AGENT_NAMESPACE, selector: str = AGENT_SELECTOR):
+    """The running podtrace agent pod on `node` (the first by name), or EnvironmentProblem."""
+    from tracer.cluster import api
+
+    try:
+        pods = conn.core.list_namespaced_pod(namespace, label_selector=selector,
+                                             field_selector=f"spec.nodeName={node}",
+                                             _request_timeout=conn.timeout).items
+    except Exception as exc:  # the client raises ApiException/urllib3 errors; map to one line
+        raise api.api_error(exc, conn, f"find the podtrace agent pod on {node}") from None
+    running = sorted((p for p in pods if (p.status and p.status.phase == "Running")), key=lambda p: p.metadata.name)
+    if not running:
+        raise EnvironmentProblem(f"no running podtrace agent on node {node}",
+                                 "kubectl apply -k manifests/ and wait for the DaemonSet "
+                                 "(kubectl -n podtrace get pods -o wide)")
+    return running[0]
+
+
 def exec_error(exc: BaseException, pod: str, namespace: str, node: str) -> EnvironmentProblem:
     text = " ".join(str(getattr(exc, "reason", "") or exc).split())
     where = f"the podtrace agent pod {namespace}/{pod} on {node}"
     if "403" in text:
         return EnvironmentProblem(f"not allowed to exec into {where} (403 Forbidden)",
-                                  "bind the podtrace-user Role (manifests/rbac.yaml: get and create on pods/exec "
-                                  "in namespace podtrace) to your user or group")
+                                  "use the default --transport portforward (the podtrace-user Role grants no exec), "
+                                  "or, where port-forward is forbidden, bind the podtrace-exec Role "
+                                  "(manifests/rbac.yaml; a root shell on every node)")
     if "401" in text:
         return EnvironmentProblem(f"the API server rejected the credentials for exec into {where} (401)",
                                   "refresh them (log in again, or check the kubeconfig)")

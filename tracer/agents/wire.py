@@ -1,5 +1,7 @@
 """The agent stream: framed, versioned records an agent writes on stdout and the
-coordinator reads — over a pipe in the lab, over the Kubernetes exec API in a cluster.
+coordinator reads — over a pipe in the lab, over the API server's port-forward (or exec) in a
+cluster. A served agent (tracer/agents/server.py) also reads its client's `request` and
+`command` frames in this format.
 
 A frame is a 16-byte header — magic `PTW1`, version, kind, flags, payload length, CRC32 of
 the payload — then the payload: raw event records (EVENT_DTYPE) for `events`, UTF-8 JSON
@@ -24,7 +26,10 @@ MAX_PAYLOAD = 64 << 20
 KINDS = {1: "hello", 2: "ready", 3: "events", 4: "counters", 5: "facts", 6: "probes",
          7: "clock", 8: "error", 9: "end", 10: "log", 11: "drained",
          12: "probe",   # one probe's outcome as it comes, only when the probe command asks for it
-         13: "sample"}  # the guard raised the sampling, only once a `sample` command came
+         # client → served agent only (tracer/agents/server.py): the token and trace request,
+         # then steering commands
+         13: "request", 14: "command",
+         15: "sample"}  # the guard raised the sampling, only once a `sample` command came
 KIND_IDS = {v: k for k, v in KINDS.items()}
 
 
@@ -64,8 +69,9 @@ def _read_exact(f: BinaryIO, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def read(f: BinaryIO) -> Iterator[Frame]:
-    """Frames until a clean end of stream; WireError on anything else."""
+def read(f: BinaryIO, limit: int = MAX_PAYLOAD) -> Iterator[Frame]:
+    """Frames until a clean end of stream; WireError on anything else (also a payload
+    longer than `limit`)."""
     offset = 0
     while True:
         head = _read_exact(f, HEADER.size)
@@ -83,7 +89,7 @@ def read(f: BinaryIO) -> Iterator[Frame]:
                             "run the same podtrace version on the nodes")
         if kind not in KINDS:
             raise WireError(f"unknown frame kind {kind} at byte {offset}")
-        if length > MAX_PAYLOAD:
+        if length > limit:
             raise WireError(f"frame of {length} bytes at byte {offset} exceeds the limit")
         payload = _read_exact(f, length)
         if len(payload) < length:

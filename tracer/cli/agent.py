@@ -1,4 +1,4 @@
-"""`podtrace agent`: starts the per-node tracer that `flow` drives (tracer/agents/agent.py)."""
+"""`podtrace agent`: starts the per-node tracer that `flow` drives (tracer/agents/agent.py, server.py)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,30 @@ import sys
 
 import click
 
+DEFAULT_TOKEN_FILE = "/var/run/secrets/podtrace/token"
+
 
 @click.command()
 @click.option("--serve", is_flag=True,
-              help="Stay up as the DaemonSet's main process: idle, and remove what killed traces left.")
-def agent(serve):
-    """Per-node tracer driven by `podtrace flow` (reads a request on stdin, streams framed
-    records on stdout). Not for interactive use: `flow` starts it, as a local process per
-    lab node or through the Kubernetes exec API in the agent pod of each node."""
-    from tracer.agents.agent import idle, main
+              help="Stay up as the DaemonSet's main process: serve traces on --listen (loopback only) to "
+                   "clients holding the token, and remove what killed traces left.")
+@click.option("--listen", default="127.0.0.1:7463", show_default=True, metavar="ADDR:PORT",
+              help="With --serve: the loopback address and port to listen on (port-forward reaches it).")
+@click.option("--token-file", default=DEFAULT_TOKEN_FILE, show_default=True, metavar="FILE",
+              help="With --serve: the token a client must present (the Secret podtrace-agent-token).")
+@click.option("--node", envvar="NODE_NAME", default=None, metavar="NAME",
+              help="With --serve: this node's name; requests for another node are refused (env NODE_NAME).")
+def agent(serve, listen, token_file, node):
+    """Per-node tracer driven by `podtrace flow`. Not for interactive use.
 
-    sys.exit(idle() if serve else main())
+    Without --serve it reads one request on stdin and streams framed records on stdout: `flow`
+    starts it as a local process per lab node, or with --transport exec in the agent pod of
+    each node. With --serve it is the agent pod's long-running server that `flow` reaches
+    through the API server's port-forward."""
+    if serve:
+        from tracer.agents.server import main as serve_main
+
+        sys.exit(serve_main(listen, token_file, node))
+    from tracer.agents.agent import main
+
+    sys.exit(main())

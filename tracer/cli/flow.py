@@ -39,6 +39,9 @@ from tracer.errors import BadInput, ExitStatus
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None,
               help="kubeconfig file (default: KUBECONFIG, ~/.kube/config, or in-cluster).")
 @click.option("--context", default=None, help="kubeconfig context to use.")
+@click.option("--transport", type=click.Choice(["portforward", "exec"]), default="portforward", show_default=True,
+              help="How the agents of a cluster are reached: port-forward to their loopback server, or exec "
+                   "(needs pods/exec: a shell in the privileged agent pods; for clusters that forbid port-forward).")
 @click.option("-n", "--namespace", default=None, metavar="NS",
               help="Namespace of SRC/DST given without one (POD, pod/POD, svc/NAME).  [default: default]")
 @prefix_option()
@@ -52,7 +55,7 @@ from tracer.errors import BadInput, ExitStatus
 @click.option("--single-process", "single", is_flag=True, hidden=True,
               help="Trace every node from this process instead of one agent per node (lab only).")
 def flow(src, dst, proto, ip_family, port, count, timeout, size, sport, sample, budget, no_probe, duration, cluster, kubeconfig,
-         context, namespace, prefix, output, save, single, force=False):
+         context, transport, namespace, prefix, output, save, single, force=False):
     """Follow probe packets from SRC to DST hop by hop, and say where they died.
 
     SRC and DST: NAMESPACE/POD, POD or pod/POD (namespace default, or -n),
@@ -92,7 +95,7 @@ def flow(src, dst, proto, ip_family, port, count, timeout, size, sport, sample, 
     err = Console(stderr=True)
     cfg = FlowConfig(src=src, dst=dst, proto=proto, port=port, count=count, timeout=timeout,
                      probe=not no_probe, duration=duration, cluster=cluster, save=save, size=size, sport=sport,
-                     kubeconfig=kubeconfig, context=context, sample=sample, budget=budget, namespace=namespace,
+                     kubeconfig=kubeconfig, context=context, transport=transport, sample=sample, budget=budget, namespace=namespace,
                      ip_family=ip_family,
                      lab_prefix=prefix or settings.lab_prefix(),
                      mode="single" if single else settings.flow_mode())

@@ -34,9 +34,7 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
         if cfg.mode == "agents" and plan.topology:
             traced = _trace_agents(plan, say)
         elif plan.conn is not None:
-            from tracer.agents.exectransport import KubeExecTransport
-
-            traced = _trace_agents(plan, say, transport=KubeExecTransport(plan.conn))
+            traced = _trace_agents(plan, say, transport=cluster_transport(cfg.transport, plan.conn))
         else:
             traced = _trace_single(plan, say)
         if traced.judging_stopped:
@@ -50,6 +48,18 @@ def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> 
             if traced.interrupted is not None or traced.saving:
                 raise
             raise judging_interrupted(plan, traced) from None
+
+
+def cluster_transport(name: str, conn):
+    """How the coordinator reaches a cluster's agents: port-forward to their loopback server,
+    or exec (the fallback: it needs pods/exec, a shell in the agent pods)."""
+    if name == "exec":
+        from tracer.agents.exectransport import KubeExecTransport
+
+        return KubeExecTransport(conn)
+    from tracer.agents.portforward import KubePortForwardTransport
+
+    return KubePortForwardTransport(conn)
 
 
 def probe_counter(count: int, outcomes: list) -> str:
