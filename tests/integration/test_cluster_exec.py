@@ -128,16 +128,6 @@ def test_exec_path_equals_the_lab_path_hop_for_hop(cluster):
         assert _hops(a, direction) == _hops(b, direction), direction
 
 
-def test_service_flow_through_exec_names_the_dnat(cluster):
-    res = run(["flow", "pod-1-1", "svc/default/web", "--proto", "tcp", "--port", "80", "--kubeconfig", cluster["kubeconfig"], "-o", "json"],
-              cluster["env"])
-    assert res.returncode == 0, res.stderr[-3000:]
-    doc = json.loads(res.stdout)
-    req = _hops(doc, "request")
-    assert req[-1][1] == "default/pod-2-2", req      # web's backend, on node-2
-    assert "10.96.0.10" in res.stdout                # the VIP before DNAT
-
-
 @contextlib.contextmanager
 def _node_env(api: FakeApi, node: str, **env):
     """The agent pod of `node` runs its agent with extra environment (test switches)."""
