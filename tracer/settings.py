@@ -19,6 +19,11 @@ PODTRACE_HOST_PROC          ``/proc``         the host's /proc as an agent pod s
 PODTRACE_RINGBUF_READER     (mmap)            ``bcc``: read the ring buffer through BCC's
                                               per-record callback instead of the batch
                                               reader of tracer/kernel/ringbuf.py
+PODTRACE_TC_ATTACH          ``auto``          how tc observers attach: ``tcx`` (BPF links,
+                                              Linux 6.6+), ``clsact`` (classic filters,
+                                              adding a clsact qdisc where none is), or
+                                              ``auto`` (tcx where the kernel has it and the
+                                              device has no clsact qdisc)
 PODTRACE_DEBUG              (off)             ``1``: tracebacks of errors, like --debug
 PODTRACE_DEBUG_BPF          (off)             any value: let BCC's compiler warnings and
                                               the verifier's log through to stderr
@@ -38,7 +43,7 @@ DEFAULT_STATE_DIR = "/run/podtrace"
 
 # Every variable of the table above (tests check the table and the readers agree).
 VARIABLES = ("PODTRACE_LAB_PREFIX", "PODTRACE_STATE_DIR", "PODTRACE_FLOW_MODE", "PODTRACE_HOST_PROC",
-             "PODTRACE_RINGBUF_READER", "PODTRACE_DEBUG", "PODTRACE_DEBUG_BPF")
+             "PODTRACE_RINGBUF_READER", "PODTRACE_TC_ATTACH", "PODTRACE_DEBUG", "PODTRACE_DEBUG_BPF")
 
 
 def lab_prefix() -> str:
@@ -54,6 +59,12 @@ def lab_prefix_source() -> str:
 def state_dir() -> Path:
     """Where runs record what they own, for `podtrace cleanup`."""
     return Path(os.environ.get("PODTRACE_STATE_DIR") or DEFAULT_STATE_DIR)
+
+
+def tc_attach() -> str:
+    """How tc observers attach: "auto", "tcx" or "clsact" (anything else counts as auto)."""
+    v = (os.environ.get("PODTRACE_TC_ATTACH") or "auto").lower()
+    return v if v in ("tcx", "clsact") else "auto"
 
 
 def flow_mode() -> str:

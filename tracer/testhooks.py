@@ -17,6 +17,9 @@ PODTRACE_AGENT_DIE_AFTER_READY (exit at once after "ready", like an agent that c
 PODTRACE_TEST_AGENT_READY_DELAY=NODE=SECONDS[,...] makes those nodes' agents attach and get
 ready SECONDS late (PODTRACE_AGENT_START_DELAY_S), like an agent pod that starts slowly: the
 other agents trace alone meanwhile.
+
+Agent server: PODTRACE_TEST_FIRST_FRAME_S=SECONDS shortens the time a connection has to send
+its request (tests of that deadline need not wait the real one).
 """
 
 from __future__ import annotations
@@ -76,3 +79,8 @@ def lab_pause_after() -> str | None:
     """PODTRACE_LAB_PAUSE_AFTER=STEP: `lab up` stops for an hour after that build step (tests
     interrupt it there and check that nothing is left)."""
     return os.environ.get("PODTRACE_LAB_PAUSE_AFTER")
+
+
+def first_frame_s(default: float) -> float:
+    """How long the agent server waits for a connection's request."""
+    return float(os.environ.get("PODTRACE_TEST_FIRST_FRAME_S") or default)

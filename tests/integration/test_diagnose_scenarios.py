@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from tests.unit.test_engine import _paths as paths
 from tracer import analysis, tracefile
 from tracer.node import prober
 from tracer.runs import capture
-from tests.conftest import subprocess_env
+from tests.conftest import subprocess_env, todays_share
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = os.environ.get("PODTRACE_TEST_LAB_PREFIX", "pttest") + "dg"
@@ -113,12 +112,9 @@ def saved_packets(path) -> list[dict]:
     return [p.as_json() for p in analysis.reconstruct(events, meta)]
 
 
-# The suite's time is bounded (20 minutes on 2 vCPUs): half of the scenarios each day, the
-# other half the next (PODTRACE_SCENARIO_OFFSET picks the half; PODTRACE_ALL_SCENARIOS=1 runs
-# every one), as the healthy soak rotates its flows.
-_FLOW_CASES = [c for c in CASES if c[2] != "source"]
-_ROTATION = int(os.environ.get("PODTRACE_SCENARIO_OFFSET", time.gmtime().tm_yday)) % 2
-TODAY = _FLOW_CASES if os.environ.get("PODTRACE_ALL_SCENARIOS") == "1" else _FLOW_CASES[_ROTATION::2]
+# The suite's time is bounded (20 minutes on 2 vCPUs): a third of the scenarios each day, in
+# turn (tests/conftest.py todays_share), as the healthy soak rotates its flows.
+TODAY = todays_share([c for c in CASES if c[2] != "source"], 3)
 
 
 @pytest.mark.parametrize("scenario,args,direction,node,cause,reason", TODAY, ids=[c[0] for c in TODAY])
@@ -199,9 +195,7 @@ def test_capture_drops_live_equal_analyze(dlab, tmp_path):
     assert int(hit["count"].sum()) >= 10, t.drops
 
 
-SOURCE_CASES = [c for c in CASES if c[2] == "source"]
-if os.environ.get("PODTRACE_ALL_SCENARIOS") != "1":     # half each day, as above
-    SOURCE_CASES = SOURCE_CASES[_ROTATION::2]
+SOURCE_CASES = todays_share([c for c in CASES if c[2] == "source"], 3)     # a third each day, as above
 
 
 @pytest.mark.parametrize("scenario,args,direction,node,cause,errno", SOURCE_CASES, ids=[c[0] for c in SOURCE_CASES])

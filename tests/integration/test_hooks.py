@@ -13,8 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.integration.lab_fixture import lab, session_processes, wait_until  # noqa: F401
 from tests.integration.test_flow import wait_no_programs
+from tests.integration.test_safety_common import tcx_lines
 from tracer.kernel import contract
 from tracer.kernel import program
 from tracer.node import ownership
@@ -39,7 +42,7 @@ def tc_state(netns: str, dev: str) -> str:
     for what in (["qdisc", "show", "dev", dev], ["filter", "show", "dev", dev, "ingress"],
                  ["filter", "show", "dev", dev, "egress"]):
         out.append(subprocess.run(["tc", "-n", netns, *what], capture_output=True, text=True).stdout)
-    return "\n".join(out)
+    return "\n".join(out + tcx_lines(netns, dev))
 
 
 def node_devices(lab):
@@ -151,10 +154,12 @@ def _wait_attached(proc, marks: Path):
     assert proc.poll() is None
 
 
-def test_sigkill_of_everything_then_cleanup_leaves_nothing(lab, tmp_path):
-    """The worst case: the coordinator and every agent killed at once."""
+@pytest.mark.parametrize("attach", ["clsact", "tcx"])
+def test_sigkill_of_everything_then_cleanup_leaves_nothing(lab, tmp_path, attach):
+    """The worst case: the coordinator and every agent killed at once. Classic filters stay
+    until `cleanup`; tcx links go with the killed processes."""
     before = lab_tc_state(lab)
-    proc = _start_long_flow(lab, tmp_path)
+    proc = _start_long_flow(lab, tmp_path, PODTRACE_TC_ATTACH=attach)
     try:
         _wait_attached(proc, tmp_path)
         os.killpg(proc.pid, signal.SIGKILL)
@@ -164,6 +169,10 @@ def test_sigkill_of_everything_then_cleanup_leaves_nothing(lab, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert wait_until(lambda: not session_processes(proc.pid), 10), "killed agents not reaped"
+    if attach == "tcx":
+        assert wait_until(lambda: lab_tc_state(lab) == before, 10), "tcx links outlived their process"
+        wait_no_programs()
+        return
     assert lab_tc_state(lab) != before, "a SIGKILL cannot clean up: the leftovers must be visible"
     res = cli(lab, "cleanup")
     assert res.returncode == 0, res.stderr
@@ -173,9 +182,10 @@ def test_sigkill_of_everything_then_cleanup_leaves_nothing(lab, tmp_path):
 
 
 def test_sigkill_of_the_coordinator_agents_clean_up(lab, tmp_path):
-    """Agents notice their coordinator is gone (stdin closes) and remove what they added."""
+    """Agents notice their coordinator is gone (stdin closes) and remove what they added
+    (classic filters here: tcx links would go with any exit)."""
     before = lab_tc_state(lab)
-    proc = _start_long_flow(lab, tmp_path)
+    proc = _start_long_flow(lab, tmp_path, PODTRACE_TC_ATTACH="clsact")
     try:
         _wait_attached(proc, tmp_path)
         proc.send_signal(signal.SIGKILL)
@@ -207,7 +217,7 @@ def test_cleanup_goes_by_the_owner_named_in_each_filter(lab, tmp_path):
     (tmp_path / "run-state").mkdir()      # the lab's own state (under the state dir) is shared
     (tmp_path / "run-state" / lab["prefix"]).symlink_to(lab["state_dir"])
     node_ns, dev = lab["nodes"][0]["netns"], "cni0"
-    proc = _start_long_flow(lab, tmp_path, PODTRACE_STATE_DIR=run_state)
+    proc = _start_long_flow(lab, tmp_path, PODTRACE_STATE_DIR=run_state, PODTRACE_TC_ATTACH="clsact")
     forged = BPF(text="int forged_obs(struct __sk_buff *skb) { return -1; }")
     ipr = tc._ipr(node_ns)
     ifindex = ipr.link_lookup(ifname=dev)[0]
@@ -306,3 +316,40 @@ def test_cilium_lab_tracepoints_and_tc_merge(tmp_path):
             both = {h.dev for h in p.hops if set(h.seen_by) == {"tracepoint", "tc"}}
             assert "cilium_vxlan" in both and any(d.startswith("lxc") for d in both), p.hops
         wait_no_programs()
+
+
+def test_tcx_pairs_around_another_programs_and_leave_it(lab, tmp_path):
+    """On a device whose tcx hook runs someone else's program (a CNI on tcx), a flow puts
+    one stub + observer pair before it and one after, and takes only its own away."""
+    from bcc import BPF
+    from pyroute2 import IPRoute
+
+    from tracer.kernel import tcx
+    from tracer.node import netns as netns_mod
+
+    if not tcx.supported():
+        pytest.skip("this kernel has no tcx (Linux 6.6+)")
+    node_ns, dev = lab["nodes"][0]["netns"], "cni0"
+    foreign = BPF(text="int cni_datapath(struct __sk_buff *skb) { return -1; }")
+    fd = foreign.load_func(b"cni_datapath", BPF.SCHED_CLS).fd
+    with netns_mod.entered(node_ns):
+        with IPRoute() as ipr:
+            ifindex = ipr.link_lookup(ifname=dev)[0]
+        link = tcx.link(fd, ifindex, "ingress")
+    proc = _start_long_flow(lab, tmp_path)
+    try:
+        _wait_attached(proc, tmp_path)
+        with netns_mod.entered(node_ns):
+            during = tcx.programs(ifindex, "ingress")
+        assert len(during) == 5 and during[2] == "cni_datapath", during
+        assert during[0] == during[3] and during[0].startswith("pt_tcs_") and during[1] == during[4] == "pt_tc_ingress"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        with netns_mod.entered(node_ns):
+            assert tcx.programs(ifindex, "ingress") == ["cni_datapath"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        os.close(link)
+        foreign.cleanup()
+    wait_no_programs()

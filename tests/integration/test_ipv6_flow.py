@@ -20,13 +20,12 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import jsonschema
 import pytest
 
-from tests.conftest import subprocess_env
+from tests.conftest import subprocess_env, todays_share
 from tests.integration.lab_fixture import pod, private_lab, service
 from tests.integration.test_lab_ipv6 import ping6, tcp6_ask, udp6_ask
 from tracer import analysis, tracefile
@@ -206,10 +205,8 @@ V6_CASES = [
 ]
 
 
-# The suite's time is bounded: half of them each day, the other half the next
-# (PODTRACE_SCENARIO_OFFSET picks the half; PODTRACE_ALL_SCENARIOS=1 runs every one).
-V6_TODAY = V6_CASES if os.environ.get("PODTRACE_ALL_SCENARIOS") == "1" else \
-    V6_CASES[int(os.environ.get("PODTRACE_SCENARIO_OFFSET", time.gmtime().tm_yday)) % 2::2]
+# The suite's time is bounded: a third of them each day, in turn (tests/conftest.py todays_share).
+V6_TODAY = todays_share(V6_CASES, 3)
 
 
 @pytest.mark.parametrize("scenario,args,node,cause", V6_TODAY, ids=[c[0] for c in V6_TODAY])

@@ -31,7 +31,7 @@ from tests.integration.test_safety_common import (
 )
 
 PREFIX = "pttestkr"
-ROUNDS = 6             # each round kills one flow and one capture: 12 kills
+ROUNDS = 4             # each round kills one flow and one capture: 8 kills
 
 
 def _tc_records() -> list[dict]:
@@ -117,6 +117,7 @@ def test_sigkill_at_random_moments_leaves_nothing(kill_lab, tmp_path):
     try:
         for i in range(ROUNDS):
             out = tmp_path / f"c{i}.parquet"
+            env["PODTRACE_TC_ATTACH"] = ("tcx", "clsact")[i % 2]     # links, and filters `cleanup` removes
             flow = popen("flow", "pod-1-1", "pod-2-1", "--no-probe", "--duration", "20", prefix=PREFIX, **env)
             cap = popen("capture", "--tc", "--pod", "default/pod-1-1", "-d", "20", "-w", str(out), prefix=PREFIX, **env)
             for name, proc in (("flow", flow), ("capture", cap)):

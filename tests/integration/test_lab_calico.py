@@ -10,15 +10,14 @@ its scope, also when a test fails.
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.integration.lab_fixture import node, pod, private_lab, run_cli, tcp_ask
 from tests.integration.test_diagnose_scenarios import CASES as DIAGNOSED
+from tests.conftest import todays_share
 from tracer.lab import scenarios
 from tracer.node import netns
 
@@ -155,10 +154,9 @@ EXPECTED = {c[0]: c[2:] for c in DIAGNOSED}
 # Where Calico's datapath makes the same fault look different, and why.
 ON_CALICO: dict[str, tuple] = {}
 GENERIC = sorted(n for n in EXPECTED if "calico" in scenarios.applies_to(scenarios.get(n)))
-# The suite's time is bounded: a third of them each day, in turn (PODTRACE_SCENARIO_OFFSET picks
-# it; PODTRACE_ALL_SCENARIOS=1 runs every one), as the healthy soak rotates its flows.
-if os.environ.get("PODTRACE_ALL_SCENARIOS") != "1":
-    GENERIC = GENERIC[int(os.environ.get("PODTRACE_SCENARIO_OFFSET", time.gmtime().tm_yday)) % 3::3]
+# The suite's time is bounded: a third of them each day, in turn (tests/conftest.py
+# todays_share), as the healthy soak rotates its flows.
+GENERIC = todays_share(GENERIC, 3)
 
 
 @pytest.fixture(scope="module")

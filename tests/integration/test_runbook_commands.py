@@ -67,7 +67,7 @@ PRELUDE = (
     "kubectl() { :; }\n"   # the lab has no API server
     f"podtrace() {{ PYTHONPATH={REPO_ROOT} {sys.executable} -m tracer.cli \"$1\" --help >/dev/null; }}\n"
 )
-LINE_TIMEOUT = 6   # tcpdump -c N waits for N packets; ping -c 3 takes 2 s
+LINE_TIMEOUT = 3   # then a line is stopped (tcpdump waits for packets): only a missing command or a usage error fails
 
 
 @pytest.fixture(scope="module")

@@ -134,12 +134,32 @@ def tc_snapshot(doc: dict) -> dict[tuple[str, str], str]:
                 for d in ("ingress", "egress"):
                     text.append(subprocess.run(["tc", "-n", ns, "filter", "show", "dev", dev, d],
                                                capture_output=True, text=True).stdout)
+            text += tcx_lines(ns, dev)
             out[(ns, dev)] = "\n".join(text)
     return out
 
 
+def tcx_lines(ns: str, dev: str) -> list[str]:
+    """`tcx ingress: NAME NAME` (and egress) for the programs on the device's tcx hooks."""
+    from pyroute2 import IPRoute
+
+    from tracer.kernel import tcx
+
+    if not tcx.supported():
+        return []
+    with netns.entered(ns):
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=dev)
+        if not found:
+            return []
+        return [f"tcx {d}: {' '.join(names)}" for d in ("ingress", "egress")
+                if (names := tcx.programs(found[0], d))]
+
+
 def our_filters(snapshot: dict) -> list[str]:
-    return [f"{ns}/{dev}" for (ns, dev), text in snapshot.items() if "podtrace:" in text]
+    """Devices where a podtrace tc filter or tcx program is attached."""
+    return [f"{ns}/{dev}" for (ns, dev), text in snapshot.items()
+            if "podtrace:" in text or any(line.startswith("tcx ") and " pt_tc" in line for line in text.splitlines())]
 
 
 def bpf_objects() -> set[tuple[str, int]]:

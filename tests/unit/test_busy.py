@@ -108,7 +108,7 @@ def test_sequence_ids_name_equal_hop_sequences_alike():
 def test_the_event_packet_map_points_every_hop_at_its_packet():
     df, meta = busy_watch(pairs=20, lost=0)
     out: dict = {}
-    packets, hops = reconstruct_vectorised(df, busy.engine_meta(meta), out=out)
+    packets, hops = reconstruct_vectorised(df, busy.with_places(meta), out=out)
     ev = out["event_packet"]
     assert len(ev) == len(df) and (ev >= 0).all()
     assert np.bincount(ev).tolist() == packets["hops"].tolist()

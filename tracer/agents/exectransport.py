@@ -110,8 +110,41 @@ def exit_status(raw: bytes | str | None) -> tuple[int, str | None]:
     return LOST, str(st.get("message") or "the exec failed")
 
 
-class ExecProcess:
+class RemoteProcess:
+    """What an agent reached through the API server (exec stream, port-forward) shares of
+    subprocess.Popen's interface: a pump thread sets `returncode`; no signals reach the
+    agent, so terminate and kill hang up, and an agent whose input ends stops and removes
+    what it attached."""
+
+    returncode: int | None
+    node: str
+    what = "agent"
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self, timeout: float | None = None):
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            if end is not None and time.monotonic() > end:
+                raise subprocess.TimeoutExpired(f"{self.what} {self.node}", timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+    def hang_up(self) -> None:
+        raise NotImplementedError
+
+    def terminate(self) -> None:
+        self.hang_up()
+
+    def kill(self) -> None:
+        self.hang_up()
+
+
+class ExecProcess(RemoteProcess):
     """An exec stream with the interface of subprocess.Popen that the coordinator uses."""
+
+    what = "exec on"
 
     def __init__(self, ws, node: str, pod: str):
         self.ws = ws
@@ -158,28 +191,9 @@ class ExecProcess:
             self.stdout.close()
             self.stderr.close()
 
-    def poll(self):
-        return self.returncode
-
-    def wait(self, timeout: float | None = None):
-        end = None if timeout is None else time.monotonic() + timeout
-        while self.returncode is None:
-            if end is not None and time.monotonic() > end:
-                raise subprocess.TimeoutExpired(f"exec on {self.node}", timeout)
-            time.sleep(0.05)
-        return self.returncode
-
     def hang_up(self) -> None:
         """End the stream (the pump thread closes it within one update)."""
         self._hang_up.set()
-
-    def terminate(self) -> None:
-        """No signals through exec: hanging up ends the agent's stdin, and an agent whose
-        stdin ends stops and removes what it attached."""
-        self.hang_up()
-
-    def kill(self) -> None:
-        self.hang_up()
 
 
 class KubeExecTransport:

@@ -19,12 +19,10 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import subprocess
 import threading
-import time
 
 from tracer.agents import wire
-from tracer.agents.exectransport import AGENT_NAMESPACE, AGENT_SELECTOR, LOST, _Pipe, running_agent_pod
+from tracer.agents.exectransport import AGENT_NAMESPACE, AGENT_SELECTOR, LOST, RemoteProcess, _Pipe, running_agent_pod
 from tracer.agents.server import DEFAULT_PORT
 from tracer.errors import EnvironmentProblem
 
@@ -74,8 +72,10 @@ class _Frames:
             self.proc.hang_up()
 
 
-class ServedProcess:
+class ServedProcess(RemoteProcess):
     """One port-forwarded connection to a node's agent server, with a process's interface."""
+
+    what = "port-forward to"
 
     def __init__(self, forward, port: int, token: str, node: str, pod: str):
         self.forward = forward
@@ -113,17 +113,6 @@ class ServedProcess:
         self.stdout.close()
         self.stderr.close()
 
-    def poll(self):
-        return self.returncode
-
-    def wait(self, timeout: float | None = None):
-        end = None if timeout is None else time.monotonic() + timeout
-        while self.returncode is None:
-            if end is not None and time.monotonic() > end:
-                raise subprocess.TimeoutExpired(f"port-forward to {self.node}", timeout)
-            time.sleep(0.05)
-        return self.returncode
-
     def hang_up(self) -> None:
         """End the connection (the pump sees its end and closes the port-forward)."""
         self._hung_up = True
@@ -131,13 +120,6 @@ class ServedProcess:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-
-    def terminate(self) -> None:
-        self.hang_up()
-
-    def kill(self) -> None:
-        self.hang_up()
-
 
 class KubePortForwardTransport:
     """Agents reached through `pods/portforward` to their loopback server (the default in a cluster)."""

@@ -35,6 +35,7 @@ from collections import deque
 
 from tracer.agents import validate, wire
 from tracer.errors import BadInput, EnvironmentProblem, ExitStatus, PodtraceError
+from tracer import testhooks
 
 DEFAULT_PORT = 7463
 FIRST_FRAME_S = 10.0        # a connection that has not sent its request by then is refused
@@ -196,7 +197,8 @@ class AgentServer:
         def too_late():
             late.set()
             _shutdown(conn, socket.SHUT_RD)    # the read below ends; the answer can still go out
-        timer = threading.Timer(FIRST_FRAME_S, too_late)
+        deadline = testhooks.first_frame_s(FIRST_FRAME_S)
+        timer = threading.Timer(deadline, too_late)
         timer.start()
         rf = conn.makefile("rb")
         frames = wire.read(rf, limit=MAX_CLIENT_FRAME)
@@ -207,7 +209,7 @@ class AgentServer:
         finally:
             timer.cancel()
         if late.is_set():
-            return _refuse(out, f"no request within {FIRST_FRAME_S:.0f}s", ExitStatus.BAD_INPUT)
+            return _refuse(out, f"no request within {deadline:g}s", ExitStatus.BAD_INPUT)
         if first is None:
             return              # connected and left without a word: nothing to answer
         if isinstance(first, Exception):

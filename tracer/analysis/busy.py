@@ -43,7 +43,7 @@ class Aggregate:
     full_events: pd.DataFrame   # the events of the failing packets judged in full
 
 
-def engine_meta(meta: dict) -> dict:
+def with_places(meta: dict) -> dict:
     """A flow run's metadata as the vectorised engine reads a capture's: the pods and nodes
     with their addresses (where each address lives), from the flow's `addresses`."""
     out = dict(meta)
@@ -75,7 +75,7 @@ def aggregate(events: pd.DataFrame, meta: dict, client_ip: str | None, force: bo
     """The aggregate of a watched flow's events (None: AGGREGATE_ABOVE packets or fewer, and
     not `force`d: judge them one by one)."""
     out: dict = {}
-    packets, hops = reconstruct_vectorised(events, engine_meta(meta), out=out)
+    packets, hops = reconstruct_vectorised(events, with_places(meta), out=out)
     n = len(packets)
     if n <= AGGREGATE_ABOVE and not force:
         return None
@@ -216,7 +216,7 @@ def is_busy(events: pd.DataFrame, meta: dict) -> bool:
 def tables(events: pd.DataFrame, meta: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(packets, hops) of a saved busy watch: the vectorised engine's, as the live run counted
     them, with `direction` from the client's address (request: sent by it; reply: to it)."""
-    packets, hops = reconstruct_vectorised(events, engine_meta(meta))
+    packets, hops = reconstruct_vectorised(events, with_places(meta))
     client = (meta.get("src") or {}).get("ip")
     if len(packets):
         src = packets["src"].astype(object).to_numpy()

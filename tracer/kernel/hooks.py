@@ -129,6 +129,11 @@ def status(hook: Hook) -> Status:
             ok, why = False, f"{hook.target} is not a kernel symbol here (inlined or renamed)"
         return Status(hook, ok, why)
     if hook.kind == "tc":
+        from tracer import settings
+        from tracer.kernel import tcx
+
+        if settings.tc_attach() != "clsact" and tcx.supported():
+            return Status(hook, True, "by tcx links where a device has no clsact qdisc (nothing added to it)")
         cfg = kernel_config()
         if cfg and (cfg.get("CONFIG_NET_CLS_BPF") == "n" or cfg.get("CONFIG_NET_SCH_INGRESS") == "n"):
             return Status(hook, False, "tc BPF classifier or clsact qdisc not built in this kernel")

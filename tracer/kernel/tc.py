@@ -6,8 +6,15 @@ filter (pid and start time, tracer/ownership.py) and says whether that process a
 device's clsact qdisc. Older podtrace named its filters `podtrace:<direction>`; those are
 still recognised.
 
+Where the kernel has tcx (Linux 6.6 and later) and the device has no clsact qdisc, the
+programs are attached by tcx links instead (tracer/kernel/tcx.py): no qdisc is added, so
+nothing the device sends is dropped while we attach or detach, and a killed run leaves
+nothing behind (the links close with the process). Where a clsact qdisc is already there (a
+CNI's datapath), ours are classic filters beside the CNI's, in the order described below.
+PODTRACE_TC_ATTACH=clsact asks for classic filters everywhere.
+
 Rules: attach only to the devices asked for; add a `clsact` qdisc only where none exists
-(and then remove it again); never replace, reorder or touch a filter someone else put
+and tcx cannot be used (and then remove it again); never replace, reorder or touch a filter someone else put
 there: ours goes in at a priority nobody uses, after theirs. `cleanup` never removes a
 filter whose owner is still running — even when that run records its attachments in
 another state directory. Each attachment is recorded (state file, with its namespace's name
@@ -24,13 +31,15 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from tracer.node import netns as netns_mod
-from tracer import testhooks
+from tracer import settings, testhooks
+from tracer.kernel import tcx
 from tracer.node import ownership
 
 MARK = "podtrace:"
 PARENT = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
 PREFERRED_PRIO = 49152
 STATE_FILE = ownership.state_dir() / "tc-attached.json"
+TCX_MARK = "pt_tc"        # our tc programs' names (pt_tc_ingress, pt_tcs_<slot>_in, ...)
 QDISC_FLAG = "clsact"     # last field of a filter name: its owner added the clsact qdisc
 
 
@@ -152,6 +161,11 @@ class TcAttacher:
         self.attached: list[Attachment] = []
         self.failed: list[str] = []
         self.next_slot = 0
+        mode = settings.tc_attach()
+        self.use_tcx = mode == "tcx" or (mode == "auto" and tcx.supported())
+        self.links: list[int] = []          # tcx link fds: closing one detaches its program
+        self.tcx_devices: list[str] = []
+        self._copies: dict[bytes, int] = {}  # second instances, for a pair before others' programs
 
     def attach(self, ns: str | None, dev: str) -> None:
         """Attach to one device; a device the kernel refuses is noted in `failed` and
@@ -177,6 +191,11 @@ class TcAttacher:
             v.name = dev.encode()[:15]
             self.devs[self.devs.Key(slot)] = v
             added = not _has_clsact(ipr, ifindex)   # added below, once recorded
+            if added and self.use_tcx:
+                self._attach_tcx(ns, ifindex, slot)
+                self.tcx_devices.append(f"{ns or 'host'}/{dev}")
+                testhooks.pause("attaching")
+                return
             for direction, parent in PARENT.items():
                 # Two adjacent free priorities: the slot stub, then the shared program
                 # (bpf/tc.c says why), after everyone else's filters; and, when someone
@@ -208,7 +227,41 @@ class TcAttacher:
         finally:
             ipr.close()
 
+    def _copy(self, name: bytes) -> int:
+        """A second instance of a loaded program (a tcx hook runs each program once)."""
+        if name not in self._copies:
+            first = self.bpf.funcs.pop(name)
+            try:
+                self._copies[name] = self.bpf.load_func(name, self._sched_cls).fd
+            finally:
+                self.bpf.funcs[name] = first
+        return self._copies[name]
+
+    def _attach_tcx(self, ns: str | None, ifindex: int, slot: int) -> None:
+        """The stub and the shared program by tcx links, last on the hook; and, when other
+        programs are there already (a CNI's datapath on tcx), a second pair first, for the
+        reason `_attach` gives."""
+        with (netns_mod.entered(ns) if ns else contextlib.nullcontext()):
+            for direction in PARENT:
+                stub = self._stub_name(slot, direction).encode()
+                stub_fd = self.bpf.load_func(stub, self._sched_cls).fd
+                others = [n for n in tcx.programs(ifindex, direction) if not n.startswith(TCX_MARK)]
+                self.links.append(tcx.link(stub_fd, ifindex, direction))
+                self.links.append(tcx.link(self.main_fd[direction], ifindex, direction, tcx.BPF_F_AFTER, stub_fd))
+                if others:
+                    main_copy = self._copy(f"pt_tc_{direction}".encode())
+                    self.links.append(tcx.link(main_copy, ifindex, direction, tcx.BPF_F_BEFORE))
+                    self.links.append(tcx.link(self._copy(stub), ifindex, direction, tcx.BPF_F_BEFORE, main_copy))
+
     def close(self) -> None:
+        for fd in reversed(self.links):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.links.clear()
+        for fd in self._copies.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._copies.clear()
         mine = []
         for a in reversed(self.attached):     # the shared program before its stub
             _, pending = _remove(a.netns, a.dev, a.direction, a.prio, a.qdisc_added, name=a.name)
