@@ -27,7 +27,7 @@ class FlowConfig:
     settle: float = 0.05
     size: int | None = None          # IP packet size of ICMP/UDP probes (DF set)
     sport: int | None = None         # fixed source port of TCP/UDP probes
-    tc: bool = True                  # also attach tc clsact observers on the path's devices
+    tc: bool = True                  # also attach tc observers (tcx or clsact) on the path's devices
     sample: int = 1                  # keep 1 packet in N, the same packets on every node
     budget: int = 50_000             # events per second per node before sampling kicks in (0: none)
     ip_family: int | None = None     # --ip-family 4|6 (None: SRC's first family DST has too)

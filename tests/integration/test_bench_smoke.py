@@ -3,7 +3,7 @@ keys its documentation (docs/performance.md) reads. The numbers are not judged h
 shared 2-vCPU machine they say nothing about pass or fail.
 
 The lab benchmarks use their own lab (`ptbench-smoke`), brought up by the first of them
-and removed at the end; half of them run each day, in turn (tests/conftest.py todays_share)."""
+and removed at the end; one of them runs each day, in turn (tests/conftest.py todays_share)."""
 
 from __future__ import annotations
 
@@ -133,5 +133,5 @@ def test_resolve_small():
 
 # Today's share of the lab benchmarks; the others are not collected (as the scenario rotations).
 for _name in {"datapath", "pipeline", "startup", "memory"} - set(todays_share(["datapath", "pipeline", "startup",
-                                                                                "memory"], 2)):
+                                                                                "memory"], 4)):
     del globals()[f"test_{_name}_quick"]

@@ -23,6 +23,7 @@ import time
 
 import pytest
 
+from tests.conftest import todays_share
 from tests.integration.lab_fixture import LAB_PREFIX, private_lab, run_cli
 from tracer.config import FlowConfig
 from tracer.lab import topology as T
@@ -55,8 +56,9 @@ def _flows(plan: T.LabPlan) -> list[tuple[str, str, str, int | None]]:
 
 FLOWS = _flows(PLAN)
 AGENT_FLOWS = FLOWS[OFFSET::AGENTS_STRIDE]
-# In-process: every third flow, the others on the next two days (the suite's time is bounded).
-SINGLE_FLOWS = FLOWS[OFFSET % 3::3]
+# In-process: a sixth of the flows, the others on the next five days (the suite's time is
+# bounded; tests/conftest.py todays_share).
+SINGLE_FLOWS = todays_share(FLOWS, 6)
 
 
 def _id(flow) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import todays_share
 from tests.integration.lab_fixture import (
     _checksum, cli_argv, cli_env, machine_snapshot, node, ping, pod, private_lab, run_cli, service,
     tcp_ask, udp_ask,
@@ -363,7 +364,7 @@ def test_flannel_only_scenarios_are_refused(cil, name):
     assert snapshot(cil, conntrack=False) == before
 
 
-@pytest.mark.parametrize("name", list(CILIUM_SCENARIOS))
+@pytest.mark.parametrize("name", todays_share(list(CILIUM_SCENARIOS), 2))    # half each day (tests/conftest.py)
 def test_break_then_fix(cil, name):
     probe, check, *pre = CILIUM_SCENARIOS[name]
     break_check_fix(cil, PREFIX, name, probe, check, *pre)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import todays_share
 from tests.integration.lab_fixture import (
     machine_snapshot, node, ping, pod, private_lab, run_cli, service, tcp_ask,
 )
@@ -642,7 +643,7 @@ def break_check_fix(doc: dict, prefix: str, name: str, probe, check, pre_probe=N
     assert not (Path(doc["state_dir"]) / scenarios.BROKEN_FILE).exists()
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
+@pytest.mark.parametrize("name", todays_share(list(SCENARIOS), 2))    # half each day (tests/conftest.py)
 def test_break_then_fix(sclab, name):
     probe, check, *pre = SCENARIOS[name]
     break_check_fix(sclab, PREFIX, name, probe, check, *pre)

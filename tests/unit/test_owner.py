@@ -38,6 +38,23 @@ def test_node_objects_give_their_pod_cidrs():
     assert n.cidrs() == ["10.2.0.0/24"]
 
 
+def test_a_node_endpoint_carries_its_cni_addresses():
+    """Cilium's router IP and Calico's tunnel address (node annotations) are the node's own:
+    a `node/NAME` endpoint's filter holds them, beside its InternalIP; a bad value is ignored."""
+    obj = _node("a", "172.30.0.1", cidr="10.244.1.0/24")
+    obj["metadata"]["annotations"] = {"network.cilium.io/ipv4-cilium-host": "10.244.1.1",
+                                      "network.cilium.io/ipv6-cilium-host": "fd00:10:244:1::1",
+                                      "projectcalico.org/IPv4IPIPTunnelAddr": "not-an-ip",
+                                      "projectcalico.org/IPv4VXLANTunnelAddr": "10.244.1.0/32"}
+    n = inventory.node_from_obj(obj)
+    assert n.cni_ips == ["10.244.1.1", "fd00:10:244:1::1", "10.244.1.0"]
+    assert n.internal_ips() == ["172.30.0.1"]          # not an uplink address
+    inv = inventory.from_items([obj], "test")
+    ep = endpoints.resolve("node/a", inv)
+    assert ep.addresses() == ["172.30.0.1", "10.244.1.1", "10.244.1.0"]     # the endpoint's family
+    assert endpoints.resolve("172.30.0.1", inv).addresses() == ["172.30.0.1"]   # an address typed: itself
+
+
 def test_cidr_owner_pod_cidrs_then_node_addresses():
     inv = inventory.from_items([_node("a", "172.30.0.1", "10.1.0.0/16"),
                                 _node("b", "172.30.0.2", "10.1.2.0/24", external="198.51.100.2"),

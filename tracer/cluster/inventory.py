@@ -149,6 +149,10 @@ class Node:
     pod_cidrs: list[str] = field(default_factory=list)   # spec.podCIDRs (pod_cidr is the first)
     addresses: list[str] = field(default_factory=list)   # every status address (InternalIP, ExternalIP)
     ips: list[str] = field(default_factory=list)         # the InternalIPs (ip is the first)
+    # the node's own addresses on its CNI's devices, from the CNI's node annotations: Cilium's
+    # router IP (cilium_host), Calico's IPIP / VXLAN tunnel address. The node's own traffic to
+    # pods of other nodes leaves with one of them as its source.
+    cni_ips: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self.ips = _ordered(self.ip, self.ips)
@@ -465,10 +469,14 @@ class Endpoint:
         }
 
     def addresses(self) -> list[str]:
-        """Every address a packet of this endpoint may carry: a VIP and its backends."""
+        """Every address a packet of this endpoint may carry: a VIP and its backends; a node's
+        address on its CNI's devices (the source of its own traffic to pods elsewhere)."""
         out = [self.ip]
+        fam = families([self.ip])[0] if self.ip else None
         if self.service:     # the backends a packet of this family reaches (DNAT keeps the family)
-            out += of_family(self.service.backend_ips, families([self.ip])[0] if self.ip else None)
+            out += of_family(self.service.backend_ips, fam)
+        elif self.node is not None and self.pod is None and not self.literal:
+            out += [a for a in of_family(self.node.cni_ips, fam) if a not in out]
         return out
 
 
@@ -545,6 +553,24 @@ def pod_from_obj(it: dict) -> Pod:
                ips=[a.get("ip") for a in status.get("podIPs") or [] if isinstance(a, dict)])
 
 
+# Node annotations whose value is an address of the node on its CNI's devices.
+CNI_ADDRESS_ANNOTATIONS = ("network.cilium.io/ipv4-cilium-host", "network.cilium.io/ipv6-cilium-host",
+                           "projectcalico.org/IPv4IPIPTunnelAddr", "projectcalico.org/IPv4VXLANTunnelAddr",
+                           "projectcalico.org/IPv6VXLANTunnelAddr")
+
+
+def cni_addresses(annotations: dict) -> list[str]:
+    """The node's addresses on its CNI's devices named by its annotations (valid ones only)."""
+    out = []
+    for key in CNI_ADDRESS_ANNOTATIONS:
+        v = str(annotations.get(key) or "").split("/")[0].strip()
+        try:
+            out.append(str(ipaddress.ip_address(v)))
+        except ValueError:
+            continue
+    return list(dict.fromkeys(out))
+
+
 def node_from_obj(it: dict) -> Node:
     md = it.get("metadata") or {}
     raw = (it.get("status") or {}).get("addresses") or []
@@ -557,7 +583,8 @@ def node_from_obj(it: dict) -> Node:
                 pod_cidrs=cidrs,
                 ips=[a.get("address") for a in raw if a.get("type") == "InternalIP" and a.get("address")],
                 addresses=[a.get("address") for a in raw if a.get("type") in ("InternalIP", "ExternalIP")
-                           and a.get("address")])
+                           and a.get("address")],
+                cni_ips=cni_addresses(md.get("annotations") or {}))
 
 
 def service_from_obj(it: dict) -> Service:

@@ -160,7 +160,7 @@ def addresses(plan: Plan) -> dict[str, tuple[str | None, str | None]]:
     for node, pod in traced:
         n = plan.inv.nodes.get(node) if node and not pod else None
         if n is not None:
-            out.update({a: (node, None) for a in n.internal_ips()})
+            out.update({a: (node, None) for a in [*n.internal_ips(), *n.cni_ips]})
     return out
 
 
