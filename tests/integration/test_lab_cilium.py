@@ -288,10 +288,12 @@ def test_flow_pod_to_service(cil):
                                   ("node-2", "default/pod-2-2", "eth0", "rx")])
 
 
-def _ping_from(ns: str, src: str, dst: str, stop: threading.Event) -> None:
-    """ICMP echoes from `src` (bound) in `ns` every 0.2 s until `stop`."""
+def _ping_from(ns: str, src: str | None, dst: str, stop: threading.Event) -> None:
+    """ICMP echoes from `src` (bound; None: the address the route gives) in `ns` every 0.2 s
+    until `stop`."""
     sock = netns.socket_in(ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-    sock.bind((src, 0))
+    if src:
+        sock.bind((src, 0))
     try:
         seq = 0
         while not stop.is_set():
@@ -307,13 +309,15 @@ def _ping_from(ns: str, src: str, dst: str, stop: threading.Event) -> None:
 
 def test_flow_shows_the_nodes_own_traffic_through_cilium_host(cil):
     """node-1 → pod-2-1 (real traffic, --no-probe): cilium_host tx, cilium_net rx, then the
-    overlay, as a Cilium node's own traffic goes."""
+    overlay, as a Cilium node's own traffic goes. The node sends it from its router IP (the
+    address on cilium_host the route names), which `node/node-1` includes: every packet
+    judged, the answer OK."""
     n1 = node(cil, "node-1")
     stop = threading.Event()
-    pinger = threading.Thread(target=_ping_from, args=(n1["netns"], n1["ip"], pod(cil, "pod-2-1")["ip"], stop))
+    pinger = threading.Thread(target=_ping_from, args=(n1["netns"], None, pod(cil, "pod-2-1")["ip"], stop))
     pinger.start()
     try:
-        _, doc, err = _flow_json("node/node-1", "pod-2-1", "--no-probe", "--duration", "6")
+        rc, doc, err = _flow_json("node/node-1", "pod-2-1", "--no-probe", "--duration", "6")
     finally:
         stop.set()
         pinger.join()
@@ -324,6 +328,8 @@ def test_flow_shows_the_nodes_own_traffic_through_cilium_host(cil):
     full = [p for p in doc["packets"] if p["direction"] == "request" and _in_order(_path(p), want)]
     assert full, [_path(p) for p in doc["packets"][:4]]
     assert all(p["verdict"]["status"] == "delivered" for p in full)
+    assert {p["hops"][0]["src"] for p in full} == {n1["router_ip"]}, full[0]["hops"][0]
+    assert rc == 0, (doc["verdict"], err)
 
 
 # ---------------------------------------------------------------------------------------

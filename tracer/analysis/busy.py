@@ -71,9 +71,10 @@ def _none(v):
     return None if v is None or (isinstance(v, float) and v != v) or v is pd.NA else v
 
 
-def aggregate(events: pd.DataFrame, meta: dict, client_ip: str | None, force: bool = False) -> Aggregate | None:
+def aggregate(events: pd.DataFrame, meta: dict, client_ip: str | list[str] | None,
+              force: bool = False) -> Aggregate | None:
     """The aggregate of a watched flow's events (None: AGGREGATE_ABOVE packets or fewer, and
-    not `force`d: judge them one by one)."""
+    not `force`d: judge them one by one). `client_ip`: the source's address(es)."""
     out: dict = {}
     packets, hops = reconstruct_vectorised(events, with_places(meta), out=out)
     n = len(packets)
@@ -83,8 +84,9 @@ def aggregate(events: pd.DataFrame, meta: dict, client_ip: str | None, force: bo
     src = packets["src"].astype(object).to_numpy()
     dst = packets["dst"].astype(object).to_numpy()
     fdst = packets["final_dst"].astype(object).to_numpy()
-    direction = np.where(src == client_ip, "request",
-                         np.where((dst == client_ip) | (fdst == client_ip), "reply", "other"))
+    clients = [client_ip] if isinstance(client_ip, str) or client_ip is None else list(client_ip)
+    direction = np.where(np.isin(src, clients), "request",
+                         np.where(np.isin(dst, clients) | np.isin(fdst, clients), "reply", "other"))
     counts = {s: int((status == s).sum()) for s in STATUSES}
     by_direction = {}
     for d in ("request", "reply", "other"):
@@ -217,11 +219,14 @@ def tables(events: pd.DataFrame, meta: dict) -> tuple[pd.DataFrame, pd.DataFrame
     """(packets, hops) of a saved busy watch: the vectorised engine's, as the live run counted
     them, with `direction` from the client's address (request: sent by it; reply: to it)."""
     packets, hops = reconstruct_vectorised(events, with_places(meta))
-    client = (meta.get("src") or {}).get("ip")
+    from tracer.analysis.flowfile import _endpoint
+
+    clients = _endpoint(meta["src"], meta).addresses() if meta.get("src") else [None]
     if len(packets):
         src = packets["src"].astype(object).to_numpy()
-        to = (packets["dst"].astype(object).to_numpy() == client) | (packets["final_dst"].astype(object).to_numpy() == client)
-        packets["direction"] = np.where(src == client, "request", np.where(to, "reply", None))
+        to = np.isin(packets["dst"].astype(object).to_numpy(), clients) | \
+            np.isin(packets["final_dst"].astype(object).to_numpy(), clients)
+        packets["direction"] = np.where(np.isin(src, clients), "request", np.where(to, "reply", None))
         if len(hops):
             hops["direction"] = packets["direction"].to_numpy()[hops["packet"].to_numpy()]
     return packets, hops

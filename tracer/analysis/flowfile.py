@@ -31,7 +31,10 @@ def _endpoint(d: dict, meta: dict) -> inventory.Endpoint:
         ns, name = d["service"].split("/", 1)
         ep.service = inventory.Service(ns, name, d["ip"], backends=svc["backends"], backend_ips=svc["backend_ips"])
     if d.get("node") and not d.get("pod"):
-        ep.node = inventory.Node(d["node"], d["ip"])
+        # the node's other addresses the live run traced it by (its CNI's, e.g. Cilium's router IP)
+        own = [ip for ip, (node, pod) in (meta.get("addresses") or {}).items()
+               if node == d["node"] and not pod and ip != d["ip"]]
+        ep.node = inventory.Node(d["node"], d["ip"], cni_ips=own)
     return ep
 
 

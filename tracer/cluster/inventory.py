@@ -162,6 +162,10 @@ class Node:
         """The node's InternalIPs, one per family on a dual-stack node (the first is `ip`)."""
         return _ordered(self.ip, self.ips)
 
+    def own_ips(self) -> list[str]:
+        """Every address that names this node: its InternalIPs, then its CNI addresses."""
+        return list(dict.fromkeys([*self.internal_ips(), *self.cni_ips]))
+
     def cidrs(self) -> list[str]:
         """The node's pod CIDRs: spec.podCIDRs, else spec.podCIDR."""
         return list(dict.fromkeys([*self.pod_cidrs, *([self.pod_cidr] if self.pod_cidr else [])]))
@@ -184,7 +188,7 @@ class Inventory:
         """ip → (kind, key) for pods, Service VIPs and nodes."""
         out: dict[str, tuple[str, str]] = {}
         for n in self.nodes.values():
-            for a in n.internal_ips():
+            for a in n.own_ips():
                 out[a] = ("node", n.name)
         for s in self.services.values():
             for a in s.addresses():
@@ -208,7 +212,7 @@ class Inventory:
         """Rebuild the address index from the dicts (O(n)); the mutators keep it current."""
         idx: dict[str, dict[str, list[str]]] = {"pod": {}, "service": {}, "node": {}}
         for n in self.nodes.values():
-            for a in n.internal_ips():
+            for a in n.own_ips():
                 idx["node"].setdefault(a, []).append(n.name)
         for sv in self.services.values():
             for a in sv.addresses():
@@ -257,7 +261,7 @@ class Inventory:
             if not keys:
                 continue
             obj = table.get(keys[-1])
-            have = [] if obj is None else (obj.internal_ips() if kind == "node" else obj.addresses())
+            have = [] if obj is None else (obj.own_ips() if kind == "node" else obj.addresses())
             if ip not in have:      # the dicts were changed behind the index's back
                 self.reindex()
                 return self.by_ip().get(ip, (None, None))
@@ -308,10 +312,10 @@ class Inventory:
         old = self.nodes.get(node.name)
         fresh = self._fresh()
         if old is not None:
-            self._index_drop("node", old.internal_ips(), old.name)
+            self._index_drop("node", old.own_ips(), old.name)
             node.netns = node.netns or old.netns
         self.nodes[node.name] = node
-        self._index_add("node", node.internal_ips(), node.name)
+        self._index_add("node", node.own_ips(), node.name)
         if fresh:
             self._indexed = self._sizes()
 
@@ -319,7 +323,7 @@ class Inventory:
         fresh = self._fresh()
         old = self.nodes.pop(name, None)
         if old is not None:
-            self._index_drop("node", old.internal_ips(), name)
+            self._index_drop("node", old.own_ips(), name)
             if fresh:
                 self._indexed = self._sizes()
         return old

@@ -151,13 +151,13 @@ def _ct(r, names: dict[int, str]) -> ConntrackView | None:
 
 def _classify(first, fi: FlowInput) -> tuple[str, int | None]:
     """(direction, probe seq) for a packet, from its first hop."""
-    src_ip = fi.src.ip
+    src_ips = set(fi.src.addresses())     # a node's: also its address on its CNI's devices
     dst_ips = set(fi.dst.addresses())
     proto = identity.PROTO_NAMES.get(int(first.proto))
     direction = None
-    if first.saddr_str == src_ip and (first.daddr_str in dst_ips or not dst_ips):
+    if first.saddr_str in src_ips and (first.daddr_str in dst_ips or not dst_ips):
         direction = "request"
-    elif first.daddr_str == src_ip and (first.saddr_str in dst_ips or first.saddr_str in fi.dnat):
+    elif first.daddr_str in src_ips and (first.saddr_str in dst_ips or first.saddr_str in fi.dnat):
         direction = "reply"
     elif first.daddr_str in fi.snat and (first.saddr_str in fi.dnat or first.saddr_str in dst_ips):
         # the answer to a masqueraded request (a NodePort's, a Service's hairpin)
@@ -213,7 +213,7 @@ def _targets(fi: FlowInput, direction: str) -> set[int]:
 
 def _target_ips(fi: FlowInput, direction: str) -> set[str]:
     if direction == "reply":
-        return {fi.src.ip}
+        return set(fi.src.addresses())
     ep = fi.dst
     if ep.service:
         return set(ep.service.backend_ips) | set(ep.service.addresses()) | {ep.ip}

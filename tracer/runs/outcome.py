@@ -131,7 +131,7 @@ def watch_packets(plan: Plan, df: pd.DataFrame, fi: FlowInput, locations: dict, 
     few enough packets to judge them all)."""
     from tracer.analysis import busy
 
-    agg = busy.aggregate(df, engine_meta(plan, fi, locations, window, view), plan.src.ip)
+    agg = busy.aggregate(df, engine_meta(plan, fi, locations, window, view), plan.src.addresses())
     if agg is None:
         return build_packets(df, fi), None
     return build_packets(agg.full_events, fi), agg.doc
