@@ -41,13 +41,12 @@ from tracer.kernel import record as events
 from tracer.errors import BadInput
 from tracer import tracecols
 from tracer.tracecols import ADDR16, addr_array, frame_addr_bytes
-from tracer.tracemeta import FORMAT_VERSION, cluster_meta, finish_meta, host_meta
+from tracer.tracemeta import FORMAT_VERSION, ROW_GROUP_EVENTS, cluster_meta, finish_meta, host_meta
 
 __all__ = ["FORMAT_VERSION", "META_KEY", "ROW_GROUP_EVENTS", "TraceFileError", "Writer", "cluster_meta",
            "host_meta", "load", "read_meta", "salvage", "salvage_writer", "save"]
 
 META_KEY = b"podtrace"
-ROW_GROUP_EVENTS = 65536
 
 # Event columns stored in the file (the record minus padding), with their Arrow types.
 # ts_ns is signed: merged multi-node traces shift timestamps by clock offsets.

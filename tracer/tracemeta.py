@@ -11,6 +11,7 @@ from tracer import settings
 from tracer.errors import BadInput
 
 FORMAT_VERSION = 3   # 3: 16-byte addresses of both families and the IPv6 flow label
+ROW_GROUP_EVENTS = 65536   # events per row group of a trace file, unless a run says otherwise
 
 
 def host_meta() -> dict:

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from tracer import tracefile
+from tracer import tracemeta
 from tracer.cli.options import ip_family_option, prefix_option
 from tracer.errors import BadInput, ExitStatus
 
@@ -43,7 +43,7 @@ from tracer.errors import BadInput, ExitStatus
 @click.option("--on-node", default=None, metavar="NAME",
               help="Lab only: record what that node's namespaces see, as a capture on that node "
                    "would (one file per node; `analyze` takes them together).")
-@click.option("--row-group", type=click.IntRange(1024, 10_000_000), default=tracefile.ROW_GROUP_EVENTS,
+@click.option("--row-group", type=click.IntRange(1024, 10_000_000), default=tracemeta.ROW_GROUP_EVENTS,
               show_default=True, help="Events per Parquet row group (bounds memory).")
 @click.option("--ringbuf-pages", type=click.IntRange(8, 65536), default=1024, show_default=True,
               help="Ring buffer size in pages (a power of two).")
