@@ -112,9 +112,9 @@ def saved_packets(path) -> list[dict]:
     return [p.as_json() for p in analysis.reconstruct(events, meta)]
 
 
-# The suite's time is bounded (20 minutes on 2 vCPUs): a quarter of the scenarios each day, in
+# The suite's time is bounded (20 minutes on 2 vCPUs): a fifth of the scenarios each day, in
 # turn (tests/conftest.py todays_share), as the healthy soak rotates its flows.
-TODAY = todays_share([c for c in CASES if c[2] != "source"], 4)
+TODAY = todays_share([c for c in CASES if c[2] != "source"], 5)
 
 
 @pytest.mark.parametrize("scenario,args,direction,node,cause,reason", TODAY, ids=[c[0] for c in TODAY])
@@ -195,7 +195,7 @@ def test_capture_drops_live_equal_analyze(dlab, tmp_path):
     assert int(hit["count"].sum()) >= 10, t.drops
 
 
-SOURCE_CASES = todays_share([c for c in CASES if c[2] == "source"], 4)     # a quarter each day, as above
+SOURCE_CASES = todays_share([c for c in CASES if c[2] == "source"], 5)     # a fifth each day, as above
 
 
 @pytest.mark.parametrize("scenario,args,direction,node,cause,errno", SOURCE_CASES, ids=[c[0] for c in SOURCE_CASES])

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import todays_share
 from tests.integration.lab_fixture import private_lab
 from tests.integration.test_safety_common import (
     alive, bpf_objects, bpf_objects_held_by, cli, descendants, our_filters, popen, tc_snapshot,
@@ -167,7 +168,7 @@ def test_second_ctrl_c_while_finishing_aborts(ilab, tmp_path):
     assert not save.exists() and not list(tmp_path.glob("*.part*"))
 
 
-@pytest.mark.parametrize("mode", ["single", "agents"])
+@pytest.mark.parametrize("mode", todays_share(["single", "agents"], 2))   # one a day
 def test_ctrl_c_while_judging_keeps_the_events(ilab, tmp_path, mode):
     """The first Ctrl-C after the watch, while the packets are judged, is answered at once
     with what was collected: the events, saved and marked incomplete, which `analyze`

@@ -31,7 +31,7 @@ from tests.integration.test_safety_common import (
 )
 
 PREFIX = "pttestkr"
-ROUNDS = 4             # each round kills one flow and one capture: 8 kills
+ROUNDS = 3             # each round kills one flow and one capture: 6 kills
 
 
 def _tc_records() -> list[dict]:

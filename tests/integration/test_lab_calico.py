@@ -154,9 +154,9 @@ EXPECTED = {c[0]: c[2:] for c in DIAGNOSED}
 # Where Calico's datapath makes the same fault look different, and why.
 ON_CALICO: dict[str, tuple] = {}
 GENERIC = sorted(n for n in EXPECTED if "calico" in scenarios.applies_to(scenarios.get(n)))
-# The suite's time is bounded: a third of them each day, in turn (tests/conftest.py
+# The suite's time is bounded: a quarter of them each day, in turn (tests/conftest.py
 # todays_share), as the healthy soak rotates its flows.
-GENERIC = todays_share(GENERIC, 3)
+GENERIC = todays_share(GENERIC, 4)
 
 
 @pytest.fixture(scope="module")

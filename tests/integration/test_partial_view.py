@@ -25,7 +25,7 @@ from tracer import analysis
 from tracer.analysis import merge
 from tracer.config import FlowConfig
 from tracer.runs.flow import run_flow
-from tests.conftest import subprocess_env
+from tests.conftest import subprocess_env, todays_share
 
 LATE_S = 2
 
@@ -62,7 +62,7 @@ class Traffic:
         return False
 
 
-@pytest.mark.parametrize("dst", ["pod-2-1", "svc/default/web"])
+@pytest.mark.parametrize("dst", todays_share(["pod-2-1", "svc/default/web"], 2))   # one a day
 def test_late_agent_gives_partial_not_lost(lab, monkeypatch, tmp_path, dst):
     monkeypatch.setenv("PODTRACE_TEST_AGENT_READY_DELAY", f"node-2={LATE_S}")
     saved = tmp_path / "flow.parquet"
