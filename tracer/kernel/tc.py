@@ -164,7 +164,6 @@ class TcAttacher:
         mode = settings.tc_attach()
         self.use_tcx = mode == "tcx" or (mode == "auto" and tcx.supported())
         self.links: list[int] = []          # tcx link fds: closing one detaches its program
-        self.tcx_devices: list[str] = []
         self._copies: dict[bytes, int] = {}  # second instances, for a pair before others' programs
 
     def attach(self, ns: str | None, dev: str) -> None:
@@ -193,7 +192,6 @@ class TcAttacher:
             added = not _has_clsact(ipr, ifindex)   # added below, once recorded
             if added and self.use_tcx:
                 self._attach_tcx(ns, ifindex, slot)
-                self.tcx_devices.append(f"{ns or 'host'}/{dev}")
                 testhooks.pause("attaching")
                 return
             for direction, parent in PARENT.items():
