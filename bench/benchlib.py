@@ -53,6 +53,21 @@ def lab_inodes(doc: dict) -> list[int]:
     return [netns.inode(n) for n in names if netns.exists(n)]
 
 
+@contextlib.contextmanager
+def environ(**values: str):
+    """os.environ with `values` set for the block, then as before."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def lab_env(prefix: str = PREFIX) -> dict:
     env = dict(os.environ)
     env.pop("PODTRACE_FLOW_MODE", None)   # a benchmark names its mode (--single-process) or measures the default

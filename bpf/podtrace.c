@@ -547,8 +547,12 @@ static __always_inline int on_packet(void *ctx, const u8 *skb, const u8 *l3, u8 
 // and hands everything else (ours, followed, IPv6, headers beyond the quick read, the end of
 // a buffer) to one shared program, `pt_common`, by a tail call: the full parser, the record
 // and the conntrack view are then compiled and verified once instead of once per tracepoint.
-// The arguments go in a per-CPU slot (tracepoint programs do not nest on a CPU: the kernel
-// skips one that would). User space puts pt_common in pt_next before attaching anything.
+// The arguments go in a per-CPU stack of slots. Perf tracepoints never nest on a CPU (the
+// kernel skips a program that would run inside another), but raw tracepoints do: a
+// consume_skb in a process's recvmsg can be interrupted by a softirq whose netif_receive_skb
+// runs pt_rx before the first call reached pt_common. Each call takes the slot at `depth`,
+// and pt_common gives it back on every way out. User space puts pt_common in pt_next before
+// attaching anything.
 struct pt_call {
     u64 skb;
     u64 l3;         // the network header; 0: head + nh
@@ -558,14 +562,24 @@ struct pt_call {
     u8 hook;
     u8 free;        // kfree_skb / consume_skb: the end of a buffer
 };
-BPF_PERCPU_ARRAY(pt_calls, struct pt_call, 1);
+#define PT_NEST 4   // process, softirq, hardirq, NMI (a power of two)
+struct pt_calls_t {
+    u32 depth;
+    u32 pad;
+    struct pt_call at[PT_NEST];
+};
+BPF_PERCPU_ARRAY(pt_calls, struct pt_calls_t, 1);
 BPF_PROG_ARRAY(pt_next, 1);
 
 static __always_inline int pass_on(void *ctx, const u8 *skb, const u8 *l3, u16 nh, u8 hook, u8 free,
                                    u64 location, u32 reason) {
     u32 zero = 0;
-    struct pt_call *call = pt_calls.lookup(&zero);
-    if (!call) return 0;
+    struct pt_calls_t *calls = pt_calls.lookup(&zero);
+    if (!calls) return 0;
+    u32 d = calls->depth;
+    if (d >= PT_NEST) return 0;
+    asm volatile("" : "+r"(d));   // keeps the mask (as in pt_common)
+    struct pt_call *call = &calls->at[d & (PT_NEST - 1)];
     call->skb = (u64)skb;
     call->l3 = (u64)l3;
     call->nh = nh;
@@ -573,8 +587,10 @@ static __always_inline int pass_on(void *ctx, const u8 *skb, const u8 *l3, u16 n
     call->free = free;
     call->location = location;
     call->reason = reason;
+    calls->depth = d + 1;
     pt_next.call(ctx, 0);
-    return 0;   // reached only when pt_common is not (yet) in pt_next
+    calls->depth = d;   // reached only when pt_common is not (yet) in pt_next
+    return 0;
 }
 
 // 1 when the packet at `l3` is certainly not ours: IPv4 (or not IP at all), read and parsed
@@ -604,6 +620,32 @@ static __always_inline int not_ours(const u8 *skb, const u8 *l3) {
     return !wanted(&p);
 }
 
+// The four entry points come in two builds. PT_RAW_TP (the default where the kernel allows
+// it): raw tracepoints, whose context is the tracepoint's own arguments (ctx->args[], the skb
+// first), so the kernel does not fill a perf tracepoint record (device name, a dozen skb
+// fields) for every packet of the machine before calling us. Otherwise perf tracepoints,
+// reading the same values from that record. Both hand the same values to pass_on().
+#if PT_RAW_TP
+int pt_rx(struct bpf_raw_tracepoint_args *ctx) {
+    const u8 *skb = (const u8 *)ctx->args[0];
+    // At netif_receive_skb the Ethernet header has been pulled: data is the L3 header.
+    const u8 *data = (const u8 *)rd64(skb, SKB_DATA);
+    count(C_SEEN);
+    if (not_ours(skb, data)) return 0;
+    return pass_on(ctx, skb, data, 0, HOOK_RX, 0, 0, 0);
+}
+
+int pt_tx(struct bpf_raw_tracepoint_args *ctx) {
+    const u8 *skb = (const u8 *)ctx->args[0];
+    const u8 *data = (const u8 *)rd64(skb, SKB_DATA);
+    // the perf record's network_offset: head + network_header - data
+    s64 off = (s64)(rd64(skb, SKB_HEAD) + skb_u16(skb, SKB_NETWORK_HEADER)) - (s64)data;
+    if (off < 0 || off > 256) return 0;
+    count(C_SEEN);
+    if (not_ours(skb, data + off)) return 0;
+    return pass_on(ctx, skb, data + off, 0, HOOK_TX, 0, 0, 0);
+}
+#else
 int pt_rx(struct tp_netif_receive_skb *args) {
     const u8 *skb = (const u8 *)args->skbaddr;
     // At netif_receive_skb the Ethernet header has been pulled: data is the L3 header.
@@ -621,6 +663,7 @@ int pt_tx(struct tp_net_dev_start_xmit *args) {
     if (not_ours(skb, data + args->network_offset)) return 0;
     return pass_on(args, skb, data + args->network_offset, 0, HOOK_TX, 0, 0, 0);
 }
+#endif
 
 static __always_inline int on_free(void *ctx, const u8 *skb, u8 hook, u16 nh, u64 location, u32 reason) {
     u64 key = (u64)skb;
@@ -648,6 +691,22 @@ static __always_inline int on_free(void *ctx, const u8 *skb, u8 hook, u16 nh, u6
     return 0;
 }
 
+#if PT_RAW_TP
+int pt_kfree(struct bpf_raw_tracepoint_args *ctx) {
+    // kfree_skb(skb, location, reason, …)
+    const u8 *skb = (const u8 *)ctx->args[0];
+    return pass_on(ctx, skb, 0, skb_u16(skb, SKB_NETWORK_HEADER), HOOK_DROP, 1, (u64)ctx->args[1],
+                   (u32)ctx->args[2]);
+}
+
+int pt_consume(struct bpf_raw_tracepoint_args *ctx) {
+    // consume_skb(skb, location)
+    const u8 *skb = (const u8 *)ctx->args[0];
+    u64 key = (u64)skb;
+    if (!tracked_get(&key)) return 0;
+    return pass_on(ctx, skb, 0, skb_u16(skb, SKB_NETWORK_HEADER), HOOK_CONSUME, 1, (u64)ctx->args[1], 0);
+}
+#else
 int pt_kfree(struct tp_kfree_skb *args) {
     const u8 *skb = (const u8 *)args->skbaddr;
     return pass_on(args, skb, 0, skb_u16(skb, SKB_NETWORK_HEADER), HOOK_DROP, 1, (u64)args->location,
@@ -662,13 +721,23 @@ int pt_consume(struct tp_consume_skb *args) {
     if (!tracked_get(&key)) return 0;
     return pass_on(args, skb, 0, skb_u16(skb, SKB_NETWORK_HEADER), HOOK_CONSUME, 1, (u64)args->location, 0);
 }
+#endif
 
 int pt_common(void *ctx) {
     u32 zero = 0;
-    struct pt_call *call = pt_calls.lookup(&zero);
-    if (!call) return 0;
+    struct pt_calls_t *calls = pt_calls.lookup(&zero);
+    if (!calls) return 0;
+    u32 d = calls->depth;
+    if (d == 0 || d > PT_NEST) return 0;
+    u32 i = d - 1;
+    asm volatile("" : "+r"(i));   // keeps the mask: clang drops it as redundant, the verifier needs it
+    struct pt_call *call = &calls->at[i & (PT_NEST - 1)];
     const u8 *skb = (const u8 *)call->skb;
+    int rc;
     if (call->free)
-        return on_free(ctx, skb, call->hook, call->nh, call->location, call->reason);
-    return on_packet(ctx, skb, (const u8 *)call->l3, call->hook, 0, 0);
+        rc = on_free(ctx, skb, call->hook, call->nh, call->location, call->reason);
+    else
+        rc = on_packet(ctx, skb, (const u8 *)call->l3, call->hook, 0, 0);
+    calls->depth = d - 1;
+    return rc;
 }

@@ -148,10 +148,9 @@ def report(compile_test: bool = True, lab_prefix: str | None = None) -> dict:
         try:
             loaded = program.load(attach=False, hooks=chosen)
             try:   # attach=False loads nothing: load each program so the verifier runs
-                from bcc import BPF
-
+                tracepoints = loaded.tracepoints
                 for h in chosen:
-                    kind = {"tracepoint": BPF.TRACEPOINT, "tc": BPF.SCHED_CLS}.get(h.kind, BPF.KPROBE)
+                    kind = loaded.prog_type(h.kind)
                     for fn in filter(None, (h.fn, h.ret_fn)):
                         try:
                             with program._quiet_stderr():
@@ -161,7 +160,7 @@ def report(compile_test: bool = True, lab_prefix: str | None = None) -> dict:
                                                      "PODTRACE_DEBUG_BPF=1 podtrace doctor shows the verifier log") from None
             finally:
                 loaded.close()
-            compile_info = {"ok": True, "seconds": round(time.monotonic() - t0, 3)}
+            compile_info = {"ok": True, "seconds": round(time.monotonic() - t0, 3), "tracepoints": tracepoints}
         except PodtraceError as exc:
             compile_info = {"ok": False, "error": exc.line()}
             problems.append({"problem": exc.message, "fix": exc.fix})

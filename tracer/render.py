@@ -220,6 +220,8 @@ def doctor_table(rep: dict, console: Console) -> None:
     if rep.get("compile"):
         c = rep["compile"]
         facts.add_row("compile+load", f"ok in {c['seconds']}s" if c["ok"] else f"FAILED: {c['error']}")
+        if c.get("tracepoints"):
+            facts.add_row("tracepoints", c["tracepoints"])
     fe = rep.get("fentry") or {}
     facts.add_row("fentry", f"{'available' if fe.get('available') else 'unavailable'}: {fe.get('reason')}")
     facts.add_row("metadata", "; ".join(rep["metadata"]["sources"]))

@@ -24,6 +24,11 @@ PODTRACE_TC_ATTACH          ``auto``          how tc observers attach: ``tcx`` (
                                               adding a clsact qdisc where none is), or
                                               ``auto`` (tcx where the kernel has it and the
                                               device has no clsact qdisc)
+PODTRACE_TRACEPOINTS        ``auto``          how the device and skb tracepoints attach:
+                                              ``raw`` (raw tracepoints: the kernel fills no
+                                              record before the program runs), ``perf``
+                                              (perf-event tracepoints), or ``auto`` (raw,
+                                              and perf where raw cannot attach)
 PODTRACE_DEBUG              (off)             ``1``: tracebacks of errors, like --debug
 PODTRACE_DEBUG_BPF          (off)             any value: let BCC's compiler warnings and
                                               the verifier's log through to stderr
@@ -43,7 +48,7 @@ DEFAULT_STATE_DIR = "/run/podtrace"
 
 # Every variable of the table above (tests check the table and the readers agree).
 VARIABLES = ("PODTRACE_LAB_PREFIX", "PODTRACE_STATE_DIR", "PODTRACE_FLOW_MODE", "PODTRACE_HOST_PROC",
-             "PODTRACE_RINGBUF_READER", "PODTRACE_TC_ATTACH", "PODTRACE_DEBUG", "PODTRACE_DEBUG_BPF")
+             "PODTRACE_RINGBUF_READER", "PODTRACE_TC_ATTACH", "PODTRACE_TRACEPOINTS", "PODTRACE_DEBUG", "PODTRACE_DEBUG_BPF")
 
 
 def lab_prefix() -> str:
@@ -65,6 +70,12 @@ def tc_attach() -> str:
     """How tc observers attach: "auto", "tcx" or "clsact" (anything else counts as auto)."""
     v = (os.environ.get("PODTRACE_TC_ATTACH") or "auto").lower()
     return v if v in ("tcx", "clsact") else "auto"
+
+
+def tracepoints() -> str:
+    """How tracepoint hooks attach: "auto", "raw" or "perf" (anything else counts as auto)."""
+    v = (os.environ.get("PODTRACE_TRACEPOINTS") or "auto").lower()
+    return v if v in ("raw", "perf") else "auto"
 
 
 def flow_mode() -> str:

@@ -58,12 +58,10 @@ def lab_tc_state(lab) -> dict:
 
 
 def test_every_kprobe_program_passes_the_verifier():
-    from bcc import BPF
-
     loaded = program.load(attach=False, hooks=CATALOG)
     try:
         for h in CATALOG:
-            kind = BPF.SCHED_CLS if h.kind == "tc" else (BPF.TRACEPOINT if h.kind == "tracepoint" else BPF.KPROBE)
+            kind = loaded.prog_type(h.kind)
             for fn in filter(None, (h.fn, h.ret_fn)):
                 assert loaded.bpf.load_func(fn.encode(), kind).fd > 0, fn
     finally:
@@ -90,6 +88,51 @@ def test_the_compiled_program_has_the_contracts_numbers():
     wait_no_programs()
 
 
+def test_raw_and_perf_tracepoints_see_the_same_events(lab, monkeypatch):
+    """The default raw tracepoints and the perf tracepoints they replace, loaded side by side
+    on the same traffic (echoes across the nodes, and a datagram the destination drops for
+    want of a socket): the same events, field by field (the time aside)."""
+    import socket
+
+    from tests.integration.lab_fixture import drain_all, ping, pod
+    from tracer.kernel import hooks
+    from tracer.kernel.session import SessionConfig, TraceSession
+    from tracer.node import netns
+
+    src, dst = pod(lab, "pod-1-1"), pod(lab, "pod-2-1")
+    inodes = [netns.inode(x["netns"]) for x in lab["nodes"] + lab["pods"]]
+    sessions = {}
+    try:
+        for mode in ("raw", "perf"):
+            monkeypatch.setenv("PODTRACE_TRACEPOINTS", mode)
+            s = sessions[mode] = TraceSession(SessionConfig(
+                addrs=[src["ip"], dst["ip"]], budget=0, netns=inodes,
+                hooks=[hooks.BY_NAME[n] for n in hooks.DEFAULT_HOOKS]))
+            s.start()
+            assert s.loaded.raw_tp is (mode == "raw"), s.loaded.tracepoints
+        for seq in range(1, 4):
+            assert ping(src["netns"], dst["ip"], seq=seq) == dst["ip"]
+        sock = netns.socket_in(src["netns"], socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.sendto(b"nobody listens", (dst["ip"], 9))     # dropped at dst: no socket
+        finally:
+            sock.close()
+        frames = {}
+        for mode, s in sessions.items():
+            drain_all(s)
+            f = s.frame()
+            frames[mode] = f.drop(columns=[c for c in f.columns if c.startswith("ts")]) \
+                .astype(str).sort_values(list(f.columns.drop([c for c in f.columns if c.startswith("ts")]))) \
+                .reset_index(drop=True)
+    finally:
+        for s in sessions.values():
+            s.close()
+    raw, perf = frames["raw"], frames["perf"]
+    assert len(raw) >= 3 * 2 * 10, len(raw)           # every hop of three echoes and replies
+    assert (raw["reason"] != "0").any(), "the datagram's drop (kfree_skb with a reason) was not seen"
+    assert raw.equals(perf), (raw.compare(perf) if raw.shape == perf.shape else (raw.shape, perf.shape))
+
+
 def test_doctor_on_this_kernel(lab):
     res = cli(lab, "doctor", "-o", "json")
     assert res.returncode == 0, res.stderr
@@ -104,6 +147,7 @@ def test_doctor_on_this_kernel(lab):
         assert any("kernel-function hooks unavailable" in d for d in rep["degraded"])
     assert rep["headers"]["kind"] in ("real", "substitute")
     assert rep["btf"]["offsets"] == "ok"
+    assert rep["compile"]["tracepoints"].startswith("raw tracepoints"), rep["compile"]
     assert any(s.startswith(f"lab {lab['prefix']}") for s in rep["metadata"]["sources"])
     table = cli(lab, "doctor")
     assert table.returncode == 0 and "tc:ingress" in table.stdout and "flow can run" in table.stdout

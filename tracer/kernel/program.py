@@ -70,6 +70,32 @@ def ct_info_names(offs: dict[str, int] | None = None) -> dict[int, str]:
     return names
 
 
+# What the raw tracepoint build reads from each tracepoint's arguments, beyond the skb (the
+# first): kfree_skb(skb, location, reason, …), consume_skb(skb, location). Older kernels lack
+# some; their tracefs formats lack the same fields, which is how `raw_tracepoints()` knows.
+RAW_ARGS = {"kfree_skb": ("location", "reason"), "consume_skb": ("location",)}
+
+
+def raw_tracepoints() -> tuple[bool, str]:
+    """Whether the tracepoint hooks attach as raw tracepoints here, and why (for `doctor`).
+    PODTRACE_TRACEPOINTS=perf|raw decides; auto: raw where every argument the program reads
+    exists on this kernel (load() still falls back to perf if the kernel refuses)."""
+    mode = settings.tracepoints()
+    if mode == "perf":
+        return False, "perf tracepoints (PODTRACE_TRACEPOINTS=perf)"
+    if mode == "raw":
+        return True, "raw tracepoints (PODTRACE_TRACEPOINTS=raw)"
+    for cat, ev, _, _ in TRACEPOINTS:
+        try:
+            fmt = formats.read_format(cat, ev)
+        except EnvironmentProblem as exc:
+            return False, f"perf tracepoints ({exc.line()})"
+        missing = [f for f in RAW_ARGS.get(ev, ()) if fmt.field(f) is None]
+        if missing:
+            return False, f"perf tracepoints ({ev} has no {', '.join(missing)} argument on this kernel)"
+    return True, "raw tracepoints (the kernel fills no tracepoint record before the program runs)"
+
+
 def source(files: list[str] | None = None) -> str:
     """The C text: the generated contract and structs, then the bpf/ files asked for
     (default: all)."""
@@ -100,10 +126,11 @@ def tc_stubs() -> str:
     return "\n".join(out)
 
 
-def cflags(ringbuf_pages: int = 1024) -> list[str]:
+def cflags(ringbuf_pages: int = 1024, raw_tp: bool = False) -> list[str]:
     defs = dict(offsets())
     defs.update(record.c_defines())
     defs["RINGBUF_PAGES"] = ringbuf_pages
+    defs["PT_RAW_TP"] = int(raw_tp)
     return ([f"-D{k}={v}" for k, v in sorted(defs.items())]
             + [f"-I{BPF_DIR}", "-Wno-macro-redefined"])
 
@@ -116,6 +143,16 @@ class Loaded:
     attached: list[tuple[str, str]] = field(default_factory=list)   # (kind, target)
     timings: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)   # hooks that could not attach
+    raw_tp: bool = False            # the tracepoint hooks are raw tracepoints
+    tracepoints: str = ""           # how they attach, for doctor and the trace's meta
+
+    def prog_type(self, kind: str) -> int:
+        """BCC's program type for a hook of `kind` in this build."""
+        from bcc import BPF
+
+        if kind == "tracepoint":
+            return BPF.RAW_TRACEPOINT if self.raw_tp else BPF.TRACEPOINT
+        return BPF.SCHED_CLS if kind == "tc" else BPF.KPROBE
 
     def close(self) -> None:
         if self.bpf is None:
@@ -125,6 +162,8 @@ class Loaded:
             with contextlib.suppress(Exception):
                 if kind == "tracepoint":
                     bpf.detach_tracepoint(tp=target.encode())
+                elif kind == "raw_tracepoint":
+                    bpf.detach_raw_tracepoint(tp=target.encode())
                 elif kind == "kprobe":
                     bpf.detach_kprobe(event=target.encode())
                 elif kind == "kretprobe":
@@ -138,6 +177,9 @@ def load(ringbuf_pages: int = 1024, attach: bool = True, hooks: list | None = No
     """Compile the files the hooks need and attach the tracepoint and kprobe hooks (tc
     programs are attached per device by tracer/kernel/tc.py). A kprobe that fails to attach
     is dropped silently here: hooks.detect() already said why, and its fallback covers it.
+    Tracepoints attach raw where `raw_tracepoints()` says so; if the kernel refuses a raw one
+    (and PODTRACE_TRACEPOINTS does not insist), everything is loaded again as perf
+    tracepoints, and `Loaded.tracepoints` says why.
     Raises EnvironmentProblem with a fix when the machine cannot trace at all; Ctrl-C,
     SIGTERM (as KeyboardInterrupt) and `stop` end the compile at once (see `_compile`)."""
     from tracer.kernel import hooks as catalog
@@ -145,34 +187,62 @@ def load(ringbuf_pages: int = 1024, attach: bool = True, hooks: list | None = No
     if os.geteuid() != 0:
         raise EnvironmentProblem("tracing needs root (CAP_BPF, CAP_SYS_ADMIN)", "run it again with sudo")
     require_capabilities("loading BPF programs", ("CAP_BPF", "CAP_PERFMON"))
-    bcc = _bcc()
     if hooks is None:
         hooks = [catalog.BY_NAME[n] for n in catalog.DEFAULT_HOOKS]
+    raw, why = raw_tracepoints()
+    if raw and any(h.kind == "tracepoint" for h in hooks):
+        try:
+            return _load(ringbuf_pages, attach, hooks, stop, True, why)
+        except _RawRefused as exc:
+            if settings.tracepoints() == "raw":
+                raise EnvironmentProblem(f"the kernel refused a raw tracepoint: {exc}",
+                                         "unset PODTRACE_TRACEPOINTS (perf tracepoints are the fallback)") from None
+            why = f"perf tracepoints (the kernel refused a raw one: {exc})"
+    return _load(ringbuf_pages, attach, hooks, stop, False, why)
+
+
+class _RawRefused(Exception):
+    """A raw tracepoint program did not load or attach (older kernels: other arguments)."""
+
+
+def _load(ringbuf_pages: int, attach: bool, hooks: list, stop: threading.Event | None, raw: bool,
+          why: str) -> Loaded:
+    bcc = _bcc()
     t0 = time.monotonic()
     files = ["podtrace.c"] + sorted({h.source for h in hooks} - {"podtrace.c"}, key=SOURCES.index)
     text = source(files)
-    flags = cflags(ringbuf_pages)
+    flags = cflags(ringbuf_pages, raw_tp=raw)
     t1 = time.monotonic()
     try:
         b = _compile(bcc, text.encode(), flags, stop)
     except Exception as exc:  # BCC raises bare Exception on compile/load failure
         raise EnvironmentProblem(f"the BPF program did not compile or load: {exc}",
                                  "run `podtrace doctor` to see what this kernel lacks") from None
-    loaded = Loaded(bpf=b)
+    loaded = Loaded(bpf=b, raw_tp=raw, tracepoints=why)
     t2 = time.monotonic()
     testhooks.pause("loaded")
     if any(h.kind == "tracepoint" for h in hooks):
         try:
             with _quiet_stderr():
-                link_common(b)
+                link_common(b, raw)
         except Exception as exc:
             loaded.close()
+            if raw:
+                raise _RawRefused(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
             raise EnvironmentProblem(f"the kernel's verifier rejected a BPF program: {exc}",
                                      "run `podtrace doctor`; PODTRACE_DEBUG_BPF=1 shows the verifier log") from None
     if attach:
         try:
             for h in hooks:
-                if h.kind == "tracepoint":
+                if h.kind == "tracepoint" and raw:
+                    event = h.target.split(":", 1)[1]
+                    try:
+                        with _quiet_stderr():
+                            b.attach_raw_tracepoint(tp=event.encode(), fn_name=h.fn.encode())
+                    except Exception as exc:
+                        raise _RawRefused(f"{event}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+                    loaded.attached.append(("raw_tracepoint", event))
+                elif h.kind == "tracepoint":
                     with _quiet_stderr():   # BCC prints a rejected program's verifier log on fd 2
                         b.attach_tracepoint(tp=h.target.encode(), fn_name=h.fn.encode())
                     loaded.attached.append(("tracepoint", h.target))
@@ -186,6 +256,9 @@ def load(ringbuf_pages: int = 1024, attach: bool = True, hooks: list | None = No
                             loaded.attached.append(("kretprobe", h.target))
                     except Exception:  # not traceable here: the fallback hook covers it
                         loaded.skipped.append(h.name)
+        except _RawRefused:
+            loaded.close()
+            raise
         except Exception as exc:
             loaded.close()
             if "Failed to load BPF program" in str(exc):   # BCC loads a program at its first attach
@@ -264,13 +337,14 @@ def _build(bcc, text: bytes, flags: list[str]):
     return b
 
 
-def link_common(b) -> None:
+def link_common(b, raw: bool = False) -> None:
     """Load the program the tracepoints tail-call (it parses, filters and emits for all of
-    them) and put it where they call it. Before this, an attached tracepoint does nothing."""
+    them) and put it where they call it. Before this, an attached tracepoint does nothing.
+    A tail call stays within one program type: raw tracepoints call a raw twin."""
     import ctypes
 
     bcc = _bcc()
-    common = b.load_func(b"pt_common", bcc.BPF.TRACEPOINT)
+    common = b.load_func(b"pt_common", bcc.BPF.RAW_TRACEPOINT if raw else bcc.BPF.TRACEPOINT)
     b.get_table("pt_next")[ctypes.c_int(0)] = ctypes.c_int(common.fd)
 
 
