@@ -274,6 +274,10 @@ def main() -> None:
                 finally:
                     if tracer:
                         tracer.close()
+                        if others == 0:      # the kernel frees closed programs a moment later
+                            deadline = time.monotonic() + 3
+                            while L.other_tracers() > 0 and time.monotonic() < deadline:
+                                time.sleep(0.05)
                 rows[v].append({"round": r, "tcp": tcp, "udp": udp, "progs": progs,
                                 "others": max(others, L.other_tracers()),
                                 "tracepoints": getattr(tracer, "tracepoints", None)})

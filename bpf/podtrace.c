@@ -593,24 +593,47 @@ static __always_inline int pass_on(void *ctx, const u8 *skb, const u8 *l3, u16 n
     return 0;
 }
 
+// What the entry programs read of the sk_buff before deciding: protocol, network header,
+// tail, head, data. On this kind of layout (x86-64 since 5.x) they lie within 32 bytes from
+// `protocol`: one read. Elsewhere field by field.
+struct skb_view {
+    u64 head;
+    u64 data;
+    u32 tail;       // an offset from head on 64-bit kernels
+    u16 proto;
+    u16 nh;         // the network header, an offset from head
+};
+#define VIEW_LEN (SKB_DATA + 8 - SKB_PROTOCOL)
+#if SKB_NETWORK_HEADER > SKB_PROTOCOL && SKB_TAIL > SKB_NETWORK_HEADER && SKB_HEAD > SKB_TAIL && \
+    SKB_DATA > SKB_HEAD && VIEW_LEN <= 32
+#define VIEW_ONE_READ 1
+#endif
+static __always_inline int read_view(const u8 *skb, struct skb_view *v) {
+#ifdef VIEW_ONE_READ
+    u8 span[32];
+    if (bpf_probe_read_kernel(span, VIEW_LEN, skb + SKB_PROTOCOL)) return -1;
+    v->proto = *(u16 *)span;
+    v->nh = *(u16 *)(span + (SKB_NETWORK_HEADER - SKB_PROTOCOL));
+    v->tail = *(u32 *)(span + (SKB_TAIL - SKB_PROTOCOL));
+    v->head = *(u64 *)(span + (SKB_HEAD - SKB_PROTOCOL));
+    v->data = *(u64 *)(span + (SKB_DATA - SKB_PROTOCOL));
+#else
+    v->proto = skb_u16(skb, SKB_PROTOCOL);
+    v->nh = skb_u16(skb, SKB_NETWORK_HEADER);
+    v->tail = skb_u32(skb, SKB_TAIL);
+    v->head = rd64(skb, SKB_HEAD);
+    v->data = rd64(skb, SKB_DATA);
+#endif
+    return 0;
+}
+
 // 1 when the packet at `l3` is certainly not ours: IPv4 (or not IP at all), read and parsed
 // from one copy of its headers, not followed, not wanted by the filter. 0: pt_common decides.
-static __always_inline int not_ours(const u8 *skb, const u8 *l3) {
-    u8 span[SPAN_LEN <= 32 ? 32 : 8];
-    u16 proto;
-#if SKB_TAIL > SKB_PROTOCOL && SKB_HEAD > SKB_TAIL && SPAN_LEN <= 32
-    if (bpf_probe_read_kernel(span, SPAN_LEN, skb + SKB_PROTOCOL)) return 1;
-    proto = *(u16 *)span;
-    if (proto != ETH_P_IP_BE) return proto != ETH_P_IPV6_BE;
-    const u8 *head = *(const u8 **)(span + (SKB_HEAD - SKB_PROTOCOL));
-    u32 tail = *(u32 *)(span + (SKB_TAIL - SKB_PROTOCOL));
+static __always_inline int not_ours(const u8 *skb, const u8 *l3, const struct skb_view *v) {
+    if (v->proto != ETH_P_IP_BE) return v->proto != ETH_P_IPV6_BE;
+    const u8 *head = (const u8 *)v->head;
     u32 avail = 0;
-    if (head && l3 >= head && (u64)(l3 - head) < tail) avail = tail - (u32)(l3 - head);
-#else
-    proto = skb_u16(skb, SKB_PROTOCOL);
-    if (proto != ETH_P_IP_BE) return proto != ETH_P_IPV6_BE;
-    u32 avail = linear_from(skb, l3);
-#endif
+    if (head && l3 >= head && (u64)(l3 - head) < v->tail) avail = v->tail - (u32)(l3 - head);
     u8 pb[PT_BUF];
     if (avail < 20 || bpf_probe_read_kernel(pb, PT_BUF, l3)) return 0;
     struct pkt p = {};
@@ -628,40 +651,48 @@ static __always_inline int not_ours(const u8 *skb, const u8 *l3) {
 #if PT_RAW_TP
 int pt_rx(struct bpf_raw_tracepoint_args *ctx) {
     const u8 *skb = (const u8 *)ctx->args[0];
-    // At netif_receive_skb the Ethernet header has been pulled: data is the L3 header.
-    const u8 *data = (const u8 *)rd64(skb, SKB_DATA);
+    struct skb_view v;
     count(C_SEEN);
-    if (not_ours(skb, data)) return 0;
+    if (read_view(skb, &v)) return 0;
+    // At netif_receive_skb the Ethernet header has been pulled: data is the L3 header.
+    const u8 *data = (const u8 *)v.data;
+    if (not_ours(skb, data, &v)) return 0;
     return pass_on(ctx, skb, data, 0, HOOK_RX, 0, 0, 0);
 }
 
 int pt_tx(struct bpf_raw_tracepoint_args *ctx) {
     const u8 *skb = (const u8 *)ctx->args[0];
-    const u8 *data = (const u8 *)rd64(skb, SKB_DATA);
+    struct skb_view v;
+    if (read_view(skb, &v)) return 0;
     // the perf record's network_offset: head + network_header - data
-    s64 off = (s64)(rd64(skb, SKB_HEAD) + skb_u16(skb, SKB_NETWORK_HEADER)) - (s64)data;
+    s64 off = (s64)(v.head + v.nh) - (s64)v.data;
     if (off < 0 || off > 256) return 0;
     count(C_SEEN);
-    if (not_ours(skb, data + off)) return 0;
-    return pass_on(ctx, skb, data + off, 0, HOOK_TX, 0, 0, 0);
+    const u8 *l3 = (const u8 *)(v.head + v.nh);
+    if (not_ours(skb, l3, &v)) return 0;
+    return pass_on(ctx, skb, l3, 0, HOOK_TX, 0, 0, 0);
 }
 #else
 int pt_rx(struct tp_netif_receive_skb *args) {
     const u8 *skb = (const u8 *)args->skbaddr;
-    // At netif_receive_skb the Ethernet header has been pulled: data is the L3 header.
-    const u8 *data = (const u8 *)rd64(skb, SKB_DATA);
+    struct skb_view v;
     count(C_SEEN);
-    if (not_ours(skb, data)) return 0;
+    if (read_view(skb, &v)) return 0;
+    // At netif_receive_skb the Ethernet header has been pulled: data is the L3 header.
+    const u8 *data = (const u8 *)v.data;
+    if (not_ours(skb, data, &v)) return 0;
     return pass_on(args, skb, data, 0, HOOK_RX, 0, 0, 0);
 }
 
 int pt_tx(struct tp_net_dev_start_xmit *args) {
     const u8 *skb = (const u8 *)args->skbaddr;
-    const u8 *data = (const u8 *)rd64(skb, SKB_DATA);
     if (args->network_offset < 0 || args->network_offset > 256) return 0;
+    struct skb_view v;
     count(C_SEEN);
-    if (not_ours(skb, data + args->network_offset)) return 0;
-    return pass_on(args, skb, data + args->network_offset, 0, HOOK_TX, 0, 0, 0);
+    if (read_view(skb, &v)) return 0;
+    const u8 *l3 = (const u8 *)v.data + args->network_offset;
+    if (not_ours(skb, l3, &v)) return 0;
+    return pass_on(args, skb, l3, 0, HOOK_TX, 0, 0, 0);
 }
 #endif
 

@@ -245,6 +245,8 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
             hooks = hooks or r.hello.hooks
             degraded = degraded or r.hello.degraded
             timings.setdefault("agent_start_s", {})[r.plan.node] = round(r.hello.timings.get("start_s", 0), 4)
+            timings.setdefault("agent_phases_s", {})[r.plan.node] = {
+                k: round(v, 4) for k, v in r.hello.timings.items() if k != "start_s"}
     facts = {r.plan.node: r.facts for r in co.runs if r.facts}
 
     def evidence(packets):

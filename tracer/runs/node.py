@@ -78,6 +78,7 @@ class NodeRunner:
         self._refused = 0
         self._gap_checked_ns: int | None = None
         self._closed = False
+        self._timings: dict[str, float] = {}
 
     @property
     def hook_names(self) -> list[str]:
@@ -85,7 +86,7 @@ class NodeRunner:
 
     @property
     def timings(self) -> dict:
-        return self.session.timings
+        return dict(self.session.timings, **self._timings)
 
     def start(self, stop: threading.Event | None = None) -> "NodeRunner":
         """Load, filter, attach; read the counters before. With `stop` set meanwhile (the
@@ -96,6 +97,7 @@ class NodeRunner:
         try:
             self.session.start(stop=stop)
             self._gap_checked_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            t_tc = time.monotonic()
             if self.job.tc_devices and any(h.kind == "tc" for h in self.hooks):
                 cleanup(scan=False)   # what a killed run recorded
                 self.tc = TcAttacher(self.session.loaded.bpf)
@@ -104,8 +106,10 @@ class NodeRunner:
                         break
                     self.tc.attach(ns_name, dev)
                 self.tc_failed = list(self.tc.failed)
+            t_counters = time.monotonic()
             self.iptables_before = {n: facts.iptables_counters(r) for n, r in self.job.nodes.items()}
             self.pods_before = {i: facts.iptables_counters(facts.NodeRef(n, n)) for i, n in self.job.pods.items()}
+            self._timings = {"tc_s": t_counters - t_tc, "counters_s": time.monotonic() - t_counters}
             if stop is None or not stop.is_set():
                 testhooks.pause("tracing")    # every hook and tc filter attached
         except BaseException:
