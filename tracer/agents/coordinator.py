@@ -428,7 +428,7 @@ def estimate_offsets(df: pd.DataFrame, ref: int, client_ip: str,
     at_ref = g[sides == -1].droplevel(1)
     for x in others:
         at_x = g[sides == x].droplevel(1)
-        both = at_x.join(at_ref, lsuffix="_x", rsuffix="_r", how="inner")
+        both = at_x.merge(at_ref, left_index=True, right_index=True, suffixes=("_x", "_r"), how="inner")
         if both.empty:
             continue
         d = direction.reindex(both.index).to_numpy()

@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from tracer.kernel import contract
 from tracer.kernel import formats
@@ -173,13 +174,16 @@ class Loaded:
 
 
 def load(ringbuf_pages: int = 1024, attach: bool = True, hooks: list | None = None,
-         stop: threading.Event | None = None) -> Loaded:
+         stop: threading.Event | None = None, alongside: "Alongside | None" = None) -> Loaded:
     """Compile the files the hooks need and attach the tracepoint and kprobe hooks (tc
     programs are attached per device by tracer/kernel/tc.py). A kprobe that fails to attach
     is dropped silently here: hooks.detect() already said why, and its fallback covers it.
     Tracepoints attach raw where `raw_tracepoints()` says so; if the kernel refuses a raw one
     (and PODTRACE_TRACEPOINTS does not insist), everything is loaded again as perf
     tracepoints, and `Loaded.tracepoints` says why.
+    `alongside` runs in a thread once the programs are loaded, while the tracepoints are
+    linked and attached (the tc observers' links mostly wait for the kernel, the tracepoints'
+    verification mostly computes); if loading fails after that, its `undo()` runs first.
     Raises EnvironmentProblem with a fix when the machine cannot trace at all; Ctrl-C,
     SIGTERM (as KeyboardInterrupt) and `stop` end the compile at once (see `_compile`)."""
     from tracer.kernel import hooks as catalog
@@ -192,21 +196,58 @@ def load(ringbuf_pages: int = 1024, attach: bool = True, hooks: list | None = No
     raw, why = raw_tracepoints()
     if raw and any(h.kind == "tracepoint" for h in hooks):
         try:
-            return _load(ringbuf_pages, attach, hooks, stop, True, why)
+            return _load(ringbuf_pages, attach, hooks, stop, True, why, alongside)
         except _RawRefused as exc:
             if settings.tracepoints() == "raw":
                 raise EnvironmentProblem(f"the kernel refused a raw tracepoint: {exc}",
                                          "unset PODTRACE_TRACEPOINTS (perf tracepoints are the fallback)") from None
             why = f"perf tracepoints (the kernel refused a raw one: {exc})"
-    return _load(ringbuf_pages, attach, hooks, stop, False, why)
+    return _load(ringbuf_pages, attach, hooks, stop, False, why, alongside)
 
 
 class _RawRefused(Exception):
     """A raw tracepoint program did not load or attach (older kernels: other arguments)."""
 
 
+class Alongside(Protocol):
+    """Work done beside the tracepoints' attachment (see `load`)."""
+
+    def run(self, bpf, halt: threading.Event) -> None:
+        """Use the loaded object; stop early once `halt` is set."""
+
+    def undo(self) -> None:
+        """Release what `run` made (the load failed, or is tried again)."""
+
+
+class _Side:
+    def __init__(self, work: Alongside, bpf):
+        self.work = work
+        self.halt = threading.Event()
+        self.exc: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(bpf,), name="podtrace-alongside", daemon=True)
+        self.thread.start()
+
+    def _run(self, bpf) -> None:
+        try:
+            self.work.run(bpf, self.halt)
+        except BaseException as exc:     # noqa: BLE001 (raised again in the loading thread)
+            self.exc = exc
+
+    def finish(self) -> None:
+        self.thread.join()
+        if self.exc is not None:
+            raise self.exc
+
+    def abandon(self) -> None:
+        self.halt.set()
+        while self.thread.is_alive():    # a second Ctrl-C must not leave it running
+            with contextlib.suppress(KeyboardInterrupt):
+                self.thread.join()
+        self.work.undo()
+
+
 def _load(ringbuf_pages: int, attach: bool, hooks: list, stop: threading.Event | None, raw: bool,
-          why: str) -> Loaded:
+          why: str, alongside: Alongside | None = None) -> Loaded:
     bcc = _bcc()
     t0 = time.monotonic()
     files = ["podtrace.c"] + sorted({h.source for h in hooks} - {"podtrace.c"}, key=SOURCES.index)
@@ -221,53 +262,69 @@ def _load(ringbuf_pages: int, attach: bool, hooks: list, stop: threading.Event |
     loaded = Loaded(bpf=b, raw_tp=raw, tracepoints=why)
     t2 = time.monotonic()
     testhooks.pause("loaded")
+    side = None
+    try:
+        if alongside is not None:
+            side = _Side(alongside, b)
+        _link_and_attach(loaded, hooks, raw, attach)
+        if side is not None:
+            side.finish()
+    except BaseException:
+        if side is not None:
+            side.abandon()
+        loaded.close()
+        raise
+    loaded.timings = {"generate_s": t1 - t0, "compile_s": t2 - t1, "attach_s": time.monotonic() - t2}
+    return loaded
+
+
+def _link_and_attach(loaded: Loaded, hooks: list, raw: bool, attach: bool) -> None:
+    """pt_common into pt_next, then the tracepoint and kprobe hooks (the caller closes
+    `loaded` if this raises)."""
+    b = loaded.bpf
     if any(h.kind == "tracepoint" for h in hooks):
         try:
             with _quiet_stderr():
                 link_common(b, raw)
         except Exception as exc:
-            loaded.close()
             if raw:
                 raise _RawRefused(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
             raise EnvironmentProblem(f"the kernel's verifier rejected a BPF program: {exc}",
                                      "run `podtrace doctor`; PODTRACE_DEBUG_BPF=1 shows the verifier log") from None
-    if attach:
-        try:
-            for h in hooks:
-                if h.kind == "tracepoint" and raw:
-                    event = h.target.split(":", 1)[1]
-                    try:
-                        with _quiet_stderr():
-                            b.attach_raw_tracepoint(tp=event.encode(), fn_name=h.fn.encode())
-                    except Exception as exc:
-                        raise _RawRefused(f"{event}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
-                    loaded.attached.append(("raw_tracepoint", event))
-                elif h.kind == "tracepoint":
-                    with _quiet_stderr():   # BCC prints a rejected program's verifier log on fd 2
-                        b.attach_tracepoint(tp=h.target.encode(), fn_name=h.fn.encode())
-                    loaded.attached.append(("tracepoint", h.target))
-                elif h.kind in ("kprobe", "kretprobe"):
-                    try:
-                        with _quiet_stderr():
-                            b.attach_kprobe(event=h.target.encode(), fn_name=h.fn.encode())
-                        loaded.attached.append(("kprobe", h.target))
-                        if h.ret_fn:
-                            b.attach_kretprobe(event=h.target.encode(), fn_name=h.ret_fn.encode())
-                            loaded.attached.append(("kretprobe", h.target))
-                    except Exception:  # not traceable here: the fallback hook covers it
-                        loaded.skipped.append(h.name)
-        except _RawRefused:
-            loaded.close()
-            raise
-        except Exception as exc:
-            loaded.close()
-            if "Failed to load BPF program" in str(exc):   # BCC loads a program at its first attach
-                raise EnvironmentProblem(f"the kernel's verifier rejected a BPF program: {exc}",
-                                         "run `podtrace doctor`; PODTRACE_DEBUG_BPF=1 shows the verifier log") from None
-            raise EnvironmentProblem(f"could not attach a tracepoint: {exc}",
-                                     "mount tracefs and check `podtrace doctor`") from None
-    loaded.timings = {"generate_s": t1 - t0, "compile_s": t2 - t1, "attach_s": time.monotonic() - t2}
-    return loaded
+    if not attach:
+        return
+    try:
+        for h in hooks:
+            if h.kind == "tracepoint" and raw:
+                event = h.target.split(":", 1)[1]
+                try:
+                    with _quiet_stderr():
+                        b.attach_raw_tracepoint(tp=event.encode(), fn_name=h.fn.encode())
+                except Exception as exc:
+                    raise _RawRefused(f"{event}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+                loaded.attached.append(("raw_tracepoint", event))
+            elif h.kind == "tracepoint":
+                with _quiet_stderr():   # BCC prints a rejected program's verifier log on fd 2
+                    b.attach_tracepoint(tp=h.target.encode(), fn_name=h.fn.encode())
+                loaded.attached.append(("tracepoint", h.target))
+            elif h.kind in ("kprobe", "kretprobe"):
+                try:
+                    with _quiet_stderr():
+                        b.attach_kprobe(event=h.target.encode(), fn_name=h.fn.encode())
+                    loaded.attached.append(("kprobe", h.target))
+                    if h.ret_fn:
+                        b.attach_kretprobe(event=h.target.encode(), fn_name=h.ret_fn.encode())
+                        loaded.attached.append(("kretprobe", h.target))
+                except Exception:  # not traceable here: the fallback hook covers it
+                    loaded.skipped.append(h.name)
+    except _RawRefused:
+        raise
+    except Exception as exc:
+        if "Failed to load BPF program" in str(exc):   # BCC loads a program at its first attach
+            raise EnvironmentProblem(f"the kernel's verifier rejected a BPF program: {exc}",
+                                     "run `podtrace doctor`; PODTRACE_DEBUG_BPF=1 shows the verifier log") from None
+        raise EnvironmentProblem(f"could not attach a tracepoint: {exc}",
+                                 "mount tracefs and check `podtrace doctor`") from None
 
 
 def _compile(bcc, text: bytes, flags: list[str], stop: threading.Event | None):

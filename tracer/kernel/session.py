@@ -161,9 +161,11 @@ class TraceSession:
     reader: ringbuf.RingReader | None = None
     traced: set[str] = field(default_factory=set)   # what `addrs` holds
 
-    def start(self, stop: threading.Event | None = None) -> "TraceSession":
+    def start(self, stop: threading.Event | None = None, alongside: "program.Alongside | None" = None) -> "TraceSession":
+        """Load and attach (with `alongside`, see program.load), then set the filter."""
         t0 = time.monotonic()
-        self.loaded = program.load(self.config.ringbuf_pages, hooks=self.config.hooks, stop=stop)
+        self.loaded = program.load(self.config.ringbuf_pages, hooks=self.config.hooks, stop=stop,
+                                   alongside=alongside)
         b = self.loaded.bpf
         try:
             self.set_addrs(add=self.config.addrs)
@@ -301,8 +303,9 @@ class TraceSession:
 
     def missed_runs(self) -> int:
         """How often the kernel skipped one of this session's programs (`recursion_misses`:
-        a tracepoint that fired while another BPF program ran on that CPU, e.g. in a softirq
-        that interrupted one). A skipped run is an event never recorded, like a refused one."""
+        a perf tracepoint that fired while another BPF program ran on that CPU, e.g. in a
+        softirq that interrupted one; a raw tracepoint only while the same program ran). A
+        skipped run is an event never recorded, like a refused one."""
         if self.loaded is None:
             return 0
         total = 0
