@@ -62,9 +62,12 @@ def one_flow(mode: str, prefix: str) -> dict:
     for k, v in tm.items():
         if isinstance(v, (int, float)):
             out[k] = v
-        elif isinstance(v, dict) and v:
+        elif isinstance(v, dict) and v and all(isinstance(x, (int, float)) for x in v.values()):
             out[k + "_max"] = max(v.values())
             out[k] = v
+        elif isinstance(v, dict) and v:       # per node, per phase: the slowest node's phases
+            for phase in {ph for x in v.values() for ph in x}:
+                out[f"agent_{phase}_max"] = max(x.get(phase, 0) for x in v.values())
     return out
 
 
