@@ -213,3 +213,42 @@ def test_fast_path_equals_per_packet_path_on_mixed_traffic():
     fast = _paths(analysis.analyse(frame, dict(meta), mode="capture"), set(per_packet))
     assert fast == per_packet
     assert len(per_packet) > 20
+
+
+def _tc_only(arr: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The events at `rows` as the tc observers record them (no skb, tc hook ids)."""
+    out = arr.copy()
+    rx, tx = record.HOOK_IDS["rx"], record.HOOK_IDS["tx"]
+    sel = rows & np.isin(out["hook"], [rx, tx])
+    out["hook"][sel & (out["hook"] == rx)] = record.HOOK_IDS["tc_ingress"]
+    out["hook"][sel & (out["hook"] == tx)] = record.HOOK_IDS["tc_egress"]
+    out["skb"][sel] = 0
+    return out[~rows | sel]
+
+
+def test_a_packet_only_the_tc_observers_saw_is_partial_not_lost():
+    """Every path through the network passes a device tracepoint (the pod's own devices
+    first): a request whose hops only tc recorded is a gap in the trace, in both engines."""
+    from tracer.reconstruct import window as windows
+
+    arr, meta = synth_flow(probes=1)
+    src_ip = np.frombuffer(__import__("ipaddress").ip_address(PODS[A][2]).packed, dtype=np.uint8)
+    req = (arr["saddr"][:, :4] == src_ip).all(axis=1)
+    # the request vanishes once on node-2 (its events there are gone): lost
+    arr = arr[~(req & np.isin(arr["netns"], [PODS[B][0], 4026531003]))]
+    req = (arr["saddr"][:, :4] == src_ip).all(axis=1)
+
+    def status(a, mode):
+        t = analysis.analyse(record.to_frame(a), dict(meta), mode=mode)
+        first = t.packets.sort_values("first_ts_ns").iloc[0]
+        return str(first["status"]), str(first["hint"])
+    assert status(arr, "flow")[0] == status(arr, "capture")[0] == "lost"      # the control
+    only_tc = _tc_only(arr, req)
+    for mode in ("flow", "capture"):
+        s, hint = status(only_tc, mode)
+        assert s == "partial" and windows.TC_ONLY in hint, (mode, s, hint)
+    # one hop a tracepoint saw: the tc observers are not alone, and the loss stands
+    keep_one = req.copy()
+    keep_one[np.flatnonzero(req & np.isin(arr["hook"], [record.HOOK_IDS["rx"], record.HOOK_IDS["tx"]]))[0]] = False
+    mixed = _tc_only(arr, keep_one)
+    assert status(mixed, "flow")[0] == status(mixed, "capture")[0] == "lost"

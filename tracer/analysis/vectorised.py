@@ -224,6 +224,11 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
     # seen while an observer was not tracing: a partial view, not a loss
     window = windows.from_meta(meta)
     status = np.where((status == 2) & windows.partial_mask(first_ts, last_ts, window), 4, status)
+    # every hop recorded by the tc observers alone: a gap in the trace (windows.TC_ONLY)
+    kernel_seen = np.zeros(n_all, dtype=bool)
+    kernel_seen[pk[(via != _VIA_NAMES.index("tc")) | seen_both]] = True
+    tc_only = has_hops & ~kernel_seen & ((status == 2) | (status == 3))
+    status = np.where(tc_only, 4, status)
     # time to arrival: the rx hop in the destination, else (consumed there) the last hop
     one_way = np.where(reached_pos >= 0, ts[np.maximum(reached_pos, 0)] - first_ts,
                        np.where(delivered & has_hops, ts[last_hop_pos] - first_ts, -1))
@@ -290,7 +295,7 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
     last_encap = has_hops & (events["encap"].to_numpy()[order][last_row] != 0) if "encap" in events else None
     _verdict_text(packets, last_encap)
     _after_arrival_text(packets, np.flatnonzero(dropped & (home_drop >= 0)), pod_of, drop_ns)
-    _partial_text(packets, window)
+    _partial_text(packets, window, tc_only)
     dnat.mark_unreversed(packets)     # a DNAT target's answer that came back un-reversed
     packets.attrs["followed_only_packets"] = followed_only
     for cc in ("tuple_proto", "tuple_src", "tuple_dst", "tuple_sport", "tuple_dport"):
@@ -403,17 +408,21 @@ def _ct_states(meta: dict) -> dict[int, str]:
     return out
 
 
-def _partial_text(packets: pd.DataFrame, window) -> None:
-    """A partial packet's hint names the observer that was not tracing, as the live one does."""
+def _partial_text(packets: pd.DataFrame, window, tc_only: np.ndarray) -> None:
+    """A partial packet's hint names the observer that was not tracing, as the live one does
+    (or says that only the tc observers saw it)."""
     rows = np.flatnonzero((packets["status"] == "partial").to_numpy())
-    if window is None or not len(rows):
+    if (window is None and not tc_only.any()) or not len(rows):
         return
     cache: dict = {}
     sub = packets.iloc[rows]
     hints = []
-    for node, dev, first, last in zip(sub["verdict_node"].astype(object), sub["verdict_dev"].astype(object),
-                                      sub["first_ts_ns"].to_numpy(), sub["last_ts_ns"].to_numpy()):
-        why = window.outside(int(first), int(last)) or "seen only while an observer on its path was not tracing"
+    for node, dev, first, last, only_tc in zip(sub["verdict_node"].astype(object), sub["verdict_dev"].astype(object),
+                                               sub["first_ts_ns"].to_numpy(), sub["last_ts_ns"].to_numpy(),
+                                               tc_only[rows]):
+        why = windows.TC_ONLY if only_tc else (
+            (window.outside(int(first), int(last)) if window is not None else None)
+            or "seen only while an observer on its path was not tracing")
         node, dev = (None if pd.isna(node) else node), (None if pd.isna(dev) else dev)
         key = (node, dev, why)
         if key not in cache:

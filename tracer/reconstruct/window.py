@@ -24,6 +24,11 @@ EDGE_NS = 200_000_000           # the time a packet may take from one observer t
 GAP_SLACK_NS = 1_000_000        # around a gap: the kernel's counters are read between polls
 RUNBOOK = "docs/runbooks/partial-view.md"
 REFUSING = "refusing"           # the `when` of a packet seen while an observer refused events
+# A packet whose every hop only the tc observers recorded: on every path through the network
+# a kernel hook (a device tracepoint, a kprobe) sees it too, the pod's own devices first, so
+# none of them having a record of it is a gap in the trace (events the kernel did not hand
+# over), never a loss.
+TC_ONLY = "only the tc observers recorded it, none of the kernel's device hooks did"
 
 
 @dataclass(frozen=True)
@@ -144,14 +149,21 @@ def from_meta(meta: dict) -> Window | None:
     return Window.from_json(meta.get("window"))
 
 
+def tc_only(p: Packet) -> bool:
+    """Every hop of `p` recorded by the tc observers alone (see TC_ONLY)."""
+    return bool(p.hops) and all(set(h.seen_by) <= {"tc"} for h in p.hops)
+
+
 def apply(packets: list[Packet], window: Window | None) -> list[Packet]:
-    """The packets with `lost` turned `partial` where they were seen outside the window."""
-    if window is None or not window.spans:
-        return packets
+    """The packets with `lost` turned `partial` where they were seen outside the window,
+    and `lost` or `left` turned `partial` where only the tc observers saw them."""
     out = []
     for p in packets:
+        if p.verdict.status in ("lost", "left") and tc_only(p):
+            out.append(replace(p, verdict=partial(p.verdict, TC_ONLY)))
+            continue
         m = None
-        if p.verdict.status == "lost" and p.hops:
+        if window is not None and window.spans and p.verdict.status == "lost" and p.hops:
             seen = tuple(dict.fromkeys(h.node or "fabric" for h in p.hops))
             m = window.missing(p.first_ts_ns, p.first_ts_ns + p.hops[-1].t_ns, seen)
         out.append(p if m is None else replace(p, verdict=partial(p.verdict, phrase(*m), {
