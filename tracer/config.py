@@ -37,3 +37,6 @@ class FlowConfig:
     # "agents": one agent per node (lab/cluster); "single": in-process. PODTRACE_FLOW_MODE
     # changes the default (the test suite uses "single" where agents are not the subject).
     mode: str = field(default_factory=settings.flow_mode)
+    # when the command began (time.monotonic()): `timings.startup_s` counts from here (None:
+    # from the start of the run itself, as when a test builds the config)
+    t_start: float | None = None

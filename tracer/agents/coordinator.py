@@ -16,14 +16,17 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from tracer.kernel import record as events
 from tracer.agents import wire
 from tracer.agents.request import AgentRequest
 from tracer.errors import EnvironmentProblem
+
+if TYPE_CHECKING:   # imported where frames are made: `flow` starts its agents first
+    import pandas as pd
 
 READY_TIMEOUT_S = 30
 DRAIN_TIMEOUT_S = 10
@@ -407,6 +410,7 @@ def estimate_offsets(df: pd.DataFrame, ref: int, client_ip: str,
     clock domain of `ref` (same booted kernel) get 0 without estimation. Whole columns only:
     a busy flow has hundreds of thousands of packets.
     """
+    import pandas as pd
     out: dict[int, dict] = {}
     if df.empty:
         return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import click
 from click.core import ParameterSource
@@ -82,6 +83,7 @@ def flow(src, dst, proto, ip_family, port, count, timeout, size, sport, sample, 
       podtrace flow pod-1-1 pod-2-1 --ip-family 6      # dual-stack pods, over IPv6
       podtrace flow pod-1-1 fd00:10:244:2::2 --proto tcp --port 8080
     """
+    t_start = time.monotonic()    # start-up counts from here, the imports below included
     _flow_flags_agree(no_probe)   # before the heavy imports: a bad flag answers at once
     from tracer.outfile import refuse_existing
 
@@ -98,7 +100,7 @@ def flow(src, dst, proto, ip_family, port, count, timeout, size, sport, sample, 
                      kubeconfig=kubeconfig, context=context, transport=transport, sample=sample, budget=budget, namespace=namespace,
                      ip_family=ip_family,
                      lab_prefix=prefix or settings.lab_prefix(),
-                     mode="single" if single else settings.flow_mode())
+                     mode="single" if single else settings.flow_mode(), t_start=t_start)
     if err.is_terminal and output != "json":
         with err.status("resolving endpoints") as status:
             result = run_flow(cfg, progress=lambda msg: status.update(msg))

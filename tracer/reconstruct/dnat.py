@@ -10,12 +10,13 @@ A Service's DNAT is the inventory's (its backends): this module leaves it alone.
 
 from __future__ import annotations
 
-from typing import Iterable
-
-import pandas as pd
+from typing import TYPE_CHECKING, Iterable
 
 from tracer.kernel.record import HOOK_IDS
 from tracer.reconstruct.model import Hop, Packet
+
+if TYPE_CHECKING:   # imported where frames are made: `flow` starts its agents first
+    import pandas as pd
 
 # Annotations name FlowInput (packets.py) and Evidence (evidence.py) without importing them:
 # packets.py imports this module.
@@ -142,6 +143,7 @@ def mark_unreversed(packets: pd.DataFrame) -> None:
     """The capture tables' rule (vectorised.py): a delivered packet from a DNAT target back to
     the client that still carries the target's address (the DNATed packet's final
     destination, where the client sent to another) gets cause `unreversed-reply`, in place."""
+    import pandas as pd
     if packets.empty or "_fdst" not in packets:
         return
     p = packets

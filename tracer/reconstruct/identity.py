@@ -17,13 +17,15 @@ its events on every node fall into one group:
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
-import pandas as pd
 
 from tracer import addrs
 from tracer.kernel.record import PROTOS
+
+if TYPE_CHECKING:   # imported where frames are made: `flow` starts its agents first
+    import pandas as pd
 
 ICMP, ICMPV6 = 1, 58
 ICMP_PROTOS = (ICMP, ICMPV6)
@@ -68,6 +70,7 @@ def v6_rows(saddr) -> np.ndarray:
 
 def _codes(*cols: np.ndarray) -> np.ndarray:
     """Dense group codes for rows of several integer columns (hash-based, no sort)."""
+    import pandas as pd
     code = None
     for c in cols:
         sub = pd.factorize(np.asarray(c))[0].astype(np.int64)
@@ -110,6 +113,7 @@ def content_groups(cols: Mapping[str, np.ndarray], skb_when_no_id: bool = False)
 def _occurrence(group: np.ndarray, cols: Mapping[str, np.ndarray], n: int) -> np.ndarray:
     """How many times before each event the same content passed the same place with the
     same hop limit (rows in time order)."""
+    import pandas as pd
     agent = cols.get("agent") if hasattr(cols, "get") else None
     agent = pd.factorize(np.asarray(agent))[0] if agent is not None else np.zeros(n, dtype=np.int64)
     place = _codes(group, agent, _col(cols, "netns", n), _col(cols, "ifindex", n), _col(cols, "hook", n),

@@ -11,10 +11,9 @@ event that preceded them on the same skb, since a dropped buffer may no longer p
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import pandas as pd
 
 from tracer.reconstruct import arrival, beyond, diagnose, dnat, identity, tcpflags
 from tracer.kernel.record import ENCAP, FLAG_DF, HOOK_IDS, HOOKS
@@ -26,6 +25,9 @@ HOOK_POINT = {HOOK_IDS["rx"]: ("rx", "tracepoint"), HOOK_IDS["tx"]: ("tx", "trac
               HOOK_IDS["tc_ingress"]: ("rx", "tc"), HOOK_IDS["tc_egress"]: ("tx", "tc")}
 from tracer.cluster.inventory import Endpoint
 from tracer.node.prober import ProbeResult
+
+if TYPE_CHECKING:   # imported where frames are made: `flow` starts its agents first
+    import pandas as pd
 
 TCP_SYN, TCP_RST, TCP_ACK = 0x02, 0x04, 0x10
 GAP_NS = 500_000_000     # the same content seen again after this pause is a new packet
@@ -88,6 +90,7 @@ class FlowInput:
 def assign_packets(df: pd.DataFrame) -> pd.DataFrame:
     """Adds `pkt` (a packet number) to every event; drop/consume events inherit the packet of
     the last hop event of the same skb."""
+    import pandas as pd
     if df.empty:
         return df.assign(pkt=pd.Series(dtype="int64"))
     df = df.sort_values("ts_ns", kind="stable").reset_index(drop=True)
@@ -231,6 +234,7 @@ def flow_vip(fi: FlowInput) -> str | None:
 def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[Packet]:
     """The flow's packets, each with its hops in order and a first verdict (no evidence yet);
     `df` may already carry `pkt` (assign_packets)."""
+    import pandas as pd
     if "pkt" not in df:
         df = assign_packets(df)
     packets: list[Packet] = []

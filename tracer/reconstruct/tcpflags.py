@@ -7,8 +7,12 @@ E (ECE), W (CWR); no flag set is `none`. `text()` gives the bare letters (JSON, 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:   # imported where frames are made: `flow` starts its agents first
+    import pandas as pd
 
 PROTO_TCP = 6
 # (bit, letter) in tcpdump's order (print-tcp.c, tcp_flag_values)
@@ -33,6 +37,7 @@ def bracketed(flags: str | None) -> str:
 def column(flags: np.ndarray, proto: np.ndarray) -> pd.Categorical:
     """A column of flag bytes as a categorical of letters; missing where the packet is not TCP.
     Each distinct byte is spelled once, whatever the column's length."""
+    import pandas as pd
     key = np.where(np.asarray(proto).astype(np.int64) == PROTO_TCP, np.asarray(flags).astype(np.int64), -1)
     codes, uniq = pd.factorize(key)
     names = [text(int(u)) if u >= 0 else None for u in uniq]

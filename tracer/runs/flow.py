@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import Callable
-
-import pandas as pd
+from typing import TYPE_CHECKING, Callable
 
 from tracer.agents import coordinator
 from tracer import testhooks
@@ -23,6 +22,9 @@ from tracer.runs.plan import Plan, agent_plans, flow_pods, node_refs, prepare, t
 from tracer.kernel.session import TerminateAsInterrupt
 from tracer.runs.node import NodeJob, NodeRunner
 from tracer.runs import interrupt
+
+if TYPE_CHECKING:   # imported where frames are made: `flow` starts its agents first
+    import pandas as pd
 
 
 def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> FlowResult:
@@ -70,6 +72,12 @@ def probe_counter(count: int, outcomes: list) -> str:
             + "".join(f", {n} {o}" for o, n in others.items()))
 
 
+def _import_frames_meanwhile() -> None:
+    """pandas (0.3–0.4 s to import) is first needed once the trace is over: imported while
+    the programs load and the agents start, not before them."""
+    threading.Thread(target=__import__, args=("pandas",), name="podtrace-import-pandas", daemon=True).start()
+
+
 def _trace_single(plan: Plan, say) -> Traced:
     """The same node runner an agent wraps, run in this process for every node at once."""
     cfg, topo, src, dst = plan.cfg, plan.topology, plan.src, plan.dst
@@ -85,6 +93,7 @@ def _trace_single(plan: Plan, say) -> Traced:
     sent: list[ProbeResult] = []
     problems: list[str] = []
     stopped: interrupt.Interrupted | None = None
+    _import_frames_meanwhile()
     with TerminateAsInterrupt(), runner:
         t_tracing = time.monotonic()
         ready_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)   # the events' clock
@@ -144,6 +153,7 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
     notes: list[str] = []
     transport = transport or coordinator.LocalTransport(testhooks.agent_env())
     with TerminateAsInterrupt(), coordinator.Coordinator(plans, transport) as co:
+        _import_frames_meanwhile()
         co.wait_ready()
         _placement_from_agents(plan, co)
         testhooks.pause("tracing")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
-
-import pandas as pd
+from typing import TYPE_CHECKING, Callable
 
 from tracer import testhooks
 from tracer.reconstruct import beyond, diagnose, evidence, source, window as windows
@@ -24,6 +22,9 @@ from tracer.errors import ExitStatus, PodtraceError
 from tracer.kernel import contract
 from tracer.runs.interrupt import Interrupted
 from tracer.runs.plan import Plan
+
+if TYPE_CHECKING:   # imported where frames are made: `flow` starts its agents first
+    import pandas as pd
 
 
 SCHEMA_VERSION = 1

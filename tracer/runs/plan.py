@@ -142,7 +142,7 @@ class Plan:
 
 
 def prepare(cfg: FlowConfig) -> Plan:
-    t_start = time.monotonic()
+    t_start = cfg.t_start if cfg.t_start is not None else time.monotonic()
     if os.geteuid() != 0:
         raise EnvironmentProblem("tracing needs root (CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN)",
                                  "run it again with sudo")
