@@ -8,7 +8,8 @@ per mode, interleaved (agents, single, agents, single, …):
 
 Each run is launched through a two-line wrapper that notes CLOCK_MONOTONIC when the
 interpreter is up and when `tracer.cli` is imported; with the launch time taken here and
-the JSON `timings.startup_s` (from the start of the run to the first probe), that gives:
+the JSON `timings.startup_s` (from the start of the `flow` command, its imports included,
+to the first probe), that gives:
 
     ready_s = (cli imported − launch) + startup_s        the figure "ready to trace"
     flow_s  = exit − launch                              the whole 3-probe flow
