@@ -7,6 +7,10 @@ the duration of one session's compile.
   the floor under any filter (raw or perf tracepoints, as the session loads them).
 - noprefilter: without the bit arrays in front of the `addrs` and `tracked` lookups
   (`PT_NO_PREFILTER`): every packet pays both hash lookups, as before they were added.
+- noct: events without the conntrack view (`HAVE_CT` 0): what the ~10 reads of the
+  conntrack entry cost a matched packet per hop.
+- noemit: a matched packet is parsed, filtered and followed, but no record is written (emit
+  returns at once): what the ring buffer and the record's reads cost.
 
 (`raw` tracepoints, `fewreads`, `earlysample` and `freefix` — on_free leaving early for a
 consumed skb never matched — measured here first, are now part of bpf/podtrace.c; the
@@ -25,7 +29,17 @@ EMPTY_RE = re.compile(r"(\nint pt_(?:rx|tx)\([^)]*\) \{\n)")
 EMPTY_FIX = "    if (1) return 0;   /* bench/bpfvariants.py empty */\n"
 
 
-def variant_text(text: str, empty: bool = False, noprefilter: bool = False) -> str:
+EMIT_RE = re.compile(r"(static __always_inline void emit\([^)]*\) \{\n)")
+
+
+def variant_text(text: str, empty: bool = False, noprefilter: bool = False, noct: bool = False,
+                 noemit: bool = False) -> str:
+    if noct:
+        text = "#undef HAVE_CT\n#define HAVE_CT 0   /* bench/bpfvariants.py noct */\n" + text
+    if noemit:
+        text, n = EMIT_RE.subn(lambda m: m.group(1) + "    if (1) return;   /* bench/bpfvariants.py noemit */\n", text)
+        if n != 1:
+            raise RuntimeError("bpf/podtrace.c changed: emit() was not found once")
     if noprefilter:
         text = "#define PT_NO_PREFILTER 1   /* bench/bpfvariants.py noprefilter */\n" + text
     if empty:
@@ -36,12 +50,12 @@ def variant_text(text: str, empty: bool = False, noprefilter: bool = False) -> s
 
 
 @contextlib.contextmanager
-def patched(empty: bool = False, noprefilter: bool = False):
+def patched(empty: bool = False, noprefilter: bool = False, noct: bool = False, noemit: bool = False):
     """Within this block program.source() returns the variant text."""
     orig = program.source
 
     def source(files=None):
-        return variant_text(orig(files), empty, noprefilter)
+        return variant_text(orig(files), empty, noprefilter, noct, noemit)
     program.source = source
     try:
         yield

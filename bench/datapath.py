@@ -17,9 +17,10 @@ as fast as the sender can) for each variant:
 - *_noprefilter: without the bit arrays in front of the addrs/tracked hash lookups
 - *_perf:     the tracepoint hooks as perf-event tracepoints (PODTRACE_TRACEPOINTS=perf,
               the fallback) instead of the default raw tracepoints
-- *_empty:    a kernel-side variant of bpf/podtrace.c built in memory by
+- *_empty, *_noct, *_noemit: kernel-side variants of bpf/podtrace.c built in memory by
               bench/bpfvariants.py: rx/tx hooks that return at once (the cost of the hook
-              itself). (`_raw`, `_fewreads`, `_earlysample` and `_freefix`, measured here
+              itself); events without the conntrack view; matched packets followed but no
+              record written. (`_raw`, `_fewreads`, `_earlysample` and `_freefix`, measured here
               first, are now part of bpf/podtrace.c.)
 - *_sN:       in-kernel sampling, 1 packet in N (SessionConfig.sample)
 - tcpdump_nomatch / tcpdump_match: what an on-call engineer runs instead: `tcpdump -s 128
@@ -52,7 +53,7 @@ import benchlib as L
 from tracer.kernel.hooks import BY_NAME, DEFAULT_HOOKS
 from tracer.kernel.session import SessionConfig, Sink, TraceSession
 
-MODIFIERS = ("tc", "callback", "perf", "empty", "noprefilter")
+MODIFIERS = ("tc", "callback", "perf", "empty", "noprefilter", "noct", "noemit")
 DEFAULT = ["untraced", "nomatch", "match", "nomatch_tc", "match_tc", "match_callback"]
 SRC, DST, OTHER_A, OTHER_B = "pod-1-1", "pod-2-1", "pod-1-2", "pod-2-2"
 TCP_PORT, UDP_PORT = 5201, 5202
@@ -86,7 +87,8 @@ class Tracer:
                                                   ringbuf_pages=ringbuf_pages, netns=L.lab_inodes(doc), budget=0,
                                                   sample=sample, batch_reader="callback" not in mods),
                                     sink=self.sink)
-        with bpfvariants.patched(empty="empty" in mods, noprefilter="noprefilter" in mods), \
+        with bpfvariants.patched(empty="empty" in mods, noprefilter="noprefilter" in mods, noct="noct" in mods,
+                                 noemit="noemit" in mods), \
                 L.environ(PODTRACE_TRACEPOINTS="perf" if "perf" in mods else "raw"):
             self.session.start()
         self.tracepoints = "raw" if self.session.loaded.raw_tp else "perf"
