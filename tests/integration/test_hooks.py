@@ -133,6 +133,20 @@ def test_raw_and_perf_tracepoints_see_the_same_events(lab, monkeypatch):
     assert raw.equals(perf), (raw.compare(perf) if raw.shape == perf.shape else (raw.shape, perf.shape))
 
 
+def test_perf_tracepoints_where_the_kernel_lacks_an_argument(monkeypatch):
+    """A kernel whose tracepoint lacks an argument the raw build reads (older kernels: the
+    drop reason, the consume location) gets the perf build, and says why."""
+    monkeypatch.setattr(program, "RAW_ARGS", {"kfree_skb": ("location", "no_such_argument")})
+    loaded = program.load()
+    try:
+        assert not loaded.raw_tp
+        assert loaded.tracepoints == "perf tracepoints (kfree_skb has no no_such_argument argument on this kernel)"
+        assert {k for k, _ in loaded.attached} == {"tracepoint"}
+    finally:
+        loaded.close()
+    wait_no_programs()
+
+
 def test_doctor_on_this_kernel(lab):
     res = cli(lab, "doctor", "-o", "json")
     assert res.returncode == 0, res.stderr

@@ -84,6 +84,15 @@ def test_help_loads_no_tracing_code():
         assert out.stdout.strip().splitlines()[-1] in ("[] 0", "[] 2"), (args, out.stdout, out.stderr)
 
 
+def test_the_flow_machinery_leaves_pandas_to_after_the_start():
+    """`flow` imports pandas in a thread once its programs load and its agents start: the
+    modules it needs before then import none of it (nor pyarrow)."""
+    code = ("import sys, tracer.runs.flow, tracer.runs.plan, tracer.agents.agent\n"
+            "print([m for m in ('pandas', 'pyarrow') if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_errors_are_one_line_with_the_contracts_exit_code():
     runner = CliRunner()
     res = runner.invoke(main, ["flow", "a", "b", "--no-probe", "--count", "2"])
