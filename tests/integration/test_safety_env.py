@@ -31,9 +31,10 @@ from tracer.runs.node import NodeJob
 
 FLOW = ["flow", "pod-1-1", "pod-2-1", "--count", "1", "--timeout", "0.5"]
 
-# A sitecustomize that makes pt_rx call a helper tracepoint programs may not use: the real
-# verifier rejects it when the program is loaded. Active only with PT_TEST_VERIFIER=1, in the
-# CLI process and the agents it starts (they inherit the environment).
+# A sitecustomize that makes pt_rx call a helper tracepoint programs may not use, in both
+# builds (raw and perf tracepoints): the real verifier rejects it when the program is loaded,
+# the raw build first, then the perf build it falls back to. Active only with
+# PT_TEST_VERIFIER=1, in the CLI process and the agents it starts (they inherit the environment).
 VERIFIER_HOOK = '''
 import os
 if os.environ.get("PT_TEST_VERIFIER") == "1":
@@ -41,10 +42,12 @@ if os.environ.get("PT_TEST_VERIFIER") == "1":
     _source = bpfprog.source
     def source(files=None):
         text = _source(files)
-        sig = "int pt_rx(struct tp_netif_receive_skb *args) {"
-        assert sig in text, "pt_rx changed: update the verifier test"
-        return text.replace(sig, sig + " { u32 v = 0; bpf_skb_load_bytes((void *)args, 0, &v, 4);"
-                                       " if (v == 7) return 1; }")
+        for sig, arg in (("int pt_rx(struct tp_netif_receive_skb *args) {", "args"),
+                         ("int pt_rx(struct bpf_raw_tracepoint_args *ctx) {", "ctx")):
+            assert sig in text, "pt_rx changed: update the verifier test"
+            text = text.replace(sig, sig + " { u32 v = 0; bpf_skb_load_bytes((void *)" + arg + ", 0, &v, 4);"
+                                           " if (v == 7) return 1; }")
+        return text
     bpfprog.source = source
 '''
 
