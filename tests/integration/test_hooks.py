@@ -147,6 +147,33 @@ def test_perf_tracepoints_where_the_kernel_lacks_an_argument(monkeypatch):
     wait_no_programs()
 
 
+def test_a_raw_build_the_verifier_refuses_falls_back_to_perf(monkeypatch):
+    """The kernel's verifier refuses the raw pt_rx (a helper raw tracepoints may not call):
+    `flow`'s load and `doctor` both fall back to the perf build, and say why."""
+    from tracer import doctor
+
+    source = program.source
+    sig = "int pt_rx(struct bpf_raw_tracepoint_args *ctx) {"
+
+    def broken(files=None):
+        text = source(files)
+        assert sig in text
+        return text.replace(sig, sig + " { u32 v = 0; bpf_skb_load_bytes((void *)ctx, 0, &v, 4);"
+                                       " if (v == 7) return 1; }")
+    monkeypatch.setattr(program, "source", broken)
+    loaded = program.load()
+    try:
+        assert not loaded.raw_tp and {k for k, _ in loaded.attached} == {"tracepoint"}
+        assert loaded.tracepoints.startswith("perf tracepoints (the kernel refused a raw one: netif_receive_skb"), \
+            loaded.tracepoints
+    finally:
+        loaded.close()
+    rep = doctor.report()
+    assert rep["can_trace"] and rep["compile"]["tracepoints"].startswith(
+        "perf tracepoints (the kernel refused a raw one: pt_rx"), rep["compile"]
+    wait_no_programs()
+
+
 def test_doctor_on_this_kernel(lab):
     res = cli(lab, "doctor", "-o", "json")
     assert res.returncode == 0, res.stderr

@@ -292,6 +292,15 @@ def _link_and_attach(loaded: Loaded, hooks: list, raw: bool, attach: bool) -> No
             raise EnvironmentProblem(f"the kernel's verifier rejected a BPF program: {exc}",
                                      "run `podtrace doctor`; PODTRACE_DEBUG_BPF=1 shows the verifier log") from None
     if not attach:
+        if raw:   # verified now, so that a refused raw build falls back here as when attaching
+            bcc = _bcc()
+            for h in hooks:
+                if h.kind == "tracepoint":
+                    try:
+                        with _quiet_stderr():
+                            b.load_func(h.fn.encode(), bcc.BPF.RAW_TRACEPOINT)
+                    except Exception as exc:
+                        raise _RawRefused(f"{h.fn}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
         return
     try:
         for h in hooks:
