@@ -109,6 +109,7 @@ class NodeRunner:
         self._gap_checked_ns: int | None = None
         self._closed = False
         self._timings: dict[str, float] = {}
+        self._tc_closing: threading.Thread | None = None
 
     @property
     def hook_names(self) -> list[str]:
@@ -218,6 +219,17 @@ class NodeRunner:
         self._refused, self._gap_checked_ns = refused, now_ns
         return self.gaps
 
+    def detach_tc_meanwhile(self) -> None:
+        """The trace window is over (drained): remove the tc observers in a thread while the
+        events are judged and the facts read (each tcx link waits on the kernel, ~9 ms, four
+        a device); `close` waits for it."""
+        if self.tc is None or self._tc_closing is not None:
+            return
+        tc, self.tc = self.tc, None
+        # not a daemon: the interpreter waits for it at exit, whatever happens meanwhile
+        self._tc_closing = threading.Thread(target=tc.close, name="podtrace-tc-close")
+        self._tc_closing.start()
+
     def close(self) -> None:
         """Remove the tc filters, then release the session; once, whatever happened before."""
         if self._closed:
@@ -225,6 +237,8 @@ class NodeRunner:
         self._closed = True
         with held_signals():
             try:
+                if self._tc_closing is not None:
+                    self._tc_closing.join()
                 if self.tc is not None:
                     tc, self.tc = self.tc, None
                     tc.close()
