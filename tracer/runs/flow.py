@@ -124,9 +124,9 @@ def _trace_single(plan: Plan, say) -> Traced:
             say(f"interrupted: {stopped.after}; collecting what was traced")
         stop_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         runner.drain()
-        runner.detach_tc_meanwhile()
         gaps = list(runner.watch_gaps())
         counters_after = runner.iptables_after()
+        runner.detach_tc_meanwhile()     # after iptables-save: both would wait on the kernel
         counters = runner.counters()
         sample = runner.session.config.sample
         df = keep_sampled(runner.session.frame(), sample)
