@@ -145,7 +145,7 @@ class Loaded:
     timings: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)   # hooks that could not attach
     raw_tp: bool = False            # the tracepoint hooks are raw tracepoints
-    tracepoints: str = ""           # how they attach, for doctor and the trace's meta
+    tracepoints: str = ""           # how they attach, and why (doctor says it)
 
     def prog_type(self, kind: str) -> int:
         """BCC's program type for a hook of `kind` in this build."""
