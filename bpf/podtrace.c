@@ -577,7 +577,10 @@ static __always_inline int pass_on(void *ctx, const u8 *skb, const u8 *l3, u16 n
     struct pt_calls_t *calls = pt_calls.lookup(&zero);
     if (!calls) return 0;
     u32 d = calls->depth;
-    if (d >= PT_NEST) return 0;
+    if (d >= PT_NEST) {   // deeper than interrupts nest: never expected, but never silent
+        count(C_LOST);
+        return 0;
+    }
     asm volatile("" : "+r"(d));   // keeps the mask (as in pt_common)
     struct pt_call *call = &calls->at[d & (PT_NEST - 1)];
     call->skb = (u64)skb;
@@ -647,52 +650,40 @@ static __always_inline int not_ours(const u8 *skb, const u8 *l3, const struct sk
 // it): raw tracepoints, whose context is the tracepoint's own arguments (ctx->args[], the skb
 // first), so the kernel does not fill a perf tracepoint record (device name, a dozen skb
 // fields) for every packet of the machine before calling us. Otherwise perf tracepoints,
-// reading the same values from that record. Both hand the same values to pass_on().
+// reading the same values from that record. Both builds' entry points are one line each,
+// around at_device() and buffer_end() below.
+
+// One packet at a device, once the entry program has its skb and where its network header
+// is: `off` from skb->data (0 at netif_receive_skb, where the Ethernet header has been
+// pulled; the perf record's network_offset at net_dev_start_xmit; OFF_FROM_SKB: head +
+// network_header - data, what that record holds, computed here).
+#define OFF_FROM_SKB 0x7fffffff
+static __always_inline int at_device(void *ctx, const u8 *skb, s64 off, u8 hook) {
+    struct skb_view v;
+    if (read_view(skb, &v)) return 0;
+    if (off == OFF_FROM_SKB) off = (s64)(v.head + v.nh) - (s64)v.data;
+    if (off < 0 || off > 256) return 0;
+    count(C_SEEN);
+    const u8 *l3 = (const u8 *)v.data + off;
+    if (not_ours(skb, l3, &v)) return 0;
+    return pass_on(ctx, skb, l3, 0, hook, 0, 0, 0);
+}
+
 #if PT_RAW_TP
 int pt_rx(struct bpf_raw_tracepoint_args *ctx) {
-    const u8 *skb = (const u8 *)ctx->args[0];
-    struct skb_view v;
-    count(C_SEEN);
-    if (read_view(skb, &v)) return 0;
-    // At netif_receive_skb the Ethernet header has been pulled: data is the L3 header.
-    const u8 *data = (const u8 *)v.data;
-    if (not_ours(skb, data, &v)) return 0;
-    return pass_on(ctx, skb, data, 0, HOOK_RX, 0, 0, 0);
+    return at_device(ctx, (const u8 *)ctx->args[0], 0, HOOK_RX);
 }
 
 int pt_tx(struct bpf_raw_tracepoint_args *ctx) {
-    const u8 *skb = (const u8 *)ctx->args[0];
-    struct skb_view v;
-    if (read_view(skb, &v)) return 0;
-    // the perf record's network_offset: head + network_header - data
-    s64 off = (s64)(v.head + v.nh) - (s64)v.data;
-    if (off < 0 || off > 256) return 0;
-    count(C_SEEN);
-    const u8 *l3 = (const u8 *)(v.head + v.nh);
-    if (not_ours(skb, l3, &v)) return 0;
-    return pass_on(ctx, skb, l3, 0, HOOK_TX, 0, 0, 0);
+    return at_device(ctx, (const u8 *)ctx->args[0], OFF_FROM_SKB, HOOK_TX);
 }
 #else
 int pt_rx(struct tp_netif_receive_skb *args) {
-    const u8 *skb = (const u8 *)args->skbaddr;
-    struct skb_view v;
-    count(C_SEEN);
-    if (read_view(skb, &v)) return 0;
-    // At netif_receive_skb the Ethernet header has been pulled: data is the L3 header.
-    const u8 *data = (const u8 *)v.data;
-    if (not_ours(skb, data, &v)) return 0;
-    return pass_on(args, skb, data, 0, HOOK_RX, 0, 0, 0);
+    return at_device(args, (const u8 *)args->skbaddr, 0, HOOK_RX);
 }
 
 int pt_tx(struct tp_net_dev_start_xmit *args) {
-    const u8 *skb = (const u8 *)args->skbaddr;
-    if (args->network_offset < 0 || args->network_offset > 256) return 0;
-    struct skb_view v;
-    count(C_SEEN);
-    if (read_view(skb, &v)) return 0;
-    const u8 *l3 = (const u8 *)v.data + args->network_offset;
-    if (not_ours(skb, l3, &v)) return 0;
-    return pass_on(args, skb, l3, 0, HOOK_TX, 0, 0, 0);
+    return at_device(args, (const u8 *)args->skbaddr, args->network_offset, HOOK_TX);
 }
 #endif
 
@@ -722,35 +713,32 @@ static __always_inline int on_free(void *ctx, const u8 *skb, u8 hook, u16 nh, u6
     return 0;
 }
 
+// The end of a buffer: dropped (kfree_skb, with the kernel's location and reason) or
+// consumed (consume_skb). A buffer never matched that is consumed (delivered, not dropped)
+// has nothing to say, and this runs for every skb the machine frees: it leaves at once.
+static __always_inline int buffer_end(void *ctx, const u8 *skb, u8 hook, u64 location, u32 reason) {
+    u64 key = (u64)skb;
+    if (hook == HOOK_CONSUME && !tracked_get(&key)) return 0;
+    return pass_on(ctx, skb, 0, skb_u16(skb, SKB_NETWORK_HEADER), hook, 1, location, reason);
+}
+
 #if PT_RAW_TP
 int pt_kfree(struct bpf_raw_tracepoint_args *ctx) {
     // kfree_skb(skb, location, reason, …)
-    const u8 *skb = (const u8 *)ctx->args[0];
-    return pass_on(ctx, skb, 0, skb_u16(skb, SKB_NETWORK_HEADER), HOOK_DROP, 1, (u64)ctx->args[1],
-                   (u32)ctx->args[2]);
+    return buffer_end(ctx, (const u8 *)ctx->args[0], HOOK_DROP, (u64)ctx->args[1], (u32)ctx->args[2]);
 }
 
 int pt_consume(struct bpf_raw_tracepoint_args *ctx) {
     // consume_skb(skb, location)
-    const u8 *skb = (const u8 *)ctx->args[0];
-    u64 key = (u64)skb;
-    if (!tracked_get(&key)) return 0;
-    return pass_on(ctx, skb, 0, skb_u16(skb, SKB_NETWORK_HEADER), HOOK_CONSUME, 1, (u64)ctx->args[1], 0);
+    return buffer_end(ctx, (const u8 *)ctx->args[0], HOOK_CONSUME, (u64)ctx->args[1], 0);
 }
 #else
 int pt_kfree(struct tp_kfree_skb *args) {
-    const u8 *skb = (const u8 *)args->skbaddr;
-    return pass_on(args, skb, 0, skb_u16(skb, SKB_NETWORK_HEADER), HOOK_DROP, 1, (u64)args->location,
-                   (u32)args->reason);
+    return buffer_end(args, (const u8 *)args->skbaddr, HOOK_DROP, (u64)args->location, (u32)args->reason);
 }
 
 int pt_consume(struct tp_consume_skb *args) {
-    const u8 *skb = (const u8 *)args->skbaddr;
-    u64 key = (u64)skb;
-    // A buffer never matched that is consumed (delivered, not dropped): nothing to say, and
-    // this runs for every skb the machine frees, so it leaves before anything else.
-    if (!tracked_get(&key)) return 0;
-    return pass_on(args, skb, 0, skb_u16(skb, SKB_NETWORK_HEADER), HOOK_CONSUME, 1, (u64)args->location, 0);
+    return buffer_end(args, (const u8 *)args->skbaddr, HOOK_CONSUME, (u64)args->location, 0);
 }
 #endif
 
