@@ -18,11 +18,19 @@
 // Inlined into each program (BCC 0.26 cannot relocate bpf-to-bpf calls; kprobes cannot tail-call
 // the tracepoints' shared program, another program type): compiling all of
 // them costs ~0.6 s, so kprobes.c is compiled only where kprobes can attach (see tracer/kernel/hooks.py).
+struct kp_scratch_t {
+    u8 b[PT_SCRATCH];
+};
+BPF_PERCPU_ARRAY(kp_scratch, struct kp_scratch_t, 1);   // kprobes do not nest on a CPU
+
 static __always_inline int on_kfunc(const u8 *skb, u8 hook, u32 aux, u64 aux2) {
     if (!skb) return 0;
+    u32 zero = 0;
+    struct kp_scratch_t *buf = kp_scratch.lookup(&zero);
+    if (!buf) return 0;
     const u8 *head = (const u8 *)rd64(skb, SKB_HEAD);
     count(C_SEEN);
-    return on_packet(0, skb, head + skb_u16(skb, SKB_NETWORK_HEADER), hook, aux, aux2);
+    return on_packet(0, skb, head + skb_u16(skb, SKB_NETWORK_HEADER), hook, aux, aux2, buf->b);
 }
 
 int kp_ip_rcv_core(void *ctx) {

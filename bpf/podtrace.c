@@ -23,6 +23,10 @@
 #define IP6_EXT_MAX 6
 #define AF_INET6_ 10
 
+// Room for what one read of a kernel struct brings back when a record is written (the
+// sk_buff's dev/_nfct/len, the device's ifindex/nd_net/name, the conntrack tuples/status).
+#define PT_SCRATCH 128
+
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_HASH(addrs, u32, u8, MAX_ADDRS);            // addresses under trace (network order)
 struct addr6 {
@@ -328,40 +332,60 @@ static __always_inline void clear_ct_addrs(struct event *e) {
 // The conntrack entry attached to the skb (skb->_nfct: pointer | ctinfo in the low 3 bits):
 // its state as this packet sees it, the original and reply tuples, and the IPS_* status,
 // whose NAT bits tell whether DNAT/SNAT applies. Offsets from BTF; absent without conntrack.
-static __always_inline void read_ct(const u8 *skb, struct event *e) {
+// Where BTF lays the two tuples and the status in one span (x86-64 since 4.x: tuplehash[2]
+// then status), one read of it instead of ten field by field: each read is a helper call,
+// and a matched hop makes a dozen of them.
+#define CT_SPAN (CT_STATUS + 4 - CT_TUPLEHASH)
+#if CT_STATUS > CT_TUPLEHASH && CT_STATUS >= CT_TUPLEHASH + 2 * CT_TH_SIZE && CT_SPAN <= PT_SCRATCH
+#define CT_ONE_READ 1
+#endif
+static __always_inline void ct_tuples(struct event *e, const u8 *o, const u8 *r, u16 l3num) {
+    if (l3num == AF_INET6_) {   // the tuples are IPv6: all 16 bytes of nf_inet_addr
+        e->flags |= FLAG_CT_V6;
+        __builtin_memcpy(e->ct_orig_src, o + CT_T_SRC_U3, 16);
+        __builtin_memcpy(e->ct_orig_dst, o + CT_T_DST_U3, 16);
+        __builtin_memcpy(e->ct_reply_src, r + CT_T_SRC_U3, 16);
+        __builtin_memcpy(e->ct_reply_dst, r + CT_T_DST_U3, 16);
+    } else {
+        __builtin_memcpy(e->ct_orig_src, o + CT_T_SRC_U3, 4);
+        __builtin_memcpy(e->ct_orig_dst, o + CT_T_DST_U3, 4);
+        __builtin_memcpy(e->ct_reply_src, r + CT_T_SRC_U3, 4);
+        __builtin_memcpy(e->ct_reply_dst, r + CT_T_DST_U3, 4);
+    }
+    __builtin_memcpy(&e->ct_orig_sport, o + CT_T_SRC_PORT, 2);
+    __builtin_memcpy(&e->ct_orig_dport, o + CT_T_DST_PORT, 2);
+    __builtin_memcpy(&e->ct_reply_sport, r + CT_T_SRC_PORT, 2);
+    __builtin_memcpy(&e->ct_reply_dport, r + CT_T_DST_PORT, 2);
+}
+
+static __always_inline void read_ct(u64 nfct, struct event *e, u8 *buf) {
     e->ct_info = 0;
     e->ct_status = 0;
     clear_ct_addrs(e);
     e->ct_orig_sport = e->ct_orig_dport = e->ct_reply_sport = e->ct_reply_dport = 0;
 #if HAVE_CT
-    u64 nfct = rd64(skb, SKB_NFCT);
     if (!nfct) return;
     e->ct_info = (u8)(nfct & 7) + 1;
     const u8 *ct = (const u8 *)(nfct & ~7ULL);
     if (!ct) return;                     // untracked: ctinfo only
+#ifdef CT_ONE_READ
+    u8 *span = buf;
+    if (bpf_probe_read_kernel(span, CT_SPAN, ct + CT_TUPLEHASH)) return;
+    e->ct_status = *(u32 *)(span + (CT_STATUS - CT_TUPLEHASH));   // low half of an unsigned long (LE)
+    const u8 *o = span + CT_TH_TUPLE;
+    const u8 *r = span + CT_TH_SIZE + CT_TH_TUPLE;
+    ct_tuples(e, o, r, *(u16 *)(o + CT_T_SRC_L3NUM));
+#else
     u32 status = 0;
     bpf_probe_read_kernel(&status, 4, ct + CT_STATUS);   // low half of an unsigned long (LE)
     e->ct_status = status;
     const u8 *o = ct + CT_TUPLEHASH + CT_TH_TUPLE;
     const u8 *r = ct + CT_TUPLEHASH + CT_TH_SIZE + CT_TH_TUPLE;
-    u16 l3num = 0;
-    bpf_probe_read_kernel(&l3num, 2, o + CT_T_SRC_L3NUM);
-    if (l3num == AF_INET6_) {   // the tuples are IPv6: all 16 bytes of nf_inet_addr
-        e->flags |= FLAG_CT_V6;
-        bpf_probe_read_kernel(e->ct_orig_src, 16, o + CT_T_SRC_U3);
-        bpf_probe_read_kernel(e->ct_orig_dst, 16, o + CT_T_DST_U3);
-        bpf_probe_read_kernel(e->ct_reply_src, 16, r + CT_T_SRC_U3);
-        bpf_probe_read_kernel(e->ct_reply_dst, 16, r + CT_T_DST_U3);
-    } else {
-        bpf_probe_read_kernel(e->ct_orig_src, 4, o + CT_T_SRC_U3);
-        bpf_probe_read_kernel(e->ct_orig_dst, 4, o + CT_T_DST_U3);
-        bpf_probe_read_kernel(e->ct_reply_src, 4, r + CT_T_SRC_U3);
-        bpf_probe_read_kernel(e->ct_reply_dst, 4, r + CT_T_DST_U3);
-    }
-    bpf_probe_read_kernel(&e->ct_orig_sport, 2, o + CT_T_SRC_PORT);
-    bpf_probe_read_kernel(&e->ct_orig_dport, 2, o + CT_T_DST_PORT);
-    bpf_probe_read_kernel(&e->ct_reply_sport, 2, r + CT_T_SRC_PORT);
-    bpf_probe_read_kernel(&e->ct_reply_dport, 2, r + CT_T_DST_PORT);
+    u8 *ot = buf, *rt = buf + PT_SCRATCH / 2;   // a tuple is 40 bytes
+    bpf_probe_read_kernel(ot, CT_TH_SIZE - CT_TH_TUPLE, o);
+    bpf_probe_read_kernel(rt, CT_TH_SIZE - CT_TH_TUPLE, r);
+    ct_tuples(e, ot, rt, *(u16 *)(ot + CT_T_SRC_L3NUM));
+#endif
 #endif
 }
 
@@ -389,10 +413,37 @@ static __always_inline void fill(struct event *e, struct pkt *p, u8 hook, u8 fla
     e->ttl = p->ttl;
 }
 
-static __always_inline u32 skb_netns(const u8 *dev) {
-    u32 inum = 0;
+// The device's index, name and network namespace (its netns inode number, 0 without a
+// device): where BTF lays ifindex, nd_net and name in one span (x86-64 since 5.x), one read.
+#define DEV_LO (NETDEV_IFINDEX < NETDEV_ND_NET ? NETDEV_IFINDEX : NETDEV_ND_NET)
+#define DEV_HI_ (NETDEV_IFINDEX + 4 > NETDEV_ND_NET + 8 ? NETDEV_IFINDEX + 4 : NETDEV_ND_NET + 8)
+#define DEV_HI (DEV_HI_ > NETDEV_NAME + 16 ? DEV_HI_ : NETDEV_NAME + 16)
+#define DEV_SPAN (DEV_HI - DEV_LO)
+#if NETDEV_NAME >= DEV_LO && DEV_SPAN <= PT_SCRATCH
+#define DEV_ONE_READ 1
+#endif
+// Reads the span into `buf` (where the name then is, at DEV_NAME_AT) and returns the netns
+// inode number; `ifindex` set. Field by field where the span does not fit.
+#ifdef DEV_ONE_READ
+#define DEV_NAME_AT (NETDEV_NAME - DEV_LO)
+#else
+#define DEV_NAME_AT 0
+#endif
+static __always_inline u32 read_dev(const u8 *dev, u32 *ifindex, u8 *buf) {
+    *ifindex = 0;
+    __builtin_memset(buf + DEV_NAME_AT, 0, 16);
     if (!dev) return 0;
-    const u8 *net = (const u8 *)rd64(dev, NETDEV_ND_NET);
+    const u8 *net;
+#ifdef DEV_ONE_READ
+    if (bpf_probe_read_kernel(buf, DEV_SPAN, dev + DEV_LO)) return 0;
+    *ifindex = *(u32 *)(buf + (NETDEV_IFINDEX - DEV_LO));
+    net = *(const u8 **)(buf + (NETDEV_ND_NET - DEV_LO));
+#else
+    bpf_probe_read_kernel(ifindex, 4, dev + NETDEV_IFINDEX);
+    bpf_probe_read_kernel(buf, 16, dev + NETDEV_NAME);
+    net = (const u8 *)rd64(dev, NETDEV_ND_NET);
+#endif
+    u32 inum = 0;
     if (net) bpf_probe_read_kernel(&inum, 4, net + NET_NS_INUM);
     return inum;
 }
@@ -404,10 +455,33 @@ static __always_inline int netns_ok(u32 inum) {
     return netns_allow.lookup(&inum) != 0;
 }
 
+// What a record reads of the sk_buff: its device, conntrack entry and length. dev, _nfct
+// and len lie within 104 bytes on x86-64 since 5.x: one read.
+#define SKB_REC_LO (SKB_DEV < SKB_NFCT ? SKB_DEV : SKB_NFCT)
+#define SKB_REC_HI (SKB_LEN + 4 > SKB_NFCT + 8 ? SKB_LEN + 4 : SKB_NFCT + 8)
+#define SKB_REC_SPAN (SKB_REC_HI - SKB_REC_LO)
+#if SKB_LEN >= SKB_REC_LO && SKB_DEV + 8 <= SKB_REC_HI && SKB_REC_SPAN <= PT_SCRATCH
+#define SKB_REC_ONE_READ 1
+#endif
+
 static __always_inline void emit(void *ctx, const u8 *skb, struct pkt *p, u8 hook, u8 flags,
-                                 u64 location, u32 reason) {
-    const u8 *dev = (const u8 *)rd64(skb, SKB_DEV);
-    u32 inum = skb_netns(dev);
+                                 u64 location, u32 reason, u8 *buf) {
+    const u8 *dev;
+    u64 nfct;
+    u32 len;
+#ifdef SKB_REC_ONE_READ
+    if (bpf_probe_read_kernel(buf, SKB_REC_SPAN, skb + SKB_REC_LO)) return;
+    dev = *(const u8 **)(buf + (SKB_DEV - SKB_REC_LO));
+    nfct = *(u64 *)(buf + (SKB_NFCT - SKB_REC_LO));
+    len = *(u32 *)(buf + (SKB_LEN - SKB_REC_LO));
+#else
+    dev = (const u8 *)rd64(skb, SKB_DEV);
+    nfct = HAVE_CT ? rd64(skb, SKB_NFCT) : 0;
+    len = 0;
+    bpf_probe_read_kernel(&len, 4, skb + SKB_LEN);
+#endif
+    u32 ifindex;
+    u32 inum = read_dev(dev, &ifindex, buf);
     if (!netns_ok(inum)) return;
     if (!guarded(p)) return;
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
@@ -420,16 +494,10 @@ static __always_inline void emit(void *ctx, const u8 *skb, struct pkt *p, u8 hoo
     e->location = location;
     e->reason = reason;
     e->netns = inum;
-    e->ifindex = 0;
-    __builtin_memset(e->ifname, 0, sizeof(e->ifname));
-    if (dev) {
-        bpf_probe_read_kernel(&e->ifindex, 4, dev + NETDEV_IFINDEX);
-        bpf_probe_read_kernel(e->ifname, sizeof(e->ifname), dev + NETDEV_NAME);
-    }
-    u32 len = 0;
-    bpf_probe_read_kernel(&len, 4, skb + SKB_LEN);
+    e->ifindex = ifindex;
+    __builtin_memcpy(e->ifname, buf + DEV_NAME_AT, sizeof(e->ifname));
     e->len = len;
-    read_ct(skb, e);
+    read_ct(nfct, e, buf);
     events.ringbuf_submit(e, 0);
     count(C_EMITTED);
 }
@@ -469,7 +537,7 @@ static __always_inline int is_ip(u16 proto) {
 // 0 means head + `nh` (skb->network_header, at a free). protocol, tail and head come from one
 // read of the span they share (where BTF lays them so), the headers from one 96-byte read
 // parsed on the stack, with per-header reads as the fallback.
-static __always_inline int read_packet(const u8 *skb, const u8 *l3, u16 nh, struct pkt *p) {
+static __always_inline int read_packet(const u8 *skb, const u8 *l3, u16 nh, struct pkt *p, u8 *buf) {
 #if SKB_TAIL > SKB_PROTOCOL && SKB_HEAD > SKB_TAIL && SPAN_LEN <= 32
     u8 span[32];
     if (bpf_probe_read_kernel(span, SPAN_LEN, skb + SKB_PROTOCOL)) return NOT_IPV4;
@@ -495,7 +563,7 @@ static __always_inline int read_packet(const u8 *skb, const u8 *l3, u16 nh, stru
     u32 avail = linear_from(skb, l3);
 #endif
     int ok = -1;
-    u8 pb[PT_BUF];
+    u8 *pb = buf;   // the stack has no room for it
     if (avail >= 20 && !bpf_probe_read_kernel(pb, PT_BUF, l3))
         ok = buf_parse_packet(pb, 0, avail < PT_BUF ? avail : PT_BUF, p, v6);
     if (ok < 0) {   // headers beyond PT_BUF, a failed read, or a bad packet: per-header reads
@@ -507,10 +575,13 @@ static __always_inline int read_packet(const u8 *skb, const u8 *l3, u16 nh, stru
 
 // The common path of every skb hook (tracepoints and kprobes): parse, filter, follow, emit.
 // `aux`/`aux2` carry a hook's extra (a netfilter verdict, a route error, a NAT type).
-static __always_inline int on_packet(void *ctx, const u8 *skb, const u8 *l3, u8 hook, u32 aux, u64 aux2) {
+// `buf`: PT_SCRATCH bytes of this run's own (a map value: the stack has no room left), where
+// the record's reads land.
+static __always_inline int on_packet(void *ctx, const u8 *skb, const u8 *l3, u8 hook, u32 aux, u64 aux2,
+                                     u8 *buf) {
     struct pkt p = {};
     u64 key = (u64)skb;
-    int ok = read_packet(skb, l3, 0, &p);
+    int ok = read_packet(skb, l3, 0, &p, buf);
     if (ok == NOT_IPV4) return 0;
     u32 *was = tracked_get(&key);
     if (ok < 0) {
@@ -538,7 +609,7 @@ static __always_inline int on_packet(void *ctx, const u8 *skb, const u8 *l3, u8 
         return 0;
     }
     count(C_MATCHED);
-    emit(ctx, skb, &p, hook, flags, aux2, aux);
+    emit(ctx, skb, &p, hook, flags, aux2, aux, buf);
     return 0;
 }
 
@@ -561,6 +632,7 @@ struct pt_call {
     u16 nh;
     u8 hook;
     u8 free;        // kfree_skb / consume_skb: the end of a buffer
+    u8 scratch[PT_SCRATCH];   // the record's reads (emit)
 };
 #define PT_NEST 4   // process, softirq, hardirq, NMI (a power of two)
 struct pt_calls_t {
@@ -687,28 +759,29 @@ int pt_tx(struct tp_net_dev_start_xmit *args) {
 }
 #endif
 
-static __always_inline int on_free(void *ctx, const u8 *skb, u8 hook, u16 nh, u64 location, u32 reason) {
+static __always_inline int on_free(void *ctx, const u8 *skb, u8 hook, u16 nh, u64 location, u32 reason,
+                                   u8 *buf) {
     u64 key = (u64)skb;
     u32 *was = tracked_get(&key);
     // A buffer never matched that is consumed (delivered, not dropped): nothing to say, and
     // this runs for every skb the machine frees, so it leaves before reading the packet.
     if (!was && hook != HOOK_DROP) return 0;
     struct pkt p = {};
-    int ok = read_packet(skb, 0, nh, &p);
+    int ok = read_packet(skb, 0, nh, &p, buf);
     if (ok == NOT_IPV4) {
         if (was) untrack(&key);
         return 0;
     }
     if (was && (ok < 0 || *was == packet_hash(&p))) {
         untrack(&key);
-        emit(ctx, skb, &p, hook, ok < 0 ? FLAG_FOLLOWED : 0, location, reason);
+        emit(ctx, skb, &p, hook, ok < 0 ? FLAG_FOLLOWED : 0, location, reason, buf);
         return 0;
     }
     if (was)
         untrack(&key);
     if (hook == HOOK_DROP && ok == 0 && wanted(&p)) {
         count(C_MATCHED);
-        emit(ctx, skb, &p, hook, 0, location, reason);
+        emit(ctx, skb, &p, hook, 0, location, reason, buf);
     }
     return 0;
 }
@@ -754,9 +827,9 @@ int pt_common(void *ctx) {
     const u8 *skb = (const u8 *)call->skb;
     int rc;
     if (call->free)
-        rc = on_free(ctx, skb, call->hook, call->nh, call->location, call->reason);
+        rc = on_free(ctx, skb, call->hook, call->nh, call->location, call->reason, call->scratch);
     else
-        rc = on_packet(ctx, skb, (const u8 *)call->l3, call->hook, 0, 0);
+        rc = on_packet(ctx, skb, (const u8 *)call->l3, call->hook, 0, 0, call->scratch);
     calls->depth = d - 1;
     return rc;
 }
