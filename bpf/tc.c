@@ -14,7 +14,8 @@
 
 // Which device a program runs on: one program serves many devices in many namespaces, and
 // in tc neither the netns cookie (it is the socket's, or init_net's) nor ifindex (per-netns)
-// tells them apart. So each attachment is two filters at adjacent priorities: a tiny stub
+// tells them apart. On tcx the program reads the device from the sk_buff (pt_tcx_*, below).
+// With clsact filters (kernels before tcx) each attachment is two filters at adjacent priorities: a tiny stub
 // with its own slot number, which notes slot + 1 in a per-CPU scratch map and lets the packet
 // go on (TC_ACT_UNSPEC), then the shared program, which takes the slot and clears it. Filters
 // of one hook run one after the other on one CPU, so the scratch holds this packet's slot.
@@ -33,13 +34,17 @@ static __always_inline int tc_stub(struct __sk_buff *skb, u32 slot) {
     return TC_ACT_UNSPEC_;   // on to the next filter: ours, the shared program
 }
 
-static __always_inline int on_tc(struct __sk_buff *skb, u8 hook) {
+// `own_dev`: the tcx programs (below), which read their device from the sk_buff; else the
+// clsact pair's shared program, which takes its slot from the stub.
+static __always_inline int on_tc(struct __sk_buff *skb, u8 hook, int own_dev) {
     struct pkt p = {};
     u32 zero = 0, slot = 0;
-    u32 *mark = tc_slot.lookup(&zero);
-    if (mark) {             // take this packet's slot, and leave none for the next one
-        slot = *mark;
-        *mark = 0;
+    if (!own_dev) {
+        u32 *mark = tc_slot.lookup(&zero);
+        if (mark) {             // take this packet's slot, and leave none for the next one
+            slot = *mark;
+            *mark = 0;
+        }
     }
     count(C_SEEN);
     if (!is_ip(skb->protocol) || skb->len < 14) return TC_ACT_UNSPEC_;
@@ -48,9 +53,24 @@ static __always_inline int on_tc(struct __sk_buff *skb, u8 hook) {
     // which is why it holds the Service's backends too.
     if (!wanted(&p)) return TC_ACT_UNSPEC_;
     count(C_MATCHED);
-    u32 idx = slot - 1;
-    struct tc_dev *d = slot ? tc_devs.lookup(&idx) : 0;
-    if (d && !netns_ok(d->inum)) return TC_ACT_UNSPEC_;
+    u32 ifindex = skb->ifindex, inum = 0;
+    u8 name[16] = {};
+    if (own_dev) {
+        // A tc program's context is the kernel's sk_buff: its device (ifindex, name,
+        // namespace) is read from there, as the tracepoints do.
+        u8 buf[PT_SCRATCH];
+        inum = read_dev((const u8 *)rd64(skb, SKB_DEV), &ifindex, buf);
+        if (!netns_ok(inum)) return TC_ACT_UNSPEC_;
+        __builtin_memcpy(name, buf + DEV_NAME_AT, 16);
+    } else if (slot) {
+        u32 idx = slot - 1;
+        struct tc_dev *d = tc_devs.lookup(&idx);
+        if (d) {
+            if (!netns_ok(d->inum)) return TC_ACT_UNSPEC_;
+            inum = d->inum;
+            __builtin_memcpy(name, d->name, 16);
+        }
+    }
     if (!guarded(&p)) return TC_ACT_UNSPEC_;
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
@@ -62,13 +82,9 @@ static __always_inline int on_tc(struct __sk_buff *skb, u8 hook) {
     e->location = 0;
     e->reason = 0;
     e->len = skb->len;
-    e->ifindex = skb->ifindex;
-    e->netns = 0;
-    __builtin_memset(e->ifname, 0, sizeof(e->ifname));
-    if (d) {
-        e->netns = d->inum;
-        __builtin_memcpy(e->ifname, d->name, sizeof(e->ifname));
-    }
+    e->ifindex = ifindex;
+    e->netns = inum;
+    __builtin_memcpy(e->ifname, name, sizeof(e->ifname));
     e->ct_info = 0;
     e->ct_status = 0;
     clear_ct_addrs(e);
@@ -78,10 +94,21 @@ static __always_inline int on_tc(struct __sk_buff *skb, u8 hook) {
     return TC_ACT_UNSPEC_;
 }
 
+// clsact: the shared program of each stub + program pair.
 int pt_tc_ingress(struct __sk_buff *skb) {
-    return on_tc(skb, HOOK_TC_INGRESS);
+    return on_tc(skb, HOOK_TC_INGRESS, 0);
 }
 
 int pt_tc_egress(struct __sk_buff *skb) {
-    return on_tc(skb, HOOK_TC_EGRESS);
+    return on_tc(skb, HOOK_TC_EGRESS, 0);
+}
+
+// tcx (Linux 6.6+): one program per hook, no stub. Each tcx link costs the kernel an RCU
+// grace period (~10 ms) under the RTNL lock, so half the links is half the attach time.
+int pt_tcx_ingress(struct __sk_buff *skb) {
+    return on_tc(skb, HOOK_TC_INGRESS, 1);
+}
+
+int pt_tcx_egress(struct __sk_buff *skb) {
+    return on_tc(skb, HOOK_TC_EGRESS, 1);
 }

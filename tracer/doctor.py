@@ -151,7 +151,9 @@ def report(compile_test: bool = True, lab_prefix: str | None = None) -> dict:
                 tracepoints = loaded.tracepoints
                 for h in chosen:
                     kind = loaded.prog_type(h.kind)
-                    for fn in filter(None, (h.fn, h.ret_fn)):
+                    # a tc hook's observer comes in two programs: tcx links, clsact filters
+                    tcx_fn = h.fn.replace("pt_tc_", "pt_tcx_") if h.kind == "tc" else None
+                    for fn in filter(None, (h.fn, h.ret_fn, tcx_fn)):
                         try:
                             with program._quiet_stderr():
                                 loaded.bpf.load_func(fn.encode(), kind)

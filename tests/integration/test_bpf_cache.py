@@ -1,6 +1,7 @@
 """The per-kernel bytecode cache (tracer/kernel/bpfcache.py): the second load of the same
-program skips clang and gives the same maps, types and verified programs; a cache file that
-does not fit is never used (the program is compiled instead)."""
+program skips clang (the maps made by libbcc directly, or from a declarations-only source
+where that is missing) and gives the same maps, types and verified programs; a cache file
+that does not fit is never used (the program is compiled instead)."""
 
 from __future__ import annotations
 
@@ -33,18 +34,25 @@ def _load():
                  for name in ("addrs", "addrs6", "cidrs", "cidrs6", "counters", "tc_devs", "config")}
         cidrs = b["cidrs"]
         cidrs[cidrs.Key(24, 0x0A)] = cidrs.Leaf(1)        # typed keys work as after a compile
-        return type(b).__name__, shape, len(list(cidrs.items()))
+        counters = b["counters"]                           # per-CPU values, summed as the session does
+        assert sum(counters[counters.Key(0)]) >= 0
+        kind = type(b).__name__ + (" direct" if isinstance(b.module, bpfcache._Maps) else "")
+        return kind, shape, len(list(cidrs.items()))
     finally:
         loaded.close()
 
 
-def test_second_load_comes_from_the_cache(cache_dir):
+def test_second_load_comes_from_the_cache(cache_dir, monkeypatch):
     first, shape1, n1 = _load()
     assert first == "BPF" and len(list(cache_dir.glob("*.json"))) == 1
     second, shape2, n2 = _load()
-    assert second == "CachedBPF"
+    assert second == "CachedBPF direct"          # no clang at all
     assert shape1 == shape2 and n1 == n2 == 1
     assert shape2["addrs"][0] == contract.MAX_ADDRS and shape2["cidrs"][1] == ["prefixlen", "addr"]
+    # A BCC without libbcc's map-creation call: the maps come from a declarations-only source.
+    monkeypatch.setattr(bpfcache, "_direct_lib", lambda bcc: None)
+    third, shape3, n3 = _load()
+    assert third == "CachedBPF" and shape3 == shape1 and n3 == 1
 
 
 @pytest.mark.parametrize("damage", todays_share(["garbage", "other-format", "missing-map"], 3))   # one a day
@@ -68,11 +76,11 @@ def test_a_cache_file_that_does_not_fit_is_not_used(cache_dir, damage):
     except Exception as exc:   # noqa: BLE001
         pytest.fail(f"a damaged cache broke the load: {exc}")
     assert kind == "BPF"          # compiled again (and the cache rewritten)
-    assert _load()[0] == "CachedBPF"
+    assert _load()[0] == "CachedBPF direct"
 
 
 LOADER = ("import sys; from tracer.kernel import program; from tests.integration.test_bpf_cache import HOOKS; "
-          "l = program.load(hooks=HOOKS); print(type(l.bpf).__name__); l.close()")
+          "l = program.load(hooks=HOOKS); print(type(l.bpf).__name__); l.close()")   # "CachedBPF" either way
 
 
 def test_runs_starting_together_on_a_cold_cache_compile_once(cache_dir, monkeypatch):

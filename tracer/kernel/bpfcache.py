@@ -7,14 +7,17 @@ BCC version; the maps it refers to are file descriptors of the compiling process
 that compiled writes, under the state directory (a tmpfs: gone with the boot, so with the
 kernel), each program's instructions with every map reference turned into the map's name,
 and each map's kind, sizes and key/leaf types. A later run with the same key creates the
-same maps from a declarations-only source (a few milliseconds of clang), puts their
-descriptors back into the instructions, and loads the programs: the kernel's verifier checks
-them as always. Anything unexpected (another BCC, a file that does not match, a map that
-comes out different) falls back to compiling.
+same maps itself (libbcc's map-creation call: no clang at all; BCC's tables are built on
+them with the recorded types), puts their descriptors back into the instructions, and loads
+the programs: the kernel's verifier checks them as always. Where this BCC lacks those calls,
+the maps come from a declarations-only source instead (0.2–0.3 s of clang start-up).
+Anything unexpected (another BCC, a file that does not match, a map that comes out
+different) falls back to compiling.
 """
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import ctypes
@@ -144,6 +147,96 @@ def save(bcc, b, text: bytes, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class _Maps:
+    """Stands in for BCC's module handle when the maps were made here, from the cache file,
+    without clang: what BCC's tables ask the module (a map's kind, flags and size) is answered
+    from the recorded description."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.fds: dict[str, int] = {}
+        self.info: dict[str, dict] = {}
+
+    def add(self, name: str, fd: int, t: dict) -> None:
+        self.names.append(name)
+        self.fds[name] = fd
+        self.info[name] = t
+
+    def by_id(self, map_id: int) -> dict:
+        return self.info[self.names[map_id]]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+
+
+class _TableLib:
+    """bcc.table's C library, with the three questions tables ask the module at creation
+    answered for maps made here (a `_Maps` module); everything else goes to BCC as before."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def bpf_table_type_id(self, module, map_id):
+        if isinstance(module, _Maps):
+            return module.by_id(map_id)["type"]
+        return self._real.bpf_table_type_id(module, map_id)
+
+    def bpf_table_flags_id(self, module, map_id):
+        if isinstance(module, _Maps):
+            return module.by_id(map_id)["flags"]
+        return self._real.bpf_table_flags_id(module, map_id)
+
+    def bpf_table_max_entries_id(self, module, map_id):
+        if isinstance(module, _Maps):
+            return module.by_id(map_id)["max_entries"]
+        return self._real.bpf_table_max_entries_id(module, map_id)
+
+
+def _direct_lib(bcc):
+    """libbcc with the map-creation and program-load calls declared (BCC's own Python binding
+    does not declare them), and bcc.table asking `_TableLib`; None where this BCC lacks them."""
+    lib = bcc.libbcc.lib
+    try:
+        create, prog_load = lib.bcc_create_map, lib.bcc_prog_load
+    except AttributeError:
+        return None
+    if not hasattr(bcc, "table") or not hasattr(bcc.table, "lib") or not hasattr(bcc.table, "Table"):
+        return None
+    create.restype = ctypes.c_int
+    create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    prog_load.restype = ctypes.c_int
+    prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if not isinstance(bcc.table.lib, _TableLib):
+        bcc.table.lib = _TableLib(bcc.table.lib)
+    return lib
+
+
+def _make_maps(lib, tables: dict) -> _Maps:
+    maps = _Maps()
+    try:
+        for name, t in sorted(tables.items()):
+            fd = lib.bcc_create_map(t["type"], name.encode(), t["key_size"], t["value_size"], t["max_entries"],
+                                    t["flags"])
+            if fd < 0:
+                raise OSError(ctypes.get_errno(), f"cannot create map {name}")
+            maps.add(name, fd, t)
+            info = _fdinfo(fd)
+            if [info.get(k) for k in ("map_type", "key_size", "value_size", "max_entries")] != \
+                    [t["type"], t["key_size"], t["value_size"], t["max_entries"]]:
+                raise OSError(0, f"map {name} came out different")
+    except BaseException:
+        maps.close()
+        raise
+    return maps
+
+
 def declarations(tables: dict) -> str:
     """A source that makes exactly these maps (sizes as byte arrays; the Python types of keys
     and leaves come from the recorded descriptions)."""
@@ -171,6 +264,22 @@ def load(bcc, path: Path):
         return None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         return None
+    if any(f not in t for t in doc.get("tables", {}).values()
+           for f in ("type", "key_size", "value_size", "max_entries", "flags")):
+        return None
+    if (lib := _direct_lib(bcc)) is not None:
+        try:
+            maps = _make_maps(lib, doc["tables"])
+        except (OSError, KeyError, TypeError, ValueError):
+            maps = None
+        if maps is not None:
+            if any(t not in maps.fds for f in doc["funcs"].values() for _, t in f["maps"]):
+                maps.close()
+                return None
+            b = _cached_class(bcc)(direct=maps)
+            b.pt_cached = {"license": doc["license"].encode(), "kern_version": doc["kern_version"],
+                           "tables": doc["tables"], "funcs": doc["funcs"], "fds": maps.fds}
+            return b
     try:
         b = _cached_class(bcc)(text=declarations(doc["tables"]).encode())
     except Exception:  # noqa: BLE001 (BCC raises bare Exception): compile instead
@@ -202,6 +311,30 @@ def _cached_class(bcc):
         return _CLASS["cls"]
 
     class CachedBPF(bcc.BPF):
+        def __init__(self, text=None, direct=None):
+            if direct is None:
+                super().__init__(text=text)
+                return
+            # What bcc.BPF.__init__ sets, without a module: `direct` holds the maps.
+            self.kprobe_fds, self.uprobe_fds, self.tracepoint_fds, self.raw_tracepoint_fds = {}, {}, {}, {}
+            self.kfunc_entry_fds, self.kfunc_exit_fds, self.lsm_fds = {}, {}, {}
+            self.perf_buffers, self.open_perf_events = {}, {}
+            self._ringbuf_manager = None
+            self.tracefile = None
+            self.debug = 0
+            self.funcs, self.tables = {}, {}
+            self.module = direct
+            atexit.register(self.cleanup)
+
+        def close(self):
+            if not isinstance(self.module, _Maps):
+                return super().close()
+            for name, fn in list(self.funcs.items()):
+                os.close(fn.fd)
+                del self.funcs[name]
+            self.module.close()
+            self.module = None
+
         def load_func(self, func_name, prog_type, device=None, attach_type=-1):
             name = func_name if isinstance(func_name, bytes) else func_name.encode()
             if name in self.funcs:
@@ -215,9 +348,15 @@ def _cached_class(bcc):
                 struct.pack_into("<i", insns, at + 4, self.pt_cached["fds"][table])
             buf = ctypes.create_string_buffer(bytes(insns), len(insns))
             lib = bcc.libbcc.lib
-            fd = lib.bcc_func_load(self.module, prog_type, name, ctypes.cast(buf, ctypes.c_void_p), len(insns),
-                                   self.pt_cached["license"], self.pt_cached["kern_version"], 0, None, 0,
-                                   device, attach_type)
+            if isinstance(self.module, _Maps):
+                if device is not None or attach_type != -1:
+                    raise Exception(f"Failed to load BPF program {name.decode()}: not from the cache")
+                fd = lib.bcc_prog_load(prog_type, name, ctypes.cast(buf, ctypes.c_void_p), len(insns),
+                                       self.pt_cached["license"], self.pt_cached["kern_version"], 0, None, 0)
+            else:
+                fd = lib.bcc_func_load(self.module, prog_type, name, ctypes.cast(buf, ctypes.c_void_p), len(insns),
+                                       self.pt_cached["license"], self.pt_cached["kern_version"], 0, None, 0,
+                                       device, attach_type)
             if fd < 0:
                 raise Exception(f"Failed to load BPF program {name.decode()}: {os.strerror(ctypes.get_errno())}")
             fn = bcc.BPF.Function(self, name, fd)
@@ -225,13 +364,21 @@ def _cached_class(bcc):
             return fn
 
         def get_table(self, name, keytype=None, leaftype=None, reducer=None):
-            t = self.pt_cached["tables"].get(name.decode() if isinstance(name, bytes) else name)
+            sname = name.decode() if isinstance(name, bytes) else name
+            t = self.pt_cached["tables"].get(sname)
             if t is not None:
                 if keytype is None and t["type"] != 27:
                     keytype = bcc.BPF._decode_table_type(json.loads(t["key_desc"]))
                 if leaftype is None:
                     leaftype = bcc.BPF._decode_table_type(json.loads(t["leaf_desc"]))
-            return super().get_table(name, keytype, leaftype, reducer)
+            if not isinstance(self.module, _Maps):
+                return super().get_table(name, keytype, leaftype, reducer)
+            if t is None:
+                raise KeyError(name)
+            if keytype is None:          # a ring buffer: BCC decodes its (unused) key type too
+                keytype = ctypes.c_int
+            return bcc.table.Table(self, self.module.names.index(sname), self.module.fds[sname], keytype,
+                                   leaftype, sname.encode(), reducer=reducer)
 
     _CLASS["cls"] = CachedBPF
     return CachedBPF

@@ -39,7 +39,7 @@ MARK = "podtrace:"
 PARENT = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
 PREFERRED_PRIO = 49152
 STATE_FILE = ownership.state_dir() / "tc-attached.json"
-TCX_MARK = "pt_tc"        # our tc programs' names (pt_tc_ingress, pt_tcs_<slot>_in, ...)
+TCX_MARK = "pt_tc"        # our tc programs' names (pt_tcx_ingress, pt_tc_ingress, pt_tcs_<slot>_in, ...)
 QDISC_FLAG = "clsact"     # last field of a filter name: its owner added the clsact qdisc
 
 
@@ -145,7 +145,9 @@ def _save_state(items: list[dict]) -> None:
 
 
 class TcAttacher:
-    """Attaches the loaded `pt_tc_ingress`/`pt_tc_egress` programs; `close()` removes them."""
+    """Attaches the loaded tc observers; `close()` removes them. On tcx one program per hook
+    (`pt_tcx_ingress`/`pt_tcx_egress`, which read their device from the sk_buff); with clsact
+    filters a slot stub + `pt_tc_ingress`/`pt_tc_egress` pair per hook."""
 
     def __init__(self, bpf):
         from bcc import BPF
@@ -156,13 +158,12 @@ class TcAttacher:
         self._sched_cls = BPF.SCHED_CLS
         self._stub_name = tc_stub_name
         self.slots = TC_SLOTS
-        self.main_fd = {d: bpf.load_func(f"pt_tc_{d}".encode(), BPF.SCHED_CLS).fd for d in PARENT}
-        self.devs = bpf["tc_devs"]
         self.attached: list[Attachment] = []
         self.failed: list[str] = []
         self.next_slot = 0
         mode = settings.tc_attach()
         self.use_tcx = mode == "tcx" or (mode == "auto" and tcx.supported())
+        self.devs = bpf["tc_devs"]
         self.links: list[int] = []          # tcx link fds: closing one detaches its program
         self._copies: dict[bytes, int] = {}  # second instances, for a pair before others' programs
 
@@ -181,6 +182,10 @@ class TcAttacher:
             if not found:
                 return
             ifindex = found[0]
+            if self.use_tcx and not _has_clsact(ipr, ifindex):
+                self._attach_tcx(ns, ifindex)
+                testhooks.pause("attaching")
+                return
             if self.next_slot >= self.slots:
                 return   # more devices than slots: the tracepoints still see them
             slot = self.next_slot
@@ -190,10 +195,6 @@ class TcAttacher:
             v.name = dev.encode()[:15]
             self.devs[self.devs.Key(slot)] = v
             added = not _has_clsact(ipr, ifindex)   # added below, once recorded
-            if added and self.use_tcx:
-                self._attach_tcx(ns, ifindex, slot)
-                testhooks.pause("attaching")
-                return
             for direction, parent in PARENT.items():
                 # Two adjacent free priorities: the slot stub, then the shared program
                 # (bpf/tc.c says why), after everyone else's filters; and, when someone
@@ -206,10 +207,10 @@ class TcAttacher:
                 while prio in used or prio + 1 in used:
                     prio += 1
                 stub_fd = self.bpf.load_func(self._stub_name(slot, direction).encode(), self._sched_cls).fd
-                pairs = [(prio, stub_fd), (prio + 1, self.main_fd[direction])]
+                pairs = [(prio, stub_fd), (prio + 1, self._fd(f"pt_tc_{direction}"))]
                 before = before_prio(filters, prio)
                 if before is not None:
-                    pairs = [(before, stub_fd), (before + 1, self.main_fd[direction])] + pairs
+                    pairs = [(before, stub_fd), (before + 1, self._fd(f"pt_tc_{direction}"))] + pairs
                 for at, fd in pairs:
                     att = Attachment(ns, dev, ifindex, direction, at, added, netns_inode=inum)
                     # Recorded before the kernel call: a SIGKILL in between still leaves a
@@ -225,6 +226,10 @@ class TcAttacher:
         finally:
             ipr.close()
 
+    def _fd(self, name: str) -> int:
+        """A program of ours, loaded (verified) the first time a device needs it."""
+        return self.bpf.load_func(name.encode(), self._sched_cls).fd
+
     def _copy(self, name: bytes) -> int:
         """A second instance of a loaded program (a tcx hook runs each program once)."""
         if name not in self._copies:
@@ -235,21 +240,17 @@ class TcAttacher:
                 self.bpf.funcs[name] = first
         return self._copies[name]
 
-    def _attach_tcx(self, ns: str | None, ifindex: int, slot: int) -> None:
-        """The stub and the shared program by tcx links, last on the hook; and, when other
-        programs are there already (a CNI's datapath on tcx), a second pair first, for the
-        reason `_attach` gives."""
+    def _attach_tcx(self, ns: str | None, ifindex: int) -> None:
+        """Our program by a tcx link, last on the hook; and, when other programs are there
+        already (a CNI's datapath on tcx), a second instance first, for the reason `_attach`
+        gives."""
         with (netns_mod.entered(ns) if ns else contextlib.nullcontext()):
             for direction in PARENT:
-                stub = self._stub_name(slot, direction).encode()
-                stub_fd = self.bpf.load_func(stub, self._sched_cls).fd
                 others = [n for n in tcx.programs(ifindex, direction) if not n.startswith(TCX_MARK)]
-                self.links.append(tcx.link(stub_fd, ifindex, direction))
-                self.links.append(tcx.link(self.main_fd[direction], ifindex, direction, tcx.BPF_F_AFTER, stub_fd))
+                self.links.append(tcx.link(self._fd(f"pt_tcx_{direction}"), ifindex, direction))
                 if others:
-                    main_copy = self._copy(f"pt_tc_{direction}".encode())
-                    self.links.append(tcx.link(main_copy, ifindex, direction, tcx.BPF_F_BEFORE))
-                    self.links.append(tcx.link(self._copy(stub), ifindex, direction, tcx.BPF_F_BEFORE, main_copy))
+                    self.links.append(tcx.link(self._copy(f"pt_tcx_{direction}".encode()), ifindex, direction,
+                                               tcx.BPF_F_BEFORE))
 
     def close(self) -> None:
         for fd in reversed(self.links):
