@@ -30,7 +30,7 @@ static __always_inline int on_kfunc(const u8 *skb, u8 hook, u32 aux, u64 aux2) {
     if (!buf) return 0;
     const u8 *head = (const u8 *)rd64(skb, SKB_HEAD);
     count(C_SEEN);
-    return on_packet(0, skb, head + skb_u16(skb, SKB_NETWORK_HEADER), hook, aux, aux2, buf->b);
+    return on_packet(0, skb, head + skb_u16(skb, SKB_NETWORK_HEADER), hook, aux, aux2, buf->b, 0);
 }
 
 int kp_ip_rcv_core(void *ctx) {

@@ -89,6 +89,16 @@ struct pkt {
     };
 };
 
+// What an entry program already knows of a packet it hands on (parsed by the quick IPv4
+// parser, which is the full parser's own code without IPv6: the same result), so the shared
+// program neither reads nor parses the headers again, nor asks the tables again.
+struct pt_pre {
+    struct pkt p;
+    u32 was;        // the `tracked` entry's packet id for this skb, 0 for none
+    u8 parsed;      // 0: nothing here, the shared program reads the packet itself
+    u8 want;        // wanted(&p)
+};
+
 static __always_inline u32 addr_u32(const u8 *a) {
     u32 v;
     __builtin_memcpy(&v, a, 4);
@@ -151,13 +161,13 @@ static __always_inline int sampled_in(struct pkt *p) {
     return ((packet_hash(p) >> 1) % *n) == 0;   /* >> 1: the low bit is forced to 1 */
 }
 
-static __always_inline int within_budget(void) {
+static __always_inline int within_budget(u64 ts) {
     u32 zero = 0, idx = GUARD_BUDGET;
     u32 *limit = guard.lookup(&idx);
     if (!limit || !*limit) return 1;
     struct budget *b = budget_state.lookup(&zero);
     if (!b) return 1;
-    u64 now = bpf_ktime_get_ns() / 1000000000ULL;
+    u64 now = ts / 1000000000ULL;
     if (b->window != now) {
         b->window = now;
         b->used = 0;
@@ -167,13 +177,14 @@ static __always_inline int within_budget(void) {
     return 1;
 }
 
-// Every emit passes here first: sampling, then the budget.
-static __always_inline int guarded(struct pkt *p) {
+// Every emit passes here first: sampling, then the budget. `ts`: the record's time, taken
+// once (bpf_ktime_get_ns) for both.
+static __always_inline int guarded(struct pkt *p, u64 ts) {
     if (!sampled_in(p)) {
         count(C_SAMPLED_OUT);
         return 0;
     }
-    if (!within_budget()) {
+    if (!within_budget(ts)) {
         count(C_OVER_BUDGET);
         return 0;
     }
@@ -390,8 +401,8 @@ static __always_inline void read_ct(u64 nfct, struct event *e, u8 *buf) {
 }
 
 // The packet part of an event, shared by every kind of hook.
-static __always_inline void fill(struct event *e, struct pkt *p, u8 hook, u8 flags) {
-    e->ts_ns = bpf_ktime_get_ns();
+static __always_inline void fill(struct event *e, struct pkt *p, u8 hook, u8 flags, u64 ts) {
+    e->ts_ns = ts;
     __builtin_memcpy(e->saddr, p->saddr, 16);
     __builtin_memcpy(e->daddr, p->daddr, 16);
     __builtin_memcpy(e->outer_saddr, p->osaddr, 16);
@@ -483,13 +494,14 @@ static __always_inline void emit(void *ctx, const u8 *skb, struct pkt *p, u8 hoo
     u32 ifindex;
     u32 inum = read_dev(dev, &ifindex, buf);
     if (!netns_ok(inum)) return;
-    if (!guarded(p)) return;
+    u64 ts = bpf_ktime_get_ns();
+    if (!guarded(p, ts)) return;
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
         count(C_LOST);
         return;
     }
-    fill(e, p, hook, flags);
+    fill(e, p, hook, flags, ts);
     e->skb = (u64)skb;
     e->location = location;
     e->reason = reason;
@@ -576,25 +588,35 @@ static __always_inline int read_packet(const u8 *skb, const u8 *l3, u16 nh, stru
 // The common path of every skb hook (tracepoints and kprobes): parse, filter, follow, emit.
 // `aux`/`aux2` carry a hook's extra (a netfilter verdict, a route error, a NAT type).
 // `buf`: PT_SCRATCH bytes of this run's own (a map value: the stack has no room left), where
-// the record's reads land.
+// the record's reads land. `pre`: what the entry program found, or 0.
 static __always_inline int on_packet(void *ctx, const u8 *skb, const u8 *l3, u8 hook, u32 aux, u64 aux2,
-                                     u8 *buf) {
+                                     u8 *buf, const struct pt_pre *pre) {
     struct pkt p = {};
     u64 key = (u64)skb;
-    int ok = read_packet(skb, l3, 0, &p, buf);
-    if (ok == NOT_IPV4) return 0;
-    u32 *was = tracked_get(&key);
-    if (ok < 0) {
-        if (was) count(C_TRUNCATED);
-        return 0;
+    u32 was;
+    int want = -1;
+    if (pre && pre->parsed) {
+        __builtin_memcpy(&p, &pre->p, sizeof(p));
+        was = pre->was;
+        want = pre->want;
+    } else {
+        int ok = read_packet(skb, l3, 0, &p, buf);
+        if (ok == NOT_IPV4) return 0;
+        u32 *w = tracked_get(&key);
+        was = w ? *w : 0;
+        if (ok < 0) {
+            if (was) count(C_TRUNCATED);
+            return 0;
+        }
     }
     u32 id = packet_hash(&p);
-    if (was && *was != id) {
+    if (was && was != id) {
         untrack(&key);   // the buffer was reused for another packet
         was = 0;
     }
+    if (want < 0) want = wanted(&p);
     u8 flags = 0;
-    if (wanted(&p)) {
+    if (want) {
         if (!was && !sampled_in(&p)) {   // sampled out: leave before tracking it
             count(C_MATCHED);
             count(C_SAMPLED_OUT);
@@ -633,6 +655,7 @@ struct pt_call {
     u8 hook;
     u8 free;        // kfree_skb / consume_skb: the end of a buffer
     u8 scratch[PT_SCRATCH];   // the record's reads (emit)
+    struct pt_pre pre;        // at a device: what the entry program found
 };
 #define PT_NEST 4   // process, softirq, hardirq, NMI (a power of two)
 struct pt_calls_t {
@@ -644,7 +667,7 @@ BPF_PERCPU_ARRAY(pt_calls, struct pt_calls_t, 1);
 BPF_PROG_ARRAY(pt_next, 1);
 
 static __always_inline int pass_on(void *ctx, const u8 *skb, const u8 *l3, u16 nh, u8 hook, u8 free,
-                                   u64 location, u32 reason) {
+                                   u64 location, u32 reason, const struct pt_pre *pre) {
     u32 zero = 0;
     struct pt_calls_t *calls = pt_calls.lookup(&zero);
     if (!calls) return 0;
@@ -662,6 +685,10 @@ static __always_inline int pass_on(void *ctx, const u8 *skb, const u8 *l3, u16 n
     call->free = free;
     call->location = location;
     call->reason = reason;
+    if (pre && pre->parsed)
+        __builtin_memcpy(&call->pre, pre, sizeof(*pre));
+    else
+        call->pre.parsed = 0;
     calls->depth = d + 1;
     pt_next.call(ctx, 0);
     calls->depth = d;   // reached only when pt_common is not (yet) in pt_next
@@ -703,19 +730,23 @@ static __always_inline int read_view(const u8 *skb, struct skb_view *v) {
 }
 
 // 1 when the packet at `l3` is certainly not ours: IPv4 (or not IP at all), read and parsed
-// from one copy of its headers, not followed, not wanted by the filter. 0: pt_common decides.
-static __always_inline int not_ours(const u8 *skb, const u8 *l3, const struct skb_view *v) {
+// from one copy of its headers, not followed, not wanted by the filter. 0: pt_common decides,
+// with what was found here in `pre` when the quick parse read the packet.
+static __always_inline int not_ours(const u8 *skb, const u8 *l3, const struct skb_view *v, struct pt_pre *pre) {
     if (v->proto != ETH_P_IP_BE) return v->proto != ETH_P_IPV6_BE;
     const u8 *head = (const u8 *)v->head;
     u32 avail = 0;
     if (head && l3 >= head && (u64)(l3 - head) < v->tail) avail = v->tail - (u32)(l3 - head);
     u8 pb[PT_BUF];
     if (avail < 20 || bpf_probe_read_kernel(pb, PT_BUF, l3)) return 0;
-    struct pkt p = {};
-    if (quick_parse_packet(pb, 0, avail < PT_BUF ? avail : PT_BUF, &p, 0) < 0) return 0;
+    if (quick_parse_packet(pb, 0, avail < PT_BUF ? avail : PT_BUF, &pre->p, 0) < 0) return 0;
     u64 key = (u64)skb;
-    if (tracked_get(&key)) return 0;
-    return !wanted(&p);
+    u32 *was = tracked_get(&key);
+    pre->was = was ? *was : 0;
+    pre->want = wanted(&pre->p);
+    if (!pre->was && !pre->want) return 1;
+    pre->parsed = 1;
+    return 0;
 }
 
 // The four entry points come in two builds. PT_RAW_TP (the default where the kernel allows
@@ -737,8 +768,9 @@ static __always_inline int at_device(void *ctx, const u8 *skb, s64 off, u8 hook)
     if (off < 0 || off > 256) return 0;
     count(C_SEEN);
     const u8 *l3 = (const u8 *)v.data + off;
-    if (not_ours(skb, l3, &v)) return 0;
-    return pass_on(ctx, skb, l3, 0, hook, 0, 0, 0);
+    struct pt_pre pre = {};
+    if (not_ours(skb, l3, &v, &pre)) return 0;
+    return pass_on(ctx, skb, l3, 0, hook, 0, 0, 0, &pre);
 }
 
 #if PT_RAW_TP
@@ -792,7 +824,7 @@ static __always_inline int on_free(void *ctx, const u8 *skb, u8 hook, u16 nh, u6
 static __always_inline int buffer_end(void *ctx, const u8 *skb, u8 hook, u64 location, u32 reason) {
     u64 key = (u64)skb;
     if (hook == HOOK_CONSUME && !tracked_get(&key)) return 0;
-    return pass_on(ctx, skb, 0, skb_u16(skb, SKB_NETWORK_HEADER), hook, 1, location, reason);
+    return pass_on(ctx, skb, 0, skb_u16(skb, SKB_NETWORK_HEADER), hook, 1, location, reason, 0);
 }
 
 #if PT_RAW_TP
@@ -829,7 +861,7 @@ int pt_common(void *ctx) {
     if (call->free)
         rc = on_free(ctx, skb, call->hook, call->nh, call->location, call->reason, call->scratch);
     else
-        rc = on_packet(ctx, skb, (const u8 *)call->l3, call->hook, 0, 0, call->scratch);
+        rc = on_packet(ctx, skb, (const u8 *)call->l3, call->hook, 0, 0, call->scratch, &call->pre);
     calls->depth = d - 1;
     return rc;
 }

@@ -71,13 +71,14 @@ static __always_inline int on_tc(struct __sk_buff *skb, u8 hook, int own_dev) {
             __builtin_memcpy(name, d->name, 16);
         }
     }
-    if (!guarded(&p)) return TC_ACT_UNSPEC_;
+    u64 ts = bpf_ktime_get_ns();
+    if (!guarded(&p, ts)) return TC_ACT_UNSPEC_;
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
         count(C_LOST);
         return TC_ACT_UNSPEC_;
     }
-    fill(e, &p, hook, 0);
+    fill(e, &p, hook, 0, ts);
     e->skb = 0;
     e->location = 0;
     e->reason = 0;

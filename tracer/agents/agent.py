@@ -223,10 +223,10 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, l
                                  "sample": runner.session.config.sample,
                                  "locations": {str(k): v for k, v in runner.drop_locations().items()}})
             window_counters = runner.counters()
-            # keep the hooks as light as they can be until the agent stops, and the tc
-            # observers go while the coordinator judges
+            # keep the hooks as light as they can be until the agent stops; the rule counters
+            # are read, and the tc observers go, while the coordinator judges
             runner.session.set_guard(MAX_SAMPLE, runner.session.config.budget)
-            runner.detach_tc_meanwhile()
+            runner.after_window_meanwhile()
         elif what == "facts" and node.name in runner.iptables_before:
             if window_counters is None:
                 runner.drain()

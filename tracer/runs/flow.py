@@ -125,12 +125,12 @@ def _trace_single(plan: Plan, say) -> Traced:
         stop_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         runner.drain()
         gaps = list(runner.watch_gaps())
-        counters_after = runner.iptables_after()
-        runner.detach_tc_meanwhile()     # after iptables-save: both would wait on the kernel
+        runner.after_window_meanwhile()   # the rule counters, then the tc observers' removal
         counters = runner.counters()
         sample = runner.session.config.sample
         df = keep_sampled(runner.session.frame(), sample)
         locations = runner.symbols(df.loc[df["location"] != 0, "location"].unique())
+        counters_after = runner.iptables_after()
     sq = source_query(plan)
     evidence = local_evidence(topo, dst, refs, runner.iptables_before, counters_after,
                               pod_hits(plan, runner.pod_rule_hits()),

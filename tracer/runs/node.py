@@ -109,7 +109,8 @@ class NodeRunner:
         self._gap_checked_ns: int | None = None
         self._closed = False
         self._timings: dict[str, float] = {}
-        self._tc_closing: threading.Thread | None = None
+        self._after_thread: threading.Thread | None = None
+        self._after: tuple[dict, dict] | None = None
 
     @property
     def hook_names(self) -> list[str]:
@@ -156,13 +157,31 @@ class NodeRunner:
         return self.session.counters()
 
     def iptables_after(self) -> dict[str, facts.RuleCounters]:
-        return {n: facts.iptables_counters(r) for n, r in self.job.nodes.items()}
+        """Every node's rule counters at the end of the window: what `after_window_meanwhile`
+        read, or read now."""
+        if self._after_thread is not None:
+            self._after_thread.join()
+            if self._after is not None:
+                return self._after[0]
+        return self._read_nodes()
 
     def pod_rule_hits(self) -> dict[int, list[dict]]:
         """pod namespace (inode) → the drop rules whose counters moved there while we traced."""
+        if self._after_thread is not None:
+            self._after_thread.join()
+            if self._after is not None:
+                return self._after[1]
+        return self._read_pods()
+
+    def _read_nodes(self) -> dict[str, facts.RuleCounters]:
+        return _each(facts.iptables_counters, self.job.nodes)
+
+    def _read_pods(self) -> dict[int, list[dict]]:
+        after = _each(facts.iptables_counters,
+                      {i: facts.NodeRef(self.job.pods[i], self.job.pods[i]) for i in self.pods_before})
         out = {}
         for i, before in self.pods_before.items():
-            hits = facts.rule_hits(before, facts.iptables_counters(facts.NodeRef(self.job.pods[i], self.job.pods[i])))
+            hits = facts.rule_hits(before, after[i])
             if hits:
                 out[i] = hits
         return out
@@ -219,16 +238,27 @@ class NodeRunner:
         self._refused, self._gap_checked_ns = refused, now_ns
         return self.gaps
 
-    def detach_tc_meanwhile(self) -> None:
-        """The trace window is over (drained): remove the tc observers in a thread while the
-        events are judged and the facts read (each tcx link waits on the kernel, ~9 ms, four
-        a device); `close` waits for it."""
-        if self.tc is None or self._tc_closing is not None:
+    def after_window_meanwhile(self) -> None:
+        """The trace window is over (drained): in a thread, while the events are judged, read
+        the rule counters the window ended with (nodes and pods, each in its own thread:
+        iptables-save, ip6tables-save and nft are processes), then remove the tc observers
+        (each tcx link waits on the kernel, ~9 ms; after the counters, which would wait on
+        the kernel behind them). `iptables_after`, `pod_rule_hits` and `close` wait for it."""
+        if self._after_thread is not None:
             return
         tc, self.tc = self.tc, None
+
+        def run() -> None:
+            try:
+                self._after = (self._read_nodes(), self._read_pods())
+            except Exception:  # noqa: BLE001 (read again where asked for: the error shows there)
+                self._after = None
+            finally:
+                if tc is not None:
+                    tc.close()
         # not a daemon: the interpreter waits for it at exit, whatever happens meanwhile
-        self._tc_closing = threading.Thread(target=tc.close, name="podtrace-tc-close")
-        self._tc_closing.start()
+        self._after_thread = threading.Thread(target=run, name="podtrace-after-window")
+        self._after_thread.start()
 
     def close(self) -> None:
         """Remove the tc filters, then release the session; once, whatever happened before."""
@@ -237,8 +267,8 @@ class NodeRunner:
         self._closed = True
         with held_signals():
             try:
-                if self._tc_closing is not None:
-                    self._tc_closing.join()
+                if self._after_thread is not None:
+                    self._after_thread.join()
                 if self.tc is not None:
                     tc, self.tc = self.tc, None
                     tc.close()
@@ -277,3 +307,15 @@ def held_signals():
             elif h == signal.SIG_DFL:
                 os.kill(os.getpid(), got[0])
                 time.sleep(0.1)   # the default action (termination) lands here
+
+
+def _each(read, refs: dict) -> dict:
+    """read(ref) for every ref, at once: each is a few short processes (iptables-save,
+    ip6tables-save, nft) that mostly wait."""
+    if len(refs) <= 1:
+        return {k: read(r) for k, r in refs.items()}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, len(refs)), thread_name_prefix="podtrace-counters") as ex:
+        futures = {k: ex.submit(read, r) for k, r in refs.items()}
+        return {k: f.result() for k, f in futures.items()}
