@@ -49,8 +49,8 @@ static __always_inline int on_tc(struct __sk_buff *skb, u8 hook, int own_dev) {
     count(C_SEEN);
     if (!is_ip(skb->protocol) || skb->len < 14) return TC_ACT_UNSPEC_;
     if (tc_parse_packet(skb, 14, skb->len - 14, &p, skb->protocol == ETH_P_IPV6_BE) < 0) return TC_ACT_UNSPEC_;
-    // No kernel skb pointer here, so no skb following: the address filter alone decides,
-    // which is why it holds the Service's backends too.
+    // No skb following here (the tracepoints follow; a tc observer sees one device): the
+    // address filter alone decides, which is why it holds the Service's backends too.
     if (!wanted(&p)) return TC_ACT_UNSPEC_;
     count(C_MATCHED);
     u32 ifindex = skb->ifindex, inum = 0;

@@ -111,6 +111,7 @@ class NodeRunner:
         self._timings: dict[str, float] = {}
         self._after_thread: threading.Thread | None = None
         self._after: tuple[dict, dict] | None = None
+        self._after_read = threading.Event()        # set once `_after` is read (or failed)
 
     @property
     def hook_names(self) -> list[str]:
@@ -160,7 +161,7 @@ class NodeRunner:
         """Every node's rule counters at the end of the window: what `after_window_meanwhile`
         read, or read now."""
         if self._after_thread is not None:
-            self._after_thread.join()
+            self._after_read.wait()
             if self._after is not None:
                 return self._after[0]
         return self._read_nodes()
@@ -168,7 +169,7 @@ class NodeRunner:
     def pod_rule_hits(self) -> dict[int, list[dict]]:
         """pod namespace (inode) → the drop rules whose counters moved there while we traced."""
         if self._after_thread is not None:
-            self._after_thread.join()
+            self._after_read.wait()
             if self._after is not None:
                 return self._after[1]
         return self._read_pods()
@@ -243,7 +244,8 @@ class NodeRunner:
         the rule counters the window ended with (nodes and pods, each in its own thread:
         iptables-save, ip6tables-save and nft are processes), then remove the tc observers
         (each tcx link waits on the kernel, ~9 ms; after the counters, which would wait on
-        the kernel behind them). `iptables_after`, `pod_rule_hits` and `close` wait for it."""
+        the kernel behind them). `iptables_after` and `pod_rule_hits` wait for the counters,
+        `close` for the whole."""
         if self._after_thread is not None:
             return
         tc, self.tc = self.tc, None
@@ -254,6 +256,7 @@ class NodeRunner:
             except Exception:  # noqa: BLE001 (read again where asked for: the error shows there)
                 self._after = None
             finally:
+                self._after_read.set()
                 if tc is not None:
                     tc.close()
         # not a daemon: the interpreter waits for it at exit, whatever happens meanwhile
