@@ -1,0 +1,103 @@
+"""Investigation: packets the tc observers record at every hop and the tracepoints at none.
+
+A busy TCP flow (iperf3 at full speed, pod-1-1 → pod-2-1 of the bench lab) traced by one
+session with the four tracepoint hooks and the tc observers on the path's 8 devices, with no
+sampling and no event budget, for ROUNDS × SECONDS. Every packet (IP ID, length, TCP
+sequence) is then counted by which kind of hook recorded it:
+
+    both        tracepoint and tc events (12 + 8 on this path)
+    tc_only     tc events, no tracepoint event at all
+    tp_only     tracepoint events, no tc event
+
+The session's `pt_rx`/`pt_tx` entry point is built with one extra counter at its very first
+line (`entered`, in the slot of the `truncated` counter, which this flow never moves): if
+`entered` equals the tracepoint events recorded, the entry programs were not run at all for
+the tc-only packets (the kernel did not call them), rather than run and returned early.
+`recursion_misses` (the kernel's count of skipped program runs) is reported beside it.
+
+    sudo .venv/bin/python bench/hookgap.py [--rounds 3] [--seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+import benchlib as L
+from datapath import path_devices
+from tracer.kernel import program
+from tracer.kernel.hooks import BY_NAME, DEFAULT_HOOKS
+from tracer.kernel.session import SessionConfig, Sink, TraceSession
+from tracer.kernel.tc import TcAttacher
+
+SRC, DST, PORT = "pod-1-1", "pod-2-1", 5215
+ENTRY = "static __always_inline int at_device(void *ctx, const u8 *skb, s64 off, u8 hook) {\n    struct skb_view v;\n"
+TP_HOOKS, TC_HOOKS = (1, 2), (20, 21)
+
+
+def entry_counted(text: str) -> str:
+    if ENTRY not in text:
+        raise RuntimeError("bpf/podtrace.c changed: at_device() was not found")
+    return text.replace(ENTRY, ENTRY + "    count(C_TRUNCATED);   /* bench/hookgap.py: entered */\n")
+
+
+def one_round(doc: dict, seconds: float) -> dict:
+    src, dst = L.pod(doc, SRC), L.pod(doc, DST)
+    hooks = [BY_NAME[n] for n in DEFAULT_HOOKS] + [BY_NAME["tc:ingress"], BY_NAME["tc:egress"]]
+    session = TraceSession(SessionConfig(addrs=[src["ip"], dst["ip"]], hooks=hooks, netns=L.lab_inodes(doc),
+                                         budget=0, sample=1), sink=Sink())
+    orig = program.source
+    program.source = lambda files=None: entry_counted(orig(files))
+    try:
+        session.start()
+    finally:
+        program.source = orig
+    attacher = None
+    try:
+        attacher = TcAttacher(session.loaded.bpf)
+        for ns, dev in path_devices(doc):
+            attacher.attach(ns, dev)
+        with L.IperfServer(dst["netns"], PORT):
+            client = L.iperf_client(src["netns"], dst["ip"], PORT, seconds)
+            while client.poll() is None:
+                session.poll(50)
+            client.communicate()
+        session.drain()
+        counters = session.counters()
+        misses = session.missed_runs()
+        df = session.frame()
+    finally:
+        if attacher is not None:
+            attacher.close()
+        session.close()
+    hook = df["hook"].astype(int)
+    df = df.assign(tp=hook.isin(TP_HOOKS), tc=hook.isin(TC_HOOKS))
+    per = df[df.tp | df.tc].groupby(["ip_id", "ip_len", "tcp_seq"]).agg(tp=("tp", "sum"), tc=("tc", "sum"),
+                                                                          cpu=("cpu", "min"))
+    tc_only = per[(per.tp == 0) & (per.tc > 0)]
+    return {"packets": len(per), "both": int(((per.tp > 0) & (per.tc > 0)).sum()), "tc_only": len(tc_only),
+            "tp_only": int(((per.tp > 0) & (per.tc == 0)).sum()),
+            "tc_only_ip_len": sorted({int(x) for x in tc_only.index.get_level_values("ip_len")}),
+            "tc_only_cpus": sorted({int(x) for x in tc_only.cpu}),
+            "tracepoint_events": int(df.tp.sum()), "entered": counters["truncated"],
+            "recursion_misses": misses, "lost": counters["lost"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    a = ap.parse_args()
+    doc, _ = L.lab()
+    start = L.machine()
+    rounds = [one_round(doc, a.seconds) for _ in range(a.rounds)]
+    L.emit({"benchmark": "hookgap", "flow": f"{SRC} → {DST}, iperf3 TCP at full speed", "seconds": a.seconds,
+            "rounds": rounds, "tc_only_per_10k": round(1e4 * sum(r["tc_only"] for r in rounds)
+                                                       / max(1, sum(r["packets"] for r in rounds)), 2),
+            "entered_equals_tracepoint_events": all(abs(r["entered"] - r["tracepoint_events"]) <= 2 for r in rounds),
+            "machine_start": start, "machine_end": L.machine()})
+
+
+if __name__ == "__main__":
+    main()
