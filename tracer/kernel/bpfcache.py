@@ -218,6 +218,13 @@ def _direct_lib(bcc):
     return lib
 
 
+def _fits(fd: int, t: dict) -> bool:
+    """The map behind `fd` is the recorded one (kind and sizes)."""
+    info = _fdinfo(fd)
+    return [info.get(k) for k in ("map_type", "key_size", "value_size", "max_entries")] == \
+        [t["type"], t["key_size"], t["value_size"], t["max_entries"]]
+
+
 def _make_maps(lib, tables: dict) -> _Maps:
     maps = _Maps()
     try:
@@ -227,9 +234,7 @@ def _make_maps(lib, tables: dict) -> _Maps:
             if fd < 0:
                 raise OSError(ctypes.get_errno(), f"cannot create map {name}")
             maps.add(name, fd, t)
-            info = _fdinfo(fd)
-            if [info.get(k) for k in ("map_type", "key_size", "value_size", "max_entries")] != \
-                    [t["type"], t["key_size"], t["value_size"], t["max_entries"]]:
+            if not _fits(fd, t):
                 raise OSError(0, f"map {name} came out different")
     except BaseException:
         maps.close()
@@ -288,9 +293,7 @@ def load(bcc, path: Path):
     fds = {}
     for name, t in doc["tables"].items():
         fd = lib.bpf_table_fd(b.module, name.encode())
-        info = _fdinfo(fd) if fd >= 0 else {}
-        if [info.get(k) for k in ("map_type", "key_size", "value_size", "max_entries")] != \
-                [t["type"], t["key_size"], t["value_size"], t["max_entries"]]:
+        if fd < 0 or not _fits(fd, t):
             b.cleanup()
             return None
         fds[name] = fd
