@@ -76,6 +76,17 @@ def lab_env(prefix: str = PREFIX) -> dict:
     return env
 
 
+def mode_env(prefix: str, mode: str) -> dict:
+    """lab_env for a run of `mode` (agents, single, agents_tcall, single_tcall): `_tcall`
+    puts the tc observers on every device of the path (PODTRACE_TC_OBSERVERS=all); the
+    others measure the default."""
+    env = lab_env(prefix)
+    env.pop("PODTRACE_TC_OBSERVERS", None)
+    if mode.endswith("_tcall"):
+        env["PODTRACE_TC_OBSERVERS"] = "all"
+    return env
+
+
 # ---------------------------------------------------------------------------------------
 # iperf3
 

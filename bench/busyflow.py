@@ -3,7 +3,8 @@
 iperf3 pushes TCP at full speed from pod-1-1 to pod-2-1 of the bench lab, started before
 podtrace (as on a real incident: the traffic is already there), and
 `podtrace flow pod-1-1 pod-2-1 --no-probe --duration S -o json` watches it. Rounds alternate
-the modes (agents: the default, one agent per lab node; single: `--single-process`). Per run:
+the modes (agents: the default, one agent per lab node; single: `--single-process`; either
+with `_tcall`: PODTRACE_TC_OBSERVERS=all, tc observers on every device of the path). Per run:
 
     wall_s        launch to exit of the command
     over_s        wall_s − S: start-up plus everything after the watch (the figure to hold)
@@ -13,6 +14,7 @@ the modes (agents: the default, one agent per lab node; single: `--single-proces
     peak RSS of the command and of its agents (MiB)
 
     sudo .venv/bin/python bench/busyflow.py [--rounds 3] [--duration 4]
+    sudo .venv/bin/python bench/busyflow.py --rounds 3 --modes agents,agents_tcall,single,single_tcall
 """
 
 from __future__ import annotations
@@ -46,10 +48,10 @@ def one(doc: dict, mode: str, duration: float, prefix: str, timeout: float = 300
         client = L.iperf_client(src["netns"], dst["ip"], PORT, duration + 12)
         time.sleep(1.0)          # the transfer is up to speed before the command starts
         argv = [*L.PODTRACE, "flow", SRC, DST, "--no-probe", "--duration", f"{duration:g}", "-o", "json"]
-        if mode == "single":
+        if mode.startswith("single"):
             argv.append("--single-process")
         t0 = time.monotonic()
-        p = subprocess.Popen(argv, env=L.lab_env(prefix), cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        p = subprocess.Popen(argv, env=L.mode_env(prefix, mode), cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
         rss: dict = {}
         stop = threading.Event()

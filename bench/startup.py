@@ -5,6 +5,9 @@ per mode, interleaved (agents, single, agents, single, …):
 
 - agents: the default; one agent process per lab node plus the fabric
 - single: `--single-process`, tracing in the coordinator's process
+- agents_tcall / single_tcall: the same with PODTRACE_TC_OBSERVERS=all (tc observers on
+  every device of the path, not only where another tc program runs; on the flannel bench
+  lab the default attaches none)
 
 Each run is launched through a two-line wrapper that notes CLOCK_MONOTONIC when the
 interpreter is up and when `tracer.cli` is imported; with the launch time taken here and
@@ -22,6 +25,7 @@ attachment of the flow's devices.
 
     .venv/bin/python bench/startup.py [--runs 5]
     .venv/bin/python bench/startup.py --quick
+    .venv/bin/python bench/startup.py --runs 5 --modes agents,agents_tcall,single,single_tcall
 """
 
 from __future__ import annotations
@@ -43,10 +47,11 @@ SRC, DST = "pod-1-1", "pod-2-1"
 
 def one_flow(mode: str, prefix: str) -> dict:
     argv = [sys.executable, "-c", WRAPPER, "flow", SRC, DST, "-o", "json"]
-    if mode == "single":
+    if mode.startswith("single"):
         argv.append("--single-process")
+    env = L.mode_env(prefix, mode)
     t_launch = time.monotonic()
-    p = subprocess.run(argv, env=L.lab_env(prefix), cwd="/", capture_output=True, text=True, timeout=120)
+    p = subprocess.run(argv, env=env, cwd="/", capture_output=True, text=True, timeout=120)
     t_exit = time.monotonic()
     marks = [ln.split() for ln in p.stderr.splitlines() if ln.startswith("PTBENCH ")]
     try:

@@ -24,6 +24,12 @@ PODTRACE_TC_ATTACH          ``auto``          how tc observers attach: ``tcx`` (
                                               adding a clsact qdisc where none is), or
                                               ``auto`` (tcx where the kernel has it and the
                                               device has no clsact qdisc)
+PODTRACE_TC_OBSERVERS       ``auto``          where tc observers go: ``auto`` (on the path's
+                                              devices only when another tc program or
+                                              filter runs on one of them: an eBPF
+                                              datapath, whose programs can move a packet
+                                              past the device tracepoints), ``all`` (on
+                                              every device of the path, always)
 PODTRACE_TRACEPOINTS        ``auto``          how the device and skb tracepoints attach:
                                               ``raw`` (raw tracepoints: the kernel fills no
                                               record before the program runs), ``perf``
@@ -48,7 +54,8 @@ DEFAULT_STATE_DIR = "/run/podtrace"
 
 # Every variable of the table above (tests check the table and the readers agree).
 VARIABLES = ("PODTRACE_LAB_PREFIX", "PODTRACE_STATE_DIR", "PODTRACE_FLOW_MODE", "PODTRACE_HOST_PROC",
-             "PODTRACE_RINGBUF_READER", "PODTRACE_TC_ATTACH", "PODTRACE_TRACEPOINTS", "PODTRACE_DEBUG", "PODTRACE_DEBUG_BPF")
+             "PODTRACE_RINGBUF_READER", "PODTRACE_TC_ATTACH", "PODTRACE_TC_OBSERVERS",
+             "PODTRACE_TRACEPOINTS", "PODTRACE_DEBUG", "PODTRACE_DEBUG_BPF")
 
 
 def lab_prefix() -> str:
@@ -70,6 +77,13 @@ def tc_attach() -> str:
     """How tc observers attach: "auto", "tcx" or "clsact" (anything else counts as auto)."""
     v = (os.environ.get("PODTRACE_TC_ATTACH") or "auto").lower()
     return v if v in ("tcx", "clsact") else "auto"
+
+
+def tc_observers() -> str:
+    """Where tc observers go: "auto" (only when another tc program or filter runs on one of
+    the path's devices) or "all" (anything else counts as auto)."""
+    v = (os.environ.get("PODTRACE_TC_OBSERVERS") or "auto").lower()
+    return v if v == "all" else "auto"
 
 
 def tracepoints() -> str:

@@ -273,3 +273,8 @@ def test_the_server_run_by_hand_serves_exec_and_flow(cluster, tmp_path):
             proc.kill()
             proc.wait()
     _no_agent_left()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tc_observers_on_every_device(tc_observers_everywhere):
+    """These runs follow the tc observers' life: on every device of the path."""

@@ -220,3 +220,8 @@ def test_a_broken_node_is_diagnosed_through_portforward(cluster, scenario, node,
         [p["verdict"] for p in doc["packets"]]
     assert "agent error" not in res.stderr and "bad command" not in res.stdout + res.stderr
     _no_session_left(cluster["servers"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tc_observers_on_every_device(tc_observers_everywhere):
+    """These runs follow the tc observers' life: on every device of the path."""

@@ -264,3 +264,8 @@ def test_capture_drops_live_equal_analyze_apart_from_socket_cleanup(ilab, tmp_pa
     # the clients' resets, freed by the server's TCP once it closed the connection: not drops
     assert res.stack_drops >= 3, res
     assert tracefile.read_meta(res.path)["counters"]["stack_drops_seen"] == res.stack_drops
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tc_observers_on_every_device(tc_observers_everywhere):
+    """These runs follow the tc observers' life: on every device of the path."""

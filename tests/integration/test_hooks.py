@@ -206,6 +206,47 @@ def test_tracepoints_and_tc_merge_into_one_path(lab):
     assert lab_tc_state(lab) == before, "flow must remove its filters and the qdiscs it added"
 
 
+def _tc_seen(r) -> set[tuple[str | None, str]]:
+    return {(h.node, h.dev) for p in r.packets for h in p.hops if "tc" in h.seen_by}
+
+
+@pytest.mark.parametrize("mode", ["agents", "single"])
+def test_tc_observers_only_where_another_tc_program_runs(lab, monkeypatch, mode):
+    """The default: no tc program of anybody's on the path's devices (flannel), no observer
+    of ours either, and the tracepoints see all 12 hops of the request; someone's filter on
+    node-1's cni0 brings the observers to node-1's path devices (with agents, node-2's stay
+    bare: each node decides on its own devices), and that filter is left as it was."""
+    monkeypatch.setenv("PODTRACE_TC_OBSERVERS", "auto")
+    before = lab_tc_state(lab)
+    r = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=1, mode=mode))
+    assert r.ok, r.verdict
+    assert not [h for h in r.meta["hooks"] if h.startswith("tc:")], r.meta["hooks"]
+    assert not _tc_seen(r)
+    assert [len(p.hops) for p in r.packets if p.direction == "request"] == [12]
+    assert lab_tc_state(lab) == before
+
+    node1, node2 = (n["name"] for n in lab["nodes"][:2])
+    ns = lab["nodes"][0]["netns"]
+    subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev", "cni0", "clsact"], check=True)
+    try:
+        subprocess.run(["tc", "-n", ns, "filter", "add", "dev", "cni0", "ingress", "prio", "7", "protocol", "ip",
+                        "u32", "match", "ip", "dst", "192.0.2.1/32", "classid", "1:1"], check=True)
+        theirs = tc_state(ns, "cni0")
+        r = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=1, mode=mode))
+        assert r.ok, r.verdict
+        assert {"tc:ingress", "tc:egress"} <= set(r.meta["hooks"])
+        seen = _tc_seen(r)
+        assert {(node1, "cni0"), (node1, "flannel.1"), (node1, "eth0")} <= seen, seen
+        if mode == "agents":
+            assert not {n for n, _ in seen} - {node1}, seen
+        else:
+            assert (node2, "cni0") in seen, seen
+        assert tc_state(ns, "cni0") == theirs
+    finally:
+        subprocess.run(["tc", "-n", ns, "qdisc", "del", "dev", "cni0", "clsact"])
+    assert lab_tc_state(lab) == before
+
+
 def test_foreign_filter_untouched(lab):
     node = lab["nodes"][0]["netns"]
     dev = "cni0"
@@ -438,3 +479,8 @@ def test_tcx_observers_around_another_programs_and_leave_it(lab, tmp_path):
         os.close(link)
         foreign.cleanup()
     wait_no_programs()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tc_observers_on_every_device(tc_observers_everywhere):
+    """These runs follow the tc observers' life: on every device of the path."""

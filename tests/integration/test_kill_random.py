@@ -144,3 +144,8 @@ def test_sigkill_at_random_moments_leaves_nothing(kill_lab, tmp_path):
             b.kill()
             b.wait()
     print("\n".join(kills))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tc_observers_on_every_device(tc_observers_everywhere):
+    """These runs follow the tc observers' life: on every device of the path."""

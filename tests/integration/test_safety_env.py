@@ -287,3 +287,8 @@ def test_source_pod_deleted_while_tracing(changed):
     problems = doc["verdict"]["problems"]
     assert any(p.startswith("default/pod-1-1 was deleted during the trace") for p in problems), problems
     assert any("pod-1-1" in p and "does not exist" in p for p in problems), problems
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tc_observers_on_every_device(tc_observers_everywhere):
+    """These runs follow the tc observers' life: on every device of the path."""

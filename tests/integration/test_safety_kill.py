@@ -176,3 +176,8 @@ def test_interrupted_flow_leaves_nothing(runs, stage, sig):
             assert incomplete is True and consistent and events > 0 and "was killed" in reason, got
     else:
         assert not rec["incomplete"], rec["incomplete"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tc_observers_on_every_device(tc_observers_everywhere):
+    """These runs follow the tc observers' life: on every device of the path."""

@@ -133,6 +133,7 @@ def serve(stdin=None, stdout: BinaryIO | None = None) -> int:
     with TerminateAsInterrupt():
         try:
             runner = NodeRunner(NodeJob(addrs=req.addrs, tc=bool(devices), tc_devices=devices,
+                                        tc_observers=req.tc_observers or "auto",
                                         nodes={node.name: node}, pods=_pod_spaces(req), netns=req.netns_filter,
                                         sample=req.sample, budget=req.budget))
             try:

@@ -43,6 +43,9 @@ class AgentRequest:
     tc_devices: list[tuple[str | None, str]] | str = field(default_factory=list)   # or "auto"
     discover: Discovery | None = None
     probe: ProbeRequest | None = None
+    # "all": observers on every tc device; None: only when another tc program runs on one
+    # (PODTRACE_TC_OBSERVERS; left out of the request then, as agents before it expect)
+    tc_observers: str | None = None
     sample: int = 1
     budget: int = 0
     max_seconds: float = 3600.0
@@ -66,6 +69,6 @@ class AgentRequest:
                    netns_filter=None if d.get("netns_filter") is None else [int(i) for i in d["netns_filter"]],
                    tc_devices=tc if tc == "auto" else [(ns, str(dev)) for ns, dev in tc],
                    discover=Discovery(**disc) if disc else None,
-                   probe=ProbeRequest(**probe) if probe else None,
+                   probe=ProbeRequest(**probe) if probe else None, tc_observers=d.get("tc_observers"),
                    sample=int(d.get("sample", 1)), budget=int(d.get("budget", 0)),
                    max_seconds=float(d.get("max_seconds", 3600)))

@@ -171,11 +171,15 @@ def trace_request(doc, node: str | None = None) -> request.AgentRequest:
         disc = request.Discovery(pod_ips=_addresses(disc.get("pod_ips", []), MAX_DISCOVER, "discover.pod_ips"),
                                  node_ips=_addresses(disc.get("node_ips", []), MAX_DISCOVER, "discover.node_ips"))
     probe = None if d.get("probe") is None else _probe(d["probe"])
+    tc_observers = d.get("tc_observers")
+    if tc_observers not in (None, "auto", "all"):
+        raise Refused('tc_observers must be "auto" or "all"')
     if probe is not None and disc is None:
         raise Refused("a probe needs discover: the agent finds the source pod by its address")
     return request.AgentRequest(
         node=name, addrs=_addresses(d["addrs"], MAX_ADDRS, "addrs", at_least=1), node_netns=None,
         netns_filter=nf, tc_devices=_devices(d.get("tc_devices", [])), discover=disc, probe=probe,
+        tc_observers=None if tc_observers == "auto" else tc_observers,
         sample=_int(d.get("sample", 1), *SAMPLE, "sample"), budget=_int(d.get("budget", 0), *BUDGET, "budget"),
         max_seconds=_num(d.get("max_seconds", 3600), *MAX_SECONDS, "max_seconds"))
 

@@ -223,6 +223,7 @@ def _run(cfg: CaptureConfig, progress, stop, inv, topo, source) -> CaptureResult
     drop_reasons = formats.drop_reasons()
     ct_names = program.ct_info_names()
     runner = NodeRunner(NodeJob(addrs=sel.addrs, tc=cfg.tc, tc_devices=topo.devices()[: program.TC_SLOTS] if (cfg.tc and topo) else [],
+                                tc_observers="all",    # --tc: the user asked for them
                                 netns=sorted(scope | {0}) if scope else None, match_either=True,
                                 ringbuf_pages=cfg.ringbuf_pages, cidrs=sel.cidrs, ports=sel.ports,
                                 any_addr=sel.any_addr, sink_limit=2 * cfg.row_group_events))

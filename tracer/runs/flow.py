@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from tracer.agents import coordinator
-from tracer import testhooks
+from tracer import settings, testhooks
 from tracer.reconstruct import beyond, diagnose, window as windows
 from tracer.kernel import record
 from tracer.reconstruct.packets import assign_packets, build_packets
@@ -87,6 +87,7 @@ def _trace_single(plan: Plan, say) -> Traced:
     ends = {p.key for p in flow_pods(src, dst, plan.inv)}
     pods = facts.named_netns(k for k, (_, p) in plan.placement.netns.items() if p in ends) if topo else {}
     runner = NodeRunner(NodeJob(addrs=plan.addrs, tc=cfg.tc, tc_devices=tc_devices(topo, src, dst), nodes=refs,
+                                tc_observers=settings.tc_observers(),
                                 pods=pods,
                                 netns=sorted(plan.placement.netns) if topo else None,
                                 sample=cfg.sample, budget=cfg.budget))
@@ -253,7 +254,7 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
         for k, v in (r.counters or {}).items():
             counters[k] = counters.get(k, 0) + v
         if r.hello:
-            hooks = hooks or r.hello.hooks
+            hooks += [h for h in r.hello.hooks if h not in hooks]   # a node's tc hooks: where it put observers
             degraded = degraded or r.hello.degraded
             timings.setdefault("agent_start_s", {})[r.plan.node] = round(r.hello.timings.get("start_s", 0), 4)
             timings.setdefault("agent_phases_s", {})[r.plan.node] = {

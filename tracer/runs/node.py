@@ -41,7 +41,10 @@ class NodeJob:
 
     addrs: list[str]
     tc: bool = False                                        # tc observers wanted (hook selection)
-    tc_devices: list[tuple[str | None, str]] = field(default_factory=list)   # where they go
+    tc_devices: list[tuple[str | None, str]] = field(default_factory=list)   # where they may go
+    # "auto": on tc_devices only when another tc program or filter runs on one of them;
+    # "all": on every one of them
+    tc_observers: str = "auto"
     nodes: dict[str, facts.NodeRef] = field(default_factory=dict)        # iptables counters of these
     pods: dict[int, str] = field(default_factory=dict)      # and of these pod namespaces (inode → name)
     netns: list[int] | None = None                          # namespace inodes to keep events from
@@ -71,12 +74,27 @@ class _TcAlongside:
     def run(self, bpf, halt: threading.Event) -> None:
         t0 = time.monotonic()
         tc = self.runner.tc = TcAttacher(bpf)
-        for ns_name, dev in self.runner.job.tc_devices:
+        devices = self.runner.job.tc_devices
+        if self.runner.job.tc_observers != "all" and not self._others(tc, devices):
+            # Nobody else's tc program on the path: the device tracepoints see every hop
+            # there, and nothing of podtrace's goes on the devices.
+            devices = []
+        for ns_name, dev in devices:
             if halt.is_set() or (self.stop is not None and self.stop.is_set()):
                 break
             tc.attach(ns_name, dev)
+        self.runner.tc_used = bool(tc.links or tc.attached)
         self.runner.tc_failed = list(tc.failed)
         self.seconds = time.monotonic() - t0
+
+    def _others(self, tc: TcAttacher, devices) -> bool:
+        for ns_name, dev in devices:
+            try:
+                if tc.others_on(ns_name, dev):
+                    return True
+            except Exception:   # a device we cannot ask about: observe the path as before
+                return True
+        return False
 
     def undo(self) -> None:
         tc, self.runner.tc = self.runner.tc, None
@@ -99,6 +117,7 @@ class NodeRunner:
             ports=job.ports, any_addr=job.any_addr), sink=self.sink)
         self.tc: TcAttacher | None = None
         self.tc_failed: list[str] = []
+        self.tc_used = False        # a tc observer went on a device (PODTRACE_TC_OBSERVERS)
         self.iptables_before: dict[str, facts.RuleCounters] = {}
         self.pods_before: dict[int, facts.RuleCounters] = {}
         self._over = 0
@@ -115,7 +134,8 @@ class NodeRunner:
 
     @property
     def hook_names(self) -> list[str]:
-        return [h.name for h in self.hooks]
+        """The hooks tracing: the tc ones only where an observer went on a device."""
+        return [h.name for h in self.hooks if h.kind != "tc" or self.tc_used]
 
     @property
     def timings(self) -> dict:

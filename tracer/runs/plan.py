@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tracer.agents.request import AgentRequest, Discovery, ProbeRequest
+from tracer import settings
 from tracer.kernel import program
 from tracer.agents import coordinator
 from tracer.reconstruct import packets
@@ -202,6 +203,7 @@ def agent_requests(plan: Plan) -> list[AgentRequest]:
         nodes = [n.name for n in topo.nodes if n.name in nodes]
     max_seconds = (cfg.duration if not cfg.probe else cfg.count * (cfg.timeout + cfg.interval)) + 60
     devices = tc_devices(topo, src, dst) if cfg.tc else []
+    observers = "all" if settings.tc_observers() == "all" else None
     discover = None if topo is not None else Discovery(
         pod_ips=sorted({a for p in pods for a in p.addresses()}),
         node_ips=sorted({a for n in plan.inv.nodes.values() for a in n.internal_ips()}))
@@ -219,9 +221,11 @@ def agent_requests(plan: Plan) -> list[AgentRequest]:
             out.append(AgentRequest(node=name, addrs=plan.addrs, node_netns=node.netns,
                                     netns_filter=[netns.inode(ns) for ns in spaces],
                                     tc_devices=[d for d in devices if d[0] in spaces], probe=probe_req,
+                                    tc_observers=observers,
                                     sample=cfg.sample, budget=cfg.budget, max_seconds=max_seconds))
         else:
             out.append(AgentRequest(node=name, addrs=plan.addrs, tc_devices="auto" if cfg.tc else [],
+                                    tc_observers=observers,
                                     discover=discover, probe=probe_req, sample=cfg.sample, budget=cfg.budget,
                                     max_seconds=max_seconds))
     if topo is not None and topo.fabric_netns and netns.exists(topo.fabric_netns) and len(out) > 1:
