@@ -23,6 +23,9 @@ as fast as the sender can) for each variant:
               record written. (`_raw`, `_fewreads`, `_earlysample` and `_freefix`, measured here
               first, are now part of bpf/podtrace.c.)
 - *_sN:       in-kernel sampling, 1 packet in N (SessionConfig.sample)
+- *_guard:    as `flow` runs by default: the event budget of `--max-events` (50,000 events
+              a second per node) and its guard, which raises the sampling (1 in 2, 4, …)
+              once a second while the kernel refuses events; each run starts at 1 in 1
 - tcpdump_nomatch / tcpdump_match: what an on-call engineer runs instead: `tcpdump -s 128
               -w FILE` on every device of the path (both pods' eth0, the host veths, the
               bridges, the overlays, the uplinks and the fabric ports: 12 here), with a
@@ -52,8 +55,10 @@ import numpy as np
 import benchlib as L
 from tracer.kernel.hooks import BY_NAME, DEFAULT_HOOKS
 from tracer.kernel.session import SessionConfig, Sink, TraceSession
+from tracer.runs.node import NodeRunner
 
-MODIFIERS = ("tc", "callback", "perf", "empty", "noprefilter", "noct", "noemit")
+MODIFIERS = ("tc", "callback", "perf", "empty", "noprefilter", "noct", "noemit", "guard")
+BUDGET = 50_000     # flow's default --max-events
 DEFAULT = ["untraced", "nomatch", "match", "nomatch_tc", "match_tc", "match_callback"]
 SRC, DST, OTHER_A, OTHER_B = "pod-1-1", "pod-2-1", "pod-1-2", "pod-2-2"
 TCP_PORT, UDP_PORT = 5201, 5202
@@ -66,6 +71,21 @@ class RecycledSink(Sink):
     def _roll(self):
         if self.n == len(self.cur):
             self.n = 0        # `total` has counted them
+
+
+class Guard:
+    """`flow`'s guard (tracer/runs/node.py NodeRunner.guard) on a bare session."""
+
+    guard = NodeRunner.guard
+
+    def __init__(self, session: TraceSession):
+        self.session = session
+        session.set_guard(1, session.config.budget)
+        c = session.counters()
+        self._over, self._emitted, self._next_guard = c["over_budget"], c["emitted"], time.monotonic() + 1.0
+
+    def counters(self) -> dict:
+        return self.session.counters()
 
 
 class Tracer:
@@ -83,8 +103,9 @@ class Tracer:
             hooks += [BY_NAME["tc:ingress"], BY_NAME["tc:egress"]]
         sample = next((int(m[1:]) for m in mods if m[:1] == "s" and m[1:].isdigit()), 1)
         self.sink = RecycledSink()
+        budget = BUDGET if "guard" in mods else 0
         self.session = TraceSession(SessionConfig(addrs=[L.pod(doc, p)["ip"] for p in ends], hooks=hooks,
-                                                  ringbuf_pages=ringbuf_pages, netns=L.lab_inodes(doc), budget=0,
+                                                  ringbuf_pages=ringbuf_pages, netns=L.lab_inodes(doc), budget=budget,
                                                   sample=sample, batch_reader="callback" not in mods),
                                     sink=self.sink)
         with bpfvariants.patched(empty="empty" in mods, noprefilter="noprefilter" in mods, noct="noct" in mods,
@@ -92,6 +113,7 @@ class Tracer:
                 L.environ(PODTRACE_TRACEPOINTS="perf" if "perf" in mods else "raw"):
             self.session.start()
         self.tracepoints = "raw" if self.session.loaded.raw_tp else "perf"
+        self.guard = Guard(self.session) if "guard" in mods else None
         self.attacher = None
         try:
             if self.tc:
@@ -105,6 +127,13 @@ class Tracer:
 
     def poll(self, timeout_ms: int) -> None:
         self.session.poll(timeout_ms)
+        if self.guard is not None:
+            self.guard.guard(time.monotonic())
+
+    def restart(self) -> None:
+        """A run starts as `flow` does: 1 in 1, the guard's history forgotten."""
+        if self.guard is not None:
+            self.guard = Guard(self.session)
 
     def drain(self) -> None:
         self.session.drain()
@@ -213,6 +242,8 @@ def path_devices(doc: dict) -> list[tuple[str, str]]:
 
 def run_one(doc: dict, tracer: Tracer | None, udp: bool, seconds: float) -> dict:
     src, dst = L.pod(doc, SRC), L.pod(doc, DST)
+    if tracer and hasattr(tracer, "restart"):
+        tracer.restart()
     c0 = tracer.counters() if tracer else None
     d0 = tracer.drained() if tracer else 0
     p = L.iperf_client(src["netns"], dst["ip"], UDP_PORT if udp else TCP_PORT, seconds, udp=udp)
@@ -229,6 +260,9 @@ def run_one(doc: dict, tracer: Tracer | None, udp: bool, seconds: float) -> dict
         res["emitted"] = c1["emitted"] - c0["emitted"]
         res["lost"] = c1["lost"] - c0["lost"]
         res["seen"] = c1["seen"] - c0["seen"]
+        if getattr(tracer, "guard", None) is not None:
+            res["sample_at_end"] = tracer.session.config.sample
+            res["over_budget"] = c1["over_budget"] - c0["over_budget"]
     return res
 
 

@@ -15,6 +15,13 @@ line (`entered`, in the slot of the `truncated` counter, which this flow never m
 the tc-only packets (the kernel did not call them), rather than run and returned early.
 `recursion_misses` (the kernel's count of skipped program runs) is reported beside it.
 
+Each round runs twice, alternating the order: with the tc observers, and with the
+tracepoints alone (what `flow` does by default where no other tc program runs). Packets the
+tracepoints miss cannot be counted without a second view, so both runs also measure holes:
+gaps in the TCP sequence space of the transfer's data at each tracepoint hook (TCP delivered
+every byte, so a range no hook recorded is a burst of packets the tracepoints missed; a
+retransmission of it would have filled it).
+
     sudo .venv/bin/python bench/hookgap.py [--rounds 3] [--seconds 3]
 """
 
@@ -42,9 +49,9 @@ def entry_counted(text: str) -> str:
     return text.replace(ENTRY, ENTRY + "    count(C_TRUNCATED);   /* bench/hookgap.py: entered */\n")
 
 
-def one_round(doc: dict, seconds: float) -> dict:
+def one_round(doc: dict, seconds: float, with_tc: bool = True) -> dict:
     src, dst = L.pod(doc, SRC), L.pod(doc, DST)
-    hooks = [BY_NAME[n] for n in DEFAULT_HOOKS] + [BY_NAME["tc:ingress"], BY_NAME["tc:egress"]]
+    hooks = [BY_NAME[n] for n in DEFAULT_HOOKS] + ([BY_NAME["tc:ingress"], BY_NAME["tc:egress"]] if with_tc else [])
     session = TraceSession(SessionConfig(addrs=[src["ip"], dst["ip"]], hooks=hooks, netns=L.lab_inodes(doc),
                                          budget=0, sample=1), sink=Sink())
     orig = program.source
@@ -55,9 +62,10 @@ def one_round(doc: dict, seconds: float) -> dict:
         program.source = orig
     attacher = None
     try:
-        attacher = TcAttacher(session.loaded.bpf)
-        for ns, dev in path_devices(doc):
-            attacher.attach(ns, dev)
+        if with_tc:
+            attacher = TcAttacher(session.loaded.bpf)
+            for ns, dev in path_devices(doc):
+                attacher.attach(ns, dev)
         with L.IperfServer(dst["netns"], PORT):
             client = L.iperf_client(src["netns"], dst["ip"], PORT, seconds)
             while client.poll() is None:
@@ -76,12 +84,37 @@ def one_round(doc: dict, seconds: float) -> dict:
     per = df[df.tp | df.tc].groupby(["ip_id", "ip_len", "tcp_seq"]).agg(tp=("tp", "sum"), tc=("tc", "sum"),
                                                                           cpu=("cpu", "min"))
     tc_only = per[(per.tp == 0) & (per.tc > 0)]
-    return {"packets": len(per), "both": int(((per.tp > 0) & (per.tc > 0)).sum()), "tc_only": len(tc_only),
+    holes = seq_holes(df[df.tp])
+    return {"tc_observers": with_tc, "packets": len(per), "both": int(((per.tp > 0) & (per.tc > 0)).sum()), "tc_only": len(tc_only),
             "tp_only": int(((per.tp > 0) & (per.tc == 0)).sum()),
             "tc_only_ip_len": sorted({int(x) for x in tc_only.index.get_level_values("ip_len")}),
             "tc_only_cpus": sorted({int(x) for x in tc_only.cpu}),
             "tracepoint_events": int(df.tp.sum()), "entered": counters["truncated"],
-            "recursion_misses": misses, "lost": counters["lost"]}
+            "recursion_misses": misses, "lost": counters["lost"],
+            "tracepoint_seq_holes": {"min": min(holes), "max": max(holes)} if holes else None}
+
+
+def seq_holes(tp) -> list[int]:
+    """Per tracepoint hook (hook, device, namespace): how many gaps the data of the
+    transfer's connection (the busiest) leaves in its TCP sequence space."""
+    data = tp[tp.ip_len > 52]
+    if data.empty:
+        return []
+    conn = data.groupby(["sport", "dport"]).size().idxmax()
+    data = data[(data.sport == conn[0]) & (data.dport == conn[1])]
+    out = []
+    for _, g in data.groupby([data.hook.astype(int), data.ifname, data.netns]):
+        g = g.sort_values("ts_ns")
+        seq = g.tcp_seq.to_numpy().astype(np.int64)
+        rel = (seq - seq[0]) % (1 << 32)
+        rel[rel >= (1 << 31)] -= 1 << 32            # before the first packet: retransmissions
+        order = np.argsort(rel, kind="stable")
+        start = rel[order]
+        end = start + (g.ip_len.to_numpy().astype(np.int64)[order] - 52)   # IP 20 + TCP 32 (timestamps)
+        reach = np.maximum.accumulate(end)
+        # a gap of a few bytes is a TCP header longer than assumed (options), not a packet
+        out.append(int((start[1:] > reach[:-1] + 100).sum()))
+    return out
 
 
 def main() -> None:
@@ -91,10 +124,15 @@ def main() -> None:
     a = ap.parse_args()
     doc, _ = L.lab()
     start = L.machine()
-    rounds = [one_round(doc, a.seconds) for _ in range(a.rounds)]
+    rounds = [one_round(doc, a.seconds, tc) for i in range(a.rounds) for tc in ((True, False) if i % 2 == 0 else
+                                                                                  (False, True))]
+    with_tc = [r for r in rounds if r["tc_observers"]]
+    alone = [r for r in rounds if not r["tc_observers"]]
     L.emit({"benchmark": "hookgap", "flow": f"{SRC} → {DST}, iperf3 TCP at full speed", "seconds": a.seconds,
-            "rounds": rounds, "tc_only_per_10k": round(1e4 * sum(r["tc_only"] for r in rounds)
-                                                       / max(1, sum(r["packets"] for r in rounds)), 2),
+            "rounds": rounds, "tc_only_per_10k": round(1e4 * sum(r["tc_only"] for r in with_tc)
+                                                       / max(1, sum(r["packets"] for r in with_tc)), 2),
+            "seq_holes_with_tc": [(r["tracepoint_seq_holes"] or {}).get("max") for r in with_tc],
+            "seq_holes_tracepoints_alone": [(r["tracepoint_seq_holes"] or {}).get("max") for r in alone],
             "entered_equals_tracepoint_events": all(abs(r["entered"] - r["tracepoint_events"]) <= 2 for r in rounds),
             "machine_start": start, "machine_end": L.machine()})
 
