@@ -351,6 +351,9 @@ def main() -> None:
                 d[f"{proto}_events_lost"] = sum(x[proto]["lost"] for x in rs)
                 d[f"{proto}_events_per_s"] = L.spread([x[proto]["events"] / args.seconds for x in rs], 0)
                 d[f"{proto}_hooks_seen_per_s"] = L.spread([x[proto]["seen"] / args.seconds for x in rs], 0)
+                if all("sample_at_end" in x[proto] for x in rs):
+                    d[f"{proto}_sample_at_end"] = sorted({x[proto]["sample_at_end"] for x in rs})
+                    d[f"{proto}_events_over_budget"] = sum(x[proto]["over_budget"] for x in rs)
         if any(x["progs"] for x in rs):
             names = sorted({n for x in rs for n in x["progs"]})
             d["bpf_ns_per_run"] = {n: L.spread([x["progs"][n][0] / x["progs"][n][1] for x in rs if n in x["progs"]], 0)
@@ -371,6 +374,11 @@ def main() -> None:
             out["verdict"]["match_tcp_ratio"] = vv["match"]["tcp_ratio"]["median"]
             out["verdict"]["match_udp_pps_ratio"] = vv["match"]["udp_pps_ratio"]["median"]
             out["verdict"]["match_events_lost"] = vv["match"]["udp_events_lost"] + vv["match"]["tcp_events_lost"]
+        if "match_guard" in vv:       # as `flow` runs: the default budget and its guard
+            out["verdict"]["match_guard_tcp_ratio"] = vv["match_guard"]["tcp_ratio"]["median"]
+            out["verdict"]["match_guard_udp_pps_ratio"] = vv["match_guard"]["udp_pps_ratio"]["median"]
+            out["verdict"]["match_guard_events_lost"] = (vv["match_guard"]["udp_events_lost"]
+                                                         + vv["match_guard"]["tcp_events_lost"])
         # never heavier than tcpdump on the same path in the same rounds
         for kind in ("nomatch", "match"):
             if kind in vv and f"tcpdump_{kind}" in vv and "tcp_ratio" in vv[f"tcpdump_{kind}"]:

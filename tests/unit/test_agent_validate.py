@@ -27,6 +27,17 @@ def test_a_coordinators_cluster_request_passes_unchanged():
     assert validate.trace_request(_wire(req), "node-1") == req
 
 
+def test_tc_observers_travel_to_the_agent_and_default_to_auto():
+    """PODTRACE_TC_OBSERVERS=all on the coordinator reaches every agent; the default is left
+    out of the request (an agent that predates the field takes it unchanged)."""
+    req = AgentRequest(node="node-1", addrs=["10.0.0.1"], tc_devices="auto", tc_observers="all")
+    assert validate.trace_request(_wire(req), "node-1").tc_observers == "all"
+    plain = AgentRequest(node="node-1", addrs=["10.0.0.1"], tc_devices="auto")
+    assert "tc_observers" not in plain.to_wire()
+    assert validate.trace_request(dict(_wire(plain), tc_observers="auto"), "node-1").tc_observers is None
+    assert AgentRequest.from_wire(_wire(req)).tc_observers == "all"
+
+
 @pytest.mark.parametrize("change,needle", [
     ({"node": "node-2"}, "reached the agent of"),
     ({"node_netns": "ptlab-node-1"}, "node_netns"),
@@ -39,6 +50,7 @@ def test_a_coordinators_cluster_request_passes_unchanged():
     ({"addrs": ["fe80::1%eth0"]}, "zone"),
     ({"addrs": ["fe80::1%../../etc"]}, "not an IP address"),
     ({"extra": 1}, "unknown field"),
+    ({"tc_observers": "everywhere"}, "tc_observers"),
 ])
 def test_each_bound_is_named(change, needle):
     doc = dict(_wire(AgentRequest(node="node-1", addrs=["10.0.0.1"])), **change)

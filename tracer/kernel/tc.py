@@ -175,28 +175,26 @@ class TcAttacher:
         except Exception as exc:  # pyroute2 raises NetlinkError (and OSError) for kernel refusals
             self.failed.append(f"tc on {ns or 'host'}/{dev}: {exc}")
 
-    def others_on(self, ns: str | None, dev: str) -> bool:
-        """Whether a tc program or filter that is not podtrace's runs on either hook of the
-        device: a classic filter (whatever its kind) or a tcx program. A device that is not
-        there has none."""
+    def others_on(self, ns: str | None, devs: list[str]) -> bool:
+        """Whether a tc program or filter that is not podtrace's runs on either hook of one
+        of these devices of namespace `ns`: a classic filter (whatever its kind) or a tcx
+        program. A device that is not there has none."""
         ipr = _ipr(ns)
         try:
-            found = ipr.link_lookup(ifname=dev)
-            if not found:
-                return False
-            ifindex = found[0]
-            for direction in PARENT:
-                filters = _filters(ipr, ifindex, direction)
-                # a bpf filter is dumped twice: its head (no options) and itself, same prio
-                ours = {_prio(f) for f in filters if (_name(f) or "").startswith(MARK)}
-                if any(_prio(f) not in ours for f in filters):
-                    return True
+            found = [i for d in devs for i in ipr.link_lookup(ifname=d)[:1]]
+            for ifindex in found:
+                for direction in PARENT:
+                    filters = _filters(ipr, ifindex, direction)
+                    # a bpf filter is dumped twice: its head (no options) and itself, same prio
+                    ours = {_prio(f) for f in filters if (_name(f) or "").startswith(MARK)}
+                    if any(_prio(f) not in ours for f in filters):
+                        return True
         finally:
             ipr.close()
-        if not tcx.supported():
+        if not found or not tcx.supported():
             return False
         with (netns_mod.entered(ns) if ns else contextlib.nullcontext()):
-            return any(not n.startswith(TCX_MARK) for d in PARENT for n in tcx.programs(ifindex, d))
+            return any(not n.startswith(TCX_MARK) for i in found for d in PARENT for n in tcx.programs(i, d))
 
     def _attach(self, ns: str | None, dev: str) -> None:
         ipr = _ipr(ns)

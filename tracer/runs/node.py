@@ -88,11 +88,14 @@ class _TcAlongside:
         self.seconds = time.monotonic() - t0
 
     def _others(self, tc: TcAttacher, devices) -> bool:
+        by_ns: dict[str | None, list[str]] = {}
         for ns_name, dev in devices:
+            by_ns.setdefault(ns_name, []).append(dev)
+        for ns_name, devs in by_ns.items():
             try:
-                if tc.others_on(ns_name, dev):
+                if tc.others_on(ns_name, devs):
                     return True
-            except Exception:   # a device we cannot ask about: observe the path as before
+            except Exception:   # devices we cannot ask about: observe the path as before
                 return True
         return False
 
