@@ -82,8 +82,7 @@ class Guard:
         self.session = session
         session.set_guard(1, session.config.budget)
         c = session.counters()
-        self._over, self._emitted, self._next_guard = c["over_budget"], c["emitted"], 0.0
-        self._last_guard = None
+        self._over, self._emitted, self._next_guard = c["over_budget"], c["emitted"], time.monotonic() + 1.0
 
     def counters(self) -> dict:
         return self.session.counters()

@@ -33,7 +33,6 @@ from tracer.kernel.session import SessionConfig, Sink, TraceSession
 from tracer.node import facts
 
 MAX_SAMPLE = 65536      # the most the guard raises sampling to (the command line's --sample limit)
-GUARD_S = 0.25          # how often the guard looks at what the kernel refused
 
 
 @dataclass
@@ -127,7 +126,6 @@ class NodeRunner:
         self._over = 0
         self._emitted = 0
         self._next_guard = 0.0
-        self._last_guard: float | None = None    # when the guard last read the counters
         self.gaps: list[tuple[int, int]] = []    # when the kernel refused events (watch_gaps)
         self._refused = 0
         self._gap_checked_ns: int | None = None
@@ -226,27 +224,21 @@ class NodeRunner:
 
     def guard(self, now: float) -> str | None:
         """When the kernel starts refusing events for the budget, keep fewer packets instead:
-        raise the (deterministic) sampling in proportion to the rate of events asked for since
-        the last look (a power of two, at least twice the current one, at most MAX_SAMPLE).
-        Looks every GUARD_S, so a busy flow is sampled within a fraction of a second of the
-        start; refusals while the kernel's current second stays spent, at a rate the budget
-        now holds, change nothing. Returns what to tell the user when the sampling changed."""
+        raise the (deterministic) sampling in proportion to what the last second asked for
+        (a power of two, at least twice the current one, at most MAX_SAMPLE). Checked at most
+        once a second; returns what to tell the user when the sampling changed."""
         cfg = self.session.config
         if now < self._next_guard or not cfg.budget:
             return None
-        self._next_guard = now + GUARD_S
+        self._next_guard = now + 1.0
         c = self.counters()
         over, emitted = c.get("over_budget", 0), c.get("emitted", 0)
         refused, kept = over - self._over, emitted - self._emitted
         self._over, self._emitted = over, emitted
-        last, self._last_guard = self._last_guard, now
-        if last is None:
-            return None    # the first look: where the counts start from
-        rate = (refused + kept) / max(now - last, 1e-3)
-        if refused <= 0 or rate <= cfg.budget or cfg.sample >= MAX_SAMPLE:
+        if refused <= 0 or cfg.sample >= MAX_SAMPLE:
             return None
         factor = 2
-        while factor < MAX_SAMPLE and cfg.budget * factor < 1.25 * rate:
+        while factor < MAX_SAMPLE and cfg.budget * factor < 1.25 * (refused + kept):
             factor *= 2
         n = min(MAX_SAMPLE, cfg.sample * factor)
         self.session.set_guard(n, cfg.budget)
