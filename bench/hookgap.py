@@ -20,7 +20,9 @@ tracepoints alone (what `flow` does by default where no other tc program runs). 
 tracepoints miss cannot be counted without a second view, so both runs also measure holes:
 gaps in the TCP sequence space of the transfer's data at each tracepoint hook (TCP delivered
 every byte, so a range no hook recorded is a burst of packets the tracepoints missed; a
-retransmission of it would have filled it).
+retransmission of it would have filled it). For the CPUs that carried tc-only packets, it
+also counts the tracepoint events of the flow on that CPU, and on the others, from the first
+to the last tc event of those packets (`tc_only_bursts`).
 
     sudo .venv/bin/python bench/hookgap.py [--rounds 3] [--seconds 3]
 """
@@ -85,13 +87,36 @@ def one_round(doc: dict, seconds: float, with_tc: bool = True) -> dict:
                                                                           cpu=("cpu", "min"))
     tc_only = per[(per.tp == 0) & (per.tc > 0)]
     holes = seq_holes(df[df.tp])
+    quiet = blackout(df, tc_only.index)
     return {"tc_observers": with_tc, "packets": len(per), "both": int(((per.tp > 0) & (per.tc > 0)).sum()), "tc_only": len(tc_only),
             "tp_only": int(((per.tp > 0) & (per.tc == 0)).sum()),
             "tc_only_ip_len": sorted({int(x) for x in tc_only.index.get_level_values("ip_len")}),
             "tc_only_cpus": sorted({int(x) for x in tc_only.cpu}),
             "tracepoint_events": int(df.tp.sum()), "entered": counters["truncated"],
             "recursion_misses": misses, "lost": counters["lost"],
-            "tracepoint_seq_holes": {"min": min(holes), "max": max(holes)} if holes else None}
+            "tracepoint_seq_holes": {"min": min(holes), "max": max(holes)} if holes else None,
+            "tc_only_bursts": quiet}
+
+
+def blackout(df, keys) -> list[dict]:
+    """Per burst of tc-only packets (their tc events on one CPU, split where 1 ms passes
+    without one): its span, its tc events, and the tracepoint events of the flow in that
+    span on the same CPU and on the others (the tracepoints' view of that stretch)."""
+    if not len(keys):
+        return []
+    tc = df[df.tc].set_index(["ip_id", "ip_len", "tcp_seq"]).loc[keys].reset_index()
+    ts, cpu, tp = df.ts_ns.to_numpy().astype(np.int64), df.cpu.to_numpy(), df.tp.to_numpy()
+    out = []
+    for c, g in tc.groupby("cpu"):
+        t = np.sort(g.ts_ns.to_numpy().astype(np.int64))
+        cuts = np.flatnonzero(np.diff(t) > 1_000_000) + 1
+        for part in np.split(t, cuts):
+            t0, t1 = int(part[0]), int(part[-1])
+            during = (ts >= t0) & (ts <= t1)
+            out.append({"cpu": int(c), "span_us": round((t1 - t0) / 1e3, 1), "tc_events": len(part),
+                        "tracepoint_events_same_cpu": int((during & tp & (cpu == c)).sum()),
+                        "tracepoint_events_other_cpus": int((during & tp & (cpu != c)).sum())})
+    return out
 
 
 def seq_holes(tp) -> list[int]:
@@ -133,6 +158,7 @@ def main() -> None:
                                                        / max(1, sum(r["packets"] for r in with_tc)), 2),
             "seq_holes_with_tc": [(r["tracepoint_seq_holes"] or {}).get("max") for r in with_tc],
             "seq_holes_tracepoints_alone": [(r["tracepoint_seq_holes"] or {}).get("max") for r in alone],
+            "tc_only_bursts": [b for r in with_tc for b in r["tc_only_bursts"]],
             "entered_equals_tracepoint_events": all(abs(r["entered"] - r["tracepoint_events"]) <= 2 for r in rounds),
             "machine_start": start, "machine_end": L.machine()})
 
