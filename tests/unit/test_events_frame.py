@@ -91,3 +91,23 @@ def test_mixed_families_decode_as_each_record_alone(rows):
             assert df[c + "_str"].iloc[i] == text
             assert int(df[c].iloc[i]) == addrs.key(text)
     assert all(df[c].dtype == np.uint64 for c in IP_COLS)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(0, len(NAMES) - 1), st.integers(0, 5), st.integers(1, 5),
+                                   st.integers(0, 30)), max_size=6), max_size=5))
+def test_concat_keeps_every_record_byte_for_byte(parts):
+    """record.concat: the wire layout unchanged (big-endian address fields stay as they were),
+    also for slices of a larger chunk; an array of another layout is converted field by field."""
+    arrs = [_records(p) for p in parts]
+    sliced = [a[: max(0, len(a) - 1)] for a in arrs]
+    for given_parts in (arrs, sliced):
+        out = record.concat(given_parts)
+        assert out.dtype == record.EVENT_DTYPE
+        assert out.tobytes() == b"".join(a.tobytes() for a in given_parts)
+    native = np.dtype([(n, record.EVENT_DTYPE.fields[n][0].newbyteorder("=")) for n in record.EVENT_DTYPE.names])
+    if arrs and any(len(a) for a in arrs):
+        other = [a.astype(native) for a in arrs]
+        out = record.concat(other)
+        assert out.dtype == record.EVENT_DTYPE
+        assert out.tobytes() == b"".join(a.tobytes() for a in arrs)

@@ -102,11 +102,9 @@ class AgentRun:
         except (BrokenPipeError, OSError, ValueError):
             pass
 
-    def events(self) -> np.ndarray:
-        """The events inside the trace window (all of them while it is open)."""
-        chunks = self.chunks if self.window is None else self.chunks[:self.window]
-        return np.concatenate(chunks, dtype=events.EVENT_DTYPE) if chunks \
-            else np.zeros(0, dtype=events.EVENT_DTYPE)
+    def window_chunks(self) -> list[np.ndarray]:
+        """The chunks of events inside the trace window (all of them while it is open)."""
+        return self.chunks if self.window is None else self.chunks[:self.window]
 
 
 class LocalTransport:
@@ -373,11 +371,11 @@ class Coordinator:
 
     def merged(self) -> tuple[np.ndarray, np.ndarray]:
         """All agents' events in one array, and which agent (index into runs) each came from."""
-        arrs = [r.events() for r in self.runs]
-        origin = np.concatenate([np.full(len(a), i, dtype=np.int16) for i, a in enumerate(arrs)]) \
-            if arrs else np.zeros(0, dtype=np.int16)
-        allev = np.concatenate(arrs, dtype=events.EVENT_DTYPE) if arrs else np.zeros(0, dtype=events.EVENT_DTYPE)
-        return allev, origin
+        parts = [r.window_chunks() for r in self.runs]
+        origin = np.repeat(np.arange(len(parts), dtype=np.int16), [sum(len(c) for c in cs) for cs in parts])
+        # one copy of every agent's chunks, not one per agent and then one of all (a busy
+        # watch brings tens of MB of them)
+        return events.concat([c for cs in parts for c in cs]), origin
 
 
 def realtime_offsets(clocks: list[list[dict]], ref: int, domains: dict[int, str | None]) -> dict[int, int]:

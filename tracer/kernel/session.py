@@ -48,14 +48,6 @@ class SessionConfig:
     batch_reader: bool = True
 
 
-def _concat(parts: list[np.ndarray]) -> np.ndarray:
-    """Concatenate record arrays keeping the wire layout: numpy 2 would otherwise turn the
-    big-endian address fields native, and the bytes sent to a coordinator would be wrong."""
-    if not parts:
-        return np.zeros(0, dtype=record.EVENT_DTYPE)
-    return np.concatenate(parts, dtype=record.EVENT_DTYPE)
-
-
 class Sink:
     """Where ring-buffer records land: numpy chunks filled in place (no Python object per
     event beyond the callback frame BCC imposes). With a `limit`, at most that many events
@@ -114,7 +106,7 @@ class Sink:
 
     def array(self) -> np.ndarray:
         """Every event still held, in one array."""
-        return _concat(self.full + [self.cur[: self.n]])
+        return record.concat(self.full + [self.cur[: self.n]])
 
     def since(self, n: int) -> np.ndarray:
         """Events recorded after the first `n` (copies only the chunks that hold them)."""
@@ -126,7 +118,7 @@ class Sink:
                 continue
             parts.append(chunk[skip:])
             skip = 0
-        return _concat(parts)
+        return record.concat(parts)
 
 
 def _norm(a: str) -> str:
