@@ -19,7 +19,8 @@
 // the tracepoints' shared program, another program type): compiling all of
 // them costs ~0.6 s, so kprobes.c is compiled only where kprobes can attach (see tracer/kernel/hooks.py).
 struct kp_scratch_t {
-    u8 b[PT_SCRATCH];
+    u8 b[PT_ROOM];
+    struct pt_pre pre;
 };
 BPF_PERCPU_ARRAY(kp_scratch, struct kp_scratch_t, 1);   // kprobes do not nest on a CPU
 
@@ -30,7 +31,8 @@ static __always_inline int on_kfunc(const u8 *skb, u8 hook, u32 aux, u64 aux2) {
     if (!buf) return 0;
     const u8 *head = (const u8 *)rd64(skb, SKB_HEAD);
     count(C_SEEN);
-    return on_packet(0, skb, head + skb_u16(skb, SKB_NETWORK_HEADER), hook, aux, aux2, buf->b, 0);
+    buf->pre.parsed = 0;
+    return on_packet(0, skb, head + skb_u16(skb, SKB_NETWORK_HEADER), hook, aux, aux2, buf->b, &buf->pre);
 }
 
 int kp_ip_rcv_core(void *ctx) {

@@ -1,7 +1,8 @@
 // The packet parser, written once and instantiated per way of reading packet bytes:
 // P_(name) names the instance, P_CTX is what locates the packet, P_LOAD(c, off, dst, len)
-// copies `len` bytes at offset `off` (0 on success). Kernel hooks read through an sk_buff's
-// linear data with bpf_probe_read_kernel; tc programs with bpf_skb_load_bytes.
+// copies `len` bytes at offset `off` (0 on success). Kernel hooks parse a copy of the
+// headers read at once with bpf_probe_read_kernel; tc programs read with bpf_skb_load_bytes.
+// P_WIDEN(c, v), when defined, makes the verifier forget what it knows of the offset v.
 // P_WITH_V6 0 makes an IPv4-only instance (an IPv6 header, outer or inner, is "not read": -1).
 #ifndef P_WITH_V6
 #define P_WITH_V6 1
@@ -112,6 +113,9 @@ static __always_inline int P_(parse_ip6)(P_CTX c, u32 off, u32 avail, struct pkt
     }
     if (nh == IP6_HOPOPTS || nh == IP6_ROUTING || nh == IP6_FRAGMENT || nh == IP6_DSTOPTS)
         return -1;   // more extension headers than the loop reads: never guess the L4 header
+#ifdef P_WIDEN
+    P_WIDEN(c, l4);
+#endif
     p->proto = nh;
     if (frag) {
         p->sport = p->dport = 0;
@@ -165,6 +169,9 @@ static __always_inline int P_(parse_packet)(P_CTX c, u32 off, u32 avail, struct 
         if (P_LOAD(c, t + hdr + 12, &etype, 2)) return -1;
         if (etype != ETH_P_IP_BE && etype != ETH_P_IPV6_BE) return -1;
     }
+#ifdef P_WIDEN
+    P_WIDEN(c, inner);
+#endif
     // The outer header set aside: its addresses where they will be reported, the rest here.
     struct pkt_l outer = p->l;
     __builtin_memcpy(p->osaddr, p->saddr, 16);

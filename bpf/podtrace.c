@@ -26,6 +26,8 @@
 // Room for what one read of a kernel struct brings back when a record is written (the
 // sk_buff's dev/_nfct/len, the device's ifindex/nd_net/name, the conntrack tuples/status).
 #define PT_SCRATCH 128
+// A run's room in a map value: the packet's headers (PT_HDRS, below), then the record's reads.
+#define PT_ROOM (256 + 64)
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_HASH(addrs, u32, u8, MAX_ADDRS);            // addresses under trace (network order)
@@ -191,16 +193,38 @@ static __always_inline int guarded(struct pkt *p, u64 ts) {
     return 1;
 }
 
-#define P_(name) kern_##name
+/* The shared program's parser reads the packet's headers once, PT_HDRS bytes into the run's
+   room (a map value), and parses them there. A packet whose headers do not fit (IPv6 extension
+   headers or Geneve options of hundreds of bytes) is skipped like one cut short: never
+   misread. One instance of the parser, no per-header reads, the packet kept in the map value
+   (see on_skb) and two offsets "widened" keep the verifier's walk of the shared program short:
+   it checks the code after a branch once per distinct state it reaches it in, and exact
+   offsets or differently written stack bytes make every way through the parser distinct. */
+#define PT_HDRS 256
+static __always_inline int hdr_load(const u8 *c, u32 off, void *dst, u32 len) {
+    if (off > PT_HDRS || len > PT_HDRS - off) return -1;
+    asm volatile("" : "+r"(off));   // keeps the mask: the verifier may not see the check's bound
+    __builtin_memcpy(dst, c + (off & (PT_HDRS - 1)), len);
+    return 0;
+}
+// A value passed through map memory comes back as "any u32" to the verifier: the ways into
+// the code after it become one. Costs a store and a load. The room has PT_ROOM - PT_HDRS bytes
+// past the headers for it (and for the mask above).
+static __always_inline u32 hdr_widen(const u8 *c, u32 v) {
+    volatile u32 *w = (volatile u32 *)(c + PT_HDRS);
+    *w = v;
+    return *w;
+}
+#define P_(name) hdr_##name
 #define P_CTX const u8 *
-#define P_LOAD(c, off, dst, len) bpf_probe_read_kernel((dst), (len), (c) + (off))
+#define P_LOAD(c, off, dst, len) hdr_load((c), (off), (dst), (len))
+#define P_WIDEN(c, v) (v) = hdr_widen((c), (v))
 #include "parser.h"
 #undef P_
 #undef P_CTX
 #undef P_LOAD
-
-/* One read of the packet's headers, parsed from the stack (a third instance of the parser):
-   a packet whose headers do not fit in PT_BUF bytes takes the per-header reads instead. */
+#undef P_WIDEN
+/* The entry programs read PT_BUF bytes onto their stack (see not_ours). */
 #define PT_BUF 96
 #define SPAN_LEN (SKB_HEAD + 8 - SKB_PROTOCOL)
 static __always_inline int buf_load(const u8 *c, u32 off, void *dst, u32 len) {
@@ -208,13 +232,6 @@ static __always_inline int buf_load(const u8 *c, u32 off, void *dst, u32 len) {
     __builtin_memcpy(dst, c + (off & 127), len);
     return 0;
 }
-#define P_(name) buf_##name
-#define P_CTX const u8 *
-#define P_LOAD(c, off, dst, len) buf_load((c), (off), (dst), (len))
-#include "parser.h"
-#undef P_
-#undef P_CTX
-#undef P_LOAD
 // The tracepoints' own IPv4-only instance (see pt_rx): small, so it is cheap to inline four times.
 #undef P_WITH_V6
 #define P_WITH_V6 0
@@ -574,50 +591,68 @@ static __always_inline int read_packet(const u8 *skb, const u8 *l3, u16 nh, stru
     }
     u32 avail = linear_from(skb, l3);
 #endif
-    int ok = -1;
-    u8 *pb = buf;   // the stack has no room for it
-    if (avail >= 20 && !bpf_probe_read_kernel(pb, PT_BUF, l3))
-        ok = buf_parse_packet(pb, 0, avail < PT_BUF ? avail : PT_BUF, p, v6);
-    if (ok < 0) {   // headers beyond PT_BUF, a failed read, or a bad packet: per-header reads
-        __builtin_memset(p, 0, sizeof(*p));
-        ok = kern_parse_packet(l3, 0, avail, p, v6);
-    }
-    return ok;
+    if (avail < 20 || bpf_probe_read_kernel(buf, PT_HDRS, l3)) return -1;   // the stack has no room for it
+    return hdr_parse_packet(buf, 0, avail < PT_HDRS ? avail : PT_HDRS, p, v6);
 }
 
 // The common path of every skb hook (tracepoints and kprobes): parse, filter, follow, emit.
-// `aux`/`aux2` carry a hook's extra (a netfilter verdict, a route error, a NAT type).
-// `buf`: PT_SCRATCH bytes of this run's own (a map value: the stack has no room left), where
-// the record's reads land. `pre`: what the entry program found, or 0.
-static __always_inline int on_packet(void *ctx, const u8 *skb, const u8 *l3, u8 hook, u32 aux, u64 aux2,
-                                     u8 *buf, const struct pt_pre *pre) {
-    struct pkt p = {};
+// A packet at a device (`free` 0) or the end of a buffer (`free` 1: dropped at kfree_skb with
+// the kernel's `location` and `reason`, or consumed). `l3` is the network header, 0 for head
+// + `nh`. `buf`: PT_ROOM bytes of this run's own (a map value: the stack has no room left),
+// where the headers and the record's reads land. `pre`, also the run's own in a map value:
+// what the entry program found (`parsed`), else where the packet is parsed to.
+// The packet is read at one place and the record written at one place, and the packet is
+// kept in the map value, not on the stack: the verifier checks what follows the parser once
+// for all the ways through it, instead of once per way it left the stack's bytes.
+static __always_inline int on_skb(void *ctx, const u8 *skb, const u8 *l3, u16 nh, u8 hook, u8 free,
+                                  u64 location, u32 reason, u8 *buf, struct pt_pre *pre) {
+    struct pkt *p = &pre->p;
     u64 key = (u64)skb;
     u32 was;
     int want = -1;
-    if (pre && pre->parsed) {
-        __builtin_memcpy(&p, &pre->p, sizeof(p));
+    u8 flags = 0;
+    if (pre->parsed) {
         was = pre->was;
         want = pre->want;
     } else {
-        int ok = read_packet(skb, l3, 0, &p, buf);
-        if (ok == NOT_IPV4) return 0;
         u32 *w = tracked_get(&key);
         was = w ? *w : 0;
-        if (ok < 0) {
-            if (was) count(C_TRUNCATED);
+        // A buffer never matched that is consumed (delivered, not dropped): nothing to say,
+        // and this runs for every skb the machine frees, so it leaves before reading the packet.
+        if (free && !was && hook != HOOK_DROP) return 0;
+        __builtin_memset(p, 0, sizeof(*p));
+        int ok = read_packet(skb, l3, nh, p, buf);
+        if (ok == NOT_IPV4) {
+            if (free && was) untrack(&key);
             return 0;
         }
+        if (ok < 0) {
+            if (!was) return 0;
+            if (!free) {
+                count(C_TRUNCATED);
+                return 0;
+            }
+            untrack(&key);   // a followed buffer ends, its headers unreadable: say so all the same
+            flags = FLAG_FOLLOWED;
+            goto record;
+        }
     }
-    u32 id = packet_hash(&p);
+    u32 id = packet_hash(p);
+    if (free) {
+        if (was) untrack(&key);
+        if (was != id) {   // not the end of a followed packet (id is never 0)
+            if (hook != HOOK_DROP || !wanted(p)) return 0;
+            count(C_MATCHED);
+        }
+        goto record;
+    }
     if (was && was != id) {
         untrack(&key);   // the buffer was reused for another packet
         was = 0;
     }
-    if (want < 0) want = wanted(&p);
-    u8 flags = 0;
+    if (want < 0) want = wanted(p);
     if (want) {
-        if (!was && !sampled_in(&p)) {   // sampled out: leave before tracking it
+        if (!was && !sampled_in(p)) {   // sampled out: leave before tracking it
             count(C_MATCHED);
             count(C_SAMPLED_OUT);
             return 0;
@@ -625,14 +660,22 @@ static __always_inline int on_packet(void *ctx, const u8 *skb, const u8 *l3, u8 
         if (!was) track(&key, &id);
     } else if (was) {
         flags = FLAG_FOLLOWED;
-        learn_addr(&p, p.saddr);
-        learn_addr(&p, p.daddr);
+        learn_addr(p, p->saddr);
+        learn_addr(p, p->daddr);
     } else {
         return 0;
     }
     count(C_MATCHED);
-    emit(ctx, skb, &p, hook, flags, aux2, aux, buf);
+record:
+    emit(ctx, skb, p, hook, flags, location, reason, buf);
     return 0;
+}
+
+// A packet at a hook that is not the end of its buffer; `aux`/`aux2` carry the hook's extra
+// (a netfilter verdict, a route error, a NAT type).
+static __always_inline int on_packet(void *ctx, const u8 *skb, const u8 *l3, u8 hook, u32 aux, u64 aux2,
+                                     u8 *buf, struct pt_pre *pre) {
+    return on_skb(ctx, skb, l3, 0, hook, 0, aux2, aux, buf, pre);
 }
 
 // The tracepoints run for every packet of the machine; most are not ours. Each one decides
@@ -654,7 +697,7 @@ struct pt_call {
     u16 nh;
     u8 hook;
     u8 free;        // kfree_skb / consume_skb: the end of a buffer
-    u8 scratch[PT_SCRATCH];   // the record's reads (emit)
+    u8 room[PT_ROOM];         // the headers read, then the record's reads (emit)
     struct pt_pre pre;        // at a device: what the entry program found
 };
 #define PT_NEST 4   // process, softirq, hardirq, NMI (a power of two)
@@ -791,33 +834,6 @@ int pt_tx(struct tp_net_dev_start_xmit *args) {
 }
 #endif
 
-static __always_inline int on_free(void *ctx, const u8 *skb, u8 hook, u16 nh, u64 location, u32 reason,
-                                   u8 *buf) {
-    u64 key = (u64)skb;
-    u32 *was = tracked_get(&key);
-    // A buffer never matched that is consumed (delivered, not dropped): nothing to say, and
-    // this runs for every skb the machine frees, so it leaves before reading the packet.
-    if (!was && hook != HOOK_DROP) return 0;
-    struct pkt p = {};
-    int ok = read_packet(skb, 0, nh, &p, buf);
-    if (ok == NOT_IPV4) {
-        if (was) untrack(&key);
-        return 0;
-    }
-    if (was && (ok < 0 || *was == packet_hash(&p))) {
-        untrack(&key);
-        emit(ctx, skb, &p, hook, ok < 0 ? FLAG_FOLLOWED : 0, location, reason, buf);
-        return 0;
-    }
-    if (was)
-        untrack(&key);
-    if (hook == HOOK_DROP && ok == 0 && wanted(&p)) {
-        count(C_MATCHED);
-        emit(ctx, skb, &p, hook, 0, location, reason, buf);
-    }
-    return 0;
-}
-
 // The end of a buffer: dropped (kfree_skb, with the kernel's location and reason) or
 // consumed (consume_skb). A buffer never matched that is consumed (delivered, not dropped)
 // has nothing to say, and this runs for every skb the machine frees: it leaves at once.
@@ -857,11 +873,8 @@ int pt_common(void *ctx) {
     asm volatile("" : "+r"(i));   // keeps the mask: clang drops it as redundant, the verifier needs it
     struct pt_call *call = &calls->at[i & (PT_NEST - 1)];
     const u8 *skb = (const u8 *)call->skb;
-    int rc;
-    if (call->free)
-        rc = on_free(ctx, skb, call->hook, call->nh, call->location, call->reason, call->scratch);
-    else
-        rc = on_packet(ctx, skb, (const u8 *)call->l3, call->hook, 0, 0, call->scratch, &call->pre);
+    int rc = on_skb(ctx, skb, (const u8 *)call->l3, call->nh, call->hook, call->free, call->location,
+                    call->reason, call->room, &call->pre);
     calls->depth = d - 1;
     return rc;
 }
