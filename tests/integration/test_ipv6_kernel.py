@@ -218,6 +218,10 @@ def test_hostile_extension_headers_are_never_misread(pair):
         0x44444: _ip6(44, b"".join(bytes([44, 0, 0, 0, 0, 0, 0, 1]) for _ in range(8)), 0x44444),
         # readable: hop-by-hop, destination options, routing (type 0, no segments left), then UDP
         0x55555: _ip6(0, _ext(60) + _ext(43) + bytes([17, 0, 0, 0]) + bytes(4) + good, 0x55555),
+        # readable: 160 bytes of headers (a 104-byte option header), within the 256 read at once
+        0x66666: _ip6(60, _ext(60, 12) + _ext(17) + good, 0x66666),
+        # headers running past the first 256 bytes (a 248-byte option header): skipped, not guessed
+        0x77777: _ip6(60, _ext(60, 30) + _ext(17) + good, 0x77777),
     }
     dst = bytes.fromhex(macs[NS_B].replace(":", ""))
     src = bytes.fromhex(macs[NS_A].replace(":", ""))
@@ -227,11 +231,12 @@ def test_hostile_extension_headers_are_never_misread(pair):
     drain_all(s)
     df = s.frame()
     seen = set(df["flow_lbl"])
-    for bad in (0x11111, 0x22222, 0x33333, 0x44444):
+    for bad in (0x11111, 0x22222, 0x33333, 0x44444, 0x77777):
         assert bad not in seen, df[df["flow_lbl"] == bad][["hook_name", "proto", "sport", "dport"]]
-    ok = df[df["flow_lbl"] == 0x55555]
-    assert len(ok), "a packet with three extension headers was not parsed"
-    assert set(ok["proto"]) == {17} and set(ok["dport"]) == {40005} and set(ok["sport"]) == {5000}
+    for label in (0x55555, 0x66666):
+        ok = df[df["flow_lbl"] == label]
+        assert len(ok), f"the packet labelled {label:#x} (extension headers, then UDP) was not parsed"
+        assert set(ok["proto"]) == {17} and set(ok["dport"]) == {40005} and set(ok["sport"]) == {5000}
 
 
 def _echo_events(s, dst: str, ns: str = NS_A) -> int:
