@@ -26,8 +26,10 @@
 // Room for what one read of a kernel struct brings back when a record is written (the
 // sk_buff's dev/_nfct/len, the device's ifindex/nd_net/name, the conntrack tuples/status).
 #define PT_SCRATCH 128
-// A run's room in a map value: the packet's headers (PT_HDRS, below), then the record's reads.
-#define PT_ROOM (256 + 64)
+// A run's room in a map value: the packet's headers, PT_HDRS read at once (see hdr_load), with
+// room past them for hdr_widen and the load mask; the record's reads reuse its start.
+#define PT_HDRS 256
+#define PT_ROOM (PT_HDRS + 64)
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_HASH(addrs, u32, u8, MAX_ADDRS);            // addresses under trace (network order)
@@ -200,7 +202,6 @@ static __always_inline int guarded(struct pkt *p, u64 ts) {
    (see on_skb) and two offsets "widened" keep the verifier's walk of the shared program short:
    it checks the code after a branch once per distinct state it reaches it in, and exact
    offsets or differently written stack bytes make every way through the parser distinct. */
-#define PT_HDRS 256
 static __always_inline int hdr_load(const u8 *c, u32 off, void *dst, u32 len) {
     if (off > PT_HDRS || len > PT_HDRS - off) return -1;
     asm volatile("" : "+r"(off));   // keeps the mask: the verifier may not see the check's bound
