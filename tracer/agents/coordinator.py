@@ -75,7 +75,10 @@ class AgentRun:
     plan: AgentPlan
     proc: object = None
     frames: queue.Queue = field(default_factory=queue.Queue)
-    chunks: list[np.ndarray] = field(default_factory=list)
+    # batches of events as they came: record arrays, turned into their columns while the
+    # trace runs (`split`), so that the merge after it only joins them
+    chunks: list[np.ndarray | dict] = field(default_factory=list)
+    n_split: int = 0
     hello: Hello | None = None
     ready: bool = False
     probes: list[dict] | None = None
@@ -102,9 +105,20 @@ class AgentRun:
         except (BrokenPipeError, OSError, ValueError):
             pass
 
-    def window_chunks(self) -> list[np.ndarray]:
+    def window_chunks(self) -> list[np.ndarray | dict]:
         """The chunks of events inside the trace window (all of them while it is open)."""
         return self.chunks if self.window is None else self.chunks[:self.window]
+
+    def events(self) -> int:
+        """Events received so far (inside the window or not)."""
+        return sum(events.count(c) for c in self.chunks)
+
+    def split(self) -> None:
+        """The window's batches not yet in columns, turned into them (and the records let go)."""
+        end = len(self.window_chunks())
+        for i in range(self.n_split, end):
+            self.chunks[i] = events.columns(self.chunks[i])
+        self.n_split = max(self.n_split, end)
 
 
 class LocalTransport:
@@ -294,11 +308,15 @@ class Coordinator:
             r.send(cmd)
 
     def pump(self, seconds: float) -> None:
+        """Take the agents' frames for `seconds`; the events that came are put in columns
+        meanwhile (work the merge after the watch would otherwise do)."""
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             for r in self.runs:
                 _absorb(r, 0.01)
             self.spread_sample()
+        for r in self.runs:
+            r.split()
 
     def spread_sample(self) -> None:
         """When one agent's guard raised its sampling, every agent keeps the same packets:
@@ -369,13 +387,16 @@ class Coordinator:
                     r.proc.wait()
             _absorb(r)
 
-    def merged(self) -> tuple[np.ndarray, np.ndarray]:
-        """All agents' events in one array, and which agent (index into runs) each came from."""
+    def merged(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """All agents' events in one set of columns (`record.columns`: what `record.to_frame`
+        takes), and which agent (index into runs) each came from."""
+        for r in self.runs:
+            r.split()
         parts = [r.window_chunks() for r in self.runs]
-        origin = np.repeat(np.arange(len(parts), dtype=np.int16), [sum(len(c) for c in cs) for cs in parts])
-        # one copy of every agent's chunks, not one per agent and then one of all (a busy
+        origin = np.repeat(np.arange(len(parts), dtype=np.int16), [sum(events.count(c) for c in cs) for cs in parts])
+        # one copy of every agent's columns, not one per agent and then one of all (a busy
         # watch brings tens of MB of them)
-        return events.concat([c for cs in parts for c in cs]), origin
+        return events.join_columns([c for cs in parts for c in cs]), origin
 
 
 def realtime_offsets(clocks: list[list[dict]], ref: int, domains: dict[int, str | None]) -> dict[int, int]:

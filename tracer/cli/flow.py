@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 
 import click
@@ -91,6 +90,7 @@ def flow(src, dst, proto, ip_family, port, count, timeout, size, sport, sample, 
     from rich.console import Console
 
     from tracer import render, settings
+    from tracer.cli.ending import leave
     from tracer.config import FlowConfig
     from tracer.runs.flow import run_flow
 
@@ -120,8 +120,8 @@ def flow(src, dst, proto, ip_family, port, count, timeout, size, sport, sample, 
         click.echo(f"podtrace: interrupted {result.interrupted.after}; the packets traced until then are shown"
                    + (f", saved to {save} (marked incomplete)" if save else "")
                    + "; everything podtrace added was removed", err=True)
-        sys.exit(ExitStatus.INTERRUPTED)
-    sys.exit(ExitStatus.OK if result.ok else ExitStatus.TRACE_FAILED)
+        leave(ExitStatus.INTERRUPTED)
+    leave(ExitStatus.OK if result.ok else ExitStatus.TRACE_FAILED)
 
 
 def _flow_flags_agree(no_probe: bool) -> None:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 import traceback
 
 import click
 
 from tracer import settings
-from tracer.cli import options
+from tracer.cli import ending, options
+from tracer.cli.ending import flush_stdout as _flush_stdout, stdout_closed as _stdout_closed
 from tracer.errors import ExitStatus, PodtraceError
 
 # Command name → the module that defines it, as an attribute of the same name. A module is
@@ -43,18 +43,6 @@ def _usage_exit(exc: click.UsageError):
     sys.exit(ExitStatus.BAD_INPUT)
 
 
-def _stdout_closed():
-    """The reader of our output went away (`podtrace lab status | head -1`): say nothing more
-    and exit 141 (128 + SIGPIPE, as a command killed by the closed pipe). Python's own flush at
-    exit would fail again on the closed pipe: stdout goes to /dev/null first."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
-    sys.exit(ExitStatus.BROKEN_PIPE)
-
-
 def _quiet_rich_pipes():
     """rich answers a closed pipe itself (stdout to /dev/null, exit 1): the same exit as ours."""
     from rich.console import Console
@@ -62,21 +50,15 @@ def _quiet_rich_pipes():
     Console.on_broken_pipe = lambda self: _stdout_closed()
 
 
-def _flush_stdout():
-    """What is still buffered for stdout, written now, while a closed pipe can be answered."""
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        _stdout_closed()
-    except (OSError, ValueError):
-        pass
-
-
 class PodtraceGroup(click.Group):
     """The command group: commands loaded lazily by module path, and the one place that maps
     exceptions to the contract's exit codes (tracer.errors.ExitStatus) with one line on
     stderr. Anything unexpected is one line too (exit 1); `--debug` or PODTRACE_DEBUG=1 shows
     the traceback."""
+
+    def main(self, args=None, *rest, **kw):
+        ending.own_process = args is None    # the process's own command line, not a test runner's
+        return super().main(args, *rest, **kw)
 
     def get_command(self, ctx, name):
         cmd = super().get_command(ctx, name)
@@ -86,6 +68,12 @@ class PodtraceGroup(click.Group):
                 options.share_prefix(cmd)
             self.add_command(cmd, name)
         return cmd
+
+    def resolve_command(self, ctx, args):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if name != "agent":    # an agent writes frames, never rich's (nor imports it)
+            _quiet_rich_pipes()
+        return name, cmd, rest
 
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(COMMANDS))
@@ -98,7 +86,6 @@ class PodtraceGroup(click.Group):
 
     def invoke(self, ctx):
         debug = bool(ctx.params.get("debug")) or settings.debug()
-        _quiet_rich_pipes()
         try:
             rv = super().invoke(ctx)
             _flush_stdout()

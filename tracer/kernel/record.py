@@ -237,17 +237,44 @@ def decode(buf: bytes | memoryview | np.ndarray) -> pd.DataFrame:
     return to_frame(arr)
 
 
-def to_frame(arr: np.ndarray) -> "pd.DataFrame":
+def columns(arr: np.ndarray) -> dict[str, np.ndarray]:
+    """The fields `to_frame` reads, each in its own contiguous array, integers in native byte
+    order: the one pass over the records (strided, the dear part of decoding). A coordinator
+    makes it for each batch of events as it arrives, while the trace runs."""
+    out = {}
+    for name in arr.dtype.names:
+        if arr.dtype[name].kind in "ui":
+            out[name] = arr[name].astype(arr.dtype[name].newbyteorder("="))
+        elif name in IP_FAMILY_FLAG or name == "ifname":
+            out[name] = np.ascontiguousarray(arr[name])
+    return out
+
+
+def join_columns(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Batches of `columns` in one, in order."""
+    if not parts:
+        return columns(np.zeros(0, dtype=EVENT_DTYPE))
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def count(part: np.ndarray | dict[str, np.ndarray]) -> int:
+    """Events in a record array or in its `columns`."""
+    return len(part["ts_ns"]) if isinstance(part, dict) else len(part)
+
+
+def to_frame(arr: np.ndarray | dict[str, np.ndarray]) -> "pd.DataFrame":
+    """Records (a record array, or its `columns`) → one row per event."""
     import pandas as pd
 
-    flags = arr["flags"]
+    fields = arr if isinstance(arr, dict) else columns(arr)
+    flags = fields["flags"]
     cols, strs = {}, {}
-    for name in arr.dtype.names:
+    for name, col in fields.items():
         if name in IP_FAMILY_FLAG:
-            cols[name], strs[name + "_str"] = ip_columns(arr[name], flags & IP_FAMILY_FLAG[name], sort=True)
-        elif arr.dtype[name].kind in "ui":
-            cols[name] = arr[name].astype(arr.dtype[name].newbyteorder("="))
-    cols["ifname"] = _names_categorical(arr["ifname"])
+            cols[name], strs[name + "_str"] = ip_columns(col, flags & IP_FAMILY_FLAG[name], sort=True)
+        elif name != "ifname":
+            cols[name] = col
+    cols["ifname"] = _names_categorical(fields["ifname"])
     cols.update(strs)
     cols.update(derived(cols, sort=True))
     return pd.DataFrame(cols, copy=False)     # one constructor: no column-by-column inserts

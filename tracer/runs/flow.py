@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 from typing import TYPE_CHECKING, Callable
@@ -72,10 +73,14 @@ def probe_counter(count: int, outcomes: list) -> str:
             + "".join(f", {n} {o}" for o, n in others.items()))
 
 
-def _import_frames_meanwhile() -> None:
-    """pandas (0.3–0.4 s to import) is first needed once the trace is over: imported while
-    the programs load and the agents start, not before them."""
-    threading.Thread(target=__import__, args=("pandas",), name="podtrace-import-pandas", daemon=True).start()
+def _import_frames_meanwhile(watch: bool = False) -> None:
+    """pandas (0.3–0.4 s to import) is first needed once the trace is over: imported in a
+    thread while the programs load and the agents start (probes: the trace is short), or once
+    tracing (a watch: then nothing waits for this process, and the start does not share the
+    CPU with it). A watch also needs the aggregate's engine (tracer.analysis, ~0.1 s)."""
+    names = ["pandas", *(["tracer.analysis.busy"] if watch else [])]
+    threading.Thread(target=lambda: [importlib.import_module(n) for n in names], name="podtrace-import-frames",
+                     daemon=True).start()
 
 
 def _trace_single(plan: Plan, say) -> Traced:
@@ -94,8 +99,11 @@ def _trace_single(plan: Plan, say) -> Traced:
     sent: list[ProbeResult] = []
     problems: list[str] = []
     stopped: interrupt.Interrupted | None = None
-    _import_frames_meanwhile()
+    if cfg.probe:
+        _import_frames_meanwhile()
     with TerminateAsInterrupt(), runner:
+        if not cfg.probe:
+            _import_frames_meanwhile(watch=True)
         t_tracing = time.monotonic()
         ready_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)   # the events' clock
         try:   # Ctrl-C while probing or watching: stop, and show what was traced so far
@@ -155,8 +163,11 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
     notes: list[str] = []
     transport = transport or coordinator.LocalTransport(testhooks.agent_env())
     with TerminateAsInterrupt(), coordinator.Coordinator(plans, transport) as co:
-        _import_frames_meanwhile()
+        if cfg.probe:
+            _import_frames_meanwhile()
         co.wait_ready()
+        if not cfg.probe:
+            _import_frames_meanwhile(watch=True)
         _placement_from_agents(plan, co)
         testhooks.pause("tracing")
         t_tracing = time.monotonic()
@@ -179,7 +190,7 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
                 end = time.monotonic() + cfg.duration
                 while (left := end - time.monotonic()) > 0:
                     co.pump(min(left, 0.2))
-                    say(f"tracing: {sum(len(c) for r in co.runs for c in r.chunks)} events, {left:.1f}s left")
+                    say(f"tracing: {sum(r.events() for r in co.runs)} events, {left:.1f}s left")
         except KeyboardInterrupt:
             if probing:   # the prober stops after the probe in flight and reports those sent
                 co.run(prober.plan.node, {"cmd": "stop-probes"})
@@ -195,7 +206,7 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
         # agents delivered up to their `drained` frame, and name the facts to ask for.
         say("collecting the agents' events")
         co.drain()
-        df, clock = _merge(co, plan)
+        df, clock = _merge(co, plan, packets=probing)
         say(f"reconstructing {len(df)} events")
         # the guard of each node may have raised its sampling on its own: keep the packets
         # every node kept (sampling by powers of two nests)
@@ -224,7 +235,8 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
             if probing:
                 packets = build_packets(df, fi)
             else:
-                packets, aggregate = watch_packets(plan, df.drop(columns=["pkt"]), fi, locations, window, view)
+                packets, aggregate = watch_packets(plan, df.drop(columns=["pkt"], errors="ignore"), fi, locations,
+                                                   window, view)
             queries = diagnose.facts_needed(packets, service_evidence(plan))
             sq = source_query(plan)
             if sq and prober is not None and source.needed(packets, sent, sq["pod"]):
@@ -263,7 +275,7 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
 
     def evidence(packets):
         return agent_evidence(plan, facts)
-    return Traced(df.drop(columns=["pkt"]), sent, counters, locations, hooks, degraded, timings, t_tracing,
+    return Traced(df.drop(columns=["pkt"], errors="ignore"), sent, counters, locations, hooks, degraded, timings, t_tracing,
                   t_done, evidence, notes, problems, clock, packets=packets, window=window, view=view,
                   interrupted=stopped, aggregate=aggregate, sample=sample, judging_stopped=judging_stopped)
 
@@ -283,9 +295,10 @@ def _placement_from_agents(plan: Plan, co: coordinator.Coordinator) -> None:
                 plan.placement.netns[ino] = (r.plan.node, pod[1])
 
 
-def _merge(co: coordinator.Coordinator, plan: Plan) -> tuple[pd.DataFrame, dict]:
-    """All agents' events in one table with their packet numbers (`pkt`, assigned once),
-    timestamps on the reference agent's clock.
+def _merge(co: coordinator.Coordinator, plan: Plan, packets: bool = True) -> tuple[pd.DataFrame, dict]:
+    """All agents' events in one table, timestamps on the reference agent's clock, with their
+    packet numbers (`pkt`, assigned once) when `packets` are wanted or the clocks are refined
+    from them (a watch judges its packets itself; agents on one clock need no refinement).
 
     Nodes' monotonic clocks differ by their uptimes (seconds to days): each agent's events are
     first moved by the difference of its (monotonic − realtime) readings to the reference's
@@ -293,8 +306,8 @@ def _merge(co: coordinator.Coordinator, plan: Plan) -> tuple[pd.DataFrame, dict]
     fall into one packet; the offsets are then refined from the packets themselves. What is
     left after the refinement is far below the pause that starts a new packet
     (packets.GAP_NS), so the cut made on the coarse clocks is the cut the refined clocks give."""
-    arr, origin = co.merged()
-    df = record.to_frame(arr)
+    cols, origin = co.merged()
+    df = record.to_frame(cols)
     df["agent"] = origin
     df["ts_ns"] = df["ts_ns"].astype("int64")   # offsets may be negative
     names = [r.plan.node for r in co.runs]
@@ -303,8 +316,12 @@ def _merge(co: coordinator.Coordinator, plan: Plan) -> tuple[pd.DataFrame, dict]
     coarse = coordinator.realtime_offsets([r.clocks for r in co.runs], ref, domains)
     for i, c in coarse.items():
         df.loc[df["agent"] == i, "ts_ns"] -= c
-    df = assign_packets(df)
-    fine = coordinator.estimate_offsets(df, ref, plan.src.ip, domains)
+    own = domains.get(ref)
+    if packets or any(i != ref and (d is None or d != own) for i, d in domains.items()):
+        df = assign_packets(df)
+        fine = coordinator.estimate_offsets(df, ref, plan.src.ip, domains)
+    else:
+        fine = {}
     # Agents sharing a clock domain with an estimated agent get its offset too.
     for i, d in domains.items():
         if i not in fine and i != ref and d is not None and d != domains.get(ref):
