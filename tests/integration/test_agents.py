@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 
 import pytest
 
 from tests.conftest import todays_share
-from tests.integration.lab_fixture import lab  # noqa: F401
+from tests.integration.lab_fixture import cli_argv, cli_env, lab, session_processes  # noqa: F401
 from tests.integration.test_flow import wait_no_programs
 from tracer.config import FlowConfig
 from tracer.runs.flow import run_flow
@@ -67,3 +69,18 @@ def test_agent_that_dies_is_named(lab, monkeypatch):
     r2 = run_flow(FlowConfig(src="pod-1-1", dst="pod-2-1", lab_prefix=lab["prefix"], count=1, mode="agents"))
     assert r2.ok, r2.verdict
     wait_no_programs()
+
+
+@pytest.mark.parametrize("dst", ["pod-1-2", "pod-2-1"])
+def test_the_command_leaves_no_agent_behind(lab, dst):
+    """`flow` starts the lab's agent processes before it resolves the flow (three: both ends'
+    nodes and the fabric); a flow within one node takes one of them and the others go. The
+    command's session holds no process once it has answered."""
+    proc = subprocess.Popen(cli_argv("flow", "pod-1-1", dst, "--count", "1", "-o", "json"), env=cli_env(lab["prefix"], PODTRACE_FLOW_MODE="agents"),
+                            cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    agents = json.loads(out)["timings"]["agent_start_s"]
+    assert set(agents) == ({"node-1"} if dst == "pod-1-2" else {"node-1", "node-2", "fabric"})
+    assert session_processes(proc.pid) == set()

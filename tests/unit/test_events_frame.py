@@ -111,3 +111,18 @@ def test_concat_keeps_every_record_byte_for_byte(parts):
         out = record.concat(other)
         assert out.dtype == record.EVENT_DTYPE
         assert out.tobytes() == b"".join(a.tobytes() for a in arrs)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(0, len(NAMES) - 1), st.integers(0, 9), st.integers(0, 9),
+                                   st.integers(0, 12)), max_size=40), max_size=6))
+def test_columns_joined_decode_as_the_records_do(parts):
+    """What a coordinator does while the trace runs (each batch into `columns`) and after it
+    (`join_columns`, then to_frame) gives the frame of the records concatenated."""
+    arrs = [_records(p) for p in parts]
+    want = record.to_frame(record.concat(arrs))
+    got = record.to_frame(record.join_columns([record.columns(a) for a in arrs]))
+    assert list(got.columns) == list(want.columns)
+    assert got.dtypes.equals(want.dtypes)
+    assert got.equals(want)
+    assert sum(record.count(record.columns(a)) for a in arrs) == len(want)

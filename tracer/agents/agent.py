@@ -88,8 +88,11 @@ def _commands(stdin, q: queue.Queue, gone: threading.Event) -> None:
 
 
 def _read_request(stdin, out: _Out) -> request.AgentRequest | int:
+    line = stdin.readline()
+    if not line:
+        return 0    # the coordinator went away before asking anything (an agent it started early)
     try:
-        doc = json.loads(stdin.readline() or "null")
+        doc = json.loads(line)
     except json.JSONDecodeError as exc:
         out.send("error", {"message": f"bad request: {exc}"})
         return 2

@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import os
 import queue
-import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tracer.kernel import record as events
-from tracer.agents import wire
+from tracer.agents import spawn, wire
 from tracer.agents.request import AgentRequest
 from tracer.errors import EnvironmentProblem
 
@@ -122,23 +120,23 @@ class AgentRun:
 
 
 class LocalTransport:
-    """An agent as a local process (the lab): `python -m tracer.cli agent`."""
+    """An agent as a local process (the lab): `python -m tracer.cli agent`, one started
+    early (`spawn.Early`) when there is one, unless a test gives this node's agent its own
+    variables."""
 
-    def __init__(self, extra_env: dict[str, dict[str, str]] | None = None):
+    def __init__(self, extra_env: dict[str, dict[str, str]] | None = None, early: spawn.Early | None = None):
         self.extra_env = extra_env or {}
+        self.early = early
 
     def start(self, plan: AgentPlan):
-        env = dict(os.environ, **self.extra_env.get(plan.node, {}))
-        # Ctrl-C in the terminal reaches the whole process group: the coordinator alone decides
-        # what an interrupt means (it stops the probes, collects what the agents traced, then
-        # stops them). SIGTERM/SIGHUP and the end of stdin still stop an agent.
-        return subprocess.Popen([sys.executable, "-m", "tracer.cli", "agent"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                                start_new_session=False, preexec_fn=_ignore_sigint)
+        extra = self.extra_env.get(plan.node)
+        proc = self.early.take() if self.early is not None and not extra else None
+        return proc or spawn.start(dict(os.environ, **(extra or {})))
 
-
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    def started(self) -> None:
+        """Every agent started: the early processes not taken go (they were sent nothing)."""
+        if self.early is not None:
+            self.early.close()
 
 
 def _reader(run: AgentRun) -> None:
@@ -270,6 +268,8 @@ class Coordinator:
                 run.proc = self.transport.start(run.plan)
                 run.send(run.plan.wire)
                 threading.Thread(target=_reader, args=(run,), daemon=True).start()
+            if hasattr(self.transport, "started"):
+                self.transport.started()
         except BaseException:
             self.stop()      # agents already started must not outlive a failed start
             raise

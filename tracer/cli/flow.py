@@ -87,29 +87,31 @@ def flow(src, dst, proto, ip_family, port, count, timeout, size, sport, sample, 
     from tracer.outfile import refuse_existing
 
     refuse_existing(save, force)
-    from rich.console import Console
-
-    from tracer import render, settings
-    from tracer.cli.ending import leave
+    from tracer import settings
+    from tracer.agents import spawn
     from tracer.config import FlowConfig
-    from tracer.runs.flow import run_flow
 
-    err = Console(stderr=True)
     cfg = FlowConfig(src=src, dst=dst, proto=proto, port=port, count=count, timeout=timeout,
                      probe=not no_probe, duration=duration, cluster=cluster, save=save, size=size, sport=sport,
-                     kubeconfig=kubeconfig, context=context, transport=transport, sample=sample, budget=budget, namespace=namespace,
-                     ip_family=ip_family,
+                     kubeconfig=kubeconfig, context=context, transport=transport, sample=sample, budget=budget,
+                     namespace=namespace, ip_family=ip_family,
                      lab_prefix=prefix or settings.lab_prefix(),
                      mode="single" if single else settings.flow_mode(), t_start=t_start)
-    if err.is_terminal and output != "json":
-        with err.status("resolving endpoints") as status:
-            result = run_flow(cfg, progress=lambda msg: status.update(msg))
-    else:
-        result = run_flow(cfg)
+    # the lab's agent processes start now, importing while this one imports and resolves
+    early = spawn.Early(spawn.lab_agents(cfg))
+    try:
+        result, err = _run(cfg, early, output)
+    finally:
+        early.close()
+    from tracer import render
+    from tracer.cli.ending import leave
+
     doc = result.as_json()
     if output == "json":
         click.echo(render.to_json(doc))
     else:
+        from rich.console import Console
+
         out = Console()
         if not out.is_terminal:
             out = Console(width=160)  # piped into a file or a ticket: keep whole rows
@@ -123,6 +125,18 @@ def flow(src, dst, proto, ip_family, port, count, timeout, size, sport, sample, 
         leave(ExitStatus.INTERRUPTED)
     leave(ExitStatus.OK if result.ok else ExitStatus.TRACE_FAILED)
 
+
+def _run(cfg, early, output):
+    """The trace itself: (its result, the stderr console that showed its progress)."""
+    from rich.console import Console
+
+    from tracer.runs.flow import run_flow
+
+    err = Console(stderr=True)
+    if err.is_terminal and output != "json":
+        with err.status("resolving endpoints") as status:
+            return run_flow(cfg, progress=lambda msg: status.update(msg), early=early), err
+    return run_flow(cfg, early=early), err
 
 def _flow_flags_agree(no_probe: bool) -> None:
     """Probe options with --no-probe (which sends nothing), or --duration without it (probes

@@ -28,14 +28,15 @@ if TYPE_CHECKING:   # imported where frames are made: `flow` starts its agents f
     import pandas as pd
 
 
-def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None) -> FlowResult:
+def run_flow(cfg: FlowConfig, progress: Callable[[str], None] | None = None, early=None) -> FlowResult:
     """Trace one flow. On the lab the trace goes through one agent per node (the same
-    coordinator and merge as in a cluster) unless cfg.mode is "single"."""
+    coordinator and merge as in a cluster) unless cfg.mode is "single"; `early`: agent
+    processes already started for it (`spawn.Early`)."""
     say = progress or (lambda msg: None)
     with TerminateAsInterrupt():   # SIGTERM cleans up like Ctrl-C, also while reconstructing/saving
         plan = prepare(cfg)
         if cfg.mode == "agents" and plan.topology:
-            traced = _trace_agents(plan, say)
+            traced = _trace_agents(plan, say, transport=coordinator.LocalTransport(testhooks.agent_env(), early))
         elif plan.conn is not None:
             traced = _trace_agents(plan, say, transport=cluster_transport(cfg.transport, plan.conn))
         else:

@@ -1,0 +1,66 @@
+"""Agent processes started early (before `flow` resolves): the transport hands them out in
+order, those not taken are killed once every agent has started, and an agent whose
+coordinator goes away before sending a request leaves quietly. Real processes."""
+
+from __future__ import annotations
+
+import os
+
+from tracer.agents import coordinator, spawn
+from tracer.config import FlowConfig
+
+
+def test_early_agents_are_taken_in_order_and_the_rest_killed():
+    early = spawn.Early(2)
+    first, second = early.procs
+    transport = coordinator.LocalTransport(early=early)
+    try:
+        got = transport.start(coordinator.AgentPlan("node-1", {}))
+        assert got is first
+        transport.started()
+        assert second.wait(timeout=30) != 0 and early.procs == []     # killed: it was sent nothing
+        got.stdin.close()                                                 # the coordinator goes away
+        assert got.wait(timeout=60) == 0
+        assert got.stdout.read() == b"" and got.stderr.read() == b"", "an agent never asked leaves quietly"
+    finally:
+        for p in (first, second):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            for f in (p.stdin, p.stdout, p.stderr):
+                f.close()
+
+
+def test_a_node_with_its_own_variables_gets_its_own_process():
+    early = spawn.Early(1)
+    transport = coordinator.LocalTransport({"node-2": {"PODTRACE_AGENT_START_DELAY_S": "0"}}, early)
+    proc = transport.start(coordinator.AgentPlan("node-2", {}))
+    try:
+        assert proc not in early.procs and len(early.procs) == 1
+    finally:
+        early.close()
+        proc.kill()
+        proc.wait()
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            f.close()
+
+
+def test_early_agents_only_for_the_lab_with_agents(tmp_path, monkeypatch):
+    monkeypatch.setenv("PODTRACE_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    cfg = dict(src="a", dst="b", lab_prefix="ptspawn", mode="agents")
+    assert spawn.lab_agents(FlowConfig(**cfg)) == 0, "no lab up: nothing to start"
+    from tracer.cluster import topology
+
+    path = topology.path_for("ptspawn")
+    os.makedirs(path.parent)
+    path.write_text("{}")
+    assert spawn.lab_agents(FlowConfig(**cfg)) == 3
+    assert spawn.lab_agents(FlowConfig(**dict(cfg, mode="single"))) == 0
+    assert spawn.lab_agents(FlowConfig(**cfg, cluster="c.json")) == 0
+    assert spawn.lab_agents(FlowConfig(**cfg, kubeconfig="kc")) == 0
+    (tmp_path / ".kube").mkdir()
+    (tmp_path / ".kube" / "config").write_text("")
+    assert spawn.lab_agents(FlowConfig(**cfg)) == 0, "a kubeconfig: the cluster's agents, not local ones"
