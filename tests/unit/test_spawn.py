@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 from tracer.agents import coordinator, spawn
-from tracer.config import FlowConfig
+from tracer.cluster import sources, topology
 
 
 def test_early_agents_are_taken_in_order_and_the_rest_killed():
@@ -45,22 +45,19 @@ def test_a_node_with_its_own_variables_gets_its_own_process():
             f.close()
 
 
-def test_early_agents_only_for_the_lab_with_agents(tmp_path, monkeypatch):
+def test_the_lab_is_told_ahead_only_when_load_would_take_it(tmp_path, monkeypatch):
     monkeypatch.setenv("PODTRACE_STATE_DIR", str(tmp_path))
     monkeypatch.delenv("KUBECONFIG", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    cfg = dict(src="a", dst="b", lab_prefix="ptspawn", mode="agents")
-    assert spawn.lab_agents(FlowConfig(**cfg)) == 0, "no lab up: nothing to start"
-    from tracer.cluster import topology
-
+    assert not sources.lab_ahead(None, None, None, "ptspawn"), "no lab up"
     path = topology.path_for("ptspawn")
     os.makedirs(path.parent)
     path.write_text("{}")
-    assert spawn.lab_agents(FlowConfig(**cfg)) == 3
-    assert spawn.lab_agents(FlowConfig(**dict(cfg, mode="single"))) == 0
-    assert spawn.lab_agents(FlowConfig(**cfg, cluster="c.json")) == 0
-    assert spawn.lab_agents(FlowConfig(**cfg, kubeconfig="kc")) == 0
+    assert sources.lab_ahead(None, None, None, "ptspawn")
+    assert not sources.lab_ahead("c.json", None, None, "ptspawn")
+    assert not sources.lab_ahead(None, "kc", None, "ptspawn")
+    assert not sources.lab_ahead(None, None, None, "Bad Prefix!"), "load says what is wrong"
     (tmp_path / ".kube").mkdir()
     (tmp_path / ".kube" / "config").write_text("")
-    assert spawn.lab_agents(FlowConfig(**cfg)) == 0, "a kubeconfig: the cluster's agents, not local ones"
+    assert not sources.lab_ahead(None, None, None, "ptspawn"), "a kubeconfig: the cluster's agents"

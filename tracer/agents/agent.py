@@ -8,7 +8,8 @@ probes frame reports those sent), {"cmd": "drain"} (deliver every event seen
 so far, then a `drained` frame: the end of the trace window), {"cmd": "facts", "queries": [...]},
 {"cmd": "sample", "n": N} (raise the kernel sampling to 1 in N, N in 1..65536; from then on a
 `sample` frame says when the guard raises it), {"cmd": "stop"}. The hello frame lists the commands this agent understands. End of stdin means the coordinator is gone: the agent stops and cleans up,
-also when that happens while it is still loading or attaching (no device is attached after it).
+also when that happens while it is still loading or attaching (no device is attached after it);
+before any request (an agent `flow` started early and did not need) it exits 0 saying nothing.
 
 The same code runs as a process per lab node and inside the DaemonSet pod on a real node,
 where the pod's agent server (tracer/agents/server.py) starts it for each checked request.

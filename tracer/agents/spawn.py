@@ -1,4 +1,4 @@
-"""Agent processes on this machine (the lab: one per lab node), and those started early.
+"""Agent processes on this machine, and those started early.
 
 `flow` on the lab starts its agent processes as soon as it knows it will need them, before
 it imports the flow machinery and resolves the endpoints: an agent imports what it traces
@@ -62,22 +62,3 @@ class Early:
     def __exit__(self, *exc) -> bool:
         self.close()
         return False
-
-
-def lab_agents(cfg) -> int:
-    """How many agent processes `flow` (its FlowConfig) will start on this machine when it
-    traces the lab (no --cluster, no kubeconfig, a lab up with this prefix, agents mode): the
-    two ends' nodes and the fabric. 0 when it traces elsewhere or cannot tell: its agents
-    then start when asked for."""
-    if cfg.mode != "agents" or cfg.cluster or cfg.kubeconfig or not cfg.lab_prefix:
-        return 0
-    try:
-        from tracer.cluster import api, topology
-
-        if api.find_config(None, cfg.context) is not None:
-            return 0
-        if not topology.path_for(cfg.lab_prefix).exists():
-            return 0
-    except Exception:   # a bad prefix or --context: the resolve says so, not this guess
-        return 0
-    return 3

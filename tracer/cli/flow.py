@@ -10,6 +10,8 @@ from click.core import ParameterSource
 from tracer.cli.options import ip_family_option, prefix_option
 from tracer.errors import BadInput, ExitStatus
 
+EARLY_AGENTS = 3     # the lab's agents of a cross-node flow: both ends' nodes and the fabric
+
 
 @click.command()
 @click.argument("src")
@@ -89,6 +91,7 @@ def flow(src, dst, proto, ip_family, port, count, timeout, size, sport, sample, 
     refuse_existing(save, force)
     from tracer import settings
     from tracer.agents import spawn
+    from tracer.cluster import sources
     from tracer.config import FlowConfig
 
     cfg = FlowConfig(src=src, dst=dst, proto=proto, port=port, count=count, timeout=timeout,
@@ -97,8 +100,10 @@ def flow(src, dst, proto, ip_family, port, count, timeout, size, sport, sample, 
                      namespace=namespace, ip_family=ip_family,
                      lab_prefix=prefix or settings.lab_prefix(),
                      mode="single" if single else settings.flow_mode(), t_start=t_start)
-    # the lab's agent processes start now, importing while this one imports and resolves
-    early = spawn.Early(spawn.lab_agents(cfg))
+    # the lab's agent processes (both ends' nodes and the fabric) start now, importing while
+    # this one imports and resolves
+    early = spawn.Early(EARLY_AGENTS if cfg.mode == "agents" and sources.lab_ahead(
+        cluster, kubeconfig, context, cfg.lab_prefix) else 0)
     try:
         result, err = _run(cfg, early, output)
     finally:

@@ -49,6 +49,20 @@ def local(cluster: str | None, lab_prefix: str | None) -> ClusterView | None:
     return None
 
 
+def lab_ahead(cluster: str | None, kubeconfig: str | None, context: str | None, lab_prefix: str | None) -> bool:
+    """Whether `load` will take the lab's topology, told without reading it (before the
+    endpoints are resolved): no --cluster, no kubeconfig, and a lab up with this prefix. False
+    when it cannot tell (a bad prefix or --context: `load` says what is wrong)."""
+    if cluster or kubeconfig or not lab_prefix:
+        return False
+    try:
+        from tracer.cluster import api
+
+        return api.find_config(None, context) is None and topology_mod.path_for(lab_prefix).exists()
+    except Exception:
+        return False
+
+
 def load(cluster: str | None, kubeconfig: str | None, context: str | None, lab_prefix: str | None,
          specs: Iterable[str] = (), namespace: str | None = None) -> ClusterView:
     """--cluster FILE, else the kubeconfig / in-cluster config (the objects `specs` name),
