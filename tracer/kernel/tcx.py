@@ -13,7 +13,6 @@ BCC has no call for BPF links; the two bpf(2) commands are made here with ctypes
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 import struct
@@ -27,7 +26,9 @@ ATTACH_TYPE = {"ingress": 46, "egress": 47}      # BPF_TCX_INGRESS, BPF_TCX_EGRE
 BPF_F_BEFORE = 1 << 3
 BPF_F_AFTER = 1 << 4
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# the process's own symbols, libc's among them: no `ldconfig -p` child (find_library runs
+# one), which an agent killed while importing would leave behind
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 

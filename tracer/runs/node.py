@@ -160,8 +160,12 @@ class NodeRunner:
             self.session.start(stop=stop, alongside=tc_side)
             self._gap_checked_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
             t_counters = time.monotonic()
-            self.iptables_before = {n: facts.iptables_counters(r) for n, r in self.job.nodes.items()}
-            self.pods_before = {i: facts.iptables_counters(facts.NodeRef(n, n)) for i, n in self.job.pods.items()}
+            # every namespace's counters at once (as after the window): their readers are processes
+            before = _each(facts.iptables_counters, {**{("node", n): r for n, r in self.job.nodes.items()},
+                                                     **{("pod", i): facts.NodeRef(n, n)
+                                                        for i, n in self.job.pods.items()}})
+            self.iptables_before = {k: v for (kind, k), v in before.items() if kind == "node"}
+            self.pods_before = {k: v for (kind, k), v in before.items() if kind == "pod"}
             self._timings = {"tc_s": tc_side.seconds if tc_side else 0.0,
                              "counters_s": time.monotonic() - t_counters}
             if stop is None or not stop.is_set():
