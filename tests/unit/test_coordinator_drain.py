@@ -88,6 +88,7 @@ def test_events_after_drained_stay_out_of_the_window():
     assert run.drained["locations"] == {"77": "kfree_skb_reason+0x1"}
     assert run.ended and not run.failure
     assert len(run.chunks) == 4, "late events are still read (the stream stays in step)"
+    assert run.events() == 5, "every event received counts, late ones too"
 
 
 def test_an_agent_without_drain_is_not_asked_and_keeps_its_last_flush():

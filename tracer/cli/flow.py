@@ -102,12 +102,9 @@ def flow(src, dst, proto, ip_family, port, count, timeout, size, sport, sample, 
                      mode="single" if single else settings.flow_mode(), t_start=t_start)
     # the lab's agent processes (both ends' nodes and the fabric) start now, importing while
     # this one imports and resolves
-    early = spawn.Early(EARLY_AGENTS if cfg.mode == "agents" and sources.lab_ahead(
-        cluster, kubeconfig, context, cfg.lab_prefix) else 0)
-    try:
+    with spawn.Early(EARLY_AGENTS if cfg.mode == "agents" and sources.lab_ahead(
+            cluster, kubeconfig, context, cfg.lab_prefix) else 0) as early:
         result, err = _run(cfg, early, output)
-    finally:
-        early.close()
     from tracer import render
     from tracer.cli.ending import leave
 
@@ -142,6 +139,7 @@ def _run(cfg, early, output):
         with err.status("resolving endpoints") as status:
             return run_flow(cfg, progress=lambda msg: status.update(msg), early=early), err
     return run_flow(cfg, early=early), err
+
 
 def _flow_flags_agree(no_probe: bool) -> None:
     """Probe options with --no-probe (which sends nothing), or --duration without it (probes

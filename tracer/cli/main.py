@@ -10,7 +10,6 @@ import click
 
 from tracer import settings
 from tracer.cli import ending, options
-from tracer.cli.ending import flush_stdout as _flush_stdout, stdout_closed as _stdout_closed
 from tracer.errors import ExitStatus, PodtraceError
 
 # Command name → the module that defines it, as an attribute of the same name. A module is
@@ -47,7 +46,7 @@ def _quiet_rich_pipes():
     """rich answers a closed pipe itself (stdout to /dev/null, exit 1): the same exit as ours."""
     from rich.console import Console
 
-    Console.on_broken_pipe = lambda self: _stdout_closed()
+    Console.on_broken_pipe = lambda self: ending.stdout_closed()
 
 
 class PodtraceGroup(click.Group):
@@ -88,10 +87,10 @@ class PodtraceGroup(click.Group):
         debug = bool(ctx.params.get("debug")) or settings.debug()
         try:
             rv = super().invoke(ctx)
-            _flush_stdout()
+            ending.flush_stdout()
             return rv
         except BrokenPipeError:
-            _stdout_closed()
+            ending.stdout_closed()
         except PodtraceError as exc:
             if debug:
                 traceback.print_exc()
@@ -103,7 +102,7 @@ class PodtraceGroup(click.Group):
         except click.UsageError as exc:
             _usage_exit(exc)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
-            _flush_stdout()
+            ending.flush_stdout()
             raise
         except Exception as exc:  # a bug: still one line, never a traceback by default
             if debug:
