@@ -115,9 +115,10 @@ class AgentRun:
     def split(self) -> None:
         """The window's batches not yet in columns, turned into them (and the records let go)."""
         end = len(self.window_chunks())
-        for i in range(self.n_split, end):
-            self.chunks[i] = events.columns(self.chunks[i])
-        self.n_split = max(self.n_split, end)
+        while self.n_split < end:    # Ctrl-C may land anywhere in here: each step stands alone
+            if not isinstance(self.chunks[self.n_split], dict):
+                self.chunks[self.n_split] = events.columns(self.chunks[self.n_split])
+            self.n_split += 1
 
 
 class LocalTransport:
