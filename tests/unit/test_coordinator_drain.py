@@ -100,3 +100,31 @@ def test_an_agent_without_drain_is_not_asked_and_keeps_its_last_flush():
     assert ts == [1, 2, 3]
     assert agent.said == ["stop"] and run.drained is None
     assert run.ended and not run.failure
+
+
+def test_batches_keep_only_what_every_nodes_sampling_keeps():
+    """Batches are put in columns with the sampling the agents reported (a `sample` frame
+    while tracing, the `drained` frame's at the end), and those already in columns are cut
+    down when it rises: the merge holds what 1 in the last sampling keeps."""
+    arr = np.zeros(256, dtype=record.EVENT_DTYPE)
+    arr["ts_ns"] = np.arange(256)
+    arr["proto"] = 6
+    arr["tcp_seq"] = np.arange(256) * 7919
+    arr["proto"][5] = 0      # a buffer not parsed: kept whatever the sampling
+    agent = Agent({"node": "node-1", "commands": ["probe", "drain", "facts", "stop", "sample"]},
+                  [("events", arr[:128].tobytes()), ("sample", {"n": 4})],
+                  on_drain=[("events", arr[128:].tobytes()),
+                            ("drained", {"node": "node-1", "events": 256, "sample": 8})],
+                  on_stop=[])
+    with coordinator.Coordinator([coordinator.AgentPlan("node-1", {"node": "node-1"})],
+                                 Transport({"node-1": agent})) as co:
+        co.wait_ready()
+        run = co.runs[0]
+        co.wait_for(lambda: run.sample == 4 and run.chunks, 10)
+        co.pump(0.01)
+        assert run.chunks[0]["ts_ns"].tolist() == arr["ts_ns"][:128][record.contract.kept(arr[:128], 4)].tolist()
+        co.drain()
+        cols, _ = co.merged()
+    assert cols["ts_ns"].tolist() == arr["ts_ns"][record.contract.kept(arr, 8)].tolist()
+    assert 5 in cols["ts_ns"] and 0 < len(cols["ts_ns"]) < 64
+    assert run.events() == 256, "every event received counts"

@@ -126,3 +126,38 @@ def test_columns_joined_decode_as_the_records_do(parts):
     assert got.dtypes.equals(want.dtypes)
     assert got.equals(want)
     assert sum(record.count(record.columns(a)) for a in arrs) == len(want)
+
+
+def _packets(rows: list[tuple[int, int, int, int, int]]) -> np.ndarray:
+    """Records of packets: protocol (0: a buffer not parsed), ports, IP ID, TCP sequence."""
+    arr = np.zeros(len(rows), dtype=record.EVENT_DTYPE)
+    for i, (proto, sport, dport, ip_id, seq) in enumerate(rows):
+        arr[i]["proto"], arr[i]["sport"], arr[i]["dport"] = proto, sport, dport
+        arr[i]["ip_id"], arr[i]["ip_len"], arr[i]["tcp_seq"], arr[i]["ts_ns"] = ip_id, 60 + i % 7, seq, i
+    return arr
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0, 1, 6, 17]), st.integers(0, 0xFFFF), st.integers(0, 0xFFFF),
+                          st.integers(0, 0xFFFF), st.integers(0, 0xFFFFFFFF)), max_size=80),
+       st.sampled_from([1, 2, 4, 64, 3, 12]))
+def test_events_dropped_as_they_come_are_those_the_merge_drops(rows, n):
+    """record.sampled on a batch (records or columns) keeps what keep_sampled keeps of the
+    frame, for the sampling then and for any later, higher power of two; a sampling that is
+    not a power of two drops nothing early."""
+    from tracer.runs.outcome import keep_sampled
+
+    def values(df):   # categories hold only the values present: compare the values
+        return df.reset_index(drop=True).astype({c: object for c in df.columns if df[c].dtype == "category"})
+
+    arr = _packets(rows)
+    for later in (n, 2 * n, 65536):
+        want = values(keep_sampled(record.to_frame(arr), later))
+        for part in (arr, record.columns(arr)):
+            early = record.sampled(part, n)
+            got = values(keep_sampled(record.to_frame(early), later))
+            assert got.equals(want)
+            if n & (n - 1):
+                assert early is part
+            else:
+                assert record.count(early) == len(keep_sampled(record.to_frame(arr), n))

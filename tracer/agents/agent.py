@@ -29,6 +29,7 @@ from typing import BinaryIO
 from tracer import testhooks
 from tracer.agents import request, wire
 from tracer.errors import PodtraceError
+from tracer.kernel import record
 from tracer.kernel.session import TerminateAsInterrupt
 from tracer.node import facts, netns
 from tracer.node import prober as probe
@@ -258,13 +259,16 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, l
 
 
 def _flush(runner: NodeRunner, out: _Out, sent: int, skew: int) -> int:
+    """Send the events recorded since the first `sent` that the sampling now in force keeps
+    (the coordinator would drop the others at its merge); the events recorded so far."""
     total = runner.sink.count()
     if total > sent:
-        new = runner.sink.since(sent)
+        new = record.sampled(runner.sink.since(sent), runner.session.config.sample)
         if skew:
             new = new.copy()
             new["ts_ns"] += skew
-        out.send("events", new.tobytes())
+        if len(new):
+            out.send("events", new.tobytes())
     return total
 
 

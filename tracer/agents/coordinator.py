@@ -77,6 +77,7 @@ class AgentRun:
     # trace runs (`split`), so that the merge after it only joins them
     chunks: list[np.ndarray | dict] = field(default_factory=list)
     n_split: int = 0
+    split_sample: int = 1            # the sampling the batches in columns were cut down to
     received: int = 0                # events in `chunks` (counted as they come: a long watch has many)
     hello: Hello | None = None
     ready: bool = False
@@ -112,12 +113,20 @@ class AgentRun:
         """Events received so far (inside the window or not)."""
         return self.received
 
-    def split(self) -> None:
-        """The window's batches not yet in columns, turned into them (and the records let go)."""
+    def split(self, sample: int = 1) -> None:
+        """The window's batches not yet in columns, turned into them (and the records let go),
+        keeping only the events of the packets that 1 in `sample` keeps (the sampling of
+        every node now: the merge keeps no more). When it rose since the last call, the
+        batches already in columns are cut down to it too."""
+        if sample > self.split_sample:
+            for i in range(self.n_split):   # filtering a batch twice keeps the same events
+                self.chunks[i] = events.sampled(self.chunks[i], sample)
+            self.split_sample = sample
         end = len(self.window_chunks())
         while self.n_split < end:    # Ctrl-C may land anywhere in here: each step stands alone
             if not isinstance(self.chunks[self.n_split], dict):
-                self.chunks[self.n_split] = events.columns(self.chunks[self.n_split])
+                self.chunks[self.n_split] = events.sampled(events.columns(self.chunks[self.n_split]),
+                                                           self.split_sample)
             self.n_split += 1
 
 
@@ -318,8 +327,13 @@ class Coordinator:
             for r in self.runs:
                 _absorb(r, 0.01)
             self.spread_sample()
+        self.split()
+
+    def split(self) -> None:
+        """Every agent's batches in columns, with the sampling every node has now."""
+        n = max([1, *(r.sample for r in self.runs), *samples(self.runs).values()])
         for r in self.runs:
-            r.split()
+            r.split(n)
 
     def spread_sample(self) -> None:
         """When one agent's guard raised its sampling, every agent keeps the same packets:
@@ -393,8 +407,7 @@ class Coordinator:
     def merged(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """All agents' events in one set of columns (`record.columns`: what `record.to_frame`
         takes), and which agent (index into runs) each came from."""
-        for r in self.runs:
-            r.split()
+        self.split()
         parts = [r.window_chunks() for r in self.runs]
         origin = np.repeat(np.arange(len(parts), dtype=np.int16), [sum(events.count(c) for c in cs) for cs in parts])
         # one copy of every agent's columns, not one per agent and then one of all (a busy

@@ -210,3 +210,18 @@ def sampled_mask(proto, sport, dport, ip_id, ip_len, tcp_seq, n: int):
     h ^= h >> u64(13)
     h |= u64(1)
     return ((h >> u64(1)) % u64(n)) == 0
+
+
+def kept(fields, n: int):
+    """Which events a trace keeps when keeping 1 in n: those of the packets packet_hash()
+    keeps, and those without a protocol (a drop of an unparsed buffer). `fields`: anything
+    whose fields index by name (a record array, its columns, a DataFrame)."""
+    import numpy as np
+
+    def col(name):
+        return np.asarray(fields[name])
+    proto = col("proto")
+    if n <= 1:
+        return np.ones(len(proto), dtype=bool)
+    return sampled_mask(proto, col("sport"), col("dport"), col("ip_id"), col("ip_len"), col("tcp_seq"), n) \
+        | (proto == 0)

@@ -262,6 +262,22 @@ def count(part: np.ndarray | dict[str, np.ndarray]) -> int:
     return len(part["ts_ns"]) if isinstance(part, dict) else len(part)
 
 
+def sampled(part: np.ndarray | dict[str, np.ndarray], n: int) -> np.ndarray | dict[str, np.ndarray]:
+    """The events of a record array or of its `columns` that keeping 1 packet in n keeps
+    (`contract.kept`), in the same form. A trace's sampling only rises, by powers of two up
+    to 1 in 65536: what 1 in n drops, any later sampling drops too, so the events dropped
+    with the sampling in force when they are read are the ones the merge would drop at the
+    end, and a busy trace drops them as they come. n not a power of two (a user's own
+    sampling): nothing is dropped here, as the cap of the later sampling need not be a
+    multiple of it."""
+    if n <= 1 or n & (n - 1) or count(part) == 0:
+        return part
+    keep = contract.kept(part, n)
+    if keep.all():
+        return part
+    return {k: v[keep] for k, v in part.items()} if isinstance(part, dict) else part[keep]
+
+
 def to_frame(arr: np.ndarray | dict[str, np.ndarray]) -> "pd.DataFrame":
     """Records (a record array, or its `columns`) → one row per event."""
     import pandas as pd

@@ -104,9 +104,10 @@ class Sink:
         self.taken = self.total
         return out
 
-    def array(self) -> np.ndarray:
-        """Every event still held, in one array."""
-        return record.concat(self.full + [self.cur[: self.n]])
+    def array(self, sample: int = 1) -> np.ndarray:
+        """Every event still held, in one array; with `sample`, those that keeping 1 packet
+        in it keeps (`record.sampled`)."""
+        return record.concat([record.sampled(c, sample) for c in self.full + [self.cur[: self.n]]])
 
     def since(self, n: int) -> np.ndarray:
         """Events recorded after the first `n` (copies only the chunks that hold them)."""
@@ -325,8 +326,9 @@ class TraceSession:
                 return hex(addr)
         return sym
 
-    def frame(self) -> "pd.DataFrame":
-        return record.to_frame(self.sink.array())
+    def frame(self, sample: int = 1) -> "pd.DataFrame":
+        """The events held, as a frame; with `sample`, only those 1 in it keeps."""
+        return record.to_frame(self.sink.array(sample))
 
     def close(self) -> None:
         if self.reader is not None:

@@ -138,7 +138,7 @@ def _trace_single(plan: Plan, say) -> Traced:
         runner.after_window_meanwhile()   # the rule counters, then the tc observers' removal
         counters = runner.counters()
         sample = runner.session.config.sample
-        df = keep_sampled(runner.session.frame(), sample)
+        df = keep_sampled(runner.session.frame(sample), sample)
         locations = runner.symbols(df.loc[df["location"] != 0, "location"].unique())
         counters_after = runner.iptables_after()
     sq = source_query(plan)
@@ -237,7 +237,7 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
                 packets = build_packets(df, fi)
             else:
                 packets, aggregate = watch_packets(plan, df.drop(columns=["pkt"], errors="ignore"), fi, locations,
-                                                   window, view)
+                                                   window, view, sample)
             queries = diagnose.facts_needed(packets, service_evidence(plan))
             sq = source_query(plan)
             if sq and prober is not None and source.needed(packets, sent, sq["pod"]):

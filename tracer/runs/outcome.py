@@ -110,9 +110,7 @@ def keep_sampled(df: pd.DataFrame, n: int) -> pd.DataFrame:
     of an unparsed buffer) stay."""
     if n <= 1 or df.empty:
         return df
-    keep = contract.sampled_mask(df["proto"].to_numpy(), df["sport"].to_numpy(), df["dport"].to_numpy(),
-                                 df["ip_id"].to_numpy(), df["ip_len"].to_numpy(), df["tcp_seq"].to_numpy(), n)
-    return df[keep | (df["proto"].to_numpy() == 0)]
+    return df[contract.kept(df, n)]
 
 
 def engine_meta(plan: Plan, fi: FlowInput, locations: dict, window, view) -> dict:
@@ -126,13 +124,16 @@ def engine_meta(plan: Plan, fi: FlowInput, locations: dict, window, view) -> dic
             **({"view": view.as_json()} if view is not None else {})}
 
 
-def watch_packets(plan: Plan, df: pd.DataFrame, fi: FlowInput, locations: dict, window, view
-                  ) -> tuple[list[Packet], dict | None]:
+def watch_packets(plan: Plan, df: pd.DataFrame, fi: FlowInput, locations: dict, window, view,
+                  sample: int = 1) -> tuple[list[Packet], dict | None]:
     """The packets of a watch to judge one by one, and the aggregate of a busy one (None:
-    few enough packets to judge them all)."""
+    few enough packets to judge them all). `sample`: 1 in N packets kept at the end; above
+    the user's own sampling, the guard raised it for the event budget, and the flow is busy
+    however few packets were kept."""
     from tracer.analysis import busy
 
-    agg = busy.aggregate(df, engine_meta(plan, fi, locations, window, view), plan.src.addresses())
+    agg = busy.aggregate(df, engine_meta(plan, fi, locations, window, view), plan.src.addresses(),
+                         force=sample > plan.cfg.sample and not df.empty)
     if agg is None:
         return build_packets(df, fi), None
     return build_packets(agg.full_events, fi), agg.doc
@@ -260,7 +261,7 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
     elif cfg.probe:
         packets = build_packets(t.df, fi)
     else:
-        packets, agg = watch_packets(plan, t.df, fi, t.locations, t.window, t.view)
+        packets, agg = watch_packets(plan, t.df, fi, t.locations, t.window, t.view, t.sample)
     named = names(packets, plan.inv)
     ev = t.evidence(packets)
     if isinstance(ev, LocalEvidence):
