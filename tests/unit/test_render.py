@@ -154,3 +154,13 @@ def test_compact_says_all_is_well_only_when_the_flow_is_ok():
     text = "\n".join(_render(render.flow_compact, r, 120))
     assert "same 12-hop path, delivered" not in text
     assert "2 replies (probes 1, 2): 12 hops, DELIVERED" in text and "FAILED" in text
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in DATA.glob("*.json")))
+def test_json_is_written_as_the_standard_library_indents_it(name):
+    """`-o json` is the document indented by two spaces, byte for byte what json.dumps gives,
+    for recorded flows; an integer beyond 64 bits still goes through."""
+    doc = json.loads((DATA / f"{name}.json").read_text())
+    assert render.to_json(doc) == json.dumps(doc, indent=2)
+    big = {"packets": [{"skb": 2**70, "t": 1.5}], 7: "key"}
+    assert render.to_json(big) == json.dumps(big, indent=2)

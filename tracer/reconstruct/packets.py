@@ -259,14 +259,15 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[Packet]:
     pk = work["pkt"].to_numpy()
     is_free_all = np.isin(work["hook"].to_numpy(), [HOOK_IDS["drop"], HOOK_IDS["consume"]])
     bounds = np.flatnonzero(np.r_[True, pk[1:] != pk[:-1], True]) if len(pk) else np.zeros(1, dtype=np.int64)
-    free_rows = work[[c for c in FREE_COLS if c in work]]
-    no_frees = free_rows.iloc[0:0]
+    free_cols = {c: (work[c].to_numpy(dtype=object) if isinstance(work[c].dtype, pd.CategoricalDtype)
+                     else work[c].to_numpy()) for c in FREE_COLS if c in work}
+    no_frees = arrival.Frees({c: v[:0] for c, v in free_cols.items()})
     for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
         free_at = is_free_all[a:b]
         hop_rows = [r for r, f in zip(rows[a:b], free_at) if not f]
         if not hop_rows:
             continue
-        frees = free_rows.iloc[a:b][free_at] if free_at.any() else no_frees
+        frees = arrival.Frees({c: v[a:b][free_at] for c, v in free_cols.items()}) if free_at.any() else no_frees
         first = hop_rows[0]
         direction, seq = _classify(first, fi)
         if direction == "other":
@@ -301,20 +302,21 @@ def build_packets(df: pd.DataFrame, fi: FlowInput) -> list[Packet]:
         targets, want = dnat.retarget(fi, hops, direction, targets, want)
         reached = [h for h in hops if h.netns in targets and h.point == "rx"
                    and (not want or h.dst in want)]
-        consumed_at_target = frees[(frees["hook"] == HOOK_IDS["consume"]) & frees["netns"].isin(targets)
-                                   & (frees["daddr_str"].isin(want) if want else True)]
+        consumed_at_target = bool(len(frees)) and bool(
+            ((frees["hook"] == HOOK_IDS["consume"]) & np.isin(frees["netns"], list(targets))
+             & (np.isin(frees["daddr_str"], list(want)) if want else True)).any())
         last = hops[-1]
         at = reached[0] if reached else last
         # arrived, then freed with a drop reason by the receiving stack: dropped there
         late = arrival.first_drop(frees, rule, targets, t0 + at.t_ns, {at.netns} if reached else targets) \
-            if reached or not consumed_at_target.empty else None
+            if reached or consumed_at_target else None
         first_drop = arrival.first_drop(frees, rule, targets)
         if late is not None:
             verdict = arrival.dropped(pl.node(late.netns), pl.pod(late.netns), late.ifname or at.dev,
                                       fi.drop_reasons.get(int(late.reason), f"reason {int(late.reason)}"),
                                       fi.ksym(int(late.location)))
             arrive_t = None
-        elif reached or not consumed_at_target.empty:
+        elif reached or consumed_at_target:
             verdict = diagnose.delivered(at.node, at.dev, at.point)
             arrive_t = at.t_ns
         elif first_drop is not None:
