@@ -17,6 +17,7 @@ where the pod's agent server (tracer/agents/server.py) starts it for each checke
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -108,9 +109,21 @@ def _read_request(stdin, out: _Out) -> request.AgentRequest | int:
         return 2
 
 
+def _ahead() -> None:
+    """What every trace needs, whatever it is asked, done before the request is read: an
+    agent started early waits for it meanwhile (BCC's import, the kernel's offsets). A
+    failure here is met, and reported, where the trace needs the thing."""
+    from tracer.kernel import btf, program
+
+    with contextlib.suppress(Exception):
+        program._bcc()
+        btf.kernel_offsets()
+
+
 def serve(stdin=None, stdout: BinaryIO | None = None) -> int:
     stdin = stdin or sys.stdin
     out = _Out(stdout or sys.stdout.buffer)
+    _ahead()
     req = _read_request(stdin, out)
     if isinstance(req, int):
         return req

@@ -378,15 +378,20 @@ def kernel_offsets(btf: Btf | None = None, cache_file: Path | None = None) -> di
     """
     if btf is not None:
         return compute_offsets(btf)
-    cache_file = cache_file or CACHE_FILE
+    if cache_file is None and _KERNEL_OFFSETS:   # this process asked already: the kernel is the same
+        return dict(_KERNEL_OFFSETS)
     data = read_blob(VMLINUX)
     key = _cache_key(data)
-    cached = _read_cache(cache_file, key)
-    if cached is not None:
-        return cached
-    offsets = compute_offsets(Btf(data, VMLINUX))
-    _write_cache(cache_file, key, offsets)
+    offsets = _read_cache(cache_file or CACHE_FILE, key)
+    if offsets is None:
+        offsets = compute_offsets(Btf(data, VMLINUX))
+        _write_cache(cache_file or CACHE_FILE, key, offsets)
+    if cache_file is None:
+        _KERNEL_OFFSETS.update(offsets)
     return offsets
+
+
+_KERNEL_OFFSETS: dict[str, int] = {}
 
 
 def _read_cache(cache_file: Path, key: dict[str, object]) -> dict[str, int] | None:

@@ -104,16 +104,20 @@ class Sink:
         self.taken = self.total
         return out
 
+    def parts(self) -> list[np.ndarray]:
+        """Every event still held, in the chunks that hold them (views, not copies)."""
+        return self.full + [self.cur[: self.n]]
+
     def array(self, sample: int = 1) -> np.ndarray:
         """Every event still held, in one array; with `sample`, those that keeping 1 packet
         in it keeps (`record.sampled`)."""
-        return record.concat([record.sampled(c, sample) for c in self.full + [self.cur[: self.n]]])
+        return record.concat([record.sampled(c, sample) for c in self.parts()])
 
     def since(self, n: int) -> np.ndarray:
         """Events recorded after the first `n` (copies only the chunks that hold them)."""
         skip = max(0, n - self.taken)
         parts = []
-        for chunk in self.full + [self.cur[: self.n]]:
+        for chunk in self.parts():
             if skip >= len(chunk):
                 skip -= len(chunk)
                 continue

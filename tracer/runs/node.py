@@ -223,8 +223,12 @@ class NodeRunner:
         """The symbols of every drop location among the events the sink still holds."""
         from tracer.kernel.record import HOOK_IDS
 
-        arr = self.sink.array()
-        return self.symbols(set(arr["location"][arr["hook"] == HOOK_IDS["drop"]].tolist()))
+        locations: set[int] = set()
+        for part in self.sink.parts():   # two fields read where the records lie: no copy of them all
+            drops = part["hook"] == HOOK_IDS["drop"]
+            if drops.any():
+                locations.update(part["location"][drops].tolist())
+        return self.symbols(locations)
 
     def guard(self, now: float) -> str | None:
         """When the kernel starts refusing events for the budget, keep fewer packets instead:
