@@ -15,6 +15,7 @@ with `_tcall`: PODTRACE_TC_OBSERVERS=all, tc observers on every device of the pa
 
     sudo .venv/bin/python bench/busyflow.py [--rounds 3] [--duration 4]
     sudo .venv/bin/python bench/busyflow.py --rounds 3 --modes agents,agents_tcall,single,single_tcall
+    sudo .venv/bin/python bench/busyflow.py --rounds 3 --udp-rate 100K   # a few hundred packets, judged one by one
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ def peak_rss(proc: subprocess.Popen, out: dict, stop: threading.Event) -> None:
     out["agents_rss_mib"] = round(max([v for p, v in seen.items() if p != proc.pid] or [0]) / 1024, 1)
 
 
-def one(doc: dict, mode: str, duration: float, prefix: str, timeout: float = 300) -> dict:
+def one(doc: dict, mode: str, duration: float, prefix: str, timeout: float = 300, udp_rate: str | None = None) -> dict:
     src, dst = L.pod(doc, SRC), L.pod(doc, DST)
     with L.IperfServer(dst["netns"], PORT):
-        client = L.iperf_client(src["netns"], dst["ip"], PORT, duration + 12)
+        client = L.iperf_client(src["netns"], dst["ip"], PORT, duration + 12, udp=udp_rate is not None,
+                                rate=udp_rate or "0")
         time.sleep(1.0)          # the transfer is up to speed before the command starts
         argv = [*L.PODTRACE, "flow", SRC, DST, "--no-probe", "--duration", f"{duration:g}", "-o", "json"]
         if mode.startswith("single"):
@@ -89,13 +91,16 @@ def main() -> None:
     ap.add_argument("--modes", default="agents,single")
     ap.add_argument("--prefix", default=L.PREFIX)
     ap.add_argument("--timeout", type=float, default=300, help="seconds to wait for an answer")
+    ap.add_argument("--udp-rate", default=None, metavar="RATE",
+                    help="64-byte UDP at this iperf3 rate (e.g. 100K: ~200 packets/s, a watch of a few hundred "
+                         "packets judged one by one) instead of TCP at full speed")
     a = ap.parse_args()
     doc, created = L.lab(a.prefix)
     runs = []
     try:
         for r in range(a.rounds):
             for mode in a.modes.split(","):
-                x = one(doc, mode, a.duration, a.prefix, a.timeout)
+                x = one(doc, mode, a.duration, a.prefix, a.timeout, a.udp_rate)
                 x["round"] = r
                 print(json.dumps(x), file=sys.stderr)
                 runs.append(x)
@@ -110,7 +115,8 @@ def main() -> None:
                          ("wall_s", "over_s", "startup_s", "trace_s", "packets", "rss_mib", "agents_rss_mib")}
         summary[mode]["aggregated"] = sum(1 for x in mine if x["aggregated"])
         summary[mode]["errors"] = sum(1 for x in runs if x["mode"] == mode and "error" in x)
-    L.emit({"bench": "busyflow", "duration_s": a.duration, "machine": L.machine(), "summary": summary, "runs": runs})
+    L.emit({"bench": "busyflow", "duration_s": a.duration, "traffic": f"udp {a.udp_rate}" if a.udp_rate else "tcp",
+            "machine": L.machine(), "summary": summary, "runs": runs})
 
 
 if __name__ == "__main__":
