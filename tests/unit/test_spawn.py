@@ -5,13 +5,31 @@ coordinator goes away before sending a request leaves quietly. Real processes.""
 from __future__ import annotations
 
 import os
+import pathlib
+import subprocess
+import sys
 
 from tracer.agents import coordinator, spawn
 from tracer.cluster import sources, topology
 
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _alone(case: str) -> None:
+    """Run `case` of this module in a fresh interpreter: one thread, as `flow` has when it
+    starts its agents (a test run may have left threads of its own here)."""
+    res = subprocess.run([sys.executable, "-c", f"import tests.unit.test_spawn as t; t.{case}()"], cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-2000:]
+
 
 def test_early_agents_are_taken_in_order_and_the_rest_killed():
+    _alone("_taken_in_order")
+
+
+def _taken_in_order():
     early = spawn.Early(2)
+    assert early.forked, "one thread here: the agents are forked from this process"
     first, second = early.procs
     transport = coordinator.LocalTransport(early=early)
     try:
@@ -27,6 +45,56 @@ def test_early_agents_are_taken_in_order_and_the_rest_killed():
             if p.poll() is None:
                 p.kill()
                 p.wait()
+            for f in (p.stdin, p.stdout, p.stderr):
+                f.close()
+
+
+def test_with_another_thread_running_each_early_agent_is_its_own_interpreter():
+    """A fork beside a running thread could copy a lock it holds: then agents are started."""
+    import threading
+
+    done = threading.Event()
+    t = threading.Thread(target=done.wait)
+    t.start()
+    try:
+        early = spawn.Early(1)
+    finally:
+        done.set()
+        t.join()
+    try:
+        assert not early.forked and len(early.procs) == 1
+        proc = early.take()
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0 and proc.stdout.read() == b""
+    finally:
+        early.close()
+
+
+def test_a_forked_agent_serves_a_request_and_ends_with_its_status():
+    """A forked agent reads its request on its own stdin, answers on its own stdout, and the
+    coordinator gets its exit status (here: a bad request, exit 2, one error frame)."""
+    _alone("_serves")
+
+
+def _serves():
+    from tracer.agents import wire
+
+    early = spawn.Early(2)
+    assert early.forked
+    a, b = early.take(), early.take()
+    try:
+        # the end of b's stdin reaches b while a lives: a holds no pipe of its sibling's
+        b.stdin.close()
+        assert b.wait(timeout=60) == 0 and a.poll() is None
+        a.stdin.write(b'{"version": 0}\n')
+        a.stdin.close()
+        frames = list(wire.read(a.stdout))
+        assert [f.kind for f in frames] == ["error"] and "unsupported request" in frames[0].json()["message"]
+        assert a.wait(timeout=60) == 2
+    finally:
+        for p in (a, b):
+            p.kill()
+            p.wait()
             for f in (p.stdin, p.stdout, p.stderr):
                 f.close()
 
