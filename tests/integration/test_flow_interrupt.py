@@ -208,6 +208,7 @@ def test_a_saved_flow_says_what_the_live_run_said(ilab, tmp_path):
     caused = [p for p in live["packets"] if p["verdict"].get("cause")]
     assert caused and caused[0]["verdict"]["cause"] == "netfilter-rule"
     assert "by rule `" in caused[0]["verdict"]["hint"]     # the named rule
+    assert "+0x" in (caused[0]["verdict"]["location"] or ""), "the agent names where the kernel dropped it"
     doc = json.loads(cli("analyze", str(saved), "-o", "json", prefix=ilab["prefix"]).stdout)
     flow = doc["flow"]
     assert (flow["status"], flow["summary"], flow["problems"]) == \

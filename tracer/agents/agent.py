@@ -188,7 +188,7 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, l
     no_more_probes = threading.Event()
     deadline = time.monotonic() + req.max_seconds
     last_flush = 0.0
-    sent = 0
+    sender = _Sender(runner, out, skew)
     window_counters: dict | None = None     # the counters when the trace window ended (`drain`)
     report_sample = False                   # a `sample` command came: say when the guard raises it
     while time.monotonic() < deadline:
@@ -204,7 +204,7 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, l
             runner.watch_gaps()
             now = time.monotonic()
             if now - last_flush >= FLUSH_S:
-                sent = _flush(runner, out, sent, skew)
+                sender.flush()
                 last_flush = now
                 said = runner.guard(now)
                 if said:
@@ -233,14 +233,14 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, l
         elif what == "drain":
             stop_ns = _clock()["monotonic_ns"]   # the end of this node's observation window
             runner.drain()
-            sent = _flush(runner, out, sent, skew)
+            sender.flush()
             # when the kernel refused events (budget, full ring), and the sampling at the end:
             # the coordinator keeps only the packets every node sampled, and calls what was
             # seen while a node refused events a gap in the trace
             gaps = [[a + skew, b + skew] for a, b in runner.watch_gaps()]
-            out.send("drained", {"node": node.name, "events": sent, "t_ns": stop_ns, "gaps": gaps,
+            out.send("drained", {"node": node.name, "events": sender.sent, "t_ns": stop_ns, "gaps": gaps,
                                  "sample": runner.session.config.sample,
-                                 "locations": {str(k): v for k, v in runner.drop_locations().items()}})
+                                 "locations": sender.locations()})
             window_counters = runner.counters()
             # keep the hooks as light as they can be until the agent stops; the rule counters
             # are read, and the tc observers go, while the coordinator judges
@@ -249,13 +249,13 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, l
         elif what == "facts" and node.name in runner.iptables_before:
             if window_counters is None:
                 runner.drain()
-                sent = _flush(runner, out, sent, skew)
+                sender.flush()
             after = runner.iptables_after()[node.name]
             out.send("facts", {"node": node.name,
                                "rule_hits": facts.rule_hits(runner.iptables_before[node.name], after),
                                "answers": [_facts(node, q, req.probe) for q in cmd.get("queries", [])],
                                "netns_rule_hits": {str(k): v for k, v in runner.pod_rule_hits().items()},
-                               "locations": {str(k): v for k, v in runner.drop_locations().items()}})
+                               "locations": sender.locations()})
         elif what in ("stop", "eof"):
             no_more_probes.set()
             break
@@ -265,24 +265,42 @@ def _trace(req: request.AgentRequest, runner: NodeRunner, node: facts.NodeRef, l
         prober.join(timeout=30)
     if window_counters is None:
         runner.drain()
-        sent = _flush(runner, out, sent, skew)
+        sender.flush()
     out.send("counters", window_counters if window_counters is not None else runner.counters())
     out.send("clock", _clock())
-    return sent
+    return sender.sent
 
 
-def _flush(runner: NodeRunner, out: _Out, sent: int, skew: int) -> int:
-    """Send the events recorded since the first `sent` that the sampling now in force keeps
-    (the coordinator would drop the others at its merge); the events recorded so far."""
-    total = runner.sink.count()
-    if total > sent:
-        new = record.sampled(runner.sink.since(sent), runner.session.config.sample)
-        if skew:
-            new = new.copy()
-            new["ts_ns"] += skew
-        if len(new):
-            out.send("events", new.tobytes())
-    return total
+class _Sender:
+    """The events a runner recorded, sent on as they come and then let go (an agent holds no
+    more than one flush's worth, however long it traces), and the drop locations among them."""
+
+    def __init__(self, runner: NodeRunner, out: _Out, skew: int):
+        self.runner, self.out, self.skew = runner, out, skew
+        self.sent = 0                   # events recorded so far (sent, or dropped by the sampling)
+        self.drops: set[int] = set()    # kernel addresses of the drops sent
+
+    def flush(self) -> None:
+        """Send what was recorded since the last flush that the sampling now in force keeps
+        (the coordinator would drop the rest at its merge)."""
+        sink = self.runner.sink
+        total = sink.count()
+        if total > self.sent:
+            new = record.sampled(sink.since(self.sent), self.runner.session.config.sample)
+            sink.release()
+            if self.skew:
+                new = new.copy()
+                new["ts_ns"] += self.skew
+            if len(new):
+                at = new["hook"] == record.HOOK_IDS["drop"]
+                if at.any():
+                    self.drops.update(new["location"][at].tolist())
+                self.out.send("events", new.tobytes())
+        self.sent = total
+
+    def locations(self) -> dict[str, str | None]:
+        """The kernel symbols of the drops sent ("function+0xoff"), by address."""
+        return {str(k): v for k, v in self.runner.symbols(self.drops).items()}
 
 
 def _discover(d: request.Discovery, node: str) -> dict:

@@ -104,6 +104,13 @@ class Sink:
         self.taken = self.total
         return out
 
+    def release(self) -> None:
+        """Let go of every event held (they were handed on): the filled chunks go, the
+        current one is written again from its start; `count()` goes on counting."""
+        self.full = []
+        self.n = 0
+        self.taken = self.total
+
     def parts(self) -> list[np.ndarray]:
         """Every event still held, in the chunks that hold them (views, not copies)."""
         return self.full + [self.cur[: self.n]]

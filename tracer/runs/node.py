@@ -219,17 +219,6 @@ class NodeRunner:
         sym = self.session.symbolizer()
         return {int(a): sym(int(a)) for a in addrs if int(a)}
 
-    def drop_locations(self) -> dict[int, str | None]:
-        """The symbols of every drop location among the events the sink still holds."""
-        from tracer.kernel.record import HOOK_IDS
-
-        locations: set[int] = set()
-        for part in self.sink.parts():   # two fields read where the records lie: no copy of them all
-            drops = part["hook"] == HOOK_IDS["drop"]
-            if drops.any():
-                locations.update(part["location"][drops].tolist())
-        return self.symbols(locations)
-
     def guard(self, now: float) -> str | None:
         """When the kernel starts refusing events for the budget, keep fewer packets instead:
         raise the (deterministic) sampling in proportion to what the last second asked for
