@@ -326,6 +326,39 @@ def test_sigkill_of_the_coordinator_agents_clean_up(lab, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def test_a_qdisc_added_by_a_run_that_ended_goes_with_a_killed_runs_filters(lab, tmp_path):
+    """Run A adds the clsact qdiscs; run B, started after it, finds them and adds only its
+    filters; B is killed, then A ends normally while B's filters are still on A's qdiscs.
+    A cannot remove its qdiscs then; `cleanup` removes B's filters and then A's qdiscs."""
+    before = lab_tc_state(lab)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = _start_long_flow(lab, tmp_path / "a", PODTRACE_TC_ATTACH="clsact")
+    b = None
+    try:
+        _wait_attached(a, tmp_path / "a")
+        b = _start_long_flow(lab, tmp_path / "b", PODTRACE_TC_ATTACH="clsact")
+        _wait_attached(b, tmp_path / "b")
+        os.killpg(b.pid, signal.SIGKILL)
+        b.wait(timeout=10)
+        assert wait_until(lambda: not session_processes(b.pid), 10), "killed agents not reaped"
+        os.killpg(a.pid, signal.SIGINT)             # Ctrl-C: A ends and removes its own filters
+        a.wait(timeout=60)
+        assert wait_until(lambda: not session_processes(a.pid), 30), "A's agents did not end"
+        assert lab_tc_state(lab) != before, "B's filters stay until cleanup"
+        res = cli(lab, "cleanup")
+        assert res.returncode == 0, res.stderr
+        assert "removed clsact qdisc" in res.stdout, res.stdout
+        assert lab_tc_state(lab) == before, res.stdout
+    finally:
+        for p in (a, b):
+            if p is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+        cli(lab, "cleanup")
+    wait_no_programs()
+
+
 def _all_ours(lab) -> dict:
     """Our filter names on every device of the lab's nodes."""
     return {(ns, dev): sorted(names) for ns, dev in node_devices(lab) if (names := tc.ours(ns, dev))}

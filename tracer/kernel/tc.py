@@ -81,6 +81,11 @@ def _owner_running(name: str) -> bool:
     return owner is not None and owner[0] != os.getpid() and ownership.alive(*owner)
 
 
+def _mine(name: str) -> bool:
+    owner = owner_of(name)
+    return owner is not None and owner[0] == os.getpid()
+
+
 def _ipr(ns: str | None):
     """A netlink socket in namespace `ns` (a socket keeps the namespace it was made in)."""
     from pyroute2 import IPRoute
@@ -326,7 +331,8 @@ def _remove(ns: str | None, dev: str, direction: str, prio: int | None, qdisc_ad
     `spare_unowned`, those of the older names that carry no owner); then the clsact qdisc
     when we added it (`qdisc_added`, or the name of a filter removed says so) and nothing
     else is left on it. Returns what was removed, and whether a qdisc we added stays only
-    because a running podtrace's filter is still on it (a later cleanup can finish it)."""
+    because filters of ours are still on it, a running run's or a killed one's (a later
+    cleanup can finish it)."""
     done: list[str] = []
     if ns and not netns_mod.exists(ns):
         return done, False
@@ -359,7 +365,9 @@ def _remove(ns: str | None, dev: str, direction: str, prio: int | None, qdisc_ad
                     ipr.tc("del", "clsact", ifindex)
                     done.append(f"clsact qdisc on {ns or 'host'}/{dev}")
             else:
-                pending = spared or any((n := _name(f)) and n.startswith(MARK) and _owner_running(n) for f in left)
+                # another run's filters of ours still there, running or killed: the qdisc
+                # can go once they have (the record that says we added it stays until then)
+                pending = spared or any((n := _name(f)) and n.startswith(MARK) and not _mine(n) for f in left)
     finally:
         ipr.close()
     return done, pending
@@ -388,7 +396,7 @@ def cleanup(extra_netns: list[str] | None = None, scan: bool = True) -> list[str
         done, pending = _remove(where, a["dev"], a["direction"], a["prio"], a["qdisc_added"], name=name)
         removed += done
         if pending:
-            keep.append(a)      # its qdisc goes once the running podtrace's filters are gone
+            keep.append(a)      # its qdisc goes once the other filters of ours are gone
     for ns in ([None, *(extra_netns or [])] if scan else []):
         if ns and not netns_mod.exists(ns):
             continue
@@ -403,6 +411,15 @@ def cleanup(extra_netns: list[str] | None = None, scan: bool = True) -> list[str
         for dev, _ in devs:
             for direction in PARENT:
                 removed += _remove(ns, dev, direction, None, False, spare_unowned=(ns, dev) in live)[0]
+    # A dead run's record kept for its qdisc: the filters in its way may be gone by now
+    # (a killed run's that the scan found, or one with no record here).
+    for a in [a for a in keep if not _record_running(a)]:
+        if (where := _where(a)) is not _GONE:
+            done, pending = _remove(where, a["dev"], a["direction"], a["prio"], a["qdisc_added"])
+            removed += done
+            if pending:
+                continue
+        keep.remove(a)
     # the state file is shared by concurrent runs: drop only the records handled here
     handled = [a for a in initial if a not in keep]
     with _state_locked():
