@@ -774,7 +774,8 @@ static __always_inline int read_view(const u8 *skb, struct skb_view *v) {
 }
 
 // 1 when the packet at `l3` is certainly not ours: IPv4 (or not IP at all), read and parsed
-// from one copy of its headers, not followed, not wanted by the filter. 0: pt_common decides,
+// from one copy of its headers, not followed, and not wanted by the filter or wanted but
+// sampled out (a busy flow under the guard: most of its packets). 0: pt_common decides,
 // with what was found here in `pre` when the quick parse read the packet.
 static __always_inline int not_ours(const u8 *skb, const u8 *l3, const struct skb_view *v, struct pt_pre *pre) {
     if (v->proto != ETH_P_IP_BE) return v->proto != ETH_P_IPV6_BE;
@@ -789,6 +790,11 @@ static __always_inline int not_ours(const u8 *skb, const u8 *l3, const struct sk
     pre->was = was ? *was : 0;
     pre->want = wanted(&pre->p);
     if (!pre->was && !pre->want) return 1;
+    if (!pre->was && !sampled_in(&pre->p)) {   // ours, sampled out: as on_skb would, without the tail call
+        count(C_MATCHED);
+        count(C_SAMPLED_OUT);
+        return 1;
+    }
     pre->parsed = 1;
     return 0;
 }
