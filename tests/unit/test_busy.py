@@ -147,6 +147,13 @@ def test_packets_seen_while_a_kernel_refused_events_are_partial():
     assert w.outside(5_000_000_000, 5_000_050_000) is None
     mask = windows.partial_mask(np.array([3_200_000_000, 5_000_000_000]), np.array([3_200_050_000, 5_000_050_000]), w)
     assert mask.tolist() == [True, False]
+    # last seen shortly before the gap began: its next hop, held in a queue, may have come in
+    # the gap; long before it (more than EDGE_NS), not
+    soon, long_before = 2_999_999_000 - 5_000_000, 2_999_999_000 - windows.EDGE_NS - 1_000_000
+    assert w.outside(soon - 50_000, soon) == windows.phrase(windows.REFUSING, ["node-2"])
+    assert w.outside(long_before - 50_000, long_before) is None
+    mask = windows.partial_mask(np.array([soon - 50_000, long_before - 50_000]), np.array([soon, long_before]), w)
+    assert mask.tolist() == [True, False]
     # a lost request inside the gap is partial, with the phrase, in the per-packet path too
     df, meta = busy_watch(pairs=20, lost=1)
     start = int(df["ts_ns"].min())

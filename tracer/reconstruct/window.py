@@ -8,7 +8,9 @@ The window is [the latest ready, the earliest stop] of all observers, after thei
 aligned (each observer's span is moved by its clock offset to the trace's reference clock).
 A packet that was not delivered and not seen dropped is partial when it was first seen before
 the window opened (with CLOCK_SLACK_NS for the clocks' alignment) or last seen within EDGE_NS
-of its end (the next observer on its path may have stopped before it got there).
+of its end (the next observer on its path may have stopped before it got there). Likewise,
+a packet is partial when an observer's kernel refused events (a gap) while it was seen or
+within EDGE_NS after it was last seen (the hop it missed may be one of those refused).
 """
 
 from __future__ import annotations
@@ -65,9 +67,10 @@ class Window:
         return [n for e, n in out if t_ns >= e] or [n for _, n in out[:1]]
 
     def refusing(self, first_ns: int, last_ns: int) -> list[str]:
-        """The observers whose kernel refused events while a packet was seen (first to last)."""
-        return [n for n, gs in self.gaps.items()
-                if any(first_ns < b + GAP_SLACK_NS and last_ns + GAP_SLACK_NS > a for a, b in gs)]
+        """The observers whose kernel refused events while a packet was seen (first to last),
+        or within EDGE_NS after it was last seen: its next hop comes that much later where a
+        queue holds it (a busy CPU's backlog), and may be one of those refused."""
+        return [n for n, gs in self.gaps.items() if any(_near_gap(first_ns, last_ns, a, b) for a, b in gs)]
 
     def missing(self, first_ns: int, last_ns: int, seen_by: tuple = ()) -> tuple[str, list[str]] | None:
         """("not yet", "no longer" or REFUSING, the observers not tracing) for a packet seen
@@ -212,5 +215,12 @@ def partial_mask(first_ns: np.ndarray, last_ns: np.ndarray, window: Window | Non
             out |= last_ns + EDGE_NS > e
     for gs in window.gaps.values():
         for a, b in gs:
-            out |= (first_ns < b + GAP_SLACK_NS) & (last_ns + GAP_SLACK_NS > a)
+            out |= _near_gap(first_ns, last_ns, a, b)
     return out
+
+
+def _near_gap(first_ns, last_ns, a: int, b: int):
+    """A packet seen from first_ns to last_ns may miss hops an observer refused in [a, b]:
+    the gap ended after it was first seen, and began before its next hop could have come
+    (EDGE_NS after it was last seen). Scalars or whole columns."""
+    return (first_ns < b + GAP_SLACK_NS) & (last_ns + EDGE_NS > a)
