@@ -61,8 +61,12 @@ def flow_memory(prefix: str, mode: str) -> dict:
         p = subprocess.Popen(argv, env=L.lab_env(prefix), cwd="/", stdout=out, stderr=err)
         peaks, cmds, _ = watch(p, 0.05)
         p.wait()
-    agents = {pid: kib for pid, kib in peaks.items() if pid != p.pid and " agent" in cmds.get(pid, "")
-              and "python" in cmds.get(pid, "")}
+    # agents: `podtrace agent` processes, or (the lab's, forked from the command) processes
+    # with the command's own command line; a forked agent's RSS counts the pages it still
+    # shares with the command, so the total counts those twice
+    me = cmds.get(p.pid, "")
+    agents = {pid: kib for pid, kib in peaks.items() if pid != p.pid and "python" in cmds.get(pid, "")
+              and (" agent" in cmds.get(pid, "") or cmds.get(pid) == me)}
     return {"exit": p.returncode, "coordinator_peak_mib": round(peaks.get(p.pid, 0) / 1024, 1),
             "agents": len(agents), "agent_peak_mib": round(max(agents.values(), default=0) / 1024, 1),
             "total_peak_mib": round((peaks.get(p.pid, 0) + sum(agents.values())) / 1024, 1)}
