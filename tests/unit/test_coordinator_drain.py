@@ -128,3 +128,53 @@ def test_batches_keep_only_what_every_nodes_sampling_keeps():
     assert cols["ts_ns"].tolist() == arr["ts_ns"][record.contract.kept(arr, 8)].tolist()
     assert 5 in cols["ts_ns"] and 0 < len(cols["ts_ns"]) < 64
     assert run.events() == 256, "every event received counts"
+
+
+def test_the_merge_keeps_within_its_budget_a_second():
+    """A watch's merge has a budget of its own (events a second, all nodes together): when
+    the events put in columns come faster, the merge raises its sampling by a power of two
+    (as a node's guard does), tells every agent, and cuts down the batches it already holds;
+    the sampling applied at the end is at least that."""
+    arr = np.zeros(200, dtype=record.EVENT_DTYPE)    # within a pipe's buffer
+    arr["ts_ns"] = np.arange(200)
+    arr["proto"] = 6
+    arr["tcp_seq"] = np.arange(200) * 7919
+    agent = Agent({"node": "node-1", "commands": ["probe", "drain", "facts", "stop", "sample"]},
+                  [("events", arr.tobytes())],
+                  on_drain=[("drained", {"node": "node-1", "events": 200, "sample": 1})], on_stop=[])
+    with coordinator.Coordinator([coordinator.AgentPlan("node-1", {"node": "node-1"})],
+                                 Transport({"node-1": agent}), budget=40) as co:
+        co.wait_ready()
+        run = co.runs[0]
+        co.wait_for(lambda: run.chunks, 10)
+        assert co.guard(now=1000.0) is None            # the first check only starts the count
+        co.split()
+        assert run.admitted == 200
+        assert co.guard(now=1000.5) is None            # at most once a second
+        # 200 events in 2 s: 100 a second against 40: 1 in 4 (40 × 4 ≥ 1.25 × 100)
+        assert co.guard(now=1002.0) == 4 and co.merge_sample == 4
+        assert agent.said.count("sample") >= 1 and run.sample == 4
+        assert run.chunks[0]["ts_ns"].tolist() == arr["ts_ns"][record.contract.kept(arr, 4)].tolist()
+        assert co.guard(now=1003.5) is None            # nothing new came: no raise
+        co.drain()
+        cols, _ = co.merged()
+    assert cols["ts_ns"].tolist() == arr["ts_ns"][record.contract.kept(arr, 4)].tolist()
+
+
+def test_no_merge_budget_keeps_every_event():
+    arr = np.zeros(64, dtype=record.EVENT_DTYPE)
+    arr["ts_ns"] = np.arange(64)
+    arr["proto"] = 6
+    arr["tcp_seq"] = np.arange(64) * 7919
+    agent = Agent({"node": "node-1", "commands": ["probe", "drain", "facts", "stop", "sample"]},
+                  [("events", arr.tobytes())],
+                  on_drain=[("drained", {"node": "node-1", "events": 64, "sample": 1})], on_stop=[])
+    with coordinator.Coordinator([coordinator.AgentPlan("node-1", {"node": "node-1"})],
+                                 Transport({"node-1": agent})) as co:
+        co.wait_ready()
+        co.wait_for(lambda: co.runs[0].chunks, 10)
+        co.split()
+        assert co.guard(now=0.0) is None and co.guard(now=100.0) is None
+        co.drain()
+        cols, _ = co.merged()
+    assert len(cols["ts_ns"]) == 64

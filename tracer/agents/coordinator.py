@@ -95,6 +95,7 @@ class AgentRun:
     logs: list[str] = field(default_factory=list)
     sample: int = 1                  # 1 in N packets its kernel keeps (raised by its guard, or by us)
     sample_asked: bool = False       # it was sent a `sample` command (and so reports its raises)
+    admitted: int = 0                # events put in columns, after the sampling of that moment
 
     def send(self, obj: dict) -> None:
         if self.proc is None:
@@ -127,6 +128,7 @@ class AgentRun:
             if not isinstance(self.chunks[self.n_split], dict):
                 self.chunks[self.n_split] = events.sampled(events.columns(self.chunks[self.n_split]),
                                                            self.split_sample)
+                self.admitted += events.count(self.chunks[self.n_split])
             self.n_split += 1
 
 
@@ -268,11 +270,20 @@ def samples(runs: list[AgentRun]) -> dict[str, int]:
     return out
 
 
+MAX_SAMPLE = 65536      # as far as a node's guard raises its sampling (tracer.runs.node)
+
+
 class Coordinator:
-    def __init__(self, plans: list[AgentPlan], transport, say=lambda m: None):
+    def __init__(self, plans: list[AgentPlan], transport, say=lambda m: None, budget: int = 0):
         self.runs = [AgentRun(p) for p in plans]
         self.transport = transport
         self.say = say
+        # The merge's own guard: at most `budget` events a second of the watch, all nodes
+        # together (each node's kernel keeps its own budget; a flow crossing three nodes
+        # would otherwise bring three budgets' worth to one merge). 0: none.
+        self.budget = budget
+        self.merge_sample = 1            # 1 in N packets the merge keeps (raised by its guard)
+        self._guarded: tuple[float, int, int] | None = None     # (when, events admitted, sampling) at the last check
 
     def __enter__(self):
         try:
@@ -328,18 +339,54 @@ class Coordinator:
                 _absorb(r, 0.01)
             self.spread_sample()
         self.split()
+        self.guard()
+
+    def sampling(self) -> int:
+        """1 in N packets every node keeps now, and the merge with them."""
+        return max([1, self.merge_sample, *(r.sample for r in self.runs), *samples(self.runs).values()])
 
     def split(self) -> None:
         """Every agent's batches in columns, with the sampling every node has now."""
-        n = max([1, *(r.sample for r in self.runs), *samples(self.runs).values()])
+        n = self.sampling()
         for r in self.runs:
             r.split(n)
+
+    def guard(self, now: float | None = None) -> int | None:
+        """At most once a second: when the events put in columns since the last check came
+        faster than `budget` a second, raise the merge's sampling (a power of two, as a node's
+        guard does, at most MAX_SAMPLE); the agents are told with their next `sample`, and
+        the batches already in columns are cut down at the next split. Returns the new
+        sampling when it rose."""
+        if not self.budget:
+            return None
+        now = time.monotonic() if now is None else now
+        admitted, current = sum(r.admitted for r in self.runs), self.sampling()
+        if self._guarded is None:
+            self._guarded = (now, admitted, current)
+            return None
+        since, before, then = self._guarded
+        if now - since < 1.0:
+            return None
+        self._guarded = (now, admitted, current)
+        # the events came with the sampling of the last check; a node's guard may have
+        # raised it since: what would come now
+        rate = (admitted - before) / (now - since) * then / current
+        if rate <= self.budget or current >= MAX_SAMPLE:
+            return None
+        factor = 2
+        while current * factor < MAX_SAMPLE and self.budget * factor < 1.25 * rate:
+            factor *= 2
+        self.merge_sample = min(MAX_SAMPLE, current * factor)
+        self._guarded = (now, admitted, self.merge_sample)
+        self.spread_sample()
+        self.split()
+        return self.merge_sample
 
     def spread_sample(self) -> None:
         """When one agent's guard raised its sampling, every agent keeps the same packets:
         the others are told to raise theirs to it (the packets a node kept and the next one
         dropped would only be thrown away at the merge)."""
-        n = max((r.sample for r in self.runs), default=1)
+        n = max([self.merge_sample, *(r.sample for r in self.runs)])
         for r in self.runs:
             if not (r.hello and "sample" in r.hello.commands) or r.failure or r.ended:
                 continue

@@ -163,7 +163,7 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
     problems: list[str] = []
     notes: list[str] = []
     transport = transport or coordinator.LocalTransport(testhooks.agent_env())
-    with TerminateAsInterrupt(), coordinator.Coordinator(plans, transport) as co:
+    with TerminateAsInterrupt(), coordinator.Coordinator(plans, transport, budget=0 if cfg.probe else cfg.budget) as co:
         if cfg.probe:
             _import_frames_meanwhile()
         co.wait_ready()
