@@ -67,7 +67,7 @@ def _encap(enc, prev) -> str:
     return f"{enc.type} {enc.src}→{dst}" + ("" if enc.type == "ipip" else f" vni {enc.vni}")   # IP-in-IP has no VNI
 
 
-def packet_table(p: Packet, width: int = 120) -> Table:
+def packet_table(p: Packet, width: int = 120) -> "HopTable":
     """A packet's hops as a table no wider than `width`: `#`, `pt` and Δt keep their width;
     addresses appear only where they change (NAT); long names are cut in the middle."""
     cols = ["#", "node", "pod", "dev", "pt", "Δt", "nat", "conntrack", "encap"]
@@ -86,13 +86,68 @@ def packet_table(p: Packet, width: int = 120) -> Table:
     cols, rows = fit_columns(cols, rows, width,
                              shrink={"pod": 10, "nat": 18, "conntrack": 11, "dev": 10, "node": 8, "encap": 26},
                              drop=("encap", "conntrack", "pod"))
-    tbl = Table(title=Text(packet_title(p)), title_justify="left", show_edge=False, pad_edge=False, expand=False)
-    for col in cols:
-        tbl.add_column(col, justify="right" if col in ("#", "Δt") else "left", no_wrap=True,
-                       min_width=len(col) if col in ("#", "pt", "Δt") else None)
-    for r in rows:
-        tbl.add_row(*[Text(c, style="bold magenta") if cols[k] == "nat" else c for k, c in enumerate(r)])
-    return tbl
+    return HopTable(packet_title(p), cols, rows)
+
+
+class HopTable:
+    """A packet's hops as rich's Table draws them here (no edges, a heavy line under the
+    header, one space around each divider), drawn line by line: about ten times faster,
+    which `-o wide` on a watch of hundreds of packets needs. Where the columns do not fit the
+    console, rich's Table draws it (cropping as it does)."""
+
+    RIGHT = ("#", "Δt")
+
+    def __init__(self, title: str, cols: list[str], rows: list[list[str]]):
+        # cells as text without surrounding blanks (rich would strip some and keep others)
+        self.title, self.cols, self.rows = title, cols, [[c.strip() for c in r] for r in rows]
+
+    def table(self) -> Table:
+        tbl = Table(title=Text(self.title), title_justify="left", show_edge=False, pad_edge=False, expand=False)
+        for col in self.cols:
+            tbl.add_column(col, justify="right" if col in self.RIGHT else "left", no_wrap=True,
+                           min_width=len(col) if col in ("#", "pt", "Δt") else None)
+        for r in self.rows:   # plain text: no markup, no :emoji: codes (an IPv6 address has colons)
+            tbl.add_row(*[Text(c, style="bold magenta" if self.cols[k] == "nat" else "") for k, c in enumerate(r)])
+        return tbl
+
+    def __rich_console__(self, console, options):
+        from rich import box
+        from rich.cells import cell_len
+        from rich.segment import Segment
+        from rich.style import Style
+
+        cols, rows, last = self.cols, self.rows, len(self.cols) - 1
+        content = [max([cell_len(c)] + [cell_len(r[k]) for r in rows]) for k, c in enumerate(cols)]
+        pads = [(0 if k == 0 else 1, 0 if k == last else 1) for k in range(len(cols))]
+        widths = [w + a + b for w, (a, b) in zip(content, pads)]
+        if sum(widths) + last > options.max_width or any("\n" in c for r in rows for c in r):
+            yield self.table()
+            return
+        yield from console.render(Text(self.title), options.update(width=sum(widths) + last, justify="left",
+                                                                  highlight=False, height=None))
+        shape = box.HEAVY_HEAD.substitute(options, safe=console.safe_box)
+        header, nat = console.get_style("table.header"), Style.parse("bold magenta")
+
+        def line(cells, divider, cell_style, text_style):
+            # a cell: its padding in the cell's style, its text (filled to the column's
+            # width) in the text's own
+            for k, (c, w, (a, b)) in enumerate(zip(cells, content, pads)):
+                st = text_style(k) or cell_style
+                if a:
+                    yield Segment(" ", cell_style)
+                fill = " " * (w - cell_len(c))
+                yield Segment(fill + c if cols[k] in self.RIGHT else c + fill, st)
+                if b:
+                    yield Segment(" ", cell_style)
+                if k < last:
+                    yield Segment(divider)
+            yield Segment.line()
+
+        yield from line(cols, shape.head_vertical, header, lambda k: None)
+        yield Segment(shape.get_row(widths, "head", edge=False))
+        yield Segment.line()
+        for r in rows:
+            yield from line(r, shape.mid_vertical, None, lambda k: nat if cols[k] == "nat" else None)
 
 
 def _addr(d) -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import pathlib
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings, strategies as st
 from rich.console import Console
 
 from tracer import render
@@ -164,3 +166,29 @@ def test_json_is_written_as_the_standard_library_indents_it(name):
     assert render.to_json(doc) == json.dumps(doc, indent=2)
     big = {"packets": [{"skb": 2**70, "t": 1.5}], 7: "key"}
     assert render.to_json(big) == json.dumps(big, indent=2)
+
+
+_cell = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-./:→″ µΔ", max_size=24)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(["node", "pod", "dev", "nat", "conntrack", "encap"]), min_size=1, max_size=6,
+                unique=True),
+       st.lists(st.lists(_cell, min_size=9, max_size=9), max_size=6),
+       st.text(alphabet="abcdefghij :→[]=0123456789", min_size=1, max_size=90),
+       st.integers(30, 200), st.booleans())
+def test_the_hop_table_is_drawn_as_riches_table_draws_it(middle_cols, cells, title, width, color):
+    """`-o wide` draws each packet's hops line by line, about ten times faster than rich's
+    Table: the same characters (and, on a terminal, the same styles) at every width, rich's
+    own drawing where the columns do not fit."""
+    cols = ["#", *middle_cols, "pt", "Δt"]
+    rows = [[str(i + 1), *r[:len(middle_cols)], "rx", r[-1][:8]] for i, r in enumerate(cells)]
+    t = render.HopTable(title, cols, rows)
+
+    def drawn(renderable) -> str:
+        con = Console(width=width, record=False, file=io.StringIO(), force_terminal=color,
+                      color_system="truecolor" if color else None)
+        con.print(renderable)
+        return con.file.getvalue()
+
+    assert drawn(t) == drawn(t.table())
