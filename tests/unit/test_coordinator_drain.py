@@ -130,18 +130,29 @@ def test_batches_keep_only_what_every_nodes_sampling_keeps():
     assert run.events() == 256, "every event received counts"
 
 
+def _tcp_events(n: int) -> np.ndarray:
+    """n TCP events, each of its own packet (its own sequence number)."""
+    arr = np.zeros(n, dtype=record.EVENT_DTYPE)
+    arr["ts_ns"] = np.arange(n)
+    arr["proto"] = 6
+    arr["tcp_seq"] = np.arange(n) * 7919
+    return arr
+
+
+def _sending(arr: np.ndarray) -> "Agent":
+    """An agent that sends `arr` once ready and drains with nothing more (its kernel at 1 in 1)."""
+    return Agent({"node": "node-1", "commands": ["probe", "drain", "facts", "stop", "sample"]},
+                 [("events", arr.tobytes())],
+                 on_drain=[("drained", {"node": "node-1", "events": len(arr), "sample": 1})], on_stop=[])
+
+
 def test_the_merge_keeps_within_its_budget_a_second():
     """A watch's merge has a budget of its own (events a second, all nodes together): when
     the events put in columns come faster, the merge raises its sampling by a power of two
     (as a node's guard does), tells every agent, and cuts down the batches it already holds;
     the sampling applied at the end is at least that."""
-    arr = np.zeros(200, dtype=record.EVENT_DTYPE)    # within a pipe's buffer
-    arr["ts_ns"] = np.arange(200)
-    arr["proto"] = 6
-    arr["tcp_seq"] = np.arange(200) * 7919
-    agent = Agent({"node": "node-1", "commands": ["probe", "drain", "facts", "stop", "sample"]},
-                  [("events", arr.tobytes())],
-                  on_drain=[("drained", {"node": "node-1", "events": 200, "sample": 1})], on_stop=[])
+    arr = _tcp_events(200)    # within a pipe's buffer
+    agent = _sending(arr)
     with coordinator.Coordinator([coordinator.AgentPlan("node-1", {"node": "node-1"})],
                                  Transport({"node-1": agent}), budget=40) as co:
         co.wait_ready()
@@ -162,13 +173,7 @@ def test_the_merge_keeps_within_its_budget_a_second():
 
 
 def test_no_merge_budget_keeps_every_event():
-    arr = np.zeros(64, dtype=record.EVENT_DTYPE)
-    arr["ts_ns"] = np.arange(64)
-    arr["proto"] = 6
-    arr["tcp_seq"] = np.arange(64) * 7919
-    agent = Agent({"node": "node-1", "commands": ["probe", "drain", "facts", "stop", "sample"]},
-                  [("events", arr.tobytes())],
-                  on_drain=[("drained", {"node": "node-1", "events": 64, "sample": 1})], on_stop=[])
+    agent = _sending(_tcp_events(64))
     with coordinator.Coordinator([coordinator.AgentPlan("node-1", {"node": "node-1"})],
                                  Transport({"node-1": agent})) as co:
         co.wait_ready()
