@@ -25,6 +25,7 @@ also counts the tracepoint events of the flow on that CPU, and on the others, fr
 to the last tc event of those packets (`tc_only_bursts`).
 
     sudo .venv/bin/python bench/hookgap.py [--rounds 3] [--seconds 3]
+    sudo .venv/bin/python bench/hookgap.py --rounds 4 --readers sleep,busy,lookups
 """
 
 from __future__ import annotations
@@ -51,7 +52,21 @@ def entry_counted(text: str) -> str:
     return text.replace(ENTRY, ENTRY + "    count(C_TRUNCATED);   /* bench/hookgap.py: entered */\n")
 
 
-def one_round(doc: dict, seconds: float, with_tc: bool = True) -> dict:
+def _poll(session: TraceSession, reader: str) -> None:
+    """One turn of the reading loop: `sleep` waits for events in epoll (as `flow` does),
+    `busy` never sleeps, `lookups` also reads a per-CPU map 200 times from user space (each
+    lookup holds the CPU's `bpf_prog_active` while in the kernel)."""
+    if reader == "sleep":
+        session.poll(50)
+        return
+    session.poll(0 if reader == "busy" else 1)
+    if reader == "lookups":
+        table = session.loaded.bpf["counters"]
+        for _ in range(200):
+            table[table.Key(0)]
+
+
+def one_round(doc: dict, seconds: float, with_tc: bool = True, reader: str = "sleep") -> dict:
     src, dst = L.pod(doc, SRC), L.pod(doc, DST)
     hooks = [BY_NAME[n] for n in DEFAULT_HOOKS] + ([BY_NAME["tc:ingress"], BY_NAME["tc:egress"]] if with_tc else [])
     session = TraceSession(SessionConfig(addrs=[src["ip"], dst["ip"]], hooks=hooks, netns=L.lab_inodes(doc),
@@ -71,7 +86,7 @@ def one_round(doc: dict, seconds: float, with_tc: bool = True) -> dict:
         with L.IperfServer(dst["netns"], PORT):
             client = L.iperf_client(src["netns"], dst["ip"], PORT, seconds)
             while client.poll() is None:
-                session.poll(50)
+                _poll(session, reader)
             client.communicate()
         session.drain()
         counters = session.counters()
@@ -88,7 +103,7 @@ def one_round(doc: dict, seconds: float, with_tc: bool = True) -> dict:
     tc_only = per[(per.tp == 0) & (per.tc > 0)]
     holes = seq_holes(df[df.tp])
     quiet = blackout(df, tc_only.index)
-    return {"tc_observers": with_tc, "packets": len(per), "both": int(((per.tp > 0) & (per.tc > 0)).sum()), "tc_only": len(tc_only),
+    return {"tc_observers": with_tc, "reader": reader, "packets": len(per), "both": int(((per.tp > 0) & (per.tc > 0)).sum()), "tc_only": len(tc_only),
             "tp_only": int(((per.tp > 0) & (per.tc == 0)).sum()),
             "tc_only_ip_len": sorted({int(x) for x in tc_only.index.get_level_values("ip_len")}),
             "tc_only_cpus": sorted({int(x) for x in tc_only.cpu}),
@@ -146,9 +161,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--readers", default="", help="instead of with/without tc: rounds with the tc observers, "
+                    "one per reading loop named (sleep,busy,lookups), in turn")
     a = ap.parse_args()
     doc, _ = L.lab()
     start = L.machine()
+    if a.readers:
+        rounds = [one_round(doc, a.seconds, True, reader) for _ in range(a.rounds) for reader in a.readers.split(",")]
+        L.emit({"benchmark": "hookgap", "flow": f"{SRC} → {DST}, iperf3 TCP at full speed", "seconds": a.seconds,
+                "rounds": rounds, "tc_only_per_reader": {
+                    m: [r["tc_only"] for r in rounds if r["reader"] == m] for m in a.readers.split(",")},
+                "machine_start": start, "machine_end": L.machine()})
+        return
     rounds = [one_round(doc, a.seconds, tc) for i in range(a.rounds) for tc in ((True, False) if i % 2 == 0 else
                                                                                   (False, True))]
     with_tc = [r for r in rounds if r["tc_observers"]]
