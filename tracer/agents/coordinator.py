@@ -270,9 +270,6 @@ def samples(runs: list[AgentRun]) -> dict[str, int]:
     return out
 
 
-MAX_SAMPLE = 65536      # as far as a node's guard raises its sampling (tracer.runs.node)
-
-
 class Coordinator:
     def __init__(self, plans: list[AgentPlan], transport, say=lambda m: None, budget: int = 0):
         self.runs = [AgentRun(p) for p in plans]
@@ -359,6 +356,8 @@ class Coordinator:
         sampling when it rose."""
         if not self.budget:
             return None
+        from tracer.runs.node import MAX_SAMPLE   # as far as a node's guard raises it
+
         now = time.monotonic() if now is None else now
         admitted, current = sum(r.admitted for r in self.runs), self.sampling()
         if self._guarded is None:
