@@ -209,10 +209,9 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
         co.drain()
         df, clock = _merge(co, plan, packets=probing)
         say(f"reconstructing {len(df)} events")
-        # the guard of each node may have raised its sampling on its own: keep the packets
-        # every node kept (sampling by powers of two nests), and no more than the coordinator
-        # kept while they came
-        sample = max([cfg.sample, *coordinator.samples(co.runs).values(), *(r.split_sample for r in co.runs)])
+        # the guard of each node, and the merge's, may have raised the sampling: keep the
+        # packets every node kept (sampling by powers of two nests), as the merge did
+        sample = max(cfg.sample, co.sampling())
         df = keep_sampled(df, sample)
         # when every agent was tracing, on the reference clock: what is seen outside is partial,
         # as is what is seen while a node's kernel refused events
