@@ -24,13 +24,28 @@ retransmission of it would have filled it). For the CPUs that carried tc-only pa
 also counts the tracepoint events of the flow on that CPU, and on the others, from the first
 to the last tc event of those packets (`tc_only_bursts`).
 
+With `--ftrace`, the kernel's own `net:netif_receive_skb` and `net:net_dev_start_xmit`
+events are recorded beside, through tracefs (ftrace, not BPF), with the task that was running
+on the CPU when each fired. Every firing of a data packet (len >= 1000) is then looked up
+among the session's tracepoint events (same CPU, skb, device and direction, within 200 us),
+and the firings are counted by that task: seen or missed. The tracefs settings it changes
+are put back on exit. `--hog N` runs N CPU-bound processes during the
+rounds, which makes the bursts more frequent.
+
     sudo .venv/bin/python bench/hookgap.py [--rounds 3] [--seconds 3]
     sudo .venv/bin/python bench/hookgap.py --rounds 4 --readers sleep,busy,lookups
+    sudo .venv/bin/python bench/hookgap.py --rounds 12 --ftrace --hog 2
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
+import os
+import re
+import subprocess
+import sys
+from collections import defaultdict
 
 import numpy as np
 
@@ -66,7 +81,99 @@ def _poll(session: TraceSession, reader: str) -> None:
             table[table.Key(0)]
 
 
-def one_round(doc: dict, seconds: float, with_tc: bool = True, reader: str = "sleep") -> dict:
+class Ftrace:
+    """The kernel's own net events in tracefs, on the same clock as BPF's (mono), with raw
+    skb addresses; every setting it changes is put back as it was on exit."""
+
+    T = "/sys/kernel/tracing/"
+    EVENTS = ("events/net/netif_receive_skb/enable", "events/net/net_dev_start_xmit/enable")
+    LINE = re.compile(r"^\s*(.*?)\s+\[(\d+)\]\s+\S+\s+(\d+)\.(\d+): (netif_receive_skb|net_dev_start_xmit): "
+                      r"dev=(\S+) .*?skbaddr=(?:0x)?([0-9a-f]+) .*?\blen=(\d+)")
+
+    def _read(self, name: str) -> str:
+        with open(self.T + name) as f:
+            return f.read().strip()
+
+    def _write(self, name: str, value: str) -> None:
+        with open(self.T + name, "w") as f:
+            f.write(value)
+
+    def __enter__(self) -> "Ftrace":
+        clock = re.search(r"\[(\S+)\]", self._read("trace_clock"))
+        self.saved = {"tracing_on": self._read("tracing_on"), "trace_clock": clock.group(1) if clock else "local",
+                      "buffer_size_kb": self._read("buffer_size_kb").split()[0],
+                      "options/hash-ptr": self._read("options/hash-ptr"),
+                      **{e: self._read(e) for e in self.EVENTS}}
+        self._write("tracing_on", "0")
+        self._write("trace_clock", "mono")
+        self._write("buffer_size_kb", "131072")
+        self._write("options/hash-ptr", "0")
+        for e in self.EVENTS:
+            self._write(e, "1")
+        return self
+
+    def start(self) -> None:
+        self._write("trace", "")
+        self._write("tracing_on", "1")
+
+    def stop(self) -> None:
+        self._write("tracing_on", "0")
+
+    def firings(self, cpus: int) -> list[tuple]:
+        """(cpu, ts_ns, skb, device, hook, task) of every data-packet firing recorded."""
+        out = []
+        for cpu in range(cpus):
+            with open(self.T + f"per_cpu/cpu{cpu}/trace") as f:
+                for line in f:
+                    m = self.LINE.search(line)
+                    if m and int(m.group(8)) >= 1000:
+                        ts = int(m.group(3)) * 1_000_000_000 + int(m.group(4).ljust(9, "0")[:9])
+                        out.append((cpu, ts, int(m.group(7), 16), m.group(6), 1 if m.group(5) == "netif_receive_skb" else 2,
+                                    m.group(1)))
+        return out
+
+    def __exit__(self, *exc) -> None:
+        self._write("tracing_on", "0")
+        for e in self.EVENTS:
+            self._write(e, self.saved[e])
+        self._write("trace", "")
+        for name in ("buffer_size_kb", "options/hash-ptr", "trace_clock", "tracing_on"):
+            self._write(name, self.saved[name])
+
+
+def by_task(firings: list[tuple], tp) -> dict:
+    """Each firing looked up among the session's tracepoint events: same CPU, skb, device
+    and direction, the nearest within 200 us (ftrace prints microseconds, and its probe and
+    ours run one after the other: tens of microseconds apart when the VM's CPU is taken
+    away between them). {task's command: [seen, missed]}."""
+    seen_at = defaultdict(list)
+    for cpu, skb, dev, hook, ts in zip(tp.cpu.to_numpy(), tp.skb.to_numpy(), tp.ifname.astype(str).to_numpy(),
+                                       tp.hook.astype(int).to_numpy(), tp.ts_ns.to_numpy()):
+        seen_at[(int(cpu), int(skb), dev, int(hook))].append(int(ts))
+    for v in seen_at.values():
+        v.sort()
+    out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for cpu, ts, skb, dev, hook, task in firings:
+        times = seen_at.get((cpu, skb, dev, hook), [])
+        i = bisect.bisect_left(times, ts - 200_000)
+        out[task.rpartition("-")[0]][0 if i < len(times) and times[i] <= ts + 200_000 else 1] += 1
+    return dict(out)
+
+
+def pid1_commands() -> list[str]:
+    """The commands of PID 1's threads now (ftrace names a task by command and thread id)."""
+    out = set()
+    for tid in os.listdir("/proc/1/task"):
+        try:
+            with open(f"/proc/1/task/{tid}/comm") as f:
+                out.add(f.read().strip())
+        except OSError:
+            continue
+    return sorted(out)
+
+
+def one_round(doc: dict, seconds: float, with_tc: bool = True, reader: str = "sleep",
+              ftrace: Ftrace | None = None) -> dict:
     src, dst = L.pod(doc, SRC), L.pod(doc, DST)
     hooks = [BY_NAME[n] for n in DEFAULT_HOOKS] + ([BY_NAME["tc:ingress"], BY_NAME["tc:egress"]] if with_tc else [])
     session = TraceSession(SessionConfig(addrs=[src["ip"], dst["ip"]], hooks=hooks, netns=L.lab_inodes(doc),
@@ -84,10 +191,14 @@ def one_round(doc: dict, seconds: float, with_tc: bool = True, reader: str = "sl
             for ns, dev in path_devices(doc):
                 attacher.attach(ns, dev)
         with L.IperfServer(dst["netns"], PORT):
+            if ftrace is not None:
+                ftrace.start()
             client = L.iperf_client(src["netns"], dst["ip"], PORT, seconds)
             while client.poll() is None:
                 _poll(session, reader)
             client.communicate()
+            if ftrace is not None:
+                ftrace.stop()
         session.drain()
         counters = session.counters()
         misses = session.missed_runs()
@@ -103,7 +214,12 @@ def one_round(doc: dict, seconds: float, with_tc: bool = True, reader: str = "sl
     tc_only = per[(per.tp == 0) & (per.tc > 0)]
     holes = seq_holes(df[df.tp])
     quiet = blackout(df, tc_only.index)
-    return {"tc_observers": with_tc, "reader": reader, "packets": len(per), "both": int(((per.tp > 0) & (per.tc > 0)).sum()), "tc_only": len(tc_only),
+    extra = {}
+    if ftrace is not None:
+        tasks = by_task(ftrace.firings(os.cpu_count() or 1), df[df.tp])
+        extra = {"ftrace_by_task": tasks, "ftrace_missed": sum(v[1] for v in tasks.values()),
+                 "ftrace_firings": sum(sum(v) for v in tasks.values())}
+    return {**extra, "tc_observers": with_tc, "reader": reader, "packets": len(per), "both": int(((per.tp > 0) & (per.tc > 0)).sum()), "tc_only": len(tc_only),
             "tp_only": int(((per.tp > 0) & (per.tc == 0)).sum()),
             "tc_only_ip_len": sorted({int(x) for x in tc_only.index.get_level_values("ip_len")}),
             "tc_only_cpus": sorted({int(x) for x in tc_only.cpu}),
@@ -161,11 +277,39 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--ftrace", action="store_true", help="record the kernel's own net events beside (tracefs) and "
+                    "count the firings the session missed by the task running when they fired")
+    ap.add_argument("--hog", type=int, default=0, help="CPU-bound processes to run during the rounds")
     ap.add_argument("--readers", default="", help="instead of with/without tc: rounds with the tc observers, "
                     "one per reading loop named (sleep,busy,lookups), in turn")
     a = ap.parse_args()
     doc, _ = L.lab()
     start = L.machine()
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.hog)]
+    try:
+        run(a, doc, start)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+
+
+def run(a, doc: dict, start: dict) -> None:
+    if a.ftrace:
+        with Ftrace() as ftrace:
+            rounds = [one_round(doc, a.seconds, True, "sleep", ftrace) for _ in range(a.rounds)]
+        missed: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for r in rounds:
+            for task, (seen, miss) in r["ftrace_by_task"].items():
+                missed[task][0] += seen
+                missed[task][1] += miss
+        L.emit({"benchmark": "hookgap", "mode": "ftrace", "flow": f"{SRC} → {DST}, iperf3 TCP at full speed",
+                "seconds": a.seconds, "hogs": a.hog, "rounds": rounds,
+                "tc_only_per_round": [r["tc_only"] for r in rounds],
+                "ftrace_missed_per_round": [r["ftrace_missed"] for r in rounds],
+                "seen_missed_by_task": dict(missed), "pid1_thread_commands": pid1_commands(),
+                "machine_start": start, "machine_end": L.machine()})
+        return
     if a.readers:
         rounds = [one_round(doc, a.seconds, True, reader) for _ in range(a.rounds) for reader in a.readers.split(",")]
         L.emit({"benchmark": "hookgap", "flow": f"{SRC} → {DST}, iperf3 TCP at full speed", "seconds": a.seconds,
