@@ -176,10 +176,11 @@ def bpf_objects() -> set[tuple[str, int]]:
 
 def orphan_prog_arrays(maps: list[dict], progs: list[dict]) -> set[tuple[str, int]]:
     """Empty prog_array maps that no program uses and no process holds. On this machine's
-    kernel (6.18) a tail-call array of a run interrupted by SIGTERM while it loads or probes
-    sometimes stays in the kernel like that (seen in 2 of 3 full suite runs, never alone): it
-    holds nothing (320 bytes) and nothing of podtrace can reach it any more. It is counted
-    apart so that every other leftover still fails."""
+    kernel (6.18) a run's tail-call array stays like that when another process opens it by
+    ID while the run releases it: the suite's own `bpftool` snapshots, taken while other runs
+    end (program.unlink_common makes it rare, not impossible). It holds nothing (320 bytes)
+    and nothing of podtrace can reach it any more. It is counted apart so that every other
+    leftover still fails."""
     used = {m for p in progs for m in p.get("map_ids", [])}
     cands = [m for m in maps if m.get("type") == "prog_array" and m["id"] not in used]
     if not cands:
