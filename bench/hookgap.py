@@ -98,10 +98,16 @@ class Ftrace:
         with open(self.T + name, "w") as f:
             f.write(value)
 
+    def _size(self) -> str:
+        """The per-CPU buffer size to put back: "7 (expanded: 1408)" (never used yet) → 1408."""
+        text = self._read("buffer_size_kb")
+        m = re.search(r"expanded: (\d+)", text)
+        return m.group(1) if m else text.split()[0]
+
     def __enter__(self) -> "Ftrace":
         clock = re.search(r"\[(\S+)\]", self._read("trace_clock"))
         self.saved = {"tracing_on": self._read("tracing_on"), "trace_clock": clock.group(1) if clock else "local",
-                      "buffer_size_kb": self._read("buffer_size_kb").split()[0],
+                      "buffer_size_kb": self._size(),
                       "options/hash-ptr": self._read("options/hash-ptr"),
                       **{e: self._read(e) for e in self.EVENTS}}
         self._write("tracing_on", "0")
