@@ -54,14 +54,15 @@ def conntrack_full(ch: Changes, lab: Lab, node: str) -> None:
     # Registered before the fill: if it fails part-way, the flush removes whatever was made.
     ch.undo.append({"op": "ct-flush-mark", "ns": n.netns, "mark": CT_FILL_MARK})
     # No slot may free up while broken: entries of earlier traffic that would expire (or that
-    # the kernel would early-drop for the next new flow) would let the first flows after the
-    # break through. Those that are not ASSURED go now (a full table early-drops them anyway)
-    # and the fill takes their place; the short-lived ASSURED ones live as long as the filler
-    # until `fix` gives them back their time.
+    # the kernel would evict for new flows) would let flows after the break through. Those the
+    # kernel may evict from a full table (not ASSURED, or TCP closing: its garbage collector
+    # evicts those after the first refused flow) go now and the fill takes their place; the
+    # other short-lived ones live as long as the filler until `fix` gives them back their time.
     dropped, pinned = _pin_others(n)
     ch.undo.append({"op": "ct-timeouts", "ns": n.netns, "entries": pinned})
     if dropped or pinned:
-        ch.lines.append(f"{node}: {dropped} entries of earlier traffic that were not ASSURED deleted, "
+        ch.lines.append(f"{node}: {dropped} entries of earlier traffic the kernel could evict from a "
+                        "full table (not ASSURED, or TCP closing) deleted, "
                         f"{len(pinned)} short-lived ASSURED ones kept alive while broken")
     made = used = 0
     for _ in range(5):
@@ -158,7 +159,7 @@ def _ct_fill(n: Node, count: int, start: int = 0) -> int:
     """Insert `count` ASSURED UDP entries into the node's own conntrack table, like the
     flows of DNS queries from many clients to the node's address: pod-CIDR source addresses
     no pod has (.100 and up), source ports 1024-64999, destination the node's cni0 address
-    port 53. ASSURED entries are never early-dropped, so the table stays full. Messages go
+    port 53. ASSURED UDP entries are never evicted, so the table stays full. Messages go
     in large batches without acks; returns how many entries the table gained."""
     net = ipaddress.ip_network(n.pod_cidr)
     gateway = (net.network_address + 1).packed
@@ -206,8 +207,26 @@ def _attrs(data: bytes, offset: int, end: int):
         offset += (size + 3) & ~3
 
 
-def _dump(ns: str) -> list[tuple[bytes, int, int, int]]:
-    """Every entry of the table: (its original tuple attribute as sent, status, timeout, mark)."""
+# TCP states (enum tcp_conntrack) of a closing connection: once an allocation has failed for a
+# full table, the kernel's conntrack garbage collector evicts these even when ASSURED
+# (nf_conntrack_proto_tcp.c, tcp_can_early_drop), as it does entries that are not ASSURED.
+_CTA_PROTOINFO, _CTA_PROTOINFO_TCP, _CTA_PROTOINFO_TCP_STATE = 4, 1, 1
+TCP_CLOSING_STATES = {4: "FIN_WAIT", 5: "CLOSE_WAIT", 6: "LAST_ACK", 7: "TIME_WAIT", 8: "CLOSE"}
+
+
+def _tcp_state(raw: bytes) -> int | None:
+    """The TCP state in a CTA_PROTOINFO attribute (header included), None if it has none."""
+    for kind, tcp in _attrs(raw, 4, len(raw)):
+        if kind == _CTA_PROTOINFO_TCP:
+            for skind, value in _attrs(tcp, 4, len(tcp)):
+                if skind == _CTA_PROTOINFO_TCP_STATE and len(value) > 4:
+                    return value[4]
+    return None
+
+
+def _dump(ns: str) -> list[tuple[bytes, int, int, int, int | None]]:
+    """Every entry of the table: (its original tuple attribute as sent, status, timeout, mark,
+    TCP state or None)."""
     sock = _ct_socket(ns)
     out = []
     try:
@@ -220,17 +239,19 @@ def _dump(ns: str) -> list[tuple[bytes, int, int, int]]:
                 size, kind = struct.unpack_from("=IH", data, offset)
                 if kind in (_NLMSG_DONE, _NLMSG_ERROR):
                     return out
-                orig, status, timeout, mark = b"", 0, 0, 0
+                orig, status, timeout, mark, state = b"", 0, 0, 0, None
                 for akind, raw in _attrs(data, offset + 20, offset + size):
                     if akind == _CTA_TUPLE_ORIG:
                         orig = raw
+                    elif akind == _CTA_PROTOINFO:
+                        state = _tcp_state(raw)
                     elif akind in (_CTA_STATUS, _CTA_TIMEOUT, _CTA_MARK):
                         value = struct.unpack_from("!I", raw, 4)[0]
                         status = value if akind == _CTA_STATUS else status
                         timeout = value if akind == _CTA_TIMEOUT else timeout
                         mark = value if akind == _CTA_MARK else mark
                 if orig:
-                    out.append((orig, status, timeout, mark))
+                    out.append((orig, status, timeout, mark, state))
                 offset += (size + 3) & ~3
     finally:
         sock.close()
@@ -257,14 +278,20 @@ def _send_each(ns: str, kind: int, bodies: list[bytes]) -> None:
         sock.close()
 
 
+def _evictable(status: int, tcp_state: int | None) -> bool:
+    """Whether the kernel may evict the entry to make room in a full table: not ASSURED, or a
+    closing TCP connection."""
+    return not status & _IPS_ASSURED or tcp_state in TCP_CLOSING_STATES
+
+
 def _pin_others(n: Node) -> tuple[int, list[list]]:
-    """Delete the node's entries that are not ASSURED (fill marks aside) and give the ASSURED
-    ones with less than a day left the filler's timeout; returns (deleted, [[tuple hex,
-    timeout they had]])."""
+    """Delete the node's entries the kernel could evict from a full table (fill marks aside)
+    and give the other ones with less than a day left the filler's timeout; returns (deleted,
+    [[tuple hex, timeout they had]])."""
     entries = [e for e in _dump(n.netns) if e[3] != CT_FILL_MARK]
-    loose = [orig for orig, status, _, _ in entries if not status & _IPS_ASSURED]
-    short = [(orig, timeout) for orig, status, timeout, _ in entries
-             if status & _IPS_ASSURED and timeout < PIN_BELOW]
+    loose = [orig for orig, status, _, _, state in entries if _evictable(status, state)]
+    short = [(orig, timeout) for orig, status, timeout, _, state in entries
+             if not _evictable(status, state) and timeout < PIN_BELOW]
     _send_each(n.netns, _CT_DELETE, loose)
     _send_each(n.netns, _CT_NEW, [orig + _nla(_CTA_TIMEOUT, struct.pack("!I", CT_FILL_TIMEOUT))
                                   for orig, _ in short])
