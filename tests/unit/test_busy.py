@@ -105,6 +105,23 @@ def test_sequence_ids_name_equal_hop_sequences_alike():
     assert ids[0] == ids[1] and len({ids[0], ids[2], ids[3]}) == 3
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.sampled_from(["a", "b", None]), st.sampled_from(["x", "y", "z"])),
+                         min_size=1, max_size=4), min_size=1, max_size=30),
+       st.booleans())
+def test_sequence_ids_group_exactly_the_packets_with_the_same_hop_sequence(paths, categorical):
+    rows = [(pkt, hop, node, dev) for pkt, path in enumerate(paths) for hop, (node, dev) in enumerate(path)]
+    hops = pd.DataFrame(rows, columns=["packet", "hop", "node", "dev"])
+    if categorical:
+        hops = hops.astype({"node": "category", "dev": "category"})
+    hops = hops.sample(frac=1, random_state=len(rows))        # any row order
+    ids = sequence_ids(hops, ["node", "dev"])
+    assert sorted(ids.index) == list(range(len(paths)))
+    for i in range(len(paths)):
+        for j in range(len(paths)):
+            assert (ids[i] == ids[j]) == (paths[i] == paths[j]), (paths[i], paths[j])
+
+
 def test_the_event_packet_map_points_every_hop_at_its_packet():
     df, meta = busy_watch(pairs=20, lost=0)
     out: dict = {}

@@ -331,22 +331,26 @@ def reconstruct_vectorised(events: pd.DataFrame, meta: dict, gap_ns: int = GAP_N
 
 def sequence_ids(hops: pd.DataFrame, cols: list[str]) -> pd.Series:
     """packet → an id of its hop sequence over `cols` (equal ids: the same path), from the
-    hops table (in packet, hop order). Whole columns: each hop's values are factorised, hashed
-    with its position and folded per packet."""
+    hops table. Whole columns: each hop's values are coded (a categorical's own codes), hashed
+    with its position and summed per packet with the packet's hop count."""
     if hops.empty:
         return pd.Series([], dtype=np.int64, index=pd.Index([], dtype=np.int64, name="packet"))
     h = np.zeros(len(hops), dtype=np.uint64)
     for c in cols:
-        codes = pd.factorize(hops[c].astype(object).where(hops[c].notna(), None), use_na_sentinel=False)[0]
-        h = (h * np.uint64(0x100000001B3)) ^ (codes.astype(np.uint64) + np.uint64(1))
+        s = hops[c]
+        codes = s.cat.codes.to_numpy() if hasattr(s, "cat") else \
+            pd.factorize(s.astype(object).where(s.notna(), None), use_na_sentinel=False)[0]
+        # + 2: a missing value (code -1) is a value of its own
+        h = (h * np.uint64(0x100000001B3)) ^ (codes.astype(np.int64).astype(np.uint64) + np.uint64(2))
     pos = hops["hop"].to_numpy().astype(np.uint64) + np.uint64(1)
     h = (h ^ (pos * np.uint64(0x9E3779B97F4A7C15))) * np.uint64(0xBF58476D1CE4E5B9)
     h ^= h >> np.uint64(31)
-    pkt = hops["packet"].to_numpy()
-    key = pd.Series(h).groupby(pkt).sum()            # order within the packet is in `pos`
-    n = pd.Series(np.ones(len(pkt), dtype=np.int64)).groupby(pkt).sum()
-    ids = pd.factorize(pd.MultiIndex.from_arrays([key.to_numpy(), n.to_numpy()]))[0]
-    return pd.Series(ids.astype(np.int64), index=pd.Index(key.index.to_numpy(), name="packet"))
+    packet, row_of = np.unique(hops["packet"].to_numpy(), return_inverse=True)
+    key = np.zeros(len(packet), dtype=np.uint64)
+    np.add.at(key, row_of, h)                         # order within the packet is in `pos`
+    count = np.bincount(row_of, minlength=len(packet)).astype(np.uint64)
+    key = (key ^ (count * np.uint64(0xD6E8FEB86659FD93))) * np.uint64(0x9E3779B97F4A7C15)
+    return pd.Series(pd.factorize(key)[0].astype(np.int64), index=pd.Index(packet, name="packet"))
 
 
 def _addr_text(events: pd.DataFrame, name: str, idx: np.ndarray) -> pd.Categorical:
