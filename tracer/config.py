@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 
 from tracer import settings
 
+# A watch keeps at most this many seconds of its event budget in all: a longer watch of a busy
+# flow samples more as it runs, so its memory and the work after it stay what a watch of this
+# length needs, whatever --duration says.
+WATCH_BUDGET_SECONDS = 4.0
+
 
 @dataclass
 class FlowConfig:
@@ -40,3 +45,11 @@ class FlowConfig:
     # when the command began (time.monotonic()): `timings.startup_s` counts from here (None:
     # from the start of the run itself, as when a test builds the config)
     t_start: float | None = None
+
+    def watch_budget(self) -> int:
+        """Events a second a watch keeps of all nodes together: the budget, and less for a
+        watch longer than WATCH_BUDGET_SECONDS, which keeps that many seconds of it in all
+        (0: no limit)."""
+        if not self.budget:
+            return 0
+        return max(1, min(self.budget, int(self.budget * WATCH_BUDGET_SECONDS / self.duration)))

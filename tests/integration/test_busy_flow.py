@@ -67,15 +67,16 @@ class Iperf:
         return False
 
 
-@pytest.mark.parametrize("mode", ["agents"])    # the default, and the harder case (bench/busyflow.py has both)
-def test_a_watch_of_a_busy_flow_answers_within_its_duration(lab, mode, tmp_path):  # noqa: F811
+def _watch(lab, mode: str, tmp_path, duration: float, *args: str) -> tuple[subprocess.CompletedProcess, float, dict]:
+    """`flow --no-probe --duration` beside iperf3 at full speed, started once podtrace traces:
+    (the command's result, its wall time, what iperf3 received)."""
     src, dst = pod(lab, "pod-1-1"), pod(lab, "pod-2-1")
     marks = tmp_path / "marks"
     marks.mkdir()
-    with Iperf(src, dst, DURATION) as iperf:   # the transfer lasts as long as the watch
+    with Iperf(src, dst, duration) as iperf:   # the transfer lasts as long as the watch
         t0 = time.monotonic()
-        proc = subprocess.Popen(cli_argv("flow", "pod-1-1", "pod-2-1", "--no-probe", "--duration", str(DURATION),
-                                         "-o", "json"),
+        proc = subprocess.Popen(cli_argv("flow", "pod-1-1", "pod-2-1", "--no-probe", "--duration", f"{duration:g}",
+                                         *args, "-o", "json"),
                                 env=cli_env(lab["prefix"], PODTRACE_FLOW_MODE=mode, PODTRACE_TEST_PAUSE="tracing",
                                             PODTRACE_TEST_PAUSE_S="0", PODTRACE_TEST_PAUSE_DIR=str(marks)),
                                 cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -92,7 +93,12 @@ def test_a_watch_of_a_busy_flow_answers_within_its_duration(lab, mode, tmp_path)
                 proc.communicate()
         wall = time.monotonic() - t0
         received = iperf.client_result()
-    res = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), wall, received
+
+
+@pytest.mark.parametrize("mode", ["agents"])    # the default, and the harder case (bench/busyflow.py has both)
+def test_a_watch_of_a_busy_flow_answers_within_its_duration(lab, mode, tmp_path):  # noqa: F811
+    res, wall, received = _watch(lab, mode, tmp_path, DURATION)
     assert res.returncode in (0, 3), res.stderr[-2000:] + res.stdout[:3000]
     assert wall < DURATION + 10, f"flow --no-probe --duration {DURATION} took {wall:.1f} s: {res.stdout[-600:]}"
     assert received["bytes"] > 100e6, "iperf3 was not busy"
@@ -118,3 +124,20 @@ def test_a_watch_of_a_busy_flow_answers_within_its_duration(lab, mode, tmp_path)
         assert agg["by_direction"]["request"]["packets"] > 0
     else:
         assert agg is None and len(doc["packets"]) == s["packets"]
+
+
+def test_a_long_watch_keeps_four_seconds_of_its_budget(lab, tmp_path):  # noqa: F811
+    """A watch three times as long as 4 s keeps what a 4 s watch keeps: a third of the budget a
+    second, the sampling raised for it, and the note says so. Without the bound it keeps up to
+    the whole budget each second (twice to six times as many events)."""
+    budget, duration = 20_000, 12
+    res, wall, received = _watch(lab, "agents", tmp_path, duration, "--max-events", str(budget))
+    assert res.returncode in (0, 3), res.stderr[-2000:] + res.stdout[:3000]
+    assert received["bytes"] > 100e6, "iperf3 was not busy"
+    doc = json.loads(res.stdout)
+    per_s = budget * 4 // duration
+    assert any(f"a watch keeps 4 s of it in all: {per_s} events/s over {duration} s" in n
+               for n in doc["notes"]), doc["notes"]
+    agg = doc["aggregate"]
+    assert 0 < agg["events"] <= 4 * budget * 1.25, agg["events"]
+    assert doc["summary"]["delivered"] > 0.9 * (doc["summary"]["packets"] - doc["summary"]["partial"])

@@ -77,3 +77,16 @@ def test_an_empty_variable_means_the_default(monkeypatch):
     monkeypatch.setenv("PODTRACE_DEBUG_BPF", "")
     assert settings.lab_prefix() == "ptlab" and settings.state_dir() == Path("/run/podtrace")
     assert not settings.debug_bpf()
+
+
+def test_a_watch_keeps_four_seconds_of_its_budget_in_all():
+    from tracer.config import WATCH_BUDGET_SECONDS
+
+    def watch(duration, budget=50_000):
+        return FlowConfig("a", "b", probe=False, duration=duration, budget=budget).watch_budget()
+    assert WATCH_BUDGET_SECONDS == 4
+    assert watch(2) == watch(4) == 50_000            # short watches: the budget as it is
+    assert watch(8) == 25_000 and watch(20) == 10_000 and watch(3600) == 55
+    assert watch(20) * 20 == 50_000 * 4
+    assert watch(20, budget=0) == 0                   # no limit stays no limit
+    assert FlowConfig("a", "b", probe=False, duration=3600, budget=1).watch_budget() == 1

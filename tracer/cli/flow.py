@@ -32,7 +32,7 @@ EARLY_AGENTS = 3     # the lab's agents of a cross-node flow: both ends' nodes a
 @click.option("--sample", type=click.IntRange(1, 65536), default=1, show_default=True, metavar="N",
               help="Trace 1 packet in N (the same packets on every hop and node).")
 @click.option("--max-events", "budget", type=click.IntRange(0, 10_000_000), default=50_000, show_default=True,
-              metavar="PER_S", help="Event budget per second per node, and for a watch's merge of all nodes; beyond it podtrace samples more (0: no limit).")
+              metavar="PER_S", help="Event budget per second per node, and for a watch's merge of all nodes (a watch keeps 4 s of it in all); beyond it podtrace samples more (0: no limit).")
 @click.option("--no-probe", "no_probe", is_flag=True, help="Send nothing; watch real traffic for --duration.")
 @click.option("--duration", type=click.FloatRange(0.1, 3600), default=2.0, show_default=True,
               help="Seconds to watch with --no-probe.")

@@ -96,7 +96,7 @@ def _trace_single(plan: Plan, say) -> Traced:
                                 tc_observers=settings.tc_observers(),
                                 pods=pods,
                                 netns=sorted(plan.placement.netns) if topo else None,
-                                sample=cfg.sample, budget=cfg.budget))
+                                sample=cfg.sample, budget=cfg.budget if cfg.probe else cfg.watch_budget()))
     sent: list[ProbeResult] = []
     problems: list[str] = []
     stopped: interrupt.Interrupted | None = None
@@ -163,7 +163,8 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
     problems: list[str] = []
     notes: list[str] = []
     transport = transport or coordinator.LocalTransport(testhooks.agent_env())
-    with TerminateAsInterrupt(), coordinator.Coordinator(plans, transport, budget=0 if cfg.probe else cfg.budget) as co:
+    with TerminateAsInterrupt(), coordinator.Coordinator(plans, transport,
+                                                                  budget=0 if cfg.probe else cfg.watch_budget()) as co:
         if cfg.probe:
             _import_frames_meanwhile()
         co.wait_ready()

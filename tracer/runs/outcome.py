@@ -17,7 +17,7 @@ from tracer.node import netns
 from tracer.node import facts
 from tracer.node import prober
 from tracer.node import sourcefacts
-from tracer.config import FlowConfig
+from tracer.config import WATCH_BUDGET_SECONDS, FlowConfig
 from tracer.errors import ExitStatus, PodtraceError
 from tracer.kernel import contract
 from tracer.runs.interrupt import Interrupted
@@ -305,7 +305,11 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
         notes.append(f"{t.counters['over_budget']} events were not recorded to stay within the event budget "
                      f"({cfg.budget}/s per node); raise it with --max-events or sample with --sample")
     if t.sample > cfg.sample:
-        notes.append(f"sampling raised to 1 packet in {t.sample} to stay within the event budget: the packets "
+        within = "the event budget"
+        if not cfg.probe and cfg.watch_budget() < cfg.budget:
+            within += (f" (a watch keeps {WATCH_BUDGET_SECONDS:g} s of it in all: {cfg.watch_budget()} events/s "
+                       f"over {cfg.duration:g} s)")
+        notes.append(f"sampling raised to 1 packet in {t.sample} to stay within {within}: the packets "
                      "counted are those every node kept")
     elif cfg.sample > 1:
         notes.append(f"sampling: 1 packet in {cfg.sample} is traced (the same packets on every node)")
