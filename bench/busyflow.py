@@ -9,7 +9,8 @@ with `_tcall`: PODTRACE_TC_OBSERVERS=all, tc observers on every device of the pa
     wall_s        launch to exit of the command
     over_s        wall_s − S: start-up plus everything after the watch (the figure to hold)
     startup_s, trace_s, reconstruct_s    the JSON's timings
-    packets, delivered, partial, failed, aggregated (whether the answer was the aggregate),
+    packets, events (those the aggregate counted), delivered, partial, failed, aggregated
+    (whether the answer was the aggregate),
     sample (1 in N at the end), events lost / over budget, iperf3 Gbit/s meanwhile,
     peak RSS of the command and of its agents (MiB)
 
@@ -79,7 +80,8 @@ def one(doc: dict, mode: str, duration: float, prefix: str, timeout: float = 300
     sample = next((int(n.split("1 packet in ")[1].split()[0]) for n in d.get("notes", [])
                    if "sampling raised to 1 packet in " in n), 1)
     return {**res, "startup_s": t.get("startup_s"), "trace_s": t.get("trace_s"), "reconstruct_s": t.get("reconstruct_s"),
-            "packets": s.get("packets"), "delivered": s.get("delivered"), "partial": s.get("partial"),
+            "packets": s.get("packets"), "events": (d.get("aggregate") or {}).get("events"),
+            "delivered": s.get("delivered"), "partial": s.get("partial"),
             "failed": s.get("failed"), "aggregated": d.get("aggregate") is not None, "sample": sample,
             "events_lost": c.get("lost"), "over_budget": c.get("over_budget"), "verdict": d["verdict"]["summary"][:120]}
 
@@ -113,6 +115,7 @@ def main() -> None:
         mine = [x for x in runs if x["mode"] == mode and "error" not in x]
         summary[mode] = {k: L.spread([x[k] for x in mine]) for k in
                          ("wall_s", "over_s", "startup_s", "trace_s", "packets", "rss_mib", "agents_rss_mib")}
+        summary[mode]["events"] = L.spread([x["events"] for x in mine if x.get("events") is not None])
         summary[mode]["aggregated"] = sum(1 for x in mine if x["aggregated"])
         summary[mode]["errors"] = sum(1 for x in runs if x["mode"] == mode and "error" in x)
     L.emit({"bench": "busyflow", "duration_s": a.duration, "traffic": f"udp {a.udp_rate}" if a.udp_rate else "tcp",
