@@ -187,11 +187,16 @@ def verdict_line(v: Verdict) -> Text:
 
 def flow_header(result: "FlowResult", console: Console) -> None:
     port = result.port
-    console.print(Text(f"podtrace flow {_ep(result.src.as_json())} → {_ep(result.dst.as_json())}  "
-                       f"[{result.proto}{'/' + str(port) if port else ''}]", style="bold"))
+    cfg = getattr(result, "config", None)
+    if cfg is not None and not cfg.probe:   # a watch follows every protocol between the two
+        what = f"watching every protocol for {cfg.duration:g} s"
+    else:
+        what = f"{result.proto}{'/' + str(port) if port else ''}"
+    console.print(Text(f"podtrace flow {_ep(result.src.as_json())} → {_ep(result.dst.as_json())}  [{what}]",
+                       style="bold"))
     for note in result.notes:
         console.print(Text(f"note: {note}", style="yellow"))
-    if not result.packets:
+    if not result.packets and not (getattr(result, "aggregate", None) or {}).get("packets"):
         console.print("no packet of this flow was seen by the tracer")
 
 

@@ -195,3 +195,28 @@ def test_keep_sampled_keeps_what_every_node_kept(n):
         # whole packets (each has its own TCP sequence here): all its hops kept, or none
         full, part = df.groupby("tcp_seq").size(), kept.groupby("tcp_seq").size()
         assert (part == full[part.index]).all()
+
+
+def test_a_busy_watch_with_nothing_failing_reads_as_a_watch_of_the_packets_counted():
+    """No failing packet judged in full is no reason to say no packet was seen, and a watch
+    follows every protocol: the header says so rather than the probes' protocol."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from tracer import render
+    from tracer.config import FlowConfig
+
+    df, meta = busy_watch(lost=0)
+    agg = busy.aggregate(df, meta, PODS[A][2]).doc
+    ep = SimpleNamespace(as_json=lambda: {"kind": "pod", "pod": A, "ip": PODS[A][2]})
+    result = SimpleNamespace(config=FlowConfig("pod-1-1", "pod-2-1", probe=False, duration=12), src=ep, dst=ep,
+                             proto="icmp", port=None, notes=[], packets=[], aggregate=agg,
+                             verdict=busy.verdict(agg, []), summary=busy.summary(agg, {}), probes=[],
+                             timings={"startup_s": 1.0})
+    con = Console(width=120, record=True, color_system=None, file=open("/dev/null", "w"))
+    render.flow_compact(result, con)
+    text = con.export_text()
+    assert "[watching every protocol for 12 s]" in text and "[icmp]" not in text
+    assert "no packet of this flow was seen" not in text
+    assert f"{2 * PAIRS} packets" in text and "OK:" in text
