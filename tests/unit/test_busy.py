@@ -220,3 +220,12 @@ def test_a_busy_watch_with_nothing_failing_reads_as_a_watch_of_the_packets_count
     assert "[watching every protocol for 12 s]" in text and "[icmp]" not in text
     assert "no packet of this flow was seen" not in text
     assert f"{2 * PAIRS} packets" in text and "OK:" in text
+
+
+def test_a_watch_that_saw_nothing_says_what_to_check():
+    from tracer.reconstruct.verdict import watched_verdict
+
+    doc = {"packets": 0, "delivered": 0, "partial": 0, "paths": []}
+    for v in (watched_verdict([]), busy.verdict(doc, [])):
+        assert v.status == "failed" and "no packet between them was seen" in v.summary
+        assert "client is sending" in v.problems[0] and "--no-probe" in v.problems[0]

@@ -25,6 +25,7 @@ import pandas as pd
 from tracer.analysis.vectorised import reconstruct_vectorised, sequence_ids
 from tracer.reconstruct import window as windows
 from tracer.reconstruct.model import FlowVerdict
+from tracer.reconstruct.verdict import NO_TRAFFIC
 
 AGGREGATE_ABOVE = 1000     # packets: above this, a watch is answered by the aggregate
 FULL_FAILING = 20          # failing packets judged in full (the rest are counted)
@@ -188,7 +189,7 @@ def verdict(doc: dict, judged: list) -> FlowVerdict:
             problems.append(f"{path['direction']} {path['status']} at {v['node'] or 'fabric'}/{v['dev']}"
                             + (f" ({v['reason']})" if v.get("reason") else ""))
     if not n:
-        return FlowVerdict("failed", "no matching packet seen", ())
+        return FlowVerdict("failed", "no packet between them was seen while watching", (NO_TRAFFIC,))
     summary = f"{ok_n}/{n} packets delivered"
     if part:
         why = "; ".join(doc.get("partial_why") or ["seen only while an observer on its path was not tracing"])

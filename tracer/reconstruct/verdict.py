@@ -102,6 +102,10 @@ def _failed(seq: int, what: str, v) -> str:
             + (f" ({v.reason})" if v.reason else "") + (f": {v.cause}" if v.cause else ""))
 
 
+NO_TRAFFIC = ("no traced hop saw traffic between them: check that the client is sending (a watch only "
+              "follows real traffic), or send probes instead (without --no-probe)")
+
+
 def watched_verdict(packets: list[Packet]) -> FlowVerdict:
     """The verdict of watched traffic (no probes): every packet seen whole was delivered.
     Partial packets (seen while an observer on their path was not tracing) are counted apart,
@@ -119,7 +123,7 @@ def watched_verdict(packets: list[Packet]) -> FlowVerdict:
                 problems.append(f"{p.direction} {v.status} at {v.node or 'fabric'}/{v.dev}"
                                 + (f" ({v.reason})" if v.reason else "") + (f": {v.cause}" if v.cause else ""))
     if not n:
-        return FlowVerdict("failed", "no matching packet seen", ())
+        return FlowVerdict("failed", "no packet between them was seen while watching", (NO_TRAFFIC,))
     summary = f"{ok_n}/{n} packets delivered"
     if part:
         summary += f" ({part} partial: {why_partial(packets)})"
