@@ -229,3 +229,12 @@ def test_a_watch_that_saw_nothing_says_what_to_check():
     for v in (watched_verdict([]), busy.verdict(doc, [])):
         assert v.status == "failed" and "no packet between them was seen" in v.summary
         assert "client is sending" in v.problems[0] and "--no-probe" in v.problems[0]
+
+
+def test_a_nodes_sampling_raises_are_said_once_the_last():
+    from tracer.runs.flow import last_raise_only
+
+    logs = ["node-1: over the event budget (50000/s): now keeping 1 packet in 4", "something else",
+            "node-1: over the event budget (50000/s): now keeping 1 packet in 32"]
+    assert last_raise_only(logs) == logs[1:]
+    assert last_raise_only(logs[1:2]) == logs[1:2] and last_raise_only([]) == []

@@ -21,7 +21,7 @@ from tracer.runs.outcome import (FlowResult, Traced, agent_evidence, finish, flo
 from tracer.reconstruct import source
 from tracer.runs.plan import Plan, agent_plans, flow_pods, node_refs, prepare, tc_devices
 from tracer.kernel.session import TerminateAsInterrupt
-from tracer.runs.node import NodeJob, NodeRunner
+from tracer.runs.node import OVER_BUDGET, NodeJob, NodeRunner
 from tracer.runs import interrupt
 
 if TYPE_CHECKING:   # imported where frames are made: `flow` starts its agents first
@@ -259,7 +259,7 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
     for r in co.runs:
         if r.failure:
             problems.append(f"{r.plan.node}'s view is missing: {r.failure}")
-        notes += r.logs
+        notes += last_raise_only(r.logs)
     counters: dict[str, int] = {}
     hooks: list[str] = []
     degraded: list[str] = []
@@ -280,6 +280,13 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
     return Traced(df.drop(columns=["pkt"], errors="ignore"), sent, counters, locations, hooks, degraded, timings, t_tracing,
                   t_done, evidence, notes, problems, clock, packets=packets, window=window, view=view,
                   interrupted=stopped, aggregate=aggregate, sample=sample, judging_stopped=judging_stopped)
+
+
+def last_raise_only(logs: list[str]) -> list[str]:
+    """An agent's log lines with its sampling raises said once: the last one, which names the
+    sampling the node ended at (a busy node raises it several times in a few seconds)."""
+    raises = [i for i, m in enumerate(logs) if OVER_BUDGET in m]
+    return [m for i, m in enumerate(logs) if OVER_BUDGET not in m or i == raises[-1]]
 
 
 def _placement_from_agents(plan: Plan, co: coordinator.Coordinator) -> None:

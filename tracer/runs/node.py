@@ -33,6 +33,7 @@ from tracer.kernel.session import SessionConfig, Sink, TraceSession
 from tracer.node import facts
 
 MAX_SAMPLE = 65536      # the most the guard raises sampling to (the command line's --sample limit)
+OVER_BUDGET = "over the event budget"   # what the guard says when it raises the sampling
 
 
 @dataclass
@@ -239,7 +240,7 @@ class NodeRunner:
             factor *= 2
         n = min(MAX_SAMPLE, cfg.sample * factor)
         self.session.set_guard(n, cfg.budget)
-        return f"over the event budget ({cfg.budget}/s): now keeping 1 packet in {n}"
+        return f"{OVER_BUDGET} ({cfg.budget}/s): now keeping 1 packet in {n}"
 
     def watch_gaps(self, now_ns: int | None = None) -> list[tuple[int, int]]:
         """The intervals (monotonic ns, the events' clock) in which the kernel refused events:
