@@ -92,11 +92,12 @@ def _trace_single(plan: Plan, say) -> Traced:
     # On the lab, only the lab's namespaces: other labs on this machine reuse the same addresses.
     ends = {p.key for p in flow_pods(src, dst, plan.inv)}
     pods = facts.named_netns(k for k, (_, p) in plan.placement.netns.items() if p in ends) if topo else {}
+    budget = cfg.budget if cfg.probe else cfg.watch_budget()   # one kernel for every node: the watch's own
     runner = NodeRunner(NodeJob(addrs=plan.addrs, tc=cfg.tc, tc_devices=tc_devices(topo, src, dst), nodes=refs,
                                 tc_observers=settings.tc_observers(),
                                 pods=pods,
                                 netns=sorted(plan.placement.netns) if topo else None,
-                                sample=cfg.sample, budget=cfg.budget if cfg.probe else cfg.watch_budget()))
+                                sample=cfg.sample, budget=budget))
     sent: list[ProbeResult] = []
     problems: list[str] = []
     stopped: interrupt.Interrupted | None = None
@@ -152,7 +153,7 @@ def _trace_single(plan: Plan, say) -> Traced:
                    # a partial view, as with agents, not a loss
                    window=windows.from_observers({n: (ready_ns, stop_ns) for n in refs}, {},
                                                  {n: gaps for n in refs} if gaps else None),
-                   sample=sample)
+                   sample=sample, kernel_budget=budget)
 
 
 def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
@@ -163,8 +164,8 @@ def _trace_agents(plan: Plan, say, transport=None, plans=None) -> Traced:
     problems: list[str] = []
     notes: list[str] = []
     transport = transport or coordinator.LocalTransport(testhooks.agent_env())
-    with TerminateAsInterrupt(), coordinator.Coordinator(plans, transport,
-                                                                  budget=0 if cfg.probe else cfg.watch_budget()) as co:
+    merge_budget = 0 if cfg.probe else cfg.watch_budget()
+    with TerminateAsInterrupt(), coordinator.Coordinator(plans, transport, budget=merge_budget) as co:
         if cfg.probe:
             _import_frames_meanwhile()
         co.wait_ready()

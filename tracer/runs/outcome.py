@@ -101,6 +101,7 @@ class Traced:
     judging_stopped: bool = False         # Ctrl-C while the agents' packets were judged
     aggregate: dict | None = None         # a busy watch's aggregate, when the tracing made it (agents)
     sample: int = 1                       # 1 in N packets kept at the end (the guard may raise it)
+    kernel_budget: int | None = None      # events/s each kernel kept to, when not --max-events (a watch's own)
 
 
 def keep_sampled(df: pd.DataFrame, n: int) -> pd.DataFrame:
@@ -303,7 +304,7 @@ def finish(plan: Plan, t: Traced) -> FlowResult:
                 "verdict may be a gap in the trace rather than a loss in the network"))
     if t.counters.get("over_budget"):
         notes.append(f"{t.counters['over_budget']} events were not recorded to stay within the event budget "
-                     f"({cfg.budget}/s per node); raise it with --max-events or sample with --sample")
+                     f"({t.kernel_budget or cfg.budget}/s per node); raise it with --max-events or sample with --sample")
     if t.sample > cfg.sample:
         within = "the event budget"
         if not cfg.probe and cfg.watch_budget() < cfg.budget:
