@@ -25,6 +25,7 @@ from tests.integration.lab_fixture import (
 )
 from tracer.node import netns, prober
 from tracer.lab import build, scenarios
+from tracer.lab.scenarios import conntrack as conntrack_scenario
 from tracer.lab.scenarios import changes, faults_dnat, faults_loop
 from tracer.lab import topology as T
 
@@ -92,7 +93,7 @@ def _sysctls(ns: str) -> dict:
     return values
 
 
-CLOSING_TCP = {"FIN_WAIT", "CLOSE_WAIT", "LAST_ACK", "TIME_WAIT", "CLOSE"}
+CLOSING_TCP = set(conntrack_scenario.TCP_CLOSING_STATES.values())   # as conntrack -L names them
 
 
 def _conntrack(ns: str) -> dict:
